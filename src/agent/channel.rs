@@ -1,0 +1,420 @@
+//! One channel: one command, its output under flow control, its exit.
+//!
+//! The task owns the process. It reads the process's output only while the
+//! client has granted credit (`window`), so a client that stops reading
+//! makes the process block on its own writes, exactly as a stalled terminal
+//! would, and the agent holds at most one read buffer per stream in memory.
+
+use std::collections::VecDeque;
+use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use nix::sys::signal::Signal;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use super::process::{self, ProcessIo, Spawned};
+use crate::protocol::message::DEFAULT_WINDOW;
+use crate::protocol::{ExecRequest, Frame, Message, PtySize};
+
+/// The most output read in one go, and so the largest output frame: 64 KiB.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Stdin bytes a channel buffers ahead of its process reading them: 1 MiB.
+/// Past that the channel stops taking `stdin` frames from its queue, which
+/// in turn makes the connection wait: stdin is never dropped.
+pub const STDIN_BUFFER_LIMIT: usize = 1024 * 1024;
+
+/// `stdin` frames queued for one channel ahead of its buffer: 16.
+pub const STDIN_QUEUE: usize = 16;
+
+/// How long output is still drained after the command's leader exits and its
+/// group is killed. Only a process that escaped the group (a daemon that
+/// called setsid) can hold the pipes open past this.
+const DRAIN_GRACE: Duration = Duration::from_secs(2);
+
+/// What the connection forwards to a running channel.
+#[derive(Debug)]
+pub enum Control {
+    Signal(Signal),
+    Resize(PtySize),
+    Window(u64),
+    Close,
+}
+
+/// A `stdin` frame for a channel: its payload and whether input ends there.
+#[derive(Debug)]
+pub struct Stdin {
+    pub data: Bytes,
+    pub eof: bool,
+}
+
+/// Sent to the connection when a channel has finished: it forgets the
+/// channel, then sends `exit`, so the id is free by the time the client
+/// sees the `exit`.
+pub struct Done {
+    pub ch: u32,
+    pub exit: Frame,
+}
+
+/// Runs the command of `req` on channel `ch` until it ends.
+pub async fn run(
+    ch: u32,
+    req: ExecRequest,
+    mut control: mpsc::Receiver<Control>,
+    mut input: mpsc::Receiver<Stdin>,
+    out: mpsc::Sender<Frame>,
+    done: mpsc::UnboundedSender<Done>,
+) {
+    let started = Instant::now();
+    let window = req.window.unwrap_or(DEFAULT_WINDOW);
+    let deadline = req
+        .timeout_ms
+        .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
+    let exit = match process::spawn(&req) {
+        Ok(spawned) => {
+            let outcome = Supervisor::new(ch, window, out.clone())
+                .supervise(spawned, &mut control, &mut input, deadline)
+                .await;
+            exit_message(outcome, started)
+        }
+        Err(err) => {
+            let payload = Bytes::from(err.message);
+            let _ = out
+                .send(Frame::with_payload(ch, Message::Stderr, payload))
+                .await;
+            Message::Exit {
+                code: Some(err.code),
+                signal: None,
+                timed_out: false,
+                duration_ms: started.elapsed().as_millis() as u64,
+            }
+        }
+    };
+    let _ = done.send(Done {
+        ch,
+        exit: Frame::new(ch, exit),
+    });
+}
+
+struct Outcome {
+    status: Option<ExitStatus>,
+    timed_out: bool,
+}
+
+fn exit_message(outcome: Outcome, started: Instant) -> Message {
+    let (code, signal) = match outcome.status {
+        Some(status) => (status.code(), status.signal().map(process::signal_name)),
+        None => (None, None),
+    };
+    Message::Exit {
+        code,
+        signal,
+        timed_out: outcome.timed_out,
+        duration_ms: started.elapsed().as_millis() as u64,
+    }
+}
+
+/// A readable output stream of the process, or none once it has ended.
+struct Source<R> {
+    reader: Option<R>,
+    buf: BytesMut,
+}
+
+impl<R: AsyncRead + Unpin> Source<R> {
+    fn new(reader: Option<R>) -> Self {
+        Source {
+            reader,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Reads up to `limit` bytes; `None` once the stream is at its end.
+    async fn read(&mut self, limit: usize) -> Option<Bytes> {
+        let reader = self.reader.as_mut()?;
+        self.buf.clear();
+        self.buf.reserve(limit);
+        let result = (&mut *reader)
+            .take(limit as u64)
+            .read_buf(&mut self.buf)
+            .await;
+        match result {
+            Ok(n) if n > 0 => Some(self.buf.split().freeze()),
+            _ => {
+                self.reader = None;
+                None
+            }
+        }
+    }
+
+    fn open(&self) -> bool {
+        self.reader.is_some()
+    }
+}
+
+/// Standard input waiting to be written, bounded by [`STDIN_BUFFER_LIMIT`].
+struct StdinQueue<W> {
+    writer: Option<W>,
+    /// For a terminal, end of input is the EOF character (^D), not a close.
+    eof_byte: Option<u8>,
+    queue: VecDeque<Bytes>,
+    queued: usize,
+    eof: bool,
+}
+
+impl<W: AsyncWrite + Unpin> StdinQueue<W> {
+    fn push(&mut self, data: Bytes, eof: bool) -> Result<(), &'static str> {
+        if self.writer.is_none() {
+            return if data.is_empty() {
+                Ok(())
+            } else {
+                Err("stdin_closed")
+            };
+        }
+        self.queued += data.len();
+        if !data.is_empty() {
+            self.queue.push_back(data);
+        }
+        if let (true, Some(byte)) = (eof, self.eof_byte) {
+            self.queued += 1;
+            self.queue.push_back(Bytes::copy_from_slice(&[byte]));
+            return Ok(());
+        }
+        self.eof |= eof;
+        if self.eof && self.queue.is_empty() {
+            self.writer = None;
+        }
+        Ok(())
+    }
+
+    /// Whether another frame may be taken into the buffer.
+    fn has_room(&self) -> bool {
+        self.queued < STDIN_BUFFER_LIMIT
+    }
+
+    fn pending(&self) -> bool {
+        self.writer.is_some() && !self.queue.is_empty()
+    }
+
+    async fn write_some(&mut self) {
+        let (Some(writer), Some(front)) = (self.writer.as_mut(), self.queue.front_mut()) else {
+            return;
+        };
+        match writer.write(front).await {
+            Ok(n) if n > 0 => {
+                self.queued -= n;
+                let _ = front.split_to(n);
+                if front.is_empty() {
+                    self.queue.pop_front();
+                }
+                if self.eof && self.queue.is_empty() {
+                    self.writer = None;
+                }
+            }
+            // The process closed its stdin: drop what is left, as a pipe would.
+            _ => {
+                self.writer = None;
+                self.queue.clear();
+                self.queued = 0;
+            }
+        }
+    }
+}
+
+struct Supervisor {
+    ch: u32,
+    credit: u64,
+    out: mpsc::Sender<Frame>,
+    /// Set by `close`: output is discarded from then on.
+    closed: bool,
+}
+
+impl Supervisor {
+    fn new(ch: u32, window: u64, out: mpsc::Sender<Frame>) -> Self {
+        Supervisor {
+            ch,
+            credit: window,
+            out,
+            closed: false,
+        }
+    }
+
+    async fn emit(&mut self, kind: Message, data: Bytes) {
+        if self.closed {
+            return;
+        }
+        self.credit = self.credit.saturating_sub(data.len() as u64);
+        let _ = self
+            .out
+            .send(Frame::with_payload(self.ch, kind, data))
+            .await;
+    }
+
+    async fn error(&self, code: &str, message: &str) {
+        let _ = self
+            .out
+            .send(Frame::new(self.ch, Message::error(code, message)))
+            .await;
+    }
+
+    fn limit(&self) -> usize {
+        self.credit.min(READ_CHUNK as u64) as usize
+    }
+
+    async fn supervise(
+        mut self,
+        spawned: Spawned,
+        control: &mut mpsc::Receiver<Control>,
+        input: &mut mpsc::Receiver<Stdin>,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Outcome {
+        let Spawned {
+            mut child,
+            mut group,
+            io,
+        } = spawned;
+        let (stdin, stdout, stderr, pty) = match io {
+            ProcessIo::Pipes {
+                stdin,
+                stdout,
+                stderr,
+            } => (
+                stdin.map(|s| Box::new(s) as Box<dyn AsyncWrite + Unpin + Send>),
+                stdout.map(|s| Box::new(s) as Box<dyn AsyncRead + Unpin + Send>),
+                stderr,
+                None,
+            ),
+            ProcessIo::Pty(pty) => {
+                let pty = std::sync::Arc::new(pty);
+                (
+                    Some(Box::new(SharedPty(pty.clone())) as Box<dyn AsyncWrite + Unpin + Send>),
+                    Some(Box::new(SharedPty(pty.clone())) as Box<dyn AsyncRead + Unpin + Send>),
+                    None,
+                    Some(pty),
+                )
+            }
+        };
+        let mut stdin = StdinQueue {
+            writer: stdin,
+            eof_byte: pty.as_ref().map(|_| 0x04),
+            queue: VecDeque::new(),
+            queued: 0,
+            eof: false,
+        };
+        let mut stdout = Source::new(stdout);
+        let mut stderr = Source::new(stderr);
+        let mut status: Option<ExitStatus> = None;
+        let mut timed_out = false;
+        let mut drain_until: Option<tokio::time::Instant> = None;
+        let mut control_open = true;
+        let mut input_open = true;
+        let far = tokio::time::Instant::now() + Duration::from_secs(60 * 60 * 24 * 365);
+
+        loop {
+            if status.is_some() && !stdout.open() && !stderr.open() {
+                break;
+            }
+            let can_read = self.credit > 0 || self.closed;
+            let limit = if self.closed {
+                READ_CHUNK
+            } else {
+                self.limit()
+            };
+            tokio::select! {
+                biased;
+                msg = control.recv(), if control_open => match msg {
+                    Some(Control::Signal(sig)) => group.signal(sig),
+                    Some(Control::Resize(size)) => {
+                        if let Some(pty) = &pty {
+                            let _ = pty.resize(size);
+                        }
+                    }
+                    Some(Control::Window(add)) => self.credit = self.credit.saturating_add(add),
+                    Some(Control::Close) | None => {
+                        // `None`: the connection is gone, so nobody can send
+                        // more; treat it as a close and stop polling.
+                        control_open = msg.is_some();
+                        self.closed = true;
+                        group.signal(Signal::SIGKILL);
+                        stdin.writer = None;
+                    }
+                },
+                result = child.wait(), if status.is_none() => {
+                    status = result.ok();
+                    // Background jobs of the command die with it: no orphans.
+                    group.kill_and_forget();
+                    drain_until = Some(tokio::time::Instant::now() + DRAIN_GRACE);
+                    if status.is_none() {
+                        break;
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline.unwrap_or(far)), if deadline.is_some() && status.is_none() && !timed_out => {
+                    timed_out = true;
+                    group.signal(Signal::SIGKILL);
+                }
+                _ = tokio::time::sleep_until(drain_until.unwrap_or(far)), if drain_until.is_some() && can_read => {
+                    break;
+                }
+                data = stdout.read(limit), if stdout.open() && can_read => {
+                    if let Some(data) = data {
+                        self.emit(Message::Stdout, data).await;
+                    }
+                }
+                data = stderr.read(limit), if stderr.open() && can_read => {
+                    if let Some(data) = data {
+                        self.emit(Message::Stderr, data).await;
+                    }
+                }
+                msg = input.recv(), if input_open && stdin.has_room() => match msg {
+                    Some(Stdin { data, eof }) => {
+                        if stdin.push(data, eof).is_err() {
+                            self.error("stdin_closed", "the process's stdin is closed").await;
+                        }
+                    }
+                    None => input_open = false,
+                },
+                _ = stdin.write_some(), if stdin.pending() => {}
+            }
+        }
+        Outcome { status, timed_out }
+    }
+}
+
+/// Lets the one PTY master serve as both the reader and the writer.
+struct SharedPty(std::sync::Arc<process::Pty>);
+
+impl AsyncRead for SharedPty {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        process::Pty::poll_read_shared(&self.0, cx, buf)
+    }
+}
+
+impl AsyncWrite for SharedPty {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        process::Pty::poll_write_shared(&self.0, cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}

@@ -1,0 +1,320 @@
+//! One client connection: the handshake, then frames dispatched to channels.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::channel::{self, Control, Done, STDIN_QUEUE, Stdin};
+use super::process::parse_signal;
+use crate::keyfile::Key;
+use crate::protocol::handshake::{agent_mac, is_valid_nonce, new_nonce, verify_client_mac};
+use crate::protocol::{Frame, FrameCodec, FrameError, Message, PROTOCOL_VERSION};
+
+/// A client that has not authenticated by then is dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Frames queued for the socket, shared by all channels of a connection:
+/// 64 frames of at most 64 KiB of output each. When the client reads
+/// slowly, channels wait here rather than buffer.
+const OUTBOUND_QUEUE: usize = 64;
+
+/// Control messages queued for one channel: 64. `stdin` data is bounded in
+/// bytes separately by the channel.
+const CONTROL_QUEUE: usize = 64;
+
+/// Limits of one connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Channels running at once before `exec` is refused with `too_many_channels`.
+    pub max_channels: usize,
+}
+
+/// Serves one accepted TCP connection until it closes or `shutdown` fires.
+pub async fn serve(stream: TcpStream, key: Key, limits: Limits, shutdown: CancellationToken) {
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "?".into());
+    let _ = stream.set_nodelay(true);
+    let mut framed = Framed::new(stream, FrameCodec::new());
+    let authed = tokio::select! {
+        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut framed, &key)) => r,
+        _ = shutdown.cancelled() => return,
+    };
+    match authed {
+        Ok(Ok(())) => info!(%peer, "client authenticated"),
+        Ok(Err(HandshakeError::Closed)) => {
+            // A TCP health probe connects and hangs up: not worth a warning.
+            debug!(%peer, "connection closed before the handshake");
+            return;
+        }
+        Ok(Err(err)) => {
+            warn!(%peer, error = %err, "handshake failed");
+            let _ = framed.send(Frame::new(0, err.to_message())).await;
+            return;
+        }
+        Err(_) => {
+            warn!(%peer, "no handshake within {HANDSHAKE_TIMEOUT:?}; dropping");
+            let _ = framed
+                .send(Frame::new(0, Message::error("auth", "handshake timed out")))
+                .await;
+            return;
+        }
+    }
+    Connection::new(limits).run(framed, shutdown).await;
+    info!(%peer, "client disconnected");
+}
+
+#[derive(Debug, thiserror::Error)]
+enum HandshakeError {
+    #[error("connection closed")]
+    Closed,
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("expected an auth frame, got {0:?}")]
+    Unexpected(&'static str),
+    #[error("unsupported protocol version {0}")]
+    Version(u32),
+    #[error("malformed client nonce")]
+    Nonce,
+    #[error("wrong key")]
+    BadMac,
+}
+
+impl HandshakeError {
+    fn to_message(&self) -> Message {
+        match self {
+            HandshakeError::Frame(e) => Message::error("protocol", e.to_string()),
+            HandshakeError::Unexpected(_) => Message::error("protocol", self.to_string()),
+            _ => Message::error("auth", self.to_string()),
+        }
+    }
+}
+
+async fn handshake(
+    framed: &mut Framed<TcpStream, FrameCodec>,
+    key: &Key,
+) -> Result<(), HandshakeError> {
+    let agent_nonce = new_nonce();
+    let hello = Message::Hello {
+        version: PROTOCOL_VERSION,
+        nonce: agent_nonce.clone(),
+    };
+    framed
+        .send(Frame::new(0, hello))
+        .await
+        .map_err(|_| HandshakeError::Closed)?;
+    let frame = match framed.next().await {
+        None => return Err(HandshakeError::Closed),
+        Some(Err(FrameError::Io(_))) => return Err(HandshakeError::Closed),
+        Some(Err(e)) => return Err(e.into()),
+        Some(Ok(frame)) => frame,
+    };
+    let Message::Auth {
+        version,
+        nonce,
+        mac,
+    } = frame.msg
+    else {
+        return Err(HandshakeError::Unexpected(frame.msg.type_name()));
+    };
+    if version != PROTOCOL_VERSION {
+        return Err(HandshakeError::Version(version));
+    }
+    if !is_valid_nonce(&nonce) {
+        return Err(HandshakeError::Nonce);
+    }
+    if !verify_client_mac(key.as_bytes(), &agent_nonce, &nonce, &mac) {
+        return Err(HandshakeError::BadMac);
+    }
+    let ready = Message::Ready {
+        mac: agent_mac(key.as_bytes(), &nonce, &agent_nonce),
+    };
+    framed
+        .send(Frame::new(0, ready))
+        .await
+        .map_err(|_| HandshakeError::Closed)?;
+    Ok(())
+}
+
+/// The connection's side of a running channel.
+struct ChannelHandle {
+    control: mpsc::Sender<Control>,
+    stdin: mpsc::Sender<Stdin>,
+}
+
+struct Connection {
+    limits: Limits,
+    channels: HashMap<u32, ChannelHandle>,
+}
+
+impl Connection {
+    fn new(limits: Limits) -> Self {
+        Connection {
+            limits,
+            channels: HashMap::new(),
+        }
+    }
+
+    async fn run(mut self, framed: Framed<TcpStream, FrameCodec>, shutdown: CancellationToken) {
+        let (mut sink, mut stream) = framed.split();
+        let (out_tx, mut out_rx) = mpsc::channel::<Frame>(OUTBOUND_QUEUE);
+        // Unbounded, yet bounded in fact: each channel sends exactly one Done,
+        // and at most `max_channels` exist.
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
+        let writer = tokio::spawn(async move {
+            while let Some(frame) = out_rx.recv().await {
+                if let Err(e) = sink.feed(frame).await {
+                    debug!(error = %e, "write failed");
+                    return;
+                }
+                // Batch what is queued already, then flush once.
+                while let Ok(frame) = out_rx.try_recv() {
+                    if sink.feed(frame).await.is_err() {
+                        return;
+                    }
+                }
+                if sink.flush().await.is_err() {
+                    return;
+                }
+            }
+        });
+
+        loop {
+            tokio::select! {
+                frame = stream.next() => match frame {
+                    None => break,
+                    Some(Ok(frame)) => self.dispatch(frame, &out_tx, &done_tx).await,
+                    Some(Err(FrameError::Io(e))) => {
+                        debug!(error = %e, "read failed");
+                        break;
+                    }
+                    Some(Err(e)) => {
+                        warn!(error = %e, "protocol error; closing the connection");
+                        let _ = out_tx.send(Frame::new(0, Message::error("protocol", e.to_string()))).await;
+                        break;
+                    }
+                },
+                Some(done) = done_rx.recv() => {
+                    self.channels.remove(&done.ch);
+                    let _ = out_tx.send(done.exit).await;
+                }
+                _ = shutdown.cancelled() => break,
+            }
+        }
+        // Dropping the control senders closes every channel: each kills its
+        // process group. Give the writer a moment to deliver what is queued
+        // (a protocol error, the last exits), then wait for every channel to
+        // report, so that no process outlives its connection.
+        self.channels.clear();
+        drop(out_tx);
+        let mut writer = writer;
+        if tokio::time::timeout(Duration::from_secs(2), &mut writer)
+            .await
+            .is_err()
+        {
+            writer.abort();
+        }
+        drop(done_tx);
+        while done_rx.recv().await.is_some() {}
+    }
+
+    async fn dispatch(
+        &mut self,
+        frame: Frame,
+        out: &mpsc::Sender<Frame>,
+        done: &mpsc::UnboundedSender<Done>,
+    ) {
+        let ch = frame.ch;
+        let reply = |msg: Message| out.send(Frame::new(ch, msg));
+        match frame.msg {
+            Message::Ping { id } => {
+                let _ = reply(Message::Pong { id }).await;
+            }
+            Message::Exec(req) => {
+                if ch == 0 {
+                    let _ = reply(Message::error(
+                        "bad_channel",
+                        "exec needs a channel id of 1 or more",
+                    ))
+                    .await;
+                } else if self.channels.contains_key(&ch) {
+                    let _ = reply(Message::error(
+                        "channel_in_use",
+                        format!("channel {ch} is already running"),
+                    ))
+                    .await;
+                } else if self.channels.len() >= self.limits.max_channels {
+                    let msg = format!(
+                        "at most {} channels may run at once",
+                        self.limits.max_channels
+                    );
+                    let _ = reply(Message::error("too_many_channels", msg)).await;
+                } else {
+                    let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
+                    let (stdin, stdin_rx) = mpsc::channel(STDIN_QUEUE);
+                    self.channels.insert(ch, ChannelHandle { control, stdin });
+                    tokio::spawn(channel::run(
+                        ch,
+                        req,
+                        control_rx,
+                        stdin_rx,
+                        out.clone(),
+                        done.clone(),
+                    ));
+                }
+            }
+            Message::Stdin { eof } => match self.channels.get(&ch) {
+                // Waits while the channel's stdin buffer is full: lossless,
+                // at the price of pausing this connection's reads.
+                Some(handle) => {
+                    let _ = handle
+                        .stdin
+                        .send(Stdin {
+                            data: frame.payload,
+                            eof,
+                        })
+                        .await;
+                }
+                None => {
+                    let _ = reply(Message::error(
+                        "not_running",
+                        format!("channel {ch} is not running"),
+                    ))
+                    .await;
+                }
+            },
+            Message::Signal { signal } => match parse_signal(&signal) {
+                Some(sig) => self.forward(ch, Control::Signal(sig)).await,
+                None => {
+                    let msg = format!("unknown signal {signal:?}; expected INT, TERM, KILL or HUP");
+                    let _ = reply(Message::error("bad_signal", msg)).await;
+                }
+            },
+            Message::Resize { cols, rows } => {
+                self.forward(ch, Control::Resize(crate::protocol::PtySize { cols, rows }))
+                    .await
+            }
+            Message::Window { add } => self.forward(ch, Control::Window(add)).await,
+            Message::Close => self.forward(ch, Control::Close).await,
+            other => {
+                let msg = format!("a client may not send {:?} frames here", other.type_name());
+                let _ = reply(Message::error("unexpected", msg)).await;
+            }
+        }
+    }
+
+    /// Forwards to a running channel; a channel that is not running ignores
+    /// it, since these race with the channel's exit by nature.
+    async fn forward(&self, ch: u32, control: Control) {
+        if let Some(handle) = self.channels.get(&ch) {
+            let _ = handle.control.send(control).await;
+        }
+    }
+}

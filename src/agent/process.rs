@@ -1,0 +1,359 @@
+//! Starting a command: pipes or a pseudo-terminal, a process group of its
+//! own, and clean signal state.
+//!
+//! Every command leads its own process group so that a signal, a timeout or a
+//! closed channel reaches the whole tree, grandchildren included. The child
+//! also starts with default signal dispositions and an empty signal mask:
+//! an agent launched under `nohup` or from a script that ignores SIGINT would
+//! otherwise pass that on, and Ctrl-C would silently do nothing.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::process::Stdio;
+use std::task::{Context, Poll, ready};
+
+use nix::pty::{Winsize, openpty};
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::io::ReadBuf;
+use tokio::io::unix::AsyncFd;
+use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command};
+
+use crate::protocol::{ExecRequest, PtySize};
+
+/// A running command and the ends of its standard streams.
+pub struct Spawned {
+    pub child: Child,
+    pub group: ProcessGroup,
+    pub io: ProcessIo,
+}
+
+pub enum ProcessIo {
+    Pipes {
+        stdin: Option<ChildStdin>,
+        stdout: Option<ChildStdout>,
+        stderr: Option<ChildStderr>,
+    },
+    Pty(Pty),
+}
+
+/// Why a command could not be started, with the exit code a shell would give.
+#[derive(Debug)]
+pub struct SpawnError {
+    pub code: i32,
+    pub message: String,
+}
+
+/// A process group that is killed (SIGKILL) when this value is dropped, so
+/// that no error path, lost connection or panic can leave it running.
+#[derive(Debug)]
+pub struct ProcessGroup {
+    pgid: Option<Pid>,
+}
+
+impl ProcessGroup {
+    /// Sends `signal` to every process of the group.
+    pub fn signal(&self, signal: Signal) {
+        if let Some(pgid) = self.pgid {
+            // ESRCH (the group is already gone) is the expected race here.
+            let _ = killpg(pgid, signal);
+        }
+    }
+
+    /// Kills the group now and forgets it, so that a recycled process id is
+    /// never signalled later.
+    pub fn kill_and_forget(&mut self) {
+        self.signal(Signal::SIGKILL);
+        self.pgid = None;
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        self.signal(Signal::SIGKILL);
+    }
+}
+
+/// Parses a signal name of the protocol (`INT`, `TERM`, `KILL`, `HUP`).
+pub fn parse_signal(name: &str) -> Option<Signal> {
+    match name {
+        "INT" => Some(Signal::SIGINT),
+        "TERM" => Some(Signal::SIGTERM),
+        "KILL" => Some(Signal::SIGKILL),
+        "HUP" => Some(Signal::SIGHUP),
+        _ => None,
+    }
+}
+
+/// The protocol's name for a signal number (`INT`, `SEGV`, ...).
+pub fn signal_name(signo: i32) -> String {
+    match Signal::try_from(signo) {
+        Ok(sig) => sig.as_str().trim_start_matches("SIG").to_owned(),
+        Err(_) => signo.to_string(),
+    }
+}
+
+/// Restores default dispositions and an empty mask in a freshly forked child.
+///
+/// Runs between fork and exec, so it may only make async-signal-safe calls.
+fn reset_signals() -> io::Result<()> {
+    /// The kernel's own `struct sigaction` (x86_64 and aarch64 lay it out
+    /// alike); the raw system call also reaches signals 32 and 33, which
+    /// glibc's wrappers refuse to touch but which can be inherited ignored.
+    #[repr(C)]
+    struct KernelSigaction {
+        handler: usize,
+        flags: u64,
+        restorer: usize,
+        mask: u64,
+    }
+    // SAFETY: sigprocmask and rt_sigaction are async-signal-safe system calls
+    // that change only this (child) process's signal state.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        let default = KernelSigaction {
+            handler: libc::SIG_DFL,
+            flags: 0,
+            restorer: 0,
+            mask: 0,
+        };
+        for signo in 1..=64 {
+            if signo != libc::SIGKILL && signo != libc::SIGSTOP {
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    signo,
+                    &default as *const KernelSigaction,
+                    std::ptr::null_mut::<KernelSigaction>(),
+                    8usize,
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn spawn_error(err: &io::Error, what: &str) -> SpawnError {
+    match err.kind() {
+        io::ErrorKind::NotFound => SpawnError {
+            code: 127,
+            message: format!("conch: {what}: command not found\n"),
+        },
+        _ => SpawnError {
+            code: 126,
+            message: format!("conch: {what}: {err}\n"),
+        },
+    }
+}
+
+/// Builds the command line: `sh -c CMD`, an argv, or (PTY only) a login shell.
+fn command_for(req: &ExecRequest) -> Result<(Command, String), SpawnError> {
+    if let Some(argv) = &req.argv {
+        let Some((program, args)) = argv.split_first() else {
+            return Err(SpawnError {
+                code: 127,
+                message: "conch: empty argv\n".into(),
+            });
+        };
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        return Ok((cmd, program.clone()));
+    }
+    if let Some(line) = &req.cmd {
+        let mut cmd = Command::new("/bin/sh");
+        cmd.arg("-c").arg(line);
+        return Ok((cmd, "sh".into()));
+    }
+    let shell = std::env::var("SHELL")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "/bin/sh".into());
+    let mut cmd = Command::new(&shell);
+    // A leading '-' in argv[0] is how login(1) asks a shell to be a login shell.
+    let base = shell.rsplit('/').next().unwrap_or("sh");
+    cmd.arg0(format!("-{base}"));
+    Ok((cmd, shell))
+}
+
+/// Starts the command `req` describes.
+pub fn spawn(req: &ExecRequest) -> Result<Spawned, SpawnError> {
+    if req.cmd.is_none() && req.argv.is_none() && req.pty.is_none() {
+        return Err(SpawnError {
+            code: 127,
+            message: "conch: exec needs \"cmd\", \"argv\" or \"pty\"\n".into(),
+        });
+    }
+    let (mut cmd, what) = command_for(req)?;
+    if let Some(cwd) = &req.cwd {
+        match std::fs::metadata(cwd) {
+            Ok(meta) if meta.is_dir() => {
+                cmd.current_dir(cwd);
+            }
+            Ok(_) => {
+                return Err(SpawnError {
+                    code: 126,
+                    message: format!("conch: cd {cwd}: Not a directory\n"),
+                });
+            }
+            Err(e) => {
+                return Err(SpawnError {
+                    code: 126,
+                    message: format!("conch: cd {cwd}: {e}\n"),
+                });
+            }
+        }
+    }
+    if let Some(env) = &req.env {
+        cmd.envs(env);
+    }
+    match req.pty {
+        Some(size) => spawn_pty(cmd, size, &what),
+        None => spawn_pipes(cmd, &what),
+    }
+}
+
+fn spawn_pipes(mut cmd: Command, what: &str) -> Result<Spawned, SpawnError> {
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    // SAFETY: reset_signals only makes async-signal-safe calls.
+    unsafe {
+        cmd.pre_exec(reset_signals);
+    }
+    let mut child = cmd.spawn().map_err(|e| spawn_error(&e, what))?;
+    let group = ProcessGroup {
+        pgid: child.id().map(|id| Pid::from_raw(id as i32)),
+    };
+    let io = ProcessIo::Pipes {
+        stdin: child.stdin.take(),
+        stdout: child.stdout.take(),
+        stderr: child.stderr.take(),
+    };
+    Ok(Spawned { child, group, io })
+}
+
+fn winsize(size: PtySize) -> Winsize {
+    Winsize {
+        ws_row: size.rows.max(1),
+        ws_col: size.cols.max(1),
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    }
+}
+
+fn spawn_pty(mut cmd: Command, size: PtySize, what: &str) -> Result<Spawned, SpawnError> {
+    let io_err = |e: io::Error| SpawnError {
+        code: 126,
+        message: format!("conch: cannot open a pseudo-terminal: {e}\n"),
+    };
+    let pty = openpty(&winsize(size), None).map_err(|e| io_err(e.into()))?;
+    let slave = pty.slave;
+    let dup = |fd: &OwnedFd| fd.try_clone().map_err(io_err);
+    cmd.stdin(Stdio::from(dup(&slave)?))
+        .stdout(Stdio::from(dup(&slave)?))
+        .stderr(Stdio::from(slave))
+        .env("TERM", "xterm-256color");
+    // SAFETY: setsid, ioctl and the calls in reset_signals are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            reset_signals()?;
+            // A new session makes the child a process group leader and lets
+            // the terminal become its controlling terminal, so ^C from the
+            // line discipline reaches the foreground job.
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::ioctl(0, libc::TIOCSCTTY as _, 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|e| spawn_error(&e, what))?;
+    // The parent's copies of the slave end are closed with `cmd` here, so the
+    // master sees EOF (EIO) once every process of the session has exited.
+    drop(cmd);
+    let group = ProcessGroup {
+        pgid: child.id().map(|id| Pid::from_raw(id as i32)),
+    };
+    let master = Pty::new(pty.master).map_err(io_err)?;
+    Ok(Spawned {
+        child,
+        group,
+        io: ProcessIo::Pty(master),
+    })
+}
+
+/// The master side of a pseudo-terminal, readable and writable without
+/// blocking a runtime thread.
+pub struct Pty {
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl Pty {
+    fn new(master: OwnedFd) -> io::Result<Pty> {
+        let flags = nix::fcntl::fcntl(&master, nix::fcntl::FcntlArg::F_GETFL)?;
+        let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+        nix::fcntl::fcntl(&master, nix::fcntl::FcntlArg::F_SETFL(flags))?;
+        // SAFETY: `master` is an OwnedFd we exclusively own; it stays open
+        // for as long as the AsyncFd that owns it exists.
+        let fd = unsafe { AsyncFd::register(master) }.map_err(|e| e.into_parts().1)?;
+        Ok(Pty { fd })
+    }
+
+    /// Sets the terminal size; the kernel sends SIGWINCH to the foreground job.
+    pub fn resize(&self, size: PtySize) -> io::Result<()> {
+        let ws = winsize(size);
+        // SAFETY: TIOCSWINSZ reads one Winsize from the pointer we pass.
+        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl Pty {
+    /// `AsyncRead::poll_read` for a shared reference: the master is both the
+    /// process's input and its output.
+    pub fn poll_read_shared(
+        &self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            let mut guard = ready!(self.fd.poll_read_ready(cx))?;
+            let unfilled = buf.initialize_unfilled();
+            let result = guard.try_io(|fd| {
+                nix::unistd::read(fd.get_ref().as_fd(), unfilled).map_err(io::Error::from)
+            });
+            match result {
+                Ok(Ok(n)) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                // Linux reports EIO on the master once the last slave fd is
+                // closed: that is the terminal's end of file.
+                Ok(Err(e)) if e.raw_os_error() == Some(libc::EIO) => return Poll::Ready(Ok(())),
+                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    /// `AsyncWrite::poll_write` for a shared reference.
+    pub fn poll_write_shared(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        loop {
+            let mut guard = ready!(self.fd.poll_write_ready(cx))?;
+            let result = guard.try_io(|fd| {
+                nix::unistd::write(fd.get_ref().as_fd(), buf).map_err(io::Error::from)
+            });
+            if let Ok(result) = result {
+                return Poll::Ready(result);
+            }
+        }
+    }
+}

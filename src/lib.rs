@@ -1,0 +1,11 @@
+//! conch: a web-based remote command console.
+//!
+//! The crate is one binary with three roles: the command agent
+//! ([`agent`]), the web server and the CLI client. They share the framed
+//! protocol of [`protocol`].
+
+pub mod agent;
+pub mod keyfile;
+pub mod link;
+pub mod protocol;
+pub mod telemetry;

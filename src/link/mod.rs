@@ -1,0 +1,422 @@
+//! The client end of the agent protocol: one authenticated connection to an
+//! agent, multiplexing many channels.
+//!
+//! The web server holds one [`AgentLink`] per agent and opens a channel per
+//! command; tests and benchmarks use it the same way. A reader task routes
+//! each incoming frame to its channel's event queue. Those queues need no
+//! bound of their own: the agent never has more than the channel's window of
+//! output outstanding, and the holder of a [`Channel`] returns credit only
+//! as it consumes events.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+
+use crate::keyfile::Key;
+use crate::protocol::handshake::{client_mac, is_valid_nonce, new_nonce, verify_agent_mac};
+use crate::protocol::{ExecRequest, Frame, FrameCodec, FrameError, Message, PROTOCOL_VERSION};
+
+/// Frames queued for the agent from all channels of a link: 256.
+const OUTBOUND_QUEUE: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("cannot connect to agent at {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("agent handshake failed: {0}")]
+    Handshake(String),
+    #[error("the agent refused the key: {0}")]
+    Auth(String),
+    #[error("the agent's proof of the key is wrong: it does not hold the same key")]
+    AgentMac,
+    #[error("the connection to the agent is closed")]
+    Closed,
+    #[error("frame error: {0}")]
+    Frame(#[from] FrameError),
+}
+
+/// What a channel receives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Stdout(Bytes),
+    Stderr(Bytes),
+    /// The command ended; no event follows.
+    Exit {
+        code: Option<i32>,
+        signal: Option<String>,
+        timed_out: bool,
+        duration_ms: u64,
+    },
+    /// An error about this channel (`code` is stable).
+    Error {
+        code: String,
+        message: String,
+    },
+    /// The link to the agent was lost; no event follows.
+    Lost,
+}
+
+/// Performs the client side of the handshake on a fresh connection.
+pub async fn handshake(
+    framed: &mut Framed<TcpStream, FrameCodec>,
+    key: &Key,
+) -> Result<(), LinkError> {
+    let hello = framed.next().await.ok_or(LinkError::Closed)??;
+    let Message::Hello {
+        version,
+        nonce: agent_nonce,
+    } = hello.msg
+    else {
+        return Err(LinkError::Handshake(format!(
+            "expected hello, got {}",
+            hello.msg.type_name()
+        )));
+    };
+    if version != PROTOCOL_VERSION {
+        return Err(LinkError::Handshake(format!(
+            "agent speaks protocol version {version}"
+        )));
+    }
+    if !is_valid_nonce(&agent_nonce) {
+        return Err(LinkError::Handshake("malformed agent nonce".into()));
+    }
+    let nonce = new_nonce();
+    let mac = client_mac(key.as_bytes(), &agent_nonce, &nonce);
+    framed
+        .send(Frame::new(
+            0,
+            Message::Auth {
+                version: PROTOCOL_VERSION,
+                nonce: nonce.clone(),
+                mac,
+            },
+        ))
+        .await?;
+    let reply = framed.next().await.ok_or(LinkError::Closed)??;
+    match reply.msg {
+        Message::Ready { mac } if verify_agent_mac(key.as_bytes(), &nonce, &agent_nonce, &mac) => {
+            Ok(())
+        }
+        Message::Ready { .. } => Err(LinkError::AgentMac),
+        Message::Error { message, .. } => Err(LinkError::Auth(message)),
+        other => Err(LinkError::Handshake(format!(
+            "expected ready, got {}",
+            other.type_name()
+        ))),
+    }
+}
+
+type Routes = Arc<Mutex<HashMap<u32, mpsc::UnboundedSender<Event>>>>;
+
+/// An authenticated connection to one agent.
+#[derive(Clone)]
+pub struct AgentLink {
+    out: mpsc::Sender<Frame>,
+    routes: Routes,
+    next_ch: Arc<AtomicU32>,
+    closed: CancellationToken,
+}
+
+impl AgentLink {
+    /// Connects to `addr` and authenticates with `key`.
+    pub async fn connect(addr: SocketAddr, key: &Key) -> Result<AgentLink, LinkError> {
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|source| LinkError::Connect { addr, source })?;
+        let _ = stream.set_nodelay(true);
+        let mut framed = Framed::new(stream, FrameCodec::new());
+        handshake(&mut framed, key).await?;
+        Ok(AgentLink::start(framed))
+    }
+
+    fn start(framed: Framed<TcpStream, FrameCodec>) -> AgentLink {
+        let (mut sink, mut stream) = framed.split();
+        let (out, mut out_rx) = mpsc::channel::<Frame>(OUTBOUND_QUEUE);
+        let routes: Routes = Arc::default();
+        let closed = CancellationToken::new();
+        let link = AgentLink {
+            out,
+            routes: routes.clone(),
+            next_ch: Arc::new(AtomicU32::new(1)),
+            closed: closed.clone(),
+        };
+
+        let writer_closed = closed.clone();
+        tokio::spawn(async move {
+            loop {
+                let frame = tokio::select! {
+                    f = out_rx.recv() => match f { Some(f) => f, None => break },
+                    _ = writer_closed.cancelled() => break,
+                };
+                if sink.feed(frame).await.is_err() {
+                    break;
+                }
+                while let Ok(frame) = out_rx.try_recv() {
+                    if sink.feed(frame).await.is_err() {
+                        break;
+                    }
+                }
+                if sink.flush().await.is_err() {
+                    break;
+                }
+            }
+            writer_closed.cancel();
+        });
+
+        tokio::spawn(async move {
+            loop {
+                let frame = tokio::select! {
+                    f = stream.next() => f,
+                    _ = closed.cancelled() => None,
+                };
+                let Some(Ok(frame)) = frame else { break };
+                route(&routes, frame);
+            }
+            closed.cancel();
+            // Everyone still waiting learns that the link is gone.
+            let lost: Vec<_> = routes
+                .lock()
+                .map(|mut r| r.drain().collect())
+                .unwrap_or_default();
+            for (_, tx) in lost {
+                let _ = tx.send(Event::Lost);
+            }
+        });
+        link
+    }
+
+    /// Whether the connection is still up.
+    pub fn is_connected(&self) -> bool {
+        !self.closed.is_cancelled()
+    }
+
+    /// Resolves when the connection is lost.
+    pub async fn lost(&self) {
+        self.closed.cancelled().await
+    }
+
+    /// Closes the connection; the agent then kills every command of it.
+    pub fn shutdown(&self) {
+        self.closed.cancel();
+    }
+
+    /// Starts a command on a fresh channel.
+    pub async fn exec(&self, req: ExecRequest) -> Result<Channel, LinkError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let ch = {
+            let mut routes = self.routes.lock().map_err(|_| LinkError::Closed)?;
+            if self.closed.is_cancelled() {
+                return Err(LinkError::Closed);
+            }
+            let mut ch;
+            loop {
+                ch = self.next_ch.fetch_add(1, Ordering::Relaxed);
+                if ch != 0 && !routes.contains_key(&ch) {
+                    break;
+                }
+            }
+            routes.insert(ch, tx);
+            ch
+        };
+        let channel = Channel {
+            ch,
+            events: rx,
+            out: self.out.clone(),
+            routes: self.routes.clone(),
+            ended: false,
+        };
+        self.out
+            .send(Frame::new(ch, Message::Exec(req)))
+            .await
+            .map_err(|_| LinkError::Closed)?;
+        Ok(channel)
+    }
+
+    /// Sends a raw frame (ping, for instance).
+    pub async fn send(&self, frame: Frame) -> Result<(), LinkError> {
+        self.out.send(frame).await.map_err(|_| LinkError::Closed)
+    }
+}
+
+fn route(routes: &Routes, frame: Frame) {
+    let event = match frame.msg {
+        Message::Stdout => Event::Stdout(frame.payload),
+        Message::Stderr => Event::Stderr(frame.payload),
+        Message::Exit {
+            code,
+            signal,
+            timed_out,
+            duration_ms,
+        } => Event::Exit {
+            code,
+            signal,
+            timed_out,
+            duration_ms,
+        },
+        Message::Error { code, message } => Event::Error { code, message },
+        _ => return,
+    };
+    let Ok(mut routes) = routes.lock() else {
+        return;
+    };
+    let last = matches!(event, Event::Exit { .. });
+    if let Some(tx) = routes.get(&frame.ch) {
+        let _ = tx.send(event);
+    }
+    if last {
+        // The agent frees the id with `exit`; so does the link.
+        routes.remove(&frame.ch);
+    }
+}
+
+/// One running command on an agent. Dropping it before its exit closes it
+/// (the agent kills its process group).
+pub struct Channel {
+    ch: u32,
+    events: mpsc::UnboundedReceiver<Event>,
+    out: mpsc::Sender<Frame>,
+    routes: Routes,
+    ended: bool,
+}
+
+impl Channel {
+    pub fn id(&self) -> u32 {
+        self.ch
+    }
+
+    /// The next event; `None` after `Exit` or `Lost` has been returned.
+    pub async fn next(&mut self) -> Option<Event> {
+        if self.ended {
+            return None;
+        }
+        let event = self.events.recv().await.unwrap_or(Event::Lost);
+        self.ended = matches!(event, Event::Exit { .. } | Event::Lost);
+        Some(event)
+    }
+
+    /// A handle for sending to this channel from another task while this
+    /// one reads its events.
+    pub fn controller(&self) -> Controller {
+        Controller {
+            ch: self.ch,
+            out: self.out.clone(),
+        }
+    }
+
+    pub async fn stdin(&self, data: Bytes, eof: bool) -> Result<(), LinkError> {
+        self.controller().stdin(data, eof).await
+    }
+
+    pub async fn signal(&self, name: &str) -> Result<(), LinkError> {
+        self.controller().signal(name).await
+    }
+
+    pub async fn resize(&self, cols: u16, rows: u16) -> Result<(), LinkError> {
+        self.controller().resize(cols, rows).await
+    }
+
+    pub async fn window(&self, add: u64) -> Result<(), LinkError> {
+        self.controller().window(add).await
+    }
+
+    pub async fn close(&self) -> Result<(), LinkError> {
+        self.controller().close().await
+    }
+
+    /// Reads every event to the end, returning credit as output is consumed:
+    /// (stdout, stderr, the final event).
+    pub async fn collect(&mut self) -> (Vec<u8>, Vec<u8>, Event) {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        while let Some(event) = self.next().await {
+            match event {
+                Event::Stdout(b) => {
+                    out.extend_from_slice(&b);
+                    let _ = self.window(b.len() as u64).await;
+                }
+                Event::Stderr(b) => {
+                    err.extend_from_slice(&b);
+                    let _ = self.window(b.len() as u64).await;
+                }
+                Event::Error { .. } => {}
+                last => return (out, err, last),
+            }
+        }
+        (out, err, Event::Lost)
+    }
+}
+
+/// Sends to a channel: input, signals, size, credit.
+#[derive(Clone)]
+pub struct Controller {
+    ch: u32,
+    out: mpsc::Sender<Frame>,
+}
+
+impl Controller {
+    async fn send(&self, msg: Message, payload: Bytes) -> Result<(), LinkError> {
+        self.out
+            .send(Frame::with_payload(self.ch, msg, payload))
+            .await
+            .map_err(|_| LinkError::Closed)
+    }
+
+    /// Sends bytes to the command's stdin, in frames of at most 1 MiB.
+    pub async fn stdin(&self, data: Bytes, eof: bool) -> Result<(), LinkError> {
+        let mut rest = data;
+        while rest.len() > crate::protocol::MAX_PAYLOAD_LEN {
+            let chunk = rest.split_to(crate::protocol::MAX_PAYLOAD_LEN);
+            self.send(Message::Stdin { eof: false }, chunk).await?;
+        }
+        self.send(Message::Stdin { eof }, rest).await
+    }
+
+    /// Delivers `INT`, `TERM`, `KILL` or `HUP` to the command's process group.
+    pub async fn signal(&self, name: &str) -> Result<(), LinkError> {
+        self.send(
+            Message::Signal {
+                signal: name.into(),
+            },
+            Bytes::new(),
+        )
+        .await
+    }
+
+    pub async fn resize(&self, cols: u16, rows: u16) -> Result<(), LinkError> {
+        self.send(Message::Resize { cols, rows }, Bytes::new())
+            .await
+    }
+
+    /// Returns `add` bytes of output credit to the agent.
+    pub async fn window(&self, add: u64) -> Result<(), LinkError> {
+        self.send(Message::Window { add }, Bytes::new()).await
+    }
+
+    /// Kills the command; its `exit` still arrives.
+    pub async fn close(&self) -> Result<(), LinkError> {
+        self.send(Message::Close, Bytes::new()).await
+    }
+}
+
+impl Drop for Channel {
+    fn drop(&mut self) {
+        if !self.ended {
+            if let Ok(mut routes) = self.routes.lock() {
+                routes.remove(&self.ch);
+            }
+            // Best effort: if the queue is full the link is congested or
+            // gone, and losing the link kills the command anyway.
+            let _ = self.out.try_send(Frame::new(self.ch, Message::Close));
+        }
+    }
+}

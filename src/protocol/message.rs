@@ -1,0 +1,149 @@
+//! Typed frame headers.
+//!
+//! A header on the wire is one JSON object with `type`, `ch` and (when there
+//! is a payload) `len`. [`Message`] is the `type` and its own fields; `ch` and
+//! `len` belong to the frame and live in [`super::Frame`]. Unknown fields are
+//! ignored so that a newer peer can add optional fields without breaking an
+//! older one; unknown `type`s are refused, since their meaning cannot be
+//! guessed.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Every message type this version of the protocol knows.
+pub const KNOWN_TYPES: &[&str] = &[
+    "hello", "auth", "ready", "error", "exec", "stdin", "signal", "resize", "window", "close",
+    "stdout", "stderr", "exit", "ping", "pong",
+];
+
+/// One frame header's `type` and the fields that go with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Message {
+    /// Agent → client, first frame of a connection.
+    Hello {
+        version: u32,
+        nonce: String,
+    },
+    /// Client → agent, the answer to `hello`.
+    Auth {
+        version: u32,
+        nonce: String,
+        mac: String,
+    },
+    /// Agent → client: authenticated; `mac` proves the agent holds the key.
+    Ready {
+        mac: String,
+    },
+    /// Either way: something went wrong. `code` is stable, `message` is for people.
+    Error {
+        code: String,
+        message: String,
+    },
+    /// Client → agent: start a command on a fresh channel.
+    Exec(ExecRequest),
+    /// Client → agent: bytes for the process's standard input (the payload).
+    Stdin {
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        eof: bool,
+    },
+    /// Client → agent: deliver a signal to the channel's process group.
+    Signal {
+        signal: String,
+    },
+    /// Client → agent: the terminal size changed (PTY channels only).
+    Resize {
+        cols: u16,
+        rows: u16,
+    },
+    /// Client → agent: the client consumed `add` more bytes of output.
+    Window {
+        add: u64,
+    },
+    /// Client → agent: kill the channel's process group and drop its output.
+    Close,
+    /// Agent → client: output bytes (the payload).
+    Stdout,
+    /// Agent → client: error output bytes (the payload).
+    Stderr,
+    /// Agent → client: the channel's command ended; the last frame of a channel.
+    Exit {
+        code: Option<i32>,
+        signal: Option<String>,
+        timed_out: bool,
+        duration_ms: u64,
+    },
+    /// Liveness probe; answered by `pong` with the same `id`.
+    Ping {
+        id: u64,
+    },
+    Pong {
+        id: u64,
+    },
+}
+
+/// The fields of an `exec` header.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    /// A command line for `sh -c`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<String>,
+    /// A program and its arguments, run without a shell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub argv: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// Added to (and overriding) the agent's own environment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Run under a pseudo-terminal of this size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pty: Option<PtySize>,
+    /// Initial output credit in bytes (default [`DEFAULT_WINDOW`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<u64>,
+}
+
+/// A terminal size in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PtySize {
+    pub cols: u16,
+    pub rows: u16,
+}
+
+/// Output credit a channel starts with when `exec` names none: 1 MiB.
+pub const DEFAULT_WINDOW: u64 = 1024 * 1024;
+
+impl Message {
+    /// The `type` string of this message, as it appears on the wire.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "hello",
+            Message::Auth { .. } => "auth",
+            Message::Ready { .. } => "ready",
+            Message::Error { .. } => "error",
+            Message::Exec(_) => "exec",
+            Message::Stdin { .. } => "stdin",
+            Message::Signal { .. } => "signal",
+            Message::Resize { .. } => "resize",
+            Message::Window { .. } => "window",
+            Message::Close => "close",
+            Message::Stdout => "stdout",
+            Message::Stderr => "stderr",
+            Message::Exit { .. } => "exit",
+            Message::Ping { .. } => "ping",
+            Message::Pong { .. } => "pong",
+        }
+    }
+
+    /// Shorthand for an `error` message.
+    pub fn error(code: &str, message: impl Into<String>) -> Message {
+        Message::Error {
+            code: code.to_owned(),
+            message: message.into(),
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! Shared helpers for the integration tests: real `conch` processes on
+//! ephemeral loopback ports, found through their structured logs.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use conch::keyfile::Key;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_conch");
+
+/// A running `conch` child process, killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    /// Every stdout line, as it arrives.
+    pub lines: mpsc::Receiver<String>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    /// Waits for a stdout line for which `pick` returns a value.
+    pub fn wait_for<T>(&mut self, what: &str, mut pick: impl FnMut(&str) -> Option<T>) -> T {
+        loop {
+            match self.lines.recv_timeout(Duration::from_secs(60)) {
+                Ok(line) => {
+                    if let Some(v) = pick(&line) {
+                        return v;
+                    }
+                }
+                Err(e) => panic!("no {what} from conch: {e}"),
+            }
+        }
+    }
+
+    /// Sends a signal to the process.
+    pub fn signal(&self, sig: i32) {
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
+    }
+}
+
+/// Starts `conch ARGS` with JSON logs on stdout, in a fresh temporary directory.
+pub fn spawn_conch(args: &[&str], env: &[(&str, &str)], dir: tempfile::TempDir) -> Proc {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    spawn_with(cmd, dir)
+}
+
+/// Starts `cmd` (which runs conch somehow) with JSON logs, reading its stdout lines.
+pub fn spawn_with(mut cmd: Command, dir: tempfile::TempDir) -> Proc {
+    cmd.env("CONCH_LOG_FORMAT", "json")
+        .env("CONCH_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut child = cmd.spawn().expect("start conch");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    Proc {
+        child,
+        lines: rx,
+        dir,
+    }
+}
+
+/// The `addr` field of a JSON log line whose message is `message`.
+pub fn logged_addr(line: &str, message: &str) -> Option<SocketAddr> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    if v.get("message")?.as_str()? != message {
+        return None;
+    }
+    v.get("addr")?.as_str()?.parse().ok()
+}
+
+/// A running agent and what it takes to reach it.
+pub struct Agent {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+    pub key: Key,
+    pub key_file: PathBuf,
+}
+
+/// Starts `conch agent` on an ephemeral loopback port with a fresh key.
+pub fn start_agent(extra: &[&str]) -> Agent {
+    start_agent_with(extra, &[])
+}
+
+pub fn start_agent_with(extra: &[&str], env: &[(&str, &str)]) -> Agent {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key_file = dir.path().join("agent.key");
+    let key = Key::generate();
+    key.save_new(&key_file).expect("write key");
+    let key_path = key_file.to_str().expect("utf-8 path").to_owned();
+    let mut args = vec!["agent", "--listen", "127.0.0.1:0", "--key-file", &key_path];
+    args.extend_from_slice(extra);
+    let mut proc = spawn_conch(&args, env, dir);
+    let addr = proc.wait_for("listening address", |l| logged_addr(l, "agent listening"));
+    Agent {
+        proc,
+        addr,
+        key,
+        key_file,
+    }
+}
+
+/// Whether a process with this pid still exists (and is not a zombie).
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|s| s.split_whitespace().next());
+            state != Some("Z")
+        }
+        Err(_) => false,
+    }
+}
+
+/// Waits (bounded) until `pid` is gone; returns whether it went.
+pub async fn wait_gone(pid: i32) -> bool {
+    for _ in 0..200 {
+        if !alive(pid) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
