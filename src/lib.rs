@@ -5,7 +5,9 @@
 //! protocol of [`protocol`].
 
 pub mod agent;
+pub mod client;
 pub mod keyfile;
 pub mod link;
 pub mod protocol;
+pub mod server;
 pub mod telemetry;

@@ -8,7 +8,14 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use conch::agent::{AgentConfig, Limits};
+use conch::client::ExecConfig;
 use conch::keyfile::Key;
+use conch::server::ServeConfig;
+use conch::server::agents::AgentSpec;
+use conch::server::api::ApiLimits;
+use conch::server::auth::Role;
+use conch::server::auth::{Secret, hash_password, load_users};
+use conch::server::tokens::TokenStore;
 use conch::telemetry::{self, LogFormat};
 use tokio_util::sync::CancellationToken;
 
@@ -32,6 +39,14 @@ struct Cli {
 enum Command {
     /// Run the command agent: a TCP server that runs commands for authenticated clients.
     Agent(AgentArgs),
+    /// Run the web server: the console page, the REST API, and the bridge to an agent.
+    Serve(Box<ServeArgs>),
+    /// Run one command through a conch server's REST API; exits with its exit code.
+    Exec(ExecArgs),
+    /// Manage API tokens in a server's data directory.
+    Token(TokenArgs),
+    /// Print an argon2 hash of a password read from standard input, for the users file.
+    Passwd,
     /// Write a fresh random agent key (64 hex characters) to a new file with mode 0600.
     Keygen {
         /// Where to write the key; an existing file is never overwritten.
@@ -55,6 +70,173 @@ struct AgentArgs {
     max_channels: usize,
 }
 
+#[derive(Args)]
+struct ServeArgs {
+    /// Address to listen on. Loopback by default: put a TLS proxy in front to expose it.
+    #[arg(long, env = "CONCH_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Agent to connect to (HOST:PORT). Without it, an embedded agent runs in this process.
+    #[arg(long, env = "CONCH_AGENT")]
+    agent: Option<SocketAddr>,
+    /// Name shown for the agent given with --agent.
+    #[arg(long, env = "CONCH_AGENT_NAME", default_value = "agent")]
+    agent_name: String,
+    /// The pre-shared key file of the agent given with --agent.
+    #[arg(long, env = "CONCH_AGENT_KEY_FILE")]
+    agent_key_file: Option<PathBuf>,
+    /// The admin token (prefer --admin-token-file: a flag shows in `ps`).
+    #[arg(long, env = "CONCH_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// File holding the admin token. Without either, one is generated and a login URL printed.
+    #[arg(long, env = "CONCH_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
+    /// Users file (TOML): [[users]] with name, password_hash (from `conch passwd`), role.
+    #[arg(long, env = "CONCH_USERS_FILE")]
+    users_file: Option<PathBuf>,
+    /// Further origins allowed to open consoles (comma-separated), e.g. https://conch.example.com.
+    #[arg(long, env = "CONCH_ALLOWED_ORIGINS", value_delimiter = ',')]
+    allowed_origins: Vec<String>,
+    /// Session lifetime in seconds.
+    #[arg(long, env = "CONCH_SESSION_TTL", default_value_t = 12 * 3600)]
+    session_ttl: u64,
+    /// Directory for state (API tokens). Without it, tokens live in memory only.
+    #[arg(long, env = "CONCH_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Largest REST request body, in bytes.
+    #[arg(long, env = "CONCH_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    max_body_bytes: usize,
+    /// Cap on a REST command's timeout_ms.
+    #[arg(long, env = "CONCH_MAX_TIMEOUT_MS", default_value_t = 3_600_000)]
+    max_timeout_ms: u64,
+    /// Cap on a REST command's max_output_bytes (per stream).
+    #[arg(long, env = "CONCH_MAX_OUTPUT_BYTES", default_value_t = 64 * 1024 * 1024)]
+    max_output_bytes: usize,
+    /// REST commands running at once; more get 429.
+    #[arg(long, env = "CONCH_MAX_CONCURRENT_EXECS", default_value_t = 64)]
+    max_concurrent_execs: usize,
+    /// REST requests per caller per minute; more get 429.
+    #[arg(long, env = "CONCH_API_RATE_PER_MINUTE", default_value_t = 1200)]
+    api_rate_per_minute: u32,
+}
+
+#[derive(Args)]
+struct ExecArgs {
+    /// The conch server's base URL.
+    #[arg(long, env = "CONCH_SERVER", default_value = "http://127.0.0.1:8080")]
+    server: String,
+    /// File holding the API token.
+    #[arg(long, env = "CONCH_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// The API token itself (prefer --token-file: a flag shows in `ps`).
+    #[arg(long, env = "CONCH_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Agent to run on; default the server's only one.
+    #[arg(long, env = "CONCH_EXEC_AGENT")]
+    agent: Option<String>,
+    /// Kill the command after this many milliseconds (server default 30 s).
+    #[arg(long)]
+    timeout_ms: Option<u64>,
+    /// Working directory on the agent's host.
+    #[arg(long)]
+    cwd: Option<String>,
+    /// Encoding of the command's output (a WHATWG label such as gbk).
+    #[arg(long)]
+    encoding: Option<String>,
+    /// Send this process's standard input (read to its end, at most 1 MiB) to the command.
+    #[arg(long)]
+    stdin: bool,
+    /// The command and its arguments, joined by spaces and run by the remote shell (as ssh does).
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a named API token and print it (shown this once).
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_parser = ["viewer", "operator", "admin"])]
+        role: String,
+    },
+    /// Revoke a named API token.
+    Revoke {
+        #[arg(long)]
+        name: String,
+    },
+    /// List token names and roles.
+    List,
+}
+
+#[derive(Args)]
+struct TokenArgs {
+    /// The server's data directory (as given to `conch serve`).
+    #[arg(long, env = "CONCH_DATA_DIR")]
+    data_dir: PathBuf,
+    #[command(subcommand)]
+    command: TokenCommand,
+}
+
+/// The shortest admin token accepted.
+const MIN_TOKEN_LEN: usize = 16;
+
+fn serve_config(args: ServeArgs, json_logs: bool) -> anyhow::Result<ServeConfig> {
+    let agent = match args.agent {
+        Some(addr) => {
+            let path = args
+                .agent_key_file
+                .context("--agent needs --agent-key-file (or CONCH_AGENT_KEY_FILE)")?;
+            Some(AgentSpec {
+                name: args.agent_name,
+                addr,
+                key: Key::load(&path)?,
+            })
+        }
+        None => None,
+    };
+    let token = match (args.admin_token, args.admin_token_file) {
+        (Some(t), _) => Some(t),
+        (None, Some(path)) => Some(
+            std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read admin token file {}", path.display()))?
+                .trim()
+                .to_owned(),
+        ),
+        (None, None) => None,
+    };
+    if let Some(t) = &token {
+        anyhow::ensure!(
+            t.len() >= MIN_TOKEN_LEN,
+            "the admin token must be at least {MIN_TOKEN_LEN} characters"
+        );
+    }
+    let users = match &args.users_file {
+        Some(path) => load_users(path)?,
+        None => Vec::new(),
+    };
+    Ok(ServeConfig {
+        listen: args.listen,
+        agent,
+        admin_token: token.map(Secret::new),
+        users,
+        allowed_origins: args
+            .allowed_origins
+            .into_iter()
+            .filter(|o| !o.is_empty())
+            .collect(),
+        session_ttl: std::time::Duration::from_secs(args.session_ttl.max(60)),
+        data_dir: args.data_dir,
+        api_limits: ApiLimits {
+            max_body_bytes: args.max_body_bytes,
+            max_timeout_ms: args.max_timeout_ms.max(1),
+            max_output_bytes: args.max_output_bytes,
+            max_concurrent: args.max_concurrent_execs.max(1),
+            rate_per_minute: args.api_rate_per_minute.max(1),
+        },
+        json_logs,
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
@@ -65,7 +247,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command)) {
+    let json_logs = cli.log_format == LogFormat::Json;
+    match runtime.block_on(run(cli.command, json_logs)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("conch: {e:#}");
@@ -74,8 +257,95 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(command: Command) -> anyhow::Result<ExitCode> {
+async fn run(command: Command, json_logs: bool) -> anyhow::Result<ExitCode> {
     match command {
+        Command::Serve(args) => {
+            let config = serve_config(*args, json_logs)?;
+            let shutdown = CancellationToken::new();
+            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            conch::server::run(config, shutdown).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Exec(args) => {
+            let token = match (args.token, &args.token_file) {
+                (_, Some(path)) => std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read token file {}", path.display()))?
+                    .trim()
+                    .to_owned(),
+                (Some(t), None) => t,
+                (None, None) => anyhow::bail!("give --token-file or CONCH_TOKEN"),
+            };
+            let stdin = if args.stdin {
+                use std::io::Read;
+                let mut buf = String::new();
+                std::io::stdin()
+                    .take(1024 * 1024 + 1)
+                    .read_to_string(&mut buf)
+                    .context("cannot read standard input (it must be UTF-8 text)")?;
+                anyhow::ensure!(
+                    buf.len() <= 1024 * 1024,
+                    "standard input is larger than 1 MiB"
+                );
+                Some(buf)
+            } else {
+                None
+            };
+            let config = ExecConfig {
+                server: args.server,
+                token,
+                command: args.command,
+                agent: args.agent,
+                timeout_ms: args.timeout_ms,
+                cwd: args.cwd,
+                encoding: args.encoding,
+                stdin,
+            };
+            match conch::client::run(config).await {
+                Ok(code) => Ok(ExitCode::from(code)),
+                Err(e) => {
+                    eprintln!("conch: {e}");
+                    Ok(ExitCode::from(conch::client::EXIT_CONCH_FAILED))
+                }
+            }
+        }
+        Command::Token(args) => {
+            let store = TokenStore::new(Some(&args.data_dir));
+            match args.command {
+                TokenCommand::Create { name, role } => {
+                    let role = match role.as_str() {
+                        "viewer" => Role::Viewer,
+                        "operator" => Role::Operator,
+                        _ => Role::Admin,
+                    };
+                    let token = store.create(&name, role)?;
+                    println!("{}", token.expose());
+                }
+                TokenCommand::Revoke { name } => {
+                    store.revoke(&name)?;
+                    println!("revoked {name}");
+                }
+                TokenCommand::List => {
+                    for t in store.list()? {
+                        println!("{}\t{}", t.name, t.role.as_str());
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Passwd => {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .context("cannot read the password from stdin")?;
+            let password = line.trim_end_matches(['\r', '\n']);
+            anyhow::ensure!(
+                !password.is_empty(),
+                "empty password (give it on standard input)"
+            );
+            let hash = hash_password(password).map_err(|e| anyhow::anyhow!("cannot hash: {e}"))?;
+            println!("{hash}");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Keygen { path } => {
             Key::generate().save_new(&path)?;
             println!("wrote a new key to {}", path.display());

@@ -150,3 +150,76 @@ pub async fn wait_gone(pid: i32) -> bool {
     }
     false
 }
+
+/// A running `conch serve` and how to log in to it.
+pub struct Server {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+    pub token: String,
+}
+
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
+
+/// Starts `conch serve` on an ephemeral loopback port with a known admin token.
+pub fn start_server(extra: &[&str], env: &[(&str, &str)]) -> Server {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut args = vec!["serve", "--listen", "127.0.0.1:0"];
+    args.extend_from_slice(extra);
+    let mut all_env = vec![("CONCH_ADMIN_TOKEN", ADMIN_TOKEN)];
+    all_env.extend_from_slice(env);
+    let mut proc = spawn_conch(&args, &all_env, dir);
+    let addr = proc.wait_for("listening address", |l| logged_addr(l, "server listening"));
+    Server {
+        proc,
+        addr,
+        token: ADMIN_TOKEN.into(),
+    }
+}
+
+impl Server {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn origin(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Logs in with a form post; returns the session cookie ("name=value").
+    pub async fn login(&self, form: &[(&str, &str)]) -> Result<String, reqwest::StatusCode> {
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        let resp = client
+            .post(self.url("/login"))
+            .form(form)
+            .send()
+            .await
+            .unwrap();
+        if resp.status() != reqwest::StatusCode::SEE_OTHER {
+            return Err(resp.status());
+        }
+        let cookie = resp.headers()["set-cookie"].to_str().unwrap();
+        Ok(cookie.split(';').next().unwrap().to_owned())
+    }
+
+    pub async fn admin_cookie(&self) -> String {
+        self.login(&[("token", &self.token)])
+            .await
+            .expect("admin login")
+    }
+}
+
+/// Waits (bounded) until process `pid` runs the program `comm`. A shell
+/// run with -c catches SIGINT until it has exec'd its command, so a
+/// test that sends INT must first know that the exec has happened.
+pub async fn wait_exec(pid: i32, comm: &str) {
+    for _ in 0..400 {
+        if std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("process {pid} never became {comm}");
+}

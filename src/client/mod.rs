@@ -1,0 +1,173 @@
+//! `conch exec`: one command through the REST API, like `ssh host cmd`.
+//!
+//! Output is streamed (NDJSON) to this process's stdout and stderr as it
+//! arrives, and the remote exit status becomes this process's: the exit
+//! code itself, 128+N for a signal N, 124 for a timeout (as `timeout(1)`),
+//! and 255 for conch's own failures (as ssh).
+
+use std::io::Write;
+use std::time::Duration;
+
+use base64::Engine;
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+/// Exit status for failures of conch itself: unreachable server, refused
+/// credentials, a broken response.
+pub const EXIT_CONCH_FAILED: u8 = 255;
+/// Exit status for a command killed by its timeout.
+pub const EXIT_TIMED_OUT: u8 = 124;
+
+/// What `conch exec` was asked to do.
+#[derive(Debug, Clone)]
+pub struct ExecConfig {
+    pub server: String,
+    pub token: String,
+    /// Joined with spaces and run by the remote shell, as ssh does.
+    pub command: Vec<String>,
+    pub agent: Option<String>,
+    pub timeout_ms: Option<u64>,
+    pub cwd: Option<String>,
+    pub encoding: Option<String>,
+    /// Sent as the command's standard input.
+    pub stdin: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach {server}: {message}")]
+    Unreachable { server: String, message: String },
+    #[error("the server refused the request ({status}): {detail}")]
+    Refused { status: u16, detail: String },
+    #[error("broken response from the server: {0}")]
+    Broken(String),
+}
+
+fn signal_number(name: &str) -> Option<u8> {
+    let n = match name {
+        "HUP" => 1,
+        "INT" => 2,
+        "QUIT" => 3,
+        "ILL" => 4,
+        "TRAP" => 5,
+        "ABRT" => 6,
+        "BUS" => 7,
+        "FPE" => 8,
+        "KILL" => 9,
+        "USR1" => 10,
+        "SEGV" => 11,
+        "USR2" => 12,
+        "PIPE" => 13,
+        "ALRM" => 14,
+        "TERM" => 15,
+        other => return other.parse().ok(),
+    };
+    Some(n)
+}
+
+/// Runs the command; returns the exit status to leave with.
+pub async fn run(config: ExecConfig) -> Result<u8, ClientError> {
+    let url = format!("{}/api/v1/exec", config.server.trim_end_matches('/'));
+    let mut body = json!({"command": config.command.join(" ")});
+    for (key, value) in [
+        ("agent", config.agent.clone().map(Value::from)),
+        ("timeout_ms", config.timeout_ms.map(Value::from)),
+        ("cwd", config.cwd.clone().map(Value::from)),
+        ("encoding", config.encoding.clone().map(Value::from)),
+        ("stdin", config.stdin.clone().map(Value::from)),
+    ] {
+        if let Some(v) = value {
+            body[key] = v;
+        }
+    }
+    let client = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| ClientError::Unreachable {
+            server: config.server.clone(),
+            message: e.to_string(),
+        })?;
+    let response = client
+        .post(&url)
+        .bearer_auth(&config.token)
+        .header("accept", "application/x-ndjson")
+        .json(&body)
+        .send()
+        .await
+        .map_err(|e| ClientError::Unreachable {
+            server: config.server.clone(),
+            message: root_cause(&e),
+        })?;
+    let status = response.status();
+    if !status.is_success() {
+        let text = response.text().await.unwrap_or_default();
+        let detail = serde_json::from_str::<Value>(&text)
+            .ok()
+            .and_then(|v| v["detail"].as_str().map(str::to_owned))
+            .unwrap_or(text);
+        return Err(ClientError::Refused {
+            status: status.as_u16(),
+            detail,
+        });
+    }
+    let mut stream = response.bytes_stream();
+    let mut pending: Vec<u8> = Vec::new();
+    let stdout = std::io::stdout();
+    let stderr = std::io::stderr();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ClientError::Broken(root_cause(&e)))?;
+        pending.extend_from_slice(&chunk);
+        while let Some(pos) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=pos).collect();
+            let v: Value =
+                serde_json::from_slice(&line).map_err(|e| ClientError::Broken(e.to_string()))?;
+            if let Some(stream_name) = v["stream"].as_str() {
+                let data = v["data"].as_str().unwrap_or("");
+                let bytes = if v["encoding"] == "base64" {
+                    base64::engine::general_purpose::STANDARD
+                        .decode(data)
+                        .map_err(|e| ClientError::Broken(e.to_string()))?
+                } else {
+                    data.as_bytes().to_vec()
+                };
+                // A closed local pipe (`| head`) is not conch's failure.
+                let _ = if stream_name == "stderr" {
+                    stderr
+                        .lock()
+                        .write_all(&bytes)
+                        .and_then(|_| stderr.lock().flush())
+                } else {
+                    stdout
+                        .lock()
+                        .write_all(&bytes)
+                        .and_then(|_| stdout.lock().flush())
+                };
+            } else if let Some(message) = v["error"].as_str() {
+                return Err(ClientError::Broken(message.to_owned()));
+            } else if v.get("exit_code").is_some() {
+                if v["timed_out"] == true {
+                    eprintln!("conch: the command timed out and was killed");
+                    return Ok(EXIT_TIMED_OUT);
+                }
+                if let Some(code) = v["exit_code"].as_i64() {
+                    return Ok((code & 0xff) as u8);
+                }
+                let signal = v["signal"].as_str().and_then(signal_number).unwrap_or(0);
+                return Ok(128u8.saturating_add(signal));
+            }
+        }
+    }
+    Err(ClientError::Broken(
+        "the stream ended before the command's exit".into(),
+    ))
+}
+
+fn root_cause(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg = format!("{msg}: {s}");
+        source = s.source();
+    }
+    msg
+}

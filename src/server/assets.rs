@@ -1,0 +1,68 @@
+//! Browser assets, embedded in the binary so that it runs from any
+//! directory: conch's own files from `static/`, and xterm.js from the npm
+//! packages pinned in `package-lock.json` (installed by `npm ci`).
+
+use axum::extract::Path;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use rust_embed::RustEmbed;
+
+#[derive(RustEmbed)]
+#[folder = "static/"]
+struct Own;
+
+#[derive(RustEmbed)]
+#[folder = "node_modules/@xterm/xterm/"]
+#[include = "lib/xterm.js"]
+#[include = "css/xterm.css"]
+struct Xterm;
+
+#[derive(RustEmbed)]
+#[folder = "node_modules/@xterm/addon-fit/"]
+#[include = "lib/addon-fit.js"]
+struct AddonFit;
+
+fn lookup(path: &str) -> Option<rust_embed::EmbeddedFile> {
+    match path {
+        "vendor/xterm/xterm.js" => Xterm::get("lib/xterm.js"),
+        "vendor/xterm/xterm.css" => Xterm::get("css/xterm.css"),
+        "vendor/addon-fit/addon-fit.js" => AddonFit::get("lib/addon-fit.js"),
+        _ if path.starts_with("vendor/") => None,
+        other => Own::get(other),
+    }
+}
+
+/// `GET /static/{*path}`: the file with its content type and an ETag;
+/// browsers revalidate (`no-cache`) and get `304 Not Modified` when unchanged.
+pub async fn serve(Path(path): Path<String>, headers: HeaderMap) -> Response {
+    let Some(file) = lookup(&path) else {
+        return (StatusCode::NOT_FOUND, "no such asset").into_response();
+    };
+    let etag = format!("\"{}\"", hex::encode(&file.metadata.sha256_hash()[..16]));
+    let cache = HeaderValue::from_static("no-cache");
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        == Some(etag.as_str())
+    {
+        return (
+            StatusCode::NOT_MODIFIED,
+            [
+                (header::ETAG, etag),
+                (header::CACHE_CONTROL, "no-cache".into()),
+            ],
+        )
+            .into_response();
+    }
+    let mime = mime_guess::from_path(&path).first_or_octet_stream();
+    let mut response = file.data.into_owned().into_response();
+    let h = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(mime.essence_str()) {
+        h.insert(header::CONTENT_TYPE, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        h.insert(header::ETAG, v);
+    }
+    h.insert(header::CACHE_CONTROL, cache);
+    response
+}

@@ -1,0 +1,320 @@
+//! Who may do what: users, roles, the admin token, sessions, and the rate
+//! limit on failed logins.
+//!
+//! Secrets are compared in constant time, stored hashed where they are
+//! stored at all, and never logged: [`Secret`]'s `Debug` hides its value.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use argon2::Argon2;
+use argon2::password_hash::phc::PasswordHash;
+use argon2::password_hash::{PasswordHasher, PasswordVerifier};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// What a user may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// May log in and see agents, never run anything.
+    Viewer,
+    /// Runs commands.
+    Operator,
+    /// Runs commands and manages tokens.
+    Admin,
+}
+
+impl Role {
+    pub fn can_run(self) -> bool {
+        matches!(self, Role::Operator | Role::Admin)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+/// Someone authenticated: a user, the admin token, or an API token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub name: String,
+    pub role: Role,
+}
+
+/// A secret string whose `Debug` output never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: String) -> Secret {
+        Secret(value)
+    }
+
+    /// A fresh random secret: 32 random bytes as 64 hex characters.
+    pub fn generate() -> Secret {
+        let mut bytes = [0u8; 32];
+        rand::fill(&mut bytes);
+        Secret(hex::encode(bytes))
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Constant-time comparison (by comparing SHA-256 digests, so neither
+    /// the content nor the length leaks through timing).
+    pub fn matches(&self, given: &str) -> bool {
+        let a = Sha256::digest(self.0.as_bytes());
+        let b = Sha256::digest(given.as_bytes());
+        a.iter()
+            .zip(b.iter())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// One entry of the users file.
+#[derive(Debug, Clone, Deserialize)]
+pub struct User {
+    pub name: String,
+    /// An argon2 PHC string, as `conch passwd` prints it.
+    pub password_hash: String,
+    pub role: Role,
+}
+
+#[derive(Debug, Deserialize)]
+struct UsersFile {
+    #[serde(default)]
+    users: Vec<User>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UsersError {
+    #[error("cannot read users file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("users file {path} is not valid: {message}")]
+    Invalid { path: String, message: String },
+}
+
+/// Loads a users file (TOML, `[[users]]` tables of name, password_hash, role).
+pub fn load_users(path: &Path) -> Result<Vec<User>, UsersError> {
+    let text = std::fs::read_to_string(path).map_err(|source| UsersError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let invalid = |message: String| UsersError::Invalid {
+        path: path.display().to_string(),
+        message,
+    };
+    let file: UsersFile = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+    for user in &file.users {
+        PasswordHash::new(&user.password_hash).map_err(|e| {
+            invalid(format!(
+                "user {:?}: password_hash is not an argon2 PHC string: {e}",
+                user.name
+            ))
+        })?;
+    }
+    Ok(file.users)
+}
+
+/// An argon2id hash of `password`, for the users file.
+pub fn hash_password(password: &str) -> Result<String, String> {
+    Argon2::default()
+        .hash_password(password.as_bytes())
+        .map(|h| h.to_string())
+        .map_err(|e| e.to_string())
+}
+
+fn verify_password(password: &str, hash: &str) -> bool {
+    match PasswordHash::new(hash) {
+        Ok(parsed) => Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// Failed logins allowed per client address within [`LOGIN_WINDOW`].
+pub const LOGIN_ATTEMPTS: u32 = 5;
+pub const LOGIN_WINDOW: Duration = Duration::from_secs(60);
+/// Addresses tracked by the login rate limit at most; the oldest is dropped.
+const LOGIN_TRACKED: usize = 10_000;
+/// Sessions alive at most; beyond, the one closest to expiry is dropped.
+const MAX_SESSIONS: usize = 10_000;
+
+struct SessionEntry {
+    principal: Principal,
+    expires: Instant,
+}
+
+/// Everything about authentication the server keeps.
+pub struct Auth {
+    admin_token: Secret,
+    users: Vec<User>,
+    session_ttl: Duration,
+    /// Sessions by the SHA-256 of their cookie value: a leaked memory dump
+    /// does not hand out live cookies.
+    sessions: Mutex<HashMap<[u8; 32], SessionEntry>>,
+    failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+}
+
+/// Why a login was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LoginError {
+    Invalid,
+    RateLimited { retry_after: Duration },
+}
+
+fn session_key(cookie: &str) -> [u8; 32] {
+    Sha256::digest(cookie.as_bytes()).into()
+}
+
+impl Auth {
+    pub fn new(admin_token: Secret, users: Vec<User>, session_ttl: Duration) -> Auth {
+        Auth {
+            admin_token,
+            users,
+            session_ttl,
+            sessions: Mutex::default(),
+            failures: Mutex::default(),
+        }
+    }
+
+    pub fn session_ttl(&self) -> Duration {
+        self.session_ttl
+    }
+
+    /// Checks the admin token.
+    pub fn admin_token(&self, given: &str) -> Option<Principal> {
+        self.admin_token.matches(given).then(|| Principal {
+            name: "admin".into(),
+            role: Role::Admin,
+        })
+    }
+
+    /// Checks a user name and password, or the admin token, counting
+    /// failures against `client`.
+    pub fn login(
+        &self,
+        client: IpAddr,
+        username: &str,
+        password: &str,
+        token: &str,
+    ) -> Result<Principal, LoginError> {
+        if let Some(retry_after) = self.blocked(client) {
+            return Err(LoginError::RateLimited { retry_after });
+        }
+        let principal = if !token.is_empty() {
+            self.admin_token(token)
+        } else {
+            let user = self.users.iter().find(|u| u.name == username);
+            // Verify against something even for an unknown user, so that
+            // timing does not tell which names exist.
+            let hash = user.map_or(DUMMY_HASH, |u| u.password_hash.as_str());
+            let ok = verify_password(password, hash);
+            user.filter(|_| ok).map(|u| Principal {
+                name: u.name.clone(),
+                role: u.role,
+            })
+        };
+        match principal {
+            Some(p) => Ok(p),
+            None => {
+                self.record_failure(client);
+                Err(LoginError::Invalid)
+            }
+        }
+    }
+
+    fn blocked(&self, client: IpAddr) -> Option<Duration> {
+        let failures = self.failures.lock().ok()?;
+        let (count, since) = failures.get(&client)?;
+        let elapsed = since.elapsed();
+        (*count >= LOGIN_ATTEMPTS && elapsed < LOGIN_WINDOW).then(|| LOGIN_WINDOW - elapsed)
+    }
+
+    fn record_failure(&self, client: IpAddr) {
+        let Ok(mut failures) = self.failures.lock() else {
+            return;
+        };
+        if failures.len() >= LOGIN_TRACKED {
+            failures.retain(|_, (_, since)| since.elapsed() < LOGIN_WINDOW);
+            if failures.len() >= LOGIN_TRACKED {
+                let oldest = failures
+                    .iter()
+                    .min_by_key(|(_, (_, since))| *since)
+                    .map(|(ip, _)| *ip);
+                if let Some(ip) = oldest {
+                    failures.remove(&ip);
+                }
+            }
+        }
+        let entry = failures.entry(client).or_insert((0, Instant::now()));
+        if entry.1.elapsed() >= LOGIN_WINDOW {
+            *entry = (0, Instant::now());
+        }
+        entry.0 += 1;
+    }
+
+    /// Starts a session; returns the cookie value.
+    pub fn create_session(&self, principal: Principal) -> String {
+        let cookie = Secret::generate().expose().to_owned();
+        if let Ok(mut sessions) = self.sessions.lock() {
+            let now = Instant::now();
+            sessions.retain(|_, s| s.expires > now);
+            if sessions.len() >= MAX_SESSIONS {
+                let first = sessions
+                    .iter()
+                    .min_by_key(|(_, s)| s.expires)
+                    .map(|(k, _)| *k);
+                if let Some(k) = first {
+                    sessions.remove(&k);
+                }
+            }
+            sessions.insert(
+                session_key(&cookie),
+                SessionEntry {
+                    principal,
+                    expires: now + self.session_ttl,
+                },
+            );
+        }
+        cookie
+    }
+
+    /// The principal of a live session.
+    pub fn session(&self, cookie: &str) -> Option<Principal> {
+        let sessions = self.sessions.lock().ok()?;
+        let entry = sessions.get(&session_key(cookie))?;
+        (entry.expires > Instant::now()).then(|| entry.principal.clone())
+    }
+
+    pub fn end_session(&self, cookie: &str) {
+        if let Ok(mut sessions) = self.sessions.lock() {
+            sessions.remove(&session_key(cookie));
+        }
+    }
+}
+
+/// A valid argon2id hash of a random password, verified against when the
+/// user name is unknown.
+const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$Xb2kFNz1p4JCT0xiTrmr3E1nIjBpUfQ9hF8nDGq9k+M";

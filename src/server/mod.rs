@@ -1,0 +1,205 @@
+//! The web server: the console page, its WebSocket bridge to the agents,
+//! and the REST API, all behind one authentication layer.
+
+pub mod agents;
+pub mod api;
+pub mod assets;
+pub mod auth;
+pub mod pages;
+pub mod problem;
+pub mod security;
+pub mod tokens;
+pub mod ws;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::HeaderMap;
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use self::agents::{AgentSpec, Registry};
+use self::auth::{Auth, Principal, Secret, User};
+use crate::agent::{AgentConfig, Limits};
+use crate::keyfile::Key;
+
+/// Everything `conch serve` needs, built from its flags and environment.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    /// The agent to use; `None` starts an embedded one on loopback.
+    pub agent: Option<AgentSpec>,
+    /// `None`: generate one and print a login URL with it.
+    pub admin_token: Option<Secret>,
+    pub users: Vec<User>,
+    /// Origins besides the server's own that may open consoles.
+    pub allowed_origins: Vec<String>,
+    pub session_ttl: Duration,
+    /// Where API tokens are kept (`tokens.json`); `None` keeps them in memory.
+    pub data_dir: Option<std::path::PathBuf>,
+    pub api_limits: api::ApiLimits,
+    /// Whether logs are JSON (then the generated token is not printed).
+    pub json_logs: bool,
+}
+
+/// Shared by every handler.
+pub struct AppState {
+    pub auth: Auth,
+    pub agents: Registry,
+    pub allowed_origins: Vec<String>,
+    pub shutdown: CancellationToken,
+    pub tokens: tokens::TokenStore,
+    pub api_limits: api::ApiLimits,
+    pub api_rate: api::RateLimiter,
+    /// One permit per command running through the API.
+    pub exec_slots: Arc<tokio::sync::Semaphore>,
+}
+
+pub type State = Arc<AppState>;
+
+/// The session cookie's name.
+pub const SESSION_COOKIE: &str = "conch_session";
+
+impl AppState {
+    /// Who sent this request, from its session cookie.
+    pub fn session_principal(&self, headers: &HeaderMap) -> Option<Principal> {
+        self.auth.session(&session_cookie(headers)?)
+    }
+}
+
+/// The session cookie's value, if the request has one.
+pub fn session_cookie(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(axum::http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == SESSION_COOKIE)
+        .map(|(_, value)| value.to_owned())
+}
+
+/// The application's routes.
+pub fn router(state: State) -> Router {
+    Router::new()
+        .route("/", get(pages::console))
+        .route("/login", get(pages::login_page).post(pages::login_submit))
+        .route("/logout", axum::routing::post(pages::logout))
+        .route("/ws", get(ws::upgrade))
+        .route("/static/{*path}", get(assets::serve))
+        .route("/healthz", get(pages::healthz))
+        .route("/readyz", get(pages::readyz))
+        .route("/api/v1/session", get(pages::session_info))
+        .route("/api/v1/agents", get(api::agents))
+        .route("/api/v1/exec", axum::routing::post(api::exec))
+        .route(
+            "/api/v1/tokens",
+            get(api::list_tokens).post(api::create_token),
+        )
+        .route(
+            "/api/v1/tokens/{name}",
+            axum::routing::delete(api::revoke_token),
+        )
+        .route("/api/v1/openapi.json", get(api::openapi))
+        .route("/api/{*rest}", axum::routing::any(api::not_found))
+        .layer(axum::middleware::from_fn(security::headers))
+        .with_state(state)
+}
+
+/// Runs the server until `shutdown` fires.
+pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+    serve(listener, config, shutdown).await
+}
+
+/// Serves on `listener` until `shutdown` fires.
+pub async fn serve(
+    listener: TcpListener,
+    config: ServeConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    let (spec, embedded) = match config.agent.clone() {
+        Some(spec) => (spec, None),
+        None => {
+            let (spec, task) = start_embedded_agent(shutdown.child_token()).await?;
+            (spec, Some(task))
+        }
+    };
+    let agents = Registry::start(vec![spec], shutdown.clone());
+    let generated = config.admin_token.is_none();
+    let admin_token = config.admin_token.clone().unwrap_or_else(Secret::generate);
+    let state = Arc::new(AppState {
+        auth: Auth::new(
+            admin_token.clone(),
+            config.users.clone(),
+            config.session_ttl,
+        ),
+        agents,
+        allowed_origins: config.allowed_origins.clone(),
+        shutdown: shutdown.clone(),
+        tokens: tokens::TokenStore::new(config.data_dir.as_deref()),
+        exec_slots: Arc::new(tokio::sync::Semaphore::new(
+            config.api_limits.max_concurrent.max(1),
+        )),
+        api_limits: config.api_limits.clone(),
+        api_rate: api::RateLimiter::default(),
+    });
+    info!(%addr, "server listening");
+    if generated && config.users.is_empty() {
+        if config.json_logs {
+            info!(
+                "an admin token was generated; set CONCH_ADMIN_TOKEN (or --admin-token-file) to know it"
+            );
+        } else {
+            // Printed for the person at the terminal, as Jupyter does; it is
+            // not a log line and never goes through tracing.
+            println!(
+                "conch: open http://{addr}/login?token={}",
+                admin_token.expose()
+            );
+        }
+    }
+    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let graceful = shutdown.clone();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { graceful.cancelled().await })
+        .await?;
+    if let Some(task) = embedded {
+        let _ = task.await;
+    }
+    info!("server stopped");
+    Ok(())
+}
+
+/// Starts an agent inside this process on an ephemeral loopback port with a
+/// fresh key, reached over the same protocol as any other.
+async fn start_embedded_agent(
+    shutdown: CancellationToken,
+) -> anyhow::Result<(AgentSpec, tokio::task::JoinHandle<()>)> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let key = Key::generate();
+    let config = AgentConfig {
+        listen: addr,
+        key: key.clone(),
+        max_connections: 16,
+        limits: Limits { max_channels: 1024 },
+    };
+    let task = tokio::spawn(crate::agent::serve(listener, config, shutdown));
+    info!(%addr, "embedded agent started");
+    Ok((
+        AgentSpec {
+            name: "local".into(),
+            addr,
+            key,
+        },
+        task,
+    ))
+}

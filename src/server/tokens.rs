@@ -1,0 +1,188 @@
+//! Named API tokens with a role, stored hashed in the data directory.
+//!
+//! A token is 32 random bytes (`conch_` + 64 hex characters); only its
+//! SHA-256 is stored, which is enough for a secret of that entropy and lets
+//! lookups stay constant-time. `conch token create` and the admin endpoint
+//! both write `tokens.json`; the server rereads it when it changes, so a
+//! token made from the command line works without a restart.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::auth::{Principal, Role, Secret};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub name: String,
+    pub role: Role,
+    /// Hex SHA-256 of the token.
+    pub sha256: String,
+    /// Seconds since the Unix epoch.
+    pub created: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("a token named {0:?} exists already")]
+    Exists(String),
+    #[error("no token named {0:?}")]
+    Missing(String),
+    #[error("token names are 1-64 letters, digits, '-', '_' or '.'")]
+    BadName,
+    #[error("cannot use the token file {path}: {message}")]
+    Store { path: String, message: String },
+}
+
+/// The token file and a cache of its contents.
+pub struct TokenStore {
+    path: Option<PathBuf>,
+    cache: Mutex<(Option<SystemTime>, Vec<TokenRecord>)>,
+}
+
+fn digest(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+impl TokenStore {
+    /// A store in `dir/tokens.json`, or only in memory without a directory.
+    pub fn new(dir: Option<&Path>) -> TokenStore {
+        TokenStore {
+            path: dir.map(|d| d.join("tokens.json")),
+            cache: Mutex::new((None, Vec::new())),
+        }
+    }
+
+    fn store_err(&self, message: impl ToString) -> TokenError {
+        TokenError::Store {
+            path: self
+                .path
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            message: message.to_string(),
+        }
+    }
+
+    /// The records, reread from disk when the file changed.
+    fn load(&self) -> Result<Vec<TokenRecord>, TokenError> {
+        let mut cache = self
+            .cache
+            .lock()
+            .map_err(|_| self.store_err("lock poisoned"))?;
+        let Some(path) = &self.path else {
+            return Ok(cache.1.clone());
+        };
+        let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        if mtime.is_none() {
+            *cache = (None, Vec::new());
+        } else if mtime != cache.0 {
+            let text = std::fs::read_to_string(path).map_err(|e| self.store_err(e))?;
+            let records: Vec<TokenRecord> =
+                serde_json::from_str(&text).map_err(|e| self.store_err(e))?;
+            *cache = (mtime, records);
+        }
+        Ok(cache.1.clone())
+    }
+
+    fn save(&self, records: Vec<TokenRecord>) -> Result<(), TokenError> {
+        let mut cache = self
+            .cache
+            .lock()
+            .map_err(|_| self.store_err("lock poisoned"))?;
+        if let Some(path) = &self.path {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| self.store_err(e))?;
+            }
+            let tmp = path.with_extension("json.tmp");
+            let text = serde_json::to_vec_pretty(&records).map_err(|e| self.store_err(e))?;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(|e| self.store_err(e))?;
+            file.write_all(&text).map_err(|e| self.store_err(e))?;
+            file.sync_all().map_err(|e| self.store_err(e))?;
+            std::fs::rename(&tmp, path).map_err(|e| self.store_err(e))?;
+            let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+            *cache = (mtime, records);
+        } else {
+            cache.1 = records;
+        }
+        Ok(())
+    }
+
+    /// Creates a token; returns its secret value, shown this once only.
+    pub fn create(&self, name: &str, role: Role) -> Result<Secret, TokenError> {
+        if !valid_name(name) {
+            return Err(TokenError::BadName);
+        }
+        let mut records = self.load()?;
+        if records.iter().any(|r| r.name == name) {
+            return Err(TokenError::Exists(name.into()));
+        }
+        let token = Secret::new(format!("conch_{}", Secret::generate().expose()));
+        let created = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        records.push(TokenRecord {
+            name: name.into(),
+            role,
+            sha256: digest(token.expose()),
+            created,
+        });
+        self.save(records)?;
+        Ok(token)
+    }
+
+    pub fn revoke(&self, name: &str) -> Result<(), TokenError> {
+        let mut records = self.load()?;
+        let before = records.len();
+        records.retain(|r| r.name != name);
+        if records.len() == before {
+            return Err(TokenError::Missing(name.into()));
+        }
+        self.save(records)
+    }
+
+    pub fn list(&self) -> Result<Vec<TokenRecord>, TokenError> {
+        self.load()
+    }
+
+    /// The principal a presented token stands for.
+    pub fn authenticate(&self, token: &str) -> Option<Principal> {
+        let given = digest(token);
+        let records = self.load().ok()?;
+        // Compare against every record in constant time each.
+        let mut found = None;
+        for r in &records {
+            let same = r.sha256.len() == given.len()
+                && r.sha256
+                    .bytes()
+                    .zip(given.bytes())
+                    .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                    == 0;
+            if same {
+                found = Some(Principal {
+                    name: r.name.clone(),
+                    role: r.role,
+                });
+            }
+        }
+        found
+    }
+}

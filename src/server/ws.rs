@@ -1,0 +1,350 @@
+//! The console's WebSocket: browser messages in, agent channels out.
+//!
+//! One socket carries many commands, each an agent channel. Output goes to
+//! the browser as binary frames; the browser acknowledges what it has
+//! drawn, and only then does the server return that credit to the agent.
+//! A tab that stops drawing therefore pauses its commands at the agent,
+//! and the server holds at most [`BROWSER_WINDOW`] bytes per command.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::extract::State;
+use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use super::State as AppState;
+use super::auth::Principal;
+use super::security::origin_allowed;
+use crate::link::{Controller, Event};
+use crate::protocol::{ExecRequest, PtySize};
+
+/// Output credit per command between the agent and the browser: 256 KiB.
+pub const BROWSER_WINDOW: u64 = 256 * 1024;
+/// Commands one socket may run at once.
+pub const MAX_COMMANDS: usize = 16;
+/// Messages queued for one browser: 64 (output frames are ≤ 64 KiB).
+const OUTBOUND_QUEUE: usize = 64;
+/// The largest text message accepted from a browser: 1 MiB (a big paste).
+const MAX_MESSAGE: usize = 1024 * 1024;
+
+/// Output stream tags of binary frames.
+const STDOUT: u8 = 1;
+const STDERR: u8 = 2;
+
+/// `GET /ws`: upgrades after checking the session and the Origin.
+pub async fn upgrade(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let Some(principal) = state.session_principal(&headers) else {
+        return (StatusCode::UNAUTHORIZED, "log in first").into_response();
+    };
+    if !origin_allowed(&headers, &state.allowed_origins) {
+        tracing::warn!(user = %principal.name, "WebSocket from a foreign origin refused");
+        return (StatusCode::FORBIDDEN, "this origin may not open a console").into_response();
+    }
+    ws.max_message_size(MAX_MESSAGE)
+        .on_upgrade(move |socket| session(socket, state, principal))
+}
+
+/// A message from the browser.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ClientMessage {
+    Exec {
+        id: u32,
+        cmd: Option<String>,
+        pty: Option<PtySize>,
+        agent: Option<String>,
+    },
+    Stdin {
+        id: u32,
+        data: String,
+    },
+    Signal {
+        id: u32,
+        signal: String,
+    },
+    Resize {
+        id: u32,
+        cols: u16,
+        rows: u16,
+    },
+    Close {
+        id: u32,
+    },
+    Ack {
+        id: u32,
+        bytes: u64,
+    },
+}
+
+struct Running {
+    control: Controller,
+    /// Output sent to the browser and not yet acknowledged.
+    unacked: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn text(value: Value) -> WsMessage {
+    WsMessage::Text(value.to_string().into())
+}
+
+fn error(id: Option<u32>, code: &str, message: &str) -> WsMessage {
+    let mut v = json!({"type": "error", "code": code, "message": message});
+    if let Some(id) = id {
+        v["id"] = json!(id);
+    }
+    text(v)
+}
+
+async fn session(socket: WebSocket, state: AppState, principal: Principal) {
+    let (mut sink, mut stream) = socket.split();
+    let (out, mut out_rx) = mpsc::channel::<WsMessage>(OUTBOUND_QUEUE);
+    let writer = tokio::spawn(async move {
+        while let Some(msg) = out_rx.recv().await {
+            let last = matches!(msg, WsMessage::Close(_));
+            if sink.send(msg).await.is_err() || last {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+    let (finished_tx, mut finished) = mpsc::channel::<u32>(MAX_COMMANDS);
+    let mut running: HashMap<u32, Running> = HashMap::new();
+    let mut changes = state.agents.subscribe();
+    let hello = json!({
+        "type": "hello",
+        "user": principal.name,
+        "role": principal.role.as_str(),
+        "agents": state.agents.statuses(),
+    });
+    let _ = out.send(text(hello)).await;
+
+    loop {
+        tokio::select! {
+            msg = stream.next() => match msg {
+                Some(Ok(WsMessage::Text(t))) => match serde_json::from_str::<ClientMessage>(&t) {
+                    Ok(msg) => handle(msg, &state, &principal, &out, &finished_tx, &mut running).await,
+                    Err(e) => {
+                        let _ = out.send(error(None, "bad_request", &format!("cannot understand that message: {e}"))).await;
+                    }
+                },
+                Some(Ok(WsMessage::Binary(_))) => {
+                    let _ = out.send(error(None, "bad_request", "binary messages are not accepted from the browser")).await;
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => break,
+            },
+            Some(id) = finished.recv() => {
+                running.remove(&id);
+            }
+            Ok(()) = changes.changed() => {
+                let _ = out.send(text(json!({"type": "agents", "agents": state.agents.statuses()}))).await;
+            }
+            _ = state.shutdown.cancelled() => {
+                let _ = out.send(text(json!({"type": "shutdown", "message": "the server is shutting down"}))).await;
+                let _ = out.send(WsMessage::Close(None)).await;
+                break;
+            }
+        }
+    }
+    // Closing the tab kills its commands: each task drops its channel,
+    // which tells the agent to kill the process group.
+    for (_, r) in running.drain() {
+        r.task.abort();
+    }
+    drop(out);
+    let _ = writer.await;
+}
+
+async fn handle(
+    msg: ClientMessage,
+    state: &AppState,
+    principal: &Principal,
+    out: &mpsc::Sender<WsMessage>,
+    finished: &mpsc::Sender<u32>,
+    running: &mut HashMap<u32, Running>,
+) {
+    match msg {
+        ClientMessage::Exec {
+            id,
+            cmd,
+            pty,
+            agent,
+        } => {
+            if !principal.role.can_run() {
+                let _ = out
+                    .send(error(Some(id), "forbidden", "viewers may not run commands"))
+                    .await;
+                return;
+            }
+            if running.contains_key(&id) {
+                let _ = out
+                    .send(error(
+                        Some(id),
+                        "bad_request",
+                        "that command id is still running",
+                    ))
+                    .await;
+                return;
+            }
+            if running.len() >= MAX_COMMANDS {
+                let msg = format!("at most {MAX_COMMANDS} commands may run at once in one console");
+                let _ = out.send(error(Some(id), "too_many_commands", &msg)).await;
+                return;
+            }
+            if cmd.is_none() && pty.is_none() {
+                let _ = out
+                    .send(error(
+                        Some(id),
+                        "bad_request",
+                        "exec needs \"cmd\" or \"pty\"",
+                    ))
+                    .await;
+                return;
+            }
+            let link = match state.agents.link(agent.as_deref()) {
+                Ok((_, link)) => link,
+                Err(e) => {
+                    let _ = out
+                        .send(error(Some(id), "agent_unavailable", &e.to_string()))
+                        .await;
+                    return;
+                }
+            };
+            let req = ExecRequest {
+                cmd,
+                pty,
+                window: Some(BROWSER_WINDOW),
+                ..Default::default()
+            };
+            let channel = match link.exec(req).await {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = out
+                        .send(error(Some(id), "agent_unavailable", &e.to_string()))
+                        .await;
+                    return;
+                }
+            };
+            tracing::info!(user = %principal.name, id, "command started");
+            let control = channel.controller();
+            let unacked = Arc::new(AtomicU64::new(0));
+            let task = tokio::spawn(pump(
+                id,
+                channel,
+                out.clone(),
+                unacked.clone(),
+                finished.clone(),
+            ));
+            running.insert(
+                id,
+                Running {
+                    control,
+                    unacked,
+                    task,
+                },
+            );
+            let _ = out.send(text(json!({"type": "started", "id": id}))).await;
+        }
+        ClientMessage::Stdin { id, data } => {
+            if let Some(r) = running.get(&id) {
+                let _ = r.control.stdin(Bytes::from(data), false).await;
+            }
+        }
+        ClientMessage::Signal { id, signal } => {
+            if !matches!(signal.as_str(), "INT" | "TERM" | "KILL" | "HUP") {
+                let _ = out
+                    .send(error(
+                        Some(id),
+                        "bad_request",
+                        "signal must be INT, TERM, KILL or HUP",
+                    ))
+                    .await;
+            } else if let Some(r) = running.get(&id) {
+                let _ = r.control.signal(&signal).await;
+            }
+        }
+        ClientMessage::Resize { id, cols, rows } => {
+            if let Some(r) = running.get(&id) {
+                let _ = r.control.resize(cols, rows).await;
+            }
+        }
+        ClientMessage::Close { id } => {
+            if let Some(r) = running.get(&id) {
+                let _ = r.control.close().await;
+            }
+        }
+        ClientMessage::Ack { id, bytes } => {
+            if let Some(r) = running.get(&id) {
+                // Never return more credit than output was sent: a browser
+                // that over-acknowledges must not unbound the server's buffers.
+                let mut granted = 0;
+                let _ = r
+                    .unacked
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                        granted = bytes.min(u);
+                        Some(u - granted)
+                    });
+                if granted > 0 {
+                    let _ = r.control.window(granted).await;
+                }
+            }
+        }
+    }
+}
+
+/// Forwards one command's events to the browser until it ends.
+async fn pump(
+    id: u32,
+    mut channel: crate::link::Channel,
+    out: mpsc::Sender<WsMessage>,
+    unacked: Arc<AtomicU64>,
+    finished: mpsc::Sender<u32>,
+) {
+    while let Some(event) = channel.next().await {
+        let msg = match event {
+            Event::Stdout(data) | Event::Stderr(data) if data.is_empty() => continue,
+            Event::Stdout(data) => output(STDOUT, id, &data, &unacked),
+            Event::Stderr(data) => output(STDERR, id, &data, &unacked),
+            Event::Exit {
+                code,
+                signal,
+                timed_out,
+                duration_ms,
+            } => text(json!({
+                "type": "exit", "id": id, "code": code, "signal": signal,
+                "timed_out": timed_out, "duration_ms": duration_ms,
+            })),
+            Event::Error { code, message } => error(Some(id), &code, &message),
+            Event::Lost => error(
+                Some(id),
+                "agent_lost",
+                "the connection to the agent was lost; the command is gone",
+            ),
+        };
+        if out.send(msg).await.is_err() {
+            break;
+        }
+    }
+    let _ = finished.send(id).await;
+}
+
+fn output(stream: u8, id: u32, data: &[u8], unacked: &AtomicU64) -> WsMessage {
+    unacked.fetch_add(data.len() as u64, Ordering::AcqRel);
+    let mut frame = BytesMut::with_capacity(5 + data.len());
+    frame.put_u8(stream);
+    frame.put_u32(id);
+    frame.put_slice(data);
+    WsMessage::Binary(frame.freeze())
+}

@@ -1,0 +1,982 @@
+/*
+ * conch — browser console.
+ *
+ * One xterm.js terminal, two modes:
+ *   - command mode: this script edits a line locally (prompt, history, cursor)
+ *     and sends each finished line to the server as an `exec`; output streams
+ *     back as binary frames and ends with an exit summary.
+ *   - shell mode: an interactive login shell in a PTY on the agent; every
+ *     keystroke goes to it as `stdin`, the terminal size follows the window.
+ *
+ * Loaded with `defer` after xterm.js and the fit addon (UMD builds exposing
+ * window.Terminal and window.FitAddon.FitAddon). No inline script anywhere:
+ * the page runs under a strict Content-Security-Policy.
+ */
+(function () {
+  'use strict';
+
+  // ---------------------------------------------------------------- constants
+
+  // The server stops a command that has 256 KiB unacknowledged; acking every
+  // 32 KiB (or whenever the terminal has caught up) keeps far below that
+  // without sending an ack per frame.
+  const ACK_BATCH = 32 * 1024;
+  const BACKOFF_MIN_MS = 500;
+  const BACKOFF_MAX_MS = 10000;
+  const HISTORY_KEY = 'conch.history';
+  const HISTORY_MAX = 500;
+  const AGENT_KEY = 'conch.agent';
+
+  const STATUS_TEXT = {
+    'connecting': 'connecting…',
+    'connected': 'connected',
+    'agent-offline': 'agent offline',
+    'disconnected': 'disconnected — reconnecting…',
+    'shutdown': 'server shutting down',
+  };
+
+  // SGR sequences. Only colours are ever injected around command output.
+  const RESET = '\x1b[0m';
+  const RED = '\x1b[31m';
+  const GREEN = '\x1b[32m';
+  const YELLOW = '\x1b[33m';
+  const GREY = '\x1b[90m';
+  const BOLD_GREEN = '\x1b[1;32m';
+  const BOLD_BLUE = '\x1b[1;34m';
+
+  // Reverse wraparound lets '\b' step back across a soft-wrapped line, so the
+  // line editor can move over input longer than the terminal width.
+  const REVERSE_WRAP_ON = '\x1b[?45h';
+  // Undo terminal modes a full-screen program in the shell may have left on
+  // (alternate screen, application cursor keys, bracketed paste, mouse
+  // reporting, hidden cursor) without clearing what is on the screen.
+  // ?1047l, not ?1049l: the latter also restores a saved cursor position,
+  // which would put the next lines at the top of the screen.
+  const SANE_MODES = '\x1b[?1047l\x1b[?1l\x1b[?2004l\x1b[?1000l\x1b[?1002l' +
+    '\x1b[?1003l\x1b[?1006l\x1b[?25h' + RESET;
+
+  // ---------------------------------------------------------------- DOM
+
+  const el = {
+    terminal: document.getElementById('terminal'),
+    agent: document.getElementById('agent'),
+    modeCommand: document.getElementById('mode-command'),
+    modeShell: document.getElementById('mode-shell'),
+    status: document.getElementById('status'),
+  };
+
+  // ---------------------------------------------------------------- state
+
+  const state = {
+    role: document.body.dataset.role || 'viewer',
+    ws: null,
+    ready: false,          // socket open and `hello` received
+    everReady: false,      // distinguishes "connecting" from "reconnecting"
+    shuttingDown: false,
+    backoff: BACKOFF_MIN_MS,
+    reconnectTimer: 0,
+
+    agents: [],            // [{name, connected}]
+    agent: loadPref(AGENT_KEY) || '',
+
+    mode: 'command',
+    nextId: 1,
+    flows: new Map(),      // id -> {consumed, pending}: bytes written but not yet acked
+
+    // command mode
+    atPrompt: false,
+    promptAgent: '',       // agent name shown in the current prompt
+    line: [],              // grapheme clusters of the line being edited
+    pos: 0,                // cursor index into `line`
+    running: null,         // {id, inStderr, interrupts}
+    typeahead: '',         // rest of a multi-line paste, run after the current command
+    history: loadHistory(),
+    histIndex: 0,
+    draft: null,           // the unfinished line while walking history
+
+    // shell mode
+    shell: null,           // {id}
+
+    atLineStart: true,     // whether the terminal cursor is (probably) at column 0
+  };
+  state.histIndex = state.history.length;
+
+  // ---------------------------------------------------------------- terminal
+
+  const term = new window.Terminal({
+    convertEol: true,      // command output uses bare '\n'; switched off in shell mode
+    cursorBlink: true,
+    scrollback: 5000,
+    fontFamily: 'ui-monospace, "DejaVu Sans Mono", "Liberation Mono", Menlo, Consolas, monospace',
+    fontSize: 14,
+    screenReaderMode: false,
+    theme: {
+      background: '#0e1116',
+      foreground: '#d6dde6',
+      cursor: '#5fb3f9',
+      cursorAccent: '#0e1116',
+      selectionBackground: '#2f4f6f',
+      // The stock red and green are too dark on this background.
+      red: '#ef6b6b',
+      green: '#4fc27a',
+      yellow: '#e5b54b',
+      blue: '#5fb3f9',
+      brightBlack: '#6b7685',
+    },
+  });
+  const fitAddon = new window.FitAddon.FitAddon();
+  term.loadAddon(fitAddon);
+  term.open(el.terminal);
+  safeFit();
+  term.write(REVERSE_WRAP_ON);
+  term.focus();
+
+  // ---------------------------------------------------------------- output helpers
+
+  // Write text we generate ourselves (never command output) and remember
+  // whether it left the cursor at the start of a line.
+  function out(text, callback) {
+    if (!text) return;
+    state.atLineStart = text.endsWith('\n');
+    term.write(text, callback);
+  }
+
+  // Text that came from the server (messages, agent names) must not be able
+  // to inject terminal control sequences.
+  function clean(text) {
+    return String(text == null ? '' : text)
+      .replace(/\r?\n/g, '\n')
+      .replace(/[\x00-\x09\x0b-\x1f\x7f-\x9f]/g, '')
+      .replace(/\n/g, '\r\n');
+  }
+
+  function newlineIfNeeded() {
+    return state.atLineStart ? '' : '\r\n';
+  }
+
+  // Print a note on its own line without losing a half-typed command line.
+  function note(text) {
+    if (state.mode === 'command' && state.atPrompt) {
+      out(toEndOfLine() + '\r\n' + text + '\r\n');
+      redrawPromptAndLine();
+    } else {
+      out(newlineIfNeeded() + text + '\r\n');
+    }
+  }
+
+  function safeFit() {
+    try {
+      fitAddon.fit();
+    } catch (e) {
+      // The container can be hidden or zero-sized for a moment; the next
+      // resize event fits again.
+    }
+  }
+
+  // ---------------------------------------------------------------- graphemes and cell widths
+
+  const segmenter = (typeof Intl === 'object' && typeof Intl.Segmenter === 'function')
+    ? new Intl.Segmenter(undefined, { granularity: 'grapheme' })
+    : null;
+
+  function graphemes(text) {
+    return segmenter ? Array.from(segmenter.segment(text), (s) => s.segment) : Array.from(text);
+  }
+
+  // East Asian wide / fullwidth ranges and the common emoji blocks take two
+  // terminal cells; the line editor needs the width to move the cursor back.
+  const WIDE = /^(?:[\u1100-\u115f\u2e80-\u303e\u3041-\u33ff\u3400-\u4dbf\u4e00-\u9fff\ua000-\ua4cf\uac00-\ud7a3\uf900-\ufaff\ufe30-\ufe4f\uff00-\uff60\uffe0-\uffe6]|[\u{1f300}-\u{1f64f}\u{1f900}-\u{1f9ff}\u{20000}-\u{3fffd}])/u;
+
+  function width(g) {
+    return WIDE.test(g) ? 2 : 1;
+  }
+
+  function cells(gs) {
+    let n = 0;
+    for (const g of gs) n += width(g);
+    return n;
+  }
+
+  function back(n) {
+    return '\b'.repeat(n);
+  }
+
+  // ---------------------------------------------------------------- command-mode line editor
+  //
+  // The cursor moves left with '\b' (which, with reverse wraparound on,
+  // crosses soft line wraps) and right by re-printing characters. Everything
+  // after the cursor is erased with ED ('\x1b[J'): the input line is always
+  // the last thing on the screen, so that is safe and also clears wrapped rows.
+
+  function promptString() {
+    const agent = clean(state.agent).replace(/\r\n/g, ' ');
+    return (agent ? BOLD_GREEN + agent + RESET + ' ' : '') + BOLD_BLUE + '$' + RESET + ' ';
+  }
+
+  function showPrompt() {
+    state.line = [];
+    state.pos = 0;
+    state.histIndex = state.history.length;
+    state.draft = null;
+    state.promptAgent = state.agent;
+    state.atPrompt = true;
+    out(newlineIfNeeded() + promptString());
+  }
+
+  function redrawPromptAndLine() {
+    state.promptAgent = state.agent;
+    const tail = state.line.slice(state.pos);
+    out(promptString() + state.line.join('') + back(cells(tail)));
+  }
+
+  function toEndOfLine() {
+    const tail = state.line.slice(state.pos);
+    state.pos = state.line.length;
+    return tail.join('');
+  }
+
+  function insert(text) {
+    let gs = graphemes(text);
+    if (!gs.length) return;
+    // A combining mark typed on its own belongs to the character before it.
+    if (state.pos > 0 && /^\p{M}/u.test(gs[0])) {
+      state.line[state.pos - 1] += gs[0];
+      out(gs[0]);
+      gs = gs.slice(1);
+      if (!gs.length) {
+        rewriteTail();
+        return;
+      }
+    }
+    const tail = state.line.slice(state.pos);
+    state.line.splice(state.pos, 0, ...gs);
+    state.pos += gs.length;
+    out(gs.join('') + tail.join('') + back(cells(tail)));
+  }
+
+  // Re-print everything right of the cursor, erase leftovers, return the cursor.
+  function rewriteTail() {
+    const tail = state.line.slice(state.pos);
+    out(tail.join('') + '\x1b[J' + back(cells(tail)));
+  }
+
+  function backspace() {
+    if (state.pos === 0) return;
+    const removed = state.line.splice(state.pos - 1, 1);
+    state.pos -= 1;
+    out(back(cells(removed)));
+    rewriteTail();
+  }
+
+  function deleteForward() {
+    if (state.pos >= state.line.length) return;
+    state.line.splice(state.pos, 1);
+    rewriteTail();
+  }
+
+  function moveLeft() {
+    if (state.pos === 0) return;
+    state.pos -= 1;
+    out(back(width(state.line[state.pos])));
+  }
+
+  function moveRight() {
+    if (state.pos >= state.line.length) return;
+    out(state.line[state.pos]);
+    state.pos += 1;
+  }
+
+  function moveHome() {
+    out(back(cells(state.line.slice(0, state.pos))));
+    state.pos = 0;
+  }
+
+  function moveEnd() {
+    out(toEndOfLine());
+  }
+
+  function killToStart() {
+    const before = state.line.slice(0, state.pos);
+    state.line.splice(0, state.pos);
+    state.pos = 0;
+    out(back(cells(before)));
+    rewriteTail();
+  }
+
+  function killToEnd() {
+    state.line.length = state.pos;
+    out('\x1b[J');
+  }
+
+  // Replace the whole line (history navigation); the cursor ends at its end.
+  function replaceLine(text) {
+    const gs = graphemes(text);
+    out(back(cells(state.line.slice(0, state.pos))) + gs.join('') + '\x1b[J');
+    state.line = gs;
+    state.pos = gs.length;
+  }
+
+  function historyUp() {
+    if (state.histIndex === 0) return;
+    if (state.histIndex === state.history.length) state.draft = state.line.join('');
+    state.histIndex -= 1;
+    replaceLine(state.history[state.histIndex]);
+  }
+
+  function historyDown() {
+    if (state.histIndex >= state.history.length) return;
+    state.histIndex += 1;
+    replaceLine(state.histIndex === state.history.length ? (state.draft || '') : state.history[state.histIndex]);
+  }
+
+  function clearScreen() {
+    // Home + erase display; scrollback is kept, like Ctrl-L in a shell.
+    out('\x1b[H\x1b[2J');
+    redrawPromptAndLine();
+  }
+
+  function cancelLine() {
+    out(toEndOfLine() + '^C\r\n');
+    showPrompt();
+  }
+
+  function submitLine() {
+    const cmd = state.line.join('');
+    out(toEndOfLine() + '\r\n');
+    state.atPrompt = false;
+    if (cmd.trim() === '') {
+      showPrompt();
+      return;
+    }
+    addHistory(cmd);
+    runCommand(cmd);
+  }
+
+  // One escape sequence starting at data[i]: CSI, SS3, OSC, or ESC + one char.
+  const ESCAPE = /\x1b(?:\[[0-?]*[ -/]*[@-~]|O.|\][^\x07\x1b]*(?:\x07|\x1b\\)?|.)?/y;
+
+  function handleEscape(seq) {
+    const csi = /^\x1b\[([0-9;]*)([A-Za-z~])$/.exec(seq);
+    const ss3 = /^\x1bO([A-Za-z])$/.exec(seq);
+    const final = csi ? csi[2] : ss3 ? ss3[1] : '';
+    const param = csi ? csi[1].split(';')[0] : '';
+    if (final === 'A') historyUp();
+    else if (final === 'B') historyDown();
+    else if (final === 'C') moveRight();
+    else if (final === 'D') moveLeft();
+    else if (final === 'H') moveHome();
+    else if (final === 'F') moveEnd();
+    else if (final === '~') {
+      if (param === '1' || param === '7') moveHome();
+      else if (param === '4' || param === '8') moveEnd();
+      else if (param === '3') deleteForward();
+    }
+    // Anything else (function keys, terminal replies) is ignored.
+  }
+
+  // Keyboard input in command mode. `data` is whatever xterm's onData
+  // delivered: one key, an escape sequence, or a whole paste.
+  function commandInput(data) {
+    // Bracketed-paste markers only matter to programs that asked for them.
+    data = data.replace(/\x1b\[20[01]~/g, '');
+    if (!data) return;
+
+    if (state.running) {
+      // While a command runs only Ctrl-C matters; other keys are dropped.
+      if (data.includes('\x03')) interrupt();
+      return;
+    }
+    if (!state.atPrompt) {
+      // Not connected yet / between prompts: keep the keys for the next prompt.
+      state.typeahead += data;
+      return;
+    }
+
+    let i = 0;
+    let text = '';                       // printable run, inserted in one go
+    const flush = () => {
+      if (text) insert(text);
+      text = '';
+    };
+    while (i < data.length) {
+      if (!state.atPrompt) {
+        // A line was submitted mid-chunk (a paste): the rest waits for the
+        // next prompt, so each pasted line runs in turn.
+        flush();
+        state.typeahead = data.slice(i) + state.typeahead;
+        return;
+      }
+      const ch = data[i];
+      if (ch === '\x1b') {
+        flush();
+        ESCAPE.lastIndex = i;
+        const m = ESCAPE.exec(data);
+        const seq = m ? m[0] : ch;
+        i += seq.length;
+        handleEscape(seq);
+        continue;
+      }
+      const code = ch.charCodeAt(0);
+      if (code >= 0x20 && code !== 0x7f) {
+        text += ch;
+        i += 1;
+        continue;
+      }
+      flush();
+      i += 1;
+      switch (ch) {
+        case '\r':
+          if (data[i] === '\n') i += 1;  // CRLF from a paste is one Enter
+          submitLine();
+          break;
+        case '\n': submitLine(); break;
+        case '\x7f':
+        case '\b': backspace(); break;
+        case '\x03': cancelLine(); break;
+        case '\x01': moveHome(); break;      // Ctrl-A
+        case '\x05': moveEnd(); break;       // Ctrl-E
+        case '\x02': moveLeft(); break;      // Ctrl-B
+        case '\x06': moveRight(); break;     // Ctrl-F
+        case '\x04': deleteForward(); break; // Ctrl-D
+        case '\x15': killToStart(); break;   // Ctrl-U
+        case '\x0b': killToEnd(); break;     // Ctrl-K
+        case '\x0c': clearScreen(); break;   // Ctrl-L
+        case '\x10': historyUp(); break;     // Ctrl-P
+        case '\x0e': historyDown(); break;   // Ctrl-N
+        // A tab would move the cursor to a tab stop and break the editor's
+        // cursor arithmetic; a pasted tab becomes a space.
+        case '\t': text += ' '; break;
+        default: break;                      // other control keys: ignored
+      }
+    }
+    flush();
+  }
+
+  function drainTypeahead() {
+    const pending = state.typeahead;
+    state.typeahead = '';
+    if (pending) commandInput(pending);
+  }
+
+  // ---------------------------------------------------------------- history
+
+  function loadHistory() {
+    try {
+      const h = JSON.parse(localStorage.getItem(HISTORY_KEY) || '[]');
+      return Array.isArray(h) ? h.filter((x) => typeof x === 'string').slice(-HISTORY_MAX) : [];
+    } catch (e) {
+      return [];                         // storage disabled or corrupt: memory only
+    }
+  }
+
+  function addHistory(cmd) {
+    if (state.history[state.history.length - 1] !== cmd) state.history.push(cmd);
+    if (state.history.length > HISTORY_MAX) state.history.splice(0, state.history.length - HISTORY_MAX);
+    try {
+      localStorage.setItem(HISTORY_KEY, JSON.stringify(state.history));
+    } catch (e) {
+      // quota or privacy mode: history stays in memory
+    }
+  }
+
+  function loadPref(key) {
+    try {
+      return localStorage.getItem(key);
+    } catch (e) {
+      return null;
+    }
+  }
+
+  function savePref(key, value) {
+    try {
+      localStorage.setItem(key, value);
+    } catch (e) {
+      // ignore
+    }
+  }
+
+  // ---------------------------------------------------------------- running commands
+
+  function isReady() {
+    return state.ready && state.ws && state.ws.readyState === WebSocket.OPEN;
+  }
+
+  function send(msg) {
+    const ws = state.ws;
+    if (!ws || ws.readyState !== WebSocket.OPEN) return false;
+    ws.send(JSON.stringify(msg));
+    return true;
+  }
+
+  function runCommand(cmd) {
+    if (!isReady()) {
+      out(RED + 'conch: not connected — the command was not run' + RESET + '\r\n');
+      showPrompt();
+      return;
+    }
+    const id = state.nextId++;
+    state.running = { id, inStderr: false, interrupts: 0 };
+    state.flows.set(id, { consumed: 0, pending: 0 });
+    send({ type: 'exec', id, cmd, agent: state.agent });
+  }
+
+  // Ctrl-C while a command runs: the first sends SIGINT; if the command
+  // ignores it, the next one kills it for good so the console never hangs.
+  function interrupt() {
+    const job = state.running;
+    job.interrupts += 1;
+    state.typeahead = '';
+    if (job.interrupts === 1) {
+      out((job.inStderr ? RESET : '') + '^C');
+      job.inStderr = false;
+      send({ type: 'signal', id: job.id, signal: 'INT' });
+      return;
+    }
+    send({ type: 'close', id: job.id });
+    finishCommand(job.id, GREY + '[killed]' + RESET);
+  }
+
+  // The command has ended (exit, error, kill or lost connection): print the
+  // summary after any output still queued in the terminal, then a prompt.
+  function finishCommand(id, summary) {
+    const job = state.running;
+    if (!job || job.id !== id) return;
+    state.running = null;
+    state.flows.delete(id);
+    out((job.inStderr ? RESET : '') + newlineIfNeeded() + summary + '\r\n');
+    showPrompt();
+    drainTypeahead();
+  }
+
+  function formatDuration(ms) {
+    if (typeof ms !== 'number' || !Number.isFinite(ms)) return '';
+    if (ms < 1000) return Math.round(ms) + ' ms';
+    if (ms < 60000) return (ms / 1000).toFixed(1) + ' s';
+    const min = Math.floor(ms / 60000);
+    const sec = Math.round((ms % 60000) / 1000);
+    return min + ' min ' + sec + ' s';
+  }
+
+  function exitSummary(msg) {
+    let what = 'ended';
+    let colour = GREY;
+    if (msg.timed_out) {
+      what = 'timed out';
+      colour = YELLOW;
+    } else if (msg.signal != null) {
+      what = 'signal ' + clean(msg.signal);
+      colour = YELLOW;
+    } else if (typeof msg.code === 'number') {
+      what = 'exit ' + msg.code;
+      colour = msg.code === 0 ? GREEN : RED;
+    }
+    const d = formatDuration(msg.duration_ms);
+    return colour + '[' + what + (d ? ' · ' + d : '') + ']' + RESET;
+  }
+
+  // ---------------------------------------------------------------- shell mode
+
+  function startShell() {
+    safeFit();
+    const id = state.nextId++;
+    state.shell = { id };
+    state.flows.set(id, { consumed: 0, pending: 0 });
+    send({ type: 'exec', id, pty: { cols: term.cols, rows: term.rows }, agent: state.agent });
+  }
+
+  function stopShell() {
+    if (!state.shell) return;
+    send({ type: 'close', id: state.shell.id });
+    state.flows.delete(state.shell.id);
+    state.shell = null;
+  }
+
+  // The shell is gone (exited, refused, connection lost): say so and go back
+  // to command mode without clearing, so its last words stay readable.
+  function shellEnded(text) {
+    if (state.shell) state.flows.delete(state.shell.id);
+    state.shell = null;
+    out(SANE_MODES + REVERSE_WRAP_ON + newlineIfNeeded() + text + '\r\n');
+    setMode('command', { clear: false });
+  }
+
+  // ---------------------------------------------------------------- modes
+
+  function renderModeButtons() {
+    const shell = state.mode === 'shell';
+    el.modeCommand.classList.toggle('is-active', !shell);
+    el.modeShell.classList.toggle('is-active', shell);
+    el.modeCommand.setAttribute('aria-pressed', String(!shell));
+    el.modeShell.setAttribute('aria-pressed', String(shell));
+  }
+
+  function setMode(mode, opts) {
+    const clear = !opts || opts.clear !== false;
+    if (mode === 'shell' && !isReady()) {
+      note(RED + 'conch: not connected — cannot start a shell' + RESET);
+      term.focus();
+      return;
+    }
+    // Whatever runs in the old mode is closed: its output has no place in
+    // the new one.
+    stopShell();
+    if (state.running) {
+      send({ type: 'close', id: state.running.id });
+      state.flows.delete(state.running.id);
+      state.running = null;
+    }
+    state.typeahead = '';
+    state.atPrompt = false;
+    state.mode = mode;
+    renderModeButtons();
+
+    const convertEol = mode === 'command';
+    if (clear) {
+      // RIS: clears screen and scrollback and resets every mode the previous
+      // user of the screen may have set. The option flips once the reset has
+      // been parsed, so output queued before it is not affected.
+      term.write('\x1bc', () => { term.options.convertEol = convertEol; });
+      state.atLineStart = true;
+    } else {
+      term.write('', () => { term.options.convertEol = convertEol; });
+    }
+
+    if (mode === 'command') {
+      term.write(REVERSE_WRAP_ON);     // mode change only: cursor stays put
+      showPrompt();
+    } else {
+      startShell();
+    }
+    term.focus();
+  }
+
+  // ---------------------------------------------------------------- agents and status
+
+  function currentAgent() {
+    return state.agents.find((a) => a.name === state.agent) || null;
+  }
+
+  function computeStatus() {
+    if (state.shuttingDown) return 'shutdown';
+    if (!state.ready) return state.everReady ? 'disconnected' : 'connecting';
+    const agent = currentAgent();
+    return agent && agent.connected ? 'connected' : 'agent-offline';
+  }
+
+  function renderStatus() {
+    const s = computeStatus();
+    if (el.status.dataset.state !== s) el.status.dataset.state = s;
+    if (el.status.textContent !== STATUS_TEXT[s]) el.status.textContent = STATUS_TEXT[s];
+  }
+
+  function setAgents(list) {
+    state.agents = (Array.isArray(list) ? list : [])
+      .filter((a) => a && typeof a.name === 'string')
+      .map((a) => ({ name: a.name, connected: !!a.connected }));
+
+    // Keep the selection if the agent is still listed (even offline, so the
+    // status can say so); otherwise prefer the remembered one, then any
+    // connected agent, then the first.
+    const names = state.agents.map((a) => a.name);
+    let pick = state.agent;
+    if (!names.includes(pick)) {
+      const remembered = loadPref(AGENT_KEY);
+      const connected = state.agents.find((a) => a.connected);
+      pick = names.includes(remembered) ? remembered
+        : connected ? connected.name
+          : names[0] || '';
+    }
+
+    el.agent.replaceChildren(...state.agents.map((a) => {
+      const opt = document.createElement('option');
+      opt.value = a.name;
+      opt.textContent = a.connected ? a.name : a.name + ' (offline)';
+      return opt;
+    }));
+    el.agent.disabled = state.agents.length === 0;
+    el.agent.value = pick;
+    changeAgent(pick, false);
+  }
+
+  function changeAgent(name, byUser) {
+    const changed = name !== state.agent;
+    state.agent = name;
+    if (byUser) savePref(AGENT_KEY, name);
+    renderStatus();
+    if (!changed) return;
+    if (state.mode === 'shell' && state.shell && byUser) {
+      // A shell lives on one agent: start a fresh one on the new agent.
+      setMode('shell');
+    } else if (state.mode === 'command' && state.atPrompt && state.promptAgent !== name) {
+      // Show the new agent in the prompt; the half-typed line is kept.
+      out(toEndOfLine() + '\r\n');
+      redrawPromptAndLine();
+    }
+  }
+
+  // ---------------------------------------------------------------- server messages
+
+  function onOutput(buffer) {
+    if (buffer.byteLength < 5) return;
+    const view = new DataView(buffer);
+    const stream = view.getUint8(0);
+    const id = view.getUint32(1);       // big-endian is DataView's default
+    const flow = state.flows.get(id);
+    if (!flow) return;                  // closed or unknown id: nobody shows it
+    const bytes = new Uint8Array(buffer, 5);
+
+    // Command mode shows stderr in red. Colour codes are only emitted when
+    // the stream changes, so the output bytes themselves are untouched.
+    const job = state.running && state.running.id === id ? state.running : null;
+    if (job) {
+      if (stream === 2 && !job.inStderr) {
+        term.write(RED);
+        job.inStderr = true;
+      } else if (stream !== 2 && job.inStderr) {
+        term.write(RESET);
+        job.inStderr = false;
+      }
+    }
+    if (bytes.length === 0) return;
+
+    state.atLineStart = bytes[bytes.length - 1] === 0x0a;
+    const n = bytes.length;
+    flow.pending += 1;
+    // Bytes, not a decoded string: xterm decodes UTF-8 itself and keeps a
+    // character split across two frames intact.
+    term.write(bytes, () => {
+      flow.pending -= 1;
+      flow.consumed += n;
+      if (flow.consumed >= ACK_BATCH || flow.pending === 0) sendAck(id, flow);
+    });
+  }
+
+  function sendAck(id, flow) {
+    // A finished command needs no more acks (its flow record is gone).
+    if (state.flows.get(id) !== flow || flow.consumed === 0) return;
+    send({ type: 'ack', id, bytes: flow.consumed });
+    flow.consumed = 0;
+  }
+
+  function onMessage(msg) {
+    switch (msg.type) {
+      case 'hello': onHello(msg); break;
+      case 'agents': setAgents(msg.agents); break;
+      case 'started':
+        if (state.running && state.running.id === msg.id) state.running.started = true;
+        break;
+      case 'exit': onExit(msg); break;
+      case 'error': onError(msg); break;
+      case 'shutdown':
+        state.shuttingDown = true;
+        renderStatus();
+        note(YELLOW + 'conch: ' + clean(msg.message || 'server shutting down') + RESET);
+        break;
+      default: break;                  // unknown types: newer server, ignore
+    }
+  }
+
+  function onHello(msg) {
+    const first = !state.everReady;
+    state.ready = true;
+    state.everReady = true;
+    state.shuttingDown = false;
+    state.backoff = BACKOFF_MIN_MS;
+    if (typeof msg.role === 'string' && msg.role) {
+      state.role = msg.role;
+      document.body.dataset.role = msg.role;
+      applyRole();
+    }
+    setAgents(msg.agents);
+    renderStatus();
+    if (!first) note(GREY + '[reconnected]' + RESET);
+    if (state.mode === 'command' && !state.atPrompt && !state.running) {
+      showPrompt();
+      drainTypeahead();
+    }
+  }
+
+  function onExit(msg) {
+    if (state.running && state.running.id === msg.id) {
+      finishCommand(msg.id, exitSummary(msg));
+    } else if (state.shell && state.shell.id === msg.id) {
+      shellEnded(GREY + 'shell ended ' + exitSummary(msg) + GREY + ' — back in command mode' + RESET);
+    } else {
+      state.flows.delete(msg.id);
+    }
+  }
+
+  function onError(msg) {
+    const text = RED + 'conch: ' + clean(msg.message || msg.code || 'error') + RESET;
+    if (msg.id != null && state.running && state.running.id === msg.id) {
+      state.typeahead = '';            // the rest of a paste would likely fail the same way
+      finishCommand(msg.id, text);
+    } else if (msg.id != null && state.shell && state.shell.id === msg.id) {
+      shellEnded(text);
+    } else {
+      if (msg.id != null) state.flows.delete(msg.id);
+      note(text);
+    }
+  }
+
+  // ---------------------------------------------------------------- connection
+
+  function connect() {
+    state.reconnectTimer = 0;
+    const proto = location.protocol === 'https:' ? 'wss:' : 'ws:';
+    let ws;
+    try {
+      ws = new WebSocket(proto + '//' + location.host + '/ws');
+    } catch (e) {
+      scheduleReconnect();
+      return;
+    }
+    ws.binaryType = 'arraybuffer';
+    state.ws = ws;
+    renderStatus();
+
+    ws.onmessage = (ev) => {
+      if (ws !== state.ws) return;
+      if (typeof ev.data === 'string') {
+        let msg;
+        try {
+          msg = JSON.parse(ev.data);
+        } catch (e) {
+          return;
+        }
+        if (msg && typeof msg === 'object') onMessage(msg);
+      } else {
+        onOutput(ev.data);
+      }
+    };
+    ws.onclose = () => {
+      if (ws !== state.ws) return;
+      state.ws = null;
+      disconnected();
+    };
+    // 'error' is always followed by 'close', which does the work.
+    ws.onerror = () => {};
+  }
+
+  function disconnected() {
+    const wasReady = state.ready;
+    state.ready = false;
+    renderStatus();
+    if (wasReady) {
+      // Whatever ran on the server side of this socket is gone.
+      if (state.running) {
+        finishCommand(state.running.id, RED + 'conch: connection lost — the command\'s fate is unknown' + RESET);
+      }
+      if (state.shell) {
+        shellEnded(RED + 'conch: connection lost — the shell is gone' + RESET);
+      }
+      state.flows.clear();
+    }
+    checkSession();
+    scheduleReconnect();
+  }
+
+  function scheduleReconnect() {
+    if (state.reconnectTimer) return;
+    const delay = state.backoff;
+    state.backoff = Math.min(state.backoff * 2, BACKOFF_MAX_MS);
+    state.reconnectTimer = setTimeout(connect, delay);
+  }
+
+  // A WebSocket refused with 401 looks like any other failure from script,
+  // so ask the session endpoint: 401 there means the login expired.
+  function checkSession() {
+    fetch('/api/v1/session', { credentials: 'same-origin', cache: 'no-store' })
+      .then((res) => {
+        if (res.status === 401) location.href = '/login';
+      })
+      .catch(() => {
+        // server unreachable: keep retrying the socket
+      });
+  }
+
+  // ---------------------------------------------------------------- wiring
+
+  function applyRole() {
+    // Viewers cannot run anything; the server refuses it anyway, the
+    // disabled button just says so up front.
+    const viewer = state.role === 'viewer';
+    el.modeShell.disabled = viewer;
+    el.modeShell.title = viewer ? 'viewers cannot start a shell' : 'Interactive login shell in a pseudo-terminal';
+  }
+
+  term.onData((data) => {
+    if (state.mode === 'shell') {
+      // Passed through untouched: the PTY does its own line discipline.
+      if (state.shell) send({ type: 'stdin', id: state.shell.id, data });
+      return;
+    }
+    commandInput(data);
+  });
+
+  term.onResize(({ cols, rows }) => {
+    if (state.shell) send({ type: 'resize', id: state.shell.id, cols, rows });
+  });
+
+  // Follow every size change of the terminal's box (window resize, top bar
+  // wrapping), at most once per frame.
+  let fitQueued = false;
+  const queueFit = () => {
+    if (fitQueued) return;
+    fitQueued = true;
+    requestAnimationFrame(() => {
+      fitQueued = false;
+      safeFit();
+    });
+  };
+  if (typeof ResizeObserver === 'function') {
+    new ResizeObserver(queueFit).observe(el.terminal);
+  }
+  window.addEventListener('resize', queueFit);
+
+  // Copy and paste: Ctrl+Shift+C / Ctrl+Shift+V always, and in command mode
+  // also plain Ctrl+V, and Ctrl+C while text is selected.
+  term.attachCustomKeyEventHandler((ev) => {
+    if (!ev.ctrlKey || ev.altKey || ev.metaKey) return true;
+    const key = (ev.key || '').toLowerCase();
+    if (ev.shiftKey && key === 'c') {
+      if (ev.type === 'keydown' && term.hasSelection() && navigator.clipboard) {
+        navigator.clipboard.writeText(term.getSelection()).catch(() => {});
+      }
+      ev.preventDefault();               // Chrome would open the element inspector
+      return false;
+    }
+    if (ev.shiftKey && key === 'v') return false;            // browser pastes
+    if (state.mode === 'command' && !ev.shiftKey) {
+      if (key === 'v') return false;                         // browser pastes
+      if (key === 'c' && term.hasSelection()) return false;  // browser copies
+    }
+    return true;
+  });
+
+  el.modeCommand.addEventListener('click', () => {
+    if (state.mode !== 'command') setMode('command');
+    term.focus();
+  });
+  el.modeShell.addEventListener('click', () => {
+    if (state.mode !== 'shell') setMode('shell');
+    term.focus();
+  });
+  el.agent.addEventListener('change', () => {
+    changeAgent(el.agent.value, true);
+    term.focus();
+  });
+
+  // ---------------------------------------------------------------- start
+
+  applyRole();
+  renderModeButtons();
+  renderStatus();
+  out(GREY + 'conch · command mode: type a command line, Enter runs it · ↑/↓ history · Ctrl-C interrupts' + RESET + '\r\n');
+  if (state.role === 'viewer') {
+    out(YELLOW + 'viewer: read-only access — commands will be refused' + RESET + '\r\n');
+  }
+  // The first prompt appears with the server's hello (it names the agent);
+  // keys typed before that are kept as typeahead.
+  connect();
+})();

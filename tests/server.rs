@@ -1,0 +1,511 @@
+//! `conch serve` over real HTTP and WebSockets, with its real agent.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Server, start_agent, start_server, wait_gone};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+async fn open_ws(server: &Server, cookie: Option<&str>, origin: Option<&str>) -> Result<Ws, u16> {
+    let mut req = format!("ws://{}/ws", server.addr)
+        .into_client_request()
+        .unwrap();
+    if let Some(c) = cookie {
+        req.headers_mut().insert("cookie", c.parse().unwrap());
+    }
+    if let Some(o) = origin {
+        req.headers_mut().insert("origin", o.parse().unwrap());
+    }
+    match tokio_tungstenite::connect_async(req).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
+        Err(e) => panic!("websocket: {e}"),
+    }
+}
+
+async fn console(server: &Server) -> Ws {
+    let cookie = server.admin_cookie().await;
+    let mut ws = open_ws(server, Some(&cookie), Some(&server.origin()))
+        .await
+        .expect("upgrade");
+    let hello = next_json(&mut ws).await;
+    assert_eq!(hello["type"], "hello");
+    ws
+}
+
+async fn send(ws: &mut Ws, v: Value) {
+    ws.send(Message::Text(v.to_string().into())).await.unwrap();
+}
+
+/// The next text message as JSON, skipping agent status updates.
+async fn next_json(ws: &mut Ws) -> Value {
+    loop {
+        match ws.next().await.expect("socket open").expect("frame") {
+            Message::Text(t) => {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                if v["type"] != "agents" {
+                    return v;
+                }
+            }
+            Message::Binary(b) => panic!("unexpected output {:?}", String::from_utf8_lossy(&b)),
+            _ => {}
+        }
+    }
+}
+
+/// Runs one command line; returns (stdout, stderr, exit message). Acks output.
+async fn run(ws: &mut Ws, id: u32, cmd: &str) -> (Vec<u8>, Vec<u8>, Value) {
+    send(ws, json!({"type": "exec", "id": id, "cmd": cmd})).await;
+    collect(ws, id).await
+}
+
+async fn collect(ws: &mut Ws, id: u32) -> (Vec<u8>, Vec<u8>, Value) {
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    loop {
+        match ws.next().await.expect("socket open").expect("frame") {
+            Message::Binary(b) => {
+                assert_eq!(u32::from_be_bytes([b[1], b[2], b[3], b[4]]), id);
+                match b[0] {
+                    1 => out.extend_from_slice(&b[5..]),
+                    2 => err.extend_from_slice(&b[5..]),
+                    other => panic!("stream tag {other}"),
+                }
+                send(ws, json!({"type": "ack", "id": id, "bytes": b.len() - 5})).await;
+            }
+            Message::Text(t) => {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                match v["type"].as_str() {
+                    Some("exit") | Some("error") => return (out, err, v),
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn command_mode_streams_output_and_exit_codes() {
+    let server = start_server(&[], &[]);
+    let mut ws = console(&server).await;
+    let (out, err, exit) = run(&mut ws, 1, "echo hello").await;
+    assert_eq!(out, b"hello\n");
+    assert!(err.is_empty());
+    assert_eq!(exit["type"], "exit");
+    assert_eq!(exit["code"], 0);
+    assert!(exit["duration_ms"].is_u64());
+
+    let (out, err, exit) = run(&mut ws, 2, "echo out; echo err >&2; exit 4").await;
+    assert_eq!(out, b"out\n");
+    assert_eq!(err, b"err\n");
+    assert_eq!(exit["code"], 4);
+
+    // Bytes end to end: invalid UTF-8 arrives untouched.
+    let (out, _, _) = run(&mut ws, 3, r"printf '\377\376ok'").await;
+    assert_eq!(out, b"\xff\xfeok");
+}
+
+#[tokio::test]
+async fn a_pty_shell_session_and_ctrl_c() {
+    let server = start_server(&[], &[("SHELL", "/bin/sh")]);
+    let mut ws = console(&server).await;
+    send(
+        &mut ws,
+        json!({"type": "exec", "id": 7, "pty": {"cols": 100, "rows": 30}}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await["type"], "started");
+    send(
+        &mut ws,
+        json!({"type": "stdin", "id": 7, "data": "stty size; echo pty-$((40+2)); tty; exit 3\n"}),
+    )
+    .await;
+    let (out, _, exit) = collect(&mut ws, 7).await;
+    let out = String::from_utf8_lossy(&out);
+    assert!(
+        out.contains("30 100") && out.contains("pty-42") && out.contains("/dev/pts/"),
+        "{out}"
+    );
+    assert_eq!(exit["code"], 3);
+
+    send(
+        &mut ws,
+        json!({"type": "exec", "id": 8, "cmd": "echo running; sleep 300"}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await["type"], "started");
+    match ws.next().await.unwrap().unwrap() {
+        Message::Binary(b) => assert_eq!(&b[5..], b"running\n"),
+        other => panic!("{other:?}"),
+    }
+    send(&mut ws, json!({"type": "signal", "id": 8, "signal": "INT"})).await;
+    let exit = next_json(&mut ws).await;
+    assert_eq!(exit["type"], "exit");
+    assert_eq!(exit["signal"], "INT");
+}
+
+#[tokio::test]
+async fn without_a_session_nothing_is_served() {
+    let server = start_server(&[], &[]);
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let resp = client.get(server.url("/")).send().await.unwrap();
+    assert_eq!(resp.status(), 303);
+    assert_eq!(resp.headers()["location"], "/login");
+    assert_eq!(
+        client
+            .get(server.url("/api/v1/session"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(
+        client
+            .get(server.url("/api/v1/agents"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(
+        open_ws(&server, None, Some(&server.origin())).await.err(),
+        Some(401)
+    );
+    let forged = "conch_session=0000000000000000000000000000000000000000000000000000000000000000";
+    assert_eq!(
+        open_ws(&server, Some(forged), Some(&server.origin()))
+            .await
+            .err(),
+        Some(401)
+    );
+    // Health needs no login; it says nothing else.
+    assert_eq!(
+        client
+            .get(server.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn a_foreign_origin_cannot_open_a_console() {
+    let server = start_server(&["--allowed-origins", "https://console.example.test"], &[]);
+    let cookie = server.admin_cookie().await;
+    assert_eq!(
+        open_ws(&server, Some(&cookie), Some("http://evil.example"))
+            .await
+            .err(),
+        Some(403)
+    );
+    assert_eq!(open_ws(&server, Some(&cookie), None).await.err(), Some(403));
+    let lookalike = format!("http://{}.evil.example", server.addr.ip());
+    assert_eq!(
+        open_ws(&server, Some(&cookie), Some(&lookalike))
+            .await
+            .err(),
+        Some(403)
+    );
+    assert!(
+        open_ws(&server, Some(&cookie), Some(&server.origin()))
+            .await
+            .is_ok()
+    );
+    assert!(
+        open_ws(&server, Some(&cookie), Some("https://console.example.test"))
+            .await
+            .is_ok()
+    );
+}
+
+fn users_file(dir: &std::path::Path) -> String {
+    let op = conch::server::auth::hash_password("operator-pw").unwrap();
+    let view = conch::server::auth::hash_password("viewer-pw").unwrap();
+    let path = dir.join("users.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[[users]]\nname = \"olga\"\npassword_hash = \"{op}\"\nrole = \"operator\"\n\n\
+             [[users]]\nname = \"vera\"\npassword_hash = \"{view}\"\nrole = \"viewer\"\n"
+        ),
+    )
+    .unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn users_roles_and_the_login_rate_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let users = users_file(dir.path());
+    let server = start_server(&["--users-file", &users], &[]);
+
+    let operator = server
+        .login(&[("username", "olga"), ("password", "operator-pw")])
+        .await
+        .unwrap();
+    let mut ws = open_ws(&server, Some(&operator), Some(&server.origin()))
+        .await
+        .unwrap();
+    let hello = next_json(&mut ws).await;
+    assert_eq!(hello["role"], "operator");
+    assert_eq!(run(&mut ws, 1, "echo op").await.0, b"op\n");
+
+    let viewer = server
+        .login(&[("username", "vera"), ("password", "viewer-pw")])
+        .await
+        .unwrap();
+    let mut ws = open_ws(&server, Some(&viewer), Some(&server.origin()))
+        .await
+        .unwrap();
+    assert_eq!(next_json(&mut ws).await["role"], "viewer");
+    send(
+        &mut ws,
+        json!({"type": "exec", "id": 1, "cmd": "touch /tmp/conch-viewer-was-here"}),
+    )
+    .await;
+    let reply = next_json(&mut ws).await;
+    assert_eq!(reply["type"], "error");
+    assert_eq!(reply["code"], "forbidden");
+    assert!(!std::path::Path::new("/tmp/conch-viewer-was-here").exists());
+
+    for _ in 0..conch::server::auth::LOGIN_ATTEMPTS {
+        let status = server
+            .login(&[("username", "olga"), ("password", "wrong")])
+            .await
+            .unwrap_err();
+        assert_eq!(status, 401);
+    }
+    // Now even the right password is refused for a while from this address.
+    let status = server
+        .login(&[("username", "olga"), ("password", "operator-pw")])
+        .await
+        .unwrap_err();
+    assert_eq!(status, 429);
+}
+
+#[tokio::test]
+async fn security_headers_on_every_page() {
+    let server = start_server(&[], &[]);
+    let cookie = server.admin_cookie().await;
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    for path in ["/", "/login", "/static/app.js", "/healthz", "/nope"] {
+        let resp = client
+            .get(server.url(path))
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .unwrap();
+        let h = resp.headers();
+        let csp = h["content-security-policy"].to_str().unwrap();
+        assert!(
+            csp.contains("frame-ancestors 'none'") && csp.contains("script-src 'self'"),
+            "{path}: {csp}"
+        );
+        assert!(
+            !csp.contains("unsafe-inline'; connect")
+                || !csp.contains("script-src 'self' 'unsafe-inline'")
+        );
+        assert_eq!(h["x-content-type-options"], "nosniff", "{path}");
+        assert!(h.contains_key("referrer-policy"), "{path}");
+    }
+    let page = client
+        .get(server.url("/"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("id=\"terminal\""));
+    assert!(!page.contains("<script>"), "no inline scripts");
+    let js = client
+        .get(server.url("/static/vendor/xterm/xterm.js"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(js.status(), 200);
+    assert!(
+        js.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .contains("javascript")
+    );
+}
+
+#[tokio::test]
+async fn bad_messages_get_an_error_and_the_socket_carries_on() {
+    let server = start_server(&[], &[]);
+    let mut ws = console(&server).await;
+    ws.send(Message::Text("{not json".into())).await.unwrap();
+    let reply = next_json(&mut ws).await;
+    assert_eq!(reply["type"], "error");
+    assert_eq!(reply["code"], "bad_request");
+    send(&mut ws, json!({"type": "launch_missiles"})).await;
+    assert_eq!(next_json(&mut ws).await["code"], "bad_request");
+    ws.send(Message::Binary(vec![1, 2, 3].into()))
+        .await
+        .unwrap();
+    assert_eq!(next_json(&mut ws).await["code"], "bad_request");
+    assert_eq!(run(&mut ws, 1, "echo fine").await.0, b"fine\n");
+}
+
+#[tokio::test]
+async fn closing_the_tab_kills_its_commands() {
+    let server = start_server(&[], &[]);
+    let mut ws = console(&server).await;
+    send(
+        &mut ws,
+        json!({"type": "exec", "id": 1, "cmd": "sleep 300 & echo $!; wait"}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await["type"], "started");
+    let pid: i32 = match ws.next().await.unwrap().unwrap() {
+        Message::Binary(b) => String::from_utf8_lossy(&b[5..]).trim().parse().unwrap(),
+        other => panic!("{other:?}"),
+    };
+    assert!(common::alive(pid));
+    drop(ws);
+    assert!(
+        wait_gone(pid).await,
+        "closing the socket left {pid} running"
+    );
+}
+
+#[tokio::test]
+async fn a_stalled_tab_pauses_its_command() {
+    let server = start_server(&[], &[]);
+    let mut ws = console(&server).await;
+    send(&mut ws, json!({"type": "exec", "id": 1, "cmd": "yes"})).await;
+    let window = conch::server::ws::BROWSER_WINDOW as usize;
+    let mut got = 0;
+    // Read without acknowledging until the window is used up, then put a
+    // marker behind whatever is queued: no more output may come first.
+    while got < window {
+        if let Message::Binary(b) = ws.next().await.unwrap().unwrap() {
+            got += b.len() - 5;
+        }
+    }
+    ws.send(Message::Text("marker".into())).await.unwrap();
+    loop {
+        match ws.next().await.unwrap().unwrap() {
+            Message::Binary(b) => got += b.len() - 5,
+            Message::Text(t) if t.contains("bad_request") => break,
+            _ => {}
+        }
+    }
+    assert_eq!(
+        got, window,
+        "the server sent more than the window without acks"
+    );
+    // Acknowledging resumes it.
+    send(&mut ws, json!({"type": "ack", "id": 1, "bytes": got})).await;
+    match ws.next().await.unwrap().unwrap() {
+        Message::Binary(b) => assert!(b.len() > 5),
+        other => panic!("{other:?}"),
+    }
+    send(&mut ws, json!({"type": "close", "id": 1})).await;
+}
+
+#[tokio::test]
+async fn a_lost_agent_is_reported_and_reconnected() {
+    let mut agent = start_agent(&[]);
+    let addr = agent.addr.to_string();
+    let key_file = agent.key_file.to_str().unwrap().to_owned();
+    let server = start_server(
+        &[
+            "--agent",
+            &addr,
+            "--agent-key-file",
+            &key_file,
+            "--agent-name",
+            "box",
+        ],
+        &[],
+    );
+    let cookie = server.admin_cookie().await;
+    let mut ws = open_ws(&server, Some(&cookie), Some(&server.origin()))
+        .await
+        .unwrap();
+    wait_agent(&mut ws, true).await;
+    assert_eq!(run(&mut ws, 1, "echo before").await.0, b"before\n");
+
+    // The agent goes away: the console says so, and commands fail at once.
+    let _ = agent.proc.child.kill();
+    let _ = agent.proc.child.wait();
+    wait_agent(&mut ws, false).await;
+    send(
+        &mut ws,
+        json!({"type": "exec", "id": 2, "cmd": "echo lost", "agent": "box"}),
+    )
+    .await;
+    let reply = next_json(&mut ws).await;
+    assert_eq!(reply["code"], "agent_unavailable");
+    assert!(reply["message"].as_str().unwrap().contains("box"));
+    let client = reqwest::Client::new();
+    assert_eq!(
+        client
+            .get(server.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        503
+    );
+
+    // It comes back on the same address: the server reconnects by itself.
+    let dir = tempfile::tempdir().unwrap();
+    let mut again = common::spawn_conch(
+        &["agent", "--listen", &addr, "--key-file", &key_file],
+        &[],
+        dir,
+    );
+    again.wait_for("listening", |l| common::logged_addr(l, "agent listening"));
+    wait_agent(&mut ws, true).await;
+    assert_eq!(run(&mut ws, 3, "echo after").await.0, b"after\n");
+    assert_eq!(
+        client
+            .get(server.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+/// Waits for an agent status message (or hello) saying connected == `up`.
+async fn wait_agent(ws: &mut Ws, up: bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let msg = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .expect("agent status in time");
+        if let Some(Ok(Message::Text(t))) = msg {
+            let v: Value = serde_json::from_str(&t).unwrap();
+            if matches!(v["type"].as_str(), Some("agents" | "hello"))
+                && v["agents"][0]["connected"] == up
+            {
+                return;
+            }
+        }
+    }
+}
