@@ -171,8 +171,8 @@ enum TokenCommand {
 #[derive(Args)]
 struct TokenArgs {
     /// The server's data directory (as given to `conch serve`).
-    #[arg(long, env = "CONCH_DATA_DIR")]
-    data_dir: PathBuf,
+    #[arg(long, env = "CONCH_DATA_DIR", global = true)]
+    data_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: TokenCommand,
 }
@@ -309,7 +309,10 @@ async fn run(command: Command, json_logs: bool) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Token(args) => {
-            let store = TokenStore::new(Some(&args.data_dir));
+            let dir = args
+                .data_dir
+                .context("give --data-dir (or CONCH_DATA_DIR), as for `conch serve`")?;
+            let store = TokenStore::new(Some(&dir));
             match args.command {
                 TokenCommand::Create { name, role } => {
                     let role = match role.as_str() {

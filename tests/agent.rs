@@ -196,12 +196,11 @@ async fn timeout_kills_the_whole_tree() {
 async fn signal_int_reaches_the_process_group() {
     let agent = start_agent(&[]);
     let link = AgentLink::connect(agent.addr, &agent.key).await.unwrap();
-    let mut channel = link.exec(sh("echo started; sleep 300")).await.unwrap();
-    assert_eq!(
-        channel.next().await,
-        Some(Event::Stdout(Bytes::from_static(b"started\n")))
-    );
-    channel.window(8).await.unwrap();
+    // `sh -c` catches SIGINT until it has exec'd its last command, so the
+    // signal is sent once `sleep` is known to run.
+    let mut channel = link.exec(sh("echo $$; exec sleep 300")).await.unwrap();
+    let pid = first_line_pid(&mut channel).await;
+    common::wait_exec(pid, "sleep").await;
     channel.signal("INT").await.unwrap();
     match channel.collect().await.2 {
         Event::Exit {

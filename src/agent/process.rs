@@ -213,14 +213,28 @@ pub fn spawn(req: &ExecRequest) -> Result<Spawned, SpawnError> {
     }
 }
 
+/// Asks the kernel to SIGKILL the command's leader if the agent dies
+/// without cleaning up (SIGKILL, OOM killer): the one orphan the agent's
+/// own shutdown path cannot prevent.
+fn die_with_agent() -> io::Result<()> {
+    // SAFETY: prctl is async-signal-safe and affects only this process.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+    }
+    Ok(())
+}
+
 fn spawn_pipes(mut cmd: Command, what: &str) -> Result<Spawned, SpawnError> {
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
-    // SAFETY: reset_signals only makes async-signal-safe calls.
+    // SAFETY: reset_signals and die_with_agent only make async-signal-safe calls.
     unsafe {
-        cmd.pre_exec(reset_signals);
+        cmd.pre_exec(|| {
+            reset_signals()?;
+            die_with_agent()
+        });
     }
     let mut child = cmd.spawn().map_err(|e| spawn_error(&e, what))?;
     let group = ProcessGroup {
@@ -259,6 +273,7 @@ fn spawn_pty(mut cmd: Command, size: PtySize, what: &str) -> Result<Spawned, Spa
     unsafe {
         cmd.pre_exec(|| {
             reset_signals()?;
+            die_with_agent()?;
             // A new session makes the child a process group leader and lets
             // the terminal become its controlling terminal, so ^C from the
             // line discipline reaches the foreground job.

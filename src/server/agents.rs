@@ -103,10 +103,10 @@ impl Registry {
             };
             match attempt {
                 Ok(link) => {
+                    self.set(entry, Some(link.clone()));
                     info!(agent = %name, addr = %entry.spec.addr, "agent connected");
                     backoff = BACKOFF_MIN;
                     logged_failure = false;
-                    self.set(entry, Some(link.clone()));
                     tokio::select! {
                         _ = link.lost() => {}
                         _ = shutdown.cancelled() => {

@@ -22,7 +22,17 @@ pub struct Proc {
 }
 
 impl Drop for Proc {
+    /// SIGTERM first, so that conch ends its commands as in production;
+    /// SIGKILL only if it has not exited after a while. A SIGKILLed agent
+    /// could not clean up, and its commands would outlive the test.
     fn drop(&mut self) {
+        self.signal(libc::SIGTERM);
+        for _ in 0..200 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -160,18 +170,34 @@ pub struct Server {
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
 
-/// Starts `conch serve` on an ephemeral loopback port with a known admin token.
+/// Starts `conch serve` on an ephemeral loopback port with a known admin
+/// token, and waits until it has connected to its agent.
 pub fn start_server(extra: &[&str], env: &[(&str, &str)]) -> Server {
+    launch_server(extra, env, true)
+}
+
+/// Starts `conch serve` without waiting for its agent.
+pub fn start_server_unready(extra: &[&str], env: &[(&str, &str)]) -> Server {
+    launch_server(extra, env, false)
+}
+
+fn launch_server(extra: &[&str], env: &[(&str, &str)], wait_agent: bool) -> Server {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut args = vec!["serve", "--listen", "127.0.0.1:0"];
     args.extend_from_slice(extra);
     let mut all_env = vec![("CONCH_ADMIN_TOKEN", ADMIN_TOKEN)];
     all_env.extend_from_slice(env);
     let mut proc = spawn_conch(&args, &all_env, dir);
-    let addr = proc.wait_for("listening address", |l| logged_addr(l, "server listening"));
+    // The two lines may come in either order.
+    let (mut addr, mut connected) = (None, !wait_agent);
+    proc.wait_for("listening address and agent connection", |l| {
+        addr = addr.or_else(|| logged_addr(l, "server listening"));
+        connected |= l.contains("\"agent connected\"");
+        (addr.is_some() && connected).then_some(())
+    });
     Server {
         proc,
-        addr,
+        addr: addr.expect("address"),
         token: ADMIN_TOKEN.into(),
     }
 }
