@@ -45,6 +45,8 @@ enum Command {
     Exec(ExecArgs),
     /// Manage API tokens in a server's data directory.
     Token(TokenArgs),
+    /// Probe a server's /healthz or an agent's TCP port; exit 0 when healthy (for container health checks).
+    Healthcheck(HealthArgs),
     /// Print an argon2 hash of a password read from standard input, for the users file.
     Passwd,
     /// Write a fresh random agent key (64 hex characters) to a new file with mode 0600.
@@ -77,7 +79,7 @@ struct ServeArgs {
     listen: SocketAddr,
     /// Agent to connect to (HOST:PORT). Without it, an embedded agent runs in this process.
     #[arg(long, env = "CONCH_AGENT")]
-    agent: Option<SocketAddr>,
+    agent: Option<String>,
     /// Name shown for the agent given with --agent.
     #[arg(long, env = "CONCH_AGENT_NAME", default_value = "agent")]
     agent_name: String,
@@ -150,6 +152,16 @@ struct ExecArgs {
     command: Vec<String>,
 }
 
+#[derive(Args)]
+struct HealthArgs {
+    /// Check that this agent address (HOST:PORT) accepts TCP connections, instead of the server.
+    #[arg(long)]
+    tcp: Option<String>,
+    /// The server's listen address, probed at /healthz (0.0.0.0 means this host).
+    #[arg(long, env = "CONCH_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: String,
+}
+
 #[derive(Subcommand)]
 enum TokenCommand {
     /// Create a named API token and print it (shown this once).
@@ -176,6 +188,9 @@ struct TokenArgs {
     #[command(subcommand)]
     command: TokenCommand,
 }
+
+/// How long a graceful shutdown may take before the process exits anyway.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(8);
 
 /// The shortest admin token accepted.
 const MIN_TOKEN_LEN: usize = 16;
@@ -263,7 +278,16 @@ async fn run(command: Command, json_logs: bool) -> anyhow::Result<ExitCode> {
             let config = serve_config(*args, json_logs)?;
             let shutdown = CancellationToken::new();
             tokio::spawn(cancel_on_signal(shutdown.clone()));
-            conch::server::run(config, shutdown).await?;
+            // A container runtime waits 10 s after SIGTERM before SIGKILL:
+            // finish within that even if a client does not let go.
+            let deadline = async {
+                shutdown.cancelled().await;
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            };
+            tokio::select! {
+                r = conch::server::run(config, shutdown.clone()) => r?,
+                _ = deadline => tracing::warn!("shutdown took too long; exiting anyway"),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Exec(args) => {
@@ -333,6 +357,30 @@ async fn run(command: Command, json_logs: bool) -> anyhow::Result<ExitCode> {
                     }
                 }
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Healthcheck(args) => {
+            let timeout = std::time::Duration::from_secs(3);
+            if let Some(addr) = args.tcp {
+                let addr = addr.replace("0.0.0.0", "127.0.0.1");
+                tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&addr))
+                    .await
+                    .context("timed out")?
+                    .with_context(|| format!("agent at {addr} is not accepting connections"))?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let url = format!(
+                "http://{}/healthz",
+                args.listen.replace("0.0.0.0", "127.0.0.1")
+            );
+            let client = reqwest::Client::builder().timeout(timeout).build()?;
+            let status = client
+                .get(&url)
+                .send()
+                .await
+                .with_context(|| format!("cannot reach {url}"))?
+                .status();
+            anyhow::ensure!(status.is_success(), "{url} answered {status}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Passwd => {

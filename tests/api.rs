@@ -144,7 +144,11 @@ async fn ndjson(server: &Server, body: Value) -> reqwest::Response {
         .await
         .unwrap();
     if resp.status() != 200 {
-        panic!("{}: {}", resp.status(), resp.text().await.unwrap_or_default());
+        panic!(
+            "{}: {}",
+            resp.status(),
+            resp.text().await.unwrap_or_default()
+        );
     }
     assert_eq!(resp.headers()["content-type"], "application/x-ndjson");
     resp

@@ -9,7 +9,6 @@
 //! as it consumes events.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -31,7 +30,7 @@ const OUTBOUND_QUEUE: usize = 256;
 pub enum LinkError {
     #[error("cannot connect to agent at {addr}: {source}")]
     Connect {
-        addr: SocketAddr,
+        addr: String,
         source: std::io::Error,
     },
     #[error("agent handshake failed: {0}")]
@@ -129,11 +128,18 @@ pub struct AgentLink {
 }
 
 impl AgentLink {
-    /// Connects to `addr` and authenticates with `key`.
-    pub async fn connect(addr: SocketAddr, key: &Key) -> Result<AgentLink, LinkError> {
-        let stream = TcpStream::connect(addr)
+    /// Connects to `addr` (`HOST:PORT`; a name is resolved on every call,
+    /// so a container that moves is found again) and authenticates with `key`.
+    pub async fn connect(
+        addr: impl tokio::net::ToSocketAddrs + std::fmt::Display,
+        key: &Key,
+    ) -> Result<AgentLink, LinkError> {
+        let stream = TcpStream::connect(&addr)
             .await
-            .map_err(|source| LinkError::Connect { addr, source })?;
+            .map_err(|source| LinkError::Connect {
+                addr: addr.to_string(),
+                source,
+            })?;
         let _ = stream.set_nodelay(true);
         let mut framed = Framed::new(stream, FrameCodec::new());
         handshake(&mut framed, key).await?;

@@ -8,7 +8,6 @@
 //! configuration, not of design.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -28,7 +27,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 pub struct AgentSpec {
     pub name: String,
-    pub addr: SocketAddr,
+    /// `HOST:PORT`; host names are resolved at each connection attempt.
+    pub addr: String,
     pub key: Key,
 }
 
@@ -98,7 +98,7 @@ impl Registry {
         let mut logged_failure = false;
         loop {
             let attempt = tokio::select! {
-                r = AgentLink::connect(entry.spec.addr, &entry.spec.key) => r,
+                r = AgentLink::connect(entry.spec.addr.as_str(), &entry.spec.key) => r,
                 _ = shutdown.cancelled() => return,
             };
             match attempt {
@@ -170,7 +170,7 @@ impl Registry {
             .values()
             .map(|e| AgentStatus {
                 name: e.spec.name.clone(),
-                addr: e.spec.addr.to_string(),
+                addr: e.spec.addr.clone(),
                 connected: e
                     .link
                     .read()

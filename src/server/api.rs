@@ -264,9 +264,16 @@ pub async fn exec(State(state): State<AppState>, request: Request) -> Result<Res
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.contains("application/x-ndjson"));
     if streaming {
-        return Ok(stream_response(channel, prepared, permit, agent));
+        let shutdown = state.shutdown.clone();
+        return Ok(stream_response(channel, prepared, permit, agent, shutdown));
     }
-    buffered_response(channel, prepared, agent).await
+    tokio::select! {
+        r = buffered_response(channel, prepared, agent) => r,
+        // Dropping the channel kills the command.
+        _ = state.shutdown.cancelled() => Err(ApiError::AgentUnavailable(
+            "the server is shutting down; the command was killed".into(),
+        )),
+    }
 }
 
 /// Collects a stream's output up to a limit, counting what was dropped.
@@ -414,6 +421,7 @@ fn stream_response(
     prepared: Prepared,
     permit: OwnedSemaphorePermit,
     agent: String,
+    shutdown: tokio_util::sync::CancellationToken,
 ) -> Response {
     struct St {
         channel: Channel,
@@ -421,6 +429,7 @@ fn stream_response(
         err: StreamDecoder,
         done: bool,
         agent: String,
+        shutdown: tokio_util::sync::CancellationToken,
         _permit: OwnedSemaphorePermit,
     }
     let st = St {
@@ -429,6 +438,7 @@ fn stream_response(
         err: StreamDecoder::new(prepared.encoding, prepared.max_output),
         done: false,
         agent,
+        shutdown,
         _permit: permit,
     };
     let stream = futures_util::stream::unfold(st, |mut st| async move {
@@ -436,7 +446,17 @@ fn stream_response(
             return None;
         }
         loop {
-            let line = match st.channel.next().await {
+            let event = tokio::select! {
+                e = st.channel.next() => e,
+                _ = st.shutdown.cancelled() => {
+                    st.done = true;
+                    let line = json!({"error": "the server is shutting down; the command was killed"});
+                    let mut bytes = serde_json::to_vec(&line).unwrap_or_default();
+                    bytes.push(b'\n');
+                    return Some((Ok(Bytes::from(bytes)), st));
+                }
+            };
+            let line = match event {
                 Some(Event::Stdout(b)) => {
                     let _ = st.channel.window(b.len() as u64).await;
                     match st.out.line("stdout", &b) {

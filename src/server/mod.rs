@@ -197,7 +197,7 @@ async fn start_embedded_agent(
     Ok((
         AgentSpec {
             name: "local".into(),
-            addr,
+            addr: addr.to_string(),
             key,
         },
         task,
