@@ -18,6 +18,8 @@ fi
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
 cargo test --locked
+# The benchmark harness end to end, small and quick: correctness, not speed.
+cargo test --locked --bench conch -- --quick
 if [ -d tests/e2e ]; then
   CONCH_BIN="$PWD/target/debug/conch" npm run --silent test:e2e
 fi

@@ -18,6 +18,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::http::HeaderMap;
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -167,6 +168,11 @@ pub async fn serve(
         }
     }
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    // Keystrokes and their echoes are tiny writes: without TCP_NODELAY,
+    // Nagle's algorithm and delayed ACKs hold them back by ~40 ms.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let graceful = shutdown.clone();
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { graceful.cancelled().await })

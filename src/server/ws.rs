@@ -35,6 +35,10 @@ const OUTBOUND_QUEUE: usize = 64;
 /// The largest text message accepted from a browser: 1 MiB (a big paste).
 const MAX_MESSAGE: usize = 1024 * 1024;
 
+/// The WebSocket read buffer per session: 8 KiB (bigger messages still fit,
+/// up to [`MAX_MESSAGE`]; the buffer grows for them).
+const READ_BUFFER: usize = 8 * 1024;
+
 /// Output stream tags of binary frames.
 const STDOUT: u8 = 1;
 const STDERR: u8 = 2;
@@ -52,7 +56,10 @@ pub async fn upgrade(
         tracing::warn!(user = %principal.name, "WebSocket from a foreign origin refused");
         return (StatusCode::FORBIDDEN, "this origin may not open a console").into_response();
     }
+    // A console reads small messages (keystrokes, acks): a small read
+    // buffer keeps idle sessions cheap (tungstenite's default is 128 KiB).
     ws.max_message_size(MAX_MESSAGE)
+        .read_buffer_size(READ_BUFFER)
         .on_upgrade(move |socket| session(socket, state, principal))
 }
 
