@@ -188,7 +188,7 @@ fn mbps(bytes: u64, d: Duration) -> f64 {
 async fn throughput(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bool)> {
     let n = plan.bytes;
     let cmd = format!("head -c {n} /dev/zero");
-    let (mut a, mut b, mut c, mut d) = (vec![], vec![], vec![], vec![]);
+    let (mut a, mut b, mut c, mut d, mut e) = (vec![], vec![], vec![], vec![], vec![]);
     let link = AgentLink::connect(s.agent.addr, &s.agent.key)
         .await
         .unwrap();
@@ -214,6 +214,18 @@ async fn throughput(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bo
         child.wait().await.unwrap();
         assert_eq!(got, n, "pipe bytes");
         a.push(mbps(n, t.elapsed()));
+
+        // (e) a bare pseudo-terminal read in a tight loop: what the kernel's
+        // PTY layer gives on this machine, the baseline for (d).
+        let t = Instant::now();
+        let got = tokio::task::spawn_blocking({
+            let cmd = cmd.clone();
+            move || raw_pty(&cmd)
+        })
+        .await
+        .unwrap();
+        assert_eq!(got, n, "raw pty bytes");
+        e.push(mbps(n, t.elapsed()));
 
         // (b) the framed protocol, straight from the agent
         let t = Instant::now();
@@ -279,9 +291,16 @@ async fn throughput(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bo
     out.push_str(&row("(b) framed protocol from the agent", &b, am));
     out.push_str(&row("(c) WebSocket console through the server", &c, am));
     out.push_str(&row("(d) PTY session through the server", &d, am));
+    out.push_str(&row("(e) bare PTY read loop (PTY baseline)", &e, am));
+    let (em, _, _) = mmm(e);
+    let (dm, _, _) = mmm(d.clone());
+    let _ = writeln!(
+        out,
+        "\n(d) runs at {:.2} of the bare PTY (e) on this machine.",
+        dm / em
+    );
     out.push('\n');
     let (cm, _, _) = mmm(c);
-    let (dm, _, _) = mmm(d);
     vec![
         (
             format!(
@@ -295,6 +314,34 @@ async fn throughput(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bo
             dm >= 100.0,
         ),
     ]
+}
+
+/// Runs `cmd` on a fresh pseudo-terminal and reads the master until the
+/// end, with blocking reads; returns the bytes read.
+fn raw_pty(cmd: &str) -> u64 {
+    use std::io::Read;
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let slave = || std::process::Stdio::from(pty.slave.try_clone().unwrap());
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", cmd])
+        .stdin(slave())
+        .stdout(slave())
+        .stderr(slave())
+        .spawn()
+        .unwrap();
+    drop(pty.slave);
+    let mut master = std::fs::File::from(pty.master);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0u64;
+    // EIO once the slave side is closed: the end.
+    while let Ok(k) = master.read(&mut buf) {
+        if k == 0 {
+            break;
+        }
+        got += k as u64;
+    }
+    child.wait().unwrap();
+    got
 }
 
 async fn latency(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bool)> {
@@ -659,6 +706,14 @@ fn machine() -> String {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    // `--only NAME[,NAME]` runs some parts (throughput, latency, concurrency,
+    // slow, idle), for profiling; such a run does not rewrite the report.
+    let only: Option<Vec<String>> = std::env::args()
+        .skip_while(|a| a != "--only")
+        .nth(1)
+        .map(|v| v.split(',').map(str::to_owned).collect());
+    let partial = only.is_some();
+    let wanted = |part: &str| only.as_ref().is_none_or(|o| o.iter().any(|p| p == part));
     let plan = Plan::new(quick);
     let fds = raise_fd_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -669,11 +724,21 @@ fn main() {
         let s = stack().await;
         let mut out = String::new();
         let mut verdicts = Vec::new();
-        verdicts.extend(throughput(&plan, &s, &mut out).await);
-        verdicts.extend(latency(&plan, &s, &mut out).await);
-        verdicts.extend(concurrency(&plan, &s, &mut out).await);
-        verdicts.extend(slow_consumer(&plan, &s, &mut out).await);
-        verdicts.extend(idle(&plan, &s, &mut out).await);
+        if wanted("throughput") {
+            verdicts.extend(throughput(&plan, &s, &mut out).await);
+        }
+        if wanted("latency") {
+            verdicts.extend(latency(&plan, &s, &mut out).await);
+        }
+        if wanted("concurrency") {
+            verdicts.extend(concurrency(&plan, &s, &mut out).await);
+        }
+        if wanted("slow") {
+            verdicts.extend(slow_consumer(&plan, &s, &mut out).await);
+        }
+        if wanted("idle") {
+            verdicts.extend(idle(&plan, &s, &mut out).await);
+        }
         (out, verdicts)
     });
     let (tables, verdicts) = report;
@@ -693,7 +758,7 @@ fn main() {
     doc.push_str("\n## Figures\n\n");
     doc.push_str(&tables);
     println!("{doc}");
-    if quick {
+    if quick || partial {
         // CI asserts correctness (done above), never speed.
         println!("benchmarks: 1 passed, 0 failed");
     } else {

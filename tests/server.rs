@@ -509,3 +509,72 @@ async fn wait_agent(ws: &mut Ws, up: bool) {
         }
     }
 }
+
+#[tokio::test]
+async fn secrets_never_reach_the_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let users = users_file(dir.path());
+    let data = tempfile::tempdir().unwrap();
+    let server = start_server(
+        &[
+            "--users-file",
+            &users,
+            "--data-dir",
+            data.path().to_str().unwrap(),
+        ],
+        &[("CONCH_LOG", "trace")],
+    );
+    let cookie = server.admin_cookie().await;
+    let user_cookie = server
+        .login(&[("username", "olga"), ("password", "operator-pw")])
+        .await
+        .unwrap();
+    let _ = server
+        .login(&[("username", "olga"), ("password", "a-wrong-password")])
+        .await;
+    let client = reqwest::Client::new();
+    let created: Value = client
+        .post(server.url("/api/v1/tokens"))
+        .bearer_auth(&server.token)
+        .json(&json!({"name": "logged", "role": "operator"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let api_token = created["token"].as_str().unwrap().to_owned();
+    let resp = client
+        .post(server.url("/api/v1/exec"))
+        .bearer_auth(&api_token)
+        .json(&json!({"command": "echo ok"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut ws = open_ws(&server, Some(&cookie), Some(&server.origin()))
+        .await
+        .unwrap();
+    next_json(&mut ws).await;
+    run(&mut ws, 1, "true").await;
+    drop(ws);
+    // Stop the server so that every line it logged has been read.
+    server.proc.signal(libc::SIGTERM);
+    let mut log = String::new();
+    while let Ok(line) = server.proc.lines.recv_timeout(Duration::from_secs(30)) {
+        log.push_str(&line);
+        log.push('\n');
+    }
+    assert!(log.contains("login"), "the log was captured");
+    let session = |c: &str| c.split_once('=').unwrap().1.to_owned();
+    for secret in [
+        server.token.clone(),
+        api_token,
+        session(&cookie),
+        session(&user_cookie),
+        "operator-pw".into(),
+        "a-wrong-password".into(),
+    ] {
+        assert!(!log.contains(&secret), "a secret reached the log");
+    }
+}

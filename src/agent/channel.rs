@@ -11,6 +11,7 @@ use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
 use nix::sys::signal::Signal;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -141,12 +142,28 @@ impl<R: AsyncRead + Unpin> Source<R> {
             .read_buf(&mut self.buf)
             .await;
         match result {
-            Ok(n) if n > 0 => Some(self.buf.split().freeze()),
+            Ok(n) if n > 0 => {}
             _ => {
                 self.reader = None;
-                None
+                return None;
             }
         }
+        // A terminal hands out at most a few KiB per read: gather what is
+        // already there (without waiting) into one frame, so that a fast
+        // command costs a few large frames rather than many small ones.
+        while self.buf.len() < limit {
+            let room = (limit - self.buf.len()) as u64;
+            match (&mut *reader)
+                .take(room)
+                .read_buf(&mut self.buf)
+                .now_or_never()
+            {
+                Some(Ok(n)) if n > 0 => {}
+                // Nothing more right now, or end of file: the next read says.
+                _ => break,
+            }
+        }
+        Some(self.buf.split().freeze())
     }
 
     fn open(&self) -> bool {

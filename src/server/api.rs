@@ -268,11 +268,12 @@ pub async fn exec(State(state): State<AppState>, request: Request) -> Result<Res
         return Ok(stream_response(channel, prepared, permit, agent, shutdown));
     }
     tokio::select! {
-        r = buffered_response(channel, prepared, agent) => r,
+        biased;
         // Dropping the channel kills the command.
         _ = state.shutdown.cancelled() => Err(ApiError::AgentUnavailable(
             "the server is shutting down; the command was killed".into(),
         )),
+        r = buffered_response(channel, prepared, agent) => r,
     }
 }
 
@@ -446,8 +447,10 @@ fn stream_response(
             return None;
         }
         loop {
+            // Shutdown first: it also takes the agent link down, and the
+            // client should hear the cause, not the symptom.
             let event = tokio::select! {
-                e = st.channel.next() => e,
+                biased;
                 _ = st.shutdown.cancelled() => {
                     st.done = true;
                     let line = json!({"error": "the server is shutting down; the command was killed"});
@@ -455,6 +458,7 @@ fn stream_response(
                     bytes.push(b'\n');
                     return Some((Ok(Bytes::from(bytes)), st));
                 }
+                e = st.channel.next() => e,
             };
             let line = match event {
                 Some(Event::Stdout(b)) => {
