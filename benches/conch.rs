@@ -189,6 +189,7 @@ async fn throughput(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bo
     let n = plan.bytes;
     let cmd = format!("head -c {n} /dev/zero");
     let (mut a, mut b, mut c, mut d, mut e) = (vec![], vec![], vec![], vec![], vec![]);
+    let mut bp = vec![];
     let link = AgentLink::connect(s.agent.addr, &s.agent.key)
         .await
         .unwrap();
@@ -253,6 +254,19 @@ async fn throughput(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bo
         assert_eq!(got, n, "agent bytes");
         b.push(mbps(n, t.elapsed()));
 
+        // (b') the same from a PTY: where the PTY path loses time
+        let t = Instant::now();
+        let req = ExecRequest {
+            cmd: Some(cmd.clone()),
+            pty: Some(conch::protocol::PtySize { cols: 80, rows: 24 }),
+            ..Default::default()
+        };
+        let mut ch = link.exec(req).await.unwrap();
+        let (out, _, exit) = ch.collect().await;
+        assert!(matches!(exit, Event::Exit { code: Some(0), .. }));
+        assert_eq!(out.len() as u64, n, "agent pty bytes");
+        bp.push(mbps(n, t.elapsed()));
+
         // (c) a console command through the server
         let id = 10 + run as u32 * 2;
         let t = Instant::now();
@@ -289,6 +303,11 @@ async fn throughput(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bo
     out.push_str("| path | MB/s (median) | min – max | ratio to pipe |\n|---|---|---|---|\n");
     out.push_str(&row("(a) plain pipe (baseline)", &a, am));
     out.push_str(&row("(b) framed protocol from the agent", &b, am));
+    out.push_str(&row(
+        "(b') framed protocol from the agent, in a PTY",
+        &bp,
+        am,
+    ));
     out.push_str(&row("(c) WebSocket console through the server", &c, am));
     out.push_str(&row("(d) PTY session through the server", &d, am));
     out.push_str(&row("(e) bare PTY read loop (PTY baseline)", &e, am));

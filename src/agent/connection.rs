@@ -12,6 +12,7 @@ use tracing::{debug, info, warn};
 
 use super::channel::{self, Control, Done, STDIN_QUEUE, Stdin};
 use super::process::parse_signal;
+use crate::frame_writer::write_queued;
 use crate::keyfile::Key;
 use crate::protocol::handshake::{agent_mac, is_valid_nonce, new_nonce, verify_client_mac};
 use crate::protocol::{Frame, FrameCodec, FrameError, Message, PROTOCOL_VERSION};
@@ -169,20 +170,8 @@ impl Connection {
         // and at most `max_channels` exist.
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
         let writer = tokio::spawn(async move {
-            while let Some(frame) = out_rx.recv().await {
-                if let Err(e) = sink.feed(frame).await {
-                    debug!(error = %e, "write failed");
-                    return;
-                }
-                // Batch what is queued already, then flush once.
-                while let Ok(frame) = out_rx.try_recv() {
-                    if sink.feed(frame).await.is_err() {
-                        return;
-                    }
-                }
-                if sink.flush().await.is_err() {
-                    return;
-                }
+            if let Err(e) = write_queued(&mut out_rx, &mut sink).await {
+                debug!(error = %e, "write failed");
             }
         });
 

@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 
+use crate::frame_writer::write_queued;
 use crate::keyfile::Key;
 use crate::protocol::handshake::{client_mac, is_valid_nonce, new_nonce, verify_agent_mac};
 use crate::protocol::{ExecRequest, Frame, FrameCodec, FrameError, Message, PROTOCOL_VERSION};
@@ -160,22 +161,9 @@ impl AgentLink {
 
         let writer_closed = closed.clone();
         tokio::spawn(async move {
-            loop {
-                let frame = tokio::select! {
-                    f = out_rx.recv() => match f { Some(f) => f, None => break },
-                    _ = writer_closed.cancelled() => break,
-                };
-                if sink.feed(frame).await.is_err() {
-                    break;
-                }
-                while let Ok(frame) = out_rx.try_recv() {
-                    if sink.feed(frame).await.is_err() {
-                        break;
-                    }
-                }
-                if sink.flush().await.is_err() {
-                    break;
-                }
+            tokio::select! {
+                _ = write_queued(&mut out_rx, &mut sink) => {}
+                _ = writer_closed.cancelled() => {}
             }
             writer_closed.cancel();
         });
