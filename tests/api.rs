@@ -638,3 +638,21 @@ async fn streaming_binary_chunks_are_base64() {
     assert_eq!(bytes, b"ok\xff\xfe");
     let _ = resp.bytes_stream().next().await;
 }
+
+#[tokio::test]
+async fn the_rate_limit_answers_429() {
+    let server = start_server(&["--api-rate-per-minute", "3"], &[]);
+    for _ in 0..3 {
+        let (status, _) = exec(&server, &server.token, json!({"command": "true"})).await;
+        assert_eq!(status, 200);
+    }
+    let resp = client()
+        .post(server.url("/api/v1/exec"))
+        .bearer_auth(&server.token)
+        .json(&json!({"command": "true"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.headers().contains_key("retry-after"));
+    problem(resp, 429).await;
+}

@@ -321,7 +321,23 @@ async fn configured_only_through_the_environment_as_compose_does() {
         &["--tcp", &format!("127.0.0.1:{}", free_port())],
         &[]
     ));
-    // The probe left no error in the agent's log; the next line is not a warning.
+    // The probe is no error in the agent's log: a fresh authenticated
+    // connection logs a line, and nothing before it was a warning.
+    let key = conch::keyfile::Key::load(&secrets.path().join("agent_key")).unwrap();
+    let _link = conch::link::AgentLink::connect(format!("127.0.0.1:{agent_port}"), &key)
+        .await
+        .unwrap();
+    // (The server's own connection authenticated first.)
+    let mut authenticated = 0;
+    agent.wait_for("the new connection", |l| {
+        let v: Value = serde_json::from_str(l).unwrap();
+        assert!(
+            !matches!(v["level"].as_str(), Some("WARN" | "ERROR")),
+            "{l}"
+        );
+        authenticated += usize::from(v["message"] == "client authenticated");
+        (authenticated == 2).then_some(())
+    });
 }
 
 #[tokio::test]

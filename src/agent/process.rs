@@ -147,6 +147,20 @@ fn spawn_error(err: &io::Error, what: &str) -> SpawnError {
     }
 }
 
+/// The shell of the agent's user: `$SHELL` when set (as a login would set
+/// it), else the user's entry in the password database, else `/bin/sh`.
+fn login_shell() -> String {
+    if let Some(shell) = std::env::var("SHELL").ok().filter(|s| !s.is_empty()) {
+        return shell;
+    }
+    nix::unistd::User::from_uid(nix::unistd::getuid())
+        .ok()
+        .flatten()
+        .map(|u| u.shell.to_string_lossy().into_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "/bin/sh".into())
+}
+
 /// Builds the command line: `sh -c CMD`, an argv, or (PTY only) a login shell.
 fn command_for(req: &ExecRequest) -> Result<(Command, String), SpawnError> {
     if let Some(argv) = &req.argv {
@@ -165,10 +179,7 @@ fn command_for(req: &ExecRequest) -> Result<(Command, String), SpawnError> {
         cmd.arg("-c").arg(line);
         return Ok((cmd, "sh".into()));
     }
-    let shell = std::env::var("SHELL")
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "/bin/sh".into());
+    let shell = login_shell();
     let mut cmd = Command::new(&shell);
     // A leading '-' in argv[0] is how login(1) asks a shell to be a login shell.
     let base = shell.rsplit('/').next().unwrap_or("sh");
