@@ -808,6 +808,11 @@
 
   function onError(msg) {
     const text = RED + 'conch: ' + clean(msg.message || msg.code || 'error') + RESET;
+    // `final: false`: the command goes on (its exit still comes); only say so.
+    if (msg.final === false) {
+      note(text);
+      return;
+    }
     if (msg.id != null && state.running && state.running.id === msg.id) {
       state.typeahead = '';            // the rest of a paste would likely fail the same way
       finishCommand(msg.id, text);

@@ -4,6 +4,7 @@
 mod common;
 
 use std::collections::HashSet;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use common::{start_agent, wait_gone};
@@ -613,4 +614,67 @@ fn a_short_or_missing_key_is_a_clear_startup_error() {
         .output()
         .unwrap();
     assert!(!again.status.success(), "keygen must not overwrite a key");
+}
+
+#[tokio::test]
+async fn a_process_that_ignores_stdin_does_not_stall_the_connection() {
+    let agent = start_agent(&[]);
+    let mut framed = raw_connect(agent.addr).await;
+    handshake(&mut framed, &agent.key).await.unwrap();
+    framed
+        .send(Frame::new(1, Message::Exec(sh("exec sleep 300"))))
+        .await
+        .unwrap();
+    // More stdin than the channel's credit, to a process that never reads.
+    let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+    // (The pipe itself takes up to 64 KiB: 40 frames are well beyond both.)
+    for _ in 0..40 {
+        framed
+            .send(Frame::with_payload(
+                1,
+                Message::Stdin { eof: false },
+                chunk.clone(),
+            ))
+            .await
+            .unwrap();
+    }
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        expect_error(&mut framed, 1, "stdin_overflow"),
+    )
+    .await
+    .expect("stdin_overflow");
+    // The same connection still runs other commands.
+    framed
+        .send(Frame::new(2, Message::Exec(sh("echo unblocked"))))
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    loop {
+        let frame = framed.next().await.unwrap().unwrap();
+        match frame.msg {
+            Message::Stdout if frame.ch == 2 => out.extend_from_slice(&frame.payload),
+            Message::Exit { .. } if frame.ch == 2 => break,
+            _ => {}
+        }
+    }
+    assert_eq!(out, b"unblocked\n");
+    framed.send(Frame::new(1, Message::Close)).await.unwrap();
+}
+
+#[tokio::test]
+async fn stdin_credit_comes_back_as_the_process_reads() {
+    let agent = start_agent(&[]);
+    let link = AgentLink::connect(agent.addr, &agent.key).await.unwrap();
+    // Four times the credit through `wc -c`: the link waits for window
+    // frames between chunks, and every byte arrives.
+    let mut channel = link.exec(sh("wc -c")).await.unwrap();
+    let data = Bytes::from(vec![b'y'; 4 * conch::protocol::message::STDIN_WINDOW]);
+    channel.stdin(data, true).await.unwrap();
+    let (out, _, exit) = channel.collect().await;
+    assert_eq!(exit_code(&exit), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&out).trim(),
+        (4 * 1024 * 1024).to_string()
+    );
 }

@@ -23,13 +23,11 @@ use crate::protocol::{ExecRequest, Frame, Message, PtySize};
 /// The most output read in one go, and so the largest output frame: 64 KiB.
 const READ_CHUNK: usize = 64 * 1024;
 
-/// Stdin bytes a channel buffers ahead of its process reading them: 1 MiB.
-/// Past that the channel stops taking `stdin` frames from its queue, which
-/// in turn makes the connection wait: stdin is never dropped.
-pub const STDIN_BUFFER_LIMIT: usize = 1024 * 1024;
+pub use crate::protocol::message::STDIN_WINDOW;
 
-/// `stdin` frames queued for one channel ahead of its buffer: 16.
-pub const STDIN_QUEUE: usize = 16;
+/// How much consumed stdin the agent gathers before returning credit,
+/// unless the queue runs dry first: 32 KiB.
+const STDIN_CREDIT_BATCH: usize = 32 * 1024;
 
 /// How long output is still drained after the command's leader exits and its
 /// group is killed. Only a process that escaped the group (a daemon that
@@ -65,7 +63,10 @@ pub async fn run(
     ch: u32,
     req: ExecRequest,
     mut control: mpsc::Receiver<Control>,
-    mut input: mpsc::Receiver<Stdin>,
+    (mut input, stdin_spent): (
+        mpsc::UnboundedReceiver<Stdin>,
+        std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    ),
     out: mpsc::Sender<Frame>,
     done: mpsc::UnboundedSender<Done>,
 ) {
@@ -77,7 +78,7 @@ pub async fn run(
     let exit = match process::spawn(&req) {
         Ok(spawned) => {
             let outcome = Supervisor::new(ch, window, out.clone())
-                .supervise(spawned, &mut control, &mut input, deadline)
+                .supervise(spawned, &mut control, &mut input, &stdin_spent, deadline)
                 .await;
             exit_message(outcome, started)
         }
@@ -171,7 +172,7 @@ impl<R: AsyncRead + Unpin> Source<R> {
     }
 }
 
-/// Standard input waiting to be written, bounded by [`STDIN_BUFFER_LIMIT`].
+/// Standard input waiting to be written, bounded by [`STDIN_WINDOW`].
 struct StdinQueue<W> {
     writer: Option<W>,
     /// For a terminal, end of input is the EOF character (^D), not a close.
@@ -179,11 +180,26 @@ struct StdinQueue<W> {
     queue: VecDeque<Bytes>,
     queued: usize,
     eof: bool,
+    /// Credit consumed (written, or dropped) and not yet returned.
+    owed: usize,
 }
 
 impl<W: AsyncWrite + Unpin> StdinQueue<W> {
+    /// Credit to return now: a batch's worth, or all once the queue is dry.
+    fn credit_due(&mut self) -> Option<u64> {
+        if self.owed > 0 && (self.owed >= STDIN_CREDIT_BATCH || self.queue.is_empty()) {
+            return Some(std::mem::take(&mut self.owed) as u64);
+        }
+        None
+    }
+
     fn push(&mut self, data: Bytes, eof: bool) -> Result<(), &'static str> {
-        if self.writer.is_none() {
+        if data.is_empty() {
+            // An empty frame costs one byte of credit; it is spent at once.
+            self.owed += 1;
+        }
+        if self.writer.is_none() || self.eof {
+            self.owed += data.len();
             return if data.is_empty() {
                 Ok(())
             } else {
@@ -206,11 +222,6 @@ impl<W: AsyncWrite + Unpin> StdinQueue<W> {
         Ok(())
     }
 
-    /// Whether another frame may be taken into the buffer.
-    fn has_room(&self) -> bool {
-        self.queued < STDIN_BUFFER_LIMIT
-    }
-
     fn pending(&self) -> bool {
         self.writer.is_some() && !self.queue.is_empty()
     }
@@ -222,6 +233,7 @@ impl<W: AsyncWrite + Unpin> StdinQueue<W> {
         match writer.write(front).await {
             Ok(n) if n > 0 => {
                 self.queued -= n;
+                self.owed += n;
                 let _ = front.split_to(n);
                 if front.is_empty() {
                     self.queue.pop_front();
@@ -234,6 +246,7 @@ impl<W: AsyncWrite + Unpin> StdinQueue<W> {
             _ => {
                 self.writer = None;
                 self.queue.clear();
+                self.owed += self.queued;
                 self.queued = 0;
             }
         }
@@ -284,7 +297,8 @@ impl Supervisor {
         mut self,
         spawned: Spawned,
         control: &mut mpsc::Receiver<Control>,
-        input: &mut mpsc::Receiver<Stdin>,
+        input: &mut mpsc::UnboundedReceiver<Stdin>,
+        stdin_spent: &std::sync::atomic::AtomicUsize,
         deadline: Option<tokio::time::Instant>,
     ) -> Outcome {
         let Spawned {
@@ -319,6 +333,7 @@ impl Supervisor {
             queue: VecDeque::new(),
             queued: 0,
             eof: false,
+            owed: 0,
         };
         let mut stdout = Source::new(stdout);
         let mut stderr = Source::new(stderr);
@@ -356,6 +371,8 @@ impl Supervisor {
                         self.closed = true;
                         group.signal(Signal::SIGKILL);
                         stdin.writer = None;
+                        stdin.owed += std::mem::take(&mut stdin.queued);
+                        stdin.queue.clear();
                     }
                 },
                 result = child.wait(), if status.is_none() => {
@@ -384,7 +401,7 @@ impl Supervisor {
                         self.emit(Message::Stderr, data).await;
                     }
                 }
-                msg = input.recv(), if input_open && stdin.has_room() => match msg {
+                msg = input.recv(), if input_open => match msg {
                     Some(Stdin { data, eof }) => {
                         if stdin.push(data, eof).is_err() {
                             self.error("stdin_closed", "the process's stdin is closed").await;
@@ -393,6 +410,19 @@ impl Supervisor {
                     None => input_open = false,
                 },
                 _ = stdin.write_some(), if stdin.pending() => {}
+            }
+            if let Some(add) = stdin.credit_due() {
+                // Saturating: a PTY's EOF character is written without
+                // having been paid for.
+                let _ = stdin_spent.fetch_update(
+                    std::sync::atomic::Ordering::AcqRel,
+                    std::sync::atomic::Ordering::Acquire,
+                    |v| Some(v.saturating_sub(add as usize)),
+                );
+                let _ = self
+                    .out
+                    .send(Frame::new(self.ch, Message::Window { add }))
+                    .await;
             }
         }
         Outcome { status, timed_out }

@@ -10,7 +10,7 @@ use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::channel::{self, Control, Done, STDIN_QUEUE, Stdin};
+use super::channel::{self, Control, Done, STDIN_WINDOW, Stdin};
 use super::process::parse_signal;
 use crate::frame_writer::write_queued;
 use crate::keyfile::Key;
@@ -43,7 +43,7 @@ pub async fn serve(stream: TcpStream, key: Key, limits: Limits, shutdown: Cancel
         .map(|a| a.to_string())
         .unwrap_or_else(|_| "?".into());
     let _ = stream.set_nodelay(true);
-    let mut framed = Framed::new(stream, FrameCodec::new());
+    let mut framed = Framed::new(stream, FrameCodec::handshake());
     let authed = tokio::select! {
         r = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut framed, &key)) => r,
         _ = shutdown.cancelled() => return,
@@ -68,6 +68,8 @@ pub async fn serve(stream: TcpStream, key: Key, limits: Limits, shutdown: Cancel
             return;
         }
     }
+    // Authenticated: the protocol's full limits from here on.
+    *framed.codec_mut() = FrameCodec::new();
     Connection::new(limits).run(framed, shutdown).await;
     info!(%peer, "client disconnected");
 }
@@ -147,7 +149,11 @@ async fn handshake(
 /// The connection's side of a running channel.
 struct ChannelHandle {
     control: mpsc::Sender<Control>,
-    stdin: mpsc::Sender<Stdin>,
+    /// Unbounded in frames but bounded in bytes by the stdin credit.
+    stdin: mpsc::UnboundedSender<Stdin>,
+    /// Stdin credit the client has spent and the channel not yet returned;
+    /// the channel gives it back (and tells the client) as the process reads.
+    stdin_spent: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 struct Connection {
@@ -247,29 +253,44 @@ impl Connection {
                     let _ = reply(Message::error("too_many_channels", msg)).await;
                 } else {
                     let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
-                    let (stdin, stdin_rx) = mpsc::channel(STDIN_QUEUE);
-                    self.channels.insert(ch, ChannelHandle { control, stdin });
+                    let (stdin, stdin_rx) = mpsc::unbounded_channel();
+                    let stdin_spent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+                    self.channels.insert(
+                        ch,
+                        ChannelHandle {
+                            control,
+                            stdin,
+                            stdin_spent: stdin_spent.clone(),
+                        },
+                    );
                     tokio::spawn(channel::run(
                         ch,
                         req,
                         control_rx,
-                        stdin_rx,
+                        (stdin_rx, stdin_spent),
                         out.clone(),
                         done.clone(),
                     ));
                 }
             }
             Message::Stdin { eof } => match self.channels.get(&ch) {
-                // Waits while the channel's stdin buffer is full: lossless,
-                // at the price of pausing this connection's reads.
+                // Never waits: the client's credit bounds what is queued.
                 Some(handle) => {
-                    let _ = handle
-                        .stdin
-                        .send(Stdin {
+                    use std::sync::atomic::Ordering;
+                    let cost = frame.payload.len().max(1);
+                    let spent = handle.stdin_spent.fetch_add(cost, Ordering::AcqRel) + cost;
+                    if spent > STDIN_WINDOW {
+                        handle.stdin_spent.fetch_sub(cost, Ordering::AcqRel);
+                        let msg = format!(
+                            "stdin beyond the channel's credit of {STDIN_WINDOW} bytes was refused; wait for window frames"
+                        );
+                        let _ = reply(Message::error("stdin_overflow", msg)).await;
+                    } else {
+                        let _ = handle.stdin.send(Stdin {
                             data: frame.payload,
                             eof,
-                        })
-                        .await;
+                        });
+                    }
                 }
                 None => {
                     let _ = reply(Message::error(

@@ -15,13 +15,14 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 
 use crate::frame_writer::write_queued;
 use crate::keyfile::Key;
 use crate::protocol::handshake::{client_mac, is_valid_nonce, new_nonce, verify_agent_mac};
+use crate::protocol::message::STDIN_WINDOW;
 use crate::protocol::{ExecRequest, Frame, FrameCodec, FrameError, Message, PROTOCOL_VERSION};
 
 /// Frames queued for the agent from all channels of a link: 256.
@@ -65,6 +66,21 @@ pub enum Event {
     },
     /// The link to the agent was lost; no event follows.
     Lost,
+}
+
+/// Error codes with which the agent refuses an `exec`: the channel never
+/// started, and no `exit` will follow.
+pub const REFUSED: &[&str] = &["bad_channel", "channel_in_use", "too_many_channels"];
+
+impl Event {
+    /// Whether nothing follows this event on its channel.
+    pub fn is_final(&self) -> bool {
+        match self {
+            Event::Exit { .. } | Event::Lost => true,
+            Event::Error { code, .. } => REFUSED.contains(&code.as_str()),
+            _ => false,
+        }
+    }
 }
 
 /// Performs the client side of the handshake on a fresh connection.
@@ -117,7 +133,20 @@ pub async fn handshake(
     }
 }
 
-type Routes = Arc<Mutex<HashMap<u32, mpsc::UnboundedSender<Event>>>>;
+/// Where a channel's frames go: its events, and its stdin credit.
+struct Route {
+    events: mpsc::UnboundedSender<Event>,
+    stdin_credit: Arc<Semaphore>,
+}
+
+impl Route {
+    /// The channel is over: wake anyone waiting for stdin credit.
+    fn end(self) {
+        self.stdin_credit.close();
+    }
+}
+
+type Routes = Arc<Mutex<HashMap<u32, Route>>>;
 
 /// An authenticated connection to one agent.
 #[derive(Clone)]
@@ -183,8 +212,9 @@ impl AgentLink {
                 .lock()
                 .map(|mut r| r.drain().collect())
                 .unwrap_or_default();
-            for (_, tx) in lost {
-                let _ = tx.send(Event::Lost);
+            for (_, route) in lost {
+                let _ = route.events.send(Event::Lost);
+                route.end();
             }
         });
         link
@@ -208,6 +238,7 @@ impl AgentLink {
     /// Starts a command on a fresh channel.
     pub async fn exec(&self, req: ExecRequest) -> Result<Channel, LinkError> {
         let (tx, rx) = mpsc::unbounded_channel();
+        let stdin_credit = Arc::new(Semaphore::new(STDIN_WINDOW));
         let ch = {
             let mut routes = self.routes.lock().map_err(|_| LinkError::Closed)?;
             if self.closed.is_cancelled() {
@@ -220,11 +251,18 @@ impl AgentLink {
                     break;
                 }
             }
-            routes.insert(ch, tx);
+            routes.insert(
+                ch,
+                Route {
+                    events: tx,
+                    stdin_credit: stdin_credit.clone(),
+                },
+            );
             ch
         };
         let channel = Channel {
             ch,
+            stdin_credit,
             events: rx,
             out: self.out.clone(),
             routes: self.routes.clone(),
@@ -245,6 +283,16 @@ impl AgentLink {
 
 fn route(routes: &Routes, frame: Frame) {
     let event = match frame.msg {
+        Message::Window { add } => {
+            // The agent's process read some stdin: more may be sent.
+            if let Ok(routes) = routes.lock()
+                && let Some(route) = routes.get(&frame.ch)
+            {
+                let add = usize::try_from(add).unwrap_or(usize::MAX).min(STDIN_WINDOW);
+                route.stdin_credit.add_permits(add);
+            }
+            return;
+        }
         Message::Stdout => Event::Stdout(frame.payload),
         Message::Stderr => Event::Stderr(frame.payload),
         Message::Exit {
@@ -264,13 +312,15 @@ fn route(routes: &Routes, frame: Frame) {
     let Ok(mut routes) = routes.lock() else {
         return;
     };
-    let last = matches!(event, Event::Exit { .. });
-    if let Some(tx) = routes.get(&frame.ch) {
-        let _ = tx.send(event);
+    let last = event.is_final();
+    if let Some(route) = routes.get(&frame.ch) {
+        let _ = route.events.send(event);
     }
     if last {
         // The agent frees the id with `exit`; so does the link.
-        routes.remove(&frame.ch);
+        if let Some(route) = routes.remove(&frame.ch) {
+            route.end();
+        }
     }
 }
 
@@ -278,6 +328,7 @@ fn route(routes: &Routes, frame: Frame) {
 /// (the agent kills its process group).
 pub struct Channel {
     ch: u32,
+    stdin_credit: Arc<Semaphore>,
     events: mpsc::UnboundedReceiver<Event>,
     out: mpsc::Sender<Frame>,
     routes: Routes,
@@ -295,7 +346,7 @@ impl Channel {
             return None;
         }
         let event = self.events.recv().await.unwrap_or(Event::Lost);
-        self.ended = matches!(event, Event::Exit { .. } | Event::Lost);
+        self.ended = event.is_final();
         Some(event)
     }
 
@@ -305,6 +356,7 @@ impl Channel {
         Controller {
             ch: self.ch,
             out: self.out.clone(),
+            stdin_credit: self.stdin_credit.clone(),
         }
     }
 
@@ -342,7 +394,8 @@ impl Channel {
                     err.extend_from_slice(&b);
                     let _ = self.window(b.len() as u64).await;
                 }
-                Event::Error { .. } => {}
+                // `next` has marked the channel ended if the error is final.
+                Event::Error { .. } if !self.ended => {}
                 last => return (out, err, last),
             }
         }
@@ -355,6 +408,7 @@ impl Channel {
 pub struct Controller {
     ch: u32,
     out: mpsc::Sender<Frame>,
+    stdin_credit: Arc<Semaphore>,
 }
 
 impl Controller {
@@ -366,13 +420,28 @@ impl Controller {
     }
 
     /// Sends bytes to the command's stdin, in frames of at most 1 MiB.
+    /// Sends bytes to the command's stdin, in frames of at most 64 KiB,
+    /// each once the agent has granted the credit for it: this waits while
+    /// the process is not reading. Fails once the channel has ended.
     pub async fn stdin(&self, data: Bytes, eof: bool) -> Result<(), LinkError> {
+        const CHUNK: usize = 64 * 1024;
         let mut rest = data;
-        while rest.len() > crate::protocol::MAX_PAYLOAD_LEN {
-            let chunk = rest.split_to(crate::protocol::MAX_PAYLOAD_LEN);
-            self.send(Message::Stdin { eof: false }, chunk).await?;
+        loop {
+            let chunk = rest.split_to(rest.len().min(CHUNK));
+            let last = rest.is_empty();
+            // An empty frame costs one byte of credit.
+            let cost = u32::try_from(chunk.len().max(1)).unwrap_or(u32::MAX);
+            self.stdin_credit
+                .acquire_many(cost)
+                .await
+                .map_err(|_| LinkError::Closed)?
+                .forget();
+            self.send(Message::Stdin { eof: eof && last }, chunk)
+                .await?;
+            if last {
+                return Ok(());
+            }
         }
-        self.send(Message::Stdin { eof }, rest).await
     }
 
     /// Delivers `INT`, `TERM`, `KILL` or `HUP` to the command's process group.
@@ -405,12 +474,22 @@ impl Controller {
 impl Drop for Channel {
     fn drop(&mut self) {
         if !self.ended {
-            if let Ok(mut routes) = self.routes.lock() {
-                routes.remove(&self.ch);
+            if let Ok(mut routes) = self.routes.lock()
+                && let Some(route) = routes.remove(&self.ch)
+            {
+                route.end();
             }
-            // Best effort: if the queue is full the link is congested or
-            // gone, and losing the link kills the command anyway.
-            let _ = self.out.try_send(Frame::new(self.ch, Message::Close));
+            // The close must not be lost, or the command runs on untracked:
+            // if the queue is full, a task waits for room.
+            let frame = Frame::new(self.ch, Message::Close);
+            if let Err(mpsc::error::TrySendError::Full(frame)) = self.out.try_send(frame) {
+                let out = self.out.clone();
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(async move {
+                        let _ = out.send(frame).await;
+                    });
+                }
+            }
         }
     }
 }

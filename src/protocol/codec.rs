@@ -74,21 +74,48 @@ pub enum FrameError {
 }
 
 /// The `tokio_util` codec for [`Frame`]s, shared by agent and server.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FrameCodec {
     /// A frame whose header is decoded and whose payload (of the given length)
     /// has not fully arrived yet; kept so the header is parsed only once.
     pending: Option<(u32, Message, usize)>,
+    max_header: usize,
+    max_payload: usize,
 }
 
+impl Default for FrameCodec {
+    fn default() -> Self {
+        FrameCodec {
+            pending: None,
+            max_header: MAX_HEADER_LEN,
+            max_payload: MAX_PAYLOAD_LEN,
+        }
+    }
+}
+
+/// The largest header a peer may send before it has authenticated: 4 KiB
+/// (an `auth` frame is about 250 bytes), with no payload at all. An
+/// unauthenticated peer can thus make the agent buffer 4 KiB, not 1 MiB.
+pub const MAX_HANDSHAKE_HEADER_LEN: usize = 4 * 1024;
+
 impl FrameCodec {
+    /// The codec with the protocol's limits.
     pub fn new() -> FrameCodec {
         FrameCodec::default()
+    }
+
+    /// The codec for a connection that has not authenticated yet.
+    pub fn handshake() -> FrameCodec {
+        FrameCodec {
+            pending: None,
+            max_header: MAX_HANDSHAKE_HEADER_LEN,
+            max_payload: 0,
+        }
     }
 }
 
 /// Parses and validates one header, returning `(ch, message, payload length)`.
-fn parse_header(bytes: &[u8]) -> Result<(u32, Message, usize), FrameError> {
+fn parse_header(bytes: &[u8], max_payload: usize) -> Result<(u32, Message, usize), FrameError> {
     let value: Value =
         serde_json::from_slice(bytes).map_err(|e| FrameError::InvalidJson(e.to_string()))?;
     let Value::Object(obj) = value else {
@@ -113,7 +140,7 @@ fn parse_header(bytes: &[u8]) -> Result<(u32, Message, usize), FrameError> {
             reason: "\"len\" is not an unsigned integer".into(),
         })?,
     };
-    if len > MAX_PAYLOAD_LEN as u64 {
+    if len > max_payload as u64 {
         return Err(FrameError::PayloadTooLarge(len));
     }
     let msg: Message =
@@ -134,7 +161,7 @@ impl Decoder for FrameCodec {
                 return Ok(None);
             }
             let header_len = u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as usize;
-            if header_len == 0 || header_len > MAX_HEADER_LEN {
+            if header_len == 0 || header_len > self.max_header {
                 return Err(FrameError::HeaderLength(header_len));
             }
             if src.len() < 4 + header_len {
@@ -143,7 +170,7 @@ impl Decoder for FrameCodec {
             }
             src.advance(4);
             let header = src.split_to(header_len);
-            self.pending = Some(parse_header(&header)?);
+            self.pending = Some(parse_header(&header, self.max_payload)?);
         }
         let payload_len = self.pending.as_ref().map_or(0, |p| p.2);
         if src.len() < payload_len {

@@ -114,6 +114,14 @@ pub struct PtySize {
     pub rows: u16,
 }
 
+/// Stdin credit of a channel: the client may have at most this many bytes
+/// of `stdin` payload (an empty frame counts as one byte) sent and not yet
+/// written to the process: 1 MiB. The agent returns credit with `window`
+/// frames as the process reads, so the connection never has to wait for a
+/// process that does not read, and a client that overruns the credit gets
+/// `stdin_overflow` instead of unbounded buffering.
+pub const STDIN_WINDOW: usize = 1024 * 1024;
+
 /// Output credit a channel starts with when `exec` names none: 1 MiB.
 pub const DEFAULT_WINDOW: u64 = 1024 * 1024;
 

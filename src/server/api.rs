@@ -340,6 +340,13 @@ async fn buffered_response(
                 err.push(&b);
                 let _ = channel.window(b.len() as u64).await;
             }
+            Some(Event::Error { code, message })
+                if crate::link::REFUSED.contains(&code.as_str()) =>
+            {
+                return Err(ApiError::AgentUnavailable(format!(
+                    "agent {agent:?} refused the command ({code}): {message}"
+                )));
+            }
             Some(Event::Error { .. }) => {}
             Some(Event::Exit {
                 code,
@@ -474,6 +481,12 @@ fn stream_response(
                         Some(l) => l,
                         None => continue,
                     }
+                }
+                Some(Event::Error { code, message })
+                    if crate::link::REFUSED.contains(&code.as_str()) =>
+                {
+                    st.done = true;
+                    json!({"error": format!("agent {:?} refused the command ({code}): {message}", st.agent)})
                 }
                 Some(Event::Error { .. }) => continue,
                 Some(Event::Exit {

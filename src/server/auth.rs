@@ -212,7 +212,12 @@ impl Auth {
     }
 
     /// Checks a user name and password, or the admin token, counting
-    /// failures against `client`.
+    /// failures against `client`. Slow by design (argon2): call it off the
+    /// async workers.
+    ///
+    /// The attempt is counted as a failure *before* the check and forgiven
+    /// after a success, so that parallel guesses cannot all slip under the
+    /// limit while the first ones are still being verified.
     pub fn login(
         &self,
         client: IpAddr,
@@ -220,9 +225,7 @@ impl Auth {
         password: &str,
         token: &str,
     ) -> Result<Principal, LoginError> {
-        if let Some(retry_after) = self.blocked(client) {
-            return Err(LoginError::RateLimited { retry_after });
-        }
+        self.reserve_attempt(client)?;
         let principal = if !token.is_empty() {
             self.admin_token(token)
         } else {
@@ -237,24 +240,20 @@ impl Auth {
             })
         };
         match principal {
-            Some(p) => Ok(p),
-            None => {
-                self.record_failure(client);
-                Err(LoginError::Invalid)
+            Some(p) => {
+                self.forgive_attempt(client);
+                Ok(p)
             }
+            None => Err(LoginError::Invalid),
         }
     }
 
-    fn blocked(&self, client: IpAddr) -> Option<Duration> {
-        let failures = self.failures.lock().ok()?;
-        let (count, since) = failures.get(&client)?;
-        let elapsed = since.elapsed();
-        (*count >= LOGIN_ATTEMPTS && elapsed < LOGIN_WINDOW).then(|| LOGIN_WINDOW - elapsed)
-    }
-
-    fn record_failure(&self, client: IpAddr) {
+    /// Counts an attempt, or refuses it when `client` is over the limit.
+    fn reserve_attempt(&self, client: IpAddr) -> Result<(), LoginError> {
         let Ok(mut failures) = self.failures.lock() else {
-            return;
+            return Err(LoginError::RateLimited {
+                retry_after: LOGIN_WINDOW,
+            });
         };
         if failures.len() >= LOGIN_TRACKED {
             failures.retain(|_, (_, since)| since.elapsed() < LOGIN_WINDOW);
@@ -272,7 +271,21 @@ impl Auth {
         if entry.1.elapsed() >= LOGIN_WINDOW {
             *entry = (0, Instant::now());
         }
+        if entry.0 >= LOGIN_ATTEMPTS {
+            return Err(LoginError::RateLimited {
+                retry_after: LOGIN_WINDOW.saturating_sub(entry.1.elapsed()),
+            });
+        }
         entry.0 += 1;
+        Ok(())
+    }
+
+    fn forgive_attempt(&self, client: IpAddr) {
+        if let Ok(mut failures) = self.failures.lock()
+            && let Some(entry) = failures.get_mut(&client)
+        {
+            entry.0 = entry.0.saturating_sub(1);
+        }
     }
 
     /// Starts a session; returns the cookie value.
@@ -294,7 +307,11 @@ impl Auth {
                 session_key(&cookie),
                 SessionEntry {
                     principal,
-                    expires: now + self.session_ttl,
+                    // A huge configured lifetime must not overflow (and
+                    // panic with this lock held).
+                    expires: now
+                        .checked_add(self.session_ttl)
+                        .unwrap_or(now + Duration::from_secs(365 * 86_400)),
                 },
             );
         }

@@ -56,11 +56,17 @@ pub struct AppState {
     pub tokens: tokens::TokenStore,
     pub api_limits: api::ApiLimits,
     pub api_rate: api::RateLimiter,
+    /// One permit per password check running (argon2 takes ~19 MiB and
+    /// tens of milliseconds each).
+    pub login_slots: tokio::sync::Semaphore,
     /// One permit per command running through the API.
     pub exec_slots: Arc<tokio::sync::Semaphore>,
 }
 
 pub type State = Arc<AppState>;
+
+/// Password checks run at once; more logins wait their turn.
+pub const LOGIN_VERIFIERS: usize = 2;
 
 /// The session cookie's name.
 pub const SESSION_COOKIE: &str = "conch_session";
@@ -151,6 +157,7 @@ pub async fn serve(
         )),
         api_limits: config.api_limits.clone(),
         api_rate: api::RateLimiter::default(),
+        login_slots: tokio::sync::Semaphore::new(LOGIN_VERIFIERS),
     });
     info!(%addr, "server listening");
     if generated && config.users.is_empty() {

@@ -41,7 +41,16 @@ fn render(template: &impl Template) -> Response {
 /// Only local paths: a login must never redirect to another site.
 fn safe_next(next: Option<&str>) -> String {
     match next {
-        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n.to_owned(),
+        // Browsers drop tabs and newlines while parsing a URL, so "/\t/x"
+        // would become "//x", another site: refuse any such character.
+        Some(n)
+            if n.starts_with('/')
+                && !n.starts_with("//")
+                && !n.contains('\\')
+                && !n.chars().any(|c| c.is_control() || c.is_whitespace()) =>
+        {
+            n.to_owned()
+        }
         _ => "/".to_owned(),
     }
 }
@@ -71,7 +80,8 @@ pub async fn login_page(
 ) -> Response {
     let next = safe_next(query.next.as_deref());
     if let Some(token) = query.token.filter(|t| !t.is_empty()) {
-        return finish_login(&state, state.auth.login(peer.ip(), "", "", &token), next);
+        let result = check_login(&state, peer, String::new(), String::new(), token).await;
+        return finish_login(&state, result, next);
     }
     render(&LoginPage {
         error: String::new(),
@@ -95,12 +105,39 @@ pub struct LoginForm {
 pub async fn login_submit(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     Form(form): Form<LoginForm>,
 ) -> Response {
-    let result = state
-        .auth
-        .login(peer.ip(), &form.username, &form.password, &form.token);
+    // Another site must not log the browser into an account of its choosing.
+    if headers.contains_key(header::ORIGIN)
+        && !super::security::origin_allowed(&headers, &state.allowed_origins)
+    {
+        return (StatusCode::FORBIDDEN, "cross-origin login refused").into_response();
+    }
+    let result = check_login(&state, peer, form.username, form.password, form.token).await;
     finish_login(&state, result, safe_next(Some(&form.next)))
+}
+
+/// Runs the (deliberately slow) credential check on the blocking pool, at
+/// most [`super::LOGIN_VERIFIERS`] at a time, so that a flood of logins
+/// neither stalls the async workers nor takes argon2's memory many times over.
+async fn check_login(
+    state: &AppState,
+    peer: SocketAddr,
+    username: String,
+    password: String,
+    token: String,
+) -> Result<Principal, LoginError> {
+    let busy = LoginError::RateLimited {
+        retry_after: std::time::Duration::from_secs(1),
+    };
+    let Ok(_permit) = state.login_slots.acquire().await else {
+        return Err(busy);
+    };
+    let app = state.clone();
+    tokio::task::spawn_blocking(move || app.auth.login(peer.ip(), &username, &password, &token))
+        .await
+        .unwrap_or(Err(busy))
 }
 
 fn finish_login(state: &AppState, result: Result<Principal, LoginError>, next: String) -> Response {

@@ -13,7 +13,10 @@ pub const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self' '
 connect-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; \
 form-action 'self'; frame-ancestors 'none'";
 
-/// Adds the security headers to every response.
+/// Adds the security headers to every response. The referrer policy is
+/// `same-origin`, not `no-referrer`: under `no-referrer` browsers send
+/// `Origin: null` on the page's own form posts, which the Origin check on
+/// logout and login would then refuse.
 pub async fn headers(request: Request, next: Next) -> Response {
     let mut response = next.run(request).await;
     let h = response.headers_mut();
@@ -27,7 +30,7 @@ pub async fn headers(request: Request, next: Next) -> Response {
     );
     h.insert(
         header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
+        HeaderValue::from_static("same-origin"),
     );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     h.insert(

@@ -52,6 +52,9 @@ pub async fn upgrade(
     let Some(principal) = state.session_principal(&headers) else {
         return (StatusCode::UNAUTHORIZED, "log in first").into_response();
     };
+    // Kept to check, at every command, that the session is still alive: a
+    // console left open must not outlive a logout or the session's expiry.
+    let cookie = super::session_cookie(&headers).unwrap_or_default();
     if !origin_allowed(&headers, &state.allowed_origins) {
         tracing::warn!(user = %principal.name, "WebSocket from a foreign origin refused");
         return (StatusCode::FORBIDDEN, "this origin may not open a console").into_response();
@@ -60,7 +63,7 @@ pub async fn upgrade(
     // buffer keeps idle sessions cheap (tungstenite's default is 128 KiB).
     ws.max_message_size(MAX_MESSAGE)
         .read_buffer_size(READ_BUFFER)
-        .on_upgrade(move |socket| session(socket, state, principal))
+        .on_upgrade(move |socket| session(socket, state, principal, cookie))
 }
 
 /// A message from the browser.
@@ -106,15 +109,22 @@ fn text(value: Value) -> WsMessage {
     WsMessage::Text(value.to_string().into())
 }
 
+/// An error message. With an `id`, `final` says whether that command is
+/// over (it never started, or it is gone) or goes on (its `exit` follows).
 fn error(id: Option<u32>, code: &str, message: &str) -> WsMessage {
+    error_with(id, code, message, true)
+}
+
+fn error_with(id: Option<u32>, code: &str, message: &str, is_final: bool) -> WsMessage {
     let mut v = json!({"type": "error", "code": code, "message": message});
     if let Some(id) = id {
         v["id"] = json!(id);
+        v["final"] = json!(is_final);
     }
     text(v)
 }
 
-async fn session(socket: WebSocket, state: AppState, principal: Principal) {
+async fn session(socket: WebSocket, state: AppState, principal: Principal, cookie: String) {
     let (mut sink, mut stream) = socket.split();
     let (out, mut out_rx) = mpsc::channel::<WsMessage>(OUTBOUND_QUEUE);
     let writer = tokio::spawn(async move {
@@ -140,6 +150,11 @@ async fn session(socket: WebSocket, state: AppState, principal: Principal) {
     loop {
         tokio::select! {
             msg = stream.next() => match msg {
+                Some(Ok(WsMessage::Text(_))) if state.auth.session(&cookie).is_none() => {
+                    let _ = out.send(error(None, "session_expired", "the session has ended; log in again")).await;
+                    let _ = out.send(WsMessage::Close(None)).await;
+                    break;
+                }
                 Some(Ok(WsMessage::Text(t))) => match serde_json::from_str::<ClientMessage>(&t) {
                     Ok(msg) => handle(msg, &state, &principal, &out, &finished_tx, &mut running).await,
                     Err(e) => {
@@ -183,6 +198,11 @@ async fn handle(
     running: &mut HashMap<u32, Running>,
 ) {
     match msg {
+        ClientMessage::Exec { id: 0, .. } => {
+            let _ = out
+                .send(error(None, "bad_request", "command ids start at 1"))
+                .await;
+        }
         ClientMessage::Exec {
             id,
             cmd,
@@ -197,10 +217,11 @@ async fn handle(
             }
             if running.contains_key(&id) {
                 let _ = out
-                    .send(error(
+                    .send(error_with(
                         Some(id),
                         "bad_request",
                         "that command id is still running",
+                        false,
                     ))
                     .await;
                 return;
@@ -333,7 +354,10 @@ async fn pump(
                 "type": "exit", "id": id, "code": code, "signal": signal,
                 "timed_out": timed_out, "duration_ms": duration_ms,
             })),
-            Event::Error { code, message } => error(Some(id), &code, &message),
+            ref e @ Event::Error {
+                ref code,
+                ref message,
+            } => error_with(Some(id), code, message, e.is_final()),
             Event::Lost => error(
                 Some(id),
                 "agent_lost",
