@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod client;
 pub mod frame_writer;
+pub mod keepalive;
 pub mod keyfile;
 pub mod link;
 pub mod protocol;

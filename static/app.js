@@ -910,10 +910,25 @@
     el.modeShell.title = viewer ? 'viewers cannot start a shell' : 'Interactive login shell in a pseudo-terminal';
   }
 
+  // A big paste goes in pieces of at most 16 Ki UTF-16 units (under 64 KiB
+  // of JSON), never splitting a surrogate pair: the server refuses messages
+  // over 1 MiB, and smaller messages keep the socket responsive.
+  const STDIN_PIECE = 16 * 1024;
+  function sendStdin(id, data) {
+    let i = 0;
+    while (i < data.length) {
+      let end = Math.min(i + STDIN_PIECE, data.length);
+      const last = data.charCodeAt(end - 1);
+      if (end < data.length && last >= 0xd800 && last <= 0xdbff) end -= 1;
+      send({ type: 'stdin', id, data: data.slice(i, end) });
+      i = end;
+    }
+  }
+
   term.onData((data) => {
     if (state.mode === 'shell') {
       // Passed through untouched: the PTY does its own line discipline.
-      if (state.shell) send({ type: 'stdin', id: state.shell.id, data });
+      if (state.shell) sendStdin(state.shell.id, data);
       return;
     }
     commandInput(data);

@@ -678,3 +678,47 @@ async fn stdin_credit_comes_back_as_the_process_reads() {
         (4 * 1024 * 1024).to_string()
     );
 }
+
+#[tokio::test]
+async fn an_interactive_shells_jobs_die_with_its_channel() {
+    let agent = start_agent_shell();
+    let link = AgentLink::connect(agent.addr, &agent.key).await.unwrap();
+    let req = ExecRequest {
+        pty: Some(PtySize { cols: 80, rows: 24 }),
+        ..Default::default()
+    };
+    let mut channel = link.exec(req).await.unwrap();
+    // Job control puts the background job in a process group of its own.
+    channel
+        .stdin(
+            Bytes::from_static(b"set -m; sleep 300 & echo bg=$!\n"),
+            false,
+        )
+        .await
+        .unwrap();
+    let mut seen = String::new();
+    let pid: i32 = loop {
+        match channel.next().await {
+            Some(Event::Stdout(b)) => {
+                channel.window(b.len() as u64).await.unwrap();
+                seen.push_str(&String::from_utf8_lossy(&b));
+                if let Some(pid) = seen
+                    .split("bg=")
+                    .nth(2)
+                    .and_then(|s| s.split_whitespace().next())
+                    .and_then(|s| s.parse().ok())
+                {
+                    break pid;
+                }
+            }
+            other => panic!("{other:?} after {seen:?}"),
+        }
+    };
+    assert!(common::alive(pid));
+    channel.close().await.unwrap();
+    let _ = channel.collect().await;
+    assert!(
+        wait_gone(pid).await,
+        "the shell's background job {pid} survived"
+    );
+}

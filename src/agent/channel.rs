@@ -357,7 +357,13 @@ impl Supervisor {
             tokio::select! {
                 biased;
                 msg = control.recv(), if control_open => match msg {
-                    Some(Control::Signal(sig)) => group.signal(sig),
+                    // In a terminal, a signal is for the foreground job (an
+                    // interactive shell runs it in a group of its own).
+                    Some(Control::Signal(sig)) => {
+                        if !pty.as_ref().is_some_and(|p| p.signal_foreground(sig)) {
+                            group.signal(sig);
+                        }
+                    }
                     Some(Control::Resize(size)) => {
                         if let Some(pty) = &pty {
                             let _ = pty.resize(size);

@@ -43,6 +43,7 @@ pub async fn serve(stream: TcpStream, key: Key, limits: Limits, shutdown: Cancel
         .map(|a| a.to_string())
         .unwrap_or_else(|_| "?".into());
     let _ = stream.set_nodelay(true);
+    crate::keepalive::enable(&stream);
     let mut framed = Framed::new(stream, FrameCodec::handshake());
     let authed = tokio::select! {
         r = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut framed, &key)) => r,

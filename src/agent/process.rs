@@ -46,17 +46,26 @@ pub struct SpawnError {
 
 /// A process group that is killed (SIGKILL) when this value is dropped, so
 /// that no error path, lost connection or panic can leave it running.
+///
+/// A PTY command leads a session of its own, and an interactive shell puts
+/// each job in a process group of its own within it: for those, killing
+/// means every process of the session.
 #[derive(Debug)]
 pub struct ProcessGroup {
     pgid: Option<Pid>,
+    session: bool,
 }
 
 impl ProcessGroup {
-    /// Sends `signal` to every process of the group.
+    /// Sends `signal` to every process of the group (SIGKILL: of the
+    /// session, for a PTY command).
     pub fn signal(&self, signal: Signal) {
         if let Some(pgid) = self.pgid {
             // ESRCH (the group is already gone) is the expected race here.
             let _ = killpg(pgid, signal);
+            if self.session && signal == Signal::SIGKILL {
+                kill_session(pgid);
+            }
         }
     }
 
@@ -71,6 +80,34 @@ impl ProcessGroup {
 impl Drop for ProcessGroup {
     fn drop(&mut self) {
         self.signal(Signal::SIGKILL);
+    }
+}
+
+/// SIGKILLs every process whose session is `sid`, found through /proc.
+/// (A process that started a session of its own, a daemon, escapes.)
+fn kill_session(sid: Pid) {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // After the command name in parentheses: state, ppid, pgrp, session.
+        let session = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(3))
+            .and_then(|s| s.parse::<i32>().ok());
+        if session == Some(sid.as_raw()) {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
     }
 }
 
@@ -250,6 +287,7 @@ fn spawn_pipes(mut cmd: Command, what: &str) -> Result<Spawned, SpawnError> {
     let mut child = cmd.spawn().map_err(|e| spawn_error(&e, what))?;
     let group = ProcessGroup {
         pgid: child.id().map(|id| Pid::from_raw(id as i32)),
+        session: false,
     };
     let io = ProcessIo::Pipes {
         stdin: child.stdin.take(),
@@ -303,6 +341,7 @@ fn spawn_pty(mut cmd: Command, size: PtySize, what: &str) -> Result<Spawned, Spa
     drop(cmd);
     let group = ProcessGroup {
         pgid: child.id().map(|id| Pid::from_raw(id as i32)),
+        session: true,
     };
     let master = Pty::new(pty.master).map_err(io_err)?;
     Ok(Spawned {
@@ -327,6 +366,15 @@ impl Pty {
         // for as long as the AsyncFd that owns it exists.
         let fd = unsafe { AsyncFd::register(master) }.map_err(|e| e.into_parts().1)?;
         Ok(Pty { fd })
+    }
+
+    /// Sends `signal` to the terminal's foreground job, as the terminal's
+    /// own ^C would; false when there is none to be found.
+    pub fn signal_foreground(&self, signal: Signal) -> bool {
+        match nix::unistd::tcgetpgrp(self.fd.get_ref()) {
+            Ok(pgid) if pgid.as_raw() > 0 => killpg(pgid, signal).is_ok(),
+            _ => false,
+        }
     }
 
     /// Sets the terminal size; the kernel sends SIGWINCH to the foreground job.

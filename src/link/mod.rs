@@ -25,6 +25,9 @@ use crate::protocol::handshake::{client_mac, is_valid_nonce, new_nonce, verify_a
 use crate::protocol::message::STDIN_WINDOW;
 use crate::protocol::{ExecRequest, Frame, FrameCodec, FrameError, Message, PROTOCOL_VERSION};
 
+/// Connecting and authenticating to an agent must finish within this.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Frames queued for the agent from all channels of a link: 256.
 const OUTBOUND_QUEUE: usize = 256;
 
@@ -164,15 +167,26 @@ impl AgentLink {
         addr: impl tokio::net::ToSocketAddrs + std::fmt::Display,
         key: &Key,
     ) -> Result<AgentLink, LinkError> {
-        let stream = TcpStream::connect(&addr)
+        // A host that drops packets would leave connect and the handshake
+        // waiting for minutes: give both a deadline.
+        let attempt = async {
+            let stream = TcpStream::connect(&addr)
+                .await
+                .map_err(|source| LinkError::Connect {
+                    addr: addr.to_string(),
+                    source,
+                })?;
+            let _ = stream.set_nodelay(true);
+            crate::keepalive::enable(&stream);
+            let mut framed = Framed::new(stream, FrameCodec::new());
+            handshake(&mut framed, key).await?;
+            Ok::<_, LinkError>(framed)
+        };
+        let framed = tokio::time::timeout(CONNECT_TIMEOUT, attempt)
             .await
-            .map_err(|source| LinkError::Connect {
-                addr: addr.to_string(),
-                source,
-            })?;
-        let _ = stream.set_nodelay(true);
-        let mut framed = Framed::new(stream, FrameCodec::new());
-        handshake(&mut framed, key).await?;
+            .map_err(|_| {
+                LinkError::Handshake(format!("no answer from {addr} within {CONNECT_TIMEOUT:?}"))
+            })??;
         Ok(AgentLink::start(framed))
     }
 

@@ -1,8 +1,8 @@
 //! The REST API: one-off commands (`POST /api/v1/exec`), agents, tokens.
 //!
 //! Scripts authenticate with `Authorization: Bearer <token>` (the admin
-//! token or a named API token); the console's session cookie works too for
-//! the read-only endpoints. Each request's command runs on an agent channel
+//! token or a named API token); the console's session cookie works too, for
+//! requests that change something only with this server's own `Origin`. Each request's command runs on an agent channel
 //! like a console command, under the same limits.
 
 use std::collections::{BTreeMap, HashMap};
@@ -111,6 +111,19 @@ pub fn principal(state: &AppState, headers: &HeaderMap) -> Result<Principal, Api
         .ok_or(ApiError::Unauthorized)
 }
 
+/// Who is calling, for a request that changes something. A bearer token is
+/// enough; the session cookie is not, unless the request comes from this
+/// server's own page (`Origin`): a cookie alone must never let another site
+/// run commands or manage tokens.
+pub fn principal_for_write(state: &AppState, headers: &HeaderMap) -> Result<Principal, ApiError> {
+    if !headers.contains_key(header::AUTHORIZATION)
+        && !super::security::origin_allowed(headers, &state.allowed_origins)
+    {
+        return Err(ApiError::Unauthorized);
+    }
+    principal(state, headers)
+}
+
 /// The body of `POST /api/v1/exec`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -212,7 +225,7 @@ async fn read_json_body(request: Request, limit: usize) -> Result<ExecBody, ApiE
 /// `POST /api/v1/exec`.
 pub async fn exec(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
     let headers = request.headers().clone();
-    let who = principal(&state, &headers)?;
+    let who = principal_for_write(&state, &headers)?;
     if !who.role.can_run() {
         return Err(ApiError::Forbidden(format!(
             "{} is a viewer and may not run commands",
@@ -529,7 +542,7 @@ pub async fn agents(
 }
 
 fn require_admin(state: &AppState, headers: &HeaderMap) -> Result<Principal, ApiError> {
-    let who = principal(state, headers)?;
+    let who = principal_for_write(state, headers)?;
     if who.role != Role::Admin {
         return Err(ApiError::Forbidden("only admins manage tokens".into()));
     }

@@ -40,6 +40,10 @@ pub enum TokenError {
 /// The token file and a cache of its contents.
 pub struct TokenStore {
     path: Option<PathBuf>,
+    /// Held across each read-modify-write, so that a concurrent create and
+    /// revoke cannot undo each other. (`conch token` run by hand at the same
+    /// moment as the admin endpoint is not covered: no file lock.)
+    writing: Mutex<()>,
     cache: Mutex<(Option<SystemTime>, Vec<TokenRecord>)>,
 }
 
@@ -59,6 +63,7 @@ impl TokenStore {
     pub fn new(dir: Option<&Path>) -> TokenStore {
         TokenStore {
             path: dir.map(|d| d.join("tokens.json")),
+            writing: Mutex::new(()),
             cache: Mutex::new((None, Vec::new())),
         }
     }
@@ -131,6 +136,10 @@ impl TokenStore {
         if !valid_name(name) {
             return Err(TokenError::BadName);
         }
+        let _writing = self
+            .writing
+            .lock()
+            .map_err(|_| self.store_err("lock poisoned"))?;
         let mut records = self.load()?;
         if records.iter().any(|r| r.name == name) {
             return Err(TokenError::Exists(name.into()));
@@ -150,6 +159,10 @@ impl TokenStore {
     }
 
     pub fn revoke(&self, name: &str) -> Result<(), TokenError> {
+        let _writing = self
+            .writing
+            .lock()
+            .map_err(|_| self.store_err("lock poisoned"))?;
         let mut records = self.load()?;
         let before = records.len();
         records.retain(|r| r.name != name);
