@@ -476,7 +476,7 @@ async fn wait_output(ws: &mut Ws, id: u32, done: impl Fn(&[u8]) -> bool) {
 async fn concurrency(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bool)> {
     let _ = writeln!(
         out,
-        "### 3. Concurrent shell sessions (each a WebSocket with a PTY shell, typing {} keystrokes one second apart)\n",
+        "### 3. Concurrent shell sessions (each a WebSocket with a PTY shell, typing {} keystrokes one second apart, their phases spread evenly over the second)\n",
         plan.keystrokes
     );
     out.push_str("| sessions | failures | keystroke p50 ms | p99 ms | server RSS per session | agent RSS per session |\n|---|---|---|---|---|---|\n");
@@ -488,7 +488,10 @@ async fn concurrency(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, b
         let mut tasks = Vec::new();
         let ready = std::sync::Arc::new(tokio::sync::Barrier::new(n + 1));
         let done = std::sync::Arc::new(tokio::sync::Notify::new());
-        for _ in 0..n {
+        for i in 0..n {
+            // Sessions type at evenly spread moments of each second, as
+            // people do, not all on the same tick.
+            let phase = Duration::from_millis((i * 1000 / n) as u64);
             let mut req = format!("ws://{}/ws", s.server.addr)
                 .into_client_request()
                 .unwrap();
@@ -518,6 +521,7 @@ async fn concurrency(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, b
                 ready.wait().await;
                 let mut ws = ws?;
                 let mut samples = Vec::new();
+                tokio::time::sleep(phase).await;
                 for k in 0..keystrokes {
                     tokio::time::sleep(Duration::from_millis(1000)).await;
                     let key = if k % 2 == 0 { "y" } else { "z" };
@@ -544,7 +548,7 @@ async fn concurrency(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, b
         let mut samples = Vec::new();
         let mut failures = 0;
         // Let the typing finish, then release the sessions.
-        tokio::time::sleep(Duration::from_millis(1000 * plan.keystrokes as u64 + 500)).await;
+        tokio::time::sleep(Duration::from_millis(1000 * plan.keystrokes as u64 + 1500)).await;
         done.notify_waiters();
         for t in tasks {
             let left = deadline.saturating_duration_since(Instant::now());

@@ -25,8 +25,7 @@ const READ_CHUNK: usize = 64 * 1024;
 
 pub use crate::protocol::message::STDIN_WINDOW;
 
-/// How much consumed stdin the agent gathers before returning credit,
-/// unless the queue runs dry first: 32 KiB.
+/// How much consumed stdin the agent gathers before returning credit: 32 KiB.
 const STDIN_CREDIT_BATCH: usize = 32 * 1024;
 
 /// How long output is still drained after the command's leader exits and its
@@ -185,9 +184,12 @@ struct StdinQueue<W> {
 }
 
 impl<W: AsyncWrite + Unpin> StdinQueue<W> {
-    /// Credit to return now: a batch's worth, or all once the queue is dry.
+    /// Credit to return now: a batch's worth. Typing thus costs no frame
+    /// per keystroke, and no deadlock can come of the batching: a client
+    /// waiting for credit has at least the window minus one batch in flight,
+    /// which the process's reading turns into a full batch.
     fn credit_due(&mut self) -> Option<u64> {
-        if self.owed > 0 && (self.owed >= STDIN_CREDIT_BATCH || self.queue.is_empty()) {
+        if self.owed >= STDIN_CREDIT_BATCH {
             return Some(std::mem::take(&mut self.owed) as u64);
         }
         None
