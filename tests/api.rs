@@ -12,14 +12,19 @@ fn client() -> reqwest::Client {
     reqwest::Client::new()
 }
 
-async fn exec(server: &Server, token: &str, body: Value) -> (StatusCode, Value) {
-    let resp = client()
+/// `POST /api/v1/exec` with a bearer token and a JSON body.
+async fn post_exec(server: &Server, token: &str, body: &Value) -> reqwest::Response {
+    client()
         .post(server.url("/api/v1/exec"))
         .bearer_auth(token)
-        .json(&body)
+        .json(body)
         .send()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+async fn exec(server: &Server, token: &str, body: Value) -> (StatusCode, Value) {
+    let resp = post_exec(server, token, &body).await;
     let status = resp.status();
     (status, resp.json().await.unwrap())
 }
@@ -231,13 +236,7 @@ async fn errors_are_problem_details_with_the_right_status() {
         .unwrap();
     assert!(resp.headers().contains_key("www-authenticate"));
     problem(resp, 401).await;
-    let resp = c
-        .post(&url)
-        .bearer_auth("wrong-token")
-        .json(&json!({"command": "true"}))
-        .send()
-        .await
-        .unwrap();
+    let resp = post_exec(&server, "wrong-token", &json!({"command": "true"})).await;
     problem(resp, 401).await;
 
     let resp = c
@@ -249,21 +248,14 @@ async fn errors_are_problem_details_with_the_right_status() {
         .await
         .unwrap();
     problem(resp, 400).await;
-    let resp = c
-        .post(&url)
-        .bearer_auth(&server.token)
-        .json(&json!({"cwd": "/"}))
-        .send()
-        .await
-        .unwrap();
+    let resp = post_exec(&server, &server.token, &json!({"cwd": "/"})).await;
     problem(resp, 400).await;
-    let resp = c
-        .post(&url)
-        .bearer_auth(&server.token)
-        .json(&json!({"command": "x", "encoding": "klingon"}))
-        .send()
-        .await
-        .unwrap();
+    let resp = post_exec(
+        &server,
+        &server.token,
+        &json!({"command": "x", "encoding": "klingon"}),
+    )
+    .await;
     problem(resp, 400).await;
     let resp = c
         .post(&url)
@@ -275,25 +267,18 @@ async fn errors_are_problem_details_with_the_right_status() {
         .unwrap();
     problem(resp, 415).await;
     let big = "x".repeat(4096);
-    let resp = c
-        .post(&url)
-        .bearer_auth(&server.token)
-        .json(&json!({"command": "true", "stdin": big}))
-        .send()
-        .await
-        .unwrap();
+    let resp = post_exec(
+        &server,
+        &server.token,
+        &json!({"command": "true", "stdin": big}),
+    )
+    .await;
     problem(resp, 413).await;
 
     // One slot: a second command while the first runs gets 429.
     let mut running = ndjson(&server, json!({"command": "echo up; exec sleep 300"})).await;
     read_lines(&mut running, |_| true).await;
-    let resp = c
-        .post(&url)
-        .bearer_auth(&server.token)
-        .json(&json!({"command": "true"}))
-        .send()
-        .await
-        .unwrap();
+    let resp = post_exec(&server, &server.token, &json!({"command": "true"})).await;
     assert!(resp.headers().contains_key("retry-after"));
     problem(resp, 429).await;
     drop(running);
@@ -331,13 +316,7 @@ async fn an_unreachable_agent_is_a_503_naming_it() {
         ],
         &[],
     );
-    let resp = client()
-        .post(server.url("/api/v1/exec"))
-        .bearer_auth(&server.token)
-        .json(&json!({"command": "true"}))
-        .send()
-        .await
-        .unwrap();
+    let resp = post_exec(&server, &server.token, &json!({"command": "true"})).await;
     let body = problem(resp, 503).await;
     assert!(body["detail"].as_str().unwrap().contains("faraway"));
     assert_eq!(
@@ -459,13 +438,7 @@ async fn tokens_are_created_used_and_revoked() {
         .unwrap();
     assert!(out.status.success());
     let looker = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    let resp = c
-        .post(server.url("/api/v1/exec"))
-        .bearer_auth(&looker)
-        .json(&json!({"command": "true"}))
-        .send()
-        .await
-        .unwrap();
+    let resp = post_exec(&server, &looker, &json!({"command": "true"})).await;
     problem(resp, 403).await;
     assert_eq!(
         c.get(server.url("/api/v1/agents"))
@@ -484,13 +457,7 @@ async fn tokens_are_created_used_and_revoked() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 204);
-    let resp = c
-        .post(server.url("/api/v1/exec"))
-        .bearer_auth(&ci)
-        .json(&json!({"command": "true"}))
-        .send()
-        .await
-        .unwrap();
+    let resp = post_exec(&server, &ci, &json!({"command": "true"})).await;
     problem(resp, 401).await;
 }
 
@@ -646,13 +613,7 @@ async fn the_rate_limit_answers_429() {
         let (status, _) = exec(&server, &server.token, json!({"command": "true"})).await;
         assert_eq!(status, 200);
     }
-    let resp = client()
-        .post(server.url("/api/v1/exec"))
-        .bearer_auth(&server.token)
-        .json(&json!({"command": "true"}))
-        .send()
-        .await
-        .unwrap();
+    let resp = post_exec(&server, &server.token, &json!({"command": "true"})).await;
     assert!(resp.headers().contains_key("retry-after"));
     problem(resp, 429).await;
 }
