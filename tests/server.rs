@@ -136,16 +136,19 @@ async fn a_pty_shell_session_and_ctrl_c() {
     );
     assert_eq!(exit["code"], 3);
 
+    // `sh -c` catches SIGINT until it has exec'd its last command: send the
+    // signal once `sleep` is known to run, or it waits out the sleep.
     send(
         &mut ws,
-        json!({"type": "exec", "id": 8, "cmd": "echo running; sleep 300"}),
+        json!({"type": "exec", "id": 8, "cmd": "echo $$; exec sleep 300"}),
     )
     .await;
     assert_eq!(next_json(&mut ws).await["type"], "started");
-    match ws.next().await.unwrap().unwrap() {
-        Message::Binary(b) => assert_eq!(&b[5..], b"running\n"),
+    let pid: i32 = match ws.next().await.unwrap().unwrap() {
+        Message::Binary(b) => String::from_utf8_lossy(&b[5..]).trim().parse().unwrap(),
         other => panic!("{other:?}"),
-    }
+    };
+    common::wait_exec(pid, "sleep").await;
     send(&mut ws, json!({"type": "signal", "id": 8, "signal": "INT"})).await;
     let exit = next_json(&mut ws).await;
     assert_eq!(exit["type"], "exit");
