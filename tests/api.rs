@@ -319,33 +319,9 @@ async fn an_unreachable_agent_is_a_503_naming_it() {
     let resp = post_exec(&server, &server.token, &json!({"command": "true"})).await;
     let body = problem(resp, 503).await;
     assert!(body["detail"].as_str().unwrap().contains("faraway"));
-    assert_eq!(
-        client()
-            .get(server.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        503
-    );
-    assert_eq!(
-        client()
-            .get(server.url("/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    let agents: Value = client()
-        .get(server.url("/api/v1/agents"))
-        .bearer_auth(&server.token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    assert_eq!(common::status(server.url("/readyz")).await, 503);
+    assert_eq!(common::status(server.url("/healthz")).await, 200);
+    let agents: Value = common::get_json(server.url("/api/v1/agents"), &server.token).await;
     assert_eq!(agents["agents"][0]["name"], "faraway");
     assert_eq!(agents["agents"][0]["connected"], false);
 }
@@ -384,17 +360,7 @@ async fn tokens_are_created_used_and_revoked() {
     let data_dir = data.path().to_str().unwrap().to_owned();
     let server = start_server(&["--data-dir", &data_dir], &[]);
     let c = client();
-    let created: Value = c
-        .post(server.url("/api/v1/tokens"))
-        .bearer_auth(&server.token)
-        .json(&json!({"name": "ci", "role": "operator"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let ci = created["token"].as_str().unwrap().to_owned();
+    let ci = server.create_token("ci", "operator").await;
     let (status, body) = exec(&server, &ci, json!({"command": "echo via-ci"})).await;
     assert_eq!(
         (status, body["stdout"].as_str()),

@@ -295,15 +295,7 @@ async fn configured_only_through_the_environment_as_compose_does() {
     assert_eq!(resp.status(), 200);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["stdout"], "through-env\n");
-    let agents: Value = reqwest::Client::new()
-        .get(format!("{base}/api/v1/agents"))
-        .bearer_auth(admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let agents: Value = common::get_json(format!("{base}/api/v1/agents"), admin).await;
     assert_eq!(agents["agents"][0]["name"], "agent");
 
     // The health checks the image and compose file use.

@@ -165,24 +165,8 @@ async fn without_a_session_nothing_is_served() {
     let resp = client.get(server.url("/")).send().await.unwrap();
     assert_eq!(resp.status(), 303);
     assert_eq!(resp.headers()["location"], "/login");
-    assert_eq!(
-        client
-            .get(server.url("/api/v1/session"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        401
-    );
-    assert_eq!(
-        client
-            .get(server.url("/api/v1/agents"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        401
-    );
+    assert_eq!(common::status(server.url("/api/v1/session")).await, 401);
+    assert_eq!(common::status(server.url("/api/v1/agents")).await, 401);
     assert_eq!(
         open_ws(&server, None, Some(&server.origin())).await.err(),
         Some(401)
@@ -195,15 +179,7 @@ async fn without_a_session_nothing_is_served() {
         Some(401)
     );
     // Health needs no login; it says nothing else.
-    assert_eq!(
-        client
-            .get(server.url("/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(common::status(server.url("/healthz")).await, 200);
 }
 
 #[tokio::test]
@@ -463,16 +439,7 @@ async fn a_lost_agent_is_reported_and_reconnected() {
     let reply = next_json(&mut ws).await;
     assert_eq!(reply["code"], "agent_unavailable");
     assert!(reply["message"].as_str().unwrap().contains("box"));
-    let client = reqwest::Client::new();
-    assert_eq!(
-        client
-            .get(server.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        503
-    );
+    assert_eq!(common::status(server.url("/readyz")).await, 503);
 
     // It comes back on the same address: the server reconnects by itself.
     let dir = tempfile::tempdir().unwrap();
@@ -484,15 +451,7 @@ async fn a_lost_agent_is_reported_and_reconnected() {
     again.wait_for("listening", |l| common::logged_addr(l, "agent listening"));
     wait_agent(&mut ws, true).await;
     assert_eq!(run(&mut ws, 3, "echo after").await.0, b"after\n");
-    assert_eq!(
-        client
-            .get(server.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(common::status(server.url("/readyz")).await, 200);
 }
 
 /// Waits for an agent status message (or hello) saying connected == `up`.
@@ -536,17 +495,7 @@ async fn secrets_never_reach_the_logs() {
         .login(&[("username", "olga"), ("password", "a-wrong-password")])
         .await;
     let client = reqwest::Client::new();
-    let created: Value = client
-        .post(server.url("/api/v1/tokens"))
-        .bearer_auth(&server.token)
-        .json(&json!({"name": "logged", "role": "operator"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let api_token = created["token"].as_str().unwrap().to_owned();
+    let api_token = server.create_token("logged", "operator").await;
     let resp = client
         .post(server.url("/api/v1/exec"))
         .bearer_auth(&api_token)

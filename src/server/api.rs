@@ -322,6 +322,15 @@ fn decode(bytes: &[u8], encoding: &'static Encoding) -> Option<String> {
         .map(|c| c.into_owned())
 }
 
+/// Why a command ended without an exit, in the buffered and streamed answers alike.
+fn refused(agent: &str, code: &str, message: &str) -> String {
+    format!("agent {agent:?} refused the command ({code}): {message}")
+}
+
+fn lost(agent: &str) -> String {
+    format!("the connection to agent {agent:?} was lost during the command")
+}
+
 fn exit_fields(
     code: Option<i32>,
     signal: Option<String>,
@@ -356,9 +365,7 @@ async fn buffered_response(
             Some(Event::Error { code, message })
                 if crate::link::REFUSED.contains(&code.as_str()) =>
             {
-                return Err(ApiError::AgentUnavailable(format!(
-                    "agent {agent:?} refused the command ({code}): {message}"
-                )));
+                return Err(ApiError::AgentUnavailable(refused(&agent, &code, &message)));
             }
             Some(Event::Error { .. }) => {}
             Some(Event::Exit {
@@ -382,9 +389,7 @@ async fn buffered_response(
                 return Ok(Json(Value::Object(body)).into_response());
             }
             Some(Event::Lost) | None => {
-                return Err(ApiError::AgentUnavailable(format!(
-                    "the connection to agent {agent:?} was lost during the command"
-                )));
+                return Err(ApiError::AgentUnavailable(lost(&agent)));
             }
         }
     }
@@ -499,7 +504,7 @@ fn stream_response(
                     if crate::link::REFUSED.contains(&code.as_str()) =>
                 {
                     st.done = true;
-                    json!({"error": format!("agent {:?} refused the command ({code}): {message}", st.agent)})
+                    json!({"error": refused(&st.agent, &code, &message)})
                 }
                 Some(Event::Error { .. }) => continue,
                 Some(Event::Exit {
@@ -516,7 +521,7 @@ fn stream_response(
                 }
                 Some(Event::Lost) | None => {
                     st.done = true;
-                    json!({"error": format!("the connection to agent {:?} was lost during the command", st.agent)})
+                    json!({"error": lost(&st.agent)})
                 }
             };
             let mut bytes = serde_json::to_vec(&line).unwrap_or_default();

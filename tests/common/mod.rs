@@ -249,3 +249,42 @@ pub async fn wait_exec(pid: i32, comm: &str) {
     }
     panic!("process {pid} never became {comm}");
 }
+
+/// The status of a GET (redirects are not followed).
+pub async fn status(url: impl reqwest::IntoUrl) -> u16 {
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    client.get(url).send().await.unwrap().status().as_u16()
+}
+
+/// The JSON body of a GET with a bearer token.
+pub async fn get_json(url: impl reqwest::IntoUrl, token: &str) -> serde_json::Value {
+    reqwest::Client::new()
+        .get(url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+impl Server {
+    /// Creates an API token through the admin endpoint; returns its value.
+    pub async fn create_token(&self, name: &str, role: &str) -> String {
+        let created: serde_json::Value = reqwest::Client::new()
+            .post(self.url("/api/v1/tokens"))
+            .bearer_auth(&self.token)
+            .json(&serde_json::json!({"name": name, "role": role}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        created["token"].as_str().expect("a token").to_owned()
+    }
+}
