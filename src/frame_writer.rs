@@ -20,11 +20,31 @@ where
     S: Sink<Frame, Error = FrameError> + Unpin,
 {
     while let Some(frame) = queue.recv().await {
-        sink.feed(frame).await?;
+        feed(sink, frame).await?;
         while let Ok(frame) = queue.try_recv() {
-            sink.feed(frame).await?;
+            feed(sink, frame).await?;
         }
         sink.flush().await?;
     }
     Ok(())
+}
+
+/// Queues one frame for writing. A frame that cannot be encoded is the
+/// fault of its sender alone: it is dropped (and logged), and the
+/// connection, which every other channel shares, stays up. Only a failed
+/// write ends the loop. (Senders check what can fail before queueing, so
+/// this is the last line of defence, not the way errors are reported.)
+async fn feed<S>(sink: &mut S, frame: Frame) -> Result<(), FrameError>
+where
+    S: Sink<Frame, Error = FrameError> + Unpin,
+{
+    let (ch, kind) = (frame.ch, frame.msg.type_name());
+    match sink.feed(frame).await {
+        Ok(()) => Ok(()),
+        Err(FrameError::Io(e)) => Err(FrameError::Io(e)),
+        Err(e) => {
+            tracing::error!(ch, kind, error = %e, "a frame could not be encoded and was dropped");
+            Ok(())
+        }
+    }
 }

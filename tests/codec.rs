@@ -28,18 +28,29 @@ fn message() -> impl Strategy<Value = Message> {
                 timed_out,
                 duration_ms
             }),
-        (
-            "\\PC{0,300}",
-            proptest::option::of(any::<(u16, u16)>()),
-            proptest::option::of(any::<u64>())
-        )
-            .prop_map(|(cmd, pty, window)| Message::Exec(ExecRequest {
-                cmd: Some(cmd),
-                pty: pty.map(|(cols, rows)| PtySize { cols, rows }),
-                window,
-                ..Default::default()
-            })),
+        Just(Message::Exec),
     ]
+}
+
+proptest! {
+    /// An exec request survives the trip through its frame's payload.
+    #[test]
+    fn exec_requests_round_trip(
+        cmd in "\\PC{0,300}",
+        pty in proptest::option::of(any::<(u16, u16)>()),
+        window in proptest::option::of(any::<u64>()),
+    ) {
+        let req = ExecRequest {
+            cmd: Some(cmd),
+            pty: pty.map(|(cols, rows)| PtySize { cols, rows }),
+            window,
+            ..Default::default()
+        };
+        let frame = Frame::exec(7, &req).unwrap();
+        let decoded = decode_in_pieces(&encode(&[frame]), &[]);
+        prop_assert_eq!(decoded.len(), 1);
+        prop_assert_eq!(decoded[0].exec_request().unwrap(), req);
+    }
 }
 
 fn frame() -> impl Strategy<Value = Frame> {

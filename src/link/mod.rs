@@ -48,6 +48,10 @@ pub enum LinkError {
     Closed,
     #[error("frame error: {0}")]
     Frame(#[from] FrameError),
+    #[error(
+        "the command's request is {size} bytes of JSON; the agent protocol carries at most {max}"
+    )]
+    TooLarge { size: u64, max: usize },
 }
 
 /// What a channel receives.
@@ -73,7 +77,12 @@ pub enum Event {
 
 /// Error codes with which the agent refuses an `exec`: the channel never
 /// started, and no `exit` will follow.
-pub const REFUSED: &[&str] = &["bad_channel", "channel_in_use", "too_many_channels"];
+pub const REFUSED: &[&str] = &[
+    "bad_channel",
+    "channel_in_use",
+    "too_many_channels",
+    "bad_exec",
+];
 
 impl Event {
     /// Whether nothing follows this event on its channel.
@@ -251,6 +260,15 @@ impl AgentLink {
 
     /// Starts a command on a fresh channel.
     pub async fn exec(&self, req: ExecRequest) -> Result<Channel, LinkError> {
+        // Encoded here, before a channel exists: a request that cannot be
+        // sent fails alone, and never reaches the writer every channel shares.
+        let frame = Frame::exec(0, &req).map_err(|e| match e {
+            FrameError::PayloadTooLarge(size) => LinkError::TooLarge {
+                size,
+                max: crate::protocol::MAX_PAYLOAD_LEN,
+            },
+            other => LinkError::Frame(other),
+        })?;
         let (tx, rx) = mpsc::unbounded_channel();
         let stdin_credit = Arc::new(Semaphore::new(STDIN_WINDOW));
         let ch = {
@@ -283,7 +301,7 @@ impl AgentLink {
             ended: false,
         };
         self.out
-            .send(Frame::new(ch, Message::Exec(req)))
+            .send(Frame { ch, ..frame })
             .await
             .map_err(|_| LinkError::Closed)?;
         Ok(channel)

@@ -45,6 +45,25 @@ impl Frame {
     pub fn with_payload(ch: u32, msg: Message, payload: Bytes) -> Frame {
         Frame { ch, msg, payload }
     }
+
+    /// An `exec` frame: the request travels as JSON in the payload. Fails,
+    /// without touching any connection, when the request is larger than a
+    /// payload may be.
+    pub fn exec(ch: u32, req: &super::ExecRequest) -> Result<Frame, FrameError> {
+        let payload = serde_json::to_vec(req).map_err(|e| FrameError::InvalidHeader {
+            kind: "exec".into(),
+            reason: e.to_string(),
+        })?;
+        if payload.len() > MAX_PAYLOAD_LEN {
+            return Err(FrameError::PayloadTooLarge(payload.len() as u64));
+        }
+        Ok(Frame::with_payload(ch, Message::Exec, Bytes::from(payload)))
+    }
+
+    /// The [`super::ExecRequest`] an `exec` frame carries.
+    pub fn exec_request(&self) -> Result<super::ExecRequest, serde_json::Error> {
+        serde_json::from_slice(&self.payload)
+    }
 }
 
 /// Why bytes could not be decoded into a frame (or a frame encoded).

@@ -41,8 +41,10 @@ pub enum Message {
         code: String,
         message: String,
     },
-    /// Client → agent: start a command on a fresh channel.
-    Exec(ExecRequest),
+    /// Client → agent: start a command on a fresh channel. The payload is
+    /// the [`ExecRequest`] as JSON: a command line and its environment can
+    /// be as large as the kernel allows, far beyond what a header may hold.
+    Exec,
     /// Client → agent: bytes for the process's standard input (the payload).
     Stdin {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -133,7 +135,7 @@ impl Message {
             Message::Auth { .. } => "auth",
             Message::Ready { .. } => "ready",
             Message::Error { .. } => "error",
-            Message::Exec(_) => "exec",
+            Message::Exec => "exec",
             Message::Stdin { .. } => "stdin",
             Message::Signal { .. } => "signal",
             Message::Resize { .. } => "resize",

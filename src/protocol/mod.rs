@@ -13,5 +13,6 @@ pub mod message;
 pub use codec::{Frame, FrameCodec, FrameError, MAX_HEADER_LEN, MAX_PAYLOAD_LEN};
 pub use message::{ExecRequest, Message, PtySize};
 
-/// The protocol version sent in `hello` and `auth`.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The protocol version sent in `hello` and `auth`. Version 2 carries the
+/// `exec` request in the payload instead of the header.
+pub const PROTOCOL_VERSION: u32 = 2;
