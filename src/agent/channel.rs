@@ -61,6 +61,7 @@ pub struct Done {
 pub async fn run(
     ch: u32,
     req: ExecRequest,
+    policy: std::sync::Arc<super::sandbox::ExecPolicy>,
     mut control: mpsc::Receiver<Control>,
     (mut input, stdin_spent): (
         mpsc::UnboundedReceiver<Stdin>,
@@ -74,7 +75,7 @@ pub async fn run(
     let deadline = req
         .timeout_ms
         .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
-    let exit = match process::spawn(&req) {
+    let exit = match process::spawn(&req, &policy) {
         Ok(spawned) => {
             let outcome = Supervisor::new(ch, window, out.clone())
                 .supervise(spawned, &mut control, &mut input, &stdin_spent, deadline)
@@ -340,7 +341,7 @@ impl Supervisor {
         let mut stdout = Source::new(stdout);
         let mut stderr = Source::new(stderr);
         let mut status: Option<ExitStatus> = None;
-        let mut timed_out = false;
+        let mut deadline_hit = false;
         let mut drain_until: Option<tokio::time::Instant> = None;
         let mut control_open = true;
         let mut input_open = true;
@@ -392,9 +393,13 @@ impl Supervisor {
                         break;
                     }
                 }
-                _ = tokio::time::sleep_until(deadline.unwrap_or(far)), if deadline.is_some() && status.is_none() && !timed_out => {
-                    timed_out = true;
-                    group.signal(Signal::SIGKILL);
+                _ = tokio::time::sleep_until(deadline.unwrap_or(far)), if deadline.is_some() && status.is_none() && !deadline_hit => {
+                    deadline_hit = true;
+                    // A command that has exited but is not reaped yet is
+                    // not killed: it finished in time.
+                    if let Ok(None) = child.try_wait() {
+                        group.signal(Signal::SIGKILL);
+                    }
                 }
                 _ = tokio::time::sleep_until(drain_until.unwrap_or(far)), if drain_until.is_some() && can_read => {
                     break;
@@ -433,6 +438,12 @@ impl Supervisor {
                     .await;
             }
         }
+        // Timed out only if the deadline's kill is what ended it: a command
+        // that exited on its own in the same instant reports its own status.
+        let timed_out = deadline_hit
+            && status
+                .as_ref()
+                .is_none_or(|s| s.signal() == Some(Signal::SIGKILL as i32));
         Outcome { status, timed_out }
     }
 }
