@@ -54,9 +54,21 @@ impl Key {
         (trimmed.len() >= MIN_KEY_LEN).then(|| Key(trimmed.to_vec()))
     }
 
-    /// Reads a key file.
+    /// Reads a key file; `-` reads standard input to its end (how the
+    /// server hands the embedded agent its key: never through argv or the
+    /// environment).
     pub fn load(path: &Path) -> Result<Key, KeyError> {
-        let bytes = std::fs::read(path).map_err(|source| KeyError::Read {
+        let read = if path == Path::new("-") {
+            use std::io::Read;
+            let mut bytes = Vec::new();
+            std::io::stdin()
+                .take(64 * 1024)
+                .read_to_end(&mut bytes)
+                .map(|_| bytes)
+        } else {
+            std::fs::read(path)
+        };
+        let bytes = read.map_err(|source| KeyError::Read {
             path: path.to_owned(),
             source,
         })?;

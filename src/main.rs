@@ -7,6 +7,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use conch::agent::sandbox::{
+    CgroupMode, CommandLimits, ExecPolicy, default_memory_limit, make_undumpable,
+};
 use conch::agent::{AgentConfig, Limits};
 use conch::client::ExecConfig;
 use conch::keyfile::Key;
@@ -56,17 +59,93 @@ enum Command {
     },
 }
 
+/// How the commands an agent runs are isolated (shared by `conch agent`
+/// and `conch serve`, which passes them to its embedded agent).
+#[derive(Args, Clone)]
+struct IsolationArgs {
+    /// Run commands as this user (the agent must run as root). Operators can
+    /// do whatever this user can: pick one that cannot read the server's files.
+    #[arg(long, env = "CONCH_RUN_AS")]
+    run_as: Option<String>,
+    /// Processes (and threads) one command may have at once (0: no limit).
+    #[arg(long, env = "CONCH_CMD_MAX_PROCS", default_value_t = 4096)]
+    cmd_max_procs: u64,
+    /// Memory one command may use, in MiB (0: no limit). Default: 3/4 of the
+    /// host's memory, enforced only through a cgroup.
+    #[arg(long, env = "CONCH_CMD_MAX_MEMORY_MIB")]
+    cmd_max_memory_mib: Option<u64>,
+    /// Open files per process of a command (hard limit; the soft one is 1024).
+    #[arg(long, env = "CONCH_CMD_MAX_OPEN_FILES", default_value_t = 65536)]
+    cmd_max_open_files: u64,
+    /// Whether to put each command in a cgroup of its own where possible.
+    #[arg(long, env = "CONCH_CGROUPS", value_enum, default_value = "auto")]
+    cgroups: CgroupMode,
+}
+
+impl IsolationArgs {
+    fn policy(&self) -> anyhow::Result<ExecPolicy> {
+        let limits = CommandLimits {
+            max_procs: self.cmd_max_procs,
+            max_memory: match self.cmd_max_memory_mib {
+                Some(mib) => mib.saturating_mul(1024 * 1024),
+                None => default_memory_limit(),
+            },
+            memory_explicit: self.cmd_max_memory_mib.is_some(),
+            max_open_files: self.cmd_max_open_files.max(16),
+        };
+        Ok(ExecPolicy::new(
+            self.run_as.as_deref(),
+            limits,
+            self.cgroups,
+        )?)
+    }
+
+    /// The same settings as `conch agent` flags.
+    fn to_args(&self) -> Vec<String> {
+        let mut args = vec![
+            format!("--cmd-max-procs={}", self.cmd_max_procs),
+            format!("--cmd-max-open-files={}", self.cmd_max_open_files),
+            format!(
+                "--cgroups={}",
+                match self.cgroups {
+                    CgroupMode::Auto => "auto",
+                    CgroupMode::Off => "off",
+                }
+            ),
+        ];
+        if let Some(user) = &self.run_as {
+            args.push(format!("--run-as={user}"));
+        }
+        if let Some(mib) = self.cmd_max_memory_mib {
+            args.push(format!("--cmd-max-memory-mib={mib}"));
+        }
+        args
+    }
+}
+
 #[derive(Args)]
 struct AgentArgs {
     /// Address to listen on. Loopback by default: exposing an agent is a decision.
     #[arg(long, env = "CONCH_AGENT_LISTEN", default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
-    /// File holding the pre-shared key (at least 16 bytes; see `conch keygen`).
+    /// Serve on this already-listening socket instead (how `conch serve`
+    /// starts its embedded agent).
+    #[arg(long, hide = true)]
+    listen_fd: Option<i32>,
+    /// File holding the pre-shared key (at least 16 bytes; see `conch keygen`); `-` reads stdin.
     #[arg(long, env = "CONCH_AGENT_KEY_FILE")]
     key_file: PathBuf,
-    /// Client connections served at once.
+    #[command(flatten)]
+    isolation: IsolationArgs,
+    /// Authenticated client connections served at once; beyond, a client is told `busy`.
     #[arg(long, env = "CONCH_AGENT_MAX_CONNECTIONS", default_value_t = 1024)]
     max_connections: usize,
+    /// Connections still authenticating at once; beyond, the oldest is dropped.
+    #[arg(long, env = "CONCH_AGENT_MAX_PENDING", default_value_t = 64)]
+    max_pending: usize,
+    /// Milliseconds a connection has to complete the handshake.
+    #[arg(long, env = "CONCH_AGENT_HANDSHAKE_TIMEOUT_MS", default_value_t = 5000)]
+    handshake_timeout_ms: u64,
     /// Commands running at once on one connection.
     #[arg(long, env = "CONCH_AGENT_MAX_CHANNELS", default_value_t = 1024)]
     max_channels: usize,
@@ -101,6 +180,12 @@ struct ServeArgs {
     /// Session lifetime in seconds.
     #[arg(long, env = "CONCH_SESSION_TTL", default_value_t = 12 * 3600)]
     session_ttl: u64,
+    /// Login sessions one user may hold; a new login ends that user's oldest.
+    #[arg(long, env = "CONCH_MAX_SESSIONS_PER_USER", default_value_t = 32)]
+    max_sessions_per_user: usize,
+    /// Login sessions of all users together; beyond, logins are refused (503).
+    #[arg(long, env = "CONCH_MAX_SESSIONS", default_value_t = 100_000)]
+    max_sessions: usize,
     /// Directory for state (API tokens). Without it, tokens live in memory only.
     #[arg(long, env = "CONCH_DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -119,6 +204,9 @@ struct ServeArgs {
     /// REST requests per caller per minute; more get 429.
     #[arg(long, env = "CONCH_API_RATE_PER_MINUTE", default_value_t = 1200)]
     api_rate_per_minute: u32,
+    /// Command isolation of the embedded agent (ignored with --agent).
+    #[command(flatten)]
+    isolation: IsolationArgs,
 }
 
 #[derive(Args)]
@@ -232,6 +320,7 @@ fn serve_config(args: ServeArgs, json_logs: bool) -> anyhow::Result<ServeConfig>
     Ok(ServeConfig {
         listen: args.listen,
         agent,
+        embedded_agent_args: args.isolation.to_args(),
         admin_token: token.map(Secret::new),
         users,
         allowed_origins: args
@@ -240,6 +329,10 @@ fn serve_config(args: ServeArgs, json_logs: bool) -> anyhow::Result<ServeConfig>
             .filter(|o| !o.is_empty())
             .collect(),
         session_ttl: std::time::Duration::from_secs(args.session_ttl.max(60)),
+        session_limits: conch::server::auth::SessionLimits {
+            per_user: args.max_sessions_per_user.max(1),
+            total: args.max_sessions.max(1),
+        },
         data_dir: args.data_dir,
         api_limits: ApiLimits {
             max_body_bytes: args.max_body_bytes,
@@ -275,6 +368,8 @@ fn main() -> ExitCode {
 async fn run(command: Command, json_logs: bool) -> anyhow::Result<ExitCode> {
     match command {
         Command::Serve(args) => {
+            // The server's memory and environment hold the admin token.
+            make_undumpable();
             let config = serve_config(*args, json_logs)?;
             let shutdown = CancellationToken::new();
             tokio::spawn(cancel_on_signal(shutdown.clone()));
@@ -403,19 +498,40 @@ async fn run(command: Command, json_logs: bool) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Agent(args) => {
+            // Commands run by this process must not read its memory.
+            make_undumpable();
+            let policy = args.isolation.policy()?;
             let config = AgentConfig {
                 listen: args.listen,
                 key: Key::load(&args.key_file)?,
                 max_connections: args.max_connections.max(1),
+                max_pending: args.max_pending.max(1),
+                handshake_timeout: std::time::Duration::from_millis(
+                    args.handshake_timeout_ms.max(100),
+                ),
                 limits: Limits {
                     max_channels: args.max_channels.max(1),
                 },
+                policy: std::sync::Arc::new(policy),
             };
             let shutdown = CancellationToken::new();
             tokio::spawn(cancel_on_signal(shutdown.clone()));
-            conch::agent::run(config, shutdown)
-                .await
-                .with_context(|| format!("cannot listen on {}", args.listen))?;
+            match args.listen_fd {
+                Some(fd) => {
+                    use std::os::fd::FromRawFd;
+                    // SAFETY: the parent handed this descriptor down open,
+                    // listening, and for this process alone to own.
+                    let std_listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+                    std_listener.set_nonblocking(true)?;
+                    let listener = tokio::net::TcpListener::from_std(std_listener)
+                        .context("the inherited listening socket is unusable")?;
+                    tracing::info!(addr = %listener.local_addr()?, "agent listening");
+                    conch::agent::serve(listener, config, shutdown).await;
+                }
+                None => conch::agent::run(config, shutdown)
+                    .await
+                    .with_context(|| format!("cannot listen on {}", args.listen))?,
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

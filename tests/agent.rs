@@ -413,7 +413,7 @@ async fn a_wrong_key_is_refused() {
     let mut framed = raw_connect(agent.addr).await;
     let _hello = framed.next().await.unwrap().unwrap();
     framed
-        .send(Frame::new(1, Message::Exec(sh("echo no"))))
+        .send(Frame::exec(1, &sh("echo no")).unwrap())
         .await
         .unwrap();
     expect_error(&mut framed, 0, "protocol").await;
@@ -489,21 +489,21 @@ async fn channel_misuse_gets_an_error_and_the_connection_stays() {
     expect_error(&mut framed, 9, "not_running").await;
 
     framed
-        .send(Frame::new(1, Message::Exec(sh("sleep 300"))))
+        .send(Frame::exec(1, &sh("sleep 300")).unwrap())
         .await
         .unwrap();
     framed
-        .send(Frame::new(1, Message::Exec(sh("echo again"))))
+        .send(Frame::exec(1, &sh("echo again")).unwrap())
         .await
         .unwrap();
     expect_error(&mut framed, 1, "channel_in_use").await;
 
     framed
-        .send(Frame::new(2, Message::Exec(sh("sleep 300"))))
+        .send(Frame::exec(2, &sh("sleep 300")).unwrap())
         .await
         .unwrap();
     framed
-        .send(Frame::new(3, Message::Exec(sh("echo third"))))
+        .send(Frame::exec(3, &sh("echo third")).unwrap())
         .await
         .unwrap();
     expect_error(&mut framed, 3, "too_many_channels").await;
@@ -538,7 +538,7 @@ async fn channel_misuse_gets_an_error_and_the_connection_stays() {
         }
     }
     framed
-        .send(Frame::new(1, Message::Exec(sh("echo reused"))))
+        .send(Frame::exec(1, &sh("echo reused")).unwrap())
         .await
         .unwrap();
     let mut out = Vec::new();
@@ -622,7 +622,7 @@ async fn a_process_that_ignores_stdin_does_not_stall_the_connection() {
     let mut framed = raw_connect(agent.addr).await;
     handshake(&mut framed, &agent.key).await.unwrap();
     framed
-        .send(Frame::new(1, Message::Exec(sh("exec sleep 300"))))
+        .send(Frame::exec(1, &sh("exec sleep 300")).unwrap())
         .await
         .unwrap();
     // More stdin than the channel's credit, to a process that never reads.
@@ -646,7 +646,7 @@ async fn a_process_that_ignores_stdin_does_not_stall_the_connection() {
     .expect("stdin_overflow");
     // The same connection still runs other commands.
     framed
-        .send(Frame::new(2, Message::Exec(sh("echo unblocked"))))
+        .send(Frame::exec(2, &sh("echo unblocked")).unwrap())
         .await
         .unwrap();
     let mut out = Vec::new();

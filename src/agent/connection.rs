@@ -4,21 +4,25 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use std::sync::Arc;
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::channel::{self, Control, Done, STDIN_WINDOW, Stdin};
 use super::process::parse_signal;
+use super::sandbox::ExecPolicy;
 use crate::frame_writer::write_queued;
 use crate::keyfile::Key;
 use crate::protocol::handshake::{agent_mac, is_valid_nonce, new_nonce, verify_client_mac};
 use crate::protocol::{Frame, FrameCodec, FrameError, Message, PROTOCOL_VERSION};
 
-/// A client that has not authenticated by then is dropped.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client that has not authenticated by then is dropped (the default of
+/// `--handshake-timeout-ms`): the real handshake takes one round trip.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Frames queued for the socket, shared by all channels of a connection:
 /// 64 frames of at most 64 KiB of output each. When the client reads
@@ -36,8 +40,19 @@ pub struct Limits {
     pub max_channels: usize,
 }
 
-/// Serves one accepted TCP connection until it closes or `shutdown` fires.
-pub async fn serve(stream: TcpStream, key: Key, limits: Limits, shutdown: CancellationToken) {
+type AgentFramed = Framed<TcpStream, FrameCodec>;
+
+/// Runs the handshake on an accepted connection. `None` when it failed,
+/// timed out, was evicted to make room for newer connections, or the agent
+/// is shutting down; the reason is logged and (where useful) told to the peer.
+pub async fn authenticate(
+    stream: TcpStream,
+    key: &Key,
+    timeout: Duration,
+    slots: &Arc<Semaphore>,
+    evicted: &CancellationToken,
+    shutdown: &CancellationToken,
+) -> Option<(AgentFramed, String, OwnedSemaphorePermit)> {
     let peer = stream
         .peer_addr()
         .map(|a| a.to_string())
@@ -46,32 +61,49 @@ pub async fn serve(stream: TcpStream, key: Key, limits: Limits, shutdown: Cancel
     crate::keepalive::enable(&stream);
     let mut framed = Framed::new(stream, FrameCodec::handshake());
     let authed = tokio::select! {
-        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut framed, &key)) => r,
-        _ = shutdown.cancelled() => return,
+        r = tokio::time::timeout(timeout, handshake(&mut framed, key, slots)) => r,
+        _ = evicted.cancelled() => {
+            debug!(%peer, "handshake dropped: too many connections are authenticating");
+            return None;
+        }
+        _ = shutdown.cancelled() => return None,
     };
     match authed {
-        Ok(Ok(())) => info!(%peer, "client authenticated"),
+        Ok(Ok(permit)) => {
+            info!(%peer, "client authenticated");
+            // Authenticated: the protocol's full limits from here on.
+            *framed.codec_mut() = FrameCodec::new();
+            Some((framed, peer, permit))
+        }
         Ok(Err(HandshakeError::Closed)) => {
             // A TCP health probe connects and hangs up: not worth a warning.
             debug!(%peer, "connection closed before the handshake");
-            return;
+            None
         }
         Ok(Err(err)) => {
             warn!(%peer, error = %err, "handshake failed");
             let _ = framed.send(Frame::new(0, err.to_message())).await;
-            return;
+            None
         }
         Err(_) => {
-            warn!(%peer, "no handshake within {HANDSHAKE_TIMEOUT:?}; dropping");
+            warn!(%peer, "no handshake within {timeout:?}; dropping");
             let _ = framed
                 .send(Frame::new(0, Message::error("auth", "handshake timed out")))
                 .await;
-            return;
+            None
         }
     }
-    // Authenticated: the protocol's full limits from here on.
-    *framed.codec_mut() = FrameCodec::new();
-    Connection::new(limits).run(framed, shutdown).await;
+}
+
+/// Serves an authenticated connection until it closes or `shutdown` fires.
+pub async fn serve_authenticated(
+    framed: AgentFramed,
+    limits: Limits,
+    policy: Arc<ExecPolicy>,
+    shutdown: CancellationToken,
+    peer: &str,
+) {
+    Connection::new(limits, policy).run(framed, shutdown).await;
     info!(%peer, "client disconnected");
 }
 
@@ -89,6 +121,8 @@ enum HandshakeError {
     Nonce,
     #[error("wrong key")]
     BadMac,
+    #[error("the agent serves its maximum of connections")]
+    Busy,
 }
 
 impl HandshakeError {
@@ -96,15 +130,17 @@ impl HandshakeError {
         match self {
             HandshakeError::Frame(e) => Message::error("protocol", e.to_string()),
             HandshakeError::Unexpected(_) => Message::error("protocol", self.to_string()),
+            HandshakeError::Busy => Message::error("busy", self.to_string()),
             _ => Message::error("auth", self.to_string()),
         }
     }
 }
 
 async fn handshake(
-    framed: &mut Framed<TcpStream, FrameCodec>,
+    framed: &mut AgentFramed,
     key: &Key,
-) -> Result<(), HandshakeError> {
+    slots: &Arc<Semaphore>,
+) -> Result<OwnedSemaphorePermit, HandshakeError> {
     let agent_nonce = new_nonce();
     let hello = Message::Hello {
         version: PROTOCOL_VERSION,
@@ -137,6 +173,12 @@ async fn handshake(
     if !verify_client_mac(key.as_bytes(), &agent_nonce, &nonce, &mac) {
         return Err(HandshakeError::BadMac);
     }
+    // Only an authenticated client may take a connection slot; when there
+    // is none it is told so, never left waiting.
+    let permit = slots
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| HandshakeError::Busy)?;
     let ready = Message::Ready {
         mac: agent_mac(key.as_bytes(), &nonce, &agent_nonce),
     };
@@ -144,7 +186,7 @@ async fn handshake(
         .send(Frame::new(0, ready))
         .await
         .map_err(|_| HandshakeError::Closed)?;
-    Ok(())
+    Ok(permit)
 }
 
 /// The connection's side of a running channel.
@@ -159,13 +201,15 @@ struct ChannelHandle {
 
 struct Connection {
     limits: Limits,
+    policy: Arc<ExecPolicy>,
     channels: HashMap<u32, ChannelHandle>,
 }
 
 impl Connection {
-    fn new(limits: Limits) -> Self {
+    fn new(limits: Limits, policy: Arc<ExecPolicy>) -> Self {
         Connection {
             limits,
+            policy,
             channels: HashMap::new(),
         }
     }
@@ -233,7 +277,15 @@ impl Connection {
             Message::Ping { id } => {
                 let _ = reply(Message::Pong { id }).await;
             }
-            Message::Exec(req) => {
+            Message::Exec => {
+                let req = match frame.exec_request() {
+                    Ok(req) => req,
+                    Err(e) => {
+                        let msg = format!("the exec payload is not a valid request: {e}");
+                        let _ = reply(Message::error("bad_exec", msg)).await;
+                        return;
+                    }
+                };
                 if ch == 0 {
                     let _ = reply(Message::error(
                         "bad_channel",
@@ -267,6 +319,7 @@ impl Connection {
                     tokio::spawn(channel::run(
                         ch,
                         req,
+                        self.policy.clone(),
                         control_rx,
                         (stdin_rx, stdin_spent),
                         out.clone(),

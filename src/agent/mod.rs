@@ -1,12 +1,16 @@
 //! The command agent: a TCP server that runs commands for authenticated
 //! clients and streams their output as frames.
 
+pub mod cgroup;
 pub mod channel;
 pub mod connection;
 pub mod process;
+pub mod sandbox;
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -22,9 +26,25 @@ pub use connection::Limits;
 pub struct AgentConfig {
     pub listen: SocketAddr,
     pub key: Key,
-    /// Connections served at once; more wait in the kernel's accept backlog.
+    /// Authenticated connections served at once; beyond, a client that
+    /// completes the handshake is told `busy` and closed.
     pub max_connections: usize,
+    /// Connections still in their handshake at once; beyond, the oldest of
+    /// them is dropped, so that idle or slow strangers can never keep an
+    /// authenticated client out.
+    pub max_pending: usize,
+    /// A connection that has not authenticated by then is dropped.
+    pub handshake_timeout: Duration,
     pub limits: Limits,
+    /// How commands start: user, environment, limits, cgroups.
+    pub policy: Arc<sandbox::ExecPolicy>,
+}
+
+/// Handshakes in progress, oldest first, each with a token that drops it.
+#[derive(Default)]
+struct Pending {
+    next_id: u64,
+    queue: VecDeque<(u64, CancellationToken)>,
 }
 
 /// Binds the configured address and serves until `shutdown` fires.
@@ -37,37 +57,61 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> std::io::R
 
 /// Serves connections from `listener` until `shutdown` fires, then waits
 /// for every connection (and so every command it started) to end.
+///
+/// Connections are counted in two pools: those still in the handshake
+/// (bounded by `max_pending`, the oldest evicted when full, each with a
+/// short deadline) and authenticated ones (bounded by `max_connections`).
+/// Unauthenticated peers therefore cost a bounded amount and never hold a
+/// slot an authenticated client needs.
 pub async fn serve(listener: TcpListener, config: AgentConfig, shutdown: CancellationToken) {
-    // Each connection holds a permit: the cap keeps a flood of connections
-    // from exhausting file descriptors or memory.
-    let permits = Arc::new(Semaphore::new(config.max_connections));
+    let authed = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    let pending = Arc::new(Mutex::new(Pending::default()));
     let tracker = TaskTracker::new();
     loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            _ = shutdown.cancelled() => break,
-        };
         let (stream, _) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(conn) => conn,
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
                     warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             },
             _ = shutdown.cancelled() => break,
         };
+        let (id, evict) = {
+            let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
+            if p.queue.len() >= config.max_pending.max(1)
+                && let Some((_, oldest)) = p.queue.pop_front()
+            {
+                oldest.cancel();
+            }
+            p.next_id += 1;
+            let id = p.next_id;
+            let token = CancellationToken::new();
+            p.queue.push_back((id, token.clone()));
+            (id, token)
+        };
         let key = config.key.clone();
         let limits = config.limits;
+        let policy = config.policy.clone();
+        let timeout = config.handshake_timeout;
         let shutdown = shutdown.clone();
+        let authed = authed.clone();
+        let pending = pending.clone();
         tracker.spawn(async move {
-            connection::serve(stream, key, limits, shutdown).await;
-            drop(permit);
+            let framed =
+                connection::authenticate(stream, &key, timeout, &authed, &evict, &shutdown).await;
+            pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .queue
+                .retain(|(i, _)| *i != id);
+            let Some((framed, peer, _permit)) = framed else {
+                return;
+            };
+            connection::serve_authenticated(framed, limits, policy, shutdown, &peer).await;
         });
     }
     drop(listener);

@@ -19,6 +19,10 @@ use tokio::io::ReadBuf;
 use tokio::io::unix::AsyncFd;
 use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command};
 
+use std::sync::Arc;
+
+use super::cgroup::CommandCgroup;
+use super::sandbox::{self, ExecPolicy, Prepared};
 use crate::protocol::{ExecRequest, PtySize};
 
 /// A running command and the ends of its standard streams.
@@ -54,11 +58,16 @@ pub struct SpawnError {
 pub struct ProcessGroup {
     pgid: Option<Pid>,
     session: bool,
+    /// The command's cgroup: every process it started, whatever group or
+    /// session it moved to.
+    cgroup: Option<Arc<CommandCgroup>>,
+    /// Without a cgroup: the environment mark of its processes.
+    mark: Option<String>,
 }
 
 impl ProcessGroup {
     /// Sends `signal` to every process of the group (SIGKILL: of the
-    /// session, for a PTY command).
+    /// session for a PTY command, and of the cgroup or mark).
     pub fn signal(&self, signal: Signal) {
         if let Some(pgid) = self.pgid {
             // ESRCH (the group is already gone) is the expected race here.
@@ -67,10 +76,24 @@ impl ProcessGroup {
                 kill_session(pgid);
             }
         }
+        if signal == Signal::SIGKILL {
+            self.kill_escaped();
+        }
+    }
+
+    /// SIGKILLs processes that left the group and session: through the
+    /// cgroup, or the mark.
+    fn kill_escaped(&self) {
+        if let Some(cg) = &self.cgroup {
+            cg.kill();
+        } else if let Some(mark) = &self.mark {
+            sandbox::kill_marked(mark);
+        }
     }
 
     /// Kills the group now and forgets it, so that a recycled process id is
-    /// never signalled later.
+    /// never signalled later. (The cgroup stays until the group is dropped:
+    /// it cannot be recycled.)
     pub fn kill_and_forget(&mut self) {
         self.signal(Signal::SIGKILL);
         self.pgid = None;
@@ -78,6 +101,7 @@ impl ProcessGroup {
 }
 
 impl Drop for ProcessGroup {
+    /// Kills everything; the cgroup, once its last handle goes, removes itself.
     fn drop(&mut self) {
         self.signal(Signal::SIGKILL);
     }
@@ -184,22 +208,8 @@ fn spawn_error(err: &io::Error, what: &str) -> SpawnError {
     }
 }
 
-/// The shell of the agent's user: `$SHELL` when set (as a login would set
-/// it), else the user's entry in the password database, else `/bin/sh`.
-fn login_shell() -> String {
-    if let Some(shell) = std::env::var("SHELL").ok().filter(|s| !s.is_empty()) {
-        return shell;
-    }
-    nix::unistd::User::from_uid(nix::unistd::getuid())
-        .ok()
-        .flatten()
-        .map(|u| u.shell.to_string_lossy().into_owned())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "/bin/sh".into())
-}
-
 /// Builds the command line: `sh -c CMD`, an argv, or (PTY only) a login shell.
-fn command_for(req: &ExecRequest) -> Result<(Command, String), SpawnError> {
+fn command_for(req: &ExecRequest, policy: &ExecPolicy) -> Result<(Command, String), SpawnError> {
     if let Some(argv) = &req.argv {
         let Some((program, args)) = argv.split_first() else {
             return Err(SpawnError {
@@ -216,54 +226,68 @@ fn command_for(req: &ExecRequest) -> Result<(Command, String), SpawnError> {
         cmd.arg("-c").arg(line);
         return Ok((cmd, "sh".into()));
     }
-    let shell = login_shell();
+    let shell = policy.shell();
     let mut cmd = Command::new(&shell);
     // A leading '-' in argv[0] is how login(1) asks a shell to be a login shell.
-    let base = shell.rsplit('/').next().unwrap_or("sh");
+    let base = shell
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "sh".into());
     cmd.arg0(format!("-{base}"));
-    Ok((cmd, shell))
+    Ok((cmd, shell.display().to_string()))
 }
 
-/// Starts the command `req` describes.
-pub fn spawn(req: &ExecRequest) -> Result<Spawned, SpawnError> {
+/// Starts the command `req` describes, as `policy` says commands start.
+pub fn spawn(req: &ExecRequest, policy: &ExecPolicy) -> Result<Spawned, SpawnError> {
     if req.cmd.is_none() && req.argv.is_none() && req.pty.is_none() {
         return Err(SpawnError {
             code: 127,
             message: "conch: exec needs \"cmd\", \"argv\" or \"pty\"\n".into(),
         });
     }
-    let (mut cmd, what) = command_for(req)?;
-    if let Some(cwd) = &req.cwd {
-        match std::fs::metadata(cwd) {
-            Ok(meta) if meta.is_dir() => {
-                cmd.current_dir(cwd);
-            }
-            Ok(_) => {
-                return Err(SpawnError {
-                    code: 126,
-                    message: format!("conch: cd {cwd}: Not a directory\n"),
-                });
-            }
-            Err(e) => {
-                return Err(SpawnError {
-                    code: 126,
-                    message: format!("conch: cd {cwd}: {e}\n"),
-                });
-            }
+    let (mut cmd, what) = command_for(req, policy)?;
+    let cwd = req
+        .cwd
+        .as_ref()
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| policy.default_cwd());
+    match std::fs::metadata(&cwd) {
+        Ok(meta) if meta.is_dir() => {
+            cmd.current_dir(&cwd);
+        }
+        Ok(_) => {
+            return Err(SpawnError {
+                code: 126,
+                message: format!("conch: cd {}: Not a directory\n", cwd.display()),
+            });
+        }
+        Err(e) => {
+            return Err(SpawnError {
+                code: 126,
+                message: format!("conch: cd {}: {e}\n", cwd.display()),
+            });
         }
     }
+    let prepared = policy.prepare(req.pty.is_some()).map_err(|e| SpawnError {
+        code: 126,
+        message: format!("conch: cannot set up the command's cgroup: {e}\n"),
+    })?;
+    // Nothing of the agent's own environment: only the documented list.
+    cmd.env_clear();
+    cmd.envs(prepared.env.iter().map(|(k, v)| (k, v)));
     if let Some(env) = &req.env {
         cmd.envs(env);
     }
     match req.pty {
-        Some(size) => spawn_pty(cmd, size, &what),
-        None => spawn_pipes(cmd, &what),
+        Some(size) => spawn_pty(cmd, size, &what, prepared),
+        None => spawn_pipes(cmd, &what, prepared),
     }
 }
 
 /// Asks the kernel to SIGKILL the command's leader if the agent dies
 /// without cleaning up (SIGKILL, OOM killer): the one orphan the agent's
-/// own shutdown path cannot prevent.
+/// own shutdown path cannot prevent. Set last: a change of credentials
+/// clears it.
 fn die_with_agent() -> io::Result<()> {
     // SAFETY: prctl is async-signal-safe and affects only this process.
     unsafe {
@@ -272,15 +296,18 @@ fn die_with_agent() -> io::Result<()> {
     Ok(())
 }
 
-fn spawn_pipes(mut cmd: Command, what: &str) -> Result<Spawned, SpawnError> {
+fn spawn_pipes(mut cmd: Command, what: &str, prepared: Prepared) -> Result<Spawned, SpawnError> {
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
-    // SAFETY: reset_signals and die_with_agent only make async-signal-safe calls.
+    let (cgroup, mark) = (prepared.cgroup.clone(), prepared.mark.clone());
+    // SAFETY: every call in the closure is async-signal-safe (see each).
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             reset_signals()?;
+            prepared.enter()?;
+            prepared.drop_privileges()?;
             die_with_agent()
         });
     }
@@ -288,6 +315,8 @@ fn spawn_pipes(mut cmd: Command, what: &str) -> Result<Spawned, SpawnError> {
     let group = ProcessGroup {
         pgid: child.id().map(|id| Pid::from_raw(id as i32)),
         session: false,
+        cgroup,
+        mark,
     };
     let io = ProcessIo::Pipes {
         stdin: child.stdin.take(),
@@ -306,23 +335,34 @@ fn winsize(size: PtySize) -> Winsize {
     }
 }
 
-fn spawn_pty(mut cmd: Command, size: PtySize, what: &str) -> Result<Spawned, SpawnError> {
+fn spawn_pty(
+    mut cmd: Command,
+    size: PtySize,
+    what: &str,
+    prepared: Prepared,
+) -> Result<Spawned, SpawnError> {
     let io_err = |e: io::Error| SpawnError {
         code: 126,
         message: format!("conch: cannot open a pseudo-terminal: {e}\n"),
     };
     let pty = openpty(&winsize(size), None).map_err(|e| io_err(e.into()))?;
     let slave = pty.slave;
+    if let Some((uid, gid)) = prepared.owner() {
+        // The terminal belongs to the user who logs in on it, as login(1) does.
+        nix::unistd::fchown(&slave, Some(uid.into()), Some(gid.into()))
+            .map_err(|e| io_err(e.into()))?;
+    }
     let dup = |fd: &OwnedFd| fd.try_clone().map_err(io_err);
     cmd.stdin(Stdio::from(dup(&slave)?))
         .stdout(Stdio::from(dup(&slave)?))
-        .stderr(Stdio::from(slave))
-        .env("TERM", "xterm-256color");
-    // SAFETY: setsid, ioctl and the calls in reset_signals are async-signal-safe.
+        .stderr(Stdio::from(slave));
+    let (cgroup, mark) = (prepared.cgroup.clone(), prepared.mark.clone());
+    // SAFETY: setsid, ioctl and the calls of reset_signals, enter and
+    // drop_privileges are async-signal-safe.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             reset_signals()?;
-            die_with_agent()?;
+            prepared.enter()?;
             // A new session makes the child a process group leader and lets
             // the terminal become its controlling terminal, so ^C from the
             // line discipline reaches the foreground job.
@@ -332,16 +372,20 @@ fn spawn_pty(mut cmd: Command, size: PtySize, what: &str) -> Result<Spawned, Spa
             if libc::ioctl(0, libc::TIOCSCTTY as _, 0) < 0 {
                 return Err(io::Error::last_os_error());
             }
-            Ok(())
+            prepared.drop_privileges()?;
+            die_with_agent()
         });
     }
-    let child = cmd.spawn().map_err(|e| spawn_error(&e, what))?;
+    let spawned = cmd.spawn();
     // The parent's copies of the slave end are closed with `cmd` here, so the
     // master sees EOF (EIO) once every process of the session has exited.
     drop(cmd);
+    let child = spawned.map_err(|e| spawn_error(&e, what))?;
     let group = ProcessGroup {
         pgid: child.id().map(|id| Pid::from_raw(id as i32)),
         session: true,
+        cgroup,
+        mark,
     };
     let master = Pty::new(pty.master).map_err(io_err)?;
     Ok(Spawned {

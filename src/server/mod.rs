@@ -5,6 +5,7 @@ pub mod agents;
 pub mod api;
 pub mod assets;
 pub mod auth;
+pub mod embedded;
 pub mod pages;
 pub mod problem;
 pub mod security;
@@ -25,8 +26,6 @@ use tracing::info;
 
 use self::agents::{AgentSpec, Registry};
 use self::auth::{Auth, Principal, Secret, User};
-use crate::agent::{AgentConfig, Limits};
-use crate::keyfile::Key;
 
 /// Everything `conch serve` needs, built from its flags and environment.
 #[derive(Debug, Clone)]
@@ -34,12 +33,15 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     /// The agent to use; `None` starts an embedded one on loopback.
     pub agent: Option<AgentSpec>,
+    /// Extra `conch agent` flags for the embedded agent (command isolation).
+    pub embedded_agent_args: Vec<String>,
     /// `None`: generate one and print a login URL with it.
     pub admin_token: Option<Secret>,
     pub users: Vec<User>,
     /// Origins besides the server's own that may open consoles.
     pub allowed_origins: Vec<String>,
     pub session_ttl: Duration,
+    pub session_limits: auth::SessionLimits,
     /// Where API tokens are kept (`tokens.json`); `None` keeps them in memory.
     pub data_dir: Option<std::path::PathBuf>,
     pub api_limits: api::ApiLimits,
@@ -135,7 +137,8 @@ pub async fn serve(
     let (spec, embedded) = match config.agent.clone() {
         Some(spec) => (spec, None),
         None => {
-            let (spec, task) = start_embedded_agent(shutdown.child_token()).await?;
+            let (spec, task) =
+                embedded::start(config.embedded_agent_args.clone(), shutdown.child_token()).await?;
             (spec, Some(task))
         }
     };
@@ -147,6 +150,7 @@ pub async fn serve(
             admin_token.clone(),
             config.users.clone(),
             config.session_ttl,
+            config.session_limits,
         ),
         agents,
         allowed_origins: config.allowed_origins.clone(),
@@ -189,30 +193,4 @@ pub async fn serve(
     }
     info!("server stopped");
     Ok(())
-}
-
-/// Starts an agent inside this process on an ephemeral loopback port with a
-/// fresh key, reached over the same protocol as any other.
-async fn start_embedded_agent(
-    shutdown: CancellationToken,
-) -> anyhow::Result<(AgentSpec, tokio::task::JoinHandle<()>)> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let key = Key::generate();
-    let config = AgentConfig {
-        listen: addr,
-        key: key.clone(),
-        max_connections: 16,
-        limits: Limits { max_channels: 1024 },
-    };
-    let task = tokio::spawn(crate::agent::serve(listener, config, shutdown));
-    info!(%addr, "embedded agent started");
-    Ok((
-        AgentSpec {
-            name: "local".into(),
-            addr: addr.to_string(),
-            key,
-        },
-        task,
-    ))
 }
