@@ -26,8 +26,9 @@ use super::State as AppState;
 use super::auth::{Principal, Role};
 use super::problem::ApiError;
 use super::tokens::TokenError;
-use crate::link::{Channel, Event};
+use crate::link::{Channel, Event, LinkError};
 use crate::protocol::ExecRequest;
+use crate::protocol::MAX_PAYLOAD_LEN;
 
 /// The command's default time limit: 30 s.
 pub const DEFAULT_TIMEOUT_MS: u64 = 30_000;
@@ -217,7 +218,9 @@ async fn read_json_body(request: Request, limit: usize) -> Result<ExecBody, ApiE
     }
     let bytes = axum::body::to_bytes(request.into_body(), limit)
         .await
-        .map_err(|_| ApiError::TooLarge(limit))?;
+        .map_err(|_| {
+            ApiError::TooLarge(format!("the request body is larger than {limit} bytes"))
+        })?;
     serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::BadRequest(format!("malformed JSON body: {e}")))
 }
@@ -261,10 +264,14 @@ pub async fn exec(State(state): State<AppState>, request: Request) -> Result<Res
             super::agents::AgentError::Unavailable(_) => ApiError::AgentUnavailable(e.to_string()),
             _ => ApiError::BadRequest(e.to_string()),
         })?;
-    let channel = link
-        .exec(prepared.req.clone())
-        .await
-        .map_err(|e| ApiError::AgentUnavailable(format!("agent {agent:?}: {e}")))?;
+    let channel = link.exec(prepared.req.clone()).await.map_err(|e| match e {
+        LinkError::TooLarge { size, .. } => ApiError::TooLarge(format!(
+            "the command, its arguments and environment make a request of {size} bytes; \
+             the agent accepts at most {MAX_PAYLOAD_LEN} (a single argument at most 128 KiB, \
+             as the kernel)"
+        )),
+        e => ApiError::AgentUnavailable(format!("agent {agent:?}: {e}")),
+    })?;
     // Always end stdin, so that a command reading it sees EOF, not a hang.
     channel
         .stdin(prepared.stdin.clone(), true)
@@ -599,7 +606,7 @@ pub async fn create_token(
     }
     let bytes = axum::body::to_bytes(request.into_body(), 64 * 1024)
         .await
-        .map_err(|_| ApiError::TooLarge(64 * 1024))?;
+        .map_err(|_| ApiError::TooLarge("the request body is larger than 65536 bytes".into()))?;
     let new: NewToken = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::BadRequest(format!("malformed JSON body: {e}")))?;
     let token = state

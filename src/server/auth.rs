@@ -16,6 +16,7 @@ use argon2::password_hash::phc::PasswordHash;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
 
 /// What a user may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -158,12 +159,33 @@ pub const LOGIN_ATTEMPTS: u32 = 5;
 pub const LOGIN_WINDOW: Duration = Duration::from_secs(60);
 /// Addresses tracked by the login rate limit at most; the oldest is dropped.
 const LOGIN_TRACKED: usize = 10_000;
-/// Sessions alive at most; beyond, the one closest to expiry is dropped.
-const MAX_SESSIONS: usize = 10_000;
+/// How many sessions may live at once, per user and in all.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionLimits {
+    /// A user's sessions at most; a new login ends that user's oldest one
+    /// (never anybody else's).
+    pub per_user: usize,
+    /// Sessions of all users at most; beyond, new logins are refused
+    /// (existing sessions are never evicted for a stranger's login).
+    pub total: usize,
+}
 
 struct SessionEntry {
     principal: Principal,
+    created: Instant,
     expires: Instant,
+    /// Cancelled when the session ends (logout, eviction), so that open
+    /// consoles close at once instead of at their next message.
+    ended: CancellationToken,
+}
+
+/// A live session, as a console needs it: who, until when, and a token
+/// that fires when it is ended early.
+#[derive(Debug, Clone)]
+pub struct SessionHandle {
+    pub principal: Principal,
+    pub expires: Instant,
+    pub ended: CancellationToken,
 }
 
 /// Everything about authentication the server keeps.
@@ -171,6 +193,7 @@ pub struct Auth {
     admin_token: Secret,
     users: Vec<User>,
     session_ttl: Duration,
+    session_limits: SessionLimits,
     /// Sessions by the SHA-256 of their cookie value: a leaked memory dump
     /// does not hand out live cookies.
     sessions: Mutex<HashMap<[u8; 32], SessionEntry>>,
@@ -184,16 +207,29 @@ pub enum LoginError {
     RateLimited { retry_after: Duration },
 }
 
+/// Why a session could not be created.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SessionError {
+    #[error("the server holds its maximum of {0} sessions; try again later")]
+    Full(usize),
+}
+
 fn session_key(cookie: &str) -> [u8; 32] {
     Sha256::digest(cookie.as_bytes()).into()
 }
 
 impl Auth {
-    pub fn new(admin_token: Secret, users: Vec<User>, session_ttl: Duration) -> Auth {
+    pub fn new(
+        admin_token: Secret,
+        users: Vec<User>,
+        session_ttl: Duration,
+        session_limits: SessionLimits,
+    ) -> Auth {
         Auth {
             admin_token,
             users,
             session_ttl,
+            session_limits,
             sessions: Mutex::default(),
             failures: Mutex::default(),
         }
@@ -288,46 +324,75 @@ impl Auth {
         }
     }
 
-    /// Starts a session; returns the cookie value.
-    pub fn create_session(&self, principal: Principal) -> String {
+    /// Starts a session; returns the cookie value. A user at the cap loses
+    /// their own oldest session; when the server as a whole is full, the
+    /// login is refused rather than ending someone else's session.
+    pub fn create_session(&self, principal: Principal) -> Result<String, SessionError> {
         let cookie = Secret::generate().expose().to_owned();
-        if let Ok(mut sessions) = self.sessions.lock() {
-            let now = Instant::now();
-            sessions.retain(|_, s| s.expires > now);
-            if sessions.len() >= MAX_SESSIONS {
-                let first = sessions
-                    .iter()
-                    .min_by_key(|(_, s)| s.expires)
-                    .map(|(k, _)| *k);
-                if let Some(k) = first {
-                    sessions.remove(&k);
+        let mut sessions = self.sessions.lock().map_err(|_| SessionError::Full(0))?;
+        let now = Instant::now();
+        sessions.retain(|_, s| {
+            let live = s.expires > now;
+            if !live {
+                s.ended.cancel();
+            }
+            live
+        });
+        let limits = self.session_limits;
+        let mut own: Vec<([u8; 32], Instant)> = sessions
+            .iter()
+            .filter(|(_, s)| s.principal.name == principal.name)
+            .map(|(k, s)| (*k, s.created))
+            .collect();
+        if own.len() >= limits.per_user.max(1) {
+            own.sort_by_key(|(_, created)| *created);
+            let excess = own.len() + 1 - limits.per_user.max(1);
+            for (key, _) in own.into_iter().take(excess) {
+                if let Some(old) = sessions.remove(&key) {
+                    old.ended.cancel();
                 }
             }
-            sessions.insert(
-                session_key(&cookie),
-                SessionEntry {
-                    principal,
-                    // A huge configured lifetime must not overflow (and
-                    // panic with this lock held).
-                    expires: now
-                        .checked_add(self.session_ttl)
-                        .unwrap_or(now + Duration::from_secs(365 * 86_400)),
-                },
-            );
         }
-        cookie
+        if sessions.len() >= limits.total.max(1) {
+            return Err(SessionError::Full(limits.total));
+        }
+        sessions.insert(
+            session_key(&cookie),
+            SessionEntry {
+                principal,
+                created: now,
+                // A huge configured lifetime must not overflow (and
+                // panic with this lock held).
+                expires: now
+                    .checked_add(self.session_ttl)
+                    .unwrap_or(now + Duration::from_secs(365 * 86_400)),
+                ended: CancellationToken::new(),
+            },
+        );
+        Ok(cookie)
     }
 
     /// The principal of a live session.
     pub fn session(&self, cookie: &str) -> Option<Principal> {
+        self.session_handle(cookie).map(|h| h.principal)
+    }
+
+    /// A live session with its expiry and end signal.
+    pub fn session_handle(&self, cookie: &str) -> Option<SessionHandle> {
         let sessions = self.sessions.lock().ok()?;
         let entry = sessions.get(&session_key(cookie))?;
-        (entry.expires > Instant::now()).then(|| entry.principal.clone())
+        (entry.expires > Instant::now()).then(|| SessionHandle {
+            principal: entry.principal.clone(),
+            expires: entry.expires,
+            ended: entry.ended.clone(),
+        })
     }
 
     pub fn end_session(&self, cookie: &str) {
-        if let Ok(mut sessions) = self.sessions.lock() {
-            sessions.remove(&session_key(cookie));
+        if let Ok(mut sessions) = self.sessions.lock()
+            && let Some(old) = sessions.remove(&session_key(cookie))
+        {
+            old.ended.cancel();
         }
     }
 }

@@ -144,7 +144,16 @@ fn finish_login(state: &AppState, result: Result<Principal, LoginError>, next: S
     match result {
         Ok(principal) => {
             tracing::info!(user = %principal.name, role = principal.role.as_str(), "login");
-            let cookie = state.auth.create_session(principal);
+            let cookie = match state.auth.create_session(principal) {
+                Ok(cookie) => cookie,
+                Err(e) => {
+                    let page = LoginPage {
+                        error: e.to_string(),
+                        next,
+                    };
+                    return (StatusCode::SERVICE_UNAVAILABLE, render(&page)).into_response();
+                }
+            };
             let ttl = state.auth.session_ttl().as_secs();
             let value = format!(
                 "{SESSION_COOKIE}={cookie}; Path=/; HttpOnly; SameSite=Strict; Max-Age={ttl}"

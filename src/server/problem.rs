@@ -17,8 +17,8 @@ pub enum ApiError {
     Forbidden(String),
     #[error("{0}")]
     NotFound(String),
-    #[error("the request body is larger than {0} bytes")]
-    TooLarge(usize),
+    #[error("{0}")]
+    TooLarge(String),
     #[error("the request body must be JSON (Content-Type: application/json)")]
     UnsupportedMediaType,
     #[error("{message}")]

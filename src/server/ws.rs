@@ -21,9 +21,9 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use super::State as AppState;
-use super::auth::Principal;
+use super::auth::{Principal, SessionHandle};
 use super::security::origin_allowed;
-use crate::link::{Controller, Event};
+use crate::link::{Controller, Event, LinkError};
 use crate::protocol::{ExecRequest, PtySize};
 
 /// Output credit per command between the agent and the browser: 256 KiB.
@@ -49,21 +49,19 @@ pub async fn upgrade(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let Some(principal) = state.session_principal(&headers) else {
+    let Some(login) = super::session_cookie(&headers).and_then(|c| state.auth.session_handle(&c))
+    else {
         return (StatusCode::UNAUTHORIZED, "log in first").into_response();
     };
-    // Kept to check, at every command, that the session is still alive: a
-    // console left open must not outlive a logout or the session's expiry.
-    let cookie = super::session_cookie(&headers).unwrap_or_default();
     if !origin_allowed(&headers, &state.allowed_origins) {
-        tracing::warn!(user = %principal.name, "WebSocket from a foreign origin refused");
+        tracing::warn!(user = %login.principal.name, "WebSocket from a foreign origin refused");
         return (StatusCode::FORBIDDEN, "this origin may not open a console").into_response();
     }
     // A console reads small messages (keystrokes, acks): a small read
     // buffer keeps idle sessions cheap (tungstenite's default is 128 KiB).
     ws.max_message_size(MAX_MESSAGE)
         .read_buffer_size(READ_BUFFER)
-        .on_upgrade(move |socket| session(socket, state, principal, cookie))
+        .on_upgrade(move |socket| session(socket, state, login))
 }
 
 /// A message from the browser.
@@ -79,6 +77,9 @@ enum ClientMessage {
     Stdin {
         id: u32,
         data: String,
+        /// Ends the command's input after `data` (Ctrl-D in command mode).
+        #[serde(default)]
+        eof: bool,
     },
     Signal {
         id: u32,
@@ -124,7 +125,20 @@ fn error_with(id: Option<u32>, code: &str, message: &str, is_final: bool) -> WsM
     text(v)
 }
 
-async fn session(socket: WebSocket, state: AppState, principal: Principal, cookie: String) {
+/// WebSocket close codes (RFC 6455 section 7.4.1).
+const CLOSE_POLICY: u16 = 1008;
+const CLOSE_TOO_BIG: u16 = 1009;
+const CLOSE_GOING_AWAY: u16 = 1001;
+
+fn close(code: u16, reason: &'static str) -> WsMessage {
+    WsMessage::Close(Some(axum::extract::ws::CloseFrame {
+        code,
+        reason: reason.into(),
+    }))
+}
+
+async fn session(socket: WebSocket, state: AppState, login: SessionHandle) {
+    let principal = login.principal.clone();
     let (mut sink, mut stream) = socket.split();
     let (out, mut out_rx) = mpsc::channel::<WsMessage>(OUTBOUND_QUEUE);
     let writer = tokio::spawn(async move {
@@ -146,26 +160,34 @@ async fn session(socket: WebSocket, state: AppState, principal: Principal, cooki
         "agents": state.agents.statuses(),
     });
     let _ = out.send(text(hello)).await;
+    let expires = tokio::time::Instant::from_std(login.expires);
 
     loop {
         tokio::select! {
             msg = stream.next() => match msg {
-                Some(Ok(WsMessage::Text(_))) if state.auth.session(&cookie).is_none() => {
-                    let _ = out.send(error(None, "session_expired", "the session has ended; log in again")).await;
-                    let _ = out.send(WsMessage::Close(None)).await;
-                    break;
-                }
-                Some(Ok(WsMessage::Text(t))) => match serde_json::from_str::<ClientMessage>(&t) {
+                Some(Ok(WsMessage::Text(t))) => match parse_client_message(&t) {
                     Ok(msg) => handle(msg, &state, &principal, &out, &finished_tx, &mut running).await,
-                    Err(e) => {
-                        let _ = out.send(error(None, "bad_request", &format!("cannot understand that message: {e}"))).await;
+                    Err((id, e)) => {
+                        // Name the command the message was about, so that a
+                        // page waiting for it is never left without an answer.
+                        let is_final = id.is_some_and(|id| !running.contains_key(&id));
+                        let msg = format!("cannot understand that message: {e}");
+                        let _ = out.send(error_with(id, "bad_request", &msg, is_final)).await;
                     }
                 },
                 Some(Ok(WsMessage::Binary(_))) => {
                     let _ = out.send(error(None, "bad_request", "binary messages are not accepted from the browser")).await;
                 }
                 Some(Ok(_)) => {}
-                Some(Err(_)) | None => break,
+                Some(Err(e)) => {
+                    if is_capacity_error(&e) {
+                        let msg = format!("a message was larger than {MAX_MESSAGE} bytes; the console is closed");
+                        let _ = out.send(error(None, "too_large", &msg)).await;
+                        let _ = out.send(close(CLOSE_TOO_BIG, "message too big")).await;
+                    }
+                    break;
+                }
+                None => break,
             },
             Some(id) = finished.recv() => {
                 running.remove(&id);
@@ -173,9 +195,19 @@ async fn session(socket: WebSocket, state: AppState, principal: Principal, cooki
             Ok(()) = changes.changed() => {
                 let _ = out.send(text(json!({"type": "agents", "agents": state.agents.statuses()}))).await;
             }
+            // A console must not outlive its session: logout, eviction and
+            // expiry close it at once, whether or not the page is talking.
+            _ = login.ended.cancelled() => {
+                end_session_socket(&out).await;
+                break;
+            }
+            _ = tokio::time::sleep_until(expires) => {
+                end_session_socket(&out).await;
+                break;
+            }
             _ = state.shutdown.cancelled() => {
                 let _ = out.send(text(json!({"type": "shutdown", "message": "the server is shutting down"}))).await;
-                let _ = out.send(WsMessage::Close(None)).await;
+                let _ = out.send(close(CLOSE_GOING_AWAY, "server shutting down")).await;
                 break;
             }
         }
@@ -187,6 +219,88 @@ async fn session(socket: WebSocket, state: AppState, principal: Principal, cooki
     }
     drop(out);
     let _ = writer.await;
+}
+
+async fn end_session_socket(out: &mpsc::Sender<WsMessage>) {
+    let _ = out
+        .send(error(
+            None,
+            "session_expired",
+            "the session has ended; log in again",
+        ))
+        .await;
+    let _ = out.send(close(CLOSE_POLICY, "session ended")).await;
+}
+
+/// Whether a read failed because the browser's message was over the size
+/// limit (tungstenite's `Capacity` error, seen through axum's wrapper).
+fn is_capacity_error(e: &axum::Error) -> bool {
+    let text = e.to_string();
+    text.contains("Space limit exceeded") || text.contains("Message too long")
+}
+
+/// Parses a browser message. A browser's `JSON.stringify` writes a lone
+/// UTF-16 surrogate (half an emoji) as an escape that JSON parsers refuse;
+/// such escapes become U+FFFD first. When the message still cannot be
+/// understood, its `id` (if any can be read) comes back with the error.
+fn parse_client_message(text: &str) -> Result<ClientMessage, (Option<u32>, String)> {
+    let text = replace_lone_surrogates(text);
+    serde_json::from_str::<ClientMessage>(&text).map_err(|e| {
+        let id = serde_json::from_str::<Value>(&text)
+            .ok()
+            .and_then(|v| v.get("id").and_then(Value::as_u64))
+            .and_then(|id| u32::try_from(id).ok())
+            .filter(|id| *id > 0);
+        (id, e.to_string())
+    })
+}
+
+/// Replaces `\uD800`–`\uDFFF` escapes that are not part of a valid
+/// surrogate pair with `\uFFFD`.
+fn replace_lone_surrogates(text: &str) -> std::borrow::Cow<'_, str> {
+    fn escape_at(b: &[u8], i: usize) -> Option<u16> {
+        if b.get(i) == Some(&b'\\') && matches!(b.get(i + 1), Some(b'u')) {
+            let hex = std::str::from_utf8(b.get(i + 2..i + 6)?).ok()?;
+            return u16::from_str_radix(hex, 16).ok();
+        }
+        None
+    }
+    let b = text.as_bytes();
+    if !text.contains("\\u") {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    let mut last = 0;
+    while i < b.len() {
+        if b[i] == b'\\' {
+            if let Some(unit) = escape_at(b, i) {
+                let high = (0xD800..0xDC00).contains(&unit);
+                let low = (0xDC00..0xE000).contains(&unit);
+                let paired =
+                    high && escape_at(b, i + 6).is_some_and(|n| (0xDC00..0xE000).contains(&n));
+                if paired {
+                    i += 12;
+                    continue;
+                }
+                if high || low {
+                    out.push_str(&text[last..i]);
+                    out.push_str("\\uFFFD");
+                    i += 6;
+                    last = i;
+                    continue;
+                }
+                i += 6;
+                continue;
+            }
+            // Any other escape: skip the backslash and the escaped byte.
+            i += 2;
+            continue;
+        }
+        i += 1;
+    }
+    out.push_str(&text[last..]);
+    std::borrow::Cow::Owned(out)
 }
 
 async fn handle(
@@ -259,9 +373,11 @@ async fn handle(
             let channel = match link.exec(req).await {
                 Ok(c) => c,
                 Err(e) => {
-                    let _ = out
-                        .send(error(Some(id), "agent_unavailable", &e.to_string()))
-                        .await;
+                    let code = match e {
+                        LinkError::TooLarge { .. } => "too_large",
+                        _ => "agent_unavailable",
+                    };
+                    let _ = out.send(error(Some(id), code, &e.to_string())).await;
                     return;
                 }
             };
@@ -285,9 +401,9 @@ async fn handle(
             );
             let _ = out.send(text(json!({"type": "started", "id": id}))).await;
         }
-        ClientMessage::Stdin { id, data } => {
+        ClientMessage::Stdin { id, data, eof } => {
             if let Some(r) = running.get(&id) {
-                let _ = r.control.stdin(Bytes::from(data), false).await;
+                let _ = r.control.stdin(Bytes::from(data), eof).await;
             }
         }
         ClientMessage::Signal { id, signal } => {
