@@ -23,8 +23,15 @@
   const ACK_BATCH = 32 * 1024;
   const BACKOFF_MIN_MS = 500;
   const BACKOFF_MAX_MS = 10000;
-  const HISTORY_KEY = 'conch.history';
+  // History is per user: several people may share one browser, and a
+  // command line can hold a secret (`export PGPASSWORD=...`). The key names
+  // the user; logging out removes it. The old key was shared by everyone.
+  const HISTORY_KEY = 'conch.history.v2:' + (document.body.dataset.user || '');
+  const LEGACY_HISTORY_KEY = 'conch.history';
   const HISTORY_MAX = 500;
+  // The server closes the socket on a browser message over 1 MiB of JSON
+  // text, so a command line whose `exec` would be larger is never sent.
+  const MAX_MESSAGE = 1024 * 1024;
   const AGENT_KEY = 'conch.agent';
 
   const STATUS_TEXT = {
@@ -63,6 +70,7 @@
     modeCommand: document.getElementById('mode-command'),
     modeShell: document.getElementById('mode-shell'),
     status: document.getElementById('status'),
+    logoutForm: document.querySelector('form.logout-form'),
   };
 
   // ---------------------------------------------------------------- state
@@ -88,14 +96,16 @@
     promptAgent: '',       // agent name shown in the current prompt
     line: [],              // grapheme clusters of the line being edited
     pos: 0,                // cursor index into `line`
-    running: null,         // {id, inStderr, interrupts}
+    running: null,         // {id, started, inStderr, interrupts, input, eof}
     typeahead: '',         // rest of a multi-line paste, run after the current command
     history: loadHistory(),
     histIndex: 0,
     draft: null,           // the unfinished line while walking history
 
     // shell mode
-    shell: null,           // {id}
+    shell: null,           // {id, started}
+
+    highSurrogate: '',     // first half of a character whose second half is still to come
 
     atLineStart: true,     // whether the terminal cursor is (probably) at column 0
   };
@@ -201,6 +211,70 @@
     return '\b'.repeat(n);
   }
 
+  // ---------------------------------------------------------------- whole characters and sizes
+
+  // A lone UTF-16 surrogate (half of an emoji) cannot be encoded as UTF-8:
+  // JSON.stringify writes it as an escape that strict parsers refuse, and the
+  // command would never get an answer naming it. Every string sent has them
+  // replaced with U+FFFD.
+  const LONE_SURROGATE = /[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/g;
+
+  function wellFormed(text) {
+    return typeof text.toWellFormed === 'function' ? text.toWellFormed() : text.replace(LONE_SURROGATE, '\ufffd');
+  }
+
+  function isHighSurrogate(code) {
+    return code >= 0xd800 && code <= 0xdbff;
+  }
+
+  // Input as whole characters. Some input methods deliver a character outside
+  // the BMP as two events, one per surrogate; the first half waits for the
+  // second, and a half that stays alone becomes U+FFFD.
+  function wholeCharacters(data) {
+    if (state.highSurrogate) {
+      data = state.highSurrogate + data;
+      state.highSurrogate = '';
+    }
+    if (data && isHighSurrogate(data.charCodeAt(data.length - 1))) {
+      state.highSurrogate = data.slice(-1);
+      data = data.slice(0, -1);
+    }
+    return wellFormed(data);
+  }
+
+  // Length of `text` in UTF-8, without building the bytes (it can be megabytes).
+  function utf8Length(text) {
+    let n = 0;
+    for (let i = 0; i < text.length; i++) {
+      const c = text.charCodeAt(i);
+      if (c < 0x80) n += 1;
+      else if (c < 0x800) n += 2;
+      else if (isHighSurrogate(c) && i + 1 < text.length &&
+        (text.charCodeAt(i + 1) & 0xfc00) === 0xdc00) {
+        n += 4;
+        i += 1;
+      } else n += 3;
+    }
+    return n;
+  }
+
+  // 1048576 -> "1 048 576": big numbers the user has to compare at a glance.
+  function groupDigits(n) {
+    return String(n).replace(/\B(?=(\d{3})+(?!\d))/g, ' ');
+  }
+
+  // Size of the `exec` message that would carry `cmd` (the largest id, so
+  // the answer never depends on how many commands ran before).
+  function execMessageBytes(cmd) {
+    return utf8Length(JSON.stringify({ type: 'exec', id: 0xffffffff, cmd, agent: state.agent }));
+  }
+
+  function tooLongText(cmd) {
+    return RED + 'conch: this command line is ' + groupDigits(utf8Length(cmd)) +
+      ' bytes; the console accepts at most ' + groupDigits(MAX_MESSAGE) +
+      ' bytes per message — use the REST API or a file' + RESET;
+  }
+
   // ---------------------------------------------------------------- command-mode line editor
   //
   // The cursor moves left with '\b' (which, with reverse wraparound on,
@@ -249,7 +323,9 @@
       }
     }
     const tail = state.line.slice(state.pos);
-    state.line.splice(state.pos, 0, ...gs);
+    // concat, not splice(pos, 0, ...gs): spreading a paste of a million
+    // characters into arguments overflows the call stack.
+    state.line = state.line.slice(0, state.pos).concat(gs, tail);
     state.pos += gs.length;
     out(gs.join('') + tail.join('') + back(cells(tail)));
   }
@@ -348,8 +424,34 @@
       showPrompt();
       return;
     }
+    if (execMessageBytes(cmd) > MAX_MESSAGE) {
+      // The server would close the console on it. Normally refused when
+      // typed or pasted (fitsOnLine); this is the last line of defence.
+      state.typeahead = '';
+      out(tooLongText(cmd) + '\r\n');
+      showPrompt();
+      return;
+    }
     addHistory(cmd);
     runCommand(cmd);
+  }
+
+  // Whether the lines of `data` (keys or a paste) still make sendable
+  // command lines once inserted; if not, say so and insert none of it, so
+  // that no truncated line can run. Cheap for ordinary keys.
+  function fitsOnLine(data) {
+    if (data.length < 1024 && state.line.length < 1024) return true;
+    const lines = data.split(/\r\n|\r|\n/);
+    const current = state.line.join('');
+    for (let i = 0; i < lines.length; i++) {
+      const cmd = i === 0 ? current + lines[0] : lines[i];
+      if (execMessageBytes(cmd) > MAX_MESSAGE) {
+        state.typeahead = '';
+        note(tooLongText(cmd));
+        return false;
+      }
+    }
+    return true;
   }
 
   // One escape sequence starting at data[i]: CSI, SS3, OSC, or ESC + one char.
@@ -382,8 +484,8 @@
     if (!data) return;
 
     if (state.running) {
-      // While a command runs only Ctrl-C matters; other keys are dropped.
-      if (data.includes('\x03')) interrupt();
+      // What is typed while a command runs is its standard input.
+      commandStdin(data);
       return;
     }
     if (!state.atPrompt) {
@@ -391,6 +493,7 @@
       state.typeahead += data;
       return;
     }
+    if (!fitsOnLine(data)) return;
 
     let i = 0;
     let text = '';                       // printable run, inserted in one go
@@ -458,10 +561,108 @@
     if (pending) commandInput(pending);
   }
 
+  // ---------------------------------------------------------------- standard input of a running command
+  //
+  // Without this, `cat`, `read x` or an `apt` question would wait forever on
+  // a stdin nothing writes to. Like a terminal's cooked mode: the line is
+  // echoed and edited here (Backspace, Ctrl-U), Enter sends it with its
+  // newline, Ctrl-D sends what is typed and ends the input. Programs that
+  // need a real terminal belong in shell mode.
+
+  function commandStdin(data) {
+    const job = state.running;
+    let text = '';
+    const flush = () => {
+      if (text) stdinInsert(job, text);
+      text = '';
+    };
+    let i = 0;
+    while (i < data.length && state.running === job) {
+      const ch = data[i];
+      if (ch === '\x1b') {
+        // Arrow and function keys mean nothing to a line of input.
+        flush();
+        ESCAPE.lastIndex = i;
+        const m = ESCAPE.exec(data);
+        i += m ? m[0].length : 1;
+        continue;
+      }
+      const code = ch.charCodeAt(0);
+      i += 1;
+      if ((code >= 0x20 && code !== 0x7f) || ch === '\t') {
+        text += ch;
+        continue;
+      }
+      flush();
+      switch (ch) {
+        case '\r':
+          if (data[i] === '\n') i += 1;  // CRLF from a paste is one Enter
+          stdinLine(job);
+          break;
+        case '\n': stdinLine(job); break;
+        case '\x7f':
+        case '\b': stdinBackspace(job); break;
+        case '\x15': stdinKillLine(job); break;  // Ctrl-U
+        case '\x04': stdinEof(job); break;       // Ctrl-D
+        case '\x03': interrupt(); break;
+        default: break;                          // other control keys: ignored
+      }
+    }
+    if (state.running === job) flush();
+  }
+
+  // Echo in the terminal's colours, not in the red of the last stderr chunk.
+  function echo(job, text) {
+    if (job.inStderr) {
+      term.write(RESET);
+      job.inStderr = false;
+    }
+    out(text);
+  }
+
+  function stdinInsert(job, text) {
+    if (job.eof) return;                 // input already ended: nobody reads it
+    const gs = graphemes(text);
+    for (const g of gs) job.input.push(g);
+    // A tab is sent as a tab but shown as one space, so Backspace can erase it.
+    echo(job, gs.join('').replace(/\t/g, ' '));
+  }
+
+  function stdinBackspace(job) {
+    if (!job.input.length) return;
+    const g = job.input.pop();
+    echo(job, back(width(g)) + '\x1b[K');
+  }
+
+  function stdinKillLine(job) {
+    if (!job.input.length) return;
+    const n = cells(job.input);
+    job.input = [];
+    echo(job, back(n) + '\x1b[J');
+  }
+
+  function stdinLine(job) {
+    if (job.eof) return;
+    const line = job.input.join('') + '\n';
+    job.input = [];
+    echo(job, '\r\n');
+    sendStdin(job.id, line, false);
+  }
+
+  function stdinEof(job) {
+    if (job.eof) return;
+    const rest = job.input.join('');
+    job.input = [];
+    job.eof = true;
+    sendStdin(job.id, rest, true);
+  }
+
   // ---------------------------------------------------------------- history
 
   function loadHistory() {
     try {
+      // The shared history of earlier versions may hold another user's lines.
+      localStorage.removeItem(LEGACY_HISTORY_KEY);
       const h = JSON.parse(localStorage.getItem(HISTORY_KEY) || '[]');
       return Array.isArray(h) ? h.filter((x) => typeof x === 'string').slice(-HISTORY_MAX) : [];
     } catch (e) {
@@ -476,6 +677,19 @@
       localStorage.setItem(HISTORY_KEY, JSON.stringify(state.history));
     } catch (e) {
       // quota or privacy mode: history stays in memory
+    }
+  }
+
+  // Logging out leaves nothing of this user's command lines in the browser.
+  function forgetHistory() {
+    state.history = [];
+    state.histIndex = 0;
+    state.draft = null;
+    try {
+      localStorage.removeItem(HISTORY_KEY);
+      localStorage.removeItem(LEGACY_HISTORY_KEY);
+    } catch (e) {
+      // storage disabled: there was nothing stored
     }
   }
 
@@ -515,9 +729,9 @@
       return;
     }
     const id = state.nextId++;
-    state.running = { id, inStderr: false, interrupts: 0 };
+    state.running = { id, started: false, inStderr: false, interrupts: 0, input: [], eof: false };
     state.flows.set(id, { consumed: 0, pending: 0 });
-    send({ type: 'exec', id, cmd, agent: state.agent });
+    send({ type: 'exec', id, cmd: wellFormed(cmd), agent: state.agent });
   }
 
   // Ctrl-C while a command runs: the first sends SIGINT; if the command
@@ -526,6 +740,7 @@
     const job = state.running;
     job.interrupts += 1;
     state.typeahead = '';
+    job.input = [];                      // like a terminal, ^C discards the unsent line
     if (job.interrupts === 1) {
       out((job.inStderr ? RESET : '') + '^C');
       job.inStderr = false;
@@ -579,7 +794,7 @@
   function startShell() {
     safeFit();
     const id = state.nextId++;
-    state.shell = { id };
+    state.shell = { id, started: false };
     state.flows.set(id, { consumed: 0, pending: 0 });
     send({ type: 'exec', id, pty: { cols: term.cols, rows: term.rows }, agent: state.agent });
   }
@@ -626,6 +841,7 @@
       state.running = null;
     }
     state.typeahead = '';
+    state.highSurrogate = '';
     state.atPrompt = false;
     state.mode = mode;
     renderModeButtons();
@@ -687,12 +903,16 @@
           : names[0] || '';
     }
 
-    el.agent.replaceChildren(...state.agents.map((a) => {
+    // A fragment, not replaceChildren(...options): no argument spreading of
+    // a list whose length the server decides.
+    const options = document.createDocumentFragment();
+    for (const a of state.agents) {
       const opt = document.createElement('option');
       opt.value = a.name;
       opt.textContent = a.connected ? a.name : a.name + ' (offline)';
-      return opt;
-    }));
+      options.appendChild(opt);
+    }
+    el.agent.replaceChildren(options);
     el.agent.disabled = state.agents.length === 0;
     el.agent.value = pick;
     changeAgent(pick, false);
@@ -764,6 +984,7 @@
       case 'agents': setAgents(msg.agents); break;
       case 'started':
         if (state.running && state.running.id === msg.id) state.running.started = true;
+        if (state.shell && state.shell.id === msg.id) state.shell.started = true;
         break;
       case 'exit': onExit(msg); break;
       case 'error': onError(msg); break;
@@ -818,6 +1039,18 @@
       finishCommand(msg.id, text);
     } else if (msg.id != null && state.shell && state.shell.id === msg.id) {
       shellEnded(text);
+    } else if (msg.id == null && msg.code === 'bad_request' && state.running && !state.running.started) {
+      // The server could not read the message, nor an id in it; the exec
+      // still waiting for `started` is the likely one, and no answer will
+      // ever name it. Give it up rather than leave the console without a
+      // prompt, and close the id in case it did start after all.
+      const id = state.running.id;
+      send({ type: 'close', id });
+      state.typeahead = '';
+      finishCommand(id, text);
+    } else if (msg.id == null && msg.code === 'bad_request' && state.shell && !state.shell.started) {
+      send({ type: 'close', id: state.shell.id });
+      shellEnded(text);
     } else {
       if (msg.id != null) state.flows.delete(msg.id);
       note(text);
@@ -857,6 +1090,9 @@
     ws.onclose = () => {
       if (ws !== state.ws) return;
       state.ws = null;
+      // "shutting down" was true while the socket lived; from now on the
+      // page is reconnecting, to this server's successor if it comes back.
+      state.shuttingDown = false;
       disconnected();
     };
     // 'error' is always followed by 'close', which does the work.
@@ -913,19 +1149,25 @@
   // A big paste goes in pieces of at most 16 Ki UTF-16 units (under 64 KiB
   // of JSON), never splitting a surrogate pair: the server refuses messages
   // over 1 MiB, and smaller messages keep the socket responsive.
+  // With `eof`, the last piece also ends the command's input (an empty
+  // `data` is fine).
   const STDIN_PIECE = 16 * 1024;
-  function sendStdin(id, data) {
+  function sendStdin(id, data, eof) {
+    data = wellFormed(data);
     let i = 0;
-    while (i < data.length) {
+    do {
       let end = Math.min(i + STDIN_PIECE, data.length);
-      const last = data.charCodeAt(end - 1);
-      if (end < data.length && last >= 0xd800 && last <= 0xdbff) end -= 1;
-      send({ type: 'stdin', id, data: data.slice(i, end) });
+      if (end < data.length && isHighSurrogate(data.charCodeAt(end - 1))) end -= 1;
+      const msg = { type: 'stdin', id, data: data.slice(i, end) };
+      if (eof && end >= data.length) msg.eof = true;
+      send(msg);
       i = end;
-    }
+    } while (i < data.length);
   }
 
-  term.onData((data) => {
+  term.onData((raw) => {
+    const data = wholeCharacters(raw);
+    if (!data) return;
     if (state.mode === 'shell') {
       // Passed through untouched: the PTY does its own line discipline.
       if (state.shell) sendStdin(state.shell.id, data);
@@ -987,12 +1229,76 @@
     term.focus();
   });
 
+  // Runs before the form is submitted (and the session ended): the next
+  // person at this browser must not find these command lines under ↑.
+  if (el.logoutForm) el.logoutForm.addEventListener('submit', forgetHistory);
+
+  // ---------------------------------------------------------------- help
+
+  const HELP = [
+    'Command mode: type a command line, Enter runs it with sh -c on the selected agent. ' +
+      '↑/↓ or Ctrl-P/Ctrl-N walk the history; Ctrl-A/Ctrl-E, Ctrl-U/Ctrl-K and Ctrl-L edit as in a shell.',
+    'In command mode, what you type while a command runs goes to its standard input ' +
+      '(Enter sends a line, Ctrl-D ends input); use shell mode for programs that need a terminal.',
+    'Ctrl-C interrupts the command; a second Ctrl-C kills it.',
+    'Shell mode: a login shell in a pseudo-terminal; every key goes to it.',
+    'Copy with Ctrl+Shift+C (or Ctrl+C on a selection in command mode); paste with Ctrl+Shift+V or Ctrl+V.',
+    'The history is kept in this browser for your user only and erased when you log out.',
+  ];
+
+  // Built with DOM calls, not HTML strings, so the page's CSP stays strict
+  // and nothing here can be read as markup. The page template stays as it
+  // was: the server embeds it at build time.
+  function buildHelp() {
+    const topbar = el.status && el.status.closest('.topbar');
+    if (!topbar) return;
+    const button = document.createElement('button');
+    button.type = 'button';
+    button.id = 'help-toggle';
+    button.textContent = '?';
+    button.title = 'Help';
+    button.setAttribute('aria-label', 'Help');
+    button.setAttribute('aria-expanded', 'false');
+    button.setAttribute('aria-controls', 'help');
+
+    const panel = document.createElement('section');
+    panel.id = 'help';
+    panel.className = 'help-panel';
+    panel.hidden = true;
+    panel.setAttribute('aria-label', 'Help');
+    const list = document.createElement('ul');
+    for (const line of HELP) {
+      const item = document.createElement('li');
+      item.textContent = line;
+      list.appendChild(item);
+    }
+    panel.appendChild(list);
+
+    const toggle = (open) => {
+      // Below the top bar, however many rows it wrapped into. (CSSOM, not a
+      // style attribute: allowed by the CSP.)
+      if (open) panel.style.top = Math.round(topbar.getBoundingClientRect().bottom + 6) + 'px';
+      panel.hidden = !open;
+      button.setAttribute('aria-expanded', String(open));
+      if (!open) term.focus();
+    };
+    button.addEventListener('click', () => toggle(panel.hidden));
+    panel.addEventListener('keydown', (ev) => {
+      if (ev.key === 'Escape') toggle(false);
+    });
+    const spacer = topbar.querySelector('.spacer');
+    topbar.insertBefore(button, spacer ? spacer.nextSibling : null);
+    document.body.appendChild(panel);
+  }
+
   // ---------------------------------------------------------------- start
 
   applyRole();
+  buildHelp();
   renderModeButtons();
   renderStatus();
   out(GREY + 'conch · command mode: type a command line, Enter runs it · ↑/↓ history · Ctrl-C interrupts' + RESET + '\r\n');
+  out(GREY + 'while a command runs, typing goes to its standard input (Enter sends a line, Ctrl-D ends it) · ? for help' + RESET + '\r\n');
   if (state.role === 'viewer') {
     out(YELLOW + 'viewer: read-only access — commands will be refused' + RESET + '\r\n');
   }

@@ -4,164 +4,27 @@
 //   CHROMIUM    path to a Chromium binary (default /usr/bin/chromium)
 //
 // Run with `npm run test:e2e`. Every wait is on a condition in the page or an
-// event from the server process; there are no fixed sleeps.
+// event from the server process; there are no fixed sleeps. The harness
+// (server, browser, terminal readers) is in harness.mjs.
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
-import { once } from 'node:events';
 import { mkdir } from 'node:fs/promises';
-import { createInterface } from 'node:readline';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { chromium } from 'playwright-core';
+import {
+  ROOT, WAIT_MS, startServer, stopServer, launchBrowser, explain, run,
+} from './harness.mjs';
 
-const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
-const CONCH_BIN = path.resolve(ROOT, process.env.CONCH_BIN || 'target/debug/conch');
-const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 const SCREENSHOT = path.join(ROOT, 'docs', 'screenshot.png');
-
-const LOGIN_URL_RE = /http:\/\/127\.0\.0\.1:\d+\/login\?token=[0-9a-f]+/;
-const STARTUP_TIMEOUT_MS = 60_000;
-const WAIT_MS = 20_000;        // one command's round trip, generous for a loaded CI machine
 
 let server = null;             // { child, loginUrl, origin }
 let browser = null;
-const serverLog = [];          // last lines of the server's output, shown when a wait fails
-
-function remember(prefix, line) {
-  serverLog.push(prefix + line);
-  if (serverLog.length > 200) serverLog.shift();
-}
-
-// Start `conch serve` and resolve once it has printed its login URL.
-function startServer() {
-  const child = spawn(CONCH_BIN, ['serve', '--listen', '127.0.0.1:0'], {
-    cwd: ROOT,
-    env: { ...process.env, CONCH_LOG: 'info' },
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  // Last resort if the test process dies without running `after`.
-  const killOnExit = () => child.kill('SIGKILL');
-  process.once('exit', killOnExit);
-  child.once('exit', () => process.removeListener('exit', killOnExit));
-
-  // Both pipes are read to the end so the server never blocks on a full pipe.
-  const stdout = createInterface({ input: child.stdout });
-  createInterface({ input: child.stderr }).on('line', (line) => remember('[stderr] ', line));
-
-  return new Promise((resolve, reject) => {
-    let settled = false;
-    const fail = (err) => {
-      if (settled) return;
-      settled = true;
-      clearTimeout(timer);
-      reject(err);
-    };
-    const timer = setTimeout(() => {
-      fail(new Error(`conch printed no login URL within ${STARTUP_TIMEOUT_MS / 1000} s\n${serverLog.join('\n')}`));
-    }, STARTUP_TIMEOUT_MS);
-
-    stdout.on('line', (line) => {
-      remember('[stdout] ', line);
-      const m = LOGIN_URL_RE.exec(line);
-      if (m && !settled) {
-        settled = true;
-        clearTimeout(timer);
-        resolve({ child, loginUrl: m[0], origin: new URL(m[0]).origin });
-      }
-    });
-    child.once('error', (err) => fail(new Error(`cannot start ${CONCH_BIN}: ${err.message}`)));
-    child.once('exit', (code, signal) => {
-      fail(new Error(`conch exited before printing its URL (code ${code}, signal ${signal})\n${serverLog.join('\n')}`));
-    });
-  });
-}
-
-async function stopServer(child) {
-  if (child.exitCode !== null || child.signalCode !== null) return;
-  const exited = once(child, 'exit');
-  child.kill('SIGTERM');
-  const timer = setTimeout(() => child.kill('SIGKILL'), 10_000);
-  await exited;
-  clearTimeout(timer);
-}
-
-// ---- page helpers (the functions passed to the page run inside Chromium)
-
-// The visible terminal rows as text, trailing blanks trimmed. The DOM renderer
-// puts one <div> per row into .xterm-rows.
-function readRows() {
-  return Array.from(
-    document.querySelectorAll('#terminal .xterm-rows > div'),
-    (row) => row.textContent.replace(/\u00a0/g, ' ').replace(/\s+$/, ''),
-  );
-}
-
-// True when, after the last row that ends with `command`, the rows contain
-// each expectation in order: {exact: 'line'} or {includes: 'text'}.
-function outputArrived({ command, expect }) {
-  const rows = Array.from(
-    document.querySelectorAll('#terminal .xterm-rows > div'),
-    (row) => row.textContent.replace(/\u00a0/g, ' ').replace(/\s+$/, ''),
-  );
-  let start = -1;
-  for (let i = rows.length - 1; i >= 0; i--) {
-    if (rows[i].endsWith(command)) {
-      start = i;
-      break;
-    }
-  }
-  if (start < 0) return false;
-  let i = start + 1;
-  for (const want of expect) {
-    while (i < rows.length && !(want.exact !== undefined ? rows[i] === want.exact : rows[i].includes(want.includes))) i++;
-    if (i >= rows.length) return false;
-    i++;
-  }
-  return true;
-}
-
-async function explain(page, err, what) {
-  const rows = await page.evaluate(readRows).catch(() => []);
-  const status = await page.locator('#status').getAttribute('data-state').catch(() => '?');
-  err.message = `${what}: ${err.message}\n--- status: ${status}\n--- terminal ---\n${rows.join('\n')}` +
-    `\n--- server output (tail) ---\n${serverLog.slice(-40).join('\n')}`;
-  return err;
-}
-
-async function waitForOutput(page, command, expect) {
-  try {
-    await page.waitForFunction(outputArrived, { command, expect }, { timeout: WAIT_MS });
-  } catch (err) {
-    throw await explain(page, err, `waiting for the output of ${JSON.stringify(command)}`);
-  }
-}
-
-async function run(page, command, expect) {
-  await page.keyboard.type(command);
-  await page.keyboard.press('Enter');
-  await waitForOutput(page, command, expect);
-}
 
 // ---- lifecycle
 
 before(async () => {
   server = await startServer();
-  browser = await chromium.launch({
-    executablePath: CHROMIUM,
-    headless: true,
-    args: [
-      '--headless=new',
-      '--no-sandbox',
-      '--disable-gpu',
-      '--disable-quic',
-      '--no-first-run',
-      '--disable-background-networking',
-      '--disable-component-update',
-      '--disable-sync',
-    ],
-  });
+  browser = await launchBrowser();
 });
 
 after(async () => {
