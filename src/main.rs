@@ -156,6 +156,13 @@ struct ServeArgs {
     /// Address to listen on. Loopback by default: put a TLS proxy in front to expose it.
     #[arg(long, env = "CONCH_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
+    /// HTTP connections open at once (WebSockets included); at the cap, the oldest
+    /// connection that has not sent a request is closed. Kept below the open-file limit.
+    #[arg(long, env = "CONCH_MAX_CONNECTIONS", default_value_t = 16384)]
+    max_connections: usize,
+    /// Milliseconds a client has to send a request's headers (and most idle time between requests).
+    #[arg(long, env = "CONCH_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
+    header_timeout_ms: u64,
     /// Agent to connect to (HOST:PORT). Without it, an embedded agent runs in this process.
     #[arg(long, env = "CONCH_AGENT")]
     agent: Option<String>,
@@ -195,12 +202,21 @@ struct ServeArgs {
     /// Cap on a REST command's timeout_ms.
     #[arg(long, env = "CONCH_MAX_TIMEOUT_MS", default_value_t = 3_600_000)]
     max_timeout_ms: u64,
-    /// Cap on a REST command's max_output_bytes (per stream).
+    /// Cap on a buffered REST answer's max_output_bytes (per stream; streamed answers have none).
     #[arg(long, env = "CONCH_MAX_OUTPUT_BYTES", default_value_t = 64 * 1024 * 1024)]
     max_output_bytes: usize,
+    /// Memory all buffered REST answers together may hold, in MiB; beyond, 503.
+    #[arg(long, env = "CONCH_BUFFERED_OUTPUT_BUDGET_MIB", default_value_t = 512)]
+    buffered_output_budget_mib: usize,
     /// REST commands running at once; more get 429.
-    #[arg(long, env = "CONCH_MAX_CONCURRENT_EXECS", default_value_t = 64)]
+    #[arg(long, env = "CONCH_MAX_CONCURRENT_EXECS", default_value_t = 256)]
     max_concurrent_execs: usize,
+    /// Commands one user may run at once, console and API together.
+    #[arg(long, env = "CONCH_MAX_COMMANDS_PER_USER", default_value_t = 64)]
+    max_commands_per_user: usize,
+    /// Channels of each agent kept for users who run nothing on it yet.
+    #[arg(long, env = "CONCH_COMMAND_RESERVE", default_value_t = 32)]
+    command_reserve: usize,
     /// REST requests per caller per minute; more get 429.
     #[arg(long, env = "CONCH_API_RATE_PER_MINUTE", default_value_t = 1200)]
     api_rate_per_minute: u32,
@@ -235,6 +251,10 @@ struct ExecArgs {
     /// Send this process's standard input (read to its end, at most 1 MiB) to the command.
     #[arg(long)]
     stdin: bool,
+    /// Keep at most this many bytes of each output stream; beyond, the rest is
+    /// dropped, one line says so on stderr, and conch exits 125. Default: all.
+    #[arg(long)]
+    max_output_bytes: Option<u64>,
     /// The command and its arguments, joined by spaces and run by the remote shell (as ssh does).
     #[arg(last = true, required = true)]
     command: Vec<String>,
@@ -319,6 +339,10 @@ fn serve_config(args: ServeArgs, json_logs: bool) -> anyhow::Result<ServeConfig>
     };
     Ok(ServeConfig {
         listen: args.listen,
+        http: conch::server::http::HttpLimits {
+            max_connections: args.max_connections.max(1),
+            header_timeout: std::time::Duration::from_millis(args.header_timeout_ms.max(100)),
+        },
         agent,
         embedded_agent_args: args.isolation.to_args(),
         admin_token: token.map(Secret::new),
@@ -340,6 +364,11 @@ fn serve_config(args: ServeArgs, json_logs: bool) -> anyhow::Result<ServeConfig>
             max_output_bytes: args.max_output_bytes,
             max_concurrent: args.max_concurrent_execs.max(1),
             rate_per_minute: args.api_rate_per_minute.max(1),
+            buffered_budget: args.buffered_output_budget_mib.saturating_mul(1024 * 1024),
+        },
+        quota: conch::server::quota::QuotaLimits {
+            per_user: args.max_commands_per_user.max(1),
+            reserve: args.command_reserve,
         },
         json_logs,
     })
@@ -418,6 +447,7 @@ async fn run(command: Command, json_logs: bool) -> anyhow::Result<ExitCode> {
                 cwd: args.cwd,
                 encoding: args.encoding,
                 stdin,
+                max_output_bytes: args.max_output_bytes,
             };
             match conch::client::run(config).await {
                 Ok(code) => Ok(ExitCode::from(code)),

@@ -49,6 +49,7 @@ pub async fn authenticate(
     stream: TcpStream,
     key: &Key,
     timeout: Duration,
+    limits: Limits,
     slots: &Arc<Semaphore>,
     evicted: &CancellationToken,
     shutdown: &CancellationToken,
@@ -61,7 +62,7 @@ pub async fn authenticate(
     crate::keepalive::enable(&stream);
     let mut framed = Framed::new(stream, FrameCodec::handshake());
     let authed = tokio::select! {
-        r = tokio::time::timeout(timeout, handshake(&mut framed, key, slots)) => r,
+        r = tokio::time::timeout(timeout, handshake(&mut framed, key, slots, limits.max_channels)) => r,
         _ = evicted.cancelled() => {
             debug!(%peer, "handshake dropped: too many connections are authenticating");
             return None;
@@ -140,6 +141,7 @@ async fn handshake(
     framed: &mut AgentFramed,
     key: &Key,
     slots: &Arc<Semaphore>,
+    max_channels: usize,
 ) -> Result<OwnedSemaphorePermit, HandshakeError> {
     let agent_nonce = new_nonce();
     let hello = Message::Hello {
@@ -181,6 +183,7 @@ async fn handshake(
         .map_err(|_| HandshakeError::Busy)?;
     let ready = Message::Ready {
         mac: agent_mac(key.as_bytes(), &nonce, &agent_nonce),
+        max_channels: Some(u32::try_from(max_channels).unwrap_or(u32::MAX)),
     };
     framed
         .send(Frame::new(0, ready))

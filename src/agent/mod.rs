@@ -102,7 +102,8 @@ pub async fn serve(listener: TcpListener, config: AgentConfig, shutdown: Cancell
         let pending = pending.clone();
         tracker.spawn(async move {
             let framed =
-                connection::authenticate(stream, &key, timeout, &authed, &evict, &shutdown).await;
+                connection::authenticate(stream, &key, timeout, limits, &authed, &evict, &shutdown)
+                    .await;
             pending
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())

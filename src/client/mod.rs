@@ -17,6 +17,9 @@ use serde_json::{Value, json};
 pub const EXIT_CONCH_FAILED: u8 = 255;
 /// Exit status for a command killed by its timeout.
 pub const EXIT_TIMED_OUT: u8 = 124;
+/// Exit status when output was cut off at `--max-output-bytes` (whatever
+/// the command's own status, which is printed on stderr).
+pub const EXIT_TRUNCATED: u8 = 125;
 
 /// What `conch exec` was asked to do.
 #[derive(Debug, Clone)]
@@ -31,6 +34,8 @@ pub struct ExecConfig {
     pub encoding: Option<String>,
     /// Sent as the command's standard input.
     pub stdin: Option<String>,
+    /// Output kept per stream; the rest is dropped (and said so). None: all.
+    pub max_output_bytes: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +80,7 @@ pub async fn run(config: ExecConfig) -> Result<u8, ClientError> {
         ("cwd", config.cwd.clone().map(Value::from)),
         ("encoding", config.encoding.clone().map(Value::from)),
         ("stdin", config.stdin.clone().map(Value::from)),
+        ("max_output_bytes", config.max_output_bytes.map(Value::from)),
     ] {
         if let Some(v) = value {
             body[key] = v;
@@ -114,6 +120,7 @@ pub async fn run(config: ExecConfig) -> Result<u8, ClientError> {
     let mut pending: Vec<u8> = Vec::new();
     let stdout = std::io::stdout();
     let stderr = std::io::stderr();
+    let mut truncated = false;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| ClientError::Broken(root_cause(&e)))?;
         pending.extend_from_slice(&chunk);
@@ -142,6 +149,12 @@ pub async fn run(config: ExecConfig) -> Result<u8, ClientError> {
                         .write_all(&bytes)
                         .and_then(|_| stdout.lock().flush())
                 };
+            } else if let Some(stream_name) = v["truncated"].as_str() {
+                truncated = true;
+                eprintln!(
+                    "conch: {stream_name} was cut off after {} bytes (--max-output-bytes); the rest was discarded",
+                    v["limit"]
+                );
             } else if let Some(message) = v["error"].as_str() {
                 return Err(ClientError::Broken(message.to_owned()));
             } else if v.get("exit_code").is_some() {
@@ -149,11 +162,19 @@ pub async fn run(config: ExecConfig) -> Result<u8, ClientError> {
                     eprintln!("conch: the command timed out and was killed");
                     return Ok(EXIT_TIMED_OUT);
                 }
-                if let Some(code) = v["exit_code"].as_i64() {
-                    return Ok((code & 0xff) as u8);
+                let status = if let Some(code) = v["exit_code"].as_i64() {
+                    (code & 0xff) as u8
+                } else {
+                    let signal = v["signal"].as_str().and_then(signal_number).unwrap_or(0);
+                    128u8.saturating_add(signal)
+                };
+                if truncated {
+                    eprintln!(
+                        "conch: the command exited with status {status}; its output was cut off"
+                    );
+                    return Ok(EXIT_TRUNCATED);
                 }
-                let signal = v["signal"].as_str().and_then(signal_number).unwrap_or(0);
-                return Ok(128u8.saturating_add(signal));
+                return Ok(status);
             }
         }
     }

@@ -95,11 +95,19 @@ impl Event {
     }
 }
 
+/// What the agent told the client in its `ready`.
+#[derive(Debug, Clone, Copy)]
+pub struct AgentInfo {
+    /// Channels the agent runs at once on this connection (its
+    /// `--max-channels`); 1024 when an agent does not say.
+    pub max_channels: usize,
+}
+
 /// Performs the client side of the handshake on a fresh connection.
 pub async fn handshake(
     framed: &mut Framed<TcpStream, FrameCodec>,
     key: &Key,
-) -> Result<(), LinkError> {
+) -> Result<AgentInfo, LinkError> {
     let hello = framed.next().await.ok_or(LinkError::Closed)??;
     let Message::Hello {
         version,
@@ -133,8 +141,12 @@ pub async fn handshake(
         .await?;
     let reply = framed.next().await.ok_or(LinkError::Closed)??;
     match reply.msg {
-        Message::Ready { mac } if verify_agent_mac(key.as_bytes(), &nonce, &agent_nonce, &mac) => {
-            Ok(())
+        Message::Ready { mac, max_channels }
+            if verify_agent_mac(key.as_bytes(), &nonce, &agent_nonce, &mac) =>
+        {
+            Ok(AgentInfo {
+                max_channels: max_channels.map_or(1024, |n| n as usize),
+            })
         }
         Message::Ready { .. } => Err(LinkError::AgentMac),
         Message::Error { message, .. } => Err(LinkError::Auth(message)),
@@ -164,6 +176,7 @@ type Routes = Arc<Mutex<HashMap<u32, Route>>>;
 #[derive(Clone)]
 pub struct AgentLink {
     out: mpsc::Sender<Frame>,
+    info: AgentInfo,
     routes: Routes,
     next_ch: Arc<AtomicU32>,
     closed: CancellationToken,
@@ -188,24 +201,25 @@ impl AgentLink {
             let _ = stream.set_nodelay(true);
             crate::keepalive::enable(&stream);
             let mut framed = Framed::new(stream, FrameCodec::new());
-            handshake(&mut framed, key).await?;
-            Ok::<_, LinkError>(framed)
+            let info = handshake(&mut framed, key).await?;
+            Ok::<_, LinkError>((framed, info))
         };
-        let framed = tokio::time::timeout(CONNECT_TIMEOUT, attempt)
+        let (framed, info) = tokio::time::timeout(CONNECT_TIMEOUT, attempt)
             .await
             .map_err(|_| {
                 LinkError::Handshake(format!("no answer from {addr} within {CONNECT_TIMEOUT:?}"))
             })??;
-        Ok(AgentLink::start(framed))
+        Ok(AgentLink::start(framed, info))
     }
 
-    fn start(framed: Framed<TcpStream, FrameCodec>) -> AgentLink {
+    fn start(framed: Framed<TcpStream, FrameCodec>, info: AgentInfo) -> AgentLink {
         let (mut sink, mut stream) = framed.split();
         let (out, mut out_rx) = mpsc::channel::<Frame>(OUTBOUND_QUEUE);
         let routes: Routes = Arc::default();
         let closed = CancellationToken::new();
         let link = AgentLink {
             out,
+            info,
             routes: routes.clone(),
             next_ch: Arc::new(AtomicU32::new(1)),
             closed: closed.clone(),
@@ -241,6 +255,16 @@ impl AgentLink {
             }
         });
         link
+    }
+
+    /// What the agent said about itself when the link came up.
+    pub fn info(&self) -> AgentInfo {
+        self.info
+    }
+
+    /// Channels open on this link now.
+    pub fn channels_open(&self) -> usize {
+        self.routes.lock().map_or(0, |r| r.len())
     }
 
     /// Whether the connection is still up.

@@ -33,8 +33,12 @@ pub enum Message {
         mac: String,
     },
     /// Agent → client: authenticated; `mac` proves the agent holds the key.
+    /// `max_channels` tells the client how many channels it may run at
+    /// once, so that it can share them out fairly among its users.
     Ready {
         mac: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_channels: Option<u32>,
     },
     /// Either way: something went wrong. `code` is stable, `message` is for people.
     Error {

@@ -25,6 +25,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use super::State as AppState;
 use super::auth::{Principal, Role};
 use super::problem::ApiError;
+use super::quota::Ticket;
 use super::tokens::TokenError;
 use crate::link::{Channel, Event, LinkError};
 use crate::protocol::ExecRequest;
@@ -32,7 +33,8 @@ use crate::protocol::MAX_PAYLOAD_LEN;
 
 /// The command's default time limit: 30 s.
 pub const DEFAULT_TIMEOUT_MS: u64 = 30_000;
-/// Output kept per stream by default: 1 MiB.
+/// Output kept per stream by default in a buffered (non-streaming) answer:
+/// 1 MiB. Streaming answers keep nothing and have no default cap.
 pub const DEFAULT_MAX_OUTPUT: usize = 1024 * 1024;
 
 /// The API's limits, from the server's configuration.
@@ -42,24 +44,16 @@ pub struct ApiLimits {
     pub max_body_bytes: usize,
     /// Cap on `timeout_ms`.
     pub max_timeout_ms: u64,
-    /// Cap on `max_output_bytes`.
+    /// Cap on `max_output_bytes` of a buffered answer.
     pub max_output_bytes: usize,
     /// Commands running through the API at once (429 beyond).
     pub max_concurrent: usize,
     /// Requests per principal per minute (429 beyond).
     pub rate_per_minute: u32,
-}
-
-impl Default for ApiLimits {
-    fn default() -> Self {
-        ApiLimits {
-            max_body_bytes: 1024 * 1024,
-            max_timeout_ms: 3_600_000,
-            max_output_bytes: 64 * 1024 * 1024,
-            max_concurrent: 64,
-            rate_per_minute: 1200,
-        }
-    }
+    /// Output all buffered answers together may hold, in bytes: each
+    /// reserves twice its `max_output_bytes` (stdout and stderr) before its
+    /// command starts, and gets 503 when the budget cannot hold it.
+    pub buffered_budget: usize,
 }
 
 /// Requests per principal in the current minute; at most 10 000 tracked.
@@ -144,12 +138,13 @@ struct ExecBody {
 struct Prepared {
     req: ExecRequest,
     stdin: Bytes,
-    max_output: usize,
+    /// Per stream; `None`: no cap (streaming only).
+    max_output: Option<usize>,
     encoding: &'static Encoding,
     agent: Option<String>,
 }
 
-fn prepare(body: ExecBody, limits: &ApiLimits) -> Result<Prepared, ApiError> {
+fn prepare(body: ExecBody, limits: &ApiLimits, streaming: bool) -> Result<Prepared, ApiError> {
     match (&body.command, &body.argv) {
         (None, None) => {
             return Err(ApiError::BadRequest(
@@ -181,10 +176,15 @@ fn prepare(body: ExecBody, limits: &ApiLimits) -> Result<Prepared, ApiError> {
         .timeout_ms
         .unwrap_or(DEFAULT_TIMEOUT_MS)
         .clamp(1, limits.max_timeout_ms);
-    let max_output = body
-        .max_output_bytes
-        .unwrap_or(DEFAULT_MAX_OUTPUT)
-        .min(limits.max_output_bytes);
+    // A streamed answer holds nothing back, so it needs no cap; a buffered
+    // one holds everything, so it always has one.
+    let max_output = match (streaming, body.max_output_bytes) {
+        (true, cap) => cap,
+        (false, cap) => Some(
+            cap.unwrap_or(DEFAULT_MAX_OUTPUT)
+                .min(limits.max_output_bytes),
+        ),
+    };
     Ok(Prepared {
         req: ExecRequest {
             cmd: body.command,
@@ -225,6 +225,26 @@ async fn read_json_body(request: Request, limit: usize) -> Result<ExecBody, ApiE
         .map_err(|e| ApiError::BadRequest(format!("malformed JSON body: {e}")))
 }
 
+/// Whether the client asked for a streamed (NDJSON) answer: it accepts
+/// `application/x-ndjson` with a non-zero quality.
+fn wants_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|item| {
+            let mut parts = item.split(';').map(str::trim);
+            let mime = parts.next().unwrap_or("");
+            let q = parts
+                .filter_map(|p| p.strip_prefix("q="))
+                .filter_map(|q| q.parse::<f32>().ok())
+                .next()
+                .unwrap_or(1.0);
+            mime.eq_ignore_ascii_case("application/x-ndjson") && q > 0.0
+        })
+}
+
 /// `POST /api/v1/exec`.
 pub async fn exec(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
     let headers = request.headers().clone();
@@ -243,8 +263,15 @@ pub async fn exec(State(state): State<AppState>, request: Request) -> Result<Res
             message: format!("more than {} requests a minute", limits.rate_per_minute),
             retry_after,
         })?;
+    let streaming = wants_stream(&headers);
     let body = read_json_body(request, limits.max_body_bytes).await?;
-    let prepared = prepare(body, limits)?;
+    let prepared = prepare(body, limits, streaming)?;
+    // A buffered answer reserves its memory before the command runs, so
+    // that nothing it prints is lost for want of room.
+    let reservation = match prepared.max_output {
+        Some(cap) if !streaming => Some(reserve_output(&state, cap)?),
+        _ => None,
+    };
     let permit =
         state
             .exec_slots
@@ -264,6 +291,13 @@ pub async fn exec(State(state): State<AppState>, request: Request) -> Result<Res
             super::agents::AgentError::Unavailable(_) => ApiError::AgentUnavailable(e.to_string()),
             _ => ApiError::BadRequest(e.to_string()),
         })?;
+    let ticket = state
+        .quota
+        .admit(&who.name, &agent, link.info().max_channels)
+        .map_err(|e| ApiError::TooManyRequests {
+            message: e.to_string(),
+            retry_after: 1,
+        })?;
     let channel = link.exec(prepared.req.clone()).await.map_err(|e| match e {
         LinkError::TooLarge { size, .. } => ApiError::TooLarge(format!(
             "the command, its arguments and environment make a request of {size} bytes; \
@@ -279,13 +313,14 @@ pub async fn exec(State(state): State<AppState>, request: Request) -> Result<Res
         .map_err(|e| ApiError::AgentUnavailable(format!("agent {agent:?}: {e}")))?;
     tracing::info!(user = %who.name, agent = %agent, "api exec");
 
-    let streaming = headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|a| a.contains("application/x-ndjson"));
+    let held = Held {
+        _permit: permit,
+        _ticket: ticket,
+        _reservation: reservation,
+    };
     if streaming {
         let shutdown = state.shutdown.clone();
-        return Ok(stream_response(channel, prepared, permit, agent, shutdown));
+        return Ok(stream_response(channel, prepared, held, agent, shutdown));
     }
     tokio::select! {
         biased;
@@ -293,8 +328,40 @@ pub async fn exec(State(state): State<AppState>, request: Request) -> Result<Res
         _ = state.shutdown.cancelled() => Err(ApiError::AgentUnavailable(
             "the server is shutting down; the command was killed".into(),
         )),
-        r = buffered_response(channel, prepared, agent) => r,
+        r = buffered_response(channel, prepared, agent, held) => r,
     }
+}
+
+/// What a running API command holds until its answer is complete: its
+/// concurrency slot, its share of the agent, its output memory.
+struct Held {
+    _permit: OwnedSemaphorePermit,
+    _ticket: Ticket,
+    _reservation: Option<OwnedSemaphorePermit>,
+}
+
+/// Reserves memory for a buffered answer of at most `cap` bytes a stream.
+fn reserve_output(state: &AppState, cap: usize) -> Result<OwnedSemaphorePermit, ApiError> {
+    let budget = state.api_limits.buffered_budget;
+    let need = cap.saturating_mul(2).max(1);
+    let hint = "stream the output instead (Accept: application/x-ndjson)";
+    if need > budget {
+        return Err(ApiError::TooLarge(format!(
+            "max_output_bytes of {cap} needs {need} bytes of buffer, more than the server's \
+             budget of {budget} for all buffered answers; {hint}"
+        )));
+    }
+    let permits = u32::try_from(need).unwrap_or(u32::MAX);
+    state
+        .output_budget
+        .clone()
+        .try_acquire_many_owned(permits)
+        .map_err(|_| {
+            ApiError::Busy(format!(
+                "the server is buffering other commands' output up to its budget of {budget} \
+                 bytes; try again shortly, or {hint}"
+            ))
+        })
 }
 
 /// Collects a stream's output up to a limit, counting what was dropped.
@@ -329,6 +396,35 @@ fn decode(bytes: &[u8], encoding: &'static Encoding) -> Option<String> {
         .map(|c| c.into_owned())
 }
 
+/// Bytes `text` takes inside a JSON string: control characters cost six
+/// (`\u0000`), quotes, backslashes and the short escapes two.
+fn json_cost(text: &str) -> usize {
+    text.bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+            0..=0x1f => 6,
+            _ => 1,
+        })
+        .sum()
+}
+
+/// Output as JSON strings: text when it decodes and is no larger than its
+/// base64 would be, else base64 (so 64 MiB of NUL bytes take 85 MiB, not
+/// the 384 MiB of `\u0000` escapes).
+fn encode_streams(
+    out: &[u8],
+    err: &[u8],
+    encoding: &'static Encoding,
+) -> (String, String, &'static str) {
+    let base64_len = |n: usize| n.div_ceil(3) * 4;
+    if let (Some(o), Some(e)) = (decode(out, encoding), decode(err, encoding))
+        && json_cost(&o) + json_cost(&e) <= base64_len(out.len()) + base64_len(err.len())
+    {
+        return (o, e, "utf-8");
+    }
+    (BASE64.encode(out), BASE64.encode(err), "base64")
+}
+
 /// Why a command ended without an exit, in the buffered and streamed answers alike.
 fn refused(agent: &str, code: &str, message: &str) -> String {
     format!("agent {agent:?} refused the command ({code}): {message}")
@@ -356,9 +452,11 @@ async fn buffered_response(
     mut channel: Channel,
     prepared: Prepared,
     agent: String,
+    held: Held,
 ) -> Result<Response, ApiError> {
-    let mut out = Capture::new(prepared.max_output);
-    let mut err = Capture::new(prepared.max_output);
+    let cap = prepared.max_output.unwrap_or(DEFAULT_MAX_OUTPUT);
+    let mut out = Capture::new(cap);
+    let mut err = Capture::new(cap);
     loop {
         match channel.next().await {
             Some(Event::Stdout(b)) => {
@@ -382,18 +480,17 @@ async fn buffered_response(
                 duration_ms,
             }) => {
                 let mut body = exit_fields(code, signal, timed_out, duration_ms);
-                let text =
-                    decode(&out.data, prepared.encoding).zip(decode(&err.data, prepared.encoding));
-                let (stdout, stderr, encoding) = match text {
-                    Some((o, e)) => (o, e, "utf-8"),
-                    None => (BASE64.encode(&out.data), BASE64.encode(&err.data), "base64"),
-                };
+                let (stdout, stderr, encoding) =
+                    encode_streams(&out.data, &err.data, prepared.encoding);
+                drop((out.data, err.data));
                 body.insert("stdout".into(), json!(stdout));
                 body.insert("stderr".into(), json!(stderr));
                 body.insert("stdout_truncated".into(), json!(out.truncated));
                 body.insert("stderr_truncated".into(), json!(err.truncated));
                 body.insert("encoding".into(), json!(encoding));
-                return Ok(Json(Value::Object(body)).into_response());
+                let response = Json(Value::Object(body)).into_response();
+                drop(held);
+                return Ok(response);
             }
             Some(Event::Lost) | None => {
                 return Err(ApiError::AgentUnavailable(lost(&agent)));
@@ -404,19 +501,22 @@ async fn buffered_response(
 
 /// Decodes one stream's chunks as they come; a chunk that is not valid
 /// text is sent base64-encoded instead (and the decoder starts afresh).
-/// It counts what it has passed on to apply `max_output_bytes`, and keeps
-/// no output: streaming holds nothing back.
+/// With a cap, it counts what it has passed on and, once the cap is
+/// reached, says so in a line of its own and drops the rest (the command
+/// runs on); without one it passes everything: streaming holds nothing back.
 struct StreamDecoder {
+    stream: &'static str,
     encoding: &'static Encoding,
     decoder: encoding_rs::Decoder,
     sent: usize,
-    limit: usize,
+    limit: Option<usize>,
     truncated: bool,
 }
 
 impl StreamDecoder {
-    fn new(encoding: &'static Encoding, limit: usize) -> Self {
+    fn new(stream: &'static str, encoding: &'static Encoding, limit: Option<usize>) -> Self {
         StreamDecoder {
+            stream,
             encoding,
             decoder: encoding.new_decoder_without_bom_handling(),
             sent: 0,
@@ -425,34 +525,51 @@ impl StreamDecoder {
         }
     }
 
-    /// The JSON line for a chunk, or `None` when nothing is to be sent.
-    fn line(&mut self, stream: &str, bytes: &[u8]) -> Option<Value> {
-        let keep = self.limit.saturating_sub(self.sent).min(bytes.len());
-        self.truncated |= keep < bytes.len();
+    /// The JSON lines for a chunk (none, one, or an output line and the
+    /// truncation notice).
+    fn lines(&mut self, bytes: &[u8]) -> Vec<Value> {
+        let mut lines = Vec::new();
+        if self.truncated {
+            return lines;
+        }
+        let keep = match self.limit {
+            Some(limit) => limit.saturating_sub(self.sent).min(bytes.len()),
+            None => bytes.len(),
+        };
         self.sent += keep;
         let kept = &bytes[..keep];
-        if kept.is_empty() {
-            return None;
-        }
-        let mut text = String::with_capacity(kept.len() * 3 + 4);
-        let (result, _) = self
-            .decoder
-            .decode_to_string_without_replacement(kept, &mut text, false);
-        match result {
-            encoding_rs::DecoderResult::Malformed(_, _) => {
-                self.decoder = self.encoding.new_decoder_without_bom_handling();
-                Some(json!({"stream": stream, "data": BASE64.encode(kept), "encoding": "base64"}))
+        if !kept.is_empty() {
+            let mut text = String::with_capacity(kept.len() * 3 + 4);
+            let (result, _) = self
+                .decoder
+                .decode_to_string_without_replacement(kept, &mut text, false);
+            match result {
+                encoding_rs::DecoderResult::Malformed(_, _) => {
+                    self.decoder = self.encoding.new_decoder_without_bom_handling();
+                    lines.push(json!({"stream": self.stream, "data": BASE64.encode(kept), "encoding": "base64"}));
+                }
+                _ if text.is_empty() => {}
+                _ => lines.push(json!({"stream": self.stream, "data": text})),
             }
-            _ if text.is_empty() => None,
-            _ => Some(json!({"stream": stream, "data": text})),
         }
+        if keep < bytes.len() {
+            self.truncated = true;
+            lines.push(json!({"truncated": self.stream, "limit": self.limit}));
+        }
+        lines
     }
+}
+
+fn ndjson(line: &Value) -> Bytes {
+    let mut bytes = serde_json::to_vec(line).unwrap_or_default();
+    bytes.push(b'\n');
+    Bytes::from(bytes)
 }
 
 fn stream_response(
     channel: Channel,
     prepared: Prepared,
-    permit: OwnedSemaphorePermit,
+    held: Held,
     agent: String,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Response {
@@ -463,16 +580,16 @@ fn stream_response(
         done: bool,
         agent: String,
         shutdown: tokio_util::sync::CancellationToken,
-        _permit: OwnedSemaphorePermit,
+        _held: Held,
     }
     let st = St {
         channel,
-        out: StreamDecoder::new(prepared.encoding, prepared.max_output),
-        err: StreamDecoder::new(prepared.encoding, prepared.max_output),
+        out: StreamDecoder::new("stdout", prepared.encoding, prepared.max_output),
+        err: StreamDecoder::new("stderr", prepared.encoding, prepared.max_output),
         done: false,
         agent,
         shutdown,
-        _permit: permit,
+        _held: held,
     };
     let stream = futures_util::stream::unfold(st, |mut st| async move {
         if st.done {
@@ -486,32 +603,26 @@ fn stream_response(
                 _ = st.shutdown.cancelled() => {
                     st.done = true;
                     let line = json!({"error": "the server is shutting down; the command was killed"});
-                    let mut bytes = serde_json::to_vec(&line).unwrap_or_default();
-                    bytes.push(b'\n');
-                    return Some((Ok(Bytes::from(bytes)), st));
+                    return Some((Ok(ndjson(&line)), st));
                 }
                 e = st.channel.next() => e,
             };
-            let line = match event {
+            let lines = match event {
                 Some(Event::Stdout(b)) => {
+                    // Credit goes back as the client takes the lines: this
+                    // future is polled only when the client reads.
                     let _ = st.channel.window(b.len() as u64).await;
-                    match st.out.line("stdout", &b) {
-                        Some(l) => l,
-                        None => continue,
-                    }
+                    st.out.lines(&b)
                 }
                 Some(Event::Stderr(b)) => {
                     let _ = st.channel.window(b.len() as u64).await;
-                    match st.err.line("stderr", &b) {
-                        Some(l) => l,
-                        None => continue,
-                    }
+                    st.err.lines(&b)
                 }
                 Some(Event::Error { code, message })
                     if crate::link::REFUSED.contains(&code.as_str()) =>
                 {
                     st.done = true;
-                    json!({"error": refused(&st.agent, &code, &message)})
+                    vec![json!({"error": refused(&st.agent, &code, &message)})]
                 }
                 Some(Event::Error { .. }) => continue,
                 Some(Event::Exit {
@@ -524,15 +635,20 @@ fn stream_response(
                     let mut body = exit_fields(code, signal, timed_out, duration_ms);
                     body.insert("stdout_truncated".into(), json!(st.out.truncated));
                     body.insert("stderr_truncated".into(), json!(st.err.truncated));
-                    Value::Object(body)
+                    vec![Value::Object(body)]
                 }
                 Some(Event::Lost) | None => {
                     st.done = true;
-                    json!({"error": lost(&st.agent)})
+                    vec![json!({"error": lost(&st.agent)})]
                 }
             };
-            let mut bytes = serde_json::to_vec(&line).unwrap_or_default();
-            bytes.push(b'\n');
+            if lines.is_empty() {
+                continue;
+            }
+            let mut bytes = Vec::new();
+            for line in &lines {
+                bytes.extend_from_slice(&ndjson(line));
+            }
             return Some((Ok::<_, Infallible>(Bytes::from(bytes)), st));
         }
     });

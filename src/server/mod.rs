@@ -6,8 +6,10 @@ pub mod api;
 pub mod assets;
 pub mod auth;
 pub mod embedded;
+pub mod http;
 pub mod pages;
 pub mod problem;
+pub mod quota;
 pub mod security;
 pub mod tokens;
 pub mod ws;
@@ -19,7 +21,6 @@ use std::time::Duration;
 use axum::Router;
 use axum::http::HeaderMap;
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -31,6 +32,8 @@ use self::auth::{Auth, Principal, Secret, User};
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub listen: SocketAddr,
+    /// Bounds on HTTP connections.
+    pub http: http::HttpLimits,
     /// The agent to use; `None` starts an embedded one on loopback.
     pub agent: Option<AgentSpec>,
     /// Extra `conch agent` flags for the embedded agent (command isolation).
@@ -45,6 +48,8 @@ pub struct ServeConfig {
     /// Where API tokens are kept (`tokens.json`); `None` keeps them in memory.
     pub data_dir: Option<std::path::PathBuf>,
     pub api_limits: api::ApiLimits,
+    /// Shares of the agents' channels per user.
+    pub quota: quota::QuotaLimits,
     /// Whether logs are JSON (then the generated token is not printed).
     pub json_logs: bool,
 }
@@ -63,6 +68,10 @@ pub struct AppState {
     pub login_slots: tokio::sync::Semaphore,
     /// One permit per command running through the API.
     pub exec_slots: Arc<tokio::sync::Semaphore>,
+    /// One permit per byte that buffered API answers may hold.
+    pub output_budget: Arc<tokio::sync::Semaphore>,
+    /// Running commands per user and agent.
+    pub quota: quota::Quota,
 }
 
 pub type State = Arc<AppState>;
@@ -159,6 +168,13 @@ pub async fn serve(
         exec_slots: Arc::new(tokio::sync::Semaphore::new(
             config.api_limits.max_concurrent.max(1),
         )),
+        output_budget: Arc::new(tokio::sync::Semaphore::new(
+            config
+                .api_limits
+                .buffered_budget
+                .min(tokio::sync::Semaphore::MAX_PERMITS),
+        )),
+        quota: quota::Quota::new(config.quota),
         api_limits: config.api_limits.clone(),
         api_rate: api::RateLimiter::default(),
         login_slots: tokio::sync::Semaphore::new(LOGIN_VERIFIERS),
@@ -178,16 +194,11 @@ pub async fn serve(
             );
         }
     }
-    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
-    // Keystrokes and their echoes are tiny writes: without TCP_NODELAY,
-    // Nagle's algorithm and delayed ACKs hold them back by ~40 ms.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let graceful = shutdown.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { graceful.cancelled().await })
-        .await?;
+    let limits = http::HttpLimits {
+        max_connections: http::fit_connection_cap(config.http.max_connections),
+        ..config.http
+    };
+    http::serve(listener, router(state), limits, shutdown.clone()).await;
     if let Some(task) = embedded {
         let _ = task.await;
     }

@@ -25,6 +25,9 @@ pub enum ApiError {
     TooManyRequests { message: String, retry_after: u64 },
     #[error("{0}")]
     AgentUnavailable(String),
+    /// The server cannot take the request now (a budget is spent).
+    #[error("{0}")]
+    Busy(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -39,7 +42,7 @@ impl ApiError {
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::AgentUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::AgentUnavailable(_) | ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -54,6 +57,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType => "unsupported-media-type",
             ApiError::TooManyRequests { .. } => "too-many-requests",
             ApiError::AgentUnavailable(_) => "agent-unavailable",
+            ApiError::Busy(_) => "busy",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -83,6 +87,9 @@ impl IntoResponse for ApiError {
             }
             ApiError::TooManyRequests { retry_after, .. } => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+            }
+            ApiError::Busy(_) => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from(1));
             }
             _ => {}
         }

@@ -355,8 +355,8 @@ async fn handle(
                     .await;
                 return;
             }
-            let link = match state.agents.link(agent.as_deref()) {
-                Ok((_, link)) => link,
+            let (agent_name, link) = match state.agents.link(agent.as_deref()) {
+                Ok(found) => found,
                 Err(e) => {
                     let _ = out
                         .send(error(Some(id), "agent_unavailable", &e.to_string()))
@@ -364,6 +364,19 @@ async fn handle(
                     return;
                 }
             };
+            let ticket =
+                match state
+                    .quota
+                    .admit(&principal.name, &agent_name, link.info().max_channels)
+                {
+                    Ok(t) => t,
+                    Err(e) => {
+                        let _ = out
+                            .send(error(Some(id), "too_many_commands", &e.to_string()))
+                            .await;
+                        return;
+                    }
+                };
             let req = ExecRequest {
                 cmd,
                 pty,
@@ -387,6 +400,7 @@ async fn handle(
             let task = tokio::spawn(pump(
                 id,
                 channel,
+                ticket,
                 out.clone(),
                 unacked.clone(),
                 finished.clone(),
@@ -452,6 +466,7 @@ async fn handle(
 async fn pump(
     id: u32,
     mut channel: crate::link::Channel,
+    _ticket: super::quota::Ticket,
     out: mpsc::Sender<WsMessage>,
     unacked: Arc<AtomicU64>,
     finished: mpsc::Sender<u32>,
