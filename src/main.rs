@@ -184,6 +184,14 @@ struct ServeArgs {
     /// Further origins allowed to open consoles (comma-separated), e.g. https://conch.example.com.
     #[arg(long, env = "CONCH_ALLOWED_ORIGINS", value_delimiter = ',')]
     allowed_origins: Vec<String>,
+    /// The address users see, e.g. https://ops.example.com/conch: login URLs print it,
+    /// Host and Origin are checked against it, cookies are Secure when it is HTTPS.
+    #[arg(long, env = "CONCH_PUBLIC_URL")]
+    public_url: Option<url::Url>,
+    /// A proxy (address or CIDR) whose X-Forwarded-For / Forwarded headers are believed;
+    /// repeatable, or comma-separated.
+    #[arg(long, env = "CONCH_TRUSTED_PROXY", value_delimiter = ',')]
+    trusted_proxy: Vec<String>,
     /// Session lifetime in seconds.
     #[arg(long, env = "CONCH_SESSION_TTL", default_value_t = 12 * 3600)]
     session_ttl: u64,
@@ -337,8 +345,33 @@ fn serve_config(args: ServeArgs, json_logs: bool) -> anyhow::Result<ServeConfig>
         Some(path) => load_users(path)?,
         None => Vec::new(),
     };
+    let trusted_proxies = args
+        .trusted_proxy
+        .iter()
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            p.parse::<ipnet::IpNet>()
+                .or_else(|_| p.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .with_context(|| format!("--trusted-proxy {p:?} is not an address or CIDR"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if let Some(u) = &args.public_url {
+        anyhow::ensure!(
+            matches!(u.scheme(), "http" | "https") && u.host_str().is_some(),
+            "--public-url must be an absolute http:// or https:// URL, not {u}"
+        );
+    }
+    if args.public_url.is_none() && !args.listen.ip().is_loopback() {
+        tracing::warn!(
+            listen = %args.listen,
+            "listening beyond loopback without --public-url: any Host header is accepted; \
+             set --public-url so that DNS-rebinding pages are refused"
+        );
+    }
     Ok(ServeConfig {
         listen: args.listen,
+        public_url: args.public_url,
+        trusted_proxies,
         http: conch::server::http::HttpLimits {
             max_connections: args.max_connections.max(1),
             header_timeout: std::time::Duration::from_millis(args.header_timeout_ms.max(100)),

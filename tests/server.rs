@@ -262,7 +262,7 @@ async fn users_roles_and_the_login_rate_limit() {
     assert_eq!(reply["code"], "forbidden");
     assert!(!std::path::Path::new("/tmp/conch-viewer-was-here").exists());
 
-    for _ in 0..conch::server::auth::LOGIN_ATTEMPTS {
+    for _ in 0..conch::server::throttle::PASSWORD_FAILURES {
         let status = server
             .login(&[("username", "olga"), ("password", "wrong")])
             .await

@@ -5,10 +5,8 @@
 //! requests that change something only with this server's own `Origin`. Each request's command runs on an agent channel
 //! like a console command, under the same limits.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::body::{Body, Bytes};
@@ -23,7 +21,8 @@ use serde_json::{Value, json};
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::State as AppState;
-use super::auth::{Principal, Role};
+use super::auth::Role;
+use super::caller::{Admin, Caller, Writer};
 use super::problem::ApiError;
 use super::quota::Ticket;
 use super::tokens::TokenError;
@@ -54,69 +53,6 @@ pub struct ApiLimits {
     /// reserves twice its `max_output_bytes` (stdout and stderr) before its
     /// command starts, and gets 503 when the budget cannot hold it.
     pub buffered_budget: usize,
-}
-
-/// Requests per principal in the current minute; at most 10 000 tracked.
-#[derive(Default)]
-pub struct RateLimiter {
-    windows: Mutex<HashMap<String, (u32, Instant)>>,
-}
-
-impl RateLimiter {
-    /// Counts a request; `Err(seconds to wait)` when over `limit`.
-    fn check(&self, who: &str, limit: u32) -> Result<(), u64> {
-        let Ok(mut windows) = self.windows.lock() else {
-            return Ok(());
-        };
-        if windows.len() >= 10_000 {
-            windows.retain(|_, (_, start)| start.elapsed() < Duration::from_secs(60));
-        }
-        let entry = windows.entry(who.to_owned()).or_insert((0, Instant::now()));
-        if entry.1.elapsed() >= Duration::from_secs(60) {
-            *entry = (0, Instant::now());
-        }
-        if entry.0 >= limit {
-            return Err(60u64.saturating_sub(entry.1.elapsed().as_secs()).max(1));
-        }
-        entry.0 += 1;
-        Ok(())
-    }
-}
-
-/// Who is calling: a bearer token, else the session cookie.
-pub fn principal(state: &AppState, headers: &HeaderMap) -> Result<Principal, ApiError> {
-    if let Some(value) = headers.get(header::AUTHORIZATION) {
-        let token = value
-            .to_str()
-            .ok()
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(str::trim)
-            .ok_or(ApiError::Unauthorized)?;
-        return state
-            .auth
-            .admin_token(token)
-            .or_else(|| state.tokens.authenticate(token))
-            .ok_or(ApiError::Unauthorized);
-    }
-    state
-        .session_principal(headers)
-        .ok_or(ApiError::Unauthorized)
-}
-
-/// Who is calling, for a request that changes something. A bearer token is
-/// enough; the session cookie is not, unless the request comes from this
-/// server's own page (`Origin`): a cookie alone must never let another site
-/// run commands or manage tokens.
-pub fn principal_for_write(state: &AppState, headers: &HeaderMap) -> Result<Principal, ApiError> {
-    if !headers.contains_key(header::AUTHORIZATION)
-        && !super::security::origin_allowed(headers, &state.allowed_origins)
-    {
-        return Err(ApiError::Unauthorized);
-    }
-    principal(state, headers)
 }
 
 /// The body of `POST /api/v1/exec`.
@@ -246,9 +182,12 @@ fn wants_stream(headers: &HeaderMap) -> bool {
 }
 
 /// `POST /api/v1/exec`.
-pub async fn exec(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
+pub async fn exec(
+    State(state): State<AppState>,
+    Writer(who): Writer,
+    request: Request,
+) -> Result<Response, ApiError> {
     let headers = request.headers().clone();
-    let who = principal_for_write(&state, &headers)?;
     if !who.role.can_run() {
         return Err(ApiError::Forbidden(format!(
             "{} is a viewer and may not run commands",
@@ -258,7 +197,7 @@ pub async fn exec(State(state): State<AppState>, request: Request) -> Result<Res
     let limits = &state.api_limits;
     state
         .api_rate
-        .check(&who.name, limits.rate_per_minute)
+        .check(&who.name)
         .map_err(|retry_after| ApiError::TooManyRequests {
             message: format!("more than {} requests a minute", limits.rate_per_minute),
             retry_after,
@@ -661,20 +600,8 @@ fn stream_response(
 }
 
 /// `GET /api/v1/agents`.
-pub async fn agents(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    principal(&state, &headers)?;
-    Ok(Json(json!({"agents": state.agents.statuses()})).into_response())
-}
-
-fn require_admin(state: &AppState, headers: &HeaderMap) -> Result<Principal, ApiError> {
-    let who = principal_for_write(state, headers)?;
-    if who.role != Role::Admin {
-        return Err(ApiError::Forbidden("only admins manage tokens".into()));
-    }
-    Ok(who)
+pub async fn agents(State(state): State<AppState>, _: Caller) -> Response {
+    Json(json!({"agents": state.agents.statuses()})).into_response()
 }
 
 fn token_error(e: TokenError) -> ApiError {
@@ -693,11 +620,7 @@ pub struct NewToken {
 }
 
 /// `GET /api/v1/tokens`: names and roles, never the secrets.
-pub async fn list_tokens(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    require_admin(&state, &headers)?;
+pub async fn list_tokens(State(state): State<AppState>, _: Admin) -> Result<Response, ApiError> {
     let tokens = state.tokens.list().map_err(token_error)?;
     let tokens: Vec<Value> = tokens
         .iter()
@@ -709,9 +632,9 @@ pub async fn list_tokens(
 /// `POST /api/v1/tokens`: creates a token; its value is shown this once.
 pub async fn create_token(
     State(state): State<AppState>,
+    Admin(who): Admin,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let who = require_admin(&state, request.headers())?;
     let mime_ok = request
         .headers()
         .get(header::CONTENT_TYPE)
@@ -737,10 +660,9 @@ pub async fn create_token(
 /// `DELETE /api/v1/tokens/{name}`.
 pub async fn revoke_token(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Admin(who): Admin,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    let who = require_admin(&state, &headers)?;
     state.tokens.revoke(&name).map_err(token_error)?;
     tracing::info!(by = %who.name, %name, "api token revoked");
     Ok(StatusCode::NO_CONTENT.into_response())

@@ -18,6 +18,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
+use super::throttle::LoginThrottle;
+
 /// What a user may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -76,10 +78,7 @@ impl Secret {
     pub fn matches(&self, given: &str) -> bool {
         let a = Sha256::digest(self.0.as_bytes());
         let b = Sha256::digest(given.as_bytes());
-        a.iter()
-            .zip(b.iter())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
+        subtle_eq(&a, &b)
     }
 }
 
@@ -154,11 +153,6 @@ fn verify_password(password: &str, hash: &str) -> bool {
     }
 }
 
-/// Failed logins allowed per client address within [`LOGIN_WINDOW`].
-pub const LOGIN_ATTEMPTS: u32 = 5;
-pub const LOGIN_WINDOW: Duration = Duration::from_secs(60);
-/// Addresses tracked by the login rate limit at most; the oldest is dropped.
-const LOGIN_TRACKED: usize = 10_000;
 /// How many sessions may live at once, per user and in all.
 #[derive(Debug, Clone, Copy)]
 pub struct SessionLimits {
@@ -197,7 +191,27 @@ pub struct Auth {
     /// Sessions by the SHA-256 of their cookie value: a leaked memory dump
     /// does not hand out live cookies.
     sessions: Mutex<HashMap<[u8; 32], SessionEntry>>,
-    failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+    throttle: LoginThrottle,
+    /// Signs trusted-device cookies. Fresh at each start: a restart makes
+    /// every browser a stranger again (until the store keeps it).
+    device_key: [u8; 32],
+}
+
+/// What a login presents.
+#[derive(Debug)]
+pub enum Credential {
+    Password {
+        username: String,
+        password: String,
+    },
+    /// The admin token, typed into the form or given as `?token=`.
+    Token(String),
+}
+
+/// Constant-time equality of two byte strings (of any lengths).
+pub fn subtle_eq(a: &[u8], b: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    a.len() == b.len() && bool::from(a.ct_eq(b))
 }
 
 /// Why a login was refused.
@@ -231,7 +245,12 @@ impl Auth {
             session_ttl,
             session_limits,
             sessions: Mutex::default(),
-            failures: Mutex::default(),
+            throttle: LoginThrottle::default(),
+            device_key: {
+                let mut k = [0u8; 32];
+                rand::fill(&mut k);
+                k
+            },
         }
     }
 
@@ -247,81 +266,121 @@ impl Auth {
         })
     }
 
-    /// Checks a user name and password, or the admin token, counting
-    /// failures against `client`. Slow by design (argon2): call it off the
-    /// async workers.
+    /// Checks a user name and password, or the admin token, from `client`.
+    /// `device` is the id of a valid trusted-device cookie for `username`
+    /// (see [`Auth::device_for`]). Slow by design (argon2): call it off
+    /// the async workers.
     ///
-    /// The attempt is counted as a failure *before* the check and forgiven
-    /// after a success, so that parallel guesses cannot all slip under the
-    /// limit while the first ones are still being verified.
+    /// A blocked key refuses every attempt, right or wrong: otherwise a
+    /// guesser could ignore the refusals and still learn the answer. Which
+    /// keys apply is chosen so that other people's failures never block a
+    /// user's own trusted browser (see `throttle`).
     pub fn login(
         &self,
         client: IpAddr,
-        username: &str,
-        password: &str,
-        token: &str,
+        credential: &Credential,
+        device: Option<[u8; 16]>,
     ) -> Result<Principal, LoginError> {
-        self.reserve_attempt(client)?;
-        let principal = if !token.is_empty() {
-            self.admin_token(token)
-        } else {
-            let user = self.users.iter().find(|u| u.name == username);
-            // Verify against something even for an unknown user, so that
-            // timing does not tell which names exist.
-            let hash = user.map_or(DUMMY_HASH, |u| u.password_hash.as_str());
-            let ok = verify_password(password, hash);
-            user.filter(|_| ok).map(|u| Principal {
-                name: u.name.clone(),
-                role: u.role,
-            })
-        };
-        match principal {
-            Some(p) => {
-                self.forgive_attempt(client);
-                Ok(p)
+        let t = &self.throttle;
+        let limited = |wait: Duration| LoginError::RateLimited { retry_after: wait };
+        match credential {
+            Credential::Token(token) => {
+                if let Some(wait) = t.token_by_addr.blocked_for(&client) {
+                    return Err(limited(wait));
+                }
+                self.admin_token(token).ok_or_else(|| {
+                    t.token_by_addr.fail(&client);
+                    LoginError::Invalid
+                })
             }
-            None => Err(LoginError::Invalid),
-        }
-    }
-
-    /// Counts an attempt, or refuses it when `client` is over the limit.
-    fn reserve_attempt(&self, client: IpAddr) -> Result<(), LoginError> {
-        let Ok(mut failures) = self.failures.lock() else {
-            return Err(LoginError::RateLimited {
-                retry_after: LOGIN_WINDOW,
-            });
-        };
-        if failures.len() >= LOGIN_TRACKED {
-            failures.retain(|_, (_, since)| since.elapsed() < LOGIN_WINDOW);
-            if failures.len() >= LOGIN_TRACKED {
-                let oldest = failures
-                    .iter()
-                    .min_by_key(|(_, (_, since))| *since)
-                    .map(|(ip, _)| *ip);
-                if let Some(ip) = oldest {
-                    failures.remove(&ip);
+            Credential::Password { username, password } => {
+                let account = username.to_owned();
+                let blocked = match device {
+                    Some(id) => t.password_by_device.blocked_for(&id),
+                    None => t
+                        .password_by_addr
+                        .blocked_for(&client)
+                        .or_else(|| t.password_by_account.blocked_for(&account)),
+                };
+                if let Some(wait) = blocked {
+                    return Err(limited(wait));
+                }
+                let user = self.users.iter().find(|u| &u.name == username);
+                // Verify against something even for an unknown user, so that
+                // timing does not tell which names exist.
+                let hash = user.map_or(DUMMY_HASH, |u| u.password_hash.as_str());
+                let ok = verify_password(password, hash);
+                match user.filter(|_| ok) {
+                    Some(u) => Ok(Principal {
+                        name: u.name.clone(),
+                        role: u.role,
+                    }),
+                    None => {
+                        match device {
+                            Some(id) => t.password_by_device.fail(&id),
+                            None => {
+                                t.password_by_addr.fail(&client);
+                                t.password_by_account.fail(&account);
+                            }
+                        }
+                        Err(LoginError::Invalid)
+                    }
                 }
             }
         }
-        let entry = failures.entry(client).or_insert((0, Instant::now()));
-        if entry.1.elapsed() >= LOGIN_WINDOW {
-            *entry = (0, Instant::now());
-        }
-        if entry.0 >= LOGIN_ATTEMPTS {
-            return Err(LoginError::RateLimited {
-                retry_after: LOGIN_WINDOW.saturating_sub(entry.1.elapsed()),
-            });
-        }
-        entry.0 += 1;
-        Ok(())
     }
 
-    fn forgive_attempt(&self, client: IpAddr) {
-        if let Ok(mut failures) = self.failures.lock()
-            && let Some(entry) = failures.get_mut(&client)
-        {
-            entry.0 = entry.0.saturating_sub(1);
+    /// Checks a bearer token (the admin token or an API token) from
+    /// `client`, whose failures are throttled like the login form's tokens.
+    pub fn bearer(
+        &self,
+        client: IpAddr,
+        token: &str,
+        tokens: &super::tokens::TokenStore,
+    ) -> Result<Principal, LoginError> {
+        let t = &self.throttle;
+        if let Some(wait) = t.token_by_addr.blocked_for(&client) {
+            return Err(LoginError::RateLimited { retry_after: wait });
         }
+        self.admin_token(token)
+            .or_else(|| tokens.authenticate(token))
+            .ok_or_else(|| {
+                t.token_by_addr.fail(&client);
+                LoginError::Invalid
+            })
+    }
+
+    /// A trusted-device cookie value for `user`: a random id and a MAC
+    /// binding it to the user, under a key of this server's.
+    pub fn issue_device(&self, user: &str) -> String {
+        let mut id = [0u8; 16];
+        rand::fill(&mut id);
+        let id = hex::encode(id);
+        format!("{id}.{}", self.device_mac(user, &id))
+    }
+
+    /// The device id of a cookie value, if it is valid for `user`.
+    pub fn device_for(&self, cookie: &str, user: &str) -> Option<[u8; 16]> {
+        let (id, mac) = cookie.split_once('.')?;
+        let expected = self.device_mac(user, id);
+        let same: bool = subtle_eq(expected.as_bytes(), mac.as_bytes());
+        if !same {
+            return None;
+        }
+        let mut out = [0u8; 16];
+        hex::decode_to_slice(id, &mut out).ok()?;
+        Some(out)
+    }
+
+    fn device_mac(&self, user: &str, id: &str) -> String {
+        use hmac::{Hmac, KeyInit, Mac};
+        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.device_key)
+            .expect("HMAC accepts keys of any length");
+        mac.update(b"conch-device\0");
+        mac.update(user.as_bytes());
+        mac.update(b"\0");
+        mac.update(id.as_bytes());
+        hex::encode(mac.finalize().into_bytes())
     }
 
     /// Starts a session; returns the cookie value. A user at the cap loses

@@ -5,12 +5,15 @@ pub mod agents;
 pub mod api;
 pub mod assets;
 pub mod auth;
+pub mod caller;
 pub mod embedded;
 pub mod http;
 pub mod pages;
+pub mod peer;
 pub mod problem;
 pub mod quota;
 pub mod security;
+pub mod throttle;
 pub mod tokens;
 pub mod ws;
 
@@ -43,6 +46,10 @@ pub struct ServeConfig {
     pub users: Vec<User>,
     /// Origins besides the server's own that may open consoles.
     pub allowed_origins: Vec<String>,
+    /// The address users see (`--public-url`), behind a proxy or not.
+    pub public_url: Option<url::Url>,
+    /// Proxies whose forwarding headers are believed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     pub session_ttl: Duration,
     pub session_limits: auth::SessionLimits,
     /// Where API tokens are kept (`tokens.json`); `None` keeps them in memory.
@@ -58,11 +65,12 @@ pub struct ServeConfig {
 pub struct AppState {
     pub auth: Auth,
     pub agents: Registry,
-    pub allowed_origins: Vec<String>,
+    /// Hosts, origins, proxies and cookies.
+    pub site: security::Site,
     pub shutdown: CancellationToken,
     pub tokens: tokens::TokenStore,
     pub api_limits: api::ApiLimits,
-    pub api_rate: api::RateLimiter,
+    pub api_rate: throttle::RequestRate,
     /// One permit per password check running (argon2 takes ~19 MiB and
     /// tens of milliseconds each).
     pub login_slots: tokio::sync::Semaphore,
@@ -79,26 +87,16 @@ pub type State = Arc<AppState>;
 /// Password checks run at once; more logins wait their turn.
 pub const LOGIN_VERIFIERS: usize = 2;
 
-/// The session cookie's name.
-pub const SESSION_COOKIE: &str = "conch_session";
-
 impl AppState {
     /// Who sent this request, from its session cookie.
     pub fn session_principal(&self, headers: &HeaderMap) -> Option<Principal> {
-        self.auth.session(&session_cookie(headers)?)
+        self.auth.session(&self.session_cookie(headers)?)
     }
-}
 
-/// The session cookie's value, if the request has one.
-pub fn session_cookie(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get_all(axum::http::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == SESSION_COOKIE)
-        .map(|(_, value)| value.to_owned())
+    /// The session cookie's value, if the request has one.
+    pub fn session_cookie(&self, headers: &HeaderMap) -> Option<String> {
+        self.site.cookie(headers, self.site.session_cookie_name())
+    }
 }
 
 /// The application's routes.
@@ -124,6 +122,10 @@ pub fn router(state: State) -> Router {
         )
         .route("/api/v1/openapi.json", get(api::openapi))
         .route("/api/{*rest}", axum::routing::any(api::not_found))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            security::host_guard,
+        ))
         .layer(axum::middleware::from_fn(security::headers))
         .with_state(state)
 }
@@ -162,7 +164,12 @@ pub async fn serve(
             config.session_limits,
         ),
         agents,
-        allowed_origins: config.allowed_origins.clone(),
+        site: security::Site::new(
+            config.public_url.as_ref(),
+            addr,
+            config.allowed_origins.clone(),
+            peer::TrustedProxies(config.trusted_proxies.clone()),
+        ),
         shutdown: shutdown.clone(),
         tokens: tokens::TokenStore::new(config.data_dir.as_deref()),
         exec_slots: Arc::new(tokio::sync::Semaphore::new(
@@ -176,7 +183,7 @@ pub async fn serve(
         )),
         quota: quota::Quota::new(config.quota),
         api_limits: config.api_limits.clone(),
-        api_rate: api::RateLimiter::default(),
+        api_rate: throttle::RequestRate::new(config.api_limits.rate_per_minute),
         login_slots: tokio::sync::Semaphore::new(LOGIN_VERIFIERS),
     });
     info!(%addr, "server listening");
@@ -188,10 +195,11 @@ pub async fn serve(
         } else {
             // Printed for the person at the terminal, as Jupyter does; it is
             // not a log line and never goes through tracing.
-            println!(
-                "conch: open http://{addr}/login?token={}",
-                admin_token.expose()
-            );
+            let base = match &config.public_url {
+                Some(u) => u.as_str().trim_end_matches('/').to_owned(),
+                None => format!("http://{addr}"),
+            };
+            println!("conch: open {base}/login?token={}", admin_token.expose());
         }
     }
     let limits = http::HttpLimits {

@@ -1,18 +1,17 @@
 //! Pages and small JSON endpoints: login, logout, the console, health.
 
-use std::net::SocketAddr;
-
 use askama::Template;
 use axum::Form;
 use axum::Json;
-use axum::extract::{ConnectInfo, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::auth::{LoginError, Principal};
-use super::{SESSION_COOKIE, State as AppState, session_cookie};
+use super::State as AppState;
+use super::auth::{Credential, LoginError, Principal};
+use super::peer::ClientIp;
 
 #[derive(Template)]
 #[template(path = "login.html")]
@@ -75,12 +74,14 @@ pub struct LoginQuery {
 /// `GET /login`: the form; with `?token=`, the admin token's one-click login.
 pub async fn login_page(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ClientIp(client): ClientIp,
+    headers: HeaderMap,
     Query(query): Query<LoginQuery>,
 ) -> Response {
     let next = safe_next(query.next.as_deref());
     if let Some(token) = query.token.filter(|t| !t.is_empty()) {
-        let result = check_login(&state, peer, String::new(), String::new(), token).await;
+        let credential = Credential::Token(token);
+        let result = check_login(&state, client, &headers, credential).await;
         return finish_login(&state, result, next);
     }
     render(&LoginPage {
@@ -104,17 +105,23 @@ pub struct LoginForm {
 /// `POST /login`.
 pub async fn login_submit(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ClientIp(client): ClientIp,
     headers: HeaderMap,
     Form(form): Form<LoginForm>,
 ) -> Response {
     // Another site must not log the browser into an account of its choosing.
-    if headers.contains_key(header::ORIGIN)
-        && !super::security::origin_allowed(&headers, &state.allowed_origins)
-    {
+    if headers.contains_key(header::ORIGIN) && !state.site.origin_allowed(&headers) {
         return (StatusCode::FORBIDDEN, "cross-origin login refused").into_response();
     }
-    let result = check_login(&state, peer, form.username, form.password, form.token).await;
+    let credential = if form.token.is_empty() {
+        Credential::Password {
+            username: form.username,
+            password: form.password,
+        }
+    } else {
+        Credential::Token(form.token)
+    };
+    let result = check_login(&state, client, &headers, credential).await;
     finish_login(&state, result, safe_next(Some(&form.next)))
 }
 
@@ -123,27 +130,38 @@ pub async fn login_submit(
 /// neither stalls the async workers nor takes argon2's memory many times over.
 async fn check_login(
     state: &AppState,
-    peer: SocketAddr,
-    username: String,
-    password: String,
-    token: String,
+    client: std::net::IpAddr,
+    headers: &HeaderMap,
+    credential: Credential,
 ) -> Result<Principal, LoginError> {
     let busy = LoginError::RateLimited {
         retry_after: std::time::Duration::from_secs(1),
+    };
+    // A browser that has logged in as this user before counts apart.
+    let device = match &credential {
+        Credential::Password { username, .. } => state
+            .site
+            .cookie(headers, state.site.device_cookie_name())
+            .and_then(|c| state.auth.device_for(&c, username)),
+        Credential::Token(_) => None,
     };
     let Ok(_permit) = state.login_slots.acquire().await else {
         return Err(busy);
     };
     let app = state.clone();
-    tokio::task::spawn_blocking(move || app.auth.login(peer.ip(), &username, &password, &token))
+    tokio::task::spawn_blocking(move || app.auth.login(client, &credential, device))
         .await
         .unwrap_or(Err(busy))
 }
+
+/// How long a trusted-device cookie lasts: 90 days.
+const DEVICE_TTL_SECS: u64 = 90 * 86_400;
 
 fn finish_login(state: &AppState, result: Result<Principal, LoginError>, next: String) -> Response {
     match result {
         Ok(principal) => {
             tracing::info!(user = %principal.name, role = principal.role.as_str(), "login");
+            let device = state.auth.issue_device(&principal.name);
             let cookie = match state.auth.create_session(principal) {
                 Ok(cookie) => cookie,
                 Err(e) => {
@@ -155,12 +173,21 @@ fn finish_login(state: &AppState, result: Result<Principal, LoginError>, next: S
                 }
             };
             let ttl = state.auth.session_ttl().as_secs();
-            let value = format!(
-                "{SESSION_COOKIE}={cookie}; Path=/; HttpOnly; SameSite=Strict; Max-Age={ttl}"
+            let site = &state.site;
+            let attrs = site.cookie_attributes();
+            let session = format!(
+                "{}={cookie}; {attrs}; Max-Age={ttl}",
+                site.session_cookie_name()
+            );
+            let device = format!(
+                "{}={device}; {attrs}; Max-Age={DEVICE_TTL_SECS}",
+                site.device_cookie_name()
             );
             let mut response = Redirect::to(&next).into_response();
-            if let Ok(v) = HeaderValue::from_str(&value) {
-                response.headers_mut().insert(header::SET_COOKIE, v);
+            for value in [session, device] {
+                if let Ok(v) = HeaderValue::from_str(&value) {
+                    response.headers_mut().append(header::SET_COOKIE, v);
+                }
             }
             response
         }
@@ -191,16 +218,18 @@ fn finish_login(state: &AppState, result: Result<Principal, LoginError>, next: S
 /// `POST /logout`: ends the session. Same-origin only, so another site
 /// cannot log a user out.
 pub async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    if headers.contains_key(header::ORIGIN)
-        && !super::security::origin_allowed(&headers, &state.allowed_origins)
-    {
+    if headers.contains_key(header::ORIGIN) && !state.site.origin_allowed(&headers) {
         return (StatusCode::FORBIDDEN, "cross-origin logout refused").into_response();
     }
-    if let Some(cookie) = session_cookie(&headers) {
+    if let Some(cookie) = state.session_cookie(&headers) {
         state.auth.end_session(&cookie);
     }
     let mut response = Redirect::to("/login").into_response();
-    let expired = format!("{SESSION_COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0");
+    let expired = format!(
+        "{}=; {}; Max-Age=0",
+        state.site.session_cookie_name(),
+        state.site.cookie_attributes()
+    );
     if let Ok(v) = HeaderValue::from_str(&expired) {
         response.headers_mut().insert(header::SET_COOKIE, v);
     }

@@ -30,6 +30,11 @@ pub enum ApiError {
     Busy(String),
     #[error("{0}")]
     Internal(String),
+    /// The `Host` header names another server (see `Site::host_allowed`).
+    #[error(
+        "this server does not answer for that host name; use the address conch printed (or its --public-url)"
+    )]
+    MisdirectedHost,
 }
 
 impl ApiError {
@@ -44,6 +49,7 @@ impl ApiError {
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::AgentUnavailable(_) | ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::MisdirectedHost => StatusCode::MISDIRECTED_REQUEST,
         }
     }
 
@@ -59,6 +65,7 @@ impl ApiError {
             ApiError::AgentUnavailable(_) => "agent-unavailable",
             ApiError::Busy(_) => "busy",
             ApiError::Internal(_) => "internal",
+            ApiError::MisdirectedHost => "misdirected-host",
         }
     }
 }

@@ -5,7 +5,7 @@
 use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 
 /// The page loads scripts only from this server, never inline, and may not
 /// be framed.
@@ -40,19 +40,211 @@ pub async fn headers(request: Request, next: Next) -> Response {
     response
 }
 
-/// Whether the request's `Origin` is this server's own (same scheme-less
-/// host and port as the `Host` header) or one of `allowed`. A request
-/// without an `Origin` is refused: every browser sends one on WebSocket
-/// upgrades and cross-site posts.
-pub fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
-    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
-        return false;
-    };
-    if allowed.iter().any(|a| a.trim_end_matches('/') == origin) {
-        return true;
+/// Where the server is reached and whom it believes: the address users
+/// see, the hosts and origins accepted, the proxies trusted, and whether
+/// cookies are `Secure`.
+#[derive(Debug, Clone, Default)]
+pub struct Site {
+    /// `scheme://host[:port]` of `--public-url`.
+    pub public_origin: Option<String>,
+    /// The `Host` value of `--public-url` (`host[:port]`, the port only
+    /// when not the scheme's default).
+    pub public_host: Option<String>,
+    /// Further origins allowed to open consoles.
+    pub allowed_origins: Vec<String>,
+    /// Without a public URL, on a loopback listener: accept only loopback
+    /// names in `Host`, so that a DNS-rebinding page cannot reach us.
+    pub loopback_hosts_only: bool,
+    /// Whether pages are served over HTTPS (directly, or by a proxy for
+    /// an `https://` public URL): cookies get `Secure` and `__Host-`.
+    pub https: bool,
+    pub proxies: super::peer::TrustedProxies,
+}
+
+impl Site {
+    /// Builds the site policy; `public_url` must be an absolute http(s) URL.
+    pub fn new(
+        public_url: Option<&url::Url>,
+        listen: std::net::SocketAddr,
+        allowed_origins: Vec<String>,
+        proxies: super::peer::TrustedProxies,
+    ) -> Site {
+        let (public_origin, public_host, https) = match public_url {
+            Some(u) => {
+                let host = u.host_str().unwrap_or("").to_owned();
+                let host = match u.port() {
+                    Some(p) => format!("{host}:{p}"),
+                    None => host,
+                };
+                (
+                    Some(u.origin().ascii_serialization()),
+                    Some(host.to_ascii_lowercase()),
+                    u.scheme() == "https",
+                )
+            }
+            None => (None, None, false),
+        };
+        Site {
+            public_origin,
+            public_host,
+            allowed_origins: allowed_origins
+                .into_iter()
+                .map(|o| o.trim_end_matches('/').to_owned())
+                .collect(),
+            loopback_hosts_only: public_url.is_none() && listen.ip().is_loopback(),
+            https,
+            proxies,
+        }
     }
-    let Some(host) = headers.get(header::HOST).and_then(|v| v.to_str().ok()) else {
-        return false;
-    };
-    origin == format!("http://{host}") || origin == format!("https://{host}")
+
+    /// Whether the `Host` header names this server (DNS rebinding: a page
+    /// on `evil.example` that resolves to us sends `Host: evil.example`).
+    pub fn host_allowed(&self, headers: &HeaderMap) -> bool {
+        let Some(host) = headers.get(header::HOST).and_then(|v| v.to_str().ok()) else {
+            // HTTP/2 carries :authority instead; hyper maps it to the URI,
+            // which the caller checks. A missing Host is not a browser.
+            return !self.loopback_hosts_only && self.public_host.is_none();
+        };
+        host_matches(self, host)
+    }
+
+    /// Whether the request's `Origin` is this server's own (the public URL's,
+    /// or else the one its `Host` names) or one of `--allowed-origins`. A
+    /// request without an `Origin` is refused: every browser sends one on
+    /// WebSocket upgrades and cross-site posts.
+    pub fn origin_allowed(&self, headers: &HeaderMap) -> bool {
+        let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+            return false;
+        };
+        if self.allowed_origins.iter().any(|a| a == origin) {
+            return true;
+        }
+        if let Some(public) = &self.public_origin {
+            return origin == public;
+        }
+        let Some(host) = headers.get(header::HOST).and_then(|v| v.to_str().ok()) else {
+            return false;
+        };
+        host_matches(self, host)
+            && (origin == format!("http://{host}") || origin == format!("https://{host}"))
+    }
+
+    /// The session cookie's name: `__Host-` over HTTPS, so that no other
+    /// site or sub-domain can set it.
+    pub fn session_cookie_name(&self) -> &'static str {
+        if self.https {
+            "__Host-conch_session"
+        } else {
+            "conch_session"
+        }
+    }
+
+    /// The trusted-device cookie's name (see `throttle`).
+    pub fn device_cookie_name(&self) -> &'static str {
+        if self.https {
+            "__Host-conch_device"
+        } else {
+            "conch_device"
+        }
+    }
+
+    /// `Set-Cookie` attributes shared by conch's cookies.
+    pub fn cookie_attributes(&self) -> &'static str {
+        if self.https {
+            "Path=/; HttpOnly; SameSite=Strict; Secure"
+        } else {
+            "Path=/; HttpOnly; SameSite=Strict"
+        }
+    }
+
+    /// A cookie's value from the request.
+    pub fn cookie(&self, headers: &HeaderMap, name: &str) -> Option<String> {
+        headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|pair| pair.trim().split_once('='))
+            .find(|(n, _)| *n == name)
+            .map(|(_, value)| value.to_owned())
+    }
+}
+
+fn host_matches(site: &Site, host: &str) -> bool {
+    let host = host.to_ascii_lowercase();
+    if let Some(public) = &site.public_host {
+        return &host == public;
+    }
+    if site.loopback_hosts_only {
+        let name = match host.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or(""),
+            None => host.rsplit_once(':').map_or(host.as_str(), |(h, _)| h),
+        };
+        return name == "localhost"
+            || name
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+    }
+    true
+}
+
+/// Answers 421 to requests whose `Host` is not this server's (health
+/// probes excepted: they carry no secret and come from anywhere).
+pub async fn host_guard(
+    axum::extract::State(state): axum::extract::State<super::State>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let path = request.uri().path();
+    if path == "/healthz" || path == "/readyz" || state.site.host_allowed(request.headers()) {
+        return next.run(request).await;
+    }
+    super::problem::ApiError::MisdirectedHost.into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(host: &str, origin: Option<&str>) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        m.insert(header::HOST, host.parse().unwrap());
+        if let Some(o) = origin {
+            m.insert(header::ORIGIN, o.parse().unwrap());
+        }
+        m
+    }
+
+    #[test]
+    fn a_loopback_server_accepts_only_loopback_hosts() {
+        let site = Site::new(
+            None,
+            "127.0.0.1:8080".parse().unwrap(),
+            vec![],
+            Default::default(),
+        );
+        assert!(site.host_allowed(&h("127.0.0.1:8080", None)));
+        assert!(site.host_allowed(&h("localhost:8080", None)));
+        assert!(site.host_allowed(&h("[::1]:8080", None)));
+        assert!(!site.host_allowed(&h("evil.example:8080", None)));
+        assert!(!site.origin_allowed(&h("evil.example:8080", Some("http://evil.example:8080"))));
+        assert!(site.origin_allowed(&h("127.0.0.1:8080", Some("http://127.0.0.1:8080"))));
+    }
+
+    #[test]
+    fn a_public_url_fixes_host_origin_and_cookies() {
+        let url = url::Url::parse("https://ops.example.com/conch").unwrap();
+        let site = Site::new(
+            Some(&url),
+            "0.0.0.0:8080".parse().unwrap(),
+            vec![],
+            Default::default(),
+        );
+        assert!(site.host_allowed(&h("ops.example.com", None)));
+        assert!(!site.host_allowed(&h("127.0.0.1:8080", None)));
+        assert!(site.origin_allowed(&h("ops.example.com", Some("https://ops.example.com"))));
+        assert!(!site.origin_allowed(&h("ops.example.com", Some("http://ops.example.com"))));
+        assert_eq!(site.session_cookie_name(), "__Host-conch_session");
+        assert!(site.cookie_attributes().contains("Secure"));
+    }
 }

@@ -183,13 +183,7 @@ impl TokenStore {
         // Compare against every record in constant time each.
         let mut found = None;
         for r in &records {
-            let same = r.sha256.len() == given.len()
-                && r.sha256
-                    .bytes()
-                    .zip(given.bytes())
-                    .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                    == 0;
-            if same {
+            if super::auth::subtle_eq(r.sha256.as_bytes(), given.as_bytes()) {
                 found = Some(Principal {
                     name: r.name.clone(),
                     role: r.role,

@@ -22,7 +22,6 @@ use tokio::sync::mpsc;
 
 use super::State as AppState;
 use super::auth::{Principal, SessionHandle};
-use super::security::origin_allowed;
 use crate::link::{Controller, Event, LinkError};
 use crate::protocol::{ExecRequest, PtySize};
 
@@ -49,11 +48,13 @@ pub async fn upgrade(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let Some(login) = super::session_cookie(&headers).and_then(|c| state.auth.session_handle(&c))
+    let Some(login) = state
+        .session_cookie(&headers)
+        .and_then(|c| state.auth.session_handle(&c))
     else {
         return (StatusCode::UNAUTHORIZED, "log in first").into_response();
     };
-    if !origin_allowed(&headers, &state.allowed_origins) {
+    if !state.site.origin_allowed(&headers) {
         tracing::warn!(user = %login.principal.name, "WebSocket from a foreign origin refused");
         return (StatusCode::FORBIDDEN, "this origin may not open a console").into_response();
     }
