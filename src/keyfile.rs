@@ -72,6 +72,12 @@ impl Key {
             path: path.to_owned(),
             source,
         })?;
+        if path != Path::new("-") {
+            warn_if_exposed(path, "key file");
+        }
+        if let Some(why) = weakness(bytes.trim_ascii()) {
+            tracing::warn!(path = %path.display(), "the key is weak ({why}); make one with `conch keygen`");
+        }
         Key::from_bytes(&bytes).ok_or_else(|| KeyError::TooShort {
             path: path.to_owned(),
             len: bytes.trim_ascii().len(),
@@ -99,5 +105,56 @@ impl Key {
 
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
+    }
+}
+
+/// Warns when a file holding a secret can be read by others than its
+/// owner (group or world permission bits).
+pub fn warn_if_exposed(path: &Path, what: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                path = %path.display(),
+                mode = format!("{mode:04o}"),
+                "the {what} can be read by other users; make it readable by its owner only (chmod 600)"
+            );
+        }
+    }
+}
+
+/// Why a secret is weak, if it is: too short, or too little entropy in
+/// its bytes (estimated from their frequencies, as a guesser would start).
+pub fn weakness(secret: &[u8]) -> Option<String> {
+    if secret.len() < 32 {
+        return Some(format!("{} bytes; 32 or more are wanted", secret.len()));
+    }
+    let mut counts = [0usize; 256];
+    for b in secret {
+        counts[*b as usize] += 1;
+    }
+    let n = secret.len() as f64;
+    let per_byte: f64 = counts
+        .iter()
+        .filter(|c| **c > 0)
+        .map(|c| {
+            let p = *c as f64 / n;
+            -p * p.log2()
+        })
+        .sum();
+    let bits = per_byte * n;
+    (bits < 128.0).then(|| format!("about {bits:.0} bits of entropy; 128 or more are wanted"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_keys_are_strong_and_simple_ones_are_not() {
+        assert_eq!(weakness(Key::generate().as_bytes()), None);
+        assert!(weakness(b"passwordpassword").is_some());
+        assert!(weakness(&[b'a'; 64]).is_some());
     }
 }

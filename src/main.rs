@@ -327,12 +327,15 @@ fn serve_config(args: ServeArgs, json_logs: bool) -> anyhow::Result<ServeConfig>
     };
     let token = match (args.admin_token, args.admin_token_file) {
         (Some(t), _) => Some(t),
-        (None, Some(path)) => Some(
-            std::fs::read_to_string(&path)
-                .with_context(|| format!("cannot read admin token file {}", path.display()))?
-                .trim()
-                .to_owned(),
-        ),
+        (None, Some(path)) => {
+            conch::keyfile::warn_if_exposed(&path, "admin token file");
+            Some(
+                std::fs::read_to_string(&path)
+                    .with_context(|| format!("cannot read admin token file {}", path.display()))?
+                    .trim()
+                    .to_owned(),
+            )
+        }
         (None, None) => None,
     };
     if let Some(t) = &token {
@@ -340,6 +343,13 @@ fn serve_config(args: ServeArgs, json_logs: bool) -> anyhow::Result<ServeConfig>
             t.len() >= MIN_TOKEN_LEN,
             "the admin token must be at least {MIN_TOKEN_LEN} characters"
         );
+        if let Some(why) = conch::keyfile::weakness(t.as_bytes()) {
+            tracing::warn!("the admin token is weak ({why}); make one with `conch keygen`");
+        }
+    }
+    if let Some(dir) = &args.data_dir {
+        conch::server::tokens::create_private_dir(dir)
+            .with_context(|| format!("cannot create the data directory {}", dir.display()))?;
     }
     let users = match &args.users_file {
         Some(path) => load_users(path)?,

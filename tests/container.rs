@@ -133,12 +133,24 @@ fn dockerfile_and_compose_match_the_binary() {
         // Secrets come from Docker secrets, declared at the top level.
         for (var, value) in service_env(&compose, name) {
             if let Some(secret) = value.strip_prefix("/run/secrets/") {
+                // Short syntax (a name) or long syntax (source, uid, mode).
                 let listed: Vec<&str> = service["secrets"]
                     .as_sequence()
                     .unwrap()
                     .iter()
-                    .filter_map(|s| s.as_str())
+                    .filter_map(|s| s.as_str().or_else(|| s["source"].as_str()))
                     .collect();
+                // Readable by the container's user only, never by all.
+                for s in service["secrets"].as_sequence().unwrap() {
+                    assert_eq!(s["uid"].as_str(), Some("10001"), "{name}: secret owner");
+                    // YAML 1.2 reads 0o400 as a number; a loader may keep the text.
+                    let mode = s["mode"].as_u64().or_else(|| {
+                        s["mode"]
+                            .as_str()
+                            .and_then(|m| u64::from_str_radix(m.trim_start_matches("0o"), 8).ok())
+                    });
+                    assert_eq!(mode, Some(0o400), "{name}: secret mode");
+                }
                 assert!(
                     listed.contains(&secret),
                     "{name}: {var} names secret {secret} it does not mount"
@@ -450,8 +462,10 @@ async fn the_image_builds_and_the_stack_runs() {
         conch::keyfile::Key::generate().save_new(&key).unwrap();
     }
     for f in ["admin_token", "agent.key"] {
+        // As the README says: owned by the containers' user, readable by it alone.
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(secrets.join(f), std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::set_permissions(secrets.join(f), std::fs::Permissions::from_mode(0o400)).unwrap();
+        std::os::unix::fs::chown(secrets.join(f), Some(10001), Some(10001)).unwrap();
     }
     let compose = |args: &[&str]| {
         Command::new("docker")

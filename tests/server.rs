@@ -484,7 +484,8 @@ async fn secrets_never_reach_the_logs() {
             "--data-dir",
             data.path().to_str().unwrap(),
         ],
-        &[("CONCH_LOG", "trace")],
+        // Even a filter that asks for the WebSocket library's trace.
+        &[("CONCH_LOG", "trace,tungstenite=trace,hyper=trace")],
     );
     let cookie = server.admin_cookie().await;
     let user_cookie = server
@@ -509,6 +510,9 @@ async fn secrets_never_reach_the_logs() {
         .unwrap();
     next_json(&mut ws).await;
     run(&mut ws, 1, "true").await;
+    // What a user types and what a command prints never reach the log.
+    let (out, _, _) = run(&mut ws, 2, "echo typed-marker-$((6*7))").await;
+    assert_eq!(out, b"typed-marker-42\n");
     drop(ws);
     // Stop the server so that every line it logged has been read.
     server.proc.signal(libc::SIGTERM);
@@ -526,6 +530,7 @@ async fn secrets_never_reach_the_logs() {
         session(&user_cookie),
         "operator-pw".into(),
         "a-wrong-password".into(),
+        "typed-marker".into(),
     ] {
         assert!(!log.contains(&secret), "a secret reached the log");
     }

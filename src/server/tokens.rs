@@ -58,9 +58,28 @@ fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
+/// Creates `dir` (and its parents) readable by its owner only (0700); an
+/// existing directory open to others is tightened, with a warning.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let meta = std::fs::metadata(dir)?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        tracing::warn!(dir = %dir.display(), "the data directory was open to other users; making it 0700");
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
 impl TokenStore {
     /// A store in `dir/tokens.json`, or only in memory without a directory.
     pub fn new(dir: Option<&Path>) -> TokenStore {
+        if let Some(dir) = dir {
+            crate::keyfile::warn_if_exposed(&dir.join("tokens.json"), "token file");
+        }
         TokenStore {
             path: dir.map(|d| d.join("tokens.json")),
             writing: Mutex::new(()),
@@ -109,20 +128,29 @@ impl TokenStore {
             use std::io::Write;
             use std::os::unix::fs::OpenOptionsExt;
             if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).map_err(|e| self.store_err(e))?;
+                create_private_dir(dir).map_err(|e| self.store_err(e))?;
             }
-            let tmp = path.with_extension("json.tmp");
+            // A fresh name, created exclusively and never through a
+            // symbolic link: nobody can plant the file we write to.
+            let mut suffix = [0u8; 8];
+            rand::fill(&mut suffix);
+            let tmp = path.with_extension(format!("json.{}.tmp", hex::encode(suffix)));
             let text = serde_json::to_vec_pretty(&records).map_err(|e| self.store_err(e))?;
             let mut file = std::fs::OpenOptions::new()
                 .write(true)
-                .create(true)
-                .truncate(true)
+                .create_new(true)
+                .custom_flags(libc::O_NOFOLLOW)
                 .mode(0o600)
                 .open(&tmp)
                 .map_err(|e| self.store_err(e))?;
-            file.write_all(&text).map_err(|e| self.store_err(e))?;
-            file.sync_all().map_err(|e| self.store_err(e))?;
-            std::fs::rename(&tmp, path).map_err(|e| self.store_err(e))?;
+            let written = file
+                .write_all(&text)
+                .and_then(|_| file.sync_all())
+                .and_then(|_| std::fs::rename(&tmp, path));
+            if let Err(e) = written {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(self.store_err(e));
+            }
             let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
             *cache = (mtime, records);
         } else {

@@ -73,9 +73,13 @@ pub fn spawn_conch(args: &[&str], env: &[(&str, &str)], dir: tempfile::TempDir) 
 
 /// Starts `cmd` (which runs conch somehow) with JSON logs, reading its stdout lines.
 pub fn spawn_with(mut cmd: Command, dir: tempfile::TempDir) -> Proc {
-    cmd.env("CONCH_LOG_FORMAT", "json")
-        .env("CONCH_LOG", "info")
-        .stdin(Stdio::null())
+    // Defaults that the caller's own environment settings override.
+    for (key, value) in [("CONCH_LOG_FORMAT", "json"), ("CONCH_LOG", "info")] {
+        if !cmd.get_envs().any(|(k, _)| k == key) {
+            cmd.env(key, value);
+        }
+    }
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     let mut child = cmd.spawn().expect("start conch");
