@@ -4,93 +4,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Server, start_agent, start_server, wait_gone};
+use common::ws::{Ws, collect, console, next_json, open_ws, run, send};
+use common::{start_agent, start_server, users_file, wait_gone};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-async fn open_ws(server: &Server, cookie: Option<&str>, origin: Option<&str>) -> Result<Ws, u16> {
-    let mut req = format!("ws://{}/ws", server.addr)
-        .into_client_request()
-        .unwrap();
-    if let Some(c) = cookie {
-        req.headers_mut().insert("cookie", c.parse().unwrap());
-    }
-    if let Some(o) = origin {
-        req.headers_mut().insert("origin", o.parse().unwrap());
-    }
-    match tokio_tungstenite::connect_async(req).await {
-        Ok((ws, _)) => Ok(ws),
-        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
-        Err(e) => panic!("websocket: {e}"),
-    }
-}
-
-async fn console(server: &Server) -> Ws {
-    let cookie = server.admin_cookie().await;
-    let mut ws = open_ws(server, Some(&cookie), Some(&server.origin()))
-        .await
-        .expect("upgrade");
-    let hello = next_json(&mut ws).await;
-    assert_eq!(hello["type"], "hello");
-    ws
-}
-
-async fn send(ws: &mut Ws, v: Value) {
-    ws.send(Message::Text(v.to_string().into())).await.unwrap();
-}
-
-/// The next text message as JSON, skipping agent status updates.
-async fn next_json(ws: &mut Ws) -> Value {
-    loop {
-        match ws.next().await.expect("socket open").expect("frame") {
-            Message::Text(t) => {
-                let v: Value = serde_json::from_str(&t).unwrap();
-                if v["type"] != "agents" {
-                    return v;
-                }
-            }
-            Message::Binary(b) => panic!("unexpected output {:?}", String::from_utf8_lossy(&b)),
-            _ => {}
-        }
-    }
-}
-
-/// Runs one command line; returns (stdout, stderr, exit message). Acks output.
-async fn run(ws: &mut Ws, id: u32, cmd: &str) -> (Vec<u8>, Vec<u8>, Value) {
-    send(ws, json!({"type": "exec", "id": id, "cmd": cmd})).await;
-    collect(ws, id).await
-}
-
-async fn collect(ws: &mut Ws, id: u32) -> (Vec<u8>, Vec<u8>, Value) {
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    loop {
-        match ws.next().await.expect("socket open").expect("frame") {
-            Message::Binary(b) => {
-                assert_eq!(u32::from_be_bytes([b[1], b[2], b[3], b[4]]), id);
-                match b[0] {
-                    1 => out.extend_from_slice(&b[5..]),
-                    2 => err.extend_from_slice(&b[5..]),
-                    other => panic!("stream tag {other}"),
-                }
-                send(ws, json!({"type": "ack", "id": id, "bytes": b.len() - 5})).await;
-            }
-            Message::Text(t) => {
-                let v: Value = serde_json::from_str(&t).unwrap();
-                match v["type"].as_str() {
-                    Some("exit") | Some("error") => return (out, err, v),
-                    _ => {}
-                }
-            }
-            _ => {}
-        }
-    }
-}
 
 #[tokio::test]
 async fn command_mode_streams_output_and_exit_codes() {
@@ -210,21 +128,6 @@ async fn a_foreign_origin_cannot_open_a_console() {
             .await
             .is_ok()
     );
-}
-
-fn users_file(dir: &std::path::Path) -> String {
-    let op = conch::server::auth::hash_password("operator-pw").unwrap();
-    let view = conch::server::auth::hash_password("viewer-pw").unwrap();
-    let path = dir.join("users.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[[users]]\nname = \"olga\"\npassword_hash = \"{op}\"\nrole = \"operator\"\n\n\
-             [[users]]\nname = \"vera\"\npassword_hash = \"{view}\"\nrole = \"viewer\"\n"
-        ),
-    )
-    .unwrap();
-    path.to_str().unwrap().to_owned()
 }
 
 #[tokio::test]

@@ -211,6 +211,7 @@ pub async fn serve(
             stream,
             _guard: guard,
         });
+        let proven_here = proven.clone();
         let service = app
             .clone()
             .map_request(move |mut req: axum::http::Request<Incoming>| {
@@ -233,6 +234,12 @@ pub async fn serve(
             let conn = builder.serve_connection_with_upgrades(io, service);
             let mut conn = std::pin::pin!(conn);
             let mut stopping = false;
+            // The header deadline of HTTP/1 starts only once the protocol
+            // is known, which takes the first bytes: a socket that sends
+            // none is timed out here. Until its first request a connection
+            // has nothing in flight, so it is simply dropped.
+            let first_request = tokio::time::sleep(limits.header_timeout);
+            let mut first_request = std::pin::pin!(first_request);
             loop {
                 tokio::select! {
                     r = conn.as_mut() => {
@@ -241,7 +248,14 @@ pub async fn serve(
                         }
                         break;
                     }
+                    _ = &mut first_request, if !proven_here.load(Ordering::Acquire) => {
+                        debug!(%peer, "no request within the header deadline; closing");
+                        break;
+                    }
                     _ = evict.cancelled(), if !stopping => {
+                        if !proven_here.load(Ordering::Acquire) {
+                            break;
+                        }
                         stopping = true;
                         conn.as_mut().graceful_shutdown();
                     }

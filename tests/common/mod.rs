@@ -2,6 +2,8 @@
 //! ephemeral loopback ports, found through their structured logs.
 #![allow(dead_code)]
 
+pub mod ws;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -12,6 +14,12 @@ use std::time::Duration;
 use conch::keyfile::Key;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_conch");
+
+/// The binary the tests run: `CONCH_TEST_BIN` when set (to check that a
+/// test fails against an older build), else this build's.
+pub fn bin() -> String {
+    std::env::var("CONCH_TEST_BIN").unwrap_or_else(|_| BIN.to_owned())
+}
 
 /// A running `conch` child process, killed when dropped.
 pub struct Proc {
@@ -63,7 +71,7 @@ impl Proc {
 
 /// Starts `conch ARGS` with JSON logs on stdout, in a fresh temporary directory.
 pub fn spawn_conch(args: &[&str], env: &[(&str, &str)], dir: tempfile::TempDir) -> Proc {
-    let mut cmd = Command::new(BIN);
+    let mut cmd = Command::new(bin());
     cmd.args(args);
     for (k, v) in env {
         cmd.env(k, v);
@@ -186,12 +194,28 @@ pub fn start_server_unready(extra: &[&str], env: &[(&str, &str)]) -> Server {
 }
 
 fn launch_server(extra: &[&str], env: &[(&str, &str)], wait_agent: bool) -> Server {
+    let mut cmd = server_command(extra);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    server_from(cmd, wait_agent)
+}
+
+/// The `conch serve` command line of [`start_server`], to adjust before
+/// starting it with [`server_from`].
+pub fn server_command(extra: &[&str]) -> Command {
+    let mut cmd = Command::new(bin());
+    cmd.args(["serve", "--listen", "127.0.0.1:0"])
+        .args(extra)
+        .env("CONCH_ADMIN_TOKEN", ADMIN_TOKEN);
+    cmd
+}
+
+/// Starts a `conch serve` command and waits until it listens (and, with
+/// `wait_agent`, has connected to its agent).
+pub fn server_from(cmd: Command, wait_agent: bool) -> Server {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut args = vec!["serve", "--listen", "127.0.0.1:0"];
-    args.extend_from_slice(extra);
-    let mut all_env = vec![("CONCH_ADMIN_TOKEN", ADMIN_TOKEN)];
-    all_env.extend_from_slice(env);
-    let mut proc = spawn_conch(&args, &all_env, dir);
+    let mut proc = spawn_with(cmd, dir);
     // The two lines may come in either order.
     let (mut addr, mut connected) = (None, !wait_agent);
     proc.wait_for("listening address and agent connection", |l| {
@@ -291,4 +315,21 @@ impl Server {
             .unwrap();
         created["token"].as_str().expect("a token").to_owned()
     }
+}
+
+/// A users file with an operator (olga, `operator-pw`) and a viewer
+/// (vera, `viewer-pw`); returns its path.
+pub fn users_file(dir: &std::path::Path) -> String {
+    let op = conch::server::auth::hash_password("operator-pw").unwrap();
+    let view = conch::server::auth::hash_password("viewer-pw").unwrap();
+    let path = dir.join("users.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[[users]]\nname = \"olga\"\npassword_hash = \"{op}\"\nrole = \"operator\"\n\n\
+             [[users]]\nname = \"vera\"\npassword_hash = \"{view}\"\nrole = \"viewer\"\n"
+        ),
+    )
+    .unwrap();
+    path.to_str().unwrap().to_owned()
 }
