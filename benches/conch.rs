@@ -244,8 +244,8 @@ async fn throughput(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bo
                     got += b.len() as u64;
                     ch.window(b.len() as u64).await.unwrap();
                 }
-                Event::Exit { code, .. } => {
-                    assert_eq!(code, Some(0));
+                Event::Exit(status) => {
+                    assert_eq!(status.code, Some(0));
                     break;
                 }
                 other => panic!("{other:?}"),
@@ -263,7 +263,10 @@ async fn throughput(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bo
         };
         let mut ch = link.exec(req).await.unwrap();
         let (out, _, exit) = ch.collect().await;
-        assert!(matches!(exit, Event::Exit { code: Some(0), .. }));
+        assert!(matches!(
+            exit,
+            Event::Exit(conch::vocab::ExitStatus { code: Some(0), .. })
+        ));
         assert_eq!(out.len() as u64, n, "agent pty bytes");
         bp.push(mbps(n, t.elapsed()));
 

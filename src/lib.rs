@@ -11,5 +11,7 @@ pub mod keepalive;
 pub mod keyfile;
 pub mod link;
 pub mod protocol;
+pub mod rest;
 pub mod server;
 pub mod telemetry;
+pub mod vocab;

@@ -11,6 +11,7 @@ use common::{start_agent, wait_gone};
 use conch::keyfile::Key;
 use conch::link::{AgentLink, Event, handshake};
 use conch::protocol::{ExecRequest, Frame, FrameCodec, Message, PtySize};
+use conch::vocab::Signal;
 use futures_util::{SinkExt, StreamExt};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -30,7 +31,7 @@ async fn run(link: &AgentLink, req: ExecRequest) -> (Vec<u8>, Vec<u8>, Event) {
 
 fn exit_code(event: &Event) -> Option<i32> {
     match event {
-        Event::Exit { code, .. } => *code,
+        Event::Exit(status) => status.code,
         other => panic!("expected exit, got {other:?}"),
     }
 }
@@ -179,11 +180,9 @@ async fn timeout_kills_the_whole_tree() {
     assert!(common::alive(grandchild));
     let (_, _, exit) = channel.collect().await;
     match exit {
-        Event::Exit {
-            timed_out, signal, ..
-        } => {
-            assert!(timed_out);
-            assert_eq!(signal.as_deref(), Some("KILL"));
+        Event::Exit(status) => {
+            assert!(status.timed_out);
+            assert_eq!(status.signal.map(|s| s.name()).as_deref(), Some("KILL"));
         }
         other => panic!("{other:?}"),
     }
@@ -202,13 +201,11 @@ async fn signal_int_reaches_the_process_group() {
     let mut channel = link.exec(sh("echo $$; exec sleep 300")).await.unwrap();
     let pid = first_line_pid(&mut channel).await;
     common::wait_exec(pid, "sleep").await;
-    channel.signal("INT").await.unwrap();
+    channel.signal(Signal::Int).await.unwrap();
     match channel.collect().await.2 {
-        Event::Exit {
-            signal, timed_out, ..
-        } => {
-            assert_eq!(signal.as_deref(), Some("INT"));
-            assert!(!timed_out);
+        Event::Exit(status) => {
+            assert_eq!(status.signal.map(|s| s.name()).as_deref(), Some("INT"));
+            assert!(!status.timed_out);
         }
         other => panic!("{other:?}"),
     }
@@ -358,7 +355,7 @@ async fn a_stalled_channel_does_not_stall_another() {
     while let Some(event) = stalled.next().await {
         end = Some(event);
     }
-    assert!(matches!(end, Some(Event::Exit { .. })), "{end:?}");
+    assert!(matches!(end, Some(Event::Exit(_))), "{end:?}");
 }
 
 #[tokio::test]
@@ -368,7 +365,7 @@ async fn close_and_connection_loss_kill_the_process_group() {
     let mut channel = link.exec(sh("sleep 300 & echo $!; wait")).await.unwrap();
     let pid = first_line_pid(&mut channel).await;
     channel.close().await.unwrap();
-    assert!(matches!(channel.collect().await.2, Event::Exit { .. }));
+    assert!(matches!(channel.collect().await.2, Event::Exit(_)));
     assert!(wait_gone(pid).await, "close left {pid} running");
 
     let mut channel = link.exec(sh("sleep 300 & echo $!; wait")).await.unwrap();
@@ -389,7 +386,7 @@ async fn expect_error(framed: &mut Framed<TcpStream, FrameCodec>, ch: u32, code:
                 ch: got_ch,
                 msg: Message::Error { code: got, .. },
                 ..
-            })) if got == code => {
+            })) if got.as_str() == code => {
                 assert_eq!(got_ch, ch);
                 return;
             }
@@ -450,7 +447,7 @@ async fn garbage_and_oversized_headers_close_only_their_connection() {
     assert!(
         frames
             .iter()
-            .any(|m| matches!(m, Message::Error { code, .. } if code == "protocol")),
+            .any(|m| matches!(m, Message::Error { code, .. } if code.as_str() == "protocol")),
         "{frames:?}"
     );
 
@@ -533,7 +530,7 @@ async fn channel_misuse_gets_an_error_and_the_connection_stays() {
     framed.send(Frame::new(1, Message::Close)).await.unwrap();
     loop {
         let frame = framed.next().await.unwrap().unwrap();
-        if frame.ch == 1 && matches!(frame.msg, Message::Exit { .. }) {
+        if frame.ch == 1 && matches!(frame.msg, Message::Exit(_)) {
             break;
         }
     }
@@ -546,8 +543,8 @@ async fn channel_misuse_gets_an_error_and_the_connection_stays() {
         let frame = framed.next().await.unwrap().unwrap();
         match frame.msg {
             Message::Stdout if frame.ch == 1 => out.extend_from_slice(&frame.payload),
-            Message::Exit { code, .. } if frame.ch == 1 => {
-                assert_eq!(code, Some(0));
+            Message::Exit(status) if frame.ch == 1 => {
+                assert_eq!(status.code, Some(0));
                 break;
             }
             Message::Error { code, .. } => panic!("unexpected error {code}"),
@@ -654,7 +651,7 @@ async fn a_process_that_ignores_stdin_does_not_stall_the_connection() {
         let frame = framed.next().await.unwrap().unwrap();
         match frame.msg {
             Message::Stdout if frame.ch == 2 => out.extend_from_slice(&frame.payload),
-            Message::Exit { .. } if frame.ch == 2 => break,
+            Message::Exit(_) if frame.ch == 2 => break,
             _ => {}
         }
     }

@@ -3,6 +3,7 @@
 
 use bytes::{Bytes, BytesMut};
 use conch::protocol::{ExecRequest, Frame, FrameCodec, Message, PtySize};
+use conch::vocab::{ErrorCode, ExitStatus, SignalNumber};
 use proptest::prelude::*;
 use tokio_util::codec::{Decoder, Encoder};
 
@@ -15,19 +16,24 @@ fn message() -> impl Strategy<Value = Message> {
         any::<u64>().prop_map(|add| Message::Window { add }),
         any::<u64>().prop_map(|id| Message::Ping { id }),
         (any::<u16>(), any::<u16>()).prop_map(|(cols, rows)| Message::Resize { cols, rows }),
-        ("\\PC{0,40}", "\\PC{0,200}").prop_map(|(code, message)| Message::Error { code, message }),
+        ("[a-z_]{1,40}", "\\PC{0,200}").prop_map(|(code, message)| Message::Error {
+            code: ErrorCode::from(code.as_str()),
+            message
+        }),
         (
             any::<Option<i32>>(),
-            proptest::option::of("[A-Z]{2,5}"),
+            proptest::option::of(1..=31i32),
             any::<bool>(),
             any::<u64>()
         )
-            .prop_map(|(code, signal, timed_out, duration_ms)| Message::Exit {
-                code,
-                signal,
-                timed_out,
-                duration_ms
-            }),
+            .prop_map(
+                |(code, signal, timed_out, duration_ms)| Message::Exit(ExitStatus {
+                    code,
+                    signal: signal.map(SignalNumber),
+                    timed_out,
+                    duration_ms
+                })
+            ),
         Just(Message::Exec),
     ]
 }

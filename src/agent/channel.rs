@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use super::process::{self, ProcessIo, Spawned};
 use crate::protocol::message::DEFAULT_WINDOW;
 use crate::protocol::{ExecRequest, Frame, Message, PtySize};
+use crate::vocab::{self, ErrorCode, SignalNumber};
 
 /// The most output read in one go, and so the largest output frame: 64 KiB.
 const READ_CHUNK: usize = 64 * 1024;
@@ -87,12 +88,12 @@ pub async fn run(
             let _ = out
                 .send(Frame::with_payload(ch, Message::Stderr, payload))
                 .await;
-            Message::Exit {
+            Message::Exit(vocab::ExitStatus {
                 code: Some(err.code),
                 signal: None,
                 timed_out: false,
                 duration_ms: started.elapsed().as_millis() as u64,
-            }
+            })
         }
     };
     let _ = done.send(Done {
@@ -108,15 +109,15 @@ struct Outcome {
 
 fn exit_message(outcome: Outcome, started: Instant) -> Message {
     let (code, signal) = match outcome.status {
-        Some(status) => (status.code(), status.signal().map(process::signal_name)),
+        Some(status) => (status.code(), status.signal().map(SignalNumber)),
         None => (None, None),
     };
-    Message::Exit {
+    Message::Exit(vocab::ExitStatus {
         code,
         signal,
         timed_out: outcome.timed_out,
         duration_ms: started.elapsed().as_millis() as u64,
-    }
+    })
 }
 
 /// A readable output stream of the process, or none once it has ended.
@@ -285,7 +286,7 @@ impl Supervisor {
             .await;
     }
 
-    async fn error(&self, code: &str, message: &str) {
+    async fn error(&self, code: ErrorCode, message: &str) {
         let _ = self
             .out
             .send(Frame::new(self.ch, Message::error(code, message)))
@@ -417,7 +418,7 @@ impl Supervisor {
                 msg = input.recv(), if input_open => match msg {
                     Some(Stdin { data, eof }) => {
                         if stdin.push(data, eof).is_err() {
-                            self.error("stdin_closed", "the process's stdin is closed").await;
+                            self.error(ErrorCode::StdinClosed, "the process's stdin is closed").await;
                         }
                     }
                     None => input_open = false,

@@ -13,12 +13,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::channel::{self, Control, Done, STDIN_WINDOW, Stdin};
-use super::process::parse_signal;
 use super::sandbox::ExecPolicy;
 use crate::frame_writer::write_queued;
 use crate::keyfile::Key;
 use crate::protocol::handshake::{agent_mac, is_valid_nonce, new_nonce, verify_client_mac};
 use crate::protocol::{Frame, FrameCodec, FrameError, Message, PROTOCOL_VERSION};
+use crate::vocab::{ErrorCode, Signal};
 
 /// A client that has not authenticated by then is dropped (the default of
 /// `--handshake-timeout-ms`): the real handshake takes one round trip.
@@ -89,7 +89,10 @@ pub async fn authenticate(
         Err(_) => {
             warn!(%peer, "no handshake within {timeout:?}; dropping");
             let _ = framed
-                .send(Frame::new(0, Message::error("auth", "handshake timed out")))
+                .send(Frame::new(
+                    0,
+                    Message::error(ErrorCode::Auth, "handshake timed out"),
+                ))
                 .await;
             None
         }
@@ -129,10 +132,10 @@ enum HandshakeError {
 impl HandshakeError {
     fn to_message(&self) -> Message {
         match self {
-            HandshakeError::Frame(e) => Message::error("protocol", e.to_string()),
-            HandshakeError::Unexpected(_) => Message::error("protocol", self.to_string()),
-            HandshakeError::Busy => Message::error("busy", self.to_string()),
-            _ => Message::error("auth", self.to_string()),
+            HandshakeError::Frame(e) => Message::error(ErrorCode::Protocol, e.to_string()),
+            HandshakeError::Unexpected(_) => Message::error(ErrorCode::Protocol, self.to_string()),
+            HandshakeError::Busy => Message::error(ErrorCode::Busy, self.to_string()),
+            _ => Message::error(ErrorCode::Auth, self.to_string()),
         }
     }
 }
@@ -240,7 +243,7 @@ impl Connection {
                     }
                     Some(Err(e)) => {
                         warn!(error = %e, "protocol error; closing the connection");
-                        let _ = out_tx.send(Frame::new(0, Message::error("protocol", e.to_string()))).await;
+                        let _ = out_tx.send(Frame::new(0, Message::error(ErrorCode::Protocol, e.to_string()))).await;
                         break;
                     }
                 },
@@ -285,19 +288,19 @@ impl Connection {
                     Ok(req) => req,
                     Err(e) => {
                         let msg = format!("the exec payload is not a valid request: {e}");
-                        let _ = reply(Message::error("bad_exec", msg)).await;
+                        let _ = reply(Message::error(ErrorCode::BadExec, msg)).await;
                         return;
                     }
                 };
                 if ch == 0 {
                     let _ = reply(Message::error(
-                        "bad_channel",
+                        ErrorCode::BadChannel,
                         "exec needs a channel id of 1 or more",
                     ))
                     .await;
                 } else if self.channels.contains_key(&ch) {
                     let _ = reply(Message::error(
-                        "channel_in_use",
+                        ErrorCode::ChannelInUse,
                         format!("channel {ch} is already running"),
                     ))
                     .await;
@@ -306,7 +309,7 @@ impl Connection {
                         "at most {} channels may run at once",
                         self.limits.max_channels
                     );
-                    let _ = reply(Message::error("too_many_channels", msg)).await;
+                    let _ = reply(Message::error(ErrorCode::TooManyChannels, msg)).await;
                 } else {
                     let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
                     let (stdin, stdin_rx) = mpsc::unbounded_channel();
@@ -341,7 +344,7 @@ impl Connection {
                         let msg = format!(
                             "stdin beyond the channel's credit of {STDIN_WINDOW} bytes was refused; wait for window frames"
                         );
-                        let _ = reply(Message::error("stdin_overflow", msg)).await;
+                        let _ = reply(Message::error(ErrorCode::StdinOverflow, msg)).await;
                     } else {
                         let _ = handle.stdin.send(Stdin {
                             data: frame.payload,
@@ -351,19 +354,24 @@ impl Connection {
                 }
                 None => {
                     let _ = reply(Message::error(
-                        "not_running",
+                        ErrorCode::NotRunning,
                         format!("channel {ch} is not running"),
                     ))
                     .await;
                 }
             },
-            Message::Signal { signal } => match parse_signal(&signal) {
-                Some(sig) => self.forward(ch, Control::Signal(sig)).await,
-                None => {
-                    let msg = format!("unknown signal {signal:?}; expected INT, TERM, KILL or HUP");
-                    let _ = reply(Message::error("bad_signal", msg)).await;
+            Message::Signal { signal } => {
+                match signal
+                    .number()
+                    .and_then(|n| nix::sys::signal::Signal::try_from(n).ok())
+                {
+                    Some(sig) => self.forward(ch, Control::Signal(sig)).await,
+                    None => {
+                        let msg = format!("unknown signal; expected {}", Signal::EXPECTED);
+                        let _ = reply(Message::error(ErrorCode::BadSignal, msg)).await;
+                    }
                 }
-            },
+            }
             Message::Resize { cols, rows } => {
                 self.forward(ch, Control::Resize(crate::protocol::PtySize { cols, rows }))
                     .await
@@ -372,7 +380,7 @@ impl Connection {
             Message::Close => self.forward(ch, Control::Close).await,
             other => {
                 let msg = format!("a client may not send {:?} frames here", other.type_name());
-                let _ = reply(Message::error("unexpected", msg)).await;
+                let _ = reply(Message::error(ErrorCode::Unexpected, msg)).await;
             }
         }
     }

@@ -135,25 +135,6 @@ fn kill_session(sid: Pid) {
     }
 }
 
-/// Parses a signal name of the protocol (`INT`, `TERM`, `KILL`, `HUP`).
-pub fn parse_signal(name: &str) -> Option<Signal> {
-    match name {
-        "INT" => Some(Signal::SIGINT),
-        "TERM" => Some(Signal::SIGTERM),
-        "KILL" => Some(Signal::SIGKILL),
-        "HUP" => Some(Signal::SIGHUP),
-        _ => None,
-    }
-}
-
-/// The protocol's name for a signal number (`INT`, `SEGV`, ...).
-pub fn signal_name(signo: i32) -> String {
-    match Signal::try_from(signo) {
-        Ok(sig) => sig.as_str().trim_start_matches("SIG").to_owned(),
-        Err(_) => signo.to_string(),
-    }
-}
-
 /// Restores default dispositions and an empty mask in a freshly forked child.
 ///
 /// Runs between fork and exec, so it may only make async-signal-safe calls.

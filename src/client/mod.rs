@@ -12,6 +12,9 @@ use base64::Engine;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
+use crate::rest::{Encoding, Stream, StreamLine};
+use crate::vocab::ExitStatus;
+
 /// Exit status for failures of conch itself: unreachable server, refused
 /// credentials, a broken response.
 pub const EXIT_CONCH_FAILED: u8 = 255;
@@ -46,28 +49,6 @@ pub enum ClientError {
     Refused { status: u16, detail: String },
     #[error("broken response from the server: {0}")]
     Broken(String),
-}
-
-fn signal_number(name: &str) -> Option<u8> {
-    let n = match name {
-        "HUP" => 1,
-        "INT" => 2,
-        "QUIT" => 3,
-        "ILL" => 4,
-        "TRAP" => 5,
-        "ABRT" => 6,
-        "BUS" => 7,
-        "FPE" => 8,
-        "KILL" => 9,
-        "USR1" => 10,
-        "SEGV" => 11,
-        "USR2" => 12,
-        "PIPE" => 13,
-        "ALRM" => 14,
-        "TERM" => 15,
-        other => return other.parse().ok(),
-    };
-    Some(n)
 }
 
 /// Runs the command; returns the exit status to leave with.
@@ -126,55 +107,62 @@ pub async fn run(config: ExecConfig) -> Result<u8, ClientError> {
         pending.extend_from_slice(&chunk);
         while let Some(pos) = pending.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = pending.drain(..=pos).collect();
-            let v: Value =
+            let line: StreamLine =
                 serde_json::from_slice(&line).map_err(|e| ClientError::Broken(e.to_string()))?;
-            if let Some(stream_name) = v["stream"].as_str() {
-                let data = v["data"].as_str().unwrap_or("");
-                let bytes = if v["encoding"] == "base64" {
-                    base64::engine::general_purpose::STANDARD
-                        .decode(data)
-                        .map_err(|e| ClientError::Broken(e.to_string()))?
-                } else {
-                    data.as_bytes().to_vec()
-                };
-                // A closed local pipe (`| head`) is not conch's failure.
-                let _ = if stream_name == "stderr" {
-                    stderr
-                        .lock()
-                        .write_all(&bytes)
-                        .and_then(|_| stderr.lock().flush())
-                } else {
-                    stdout
-                        .lock()
-                        .write_all(&bytes)
-                        .and_then(|_| stdout.lock().flush())
-                };
-            } else if let Some(stream_name) = v["truncated"].as_str() {
-                truncated = true;
-                eprintln!(
-                    "conch: {stream_name} was cut off after {} bytes (--max-output-bytes); the rest was discarded",
-                    v["limit"]
-                );
-            } else if let Some(message) = v["error"].as_str() {
-                return Err(ClientError::Broken(message.to_owned()));
-            } else if v.get("exit_code").is_some() {
-                if v["timed_out"] == true {
-                    eprintln!("conch: the command timed out and was killed");
-                    return Ok(EXIT_TIMED_OUT);
+            match line {
+                StreamLine::Output {
+                    stream,
+                    data,
+                    encoding,
+                } => {
+                    let bytes = if encoding == Some(Encoding::Base64) {
+                        base64::engine::general_purpose::STANDARD
+                            .decode(&data)
+                            .map_err(|e| ClientError::Broken(e.to_string()))?
+                    } else {
+                        data.into_bytes()
+                    };
+                    // A closed local pipe (`| head`) is not conch's failure.
+                    let _ = match stream {
+                        Stream::Stderr => stderr
+                            .lock()
+                            .write_all(&bytes)
+                            .and_then(|_| stderr.lock().flush()),
+                        Stream::Stdout => stdout
+                            .lock()
+                            .write_all(&bytes)
+                            .and_then(|_| stdout.lock().flush()),
+                    };
                 }
-                let status = if let Some(code) = v["exit_code"].as_i64() {
-                    (code & 0xff) as u8
-                } else {
-                    let signal = v["signal"].as_str().and_then(signal_number).unwrap_or(0);
-                    128u8.saturating_add(signal)
-                };
-                if truncated {
+                StreamLine::Truncated {
+                    truncated: stream,
+                    limit,
+                } => {
+                    truncated = true;
+                    let name = match stream {
+                        Stream::Stdout => "stdout",
+                        Stream::Stderr => "stderr",
+                    };
                     eprintln!(
-                        "conch: the command exited with status {status}; its output was cut off"
+                        "conch: {name} was cut off after {limit} bytes (--max-output-bytes); the rest was discarded"
                     );
-                    return Ok(EXIT_TRUNCATED);
                 }
-                return Ok(status);
+                StreamLine::Error { error } => return Err(ClientError::Broken(error)),
+                StreamLine::Exit { exit, .. } => {
+                    let exit = ExitStatus::from(exit);
+                    if exit.timed_out {
+                        eprintln!("conch: the command timed out and was killed");
+                        return Ok(EXIT_TIMED_OUT);
+                    }
+                    let status = exit.shell_status();
+                    if truncated {
+                        eprintln!(
+                            "conch: the command exited with status {status}; its output was cut off"
+                        );
+                        return Ok(EXIT_TRUNCATED);
+                    }
+                    return Ok(status);
+                }
             }
         }
     }

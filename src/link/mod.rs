@@ -24,6 +24,7 @@ use crate::keyfile::Key;
 use crate::protocol::handshake::{client_mac, is_valid_nonce, new_nonce, verify_agent_mac};
 use crate::protocol::message::STDIN_WINDOW;
 use crate::protocol::{ExecRequest, Frame, FrameCodec, FrameError, Message, PROTOCOL_VERSION};
+use crate::vocab::{ErrorCode, ExitStatus, Signal};
 
 /// Connecting and authenticating to an agent must finish within this.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -60,36 +61,22 @@ pub enum Event {
     Stdout(Bytes),
     Stderr(Bytes),
     /// The command ended; no event follows.
-    Exit {
-        code: Option<i32>,
-        signal: Option<String>,
-        timed_out: bool,
-        duration_ms: u64,
-    },
+    Exit(ExitStatus),
     /// An error about this channel (`code` is stable).
     Error {
-        code: String,
+        code: ErrorCode,
         message: String,
     },
     /// The link to the agent was lost; no event follows.
     Lost,
 }
 
-/// Error codes with which the agent refuses an `exec`: the channel never
-/// started, and no `exit` will follow.
-pub const REFUSED: &[&str] = &[
-    "bad_channel",
-    "channel_in_use",
-    "too_many_channels",
-    "bad_exec",
-];
-
 impl Event {
     /// Whether nothing follows this event on its channel.
     pub fn is_final(&self) -> bool {
         match self {
-            Event::Exit { .. } | Event::Lost => true,
-            Event::Error { code, .. } => REFUSED.contains(&code.as_str()),
+            Event::Exit(_) | Event::Lost => true,
+            Event::Error { code, .. } => code.is_refusal(),
             _ => false,
         }
     }
@@ -351,17 +338,7 @@ fn route(routes: &Routes, frame: Frame) {
         }
         Message::Stdout => Event::Stdout(frame.payload),
         Message::Stderr => Event::Stderr(frame.payload),
-        Message::Exit {
-            code,
-            signal,
-            timed_out,
-            duration_ms,
-        } => Event::Exit {
-            code,
-            signal,
-            timed_out,
-            duration_ms,
-        },
+        Message::Exit(status) => Event::Exit(status),
         Message::Error { code, message } => Event::Error { code, message },
         _ => return,
     };
@@ -420,8 +397,8 @@ impl Channel {
         self.controller().stdin(data, eof).await
     }
 
-    pub async fn signal(&self, name: &str) -> Result<(), LinkError> {
-        self.controller().signal(name).await
+    pub async fn signal(&self, signal: Signal) -> Result<(), LinkError> {
+        self.controller().signal(signal).await
     }
 
     pub async fn resize(&self, cols: u16, rows: u16) -> Result<(), LinkError> {
@@ -501,14 +478,8 @@ impl Controller {
     }
 
     /// Delivers `INT`, `TERM`, `KILL` or `HUP` to the command's process group.
-    pub async fn signal(&self, name: &str) -> Result<(), LinkError> {
-        self.send(
-            Message::Signal {
-                signal: name.into(),
-            },
-            Bytes::new(),
-        )
-        .await
+    pub async fn signal(&self, signal: Signal) -> Result<(), LinkError> {
+        self.send(Message::Signal { signal }, Bytes::new()).await
     }
 
     pub async fn resize(&self, cols: u16, rows: u16) -> Result<(), LinkError> {

@@ -8,7 +8,7 @@
 //! incomplete frame is an ordinary `Ok(None)`, not an error.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tokio_util::codec::{Decoder, Encoder};
 
 use super::message::{KNOWN_TYPES, Message};
@@ -215,21 +215,28 @@ pub fn encode_frame(frame: &Frame, dst: &mut BytesMut) -> Result<(), FrameError>
     if frame.payload.len() > MAX_PAYLOAD_LEN {
         return Err(FrameError::PayloadTooLarge(frame.payload.len() as u64));
     }
-    let mut header = match serde_json::to_value(&frame.msg) {
-        Ok(Value::Object(obj)) => obj,
-        Ok(_) => Map::new(),
-        Err(e) => {
-            return Err(FrameError::InvalidHeader {
-                kind: frame.msg.type_name().into(),
-                reason: e.to_string(),
-            });
-        }
-    };
-    header.insert("ch".into(), Value::from(frame.ch));
-    if !frame.payload.is_empty() {
-        header.insert("len".into(), Value::from(frame.payload.len()));
+    // One pass from the typed message to the header's bytes: `ch` and
+    // `len` first, then `type` and the message's fields.
+    #[derive(serde::Serialize)]
+    struct Header<'a> {
+        ch: u32,
+        #[serde(skip_serializing_if = "is_zero")]
+        len: usize,
+        #[serde(flatten)]
+        msg: &'a Message,
     }
-    let header = serde_json::to_vec(&header).map_err(|e| FrameError::InvalidJson(e.to_string()))?;
+    fn is_zero(n: &usize) -> bool {
+        *n == 0
+    }
+    let header = serde_json::to_vec(&Header {
+        ch: frame.ch,
+        len: frame.payload.len(),
+        msg: &frame.msg,
+    })
+    .map_err(|e| FrameError::InvalidHeader {
+        kind: frame.msg.type_name().into(),
+        reason: e.to_string(),
+    })?;
     if header.len() > MAX_HEADER_LEN {
         return Err(FrameError::HeaderLength(header.len()));
     }

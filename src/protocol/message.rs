@@ -11,6 +11,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::vocab::{ErrorCode, ExitStatus, Signal};
+
 /// Every message type this version of the protocol knows.
 pub const KNOWN_TYPES: &[&str] = &[
     "hello", "auth", "ready", "error", "exec", "stdin", "signal", "resize", "window", "close",
@@ -42,7 +44,7 @@ pub enum Message {
     },
     /// Either way: something went wrong. `code` is stable, `message` is for people.
     Error {
-        code: String,
+        code: ErrorCode,
         message: String,
     },
     /// Client → agent: start a command on a fresh channel. The payload is
@@ -56,7 +58,7 @@ pub enum Message {
     },
     /// Client → agent: deliver a signal to the channel's process group.
     Signal {
-        signal: String,
+        signal: Signal,
     },
     /// Client → agent: the terminal size changed (PTY channels only).
     Resize {
@@ -74,12 +76,7 @@ pub enum Message {
     /// Agent → client: error output bytes (the payload).
     Stderr,
     /// Agent → client: the channel's command ended; the last frame of a channel.
-    Exit {
-        code: Option<i32>,
-        signal: Option<String>,
-        timed_out: bool,
-        duration_ms: u64,
-    },
+    Exit(ExitStatus),
     /// Liveness probe; answered by `pong` with the same `id`.
     Ping {
         id: u64,
@@ -147,16 +144,16 @@ impl Message {
             Message::Close => "close",
             Message::Stdout => "stdout",
             Message::Stderr => "stderr",
-            Message::Exit { .. } => "exit",
+            Message::Exit(_) => "exit",
             Message::Ping { .. } => "ping",
             Message::Pong { .. } => "pong",
         }
     }
 
     /// Shorthand for an `error` message.
-    pub fn error(code: &str, message: impl Into<String>) -> Message {
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Message {
         Message::Error {
-            code: code.to_owned(),
+            code,
             message: message.into(),
         }
     }

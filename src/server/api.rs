@@ -29,6 +29,8 @@ use super::tokens::TokenError;
 use crate::link::{Channel, Event, LinkError};
 use crate::protocol::ExecRequest;
 use crate::protocol::MAX_PAYLOAD_LEN;
+use crate::rest::{self, ExecResult, Stream, StreamLine};
+use crate::vocab::ErrorCode;
 
 /// The command's default time limit: 30 s.
 pub const DEFAULT_TIMEOUT_MS: u64 = 30_000;
@@ -354,37 +356,27 @@ fn encode_streams(
     out: &[u8],
     err: &[u8],
     encoding: &'static Encoding,
-) -> (String, String, &'static str) {
+) -> (String, String, rest::Encoding) {
     let base64_len = |n: usize| n.div_ceil(3) * 4;
     if let (Some(o), Some(e)) = (decode(out, encoding), decode(err, encoding))
         && json_cost(&o) + json_cost(&e) <= base64_len(out.len()) + base64_len(err.len())
     {
-        return (o, e, "utf-8");
+        return (o, e, rest::Encoding::Utf8);
     }
-    (BASE64.encode(out), BASE64.encode(err), "base64")
+    (
+        BASE64.encode(out),
+        BASE64.encode(err),
+        rest::Encoding::Base64,
+    )
 }
 
 /// Why a command ended without an exit, in the buffered and streamed answers alike.
-fn refused(agent: &str, code: &str, message: &str) -> String {
+fn refused(agent: &str, code: &ErrorCode, message: &str) -> String {
     format!("agent {agent:?} refused the command ({code}): {message}")
 }
 
 fn lost(agent: &str) -> String {
     format!("the connection to agent {agent:?} was lost during the command")
-}
-
-fn exit_fields(
-    code: Option<i32>,
-    signal: Option<String>,
-    timed_out: bool,
-    duration_ms: u64,
-) -> serde_json::Map<String, Value> {
-    let mut m = serde_json::Map::new();
-    m.insert("exit_code".into(), json!(code));
-    m.insert("signal".into(), json!(signal));
-    m.insert("timed_out".into(), json!(timed_out));
-    m.insert("duration_ms".into(), json!(duration_ms));
-    m
 }
 
 async fn buffered_response(
@@ -406,28 +398,23 @@ async fn buffered_response(
                 err.push(&b);
                 let _ = channel.window(b.len() as u64).await;
             }
-            Some(Event::Error { code, message })
-                if crate::link::REFUSED.contains(&code.as_str()) =>
-            {
+            Some(Event::Error { code, message }) if code.is_refusal() => {
                 return Err(ApiError::AgentUnavailable(refused(&agent, &code, &message)));
             }
             Some(Event::Error { .. }) => {}
-            Some(Event::Exit {
-                code,
-                signal,
-                timed_out,
-                duration_ms,
-            }) => {
-                let mut body = exit_fields(code, signal, timed_out, duration_ms);
+            Some(Event::Exit(status)) => {
                 let (stdout, stderr, encoding) =
                     encode_streams(&out.data, &err.data, prepared.encoding);
                 drop((out.data, err.data));
-                body.insert("stdout".into(), json!(stdout));
-                body.insert("stderr".into(), json!(stderr));
-                body.insert("stdout_truncated".into(), json!(out.truncated));
-                body.insert("stderr_truncated".into(), json!(err.truncated));
-                body.insert("encoding".into(), json!(encoding));
-                let response = Json(Value::Object(body)).into_response();
+                let body = ExecResult {
+                    exit: status.into(),
+                    stdout,
+                    stderr,
+                    encoding,
+                    stdout_truncated: out.truncated,
+                    stderr_truncated: err.truncated,
+                };
+                let response = Json(body).into_response();
                 drop(held);
                 return Ok(response);
             }
@@ -444,7 +431,7 @@ async fn buffered_response(
 /// reached, says so in a line of its own and drops the rest (the command
 /// runs on); without one it passes everything: streaming holds nothing back.
 struct StreamDecoder {
-    stream: &'static str,
+    stream: Stream,
     encoding: &'static Encoding,
     decoder: encoding_rs::Decoder,
     sent: usize,
@@ -453,7 +440,7 @@ struct StreamDecoder {
 }
 
 impl StreamDecoder {
-    fn new(stream: &'static str, encoding: &'static Encoding, limit: Option<usize>) -> Self {
+    fn new(stream: Stream, encoding: &'static Encoding, limit: Option<usize>) -> Self {
         StreamDecoder {
             stream,
             encoding,
@@ -466,7 +453,7 @@ impl StreamDecoder {
 
     /// The JSON lines for a chunk (none, one, or an output line and the
     /// truncation notice).
-    fn lines(&mut self, bytes: &[u8]) -> Vec<Value> {
+    fn lines(&mut self, bytes: &[u8]) -> Vec<StreamLine> {
         let mut lines = Vec::new();
         if self.truncated {
             return lines;
@@ -485,21 +472,32 @@ impl StreamDecoder {
             match result {
                 encoding_rs::DecoderResult::Malformed(_, _) => {
                     self.decoder = self.encoding.new_decoder_without_bom_handling();
-                    lines.push(json!({"stream": self.stream, "data": BASE64.encode(kept), "encoding": "base64"}));
+                    lines.push(StreamLine::Output {
+                        stream: self.stream,
+                        data: BASE64.encode(kept),
+                        encoding: Some(rest::Encoding::Base64),
+                    });
                 }
                 _ if text.is_empty() => {}
-                _ => lines.push(json!({"stream": self.stream, "data": text})),
+                _ => lines.push(StreamLine::Output {
+                    stream: self.stream,
+                    data: text,
+                    encoding: None,
+                }),
             }
         }
         if keep < bytes.len() {
             self.truncated = true;
-            lines.push(json!({"truncated": self.stream, "limit": self.limit}));
+            lines.push(StreamLine::Truncated {
+                truncated: self.stream,
+                limit: self.limit.unwrap_or(0) as u64,
+            });
         }
         lines
     }
 }
 
-fn ndjson(line: &Value) -> Bytes {
+fn ndjson(line: &StreamLine) -> Bytes {
     let mut bytes = serde_json::to_vec(line).unwrap_or_default();
     bytes.push(b'\n');
     Bytes::from(bytes)
@@ -523,8 +521,8 @@ fn stream_response(
     }
     let st = St {
         channel,
-        out: StreamDecoder::new("stdout", prepared.encoding, prepared.max_output),
-        err: StreamDecoder::new("stderr", prepared.encoding, prepared.max_output),
+        out: StreamDecoder::new(Stream::Stdout, prepared.encoding, prepared.max_output),
+        err: StreamDecoder::new(Stream::Stderr, prepared.encoding, prepared.max_output),
         done: false,
         agent,
         shutdown,
@@ -541,7 +539,9 @@ fn stream_response(
                 biased;
                 _ = st.shutdown.cancelled() => {
                     st.done = true;
-                    let line = json!({"error": "the server is shutting down; the command was killed"});
+                    let line = StreamLine::Error {
+                        error: "the server is shutting down; the command was killed".into(),
+                    };
                     return Some((Ok(ndjson(&line)), st));
                 }
                 e = st.channel.next() => e,
@@ -557,28 +557,26 @@ fn stream_response(
                     let _ = st.channel.window(b.len() as u64).await;
                     st.err.lines(&b)
                 }
-                Some(Event::Error { code, message })
-                    if crate::link::REFUSED.contains(&code.as_str()) =>
-                {
+                Some(Event::Error { code, message }) if code.is_refusal() => {
                     st.done = true;
-                    vec![json!({"error": refused(&st.agent, &code, &message)})]
+                    vec![StreamLine::Error {
+                        error: refused(&st.agent, &code, &message),
+                    }]
                 }
                 Some(Event::Error { .. }) => continue,
-                Some(Event::Exit {
-                    code,
-                    signal,
-                    timed_out,
-                    duration_ms,
-                }) => {
+                Some(Event::Exit(status)) => {
                     st.done = true;
-                    let mut body = exit_fields(code, signal, timed_out, duration_ms);
-                    body.insert("stdout_truncated".into(), json!(st.out.truncated));
-                    body.insert("stderr_truncated".into(), json!(st.err.truncated));
-                    vec![Value::Object(body)]
+                    vec![StreamLine::Exit {
+                        exit: status.into(),
+                        stdout_truncated: st.out.truncated,
+                        stderr_truncated: st.err.truncated,
+                    }]
                 }
                 Some(Event::Lost) | None => {
                     st.done = true;
-                    vec![json!({"error": lost(&st.agent)})]
+                    vec![StreamLine::Error {
+                        error: lost(&st.agent),
+                    }]
                 }
             };
             if lines.is_empty() {

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod caller;
 pub mod embedded;
 pub mod http;
+pub mod messages;
 pub mod pages;
 pub mod peer;
 pub mod problem;

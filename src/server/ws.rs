@@ -16,14 +16,16 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
-use serde::Deserialize;
-use serde_json::{Value, json};
+
+use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::State as AppState;
 use super::auth::{Principal, SessionHandle};
+use super::messages::{ClientMessage, ServerMessage};
 use crate::link::{Controller, Event, LinkError};
-use crate::protocol::{ExecRequest, PtySize};
+use crate::protocol::ExecRequest;
+use crate::vocab::{ErrorCode, Signal};
 
 /// Output credit per command between the agent and the browser: 256 KiB.
 pub const BROWSER_WINDOW: u64 = 256 * 1024;
@@ -65,41 +67,6 @@ pub async fn upgrade(
         .on_upgrade(move |socket| session(socket, state, login))
 }
 
-/// A message from the browser.
-#[derive(Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-enum ClientMessage {
-    Exec {
-        id: u32,
-        cmd: Option<String>,
-        pty: Option<PtySize>,
-        agent: Option<String>,
-    },
-    Stdin {
-        id: u32,
-        data: String,
-        /// Ends the command's input after `data` (Ctrl-D in command mode).
-        #[serde(default)]
-        eof: bool,
-    },
-    Signal {
-        id: u32,
-        signal: String,
-    },
-    Resize {
-        id: u32,
-        cols: u16,
-        rows: u16,
-    },
-    Close {
-        id: u32,
-    },
-    Ack {
-        id: u32,
-        bytes: u64,
-    },
-}
-
 struct Running {
     control: Controller,
     /// Output sent to the browser and not yet acknowledged.
@@ -107,23 +74,20 @@ struct Running {
     task: tokio::task::JoinHandle<()>,
 }
 
-fn text(value: Value) -> WsMessage {
-    WsMessage::Text(value.to_string().into())
-}
-
 /// An error message. With an `id`, `final` says whether that command is
 /// over (it never started, or it is gone) or goes on (its `exit` follows).
-fn error(id: Option<u32>, code: &str, message: &str) -> WsMessage {
+fn error(id: Option<u32>, code: ErrorCode, message: &str) -> WsMessage {
     error_with(id, code, message, true)
 }
 
-fn error_with(id: Option<u32>, code: &str, message: &str, is_final: bool) -> WsMessage {
-    let mut v = json!({"type": "error", "code": code, "message": message});
-    if let Some(id) = id {
-        v["id"] = json!(id);
-        v["final"] = json!(is_final);
+fn error_with(id: Option<u32>, code: ErrorCode, message: &str, is_final: bool) -> WsMessage {
+    ServerMessage::Error {
+        code,
+        message,
+        id,
+        is_final: id.map(|_| is_final),
     }
-    text(v)
+    .frame()
 }
 
 /// WebSocket close codes (RFC 6455 section 7.4.1).
@@ -154,13 +118,12 @@ async fn session(socket: WebSocket, state: AppState, login: SessionHandle) {
     let (finished_tx, mut finished) = mpsc::channel::<u32>(MAX_COMMANDS);
     let mut running: HashMap<u32, Running> = HashMap::new();
     let mut changes = state.agents.subscribe();
-    let hello = json!({
-        "type": "hello",
-        "user": principal.name,
-        "role": principal.role.as_str(),
-        "agents": state.agents.statuses(),
-    });
-    let _ = out.send(text(hello)).await;
+    let hello = ServerMessage::Hello {
+        user: &principal.name,
+        role: principal.role.as_str(),
+        agents: state.agents.statuses(),
+    };
+    let _ = out.send(hello.frame()).await;
     let expires = tokio::time::Instant::from_std(login.expires);
 
     loop {
@@ -173,17 +136,17 @@ async fn session(socket: WebSocket, state: AppState, login: SessionHandle) {
                         // page waiting for it is never left without an answer.
                         let is_final = id.is_some_and(|id| !running.contains_key(&id));
                         let msg = format!("cannot understand that message: {e}");
-                        let _ = out.send(error_with(id, "bad_request", &msg, is_final)).await;
+                        let _ = out.send(error_with(id, ErrorCode::BadRequest, &msg, is_final)).await;
                     }
                 },
                 Some(Ok(WsMessage::Binary(_))) => {
-                    let _ = out.send(error(None, "bad_request", "binary messages are not accepted from the browser")).await;
+                    let _ = out.send(error(None, ErrorCode::BadRequest, "binary messages are not accepted from the browser")).await;
                 }
                 Some(Ok(_)) => {}
                 Some(Err(e)) => {
                     if is_capacity_error(&e) {
                         let msg = format!("a message was larger than {MAX_MESSAGE} bytes; the console is closed");
-                        let _ = out.send(error(None, "too_large", &msg)).await;
+                        let _ = out.send(error(None, ErrorCode::TooLarge, &msg)).await;
                         let _ = out.send(close(CLOSE_TOO_BIG, "message too big")).await;
                     }
                     break;
@@ -194,7 +157,7 @@ async fn session(socket: WebSocket, state: AppState, login: SessionHandle) {
                 running.remove(&id);
             }
             Ok(()) = changes.changed() => {
-                let _ = out.send(text(json!({"type": "agents", "agents": state.agents.statuses()}))).await;
+                let _ = out.send(ServerMessage::Agents { agents: state.agents.statuses() }.frame()).await;
             }
             // A console must not outlive its session: logout, eviction and
             // expiry close it at once, whether or not the page is talking.
@@ -207,7 +170,7 @@ async fn session(socket: WebSocket, state: AppState, login: SessionHandle) {
                 break;
             }
             _ = state.shutdown.cancelled() => {
-                let _ = out.send(text(json!({"type": "shutdown", "message": "the server is shutting down"}))).await;
+                let _ = out.send(ServerMessage::Shutdown { message: "the server is shutting down" }.frame()).await;
                 let _ = out.send(close(CLOSE_GOING_AWAY, "server shutting down")).await;
                 break;
             }
@@ -226,7 +189,7 @@ async fn end_session_socket(out: &mpsc::Sender<WsMessage>) {
     let _ = out
         .send(error(
             None,
-            "session_expired",
+            ErrorCode::SessionExpired,
             "the session has ended; log in again",
         ))
         .await;
@@ -315,7 +278,7 @@ async fn handle(
     match msg {
         ClientMessage::Exec { id: 0, .. } => {
             let _ = out
-                .send(error(None, "bad_request", "command ids start at 1"))
+                .send(error(None, ErrorCode::BadRequest, "command ids start at 1"))
                 .await;
         }
         ClientMessage::Exec {
@@ -326,7 +289,11 @@ async fn handle(
         } => {
             if !principal.role.can_run() {
                 let _ = out
-                    .send(error(Some(id), "forbidden", "viewers may not run commands"))
+                    .send(error(
+                        Some(id),
+                        ErrorCode::Forbidden,
+                        "viewers may not run commands",
+                    ))
                     .await;
                 return;
             }
@@ -334,7 +301,7 @@ async fn handle(
                 let _ = out
                     .send(error_with(
                         Some(id),
-                        "bad_request",
+                        ErrorCode::BadRequest,
                         "that command id is still running",
                         false,
                     ))
@@ -343,14 +310,16 @@ async fn handle(
             }
             if running.len() >= MAX_COMMANDS {
                 let msg = format!("at most {MAX_COMMANDS} commands may run at once in one console");
-                let _ = out.send(error(Some(id), "too_many_commands", &msg)).await;
+                let _ = out
+                    .send(error(Some(id), ErrorCode::TooManyCommands, &msg))
+                    .await;
                 return;
             }
             if cmd.is_none() && pty.is_none() {
                 let _ = out
                     .send(error(
                         Some(id),
-                        "bad_request",
+                        ErrorCode::BadRequest,
                         "exec needs \"cmd\" or \"pty\"",
                     ))
                     .await;
@@ -360,7 +329,7 @@ async fn handle(
                 Ok(found) => found,
                 Err(e) => {
                     let _ = out
-                        .send(error(Some(id), "agent_unavailable", &e.to_string()))
+                        .send(error(Some(id), ErrorCode::AgentUnavailable, &e.to_string()))
                         .await;
                     return;
                 }
@@ -373,7 +342,7 @@ async fn handle(
                     Ok(t) => t,
                     Err(e) => {
                         let _ = out
-                            .send(error(Some(id), "too_many_commands", &e.to_string()))
+                            .send(error(Some(id), ErrorCode::TooManyCommands, &e.to_string()))
                             .await;
                         return;
                     }
@@ -388,8 +357,8 @@ async fn handle(
                 Ok(c) => c,
                 Err(e) => {
                     let code = match e {
-                        LinkError::TooLarge { .. } => "too_large",
-                        _ => "agent_unavailable",
+                        LinkError::TooLarge { .. } => ErrorCode::TooLarge,
+                        _ => ErrorCode::AgentUnavailable,
                     };
                     let _ = out.send(error(Some(id), code, &e.to_string())).await;
                     return;
@@ -414,7 +383,7 @@ async fn handle(
                     task,
                 },
             );
-            let _ = out.send(text(json!({"type": "started", "id": id}))).await;
+            let _ = out.send(ServerMessage::Started { id }.frame()).await;
         }
         ClientMessage::Stdin { id, data, eof } => {
             if let Some(r) = running.get(&id) {
@@ -422,16 +391,11 @@ async fn handle(
             }
         }
         ClientMessage::Signal { id, signal } => {
-            if !matches!(signal.as_str(), "INT" | "TERM" | "KILL" | "HUP") {
-                let _ = out
-                    .send(error(
-                        Some(id),
-                        "bad_request",
-                        "signal must be INT, TERM, KILL or HUP",
-                    ))
-                    .await;
+            if signal == Signal::Unknown {
+                let msg = format!("signal must be {}", Signal::EXPECTED);
+                let _ = out.send(error(Some(id), ErrorCode::BadRequest, &msg)).await;
             } else if let Some(r) = running.get(&id) {
-                let _ = r.control.signal(&signal).await;
+                let _ = r.control.signal(signal).await;
             }
         }
         ClientMessage::Resize { id, cols, rows } => {
@@ -477,22 +441,14 @@ async fn pump(
             Event::Stdout(data) | Event::Stderr(data) if data.is_empty() => continue,
             Event::Stdout(data) => output(STDOUT, id, &data, &unacked),
             Event::Stderr(data) => output(STDERR, id, &data, &unacked),
-            Event::Exit {
-                code,
-                signal,
-                timed_out,
-                duration_ms,
-            } => text(json!({
-                "type": "exit", "id": id, "code": code, "signal": signal,
-                "timed_out": timed_out, "duration_ms": duration_ms,
-            })),
+            Event::Exit(status) => ServerMessage::Exit { id, status }.frame(),
             ref e @ Event::Error {
                 ref code,
                 ref message,
-            } => error_with(Some(id), code, message, e.is_final()),
+            } => error_with(Some(id), code.clone(), message, e.is_final()),
             Event::Lost => error(
                 Some(id),
-                "agent_lost",
+                ErrorCode::AgentLost,
                 "the connection to the agent was lost; the command is gone",
             ),
         };
