@@ -583,3 +583,89 @@ async fn the_rate_limit_answers_429() {
     assert!(resp.headers().contains_key("retry-after"));
     problem(resp, 429).await;
 }
+
+#[tokio::test]
+async fn the_api_contract_holds_at_its_edges() {
+    let server = start_server(&[], &[]);
+    let resp = post_exec(
+        &server,
+        &server.token,
+        &json!({"command": "true", "timeout_ms": 0}),
+    )
+    .await;
+    problem(resp, 400).await;
+    let resp = post_exec(
+        &server,
+        &server.token,
+        &json!({"command": "true", "agent": null}),
+    )
+    .await;
+    problem(resp, 400).await;
+    let resp = post_exec(
+        &server,
+        &server.token,
+        &json!({"command": "true", "max_output_bytes": 1e30}),
+    )
+    .await;
+    let body = problem(resp, 400).await;
+    assert!(
+        !body["detail"].as_str().unwrap().contains("usize"),
+        "{body}"
+    );
+
+    // A duplicate token name is a conflict; its creation is never cached.
+    let created = client()
+        .post(server.url("/api/v1/tokens"))
+        .bearer_auth(&server.token)
+        .json(&json!({"name": "twice", "role": "viewer"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    assert_eq!(created.headers()["cache-control"], "no-store");
+    let again = client()
+        .post(server.url("/api/v1/tokens"))
+        .bearer_auth(&server.token)
+        .json(&json!({"name": "twice", "role": "viewer"}))
+        .send()
+        .await
+        .unwrap();
+    problem(again, 409).await;
+
+    // Wrong methods and missing sessions answer in the API's format.
+    let resp = client()
+        .delete(server.url("/api/v1/exec"))
+        .bearer_auth(&server.token)
+        .send()
+        .await
+        .unwrap();
+    problem(resp, 405).await;
+    let resp = client()
+        .get(server.url("/api/v1/session"))
+        .send()
+        .await
+        .unwrap();
+    problem(resp, 401).await;
+
+    // Assets: compressed when asked, with a charset, and revalidated by
+    // weak or listed tags too.
+    let resp = client()
+        .get(server.url("/static/vendor/xterm/xterm.js"))
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["content-encoding"], "gzip");
+    assert_eq!(
+        resp.headers()["content-type"],
+        "text/javascript; charset=utf-8"
+    );
+    let etag = resp.headers()["etag"].to_str().unwrap().to_owned();
+    let resp = client()
+        .get(server.url("/static/vendor/xterm/xterm.js"))
+        .header("if-none-match", format!("\"other\", W/{etag}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 304);
+}

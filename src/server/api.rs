@@ -57,19 +57,49 @@ pub struct ApiLimits {
     pub buffered_budget: usize,
 }
 
-/// The body of `POST /api/v1/exec`.
+/// The body of `POST /api/v1/exec`. A field may be left out; `null` is
+/// refused like any other value of the wrong type, as the API's
+/// description says.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ExecBody {
+    #[serde(default, deserialize_with = "present")]
     command: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     argv: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "present")]
     cwd: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     env: Option<BTreeMap<String, String>>,
+    #[serde(default, deserialize_with = "present")]
     stdin: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     timeout_ms: Option<u64>,
+    #[serde(default, deserialize_with = "present")]
     max_output_bytes: Option<usize>,
+    #[serde(default, deserialize_with = "present")]
     encoding: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     agent: Option<String>,
+}
+
+/// An optional field that, when present, must hold a value (not `null`).
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
+}
+
+/// A JSON error in the caller's words rather than Rust's.
+fn json_error(e: &serde_json::Error) -> ApiError {
+    let text = e
+        .to_string()
+        .replace("usize", "a non-negative integer")
+        .replace("u64", "a non-negative integer of at most 64 bits")
+        .replace("u32", "a non-negative integer of at most 32 bits");
+    ApiError::BadRequest(format!("malformed JSON body: {text}"))
 }
 
 /// A validated request.
@@ -110,10 +140,15 @@ fn prepare(body: ExecBody, limits: &ApiLimits, streaming: bool) -> Result<Prepar
             ))
         })?,
     };
+    if body.timeout_ms == Some(0) {
+        return Err(ApiError::BadRequest(
+            "\"timeout_ms\" must be at least 1".into(),
+        ));
+    }
     let timeout = body
         .timeout_ms
         .unwrap_or(DEFAULT_TIMEOUT_MS)
-        .clamp(1, limits.max_timeout_ms);
+        .min(limits.max_timeout_ms);
     // A streamed answer holds nothing back, so it needs no cap; a buffered
     // one holds everything, so it always has one.
     let max_output = match (streaming, body.max_output_bytes) {
@@ -159,8 +194,7 @@ async fn read_json_body(request: Request, limit: usize) -> Result<ExecBody, ApiE
         .map_err(|_| {
             ApiError::TooLarge(format!("the request body is larger than {limit} bytes"))
         })?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::BadRequest(format!("malformed JSON body: {e}")))
+    serde_json::from_slice(&bytes).map_err(|e| json_error(&e))
 }
 
 /// Whether the client asked for a streamed (NDJSON) answer: it accepts
@@ -604,7 +638,8 @@ pub async fn agents(State(state): State<AppState>, _: Caller) -> Response {
 
 fn token_error(e: TokenError) -> ApiError {
     match e {
-        TokenError::Exists(_) | TokenError::BadName => ApiError::BadRequest(e.to_string()),
+        TokenError::Exists(_) => ApiError::Conflict(e.to_string()),
+        TokenError::BadName => ApiError::BadRequest(e.to_string()),
         TokenError::Missing(_) => ApiError::NotFound(e.to_string()),
         TokenError::Store { .. } => ApiError::Internal(e.to_string()),
     }
@@ -677,6 +712,12 @@ pub async fn openapi() -> Response {
         HeaderValue::from_static("application/json"),
     );
     response
+}
+
+/// A known path with a method it does not answer (405), in the API's
+/// error format.
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
 }
 
 /// Unknown `/api/...` paths answer in the API's own error format.

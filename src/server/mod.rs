@@ -107,7 +107,10 @@ pub fn router(state: State) -> Router {
         .route("/login", get(pages::login_page).post(pages::login_submit))
         .route("/logout", axum::routing::post(pages::logout))
         .route("/ws", get(ws::upgrade))
-        .route("/static/{*path}", get(assets::serve))
+        .route(
+            "/static/{*path}",
+            get(assets::serve).layer(tower_http::compression::CompressionLayer::new()),
+        )
         .route("/healthz", get(pages::healthz))
         .route("/readyz", get(pages::readyz))
         .route("/api/v1/session", get(pages::session_info))
@@ -123,6 +126,7 @@ pub fn router(state: State) -> Router {
         )
         .route("/api/v1/openapi.json", get(api::openapi))
         .route("/api/{*rest}", axum::routing::any(api::not_found))
+        .method_not_allowed_fallback(api::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             security::host_guard,

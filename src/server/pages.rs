@@ -258,10 +258,6 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
 pub async fn session_info(State(state): State<AppState>, headers: HeaderMap) -> Response {
     match state.session_principal(&headers) {
         Some(p) => Json(json!({"user": p.name, "role": p.role.as_str()})).into_response(),
-        None => (
-            StatusCode::UNAUTHORIZED,
-            Json(json!({"error": "not logged in"})),
-        )
-            .into_response(),
+        None => super::problem::ApiError::Unauthorized.into_response(),
     }
 }

@@ -18,6 +18,10 @@ pub enum ApiError {
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
+    Conflict(String),
+    #[error("this endpoint does not answer that method")]
+    MethodNotAllowed,
+    #[error("{0}")]
     TooLarge(String),
     #[error("the request body must be JSON (Content-Type: application/json)")]
     UnsupportedMediaType,
@@ -44,6 +48,8 @@ impl ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -59,6 +65,8 @@ impl ApiError {
             ApiError::Unauthorized => "unauthorized",
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not-found",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::MethodNotAllowed => "method-not-allowed",
             ApiError::TooLarge(_) => "body-too-large",
             ApiError::UnsupportedMediaType => "unsupported-media-type",
             ApiError::TooManyRequests { .. } => "too-many-requests",

@@ -33,6 +33,11 @@ pub async fn headers(request: Request, next: Next) -> Response {
         HeaderValue::from_static("same-origin"),
     );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    // Pages and API answers are personal (a new token's secret, a user's
+    // console): no cache keeps them. Assets set their own (no-cache + ETag).
+    if !h.contains_key(header::CACHE_CONTROL) {
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
     h.insert(
         header::HeaderName::from_static("cross-origin-opener-policy"),
         HeaderValue::from_static("same-origin"),
