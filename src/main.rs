@@ -457,49 +457,14 @@ async fn run(command: Command, json_logs: bool) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Exec(args) => {
-            let token = match (args.token, &args.token_file) {
-                (_, Some(path)) => std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read token file {}", path.display()))?
-                    .trim()
-                    .to_owned(),
-                (Some(t), None) => t,
-                (None, None) => anyhow::bail!("give --token-file or CONCH_TOKEN"),
-            };
-            let stdin = if args.stdin {
-                use std::io::Read;
-                let mut buf = String::new();
-                std::io::stdin()
-                    .take(1024 * 1024 + 1)
-                    .read_to_string(&mut buf)
-                    .context("cannot read standard input (it must be UTF-8 text)")?;
-                anyhow::ensure!(
-                    buf.len() <= 1024 * 1024,
-                    "standard input is larger than 1 MiB"
-                );
-                Some(buf)
-            } else {
-                None
-            };
-            let config = ExecConfig {
-                server: args.server,
-                token,
-                command: args.command,
-                agent: args.agent,
-                timeout_ms: args.timeout_ms,
-                cwd: args.cwd,
-                encoding: args.encoding,
-                stdin,
-                max_output_bytes: args.max_output_bytes,
-            };
-            match conch::client::run(config).await {
-                Ok(code) => Ok(ExitCode::from(code)),
-                Err(e) => {
-                    eprintln!("conch: {e}");
-                    Ok(ExitCode::from(conch::client::EXIT_CONCH_FAILED))
-                }
+        Command::Exec(args) => match exec_command(args).await {
+            Ok(code) => Ok(code),
+            Err(e) => {
+                // Failures of conch itself exit 255, as ssh does.
+                eprintln!("conch: {e:#}");
+                Ok(ExitCode::from(conch::client::EXIT_CONCH_FAILED))
             }
-        }
+        },
         Command::Token(args) => {
             let dir = args
                 .data_dir
@@ -606,6 +571,51 @@ async fn run(command: Command, json_logs: bool) -> anyhow::Result<ExitCode> {
                     .with_context(|| format!("cannot listen on {}", args.listen))?,
             }
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `conch exec`: its exit status is the remote command's.
+async fn exec_command(args: ExecArgs) -> anyhow::Result<ExitCode> {
+    let token = match (args.token, &args.token_file) {
+        (_, Some(path)) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read token file {}", path.display()))?
+            .trim()
+            .to_owned(),
+        (Some(t), None) => t,
+        (None, None) => anyhow::bail!("give --token-file or CONCH_TOKEN"),
+    };
+    let stdin = if args.stdin {
+        use std::io::Read;
+        let mut buf = String::new();
+        std::io::stdin()
+            .take(1024 * 1024 + 1)
+            .read_to_string(&mut buf)
+            .context("cannot read standard input (it must be UTF-8 text)")?;
+        anyhow::ensure!(
+            buf.len() <= 1024 * 1024,
+            "standard input is larger than 1 MiB"
+        );
+        Some(buf)
+    } else {
+        None
+    };
+    let config = ExecConfig {
+        server: args.server,
+        token,
+        command: args.command,
+        agent: args.agent,
+        timeout_ms: args.timeout_ms,
+        cwd: args.cwd,
+        encoding: args.encoding,
+        stdin,
+        max_output_bytes: args.max_output_bytes,
+    };
+    match conch::client::run(config).await {
+        Ok(code) => Ok(ExitCode::from(code)),
+        Err(e) => {
+            eprintln!("conch: {e}");
+            Ok(ExitCode::from(conch::client::EXIT_CONCH_FAILED))
         }
     }
 }

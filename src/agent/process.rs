@@ -253,11 +253,16 @@ pub fn spawn(req: &ExecRequest, policy: &ExecPolicy) -> Result<Spawned, SpawnErr
         code: 126,
         message: format!("conch: cannot set up the command's cgroup: {e}\n"),
     })?;
-    // Nothing of the agent's own environment: only the documented list.
+    // Nothing of the agent's own environment: only the documented list,
+    // then the request's, then the fallback mark, which the request may
+    // not change (it would free its processes, or doom someone else's).
     cmd.env_clear();
     cmd.envs(prepared.env.iter().map(|(k, v)| (k, v)));
     if let Some(env) = &req.env {
-        cmd.envs(env);
+        cmd.envs(env.iter().filter(|(k, _)| k.as_str() != sandbox::MARK_VAR));
+    }
+    if let Some(mark) = &prepared.mark {
+        cmd.env(sandbox::MARK_VAR, mark);
     }
     match req.pty {
         Some(size) => spawn_pty(cmd, size, &what, prepared),

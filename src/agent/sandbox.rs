@@ -203,7 +203,6 @@ impl ExecPolicy {
                 std::process::id(),
                 self.next_mark.fetch_add(1, Ordering::Relaxed)
             );
-            env.push((MARK_VAR.into(), mark.clone().into()));
             Some(mark)
         } else {
             None

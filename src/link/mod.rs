@@ -136,7 +136,11 @@ pub async fn handshake(
             })
         }
         Message::Ready { .. } => Err(LinkError::AgentMac),
-        Message::Error { message, .. } => Err(LinkError::Auth(message)),
+        Message::Error {
+            code: ErrorCode::Auth,
+            message,
+        } => Err(LinkError::Auth(message)),
+        Message::Error { code, message } => Err(LinkError::Handshake(format!("{code}: {message}"))),
         other => Err(LinkError::Handshake(format!(
             "expected ready, got {}",
             other.type_name()

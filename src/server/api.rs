@@ -281,11 +281,14 @@ pub async fn exec(
         )),
         e => ApiError::AgentUnavailable(format!("agent {agent:?}: {e}")),
     })?;
-    // Always end stdin, so that a command reading it sees EOF, not a hang.
-    channel
-        .stdin(prepared.stdin.clone(), true)
-        .await
-        .map_err(|e| ApiError::AgentUnavailable(format!("agent {agent:?}: {e}")))?;
+    // Always end stdin, so that a command reading it sees EOF, not a hang;
+    // written beside the reading of output, so that a command that echoes
+    // more than the credit window cannot deadlock against its own input.
+    let input = channel.controller();
+    let data = prepared.stdin.clone();
+    tokio::spawn(async move {
+        let _ = input.stdin(data, true).await;
+    });
     tracing::info!(user = %who.name, agent = %agent, "api exec");
 
     let held = Held {

@@ -104,13 +104,17 @@ impl Site {
 
     /// Whether the `Host` header names this server (DNS rebinding: a page
     /// on `evil.example` that resolves to us sends `Host: evil.example`).
-    pub fn host_allowed(&self, headers: &HeaderMap) -> bool {
-        let Some(host) = headers.get(header::HOST).and_then(|v| v.to_str().ok()) else {
-            // HTTP/2 carries :authority instead; hyper maps it to the URI,
-            // which the caller checks. A missing Host is not a browser.
-            return !self.loopback_hosts_only && self.public_host.is_none();
-        };
-        host_matches(self, host)
+    pub fn host_allowed(&self, headers: &HeaderMap, uri: &axum::http::Uri) -> bool {
+        // HTTP/2 carries `:authority` (in the URI) instead of `Host`.
+        let host = headers
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .or_else(|| uri.authority().map(|a| a.as_str()));
+        match host {
+            Some(host) => host_matches(self, host),
+            // No name at all is not a browser: only an open policy takes it.
+            None => !self.loopback_hosts_only && self.public_host.is_none(),
+        }
     }
 
     /// Whether the request's `Origin` is this server's own (the public URL's,
@@ -175,6 +179,13 @@ impl Site {
     }
 }
 
+#[cfg(test)]
+impl Site {
+    fn host_allowed_h(&self, headers: &HeaderMap) -> bool {
+        self.host_allowed(headers, &axum::http::Uri::from_static("/"))
+    }
+}
+
 fn host_matches(site: &Site, host: &str) -> bool {
     let host = host.to_ascii_lowercase();
     if let Some(public) = &site.public_host {
@@ -201,7 +212,10 @@ pub async fn host_guard(
     next: Next,
 ) -> Response {
     let path = request.uri().path();
-    if path == "/healthz" || path == "/readyz" || state.site.host_allowed(request.headers()) {
+    if path == "/healthz"
+        || path == "/readyz"
+        || state.site.host_allowed(request.headers(), request.uri())
+    {
         return next.run(request).await;
     }
     super::problem::ApiError::MisdirectedHost.into_response()
@@ -228,10 +242,10 @@ mod tests {
             vec![],
             Default::default(),
         );
-        assert!(site.host_allowed(&h("127.0.0.1:8080", None)));
-        assert!(site.host_allowed(&h("localhost:8080", None)));
-        assert!(site.host_allowed(&h("[::1]:8080", None)));
-        assert!(!site.host_allowed(&h("evil.example:8080", None)));
+        assert!(site.host_allowed_h(&h("127.0.0.1:8080", None)));
+        assert!(site.host_allowed_h(&h("localhost:8080", None)));
+        assert!(site.host_allowed_h(&h("[::1]:8080", None)));
+        assert!(!site.host_allowed_h(&h("evil.example:8080", None)));
         assert!(!site.origin_allowed(&h("evil.example:8080", Some("http://evil.example:8080"))));
         assert!(site.origin_allowed(&h("127.0.0.1:8080", Some("http://127.0.0.1:8080"))));
     }
@@ -245,8 +259,8 @@ mod tests {
             vec![],
             Default::default(),
         );
-        assert!(site.host_allowed(&h("ops.example.com", None)));
-        assert!(!site.host_allowed(&h("127.0.0.1:8080", None)));
+        assert!(site.host_allowed_h(&h("ops.example.com", None)));
+        assert!(!site.host_allowed_h(&h("127.0.0.1:8080", None)));
         assert!(site.origin_allowed(&h("ops.example.com", Some("https://ops.example.com"))));
         assert!(!site.origin_allowed(&h("ops.example.com", Some("http://ops.example.com"))));
         assert_eq!(site.session_cookie_name(), "__Host-conch_session");

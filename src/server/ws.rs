@@ -69,10 +69,18 @@ pub async fn upgrade(
 
 struct Running {
     control: Controller,
+    /// Input for the command, written by a task of its own: a command that
+    /// does not read must never stall the socket's loop (acks, Ctrl-C,
+    /// session end).
+    stdin: mpsc::Sender<(Bytes, bool)>,
     /// Output sent to the browser and not yet acknowledged.
     unacked: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
+    stdin_task: tokio::task::JoinHandle<()>,
 }
+
+/// Input messages queued for one command beyond its agent credit: 64.
+const STDIN_QUEUE: usize = 64;
 
 /// An error message. With an `id`, `final` says whether that command is
 /// over (it never started, or it is gone) or goes on (its `exit` follows).
@@ -180,6 +188,7 @@ async fn session(socket: WebSocket, state: AppState, login: SessionHandle) {
     // which tells the agent to kill the process group.
     for (_, r) in running.drain() {
         r.task.abort();
+        r.stdin_task.abort();
     }
     drop(out);
     let _ = writer.await;
@@ -366,6 +375,15 @@ async fn handle(
             };
             tracing::info!(user = %principal.name, id, "command started");
             let control = channel.controller();
+            let (stdin, mut stdin_rx) = mpsc::channel::<(Bytes, bool)>(STDIN_QUEUE);
+            let writer = control.clone();
+            let stdin_task = tokio::spawn(async move {
+                while let Some((data, eof)) = stdin_rx.recv().await {
+                    if writer.stdin(data, eof).await.is_err() {
+                        break;
+                    }
+                }
+            });
             let unacked = Arc::new(AtomicU64::new(0));
             let task = tokio::spawn(pump(
                 id,
@@ -379,21 +397,31 @@ async fn handle(
                 id,
                 Running {
                     control,
+                    stdin,
                     unacked,
                     task,
+                    stdin_task,
                 },
             );
             let _ = out.send(ServerMessage::Started { id }.frame()).await;
         }
         ClientMessage::Stdin { id, data, eof } => {
-            if let Some(r) = running.get(&id) {
-                let _ = r.control.stdin(Bytes::from(data), eof).await;
+            if let Some(r) = running.get(&id)
+                && r.stdin.try_send((Bytes::from(data), eof)).is_err()
+            {
+                let msg = "the command is not reading its input; that input was dropped";
+                let _ = out
+                    .send(error_with(Some(id), ErrorCode::StdinOverflow, msg, false))
+                    .await;
             }
         }
         ClientMessage::Signal { id, signal } => {
             if signal == Signal::Unknown {
                 let msg = format!("signal must be {}", Signal::EXPECTED);
-                let _ = out.send(error(Some(id), ErrorCode::BadRequest, &msg)).await;
+                let is_final = !running.contains_key(&id);
+                let _ = out
+                    .send(error_with(Some(id), ErrorCode::BadRequest, &msg, is_final))
+                    .await;
             } else if let Some(r) = running.get(&id) {
                 let _ = r.control.signal(signal).await;
             }
