@@ -560,6 +560,13 @@ async fn run(command: Command, json_logs: bool) -> anyhow::Result<ExitCode> {
                     // SAFETY: the parent handed this descriptor down open,
                     // listening, and for this process alone to own.
                     let std_listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+                    // Inherited without close-on-exec: set it, or every
+                    // command would inherit the agent's listening socket.
+                    nix::fcntl::fcntl(
+                        &std_listener,
+                        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+                    )
+                    .context("cannot mark the inherited socket close-on-exec")?;
                     std_listener.set_nonblocking(true)?;
                     let listener = tokio::net::TcpListener::from_std(std_listener)
                         .context("the inherited listening socket is unusable")?;

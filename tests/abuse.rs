@@ -286,6 +286,23 @@ async fn commands_see_a_clean_environment_and_their_parent_is_the_agent() {
         "the parent is the agent: {out}"
     );
 
+    // No descriptor of the agent's reaches a command (its listening socket
+    // would let a command take over the link the server reconnects on).
+    let body: Value = exec(
+        &server,
+        &server.token,
+        json!({"command": "for f in /proc/$$/fd/*; do readlink $f; done"}),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let fds = body["stdout"].as_str().unwrap();
+    assert!(
+        !fds.contains("socket:"),
+        "a socket reached the command: {fds}"
+    );
+
     // Killing its parent stops the agent, which the server restarts; the
     // server itself is untouched.
     let resp = exec(
@@ -503,12 +520,12 @@ async fn a_reader_that_stalls_gets_the_rest() {
 
 #[tokio::test]
 async fn buffered_answers_share_a_bounded_budget_and_stay_compact() {
-    let server = start_server(&["--buffered-output-budget-mib", "4"], &[]);
+    let server = start_server(&["--buffered-output-budget-mib", "16"], &[]);
     // One answer that could never fit: 413, with the way out.
     let resp = exec(
         &server,
         &server.token,
-        json!({"command": "true", "max_output_bytes": 3 * 1024 * 1024}),
+        json!({"command": "true", "max_output_bytes": 4 * 1024 * 1024}),
     )
     .await;
     assert_eq!(resp.status(), 413);
@@ -529,22 +546,25 @@ async fn buffered_answers_share_a_bounded_budget_and_stay_compact() {
             client()
                 .post(url)
                 .bearer_auth(token)
-                .json(&json!({"command": cmd, "max_output_bytes": 1536 * 1024}))
+                .json(&json!({"command": cmd, "max_output_bytes": 2 * 1024 * 1024}))
                 .send()
                 .await
                 .unwrap()
         })
     };
     // Once the first command has the gate open, its budget is reserved.
-    let gate =
-        tokio::task::spawn_blocking(move || std::fs::OpenOptions::new().write(true).open(fifo))
-            .await
-            .unwrap()
-            .unwrap();
+    let gate = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::task::spawn_blocking(move || std::fs::OpenOptions::new().write(true).open(fifo)),
+    )
+    .await
+    .expect("the first command opened the gate")
+    .unwrap()
+    .unwrap();
     let resp = exec(
         &server,
         &server.token,
-        json!({"command": "true", "max_output_bytes": 1536 * 1024}),
+        json!({"command": "true", "max_output_bytes": 2 * 1024 * 1024}),
     )
     .await;
     assert_eq!(resp.status(), 503);
@@ -652,11 +672,28 @@ async fn someone_elses_failures_never_lock_out_a_correct_password() {
     let dir = tempfile::tempdir().unwrap();
     let users = users_file(dir.path());
     let server = start_server(&["--users-file", &users], &[]);
-    // Any web page can make a browser fetch these.
-    for _ in 0..15 {
+    let api_token = server.create_token("script", "operator").await;
+    // Any web page can make a browser fetch these: enough to block token
+    // logins from this address.
+    let mut blocked = false;
+    for _ in 0..40 {
         let s = common::status(server.url("/login?token=guess")).await;
         assert!(s == 401 || s == 429);
+        blocked |= s == 429;
     }
+    assert!(blocked, "token guesses in the login form were all answered");
+    // Neither the API nor the password is locked out by them.
+    let resp = client()
+        .get(server.url("/api/v1/agents"))
+        .bearer_auth(&api_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        200,
+        "a script's token was locked out by a web page"
+    );
     // (A correct login: token failures do not lock out a password. It
     // leaves olga's browser a trusted-device cookie.)
     let device = cookie_named(&server, "conch_device").await;
@@ -705,6 +742,14 @@ async fn someone_elses_failures_never_lock_out_a_correct_password() {
         limited |= resp.status() == 429;
     }
     assert!(limited, "60 bearer guesses in a row were all answered");
+    // A token too strong to guess is still taken.
+    let resp = client()
+        .get(server.url("/api/v1/agents"))
+        .bearer_auth(&api_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
 }
 
 fn client_from(addr: IpAddr) -> reqwest::Client {
@@ -947,4 +992,30 @@ async fn a_pty_shell_still_works_under_the_limits() {
         exit,
         Event::Exit(conch::vocab::ExitStatus { code: Some(0), .. })
     ));
+}
+
+#[tokio::test]
+async fn a_request_may_take_longer_than_the_header_deadline() {
+    // The deadline is for a request's headers, not for its answer.
+    let server = start_server(&["--header-timeout-ms", "500"], &[]);
+    let resp = exec(
+        &server,
+        &server.token,
+        json!({"command": "sleep 1.5; echo done"}),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.json::<Value>().await.unwrap()["stdout"], "done\n");
+    let text = client()
+        .post(server.url("/api/v1/exec"))
+        .bearer_auth(&server.token)
+        .header("accept", "application/x-ndjson")
+        .json(&json!({"command": "echo a; sleep 1.5; echo b"}))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("\"exit_code\":0"), "{text}");
 }

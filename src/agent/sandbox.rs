@@ -173,6 +173,11 @@ impl ExecPolicy {
         }
         if run_as.switch {
             info!(user = %run_as.name, uid = run_as.uid, "commands run as this user");
+        } else if run_as.uid == 0 {
+            warn!(
+                "commands run as root: every operator controls this host, the agent and, \
+                 on the same host, the server and its secrets; give --run-as USER"
+            );
         }
         let base_env = base_env(&run_as);
         Ok(ExecPolicy {

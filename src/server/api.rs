@@ -318,10 +318,15 @@ struct Held {
     _reservation: Option<OwnedSemaphorePermit>,
 }
 
+/// Memory one buffered answer may take, as a multiple of its per-stream cap.
+const BUFFER_FACTOR: usize = 5;
+
 /// Reserves memory for a buffered answer of at most `cap` bytes a stream.
 fn reserve_output(state: &AppState, cap: usize) -> Result<OwnedSemaphorePermit, ApiError> {
     let budget = state.api_limits.buffered_budget;
-    let need = cap.saturating_mul(2).max(1);
+    // Both streams' raw bytes, their JSON strings (base64 is 4/3) and the
+    // encoded body: five times the cap bounds the peak of one answer.
+    let need = cap.saturating_mul(BUFFER_FACTOR).max(1);
     let hint = "stream the output instead (Accept: application/x-ndjson)";
     if need > budget {
         return Err(ApiError::TooLarge(format!(
@@ -329,7 +334,11 @@ fn reserve_output(state: &AppState, cap: usize) -> Result<OwnedSemaphorePermit, 
              budget of {budget} for all buffered answers; {hint}"
         )));
     }
-    let permits = u32::try_from(need).unwrap_or(u32::MAX);
+    let Ok(permits) = u32::try_from(need) else {
+        return Err(ApiError::TooLarge(format!(
+            "max_output_bytes of {cap} is too large for a buffered answer; {hint}"
+        )));
+    };
     state
         .output_budget
         .clone()
@@ -451,8 +460,19 @@ async fn buffered_response(
                     stdout_truncated: out.truncated,
                     stderr_truncated: err.truncated,
                 };
-                let response = Json(body).into_response();
-                drop(held);
+                // The reservation lasts until the body has been written:
+                // a client that does not read keeps its memory counted.
+                let bytes = serde_json::to_vec(&body)
+                    .map_err(|e| ApiError::Internal(format!("cannot encode the answer: {e}")))?;
+                let chunk = futures_util::stream::once(async move {
+                    let _held = held;
+                    Ok::<_, Infallible>(Bytes::from(bytes))
+                });
+                let mut response = Body::from_stream(chunk).into_response();
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
                 return Ok(response);
             }
             Some(Event::Lost) | None => {

@@ -191,9 +191,11 @@ pub struct Auth {
     /// Sessions by the SHA-256 of their cookie value: a leaked memory dump
     /// does not hand out live cookies.
     sessions: Mutex<HashMap<[u8; 32], SessionEntry>>,
+    /// Whether the admin token has the entropy of a generated one.
+    admin_token_strong: bool,
     throttle: LoginThrottle,
-    /// Signs trusted-device cookies. Fresh at each start: a restart makes
-    /// every browser a stranger again (until the store keeps it).
+    /// Signs trusted-device cookies; kept in the data directory, so that a
+    /// restart does not make every browser a stranger (fresh without one).
     device_key: [u8; 32],
 }
 
@@ -238,19 +240,17 @@ impl Auth {
         users: Vec<User>,
         session_ttl: Duration,
         session_limits: SessionLimits,
+        device_key: [u8; 32],
     ) -> Auth {
         Auth {
-            admin_token,
             users,
             session_ttl,
             session_limits,
+            admin_token_strong: crate::keyfile::weakness(admin_token.expose().as_bytes()).is_none(),
+            admin_token,
             sessions: Mutex::default(),
             throttle: LoginThrottle::default(),
-            device_key: {
-                let mut k = [0u8; 32];
-                rand::fill(&mut k);
-                k
-            },
+            device_key,
         }
     }
 
@@ -339,15 +339,24 @@ impl Auth {
         tokens: &super::tokens::TokenStore,
     ) -> Result<Principal, LoginError> {
         let t = &self.throttle;
-        if let Some(wait) = t.token_by_addr.blocked_for(&client) {
+        // A correct token too strong to guess (an API token, a generated
+        // admin token) is never refused for others' failures: the bucket
+        // only slows guessing, which cannot find such a token anyway.
+        if let Some(p) = tokens.authenticate(token) {
+            return Ok(p);
+        }
+        if self.admin_token_strong
+            && let Some(p) = self.admin_token(token)
+        {
+            return Ok(p);
+        }
+        if let Some(wait) = t.bearer_by_addr.blocked_for(&client) {
             return Err(LoginError::RateLimited { retry_after: wait });
         }
-        self.admin_token(token)
-            .or_else(|| tokens.authenticate(token))
-            .ok_or_else(|| {
-                t.token_by_addr.fail(&client);
-                LoginError::Invalid
-            })
+        self.admin_token(token).ok_or_else(|| {
+            t.bearer_by_addr.fail(&client);
+            LoginError::Invalid
+        })
     }
 
     /// A trusted-device cookie value for `user`: a random id and a MAC

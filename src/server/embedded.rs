@@ -65,16 +65,23 @@ pub async fn start(
         key: key.clone(),
     };
     let task = tokio::spawn(async move {
-        let mut child = first;
+        let mut child = Some(first);
         let mut backoff = RESTART_MIN;
         loop {
-            tokio::select! {
-                status = child.wait() => {
-                    error!(status = ?status.ok(), "the embedded agent exited; restarting it");
+            if let Some(running) = child.as_mut() {
+                let started = tokio::time::Instant::now();
+                tokio::select! {
+                    status = running.wait() => {
+                        error!(status = ?status.ok(), "the embedded agent exited; restarting it");
+                    }
+                    _ = shutdown.cancelled() => {
+                        stop(running).await;
+                        return;
+                    }
                 }
-                _ = shutdown.cancelled() => {
-                    stop(&mut child).await;
-                    return;
+                // A run that lasted resets the backoff: it was no crash loop.
+                if started.elapsed() > RESTART_MAX * 4 {
+                    backoff = RESTART_MIN;
                 }
             }
             tokio::select! {
@@ -82,16 +89,17 @@ pub async fn start(
                 _ = shutdown.cancelled() => return,
             }
             backoff = (backoff * 2).min(RESTART_MAX);
-            match spawn(&exe, &agent_args, &listener, &key).await {
+            // Keep trying: a replaced binary or a failed spawn may pass.
+            child = match spawn(&exe, &agent_args, &listener, &key).await {
                 Ok(c) => {
                     info!(pid = c.id(), "embedded agent restarted");
-                    child = c;
+                    Some(c)
                 }
                 Err(e) => {
-                    error!(error = %e, "cannot restart the embedded agent");
-                    return;
+                    error!(error = %e, "cannot restart the embedded agent; retrying");
+                    None
                 }
-            }
+            };
         }
     });
     Ok((spec, task))

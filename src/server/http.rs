@@ -240,6 +240,7 @@ pub async fn serve(
             // has nothing in flight, so it is simply dropped.
             let first_request = tokio::time::sleep(limits.header_timeout);
             let mut first_request = std::pin::pin!(first_request);
+            let mut first_request_due = true;
             loop {
                 tokio::select! {
                     r = conn.as_mut() => {
@@ -248,9 +249,14 @@ pub async fn serve(
                         }
                         break;
                     }
-                    _ = &mut first_request, if !proven_here.load(Ordering::Acquire) => {
-                        debug!(%peer, "no request within the header deadline; closing");
-                        break;
+                    _ = &mut first_request, if first_request_due => {
+                        // The guard was read when this wait began: a request
+                        // may have come since, and then the deadline is over.
+                        first_request_due = false;
+                        if !proven_here.load(Ordering::Acquire) {
+                            debug!(%peer, "no request within the header deadline; closing");
+                            break;
+                        }
                     }
                     _ = evict.cancelled(), if !stopping => {
                         if !proven_here.load(Ordering::Acquire) {

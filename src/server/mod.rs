@@ -31,6 +31,7 @@ use tracing::info;
 
 use self::agents::{AgentSpec, Registry};
 use self::auth::{Auth, Principal, Secret, User};
+use crate::keyfile::Key;
 
 /// Everything `conch serve` needs, built from its flags and environment.
 #[derive(Debug, Clone)]
@@ -167,6 +168,7 @@ pub async fn serve(
             config.users.clone(),
             config.session_ttl,
             config.session_limits,
+            device_key(config.data_dir.as_deref())?,
         ),
         agents,
         site: security::Site::new(
@@ -217,4 +219,29 @@ pub async fn serve(
     }
     info!("server stopped");
     Ok(())
+}
+
+/// The key that signs trusted-device cookies: `device.key` in the data
+/// directory (made at first start, mode 0600), or a fresh one without a
+/// data directory.
+fn device_key(dir: Option<&std::path::Path>) -> anyhow::Result<[u8; 32]> {
+    let mut key = [0u8; 32];
+    let Some(dir) = dir else {
+        rand::fill(&mut key);
+        return Ok(key);
+    };
+    let path = dir.join("device.key");
+    if let Ok(text) = std::fs::read_to_string(&path)
+        && hex::decode_to_slice(text.trim(), &mut key).is_ok()
+    {
+        crate::keyfile::warn_if_exposed(&path, "device key file");
+        return Ok(key);
+    }
+    rand::fill(&mut key);
+    tokens::create_private_dir(dir)?;
+    let tmp = Key::from_bytes(hex::encode(key).as_bytes())
+        .ok_or_else(|| anyhow::anyhow!("a generated key is too short"))?;
+    let _ = std::fs::remove_file(&path);
+    tmp.save_new(&path)?;
+    Ok(key)
 }

@@ -34,26 +34,15 @@ impl TrustedProxies {
         if !self.trusts(peer) {
             return peer;
         }
-        // Hops from the nearest (right) to the farthest (left).
+        // Only X-Forwarded-For: the proxies conch documents append the
+        // client's address to it, whereas most pass a client's own
+        // `Forwarded` header through untouched, which would let a client
+        // choose its address. Hops run from the farthest (left) to the
+        // nearest (right).
         let mut hops: Vec<IpAddr> = Vec::new();
-        for value in headers.get_all("forwarded").iter() {
+        for value in headers.get_all("x-forwarded-for").iter() {
             let Ok(v) = value.to_str() else { continue };
-            for element in v.split(',') {
-                for pair in element.split(';') {
-                    if let Some((k, val)) = pair.trim().split_once('=')
-                        && k.trim().eq_ignore_ascii_case("for")
-                        && let Some(ip) = parse_forwarded_for(val.trim())
-                    {
-                        hops.push(ip);
-                    }
-                }
-            }
-        }
-        if hops.is_empty() {
-            for value in headers.get_all("x-forwarded-for").iter() {
-                let Ok(v) = value.to_str() else { continue };
-                hops.extend(v.split(',').filter_map(|s| s.trim().parse::<IpAddr>().ok()));
-            }
+            hops.extend(v.split(',').filter_map(|s| s.trim().parse::<IpAddr>().ok()));
         }
         let mut client = peer;
         for hop in hops.into_iter().rev() {
@@ -65,18 +54,6 @@ impl TrustedProxies {
         }
         client
     }
-}
-
-/// `for=` values: `1.2.3.4`, `"[2001:db8::1]:4711"`, `1.2.3.4:80`.
-fn parse_forwarded_for(v: &str) -> Option<IpAddr> {
-    let v = v.trim_matches('"');
-    if let Some(rest) = v.strip_prefix('[') {
-        return rest.split(']').next()?.parse().ok();
-    }
-    v.parse::<IpAddr>()
-        .ok()
-        .or_else(|| v.parse::<SocketAddr>().ok().map(|s| s.ip()))
-        .or_else(|| v.rsplit_once(':').and_then(|(ip, _)| ip.parse().ok()))
 }
 
 /// IPv4-mapped IPv6 addresses as the IPv4 address they are.
@@ -132,11 +109,9 @@ mod tests {
             proxies.client(proxy, &chain),
             "198.51.100.7".parse::<IpAddr>().unwrap()
         );
-        let fwd = headers(&[("forwarded", "for=\"[2001:db8::1]:4711\";proto=https")]);
-        assert_eq!(
-            proxies.client(proxy, &fwd),
-            "2001:db8::1".parse::<IpAddr>().unwrap()
-        );
+        // A `Forwarded` header a client wrote itself is not believed.
+        let fwd = headers(&[("forwarded", "for=198.51.100.99")]);
+        assert_eq!(proxies.client(proxy, &fwd), proxy);
         assert_eq!(proxies.client(proxy, &HeaderMap::new()), proxy);
     }
 }

@@ -106,7 +106,11 @@ pub struct LoginThrottle {
     pub password_by_addr: FailureBucket<IpAddr>,
     pub password_by_account: FailureBucket<String>,
     pub password_by_device: FailureBucket<[u8; 16]>,
+    /// The admin token in the login form or `?token=` (which any page can
+    /// make a browser send).
     pub token_by_addr: FailureBucket<IpAddr>,
+    /// `Authorization: Bearer` failures.
+    pub bearer_by_addr: FailureBucket<IpAddr>,
 }
 
 impl Default for LoginThrottle {
@@ -119,6 +123,7 @@ impl Default for LoginThrottle {
             // Tokens are long random secrets: generous, but never unbounded
             // (300 guesses in 0.1 s used to be answered).
             token_by_addr: FailureBucket::new(TOKEN_FAILURES, Duration::from_secs(1)),
+            bearer_by_addr: FailureBucket::new(TOKEN_FAILURES, Duration::from_secs(1)),
         }
     }
 }

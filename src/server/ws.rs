@@ -72,15 +72,20 @@ struct Running {
     /// Input for the command, written by a task of its own: a command that
     /// does not read must never stall the socket's loop (acks, Ctrl-C,
     /// session end).
-    stdin: mpsc::Sender<(Bytes, bool)>,
+    stdin: mpsc::Sender<(Bytes, bool, tokio::sync::OwnedSemaphorePermit)>,
+    /// Bytes of input queued and not yet handed to the agent link.
+    stdin_room: Arc<tokio::sync::Semaphore>,
     /// Output sent to the browser and not yet acknowledged.
     unacked: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
     stdin_task: tokio::task::JoinHandle<()>,
 }
 
-/// Input messages queued for one command beyond its agent credit: 64.
+/// Input messages queued for one command beyond its agent credit: 64,
+/// and at most [`STDIN_QUEUE_BYTES`] of them.
 const STDIN_QUEUE: usize = 64;
+/// Bytes of input queued for one command beyond its agent credit: 1 MiB.
+const STDIN_QUEUE_BYTES: usize = 1024 * 1024;
 
 /// An error message. With an `id`, `final` says whether that command is
 /// over (it never started, or it is gone) or goes on (its `exit` follows).
@@ -375,10 +380,12 @@ async fn handle(
             };
             tracing::info!(user = %principal.name, id, "command started");
             let control = channel.controller();
-            let (stdin, mut stdin_rx) = mpsc::channel::<(Bytes, bool)>(STDIN_QUEUE);
+            let (stdin, mut stdin_rx) =
+                mpsc::channel::<(Bytes, bool, tokio::sync::OwnedSemaphorePermit)>(STDIN_QUEUE);
+            let stdin_room = Arc::new(tokio::sync::Semaphore::new(STDIN_QUEUE_BYTES));
             let writer = control.clone();
             let stdin_task = tokio::spawn(async move {
-                while let Some((data, eof)) = stdin_rx.recv().await {
+                while let Some((data, eof, _room)) = stdin_rx.recv().await {
                     if writer.stdin(data, eof).await.is_err() {
                         break;
                     }
@@ -398,6 +405,7 @@ async fn handle(
                 Running {
                     control,
                     stdin,
+                    stdin_room,
                     unacked,
                     task,
                     stdin_task,
@@ -406,9 +414,16 @@ async fn handle(
             let _ = out.send(ServerMessage::Started { id }.frame()).await;
         }
         ClientMessage::Stdin { id, data, eof } => {
-            if let Some(r) = running.get(&id)
-                && r.stdin.try_send((Bytes::from(data), eof)).is_err()
-            {
+            let queued = running.get(&id).map(|r| {
+                let cost = u32::try_from(data.len().max(1)).unwrap_or(u32::MAX);
+                r.stdin_room
+                    .clone()
+                    .try_acquire_many_owned(cost)
+                    .ok()
+                    .and_then(|room| r.stdin.try_send((Bytes::from(data), eof, room)).ok())
+                    .is_some()
+            });
+            if queued == Some(false) {
                 let msg = "the command is not reading its input; that input was dropped";
                 let _ = out
                     .send(error_with(Some(id), ErrorCode::StdinOverflow, msg, false))
