@@ -12,7 +12,11 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
 fi
 if [ -f package-lock.json ]; then
+  # Also bundles the page's script into web/dist/ (the `prepare` script),
+  # which cargo embeds.
   npm ci --no-audit --no-fund --loglevel=error
+  npm run --silent typecheck
+  npm run --silent test:unit
 fi
 
 cargo fmt --all -- --check

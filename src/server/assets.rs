@@ -14,6 +14,10 @@ use rust_embed::RustEmbed;
 struct Own;
 
 #[derive(RustEmbed)]
+#[folder = "web/dist/"]
+struct Bundle;
+
+#[derive(RustEmbed)]
 #[folder = "node_modules/@xterm/xterm/"]
 #[include = "lib/xterm.js"]
 #[include = "css/xterm.css"]
@@ -30,7 +34,7 @@ fn lookup(path: &str) -> Option<rust_embed::EmbeddedFile> {
         "vendor/xterm/xterm.css" => Xterm::get("css/xterm.css"),
         "vendor/addon-fit/addon-fit.js" => AddonFit::get("lib/addon-fit.js"),
         _ if path.starts_with("vendor/") => None,
-        other => Own::get(other),
+        other => Bundle::get(other).or_else(|| Own::get(other)),
     }
 }
 

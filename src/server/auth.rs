@@ -254,6 +254,11 @@ impl Auth {
         }
     }
 
+    /// Whether any user may log in with a password.
+    pub fn has_users(&self) -> bool {
+        !self.users.is_empty()
+    }
+
     pub fn session_ttl(&self) -> Duration {
         self.session_ttl
     }

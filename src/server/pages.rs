@@ -18,6 +18,8 @@ use super::peer::ClientIp;
 struct LoginPage {
     error: String,
     next: String,
+    /// No users file: the admin token is the way in, so its form comes first.
+    token_first: bool,
 }
 
 #[derive(Template)]
@@ -87,6 +89,7 @@ pub async fn login_page(
     render(&LoginPage {
         error: String::new(),
         next,
+        token_first: !state.auth.has_users(),
     })
 }
 
@@ -168,6 +171,7 @@ fn finish_login(state: &AppState, result: Result<Principal, LoginError>, next: S
                     let page = LoginPage {
                         error: e.to_string(),
                         next,
+                        token_first: !state.auth.has_users(),
                     };
                     return (StatusCode::SERVICE_UNAVAILABLE, render(&page)).into_response();
                 }
@@ -196,6 +200,7 @@ fn finish_login(state: &AppState, result: Result<Principal, LoginError>, next: S
             let page = LoginPage {
                 error: "Wrong user name, password or token.".into(),
                 next,
+                token_first: !state.auth.has_users(),
             };
             (StatusCode::UNAUTHORIZED, render(&page)).into_response()
         }
@@ -205,6 +210,7 @@ fn finish_login(state: &AppState, result: Result<Principal, LoginError>, next: S
             let page = LoginPage {
                 error: format!("Too many failed logins; try again in {secs} s."),
                 next,
+                token_first: !state.auth.has_users(),
             };
             let mut response = (StatusCode::TOO_MANY_REQUESTS, render(&page)).into_response();
             response

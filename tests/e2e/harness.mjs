@@ -165,8 +165,10 @@ export async function run(page, command, expect) {
 
 // A new browser context logged in with the admin token, its console
 // connected. `problems` collects page errors and CSP violations.
-export async function openConsole(browser, server, { initScript } = {}) {
-  const context = await browser.newContext({ viewport: { width: 1200, height: 720 } });
+// `contextOptions` adds to (or overrides) the context's options (a phone's
+// touch screen, say).
+export async function openConsole(browser, server, { initScript, contextOptions = {} } = {}) {
+  const context = await browser.newContext({ viewport: { width: 1200, height: 720 }, ...contextOptions });
   if (initScript) await context.addInitScript(initScript);
   const problems = [];
   const page = await context.newPage();
