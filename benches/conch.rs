@@ -107,7 +107,18 @@ struct Stack {
 }
 
 async fn stack() -> Stack {
-    let agent = common::start_agent_with(&[], &[("SHELL", "/bin/sh"), ("CONCH_LOG", "warn")]);
+    // Quiet logs (a line per request would be measured too), but for the
+    // lines that say where the agent and the server listen.
+    let agent = common::start_agent_with(
+        &[],
+        &[
+            ("SHELL", "/bin/sh"),
+            (
+                "CONCH_LOG",
+                "warn,conch::agent=info,conch::agent::connection=warn",
+            ),
+        ],
+    );
     let addr = agent.addr.to_string();
     let key = agent.key_file.to_str().unwrap().to_owned();
     let server = common::start_server(
@@ -119,7 +130,11 @@ async fn stack() -> Stack {
             "--api-rate-per-minute",
             "1000000",
         ],
-        &[("CONCH_LOG", "warn,conch::server::agents=info")],
+        &[(
+            "CONCH_LOG",
+            "warn,conch::server=info,conch::server::api=warn,conch::server::ws=warn,\
+             conch::server::pages=warn",
+        )],
     );
     let cookie = server.admin_cookie().await;
     Stack {
