@@ -1019,3 +1019,17 @@ async fn a_request_may_take_longer_than_the_header_deadline() {
         .unwrap();
     assert!(text.contains("\"exit_code\":0"), "{text}");
 }
+
+#[tokio::test]
+async fn half_a_character_at_the_end_of_a_stream_is_not_lost() {
+    let server = start_server(&[], &[]);
+    let out = std::process::Command::new(common::bin())
+        .arg("exec")
+        .args(["--server", &server.url("")])
+        .args(["--", r"printf 'abc\342\202'"])
+        .env("CONCH_TOKEN", &server.token)
+        .output()
+        .unwrap();
+    assert_eq!(out.stdout, b"abc\xe2\x82");
+    assert_eq!(out.status.code(), Some(0));
+}

@@ -494,6 +494,10 @@ struct StreamDecoder {
     sent: usize,
     limit: Option<usize>,
     truncated: bool,
+    /// UTF-8 only: the start of a character whose end is still to come,
+    /// held here (not inside a decoder) so that it can be sent as bytes if
+    /// the stream ends first.
+    carry: Vec<u8>,
 }
 
 impl StreamDecoder {
@@ -505,7 +509,46 @@ impl StreamDecoder {
             sent: 0,
             limit,
             truncated: false,
+            carry: Vec::new(),
         }
+    }
+
+    fn output(&self, data: String, encoding: Option<rest::Encoding>) -> StreamLine {
+        StreamLine::Output {
+            stream: self.stream,
+            data,
+            encoding,
+        }
+    }
+
+    /// UTF-8 text of `kept` (after what was carried), holding back an
+    /// incomplete last character; invalid bytes go whole as base64.
+    fn utf8_lines(&mut self, kept: &[u8], lines: &mut Vec<StreamLine>) {
+        let mut buf = std::mem::take(&mut self.carry);
+        buf.extend_from_slice(kept);
+        match std::str::from_utf8(&buf) {
+            Ok("") => {}
+            Ok(text) => lines.push(self.output(text.to_owned(), None)),
+            Err(e) if e.error_len().is_none() => {
+                let (text, tail) = buf.split_at(e.valid_up_to());
+                if !text.is_empty() {
+                    let text = String::from_utf8_lossy(text).into_owned();
+                    lines.push(self.output(text, None));
+                }
+                self.carry = tail.to_vec();
+            }
+            Err(_) => lines.push(self.output(BASE64.encode(&buf), Some(rest::Encoding::Base64))),
+        }
+    }
+
+    /// What is still held when the stream ends, as base64: nothing of the
+    /// output is lost, even half a character.
+    fn finish(&mut self) -> Option<StreamLine> {
+        if self.carry.is_empty() {
+            return None;
+        }
+        let held = std::mem::take(&mut self.carry);
+        Some(self.output(BASE64.encode(held), Some(rest::Encoding::Base64)))
     }
 
     /// The JSON lines for a chunk (none, one, or an output line and the
@@ -521,7 +564,9 @@ impl StreamDecoder {
         };
         self.sent += keep;
         let kept = &bytes[..keep];
-        if !kept.is_empty() {
+        if self.encoding == UTF_8 {
+            self.utf8_lines(kept, &mut lines);
+        } else if !kept.is_empty() {
             let mut text = String::with_capacity(kept.len() * 3 + 4);
             let (result, _) = self
                 .decoder
@@ -545,6 +590,7 @@ impl StreamDecoder {
         }
         if keep < bytes.len() {
             self.truncated = true;
+            lines.extend(self.finish());
             lines.push(StreamLine::Truncated {
                 truncated: self.stream,
                 limit: self.limit.unwrap_or(0) as u64,
@@ -623,11 +669,14 @@ fn stream_response(
                 Some(Event::Error { .. }) => continue,
                 Some(Event::Exit(status)) => {
                     st.done = true;
-                    vec![StreamLine::Exit {
+                    let mut lines: Vec<StreamLine> =
+                        st.out.finish().into_iter().chain(st.err.finish()).collect();
+                    lines.push(StreamLine::Exit {
                         exit: status.into(),
                         stdout_truncated: st.out.truncated,
                         stderr_truncated: st.err.truncated,
-                    }]
+                    });
+                    lines
                 }
                 Some(Event::Lost) | None => {
                     st.done = true;
