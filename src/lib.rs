@@ -5,13 +5,13 @@
 //! protocol of [`protocol`].
 
 pub mod agent;
-pub mod client;
 pub mod frame_writer;
 pub mod keepalive;
 pub mod keyfile;
 pub mod link;
 pub mod protocol;
 pub mod rest;
+pub mod rest_client;
 pub mod server;
 pub mod telemetry;
 pub mod vocab;

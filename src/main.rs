@@ -11,8 +11,8 @@ use conch::agent::sandbox::{
     CgroupMode, CommandLimits, ExecPolicy, default_memory_limit, make_undumpable,
 };
 use conch::agent::{AgentConfig, Limits};
-use conch::client::ExecConfig;
 use conch::keyfile::Key;
+use conch::rest_client::ExecConfig;
 use conch::server::ServeConfig;
 use conch::server::agents::AgentSpec;
 use conch::server::api::ApiLimits;
@@ -284,8 +284,8 @@ enum TokenCommand {
     Create {
         #[arg(long)]
         name: String,
-        #[arg(long, value_parser = ["viewer", "operator", "admin"])]
-        role: String,
+        #[arg(long, value_enum)]
+        role: Role,
     },
     /// Revoke a named API token.
     Revoke {
@@ -462,7 +462,7 @@ async fn run(command: Command, json_logs: bool) -> anyhow::Result<ExitCode> {
             Err(e) => {
                 // Failures of conch itself exit 255, as ssh does.
                 eprintln!("conch: {e:#}");
-                Ok(ExitCode::from(conch::client::EXIT_CONCH_FAILED))
+                Ok(ExitCode::from(conch::rest_client::EXIT_CONCH_FAILED))
             }
         },
         Command::Token(args) => {
@@ -472,11 +472,6 @@ async fn run(command: Command, json_logs: bool) -> anyhow::Result<ExitCode> {
             let store = TokenStore::new(Some(&dir));
             match args.command {
                 TokenCommand::Create { name, role } => {
-                    let role = match role.as_str() {
-                        "viewer" => Role::Viewer,
-                        "operator" => Role::Operator,
-                        _ => Role::Admin,
-                    };
                     let token = store.create(&name, role)?;
                     println!("{}", token.expose());
                 }
@@ -493,27 +488,11 @@ async fn run(command: Command, json_logs: bool) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Healthcheck(args) => {
-            let timeout = std::time::Duration::from_secs(3);
-            if let Some(addr) = args.tcp {
-                let addr = addr.replace("0.0.0.0", "127.0.0.1");
-                tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&addr))
-                    .await
-                    .context("timed out")?
-                    .with_context(|| format!("agent at {addr} is not accepting connections"))?;
-                return Ok(ExitCode::SUCCESS);
-            }
-            let url = format!(
-                "http://{}/healthz",
-                args.listen.replace("0.0.0.0", "127.0.0.1")
-            );
-            let client = reqwest::Client::builder().timeout(timeout).build()?;
-            let status = client
-                .get(&url)
-                .send()
-                .await
-                .with_context(|| format!("cannot reach {url}"))?
-                .status();
-            anyhow::ensure!(status.is_success(), "{url} answered {status}");
+            let target = match args.tcp {
+                Some(addr) => conch::rest_client::Probe::AgentPort(addr),
+                None => conch::rest_client::Probe::Server(args.listen),
+            };
+            conch::rest_client::healthcheck(target).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Passwd => {
@@ -593,17 +572,7 @@ async fn exec_command(args: ExecArgs) -> anyhow::Result<ExitCode> {
         (None, None) => anyhow::bail!("give --token-file or CONCH_TOKEN"),
     };
     let stdin = if args.stdin {
-        use std::io::Read;
-        let mut buf = String::new();
-        std::io::stdin()
-            .take(1024 * 1024 + 1)
-            .read_to_string(&mut buf)
-            .context("cannot read standard input (it must be UTF-8 text)")?;
-        anyhow::ensure!(
-            buf.len() <= 1024 * 1024,
-            "standard input is larger than 1 MiB"
-        );
-        Some(buf)
+        Some(conch::rest_client::read_stdin()?)
     } else {
         None
     };
@@ -618,11 +587,11 @@ async fn exec_command(args: ExecArgs) -> anyhow::Result<ExitCode> {
         stdin,
         max_output_bytes: args.max_output_bytes,
     };
-    match conch::client::run(config).await {
+    match conch::rest_client::run(config).await {
         Ok(code) => Ok(ExitCode::from(code)),
         Err(e) => {
             eprintln!("conch: {e}");
-            Ok(ExitCode::from(conch::client::EXIT_CONCH_FAILED))
+            Ok(ExitCode::from(conch::rest_client::EXIT_CONCH_FAILED))
         }
     }
 }

@@ -321,11 +321,6 @@ impl AgentLink {
             .map_err(|_| LinkError::Closed)?;
         Ok(channel)
     }
-
-    /// Sends a raw frame (ping, for instance).
-    pub async fn send(&self, frame: Frame) -> Result<(), LinkError> {
-        self.out.send(frame).await.map_err(|_| LinkError::Closed)
-    }
 }
 
 fn route(routes: &Routes, frame: Frame) {
@@ -373,10 +368,6 @@ pub struct Channel {
 }
 
 impl Channel {
-    pub fn id(&self) -> u32 {
-        self.ch
-    }
-
     /// The next event; `None` after `Exit` or `Lost` has been returned.
     pub async fn next(&mut self) -> Option<Event> {
         if self.ended {

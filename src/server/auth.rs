@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::throttle::LoginThrottle;
 
 /// What a user may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// May log in and see agents, never run anything.

@@ -123,3 +123,45 @@ mod tests {
         );
     }
 }
+
+/// The page's TypeScript mirror of this vocabulary (`web/src/protocol.ts`)
+/// is written by hand; this checks that it names every message type, error
+/// code and signal the Rust side speaks, so that the two cannot drift
+/// apart unnoticed (`tsc` then checks the page against the mirror).
+#[cfg(test)]
+mod mirror {
+    use crate::vocab::{ErrorCode, Signal};
+
+    #[test]
+    fn the_typescript_protocol_names_every_word() {
+        let ts =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/web/src/protocol.ts"))
+                .expect("web/src/protocol.ts");
+        let quoted = |w: &str| ts.contains(&format!("'{w}'"));
+        for t in [
+            "hello", "agents", "started", "exit", "error", "shutdown", "exec", "stdin", "signal",
+            "resize", "close", "ack",
+        ] {
+            assert!(ts.contains(&format!("type: '{t}'")), "message type {t}");
+        }
+        for code in [
+            ErrorCode::BadRequest,
+            ErrorCode::SessionExpired,
+            ErrorCode::Forbidden,
+            ErrorCode::TooManyCommands,
+            ErrorCode::TooLarge,
+            ErrorCode::AgentUnavailable,
+            ErrorCode::AgentLost,
+            ErrorCode::StdinOverflow,
+        ] {
+            assert!(quoted(code.as_str()), "error code {code}");
+        }
+        for sig in [Signal::Int, Signal::Term, Signal::Kill, Signal::Hup] {
+            let name = serde_json::to_string(&sig).unwrap();
+            assert!(quoted(name.trim_matches('"')), "signal {name}");
+        }
+        for field in ["timed_out", "duration_ms", "final", "eof"] {
+            assert!(ts.contains(field), "field {field}");
+        }
+    }
+}

@@ -1,4 +1,5 @@
-//! `conch exec`: one command through the REST API, like `ssh host cmd`.
+//! The REST client behind `conch exec` (named apart from `link`, the
+//! agent client): one command through the REST API, like `ssh host cmd`.
 //!
 //! Output is streamed (NDJSON) to this process's stdout and stderr as it
 //! arrives, and the remote exit status becomes this process's: the exit
@@ -179,4 +180,62 @@ fn root_cause(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     msg
+}
+
+/// What `conch healthcheck` probes.
+#[derive(Debug, Clone)]
+pub enum Probe {
+    /// A server's `/healthz`, at its listen address (`0.0.0.0` means this host).
+    Server(String),
+    /// An agent's TCP port accepting connections.
+    AgentPort(String),
+}
+
+/// Probes a server or an agent, for container health checks: `Ok` when
+/// healthy, within 3 s.
+pub async fn healthcheck(probe: Probe) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let timeout = Duration::from_secs(3);
+    match probe {
+        Probe::AgentPort(addr) => {
+            let addr = addr.replace("0.0.0.0", "127.0.0.1");
+            tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&addr))
+                .await
+                .context("timed out")?
+                .with_context(|| format!("agent at {addr} is not accepting connections"))?;
+            Ok(())
+        }
+        Probe::Server(listen) => {
+            let url = format!("http://{}/healthz", listen.replace("0.0.0.0", "127.0.0.1"));
+            let client = reqwest::Client::builder().timeout(timeout).build()?;
+            let status = client
+                .get(&url)
+                .send()
+                .await
+                .with_context(|| format!("cannot reach {url}"))?
+                .status();
+            anyhow::ensure!(status.is_success(), "{url} answered {status}");
+            Ok(())
+        }
+    }
+}
+
+/// Standard input sent with `conch exec --stdin`: at most 1 MiB.
+pub const MAX_STDIN: usize = 1024 * 1024;
+
+/// Reads this process's standard input to its end, for `--stdin`: UTF-8
+/// text of at most [`MAX_STDIN`] bytes (the API takes stdin as a string).
+pub fn read_stdin() -> anyhow::Result<String> {
+    use anyhow::Context;
+    use std::io::Read;
+    let mut buf = String::new();
+    std::io::stdin()
+        .take(MAX_STDIN as u64 + 1)
+        .read_to_string(&mut buf)
+        .context("cannot read standard input (it must be UTF-8 text)")?;
+    anyhow::ensure!(
+        buf.len() <= MAX_STDIN,
+        "standard input is larger than 1 MiB"
+    );
+    Ok(buf)
 }
