@@ -73,7 +73,7 @@ impl ProcessGroup {
             // ESRCH (the group is already gone) is the expected race here.
             let _ = killpg(pgid, signal);
             if self.session && signal == Signal::SIGKILL {
-                kill_session(pgid);
+                off_the_workers(move || kill_session(pgid));
             }
         }
         if signal == Signal::SIGKILL {
@@ -87,7 +87,8 @@ impl ProcessGroup {
         if let Some(cg) = &self.cgroup {
             cg.kill();
         } else if let Some(mark) = &self.mark {
-            sandbox::kill_marked(mark);
+            let mark = mark.clone();
+            off_the_workers(move || sandbox::kill_marked(&mark));
         }
     }
 
@@ -104,6 +105,18 @@ impl Drop for ProcessGroup {
     /// Kills everything; the cgroup, once its last handle goes, removes itself.
     fn drop(&mut self) {
         self.signal(Signal::SIGKILL);
+    }
+}
+
+/// Runs a scan of `/proc` on the blocking pool: it reads a file per process
+/// of the host, and must not hold up the async workers that serve every
+/// other command (inline when there is no runtime).
+fn off_the_workers(scan: impl FnOnce() + Send + 'static) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => {
+            rt.spawn_blocking(scan);
+        }
+        Err(_) => scan(),
     }
 }
 
