@@ -1,4 +1,5 @@
-//! TCP keepalive on the agent link, from both ends.
+//! Socket habits both ends share: accepting under shutdown, and TCP
+//! keepalive on the agent link.
 //!
 //! An agent host that dies (or a server that vanishes) sends no reset: the
 //! other end would wait forever, reporting the link as up and keeping PTY
@@ -21,4 +22,28 @@ pub fn enable(stream: &impl AsFd) {
     let _ = setsockopt(&fd, sockopt::TcpKeepIdle, &IDLE_SECS);
     let _ = setsockopt(&fd, sockopt::TcpKeepInterval, &INTERVAL_SECS);
     let _ = setsockopt(&fd, sockopt::TcpKeepCount, &PROBES);
+}
+
+/// The next connection from `listener`, or `None` once `shutdown` fires.
+/// A failed accept (out of file descriptors, say) is logged and retried
+/// after a pause instead of spinning.
+pub async fn accept(
+    listener: &tokio::net::TcpListener,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Option<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok(conn) => return Some(conn),
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+                        _ = shutdown.cancelled() => return None,
+                    }
+                }
+            },
+            _ = shutdown.cancelled() => return None,
+        }
+    }
 }

@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::keyfile::Key;
 pub use connection::Limits;
@@ -68,17 +68,8 @@ pub async fn serve(listener: TcpListener, config: AgentConfig, shutdown: Cancell
     let pending = Arc::new(Mutex::new(Pending::default()));
     let tracker = TaskTracker::new();
     loop {
-        let (stream, _) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(conn) => conn,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => break,
+        let Some((stream, _)) = crate::keepalive::accept(&listener, &shutdown).await else {
+            break;
         };
         let (id, evict) = {
             let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());

@@ -188,17 +188,8 @@ pub async fn serve(
     let table = Arc::new(Table::default());
     let tracker = TaskTracker::new();
     loop {
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(conn) => conn,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => break,
+        let Some((stream, peer)) = crate::keepalive::accept(&listener, &shutdown).await else {
+            break;
         };
         let Some((guard, proven, evict)) = table.admit(limits.max_connections) else {
             debug!(%peer, "connection refused: the server holds its maximum of connections");
