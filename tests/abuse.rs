@@ -348,6 +348,19 @@ async fn run_as_drops_to_the_user_who_cannot_read_the_agent_or_server() {
         body["stdout"], "nobody\nhome=/nonexistent\ndone\n",
         "{body}"
     );
+    // A directory the user may not enter stays shut: the agent's rights
+    // do not open it for them.
+    let body: Value = exec(
+        &server,
+        &server.token,
+        json!({"command": "pwd; ls", "cwd": "/root"}),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(body["exit_code"], 126, "{body}");
+    assert_eq!(body["stderr"], "conch: cd /root: Permission denied\n");
 }
 
 #[tokio::test]

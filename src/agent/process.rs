@@ -245,27 +245,36 @@ pub fn spawn(req: &ExecRequest, policy: &ExecPolicy) -> Result<Spawned, SpawnErr
         .as_ref()
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| policy.default_cwd());
-    match std::fs::metadata(&cwd) {
-        Ok(meta) if meta.is_dir() => {
-            cmd.current_dir(&cwd);
-        }
-        Ok(_) => {
-            return Err(SpawnError {
-                code: 126,
-                message: format!("conch: cd {}: Not a directory\n", cwd.display()),
-            });
-        }
-        Err(e) => {
-            return Err(SpawnError {
-                code: 126,
-                message: format!("conch: cd {}: {e}\n", cwd.display()),
-            });
-        }
-    }
-    let prepared = policy.prepare(req.pty.is_some()).map_err(|e| SpawnError {
+    let mut prepared = policy.prepare(req.pty.is_some()).map_err(|e| SpawnError {
         code: 126,
         message: format!("conch: cannot set up the command's cgroup: {e}\n"),
     })?;
+    if prepared.switches_user() {
+        // Entered by the child once it is the command's user: the agent's
+        // own rights must not open, or reveal, what that user cannot see.
+        prepared.enter_dir_as_user(&cwd).map_err(|e| SpawnError {
+            code: 126,
+            message: format!("conch: cd {}: {e}\n", cwd.display()),
+        })?;
+    } else {
+        match std::fs::metadata(&cwd) {
+            Ok(meta) if meta.is_dir() => {
+                cmd.current_dir(&cwd);
+            }
+            Ok(_) => {
+                return Err(SpawnError {
+                    code: 126,
+                    message: format!("conch: cd {}: Not a directory\n", cwd.display()),
+                });
+            }
+            Err(e) => {
+                return Err(SpawnError {
+                    code: 126,
+                    message: format!("conch: cd {}: {e}\n", cwd.display()),
+                });
+            }
+        }
+    }
     // Nothing of the agent's own environment: only the documented list,
     // then the request's, then the fallback mark, which the request may
     // not change (it would free its processes, or doom someone else's).

@@ -238,6 +238,7 @@ impl ExecPolicy {
             cgroup,
             mark,
             rlimits,
+            dir: None,
             creds: self.run_as.switch.then(|| Creds {
                 uid: self.run_as.uid,
                 gid: self.run_as.gid,
@@ -306,6 +307,9 @@ pub struct Prepared {
     pub mark: Option<String>,
     rlimits: Vec<(libc::__rlimit_resource_t, u64, u64)>,
     creds: Option<Creds>,
+    /// With `creds`: the directory the child enters after switching user,
+    /// and the start of the message it prints if it cannot.
+    dir: Option<(CString, Vec<u8>)>,
 }
 
 impl Prepared {
@@ -352,7 +356,41 @@ impl Prepared {
             if libc::setuid(0) == 0 && c.uid != 0 {
                 return Err(io::Error::from_raw_os_error(libc::EPERM));
             }
+            // The working directory, with the user's own rights; a failure
+            // is the command's (exit 126 and a line on its stderr, as for
+            // any cwd), not a failure to start it.
+            if let Some((dir, prefix)) = &self.dir
+                && libc::chdir(dir.as_ptr()) != 0
+            {
+                let reason: &[u8] = match *libc::__errno_location() {
+                    libc::ENOENT => b"No such file or directory\n",
+                    libc::EACCES => b"Permission denied\n",
+                    libc::ENOTDIR => b"Not a directory\n",
+                    _ => b"cannot enter this directory\n",
+                };
+                libc::write(2, prefix.as_ptr().cast(), prefix.len());
+                libc::write(2, reason.as_ptr().cast(), reason.len());
+                libc::_exit(126);
+            }
         }
+        Ok(())
+    }
+
+    /// Whether the command runs as another user than the agent.
+    pub fn switches_user(&self) -> bool {
+        self.creds.is_some()
+    }
+
+    /// Has the child enter `dir` after switching user (see
+    /// [`Prepared::drop_privileges`]).
+    pub fn enter_dir_as_user(&mut self, dir: &std::path::Path) -> io::Result<()> {
+        use std::os::unix::ffi::OsStrExt;
+        let c = CString::new(dir.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in the path"))?;
+        let mut prefix = b"conch: cd ".to_vec();
+        prefix.extend_from_slice(dir.as_os_str().as_bytes());
+        prefix.extend_from_slice(b": ");
+        self.dir = Some((c, prefix));
         Ok(())
     }
 
