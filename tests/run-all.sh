@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian machine: installs what the tests
-# need (Chromium for the browser test, the npm packages), then runs format
-# and lint checks, the Rust tests and the browser end-to-end test.
+# need (Chromium for the browser tests, the npm packages, which also builds
+# the page's script), then runs the page's type check and unit tests, format
+# and lint checks, the Rust tests (the adversarial suite among them), the
+# benchmark harness in its quick mode, and the browser end-to-end tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
