@@ -26,6 +26,39 @@ fn client() -> reqwest::Client {
         .unwrap()
 }
 
+/// The status of `GET /api/v1/agents` with `token`, optionally as the
+/// proxy says `forwarded_for` (the cheapest authenticated request).
+async fn agents_status(
+    server: &Server,
+    token: &str,
+    forwarded_for: Option<&str>,
+) -> reqwest::StatusCode {
+    let mut req = client()
+        .get(server.url("/api/v1/agents"))
+        .bearer_auth(token);
+    if let Some(from) = forwarded_for {
+        req = req.header("x-forwarded-for", from);
+    }
+    req.send().await.unwrap().status()
+}
+
+/// A request to `path` naming `host` (and, for a token login, `origin`).
+async fn as_host(
+    server: &Server,
+    path: &str,
+    host: &str,
+    login: Option<(&str, &str)>,
+) -> reqwest::Response {
+    let req = match login {
+        None => client().get(server.url(path)),
+        Some((origin, token)) => client()
+            .post(server.url(path))
+            .header("origin", origin)
+            .form(&[("token", token)]),
+    };
+    req.header("host", host).send().await.unwrap()
+}
+
 async fn exec(server: &Server, token: &str, body: Value) -> reqwest::Response {
     client()
         .post(server.url("/api/v1/exec"))
@@ -696,14 +729,8 @@ async fn someone_elses_failures_never_lock_out_a_correct_password() {
     }
     assert!(blocked, "token guesses in the login form were all answered");
     // Neither the API nor the password is locked out by them.
-    let resp = client()
-        .get(server.url("/api/v1/agents"))
-        .bearer_auth(&api_token)
-        .send()
-        .await
-        .unwrap();
     assert_eq!(
-        resp.status(),
+        agents_status(&server, &api_token, None).await,
         200,
         "a script's token was locked out by a web page"
     );
@@ -746,23 +773,11 @@ async fn someone_elses_failures_never_lock_out_a_correct_password() {
     // Bearer guessing is throttled too.
     let mut limited = false;
     for i in 0..60 {
-        let resp = client()
-            .get(server.url("/api/v1/agents"))
-            .bearer_auth(format!("guess-{i}"))
-            .send()
-            .await
-            .unwrap();
-        limited |= resp.status() == 429;
+        limited |= agents_status(&server, &format!("guess-{i}"), None).await == 429;
     }
     assert!(limited, "60 bearer guesses in a row were all answered");
     // A token too strong to guess is still taken.
-    let resp = client()
-        .get(server.url("/api/v1/agents"))
-        .bearer_auth(&api_token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
+    assert_eq!(agents_status(&server, &api_token, None).await, 200);
 }
 
 fn client_from(addr: IpAddr) -> reqwest::Client {
@@ -794,25 +809,16 @@ async fn cookie_named(server: &Server, name: &str) -> String {
 #[tokio::test]
 async fn forwarded_addresses_count_only_from_trusted_proxies() {
     let server = start_server(&["--trusted-proxy", "127.0.0.1"], &[]);
-    let guess = |from: &'static str| {
-        let url = server.url("/api/v1/agents");
-        async move {
-            client()
-                .get(url)
-                .bearer_auth("wrong")
-                .header("x-forwarded-for", from)
-                .send()
-                .await
-                .unwrap()
-                .status()
-        }
-    };
     let mut blocked = false;
     for _ in 0..40 {
-        blocked |= guess("198.51.100.1").await == 429;
+        blocked |= agents_status(&server, "wrong", Some("198.51.100.1")).await == 429;
     }
     assert!(blocked, "the forwarded address was throttled");
-    assert_eq!(guess("198.51.100.2").await, 401, "another client is not");
+    assert_eq!(
+        agents_status(&server, "wrong", Some("198.51.100.2")).await,
+        401,
+        "another client is not"
+    );
 }
 
 #[tokio::test]
@@ -906,20 +912,10 @@ async fn foreign_host_names_are_refused() {
     // DNS rebinding: a page on evil.example that resolves to 127.0.0.1.
     let server = start_server(&[], &[]);
     let port = server.addr.port();
-    let resp = client()
-        .get(server.url("/login"))
-        .header("host", format!("evil.example:{port}"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 421);
-    let resp = client()
-        .get(server.url("/login"))
-        .header("host", format!("localhost:{port}"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
+    let evil = as_host(&server, "/login", &format!("evil.example:{port}"), None).await;
+    assert_eq!(evil.status(), 421);
+    let local = as_host(&server, "/login", &format!("localhost:{port}"), None).await;
+    assert_eq!(local.status(), 200);
 
     // With a public URL, only its host; HTTPS makes cookies Secure.
     let server = start_server(&["--public-url", "https://conch.example.test/"], &[]);
@@ -929,14 +925,14 @@ async fn foreign_host_names_are_refused() {
         421,
         "the listen address is not the public name"
     );
-    let resp = client()
-        .post(server.url("/login"))
-        .header("host", "conch.example.test")
-        .header("origin", "https://conch.example.test")
-        .form(&[("token", server.token.as_str())])
-        .send()
-        .await
-        .unwrap();
+    let (host, token) = ("conch.example.test", server.token.as_str());
+    let resp = as_host(
+        &server,
+        "/login",
+        host,
+        Some(("https://conch.example.test", token)),
+    )
+    .await;
     assert_eq!(resp.status(), 303);
     let cookie = resp.headers()["set-cookie"].to_str().unwrap().to_owned();
     assert!(cookie.starts_with("__Host-conch_session="), "{cookie}");
@@ -944,14 +940,13 @@ async fn foreign_host_names_are_refused() {
         cookie.contains("Secure") && cookie.contains("HttpOnly"),
         "{cookie}"
     );
-    let resp = client()
-        .post(server.url("/login"))
-        .header("host", "conch.example.test")
-        .header("origin", "http://conch.example.test")
-        .form(&[("token", server.token.as_str())])
-        .send()
-        .await
-        .unwrap();
+    let resp = as_host(
+        &server,
+        "/login",
+        host,
+        Some(("http://conch.example.test", token)),
+    )
+    .await;
     assert_eq!(
         resp.status(),
         403,

@@ -524,9 +524,16 @@ impl StreamDecoder {
     /// UTF-8 text of `kept` (after what was carried), holding back an
     /// incomplete last character; invalid bytes go whole as base64.
     fn utf8_lines(&mut self, kept: &[u8], lines: &mut Vec<StreamLine>) {
-        let mut buf = std::mem::take(&mut self.carry);
-        buf.extend_from_slice(kept);
-        match std::str::from_utf8(&buf) {
+        // Only a carried partial character costs a copy; a chunk alone is
+        // read where it lies.
+        let joined;
+        let buf: &[u8] = if self.carry.is_empty() {
+            kept
+        } else {
+            joined = [std::mem::take(&mut self.carry).as_slice(), kept].concat();
+            &joined
+        };
+        match std::str::from_utf8(buf) {
             Ok("") => {}
             Ok(text) => lines.push(self.output(text.to_owned(), None)),
             Err(e) if e.error_len().is_none() => {
@@ -537,7 +544,7 @@ impl StreamDecoder {
                 }
                 self.carry = tail.to_vec();
             }
-            Err(_) => lines.push(self.output(BASE64.encode(&buf), Some(rest::Encoding::Base64))),
+            Err(_) => lines.push(self.output(BASE64.encode(buf), Some(rest::Encoding::Base64))),
         }
     }
 

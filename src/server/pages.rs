@@ -22,6 +22,16 @@ struct LoginPage {
     token_first: bool,
 }
 
+impl LoginPage {
+    fn new(state: &AppState, error: String, next: String) -> LoginPage {
+        LoginPage {
+            error,
+            next,
+            token_first: !state.auth.has_users(),
+        }
+    }
+}
+
 #[derive(Template)]
 #[template(path = "console.html")]
 struct ConsolePage {
@@ -86,11 +96,7 @@ pub async fn login_page(
         let result = check_login(&state, client, &headers, credential).await;
         return finish_login(&state, result, next);
     }
-    render(&LoginPage {
-        error: String::new(),
-        next,
-        token_first: !state.auth.has_users(),
-    })
+    render(&LoginPage::new(&state, String::new(), next))
 }
 
 #[derive(Deserialize)]
@@ -168,11 +174,7 @@ fn finish_login(state: &AppState, result: Result<Principal, LoginError>, next: S
             let cookie = match state.auth.create_session(principal) {
                 Ok(cookie) => cookie,
                 Err(e) => {
-                    let page = LoginPage {
-                        error: e.to_string(),
-                        next,
-                        token_first: !state.auth.has_users(),
-                    };
+                    let page = LoginPage::new(state, e.to_string(), next);
                     return (StatusCode::SERVICE_UNAVAILABLE, render(&page)).into_response();
                 }
             };
@@ -197,21 +199,17 @@ fn finish_login(state: &AppState, result: Result<Principal, LoginError>, next: S
         }
         Err(LoginError::Invalid) => {
             tracing::warn!("failed login");
-            let page = LoginPage {
-                error: "Wrong user name, password or token.".into(),
-                next,
-                token_first: !state.auth.has_users(),
-            };
+            let page = LoginPage::new(state, "Wrong user name, password or token.".into(), next);
             (StatusCode::UNAUTHORIZED, render(&page)).into_response()
         }
         Err(LoginError::RateLimited { retry_after }) => {
             tracing::warn!("login rate limit hit");
             let secs = retry_after.as_secs().max(1);
-            let page = LoginPage {
-                error: format!("Too many failed logins; try again in {secs} s."),
+            let page = LoginPage::new(
+                state,
+                format!("Too many failed logins; try again in {secs} s."),
                 next,
-                token_first: !state.auth.has_users(),
-            };
+            );
             let mut response = (StatusCode::TOO_MANY_REQUESTS, render(&page)).into_response();
             response
                 .headers_mut()

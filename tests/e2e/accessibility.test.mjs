@@ -4,25 +4,14 @@
 // indicator of command mode, and the extra-keys bar of touch screens.
 // Same harness as console.test.mjs.
 
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { AxeBuilder } from '@axe-core/playwright';
 import {
-  WAIT_MS, startServer, stopServer, launchBrowser, openConsole, waitInPage, waitForOutput, run,
+  WAIT_MS, useServerAndBrowser, openConsole, waitInPage, waitForOutput, run,
 } from './harness.mjs';
 
-let server = null;             // { child, loginUrl, origin }
-let browser = null;
-
-before(async () => {
-  server = await startServer();
-  browser = await launchBrowser();
-});
-
-after(async () => {
-  if (browser) await browser.close().catch(() => {});
-  if (server) await stopServer(server.child);
-});
+const shared = useServerAndBrowser();
 
 // Contrast violations (WCAG AA: 4.5:1 for normal text) as readable lines.
 async function contrastViolations(page) {
@@ -31,7 +20,7 @@ async function contrastViolations(page) {
 }
 
 test('text has a contrast of at least 4.5:1, hints and help included (axe-core)', { timeout: 120_000 }, async () => {
-  const { context, page, problems } = await openConsole(browser, server);
+  const { context, page, problems } = await openConsole(shared.browser, shared.server);
   try {
     // The grey hint lines at the top, a grey exit summary, a red one.
     await run(page, 'echo hi', [{ exact: 'hi' }, { includes: 'exit 0' }]);
@@ -53,7 +42,7 @@ test('text has a contrast of at least 4.5:1, hints and help included (axe-core)'
 
     // The login page.
     const login = await context.newPage();
-    await login.goto(server.origin + '/login');
+    await login.goto(shared.server.origin + '/login');
     await login.locator('#login-submit').waitFor();
     assert.deepEqual(await contrastViolations(login), [], 'login page');
   } finally {
@@ -62,7 +51,7 @@ test('text has a contrast of at least 4.5:1, hints and help included (axe-core)'
 });
 
 test('command mode says a command is running and how to stop it', { timeout: 120_000 }, async () => {
-  const { context, page, problems } = await openConsole(browser, server);
+  const { context, page, problems } = await openConsole(shared.browser, shared.server);
   try {
     const activity = page.locator('#activity');
     assert.equal(await activity.isVisible(), false);
@@ -84,7 +73,7 @@ test('command mode says a command is running and how to stop it', { timeout: 120
 });
 
 test('Ctrl+Shift+F6 leaves the terminal for the top bar, and the help says so', { timeout: 120_000 }, async () => {
-  const { context, page, problems } = await openConsole(browser, server);
+  const { context, page, problems } = await openConsole(shared.browser, shared.server);
   try {
     const inTerminal = () => !!document.activeElement && !!document.activeElement.closest('#terminal');
     assert.equal(await page.evaluate(inTerminal), true);
@@ -110,7 +99,7 @@ test('Ctrl+Shift+F6 leaves the terminal for the top bar, and the help says so', 
 });
 
 test('screen-reader mode is a setting in the help panel, remembered', { timeout: 120_000 }, async () => {
-  const { context, page, problems } = await openConsole(browser, server);
+  const { context, page, problems } = await openConsole(shared.browser, shared.server);
   try {
     const tree = page.locator('#terminal .xterm-accessibility');
     assert.equal(await tree.count(), 0, 'off by default');
@@ -139,14 +128,14 @@ test('screen-reader mode is a setting in the help panel, remembered', { timeout:
 
 test('touch screens get a bar of extra keys; Ctrl and Alt apply to the next key', { timeout: 120_000 }, async () => {
   // A desktop page has no visible bar.
-  const desktop = await openConsole(browser, server);
+  const desktop = await openConsole(shared.browser, shared.server);
   try {
     assert.equal(await desktop.page.locator('.extra-keys').isVisible(), false);
   } finally {
     await desktop.context.close();
   }
 
-  const { context, page, problems } = await openConsole(browser, server, {
+  const { context, page, problems } = await openConsole(shared.browser, shared.server, {
     contextOptions: { viewport: { width: 412, height: 780 }, hasTouch: true, isMobile: true },
   });
   try {

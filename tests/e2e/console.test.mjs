@@ -7,39 +7,25 @@
 // event from the server process; there are no fixed sleeps. The harness
 // (server, browser, terminal readers) is in harness.mjs.
 
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdir } from 'node:fs/promises';
 import path from 'node:path';
 import {
-  ROOT, WAIT_MS, startServer, stopServer, launchBrowser, explain, run,
+  ROOT, WAIT_MS, useServerAndBrowser, openConsole, explain, run,
 } from './harness.mjs';
 
 const SCREENSHOT = path.join(ROOT, 'docs', 'screenshot.png');
 
-let server = null;             // { child, loginUrl, origin }
-let browser = null;
-
-// ---- lifecycle
-
-before(async () => {
-  server = await startServer();
-  browser = await launchBrowser();
-});
-
-after(async () => {
-  // Each step on its own, so a failure to close the browser still stops the server.
-  if (browser) await browser.close().catch(() => {});
-  if (server) await stopServer(server.child);
-});
+const shared = useServerAndBrowser();
 
 // ---- tests
 
 test('a page request without a session lands on the login page', async () => {
-  const context = await browser.newContext({ viewport: { width: 1200, height: 720 } });
+  const context = await shared.browser.newContext({ viewport: { width: 1200, height: 720 } });
   try {
     const page = await context.newPage();
-    const response = await page.goto(server.origin + '/');
+    const response = await page.goto(shared.server.origin + '/');
     assert.equal(new URL(page.url()).pathname, '/login');
     assert.equal(response.status(), 200);
     await page.locator('#login-submit').waitFor();
@@ -52,26 +38,9 @@ test('a page request without a session lands on the login page', async () => {
 });
 
 test('the console runs commands and a shell', { timeout: 180_000 }, async () => {
-  const context = await browser.newContext({ viewport: { width: 1200, height: 720 } });
-  const problems = [];
+  // The token URL logs in and lands on the console, connected.
+  const { context, page, problems } = await openConsole(shared.browser, shared.server);
   try {
-    const page = await context.newPage();
-    page.on('pageerror', (err) => problems.push(`page error: ${err.message}`));
-    page.on('console', (msg) => {
-      if (msg.type() === 'error' && /Content[- ]Security[- ]Policy|Refused to/i.test(msg.text())) {
-        problems.push(`CSP: ${msg.text()}`);
-      }
-    });
-
-    // The token URL logs in and lands on the console.
-    await page.goto(server.loginUrl);
-    await page.waitForURL((url) => url.pathname === '/', { timeout: WAIT_MS });
-
-    try {
-      await page.locator('#status[data-state="connected"]').waitFor({ timeout: WAIT_MS });
-    } catch (err) {
-      throw await explain(page, err, 'waiting for the connection');
-    }
     assert.equal(await page.locator('#status').textContent(), 'connected');
     assert.ok(await page.locator('#agent option').count() >= 1, 'the agent selector is filled');
 

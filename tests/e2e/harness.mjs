@@ -8,6 +8,7 @@
 // Every wait is on a condition in the page or an event from the server
 // process; there are no fixed sleeps.
 
+import { before, after } from 'node:test';
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { createInterface } from 'node:readline';
@@ -186,4 +187,20 @@ export async function openConsole(browser, server, { initScript, contextOptions 
     throw await explain(page, err, 'waiting for the connection');
   }
   return { context, page, problems };
+}
+
+// One server and one browser for a test file: started before its first
+// test, stopped after its last (the browser first, so that a failure to
+// close it still stops the server).
+export function useServerAndBrowser() {
+  const shared = { server: null, browser: null };
+  before(async () => {
+    shared.server = await startServer();
+    shared.browser = await launchBrowser();
+  });
+  after(async () => {
+    if (shared.browser) await shared.browser.close().catch(() => {});
+    if (shared.server) await stopServer(shared.server.child);
+  });
+  return shared;
 }

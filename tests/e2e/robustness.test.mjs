@@ -2,25 +2,14 @@
 // and answers without an id, huge pastes, server shutdown, standard input in
 // command mode, per-user history. Same harness as console.test.mjs.
 
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  WAIT_MS, startServer, stopServer, launchBrowser, openConsole,
+  WAIT_MS, useServerAndBrowser, startServer, stopServer, openConsole,
   waitInPage, waitForOutput, run, explain,
 } from './harness.mjs';
 
-let server = null;             // { child, loginUrl, origin }
-let browser = null;
-
-before(async () => {
-  server = await startServer();
-  browser = await launchBrowser();
-});
-
-after(async () => {
-  if (browser) await browser.close().catch(() => {});
-  if (server) await stopServer(server.child);
-});
+const shared = useServerAndBrowser();
 
 // Runs in the page before app.js: records every text frame the page sends
 // and lets a test rewrite the next one that matches (`rewrite` returns the
@@ -79,7 +68,7 @@ function rowThenRow({ line, after }) {
 }
 
 test('only whole characters are sent: an emoji runs, a lone half becomes U+FFFD', { timeout: 120_000 }, async () => {
-  const { context, page, problems } = await openConsole(browser, server, { initScript: instrumentSocket });
+  const { context, page, problems } = await openConsole(shared.browser, shared.server, { initScript: instrumentSocket });
   try {
     await run(page, 'echo 😀', [{ exact: '😀' }, { includes: 'exit 0' }]);
 
@@ -109,7 +98,7 @@ test('only whole characters are sent: an emoji runs, a lone half becomes U+FFFD'
 });
 
 test('an error without a command id never wedges command mode', { timeout: 120_000 }, async () => {
-  const { context, page, problems } = await openConsole(browser, server, { initScript: instrumentSocket });
+  const { context, page, problems } = await openConsole(shared.browser, shared.server, { initScript: instrumentSocket });
   try {
     // The server cannot name the command in its answer (id 0 is not an
     // id): the exec waiting for `started` must still end, the prompt return.
@@ -133,7 +122,7 @@ test('an error without a command id never wedges command mode', { timeout: 120_0
 });
 
 test('a command line too big for one message is refused with a word; big ones are sent whole', { timeout: 120_000 }, async () => {
-  const { context, page, problems } = await openConsole(browser, server, { initScript: instrumentSocket });
+  const { context, page, problems } = await openConsole(shared.browser, shared.server, { initScript: instrumentSocket });
   try {
     // 1 200 000 bytes: over the server's 1 MiB message limit.
     await page.evaluate(pasteEvent, 'echo ' + 'x'.repeat(1_200_000 - 5));
@@ -174,7 +163,7 @@ test('a command line too big for one message is refused with a word; big ones ar
 // A command line as long as the kernel accepts (one argument of up to
 // 128 KiB: `sh -c LINE`) runs, far beyond the agent protocol's header limit.
 test('a 120 KB command line runs', { timeout: 120_000 }, async () => {
-  const { context, page, problems } = await openConsole(browser, server);
+  const { context, page, problems } = await openConsole(shared.browser, shared.server);
   try {
     await page.evaluate(pasteEvent, `printf %s ${'A'.repeat(120_000)} | wc -c`);
     await page.keyboard.press('Enter');
@@ -189,7 +178,7 @@ test('after the server shuts down the page says it is reconnecting, and reconnec
   // A server of its own: this one is stopped.
   const own = await startServer();
   let next = null;
-  const { context, page } = await openConsole(browser, own);
+  const { context, page } = await openConsole(shared.browser, own);
   try {
     await stopServer(own.child);
     await waitInPage(page, () => {
@@ -213,7 +202,7 @@ test('after the server shuts down the page says it is reconnecting, and reconnec
 });
 
 test('what is typed while a command runs goes to its standard input', { timeout: 120_000 }, async () => {
-  const { context, page, problems } = await openConsole(browser, server, { initScript: instrumentSocket });
+  const { context, page, problems } = await openConsole(shared.browser, shared.server, { initScript: instrumentSocket });
   try {
     await page.keyboard.type('read x; echo got:$x');
     await page.keyboard.press('Enter');
@@ -268,7 +257,7 @@ test('what is typed while a command runs goes to its standard input', { timeout:
 });
 
 test('command history belongs to one user and is erased at logout', { timeout: 120_000 }, async () => {
-  const { context, page, problems } = await openConsole(browser, server);
+  const { context, page, problems } = await openConsole(shared.browser, shared.server);
   try {
     // Another user's history under the old shared key is removed on load.
     await page.evaluate(() => localStorage.setItem('conch.history', JSON.stringify(['export PGPASSWORD=other'])));
