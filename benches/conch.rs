@@ -129,6 +129,14 @@ async fn stack() -> Stack {
             &key,
             "--api-rate-per-minute",
             "1000000",
+            // One user drives every session here: lift the per-user shares
+            // (1000 shells at once) that would otherwise refuse it.
+            "--max-commands-per-user",
+            "100000",
+            "--command-reserve",
+            "0",
+            "--max-sessions-per-user",
+            "100000",
         ],
         &[(
             "CONCH_LOG",
