@@ -3,11 +3,12 @@
 //! client (`conch exec`), so that the two ends cannot drift apart.
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::vocab::ExitStatus;
 
 /// How output bytes are written in a JSON string.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Encoding {
     /// The text, decoded from the requested encoding.
@@ -18,7 +19,7 @@ pub enum Encoding {
 }
 
 /// Which output stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Stream {
     Stdout,
@@ -27,7 +28,7 @@ pub enum Stream {
 
 /// The buffered answer: the exit status and the output, whole or cut at
 /// `max_output_bytes` (then the stream's `*_truncated` is true).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ExecResult {
     #[serde(flatten)]
     pub exit: WireExit,
@@ -38,11 +39,18 @@ pub struct ExecResult {
     pub stderr_truncated: bool,
 }
 
-/// [`ExitStatus`] with the REST API's field name for the code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+// [`ExitStatus`] with the REST API's field name for the code.
+/// How the command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct WireExit {
+    /// The exit code, when the process exited.
+    #[schema(required = true)]
     pub exit_code: Option<i32>,
+    /// The signal that killed it, by name without `SIG` (`"KILL"`), or its
+    /// number as text when it has no name.
+    #[schema(value_type = Option<String>, required = true, example = "KILL")]
     pub signal: Option<crate::vocab::SignalNumber>,
+    /// Killed because its `timeout_ms` ran out (and only then).
     pub timed_out: bool,
     pub duration_ms: u64,
 }
@@ -70,7 +78,7 @@ impl From<WireExit> for ExitStatus {
 }
 
 /// One line of a streamed (NDJSON) answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum StreamLine {
     /// A chunk of output, as it came.

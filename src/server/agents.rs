@@ -33,9 +33,10 @@ pub struct AgentSpec {
 }
 
 /// What the API and the page show about an agent.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct AgentStatus {
     pub name: String,
+    /// `HOST:PORT` the server dials.
     pub addr: String,
     pub connected: bool,
 }

@@ -16,14 +16,15 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use encoding_rs::{Encoding, UTF_8};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
 use tokio::sync::OwnedSemaphorePermit;
+use utoipa::{ToResponse, ToSchema};
 
 use super::State as AppState;
+use super::agents::AgentStatus;
 use super::auth::Role;
 use super::caller::{Admin, Caller, Writer};
-use super::problem::ApiError;
+use super::problem::{ApiError, Problem};
 use super::quota::Ticket;
 use super::tokens::TokenError;
 use crate::link::{Channel, Event, LinkError};
@@ -57,29 +58,53 @@ pub struct ApiLimits {
     pub buffered_budget: usize,
 }
 
-/// The body of `POST /api/v1/exec`. A field may be left out; `null` is
-/// refused like any other value of the wrong type, as the API's
-/// description says.
-#[derive(Debug, Deserialize)]
+// `server::openapi` adds the "exactly one of `command` and `argv`" rule
+// as a `oneOf`, which the derive cannot say.
+/// A command to run. A field may be left out; `null` is refused like any
+/// other value of the wrong type.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = ExecRequest)]
 struct ExecBody {
+    /// A shell command line, run with `sh -c`.
     #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = String)]
     command: Option<String>,
+    /// A program and its arguments, run without a shell.
     #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Vec<String>, min_items = 1)]
     argv: Option<Vec<String>>,
+    /// The working directory (default: the user's home).
     #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = String)]
     cwd: Option<String>,
+    /// Variables added to the command's minimal environment.
     #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = BTreeMap<String, String>)]
     env: Option<BTreeMap<String, String>>,
+    /// Given to the command's standard input, which is then closed.
     #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = String)]
     stdin: Option<String>,
+    /// Milliseconds before the command is killed; capped by the server's
+    /// `--max-timeout-ms`.
     #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = u64, minimum = 1, default = 30000)]
     timeout_ms: Option<u64>,
+    /// Output kept per stream in a buffered answer (default 1 MiB), or sent
+    /// per stream in a streamed one (default: no cap); capped by the
+    /// server's `--max-output-bytes`.
     #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = u64, minimum = 0)]
     max_output_bytes: Option<usize>,
+    /// The WHATWG encoding label the command's output is decoded from
+    /// (`gbk`, `shift_jis`...).
     #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = String, default = "utf-8")]
     encoding: Option<String>,
+    /// The agent's name; by default the only one.
     #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = String)]
     agent: Option<String>,
 }
 
@@ -217,7 +242,37 @@ fn wants_stream(headers: &HeaderMap) -> bool {
         })
 }
 
+/// Every API error's answer, for the API's description.
+#[derive(ToResponse)]
+#[response(
+    description = "An error, as RFC 9457 problem details.",
+    content_type = "application/problem+json"
+)]
+pub struct ProblemResponse(#[allow(dead_code)] Problem);
+
 /// `POST /api/v1/exec`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/exec",
+    operation_id = "exec",
+    tag = "commands",
+    summary = "Run one command",
+    description = "Answers when the command ends. With `Accept: application/x-ndjson` it answers at once and streams one JSON object per line (a `StreamLine`): output chunks as they come (`encoding: base64` for a chunk that is not text), at most one `truncated` line per stream, then one last line: the exit status, or `error` when the command could not run to its end. A client that disconnects kills its command.",
+    request_body(content = ExecBody, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The command ran (whatever its exit code).", content(
+            (ExecResult = "application/json"),
+            (StreamLine = "application/x-ndjson"),
+        )),
+        (status = 400, response = ProblemResponse),
+        (status = 401, response = ProblemResponse),
+        (status = 403, response = ProblemResponse),
+        (status = 413, response = ProblemResponse),
+        (status = 415, response = ProblemResponse),
+        (status = 429, response = ProblemResponse),
+        (status = 503, response = ProblemResponse),
+    ),
+)]
 pub async fn exec(
     State(state): State<AppState>,
     Writer(who): Writer,
@@ -710,9 +765,28 @@ fn stream_response(
     response
 }
 
+/// `GET /api/v1/agents`'s answer.
+#[derive(Serialize, ToSchema)]
+pub struct AgentList {
+    agents: Vec<AgentStatus>,
+}
+
 /// `GET /api/v1/agents`.
-pub async fn agents(State(state): State<AppState>, _: Caller) -> Response {
-    Json(json!({"agents": state.agents.statuses()})).into_response()
+#[utoipa::path(
+    get,
+    path = "/api/v1/agents",
+    operation_id = "listAgents",
+    tag = "agents",
+    summary = "List agents and whether each is connected",
+    responses(
+        (status = 200, description = "The agents.", body = AgentList),
+        (status = 401, response = ProblemResponse),
+    ),
+)]
+pub async fn agents(State(state): State<AppState>, _: Caller) -> Json<AgentList> {
+    Json(AgentList {
+        agents: state.agents.statuses(),
+    })
 }
 
 fn token_error(e: TokenError) -> ApiError {
@@ -724,24 +798,87 @@ fn token_error(e: TokenError) -> ApiError {
     }
 }
 
-#[derive(Deserialize)]
+/// The body of `POST /api/v1/tokens`.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewToken {
+    /// Letters, digits, `.`, `_` and `-`; at most 64.
+    #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$")]
     name: String,
     role: Role,
 }
 
+/// A token as listed: never its secret.
+#[derive(Serialize, ToSchema)]
+pub struct TokenInfo {
+    name: String,
+    role: Role,
+    /// When it was created, in seconds since the Unix epoch.
+    created: u64,
+}
+
+/// `GET /api/v1/tokens`'s answer.
+#[derive(Serialize, ToSchema)]
+pub struct TokenList {
+    tokens: Vec<TokenInfo>,
+}
+
+/// `POST /api/v1/tokens`'s answer: the only time the secret is shown.
+#[derive(Serialize, ToSchema)]
+pub struct CreatedToken {
+    name: String,
+    role: Role,
+    /// The secret, for `Authorization: Bearer`.
+    token: String,
+}
+
 /// `GET /api/v1/tokens`: names and roles, never the secrets.
-pub async fn list_tokens(State(state): State<AppState>, _: Admin) -> Result<Response, ApiError> {
+#[utoipa::path(
+    get,
+    path = "/api/v1/tokens",
+    operation_id = "listTokens",
+    tag = "tokens",
+    summary = "List API tokens (admins)",
+    responses(
+        (status = 200, description = "Names, roles and creation times; never the secrets.", body = TokenList),
+        (status = 401, response = ProblemResponse),
+        (status = 403, response = ProblemResponse),
+    ),
+)]
+pub async fn list_tokens(
+    State(state): State<AppState>,
+    _: Admin,
+) -> Result<Json<TokenList>, ApiError> {
     let tokens = state.tokens.list().map_err(token_error)?;
-    let tokens: Vec<Value> = tokens
-        .iter()
-        .map(|t| json!({"name": t.name, "role": t.role, "created": t.created}))
+    let tokens = tokens
+        .into_iter()
+        .map(|t| TokenInfo {
+            name: t.name,
+            role: t.role,
+            created: t.created,
+        })
         .collect();
-    Ok(Json(json!({"tokens": tokens})).into_response())
+    Ok(Json(TokenList { tokens }))
 }
 
 /// `POST /api/v1/tokens`: creates a token; its value is shown this once.
+#[utoipa::path(
+    post,
+    path = "/api/v1/tokens",
+    operation_id = "createToken",
+    tag = "tokens",
+    summary = "Create an API token (admins)",
+    request_body(content = NewToken, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Created; the token's value is in this answer only.", body = CreatedToken),
+        (status = 400, response = ProblemResponse),
+        (status = 401, response = ProblemResponse),
+        (status = 403, response = ProblemResponse),
+        (status = 409, response = ProblemResponse),
+        (status = 413, response = ProblemResponse),
+        (status = 415, response = ProblemResponse),
+    ),
+)]
 pub async fn create_token(
     State(state): State<AppState>,
     Admin(who): Admin,
@@ -765,11 +902,29 @@ pub async fn create_token(
         .create(&new.name, new.role)
         .map_err(token_error)?;
     tracing::info!(by = %who.name, name = %new.name, role = new.role.as_str(), "api token created");
-    let body = json!({"name": new.name, "role": new.role, "token": token.expose()});
+    let body = CreatedToken {
+        name: new.name,
+        role: new.role,
+        token: token.expose().to_owned(),
+    };
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
 /// `DELETE /api/v1/tokens/{name}`.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/tokens/{name}",
+    operation_id = "revokeToken",
+    tag = "tokens",
+    summary = "Revoke an API token (admins)",
+    params(("name" = String, Path, description = "The token's name.")),
+    responses(
+        (status = 204, description = "Revoked."),
+        (status = 401, response = ProblemResponse),
+        (status = 403, response = ProblemResponse),
+        (status = 404, response = ProblemResponse),
+    ),
+)]
 pub async fn revoke_token(
     State(state): State<AppState>,
     Admin(who): Admin,
@@ -780,12 +935,18 @@ pub async fn revoke_token(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-/// The OpenAPI 3 document of this API.
-pub const OPENAPI: &str = include_str!("openapi.json");
-
 /// `GET /api/v1/openapi.json` (no authentication: it holds no secrets).
+#[utoipa::path(
+    get,
+    path = "/api/v1/openapi.json",
+    operation_id = "openapi",
+    tag = "meta",
+    summary = "This document",
+    security(()),
+    responses((status = 200, description = "The API's OpenAPI 3.1 description.", body = Object)),
+)]
 pub async fn openapi() -> Response {
-    let mut response = OPENAPI.into_response();
+    let mut response = super::openapi::document().into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),

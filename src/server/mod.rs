@@ -9,6 +9,7 @@ pub mod caller;
 pub mod embedded;
 pub mod http;
 pub mod messages;
+mod openapi;
 pub mod pages;
 pub mod peer;
 pub mod problem;

@@ -6,11 +6,11 @@ use axum::Json;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::State as AppState;
-use super::auth::{Credential, LoginError, Principal};
+use super::auth::{Credential, LoginError, Principal, Role};
 use super::peer::ClientIp;
 
 #[derive(Template)]
@@ -240,28 +240,81 @@ pub async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Respon
     response
 }
 
+/// The answer of `/healthz` and `/readyz`.
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    /// `ok`, `ready` or `agent unavailable`.
+    status: &'static str,
+}
+
+/// `GET /api/v1/session`'s answer.
+#[derive(Serialize, ToSchema)]
+pub struct SessionInfo {
+    user: String,
+    role: Role,
+}
+
 /// `GET /healthz`: the process is alive. No authentication, no details.
-pub async fn healthz() -> impl IntoResponse {
-    Json(json!({"status": "ok"}))
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    operation_id = "healthz",
+    tag = "meta",
+    summary = "The process is alive",
+    security(()),
+    responses((status = 200, description = "Alive.", body = Health)),
+)]
+pub async fn healthz() -> Json<Health> {
+    Json(Health { status: "ok" })
 }
 
 /// `GET /readyz`: every agent is connected.
-pub async fn readyz(State(state): State<AppState>) -> Response {
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    operation_id = "readyz",
+    tag = "meta",
+    summary = "Every agent is connected",
+    security(()),
+    responses(
+        (status = 200, description = "Ready.", body = Health),
+        (status = 503, description = "An agent is not connected.", body = Health),
+    ),
+)]
+pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
     if state.agents.all_connected() {
-        Json(json!({"status": "ready"})).into_response()
+        (StatusCode::OK, Json(Health { status: "ready" }))
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "agent unavailable"})),
+            Json(Health {
+                status: "agent unavailable",
+            }),
         )
-            .into_response()
     }
 }
 
-/// `GET /api/v1/session`: who the session belongs to, or 401.
+/// `GET /api/v1/session`: who the console session belongs to (by its
+/// cookie), or 401.
+#[utoipa::path(
+    get,
+    path = "/api/v1/session",
+    operation_id = "session",
+    tag = "meta",
+    summary = "Who the console session belongs to",
+    security(()),
+    responses(
+        (status = 200, description = "The session's user and role.", body = SessionInfo),
+        (status = 401, response = super::api::ProblemResponse),
+    ),
+)]
 pub async fn session_info(State(state): State<AppState>, headers: HeaderMap) -> Response {
     match state.session_principal(&headers) {
-        Some(p) => Json(json!({"user": p.name, "role": p.role.as_str()})).into_response(),
+        Some(p) => Json(SessionInfo {
+            user: p.name,
+            role: p.role,
+        })
+        .into_response(),
         None => super::problem::ApiError::Unauthorized.into_response(),
     }
 }

@@ -4,7 +4,23 @@
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// The body of every API error (RFC 9457 problem details), sent as
+/// `application/problem+json`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Problem {
+    /// A URI naming the kind of problem (`.../problems/bad-request`).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The status's reason phrase.
+    pub title: String,
+    /// The HTTP status code.
+    pub status: u16,
+    /// What went wrong, for a person to read.
+    pub detail: String,
+}
 
 /// Everything an API handler can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -81,12 +97,12 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        let body = json!({
-            "type": format!("https://conch.invalid/problems/{}", self.slug()),
-            "title": status.canonical_reason().unwrap_or("error"),
-            "status": status.as_u16(),
-            "detail": self.to_string(),
-        });
+        let body = Problem {
+            kind: format!("https://conch.invalid/problems/{}", self.slug()),
+            title: status.canonical_reason().unwrap_or("error").to_owned(),
+            status: status.as_u16(),
+            detail: self.to_string(),
+        };
         let mut response = (status, Json(body)).into_response();
         let h = response.headers_mut();
         h.insert(

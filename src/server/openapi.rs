@@ -1,0 +1,98 @@
+//! The API's OpenAPI 3.1 description, generated from the handlers'
+//! `#[utoipa::path]` attributes and the wire types' `ToSchema` derives, so
+//! that it cannot drift from what the code answers. Served at
+//! `/api/v1/openapi.json`; checked in CI by openapi-spec-validator and
+//! Schemathesis (`tests/api-contract/`).
+
+use std::sync::LazyLock;
+
+use utoipa::openapi::schema::{AllOfBuilder, ObjectBuilder, OneOfBuilder, Schema};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::{RefOr, ServerBuilder};
+use utoipa::{Modify, OpenApi};
+
+use super::{api, pages};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "conch API",
+        version = "1",
+        description = "Run one-off commands on conch agents. Authenticate with `Authorization: Bearer <token>` (the admin token or a named API token). Errors are RFC 9457 problem details (`application/problem+json`).",
+    ),
+    paths(
+        api::exec,
+        api::agents,
+        pages::session_info,
+        api::list_tokens,
+        api::create_token,
+        api::revoke_token,
+        api::openapi,
+        pages::healthz,
+        pages::readyz,
+    ),
+    components(responses(api::ProblemResponse)),
+    security(("bearer" = [])),
+    modifiers(&Conch),
+)]
+struct ApiDoc;
+
+/// What the derives cannot say.
+struct Conch;
+
+impl Modify for Conch {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        // Relative to the document's own address, wherever the server runs.
+        doc.servers = Some(vec![
+            ServerBuilder::new()
+                .url("/")
+                .description(Some("this server"))
+                .build(),
+        ]);
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        // Exactly one of `command` and `argv`: a `oneOf` of the two
+        // `required`s (a body with both matches both, so fails it too).
+        if let Some(fields) = components.schemas.remove("ExecRequest") {
+            let either = OneOfBuilder::new()
+                .item(ObjectBuilder::new().required("command"))
+                .item(ObjectBuilder::new().required("argv"));
+            let request = AllOfBuilder::new()
+                .item(fields)
+                .item(either)
+                .description(Some("Exactly one of `command` and `argv`."));
+            components.schemas.insert(
+                "ExecRequest".into(),
+                RefOr::T(Schema::AllOf(request.build())),
+            );
+        }
+    }
+}
+
+/// The document as JSON, built once.
+pub(crate) fn document() -> &'static str {
+    static DOC: LazyLock<String> = LazyLock::new(|| {
+        ApiDoc::openapi()
+            .to_pretty_json()
+            .expect("the OpenAPI document serializes")
+    });
+    &DOC
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::Value;
+
+    #[test]
+    fn the_exec_request_needs_exactly_one_of_command_and_argv() {
+        let doc: Value = serde_json::from_str(super::document()).unwrap();
+        let request = &doc["components"]["schemas"]["ExecRequest"];
+        let either = &request["allOf"][1]["oneOf"];
+        assert_eq!(either[0]["required"][0], "command", "{request}");
+        assert_eq!(either[1]["required"][0], "argv", "{request}");
+        assert_eq!(request["allOf"][0]["additionalProperties"], false);
+    }
+}
