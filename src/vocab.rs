@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 /// A signal a client may deliver to a command (Ctrl-C is `INT`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(ts_rs::TS))]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Signal {
     Int,
@@ -17,6 +18,7 @@ pub enum Signal {
     Hup,
     /// Any other name: refused with `bad_signal`, never a broken connection.
     #[serde(other)]
+    #[cfg_attr(test, ts(skip))]
     Unknown,
 }
 
@@ -81,13 +83,17 @@ impl<'de> Deserialize<'de> for SignalNumber {
 
 /// How a command ended: the same four fields on every wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(ts_rs::TS))]
 pub struct ExitStatus {
     /// The exit code, when the process exited.
     pub code: Option<i32>,
-    /// The signal that killed it, when one did.
+    /// The signal that killed it, by name without `SIG` (`"SEGV"`), when
+    /// one did.
+    #[cfg_attr(test, ts(type = "string | null"))]
     pub signal: Option<SignalNumber>,
     /// Killed because its `timeout_ms` ran out (and only then).
     pub timed_out: bool,
+    #[cfg_attr(test, ts(type = "number"))]
     pub duration_ms: u64,
 }
 
@@ -155,6 +161,11 @@ const CODES: &[(ErrorCode, &str)] = &[
 ];
 
 impl ErrorCode {
+    /// Every code this version knows, as spelled on the wire.
+    pub fn known() -> impl Iterator<Item = &'static str> {
+        CODES.iter().map(|(_, name)| *name)
+    }
+
     pub fn as_str(&self) -> &str {
         match self {
             ErrorCode::Other(s) => s,

@@ -112,6 +112,7 @@ pub struct ExecRequest {
 
 /// A terminal size in character cells.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(ts_rs::TS))]
 pub struct PtySize {
     pub cols: u16,
     pub rows: u16,

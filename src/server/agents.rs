@@ -34,6 +34,7 @@ pub struct AgentSpec {
 
 /// What the API and the page show about an agent.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
+#[cfg_attr(test, derive(ts_rs::TS))]
 pub struct AgentStatus {
     pub name: String,
     /// `HOST:PORT` the server dials.

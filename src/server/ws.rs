@@ -133,7 +133,7 @@ async fn session(socket: WebSocket, state: AppState, login: SessionHandle) {
     let mut changes = state.agents.subscribe();
     let hello = ServerMessage::Hello {
         user: &principal.name,
-        role: principal.role.as_str(),
+        role: principal.role,
         agents: state.agents.statuses(),
     };
     let _ = out.send(hello.frame()).await;

@@ -1,99 +1,33 @@
 // The console protocol (browser <-> server), docs/protocol.md section 2.
-// These types mirror src/server/messages.rs (ClientMessage, ServerMessage)
-// and src/vocab.rs (Signal, ErrorCode, ExitStatus); a change there must be
-// made here too.
+// The message types are generated from the Rust ones (src/server/messages.rs,
+// src/vocab.rs) into ./generated/protocol.ts; a Rust test fails when that
+// file is out of date, and tsc checks this page against it.
 //
 // Text frames carry one JSON object each, discriminated by `type`. Binary
 // frames from the server are command output (see `decodeOutput`).
 
+import type { ClientMessage, ServerMessage } from './generated/protocol';
 import { isHighSurrogate, utf8Length, wellFormed } from './text';
 
-// ------------------------------------------------------------ shared words
-
-/** Signals a client may deliver to a command (Ctrl-C is INT). */
-export type Signal = 'INT' | 'TERM' | 'KILL' | 'HUP';
-
-/** Roles, weakest first. The server names one in `hello`. */
-export type Role = 'viewer' | 'operator' | 'admin';
-
-/**
- * Stable error codes. The agent's own channel codes pass through too, and a
- * newer server may send codes this page does not know: any string is
- * accepted, the known ones are listed for the reader and the editor.
- */
-export type ErrorCode =
-  | 'bad_request' | 'session_expired' | 'forbidden' | 'too_many_commands'
-  | 'too_large' | 'agent_unavailable' | 'agent_lost'
-  | 'bad_channel' | 'channel_in_use' | 'too_many_channels' | 'bad_exec'
-  | 'not_running' | 'stdin_closed' | 'stdin_overflow' | 'bad_signal' | 'unexpected'
-  | (string & Record<never, never>);
-
-export interface PtySize {
-  cols: number;
-  rows: number;
-}
-
-/** How a command ended: the same four fields on every wire. */
-export interface ExitStatus {
-  /** The exit code, when the process exited. */
-  code: number | null;
-  /** The signal that killed it, by name without SIG ("SEGV"), when one did. */
-  signal: string | null;
-  /** Killed because its time ran out (and only then). */
-  timed_out: boolean;
-  duration_ms: number;
-}
-
-export interface AgentStatus {
-  name: string;
-  addr: string;
-  connected: boolean;
-}
+export type {
+  AgentStatus, ClientMessage, ErrorCode, ExitStatus, PtySize, Role, ServerMessage, Signal,
+} from './generated/protocol';
 
 // ------------------------------------------------------------ browser -> server
 
-/** Command mode: `cmd` with `sh -c`; shell mode: `pty` without `cmd` starts a login shell. */
-export type ExecMessage =
-  | { type: 'exec'; id: number; cmd: string; pty?: PtySize; agent?: string }
-  | { type: 'exec'; id: number; pty: PtySize; cmd?: undefined; agent?: string };
-
-export interface StdinMessage {
-  type: 'stdin';
-  id: number;
-  /** Keystrokes or a line of input, sent as UTF-8. */
-  data: string;
-  /** Ends the command's input after `data` (Ctrl-D in command mode). */
-  eof?: boolean;
-}
-
-export type ClientMessage =
-  | ExecMessage
-  | StdinMessage
-  | { type: 'signal'; id: number; signal: Signal }
-  | { type: 'resize'; id: number; cols: number; rows: number }
-  /** Kill the command; its `exit` still follows. */
-  | { type: 'close'; id: number }
-  /** The page has drawn `bytes` more bytes of that command's output. */
-  | { type: 'ack'; id: number; bytes: number };
+export type ExecMessage = Extract<ClientMessage, { type: 'exec' }>;
+export type StdinMessage = Extract<ClientMessage, { type: 'stdin' }>;
 
 // ------------------------------------------------------------ server -> browser
 
-export type HelloMessage = { type: 'hello'; user: string; role: Role; agents: AgentStatus[] };
-export type ExitMessage = { type: 'exit'; id: number } & ExitStatus;
+export type HelloMessage = Extract<ServerMessage, { type: 'hello' }>;
+export type ExitMessage = Extract<ServerMessage, { type: 'exit' }>;
 /**
  * With an `id`, `final: true` means that command is over (no `exit`
  * follows), `final: false` that it goes on and its `exit` still comes.
  */
-export type ErrorMessage = { type: 'error'; code: ErrorCode; message: string; id?: number; final?: boolean };
-export type ShutdownMessage = { type: 'shutdown'; message: string };
-
-export type ServerMessage =
-  | HelloMessage
-  | { type: 'agents'; agents: AgentStatus[] }
-  | { type: 'started'; id: number }
-  | ExitMessage
-  | ErrorMessage
-  | ShutdownMessage;
+export type ErrorMessage = Extract<ServerMessage, { type: 'error' }>;
+export type ShutdownMessage = Extract<ServerMessage, { type: 'shutdown' }>;
 
 const SERVER_TYPES: ReadonlySet<string> = new Set<ServerMessage['type']>(
   ['hello', 'agents', 'started', 'exit', 'error', 'shutdown'],

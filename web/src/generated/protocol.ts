@@ -1,0 +1,98 @@
+// Generated from the Rust types (src/server/messages.rs, src/vocab.rs) by
+// `CONCH_UPDATE_GENERATED=1 cargo test --lib typescript`. Do not edit.
+
+/** Stable error codes, shared by the agent protocol and the console. */
+export type ErrorCode =
+  | 'protocol'
+  | 'auth'
+  | 'busy'
+  | 'bad_channel'
+  | 'channel_in_use'
+  | 'too_many_channels'
+  | 'bad_exec'
+  | 'not_running'
+  | 'stdin_closed'
+  | 'stdin_overflow'
+  | 'bad_signal'
+  | 'unexpected'
+  | 'bad_request'
+  | 'session_expired'
+  | 'forbidden'
+  | 'too_many_commands'
+  | 'too_large'
+  | 'agent_unavailable'
+  | 'agent_lost'
+  | (string & Record<never, never>);
+
+/**
+ * A signal a client may deliver to a command (Ctrl-C is `INT`).
+ */
+export type Signal = "INT" | "TERM" | "KILL" | "HUP";
+
+/**
+ * What a user may do.
+ */
+export type Role = "viewer" | "operator" | "admin";
+
+/**
+ * A terminal size in character cells.
+ */
+export type PtySize = { cols: number, rows: number, };
+
+/**
+ * How a command ended: the same four fields on every wire.
+ */
+export type ExitStatus = { 
+/**
+ * The exit code, when the process exited.
+ */
+code: number | null, 
+/**
+ * The signal that killed it, by name without `SIG` (`"SEGV"`), when
+ * one did.
+ */
+signal: string | null, 
+/**
+ * Killed because its `timeout_ms` ran out (and only then).
+ */
+timed_out: boolean, duration_ms: number, };
+
+/**
+ * What the API and the page show about an agent.
+ */
+export type AgentStatus = { name: string, 
+/**
+ * `HOST:PORT` the server dials.
+ */
+addr: string, connected: boolean, };
+
+/**
+ * A message from the browser.
+ */
+export type ClientMessage = { "type": "exec", id: number, cmd?: string, pty?: PtySize, agent?: string, } | { "type": "stdin", id: number, 
+/**
+ * Keystrokes or a line of input, sent as UTF-8.
+ */
+data: string, 
+/**
+ * Ends the command's input after `data` (Ctrl-D in command mode).
+ */
+eof?: boolean, } | { "type": "signal", id: number, signal: Signal, } | { "type": "resize", id: number, cols: number, rows: number, } | { "type": "close", id: number, } | { "type": "ack", id: number, bytes: number, };
+
+/**
+ * A text message to the browser.
+ */
+export type ServerMessage = { "type": "hello", user: string, role: Role, agents: Array<AgentStatus>, } | { "type": "agents", agents: Array<AgentStatus>, } | { "type": "started", id: number, } | { "type": "exit", id: number, 
+/**
+ * The exit code, when the process exited.
+ */
+code: number | null, 
+/**
+ * The signal that killed it, by name without `SIG` (`"SEGV"`), when
+ * one did.
+ */
+signal: string | null, 
+/**
+ * Killed because its `timeout_ms` ran out (and only then).
+ */
+timed_out: boolean, duration_ms: number, } | { "type": "error", code: ErrorCode, message: string, id?: number, final?: boolean, } | { "type": "shutdown", message: string, };
