@@ -5,8 +5,6 @@
 //! protocol of [`protocol`].
 
 pub mod agent;
-pub mod frame_writer;
-pub mod keepalive;
 pub mod keyfile;
 pub mod link;
 pub mod protocol;
@@ -14,4 +12,5 @@ pub mod rest;
 pub mod rest_client;
 pub mod server;
 pub mod telemetry;
+pub mod transport;
 pub mod vocab;

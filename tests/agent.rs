@@ -9,8 +9,9 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use common::{start_agent, wait_gone};
 use conch::keyfile::Key;
-use conch::link::{AgentLink, Event, handshake};
+use conch::link::{AgentLink, Event};
 use conch::protocol::{ExecRequest, Frame, FrameCodec, Message, PtySize};
+use conch::transport::handshake::offer;
 use conch::vocab::Signal;
 use futures_util::{SinkExt, StreamExt};
 use sha2::{Digest, Sha256};
@@ -424,7 +425,7 @@ async fn garbage_and_oversized_headers_close_only_their_connection() {
 
     // Garbage after the handshake.
     let mut framed = raw_connect(agent.addr).await;
-    handshake(&mut framed, &agent.key).await.unwrap();
+    offer(&mut framed, &agent.key).await.unwrap();
     framed
         .get_mut()
         .write_all(b"\x00\x00\x00\x05hello world garbage")
@@ -457,7 +458,7 @@ async fn garbage_and_oversized_headers_close_only_their_connection() {
         r#"{"type":"stdin","ch":1,"len":2000000}"#,
     ] {
         let mut framed = raw_connect(agent.addr).await;
-        handshake(&mut framed, &agent.key).await.unwrap();
+        offer(&mut framed, &agent.key).await.unwrap();
         let mut bytes = (header.len() as u32).to_be_bytes().to_vec();
         bytes.extend_from_slice(header.as_bytes());
         framed.get_mut().write_all(&bytes).await.unwrap();
@@ -473,7 +474,7 @@ async fn garbage_and_oversized_headers_close_only_their_connection() {
 async fn channel_misuse_gets_an_error_and_the_connection_stays() {
     let agent = start_agent(&["--max-channels", "2"]);
     let mut framed = raw_connect(agent.addr).await;
-    handshake(&mut framed, &agent.key).await.unwrap();
+    offer(&mut framed, &agent.key).await.unwrap();
 
     framed
         .send(Frame::with_payload(
@@ -617,7 +618,7 @@ fn a_short_or_missing_key_is_a_clear_startup_error() {
 async fn a_process_that_ignores_stdin_does_not_stall_the_connection() {
     let agent = start_agent(&[]);
     let mut framed = raw_connect(agent.addr).await;
-    handshake(&mut framed, &agent.key).await.unwrap();
+    offer(&mut framed, &agent.key).await.unwrap();
     framed
         .send(Frame::exec(1, &sh("exec sleep 300")).unwrap())
         .await

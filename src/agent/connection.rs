@@ -14,10 +14,10 @@ use tracing::{debug, info, warn};
 
 use super::channel::{self, Control, Done, STDIN_WINDOW, Stdin};
 use super::sandbox::ExecPolicy;
-use crate::frame_writer::write_queued;
 use crate::keyfile::Key;
-use crate::protocol::handshake::{agent_mac, is_valid_nonce, new_nonce, verify_client_mac};
-use crate::protocol::{Frame, FrameCodec, FrameError, Message, PROTOCOL_VERSION};
+use crate::protocol::{Frame, FrameCodec, FrameError, Message};
+use crate::transport::handshake::{self, HandshakeError};
+use crate::transport::writer::write_queued;
 use crate::vocab::{ErrorCode, Signal};
 
 /// A client that has not authenticated by then is dropped (the default of
@@ -59,10 +59,10 @@ pub async fn authenticate(
         .map(|a| a.to_string())
         .unwrap_or_else(|_| "?".into());
     let _ = stream.set_nodelay(true);
-    crate::keepalive::enable(&stream);
+    crate::transport::socket::enable_keepalive(&stream);
     let mut framed = Framed::new(stream, FrameCodec::handshake());
     let authed = tokio::select! {
-        r = tokio::time::timeout(timeout, handshake(&mut framed, key, slots, limits.max_channels)) => r,
+        r = tokio::time::timeout(timeout, handshake::answer(&mut framed, key, slots, limits.max_channels)) => r,
         _ = evicted.cancelled() => {
             debug!(%peer, "handshake dropped: too many connections are authenticating");
             return None;
@@ -109,90 +109,6 @@ pub async fn serve_authenticated(
 ) {
     Connection::new(limits, policy).run(framed, shutdown).await;
     info!(%peer, "client disconnected");
-}
-
-#[derive(Debug, thiserror::Error)]
-enum HandshakeError {
-    #[error("connection closed")]
-    Closed,
-    #[error(transparent)]
-    Frame(#[from] FrameError),
-    #[error("expected an auth frame, got {0:?}")]
-    Unexpected(&'static str),
-    #[error("unsupported protocol version {0}")]
-    Version(u32),
-    #[error("malformed client nonce")]
-    Nonce,
-    #[error("wrong key")]
-    BadMac,
-    #[error("the agent serves its maximum of connections")]
-    Busy,
-}
-
-impl HandshakeError {
-    fn to_message(&self) -> Message {
-        match self {
-            HandshakeError::Frame(e) => Message::error(ErrorCode::Protocol, e.to_string()),
-            HandshakeError::Unexpected(_) => Message::error(ErrorCode::Protocol, self.to_string()),
-            HandshakeError::Busy => Message::error(ErrorCode::Busy, self.to_string()),
-            _ => Message::error(ErrorCode::Auth, self.to_string()),
-        }
-    }
-}
-
-async fn handshake(
-    framed: &mut AgentFramed,
-    key: &Key,
-    slots: &Arc<Semaphore>,
-    max_channels: usize,
-) -> Result<OwnedSemaphorePermit, HandshakeError> {
-    let agent_nonce = new_nonce();
-    let hello = Message::Hello {
-        version: PROTOCOL_VERSION,
-        nonce: agent_nonce.clone(),
-    };
-    framed
-        .send(Frame::new(0, hello))
-        .await
-        .map_err(|_| HandshakeError::Closed)?;
-    let frame = match framed.next().await {
-        None => return Err(HandshakeError::Closed),
-        Some(Err(FrameError::Io(_))) => return Err(HandshakeError::Closed),
-        Some(Err(e)) => return Err(e.into()),
-        Some(Ok(frame)) => frame,
-    };
-    let Message::Auth {
-        version,
-        nonce,
-        mac,
-    } = frame.msg
-    else {
-        return Err(HandshakeError::Unexpected(frame.msg.type_name()));
-    };
-    if version != PROTOCOL_VERSION {
-        return Err(HandshakeError::Version(version));
-    }
-    if !is_valid_nonce(&nonce) {
-        return Err(HandshakeError::Nonce);
-    }
-    if !verify_client_mac(key.as_bytes(), &agent_nonce, &nonce, &mac) {
-        return Err(HandshakeError::BadMac);
-    }
-    // Only an authenticated client may take a connection slot; when there
-    // is none it is told so, never left waiting.
-    let permit = slots
-        .clone()
-        .try_acquire_owned()
-        .map_err(|_| HandshakeError::Busy)?;
-    let ready = Message::Ready {
-        mac: agent_mac(key.as_bytes(), &nonce, &agent_nonce),
-        max_channels: Some(u32::try_from(max_channels).unwrap_or(u32::MAX)),
-    };
-    framed
-        .send(Frame::new(0, ready))
-        .await
-        .map_err(|_| HandshakeError::Closed)?;
-    Ok(permit)
 }
 
 /// The connection's side of a running channel.

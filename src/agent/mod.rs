@@ -68,7 +68,7 @@ pub async fn serve(listener: TcpListener, config: AgentConfig, shutdown: Cancell
     let pending = Arc::new(Mutex::new(Pending::default()));
     let tracker = TaskTracker::new();
     loop {
-        let Some((stream, _)) = crate::keepalive::accept(&listener, &shutdown).await else {
+        let Some((stream, _)) = crate::transport::socket::accept(&listener, &shutdown).await else {
             break;
         };
         let (id, evict) = {

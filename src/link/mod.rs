@@ -13,17 +13,18 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 
-use crate::frame_writer::write_queued;
 use crate::keyfile::Key;
-use crate::protocol::handshake::{client_mac, is_valid_nonce, new_nonce, verify_agent_mac};
 use crate::protocol::message::STDIN_WINDOW;
-use crate::protocol::{ExecRequest, Frame, FrameCodec, FrameError, Message, PROTOCOL_VERSION};
+use crate::protocol::{ExecRequest, Frame, FrameCodec, FrameError, Message};
+use crate::transport::handshake;
+pub use crate::transport::handshake::AgentInfo;
+use crate::transport::writer::write_queued;
 use crate::vocab::{ErrorCode, ExitStatus, Signal};
 
 /// Connecting and authenticating to an agent must finish within this.
@@ -40,11 +41,12 @@ pub enum LinkError {
         source: std::io::Error,
     },
     #[error("agent handshake failed: {0}")]
-    Handshake(String),
-    #[error("the agent refused the key: {0}")]
-    Auth(String),
-    #[error("the agent's proof of the key is wrong: it does not hold the same key")]
-    AgentMac,
+    Handshake(#[from] handshake::OfferError),
+    #[error("no answer from {addr} within {limit:?}")]
+    Timeout {
+        addr: String,
+        limit: std::time::Duration,
+    },
     #[error("the connection to the agent is closed")]
     Closed,
     #[error("frame error: {0}")]
@@ -79,72 +81,6 @@ impl Event {
             Event::Error { code, .. } => code.is_refusal(),
             _ => false,
         }
-    }
-}
-
-/// What the agent told the client in its `ready`.
-#[derive(Debug, Clone, Copy)]
-pub struct AgentInfo {
-    /// Channels the agent runs at once on this connection (its
-    /// `--max-channels`); 1024 when an agent does not say.
-    pub max_channels: usize,
-}
-
-/// Performs the client side of the handshake on a fresh connection.
-pub async fn handshake(
-    framed: &mut Framed<TcpStream, FrameCodec>,
-    key: &Key,
-) -> Result<AgentInfo, LinkError> {
-    let hello = framed.next().await.ok_or(LinkError::Closed)??;
-    let Message::Hello {
-        version,
-        nonce: agent_nonce,
-    } = hello.msg
-    else {
-        return Err(LinkError::Handshake(format!(
-            "expected hello, got {}",
-            hello.msg.type_name()
-        )));
-    };
-    if version != PROTOCOL_VERSION {
-        return Err(LinkError::Handshake(format!(
-            "agent speaks protocol version {version}"
-        )));
-    }
-    if !is_valid_nonce(&agent_nonce) {
-        return Err(LinkError::Handshake("malformed agent nonce".into()));
-    }
-    let nonce = new_nonce();
-    let mac = client_mac(key.as_bytes(), &agent_nonce, &nonce);
-    framed
-        .send(Frame::new(
-            0,
-            Message::Auth {
-                version: PROTOCOL_VERSION,
-                nonce: nonce.clone(),
-                mac,
-            },
-        ))
-        .await?;
-    let reply = framed.next().await.ok_or(LinkError::Closed)??;
-    match reply.msg {
-        Message::Ready { mac, max_channels }
-            if verify_agent_mac(key.as_bytes(), &nonce, &agent_nonce, &mac) =>
-        {
-            Ok(AgentInfo {
-                max_channels: max_channels.map_or(1024, |n| n as usize),
-            })
-        }
-        Message::Ready { .. } => Err(LinkError::AgentMac),
-        Message::Error {
-            code: ErrorCode::Auth,
-            message,
-        } => Err(LinkError::Auth(message)),
-        Message::Error { code, message } => Err(LinkError::Handshake(format!("{code}: {message}"))),
-        other => Err(LinkError::Handshake(format!(
-            "expected ready, got {}",
-            other.type_name()
-        ))),
     }
 }
 
@@ -190,15 +126,16 @@ impl AgentLink {
                     source,
                 })?;
             let _ = stream.set_nodelay(true);
-            crate::keepalive::enable(&stream);
+            crate::transport::socket::enable_keepalive(&stream);
             let mut framed = Framed::new(stream, FrameCodec::new());
-            let info = handshake(&mut framed, key).await?;
+            let info = handshake::offer(&mut framed, key).await?;
             Ok::<_, LinkError>((framed, info))
         };
         let (framed, info) = tokio::time::timeout(CONNECT_TIMEOUT, attempt)
             .await
-            .map_err(|_| {
-                LinkError::Handshake(format!("no answer from {addr} within {CONNECT_TIMEOUT:?}"))
+            .map_err(|_| LinkError::Timeout {
+                addr: addr.to_string(),
+                limit: CONNECT_TIMEOUT,
             })??;
         Ok(AgentLink::start(framed, info))
     }

@@ -1,13 +1,12 @@
 //! The framed protocol spoken between the web server and a command agent.
 //!
 //! Everything here is free of I/O: [`codec`] turns bytes into frames and back,
-//! [`message`] gives the headers their types, and [`handshake`] computes and
-//! checks the MACs of the authentication exchange. The agent and the server
+//! and [`message`] gives the headers their types; `transport` moves them
+//! (and runs the authentication exchange). The agent and the server
 //! both build on these pieces unchanged, so the two ends cannot drift apart.
 //! `docs/protocol.md` is the normative description; keep it in step.
 
 pub mod codec;
-pub mod handshake;
 pub mod message;
 
 pub use codec::{Frame, FrameCodec, FrameError, MAX_HEADER_LEN, MAX_PAYLOAD_LEN};

@@ -188,7 +188,8 @@ pub async fn serve(
     let table = Arc::new(Table::default());
     let tracker = TaskTracker::new();
     loop {
-        let Some((stream, peer)) = crate::keepalive::accept(&listener, &shutdown).await else {
+        let Some((stream, peer)) = crate::transport::socket::accept(&listener, &shutdown).await
+        else {
             break;
         };
         let Some((guard, proven, evict)) = table.admit(limits.max_connections) else {

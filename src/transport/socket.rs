@@ -16,7 +16,7 @@ const PROBES: u32 = 3;
 
 /// Turns keepalive on for `stream`; failures are ignored (the link still
 /// works, only without the probe).
-pub fn enable(stream: &impl AsFd) {
+pub fn enable_keepalive(stream: &impl AsFd) {
     let fd = stream.as_fd();
     let _ = setsockopt(&fd, sockopt::KeepAlive, &true);
     let _ = setsockopt(&fd, sockopt::TcpKeepIdle, &IDLE_SECS);
