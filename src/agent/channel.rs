@@ -310,27 +310,7 @@ impl Supervisor {
             mut group,
             io,
         } = spawned;
-        let (stdin, stdout, stderr, pty) = match io {
-            ProcessIo::Pipes {
-                stdin,
-                stdout,
-                stderr,
-            } => (
-                stdin.map(|s| Box::new(s) as Box<dyn AsyncWrite + Unpin + Send>),
-                stdout.map(|s| Box::new(s) as Box<dyn AsyncRead + Unpin + Send>),
-                stderr,
-                None,
-            ),
-            ProcessIo::Pty(pty) => {
-                let pty = std::sync::Arc::new(pty);
-                (
-                    Some(Box::new(SharedPty(pty.clone())) as Box<dyn AsyncWrite + Unpin + Send>),
-                    Some(Box::new(SharedPty(pty.clone())) as Box<dyn AsyncRead + Unpin + Send>),
-                    None,
-                    Some(pty),
-                )
-            }
-        };
+        let (stdin, stdout, stderr, pty) = split_io(io);
         let mut stdin = StdinQueue {
             writer: stdin,
             eof_byte: pty.as_ref().map(|_| 0x04),
@@ -360,31 +340,12 @@ impl Supervisor {
             };
             tokio::select! {
                 biased;
-                msg = control.recv(), if control_open => match msg {
-                    // In a terminal, a signal is for the foreground job (an
-                    // interactive shell runs it in a group of its own).
-                    Some(Control::Signal(sig)) => {
-                        if !pty.as_ref().is_some_and(|p| p.signal_foreground(sig)) {
-                            group.signal(sig);
-                        }
-                    }
-                    Some(Control::Resize(size)) => {
-                        if let Some(pty) = &pty {
-                            let _ = pty.resize(size);
-                        }
-                    }
-                    Some(Control::Window(add)) => self.credit = self.credit.saturating_add(add),
-                    Some(Control::Close) | None => {
-                        // `None`: the connection is gone, so nobody can send
-                        // more; treat it as a close and stop polling.
-                        control_open = msg.is_some();
-                        self.closed = true;
-                        group.signal(Signal::SIGKILL);
-                        stdin.writer = None;
-                        stdin.owed += std::mem::take(&mut stdin.queued);
-                        stdin.queue.clear();
-                    }
-                },
+                msg = control.recv(), if control_open => {
+                    // `None`: the connection is gone, so nobody can send
+                    // more; it counts as a close, and polling stops.
+                    control_open = msg.is_some();
+                    self.control(msg.unwrap_or(Control::Close), pty.as_deref(), &mut group, &mut stdin);
+                }
                 result = child.wait(), if status.is_none() => {
                     status = result.ok();
                     // Background jobs of the command die with it: no orphans.
@@ -425,19 +386,7 @@ impl Supervisor {
                 },
                 _ = stdin.write_some(), if stdin.pending() => {}
             }
-            if let Some(add) = stdin.credit_due() {
-                // Saturating: a PTY's EOF character is written without
-                // having been paid for.
-                let _ = stdin_spent.fetch_update(
-                    std::sync::atomic::Ordering::AcqRel,
-                    std::sync::atomic::Ordering::Acquire,
-                    |v| Some(v.saturating_sub(add as usize)),
-                );
-                let _ = self
-                    .out
-                    .send(Frame::new(self.ch, Message::Window { add }))
-                    .await;
-            }
+            self.return_stdin_credit(&mut stdin, stdin_spent).await;
         }
         // Timed out only if the deadline's kill is what ended it: a command
         // that exited on its own in the same instant reports its own status.
@@ -446,6 +395,97 @@ impl Supervisor {
                 .as_ref()
                 .is_none_or(|s| s.signal() == Some(Signal::SIGKILL as i32));
         Outcome { status, timed_out }
+    }
+
+    /// Acts on one control message.
+    fn control(
+        &mut self,
+        msg: Control,
+        pty: Option<&process::Pty>,
+        group: &mut process::ProcessGroup,
+        stdin: &mut StdinQueue<Writer>,
+    ) {
+        match msg {
+            // In a terminal, a signal is for the foreground job (an
+            // interactive shell runs it in a group of its own).
+            Control::Signal(sig) => {
+                if !pty.is_some_and(|p| p.signal_foreground(sig)) {
+                    group.signal(sig);
+                }
+            }
+            Control::Resize(size) => {
+                if let Some(pty) = pty {
+                    let _ = pty.resize(size);
+                }
+            }
+            Control::Window(add) => self.credit = self.credit.saturating_add(add),
+            Control::Close => {
+                self.closed = true;
+                group.signal(Signal::SIGKILL);
+                stdin.writer = None;
+                stdin.owed += std::mem::take(&mut stdin.queued);
+                stdin.queue.clear();
+            }
+        }
+    }
+
+    /// Gives the client back the stdin credit of what the process has
+    /// read (or what was dropped), if any is due.
+    async fn return_stdin_credit(
+        &self,
+        stdin: &mut StdinQueue<Writer>,
+        stdin_spent: &std::sync::atomic::AtomicUsize,
+    ) {
+        let Some(add) = stdin.credit_due() else {
+            return;
+        };
+        // Saturating: a PTY's EOF character is written without having
+        // been paid for.
+        let _ = stdin_spent.fetch_update(
+            std::sync::atomic::Ordering::AcqRel,
+            std::sync::atomic::Ordering::Acquire,
+            |v| Some(v.saturating_sub(add as usize)),
+        );
+        let _ = self
+            .out
+            .send(Frame::new(self.ch, Message::Window { add }))
+            .await;
+    }
+}
+
+type Writer = Box<dyn AsyncWrite + Unpin + Send>;
+type Reader = Box<dyn AsyncRead + Unpin + Send>;
+
+/// The process's input and outputs as the supervisor polls them: pipes as
+/// they are, or the one PTY master as both the writer and the reader.
+fn split_io(
+    io: ProcessIo,
+) -> (
+    Option<Writer>,
+    Option<Reader>,
+    Option<tokio::process::ChildStderr>,
+    Option<std::sync::Arc<process::Pty>>,
+) {
+    match io {
+        ProcessIo::Pipes {
+            stdin,
+            stdout,
+            stderr,
+        } => (
+            stdin.map(|s| Box::new(s) as Writer),
+            stdout.map(|s| Box::new(s) as Reader),
+            stderr,
+            None,
+        ),
+        ProcessIo::Pty(pty) => {
+            let pty = std::sync::Arc::new(pty);
+            (
+                Some(Box::new(SharedPty(pty.clone())) as Writer),
+                Some(Box::new(SharedPty(pty.clone())) as Reader),
+                None,
+                Some(pty),
+            )
+        }
     }
 }
 

@@ -129,7 +129,13 @@ async fn session(socket: WebSocket, state: AppState, login: SessionHandle) {
         let _ = sink.close().await;
     });
     let (finished_tx, mut finished) = mpsc::channel::<u32>(MAX_COMMANDS);
-    let mut running: HashMap<u32, Running> = HashMap::new();
+    let mut console = Console {
+        state: &state,
+        principal: &principal,
+        out: &out,
+        finished: &finished_tx,
+        running: HashMap::new(),
+    };
     let mut changes = state.agents.subscribe();
     let hello = ServerMessage::Hello {
         user: &principal.name,
@@ -143,11 +149,11 @@ async fn session(socket: WebSocket, state: AppState, login: SessionHandle) {
         tokio::select! {
             msg = stream.next() => match msg {
                 Some(Ok(WsMessage::Text(t))) => match parse_client_message(&t) {
-                    Ok(msg) => handle(msg, &state, &principal, &out, &finished_tx, &mut running).await,
+                    Ok(msg) => console.handle(msg).await,
                     Err((id, e)) => {
                         // Name the command the message was about, so that a
                         // page waiting for it is never left without an answer.
-                        let is_final = id.is_some_and(|id| !running.contains_key(&id));
+                        let is_final = id.is_some_and(|id| !console.running.contains_key(&id));
                         let msg = format!("cannot understand that message: {e}");
                         let _ = out.send(error_with(id, ErrorCode::BadRequest, &msg, is_final)).await;
                     }
@@ -167,7 +173,7 @@ async fn session(socket: WebSocket, state: AppState, login: SessionHandle) {
                 None => break,
             },
             Some(id) = finished.recv() => {
-                running.remove(&id);
+                console.running.remove(&id);
             }
             Ok(()) = changes.changed() => {
                 let _ = out.send(ServerMessage::Agents { agents: state.agents.statuses() }.frame()).await;
@@ -191,7 +197,7 @@ async fn session(socket: WebSocket, state: AppState, login: SessionHandle) {
     }
     // Closing the tab kills its commands: each task drops its channel,
     // which tells the agent to kill the process group.
-    for (_, r) in running.drain() {
+    for (_, r) in console.running.drain() {
         r.task.abort();
         r.stdin_task.abort();
     }
@@ -281,191 +287,227 @@ fn replace_lone_surrogates(text: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
-async fn handle(
-    msg: ClientMessage,
-    state: &AppState,
-    principal: &Principal,
-    out: &mpsc::Sender<WsMessage>,
-    finished: &mpsc::Sender<u32>,
-    running: &mut HashMap<u32, Running>,
-) {
-    match msg {
-        ClientMessage::Exec { id: 0, .. } => {
-            let _ = out
-                .send(error(None, ErrorCode::BadRequest, "command ids start at 1"))
-                .await;
+/// A refusal of one message: its error code, what it says, and whether
+/// that command is over (`final`).
+struct Refusal {
+    code: ErrorCode,
+    message: String,
+    is_final: bool,
+}
+
+impl Refusal {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Refusal {
+        Refusal {
+            code,
+            message: message.into(),
+            is_final: true,
         }
-        ClientMessage::Exec {
-            id,
-            cmd,
-            pty,
-            agent,
-        } => {
-            if !principal.role.can_run() {
-                let _ = out
-                    .send(error(
-                        Some(id),
-                        ErrorCode::Forbidden,
-                        "viewers may not run commands",
-                    ))
-                    .await;
-                return;
-            }
-            if running.contains_key(&id) {
-                let _ = out
-                    .send(error_with(
-                        Some(id),
-                        ErrorCode::BadRequest,
-                        "that command id is still running",
-                        false,
-                    ))
-                    .await;
-                return;
-            }
-            if running.len() >= MAX_COMMANDS {
-                let msg = format!("at most {MAX_COMMANDS} commands may run at once in one console");
-                let _ = out
-                    .send(error(Some(id), ErrorCode::TooManyCommands, &msg))
-                    .await;
-                return;
-            }
-            if cmd.is_none() && pty.is_none() {
-                let _ = out
-                    .send(error(
-                        Some(id),
-                        ErrorCode::BadRequest,
-                        "exec needs \"cmd\" or \"pty\"",
-                    ))
-                    .await;
-                return;
-            }
-            let (agent_name, link) = match state.agents.link(agent.as_deref()) {
-                Ok(found) => found,
-                Err(e) => {
-                    let _ = out
-                        .send(error(Some(id), ErrorCode::AgentUnavailable, &e.to_string()))
-                        .await;
-                    return;
-                }
-            };
-            let ticket =
-                match state
-                    .quota
-                    .admit(&principal.name, &agent_name, link.info().max_channels)
-                {
-                    Ok(t) => t,
-                    Err(e) => {
-                        let _ = out
-                            .send(error(Some(id), ErrorCode::TooManyCommands, &e.to_string()))
-                            .await;
-                        return;
-                    }
-                };
-            let req = ExecRequest {
+    }
+}
+
+/// One console socket's commands, and what they need to start and talk.
+struct Console<'a> {
+    state: &'a AppState,
+    principal: &'a Principal,
+    out: &'a mpsc::Sender<WsMessage>,
+    finished: &'a mpsc::Sender<u32>,
+    running: HashMap<u32, Running>,
+}
+
+impl Console<'_> {
+    async fn handle(&mut self, msg: ClientMessage) {
+        match msg {
+            ClientMessage::Exec {
+                id,
                 cmd,
                 pty,
-                window: Some(BROWSER_WINDOW),
-                ..Default::default()
-            };
-            let channel = match link.exec(req).await {
-                Ok(c) => c,
-                Err(e) => {
-                    let code = match e {
-                        LinkError::TooLarge { .. } => ErrorCode::TooLarge,
-                        _ => ErrorCode::AgentUnavailable,
-                    };
-                    let _ = out.send(error(Some(id), code, &e.to_string())).await;
-                    return;
+                agent,
+            } => match self.start(id, cmd, pty, agent).await {
+                Ok(running) => {
+                    self.running.insert(id, running);
+                    let _ = self.out.send(ServerMessage::Started { id }.frame()).await;
                 }
-            };
-            tracing::info!(user = %principal.name, id, "command started");
-            let control = channel.controller();
-            let (stdin, mut stdin_rx) =
-                mpsc::channel::<(Bytes, bool, tokio::sync::OwnedSemaphorePermit)>(STDIN_QUEUE);
-            let stdin_room = Arc::new(tokio::sync::Semaphore::new(STDIN_QUEUE_BYTES));
-            let writer = control.clone();
-            let stdin_task = tokio::spawn(async move {
-                while let Some((data, eof, _room)) = stdin_rx.recv().await {
-                    if writer.stdin(data, eof).await.is_err() {
-                        break;
-                    }
+                Err(r) => {
+                    // Id 0 is never a command's: the error names none.
+                    let about = Some(id).filter(|id| *id != 0);
+                    let _ = self
+                        .out
+                        .send(error_with(about, r.code, &r.message, r.is_final))
+                        .await;
                 }
-            });
-            let unacked = Arc::new(AtomicU64::new(0));
-            let task = tokio::spawn(pump(
-                id,
-                channel,
-                ticket,
-                out.clone(),
-                unacked.clone(),
-                finished.clone(),
+            },
+            ClientMessage::Stdin { id, data, eof } => self.stdin(id, data, eof).await,
+            ClientMessage::Signal { id, signal } => {
+                if signal == Signal::Unknown {
+                    let msg = format!("signal must be {}", Signal::EXPECTED);
+                    let is_final = !self.running.contains_key(&id);
+                    let _ = self
+                        .out
+                        .send(error_with(Some(id), ErrorCode::BadRequest, &msg, is_final))
+                        .await;
+                } else if let Some(r) = self.running.get(&id) {
+                    let _ = r.control.signal(signal).await;
+                }
+            }
+            ClientMessage::Resize { id, cols, rows } => {
+                if let Some(r) = self.running.get(&id) {
+                    let _ = r.control.resize(cols, rows).await;
+                }
+            }
+            ClientMessage::Close { id } => {
+                if let Some(r) = self.running.get(&id) {
+                    let _ = r.control.close().await;
+                }
+            }
+            ClientMessage::Ack { id, bytes } => {
+                if let Some(r) = self.running.get(&id) {
+                    r.ack(bytes).await;
+                }
+            }
+        }
+    }
+
+    /// Checks an `exec` and opens its channel; every check that fails
+    /// refuses this command alone.
+    async fn start(
+        &self,
+        id: u32,
+        cmd: Option<String>,
+        pty: Option<crate::protocol::PtySize>,
+        agent: Option<String>,
+    ) -> Result<Running, Refusal> {
+        if id == 0 {
+            return Err(Refusal::new(
+                ErrorCode::BadRequest,
+                "command ids start at 1",
             ));
-            running.insert(
-                id,
-                Running {
-                    control,
-                    stdin,
-                    stdin_room,
-                    unacked,
-                    task,
-                    stdin_task,
-                },
-            );
-            let _ = out.send(ServerMessage::Started { id }.frame()).await;
         }
-        ClientMessage::Stdin { id, data, eof } => {
-            let queued = running.get(&id).map(|r| {
-                let cost = u32::try_from(data.len().max(1)).unwrap_or(u32::MAX);
-                r.stdin_room
-                    .clone()
-                    .try_acquire_many_owned(cost)
-                    .ok()
-                    .and_then(|room| r.stdin.try_send((Bytes::from(data), eof, room)).ok())
-                    .is_some()
+        if !self.principal.role.can_run() {
+            return Err(Refusal::new(
+                ErrorCode::Forbidden,
+                "viewers may not run commands",
+            ));
+        }
+        if self.running.contains_key(&id) {
+            return Err(Refusal {
+                is_final: false,
+                ..Refusal::new(ErrorCode::BadRequest, "that command id is still running")
             });
-            if queued == Some(false) {
-                let msg = "the command is not reading its input; that input was dropped";
-                let _ = out
-                    .send(error_with(Some(id), ErrorCode::StdinOverflow, msg, false))
-                    .await;
-            }
         }
-        ClientMessage::Signal { id, signal } => {
-            if signal == Signal::Unknown {
-                let msg = format!("signal must be {}", Signal::EXPECTED);
-                let is_final = !running.contains_key(&id);
-                let _ = out
-                    .send(error_with(Some(id), ErrorCode::BadRequest, &msg, is_final))
-                    .await;
-            } else if let Some(r) = running.get(&id) {
-                let _ = r.control.signal(signal).await;
-            }
+        if self.running.len() >= MAX_COMMANDS {
+            return Err(Refusal::new(
+                ErrorCode::TooManyCommands,
+                format!("at most {MAX_COMMANDS} commands may run at once in one console"),
+            ));
         }
-        ClientMessage::Resize { id, cols, rows } => {
-            if let Some(r) = running.get(&id) {
-                let _ = r.control.resize(cols, rows).await;
-            }
+        if cmd.is_none() && pty.is_none() {
+            return Err(Refusal::new(
+                ErrorCode::BadRequest,
+                "exec needs \"cmd\" or \"pty\"",
+            ));
         }
-        ClientMessage::Close { id } => {
-            if let Some(r) = running.get(&id) {
-                let _ = r.control.close().await;
-            }
+        let (agent_name, link) = self
+            .state
+            .agents
+            .link(agent.as_deref())
+            .map_err(|e| Refusal::new(ErrorCode::AgentUnavailable, e.to_string()))?;
+        let ticket = self
+            .state
+            .quota
+            .admit(&self.principal.name, &agent_name, link.info().max_channels)
+            .map_err(|e| Refusal::new(ErrorCode::TooManyCommands, e.to_string()))?;
+        let req = ExecRequest {
+            cmd,
+            pty,
+            window: Some(BROWSER_WINDOW),
+            ..Default::default()
+        };
+        let channel = link.exec(req).await.map_err(|e| {
+            let code = match e {
+                LinkError::TooLarge { .. } => ErrorCode::TooLarge,
+                _ => ErrorCode::AgentUnavailable,
+            };
+            Refusal::new(code, e.to_string())
+        })?;
+        tracing::info!(user = %self.principal.name, id, "command started");
+        Ok(Running::start(
+            id,
+            channel,
+            ticket,
+            self.out.clone(),
+            self.finished.clone(),
+        ))
+    }
+
+    /// Queues input for the command's own writer task; input that does not
+    /// fit is dropped and the page told so.
+    async fn stdin(&self, id: u32, data: String, eof: bool) {
+        let queued = self.running.get(&id).map(|r| {
+            let cost = u32::try_from(data.len().max(1)).unwrap_or(u32::MAX);
+            r.stdin_room
+                .clone()
+                .try_acquire_many_owned(cost)
+                .ok()
+                .and_then(|room| r.stdin.try_send((Bytes::from(data), eof, room)).ok())
+                .is_some()
+        });
+        if queued == Some(false) {
+            let msg = "the command is not reading its input; that input was dropped";
+            let _ = self
+                .out
+                .send(error_with(Some(id), ErrorCode::StdinOverflow, msg, false))
+                .await;
         }
-        ClientMessage::Ack { id, bytes } => {
-            if let Some(r) = running.get(&id) {
-                // Never return more credit than output was sent: a browser
-                // that over-acknowledges must not unbound the server's buffers.
-                let mut granted = 0;
-                let _ = r
-                    .unacked
-                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
-                        granted = bytes.min(u);
-                        Some(u - granted)
-                    });
-                if granted > 0 {
-                    let _ = r.control.window(granted).await;
+    }
+}
+
+impl Running {
+    /// Starts the tasks of a command whose channel is open: one forwards
+    /// its output, one writes its input.
+    fn start(
+        id: u32,
+        channel: crate::link::Channel,
+        ticket: super::quota::Ticket,
+        out: mpsc::Sender<WsMessage>,
+        finished: mpsc::Sender<u32>,
+    ) -> Running {
+        let control = channel.controller();
+        let (stdin, mut stdin_rx) =
+            mpsc::channel::<(Bytes, bool, tokio::sync::OwnedSemaphorePermit)>(STDIN_QUEUE);
+        let stdin_room = Arc::new(tokio::sync::Semaphore::new(STDIN_QUEUE_BYTES));
+        let writer = control.clone();
+        let stdin_task = tokio::spawn(async move {
+            while let Some((data, eof, _room)) = stdin_rx.recv().await {
+                if writer.stdin(data, eof).await.is_err() {
+                    break;
                 }
             }
+        });
+        let unacked = Arc::new(AtomicU64::new(0));
+        let task = tokio::spawn(pump(id, channel, ticket, out, unacked.clone(), finished));
+        Running {
+            control,
+            stdin,
+            stdin_room,
+            unacked,
+            task,
+            stdin_task,
+        }
+    }
+
+    /// The page drew `bytes` more bytes: pass the credit on to the agent.
+    async fn ack(&self, bytes: u64) {
+        // Never return more credit than output was sent: a browser that
+        // over-acknowledges must not unbound the server's buffers.
+        let mut granted = 0;
+        let _ = self
+            .unacked
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                granted = bytes.min(u);
+                Some(u - granted)
+            });
+        if granted > 0 {
+            let _ = self.control.window(granted).await;
         }
     }
 }
