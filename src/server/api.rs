@@ -18,20 +18,21 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use encoding_rs::{Encoding, UTF_8};
 use serde::{Deserialize, Serialize};
 use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
 use utoipa::{ToResponse, ToSchema};
 
 use super::State as AppState;
 use super::agents::AgentStatus;
 use super::auth::Role;
+use super::bridge::{self, Update};
 use super::caller::{Admin, Caller, Writer};
 use super::problem::{ApiError, Problem};
 use super::quota::Ticket;
 use super::tokens::TokenError;
-use crate::link::{Channel, Event, LinkError};
+use crate::link::{Channel, LinkError};
 use crate::protocol::ExecRequest;
 use crate::protocol::MAX_PAYLOAD_LEN;
 use crate::rest::{self, ExecResult, Stream, StreamLine};
-use crate::vocab::ErrorCode;
 
 /// The command's default time limit: 30 s.
 pub const DEFAULT_TIMEOUT_MS: u64 = 30_000;
@@ -355,14 +356,8 @@ pub async fn exec(
         let shutdown = state.shutdown.clone();
         return Ok(stream_response(channel, prepared, held, agent, shutdown));
     }
-    tokio::select! {
-        biased;
-        // Dropping the channel kills the command.
-        _ = state.shutdown.cancelled() => Err(ApiError::AgentUnavailable(
-            "the server is shutting down; the command was killed".into(),
-        )),
-        r = buffered_response(channel, prepared, agent, held) => r,
-    }
+    // Dropping the channel (on any early return) kills the command.
+    buffered_response(channel, prepared, agent, held, state.shutdown.clone()).await
 }
 
 /// What a running API command holds until its answer is complete: its
@@ -471,39 +466,30 @@ fn encode_streams(
     )
 }
 
-/// Why a command ended without an exit, in the buffered and streamed answers alike.
-fn refused(agent: &str, code: &ErrorCode, message: &str) -> String {
-    format!("agent {agent:?} refused the command ({code}): {message}")
-}
-
-fn lost(agent: &str) -> String {
-    format!("the connection to agent {agent:?} was lost during the command")
-}
-
 async fn buffered_response(
     mut channel: Channel,
     prepared: Prepared,
     agent: String,
     held: Held,
+    shutdown: CancellationToken,
 ) -> Result<Response, ApiError> {
     let cap = prepared.max_output.unwrap_or(DEFAULT_MAX_OUTPUT);
     let mut out = Capture::new(cap);
     let mut err = Capture::new(cap);
     loop {
-        match channel.next().await {
-            Some(Event::Stdout(b)) => {
-                out.push(&b);
+        match bridge::next(&mut channel, &shutdown).await {
+            Update::Output(stream, b) => {
+                match stream {
+                    Stream::Stdout => out.push(&b),
+                    Stream::Stderr => err.push(&b),
+                }
                 let _ = channel.window(b.len() as u64).await;
             }
-            Some(Event::Stderr(b)) => {
-                err.push(&b);
-                let _ = channel.window(b.len() as u64).await;
+            Update::Notice { .. } => {}
+            Update::Failed(failure) => {
+                return Err(ApiError::AgentUnavailable(failure.describe(&agent)));
             }
-            Some(Event::Error { code, message }) if code.is_refusal() => {
-                return Err(ApiError::AgentUnavailable(refused(&agent, &code, &message)));
-            }
-            Some(Event::Error { .. }) => {}
-            Some(Event::Exit(status)) => {
+            Update::Exit(status) => {
                 let (stdout, stderr, encoding) =
                     encode_streams(&out.data, &err.data, prepared.encoding);
                 drop((out.data, err.data));
@@ -529,9 +515,6 @@ async fn buffered_response(
                     HeaderValue::from_static("application/json"),
                 );
                 return Ok(response);
-            }
-            Some(Event::Lost) | None => {
-                return Err(ApiError::AgentUnavailable(lost(&agent)));
             }
         }
     }
@@ -673,7 +656,7 @@ fn stream_response(
     prepared: Prepared,
     held: Held,
     agent: String,
-    shutdown: tokio_util::sync::CancellationToken,
+    shutdown: CancellationToken,
 ) -> Response {
     struct St {
         channel: Channel,
@@ -681,7 +664,7 @@ fn stream_response(
         err: StreamDecoder,
         done: bool,
         agent: String,
-        shutdown: tokio_util::sync::CancellationToken,
+        shutdown: CancellationToken,
         _held: Held,
     }
     let st = St {
@@ -698,38 +681,24 @@ fn stream_response(
             return None;
         }
         loop {
-            // Shutdown first: it also takes the agent link down, and the
-            // client should hear the cause, not the symptom.
-            let event = tokio::select! {
-                biased;
-                _ = st.shutdown.cancelled() => {
-                    st.done = true;
-                    let line = StreamLine::Error {
-                        error: "the server is shutting down; the command was killed".into(),
-                    };
-                    return Some((Ok(ndjson(&line)), st));
-                }
-                e = st.channel.next() => e,
-            };
-            let lines = match event {
-                Some(Event::Stdout(b)) => {
+            let lines = match bridge::next(&mut st.channel, &st.shutdown).await {
+                Update::Output(stream, b) => {
                     // Credit goes back as the client takes the lines: this
                     // future is polled only when the client reads.
                     let _ = st.channel.window(b.len() as u64).await;
-                    st.out.lines(&b)
+                    match stream {
+                        Stream::Stdout => st.out.lines(&b),
+                        Stream::Stderr => st.err.lines(&b),
+                    }
                 }
-                Some(Event::Stderr(b)) => {
-                    let _ = st.channel.window(b.len() as u64).await;
-                    st.err.lines(&b)
-                }
-                Some(Event::Error { code, message }) if code.is_refusal() => {
+                Update::Notice { .. } => continue,
+                Update::Failed(failure) => {
                     st.done = true;
                     vec![StreamLine::Error {
-                        error: refused(&st.agent, &code, &message),
+                        error: failure.describe(&st.agent),
                     }]
                 }
-                Some(Event::Error { .. }) => continue,
-                Some(Event::Exit(status)) => {
+                Update::Exit(status) => {
                     st.done = true;
                     let mut lines: Vec<StreamLine> =
                         st.out.finish().into_iter().chain(st.err.finish()).collect();
@@ -739,12 +708,6 @@ fn stream_response(
                         stderr_truncated: st.err.truncated,
                     });
                     lines
-                }
-                Some(Event::Lost) | None => {
-                    st.done = true;
-                    vec![StreamLine::Error {
-                        error: lost(&st.agent),
-                    }]
                 }
             };
             if lines.is_empty() {

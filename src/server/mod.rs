@@ -5,6 +5,7 @@ pub mod agents;
 pub mod api;
 pub mod assets;
 pub mod auth;
+mod bridge;
 pub mod caller;
 pub mod embedded;
 pub mod http;

@@ -22,9 +22,11 @@ use tokio::sync::mpsc;
 
 use super::State as AppState;
 use super::auth::{Principal, SessionHandle};
+use super::bridge::{self, Update};
 use super::messages::{ClientMessage, ServerMessage};
-use crate::link::{Controller, Event, LinkError};
+use crate::link::{Controller, LinkError};
 use crate::protocol::ExecRequest;
+use crate::rest::Stream;
 use crate::vocab::{ErrorCode, Signal};
 
 /// Output credit per command between the agent and the browser: 256 KiB.
@@ -433,6 +435,7 @@ impl Console<'_> {
         Ok(Running::start(
             id,
             channel,
+            agent_name,
             ticket,
             self.out.clone(),
             self.finished.clone(),
@@ -467,6 +470,7 @@ impl Running {
     fn start(
         id: u32,
         channel: crate::link::Channel,
+        agent: String,
         ticket: super::quota::Ticket,
         out: mpsc::Sender<WsMessage>,
         finished: mpsc::Sender<u32>,
@@ -484,7 +488,15 @@ impl Running {
             }
         });
         let unacked = Arc::new(AtomicU64::new(0));
-        let task = tokio::spawn(pump(id, channel, ticket, out, unacked.clone(), finished));
+        let task = tokio::spawn(pump(
+            id,
+            channel,
+            agent,
+            ticket,
+            out,
+            unacked.clone(),
+            finished,
+        ));
         Running {
             control,
             stdin,
@@ -516,28 +528,29 @@ impl Running {
 async fn pump(
     id: u32,
     mut channel: crate::link::Channel,
+    agent: String,
     _ticket: super::quota::Ticket,
     out: mpsc::Sender<WsMessage>,
     unacked: Arc<AtomicU64>,
     finished: mpsc::Sender<u32>,
 ) {
-    while let Some(event) = channel.next().await {
-        let msg = match event {
-            Event::Stdout(data) | Event::Stderr(data) if data.is_empty() => continue,
-            Event::Stdout(data) => output(STDOUT, id, &data, &unacked),
-            Event::Stderr(data) => output(STDERR, id, &data, &unacked),
-            Event::Exit(status) => ServerMessage::Exit { id, status }.frame(),
-            ref e @ Event::Error {
-                ref code,
-                ref message,
-            } => error_with(Some(id), code.clone(), message, e.is_final()),
-            Event::Lost => error(
-                Some(id),
-                ErrorCode::AgentLost,
-                "the connection to the agent was lost; the command is gone",
-            ),
+    // The console's own shutdown is the session loop's: it tells the page
+    // once and closes the socket.
+    let no_shutdown = tokio_util::sync::CancellationToken::new();
+    loop {
+        let (msg, last) = match bridge::next(&mut channel, &no_shutdown).await {
+            Update::Output(Stream::Stdout, data) => (output(STDOUT, id, &data, &unacked), false),
+            Update::Output(Stream::Stderr, data) => (output(STDERR, id, &data, &unacked), false),
+            Update::Notice { code, message } => {
+                (error_with(Some(id), code, &message, false), false)
+            }
+            Update::Exit(status) => (ServerMessage::Exit { id, status }.frame(), true),
+            Update::Failed(failure) => {
+                let message = failure.describe(&agent);
+                (error(Some(id), failure.code(), &message), true)
+            }
         };
-        if out.send(msg).await.is_err() {
+        if out.send(msg).await.is_err() || last {
             break;
         }
     }

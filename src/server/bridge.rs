@@ -1,0 +1,88 @@
+//! What a command's channel events mean to the server's two edges, the
+//! console's WebSocket (`ws`) and the REST API (`api`): one reading of the
+//! agent's events, so that both answer the same way when a command writes,
+//! ends, is refused, loses its agent or is cut off by a shutdown.
+//!
+//! Credit is the edge's business: the REST answers return it as the client
+//! reads, the console as the page acknowledges what it has drawn.
+
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+
+use crate::link::{Channel, Event};
+use crate::rest::Stream;
+use crate::vocab::{ErrorCode, ExitStatus};
+
+/// The next thing an edge has to pass on.
+#[derive(Debug)]
+pub(crate) enum Update {
+    /// Output, never empty.
+    Output(Stream, Bytes),
+    /// An error about the command that does not end it (its input was
+    /// closed, say).
+    Notice { code: ErrorCode, message: String },
+    /// The command ended; nothing follows.
+    Exit(ExitStatus),
+    /// The command could not run to its end; nothing follows.
+    Failed(Failure),
+}
+
+/// Why a command ended without an exit status.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// The agent refused it.
+    Refused { code: ErrorCode, message: String },
+    /// The link to the agent was lost.
+    Lost,
+    /// The server is shutting down (the command is killed as its channel
+    /// is dropped).
+    ShuttingDown,
+}
+
+impl Failure {
+    /// The error code the console sends.
+    pub(crate) fn code(&self) -> ErrorCode {
+        match self {
+            Failure::Refused { code, .. } => code.clone(),
+            Failure::Lost => ErrorCode::AgentLost,
+            Failure::ShuttingDown => ErrorCode::AgentUnavailable,
+        }
+    }
+
+    /// What it says, naming the agent.
+    pub(crate) fn describe(&self, agent: &str) -> String {
+        match self {
+            Failure::Refused { code, message } => {
+                format!("agent {agent:?} refused the command ({code}): {message}")
+            }
+            Failure::Lost => {
+                format!("the connection to agent {agent:?} was lost; the command is gone")
+            }
+            Failure::ShuttingDown => "the server is shutting down; the command was killed".into(),
+        }
+    }
+}
+
+/// The next update of `channel`; an edge stops asking after an `Exit` or
+/// a `Failed`. A shutdown comes first: it also takes the agent link down, and the
+/// client should hear the cause, not the symptom.
+pub(crate) async fn next(channel: &mut Channel, shutdown: &CancellationToken) -> Update {
+    loop {
+        let event = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return Update::Failed(Failure::ShuttingDown),
+            e = channel.next() => e,
+        };
+        return match event {
+            Some(Event::Stdout(b) | Event::Stderr(b)) if b.is_empty() => continue,
+            Some(Event::Stdout(b)) => Update::Output(Stream::Stdout, b),
+            Some(Event::Stderr(b)) => Update::Output(Stream::Stderr, b),
+            Some(Event::Exit(status)) => Update::Exit(status),
+            Some(Event::Error { code, message }) if code.is_refusal() => {
+                Update::Failed(Failure::Refused { code, message })
+            }
+            Some(Event::Error { code, message }) => Update::Notice { code, message },
+            Some(Event::Lost) | None => Update::Failed(Failure::Lost),
+        };
+    }
+}
