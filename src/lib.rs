@@ -11,6 +11,7 @@ pub mod protocol;
 pub mod rest;
 pub mod rest_client;
 pub mod server;
+pub mod shutdown;
 pub mod telemetry;
 pub mod transport;
 pub mod vocab;

@@ -17,10 +17,9 @@ use conch::server::ServeConfig;
 use conch::server::agents::AgentSpec;
 use conch::server::api::ApiLimits;
 use conch::server::auth::Role;
-use conch::server::auth::{Secret, hash_password, load_users};
+use conch::server::auth::{Secret, load_users};
 use conch::server::tokens::TokenStore;
 use conch::telemetry::{self, LogFormat};
-use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(name = "conch", version, about = "A web-based remote command console")]
@@ -305,9 +304,6 @@ struct TokenArgs {
     command: TokenCommand,
 }
 
-/// How long a graceful shutdown may take before the process exits anyway.
-const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(8);
-
 /// The shortest admin token accepted.
 const MIN_TOKEN_LEN: usize = 16;
 
@@ -443,17 +439,12 @@ async fn run(command: Command, json_logs: bool) -> anyhow::Result<ExitCode> {
             // The server's memory and environment hold the admin token.
             make_undumpable();
             let config = serve_config(*args, json_logs)?;
-            let shutdown = CancellationToken::new();
-            tokio::spawn(cancel_on_signal(shutdown.clone()));
-            // A container runtime waits 10 s after SIGTERM before SIGKILL:
-            // finish within that even if a client does not let go.
-            let deadline = async {
-                shutdown.cancelled().await;
-                tokio::time::sleep(SHUTDOWN_GRACE).await;
-            };
-            tokio::select! {
-                r = conch::server::run(config, shutdown.clone()) => r?,
-                _ = deadline => tracing::warn!("shutdown took too long; exiting anyway"),
+            let shutdown = conch::shutdown::on_signals();
+            let work = conch::server::run(config, shutdown.clone());
+            if let Some(r) =
+                conch::shutdown::within_grace(work, &shutdown, conch::shutdown::GRACE).await
+            {
+                r?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -472,18 +463,13 @@ async fn run(command: Command, json_logs: bool) -> anyhow::Result<ExitCode> {
             let store = TokenStore::new(Some(&dir));
             match args.command {
                 TokenCommand::Create { name, role } => {
-                    let token = store.create(&name, role)?;
-                    println!("{}", token.expose());
+                    println!("{}", store.create(&name, role)?.expose())
                 }
                 TokenCommand::Revoke { name } => {
                     store.revoke(&name)?;
                     println!("revoked {name}");
                 }
-                TokenCommand::List => {
-                    for t in store.list()? {
-                        println!("{}\t{}", t.name, t.role.as_str());
-                    }
-                }
+                TokenCommand::List => print!("{}", store.listing()?),
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -496,17 +482,10 @@ async fn run(command: Command, json_logs: bool) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Passwd => {
-            let mut line = String::new();
-            std::io::stdin()
-                .read_line(&mut line)
-                .context("cannot read the password from stdin")?;
-            let password = line.trim_end_matches(['\r', '\n']);
-            anyhow::ensure!(
-                !password.is_empty(),
-                "empty password (give it on standard input)"
+            println!(
+                "{}",
+                conch::server::auth::hash_password_from(std::io::stdin().lock())?
             );
-            let hash = hash_password(password).map_err(|e| anyhow::anyhow!("cannot hash: {e}"))?;
-            println!("{hash}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Keygen { path } => {
@@ -531,25 +510,13 @@ async fn run(command: Command, json_logs: bool) -> anyhow::Result<ExitCode> {
                 },
                 policy: std::sync::Arc::new(policy),
             };
-            let shutdown = CancellationToken::new();
-            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            let shutdown = conch::shutdown::on_signals();
             match args.listen_fd {
                 Some(fd) => {
-                    use std::os::fd::FromRawFd;
                     // SAFETY: the parent handed this descriptor down open,
                     // listening, and for this process alone to own.
-                    let std_listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
-                    // Inherited without close-on-exec: set it, or every
-                    // command would inherit the agent's listening socket.
-                    nix::fcntl::fcntl(
-                        &std_listener,
-                        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-                    )
-                    .context("cannot mark the inherited socket close-on-exec")?;
-                    std_listener.set_nonblocking(true)?;
-                    let listener = tokio::net::TcpListener::from_std(std_listener)
-                        .context("the inherited listening socket is unusable")?;
-                    tracing::info!(addr = %listener.local_addr()?, "agent listening");
+                    let listener = unsafe { conch::agent::inherited_listener(fd) }
+                        .context("the inherited listening socket (--listen-fd) is unusable")?;
                     conch::agent::serve(listener, config, shutdown).await;
                 }
                 None => conch::agent::run(config, shutdown)
@@ -594,21 +561,4 @@ async fn exec_command(args: ExecArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(conch::rest_client::EXIT_CONCH_FAILED))
         }
     }
-}
-
-/// Cancels `token` on SIGINT or SIGTERM.
-async fn cancel_on_signal(token: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    tracing::info!("shutting down");
-    token.cancel();
 }

@@ -55,6 +55,30 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> std::io::R
     Ok(())
 }
 
+/// The listening socket a parent handed down as descriptor `fd` (the
+/// embedded agent's `--listen-fd`), marked close-on-exec so that no command
+/// inherits it.
+///
+/// # Safety
+/// `fd` must be an open listening TCP socket that nothing else in this
+/// process owns or closes.
+pub unsafe fn inherited_listener(fd: std::os::fd::RawFd) -> std::io::Result<TcpListener> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: as the caller promises.
+    let std_listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+    // Inherited without close-on-exec: set it, or every command would
+    // inherit the agent's listening socket.
+    nix::fcntl::fcntl(
+        &std_listener,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .map_err(|e| std::io::Error::other(format!("cannot mark fd {fd} close-on-exec: {e}")))?;
+    std_listener.set_nonblocking(true)?;
+    let listener = TcpListener::from_std(std_listener)?;
+    tracing::info!(addr = %listener.local_addr()?, "agent listening");
+    Ok(listener)
+}
+
 /// Serves connections from `listener` until `shutdown` fires, then waits
 /// for every connection (and so every command it started) to end.
 ///

@@ -147,6 +147,21 @@ pub fn hash_password(password: &str) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
+/// `conch passwd`: the hash of the password on the first line of `input`
+/// (its line ending removed), for the users file.
+pub fn hash_password_from(mut input: impl std::io::BufRead) -> anyhow::Result<String> {
+    let mut line = String::new();
+    input
+        .read_line(&mut line)
+        .map_err(|e| anyhow::anyhow!("cannot read the password from stdin: {e}"))?;
+    let password = line.trim_end_matches(['\r', '\n']);
+    anyhow::ensure!(
+        !password.is_empty(),
+        "empty password (give it on standard input)"
+    );
+    hash_password(password).map_err(|e| anyhow::anyhow!("cannot hash: {e}"))
+}
+
 fn verify_password(password: &str, hash: &str) -> bool {
     match PasswordHash::new(hash) {
         Ok(parsed) => Argon2::default()

@@ -204,6 +204,16 @@ impl TokenStore {
         self.load()
     }
 
+    /// `conch token list`: a line per token, its name and role (never its
+    /// secret), tab-separated.
+    pub fn listing(&self) -> Result<String, TokenError> {
+        Ok(self
+            .list()?
+            .iter()
+            .map(|t| format!("{}\t{}\n", t.name, t.role.as_str()))
+            .collect())
+    }
+
     /// The principal a presented token stands for.
     pub fn authenticate(&self, token: &str) -> Option<Principal> {
         let given = digest(token);
