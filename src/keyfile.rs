@@ -10,7 +10,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// The shortest key accepted, in bytes.
-pub const MIN_KEY_LEN: usize = 16;
+pub(crate) const MIN_KEY_LEN: usize = 16;
 
 /// A pre-shared key. Its `Debug` output never shows the bytes.
 #[derive(Clone, PartialEq, Eq)]
@@ -49,7 +49,7 @@ impl Key {
     }
 
     /// Wraps key bytes, checking the minimum length.
-    pub fn from_bytes(bytes: &[u8]) -> Option<Key> {
+    pub(crate) fn from_bytes(bytes: &[u8]) -> Option<Key> {
         let trimmed = bytes.trim_ascii();
         (trimmed.len() >= MIN_KEY_LEN).then(|| Key(trimmed.to_vec()))
     }
@@ -103,7 +103,7 @@ impl Key {
         Ok(())
     }
 
-    pub fn as_bytes(&self) -> &[u8] {
+    pub(crate) fn as_bytes(&self) -> &[u8] {
         &self.0
     }
 }

@@ -10,7 +10,7 @@ use crate::vocab::ExitStatus;
 /// How output bytes are written in a JSON string.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "kebab-case")]
-pub enum Encoding {
+pub(crate) enum Encoding {
     /// The text, decoded from the requested encoding.
     #[serde(rename = "utf-8")]
     Utf8,
@@ -21,7 +21,7 @@ pub enum Encoding {
 /// Which output stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
-pub enum Stream {
+pub(crate) enum Stream {
     Stdout,
     Stderr,
 }
@@ -29,30 +29,30 @@ pub enum Stream {
 /// The buffered answer: the exit status and the output, whole or cut at
 /// `max_output_bytes` (then the stream's `*_truncated` is true).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct ExecResult {
+pub(crate) struct ExecResult {
     #[serde(flatten)]
-    pub exit: WireExit,
-    pub stdout: String,
-    pub stderr: String,
-    pub encoding: Encoding,
-    pub stdout_truncated: bool,
-    pub stderr_truncated: bool,
+    pub(crate) exit: WireExit,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
+    pub(crate) encoding: Encoding,
+    pub(crate) stdout_truncated: bool,
+    pub(crate) stderr_truncated: bool,
 }
 
 // [`ExitStatus`] with the REST API's field name for the code.
 /// How the command ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct WireExit {
+pub(crate) struct WireExit {
     /// The exit code, when the process exited.
     #[schema(required = true)]
-    pub exit_code: Option<i32>,
+    pub(crate) exit_code: Option<i32>,
     /// The signal that killed it, by name without `SIG` (`"KILL"`), or its
     /// number as text when it has no name.
     #[schema(value_type = Option<String>, required = true, example = "KILL")]
-    pub signal: Option<crate::vocab::SignalNumber>,
+    pub(crate) signal: Option<crate::vocab::SignalNumber>,
     /// Killed because its `timeout_ms` ran out (and only then).
-    pub timed_out: bool,
-    pub duration_ms: u64,
+    pub(crate) timed_out: bool,
+    pub(crate) duration_ms: u64,
 }
 
 impl From<ExitStatus> for WireExit {
@@ -80,7 +80,7 @@ impl From<WireExit> for ExitStatus {
 /// One line of a streamed (NDJSON) answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(untagged)]
-pub enum StreamLine {
+pub(crate) enum StreamLine {
     /// A chunk of output, as it came.
     Output {
         stream: Stream,

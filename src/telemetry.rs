@@ -28,7 +28,7 @@ const CONTENT_LOGGERS: &[&str] = &[
 
 /// The filter: `CONCH_LOG`, else the standard `RUST_LOG` (e.g. `debug`,
 /// `conch=trace`), else `info`, with the content loggers capped at `info`.
-pub fn filter() -> EnvFilter {
+pub(crate) fn filter() -> EnvFilter {
     let spec = ["CONCH_LOG", "RUST_LOG"]
         .iter()
         .find_map(|v| std::env::var(v).ok().filter(|s| !s.trim().is_empty()))

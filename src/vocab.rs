@@ -24,7 +24,7 @@ pub enum Signal {
 
 impl Signal {
     /// The signal's number, or `None` for [`Signal::Unknown`].
-    pub fn number(self) -> Option<i32> {
+    pub(crate) fn number(self) -> Option<i32> {
         match self {
             Signal::Int => Some(libc::SIGINT),
             Signal::Term => Some(libc::SIGTERM),
@@ -35,7 +35,7 @@ impl Signal {
     }
 
     /// What a refusal of an unknown signal says.
-    pub const EXPECTED: &'static str = "INT, TERM, KILL or HUP";
+    pub(crate) const EXPECTED: &'static str = "INT, TERM, KILL or HUP";
 }
 
 /// The signal that ended a process, by number; on the wire its name
@@ -52,7 +52,7 @@ impl SignalNumber {
     }
 
     /// Parses a name (`"INT"`, `"SIGINT"`) or a number.
-    pub fn parse(name: &str) -> Option<SignalNumber> {
+    pub(crate) fn parse(name: &str) -> Option<SignalNumber> {
         if let Ok(n) = name.parse::<i32>() {
             return Some(SignalNumber(n));
         }
@@ -99,7 +99,7 @@ pub struct ExitStatus {
 
 impl ExitStatus {
     /// The status a shell would report: the code, or 128 + the signal.
-    pub fn shell_status(&self) -> u8 {
+    pub(crate) fn shell_status(&self) -> u8 {
         match (self.code, self.signal) {
             (Some(code), _) => (code & 0xff) as u8,
             (None, Some(sig)) => 128u8.saturating_add(u8::try_from(sig.0).unwrap_or(0)),
@@ -161,8 +161,10 @@ const CODES: &[(ErrorCode, &str)] = &[
 ];
 
 impl ErrorCode {
-    /// Every code this version knows, as spelled on the wire.
-    pub fn known() -> impl Iterator<Item = &'static str> {
+    /// Every code this version knows, as spelled on the wire (for the
+    /// page's generated types).
+    #[cfg(test)]
+    pub(crate) fn known() -> impl Iterator<Item = &'static str> {
         CODES.iter().map(|(_, name)| *name)
     }
 
@@ -178,7 +180,7 @@ impl ErrorCode {
 
     /// Whether the agent refused an `exec` with it: the channel never
     /// started, and no `exit` follows.
-    pub fn is_refusal(&self) -> bool {
+    pub(crate) fn is_refusal(&self) -> bool {
         matches!(
             self,
             ErrorCode::BadChannel

@@ -53,22 +53,22 @@ struct Root {
 
 /// The agent's cgroup layout, found once at start.
 #[derive(Debug)]
-pub struct Cgroups {
+pub(crate) struct Cgroups {
     roots: Vec<Root>,
     next: AtomicU64,
 }
 
 /// Limits written into each command's cgroup (0 = none).
 #[derive(Debug, Clone, Copy)]
-pub struct CgroupLimits {
-    pub max_procs: u64,
-    pub max_memory: u64,
+pub(crate) struct CgroupLimits {
+    pub(crate) max_procs: u64,
+    pub(crate) max_memory: u64,
 }
 
 impl Cgroups {
     /// Finds (and prepares) the cgroups this agent may use; `None` when it
     /// can use none, so that the caller falls back.
-    pub fn detect() -> Option<Cgroups> {
+    pub(crate) fn detect() -> Option<Cgroups> {
         let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
         let pid = std::process::id();
         let mut roots = Vec::new();
@@ -131,7 +131,7 @@ impl Cgroups {
     }
 
     /// A one-line description for the agent's start-up log.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let parts: Vec<String> = self
             .roots
             .iter()
@@ -150,21 +150,21 @@ impl Cgroups {
     }
 
     /// Whether a process limit is enforced by the cgroups.
-    pub fn limits_procs(&self) -> bool {
+    pub(crate) fn limits_procs(&self) -> bool {
         self.roots
             .iter()
             .any(|r| matches!(r.role, Role::V2 { pids: true, .. } | Role::V1Pids))
     }
 
     /// Whether a memory limit is enforced by the cgroups.
-    pub fn limits_memory(&self) -> bool {
+    pub(crate) fn limits_memory(&self) -> bool {
         self.roots
             .iter()
             .any(|r| matches!(r.role, Role::V2 { memory: true, .. } | Role::V1Memory))
     }
 
     /// Makes a fresh cgroup for one command, with its limits written.
-    pub fn create(&self, limits: CgroupLimits) -> io::Result<CommandCgroup> {
+    pub(crate) fn create(&self, limits: CgroupLimits) -> io::Result<CommandCgroup> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let mut made = CommandCgroup {
             dirs: Vec::new(),
@@ -234,7 +234,7 @@ fn prepare_v2(own: &Path, pid: u32) -> Option<Root> {
 
 /// One command's cgroups (one directory per hierarchy).
 #[derive(Debug)]
-pub struct CommandCgroup {
+pub(crate) struct CommandCgroup {
     dirs: Vec<(PathBuf, Role)>,
     /// The `cgroup.procs` files the child writes itself into, as C strings
     /// made before the fork (nothing may allocate between fork and exec).
@@ -247,7 +247,7 @@ impl CommandCgroup {
     ///
     /// # Safety
     /// Call only in a freshly forked child, before exec.
-    pub unsafe fn join_from_child(&self) -> io::Result<()> {
+    pub(crate) unsafe fn join_from_child(&self) -> io::Result<()> {
         for path in &self.join {
             // SAFETY: open/write/close are async-signal-safe; `path` is a
             // valid NUL-terminated string that outlives the call.
@@ -269,7 +269,7 @@ impl CommandCgroup {
     /// SIGKILLs every process in the cgroup: `cgroup.kill` where the kernel
     /// has it (5.14+), else each member listed in `cgroup.procs` until none
     /// is left (bounded: a fork bomb is bounded by `pids.max`).
-    pub fn kill(&self) {
+    pub(crate) fn kill(&self) {
         kill_all(&self.dirs);
     }
 }

@@ -24,7 +24,7 @@ use crate::vocab::{self, ErrorCode, SignalNumber};
 /// The most output read in one go, and so the largest output frame: 64 KiB.
 const READ_CHUNK: usize = 64 * 1024;
 
-pub use crate::protocol::message::STDIN_WINDOW;
+pub(crate) use crate::protocol::message::STDIN_WINDOW;
 
 /// How much consumed stdin the agent gathers before returning credit: 32 KiB.
 const STDIN_CREDIT_BATCH: usize = 32 * 1024;
@@ -36,7 +36,7 @@ const DRAIN_GRACE: Duration = Duration::from_secs(2);
 
 /// What the connection forwards to a running channel.
 #[derive(Debug)]
-pub enum Control {
+pub(crate) enum Control {
     Signal(Signal),
     Resize(PtySize),
     Window(u64),
@@ -45,21 +45,21 @@ pub enum Control {
 
 /// A `stdin` frame for a channel: its payload and whether input ends there.
 #[derive(Debug)]
-pub struct Stdin {
-    pub data: Bytes,
-    pub eof: bool,
+pub(crate) struct Stdin {
+    pub(crate) data: Bytes,
+    pub(crate) eof: bool,
 }
 
 /// Sent to the connection when a channel has finished: it forgets the
 /// channel, then sends `exit`, so the id is free by the time the client
 /// sees the `exit`.
-pub struct Done {
-    pub ch: u32,
-    pub exit: Frame,
+pub(crate) struct Done {
+    pub(crate) ch: u32,
+    pub(crate) exit: Frame,
 }
 
 /// Runs the command of `req` on channel `ch` until it ends.
-pub async fn run(
+pub(crate) async fn run(
     ch: u32,
     req: ExecRequest,
     policy: std::sync::Arc<super::sandbox::ExecPolicy>,

@@ -20,10 +20,6 @@ use crate::transport::handshake::{self, HandshakeError};
 use crate::transport::writer::write_queued;
 use crate::vocab::{ErrorCode, Signal};
 
-/// A client that has not authenticated by then is dropped (the default of
-/// `--handshake-timeout-ms`): the real handshake takes one round trip.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// Frames queued for the socket, shared by all channels of a connection:
 /// 64 frames of at most 64 KiB of output each. When the client reads
 /// slowly, channels wait here rather than buffer.
@@ -45,7 +41,7 @@ type AgentFramed = Framed<TcpStream, FrameCodec>;
 /// Runs the handshake on an accepted connection. `None` when it failed,
 /// timed out, was evicted to make room for newer connections, or the agent
 /// is shutting down; the reason is logged and (where useful) told to the peer.
-pub async fn authenticate(
+pub(crate) async fn authenticate(
     stream: TcpStream,
     key: &Key,
     timeout: Duration,
@@ -100,7 +96,7 @@ pub async fn authenticate(
 }
 
 /// Serves an authenticated connection until it closes or `shutdown` fires.
-pub async fn serve_authenticated(
+pub(crate) async fn serve_authenticated(
     framed: AgentFramed,
     limits: Limits,
     policy: Arc<ExecPolicy>,

@@ -1,10 +1,10 @@
 //! The command agent: a TCP server that runs commands for authenticated
 //! clients and streams their output as frames.
 
-pub mod cgroup;
-pub mod channel;
-pub mod connection;
-pub mod process;
+pub(crate) mod cgroup;
+pub(crate) mod channel;
+pub(crate) mod connection;
+pub(crate) mod process;
 pub mod sandbox;
 
 use std::collections::VecDeque;

@@ -26,13 +26,13 @@ use super::sandbox::{self, ExecPolicy, Prepared};
 use crate::protocol::{ExecRequest, PtySize};
 
 /// A running command and the ends of its standard streams.
-pub struct Spawned {
-    pub child: Child,
-    pub group: ProcessGroup,
-    pub io: ProcessIo,
+pub(crate) struct Spawned {
+    pub(crate) child: Child,
+    pub(crate) group: ProcessGroup,
+    pub(crate) io: ProcessIo,
 }
 
-pub enum ProcessIo {
+pub(crate) enum ProcessIo {
     Pipes {
         stdin: Option<ChildStdin>,
         stdout: Option<ChildStdout>,
@@ -43,9 +43,9 @@ pub enum ProcessIo {
 
 /// Why a command could not be started, with the exit code a shell would give.
 #[derive(Debug)]
-pub struct SpawnError {
-    pub code: i32,
-    pub message: String,
+pub(crate) struct SpawnError {
+    pub(crate) code: i32,
+    pub(crate) message: String,
 }
 
 /// A process group that is killed (SIGKILL) when this value is dropped, so
@@ -55,7 +55,7 @@ pub struct SpawnError {
 /// each job in a process group of its own within it: for those, killing
 /// means every process of the session.
 #[derive(Debug)]
-pub struct ProcessGroup {
+pub(crate) struct ProcessGroup {
     pgid: Option<Pid>,
     session: bool,
     /// The command's cgroup: every process it started, whatever group or
@@ -68,7 +68,7 @@ pub struct ProcessGroup {
 impl ProcessGroup {
     /// Sends `signal` to every process of the group (SIGKILL: of the
     /// session for a PTY command, and of the cgroup or mark).
-    pub fn signal(&self, signal: Signal) {
+    pub(crate) fn signal(&self, signal: Signal) {
         if let Some(pgid) = self.pgid {
             // ESRCH (the group is already gone) is the expected race here.
             let _ = killpg(pgid, signal);
@@ -95,7 +95,7 @@ impl ProcessGroup {
     /// Kills the group now and forgets it, so that a recycled process id is
     /// never signalled later. (The cgroup stays until the group is dropped:
     /// it cannot be recycled.)
-    pub fn kill_and_forget(&mut self) {
+    pub(crate) fn kill_and_forget(&mut self) {
         self.signal(Signal::SIGKILL);
         self.pgid = None;
     }
@@ -232,7 +232,7 @@ fn command_for(req: &ExecRequest, policy: &ExecPolicy) -> Result<(Command, Strin
 }
 
 /// Starts the command `req` describes, as `policy` says commands start.
-pub fn spawn(req: &ExecRequest, policy: &ExecPolicy) -> Result<Spawned, SpawnError> {
+pub(crate) fn spawn(req: &ExecRequest, policy: &ExecPolicy) -> Result<Spawned, SpawnError> {
     if req.cmd.is_none() && req.argv.is_none() && req.pty.is_none() {
         return Err(SpawnError {
             code: 127,
@@ -405,7 +405,7 @@ fn spawn_pty(
 
 /// The master side of a pseudo-terminal, readable and writable without
 /// blocking a runtime thread.
-pub struct Pty {
+pub(crate) struct Pty {
     fd: AsyncFd<OwnedFd>,
 }
 
@@ -422,7 +422,7 @@ impl Pty {
 
     /// Sends `signal` to the terminal's foreground job, as the terminal's
     /// own ^C would; false when there is none to be found.
-    pub fn signal_foreground(&self, signal: Signal) -> bool {
+    pub(crate) fn signal_foreground(&self, signal: Signal) -> bool {
         match nix::unistd::tcgetpgrp(self.fd.get_ref()) {
             Ok(pgid) if pgid.as_raw() > 0 => killpg(pgid, signal).is_ok(),
             _ => false,
@@ -430,7 +430,7 @@ impl Pty {
     }
 
     /// Sets the terminal size; the kernel sends SIGWINCH to the foreground job.
-    pub fn resize(&self, size: PtySize) -> io::Result<()> {
+    pub(crate) fn resize(&self, size: PtySize) -> io::Result<()> {
         let ws = winsize(size);
         // SAFETY: TIOCSWINSZ reads one Winsize from the pointer we pass.
         let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
@@ -445,7 +445,7 @@ impl Pty {
 impl Pty {
     /// `AsyncRead::poll_read` for a shared reference: the master is both the
     /// process's input and its output.
-    pub fn poll_read_shared(
+    pub(crate) fn poll_read_shared(
         &self,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
@@ -471,7 +471,11 @@ impl Pty {
     }
 
     /// `AsyncWrite::poll_write` for a shared reference.
-    pub fn poll_write_shared(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    pub(crate) fn poll_write_shared(
+        &self,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         loop {
             let mut guard = ready!(self.fd.poll_write_ready(cx))?;
             let result = guard.try_io(|fd| {

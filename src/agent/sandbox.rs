@@ -28,7 +28,7 @@ use super::cgroup::{CgroupLimits, Cgroups, CommandCgroup};
 
 /// The environment variable that marks a command's processes when no
 /// cgroup can hold them (fallback mode only).
-pub const MARK_VAR: &str = "CONCH_COMMAND_MARK";
+pub(crate) const MARK_VAR: &str = "CONCH_COMMAND_MARK";
 
 /// The PATH a command gets when the agent has none.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -61,13 +61,13 @@ pub enum CgroupMode {
 
 /// The user commands run as.
 #[derive(Debug, Clone)]
-pub struct RunAs {
-    pub name: String,
-    pub uid: u32,
-    pub gid: u32,
-    pub groups: Vec<libc::gid_t>,
-    pub home: PathBuf,
-    pub shell: PathBuf,
+pub(crate) struct RunAs {
+    pub(crate) name: String,
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
+    pub(crate) groups: Vec<libc::gid_t>,
+    pub(crate) home: PathBuf,
+    pub(crate) shell: PathBuf,
     /// Whether the agent must switch to this user (it runs as someone else).
     switch: bool,
 }
@@ -84,7 +84,7 @@ pub enum SandboxError {
 
 impl RunAs {
     /// Resolves `name` (or, without one, the agent's own user).
-    pub fn resolve(name: Option<&str>) -> Result<RunAs, SandboxError> {
+    pub(crate) fn resolve(name: Option<&str>) -> Result<RunAs, SandboxError> {
         use nix::unistd::{User, geteuid, getgrouplist};
         let me = geteuid();
         let user = match name {
@@ -131,8 +131,8 @@ impl RunAs {
 /// Everything decided once about how commands start.
 #[derive(Debug)]
 pub struct ExecPolicy {
-    pub run_as: RunAs,
-    pub limits: CommandLimits,
+    pub(crate) run_as: RunAs,
+    pub(crate) limits: CommandLimits,
     cgroups: Option<Cgroups>,
     /// The environment every command starts from.
     base_env: Vec<(OsString, OsString)>,
@@ -190,7 +190,7 @@ impl ExecPolicy {
     }
 
     /// What one command starts with.
-    pub fn prepare(&self, pty: bool) -> io::Result<Prepared> {
+    pub(crate) fn prepare(&self, pty: bool) -> io::Result<Prepared> {
         let mut env = self.base_env.clone();
         if pty {
             env.push(("TERM".into(), "xterm-256color".into()));
@@ -249,7 +249,7 @@ impl ExecPolicy {
 
     /// The directory commands start in by default: the user's home, as
     /// after an ssh login (else `/`).
-    pub fn default_cwd(&self) -> PathBuf {
+    pub(crate) fn default_cwd(&self) -> PathBuf {
         if self.run_as.home.is_dir() {
             self.run_as.home.clone()
         } else {
@@ -258,7 +258,7 @@ impl ExecPolicy {
     }
 
     /// The user's login shell.
-    pub fn shell(&self) -> PathBuf {
+    pub(crate) fn shell(&self) -> PathBuf {
         if self.run_as.shell.as_os_str().is_empty() {
             PathBuf::from("/bin/sh")
         } else {
@@ -300,11 +300,11 @@ struct Creds {
 
 /// One command's start-up state, made before the fork.
 #[derive(Debug)]
-pub struct Prepared {
-    pub env: Vec<(OsString, OsString)>,
-    pub cgroup: Option<Arc<CommandCgroup>>,
+pub(crate) struct Prepared {
+    pub(crate) env: Vec<(OsString, OsString)>,
+    pub(crate) cgroup: Option<Arc<CommandCgroup>>,
     /// The fallback mark (see [`MARK_VAR`]).
-    pub mark: Option<String>,
+    pub(crate) mark: Option<String>,
     rlimits: Vec<(libc::__rlimit_resource_t, u64, u64)>,
     creds: Option<Creds>,
     /// With `creds`: the directory the child enters after switching user,
@@ -318,7 +318,7 @@ impl Prepared {
     ///
     /// # Safety
     /// Call only in a freshly forked child, before exec.
-    pub unsafe fn enter(&self) -> io::Result<()> {
+    pub(crate) unsafe fn enter(&self) -> io::Result<()> {
         if let Some(cg) = &self.cgroup {
             // SAFETY: forwarded from this function's contract.
             unsafe { cg.join_from_child()? };
@@ -341,7 +341,7 @@ impl Prepared {
     ///
     /// # Safety
     /// Call only in a freshly forked child, before exec.
-    pub unsafe fn drop_privileges(&self) -> io::Result<()> {
+    pub(crate) unsafe fn drop_privileges(&self) -> io::Result<()> {
         let Some(c) = &self.creds else { return Ok(()) };
         // SAFETY: setgroups/setgid/setuid are async-signal-safe system
         // calls; the group list was built before the fork.
@@ -377,13 +377,13 @@ impl Prepared {
     }
 
     /// Whether the command runs as another user than the agent.
-    pub fn switches_user(&self) -> bool {
+    pub(crate) fn switches_user(&self) -> bool {
         self.creds.is_some()
     }
 
     /// Has the child enter `dir` after switching user (see
     /// [`Prepared::drop_privileges`]).
-    pub fn enter_dir_as_user(&mut self, dir: &std::path::Path) -> io::Result<()> {
+    pub(crate) fn enter_dir_as_user(&mut self, dir: &std::path::Path) -> io::Result<()> {
         use std::os::unix::ffi::OsStrExt;
         let c = CString::new(dir.as_os_str().as_bytes())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in the path"))?;
@@ -395,14 +395,14 @@ impl Prepared {
     }
 
     /// The uid a PTY's slave should belong to (as login(1) does).
-    pub fn owner(&self) -> Option<(u32, u32)> {
+    pub(crate) fn owner(&self) -> Option<(u32, u32)> {
         self.creds.as_ref().map(|c| (c.uid, c.gid))
     }
 }
 
 /// SIGKILLs every process whose environment carries `MARK_VAR=mark`
 /// (fallback tracking; reads `/proc/*/environ`).
-pub fn kill_marked(mark: &str) {
+pub(crate) fn kill_marked(mark: &str) {
     let needle: Vec<u8> = format!("{MARK_VAR}={mark}").into_bytes();
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return;

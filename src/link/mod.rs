@@ -23,7 +23,7 @@ use crate::keyfile::Key;
 use crate::protocol::message::STDIN_WINDOW;
 use crate::protocol::{ExecRequest, Frame, FrameCodec, FrameError, Message};
 use crate::transport::handshake;
-pub use crate::transport::handshake::AgentInfo;
+pub(crate) use crate::transport::handshake::AgentInfo;
 use crate::transport::writer::write_queued;
 use crate::vocab::{ErrorCode, ExitStatus, Signal};
 
@@ -75,7 +75,7 @@ pub enum Event {
 
 impl Event {
     /// Whether nothing follows this event on its channel.
-    pub fn is_final(&self) -> bool {
+    pub(crate) fn is_final(&self) -> bool {
         match self {
             Event::Exit(_) | Event::Lost => true,
             Event::Error { code, .. } => code.is_refusal(),
@@ -186,22 +186,17 @@ impl AgentLink {
     }
 
     /// What the agent said about itself when the link came up.
-    pub fn info(&self) -> AgentInfo {
+    pub(crate) fn info(&self) -> AgentInfo {
         self.info
     }
 
-    /// Channels open on this link now.
-    pub fn channels_open(&self) -> usize {
-        self.routes.lock().map_or(0, |r| r.len())
-    }
-
     /// Whether the connection is still up.
-    pub fn is_connected(&self) -> bool {
+    pub(crate) fn is_connected(&self) -> bool {
         !self.closed.is_cancelled()
     }
 
     /// Resolves when the connection is lost.
-    pub async fn lost(&self) {
+    pub(crate) async fn lost(&self) {
         self.closed.cancelled().await
     }
 
@@ -410,22 +405,22 @@ impl Controller {
     }
 
     /// Delivers `INT`, `TERM`, `KILL` or `HUP` to the command's process group.
-    pub async fn signal(&self, signal: Signal) -> Result<(), LinkError> {
+    pub(crate) async fn signal(&self, signal: Signal) -> Result<(), LinkError> {
         self.send(Message::Signal { signal }, Bytes::new()).await
     }
 
-    pub async fn resize(&self, cols: u16, rows: u16) -> Result<(), LinkError> {
+    pub(crate) async fn resize(&self, cols: u16, rows: u16) -> Result<(), LinkError> {
         self.send(Message::Resize { cols, rows }, Bytes::new())
             .await
     }
 
     /// Returns `add` bytes of output credit to the agent.
-    pub async fn window(&self, add: u64) -> Result<(), LinkError> {
+    pub(crate) async fn window(&self, add: u64) -> Result<(), LinkError> {
         self.send(Message::Window { add }, Bytes::new()).await
     }
 
     /// Kills the command; its `exit` still arrives.
-    pub async fn close(&self) -> Result<(), LinkError> {
+    pub(crate) async fn close(&self) -> Result<(), LinkError> {
         self.send(Message::Close, Bytes::new()).await
     }
 }

@@ -20,10 +20,10 @@ use crate::vocab::ExitStatus;
 /// credentials, a broken response.
 pub const EXIT_CONCH_FAILED: u8 = 255;
 /// Exit status for a command killed by its timeout.
-pub const EXIT_TIMED_OUT: u8 = 124;
+pub(crate) const EXIT_TIMED_OUT: u8 = 124;
 /// Exit status when output was cut off at `--max-output-bytes` (whatever
 /// the command's own status, which is printed on stderr).
-pub const EXIT_TRUNCATED: u8 = 125;
+pub(crate) const EXIT_TRUNCATED: u8 = 125;
 
 /// What `conch exec` was asked to do.
 #[derive(Debug, Clone)]
@@ -221,7 +221,7 @@ pub async fn healthcheck(probe: Probe) -> anyhow::Result<()> {
 }
 
 /// Standard input sent with `conch exec --stdin`: at most 1 MiB.
-pub const MAX_STDIN: usize = 1024 * 1024;
+pub(crate) const MAX_STDIN: usize = 1024 * 1024;
 
 /// Reads this process's standard input to its end, for `--stdin`: UTF-8
 /// text of at most [`MAX_STDIN`] bytes (the API takes stdin as a string).

@@ -35,15 +35,15 @@ pub struct AgentSpec {
 /// What the API and the page show about an agent.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 #[cfg_attr(test, derive(ts_rs::TS))]
-pub struct AgentStatus {
-    pub name: String,
+pub(crate) struct AgentStatus {
+    pub(crate) name: String,
     /// `HOST:PORT` the server dials.
-    pub addr: String,
-    pub connected: bool,
+    pub(crate) addr: String,
+    pub(crate) connected: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum AgentError {
+pub(crate) enum AgentError {
     #[error("no agent named {0:?}")]
     Unknown(String),
     #[error("agent {0:?} is not connected; conch is retrying, try again shortly")]
@@ -59,7 +59,7 @@ struct Entry {
 
 /// The agents this server knows, by name.
 #[derive(Clone)]
-pub struct Registry {
+pub(crate) struct Registry {
     entries: Arc<BTreeMap<String, Entry>>,
     /// Bumped on every connect and disconnect, so pages can refresh.
     changes: watch::Sender<u64>,
@@ -67,7 +67,7 @@ pub struct Registry {
 
 impl Registry {
     /// Builds the registry and starts one supervisor per agent.
-    pub fn start(specs: Vec<AgentSpec>, shutdown: CancellationToken) -> Registry {
+    pub(crate) fn start(specs: Vec<AgentSpec>, shutdown: CancellationToken) -> Registry {
         let entries = specs
             .into_iter()
             .map(|spec| {
@@ -147,7 +147,7 @@ impl Registry {
     }
 
     /// The link to the agent `name` (or the only agent when `name` is `None`).
-    pub fn link(&self, name: Option<&str>) -> Result<(String, AgentLink), AgentError> {
+    pub(crate) fn link(&self, name: Option<&str>) -> Result<(String, AgentLink), AgentError> {
         let entry = match name {
             Some(name) => self
                 .entries
@@ -167,7 +167,7 @@ impl Registry {
     }
 
     /// Every agent and whether it is connected.
-    pub fn statuses(&self) -> Vec<AgentStatus> {
+    pub(crate) fn statuses(&self) -> Vec<AgentStatus> {
         self.entries
             .values()
             .map(|e| AgentStatus {
@@ -184,12 +184,12 @@ impl Registry {
     }
 
     /// Whether every agent is connected (for `/readyz`).
-    pub fn all_connected(&self) -> bool {
+    pub(crate) fn all_connected(&self) -> bool {
         self.statuses().iter().all(|s| s.connected)
     }
 
     /// A receiver that changes whenever an agent connects or disconnects.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
     }
 }

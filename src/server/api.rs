@@ -35,10 +35,10 @@ use crate::protocol::MAX_PAYLOAD_LEN;
 use crate::rest::{self, ExecResult, Stream, StreamLine};
 
 /// The command's default time limit: 30 s.
-pub const DEFAULT_TIMEOUT_MS: u64 = 30_000;
+pub(crate) const DEFAULT_TIMEOUT_MS: u64 = 30_000;
 /// Output kept per stream by default in a buffered (non-streaming) answer:
 /// 1 MiB. Streaming answers keep nothing and have no default cap.
-pub const DEFAULT_MAX_OUTPUT: usize = 1024 * 1024;
+pub(crate) const DEFAULT_MAX_OUTPUT: usize = 1024 * 1024;
 
 /// The API's limits, from the server's configuration.
 #[derive(Debug, Clone)]
@@ -249,7 +249,7 @@ fn wants_stream(headers: &HeaderMap) -> bool {
     description = "An error, as RFC 9457 problem details.",
     content_type = "application/problem+json"
 )]
-pub struct ProblemResponse(#[allow(dead_code)] Problem);
+pub(crate) struct ProblemResponse(#[allow(dead_code)] Problem);
 
 /// `POST /api/v1/exec`.
 #[utoipa::path(
@@ -274,7 +274,7 @@ pub struct ProblemResponse(#[allow(dead_code)] Problem);
         (status = 503, response = ProblemResponse),
     ),
 )]
-pub async fn exec(
+pub(crate) async fn exec(
     State(state): State<AppState>,
     Writer(who): Writer,
     request: Request,
@@ -730,7 +730,7 @@ fn stream_response(
 
 /// `GET /api/v1/agents`'s answer.
 #[derive(Serialize, ToSchema)]
-pub struct AgentList {
+pub(crate) struct AgentList {
     agents: Vec<AgentStatus>,
 }
 
@@ -746,7 +746,7 @@ pub struct AgentList {
         (status = 401, response = ProblemResponse),
     ),
 )]
-pub async fn agents(State(state): State<AppState>, _: Caller) -> Json<AgentList> {
+pub(crate) async fn agents(State(state): State<AppState>, _: Caller) -> Json<AgentList> {
     Json(AgentList {
         agents: state.agents.statuses(),
     })
@@ -764,7 +764,7 @@ fn token_error(e: TokenError) -> ApiError {
 /// The body of `POST /api/v1/tokens`.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct NewToken {
+pub(crate) struct NewToken {
     /// Letters, digits, `.`, `_` and `-`; at most 64.
     #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$")]
     name: String,
@@ -773,7 +773,7 @@ pub struct NewToken {
 
 /// A token as listed: never its secret.
 #[derive(Serialize, ToSchema)]
-pub struct TokenInfo {
+pub(crate) struct TokenInfo {
     name: String,
     role: Role,
     /// When it was created, in seconds since the Unix epoch.
@@ -782,13 +782,13 @@ pub struct TokenInfo {
 
 /// `GET /api/v1/tokens`'s answer.
 #[derive(Serialize, ToSchema)]
-pub struct TokenList {
+pub(crate) struct TokenList {
     tokens: Vec<TokenInfo>,
 }
 
 /// `POST /api/v1/tokens`'s answer: the only time the secret is shown.
 #[derive(Serialize, ToSchema)]
-pub struct CreatedToken {
+pub(crate) struct CreatedToken {
     name: String,
     role: Role,
     /// The secret, for `Authorization: Bearer`.
@@ -808,7 +808,7 @@ pub struct CreatedToken {
         (status = 403, response = ProblemResponse),
     ),
 )]
-pub async fn list_tokens(
+pub(crate) async fn list_tokens(
     State(state): State<AppState>,
     _: Admin,
 ) -> Result<Json<TokenList>, ApiError> {
@@ -842,7 +842,7 @@ pub async fn list_tokens(
         (status = 415, response = ProblemResponse),
     ),
 )]
-pub async fn create_token(
+pub(crate) async fn create_token(
     State(state): State<AppState>,
     Admin(who): Admin,
     request: Request,
@@ -888,7 +888,7 @@ pub async fn create_token(
         (status = 404, response = ProblemResponse),
     ),
 )]
-pub async fn revoke_token(
+pub(crate) async fn revoke_token(
     State(state): State<AppState>,
     Admin(who): Admin,
     Path(name): Path<String>,
@@ -908,7 +908,7 @@ pub async fn revoke_token(
     security(()),
     responses((status = 200, description = "The API's OpenAPI 3.1 description.", body = Object)),
 )]
-pub async fn openapi() -> Response {
+pub(crate) async fn openapi() -> Response {
     let mut response = super::openapi::document().into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -919,11 +919,11 @@ pub async fn openapi() -> Response {
 
 /// A known path with a method it does not answer (405), in the API's
 /// error format.
-pub async fn method_not_allowed() -> ApiError {
+pub(crate) async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
 }
 
 /// Unknown `/api/...` paths answer in the API's own error format.
-pub async fn not_found() -> ApiError {
+pub(crate) async fn not_found() -> ApiError {
     ApiError::NotFound("no such API endpoint".into())
 }

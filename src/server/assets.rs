@@ -40,7 +40,7 @@ fn lookup(path: &str) -> Option<rust_embed::EmbeddedFile> {
 
 /// `GET /static/{*path}`: the file with its content type and an ETag;
 /// browsers revalidate (`no-cache`) and get `304 Not Modified` when unchanged.
-pub async fn serve(Path(path): Path<String>, headers: HeaderMap) -> Response {
+pub(crate) async fn serve(Path(path): Path<String>, headers: HeaderMap) -> Response {
     let Some(file) = lookup(&path) else {
         return (StatusCode::NOT_FOUND, "no such asset").into_response();
     };

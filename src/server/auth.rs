@@ -36,11 +36,11 @@ pub enum Role {
 }
 
 impl Role {
-    pub fn can_run(self) -> bool {
+    pub(crate) fn can_run(self) -> bool {
         matches!(self, Role::Operator | Role::Admin)
     }
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Role::Viewer => "viewer",
             Role::Operator => "operator",
@@ -51,9 +51,9 @@ impl Role {
 
 /// Someone authenticated: a user, the admin token, or an API token.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Principal {
-    pub name: String,
-    pub role: Role,
+pub(crate) struct Principal {
+    pub(crate) name: String,
+    pub(crate) role: Role,
 }
 
 /// A secret string whose `Debug` output never shows it.
@@ -66,7 +66,7 @@ impl Secret {
     }
 
     /// A fresh random secret: 32 random bytes as 64 hex characters.
-    pub fn generate() -> Secret {
+    pub(crate) fn generate() -> Secret {
         let mut bytes = [0u8; 32];
         rand::fill(&mut bytes);
         Secret(hex::encode(bytes))
@@ -78,7 +78,7 @@ impl Secret {
 
     /// Constant-time comparison (by comparing SHA-256 digests, so neither
     /// the content nor the length leaks through timing).
-    pub fn matches(&self, given: &str) -> bool {
+    pub(crate) fn matches(&self, given: &str) -> bool {
         let a = Sha256::digest(self.0.as_bytes());
         let b = Sha256::digest(given.as_bytes());
         subtle_eq(&a, &b)
@@ -94,10 +94,10 @@ impl fmt::Debug for Secret {
 /// One entry of the users file.
 #[derive(Debug, Clone, Deserialize)]
 pub struct User {
-    pub name: String,
+    pub(crate) name: String,
     /// An argon2 PHC string, as `conch passwd` prints it.
-    pub password_hash: String,
-    pub role: Role,
+    pub(crate) password_hash: String,
+    pub(crate) role: Role,
 }
 
 #[derive(Debug, Deserialize)]
@@ -194,14 +194,14 @@ struct SessionEntry {
 /// A live session, as a console needs it: who, until when, and a token
 /// that fires when it is ended early.
 #[derive(Debug, Clone)]
-pub struct SessionHandle {
-    pub principal: Principal,
-    pub expires: Instant,
-    pub ended: CancellationToken,
+pub(crate) struct SessionHandle {
+    pub(crate) principal: Principal,
+    pub(crate) expires: Instant,
+    pub(crate) ended: CancellationToken,
 }
 
 /// Everything about authentication the server keeps.
-pub struct Auth {
+pub(crate) struct Auth {
     admin_token: Secret,
     users: Vec<User>,
     session_ttl: Duration,
@@ -219,7 +219,7 @@ pub struct Auth {
 
 /// What a login presents.
 #[derive(Debug)]
-pub enum Credential {
+pub(crate) enum Credential {
     Password {
         username: String,
         password: String,
@@ -229,21 +229,21 @@ pub enum Credential {
 }
 
 /// Constant-time equality of two byte strings (of any lengths).
-pub fn subtle_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn subtle_eq(a: &[u8], b: &[u8]) -> bool {
     use subtle::ConstantTimeEq;
     a.len() == b.len() && bool::from(a.ct_eq(b))
 }
 
 /// Why a login was refused.
 #[derive(Debug, PartialEq, Eq)]
-pub enum LoginError {
+pub(crate) enum LoginError {
     Invalid,
     RateLimited { retry_after: Duration },
 }
 
 /// Why a session could not be created.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
-pub enum SessionError {
+pub(crate) enum SessionError {
     #[error("the server holds its maximum of {0} sessions; try again later")]
     Full(usize),
 }
@@ -253,7 +253,7 @@ fn session_key(cookie: &str) -> [u8; 32] {
 }
 
 impl Auth {
-    pub fn new(
+    pub(crate) fn new(
         admin_token: Secret,
         users: Vec<User>,
         session_ttl: Duration,
@@ -273,16 +273,16 @@ impl Auth {
     }
 
     /// Whether any user may log in with a password.
-    pub fn has_users(&self) -> bool {
+    pub(crate) fn has_users(&self) -> bool {
         !self.users.is_empty()
     }
 
-    pub fn session_ttl(&self) -> Duration {
+    pub(crate) fn session_ttl(&self) -> Duration {
         self.session_ttl
     }
 
     /// Checks the admin token.
-    pub fn admin_token(&self, given: &str) -> Option<Principal> {
+    pub(crate) fn admin_token(&self, given: &str) -> Option<Principal> {
         self.admin_token.matches(given).then(|| Principal {
             name: "admin".into(),
             role: Role::Admin,
@@ -298,7 +298,7 @@ impl Auth {
     /// guesser could ignore the refusals and still learn the answer. Which
     /// keys apply is chosen so that other people's failures never block a
     /// user's own trusted browser (see `throttle`).
-    pub fn login(
+    pub(crate) fn login(
         &self,
         client: IpAddr,
         credential: &Credential,
@@ -355,7 +355,7 @@ impl Auth {
 
     /// Checks a bearer token (the admin token or an API token) from
     /// `client`, whose failures are throttled like the login form's tokens.
-    pub fn bearer(
+    pub(crate) fn bearer(
         &self,
         client: IpAddr,
         token: &str,
@@ -384,7 +384,7 @@ impl Auth {
 
     /// A trusted-device cookie value for `user`: a random id and a MAC
     /// binding it to the user, under a key of this server's.
-    pub fn issue_device(&self, user: &str) -> String {
+    pub(crate) fn issue_device(&self, user: &str) -> String {
         let mut id = [0u8; 16];
         rand::fill(&mut id);
         let id = hex::encode(id);
@@ -392,7 +392,7 @@ impl Auth {
     }
 
     /// The device id of a cookie value, if it is valid for `user`.
-    pub fn device_for(&self, cookie: &str, user: &str) -> Option<[u8; 16]> {
+    pub(crate) fn device_for(&self, cookie: &str, user: &str) -> Option<[u8; 16]> {
         let (id, mac) = cookie.split_once('.')?;
         let expected = self.device_mac(user, id);
         let same: bool = subtle_eq(expected.as_bytes(), mac.as_bytes());
@@ -418,7 +418,7 @@ impl Auth {
     /// Starts a session; returns the cookie value. A user at the cap loses
     /// their own oldest session; when the server as a whole is full, the
     /// login is refused rather than ending someone else's session.
-    pub fn create_session(&self, principal: Principal) -> Result<String, SessionError> {
+    pub(crate) fn create_session(&self, principal: Principal) -> Result<String, SessionError> {
         let cookie = Secret::generate().expose().to_owned();
         let mut sessions = self.sessions.lock().map_err(|_| SessionError::Full(0))?;
         let now = Instant::now();
@@ -464,12 +464,12 @@ impl Auth {
     }
 
     /// The principal of a live session.
-    pub fn session(&self, cookie: &str) -> Option<Principal> {
+    pub(crate) fn session(&self, cookie: &str) -> Option<Principal> {
         self.session_handle(cookie).map(|h| h.principal)
     }
 
     /// A live session with its expiry and end signal.
-    pub fn session_handle(&self, cookie: &str) -> Option<SessionHandle> {
+    pub(crate) fn session_handle(&self, cookie: &str) -> Option<SessionHandle> {
         let sessions = self.sessions.lock().ok()?;
         let entry = sessions.get(&session_key(cookie))?;
         (entry.expires > Instant::now()).then(|| SessionHandle {
@@ -479,7 +479,7 @@ impl Auth {
         })
     }
 
-    pub fn end_session(&self, cookie: &str) {
+    pub(crate) fn end_session(&self, cookie: &str) {
         if let Ok(mut sessions) = self.sessions.lock()
             && let Some(old) = sessions.remove(&session_key(cookie))
         {

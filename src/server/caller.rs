@@ -12,19 +12,20 @@ use super::problem::ApiError;
 
 /// Anyone authenticated: by `Authorization: Bearer <token>` (the admin
 /// token or an API token; failures are throttled per address), else by the
-/// session cookie.
+/// session cookie. A guard only: handlers that need to know who asks take
+/// a [`Writer`] or an [`Admin`].
 #[derive(Debug, Clone)]
-pub struct Caller(pub Principal);
+pub(crate) struct Caller;
 
 /// A caller allowed to change something: a bearer token, or the session
 /// cookie on a request from this server's own page (`Origin`), so that a
 /// cookie alone never lets another site run commands or manage tokens.
 #[derive(Debug, Clone)]
-pub struct Writer(pub Principal);
+pub(crate) struct Writer(pub Principal);
 
 /// A [`Writer`] who is an admin.
 #[derive(Debug, Clone)]
-pub struct Admin(pub Principal);
+pub(crate) struct Admin(pub Principal);
 
 async fn authenticate(parts: &mut Parts, state: &State) -> Result<Principal, ApiError> {
     if let Some(value) = parts.headers.get(header::AUTHORIZATION) {
@@ -59,7 +60,7 @@ impl FromRequestParts<State> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &State) -> Result<Self, Self::Rejection> {
-        authenticate(parts, state).await.map(Caller)
+        authenticate(parts, state).await.map(|_| Caller)
     }
 }
 

@@ -23,7 +23,7 @@ use super::agents::AgentSpec;
 use crate::keyfile::Key;
 
 /// The file descriptor the listening socket has in the child.
-pub const LISTEN_FD: i32 = 3;
+pub(crate) const LISTEN_FD: i32 = 3;
 
 /// Environment variables the agent process keeps from the server's: what
 /// logging and locales need, nothing secret.
@@ -48,7 +48,7 @@ const RESTART_MAX: Duration = Duration::from_secs(5);
 /// Starts the agent and a task that restarts it if it dies; returns how to
 /// reach it and that task (which ends, with the agent, on `shutdown`).
 /// `agent_args` are extra `conch agent` flags (command isolation).
-pub async fn start(
+pub(crate) async fn start(
     agent_args: Vec<String>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<(AgentSpec, tokio::task::JoinHandle<()>)> {

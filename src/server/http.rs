@@ -155,7 +155,7 @@ impl AsyncWrite for Counted {
 /// Raises this process's open-file limit to its hard limit, and returns
 /// the connection cap that fits under it: connections may use what is left
 /// after a reserve for agent links, the store and the process's own files.
-pub fn fit_connection_cap(wanted: usize) -> usize {
+pub(crate) fn fit_connection_cap(wanted: usize) -> usize {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     const RESERVE: u64 = 256;
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap_or((1024, 1024));
@@ -179,7 +179,7 @@ pub fn fit_connection_cap(wanted: usize) -> usize {
 
 /// Serves `app` on `listener` until `shutdown` fires, then lets the
 /// requests in flight finish.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     app: Router,
     limits: HttpLimits,

@@ -14,7 +14,7 @@ use crate::vocab::{ErrorCode, ExitStatus, Signal};
 #[derive(Debug, Deserialize)]
 #[cfg_attr(test, derive(ts_rs::TS))]
 #[serde(tag = "type", rename_all = "snake_case")]
-pub enum ClientMessage {
+pub(crate) enum ClientMessage {
     /// Command mode: `cmd`, run with `sh -c`; shell mode: `pty` without
     /// `cmd` starts a login shell.
     Exec {
@@ -60,7 +60,7 @@ pub enum ClientMessage {
 #[derive(Debug, Serialize)]
 #[cfg_attr(test, derive(ts_rs::TS))]
 #[serde(tag = "type", rename_all = "snake_case")]
-pub enum ServerMessage<'a> {
+pub(crate) enum ServerMessage<'a> {
     /// The first message on every socket.
     Hello {
         user: &'a str,
@@ -96,7 +96,7 @@ pub enum ServerMessage<'a> {
 
 impl ServerMessage<'_> {
     /// The message as a WebSocket text frame.
-    pub fn frame(&self) -> axum::extract::ws::Message {
+    pub(crate) fn frame(&self) -> axum::extract::ws::Message {
         let text = serde_json::to_string(self).unwrap_or_else(|e| {
             // Serializing these types cannot fail; say so loudly if it does.
             tracing::error!(error = %e, "a console message could not be serialized");

@@ -3,19 +3,19 @@
 
 pub mod agents;
 pub mod api;
-pub mod assets;
+pub(crate) mod assets;
 pub mod auth;
 mod bridge;
-pub mod caller;
-pub mod embedded;
+pub(crate) mod caller;
+pub(crate) mod embedded;
 pub mod http;
-pub mod messages;
+pub(crate) mod messages;
 mod openapi;
-pub mod pages;
-pub mod peer;
-pub mod problem;
+pub(crate) mod pages;
+pub(crate) mod peer;
+pub(crate) mod problem;
 pub mod quota;
-pub mod security;
+pub(crate) mod security;
 pub mod throttle;
 pub mod tokens;
 pub mod ws;
@@ -66,45 +66,45 @@ pub struct ServeConfig {
 }
 
 /// Shared by every handler.
-pub struct AppState {
-    pub auth: Auth,
-    pub agents: Registry,
+pub(crate) struct AppState {
+    pub(crate) auth: Auth,
+    pub(crate) agents: Registry,
     /// Hosts, origins, proxies and cookies.
-    pub site: security::Site,
-    pub shutdown: CancellationToken,
-    pub tokens: tokens::TokenStore,
-    pub api_limits: api::ApiLimits,
-    pub api_rate: throttle::RequestRate,
+    pub(crate) site: security::Site,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) tokens: tokens::TokenStore,
+    pub(crate) api_limits: api::ApiLimits,
+    pub(crate) api_rate: throttle::RequestRate,
     /// One permit per password check running (argon2 takes ~19 MiB and
     /// tens of milliseconds each).
-    pub login_slots: tokio::sync::Semaphore,
+    pub(crate) login_slots: tokio::sync::Semaphore,
     /// One permit per command running through the API.
-    pub exec_slots: Arc<tokio::sync::Semaphore>,
+    pub(crate) exec_slots: Arc<tokio::sync::Semaphore>,
     /// One permit per byte that buffered API answers may hold.
-    pub output_budget: Arc<tokio::sync::Semaphore>,
+    pub(crate) output_budget: Arc<tokio::sync::Semaphore>,
     /// Running commands per user and agent.
-    pub quota: quota::Quota,
+    pub(crate) quota: quota::Quota,
 }
 
-pub type State = Arc<AppState>;
+pub(crate) type State = Arc<AppState>;
 
 /// Password checks run at once; more logins wait their turn.
-pub const LOGIN_VERIFIERS: usize = 2;
+pub(crate) const LOGIN_VERIFIERS: usize = 2;
 
 impl AppState {
     /// Who sent this request, from its session cookie.
-    pub fn session_principal(&self, headers: &HeaderMap) -> Option<Principal> {
+    pub(crate) fn session_principal(&self, headers: &HeaderMap) -> Option<Principal> {
         self.auth.session(&self.session_cookie(headers)?)
     }
 
     /// The session cookie's value, if the request has one.
-    pub fn session_cookie(&self, headers: &HeaderMap) -> Option<String> {
+    pub(crate) fn session_cookie(&self, headers: &HeaderMap) -> Option<String> {
         self.site.cookie(headers, self.site.session_cookie_name())
     }
 }
 
 /// The application's routes.
-pub fn router(state: State) -> Router {
+pub(crate) fn router(state: State) -> Router {
     Router::new()
         .route("/", get(pages::console))
         .route("/login", get(pages::login_page).post(pages::login_submit))
@@ -147,7 +147,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
 }
 
 /// Serves on `listener` until `shutdown` fires.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     config: ServeConfig,
     shutdown: CancellationToken,

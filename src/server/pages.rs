@@ -67,7 +67,7 @@ fn safe_next(next: Option<&str>) -> String {
 }
 
 /// `GET /`: the console, or a redirect to the login page.
-pub async fn console(State(state): State<AppState>, headers: HeaderMap) -> Response {
+pub(crate) async fn console(State(state): State<AppState>, headers: HeaderMap) -> Response {
     match state.session_principal(&headers) {
         Some(p) => render(&ConsolePage {
             username: p.name,
@@ -78,13 +78,13 @@ pub async fn console(State(state): State<AppState>, headers: HeaderMap) -> Respo
 }
 
 #[derive(Deserialize)]
-pub struct LoginQuery {
+pub(crate) struct LoginQuery {
     token: Option<String>,
     next: Option<String>,
 }
 
 /// `GET /login`: the form; with `?token=`, the admin token's one-click login.
-pub async fn login_page(
+pub(crate) async fn login_page(
     State(state): State<AppState>,
     ClientIp(client): ClientIp,
     headers: HeaderMap,
@@ -100,7 +100,7 @@ pub async fn login_page(
 }
 
 #[derive(Deserialize)]
-pub struct LoginForm {
+pub(crate) struct LoginForm {
     #[serde(default)]
     username: String,
     #[serde(default)]
@@ -112,7 +112,7 @@ pub struct LoginForm {
 }
 
 /// `POST /login`.
-pub async fn login_submit(
+pub(crate) async fn login_submit(
     State(state): State<AppState>,
     ClientIp(client): ClientIp,
     headers: HeaderMap,
@@ -221,7 +221,7 @@ fn finish_login(state: &AppState, result: Result<Principal, LoginError>, next: S
 
 /// `POST /logout`: ends the session. Same-origin only, so another site
 /// cannot log a user out.
-pub async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Response {
+pub(crate) async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Response {
     if headers.contains_key(header::ORIGIN) && !state.site.origin_allowed(&headers) {
         return (StatusCode::FORBIDDEN, "cross-origin logout refused").into_response();
     }
@@ -242,14 +242,14 @@ pub async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Respon
 
 /// The answer of `/healthz` and `/readyz`.
 #[derive(Serialize, ToSchema)]
-pub struct Health {
+pub(crate) struct Health {
     /// `ok`, `ready` or `agent unavailable`.
     status: &'static str,
 }
 
 /// `GET /api/v1/session`'s answer.
 #[derive(Serialize, ToSchema)]
-pub struct SessionInfo {
+pub(crate) struct SessionInfo {
     user: String,
     role: Role,
 }
@@ -264,7 +264,7 @@ pub struct SessionInfo {
     security(()),
     responses((status = 200, description = "Alive.", body = Health)),
 )]
-pub async fn healthz() -> Json<Health> {
+pub(crate) async fn healthz() -> Json<Health> {
     Json(Health { status: "ok" })
 }
 
@@ -281,7 +281,7 @@ pub async fn healthz() -> Json<Health> {
         (status = 503, description = "An agent is not connected.", body = Health),
     ),
 )]
-pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
+pub(crate) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
     if state.agents.all_connected() {
         (StatusCode::OK, Json(Health { status: "ready" }))
     } else {
@@ -308,7 +308,7 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Health>)
         (status = 401, response = super::api::ProblemResponse),
     ),
 )]
-pub async fn session_info(State(state): State<AppState>, headers: HeaderMap) -> Response {
+pub(crate) async fn session_info(State(state): State<AppState>, headers: HeaderMap) -> Response {
     match state.session_principal(&headers) {
         Some(p) => Json(SessionInfo {
             user: p.name,

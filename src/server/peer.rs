@@ -20,7 +20,7 @@ use super::State;
 
 /// The proxies whose forwarding headers are believed.
 #[derive(Debug, Clone, Default)]
-pub struct TrustedProxies(pub Vec<IpNet>);
+pub(crate) struct TrustedProxies(pub Vec<IpNet>);
 
 impl TrustedProxies {
     fn trusts(&self, ip: IpAddr) -> bool {
@@ -29,7 +29,7 @@ impl TrustedProxies {
     }
 
     /// The client's address for a request from `peer` with `headers`.
-    pub fn client(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+    pub(crate) fn client(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
         let peer = canonical(peer);
         if !self.trusts(peer) {
             return peer;
@@ -66,7 +66,7 @@ fn canonical(ip: IpAddr) -> IpAddr {
 
 /// The client's address, as an extractor.
 #[derive(Debug, Clone, Copy)]
-pub struct ClientIp(pub IpAddr);
+pub(crate) struct ClientIp(pub IpAddr);
 
 impl FromRequestParts<State> for ClientIp {
     type Rejection = std::convert::Infallible;

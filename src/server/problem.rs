@@ -10,21 +10,21 @@ use utoipa::ToSchema;
 /// The body of every API error (RFC 9457 problem details), sent as
 /// `application/problem+json`.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct Problem {
+pub(crate) struct Problem {
     /// A URI naming the kind of problem (`.../problems/bad-request`).
     #[serde(rename = "type")]
-    pub kind: String,
+    pub(crate) kind: String,
     /// The status's reason phrase.
-    pub title: String,
+    pub(crate) title: String,
     /// The HTTP status code.
-    pub status: u16,
+    pub(crate) status: u16,
     /// What went wrong, for a person to read.
-    pub detail: String,
+    pub(crate) detail: String,
 }
 
 /// Everything an API handler can fail with.
 #[derive(Debug, thiserror::Error)]
-pub enum ApiError {
+pub(crate) enum ApiError {
     #[error("{0}")]
     BadRequest(String),
     #[error("valid credentials are required: send `Authorization: Bearer <token>`")]

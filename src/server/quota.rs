@@ -20,7 +20,7 @@ pub struct QuotaLimits {
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum QuotaError {
+pub(crate) enum QuotaError {
     #[error(
         "{user} runs {limit} commands already, the most one user may run at once; wait for one to end"
     )]
@@ -42,13 +42,13 @@ struct Counts {
 
 /// Running commands by user and by agent.
 #[derive(Clone)]
-pub struct Quota {
+pub(crate) struct Quota {
     limits: QuotaLimits,
     counts: Arc<Mutex<Counts>>,
 }
 
 /// One admitted command; dropping it frees the share.
-pub struct Ticket {
+pub(crate) struct Ticket {
     user: String,
     agent: String,
     counts: Arc<Mutex<Counts>>,
@@ -76,7 +76,7 @@ impl Drop for Ticket {
 }
 
 impl Quota {
-    pub fn new(limits: QuotaLimits) -> Quota {
+    pub(crate) fn new(limits: QuotaLimits) -> Quota {
         Quota {
             limits,
             counts: Arc::default(),
@@ -85,7 +85,12 @@ impl Quota {
 
     /// Admits one more command of `user` on `agent`, whose link runs at
     /// most `capacity` channels.
-    pub fn admit(&self, user: &str, agent: &str, capacity: usize) -> Result<Ticket, QuotaError> {
+    pub(crate) fn admit(
+        &self,
+        user: &str,
+        agent: &str,
+        capacity: usize,
+    ) -> Result<Ticket, QuotaError> {
         let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         let mine = c.by_user.get(user).copied().unwrap_or(0);
         if mine >= self.limits.per_user {

@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 
 /// The page loads scripts only from this server, never inline, and may not
 /// be framed.
-pub const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; \
+pub(crate) const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; \
 connect-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; \
 form-action 'self'; frame-ancestors 'none'";
 
@@ -17,7 +17,7 @@ form-action 'self'; frame-ancestors 'none'";
 /// `same-origin`, not `no-referrer`: under `no-referrer` browsers send
 /// `Origin: null` on the page's own form posts, which the Origin check on
 /// logout and login would then refuse.
-pub async fn headers(request: Request, next: Next) -> Response {
+pub(crate) async fn headers(request: Request, next: Next) -> Response {
     let mut response = next.run(request).await;
     let h = response.headers_mut();
     h.insert(
@@ -49,26 +49,26 @@ pub async fn headers(request: Request, next: Next) -> Response {
 /// see, the hosts and origins accepted, the proxies trusted, and whether
 /// cookies are `Secure`.
 #[derive(Debug, Clone, Default)]
-pub struct Site {
+pub(crate) struct Site {
     /// `scheme://host[:port]` of `--public-url`.
-    pub public_origin: Option<String>,
+    pub(crate) public_origin: Option<String>,
     /// The `Host` value of `--public-url` (`host[:port]`, the port only
     /// when not the scheme's default).
-    pub public_host: Option<String>,
+    pub(crate) public_host: Option<String>,
     /// Further origins allowed to open consoles.
-    pub allowed_origins: Vec<String>,
+    pub(crate) allowed_origins: Vec<String>,
     /// Without a public URL, on a loopback listener: accept only loopback
     /// names in `Host`, so that a DNS-rebinding page cannot reach us.
-    pub loopback_hosts_only: bool,
+    pub(crate) loopback_hosts_only: bool,
     /// Whether pages are served over HTTPS (directly, or by a proxy for
     /// an `https://` public URL): cookies get `Secure` and `__Host-`.
-    pub https: bool,
-    pub proxies: super::peer::TrustedProxies,
+    pub(crate) https: bool,
+    pub(crate) proxies: super::peer::TrustedProxies,
 }
 
 impl Site {
     /// Builds the site policy; `public_url` must be an absolute http(s) URL.
-    pub fn new(
+    pub(crate) fn new(
         public_url: Option<&url::Url>,
         listen: std::net::SocketAddr,
         allowed_origins: Vec<String>,
@@ -104,7 +104,7 @@ impl Site {
 
     /// Whether the `Host` header names this server (DNS rebinding: a page
     /// on `evil.example` that resolves to us sends `Host: evil.example`).
-    pub fn host_allowed(&self, headers: &HeaderMap, uri: &axum::http::Uri) -> bool {
+    pub(crate) fn host_allowed(&self, headers: &HeaderMap, uri: &axum::http::Uri) -> bool {
         // HTTP/2 carries `:authority` (in the URI) instead of `Host`.
         let host = headers
             .get(header::HOST)
@@ -121,7 +121,7 @@ impl Site {
     /// or else the one its `Host` names) or one of `--allowed-origins`. A
     /// request without an `Origin` is refused: every browser sends one on
     /// WebSocket upgrades and cross-site posts.
-    pub fn origin_allowed(&self, headers: &HeaderMap) -> bool {
+    pub(crate) fn origin_allowed(&self, headers: &HeaderMap) -> bool {
         let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
             return false;
         };
@@ -140,7 +140,7 @@ impl Site {
 
     /// The session cookie's name: `__Host-` over HTTPS, so that no other
     /// site or sub-domain can set it.
-    pub fn session_cookie_name(&self) -> &'static str {
+    pub(crate) fn session_cookie_name(&self) -> &'static str {
         if self.https {
             "__Host-conch_session"
         } else {
@@ -149,7 +149,7 @@ impl Site {
     }
 
     /// The trusted-device cookie's name (see `throttle`).
-    pub fn device_cookie_name(&self) -> &'static str {
+    pub(crate) fn device_cookie_name(&self) -> &'static str {
         if self.https {
             "__Host-conch_device"
         } else {
@@ -158,7 +158,7 @@ impl Site {
     }
 
     /// `Set-Cookie` attributes shared by conch's cookies.
-    pub fn cookie_attributes(&self) -> &'static str {
+    pub(crate) fn cookie_attributes(&self) -> &'static str {
         if self.https {
             "Path=/; HttpOnly; SameSite=Strict; Secure"
         } else {
@@ -167,7 +167,7 @@ impl Site {
     }
 
     /// A cookie's value from the request.
-    pub fn cookie(&self, headers: &HeaderMap, name: &str) -> Option<String> {
+    pub(crate) fn cookie(&self, headers: &HeaderMap, name: &str) -> Option<String> {
         headers
             .get_all(header::COOKIE)
             .iter()
@@ -206,7 +206,7 @@ fn host_matches(site: &Site, host: &str) -> bool {
 
 /// Answers 421 to requests whose `Host` is not this server's (health
 /// probes excepted: they carry no secret and come from anywhere).
-pub async fn host_guard(
+pub(crate) async fn host_guard(
     axum::extract::State(state): axum::extract::State<super::State>,
     request: Request,
     next: Next,

@@ -36,9 +36,9 @@ const MAX_KEYS: usize = 100_000;
 /// are blocked; then one more a minute.
 pub const PASSWORD_FAILURES: u32 = 10;
 /// Failed passwords allowed from one trusted device; then one a minute.
-pub const DEVICE_FAILURES: u32 = 5;
+pub(crate) const DEVICE_FAILURES: u32 = 5;
 /// Failed tokens allowed per address (login form and bearer); then one a second.
-pub const TOKEN_FAILURES: u32 = 30;
+pub(crate) const TOKEN_FAILURES: u32 = 30;
 
 fn quota(per_minute: u32, burst: u32) -> Quota {
     let per_minute = NonZeroU32::new(per_minute.max(1)).unwrap_or(NonZeroU32::MIN);
@@ -47,7 +47,7 @@ fn quota(per_minute: u32, burst: u32) -> Quota {
 }
 
 /// A bucket per key, charged on failures only.
-pub struct FailureBucket<K: Hash + Eq + Clone> {
+pub(crate) struct FailureBucket<K: Hash + Eq + Clone> {
     quota: Quota,
     limiter: Mutex<DefaultKeyedRateLimiter<K>>,
     blocked: Mutex<HashMap<K, Instant>>,
@@ -56,7 +56,7 @@ pub struct FailureBucket<K: Hash + Eq + Clone> {
 impl<K: Hash + Eq + Clone> FailureBucket<K> {
     /// A key is blocked by its `allowed`th failure in a row, and gets one
     /// more try each `refill`.
-    pub fn new(allowed: u32, refill: Duration) -> Self {
+    pub(crate) fn new(allowed: u32, refill: Duration) -> Self {
         let burst = NonZeroU32::new(allowed.saturating_sub(1).max(1)).unwrap_or(NonZeroU32::MIN);
         let quota = Quota::with_period(refill)
             .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
@@ -69,7 +69,7 @@ impl<K: Hash + Eq + Clone> FailureBucket<K> {
     }
 
     /// How long `key` must still wait, if it is blocked.
-    pub fn blocked_for(&self, key: &K) -> Option<Duration> {
+    pub(crate) fn blocked_for(&self, key: &K) -> Option<Duration> {
         let mut blocked = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
         let until = *blocked.get(key)?;
         let now = Instant::now();
@@ -81,7 +81,7 @@ impl<K: Hash + Eq + Clone> FailureBucket<K> {
     }
 
     /// Charges one failure to `key`; it is blocked once its bucket is empty.
-    pub fn fail(&self, key: &K) {
+    pub(crate) fn fail(&self, key: &K) {
         let mut limiter = self.limiter.lock().unwrap_or_else(|e| e.into_inner());
         if limiter.len() >= MAX_KEYS {
             limiter.retain_recent();
@@ -102,15 +102,15 @@ impl<K: Hash + Eq + Clone> FailureBucket<K> {
 }
 
 /// The failure buckets of the login form and of bearer tokens.
-pub struct LoginThrottle {
-    pub password_by_addr: FailureBucket<IpAddr>,
-    pub password_by_account: FailureBucket<String>,
-    pub password_by_device: FailureBucket<[u8; 16]>,
+pub(crate) struct LoginThrottle {
+    pub(crate) password_by_addr: FailureBucket<IpAddr>,
+    pub(crate) password_by_account: FailureBucket<String>,
+    pub(crate) password_by_device: FailureBucket<[u8; 16]>,
     /// The admin token in the login form or `?token=` (which any page can
     /// make a browser send).
-    pub token_by_addr: FailureBucket<IpAddr>,
+    pub(crate) token_by_addr: FailureBucket<IpAddr>,
     /// `Authorization: Bearer` failures.
-    pub bearer_by_addr: FailureBucket<IpAddr>,
+    pub(crate) bearer_by_addr: FailureBucket<IpAddr>,
 }
 
 impl Default for LoginThrottle {
@@ -129,19 +129,19 @@ impl Default for LoginThrottle {
 }
 
 /// Requests per caller per minute (the API's rate limit).
-pub struct RequestRate {
+pub(crate) struct RequestRate {
     limiter: DefaultKeyedRateLimiter<String>,
 }
 
 impl RequestRate {
-    pub fn new(per_minute: u32) -> Self {
+    pub(crate) fn new(per_minute: u32) -> Self {
         RequestRate {
             limiter: RateLimiter::keyed(quota(per_minute, per_minute)),
         }
     }
 
     /// Counts a request of `who`; `Err(seconds to wait)` when over the rate.
-    pub fn check(&self, who: &str) -> Result<(), u64> {
+    pub(crate) fn check(&self, who: &str) -> Result<(), u64> {
         if self.limiter.len() >= MAX_KEYS {
             self.limiter.retain_recent();
         }

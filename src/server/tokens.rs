@@ -16,13 +16,13 @@ use sha2::{Digest, Sha256};
 use super::auth::{Principal, Role, Secret};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TokenRecord {
-    pub name: String,
-    pub role: Role,
+pub(crate) struct TokenRecord {
+    pub(crate) name: String,
+    pub(crate) role: Role,
     /// Hex SHA-256 of the token.
-    pub sha256: String,
+    pub(crate) sha256: String,
     /// Seconds since the Unix epoch.
-    pub created: u64,
+    pub(crate) created: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -200,7 +200,7 @@ impl TokenStore {
         self.save(records)
     }
 
-    pub fn list(&self) -> Result<Vec<TokenRecord>, TokenError> {
+    pub(crate) fn list(&self) -> Result<Vec<TokenRecord>, TokenError> {
         self.load()
     }
 
@@ -215,7 +215,7 @@ impl TokenStore {
     }
 
     /// The principal a presented token stands for.
-    pub fn authenticate(&self, token: &str) -> Option<Principal> {
+    pub(crate) fn authenticate(&self, token: &str) -> Option<Principal> {
         let given = digest(token);
         let records = self.load().ok()?;
         // Compare against every record in constant time each.

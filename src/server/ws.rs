@@ -32,7 +32,7 @@ use crate::vocab::{ErrorCode, Signal};
 /// Output credit per command between the agent and the browser: 256 KiB.
 pub const BROWSER_WINDOW: u64 = 256 * 1024;
 /// Commands one socket may run at once.
-pub const MAX_COMMANDS: usize = 16;
+pub(crate) const MAX_COMMANDS: usize = 16;
 /// Messages queued for one browser: 64 (output frames are ≤ 64 KiB).
 const OUTBOUND_QUEUE: usize = 64;
 /// The largest text message accepted from a browser: 1 MiB (a big paste).
@@ -47,7 +47,7 @@ const STDOUT: u8 = 1;
 const STDERR: u8 = 2;
 
 /// `GET /ws`: upgrades after checking the session and the Origin.
-pub async fn upgrade(
+pub(crate) async fn upgrade(
     State(state): State<AppState>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,

@@ -24,17 +24,17 @@ use crate::vocab::ErrorCode;
 type HmacSha256 = Hmac<Sha256>;
 
 /// Nonce size in bytes; on the wire it is 64 hex characters.
-pub const NONCE_LEN: usize = 32;
+pub(crate) const NONCE_LEN: usize = 32;
 
 /// A fresh random nonce, hex-encoded.
-pub fn new_nonce() -> String {
+pub(crate) fn new_nonce() -> String {
     let mut bytes = [0u8; NONCE_LEN];
     rand::fill(&mut bytes);
     hex::encode(bytes)
 }
 
 /// Whether `nonce` has the wire form of a nonce: 64 lowercase or uppercase hex digits.
-pub fn is_valid_nonce(nonce: &str) -> bool {
+pub(crate) fn is_valid_nonce(nonce: &str) -> bool {
     nonce.len() == NONCE_LEN * 2 && nonce.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
@@ -47,7 +47,7 @@ fn mac(key: &[u8], parts: &[&str]) -> HmacSha256 {
 }
 
 /// The client's MAC: `HMAC-SHA256(key, "conch-client" + agent_nonce + client_nonce)`, hex.
-pub fn client_mac(key: &[u8], agent_nonce: &str, client_nonce: &str) -> String {
+pub(crate) fn client_mac(key: &[u8], agent_nonce: &str, client_nonce: &str) -> String {
     hex::encode(
         mac(key, &["conch-client", agent_nonce, client_nonce])
             .finalize()
@@ -56,7 +56,7 @@ pub fn client_mac(key: &[u8], agent_nonce: &str, client_nonce: &str) -> String {
 }
 
 /// The agent's MAC: `HMAC-SHA256(key, "conch-agent" + client_nonce + agent_nonce)`, hex.
-pub fn agent_mac(key: &[u8], client_nonce: &str, agent_nonce: &str) -> String {
+pub(crate) fn agent_mac(key: &[u8], client_nonce: &str, agent_nonce: &str) -> String {
     hex::encode(
         mac(key, &["conch-agent", client_nonce, agent_nonce])
             .finalize()
@@ -65,7 +65,12 @@ pub fn agent_mac(key: &[u8], client_nonce: &str, agent_nonce: &str) -> String {
 }
 
 /// Checks a client's MAC in constant time.
-pub fn verify_client_mac(key: &[u8], agent_nonce: &str, client_nonce: &str, given: &str) -> bool {
+pub(crate) fn verify_client_mac(
+    key: &[u8],
+    agent_nonce: &str,
+    client_nonce: &str,
+    given: &str,
+) -> bool {
     verify(
         mac(key, &["conch-client", agent_nonce, client_nonce]),
         given,
@@ -73,7 +78,12 @@ pub fn verify_client_mac(key: &[u8], agent_nonce: &str, client_nonce: &str, give
 }
 
 /// Checks an agent's MAC in constant time.
-pub fn verify_agent_mac(key: &[u8], client_nonce: &str, agent_nonce: &str, given: &str) -> bool {
+pub(crate) fn verify_agent_mac(
+    key: &[u8],
+    client_nonce: &str,
+    agent_nonce: &str,
+    given: &str,
+) -> bool {
     verify(mac(key, &["conch-agent", client_nonce, agent_nonce]), given)
 }
 
@@ -177,7 +187,7 @@ pub(crate) async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
 pub struct AgentInfo {
     /// Channels the agent runs at once on this connection (its
     /// `--max-channels`); 1024 when an agent does not say.
-    pub max_channels: usize,
+    pub(crate) max_channels: usize,
 }
 
 /// Why the client's half failed.

@@ -6,5 +6,5 @@
 //! drift apart.
 
 pub mod handshake;
-pub mod socket;
-pub mod writer;
+pub(crate) mod socket;
+pub(crate) mod writer;

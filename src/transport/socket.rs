@@ -16,7 +16,7 @@ const PROBES: u32 = 3;
 
 /// Turns keepalive on for `stream`; failures are ignored (the link still
 /// works, only without the probe).
-pub fn enable_keepalive(stream: &impl AsFd) {
+pub(crate) fn enable_keepalive(stream: &impl AsFd) {
     let fd = stream.as_fd();
     let _ = setsockopt(&fd, sockopt::KeepAlive, &true);
     let _ = setsockopt(&fd, sockopt::TcpKeepIdle, &IDLE_SECS);
@@ -27,7 +27,7 @@ pub fn enable_keepalive(stream: &impl AsFd) {
 /// The next connection from `listener`, or `None` once `shutdown` fires.
 /// A failed accept (out of file descriptors, say) is logged and retried
 /// after a pause instead of spinning.
-pub async fn accept(
+pub(crate) async fn accept(
     listener: &tokio::net::TcpListener,
     shutdown: &tokio_util::sync::CancellationToken,
 ) -> Option<(tokio::net::TcpStream, std::net::SocketAddr)> {

@@ -12,7 +12,7 @@ use crate::protocol::{Frame, FrameError};
 /// Writes every frame from `queue` to `sink` until the queue is closed and
 /// empty, or a write fails. Frames already queued are written together and
 /// flushed once, so a burst of small frames costs one system call.
-pub async fn write_queued<S>(
+pub(crate) async fn write_queued<S>(
     queue: &mut mpsc::Receiver<Frame>,
     sink: &mut S,
 ) -> Result<(), FrameError>
