@@ -613,6 +613,40 @@ async fn the_api_contract_holds_at_its_edges() {
         "{body}"
     );
 
+    // What the description allows is taken, what it forbids refused
+    // (found by Schemathesis): a blank command runs, an unknown agent is
+    // not found, integers stop at 2^53 - 1, encodings go by name.
+    let resp = post_exec(&server, &server.token, &json!({"command": " "})).await;
+    assert_eq!(resp.status(), 200);
+    let resp = post_exec(&server, &server.token, &json!({"command": ""})).await;
+    problem(resp, 400).await;
+    let resp = post_exec(
+        &server,
+        &server.token,
+        &json!({"command": "true", "agent": "nosuch"}),
+    )
+    .await;
+    let body = problem(resp, 404).await;
+    assert!(
+        body["detail"].as_str().unwrap().contains("nosuch"),
+        "{body}"
+    );
+    let resp = post_exec(
+        &server,
+        &server.token,
+        &json!({"command": "true", "timeout_ms": 9007199254740992u64}),
+    )
+    .await;
+    let body = problem(resp, 400).await;
+    assert!(body["detail"].as_str().unwrap().contains("2^53"), "{body}");
+    let resp = post_exec(
+        &server,
+        &server.token,
+        &json!({"command": "true", "timeout_ms": 9007199254740991u64, "encoding": "windows-1252"}),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+
     // A duplicate token name is a conflict; its creation is never cached.
     let created = client()
         .post(server.url("/api/v1/tokens"))

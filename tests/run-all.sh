@@ -1,17 +1,25 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian machine: installs what the tests
 # need (Chromium for the browser tests, the npm packages, which also builds
-# the page's script), then runs the page's type check and unit tests, format
-# and lint checks, the Rust tests (the adversarial suite among them), the
-# benchmark harness in its quick mode, and the browser end-to-end tests.
+# the page's script, Python's venv for the API contract tools), then runs the
+# page's type check and unit tests, format and lint checks, the Rust tests
+# (the adversarial suite among them), the API contract check, the benchmark
+# harness in its quick mode, and the browser end-to-end tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+need=()
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
+command -v curl >/dev/null 2>&1 || need+=(curl)
+# The API contract check builds a Python venv (Debian splits venv out).
+command -v python3 >/dev/null 2>&1 || need+=(python3)
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
+if [ ${#need[@]} -gt 0 ]; then
   as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 if [ -f package-lock.json ]; then
   # Also bundles the page's script into web/dist/ (the `prepare` script),
@@ -24,6 +32,10 @@ fi
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
 cargo test --locked
+# The REST API against its generated description: openapi-spec-validator,
+# then Schemathesis fuzzing the live server (pinned in
+# tests/api-contract/requirements.txt; every command it sends is printf).
+tests/api-contract/run.sh "$PWD/target/debug/conch"
 # The benchmark harness end to end, small and quick: correctness, not speed.
 cargo test --locked --bench conch -- --quick
 if [ -d tests/e2e ]; then

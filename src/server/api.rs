@@ -34,6 +34,55 @@ use crate::protocol::ExecRequest;
 use crate::protocol::MAX_PAYLOAD_LEN;
 use crate::rest::{self, ExecResult, Stream, StreamLine};
 
+/// The largest integer the API takes: 2^53 - 1, which every JSON reader
+/// (JavaScript's included) keeps exactly (RFC 7493).
+pub(crate) const MAX_SAFE_INTEGER: u64 = (1 << 53) - 1;
+
+/// The encodings output may be decoded from, by their canonical WHATWG
+/// names (any of their labels is accepted too); listed in the API's
+/// description. The `replacement` encoding decodes nothing and is left out.
+pub(crate) const ENCODINGS: &[&Encoding] = &[
+    UTF_8,
+    encoding_rs::IBM866,
+    encoding_rs::ISO_8859_2,
+    encoding_rs::ISO_8859_3,
+    encoding_rs::ISO_8859_4,
+    encoding_rs::ISO_8859_5,
+    encoding_rs::ISO_8859_6,
+    encoding_rs::ISO_8859_7,
+    encoding_rs::ISO_8859_8,
+    encoding_rs::ISO_8859_8_I,
+    encoding_rs::ISO_8859_10,
+    encoding_rs::ISO_8859_13,
+    encoding_rs::ISO_8859_14,
+    encoding_rs::ISO_8859_15,
+    encoding_rs::ISO_8859_16,
+    encoding_rs::KOI8_R,
+    encoding_rs::KOI8_U,
+    encoding_rs::MACINTOSH,
+    encoding_rs::WINDOWS_874,
+    encoding_rs::WINDOWS_1250,
+    encoding_rs::WINDOWS_1251,
+    encoding_rs::WINDOWS_1252,
+    encoding_rs::WINDOWS_1253,
+    encoding_rs::WINDOWS_1254,
+    encoding_rs::WINDOWS_1255,
+    encoding_rs::WINDOWS_1256,
+    encoding_rs::WINDOWS_1257,
+    encoding_rs::WINDOWS_1258,
+    encoding_rs::X_MAC_CYRILLIC,
+    encoding_rs::GBK,
+    encoding_rs::GB18030,
+    encoding_rs::BIG5,
+    encoding_rs::EUC_JP,
+    encoding_rs::ISO_2022_JP,
+    encoding_rs::SHIFT_JIS,
+    encoding_rs::EUC_KR,
+    encoding_rs::UTF_16BE,
+    encoding_rs::UTF_16LE,
+    encoding_rs::X_USER_DEFINED,
+];
+
 /// The command's default time limit: 30 s.
 pub(crate) const DEFAULT_TIMEOUT_MS: u64 = 30_000;
 /// Output kept per stream by default in a buffered (non-streaming) answer:
@@ -69,7 +118,7 @@ pub struct ApiLimits {
 struct ExecBody {
     /// A shell command line, run with `sh -c`.
     #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = String)]
+    #[schema(value_type = String, min_length = 1)]
     command: Option<String>,
     /// A program and its arguments, run without a shell.
     #[serde(default, deserialize_with = "present")]
@@ -89,23 +138,23 @@ struct ExecBody {
     stdin: Option<String>,
     /// Milliseconds before the command is killed; capped by the server's
     /// `--max-timeout-ms`.
-    #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = u64, minimum = 1, default = 30000)]
+    #[serde(default, deserialize_with = "whole_number")]
+    #[schema(value_type = u64, minimum = 1, maximum = 9007199254740991_u64, default = 30000)]
     timeout_ms: Option<u64>,
     /// Output kept per stream in a buffered answer (default 1 MiB), or sent
     /// per stream in a streamed one (default: no cap); capped by the
     /// server's `--max-output-bytes`.
-    #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = u64, minimum = 0)]
-    max_output_bytes: Option<usize>,
-    /// The WHATWG encoding label the command's output is decoded from
-    /// (`gbk`, `shift_jis`...).
+    #[serde(default, deserialize_with = "whole_number")]
+    #[schema(value_type = u64, minimum = 0, maximum = 9007199254740991_u64)]
+    max_output_bytes: Option<u64>,
+    /// The WHATWG encoding the command's output is decoded from, by its
+    /// name (`gbk`, `shift_jis`...); its other labels are accepted too.
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = String, default = "utf-8")]
     encoding: Option<String>,
-    /// The agent's name; by default the only one.
+    /// The agent's name; by default the only one. An unknown name gets 404.
     #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = String)]
+    #[schema(value_type = String, min_length = 1)]
     agent: Option<String>,
 }
 
@@ -116,6 +165,30 @@ where
     T: Deserialize<'de>,
 {
     T::deserialize(d).map(Some)
+}
+
+/// A count: a JSON number with no fractional part (`300` or `300.0`, both
+/// integers to JSON Schema), from 0 to 2^53 - 1.
+fn whole_number<'de, D>(d: D) -> Result<Option<u64>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    use serde::de::Error;
+    let n = serde_json::Number::deserialize(d)?;
+    let value = match (n.as_u64(), n.as_f64()) {
+        (Some(v), _) => Some(v),
+        (None, Some(f)) if f >= 0.0 && f.fract() == 0.0 && f <= MAX_SAFE_INTEGER as f64 => {
+            Some(f as u64)
+        }
+        _ => None,
+    };
+    match value {
+        Some(v) if v <= MAX_SAFE_INTEGER => Ok(Some(v)),
+        _ => Err(D::Error::custom(format!(
+            "{n} is not a whole number from 0 to {MAX_SAFE_INTEGER} (2^53 - 1, the largest \
+             integer every JSON reader keeps exactly)"
+        ))),
+    }
 }
 
 /// A JSON error in the caller's words rather than Rust's.
@@ -153,7 +226,7 @@ fn prepare(body: ExecBody, limits: &ApiLimits, streaming: bool) -> Result<Prepar
         (None, Some(argv)) if argv.is_empty() => {
             return Err(ApiError::BadRequest("\"argv\" is empty".into()));
         }
-        (Some(c), None) if c.trim().is_empty() => {
+        (Some(c), None) if c.is_empty() => {
             return Err(ApiError::BadRequest("\"command\" is empty".into()));
         }
         _ => {}
@@ -177,7 +250,10 @@ fn prepare(body: ExecBody, limits: &ApiLimits, streaming: bool) -> Result<Prepar
         .min(limits.max_timeout_ms);
     // A streamed answer holds nothing back, so it needs no cap; a buffered
     // one holds everything, so it always has one.
-    let max_output = match (streaming, body.max_output_bytes) {
+    let max_output_bytes = body
+        .max_output_bytes
+        .map(|v| usize::try_from(v).unwrap_or(usize::MAX));
+    let max_output = match (streaming, max_output_bytes) {
         (true, cap) => cap,
         (false, cap) => Some(
             cap.unwrap_or(DEFAULT_MAX_OUTPUT)
@@ -268,6 +344,7 @@ pub(crate) struct ProblemResponse(#[allow(dead_code)] Problem);
         (status = 400, response = ProblemResponse),
         (status = 401, response = ProblemResponse),
         (status = 403, response = ProblemResponse),
+        (status = 404, response = ProblemResponse),
         (status = 413, response = ProblemResponse),
         (status = 415, response = ProblemResponse),
         (status = 429, response = ProblemResponse),
@@ -320,6 +397,7 @@ pub(crate) async fn exec(
         .link(prepared.agent.as_deref())
         .map_err(|e| match e {
             super::agents::AgentError::Unavailable(_) => ApiError::AgentUnavailable(e.to_string()),
+            super::agents::AgentError::Unknown(_) => ApiError::NotFound(e.to_string()),
             _ => ApiError::BadRequest(e.to_string()),
         })?;
     let ticket = state

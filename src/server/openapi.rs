@@ -11,6 +11,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{RefOr, ServerBuilder};
 use utoipa::{Modify, OpenApi};
 
+use super::problem::Problem;
 use super::{api, pages};
 
 #[derive(OpenApi)]
@@ -31,7 +32,7 @@ use super::{api, pages};
         pages::healthz,
         pages::readyz,
     ),
-    components(responses(api::ProblemResponse)),
+    components(schemas(Problem), responses(api::ProblemResponse)),
     security(("bearer" = [])),
     modifiers(&Conch),
 )]
@@ -42,6 +43,8 @@ struct Conch;
 
 impl Modify for Conch {
     fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        // The derive fills in the package's (unset) licence as an empty name.
+        doc.info.license = None;
         // Relative to the document's own address, wherever the server runs.
         doc.servers = Some(vec![
             ServerBuilder::new()
@@ -56,7 +59,19 @@ impl Modify for Conch {
         );
         // Exactly one of `command` and `argv`: a `oneOf` of the two
         // `required`s (a body with both matches both, so fails it too).
-        if let Some(fields) = components.schemas.remove("ExecRequest") {
+        if let Some(mut fields) = components.schemas.remove("ExecRequest") {
+            // The encodings by name: the derive sees only a string.
+            if let RefOr::T(Schema::Object(object)) = &mut fields
+                && let Some(RefOr::T(Schema::Object(encoding))) =
+                    object.properties.get_mut("encoding")
+            {
+                encoding.enum_values = Some(
+                    api::ENCODINGS
+                        .iter()
+                        .map(|e| e.name().to_ascii_lowercase().into())
+                        .collect(),
+                );
+            }
             let either = OneOfBuilder::new()
                 .item(ObjectBuilder::new().required("command"))
                 .item(ObjectBuilder::new().required("argv"));
@@ -94,5 +109,24 @@ mod tests {
         assert_eq!(either[0]["required"][0], "command", "{request}");
         assert_eq!(either[1]["required"][0], "argv", "{request}");
         assert_eq!(request["allOf"][0]["additionalProperties"], false);
+        let encodings = &request["allOf"][0]["properties"]["encoding"]["enum"];
+        assert!(
+            encodings.as_array().unwrap().contains(&"shift_jis".into()),
+            "{encodings}"
+        );
+        // Every name listed is one the server takes.
+        for name in encodings.as_array().unwrap() {
+            let name = name.as_str().unwrap();
+            assert!(
+                encoding_rs::Encoding::for_label(name.as_bytes()).is_some(),
+                "{name}"
+            );
+        }
+        let timeout = &request["allOf"][0]["properties"]["timeout_ms"]["maximum"];
+        assert_eq!(
+            timeout.as_u64(),
+            Some(super::api::MAX_SAFE_INTEGER),
+            "{timeout}"
+        );
     }
 }
