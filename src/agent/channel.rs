@@ -525,3 +525,78 @@ impl AsyncWrite for SharedPty {
         std::task::Poll::Ready(Ok(()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queue(
+        eof_byte: Option<u8>,
+    ) -> (StdinQueue<tokio::io::DuplexStream>, tokio::io::DuplexStream) {
+        let (writer, reader) = tokio::io::duplex(64);
+        let q = StdinQueue {
+            writer: Some(writer),
+            eof_byte,
+            queue: VecDeque::new(),
+            queued: 0,
+            eof: false,
+            owed: 0,
+        };
+        (q, reader)
+    }
+
+    #[tokio::test]
+    async fn input_is_written_in_order_and_its_credit_comes_back_in_batches() {
+        let (mut q, mut reader) = queue(None);
+        q.push(Bytes::from_static(b"hello "), false).unwrap();
+        q.push(Bytes::from_static(b"world"), true).unwrap();
+        while q.pending() {
+            q.write_some().await;
+        }
+        assert!(q.writer.is_none(), "end of input closes the pipe");
+        let mut got = Vec::new();
+        reader.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"hello world");
+        // 11 bytes written: owed, but less than a batch.
+        assert_eq!(q.credit_due(), None);
+        assert_eq!(q.owed, 11);
+        q.owed += STDIN_CREDIT_BATCH;
+        assert_eq!(q.credit_due(), Some(11 + STDIN_CREDIT_BATCH as u64));
+        assert_eq!(q.owed, 0);
+    }
+
+    #[tokio::test]
+    async fn a_terminal_gets_its_eof_character_and_stays_open() {
+        let (mut q, mut reader) = queue(Some(0x04));
+        q.push(Bytes::from_static(b"x"), true).unwrap();
+        while q.pending() {
+            q.write_some().await;
+        }
+        assert!(q.writer.is_some());
+        let mut got = [0u8; 2];
+        reader.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"x\x04");
+    }
+
+    #[tokio::test]
+    async fn input_after_the_end_is_refused_but_its_credit_returned() {
+        let (mut q, _reader) = queue(None);
+        q.push(Bytes::new(), true).unwrap();
+        assert!(q.writer.is_none());
+        assert_eq!(
+            q.push(Bytes::from_static(b"late"), false),
+            Err("stdin_closed")
+        );
+        assert_eq!(q.owed, 1 + 4, "the empty frame's byte and the late input");
+    }
+
+    #[tokio::test]
+    async fn a_process_that_closes_its_input_drops_what_is_queued() {
+        let (mut q, reader) = queue(None);
+        drop(reader);
+        q.push(Bytes::from_static(b"lost"), false).unwrap();
+        q.write_some().await;
+        assert!(q.writer.is_none());
+        assert_eq!((q.queued, q.owed), (0, 4));
+    }
+}

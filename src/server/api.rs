@@ -1005,3 +1005,140 @@ pub(crate) async fn method_not_allowed() -> ApiError {
 pub(crate) async fn not_found() -> ApiError {
     ApiError::NotFound("no such API endpoint".into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> ApiLimits {
+        ApiLimits {
+            max_body_bytes: 1 << 20,
+            max_timeout_ms: 60_000,
+            max_output_bytes: 4096,
+            max_concurrent: 8,
+            rate_per_minute: 60,
+            buffered_budget: 1 << 20,
+        }
+    }
+
+    fn body(json: serde_json::Value) -> Result<ExecBody, String> {
+        serde_json::from_value(json).map_err(|e| e.to_string())
+    }
+
+    fn prepared(json: serde_json::Value, streaming: bool) -> Result<Prepared, String> {
+        prepare(body(json)?, &limits(), streaming).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_request_needs_exactly_one_non_empty_command() {
+        for bad in [
+            serde_json::json!({}),
+            serde_json::json!({"command": "true", "argv": ["true"]}),
+            serde_json::json!({"command": ""}),
+            serde_json::json!({"argv": []}),
+            serde_json::json!({"command": "true", "timeout_ms": 0}),
+            serde_json::json!({"command": "true", "encoding": "no-such"}),
+        ] {
+            assert!(prepared(bad.clone(), false).is_err(), "{bad}");
+        }
+        assert!(prepared(serde_json::json!({"command": " "}), false).is_ok());
+        assert!(prepared(serde_json::json!({"argv": ["true"]}), false).is_ok());
+    }
+
+    #[test]
+    fn limits_are_applied_and_buffered_answers_always_have_a_cap() {
+        let p = prepared(
+            serde_json::json!({"command": "true", "timeout_ms": 999_999_999, "encoding": "SJIS"}),
+            false,
+        )
+        .unwrap();
+        assert_eq!(p.req.timeout_ms, Some(60_000));
+        assert_eq!(p.max_output, Some(4096));
+        assert_eq!(p.encoding, encoding_rs::SHIFT_JIS);
+        let p = prepared(serde_json::json!({"command": "true"}), true).unwrap();
+        assert_eq!(p.req.timeout_ms, Some(DEFAULT_TIMEOUT_MS));
+        assert_eq!(p.max_output, None, "streaming holds nothing back");
+        let p = prepared(
+            serde_json::json!({"command": "true", "max_output_bytes": 10.0}),
+            true,
+        )
+        .unwrap();
+        assert_eq!(p.max_output, Some(10));
+    }
+
+    #[test]
+    fn counts_are_whole_numbers_up_to_2_pow_53_minus_1() {
+        for ok in [0.0, 300.0, 9_007_199_254_740_991.0] {
+            let b = body(serde_json::json!({"command": "x", "max_output_bytes": ok})).unwrap();
+            assert_eq!(b.max_output_bytes, Some(ok as u64));
+        }
+        for bad in [
+            serde_json::json!(-1),
+            serde_json::json!(1.5),
+            serde_json::json!(9_007_199_254_740_992u64),
+            serde_json::json!(1e300),
+            serde_json::json!("5"),
+            serde_json::Value::Null,
+        ] {
+            let e = body(serde_json::json!({"command": "x", "timeout_ms": bad})).unwrap_err();
+            assert!(!e.contains("u64") && !e.contains("usize"), "{e}");
+        }
+    }
+
+    fn decoded(lines: &[StreamLine]) -> String {
+        lines
+            .iter()
+            .map(|l| match l {
+                StreamLine::Output { data, encoding, .. } => match encoding {
+                    Some(rest::Encoding::Base64) => format!("[{data}]"),
+                    _ => data.clone(),
+                },
+                StreamLine::Truncated { limit, .. } => format!("<cut at {limit}>"),
+                _ => "?".into(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_character_split_across_chunks_is_sent_whole() {
+        let mut d = StreamDecoder::new(Stream::Stdout, UTF_8, None);
+        let euro = "€".as_bytes();
+        let mut lines = d.lines(&[b"a", &euro[..1]].concat());
+        lines.extend(d.lines(&euro[1..]));
+        assert_eq!(decoded(&lines), "a€");
+        assert!(d.finish().is_none());
+    }
+
+    #[test]
+    fn bytes_that_are_not_text_go_as_base64_and_nothing_is_lost() {
+        let mut d = StreamDecoder::new(Stream::Stdout, UTF_8, None);
+        let lines = d.lines(b"\xff\xfe");
+        assert_eq!(decoded(&lines), format!("[{}]", BASE64.encode(b"\xff\xfe")));
+        // Half a character at the end of the stream comes out as bytes.
+        assert!(d.lines(&"€".as_bytes()[..2]).is_empty());
+        let tail = d.finish().expect("the held bytes");
+        assert_eq!(
+            decoded(&[tail]),
+            format!("[{}]", BASE64.encode(&"€".as_bytes()[..2]))
+        );
+    }
+
+    #[test]
+    fn a_cap_is_announced_once_and_the_rest_dropped() {
+        let mut d = StreamDecoder::new(Stream::Stderr, UTF_8, Some(3));
+        let mut lines = d.lines(b"abcdef");
+        lines.extend(d.lines(b"ghi"));
+        assert_eq!(decoded(&lines), "abc<cut at 3>");
+        assert!(d.truncated);
+    }
+
+    #[test]
+    fn a_capture_keeps_its_limit_and_says_it_cut() {
+        let mut c = Capture::new(4);
+        c.push(b"ab");
+        assert!(!c.truncated);
+        c.push(b"cdef");
+        assert_eq!(c.data, b"abcd");
+        assert!(c.truncated);
+    }
+}
