@@ -148,6 +148,10 @@ struct AgentArgs {
     /// Commands running at once on one connection.
     #[arg(long, env = "CONCH_AGENT_MAX_CHANNELS", default_value_t = 1024)]
     max_channels: usize,
+    /// Serve clients over plain TCP instead of TLS: commands, keystrokes and
+    /// output cross the network readable and alterable. Clients must say so too.
+    #[arg(long, env = "CONCH_INSECURE_PLAINTEXT")]
+    insecure_plaintext: bool,
 }
 
 #[derive(Args)]
@@ -171,6 +175,11 @@ struct ServeArgs {
     /// The pre-shared key file of the agent given with --agent.
     #[arg(long, env = "CONCH_AGENT_KEY_FILE")]
     agent_key_file: Option<PathBuf>,
+    /// Reach the agent given with --agent over plain TCP instead of TLS (it
+    /// must run with --insecure-plaintext too): commands, keystrokes and
+    /// output cross the network readable and alterable.
+    #[arg(long, env = "CONCH_INSECURE_PLAINTEXT")]
+    insecure_plaintext: bool,
     /// The admin token (prefer --admin-token-file: a flag shows in `ps`).
     #[arg(long, env = "CONCH_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
@@ -313,10 +322,21 @@ fn serve_config(args: ServeArgs, json_logs: bool) -> anyhow::Result<ServeConfig>
             let path = args
                 .agent_key_file
                 .context("--agent needs --agent-key-file (or CONCH_AGENT_KEY_FILE)")?;
+            let security = if args.insecure_plaintext {
+                tracing::warn!(
+                    agent = %addr,
+                    "--insecure-plaintext: the agent link is not encrypted or protected \
+                     from tampering; anyone on the path reads commands, keystrokes and output"
+                );
+                conch::link::Security::Plaintext
+            } else {
+                conch::link::Security::Tls
+            };
             Some(AgentSpec {
                 name: args.agent_name,
                 addr,
                 key: Key::load(&path)?,
+                security,
             })
         }
         None => None,
@@ -509,6 +529,19 @@ async fn run(command: Command, json_logs: bool) -> anyhow::Result<ExitCode> {
                     max_channels: args.max_channels.max(1),
                 },
                 policy: std::sync::Arc::new(policy),
+                tls: if args.insecure_plaintext {
+                    tracing::warn!(
+                        listen = %args.listen,
+                        "--insecure-plaintext: connections are not encrypted or protected from \
+                         tampering; anyone on the path reads commands, keystrokes and output"
+                    );
+                    None
+                } else {
+                    Some(
+                        conch::transport::tls::Acceptor::ephemeral()
+                            .context("cannot set up TLS")?,
+                    )
+                },
             };
             let shutdown = conch::shutdown::on_signals();
             match args.listen_fd {

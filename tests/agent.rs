@@ -11,7 +11,8 @@ use common::{start_agent, wait_gone};
 use conch::keyfile::Key;
 use conch::link::{AgentLink, Event};
 use conch::protocol::{ExecRequest, Frame, FrameCodec, Message, PtySize};
-use conch::transport::handshake::offer;
+use conch::transport::handshake::{LinkFramed, offer};
+use conch::transport::tls::Connector;
 use conch::vocab::Signal;
 use futures_util::{SinkExt, StreamExt};
 use sha2::{Digest, Sha256};
@@ -376,11 +377,18 @@ async fn close_and_connection_loss_kill_the_process_group() {
 }
 
 /// A raw framed connection, for what the link would never send.
-async fn raw_connect(addr: std::net::SocketAddr) -> Framed<TcpStream, FrameCodec> {
-    Framed::new(TcpStream::connect(addr).await.unwrap(), FrameCodec::new())
+async fn raw_connect(addr: std::net::SocketAddr) -> LinkFramed {
+    let stream: conch::transport::Stream = Box::new(TcpStream::connect(addr).await.unwrap());
+    Framed::new(stream, FrameCodec::new())
 }
 
-async fn expect_error(framed: &mut Framed<TcpStream, FrameCodec>, ch: u32, code: &str) {
+/// The client's half of the handshake, over TLS, on a raw connection.
+async fn authenticate(framed: &mut LinkFramed, key: &Key) {
+    let tls = Connector::new().unwrap();
+    offer(framed, key, Some(&tls)).await.unwrap();
+}
+
+async fn expect_error(framed: &mut LinkFramed, ch: u32, code: &str) {
     loop {
         match framed.next().await {
             Some(Ok(Frame {
@@ -407,7 +415,20 @@ async fn a_wrong_key_is_refused() {
         .expect("refused");
     assert!(err.to_string().contains("refused"), "{err}");
 
-    // Anything before auth is refused too.
+    // Anything but TLS after hello ends the connection, unrun.
+    let mut framed = raw_connect(agent.addr).await;
+    let _hello = framed.next().await.unwrap().unwrap();
+    framed
+        .send(Frame::exec(1, &sh("echo no")).unwrap())
+        .await
+        .unwrap();
+    assert!(
+        !matches!(framed.next().await, Some(Ok(_))),
+        "no frame answers a plaintext exec"
+    );
+
+    // Without TLS (both ends saying so), anything before auth is refused.
+    let agent = start_agent(&["--insecure-plaintext"]);
     let mut framed = raw_connect(agent.addr).await;
     let _hello = framed.next().await.unwrap().unwrap();
     framed
@@ -425,7 +446,7 @@ async fn garbage_and_oversized_headers_close_only_their_connection() {
 
     // Garbage after the handshake.
     let mut framed = raw_connect(agent.addr).await;
-    offer(&mut framed, &agent.key).await.unwrap();
+    authenticate(&mut framed, &agent.key).await;
     framed
         .get_mut()
         .write_all(b"\x00\x00\x00\x05hello world garbage")
@@ -434,8 +455,10 @@ async fn garbage_and_oversized_headers_close_only_their_connection() {
     expect_error(&mut framed, 0, "protocol").await;
     assert!(framed.next().await.is_none());
 
-    // An oversized header length: refused without waiting for the bytes.
-    let mut stream = TcpStream::connect(agent.addr).await.unwrap();
+    // An oversized header length before auth: refused without waiting for
+    // the bytes (the handshake's limits, seen here without TLS).
+    let plain = start_agent(&["--insecure-plaintext"]);
+    let mut stream = TcpStream::connect(plain.addr).await.unwrap();
     stream.write_all(&(1u32 << 20).to_be_bytes()).await.unwrap();
     let mut buf = Vec::new();
     stream.read_to_end(&mut buf).await.unwrap();
@@ -458,7 +481,7 @@ async fn garbage_and_oversized_headers_close_only_their_connection() {
         r#"{"type":"stdin","ch":1,"len":2000000}"#,
     ] {
         let mut framed = raw_connect(agent.addr).await;
-        offer(&mut framed, &agent.key).await.unwrap();
+        authenticate(&mut framed, &agent.key).await;
         let mut bytes = (header.len() as u32).to_be_bytes().to_vec();
         bytes.extend_from_slice(header.as_bytes());
         framed.get_mut().write_all(&bytes).await.unwrap();
@@ -474,7 +497,7 @@ async fn garbage_and_oversized_headers_close_only_their_connection() {
 async fn channel_misuse_gets_an_error_and_the_connection_stays() {
     let agent = start_agent(&["--max-channels", "2"]);
     let mut framed = raw_connect(agent.addr).await;
-    offer(&mut framed, &agent.key).await.unwrap();
+    authenticate(&mut framed, &agent.key).await;
 
     framed
         .send(Frame::with_payload(
@@ -618,7 +641,7 @@ fn a_short_or_missing_key_is_a_clear_startup_error() {
 async fn a_process_that_ignores_stdin_does_not_stall_the_connection() {
     let agent = start_agent(&[]);
     let mut framed = raw_connect(agent.addr).await;
-    offer(&mut framed, &agent.key).await.unwrap();
+    authenticate(&mut framed, &agent.key).await;
     framed
         .send(Frame::exec(1, &sh("exec sleep 300")).unwrap())
         .await

@@ -36,14 +36,16 @@ pub struct Limits {
     pub max_channels: usize,
 }
 
-type AgentFramed = Framed<TcpStream, FrameCodec>;
+type AgentFramed = crate::transport::handshake::LinkFramed;
 
 /// Runs the handshake on an accepted connection. `None` when it failed,
 /// timed out, was evicted to make room for newer connections, or the agent
 /// is shutting down; the reason is logged and (where useful) told to the peer.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn authenticate(
     stream: TcpStream,
     key: &Key,
+    tls: Option<&crate::transport::tls::Acceptor>,
     timeout: Duration,
     limits: Limits,
     slots: &Arc<Semaphore>,
@@ -56,9 +58,10 @@ pub(crate) async fn authenticate(
         .unwrap_or_else(|_| "?".into());
     let _ = stream.set_nodelay(true);
     crate::transport::socket::enable_keepalive(&stream);
+    let stream: crate::transport::Stream = Box::new(stream);
     let mut framed = Framed::new(stream, FrameCodec::handshake());
     let authed = tokio::select! {
-        r = tokio::time::timeout(timeout, handshake::answer(&mut framed, key, slots, limits.max_channels)) => r,
+        r = tokio::time::timeout(timeout, handshake::answer(&mut framed, key, tls, slots, limits.max_channels)) => r,
         _ = evicted.cancelled() => {
             debug!(%peer, "handshake dropped: too many connections are authenticating");
             return None;
@@ -132,7 +135,7 @@ impl Connection {
         }
     }
 
-    async fn run(mut self, framed: Framed<TcpStream, FrameCodec>, shutdown: CancellationToken) {
+    async fn run(mut self, framed: AgentFramed, shutdown: CancellationToken) {
         let (mut sink, mut stream) = framed.split();
         let (out_tx, mut out_rx) = mpsc::channel::<Frame>(OUTBOUND_QUEUE);
         // Unbounded, yet bounded in fact: each channel sends exactly one Done,
@@ -142,6 +145,7 @@ impl Connection {
             if let Err(e) = write_queued(&mut out_rx, &mut sink).await {
                 debug!(error = %e, "write failed");
             }
+            crate::transport::writer::close(&mut sink).await;
         });
 
         loop {

@@ -38,6 +38,9 @@ pub struct AgentConfig {
     pub limits: Limits,
     /// How commands start: user, environment, limits, cgroups.
     pub policy: Arc<sandbox::ExecPolicy>,
+    /// TLS for every connection (an ephemeral certificate); `None` only
+    /// with `--insecure-plaintext`.
+    pub tls: Option<crate::transport::tls::Acceptor>,
 }
 
 /// Handshakes in progress, oldest first, each with a token that drops it.
@@ -111,14 +114,23 @@ pub async fn serve(listener: TcpListener, config: AgentConfig, shutdown: Cancell
         let key = config.key.clone();
         let limits = config.limits;
         let policy = config.policy.clone();
+        let tls = config.tls.clone();
         let timeout = config.handshake_timeout;
         let shutdown = shutdown.clone();
         let authed = authed.clone();
         let pending = pending.clone();
         tracker.spawn(async move {
-            let framed =
-                connection::authenticate(stream, &key, timeout, limits, &authed, &evict, &shutdown)
-                    .await;
+            let framed = connection::authenticate(
+                stream,
+                &key,
+                tls.as_ref(),
+                timeout,
+                limits,
+                &authed,
+                &evict,
+                &shutdown,
+            )
+            .await;
             pending
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())

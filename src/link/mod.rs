@@ -57,6 +57,27 @@ pub enum LinkError {
     TooLarge { size: u64, max: usize },
 }
 
+/// How the link's bytes travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Security {
+    /// TLS 1.3, the handshake bound to the session (the default).
+    Tls,
+    /// Plain TCP: only with `--insecure-plaintext`, on both ends.
+    Plaintext,
+}
+
+/// The client's TLS set-up, made once.
+fn default_connector() -> Result<crate::transport::tls::Connector, LinkError> {
+    static CONNECTOR: std::sync::OnceLock<crate::transport::tls::Connector> =
+        std::sync::OnceLock::new();
+    if let Some(c) = CONNECTOR.get() {
+        return Ok(c.clone());
+    }
+    let c = crate::transport::tls::Connector::new()
+        .map_err(|e| LinkError::Handshake(handshake::OfferError::Protocol(e.to_string())))?;
+    Ok(CONNECTOR.get_or_init(|| c).clone())
+}
+
 /// What a channel receives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -111,10 +132,21 @@ pub struct AgentLink {
 
 impl AgentLink {
     /// Connects to `addr` (`HOST:PORT`; a name is resolved on every call,
-    /// so a container that moves is found again) and authenticates with `key`.
+    /// so a container that moves is found again) over TLS and
+    /// authenticates with `key`.
     pub async fn connect(
         addr: impl tokio::net::ToSocketAddrs + std::fmt::Display,
         key: &Key,
+    ) -> Result<AgentLink, LinkError> {
+        AgentLink::connect_with(addr, key, Security::Tls).await
+    }
+
+    /// [`AgentLink::connect`], choosing TLS or (`--insecure-plaintext`)
+    /// plain TCP.
+    pub async fn connect_with(
+        addr: impl tokio::net::ToSocketAddrs + std::fmt::Display,
+        key: &Key,
+        security: Security,
     ) -> Result<AgentLink, LinkError> {
         // A host that drops packets would leave connect and the handshake
         // waiting for minutes: give both a deadline.
@@ -127,8 +159,13 @@ impl AgentLink {
                 })?;
             let _ = stream.set_nodelay(true);
             crate::transport::socket::enable_keepalive(&stream);
+            let stream: crate::transport::Stream = Box::new(stream);
             let mut framed = Framed::new(stream, FrameCodec::new());
-            let info = handshake::offer(&mut framed, key).await?;
+            let connector = match security {
+                Security::Tls => Some(default_connector()?),
+                Security::Plaintext => None,
+            };
+            let info = handshake::offer(&mut framed, key, connector.as_ref()).await?;
             Ok::<_, LinkError>((framed, info))
         };
         let (framed, info) = tokio::time::timeout(CONNECT_TIMEOUT, attempt)
@@ -140,7 +177,7 @@ impl AgentLink {
         Ok(AgentLink::start(framed, info))
     }
 
-    fn start(framed: Framed<TcpStream, FrameCodec>, info: AgentInfo) -> AgentLink {
+    fn start(framed: handshake::LinkFramed, info: AgentInfo) -> AgentLink {
         let (mut sink, mut stream) = framed.split();
         let (out, mut out_rx) = mpsc::channel::<Frame>(OUTBOUND_QUEUE);
         let routes: Routes = Arc::default();
@@ -160,6 +197,7 @@ impl AgentLink {
                 _ = writer_closed.cancelled() => {}
             }
             writer_closed.cancel();
+            crate::transport::writer::close(&mut sink).await;
         });
 
         tokio::spawn(async move {

@@ -23,24 +23,37 @@ pub const KNOWN_TYPES: &[&str] = &[
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Message {
-    /// Agent → client, first frame of a connection.
+    /// Agent → client, first frame of a connection, in the clear: the
+    /// protocol version, the agent's nonce, and whether TLS follows.
     Hello {
         version: u32,
         nonce: String,
+        #[serde(default)]
+        tls: bool,
     },
-    /// Client → agent, the answer to `hello`.
+    /// Client → agent, the answer to `hello` (inside TLS). `name` and
+    /// `capabilities` say what the client is; the MAC covers them.
     Auth {
         version: u32,
         nonce: String,
         mac: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        capabilities: Vec<String>,
     },
     /// Agent → client: authenticated; `mac` proves the agent holds the key.
     /// `max_channels` tells the client how many channels it may run at
-    /// once, so that it can share them out fairly among its users.
+    /// once, so that it can share them out fairly among its users. `name`
+    /// and `capabilities` say what the agent is; the MAC covers them.
     Ready {
         mac: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         max_channels: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        capabilities: Vec<String>,
     },
     /// Either way: something went wrong. `code` is stable, `message` is for people.
     Error {

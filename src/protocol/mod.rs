@@ -13,5 +13,7 @@ pub use codec::{Frame, FrameCodec, FrameError, MAX_HEADER_LEN, MAX_PAYLOAD_LEN};
 pub use message::{ExecRequest, Message, PtySize};
 
 /// The protocol version sent in `hello` and `auth`. Version 2 carries the
-/// `exec` request in the payload instead of the header.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// `exec` request in the payload instead of the header; version 3 runs
+/// everything after `hello` inside TLS, with the handshake's MACs bound to
+/// the TLS session.
+pub const PROTOCOL_VERSION: u32 = 3;

@@ -30,6 +30,8 @@ pub struct AgentSpec {
     /// `HOST:PORT`; host names are resolved at each connection attempt.
     pub addr: String,
     pub key: Key,
+    /// TLS, or (`--insecure-plaintext`) plain TCP.
+    pub security: crate::link::Security,
 }
 
 /// What the API and the page show about an agent.
@@ -100,7 +102,7 @@ impl Registry {
         let mut logged_failure = false;
         loop {
             let attempt = tokio::select! {
-                r = AgentLink::connect(entry.spec.addr.as_str(), &entry.spec.key) => r,
+                r = AgentLink::connect_with(entry.spec.addr.as_str(), &entry.spec.key, entry.spec.security) => r,
                 _ = shutdown.cancelled() => return,
             };
             match attempt {

@@ -63,6 +63,7 @@ pub(crate) async fn start(
         name: "local".into(),
         addr: addr.to_string(),
         key: key.clone(),
+        security: crate::link::Security::Tls,
     };
     let task = tokio::spawn(async move {
         let mut child = Some(first);

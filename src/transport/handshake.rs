@@ -13,13 +13,18 @@ use std::sync::Arc;
 use futures_util::{SinkExt, StreamExt};
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::codec::Framed;
 
+use super::Stream;
+use super::tls::{Acceptor, Connector};
 use crate::keyfile::Key;
 use crate::protocol::{Frame, FrameCodec, FrameError, Message, PROTOCOL_VERSION};
 use crate::vocab::ErrorCode;
+
+/// The framed connection of a handshake: its stream is swapped for the TLS
+/// stream over it once `hello` has gone by in the clear.
+pub type LinkFramed = Framed<Stream, FrameCodec>;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -38,27 +43,62 @@ pub(crate) fn is_valid_nonce(nonce: &str) -> bool {
     nonce.len() == NONCE_LEN * 2 && nonce.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-fn mac(key: &[u8], parts: &[&str]) -> HmacSha256 {
+/// What a MAC binds besides the key and the two nonces: the TLS session
+/// (its exporter value, empty without TLS), and what the sender says of
+/// itself (its name and capabilities).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Bound<'a> {
+    pub(crate) binding: &'a [u8],
+    pub(crate) name: Option<&'a str>,
+    pub(crate) capabilities: &'a [String],
+}
+
+/// `HMAC-SHA256(key, part...)`, each part preceded by its length (4 bytes,
+/// big-endian), so that no two different lists of parts hash alike.
+fn mac(key: &[u8], label: &str, first: &str, second: &str, bound: Bound<'_>) -> HmacSha256 {
     let mut mac = HmacSha256::new_from_slice(key).expect("HMAC accepts keys of any length");
-    for part in parts {
-        mac.update(part.as_bytes());
+    let mut part = |bytes: &[u8]| {
+        mac.update(&(bytes.len() as u32).to_be_bytes());
+        mac.update(bytes);
+    };
+    part(label.as_bytes());
+    part(first.as_bytes());
+    part(second.as_bytes());
+    part(bound.binding);
+    part(bound.name.unwrap_or("").as_bytes());
+    part(&(bound.capabilities.len() as u32).to_be_bytes());
+    for capability in bound.capabilities {
+        part(capability.as_bytes());
     }
     mac
 }
 
-/// The client's MAC: `HMAC-SHA256(key, "conch-client" + agent_nonce + client_nonce)`, hex.
-pub(crate) fn client_mac(key: &[u8], agent_nonce: &str, client_nonce: &str) -> String {
+const CLIENT_LABEL: &str = "conch/3 client";
+const AGENT_LABEL: &str = "conch/3 agent";
+
+/// The client's MAC over `agent_nonce`, `client_nonce` and what it binds, hex.
+pub(crate) fn client_mac(
+    key: &[u8],
+    agent_nonce: &str,
+    client_nonce: &str,
+    bound: Bound<'_>,
+) -> String {
     hex::encode(
-        mac(key, &["conch-client", agent_nonce, client_nonce])
+        mac(key, CLIENT_LABEL, agent_nonce, client_nonce, bound)
             .finalize()
             .into_bytes(),
     )
 }
 
-/// The agent's MAC: `HMAC-SHA256(key, "conch-agent" + client_nonce + agent_nonce)`, hex.
-pub(crate) fn agent_mac(key: &[u8], client_nonce: &str, agent_nonce: &str) -> String {
+/// The agent's MAC over `client_nonce`, `agent_nonce` and what it binds, hex.
+pub(crate) fn agent_mac(
+    key: &[u8],
+    client_nonce: &str,
+    agent_nonce: &str,
+    bound: Bound<'_>,
+) -> String {
     hex::encode(
-        mac(key, &["conch-agent", client_nonce, agent_nonce])
+        mac(key, AGENT_LABEL, client_nonce, agent_nonce, bound)
             .finalize()
             .into_bytes(),
     )
@@ -69,10 +109,11 @@ pub(crate) fn verify_client_mac(
     key: &[u8],
     agent_nonce: &str,
     client_nonce: &str,
+    bound: Bound<'_>,
     given: &str,
 ) -> bool {
     verify(
-        mac(key, &["conch-client", agent_nonce, client_nonce]),
+        mac(key, CLIENT_LABEL, agent_nonce, client_nonce, bound),
         given,
     )
 }
@@ -82,9 +123,13 @@ pub(crate) fn verify_agent_mac(
     key: &[u8],
     client_nonce: &str,
     agent_nonce: &str,
+    bound: Bound<'_>,
     given: &str,
 ) -> bool {
-    verify(mac(key, &["conch-agent", client_nonce, agent_nonce]), given)
+    verify(
+        mac(key, AGENT_LABEL, client_nonce, agent_nonce, bound),
+        given,
+    )
 }
 
 fn verify(expected: HmacSha256, given: &str) -> bool {
@@ -111,6 +156,8 @@ pub(crate) enum HandshakeError {
     BadMac,
     #[error("the agent serves its maximum of connections")]
     Busy,
+    #[error(transparent)]
+    Tls(#[from] super::tls::TlsError),
 }
 
 impl HandshakeError {
@@ -125,11 +172,27 @@ impl HandshakeError {
     }
 }
 
-/// The agent's half: sends `hello`, checks the client's `auth`, takes a
-/// connection slot and proves the key in `ready`.
-pub(crate) async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
-    framed: &mut Framed<S, FrameCodec>,
+/// Replaces the stream under `framed` with `wrap(stream)`. Nothing may
+/// have been read ahead: what follows `hello` is the TLS handshake's.
+async fn upgrade<F, Fut, E>(framed: &mut LinkFramed, wrap: F) -> Result<(), E>
+where
+    F: FnOnce(Stream) -> Fut,
+    Fut: std::future::Future<Output = Result<Stream, E>>,
+{
+    let placeholder: Stream = Box::new(tokio::io::duplex(1).0);
+    let plain = std::mem::replace(framed.get_mut(), placeholder);
+    *framed.get_mut() = wrap(plain).await?;
+    Ok(())
+}
+
+/// The agent's half: sends `hello` in the clear, then (unless the agent
+/// runs with `--insecure-plaintext`) runs TLS over the connection, checks
+/// the client's `auth`, takes a connection slot and proves the key in
+/// `ready`. Both MACs bind the TLS session.
+pub(crate) async fn answer(
+    framed: &mut LinkFramed,
     key: &Key,
+    tls: Option<&Acceptor>,
     slots: &Arc<Semaphore>,
     max_channels: usize,
 ) -> Result<OwnedSemaphorePermit, HandshakeError> {
@@ -137,11 +200,38 @@ pub(crate) async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
     let hello = Message::Hello {
         version: PROTOCOL_VERSION,
         nonce: agent_nonce.clone(),
+        tls: tls.is_some(),
     };
     framed
         .send(Frame::new(0, hello))
         .await
         .map_err(|_| HandshakeError::Closed)?;
+    let mut binding = Vec::new();
+    if let Some(acceptor) = tls {
+        if !framed.read_buffer().is_empty() {
+            return Err(HandshakeError::Unexpected("data before TLS"));
+        }
+        upgrade(framed, |plain| async {
+            let (stream, exported) = acceptor.accept(plain).await.map_err(|e| match e {
+                // A port probe (a health check) reads `hello` and hangs up:
+                // not worth a warning.
+                super::tls::TlsError::Handshake(io)
+                    if matches!(
+                        io.kind(),
+                        std::io::ErrorKind::UnexpectedEof
+                            | std::io::ErrorKind::ConnectionReset
+                            | std::io::ErrorKind::BrokenPipe
+                    ) =>
+                {
+                    HandshakeError::Closed
+                }
+                e => HandshakeError::Tls(e),
+            })?;
+            binding = exported.to_vec();
+            Ok::<Stream, HandshakeError>(Box::new(stream))
+        })
+        .await?;
+    }
     let frame = match framed.next().await {
         None => return Err(HandshakeError::Closed),
         Some(Err(FrameError::Io(_))) => return Err(HandshakeError::Closed),
@@ -152,6 +242,8 @@ pub(crate) async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
         version,
         nonce,
         mac,
+        name,
+        capabilities,
     } = frame.msg
     else {
         return Err(HandshakeError::Unexpected(frame.msg.type_name()));
@@ -162,7 +254,12 @@ pub(crate) async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
     if !is_valid_nonce(&nonce) {
         return Err(HandshakeError::Nonce);
     }
-    if !verify_client_mac(key.as_bytes(), &agent_nonce, &nonce, &mac) {
+    let theirs = Bound {
+        binding: &binding,
+        name: name.as_deref(),
+        capabilities: &capabilities,
+    };
+    if !verify_client_mac(key.as_bytes(), &agent_nonce, &nonce, theirs, &mac) {
         return Err(HandshakeError::BadMac);
     }
     // Only an authenticated client may take a connection slot; when there
@@ -171,9 +268,16 @@ pub(crate) async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
         .clone()
         .try_acquire_owned()
         .map_err(|_| HandshakeError::Busy)?;
+    let ours = Bound {
+        binding: &binding,
+        name: None,
+        capabilities: &[],
+    };
     let ready = Message::Ready {
-        mac: agent_mac(key.as_bytes(), &nonce, &agent_nonce),
+        mac: agent_mac(key.as_bytes(), &nonce, &agent_nonce, ours),
         max_channels: Some(u32::try_from(max_channels).unwrap_or(u32::MAX)),
+        name: None,
+        capabilities: Vec::new(),
     };
     framed
         .send(Frame::new(0, ready))
@@ -205,16 +309,20 @@ pub enum OfferError {
     AgentMac,
 }
 
-/// The client's half, on a fresh connection: answers `hello` with `auth`
-/// and checks the agent's proof in `ready`.
-pub async fn offer<S: AsyncRead + AsyncWrite + Unpin>(
-    framed: &mut Framed<S, FrameCodec>,
+/// The client's half, on a fresh connection: reads `hello`, runs TLS over
+/// the connection (`tls`; `None` only with `--insecure-plaintext`, and only
+/// with an agent that runs so too), answers with `auth` and checks the
+/// agent's proof in `ready`. Both MACs bind the TLS session.
+pub async fn offer(
+    framed: &mut LinkFramed,
     key: &Key,
+    tls: Option<&Connector>,
 ) -> Result<AgentInfo, OfferError> {
     let hello = framed.next().await.ok_or(OfferError::Closed)??;
     let Message::Hello {
         version,
         nonce: agent_nonce,
+        tls: agent_tls,
     } = hello.msg
     else {
         return Err(OfferError::Protocol(format!(
@@ -223,15 +331,57 @@ pub async fn offer<S: AsyncRead + AsyncWrite + Unpin>(
         )));
     };
     if version != PROTOCOL_VERSION {
+        let hint = if version < PROTOCOL_VERSION {
+            "an older conch: upgrade the agent"
+        } else {
+            "a newer conch: upgrade this server"
+        };
         return Err(OfferError::Protocol(format!(
-            "agent speaks protocol version {version}"
+            "the agent speaks protocol version {version}, this server {PROTOCOL_VERSION} ({hint})"
         )));
     }
     if !is_valid_nonce(&agent_nonce) {
         return Err(OfferError::Protocol("malformed agent nonce".into()));
     }
+    let mut binding = Vec::new();
+    match (tls, agent_tls) {
+        (Some(connector), true) => {
+            if !framed.read_buffer().is_empty() {
+                return Err(OfferError::Protocol(
+                    "the agent sent data before TLS".into(),
+                ));
+            }
+            upgrade(framed, |plain| async {
+                let (stream, exported) = connector
+                    .connect(plain)
+                    .await
+                    .map_err(|e| OfferError::Protocol(e.to_string()))?;
+                binding = exported.to_vec();
+                Ok::<Stream, OfferError>(Box::new(stream))
+            })
+            .await?;
+        }
+        (None, false) => {}
+        (Some(_), false) => {
+            return Err(OfferError::Protocol(
+                "the agent runs without TLS (--insecure-plaintext); refusing a plaintext link \
+                 (give --insecure-plaintext here too to accept it)"
+                    .into(),
+            ));
+        }
+        (None, true) => {
+            return Err(OfferError::Protocol(
+                "the agent requires TLS; drop --insecure-plaintext".into(),
+            ));
+        }
+    }
     let nonce = new_nonce();
-    let mac = client_mac(key.as_bytes(), &agent_nonce, &nonce);
+    let ours = Bound {
+        binding: &binding,
+        name: None,
+        capabilities: &[],
+    };
+    let mac = client_mac(key.as_bytes(), &agent_nonce, &nonce, ours);
     framed
         .send(Frame::new(
             0,
@@ -239,19 +389,31 @@ pub async fn offer<S: AsyncRead + AsyncWrite + Unpin>(
                 version: PROTOCOL_VERSION,
                 nonce: nonce.clone(),
                 mac,
+                name: None,
+                capabilities: Vec::new(),
             },
         ))
         .await?;
     let reply = framed.next().await.ok_or(OfferError::Closed)??;
     match reply.msg {
-        Message::Ready { mac, max_channels }
-            if verify_agent_mac(key.as_bytes(), &nonce, &agent_nonce, &mac) =>
-        {
+        Message::Ready {
+            mac,
+            max_channels,
+            name,
+            capabilities,
+        } => {
+            let theirs = Bound {
+                binding: &binding,
+                name: name.as_deref(),
+                capabilities: &capabilities,
+            };
+            if !verify_agent_mac(key.as_bytes(), &nonce, &agent_nonce, theirs, &mac) {
+                return Err(OfferError::AgentMac);
+            }
             Ok(AgentInfo {
                 max_channels: max_channels.map_or(1024, |n| n as usize),
             })
         }
-        Message::Ready { .. } => Err(OfferError::AgentMac),
         Message::Error {
             code: ErrorCode::Auth,
             message,
@@ -268,21 +430,85 @@ pub async fn offer<S: AsyncRead + AsyncWrite + Unpin>(
 mod tests {
     use super::*;
 
+    const NONE: Bound<'static> = Bound {
+        binding: &[],
+        name: None,
+        capabilities: &[],
+    };
+
     #[test]
     fn macs_verify_and_are_direction_bound() {
         let key = b"0123456789abcdef0123456789abcdef";
         let (a, c) = (new_nonce(), new_nonce());
         assert!(is_valid_nonce(&a) && a != c);
-        let cm = client_mac(key, &a, &c);
-        assert!(verify_client_mac(key, &a, &c, &cm));
+        let cm = client_mac(key, &a, &c, NONE);
+        assert!(verify_client_mac(key, &a, &c, NONE, &cm));
         assert!(!verify_client_mac(
             b"another key of enough length",
             &a,
             &c,
+            NONE,
             &cm
         ));
-        assert!(!verify_agent_mac(key, &c, &a, &cm));
-        assert!(verify_agent_mac(key, &c, &a, &agent_mac(key, &c, &a)));
-        assert!(!verify_client_mac(key, &a, &c, "zz"));
+        assert!(!verify_agent_mac(key, &c, &a, NONE, &cm));
+        assert!(verify_agent_mac(
+            key,
+            &c,
+            &a,
+            NONE,
+            &agent_mac(key, &c, &a, NONE)
+        ));
+        assert!(!verify_client_mac(key, &a, &c, NONE, "zz"));
+    }
+
+    #[test]
+    fn macs_bind_the_tls_session_and_what_the_sender_says() {
+        let key = b"0123456789abcdef0123456789abcdef";
+        let (a, c) = (new_nonce(), new_nonce());
+        let caps = ["sessions".to_owned()];
+        let bound = Bound {
+            binding: &[7; 32],
+            name: Some("web1"),
+            capabilities: &caps,
+        };
+        let cm = client_mac(key, &a, &c, bound);
+        assert!(verify_client_mac(key, &a, &c, bound, &cm));
+        // Another TLS session (a relay's), another name, other capabilities.
+        for other in [
+            Bound {
+                binding: &[8; 32],
+                ..bound
+            },
+            Bound {
+                binding: &[],
+                ..bound
+            },
+            Bound {
+                name: Some("web2"),
+                ..bound
+            },
+            Bound {
+                name: None,
+                ..bound
+            },
+            Bound {
+                capabilities: &[],
+                ..bound
+            },
+        ] {
+            assert!(!verify_client_mac(key, &a, &c, other, &cm), "{other:?}");
+        }
+        // Parts are length-prefixed: moving bytes between them changes the MAC.
+        let shifted = ["".to_owned(), "sessions".to_owned()];
+        assert!(!verify_client_mac(
+            key,
+            &a,
+            &c,
+            Bound {
+                capabilities: &shifted,
+                ..bound
+            },
+            &cm
+        ));
     }
 }

@@ -48,3 +48,13 @@ where
         }
     }
 }
+
+/// Ends the connection's writing half cleanly: over TLS, the peer gets a
+/// `close_notify` and so can tell the end from a cut. Bounded, since a
+/// peer that stopped reading could hold the last bytes forever.
+pub(crate) async fn close<S>(sink: &mut S)
+where
+    S: Sink<Frame, Error = FrameError> + Unpin,
+{
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), sink.close()).await;
+}
