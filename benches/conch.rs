@@ -102,6 +102,9 @@ fn raise_fd_limit() -> u64 {
 
 struct Stack {
     agent: common::Agent,
+    /// The same agent program with `--insecure-plaintext`: the baseline of
+    /// what TLS costs the link.
+    plain_agent: common::Agent,
     server: common::Server,
     cookie: String,
 }
@@ -117,6 +120,13 @@ async fn stack() -> Stack {
                 "CONCH_LOG",
                 "warn,conch::agent=info,conch::agent::connection=warn",
             ),
+        ],
+    );
+    let plain_agent = common::start_agent_with(
+        &["--insecure-plaintext"],
+        &[
+            ("SHELL", "/bin/sh"),
+            ("CONCH_LOG", "error,conch::agent=info"),
         ],
     );
     let addr = agent.addr.to_string();
@@ -147,6 +157,7 @@ async fn stack() -> Stack {
     let cookie = server.admin_cookie().await;
     Stack {
         agent,
+        plain_agent,
         server,
         cookie,
     }
@@ -212,10 +223,17 @@ async fn throughput(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bo
     let n = plan.bytes;
     let cmd = format!("head -c {n} /dev/zero");
     let (mut a, mut b, mut c, mut d, mut e) = (vec![], vec![], vec![], vec![], vec![]);
-    let mut bp = vec![];
+    let (mut bp, mut bt) = (vec![], vec![]);
     let link = AgentLink::connect(s.agent.addr, &s.agent.key)
         .await
         .unwrap();
+    let plain = AgentLink::connect_with(
+        s.plain_agent.addr,
+        &s.plain_agent.key,
+        conch::link::Security::Plaintext,
+    )
+    .await
+    .unwrap();
     let mut ws = console(s).await;
     for run in 0..plan.runs {
         // (a) a plain pipe
@@ -251,31 +269,10 @@ async fn throughput(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bo
         assert_eq!(got, n, "raw pty bytes");
         e.push(mbps(n, t.elapsed()));
 
-        // (b) the framed protocol, straight from the agent
-        let t = Instant::now();
-        let mut ch = link
-            .exec(ExecRequest {
-                cmd: Some(cmd.clone()),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let mut got = 0u64;
-        while let Some(ev) = ch.next().await {
-            match ev {
-                Event::Stdout(b) => {
-                    got += b.len() as u64;
-                    ch.window(b.len() as u64).await.unwrap();
-                }
-                Event::Exit(status) => {
-                    assert_eq!(status.code, Some(0));
-                    break;
-                }
-                other => panic!("{other:?}"),
-            }
-        }
-        assert_eq!(got, n, "agent bytes");
-        b.push(mbps(n, t.elapsed()));
+        // (b) the framed protocol, straight from the agent (over TLS), and
+        // (b-) the same over plain TCP: what TLS costs.
+        b.push(link_mbps(&link, &cmd, n).await);
+        bt.push(link_mbps(&plain, &cmd, n).await);
 
         // (b') the same from a PTY: where the PTY path loses time
         let t = Instant::now();
@@ -328,7 +325,12 @@ async fn throughput(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bo
     );
     out.push_str("| path | MB/s (median) | min – max | ratio to pipe |\n|---|---|---|---|\n");
     out.push_str(&row("(a) plain pipe (baseline)", &a, am));
-    out.push_str(&row("(b) framed protocol from the agent", &b, am));
+    out.push_str(&row("(b) framed protocol from the agent (TLS)", &b, am));
+    out.push_str(&row(
+        "(b-) framed protocol from the agent, plain TCP (--insecure-plaintext)",
+        &bt,
+        am,
+    ));
     out.push_str(&row(
         "(b') framed protocol from the agent, in a PTY",
         &bp,
@@ -345,8 +347,22 @@ async fn throughput(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bo
         dm / em
     );
     out.push('\n');
+    let (bm, _, _) = mmm(b);
+    let (btm, _, _) = mmm(bt);
+    let _ = writeln!(
+        out,
+        "The agent link with TLS (b) runs at {:.2} of plain TCP (b-).\n",
+        bm / btm
+    );
     let (cm, _, _) = mmm(c);
     vec![
+        (
+            format!(
+                "agent link with TLS within 25% of plain TCP: {:.2}",
+                bm / btm
+            ),
+            bm / btm >= 0.75,
+        ),
         (
             format!(
                 "throughput through the server ≥ 1/3 of a pipe: {:.2}",
@@ -359,6 +375,35 @@ async fn throughput(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bo
             dm >= 100.0,
         ),
     ]
+}
+
+/// MB/s of `cmd`'s output (`n` bytes) read over `link`, credit returned as
+/// it arrives.
+async fn link_mbps(link: &AgentLink, cmd: &str, n: u64) -> f64 {
+    let t = Instant::now();
+    let mut ch = link
+        .exec(ExecRequest {
+            cmd: Some(cmd.to_owned()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut got = 0u64;
+    while let Some(ev) = ch.next().await {
+        match ev {
+            Event::Stdout(b) => {
+                got += b.len() as u64;
+                ch.window(b.len() as u64).await.unwrap();
+            }
+            Event::Exit(status) => {
+                assert_eq!(status.code, Some(0));
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(got, n, "agent bytes");
+    mbps(n, t.elapsed())
 }
 
 /// Runs `cmd` on a fresh pseudo-terminal and reads the master until the
