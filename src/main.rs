@@ -255,8 +255,9 @@ struct ExecArgs {
     /// Agent to run on; default the server's only one.
     #[arg(long, env = "CONCH_EXEC_AGENT")]
     agent: Option<String>,
-    /// Kill the command after this many milliseconds (server default 30 s).
-    #[arg(long)]
+    /// Kill the command after this many milliseconds (server default 30 s;
+    /// at most 2^53 - 1, as the API takes).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_API_INTEGER))]
     timeout_ms: Option<u64>,
     /// Working directory on the agent's host.
     #[arg(long)]
@@ -269,7 +270,7 @@ struct ExecArgs {
     stdin: bool,
     /// Keep at most this many bytes of each output stream; beyond, the rest is
     /// dropped, one line says so on stderr, and conch exits 125. Default: all.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=MAX_API_INTEGER))]
     max_output_bytes: Option<u64>,
     /// The command and its arguments, joined by spaces and run by the remote shell (as ssh does).
     #[arg(last = true, required = true)]
@@ -312,6 +313,9 @@ struct TokenArgs {
     #[command(subcommand)]
     command: TokenCommand,
 }
+
+/// The largest count the REST API takes (2^53 - 1).
+const MAX_API_INTEGER: u64 = (1 << 53) - 1;
 
 /// The shortest admin token accepted.
 const MIN_TOKEN_LEN: usize = 16;

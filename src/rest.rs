@@ -85,7 +85,9 @@ pub(crate) enum StreamLine {
     Output {
         stream: Stream,
         data: String,
+        /// Present (`base64`) only for a chunk that is not text.
         #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schema(nullable = false)]
         encoding: Option<Encoding>,
     },
     /// `max_output_bytes` of this stream were sent; the rest is dropped

@@ -122,18 +122,17 @@ fn off_the_workers(scan: impl FnOnce() + Send + 'static) {
 
 /// SIGKILLs every process whose session is `sid`, found through /proc.
 /// (A process that started a session of its own, a daemon, escapes.)
+/// The ids of the processes alive now, read from `/proc` (none if it
+/// cannot be read).
+pub(crate) fn process_ids() -> impl Iterator<Item = i32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flat_map(|dir| dir.flatten())
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+}
+
 fn kill_session(sid: Pid) {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for entry in dir.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
+    for pid in process_ids() {
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
             continue;
         };

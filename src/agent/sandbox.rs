@@ -404,18 +404,8 @@ impl Prepared {
 /// (fallback tracking; reads `/proc/*/environ`).
 pub(crate) fn kill_marked(mark: &str) {
     let needle: Vec<u8> = format!("{MARK_VAR}={mark}").into_bytes();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return;
-    };
     let me = std::process::id() as i32;
-    for entry in dir.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
+    for pid in super::process::process_ids() {
         if pid == me {
             continue;
         }

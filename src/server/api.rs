@@ -191,14 +191,10 @@ where
     }
 }
 
-/// A JSON error in the caller's words rather than Rust's.
+/// A JSON error as a 400. (No field is a Rust integer type to serde: the
+/// counts go through `whole_number`, whose errors are in the caller's words.)
 fn json_error(e: &serde_json::Error) -> ApiError {
-    let text = e
-        .to_string()
-        .replace("usize", "a non-negative integer")
-        .replace("u64", "a non-negative integer of at most 64 bits")
-        .replace("u32", "a non-negative integer of at most 32 bits");
-    ApiError::BadRequest(format!("malformed JSON body: {text}"))
+    ApiError::BadRequest(format!("malformed JSON body: {e}"))
 }
 
 /// A validated request.
@@ -233,12 +229,21 @@ fn prepare(body: ExecBody, limits: &ApiLimits, streaming: bool) -> Result<Prepar
     }
     let encoding = match body.encoding.as_deref() {
         None => UTF_8,
-        Some(label) => Encoding::for_label(label.as_bytes()).ok_or_else(|| {
-            ApiError::BadRequest(format!(
-                "unknown encoding {label:?}; use a WHATWG label such as utf-8, gbk or shift_jis"
-            ))
-        })?,
+        // The `replacement` encoding's labels name no way to decode output.
+        Some(label) => Encoding::for_label(label.as_bytes())
+            .filter(|e| *e != encoding_rs::REPLACEMENT)
+            .ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "unknown encoding {label:?}; use a WHATWG encoding such as utf-8, gbk or \
+                     shift_jis"
+                ))
+            })?,
     };
+    if body.agent.as_deref() == Some("") {
+        return Err(ApiError::BadRequest(
+            "\"agent\" is empty; leave it out for the only agent".into(),
+        ));
+    }
     if body.timeout_ms == Some(0) {
         return Err(ApiError::BadRequest(
             "\"timeout_ms\" must be at least 1".into(),
@@ -599,20 +604,19 @@ async fn buffered_response(
 }
 
 /// Decodes one stream's chunks as they come; a chunk that is not valid
-/// text is sent base64-encoded instead (and the decoder starts afresh).
+/// text is sent base64-encoded instead.
 /// With a cap, it counts what it has passed on and, once the cap is
 /// reached, says so in a line of its own and drops the rest (the command
 /// runs on); without one it passes everything: streaming holds nothing back.
 struct StreamDecoder {
     stream: Stream,
     encoding: &'static Encoding,
-    decoder: encoding_rs::Decoder,
     sent: usize,
     limit: Option<usize>,
     truncated: bool,
-    /// UTF-8 only: the start of a character whose end is still to come,
-    /// held here (not inside a decoder) so that it can be sent as bytes if
-    /// the stream ends first.
+    /// The start of a character whose end is still to come, held here (not
+    /// inside a decoder) so that it can be sent as bytes if the stream
+    /// ends first.
     carry: Vec<u8>,
 }
 
@@ -621,7 +625,6 @@ impl StreamDecoder {
         StreamDecoder {
             stream,
             encoding,
-            decoder: encoding.new_decoder_without_bom_handling(),
             sent: 0,
             limit,
             truncated: false,
@@ -664,6 +667,39 @@ impl StreamDecoder {
         }
     }
 
+    /// Text of `kept` (after what was carried) in a legacy encoding (gbk,
+    /// shift_jis...): the longest start of it that decodes whole, holding
+    /// back at most 3 bytes that may begin a character still to come;
+    /// bytes that do not decode go whole as base64. Each piece is decoded
+    /// on its own, so a stateful encoding (ISO-2022-JP) must repeat its
+    /// escape sequence in each chunk to be read as text.
+    fn legacy_lines(&mut self, kept: &[u8], lines: &mut Vec<StreamLine>) {
+        let joined;
+        let buf: &[u8] = if self.carry.is_empty() {
+            kept
+        } else {
+            joined = [std::mem::take(&mut self.carry).as_slice(), kept].concat();
+            &joined
+        };
+        if buf.is_empty() {
+            return;
+        }
+        for held in 0..=3.min(buf.len() - 1) {
+            let (text, tail) = buf.split_at(buf.len() - held);
+            if let Some(decoded) = self
+                .encoding
+                .decode_without_bom_handling_and_without_replacement(text)
+            {
+                if !decoded.is_empty() {
+                    lines.push(self.output(decoded.into_owned(), None));
+                }
+                self.carry = tail.to_vec();
+                return;
+            }
+        }
+        lines.push(self.output(BASE64.encode(buf), Some(rest::Encoding::Base64)));
+    }
+
     /// What is still held when the stream ends, as base64: nothing of the
     /// output is lost, even half a character.
     fn finish(&mut self) -> Option<StreamLine> {
@@ -689,27 +725,8 @@ impl StreamDecoder {
         let kept = &bytes[..keep];
         if self.encoding == UTF_8 {
             self.utf8_lines(kept, &mut lines);
-        } else if !kept.is_empty() {
-            let mut text = String::with_capacity(kept.len() * 3 + 4);
-            let (result, _) = self
-                .decoder
-                .decode_to_string_without_replacement(kept, &mut text, false);
-            match result {
-                encoding_rs::DecoderResult::Malformed(_, _) => {
-                    self.decoder = self.encoding.new_decoder_without_bom_handling();
-                    lines.push(StreamLine::Output {
-                        stream: self.stream,
-                        data: BASE64.encode(kept),
-                        encoding: Some(rest::Encoding::Base64),
-                    });
-                }
-                _ if text.is_empty() => {}
-                _ => lines.push(StreamLine::Output {
-                    stream: self.stream,
-                    data: text,
-                    encoding: None,
-                }),
-            }
+        } else {
+            self.legacy_lines(kept, &mut lines);
         }
         if keep < bytes.len() {
             self.truncated = true;
@@ -1038,6 +1055,8 @@ mod tests {
             serde_json::json!({"argv": []}),
             serde_json::json!({"command": "true", "timeout_ms": 0}),
             serde_json::json!({"command": "true", "encoding": "no-such"}),
+            serde_json::json!({"command": "true", "encoding": "replacement"}),
+            serde_json::json!({"command": "true", "agent": ""}),
         ] {
             assert!(prepared(bad.clone(), false).is_err(), "{bad}");
         }
@@ -1120,6 +1139,31 @@ mod tests {
         assert_eq!(
             decoded(&[tail]),
             format!("[{}]", BASE64.encode(&"€".as_bytes()[..2]))
+        );
+    }
+
+    #[test]
+    fn legacy_encodings_lose_no_byte_either() {
+        // "中" in GBK is D6 D0: split across chunks, it arrives whole.
+        let mut d = StreamDecoder::new(Stream::Stdout, encoding_rs::GBK, None);
+        let mut lines = d.lines(b"a\xd6");
+        lines.extend(d.lines(b"\xd0b"));
+        assert_eq!(decoded(&lines), "a中b");
+        assert!(d.finish().is_none());
+        // Half a character at the end comes out as bytes.
+        let mut d = StreamDecoder::new(Stream::Stdout, encoding_rs::GBK, None);
+        let lines = d.lines(b"a\x81");
+        assert_eq!(decoded(&lines), "a");
+        let tail = d.finish().expect("the held byte");
+        assert_eq!(decoded(&[tail]), format!("[{}]", BASE64.encode(b"\x81")));
+        // A held byte followed by bytes that do not decode: all of them go
+        // as base64, none dropped.
+        let mut d = StreamDecoder::new(Stream::Stdout, encoding_rs::GBK, None);
+        let mut lines = d.lines(b"a\x81");
+        lines.extend(d.lines(b"\xffb"));
+        assert_eq!(
+            decoded(&lines),
+            format!("a[{}]", BASE64.encode(b"\x81\xffb"))
         );
     }
 

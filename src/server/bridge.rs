@@ -3,8 +3,9 @@
 //! agent's events, so that both answer the same way when a command writes,
 //! ends, is refused, loses its agent or is cut off by a shutdown.
 //!
-//! Credit is the edge's business: the REST answers return it as the client
-//! reads, the console as the page acknowledges what it has drawn.
+//! Credit is the edge's business: the buffered REST answer returns it as it
+//! stores the output, the streamed one as the client reads, the console as
+//! the page acknowledges what it has drawn.
 
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
@@ -40,7 +41,9 @@ pub(crate) enum Failure {
 }
 
 impl Failure {
-    /// The error code the console sends.
+    /// The error code the console sends. (The console never asks with a
+    /// shutdown token of its own, so it never sees `ShuttingDown`; the
+    /// code is there for completeness.)
     pub(crate) fn code(&self) -> ErrorCode {
         match self {
             Failure::Refused { code, .. } => code.clone(),

@@ -169,7 +169,9 @@ mod typescript {
     fn generated() -> String {
         let cfg = Config::new().with_large_int("number".to_owned());
         let mut out = String::from(
-            "// Generated from the Rust types (src/server/messages.rs, src/vocab.rs) by\n\
+            "// Generated from the Rust types of src/server/messages.rs (and those they\n\
+             // use: src/vocab.rs, src/server/auth.rs, src/server/agents.rs,\n\
+             // src/protocol/message.rs) by\n\
              // `CONCH_UPDATE_GENERATED=1 cargo test --lib typescript`. Do not edit.\n\n",
         );
         // ErrorCode has its own serde (unknown codes from a newer peer

@@ -6,8 +6,10 @@
 
 use std::sync::LazyLock;
 
-use utoipa::openapi::schema::{AllOfBuilder, ObjectBuilder, OneOfBuilder, Schema};
+use utoipa::openapi::header::HeaderBuilder;
+use utoipa::openapi::schema::{AllOfBuilder, ObjectBuilder, OneOfBuilder, Ref, Schema, Type};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::{ContentBuilder, ResponseBuilder};
 use utoipa::openapi::{RefOr, ServerBuilder};
 use utoipa::{Modify, OpenApi};
 
@@ -57,6 +59,63 @@ impl Modify for Conch {
             "bearer",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
+        // Answers every operation can give, which their attributes leave
+        // out: a foreign `Host` (421, every route), bearer-token throttling
+        // (429, every authenticated one), a broken token store (500).
+        components.responses.insert(
+            "RetryLater".into(),
+            RefOr::T(
+                ResponseBuilder::new()
+                    .description(
+                        "Too many requests, or busy: try again after `Retry-After` seconds.",
+                    )
+                    .header(
+                        "Retry-After",
+                        HeaderBuilder::new()
+                            .schema(
+                                ObjectBuilder::new()
+                                    .schema_type(Type::Integer)
+                                    .minimum(Some(0)),
+                            )
+                            .description(Some("Seconds to wait."))
+                            .build(),
+                    )
+                    .content(
+                        "application/problem+json",
+                        ContentBuilder::new()
+                            .schema(Some(Ref::from_schema_name("Problem")))
+                            .build(),
+                    )
+                    .build(),
+            ),
+        );
+        let problem = || RefOr::Ref(Ref::from_response_name("ProblemResponse"));
+        let retry = || RefOr::Ref(Ref::from_response_name("RetryLater"));
+        for (path, item) in doc.paths.paths.iter_mut() {
+            let ops = [
+                &mut item.get,
+                &mut item.post,
+                &mut item.put,
+                &mut item.delete,
+            ];
+            for op in ops.into_iter().flatten() {
+                let answers = &mut op.responses.responses;
+                answers.entry("421".into()).or_insert_with(problem);
+                let authenticated = op.security.as_ref().is_none_or(|s| {
+                    s.iter()
+                        .any(|r| r != &utoipa::openapi::security::SecurityRequirement::default())
+                });
+                if authenticated {
+                    answers.insert("429".into(), retry());
+                }
+                if answers.contains_key("503") && path.starts_with("/api/") {
+                    answers.insert("503".into(), retry());
+                }
+                if path.starts_with("/api/v1/tokens") {
+                    answers.entry("500".into()).or_insert_with(problem);
+                }
+            }
+        }
         // Exactly one of `command` and `argv`: a `oneOf` of the two
         // `required`s (a body with both matches both, so fails it too).
         if let Some(mut fields) = components.schemas.remove("ExecRequest") {
@@ -122,6 +181,16 @@ mod tests {
                 "{name}"
             );
         }
+        // Throttling and a foreign Host are answers of every API operation.
+        for (path, method) in [("/api/v1/agents", "get"), ("/api/v1/exec", "post")] {
+            let answers = &doc["paths"][path][method]["responses"];
+            assert_eq!(answers["429"]["$ref"], "#/components/responses/RetryLater");
+            assert_eq!(
+                answers["421"]["$ref"],
+                "#/components/responses/ProblemResponse"
+            );
+        }
+        assert!(doc["paths"]["/healthz"]["get"]["responses"]["429"].is_null());
         let timeout = &request["allOf"][0]["properties"]["timeout_ms"]["maximum"];
         assert_eq!(
             timeout.as_u64(),

@@ -38,6 +38,12 @@ pub enum TlsError {
     Handshake(std::io::Error),
 }
 
+/// The session's channel binding (RFC 9266 `tls-exporter`), taken once the
+/// TLS handshake is complete.
+fn binding<D>(conn: &rustls::ConnectionCommon<D>) -> Result<[u8; EXPORTER_LEN], TlsError> {
+    Ok(conn.export_keying_material([0u8; EXPORTER_LEN], EXPORTER_LABEL, Some(b""))?)
+}
+
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -74,11 +80,7 @@ impl Acceptor {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let tls = self.0.accept(stream).await.map_err(TlsError::Handshake)?;
-        let binding = tls.get_ref().1.export_keying_material(
-            [0u8; EXPORTER_LEN],
-            EXPORTER_LABEL,
-            Some(b""),
-        )?;
+        let binding = binding(tls.get_ref().1)?;
         Ok((tls, binding))
     }
 }
@@ -121,11 +123,7 @@ impl Connector {
             .connect(name, stream)
             .await
             .map_err(TlsError::Handshake)?;
-        let binding = tls.get_ref().1.export_keying_material(
-            [0u8; EXPORTER_LEN],
-            EXPORTER_LABEL,
-            Some(b""),
-        )?;
+        let binding = binding(tls.get_ref().1)?;
         Ok((tls, binding))
     }
 }

@@ -11,8 +11,9 @@ Every generated `POST /api/v1/exec` body is made harmless while keeping its
 *shape*, so that the server's validation is exercised exactly as generated:
 
 - `command`: a non-blank string becomes `printf x`; a blank one ("", "  ")
-  stays as it is (the server must refuse it); a non-string stays as it is
-  (the server must refuse it before running anything).
+  stays as it is (the server refuses "" and runs "  ", which does
+  nothing); a non-string stays as it is (the server must refuse it before
+  running anything).
 - `argv`: a non-empty list of strings becomes ["printf", "x"]; an empty list,
   a list holding a non-string, or a non-list stays as it is.
 - `cwd`: a string becomes a private temporary directory (run.sh's

@@ -93,7 +93,7 @@ cleanup() {
         kill -KILL -- "-$SERVER_PID" 2>/dev/null || true
     fi
     # Secrets and state go; the reports and the server log stay.
-    rm -rf "$TOKEN_FILE" "$WORK/data" "$WORK/cwd" "$WORK/openapi.json"
+    rm -rf "$TOKEN_FILE" "$WORK/data" "$WORK/cwd" "$WORK/openapi.json" "$WORK/schemathesis.toml"
     [ "$REPORT_DIR" = "$WORK/report" ] || rmdir "$WORK" 2>/dev/null || true
     log "reports and server log: $REPORT_DIR"
     exit "$rc"
@@ -158,7 +158,6 @@ fi
 ST_ARGS=(
     run "$BASE/api/v1/openapi.json"
     --url "$BASE"
-    --header "Authorization: Bearer $TOKEN"
     --checks all
     --phases examples,coverage,fuzzing,stateful
     --max-examples "$MAX_EXAMPLES"
@@ -173,7 +172,12 @@ ST_ARGS=(
 )
 [ -z "${API_CONTRACT_MAX_TIME:-}" ] || ST_ARGS+=(--max-time "$API_CONTRACT_MAX_TIME")
 [ -z "${API_CONTRACT_SEED:-}" ] || ST_ARGS+=(--seed "$API_CONTRACT_SEED")
-log "st ${ST_ARGS[*]/$TOKEN/<admin token>}"
+# The token goes through the environment and a config file of the private
+# work directory, never on a command line (which `ps` shows everyone).
+cat > "$WORK/schemathesis.toml" <<'TOML'
+headers = { Authorization = "Bearer ${CONCH_API_CONTRACT_TOKEN}" }
+TOML
+log "st --config-file $WORK/schemathesis.toml ${ST_ARGS[*]}"
 started=$SECONDS
 FAILURES="$REPORT_DIR/failures.jsonl"
 : > "$FAILURES"
@@ -183,7 +187,9 @@ st_rc=0
 # Run from the work directory: nothing Schemathesis writes lands in the repo.
 (cd "$WORK/cwd" && SCHEMATHESIS_HOOKS="$HERE/hooks.py" CONCH_API_CONTRACT_CWD="$WORK/cwd" \
     CONCH_API_CONTRACT_FAILURES="$FAILURES" \
-    timeout --signal=INT --kill-after=15 "$BOUND" "$VENV/bin/st" "${ST_ARGS[@]}") || st_rc=$?
+    CONCH_API_CONTRACT_TOKEN="$TOKEN" \
+    timeout --signal=INT --kill-after=15 "$BOUND" "$VENV/bin/st" \
+        --config-file "$WORK/schemathesis.toml" "${ST_ARGS[@]}") || st_rc=$?
 if [ "$st_rc" -eq 0 ]; then
     log "schemathesis: OK ($((SECONDS - started))s)"
 else

@@ -1,7 +1,7 @@
 // The console protocol (browser <-> server), docs/protocol.md section 2.
-// The message types are generated from the Rust ones (src/server/messages.rs,
-// src/vocab.rs) into ./generated/protocol.ts; a Rust test fails when that
-// file is out of date, and tsc checks this page against it.
+// The message types are generated from the Rust ones (src/server/messages.rs
+// and the types it uses) into ./generated/protocol.ts; a Rust test fails
+// when that file is out of date, and tsc checks this page against it.
 //
 // Text frames carry one JSON object each, discriminated by `type`. Binary
 // frames from the server are command output (see `decodeOutput`).
@@ -15,7 +15,15 @@ export type {
 
 // ------------------------------------------------------------ browser -> server
 
-export type ExecMessage = Extract<ClientMessage, { type: 'exec' }>;
+type ExecFields = Extract<ClientMessage, { type: 'exec' }>;
+/**
+ * What the page sends: command mode's `cmd` (with `sh -c`), or shell mode's
+ * `pty` without `cmd` (a login shell). Narrower than the generated type,
+ * which also admits neither (the server refuses that).
+ */
+export type ExecMessage =
+  | (ExecFields & { cmd: string })
+  | (ExecFields & { pty: NonNullable<ExecFields['pty']>; cmd?: undefined });
 export type StdinMessage = Extract<ClientMessage, { type: 'stdin' }>;
 
 // ------------------------------------------------------------ server -> browser

@@ -1,4 +1,6 @@
-// Generated from the Rust types (src/server/messages.rs, src/vocab.rs) by
+// Generated from the Rust types of src/server/messages.rs (and those they
+// use: src/vocab.rs, src/server/auth.rs, src/server/agents.rs,
+// src/protocol/message.rs) by
 // `CONCH_UPDATE_GENERATED=1 cargo test --lib typescript`. Do not edit.
 
 /** Stable error codes, shared by the agent protocol and the console. */
