@@ -10,6 +10,7 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+use common::Endpoint;
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};

@@ -5,6 +5,7 @@
 //! protocol of [`protocol`].
 
 pub mod agent;
+pub mod cli;
 pub mod keyfile;
 pub mod link;
 pub mod protocol;

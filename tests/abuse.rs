@@ -9,6 +9,7 @@ use std::net::{IpAddr, TcpStream as StdTcpStream};
 use std::os::unix::process::CommandExt;
 use std::time::Duration;
 
+use common::Endpoint;
 use common::ws::{Ws, console, next_json, open_ws, run, send};
 use common::{
     Server, alive, server_command, server_from, start_agent, start_server, users_file, wait_gone,

@@ -3,7 +3,10 @@
 mod common;
 
 use base64::Engine;
-use common::{Server, start_server, wait_gone};
+// The server runs in this process, on the test's own runtime: two workers,
+// so that a test blocked on `conch exec` leaves one to the server.
+use common::in_process::{InProcess, start};
+use common::{Endpoint, wait_gone};
 use futures_util::StreamExt;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -13,7 +16,7 @@ fn client() -> reqwest::Client {
 }
 
 /// `POST /api/v1/exec` with a bearer token and a JSON body.
-async fn post_exec(server: &Server, token: &str, body: &Value) -> reqwest::Response {
+async fn post_exec(server: &impl Endpoint, token: &str, body: &Value) -> reqwest::Response {
     client()
         .post(server.url("/api/v1/exec"))
         .bearer_auth(token)
@@ -23,7 +26,7 @@ async fn post_exec(server: &Server, token: &str, body: &Value) -> reqwest::Respo
         .unwrap()
 }
 
-async fn exec(server: &Server, token: &str, body: Value) -> (StatusCode, Value) {
+async fn exec(server: &InProcess, token: &str, body: Value) -> (StatusCode, Value) {
     let resp = post_exec(server, token, &body).await;
     let status = resp.status();
     (status, resp.json().await.unwrap())
@@ -38,9 +41,9 @@ async fn problem(resp: reqwest::Response, status: u16) -> Value {
     body
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_and_its_result() {
-    let server = start_server(&[], &[]);
+    let server = start(&[]).await;
     let (status, body) = exec(
         &server,
         &server.token,
@@ -70,9 +73,9 @@ async fn a_command_and_its_result() {
     assert_eq!(body["stdout"], "from stdin\nex\n/\n");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_is_exact_truncated_base64_or_decoded() {
-    let server = start_server(&[], &[]);
+    let server = start(&[]).await;
     // Several MiB, byte-exact.
     let body = json!({"command": "seq 1 900000", "max_output_bytes": 8 * 1024 * 1024});
     let (_, body) = exec(&server, &server.token, body).await;
@@ -80,7 +83,9 @@ async fn output_is_exact_truncated_base64_or_decoded() {
     assert!(expected.len() > 5 * 1024 * 1024);
     assert!(
         body["stdout"].as_str().unwrap() == expected,
-        "output differs"
+        "output differs: {} bytes, starts {:?}",
+        body["stdout"].as_str().unwrap().len(),
+        &body["stdout"].as_str().unwrap()[..80.min(body["stdout"].as_str().unwrap().len())]
     );
     assert_eq!(body["stdout_truncated"], false);
 
@@ -117,9 +122,9 @@ async fn output_is_exact_truncated_base64_or_decoded() {
     assert_eq!(body["stdout"], "中文");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_timeout_kills_the_process_tree() {
-    let server = start_server(&[], &[]);
+    let server = start(&[]).await;
     let dir = tempfile::tempdir().unwrap();
     let pidfile = dir.path().join("pid");
     let cmd = format!("sh -c 'sleep 300 & echo $! > {}; wait'", pidfile.display());
@@ -139,7 +144,7 @@ async fn the_timeout_kills_the_process_tree() {
     assert!(wait_gone(pid).await, "the grandchild survived the timeout");
 }
 
-async fn ndjson(server: &Server, body: Value) -> reqwest::Response {
+async fn ndjson(server: &InProcess, body: Value) -> reqwest::Response {
     let resp = client()
         .post(server.url("/api/v1/exec"))
         .bearer_auth(&server.token)
@@ -181,9 +186,9 @@ async fn read_lines(
     lines
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streaming_keeps_order_and_a_disconnect_kills_the_command() {
-    let server = start_server(&[], &[]);
+    let server = start(&[]).await;
     let mut resp = ndjson(
         &server,
         json!({"command": "echo one; echo two >&2; echo three; exit 2"}),
@@ -219,12 +224,9 @@ async fn streaming_keeps_order_and_a_disconnect_kills_the_command() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_are_problem_details_with_the_right_status() {
-    let server = start_server(
-        &["--max-body-bytes", "2048", "--max-concurrent-execs", "1"],
-        &[],
-    );
+    let server = start(&["--max-body-bytes", "2048", "--max-concurrent-execs", "1"]).await;
     let url = server.url("/api/v1/exec");
     let c = client();
 
@@ -293,7 +295,7 @@ async fn errors_are_problem_details_with_the_right_status() {
     problem(resp, 404).await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_agent_is_a_503_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("k");
@@ -326,9 +328,9 @@ async fn an_unreachable_agent_is_a_503_naming_it() {
     assert_eq!(agents["agents"][0]["connected"], false);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_concurrent_requests() {
-    let server = start_server(&[], &[]);
+    let server = start(&[]).await;
     let mut tasks = Vec::new();
     for i in 0..50 {
         let url = server.url("/api/v1/exec");
@@ -354,11 +356,11 @@ async fn fifty_concurrent_requests() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_are_created_used_and_revoked() {
     let data = tempfile::tempdir().unwrap();
     let data_dir = data.path().to_str().unwrap().to_owned();
-    let server = start_server(&["--data-dir", &data_dir], &[]);
+    let server = start(&["--data-dir", &data_dir]).await;
     let c = client();
     let ci = server.create_token("ci", "operator").await;
     let (status, body) = exec(&server, &ci, json!({"command": "echo via-ci"})).await;
@@ -427,9 +429,9 @@ async fn tokens_are_created_used_and_revoked() {
     problem(resp, 401).await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openapi_document_matches_the_routes() {
-    let server = start_server(&[], &[]);
+    let server = start(&[]).await;
     let doc: Value = client()
         .get(server.url("/api/v1/openapi.json"))
         .send()
@@ -471,7 +473,7 @@ async fn the_openapi_document_matches_the_routes() {
     }
 }
 
-fn conch_exec(server: &Server, token: Option<&str>, command: &[&str]) -> std::process::Output {
+fn conch_exec(server: &InProcess, token: Option<&str>, command: &[&str]) -> std::process::Output {
     let mut cmd = std::process::Command::new(common::BIN);
     cmd.args(["exec", "--server", &server.url("")])
         .env_remove("CONCH_TOKEN");
@@ -481,9 +483,9 @@ fn conch_exec(server: &Server, token: Option<&str>, command: &[&str]) -> std::pr
     cmd.arg("--").args(command).output().unwrap()
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conch_exec_passes_output_and_exit_codes_through() {
-    let server = start_server(&[], &[]);
+    let server = start(&[]).await;
     let out = conch_exec(
         &server,
         Some(&server.token),
@@ -549,9 +551,9 @@ async fn conch_exec_passes_output_and_exit_codes_through() {
     assert_eq!(err.lines().count(), 1, "{err}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streaming_binary_chunks_are_base64() {
-    let server = start_server(&[], &[]);
+    let server = start(&[]).await;
     let mut resp = ndjson(&server, json!({"command": r"printf 'ok\377\376'"})).await;
     let lines = read_lines(&mut resp, |_| false).await;
     let bytes: Vec<u8> = lines
@@ -572,9 +574,9 @@ async fn streaming_binary_chunks_are_base64() {
     let _ = resp.bytes_stream().next().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rate_limit_answers_429() {
-    let server = start_server(&["--api-rate-per-minute", "3"], &[]);
+    let server = start(&["--api-rate-per-minute", "3"]).await;
     for _ in 0..3 {
         let (status, _) = exec(&server, &server.token, json!({"command": "true"})).await;
         assert_eq!(status, 200);
@@ -584,9 +586,9 @@ async fn the_rate_limit_answers_429() {
     problem(resp, 429).await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_contract_holds_at_its_edges() {
-    let server = start_server(&[], &[]);
+    let server = start(&[]).await;
     let resp = post_exec(
         &server,
         &server.token,

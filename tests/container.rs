@@ -4,6 +4,7 @@
 //! runtime needs. With a container engine, the image is built and run too.
 
 mod common;
+use common::Endpoint;
 
 use std::collections::BTreeMap;
 use std::path::Path;

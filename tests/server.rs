@@ -4,6 +4,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::Endpoint;
 use common::ws::{Ws, collect, console, next_json, open_ws, run, send};
 use common::{start_agent, start_server, users_file, wait_gone};
 use futures_util::{SinkExt, StreamExt};

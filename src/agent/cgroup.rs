@@ -55,7 +55,6 @@ struct Root {
 #[derive(Debug)]
 pub(crate) struct Cgroups {
     roots: Vec<Root>,
-    next: AtomicU64,
 }
 
 /// Limits written into each command's cgroup (0 = none).
@@ -64,6 +63,10 @@ pub(crate) struct CgroupLimits {
     pub(crate) max_procs: u64,
     pub(crate) max_memory: u64,
 }
+
+/// The next command cgroup's number: one counter for the whole process,
+/// so that two agents in one process never share a cgroup.
+static NEXT_CGROUP: AtomicU64 = AtomicU64::new(1);
 
 impl Cgroups {
     /// Finds (and prepares) the cgroups this agent may use; `None` when it
@@ -124,10 +127,7 @@ impl Cgroups {
             }
             return None;
         }
-        Some(Cgroups {
-            roots,
-            next: AtomicU64::new(1),
-        })
+        Some(Cgroups { roots })
     }
 
     /// A one-line description for the agent's start-up log.
@@ -165,7 +165,7 @@ impl Cgroups {
 
     /// Makes a fresh cgroup for one command, with its limits written.
     pub(crate) fn create(&self, limits: CgroupLimits) -> io::Result<CommandCgroup> {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let n = NEXT_CGROUP.fetch_add(1, Ordering::Relaxed);
         let mut made = CommandCgroup {
             dirs: Vec::new(),
             join: Vec::new(),

@@ -30,6 +30,10 @@ use super::cgroup::{CgroupLimits, Cgroups, CommandCgroup};
 /// cgroup can hold them (fallback mode only).
 pub(crate) const MARK_VAR: &str = "CONCH_COMMAND_MARK";
 
+/// The next mark's number: one counter for the whole process, so that
+/// two agents in one process (the in-process tests) never share a mark.
+static NEXT_MARK: AtomicU64 = AtomicU64::new(1);
+
 /// The PATH a command gets when the agent has none.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -136,7 +140,6 @@ pub struct ExecPolicy {
     cgroups: Option<Cgroups>,
     /// The environment every command starts from.
     base_env: Vec<(OsString, OsString)>,
-    next_mark: AtomicU64,
 }
 
 impl ExecPolicy {
@@ -185,7 +188,6 @@ impl ExecPolicy {
             limits,
             cgroups,
             base_env,
-            next_mark: AtomicU64::new(1),
         })
     }
 
@@ -206,7 +208,7 @@ impl ExecPolicy {
             let mark = format!(
                 "{}.{}",
                 std::process::id(),
-                self.next_mark.fetch_add(1, Ordering::Relaxed)
+                NEXT_MARK.fetch_add(1, Ordering::Relaxed)
             );
             Some(mark)
         } else {

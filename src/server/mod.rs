@@ -147,7 +147,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
 }
 
 /// Serves on `listener` until `shutdown` fires.
-pub(crate) async fn serve(
+pub async fn serve(
     listener: TcpListener,
     config: ServeConfig,
     shutdown: CancellationToken,

@@ -2,6 +2,7 @@
 //! ephemeral loopback ports, found through their structured logs.
 #![allow(dead_code)]
 
+pub mod in_process;
 pub mod ws;
 
 use std::io::{BufRead, BufReader};
@@ -230,17 +231,22 @@ pub fn server_from(cmd: Command, wait_agent: bool) -> Server {
     }
 }
 
-impl Server {
-    pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
+/// A running server, however it was started: its address, the admin
+/// token, and what the tests do with them.
+pub trait Endpoint {
+    fn addr(&self) -> SocketAddr;
+    fn admin_token(&self) -> &str;
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr(), path)
     }
 
-    pub fn origin(&self) -> String {
-        format!("http://{}", self.addr)
+    fn origin(&self) -> String {
+        format!("http://{}", self.addr())
     }
 
     /// Logs in with a form post; returns the session cookie ("name=value").
-    pub async fn login(&self, form: &[(&str, &str)]) -> Result<String, reqwest::StatusCode> {
+    async fn login(&self, form: &[(&str, &str)]) -> Result<String, reqwest::StatusCode> {
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .build()
@@ -258,10 +264,35 @@ impl Server {
         Ok(cookie.split(';').next().unwrap().to_owned())
     }
 
-    pub async fn admin_cookie(&self) -> String {
-        self.login(&[("token", &self.token)])
+    async fn admin_cookie(&self) -> String {
+        self.login(&[("token", self.admin_token())])
             .await
             .expect("admin login")
+    }
+
+    /// Creates an API token through the admin endpoint; returns its value.
+    async fn create_token(&self, name: &str, role: &str) -> String {
+        let created: serde_json::Value = reqwest::Client::new()
+            .post(self.url("/api/v1/tokens"))
+            .bearer_auth(self.admin_token())
+            .json(&serde_json::json!({"name": name, "role": role}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        created["token"].as_str().expect("a token").to_owned()
+    }
+}
+
+impl Endpoint for Server {
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn admin_token(&self) -> &str {
+        &self.token
     }
 }
 
@@ -298,23 +329,6 @@ pub async fn get_json(url: impl reqwest::IntoUrl, token: &str) -> serde_json::Va
         .json()
         .await
         .unwrap()
-}
-
-impl Server {
-    /// Creates an API token through the admin endpoint; returns its value.
-    pub async fn create_token(&self, name: &str, role: &str) -> String {
-        let created: serde_json::Value = reqwest::Client::new()
-            .post(self.url("/api/v1/tokens"))
-            .bearer_auth(&self.token)
-            .json(&serde_json::json!({"name": name, "role": role}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        created["token"].as_str().expect("a token").to_owned()
-    }
 }
 
 /// A users file with an operator (olga, `operator-pw`) and a viewer

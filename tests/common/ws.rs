@@ -7,7 +7,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use super::Server;
+use super::{Endpoint, Server};
 
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 

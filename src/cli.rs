@@ -1,0 +1,596 @@
+//! The `conch` command line: every flag and its environment variable and
+//! default, parsed into the typed configuration of the module that does
+//! the work, and the dispatch of each subcommand to it. `main.rs` only
+//! parses and runs; the tests build configurations here from flags, as a
+//! user would write them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use crate::agent::sandbox::{
+    CgroupMode, CommandLimits, ExecPolicy, default_memory_limit, make_undumpable,
+};
+use crate::agent::{AgentConfig, Limits};
+use crate::keyfile::Key;
+use crate::rest_client::ExecConfig;
+use crate::server::ServeConfig;
+use crate::server::agents::AgentSpec;
+use crate::server::api::ApiLimits;
+use crate::server::auth::Role;
+use crate::server::auth::{Secret, load_users};
+use crate::server::tokens::TokenStore;
+use crate::telemetry::LogFormat;
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "conch", version, about = "A web-based remote command console")]
+pub struct Cli {
+    /// Log line format.
+    #[arg(
+        long,
+        global = true,
+        env = "CONCH_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the command agent: a TCP server that runs commands for authenticated clients.
+    Agent(AgentArgs),
+    /// Run the web server: the console page, the REST API, and the bridge to an agent.
+    Serve(Box<ServeArgs>),
+    /// Run one command through a conch server's REST API; exits with its exit code.
+    Exec(ExecArgs),
+    /// Manage API tokens in a server's data directory.
+    Token(TokenArgs),
+    /// Probe a server's /healthz or an agent's TCP port; exit 0 when healthy (for container health checks).
+    Healthcheck(HealthArgs),
+    /// Print an argon2 hash of a password read from standard input, for the users file.
+    Passwd,
+    /// Write a fresh random agent key (64 hex characters) to a new file with mode 0600.
+    Keygen {
+        /// Where to write the key; an existing file is never overwritten.
+        path: PathBuf,
+    },
+}
+
+/// How the commands an agent runs are isolated (shared by `conch agent`
+/// and `conch serve`, which passes them to its embedded agent).
+#[derive(Args, Clone)]
+pub struct IsolationArgs {
+    /// Run commands as this user (the agent must run as root). Operators can
+    /// do whatever this user can: pick one that cannot read the server's files.
+    #[arg(long, env = "CONCH_RUN_AS")]
+    run_as: Option<String>,
+    /// Processes (and threads) one command may have at once (0: no limit).
+    #[arg(long, env = "CONCH_CMD_MAX_PROCS", default_value_t = 4096)]
+    cmd_max_procs: u64,
+    /// Memory one command may use, in MiB (0: no limit). Default: 3/4 of the
+    /// host's memory, enforced only through a cgroup.
+    #[arg(long, env = "CONCH_CMD_MAX_MEMORY_MIB")]
+    cmd_max_memory_mib: Option<u64>,
+    /// Open files per process of a command (hard limit; the soft one is 1024).
+    #[arg(long, env = "CONCH_CMD_MAX_OPEN_FILES", default_value_t = 65536)]
+    cmd_max_open_files: u64,
+    /// Whether to put each command in a cgroup of its own where possible.
+    #[arg(long, env = "CONCH_CGROUPS", value_enum, default_value = "auto")]
+    cgroups: CgroupMode,
+}
+
+impl IsolationArgs {
+    fn policy(&self) -> anyhow::Result<ExecPolicy> {
+        let limits = CommandLimits {
+            max_procs: self.cmd_max_procs,
+            max_memory: match self.cmd_max_memory_mib {
+                Some(mib) => mib.saturating_mul(1024 * 1024),
+                None => default_memory_limit(),
+            },
+            memory_explicit: self.cmd_max_memory_mib.is_some(),
+            max_open_files: self.cmd_max_open_files.max(16),
+        };
+        Ok(ExecPolicy::new(
+            self.run_as.as_deref(),
+            limits,
+            self.cgroups,
+        )?)
+    }
+
+    /// The same settings as `conch agent` flags.
+    fn to_args(&self) -> Vec<String> {
+        let mut args = vec![
+            format!("--cmd-max-procs={}", self.cmd_max_procs),
+            format!("--cmd-max-open-files={}", self.cmd_max_open_files),
+            format!(
+                "--cgroups={}",
+                match self.cgroups {
+                    CgroupMode::Auto => "auto",
+                    CgroupMode::Off => "off",
+                }
+            ),
+        ];
+        if let Some(user) = &self.run_as {
+            args.push(format!("--run-as={user}"));
+        }
+        if let Some(mib) = self.cmd_max_memory_mib {
+            args.push(format!("--cmd-max-memory-mib={mib}"));
+        }
+        args
+    }
+}
+
+#[derive(Args)]
+pub struct AgentArgs {
+    /// Address to listen on. Loopback by default: exposing an agent is a decision.
+    #[arg(long, env = "CONCH_AGENT_LISTEN", default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// Serve on this already-listening socket instead (how `conch serve`
+    /// starts its embedded agent).
+    #[arg(long, hide = true)]
+    listen_fd: Option<i32>,
+    /// File holding the pre-shared key (at least 16 bytes; see `conch keygen`); `-` reads stdin.
+    #[arg(long, env = "CONCH_AGENT_KEY_FILE")]
+    key_file: PathBuf,
+    #[command(flatten)]
+    isolation: IsolationArgs,
+    /// Authenticated client connections served at once; beyond, a client is told `busy`.
+    #[arg(long, env = "CONCH_AGENT_MAX_CONNECTIONS", default_value_t = 1024)]
+    max_connections: usize,
+    /// Connections still authenticating at once; beyond, the oldest is dropped.
+    #[arg(long, env = "CONCH_AGENT_MAX_PENDING", default_value_t = 64)]
+    max_pending: usize,
+    /// Milliseconds a connection has to complete the handshake.
+    #[arg(long, env = "CONCH_AGENT_HANDSHAKE_TIMEOUT_MS", default_value_t = 5000)]
+    handshake_timeout_ms: u64,
+    /// Commands running at once on one connection.
+    #[arg(long, env = "CONCH_AGENT_MAX_CHANNELS", default_value_t = 1024)]
+    max_channels: usize,
+    /// Serve clients over plain TCP instead of TLS: commands, keystrokes and
+    /// output cross the network readable and alterable. Clients must say so too.
+    #[arg(long, env = "CONCH_INSECURE_PLAINTEXT")]
+    insecure_plaintext: bool,
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Address to listen on. Loopback by default: put a TLS proxy in front to expose it.
+    #[arg(long, env = "CONCH_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// HTTP connections open at once (WebSockets included); at the cap, the oldest
+    /// connection that has not sent a request is closed. Kept below the open-file limit.
+    #[arg(long, env = "CONCH_MAX_CONNECTIONS", default_value_t = 16384)]
+    max_connections: usize,
+    /// Milliseconds a client has to send a request's headers (and most idle time between requests).
+    #[arg(long, env = "CONCH_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
+    header_timeout_ms: u64,
+    /// Agent to connect to (HOST:PORT). Without it, an embedded agent runs in this process.
+    #[arg(long, env = "CONCH_AGENT")]
+    agent: Option<String>,
+    /// Name shown for the agent given with --agent.
+    #[arg(long, env = "CONCH_AGENT_NAME", default_value = "agent")]
+    agent_name: String,
+    /// The pre-shared key file of the agent given with --agent.
+    #[arg(long, env = "CONCH_AGENT_KEY_FILE")]
+    agent_key_file: Option<PathBuf>,
+    /// Reach the agent given with --agent over plain TCP instead of TLS (it
+    /// must run with --insecure-plaintext too): commands, keystrokes and
+    /// output cross the network readable and alterable.
+    #[arg(long, env = "CONCH_INSECURE_PLAINTEXT")]
+    insecure_plaintext: bool,
+    /// The admin token (prefer --admin-token-file: a flag shows in `ps`).
+    #[arg(long, env = "CONCH_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// File holding the admin token. Without either, one is generated and a login URL printed.
+    #[arg(long, env = "CONCH_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
+    /// Users file (TOML): [[users]] with name, password_hash (from `conch passwd`), role.
+    #[arg(long, env = "CONCH_USERS_FILE")]
+    users_file: Option<PathBuf>,
+    /// Further origins allowed to open consoles (comma-separated), e.g. https://conch.example.com.
+    #[arg(long, env = "CONCH_ALLOWED_ORIGINS", value_delimiter = ',')]
+    allowed_origins: Vec<String>,
+    /// The address users see, e.g. https://ops.example.com/conch: login URLs print it,
+    /// Host and Origin are checked against it, cookies are Secure when it is HTTPS.
+    #[arg(long, env = "CONCH_PUBLIC_URL")]
+    public_url: Option<url::Url>,
+    /// A proxy (address or CIDR) whose X-Forwarded-For / Forwarded headers are believed;
+    /// repeatable, or comma-separated.
+    #[arg(long, env = "CONCH_TRUSTED_PROXY", value_delimiter = ',')]
+    trusted_proxy: Vec<String>,
+    /// Session lifetime in seconds.
+    #[arg(long, env = "CONCH_SESSION_TTL", default_value_t = 12 * 3600)]
+    session_ttl: u64,
+    /// Login sessions one user may hold; a new login ends that user's oldest.
+    #[arg(long, env = "CONCH_MAX_SESSIONS_PER_USER", default_value_t = 32)]
+    max_sessions_per_user: usize,
+    /// Login sessions of all users together; beyond, logins are refused (503).
+    #[arg(long, env = "CONCH_MAX_SESSIONS", default_value_t = 100_000)]
+    max_sessions: usize,
+    /// Directory for state (API tokens). Without it, tokens live in memory only.
+    #[arg(long, env = "CONCH_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Largest REST request body, in bytes.
+    #[arg(long, env = "CONCH_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    max_body_bytes: usize,
+    /// Cap on a REST command's timeout_ms.
+    #[arg(long, env = "CONCH_MAX_TIMEOUT_MS", default_value_t = 3_600_000)]
+    max_timeout_ms: u64,
+    /// Cap on a buffered REST answer's max_output_bytes (per stream; streamed answers have none).
+    #[arg(long, env = "CONCH_MAX_OUTPUT_BYTES", default_value_t = 64 * 1024 * 1024)]
+    max_output_bytes: usize,
+    /// Memory all buffered REST answers together may hold, in MiB; beyond, 503.
+    #[arg(long, env = "CONCH_BUFFERED_OUTPUT_BUDGET_MIB", default_value_t = 512)]
+    buffered_output_budget_mib: usize,
+    /// REST commands running at once; more get 429.
+    #[arg(long, env = "CONCH_MAX_CONCURRENT_EXECS", default_value_t = 256)]
+    max_concurrent_execs: usize,
+    /// Commands one user may run at once, console and API together.
+    #[arg(long, env = "CONCH_MAX_COMMANDS_PER_USER", default_value_t = 64)]
+    max_commands_per_user: usize,
+    /// Channels of each agent kept for users who run nothing on it yet.
+    #[arg(long, env = "CONCH_COMMAND_RESERVE", default_value_t = 32)]
+    command_reserve: usize,
+    /// REST requests per caller per minute; more get 429.
+    #[arg(long, env = "CONCH_API_RATE_PER_MINUTE", default_value_t = 1200)]
+    api_rate_per_minute: u32,
+    /// Command isolation of the embedded agent (ignored with --agent).
+    #[command(flatten)]
+    isolation: IsolationArgs,
+}
+
+#[derive(Args)]
+pub struct ExecArgs {
+    /// The conch server's base URL.
+    #[arg(long, env = "CONCH_SERVER", default_value = "http://127.0.0.1:8080")]
+    server: String,
+    /// File holding the API token.
+    #[arg(long, env = "CONCH_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// The API token itself (prefer --token-file: a flag shows in `ps`).
+    #[arg(long, env = "CONCH_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Agent to run on; default the server's only one.
+    #[arg(long, env = "CONCH_EXEC_AGENT")]
+    agent: Option<String>,
+    /// Kill the command after this many milliseconds (server default 30 s;
+    /// at most 2^53 - 1, as the API takes).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_API_INTEGER))]
+    timeout_ms: Option<u64>,
+    /// Working directory on the agent's host.
+    #[arg(long)]
+    cwd: Option<String>,
+    /// Encoding of the command's output (a WHATWG label such as gbk).
+    #[arg(long)]
+    encoding: Option<String>,
+    /// Send this process's standard input (read to its end, at most 1 MiB) to the command.
+    #[arg(long)]
+    stdin: bool,
+    /// Keep at most this many bytes of each output stream; beyond, the rest is
+    /// dropped, one line says so on stderr, and conch exits 125. Default: all.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=MAX_API_INTEGER))]
+    max_output_bytes: Option<u64>,
+    /// The command and its arguments, joined by spaces and run by the remote shell (as ssh does).
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+#[derive(Args)]
+pub struct HealthArgs {
+    /// Check that this agent address (HOST:PORT) accepts TCP connections, instead of the server.
+    #[arg(long)]
+    tcp: Option<String>,
+    /// The server's listen address, probed at /healthz (0.0.0.0 means this host).
+    #[arg(long, env = "CONCH_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: String,
+}
+
+#[derive(Subcommand)]
+pub enum TokenCommand {
+    /// Create a named API token and print it (shown this once).
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_enum)]
+        role: Role,
+    },
+    /// Revoke a named API token.
+    Revoke {
+        #[arg(long)]
+        name: String,
+    },
+    /// List token names and roles.
+    List,
+}
+
+#[derive(Args)]
+pub struct TokenArgs {
+    /// The server's data directory (as given to `conch serve`).
+    #[arg(long, env = "CONCH_DATA_DIR", global = true)]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: TokenCommand,
+}
+
+/// The largest count the REST API takes (2^53 - 1).
+const MAX_API_INTEGER: u64 = (1 << 53) - 1;
+
+/// The shortest admin token accepted.
+const MIN_TOKEN_LEN: usize = 16;
+
+impl AgentArgs {
+    /// The agent's typed configuration (an ephemeral TLS certificate made
+    /// here unless `--insecure-plaintext`).
+    pub fn into_config(&self) -> anyhow::Result<AgentConfig> {
+        let args = self;
+        let policy = args.isolation.policy()?;
+        Ok(AgentConfig {
+            listen: args.listen,
+            key: Key::load(&args.key_file)?,
+            max_connections: args.max_connections.max(1),
+            max_pending: args.max_pending.max(1),
+            handshake_timeout: std::time::Duration::from_millis(args.handshake_timeout_ms.max(100)),
+            limits: Limits {
+                max_channels: args.max_channels.max(1),
+            },
+            policy: std::sync::Arc::new(policy),
+            tls: if args.insecure_plaintext {
+                tracing::warn!(
+                    listen = %args.listen,
+                    "--insecure-plaintext: connections are not encrypted or protected from \
+                     tampering; anyone on the path reads commands, keystrokes and output"
+                );
+                None
+            } else {
+                Some(crate::transport::tls::Acceptor::ephemeral().context("cannot set up TLS")?)
+            },
+        })
+    }
+}
+
+impl ServeArgs {
+    /// The server's typed configuration.
+    pub fn into_config(self, json_logs: bool) -> anyhow::Result<ServeConfig> {
+        serve_config(self, json_logs)
+    }
+}
+
+fn serve_config(args: ServeArgs, json_logs: bool) -> anyhow::Result<ServeConfig> {
+    let agent = match args.agent {
+        Some(addr) => {
+            let path = args
+                .agent_key_file
+                .context("--agent needs --agent-key-file (or CONCH_AGENT_KEY_FILE)")?;
+            let security = if args.insecure_plaintext {
+                tracing::warn!(
+                    agent = %addr,
+                    "--insecure-plaintext: the agent link is not encrypted or protected \
+                     from tampering; anyone on the path reads commands, keystrokes and output"
+                );
+                crate::link::Security::Plaintext
+            } else {
+                crate::link::Security::Tls
+            };
+            Some(AgentSpec {
+                name: args.agent_name,
+                addr,
+                key: Key::load(&path)?,
+                security,
+            })
+        }
+        None => None,
+    };
+    let token = match (args.admin_token, args.admin_token_file) {
+        (Some(t), _) => Some(t),
+        (None, Some(path)) => {
+            crate::keyfile::warn_if_exposed(&path, "admin token file");
+            Some(
+                std::fs::read_to_string(&path)
+                    .with_context(|| format!("cannot read admin token file {}", path.display()))?
+                    .trim()
+                    .to_owned(),
+            )
+        }
+        (None, None) => None,
+    };
+    if let Some(t) = &token {
+        anyhow::ensure!(
+            t.len() >= MIN_TOKEN_LEN,
+            "the admin token must be at least {MIN_TOKEN_LEN} characters"
+        );
+        if let Some(why) = crate::keyfile::weakness(t.as_bytes()) {
+            tracing::warn!("the admin token is weak ({why}); make one with `conch keygen`");
+        }
+    }
+    if let Some(dir) = &args.data_dir {
+        crate::server::tokens::create_private_dir(dir)
+            .with_context(|| format!("cannot create the data directory {}", dir.display()))?;
+    }
+    let users = match &args.users_file {
+        Some(path) => load_users(path)?,
+        None => Vec::new(),
+    };
+    let trusted_proxies = args
+        .trusted_proxy
+        .iter()
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            p.parse::<ipnet::IpNet>()
+                .or_else(|_| p.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .with_context(|| format!("--trusted-proxy {p:?} is not an address or CIDR"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if let Some(u) = &args.public_url {
+        anyhow::ensure!(
+            matches!(u.scheme(), "http" | "https") && u.host_str().is_some(),
+            "--public-url must be an absolute http:// or https:// URL, not {u}"
+        );
+    }
+    if args.public_url.is_none() && !args.listen.ip().is_loopback() {
+        tracing::warn!(
+            listen = %args.listen,
+            "listening beyond loopback without --public-url: any Host header is accepted; \
+             set --public-url so that DNS-rebinding pages are refused"
+        );
+    }
+    Ok(ServeConfig {
+        listen: args.listen,
+        public_url: args.public_url,
+        trusted_proxies,
+        http: crate::server::http::HttpLimits {
+            max_connections: args.max_connections.max(1),
+            header_timeout: std::time::Duration::from_millis(args.header_timeout_ms.max(100)),
+        },
+        agent,
+        embedded_agent_args: args.isolation.to_args(),
+        admin_token: token.map(Secret::new),
+        users,
+        allowed_origins: args
+            .allowed_origins
+            .into_iter()
+            .filter(|o| !o.is_empty())
+            .collect(),
+        session_ttl: std::time::Duration::from_secs(args.session_ttl.max(60)),
+        session_limits: crate::server::auth::SessionLimits {
+            per_user: args.max_sessions_per_user.max(1),
+            total: args.max_sessions.max(1),
+        },
+        data_dir: args.data_dir,
+        api_limits: ApiLimits {
+            max_body_bytes: args.max_body_bytes,
+            max_timeout_ms: args.max_timeout_ms.max(1),
+            max_output_bytes: args.max_output_bytes,
+            max_concurrent: args.max_concurrent_execs.max(1),
+            rate_per_minute: args.api_rate_per_minute.max(1),
+            buffered_budget: args.buffered_output_budget_mib.saturating_mul(1024 * 1024),
+        },
+        quota: crate::server::quota::QuotaLimits {
+            per_user: args.max_commands_per_user.max(1),
+            reserve: args.command_reserve,
+        },
+        json_logs,
+    })
+}
+
+/// Runs one subcommand to its end; its exit status.
+pub async fn run(command: Command, json_logs: bool) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Serve(args) => {
+            // The server's memory and environment hold the admin token.
+            make_undumpable();
+            let config = serve_config(*args, json_logs)?;
+            let shutdown = crate::shutdown::on_signals();
+            let work = crate::server::run(config, shutdown.clone());
+            if let Some(r) =
+                crate::shutdown::within_grace(work, &shutdown, crate::shutdown::GRACE).await
+            {
+                r?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Exec(args) => match exec_command(args).await {
+            Ok(code) => Ok(code),
+            Err(e) => {
+                // Failures of conch itself exit 255, as ssh does.
+                eprintln!("conch: {e:#}");
+                Ok(ExitCode::from(crate::rest_client::EXIT_CONCH_FAILED))
+            }
+        },
+        Command::Token(args) => {
+            let dir = args
+                .data_dir
+                .context("give --data-dir (or CONCH_DATA_DIR), as for `conch serve`")?;
+            let store = TokenStore::new(Some(&dir));
+            match args.command {
+                TokenCommand::Create { name, role } => {
+                    println!("{}", store.create(&name, role)?.expose())
+                }
+                TokenCommand::Revoke { name } => {
+                    store.revoke(&name)?;
+                    println!("revoked {name}");
+                }
+                TokenCommand::List => print!("{}", store.listing()?),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Healthcheck(args) => {
+            let target = match args.tcp {
+                Some(addr) => crate::rest_client::Probe::AgentPort(addr),
+                None => crate::rest_client::Probe::Server(args.listen),
+            };
+            crate::rest_client::healthcheck(target).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Passwd => {
+            println!(
+                "{}",
+                crate::server::auth::hash_password_from(std::io::stdin().lock())?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keygen { path } => {
+            Key::generate().save_new(&path)?;
+            println!("wrote a new key to {}", path.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Agent(args) => {
+            // Commands run by this process must not read its memory.
+            make_undumpable();
+            let config = args.into_config()?;
+            let shutdown = crate::shutdown::on_signals();
+            match args.listen_fd {
+                Some(fd) => {
+                    // SAFETY: the parent handed this descriptor down open,
+                    // listening, and for this process alone to own.
+                    let listener = unsafe { crate::agent::inherited_listener(fd) }
+                        .context("the inherited listening socket (--listen-fd) is unusable")?;
+                    crate::agent::serve(listener, config, shutdown).await;
+                }
+                None => crate::agent::run(config, shutdown)
+                    .await
+                    .with_context(|| format!("cannot listen on {}", args.listen))?,
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `conch exec`: its exit status is the remote command's.
+async fn exec_command(args: ExecArgs) -> anyhow::Result<ExitCode> {
+    let token = match (args.token, &args.token_file) {
+        (_, Some(path)) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read token file {}", path.display()))?
+            .trim()
+            .to_owned(),
+        (Some(t), None) => t,
+        (None, None) => anyhow::bail!("give --token-file or CONCH_TOKEN"),
+    };
+    let stdin = if args.stdin {
+        Some(crate::rest_client::read_stdin()?)
+    } else {
+        None
+    };
+    let config = ExecConfig {
+        server: args.server,
+        token,
+        command: args.command,
+        agent: args.agent,
+        timeout_ms: args.timeout_ms,
+        cwd: args.cwd,
+        encoding: args.encoding,
+        stdin,
+        max_output_bytes: args.max_output_bytes,
+    };
+    match crate::rest_client::run(config).await {
+        Ok(code) => Ok(ExitCode::from(code)),
+        Err(e) => {
+            eprintln!("conch: {e}");
+            Ok(ExitCode::from(crate::rest_client::EXIT_CONCH_FAILED))
+        }
+    }
+}
