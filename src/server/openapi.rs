@@ -60,8 +60,9 @@ impl Modify for Conch {
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
         // Answers every operation can give, which their attributes leave
-        // out: a foreign `Host` (421, every route), bearer-token throttling
-        // (429, every authenticated one), a broken token store (500).
+        // out: a foreign `Host` (421, every route), missing credentials and
+        // bearer-token throttling (401, 429, every authenticated one), a
+        // broken token store (500).
         components.responses.insert(
             "RetryLater".into(),
             RefOr::T(
@@ -106,6 +107,7 @@ impl Modify for Conch {
                         .any(|r| r != &utoipa::openapi::security::SecurityRequirement::default())
                 });
                 if authenticated {
+                    answers.entry("401".into()).or_insert_with(problem);
                     answers.insert("429".into(), retry());
                 }
                 if answers.contains_key("503") && path.starts_with("/api/") {
