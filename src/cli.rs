@@ -178,6 +178,17 @@ pub struct ServeArgs {
     /// The pre-shared key file of the agent given with --agent.
     #[arg(long, env = "CONCH_AGENT_KEY_FILE")]
     agent_key_file: Option<PathBuf>,
+    /// Serve HTTPS with this certificate chain (PEM), reloaded when the file
+    /// changes. Needs --tls-key.
+    #[arg(long, env = "CONCH_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "CONCH_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve HTTPS with a certificate made at start for the listen address
+    /// (and localhost); its SHA-256 fingerprint is printed with the login URL.
+    #[arg(long, env = "CONCH_TLS_SELF_SIGNED", conflicts_with = "tls_cert")]
+    pub tls_self_signed: bool,
     /// Reach the agent given with --agent over plain TCP instead of TLS (it
     /// must run with --insecure-plaintext too): commands, keystrokes and
     /// output cross the network readable and alterable.
@@ -275,6 +286,10 @@ pub struct ExecArgs {
     /// dropped, one line says so on stderr, and conch exits 125. Default: all.
     #[arg(long, value_parser = clap::value_parser!(u64).range(0..=MAX_API_INTEGER))]
     max_output_bytes: Option<u64>,
+    /// PEM file of certificates to trust for an https:// server, besides the
+    /// system's (for a server with --tls-self-signed: its certificate).
+    #[arg(long, env = "CONCH_CA_FILE")]
+    ca_file: Option<PathBuf>,
     /// The command and its arguments, joined by spaces and run by the remote shell (as ssh does).
     #[arg(last = true, required = true)]
     command: Vec<String>,
@@ -438,7 +453,20 @@ fn serve_config(args: ServeArgs, json_logs: bool) -> anyhow::Result<ServeConfig>
              set --public-url so that DNS-rebinding pages are refused"
         );
     }
+    let tls = match (args.tls_cert, args.tls_key, args.tls_self_signed) {
+        (Some(cert), Some(key), _) => Some(crate::server::tls::WebTlsSource::Files { cert, key }),
+        (_, _, true) => {
+            let mut names = vec!["localhost".to_owned(), args.listen.ip().to_string()];
+            if let Some(host) = args.public_url.as_ref().and_then(|u| u.host_str()) {
+                names.push(host.to_owned());
+            }
+            names.dedup();
+            Some(crate::server::tls::WebTlsSource::SelfSigned { names })
+        }
+        _ => None,
+    };
     Ok(ServeConfig {
+        tls,
         listen: args.listen,
         public_url: args.public_url,
         trusted_proxies,
@@ -479,6 +507,8 @@ fn serve_config(args: ServeArgs, json_logs: bool) -> anyhow::Result<ServeConfig>
 
 /// Runs one subcommand to its end; its exit status.
 pub async fn run(command: Command, json_logs: bool) -> anyhow::Result<ExitCode> {
+    // One TLS implementation for every link (agent, web, REST client).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     match command {
         Command::Serve(args) => {
             // The server's memory and environment hold the admin token.
@@ -585,6 +615,7 @@ async fn exec_command(args: ExecArgs) -> anyhow::Result<ExitCode> {
         encoding: args.encoding,
         stdin,
         max_output_bytes: args.max_output_bytes,
+        ca_file: args.ca_file,
     };
     match crate::rest_client::run(config).await {
         Ok(code) => Ok(ExitCode::from(code)),

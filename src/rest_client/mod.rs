@@ -40,6 +40,9 @@ pub struct ExecConfig {
     pub stdin: Option<String>,
     /// Output kept per stream; the rest is dropped (and said so). None: all.
     pub max_output_bytes: Option<u64>,
+    /// PEM certificates to trust for an `https://` server besides the
+    /// system's (a self-signed server's own certificate, say).
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,13 +71,21 @@ pub async fn run(config: ExecConfig) -> Result<u8, ClientError> {
             body[key] = v;
         }
     }
-    let client = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(10))
-        .build()
-        .map_err(|e| ClientError::Unreachable {
-            server: config.server.clone(),
-            message: e.to_string(),
-        })?;
+    let unreachable = |message: String| ClientError::Unreachable {
+        server: config.server.clone(),
+        message,
+    };
+    let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(10));
+    if let Some(path) = &config.ca_file {
+        let pem = std::fs::read(path)
+            .map_err(|e| unreachable(format!("cannot read {}: {e}", path.display())))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| unreachable(format!("{}: {e}", path.display())))?;
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    let client = builder.build().map_err(|e| unreachable(e.to_string()))?;
     let response = client
         .post(&url)
         .bearer_auth(&config.token)

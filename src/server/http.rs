@@ -183,6 +183,7 @@ pub(crate) async fn serve(
     listener: TcpListener,
     app: Router,
     limits: HttpLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: CancellationToken,
 ) {
     let table = Arc::new(Table::default());
@@ -199,10 +200,10 @@ pub(crate) async fn serve(
         // Keystrokes and their echoes are tiny writes: without TCP_NODELAY,
         // Nagle's algorithm and delayed ACKs hold them back by ~40 ms.
         let _ = stream.set_nodelay(true);
-        let io = TokioIo::new(Counted {
+        let counted = Counted {
             stream,
             _guard: guard,
-        });
+        };
         let proven_here = proven.clone();
         let service = app
             .clone()
@@ -213,7 +214,32 @@ pub(crate) async fn serve(
             });
         let service = TowerToHyperService::new(service);
         let shutdown = shutdown.clone();
+        let tls = tls.clone();
         tracker.spawn(async move {
+            // TLS first, within the same deadline as the first request's
+            // headers: a client that stalls its handshake holds nothing long.
+            let io: crate::transport::Stream = match tls {
+                None => Box::new(counted),
+                Some(acceptor) => {
+                    let handshake = tokio::time::timeout(limits.header_timeout, acceptor.accept(counted));
+                    tokio::select! {
+                        r = handshake => match r {
+                            Ok(Ok(stream)) => Box::new(stream),
+                            Ok(Err(e)) => {
+                                debug!(%peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                debug!(%peer, "no TLS handshake within the header deadline; closing");
+                                return;
+                            }
+                        },
+                        _ = evict.cancelled() => return,
+                        _ = shutdown.cancelled() => return,
+                    }
+                }
+            };
+            let io = TokioIo::new(io);
             let mut builder = Builder::new(TokioExecutor::new());
             builder
                 .http1()

@@ -17,6 +17,7 @@ pub(crate) mod problem;
 pub mod quota;
 pub(crate) mod security;
 pub mod throttle;
+pub mod tls;
 pub mod tokens;
 pub mod ws;
 
@@ -63,6 +64,9 @@ pub struct ServeConfig {
     pub quota: quota::QuotaLimits,
     /// Whether logs are JSON (then the generated token is not printed).
     pub json_logs: bool,
+    /// HTTPS served by conch itself (`--tls-cert`/`--tls-key`, or
+    /// `--tls-self-signed`); `None`: plain HTTP.
+    pub tls: Option<tls::WebTlsSource>,
 }
 
 /// Shared by every handler.
@@ -105,6 +109,7 @@ impl AppState {
 
 /// The application's routes.
 pub(crate) fn router(state: State) -> Router {
+    let hsts = state.site.https;
     Router::new()
         .route("/", get(pages::console))
         .route("/login", get(pages::login_page).post(pages::login_submit))
@@ -135,6 +140,14 @@ pub(crate) fn router(state: State) -> Router {
             security::host_guard,
         ))
         .layer(axum::middleware::from_fn(security::headers))
+        .layer(
+            tower_http::set_header::SetResponseHeaderLayer::if_not_present(
+                axum::http::header::STRICT_TRANSPORT_SECURITY,
+                // Only over HTTPS (served here or by the proxy of an https://
+                // public URL): a year, as browsers' HSTS preload asks.
+                hsts.then(|| axum::http::HeaderValue::from_static("max-age=31536000")),
+            ),
+        )
         .with_state(state)
 }
 
@@ -162,6 +175,10 @@ pub async fn serve(
         }
     };
     let agents = Registry::start(vec![spec], shutdown.clone());
+    let web_tls = match &config.tls {
+        Some(source) => Some(tls::WebTls::start(source, shutdown.clone())?),
+        None => None,
+    };
     let generated = config.admin_token.is_none();
     let admin_token = config.admin_token.clone().unwrap_or_else(Secret::generate);
     let state = Arc::new(AppState {
@@ -178,6 +195,7 @@ pub async fn serve(
             addr,
             config.allowed_origins.clone(),
             peer::TrustedProxies(config.trusted_proxies.clone()),
+            web_tls.is_some(),
         ),
         shutdown: shutdown.clone(),
         tokens: tokens::TokenStore::new(config.data_dir.as_deref()),
@@ -195,6 +213,23 @@ pub async fn serve(
         api_rate: throttle::RequestRate::new(config.api_limits.rate_per_minute),
         login_slots: tokio::sync::Semaphore::new(LOGIN_VERIFIERS),
     });
+    if let Some(t) = &web_tls {
+        info!(%addr, fingerprint = %t.fingerprint, "serving HTTPS");
+        // A self-signed certificate is public: written where clients
+        // (`conch exec --ca-file`) can take it, when there is a data
+        // directory.
+        if let (Some(pem), Some(dir)) = (&t.self_signed_pem, &config.data_dir) {
+            let path = dir.join("tls-self-signed.pem");
+            match std::fs::write(&path, pem) {
+                Ok(()) => {
+                    info!(path = %path.display(), "the self-signed certificate, for clients to trust")
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot write the self-signed certificate")
+                }
+            }
+        }
+    }
     info!(%addr, "server listening");
     if generated && config.users.is_empty() {
         if config.json_logs {
@@ -204,18 +239,32 @@ pub async fn serve(
         } else {
             // Printed for the person at the terminal, as Jupyter does; it is
             // not a log line and never goes through tracing.
-            let base = match &config.public_url {
-                Some(u) => u.as_str().trim_end_matches('/').to_owned(),
-                None => format!("http://{addr}"),
+            let base = match (&config.public_url, &web_tls) {
+                (Some(u), _) => u.as_str().trim_end_matches('/').to_owned(),
+                (None, Some(_)) => format!("https://{addr}"),
+                (None, None) => format!("http://{addr}"),
             };
             println!("conch: open {base}/login?token={}", admin_token.expose());
+            if let Some(t) = &web_tls {
+                println!(
+                    "conch: the server's certificate has the SHA-256 fingerprint {}",
+                    t.fingerprint
+                );
+            }
         }
     }
     let limits = http::HttpLimits {
         max_connections: http::fit_connection_cap(config.http.max_connections),
         ..config.http
     };
-    http::serve(listener, router(state), limits, shutdown.clone()).await;
+    http::serve(
+        listener,
+        router(state),
+        limits,
+        web_tls.map(|t| t.acceptor),
+        shutdown.clone(),
+    )
+    .await;
     if let Some(task) = embedded {
         let _ = task.await;
     }

@@ -73,6 +73,7 @@ impl Site {
         listen: std::net::SocketAddr,
         allowed_origins: Vec<String>,
         proxies: super::peer::TrustedProxies,
+        served_over_tls: bool,
     ) -> Site {
         let (public_origin, public_host, https) = match public_url {
             Some(u) => {
@@ -97,7 +98,7 @@ impl Site {
                 .map(|o| o.trim_end_matches('/').to_owned())
                 .collect(),
             loopback_hosts_only: public_url.is_none() && listen.ip().is_loopback(),
-            https,
+            https: https || (public_url.is_none() && served_over_tls),
             proxies,
         }
     }
@@ -241,6 +242,7 @@ mod tests {
             "127.0.0.1:8080".parse().unwrap(),
             vec![],
             Default::default(),
+            false,
         );
         assert!(site.host_allowed_h(&h("127.0.0.1:8080", None)));
         assert!(site.host_allowed_h(&h("localhost:8080", None)));
@@ -258,6 +260,7 @@ mod tests {
             "0.0.0.0:8080".parse().unwrap(),
             vec![],
             Default::default(),
+            false,
         );
         assert!(site.host_allowed_h(&h("ops.example.com", None)));
         assert!(!site.host_allowed_h(&h("127.0.0.1:8080", None)));

@@ -53,6 +53,7 @@ fn parse(args: &[&str]) -> Command {
 /// Starts an agent and `conch serve FLAGS` connected to it, and waits until
 /// the server reports the agent connected.
 pub async fn start(flags: &[&str]) -> InProcess {
+    super::tls_provider();
     let dir = tempfile::tempdir().expect("tempdir");
     if std::env::var_os("CONCH_TEST_BIN").is_some() {
         let server = super::start_server(flags, &[]);

@@ -70,6 +70,13 @@ impl Proc {
     }
 }
 
+/// The TLS implementation of every client in the tests (reqwest's
+/// included), as `conch` itself uses; every way of starting a server or an
+/// agent installs it, before any client is built.
+pub fn tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Starts `conch ARGS` with JSON logs on stdout, in a fresh temporary directory.
 pub fn spawn_conch(args: &[&str], env: &[(&str, &str)], dir: tempfile::TempDir) -> Proc {
     let mut cmd = Command::new(bin());
@@ -82,6 +89,7 @@ pub fn spawn_conch(args: &[&str], env: &[(&str, &str)], dir: tempfile::TempDir) 
 
 /// Starts `cmd` (which runs conch somehow) with JSON logs, reading its stdout lines.
 pub fn spawn_with(mut cmd: Command, dir: tempfile::TempDir) -> Proc {
+    tls_provider();
     // Defaults that the caller's own environment settings override.
     for (key, value) in [("CONCH_LOG_FORMAT", "json"), ("CONCH_LOG", "info")] {
         if !cmd.get_envs().any(|(k, _)| k == key) {
