@@ -114,7 +114,8 @@ pub(crate) fn router(state: State) -> Router {
         .route("/", get(pages::console))
         .route("/login", get(pages::login_page).post(pages::login_submit))
         .route("/logout", axum::routing::post(pages::logout))
-        .route("/ws", get(ws::upgrade))
+        // `any`: HTTP/1.1 upgrades with GET, HTTP/2 (RFC 8441) with CONNECT.
+        .route("/ws", axum::routing::any(ws::upgrade))
         .route(
             "/static/{*path}",
             get(assets::serve).layer(tower_http::compression::CompressionLayer::new()),

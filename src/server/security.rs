@@ -209,9 +209,20 @@ fn host_matches(site: &Site, host: &str) -> bool {
 /// probes excepted: they carry no secret and come from anywhere).
 pub(crate) async fn host_guard(
     axum::extract::State(state): axum::extract::State<super::State>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Response {
+    // HTTP/2 names the host in `:authority` (the URI), not in `Host`: give
+    // it a `Host` header, so that every check after this one (Origin on
+    // the WebSocket, login and logout) sees the same name either way.
+    if !request.headers().contains_key(header::HOST)
+        && let Some(host) = request
+            .uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        request.headers_mut().insert(header::HOST, host);
+    }
     let path = request.uri().path();
     if path == "/healthz"
         || path == "/readyz"

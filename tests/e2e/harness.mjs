@@ -20,7 +20,7 @@ export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '
 export const CONCH_BIN = path.resolve(ROOT, process.env.CONCH_BIN || 'target/debug/conch');
 const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 
-const LOGIN_URL_RE = /http:\/\/127\.0\.0\.1:\d+\/login\?token=[0-9a-f]+/;
+const LOGIN_URL_RE = /https?:\/\/127\.0\.0\.1:\d+\/login\?token=[0-9a-f]+/;
 const STARTUP_TIMEOUT_MS = 60_000;
 export const WAIT_MS = 20_000; // one command's round trip, generous for a loaded CI machine
 
@@ -32,8 +32,8 @@ function remember(prefix, line) {
 }
 
 // Start `conch serve` and resolve once it has printed its login URL.
-export function startServer({ listen = '127.0.0.1:0' } = {}) {
-  const child = spawn(CONCH_BIN, ['serve', '--listen', listen], {
+export function startServer({ listen = '127.0.0.1:0', args = [] } = {}) {
+  const child = spawn(CONCH_BIN, ['serve', '--listen', listen, ...args], {
     cwd: ROOT,
     env: { ...process.env, CONCH_LOG: 'info' },
     stdio: ['ignore', 'pipe', 'pipe'],
