@@ -153,7 +153,7 @@ pub struct AgentArgs {
     max_channels: usize,
     /// Serve clients over plain TCP instead of TLS: commands, keystrokes and
     /// output cross the network readable and alterable. Clients must say so too.
-    #[arg(long, env = "CONCH_INSECURE_PLAINTEXT")]
+    #[arg(long, env = "CONCH_INSECURE_PLAINTEXT", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::SetTrue)]
     insecure_plaintext: bool,
 }
 
@@ -192,7 +192,7 @@ pub struct ServeArgs {
     /// Reach the agent given with --agent over plain TCP instead of TLS (it
     /// must run with --insecure-plaintext too): commands, keystrokes and
     /// output cross the network readable and alterable.
-    #[arg(long, env = "CONCH_INSECURE_PLAINTEXT")]
+    #[arg(long, env = "CONCH_AGENT_INSECURE_PLAINTEXT", requires = "agent", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::SetTrue)]
     insecure_plaintext: bool,
     /// The admin token (prefer --admin-token-file: a flag shows in `ps`).
     #[arg(long, env = "CONCH_ADMIN_TOKEN", hide_env_values = true)]

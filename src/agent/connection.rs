@@ -81,12 +81,19 @@ pub(crate) async fn authenticate(
             None
         }
         Ok(Err(err)) => {
-            warn!(%peer, error = %err, "handshake failed");
+            // What a stranger can cause (a TLS scanner, garbage, an old
+            // client) is not worth a warning each: only a wrong key or
+            // version, which a misconfigured server of ours also causes.
+            if matches!(err, HandshakeError::BadMac | HandshakeError::Version(_)) {
+                warn!(%peer, error = %err, "handshake failed");
+            } else {
+                debug!(%peer, error = %err, "handshake failed");
+            }
             let _ = framed.send(Frame::new(0, err.to_message())).await;
             None
         }
         Err(_) => {
-            warn!(%peer, "no handshake within {timeout:?}; dropping");
+            debug!(%peer, "no handshake within {timeout:?}; dropping");
             let _ = framed
                 .send(Frame::new(
                     0,

@@ -160,12 +160,15 @@ impl AgentLink {
             let _ = stream.set_nodelay(true);
             crate::transport::socket::enable_keepalive(&stream);
             let stream: crate::transport::Stream = Box::new(stream);
-            let mut framed = Framed::new(stream, FrameCodec::new());
+            // The handshake's small limits until the agent has proved the
+            // key, as the agent applies to its unauthenticated peers.
+            let mut framed = Framed::new(stream, FrameCodec::handshake());
             let connector = match security {
                 Security::Tls => Some(default_connector()?),
                 Security::Plaintext => None,
             };
             let info = handshake::offer(&mut framed, key, connector.as_ref()).await?;
+            *framed.codec_mut() = FrameCodec::new();
             Ok::<_, LinkError>((framed, info))
         };
         let (framed, info) = tokio::time::timeout(CONNECT_TIMEOUT, attempt)

@@ -254,6 +254,10 @@ pub(crate) async fn answer(
     if !is_valid_nonce(&nonce) {
         return Err(HandshakeError::Nonce);
     }
+    // An empty name would MAC like an absent one: only absent is allowed.
+    if name.as_deref() == Some("") {
+        return Err(HandshakeError::Unexpected("an empty name"));
+    }
     let theirs = Bound {
         binding: &binding,
         name: name.as_deref(),
@@ -292,6 +296,20 @@ pub struct AgentInfo {
     /// Channels the agent runs at once on this connection (its
     /// `--max-channels`); 1024 when an agent does not say.
     pub(crate) max_channels: usize,
+}
+
+/// Text from a peer not yet authenticated, made safe to log: control
+/// characters escaped (no forged log lines), at most 200 characters.
+fn peer_text(text: &str) -> String {
+    let mut out: String = text
+        .chars()
+        .take(200)
+        .flat_map(char::escape_debug)
+        .collect();
+    if text.chars().count() > 200 {
+        out.push('…');
+    }
+    out
 }
 
 /// Why the client's half failed.
@@ -402,6 +420,9 @@ pub async fn offer(
             name,
             capabilities,
         } => {
+            if name.as_deref() == Some("") {
+                return Err(OfferError::Protocol("the agent sent an empty name".into()));
+            }
             let theirs = Bound {
                 binding: &binding,
                 name: name.as_deref(),
@@ -417,8 +438,12 @@ pub async fn offer(
         Message::Error {
             code: ErrorCode::Auth,
             message,
-        } => Err(OfferError::Refused(message)),
-        Message::Error { code, message } => Err(OfferError::Protocol(format!("{code}: {message}"))),
+        } => Err(OfferError::Refused(peer_text(&message))),
+        Message::Error { code, message } => Err(OfferError::Protocol(format!(
+            "{}: {}",
+            peer_text(code.as_str()),
+            peer_text(&message)
+        ))),
         other => Err(OfferError::Protocol(format!(
             "expected ready, got {}",
             other.type_name()

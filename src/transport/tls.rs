@@ -64,10 +64,14 @@ impl Acceptor {
         let cert = rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_owned()])
             .map_err(|e| TlsError::Certificate(e.to_string()))?;
         let key = PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
-        let config = rustls::ServerConfig::builder_with_provider(provider())
+        let mut config = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_no_client_auth()
             .with_single_cert(vec![cert.cert.der().clone()], key)?;
+        // No resumption: every connection runs a full handshake and
+        // presents the certificate, and strangers fill no session cache.
+        config.send_tls13_tickets = 0;
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         Ok(Acceptor(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
     }
 
@@ -99,11 +103,12 @@ impl Connector {
     pub fn new() -> Result<Connector, TlsError> {
         let provider = provider();
         let verifier = Arc::new(KeyBoundVerifier(provider.clone()));
-        let config = rustls::ClientConfig::builder_with_provider(provider)
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .dangerous()
             .with_custom_certificate_verifier(verifier)
             .with_no_client_auth();
+        config.resumption = rustls::client::Resumption::disabled();
         Ok(Connector(tokio_rustls::TlsConnector::from(Arc::new(
             config,
         ))))
