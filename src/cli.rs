@@ -187,7 +187,7 @@ pub struct ServeArgs {
     pub tls_key: Option<PathBuf>,
     /// Serve HTTPS with a certificate made at start for the listen address
     /// (and localhost); its SHA-256 fingerprint is printed with the login URL.
-    #[arg(long, env = "CONCH_TLS_SELF_SIGNED", conflicts_with = "tls_cert")]
+    #[arg(long, env = "CONCH_TLS_SELF_SIGNED", conflicts_with = "tls_cert", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::SetTrue)]
     pub tls_self_signed: bool,
     /// Reach the agent given with --agent over plain TCP instead of TLS (it
     /// must run with --insecure-plaintext too): commands, keystrokes and
@@ -303,6 +303,10 @@ pub struct HealthArgs {
     /// The server's listen address, probed at /healthz (0.0.0.0 means this host).
     #[arg(long, env = "CONCH_LISTEN", default_value = "127.0.0.1:8080")]
     listen: String,
+    /// Probe over HTTPS (set when the server's environment gives
+    /// CONCH_TLS_CERT or CONCH_TLS_SELF_SIGNED, as in a container).
+    #[arg(long)]
+    https: bool,
 }
 
 #[derive(Subcommand)]
@@ -551,7 +555,14 @@ pub async fn run(command: Command, json_logs: bool) -> anyhow::Result<ExitCode> 
         Command::Healthcheck(args) => {
             let target = match args.tcp {
                 Some(addr) => crate::rest_client::Probe::AgentPort(addr),
-                None => crate::rest_client::Probe::Server(args.listen),
+                None => crate::rest_client::Probe::Server {
+                    https: args.https
+                        || std::env::var_os("CONCH_TLS_CERT").is_some()
+                        || std::env::var("CONCH_TLS_SELF_SIGNED").is_ok_and(|v| {
+                            !matches!(v.as_str(), "" | "0" | "false" | "no" | "off")
+                        }),
+                    listen: args.listen,
+                },
             };
             crate::rest_client::healthcheck(target).await?;
             Ok(ExitCode::SUCCESS)

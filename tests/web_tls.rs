@@ -236,5 +236,19 @@ async fn a_self_signed_server_is_reached_by_conch_exec_trusting_its_certificate(
     // Without trusting it, the connection is refused: conch exits 255.
     let out = exec(None);
     assert_eq!(out.status.code(), Some(255), "{out:?}");
-    let _ = server.url("/");
+
+    // The container health check probes over HTTPS when told to (by flag,
+    // or the server's own CONCH_TLS_* environment).
+    let listen = server.addr.to_string();
+    let probe = |args: &[&str], env: &[(&str, &str)]| {
+        let mut cmd = std::process::Command::new(common::BIN);
+        cmd.args(["healthcheck", "--listen", &listen]).args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap().status.success()
+    };
+    assert!(probe(&["--https"], &[]));
+    assert!(probe(&[], &[("CONCH_TLS_SELF_SIGNED", "1")]));
+    assert!(!probe(&[], &[]), "plain HTTP finds no health here");
 }

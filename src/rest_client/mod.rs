@@ -196,8 +196,9 @@ fn root_cause(e: &dyn std::error::Error) -> String {
 /// What `conch healthcheck` probes.
 #[derive(Debug, Clone)]
 pub enum Probe {
-    /// A server's `/healthz`, at its listen address (`0.0.0.0` means this host).
-    Server(String),
+    /// A server's `/healthz`, at its listen address (`0.0.0.0` means this
+    /// host), over HTTPS when `https`.
+    Server { listen: String, https: bool },
     /// An agent's TCP port accepting connections.
     AgentPort(String),
 }
@@ -216,9 +217,18 @@ pub async fn healthcheck(probe: Probe) -> anyhow::Result<()> {
                 .with_context(|| format!("agent at {addr} is not accepting connections"))?;
             Ok(())
         }
-        Probe::Server(listen) => {
-            let url = format!("http://{}/healthz", listen.replace("0.0.0.0", "127.0.0.1"));
-            let client = reqwest::Client::builder().timeout(timeout).build()?;
+        Probe::Server { listen, https } => {
+            let scheme = if https { "https" } else { "http" };
+            let url = format!(
+                "{scheme}://{}/healthz",
+                listen.replace("0.0.0.0", "127.0.0.1")
+            );
+            // The probe asks this host's own server whether it is alive:
+            // which certificate it shows is not the question.
+            let client = reqwest::Client::builder()
+                .timeout(timeout)
+                .danger_accept_invalid_certs(https)
+                .build()?;
             let status = client
                 .get(&url)
                 .send()
