@@ -239,10 +239,25 @@ async fn commands_per_user_are_capped_console_and_api_together() {
 #[tokio::test]
 async fn strangers_holding_handshakes_never_keep_a_client_out() {
     let agent = start_agent(&["--max-connections", "16"]);
-    // Idle connections that never say a word.
-    let idle: Vec<StdTcpStream> = (0..40)
-        .map(|_| StdTcpStream::connect(agent.addr).unwrap())
-        .collect();
+    // Idle connections that never say a word: 8 (a source's share of
+    // pending handshakes) from each of five other loopback addresses.
+    let mut idle: Vec<StdTcpStream> = Vec::new();
+    for source in 2..7u8 {
+        for _ in 0..8 {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket
+                .bind(std::net::SocketAddr::from(([127, 0, 0, source], 0)))
+                .unwrap();
+            idle.push(
+                socket
+                    .connect(agent.addr)
+                    .await
+                    .unwrap()
+                    .into_std()
+                    .unwrap(),
+            );
+        }
+    }
     let link = AgentLink::connect(agent.addr, &agent.key)
         .await
         .expect("an authenticated client gets in while 40 strangers wait");
@@ -267,7 +282,8 @@ async fn strangers_holding_handshakes_never_keep_a_client_out() {
     let (out, _, _) = ch.collect().await;
     assert_eq!(out, b"in\n");
 
-    // A flood beyond the pending cap: the oldest strangers make room.
+    // A flood beyond the pending cap, and beyond one source's share: the
+    // oldest strangers make room.
     let flood: Vec<StdTcpStream> = (0..150)
         .map(|_| StdTcpStream::connect(agent.addr).unwrap())
         .collect();

@@ -43,11 +43,57 @@ pub struct AgentConfig {
     pub tls: Option<crate::transport::tls::Acceptor>,
 }
 
-/// Handshakes in progress, oldest first, each with a token that drops it.
+/// Handshakes a single address may have in progress at once; beyond, its
+/// own oldest is dropped. One busy source cannot push out the handshakes
+/// of others.
+const PENDING_PER_SOURCE: usize = 8;
+
+/// Handshakes in progress, oldest first, each with its peer's address and
+/// a token that drops it.
 #[derive(Default)]
 struct Pending {
     next_id: u64,
-    queue: VecDeque<(u64, CancellationToken)>,
+    queue: VecDeque<(u64, std::net::IpAddr, CancellationToken)>,
+}
+
+impl Pending {
+    /// Takes a new handshake from `ip`, dropping one to make room: that
+    /// source's oldest when it has its share (`per_source`), else, when
+    /// the pool (`max`) is full, the oldest of the source holding most.
+    fn admit(
+        &mut self,
+        ip: std::net::IpAddr,
+        max: usize,
+        per_source: usize,
+    ) -> (u64, CancellationToken) {
+        let count = |q: &VecDeque<(u64, std::net::IpAddr, CancellationToken)>, ip| {
+            q.iter().filter(|(_, i, _)| *i == ip).count()
+        };
+        let victim = if count(&self.queue, ip) >= per_source.max(1) {
+            Some(ip)
+        } else if self.queue.len() >= max.max(1) {
+            self.queue
+                .iter()
+                .map(|(_, i, _)| *i)
+                .max_by_key(|i| count(&self.queue, *i))
+        } else {
+            None
+        };
+        if let Some(victim) = victim
+            && let Some(at) = self.queue.iter().position(|(_, i, _)| *i == victim)
+            && let Some((_, _, token)) = self.queue.remove(at)
+        {
+            token.cancel();
+        }
+        self.next_id += 1;
+        let token = CancellationToken::new();
+        self.queue.push_back((self.next_id, ip, token.clone()));
+        (self.next_id, token)
+    }
+
+    fn remove(&mut self, id: u64) {
+        self.queue.retain(|(i, _, _)| *i != id);
+    }
 }
 
 /// Binds the configured address and serves until `shutdown` fires.
@@ -95,22 +141,15 @@ pub async fn serve(listener: TcpListener, config: AgentConfig, shutdown: Cancell
     let pending = Arc::new(Mutex::new(Pending::default()));
     let tracker = TaskTracker::new();
     loop {
-        let Some((stream, _)) = crate::transport::socket::accept(&listener, &shutdown).await else {
+        let Some((stream, peer)) = crate::transport::socket::accept(&listener, &shutdown).await
+        else {
             break;
         };
-        let (id, evict) = {
-            let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
-            if p.queue.len() >= config.max_pending.max(1)
-                && let Some((_, oldest)) = p.queue.pop_front()
-            {
-                oldest.cancel();
-            }
-            p.next_id += 1;
-            let id = p.next_id;
-            let token = CancellationToken::new();
-            p.queue.push_back((id, token.clone()));
-            (id, token)
-        };
+        let (id, evict) = pending.lock().unwrap_or_else(|e| e.into_inner()).admit(
+            peer.ip(),
+            config.max_pending,
+            PENDING_PER_SOURCE,
+        );
         let key = config.key.clone();
         let limits = config.limits;
         let policy = config.policy.clone();
@@ -131,11 +170,7 @@ pub async fn serve(listener: TcpListener, config: AgentConfig, shutdown: Cancell
                 &shutdown,
             )
             .await;
-            pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .queue
-                .retain(|(i, _)| *i != id);
+            pending.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
             let Some((framed, peer, _permit)) = framed else {
                 return;
             };
@@ -146,4 +181,36 @@ pub async fn serve(listener: TcpListener, config: AgentConfig, shutdown: Cancell
     tracker.close();
     tracker.wait().await;
     info!("agent stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_busy_source_drops_its_own_handshakes_not_others() {
+        let (a, b): (std::net::IpAddr, std::net::IpAddr) =
+            ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let mut p = Pending::default();
+        let (_, b_token) = p.admit(b, 4, 2);
+        // A floods: past its share, its own oldest go.
+        let tokens: Vec<_> = (0..10).map(|_| p.admit(a, 4, 2).1).collect();
+        assert!(
+            !b_token.is_cancelled(),
+            "the other source's handshake stays"
+        );
+        assert_eq!(tokens.iter().filter(|t| !t.is_cancelled()).count(), 2);
+        // A full pool drops from the source holding most, not the oldest.
+        let mut p = Pending::default();
+        let (_, b_token) = p.admit(b, 3, 3);
+        let (_, a1) = p.admit(a, 3, 3);
+        let _ = p.admit(a, 3, 3);
+        let _ = p.admit(b, 3, 3);
+        assert!(a1.is_cancelled() && !b_token.is_cancelled());
+        // Finished handshakes leave the pool.
+        let mut p = Pending::default();
+        let (id, _) = p.admit(a, 2, 2);
+        p.remove(id);
+        assert!(p.queue.is_empty());
+    }
 }
