@@ -155,6 +155,10 @@ pub struct AgentArgs {
     /// output cross the network readable and alterable. Clients must say so too.
     #[arg(long, env = "CONCH_INSECURE_PLAINTEXT", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::SetTrue)]
     insecure_plaintext: bool,
+    /// Accept a key that looks weak (under 32 bytes, or little entropy)
+    /// instead of refusing to start: a fake agent could test guesses of it.
+    #[arg(long, env = "CONCH_ALLOW_WEAK_KEY", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::SetTrue)]
+    allow_weak_key: bool,
 }
 
 #[derive(Args)]
@@ -194,6 +198,10 @@ pub struct ServeArgs {
     /// output cross the network readable and alterable.
     #[arg(long, env = "CONCH_AGENT_INSECURE_PLAINTEXT", requires = "agent", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::SetTrue)]
     insecure_plaintext: bool,
+    /// Accept an --agent-key-file that looks weak instead of refusing to
+    /// start: whoever can answer on the agent's address could test guesses.
+    #[arg(long, env = "CONCH_ALLOW_WEAK_KEY", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::SetTrue)]
+    allow_weak_key: bool,
     /// The admin token (prefer --admin-token-file: a flag shows in `ps`).
     #[arg(long, env = "CONCH_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
@@ -350,7 +358,7 @@ impl AgentArgs {
         let policy = args.isolation.policy()?;
         Ok(AgentConfig {
             listen: args.listen,
-            key: Key::load(&args.key_file)?,
+            key: Key::load_with(&args.key_file, args.allow_weak_key)?,
             max_connections: args.max_connections.max(1),
             max_pending: args.max_pending.max(1),
             handshake_timeout: std::time::Duration::from_millis(args.handshake_timeout_ms.max(100)),
@@ -398,7 +406,7 @@ fn serve_config(args: ServeArgs, json_logs: bool) -> anyhow::Result<ServeConfig>
             Some(AgentSpec {
                 name: args.agent_name,
                 addr,
-                key: Key::load(&path)?,
+                key: Key::load_with(&path, args.allow_weak_key)?,
                 security,
             })
         }

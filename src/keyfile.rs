@@ -33,6 +33,12 @@ pub enum KeyError {
         "key file {path} holds {len} bytes after trimming; at least {MIN_KEY_LEN} are needed (make one with `conch keygen {path}`)"
     )]
     TooShort { path: PathBuf, len: usize },
+    #[error(
+        "the key in {path} is weak ({why}): whoever can answer on the agent's address could \
+         test guesses of it offline; make one with `conch keygen`, or accept the risk with \
+         --allow-weak-key"
+    )]
+    Weak { path: PathBuf, why: String },
     #[error("cannot write key file {path}: {source}")]
     Write {
         path: PathBuf,
@@ -58,6 +64,12 @@ impl Key {
     /// server hands the embedded agent its key: never through argv or the
     /// environment).
     pub fn load(path: &Path) -> Result<Key, KeyError> {
+        Key::load_with(path, false)
+    }
+
+    /// [`Key::load`]; a weak key (see [`weakness`]) is refused unless
+    /// `allow_weak`, then only warned about.
+    pub fn load_with(path: &Path, allow_weak: bool) -> Result<Key, KeyError> {
         let read = if path == Path::new("-") {
             use std::io::Read;
             let mut bytes = Vec::new();
@@ -75,13 +87,20 @@ impl Key {
         if path != Path::new("-") {
             warn_if_exposed(path, "key file");
         }
-        if let Some(why) = weakness(bytes.trim_ascii()) {
-            tracing::warn!(path = %path.display(), "the key is weak ({why}); make one with `conch keygen`");
-        }
-        Key::from_bytes(&bytes).ok_or_else(|| KeyError::TooShort {
+        let key = Key::from_bytes(&bytes).ok_or_else(|| KeyError::TooShort {
             path: path.to_owned(),
             len: bytes.trim_ascii().len(),
-        })
+        })?;
+        if let Some(why) = weakness(&key.0) {
+            if !allow_weak {
+                return Err(KeyError::Weak {
+                    path: path.to_owned(),
+                    why,
+                });
+            }
+            tracing::warn!(path = %path.display(), "the key is weak ({why}); make one with `conch keygen`");
+        }
+        Ok(key)
     }
 
     /// Writes the key to a new file readable by its owner only (mode 0600).

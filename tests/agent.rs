@@ -743,3 +743,30 @@ async fn an_interactive_shells_jobs_die_with_its_channel() {
         "the shell's background job {pid} survived"
     );
 }
+
+#[tokio::test]
+async fn a_weak_key_is_refused_unless_the_risk_is_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let weak = dir.path().join("weak.key");
+    std::fs::write(&weak, "passwordpassword").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&weak, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let weak_path = weak.to_str().unwrap();
+    let out = std::process::Command::new(common::BIN)
+        .args(["agent", "--listen", "127.0.0.1:0", "--key-file", weak_path])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is weak") && err.contains("conch keygen"),
+        "{err}"
+    );
+
+    // Accepted on purpose: it starts, and serves that key.
+    let agent = common::start_agent_keyed(&weak, &["--allow-weak-key"]);
+    let key = Key::load_with(&weak, true).unwrap();
+    let link = AgentLink::connect(agent.addr, &key).await.unwrap();
+    let (out, _, _) = run(&link, sh("echo weak-but-allowed")).await;
+    assert_eq!(out, b"weak-but-allowed\n");
+}

@@ -144,6 +144,24 @@ pub fn start_agent_with(extra: &[&str], env: &[(&str, &str)]) -> Agent {
     let key_file = dir.path().join("agent.key");
     let key = Key::generate();
     key.save_new(&key_file).expect("write key");
+    launch_agent(dir, key_file, key, extra, env)
+}
+
+/// Starts `conch agent` with the key in `key_file` (which the caller made).
+pub fn start_agent_keyed(key_file: &std::path::Path, extra: &[&str]) -> Agent {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let allow_weak = extra.contains(&"--allow-weak-key");
+    let key = Key::load_with(key_file, allow_weak).expect("the key");
+    launch_agent(dir, key_file.to_owned(), key, extra, &[])
+}
+
+fn launch_agent(
+    dir: tempfile::TempDir,
+    key_file: PathBuf,
+    key: Key,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Agent {
     let key_path = key_file.to_str().expect("utf-8 path").to_owned();
     let mut args = vec!["agent", "--listen", "127.0.0.1:0", "--key-file", &key_path];
     args.extend_from_slice(extra);
