@@ -176,6 +176,10 @@ pub struct ServeArgs {
     /// Agent to connect to (HOST:PORT). Without it, an embedded agent runs in this process.
     #[arg(long, env = "CONCH_AGENT")]
     agent: Option<String>,
+    /// A TOML file of agents to reach, one `[[agents]]` table each (`name`,
+    /// `addr`, `key_file`, `labels`); instead of --agent.
+    #[arg(long, env = "CONCH_AGENTS_FILE", conflicts_with = "agent")]
+    agents_file: Option<PathBuf>,
     /// Name shown for the agent given with --agent.
     #[arg(long, env = "CONCH_AGENT_NAME", default_value = "agent")]
     agent_name: String,
@@ -403,14 +407,18 @@ fn serve_config(args: ServeArgs, json_logs: bool) -> anyhow::Result<ServeConfig>
             } else {
                 crate::link::Security::Tls
             };
-            Some(AgentSpec {
+            vec![AgentSpec {
                 name: args.agent_name,
                 addr,
                 key: Key::load_with(&path, args.allow_weak_key)?,
                 security,
-            })
+                labels: Default::default(),
+            }]
         }
-        None => None,
+        None => match &args.agents_file {
+            Some(path) => crate::server::agents_file::load(path, args.allow_weak_key)?,
+            None => Vec::new(),
+        },
     };
     let token = match (args.admin_token, args.admin_token_file) {
         (Some(t), _) => Some(t),
@@ -486,7 +494,7 @@ fn serve_config(args: ServeArgs, json_logs: bool) -> anyhow::Result<ServeConfig>
             max_connections: args.max_connections.max(1),
             header_timeout: std::time::Duration::from_millis(args.header_timeout_ms.max(100)),
         },
-        agent,
+        agents: agent,
         embedded_agent_args: args.isolation.to_args(),
         admin_token: token.map(Secret::new),
         users,

@@ -32,6 +32,8 @@ pub struct AgentSpec {
     pub key: Key,
     /// TLS, or (`--insecure-plaintext`) plain TCP.
     pub security: crate::link::Security,
+    /// From the agents file only: an agent cannot give itself labels.
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// What the API and the page show about an agent.
@@ -42,6 +44,8 @@ pub(crate) struct AgentStatus {
     /// `HOST:PORT` the server dials.
     pub(crate) addr: String,
     pub(crate) connected: bool,
+    /// The agent's labels, from the server's agents file.
+    pub(crate) labels: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -175,6 +179,7 @@ impl Registry {
             .map(|e| AgentStatus {
                 name: e.spec.name.clone(),
                 addr: e.spec.addr.clone(),
+                labels: e.spec.labels.clone(),
                 connected: e
                     .link
                     .read()

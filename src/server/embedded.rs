@@ -64,6 +64,7 @@ pub(crate) async fn start(
         addr: addr.to_string(),
         key: key.clone(),
         security: crate::link::Security::Tls,
+        labels: Default::default(),
     };
     let task = tokio::spawn(async move {
         let mut child = Some(first);

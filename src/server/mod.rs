@@ -2,6 +2,7 @@
 //! and the REST API, all behind one authentication layer.
 
 pub mod agents;
+pub mod agents_file;
 pub mod api;
 pub(crate) mod assets;
 pub mod auth;
@@ -42,8 +43,9 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     /// Bounds on HTTP connections.
     pub http: http::HttpLimits,
-    /// The agent to use; `None` starts an embedded one on loopback.
-    pub agent: Option<AgentSpec>,
+    /// The agents to use (`--agent`, or `--agents-file`); none starts an
+    /// embedded one on loopback.
+    pub agents: Vec<AgentSpec>,
     /// Extra `conch agent` flags for the embedded agent (command isolation).
     pub embedded_agent_args: Vec<String>,
     /// `None`: generate one and print a login URL with it.
@@ -167,15 +169,14 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
-    let (spec, embedded) = match config.agent.clone() {
-        Some(spec) => (spec, None),
-        None => {
-            let (spec, task) =
-                embedded::start(config.embedded_agent_args.clone(), shutdown.child_token()).await?;
-            (spec, Some(task))
-        }
+    let (specs, embedded) = if config.agents.is_empty() {
+        let (spec, task) =
+            embedded::start(config.embedded_agent_args.clone(), shutdown.child_token()).await?;
+        (vec![spec], Some(task))
+    } else {
+        (config.agents.clone(), None)
     };
-    let agents = Registry::start(vec![spec], shutdown.clone());
+    let agents = Registry::start(specs, shutdown.clone());
     let web_tls = match &config.tls {
         Some(source) => Some(tls::WebTls::start(source, shutdown.clone())?),
         None => None,

@@ -66,7 +66,11 @@ export type AgentStatus = { name: string,
 /**
  * `HOST:PORT` the server dials.
  */
-addr: string, connected: boolean, };
+addr: string, connected: boolean, 
+/**
+ * The agent's labels, from the server's agents file.
+ */
+labels: { [key in string]: string }, };
 
 /**
  * A message from the browser.
