@@ -382,6 +382,18 @@ async fn raw_connect(addr: std::net::SocketAddr) -> LinkFramed {
     Framed::new(stream, FrameCodec::new())
 }
 
+/// A raw connection that reads `hello` and answers with an `exec` in the
+/// clear, as no client may.
+async fn exec_before_auth(addr: std::net::SocketAddr) -> LinkFramed {
+    let mut framed = raw_connect(addr).await;
+    let _hello = framed.next().await.unwrap().unwrap();
+    framed
+        .send(Frame::exec(1, &sh("echo no")).unwrap())
+        .await
+        .unwrap();
+    framed
+}
+
 /// The client's half of the handshake, over TLS, on a raw connection.
 async fn authenticate(framed: &mut LinkFramed, key: &Key) {
     let tls = Connector::new().unwrap();
@@ -416,12 +428,7 @@ async fn a_wrong_key_is_refused() {
     assert!(err.to_string().contains("refused"), "{err}");
 
     // Anything but TLS after hello ends the connection, unrun.
-    let mut framed = raw_connect(agent.addr).await;
-    let _hello = framed.next().await.unwrap().unwrap();
-    framed
-        .send(Frame::exec(1, &sh("echo no")).unwrap())
-        .await
-        .unwrap();
+    let mut framed = exec_before_auth(agent.addr).await;
     assert!(
         !matches!(framed.next().await, Some(Ok(_))),
         "no frame answers a plaintext exec"
@@ -429,12 +436,7 @@ async fn a_wrong_key_is_refused() {
 
     // Without TLS (both ends saying so), anything before auth is refused.
     let agent = start_agent(&["--insecure-plaintext"]);
-    let mut framed = raw_connect(agent.addr).await;
-    let _hello = framed.next().await.unwrap().unwrap();
-    framed
-        .send(Frame::exec(1, &sh("echo no")).unwrap())
-        .await
-        .unwrap();
+    let mut framed = exec_before_auth(agent.addr).await;
     expect_error(&mut framed, 0, "protocol").await;
     assert!(framed.next().await.is_none(), "connection stays open");
 }

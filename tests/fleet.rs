@@ -29,13 +29,7 @@ async fn commands_run_on_the_agent_they_name_with_its_own_key() {
         ),
     );
     let server = start_server(&["--agents-file", &file], &[]);
-    // Ready once every agent of the file is connected (bounded: 10 s).
-    for _ in 0..1000 {
-        if common::status(server.url("/readyz")).await == 200 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    server.wait_ready().await;
     let client = reqwest::Client::new();
     // Each command runs where it is sent: the agents' pids differ.
     let mut parents = Vec::new();

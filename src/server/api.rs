@@ -643,18 +643,9 @@ impl StreamDecoder {
         }
     }
 
-    /// UTF-8 text of `kept` (after what was carried), holding back an
+    /// UTF-8 text of `buf` (what was carried and the new bytes), holding back an
     /// incomplete last character; invalid bytes go whole as base64.
-    fn utf8_lines(&mut self, kept: &[u8], lines: &mut Vec<StreamLine>) {
-        // Only a carried partial character costs a copy; a chunk alone is
-        // read where it lies.
-        let joined;
-        let buf: &[u8] = if self.carry.is_empty() {
-            kept
-        } else {
-            joined = [std::mem::take(&mut self.carry).as_slice(), kept].concat();
-            &joined
-        };
+    fn utf8_lines(&mut self, buf: &[u8], lines: &mut Vec<StreamLine>) {
         match std::str::from_utf8(buf) {
             Ok("") => {}
             Ok(text) => lines.push(self.output(text.to_owned(), None)),
@@ -670,20 +661,13 @@ impl StreamDecoder {
         }
     }
 
-    /// Text of `kept` (after what was carried) in a legacy encoding (gbk,
+    /// Text of `buf` (what was carried and the new bytes) in a legacy encoding (gbk,
     /// shift_jis...): the longest start of it that decodes whole, holding
     /// back at most 3 bytes that may begin a character still to come;
     /// bytes that do not decode go whole as base64. Each piece is decoded
     /// on its own, so a stateful encoding (ISO-2022-JP) must repeat its
     /// escape sequence in each chunk to be read as text.
-    fn legacy_lines(&mut self, kept: &[u8], lines: &mut Vec<StreamLine>) {
-        let joined;
-        let buf: &[u8] = if self.carry.is_empty() {
-            kept
-        } else {
-            joined = [std::mem::take(&mut self.carry).as_slice(), kept].concat();
-            &joined
-        };
+    fn legacy_lines(&mut self, buf: &[u8], lines: &mut Vec<StreamLine>) {
         if buf.is_empty() {
             return;
         }
@@ -726,10 +710,19 @@ impl StreamDecoder {
         };
         self.sent += keep;
         let kept = &bytes[..keep];
-        if self.encoding == UTF_8 {
-            self.utf8_lines(kept, &mut lines);
+        // Only a carried partial character costs a copy; a chunk alone is
+        // read where it lies.
+        let joined;
+        let buf: &[u8] = if self.carry.is_empty() {
+            kept
         } else {
-            self.legacy_lines(kept, &mut lines);
+            joined = [std::mem::take(&mut self.carry).as_slice(), kept].concat();
+            &joined
+        };
+        if self.encoding == UTF_8 {
+            self.utf8_lines(buf, &mut lines);
+        } else {
+            self.legacy_lines(buf, &mut lines);
         }
         if keep < bytes.len() {
             self.truncated = true;

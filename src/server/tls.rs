@@ -8,13 +8,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
-use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
+
+use crate::transport::tls::{provider, self_signed};
 
 /// How often the certificate files are checked for a change.
 const RELOAD_EVERY: Duration = Duration::from_secs(5);
@@ -40,10 +41,6 @@ pub enum WebTlsError {
     SelfSigned(String),
     #[error("TLS configuration: {0}")]
     Config(#[from] rustls::Error),
-}
-
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
 }
 
 fn load(cert: &Path, key: &Path) -> Result<CertifiedKey, WebTlsError> {
@@ -122,15 +119,14 @@ impl WebTls {
         let certified = match source {
             WebTlsSource::Files { cert, key } => load(cert, key)?,
             WebTlsSource::SelfSigned { names } => {
-                let made = rcgen::generate_simple_self_signed(names.clone())
+                let (cert, key, pem) = self_signed(names.clone())
                     .map_err(|e| WebTlsError::SelfSigned(e.to_string()))?;
-                let der = PrivateKeyDer::Pkcs8(made.signing_key.serialize_der().into());
                 let signing = provider()
                     .key_provider
-                    .load_private_key(der)
+                    .load_private_key(key)
                     .map_err(|e| WebTlsError::SelfSigned(e.to_string()))?;
-                self_signed_pem = Some(made.cert.pem());
-                CertifiedKey::new(vec![made.cert.der().clone()], signing)
+                self_signed_pem = Some(pem);
+                CertifiedKey::new(vec![cert], signing)
             }
         };
         let fingerprint = fingerprint(&certified.cert[0]);

@@ -487,6 +487,18 @@ mod tests {
     }
 
     #[test]
+    fn a_peers_text_cannot_forge_log_lines() {
+        let forged = "no\n2026-01-01 INFO agent connected \x1b[2J";
+        let logged = peer_text(forged);
+        assert!(
+            !logged.contains('\n') && !logged.contains('\x1b'),
+            "{logged}"
+        );
+        assert!(logged.contains("\\n"), "{logged}");
+        assert_eq!(peer_text(&"x".repeat(5000)).chars().count(), 201);
+    }
+
+    #[test]
     fn macs_bind_the_tls_session_and_what_the_sender_says() {
         let key = b"0123456789abcdef0123456789abcdef";
         let (a, c) = (new_nonce(), new_nonce());

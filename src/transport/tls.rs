@@ -44,8 +44,19 @@ fn binding<D>(conn: &rustls::ConnectionCommon<D>) -> Result<[u8; EXPORTER_LEN], 
     Ok(conn.export_keying_material([0u8; EXPORTER_LEN], EXPORTER_LABEL, Some(b""))?)
 }
 
-fn provider() -> Arc<CryptoProvider> {
+/// The one TLS implementation of conch's links (agent, web).
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A self-signed certificate for `names`, made in memory: its DER, its
+/// private key, and its PEM (public, for clients to trust).
+pub(crate) fn self_signed(
+    names: Vec<String>,
+) -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>, String), rcgen::Error> {
+    let made = rcgen::generate_simple_self_signed(names)?;
+    let key = PrivateKeyDer::Pkcs8(made.signing_key.serialize_der().into());
+    Ok((made.cert.der().clone(), key, made.cert.pem()))
 }
 
 /// The agent's side: accepts TLS 1.3 with a certificate made for this
@@ -61,13 +72,12 @@ impl std::fmt::Debug for Acceptor {
 
 impl Acceptor {
     pub fn ephemeral() -> Result<Acceptor, TlsError> {
-        let cert = rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_owned()])
+        let (cert, key, _) = self_signed(vec![SERVER_NAME.to_owned()])
             .map_err(|e| TlsError::Certificate(e.to_string()))?;
-        let key = PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
         let mut config = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_no_client_auth()
-            .with_single_cert(vec![cert.cert.der().clone()], key)?;
+            .with_single_cert(vec![cert], key)?;
         // No resumption: every connection runs a full handshake and
         // presents the certificate, and strangers fill no session cache.
         config.send_tls13_tickets = 0;

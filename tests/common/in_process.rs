@@ -8,7 +8,6 @@
 //! build), the server is that binary's process instead.
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use clap::Parser;
 use conch::cli::{Cli, Command};
@@ -116,12 +115,6 @@ pub async fn start(flags: &[&str]) -> InProcess {
         _process: None,
         _dir: dir,
     };
-    // Ready once the agent link is up (bounded: 10 s).
-    for _ in 0..1000 {
-        if super::status(server.url("/readyz")).await == 200 {
-            return server;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("the in-process server never connected to its agent");
+    server.wait_ready().await;
+    server
 }

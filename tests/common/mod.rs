@@ -296,6 +296,17 @@ pub trait Endpoint {
             .expect("admin login")
     }
 
+    /// Waits (bounded: 10 s) until `/readyz` says every agent is connected.
+    async fn wait_ready(&self) {
+        for _ in 0..1000 {
+            if status(self.url("/readyz")).await == 200 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the server's agents never all connected");
+    }
+
     /// Creates an API token through the admin endpoint; returns its value.
     async fn create_token(&self, name: &str, role: &str) -> String {
         let created: serde_json::Value = reqwest::Client::new()
