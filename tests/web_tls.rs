@@ -190,6 +190,40 @@ async fn the_api_the_cookies_and_the_console_over_https() {
 }
 
 #[tokio::test]
+async fn a_client_that_stalls_its_tls_handshake_is_dropped_and_holds_up_nobody() {
+    provider();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, der) = certificate(dir.path(), "server");
+    let server = start_server(
+        &[
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--header-timeout-ms",
+            "500",
+        ],
+        &[],
+    );
+    // Connected, never a byte of ClientHello.
+    let mut stalled = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    // Others are served meanwhile.
+    let resp = client(&der)
+        .get(format!("https://127.0.0.1:{}/healthz", server.addr.port()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    // And the stalled one is closed by the header deadline (bounded wait).
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(30), stalled.read(&mut buf))
+        .await
+        .expect("closed within the deadline");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+}
+
+#[tokio::test]
 async fn changed_certificate_files_are_served_without_a_restart() {
     provider();
     let dir = tempfile::tempdir().unwrap();
