@@ -255,6 +255,11 @@ async fn a_self_signed_server_is_reached_by_conch_exec_trusting_its_certificate(
         pem.exists(),
         "the public certificate is written for clients"
     );
+    let written = std::fs::read_to_string(&pem).unwrap();
+    assert!(
+        written.contains("BEGIN CERTIFICATE") && !written.contains("PRIVATE KEY"),
+        "only the public certificate is written: {written}"
+    );
     let base = format!("https://127.0.0.1:{}", server.addr.port());
     let exec = |ca: Option<&std::path::Path>| {
         let mut cmd = std::process::Command::new(common::BIN);
