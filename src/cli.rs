@@ -47,7 +47,10 @@ pub enum Command {
     /// Run the web server: the console page, the REST API, and the bridge to an agent.
     Serve(Box<ServeArgs>),
     /// Run one command through a conch server's REST API; exits with its exit code.
+    /// With --on, run it on every agent a selector matches.
     Exec(ExecArgs),
+    /// List a conch server's agents (those a selector matches) as a table.
+    Agents(AgentsArgs),
     /// Manage API tokens in a server's data directory.
     Token(TokenArgs),
     /// Probe a server's /healthz or an agent's TCP port; exit 0 when healthy (for container health checks).
@@ -159,6 +162,29 @@ pub struct AgentArgs {
     /// instead of refusing to start: a fake agent could test guesses of it.
     #[arg(long, env = "CONCH_ALLOW_WEAK_KEY", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::SetTrue)]
     allow_weak_key: bool,
+    /// This agent's name, as the server's agents file declares it: claimed
+    /// in the handshake and proved with the key. Needed with --connect.
+    #[arg(long, env = "CONCH_AGENT_NAME", value_parser = agent_name)]
+    name: Option<String>,
+    /// Dial in: connect out to a server's agent listener (its
+    /// --agent-listen, HOST:PORT) and keep reconnecting, instead of
+    /// listening. For hosts behind NAT or a firewall.
+    #[arg(
+        long,
+        env = "CONCH_AGENT_CONNECT",
+        requires = "name",
+        conflicts_with = "listen_fd"
+    )]
+    connect: Option<String>,
+}
+
+/// An agent name as `--name` takes it.
+fn agent_name(name: &str) -> Result<String, String> {
+    if crate::vocab::valid_agent_name(name) {
+        Ok(name.to_owned())
+    } else {
+        Err("use 1 to 64 letters, digits, '.', '_' or '-'".into())
+    }
 }
 
 #[derive(Args)]
@@ -180,6 +206,16 @@ pub struct ServeArgs {
     /// `addr`, `key_file`, `labels`); instead of --agent.
     #[arg(long, env = "CONCH_AGENTS_FILE", conflicts_with = "agent")]
     agents_file: Option<PathBuf>,
+    /// Listen here for agents that dial in (`conch agent --connect`), each
+    /// declared without `addr` in --agents-file. Not loopback-only by
+    /// nature: agents prove their name with their own key.
+    #[arg(long, env = "CONCH_AGENT_LISTEN_ADDR", requires = "agents_file")]
+    agent_listen: Option<SocketAddr>,
+    /// Milliseconds without a word from an agent before its link is taken
+    /// for lost (pings keep idle links talking) and its commands end with
+    /// agent_lost.
+    #[arg(long, env = "CONCH_AGENT_DEAD_AFTER_MS", default_value_t = 15_000, value_parser = clap::value_parser!(u64).range(300..=3_600_000))]
+    agent_dead_after_ms: u64,
     /// Name shown for the agent given with --agent.
     #[arg(long, env = "CONCH_AGENT_NAME", default_value = "agent")]
     agent_name: String,
@@ -267,8 +303,9 @@ pub struct ServeArgs {
     isolation: IsolationArgs,
 }
 
+/// How a client command reaches a conch server.
 #[derive(Args)]
-pub struct ExecArgs {
+pub struct ServerArgs {
     /// The conch server's base URL.
     #[arg(long, env = "CONCH_SERVER", default_value = "http://127.0.0.1:8080")]
     server: String,
@@ -278,9 +315,63 @@ pub struct ExecArgs {
     /// The API token itself (prefer --token-file: a flag shows in `ps`).
     #[arg(long, env = "CONCH_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// PEM file of certificates to trust for an https:// server, besides the
+    /// system's (for a server with --tls-self-signed: its certificate).
+    #[arg(long, env = "CONCH_CA_FILE")]
+    ca_file: Option<PathBuf>,
+}
+
+impl ServerArgs {
+    fn into_server(self) -> anyhow::Result<crate::rest_client::Server> {
+        let token = match (self.token, &self.token_file) {
+            (_, Some(path)) => std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read token file {}", path.display()))?
+                .trim()
+                .to_owned(),
+            (Some(t), None) => t,
+            (None, None) => anyhow::bail!("give --token-file or CONCH_TOKEN"),
+        };
+        Ok(crate::rest_client::Server {
+            url: self.server,
+            token,
+            ca_file: self.ca_file,
+        })
+    }
+}
+
+#[derive(Args)]
+pub struct AgentsArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// Print the server's JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Only the agents this selector matches (`web-*`, `role=web,env!=staging`).
+    selector: Option<String>,
+}
+
+#[derive(Args)]
+pub struct ExecArgs {
+    #[command(flatten)]
+    server: ServerArgs,
     /// Agent to run on; default the server's only one.
-    #[arg(long, env = "CONCH_EXEC_AGENT")]
+    #[arg(long, env = "CONCH_EXEC_AGENT", conflicts_with = "on")]
     agent: Option<String>,
+    /// Run on every agent this selector matches (`web-*`, `role=web,env!=staging`):
+    /// each output line is prefixed with its host's name, a summary goes to
+    /// stderr, and the exit status is 0 only if every host exited 0 (1: some
+    /// host failed; 2: some host was unreachable).
+    #[arg(long)]
+    on: Option<String>,
+    /// With --on: at most this many hosts at once (default: all).
+    #[arg(long, requires = "on", value_parser = clap::value_parser!(u64).range(1..=MAX_API_INTEGER))]
+    concurrency: Option<u64>,
+    /// With --on: print output lines without the host-name prefix.
+    #[arg(long, requires = "on")]
+    no_prefix: bool,
+    /// With --on: print the server's NDJSON lines as they come.
+    #[arg(long, requires = "on")]
+    json: bool,
     /// Kill the command after this many milliseconds (server default 30 s;
     /// at most 2^53 - 1, as the API takes).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_API_INTEGER))]
@@ -298,10 +389,6 @@ pub struct ExecArgs {
     /// dropped, one line says so on stderr, and conch exits 125. Default: all.
     #[arg(long, value_parser = clap::value_parser!(u64).range(0..=MAX_API_INTEGER))]
     max_output_bytes: Option<u64>,
-    /// PEM file of certificates to trust for an https:// server, besides the
-    /// system's (for a server with --tls-self-signed: its certificate).
-    #[arg(long, env = "CONCH_CA_FILE")]
-    ca_file: Option<PathBuf>,
     /// The command and its arguments, joined by spaces and run by the remote shell (as ssh does).
     #[arg(last = true, required = true)]
     command: Vec<String>,
@@ -329,6 +416,9 @@ pub enum TokenCommand {
         name: String,
         #[arg(long, value_enum)]
         role: Role,
+        /// Limit the token to the agents this selector matches (`env=staging`).
+        #[arg(long)]
+        agents: Option<crate::selector::Selector>,
     },
     /// Revoke a named API token.
     Revoke {
@@ -380,6 +470,7 @@ impl AgentArgs {
             } else {
                 Some(crate::transport::tls::Acceptor::ephemeral().context("cannot set up TLS")?)
             },
+            name: args.name.clone(),
         })
     }
 }
@@ -409,7 +500,7 @@ fn serve_config(args: ServeArgs, json_logs: bool) -> anyhow::Result<ServeConfig>
             };
             vec![AgentSpec {
                 name: args.agent_name,
-                addr,
+                addr: Some(addr),
                 key: Key::load_with(&path, args.allow_weak_key)?,
                 security,
                 labels: Default::default(),
@@ -485,7 +576,16 @@ fn serve_config(args: ServeArgs, json_logs: bool) -> anyhow::Result<ServeConfig>
         }
         _ => None,
     };
+    let fleet = crate::server::Fleet {
+        agents_file: args.agents_file.clone(),
+        allow_weak_keys: args.allow_weak_key,
+        agent_listen: args.agent_listen,
+        links: crate::server::agents::LinkOptions {
+            dead_after: std::time::Duration::from_millis(args.agent_dead_after_ms),
+        },
+    };
     Ok(ServeConfig {
+        fleet,
         tls,
         listen: args.listen,
         public_url: args.public_url,
@@ -543,6 +643,13 @@ pub async fn run(command: Command, json_logs: bool) -> anyhow::Result<ExitCode> 
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Agents(args) => match agents_command(args).await {
+            Ok(code) => Ok(code),
+            Err(e) => {
+                eprintln!("conch: {e:#}");
+                Ok(ExitCode::from(crate::rest_client::EXIT_CONCH_FAILED))
+            }
+        },
         Command::Exec(args) => match exec_command(args).await {
             Ok(code) => Ok(code),
             Err(e) => {
@@ -557,8 +664,8 @@ pub async fn run(command: Command, json_logs: bool) -> anyhow::Result<ExitCode> 
                 .context("give --data-dir (or CONCH_DATA_DIR), as for `conch serve`")?;
             let store = TokenStore::new(Some(&dir));
             match args.command {
-                TokenCommand::Create { name, role } => {
-                    println!("{}", store.create(&name, role)?.expose())
+                TokenCommand::Create { name, role, agents } => {
+                    println!("{}", store.create(&name, role, agents.as_ref())?.expose())
                 }
                 TokenCommand::Revoke { name } => {
                     store.revoke(&name)?;
@@ -600,6 +707,10 @@ pub async fn run(command: Command, json_logs: bool) -> anyhow::Result<ExitCode> 
             make_undumpable();
             let config = args.into_config()?;
             let shutdown = crate::shutdown::on_signals();
+            if let Some(server) = args.connect.clone() {
+                crate::agent::dial::run(config, server, shutdown).await;
+                return Ok(ExitCode::SUCCESS);
+            }
             match args.listen_fd {
                 Some(fd) => {
                     // SAFETY: the parent handed this descriptor down open,
@@ -619,33 +730,42 @@ pub async fn run(command: Command, json_logs: bool) -> anyhow::Result<ExitCode> 
 
 /// `conch exec`: its exit status is the remote command's.
 async fn exec_command(args: ExecArgs) -> anyhow::Result<ExitCode> {
-    let token = match (args.token, &args.token_file) {
-        (_, Some(path)) => std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read token file {}", path.display()))?
-            .trim()
-            .to_owned(),
-        (Some(t), None) => t,
-        (None, None) => anyhow::bail!("give --token-file or CONCH_TOKEN"),
-    };
+    let server = args.server.into_server()?;
     let stdin = if args.stdin {
         Some(crate::rest_client::read_stdin()?)
     } else {
         None
     };
     let config = ExecConfig {
-        server: args.server,
-        token,
+        server,
         command: args.command,
         agent: args.agent,
+        fanout: args.on.map(|target| crate::rest_client::FanoutConfig {
+            target,
+            concurrency: args.concurrency,
+            prefix: !args.no_prefix,
+            json: args.json,
+        }),
         timeout_ms: args.timeout_ms,
         cwd: args.cwd,
         encoding: args.encoding,
         stdin,
         max_output_bytes: args.max_output_bytes,
-        ca_file: args.ca_file,
     };
     match crate::rest_client::run(config).await {
         Ok(code) => Ok(ExitCode::from(code)),
+        Err(e) => {
+            eprintln!("conch: {e}");
+            Ok(ExitCode::from(crate::rest_client::EXIT_CONCH_FAILED))
+        }
+    }
+}
+
+/// `conch agents`: the server's agents as a table.
+async fn agents_command(args: AgentsArgs) -> anyhow::Result<ExitCode> {
+    let server = args.server.into_server()?;
+    match crate::rest_client::agents(&server, args.selector.as_deref(), args.json).await {
+        Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e) => {
             eprintln!("conch: {e}");
             Ok(ExitCode::from(crate::rest_client::EXIT_CONCH_FAILED))

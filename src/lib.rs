@@ -11,6 +11,7 @@ pub mod link;
 pub mod protocol;
 pub mod rest;
 pub mod rest_client;
+pub mod selector;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;

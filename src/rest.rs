@@ -105,6 +105,92 @@ pub(crate) enum StreamLine {
     Error { error: String },
 }
 
+/// How one host of a fanned-out command did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum HostStatus {
+    /// The command exited 0.
+    Ok,
+    /// The command ran and exited non-zero, was killed or timed out, or
+    /// the agent (or a limit) refused it.
+    Failed,
+    /// The agent was offline, or its link was lost while the command ran.
+    Unreachable,
+}
+
+/// One host's part of a buffered fan-out answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub(crate) struct HostResult {
+    pub(crate) agent: String,
+    pub(crate) status: HostStatus,
+    /// The command's result, when it ran to its end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub(crate) result: Option<ExecResult>,
+    /// Why there is no result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub(crate) error: Option<String>,
+}
+
+/// Counts of a fan-out's hosts by how they did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub(crate) struct Summary {
+    pub(crate) total: u64,
+    pub(crate) ok: u64,
+    pub(crate) failed: u64,
+    pub(crate) unreachable: u64,
+}
+
+impl Summary {
+    pub(crate) fn count(&mut self, status: HostStatus) {
+        self.total += 1;
+        match status {
+            HostStatus::Ok => self.ok += 1,
+            HostStatus::Failed => self.failed += 1,
+            HostStatus::Unreachable => self.unreachable += 1,
+        }
+    }
+}
+
+/// The buffered answer to a command with a `target`: one result per
+/// matching host, in name order, and the summary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub(crate) struct FanoutResult {
+    pub(crate) results: Vec<HostResult>,
+    pub(crate) summary: Summary,
+}
+
+/// One line of a streamed fan-out: a host's line (as for one host, plus
+/// its `agent`, and its `status` on its last line), or the final summary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub(crate) enum FanoutLine {
+    Summary {
+        summary: Summary,
+    },
+    Host {
+        agent: String,
+        #[serde(flatten)]
+        line: StreamLine,
+        /// On the host's last line (its `exit` or `error`) only.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schema(nullable = false)]
+        status: Option<HostStatus>,
+    },
+}
+
+impl HostStatus {
+    /// `ok` for exit code 0, else `failed`.
+    pub(crate) fn of(exit: &ExitStatus) -> HostStatus {
+        if exit.code == Some(0) && !exit.timed_out {
+            HostStatus::Ok
+        } else {
+            HostStatus::Failed
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,6 +233,27 @@ mod tests {
                 line,
                 "{text}"
             );
+            let host = FanoutLine::Host {
+                agent: "web-1".into(),
+                line: line.clone(),
+                status: Some(HostStatus::Failed),
+            };
+            let text = serde_json::to_string(&host).unwrap();
+            assert_eq!(
+                serde_json::from_str::<FanoutLine>(&text).unwrap(),
+                host,
+                "{text}"
+            );
         }
+        let summary = FanoutLine::Summary {
+            summary: Summary {
+                total: 3,
+                ok: 1,
+                failed: 1,
+                unreachable: 1,
+            },
+        };
+        let text = serde_json::to_string(&summary).unwrap();
+        assert_eq!(serde_json::from_str::<FanoutLine>(&text).unwrap(), summary);
     }
 }

@@ -218,6 +218,16 @@ impl<'de> Deserialize<'de> for ErrorCode {
     }
 }
 
+/// Whether `name` may name an agent: 1 to 64 letters, digits, `.`, `_`,
+/// `-`. Names appear in logs, selectors and output prefixes, so nothing
+/// else is allowed.
+pub(crate) fn valid_agent_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -543,8 +543,11 @@ async fn channel_misuse_gets_an_error_and_the_connection_stays() {
         .unwrap();
     loop {
         match framed.next().await.unwrap().unwrap().msg {
-            Message::Pong { id } => {
+            Message::Pong { id, facts } => {
                 assert_eq!(id, 7);
+                let facts = facts.expect("a pong tells the host's facts");
+                assert_eq!(facts.arch, std::env::consts::ARCH);
+                assert!(!facts.hostname.is_empty() && !facts.kernel.is_empty());
                 break;
             }
             Message::Error { code, .. } => panic!("unexpected error {code}"),

@@ -270,6 +270,7 @@ async fn an_older_agent_gets_a_clear_error_not_a_hang() {
             version: 2,
             nonce: "ab".repeat(32),
             tls: false,
+            name: None,
         };
         framed.send(Frame::new(0, hello)).await.unwrap();
         let _ = framed.next().await;

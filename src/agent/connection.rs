@@ -29,6 +29,14 @@ const OUTBOUND_QUEUE: usize = 64;
 /// bytes separately by the channel.
 const CONTROL_QUEUE: usize = 64;
 
+/// With nothing from the server for this long, a connection is taken for
+/// dead: its commands are killed (as when it closes), and an agent that
+/// dials in reconnects. The server pings at least every 10 s, so only a
+/// link that is cut without a close (a pulled cable, a stalled relay) is
+/// this quiet; TCP keepalive alone would take minutes, or never notice a
+/// relay that still acknowledges.
+pub(crate) const SILENCE_LIMIT: Duration = Duration::from_secs(30);
+
 /// Limits of one connection.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -45,6 +53,7 @@ type AgentFramed = crate::transport::handshake::LinkFramed;
 pub(crate) async fn authenticate(
     stream: TcpStream,
     key: &Key,
+    name: Option<&str>,
     tls: Option<&crate::transport::tls::Acceptor>,
     timeout: Duration,
     limits: Limits,
@@ -61,7 +70,7 @@ pub(crate) async fn authenticate(
     let stream: crate::transport::Stream = Box::new(stream);
     let mut framed = Framed::new(stream, FrameCodec::handshake());
     let authed = tokio::select! {
-        r = tokio::time::timeout(timeout, handshake::answer(&mut framed, key, tls, slots, limits.max_channels)) => r,
+        r = tokio::time::timeout(timeout, handshake::answer(&mut framed, key, name, tls, slots, limits.max_channels)) => r,
         _ = evicted.cancelled() => {
             debug!(%peer, "handshake dropped: too many connections are authenticating");
             return None;
@@ -84,7 +93,10 @@ pub(crate) async fn authenticate(
             // What a stranger can cause (a TLS scanner, garbage, an old
             // client) is not worth a warning each: only a wrong key or
             // version, which a misconfigured server of ours also causes.
-            if matches!(err, HandshakeError::BadMac | HandshakeError::Version(_)) {
+            if matches!(
+                err,
+                HandshakeError::BadMac | HandshakeError::Version(_) | HandshakeError::Refused(_)
+            ) {
                 warn!(%peer, error = %err, "handshake failed");
             } else {
                 debug!(%peer, error = %err, "handshake failed");
@@ -106,14 +118,20 @@ pub(crate) async fn authenticate(
 }
 
 /// Serves an authenticated connection until it closes or `shutdown` fires.
+/// With `idle`, a connection on which nothing arrives for that long is
+/// taken for dead (the server pings far more often): an agent that dials
+/// in then reconnects instead of waiting on a silent link for minutes.
 pub(crate) async fn serve_authenticated(
     framed: AgentFramed,
     limits: Limits,
     policy: Arc<ExecPolicy>,
     shutdown: CancellationToken,
     peer: &str,
+    idle: Option<Duration>,
 ) {
-    Connection::new(limits, policy).run(framed, shutdown).await;
+    Connection::new(limits, policy)
+        .run(framed, shutdown, idle)
+        .await;
     info!(%peer, "client disconnected");
 }
 
@@ -142,7 +160,16 @@ impl Connection {
         }
     }
 
-    async fn run(mut self, framed: AgentFramed, shutdown: CancellationToken) {
+    async fn run(
+        mut self,
+        framed: AgentFramed,
+        shutdown: CancellationToken,
+        idle: Option<Duration>,
+    ) {
+        // Far in the future when there is no idle limit.
+        let idle = idle.unwrap_or(Duration::from_secs(365 * 24 * 3600));
+        let silence = tokio::time::sleep(idle);
+        tokio::pin!(silence);
         let (mut sink, mut stream) = framed.split();
         let (out_tx, mut out_rx) = mpsc::channel::<Frame>(OUTBOUND_QUEUE);
         // Unbounded, yet bounded in fact: each channel sends exactly one Done,
@@ -159,7 +186,10 @@ impl Connection {
             tokio::select! {
                 frame = stream.next() => match frame {
                     None => break,
-                    Some(Ok(frame)) => self.dispatch(frame, &out_tx, &done_tx).await,
+                    Some(Ok(frame)) => {
+                        silence.as_mut().reset(tokio::time::Instant::now() + idle);
+                        self.dispatch(frame, &out_tx, &done_tx).await
+                    }
                     Some(Err(FrameError::Io(e))) => {
                         debug!(error = %e, "read failed");
                         break;
@@ -173,6 +203,10 @@ impl Connection {
                 Some(done) = done_rx.recv() => {
                     self.channels.remove(&done.ch);
                     let _ = out_tx.send(done.exit).await;
+                }
+                _ = &mut silence => {
+                    warn!("nothing from the server for {idle:?}; taking the link for dead");
+                    break;
                 }
                 _ = shutdown.cancelled() => break,
             }
@@ -204,7 +238,8 @@ impl Connection {
         let reply = |msg: Message| out.send(Frame::new(ch, msg));
         match frame.msg {
             Message::Ping { id } => {
-                let _ = reply(Message::Pong { id }).await;
+                let facts = Some(super::facts::gather());
+                let _ = reply(Message::Pong { id, facts }).await;
             }
             Message::Exec => {
                 let req = match frame.exec_request() {

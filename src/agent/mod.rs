@@ -4,12 +4,15 @@
 pub(crate) mod cgroup;
 pub(crate) mod channel;
 pub(crate) mod connection;
+pub mod dial;
+pub(crate) mod facts;
 pub(crate) mod process;
 pub mod sandbox;
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+
+use crate::transport::pending::{PENDING_PER_SOURCE, Pending};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -41,59 +44,9 @@ pub struct AgentConfig {
     /// TLS for every connection (an ephemeral certificate); `None` only
     /// with `--insecure-plaintext`.
     pub tls: Option<crate::transport::tls::Acceptor>,
-}
-
-/// Handshakes a single address may have in progress at once; beyond, its
-/// own oldest is dropped. One busy source cannot push out the handshakes
-/// of others.
-const PENDING_PER_SOURCE: usize = 8;
-
-/// Handshakes in progress, oldest first, each with its peer's address and
-/// a token that drops it.
-#[derive(Default)]
-struct Pending {
-    next_id: u64,
-    queue: VecDeque<(u64, std::net::IpAddr, CancellationToken)>,
-}
-
-impl Pending {
-    /// Takes a new handshake from `ip`, dropping one to make room: that
-    /// source's oldest when it has its share (`per_source`), else, when
-    /// the pool (`max`) is full, the oldest of the source holding most.
-    fn admit(
-        &mut self,
-        ip: std::net::IpAddr,
-        max: usize,
-        per_source: usize,
-    ) -> (u64, CancellationToken) {
-        let count = |q: &VecDeque<(u64, std::net::IpAddr, CancellationToken)>, ip| {
-            q.iter().filter(|(_, i, _)| *i == ip).count()
-        };
-        let victim = if count(&self.queue, ip) >= per_source.max(1) {
-            Some(ip)
-        } else if self.queue.len() >= max.max(1) {
-            self.queue
-                .iter()
-                .map(|(_, i, _)| *i)
-                .max_by_key(|i| count(&self.queue, *i))
-        } else {
-            None
-        };
-        if let Some(victim) = victim
-            && let Some(at) = self.queue.iter().position(|(_, i, _)| *i == victim)
-            && let Some((_, _, token)) = self.queue.remove(at)
-        {
-            token.cancel();
-        }
-        self.next_id += 1;
-        let token = CancellationToken::new();
-        self.queue.push_back((self.next_id, ip, token.clone()));
-        (self.next_id, token)
-    }
-
-    fn remove(&mut self, id: u64) {
-        self.queue.retain(|(i, _, _)| *i != id);
-    }
+    /// The agent's name (`--name`): claimed in the handshake and proved
+    /// with the key, so that a server can check it reached the right host.
+    pub name: Option<String>,
 }
 
 /// Binds the configured address and serves until `shutdown` fires.
@@ -154,6 +107,7 @@ pub async fn serve(listener: TcpListener, config: AgentConfig, shutdown: Cancell
         let limits = config.limits;
         let policy = config.policy.clone();
         let tls = config.tls.clone();
+        let name = config.name.clone();
         let timeout = config.handshake_timeout;
         let shutdown = shutdown.clone();
         let authed = authed.clone();
@@ -162,6 +116,7 @@ pub async fn serve(listener: TcpListener, config: AgentConfig, shutdown: Cancell
             let framed = connection::authenticate(
                 stream,
                 &key,
+                name.as_deref(),
                 tls.as_ref(),
                 timeout,
                 limits,
@@ -174,43 +129,19 @@ pub async fn serve(listener: TcpListener, config: AgentConfig, shutdown: Cancell
             let Some((framed, peer, _permit)) = framed else {
                 return;
             };
-            connection::serve_authenticated(framed, limits, policy, shutdown, &peer).await;
+            connection::serve_authenticated(
+                framed,
+                limits,
+                policy,
+                shutdown,
+                &peer,
+                Some(connection::SILENCE_LIMIT),
+            )
+            .await;
         });
     }
     drop(listener);
     tracker.close();
     tracker.wait().await;
     info!("agent stopped");
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_busy_source_drops_its_own_handshakes_not_others() {
-        let (a, b): (std::net::IpAddr, std::net::IpAddr) =
-            ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
-        let mut p = Pending::default();
-        let (_, b_token) = p.admit(b, 4, 2);
-        // A floods: past its share, its own oldest go.
-        let tokens: Vec<_> = (0..10).map(|_| p.admit(a, 4, 2).1).collect();
-        assert!(
-            !b_token.is_cancelled(),
-            "the other source's handshake stays"
-        );
-        assert_eq!(tokens.iter().filter(|t| !t.is_cancelled()).count(), 2);
-        // A full pool drops from the source holding most, not the oldest.
-        let mut p = Pending::default();
-        let (_, b_token) = p.admit(b, 3, 3);
-        let (_, a1) = p.admit(a, 3, 3);
-        let _ = p.admit(a, 3, 3);
-        let _ = p.admit(b, 3, 3);
-        assert!(a1.is_cancelled() && !b_token.is_cancelled());
-        // Finished handshakes leave the pool.
-        let mut p = Pending::default();
-        let (id, _) = p.admit(a, 2, 2);
-        p.remove(id);
-        assert!(p.queue.is_empty());
-    }
 }

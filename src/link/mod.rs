@@ -33,6 +33,75 @@ const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Frames queued for the agent from all channels of a link: 256.
 const OUTBOUND_QUEUE: usize = 256;
 
+/// A link on which nothing arrives for this long is taken for dead (the
+/// cable was pulled: no close ever comes). Pings keep an idle link talking.
+pub const DEFAULT_DEAD_AFTER: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// What the link knows of its agent's health, kept up by pings.
+#[derive(Debug, Clone)]
+pub(crate) struct Health {
+    pub(crate) connected_since: std::time::SystemTime,
+    pub(crate) last_seen: std::time::SystemTime,
+    /// Of the last answered ping.
+    pub(crate) rtt: Option<std::time::Duration>,
+    /// From the last `pong`.
+    pub(crate) facts: Option<crate::protocol::HostFacts>,
+}
+
+/// The link's liveness state, shared by its reader and pinger tasks.
+struct Liveness {
+    started: tokio::time::Instant,
+    connected_since: std::time::SystemTime,
+    /// Milliseconds after `started` that the last frame arrived: an atomic,
+    /// since the reader stores it for every frame.
+    last_frame_ms: std::sync::atomic::AtomicU64,
+    /// The ping in flight (id, sent at), the last RTT and facts.
+    probe: Mutex<Probe>,
+}
+
+#[derive(Default)]
+struct Probe {
+    in_flight: Option<(u64, tokio::time::Instant)>,
+    rtt: Option<std::time::Duration>,
+    facts: Option<crate::protocol::HostFacts>,
+}
+
+impl Liveness {
+    fn new() -> Liveness {
+        Liveness {
+            started: tokio::time::Instant::now(),
+            connected_since: std::time::SystemTime::now(),
+            last_frame_ms: std::sync::atomic::AtomicU64::new(0),
+            probe: Mutex::default(),
+        }
+    }
+
+    fn saw_frame(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.last_frame_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn silent_for(&self) -> std::time::Duration {
+        let last = self.last_frame_ms.load(Ordering::Relaxed);
+        self.started
+            .elapsed()
+            .saturating_sub(std::time::Duration::from_millis(last))
+    }
+
+    fn pong(&self, id: u64, facts: Option<crate::protocol::HostFacts>) {
+        let mut probe = self.probe.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((sent_id, at)) = probe.in_flight
+            && sent_id == id
+        {
+            probe.rtt = Some(at.elapsed());
+            probe.in_flight = None;
+        }
+        if facts.is_some() {
+            probe.facts = facts;
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
     #[error("cannot connect to agent at {addr}: {source}")]
@@ -67,7 +136,7 @@ pub enum Security {
 }
 
 /// The client's TLS set-up, made once.
-fn default_connector() -> Result<crate::transport::tls::Connector, LinkError> {
+pub(crate) fn default_connector() -> Result<crate::transport::tls::Connector, LinkError> {
     static CONNECTOR: std::sync::OnceLock<crate::transport::tls::Connector> =
         std::sync::OnceLock::new();
     if let Some(c) = CONNECTOR.get() {
@@ -125,6 +194,7 @@ type Routes = Arc<Mutex<HashMap<u32, Route>>>;
 pub struct AgentLink {
     out: mpsc::Sender<Frame>,
     info: AgentInfo,
+    liveness: Arc<Liveness>,
     routes: Routes,
     next_ch: Arc<AtomicU32>,
     closed: CancellationToken,
@@ -147,6 +217,19 @@ impl AgentLink {
         addr: impl tokio::net::ToSocketAddrs + std::fmt::Display,
         key: &Key,
         security: Security,
+    ) -> Result<AgentLink, LinkError> {
+        AgentLink::dial(addr, key, security, None, DEFAULT_DEAD_AFTER).await
+    }
+
+    /// Connects to the agent at `addr`; when `name` is given, an agent
+    /// that proves another name is refused (it is not the host the server
+    /// meant). A link silent for `dead_after` is taken for lost.
+    pub(crate) async fn dial(
+        addr: impl tokio::net::ToSocketAddrs + std::fmt::Display,
+        key: &Key,
+        security: Security,
+        name: Option<&str>,
+        dead_after: std::time::Duration,
     ) -> Result<AgentLink, LinkError> {
         // A host that drops packets would leave connect and the handshake
         // waiting for minutes: give both a deadline.
@@ -177,17 +260,40 @@ impl AgentLink {
                 addr: addr.to_string(),
                 limit: CONNECT_TIMEOUT,
             })??;
-        Ok(AgentLink::start(framed, info))
+        if let (Some(wanted), Some(proved)) = (name, info.name.as_deref())
+            && wanted != proved
+        {
+            return Err(LinkError::Handshake(handshake::OfferError::Protocol(
+                format!("the agent at {addr} is {proved:?}, not {wanted:?}"),
+            )));
+        }
+        Ok(AgentLink::start(framed, info, dead_after))
     }
 
-    fn start(framed: handshake::LinkFramed, info: AgentInfo) -> AgentLink {
+    /// A link over a connection an agent made to us (it dialed in), once
+    /// its handshake is done.
+    pub(crate) fn dialed_in(
+        framed: handshake::LinkFramed,
+        info: AgentInfo,
+        dead_after: std::time::Duration,
+    ) -> AgentLink {
+        AgentLink::start(framed, info, dead_after)
+    }
+
+    fn start(
+        framed: handshake::LinkFramed,
+        info: AgentInfo,
+        dead_after: std::time::Duration,
+    ) -> AgentLink {
         let (mut sink, mut stream) = framed.split();
         let (out, mut out_rx) = mpsc::channel::<Frame>(OUTBOUND_QUEUE);
         let routes: Routes = Arc::default();
         let closed = CancellationToken::new();
+        let liveness = Arc::new(Liveness::new());
         let link = AgentLink {
             out,
             info,
+            liveness: liveness.clone(),
             routes: routes.clone(),
             next_ch: Arc::new(AtomicU32::new(1)),
             closed: closed.clone(),
@@ -203,6 +309,13 @@ impl AgentLink {
             crate::transport::writer::close(&mut sink).await;
         });
 
+        tokio::spawn(ping(
+            link.out.downgrade(),
+            liveness.clone(),
+            closed.clone(),
+            dead_after,
+        ));
+
         tokio::spawn(async move {
             loop {
                 let frame = tokio::select! {
@@ -210,6 +323,11 @@ impl AgentLink {
                     _ = closed.cancelled() => None,
                 };
                 let Some(Ok(frame)) = frame else { break };
+                liveness.saw_frame();
+                if let Message::Pong { id, facts } = frame.msg {
+                    liveness.pong(id, facts);
+                    continue;
+                }
                 route(&routes, frame);
             }
             closed.cancel();
@@ -227,8 +345,27 @@ impl AgentLink {
     }
 
     /// What the agent said about itself when the link came up.
-    pub(crate) fn info(&self) -> AgentInfo {
-        self.info
+    pub(crate) fn info(&self) -> &AgentInfo {
+        &self.info
+    }
+
+    /// Connected since, last heard from, round-trip time, host facts.
+    pub(crate) fn health(&self) -> Health {
+        let live = &self.liveness;
+        let probe = live.probe.lock().unwrap_or_else(|e| e.into_inner());
+        Health {
+            connected_since: live.connected_since,
+            last_seen: std::time::SystemTime::now()
+                .checked_sub(live.silent_for())
+                .unwrap_or(live.connected_since),
+            rtt: probe.rtt,
+            facts: probe.facts.clone(),
+        }
+    }
+
+    /// Whether `other` is a handle of this same connection.
+    pub(crate) fn same(&self, other: &AgentLink) -> bool {
+        Arc::ptr_eq(&self.liveness, &other.liveness)
     }
 
     /// Whether the connection is still up.
@@ -293,6 +430,50 @@ impl AgentLink {
             .await
             .map_err(|_| LinkError::Closed)?;
         Ok(channel)
+    }
+}
+
+/// Pings the agent every third of `dead_after` (at most every 10 s), the
+/// first at once (for its facts and the round-trip time), and closes the
+/// link when nothing has come back for `dead_after` less one interval: a
+/// silent link is found within `dead_after`.
+///
+/// It holds the queue weakly: when every handle of the link is gone, so is
+/// the link, and the pinger does not keep it open.
+async fn ping(
+    out: mpsc::WeakSender<Frame>,
+    liveness: Arc<Liveness>,
+    closed: CancellationToken,
+    dead_after: std::time::Duration,
+) {
+    let interval = (dead_after / 3)
+        .min(std::time::Duration::from_secs(10))
+        .max(std::time::Duration::from_millis(50));
+    let silent_limit = dead_after.saturating_sub(interval).max(interval);
+    let mut id = 0u64;
+    loop {
+        if liveness.silent_for() > silent_limit {
+            tracing::warn!(
+                "nothing from the agent for {:?}; taking the link for lost",
+                liveness.silent_for()
+            );
+            closed.cancel();
+            return;
+        }
+        id += 1;
+        liveness
+            .probe
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .in_flight = Some((id, tokio::time::Instant::now()));
+        let Some(queue) = out.upgrade() else { return };
+        // A full queue is traffic enough: skip this ping rather than wait.
+        let _ = queue.try_send(Frame::new(0, Message::Ping { id }));
+        drop(queue);
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = closed.cancelled() => return,
+        }
     }
 }
 

@@ -24,7 +24,7 @@ pub const MAX_PAYLOAD_LEN: usize = 1024 * 1024;
 
 /// One protocol frame: its header (`type` plus fields), the channel, and the
 /// raw payload bytes (never assumed to be UTF-8).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Frame {
     pub ch: u32,
     pub msg: Message,

@@ -20,16 +20,20 @@ pub const KNOWN_TYPES: &[&str] = &[
 ];
 
 /// One frame header's `type` and the fields that go with it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Message {
     /// Agent → client, first frame of a connection, in the clear: the
-    /// protocol version, the agent's nonce, and whether TLS follows.
+    /// protocol version, the agent's nonce, whether TLS follows, and the
+    /// name the agent claims (always sent by an agent that dials in, so
+    /// that the server knows which key to use; `ready` then proves it).
     Hello {
         version: u32,
         nonce: String,
         #[serde(default)]
         tls: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
     },
     /// Client → agent, the answer to `hello` (inside TLS). `name` and
     /// `capabilities` say what the client is; the MAC covers them.
@@ -56,10 +60,7 @@ pub enum Message {
         capabilities: Vec<String>,
     },
     /// Either way: something went wrong. `code` is stable, `message` is for people.
-    Error {
-        code: ErrorCode,
-        message: String,
-    },
+    Error { code: ErrorCode, message: String },
     /// Client → agent: start a command on a fresh channel. The payload is
     /// the [`ExecRequest`] as JSON: a command line and its environment can
     /// be as large as the kernel allows, far beyond what a header may hold.
@@ -70,18 +71,11 @@ pub enum Message {
         eof: bool,
     },
     /// Client → agent: deliver a signal to the channel's process group.
-    Signal {
-        signal: Signal,
-    },
+    Signal { signal: Signal },
     /// Client → agent: the terminal size changed (PTY channels only).
-    Resize {
-        cols: u16,
-        rows: u16,
-    },
+    Resize { cols: u16, rows: u16 },
     /// Client → agent: the client consumed `add` more bytes of output.
-    Window {
-        add: u64,
-    },
+    Window { add: u64 },
     /// Client → agent: kill the channel's process group and drop its output.
     Close,
     /// Agent → client: output bytes (the payload).
@@ -91,12 +85,34 @@ pub enum Message {
     /// Agent → client: the channel's command ended; the last frame of a channel.
     Exit(ExitStatus),
     /// Liveness probe; answered by `pong` with the same `id`.
-    Ping {
-        id: u64,
-    },
+    Ping { id: u64 },
+    /// The answer to `ping`, with what the agent's host looks like now.
     Pong {
         id: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        facts: Option<HostFacts>,
     },
+}
+
+/// What an agent tells about its host, in every `pong`: the server shows
+/// it, and never trusts it for access decisions (labels do that, and come
+/// from the server's own agents file).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[cfg_attr(test, derive(ts_rs::TS))]
+pub struct HostFacts {
+    pub hostname: String,
+    /// The distribution's name and version (`PRETTY_NAME` of os-release).
+    pub os: String,
+    /// The kernel's release (`uname -r`).
+    pub kernel: String,
+    /// The CPU architecture (`x86_64`, `aarch64`).
+    pub arch: String,
+    /// The agent's conch version.
+    pub version: String,
+    /// Seconds since the host booted.
+    pub uptime_s: u64,
+    /// Load averages over 1, 5 and 15 minutes.
+    pub load: [f64; 3],
 }
 
 /// The fields of an `exec` header.

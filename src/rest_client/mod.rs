@@ -5,6 +5,10 @@
 //! arrives, and the remote exit status becomes this process's: the exit
 //! code itself, 128+N for a signal N, 124 for a timeout (as `timeout(1)`),
 //! and 255 for conch's own failures (as ssh).
+//!
+//! On several hosts (`--on SELECTOR`, [`fanout`]) each line is prefixed
+//! with its host's name, as pdsh does, and the status is 0 when every host
+//! exited 0, 1 when some host failed, 2 when some host was unreachable.
 
 use std::io::Write;
 use std::time::Duration;
@@ -12,6 +16,8 @@ use std::time::Duration;
 use base64::Engine;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
+
+mod fanout;
 
 use crate::rest::{Encoding, Stream, StreamLine};
 use crate::vocab::ExitStatus;
@@ -25,14 +31,91 @@ pub(crate) const EXIT_TIMED_OUT: u8 = 124;
 /// the command's own status, which is printed on stderr).
 pub(crate) const EXIT_TRUNCATED: u8 = 125;
 
+/// Which server, with which credentials.
+#[derive(Debug, Clone)]
+pub struct Server {
+    /// Its base URL.
+    pub url: String,
+    pub token: String,
+    /// PEM certificates to trust for an `https://` server besides the
+    /// system's (a self-signed server's own certificate, say).
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+impl Server {
+    fn unreachable(&self, message: String) -> ClientError {
+        ClientError::Unreachable {
+            server: self.url.clone(),
+            message,
+        }
+    }
+
+    fn client(&self) -> Result<reqwest::Client, ClientError> {
+        let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(10));
+        if let Some(path) = &self.ca_file {
+            let pem = std::fs::read(path)
+                .map_err(|e| self.unreachable(format!("cannot read {}: {e}", path.display())))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| self.unreachable(format!("{}: {e}", path.display())))?;
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        builder.build().map_err(|e| self.unreachable(e.to_string()))
+    }
+
+    /// Sends `request`; an answer that is not a success becomes the error
+    /// the server's problem details describe.
+    async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, ClientError> {
+        let response = request
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(root_cause(&e)))?;
+        let status = response.status();
+        if !status.is_success() {
+            let text = response.text().await.unwrap_or_default();
+            let detail = serde_json::from_str::<Value>(&text)
+                .ok()
+                .and_then(|v| v["detail"].as_str().map(str::to_owned))
+                .unwrap_or(text);
+            return Err(ClientError::Refused {
+                status: status.as_u16(),
+                detail,
+            });
+        }
+        Ok(response)
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.url.trim_end_matches('/'))
+    }
+}
+
+/// `--on`: the hosts, and how to print their output.
+#[derive(Debug, Clone)]
+pub struct FanoutConfig {
+    /// A selector of agents.
+    pub target: String,
+    pub concurrency: Option<u64>,
+    /// Prefix each line with `host: `.
+    pub prefix: bool,
+    /// Print the server's NDJSON lines instead.
+    pub json: bool,
+}
+
 /// What `conch exec` was asked to do.
 #[derive(Debug, Clone)]
 pub struct ExecConfig {
-    pub server: String,
-    pub token: String,
+    pub server: Server,
     /// Joined with spaces and run by the remote shell, as ssh does.
     pub command: Vec<String>,
     pub agent: Option<String>,
+    /// Several hosts instead of one agent.
+    pub fanout: Option<FanoutConfig>,
     pub timeout_ms: Option<u64>,
     pub cwd: Option<String>,
     pub encoding: Option<String>,
@@ -40,9 +123,6 @@ pub struct ExecConfig {
     pub stdin: Option<String>,
     /// Output kept per stream; the rest is dropped (and said so). None: all.
     pub max_output_bytes: Option<u64>,
-    /// PEM certificates to trust for an `https://` server besides the
-    /// system's (a self-signed server's own certificate, say).
-    pub ca_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,7 +137,6 @@ pub enum ClientError {
 
 /// Runs the command; returns the exit status to leave with.
 pub async fn run(config: ExecConfig) -> Result<u8, ClientError> {
-    let url = format!("{}/api/v1/exec", config.server.trim_end_matches('/'));
     let mut body = json!({"command": config.command.join(" ")});
     for (key, value) in [
         ("agent", config.agent.clone().map(Value::from)),
@@ -66,48 +145,38 @@ pub async fn run(config: ExecConfig) -> Result<u8, ClientError> {
         ("encoding", config.encoding.clone().map(Value::from)),
         ("stdin", config.stdin.clone().map(Value::from)),
         ("max_output_bytes", config.max_output_bytes.map(Value::from)),
+        (
+            "target",
+            config
+                .fanout
+                .as_ref()
+                .map(|f| Value::from(f.target.clone())),
+        ),
+        (
+            "concurrency",
+            config
+                .fanout
+                .as_ref()
+                .and_then(|f| f.concurrency)
+                .map(Value::from),
+        ),
     ] {
         if let Some(v) = value {
             body[key] = v;
         }
     }
-    let unreachable = |message: String| ClientError::Unreachable {
-        server: config.server.clone(),
-        message,
-    };
-    let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(10));
-    if let Some(path) = &config.ca_file {
-        let pem = std::fs::read(path)
-            .map_err(|e| unreachable(format!("cannot read {}: {e}", path.display())))?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem)
-            .map_err(|e| unreachable(format!("{}: {e}", path.display())))?;
-        for cert in certs {
-            builder = builder.add_root_certificate(cert);
-        }
-    }
-    let client = builder.build().map_err(|e| unreachable(e.to_string()))?;
-    let response = client
-        .post(&url)
-        .bearer_auth(&config.token)
-        .header("accept", "application/x-ndjson")
-        .json(&body)
-        .send()
-        .await
-        .map_err(|e| ClientError::Unreachable {
-            server: config.server.clone(),
-            message: root_cause(&e),
-        })?;
-    let status = response.status();
-    if !status.is_success() {
-        let text = response.text().await.unwrap_or_default();
-        let detail = serde_json::from_str::<Value>(&text)
-            .ok()
-            .and_then(|v| v["detail"].as_str().map(str::to_owned))
-            .unwrap_or(text);
-        return Err(ClientError::Refused {
-            status: status.as_u16(),
-            detail,
-        });
+    let server = &config.server;
+    let client = server.client()?;
+    let response = server
+        .send(
+            client
+                .post(server.url("/api/v1/exec"))
+                .header("accept", "application/x-ndjson")
+                .json(&body),
+        )
+        .await?;
+    if let Some(fanout) = &config.fanout {
+        return fanout::print(response, fanout).await;
     }
     let mut stream = response.bytes_stream();
     let mut pending: Vec<u8> = Vec::new();
@@ -127,13 +196,7 @@ pub async fn run(config: ExecConfig) -> Result<u8, ClientError> {
                     data,
                     encoding,
                 } => {
-                    let bytes = if encoding == Some(Encoding::Base64) {
-                        base64::engine::general_purpose::STANDARD
-                            .decode(&data)
-                            .map_err(|e| ClientError::Broken(e.to_string()))?
-                    } else {
-                        data.into_bytes()
-                    };
+                    let bytes = output_bytes(data, encoding)?;
                     // A closed local pipe (`| head`) is not conch's failure.
                     let _ = match stream {
                         Stream::Stderr => stderr
@@ -181,6 +244,116 @@ pub async fn run(config: ExecConfig) -> Result<u8, ClientError> {
     Err(ClientError::Broken(
         "the stream ended before the command's exit".into(),
     ))
+}
+
+/// Decodes an output line's data.
+fn output_bytes(data: String, encoding: Option<Encoding>) -> Result<Vec<u8>, ClientError> {
+    if encoding == Some(Encoding::Base64) {
+        base64::engine::general_purpose::STANDARD
+            .decode(&data)
+            .map_err(|e| ClientError::Broken(e.to_string()))
+    } else {
+        Ok(data.into_bytes())
+    }
+}
+
+/// `conch agents`: prints the agents `selector` matches, as a table (or
+/// the server's JSON).
+pub async fn agents(
+    server: &Server,
+    selector: Option<&str>,
+    json: bool,
+) -> Result<(), ClientError> {
+    let client = server.client()?;
+    let mut url = url::Url::parse(&server.url("/api/v1/agents"))
+        .map_err(|e| server.unreachable(format!("not a URL: {e}")))?;
+    if let Some(selector) = selector {
+        url.query_pairs_mut().append_pair("selector", selector);
+    }
+    let request = client.get(url);
+    let text = server
+        .send(request)
+        .await?
+        .text()
+        .await
+        .map_err(|e| ClientError::Broken(root_cause(&e)))?;
+    if json {
+        println!("{text}");
+        return Ok(());
+    }
+    let list: Value =
+        serde_json::from_str(&text).map_err(|e| ClientError::Broken(e.to_string()))?;
+    print!("{}", agents_table(&list));
+    Ok(())
+}
+
+/// The agents of a `GET /api/v1/agents` answer as aligned columns.
+fn agents_table(list: &Value) -> String {
+    let mut rows = vec![
+        [
+            "NAME", "STATUS", "OS", "ARCH", "UPTIME", "LOAD", "RTT", "LABELS",
+        ]
+        .map(String::from),
+    ];
+    for agent in list["agents"].as_array().into_iter().flatten() {
+        let facts = &agent["facts"];
+        let text = |v: &Value| v.as_str().unwrap_or("-").to_owned();
+        let status = if agent["connected"].as_bool() == Some(true) {
+            "online"
+        } else {
+            "offline"
+        };
+        let uptime = facts["uptime_s"].as_u64().map_or("-".into(), |s| {
+            if s >= 86400 {
+                format!("{}d", s / 86400)
+            } else {
+                format!("{}h", s / 3600)
+            }
+        });
+        let load = facts["load"][0]
+            .as_f64()
+            .map_or("-".into(), |l| format!("{l:.2}"));
+        let rtt = agent["rtt_ms"]
+            .as_f64()
+            .map_or("-".into(), |r| format!("{r:.1}ms"));
+        let labels = agent["labels"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .unwrap_or_default();
+        rows.push([
+            text(&agent["name"]),
+            status.into(),
+            text(&facts["os"]),
+            text(&facts["arch"]),
+            uptime,
+            load,
+            rtt,
+            if labels.is_empty() {
+                "-".into()
+            } else {
+                labels
+            },
+        ]);
+    }
+    let widths: Vec<usize> = (0..8)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
 }
 
 fn root_cause(e: &dyn std::error::Error) -> String {

@@ -1,8 +1,11 @@
 //! The agents a server reaches, declared in a TOML file (`--agents-file`):
-//! one `[[agents]]` table each, with its `name`, `addr` (`HOST:PORT`), its
-//! own `key_file` and `labels`. Labels come from this file only, so an
-//! agent cannot grant itself labels that a policy could trust. Relative
-//! key paths are taken from the file's own directory.
+//! one `[[agents]]` table each, with its `name`, its own `key_file`,
+//! `labels`, and `addr` (`HOST:PORT`) for an agent the server dials; an
+//! agent without `addr` dials in (`conch agent --connect`). Labels come
+//! from this file only, so an agent cannot grant itself labels that a
+//! policy could trust. Relative key paths are taken from the file's own
+//! directory. The file is reread when it changes and on SIGHUP; a version
+//! that does not load is logged and the agents stay as they were.
 //!
 //! ```toml
 //! [[agents]]
@@ -10,6 +13,11 @@
 //! addr = "10.0.0.11:7070"
 //! key_file = "keys/web-1.key"
 //! labels = { role = "web", env = "prod" }
+//!
+//! [[agents]]            # behind NAT: it dials in
+//! name = "edge-7"
+//! key_file = "keys/edge-7.key"
+//! labels = { role = "edge" }
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -54,14 +62,6 @@ pub enum AgentsFileError {
     Key(#[from] KeyError),
 }
 
-/// Whether `name` may name an agent: 1 to 64 letters, digits, `.`, `_`, `-`.
-pub(crate) fn valid_name(name: &str) -> bool {
-    (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
-
 /// Reads the file and every agent's key; the first problem stops it, with
 /// the entry it is about.
 pub fn load(path: &Path, allow_weak_keys: bool) -> Result<Vec<AgentSpec>, AgentsFileError> {
@@ -82,7 +82,7 @@ pub fn load(path: &Path, allow_weak_keys: bool) -> Result<Vec<AgentSpec>, Agents
     let mut specs = Vec::with_capacity(file.agents.len());
     for entry in file.agents {
         let name = entry.name;
-        if !valid_name(&name) {
+        if !crate::vocab::valid_agent_name(&name) {
             return Err(invalid(format!(
                 "agent name {name:?}: use 1 to 64 letters, digits, '.', '_' or '-'"
             )));
@@ -90,15 +90,11 @@ pub fn load(path: &Path, allow_weak_keys: bool) -> Result<Vec<AgentSpec>, Agents
         if !seen.insert(name.clone()) {
             return Err(invalid(format!("agent {name:?} is declared twice")));
         }
-        let Some(addr) = entry.addr else {
-            return Err(invalid(format!(
-                "agent {name:?} has no addr: agents that dial in are not supported yet"
-            )));
-        };
+        let addr = entry.addr;
         let key_file = base.join(&entry.key_file);
         let key = Key::load_with(&key_file, allow_weak_keys)?;
         let security = if entry.insecure_plaintext {
-            tracing::warn!(agent = %name, %addr, "insecure_plaintext: this agent's link is not encrypted");
+            tracing::warn!(agent = %name, "insecure_plaintext: this agent's link is not encrypted");
             Security::Plaintext
         } else {
             Security::Tls
@@ -112,4 +108,55 @@ pub fn load(path: &Path, allow_weak_keys: bool) -> Result<Vec<AgentSpec>, Agents
         });
     }
     Ok(specs)
+}
+
+/// How often the file's modification time is looked at.
+const POLL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The file's identity for change detection: modification time and size.
+fn stamp(path: &Path) -> Option<(std::time::SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+/// Rereads `path` into `registry` when it changes and on SIGHUP, until
+/// `shutdown`. A file that does not load leaves the agents as they were.
+pub(crate) async fn watch(
+    path: PathBuf,
+    allow_weak_keys: bool,
+    registry: super::agents::Registry,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangup = signal(SignalKind::hangup()).ok();
+    let mut last = stamp(&path);
+    loop {
+        let sighup = async {
+            match hangup.as_mut() {
+                Some(h) => {
+                    h.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let forced = tokio::select! {
+            _ = sighup => true,
+            _ = tokio::time::sleep(POLL) => false,
+            _ = shutdown.cancelled() => return,
+        };
+        let now = stamp(&path);
+        if !forced && now == last {
+            continue;
+        }
+        last = now;
+        match load(&path, allow_weak_keys) {
+            Ok(specs) => {
+                let (added, changed, removed) = registry.reload(specs);
+                tracing::info!(path = %path.display(), added, changed, removed, "agents file reloaded");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the agents file was not reloaded; the agents stay as they were")
+            }
+        }
+    }
 }

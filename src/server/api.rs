@@ -156,6 +156,17 @@ struct ExecBody {
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = String, min_length = 1)]
     agent: Option<String>,
+    /// Instead of `agent`: a selector (`web-*`, `role=web,env!=staging`);
+    /// the command runs on every agent it matches, and the answer has one
+    /// result per host and a summary. Offline hosts are reported as
+    /// unreachable. A selector that matches no agent gets 404.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = String, min_length = 1)]
+    target: Option<String>,
+    /// With `target`: hosts running the command at once (default: all).
+    #[serde(default, deserialize_with = "whole_number")]
+    #[schema(value_type = u64, minimum = 1, maximum = 9007199254740991_u64)]
+    concurrency: Option<u64>,
 }
 
 /// An optional field that, when present, must hold a value (not `null`).
@@ -198,13 +209,15 @@ fn json_error(e: &serde_json::Error) -> ApiError {
 }
 
 /// A validated request.
-struct Prepared {
-    req: ExecRequest,
-    stdin: Bytes,
+pub(super) struct Prepared {
+    pub(super) req: ExecRequest,
+    pub(super) stdin: Bytes,
     /// Per stream; `None`: no cap (streaming only).
-    max_output: Option<usize>,
-    encoding: &'static Encoding,
+    pub(super) max_output: Option<usize>,
+    pub(super) encoding: &'static Encoding,
     agent: Option<String>,
+    /// A fan-out: the hosts, and how many at once.
+    target: Option<(crate::selector::Selector, Option<usize>)>,
 }
 
 fn prepare(body: ExecBody, limits: &ApiLimits, streaming: bool) -> Result<Prepared, ApiError> {
@@ -244,6 +257,29 @@ fn prepare(body: ExecBody, limits: &ApiLimits, streaming: bool) -> Result<Prepar
             "\"agent\" is empty; leave it out for the only agent".into(),
         ));
     }
+    let target = match (&body.agent, &body.target, body.concurrency) {
+        (Some(_), Some(_), _) => {
+            return Err(ApiError::BadRequest(
+                "give either \"agent\" (one host) or \"target\" (a selector), not both".into(),
+            ));
+        }
+        (_, None, Some(_)) => {
+            return Err(ApiError::BadRequest(
+                "\"concurrency\" goes with \"target\"".into(),
+            ));
+        }
+        (_, _, Some(0)) => {
+            return Err(ApiError::BadRequest(
+                "\"concurrency\" must be at least 1".into(),
+            ));
+        }
+        (_, Some(text), concurrency) => Some((
+            crate::selector::Selector::parse(text)
+                .map_err(|e| ApiError::BadRequest(format!("\"target\": {e}")))?,
+            concurrency.map(|c| usize::try_from(c).unwrap_or(usize::MAX)),
+        )),
+        (_, None, None) => None,
+    };
     if body.timeout_ms == Some(0) {
         return Err(ApiError::BadRequest(
             "\"timeout_ms\" must be at least 1".into(),
@@ -258,12 +294,15 @@ fn prepare(body: ExecBody, limits: &ApiLimits, streaming: bool) -> Result<Prepar
     let max_output_bytes = body
         .max_output_bytes
         .map(|v| usize::try_from(v).unwrap_or(usize::MAX));
+    // A fan-out keeps less per host by default: it holds every host's.
+    let default_cap = if target.is_some() {
+        super::fanout::DEFAULT_MAX_OUTPUT_PER_HOST
+    } else {
+        DEFAULT_MAX_OUTPUT
+    };
     let max_output = match (streaming, max_output_bytes) {
         (true, cap) => cap,
-        (false, cap) => Some(
-            cap.unwrap_or(DEFAULT_MAX_OUTPUT)
-                .min(limits.max_output_bytes),
-        ),
+        (false, cap) => Some(cap.unwrap_or(default_cap).min(limits.max_output_bytes)),
     };
     Ok(Prepared {
         req: ExecRequest {
@@ -278,6 +317,7 @@ fn prepare(body: ExecBody, limits: &ApiLimits, streaming: bool) -> Result<Prepar
         max_output,
         encoding,
         agent: body.agent,
+        target,
     })
 }
 
@@ -366,10 +406,9 @@ pub(crate) async fn exec(
 ) -> Result<Response, ApiError> {
     let headers = request.headers().clone();
     if !who.role.can_run() {
-        return Err(ApiError::Forbidden(format!(
-            "{} is a viewer and may not run commands",
-            who.name
-        )));
+        return Err(ApiError::Forbidden(
+            super::policy::Denied::Viewer(who.name.clone()).to_string(),
+        ));
     }
     let limits = &state.api_limits;
     state
@@ -381,11 +420,32 @@ pub(crate) async fn exec(
         })?;
     let streaming = wants_stream(&headers);
     let body: ExecBody = read_json_body(request, limits.max_body_bytes).await?;
-    let prepared = prepare(body, limits, streaming)?;
+    let mut prepared = prepare(body, limits, streaming)?;
+    let target = prepared.target.take();
+    let hosts = match &target {
+        Some((selector, _)) => {
+            let hosts: Vec<String> = state
+                .agents
+                .select(selector)
+                .into_iter()
+                .filter(|name| super::policy::visible(&who, name, &state.agents))
+                .collect();
+            if hosts.is_empty() {
+                return Err(ApiError::NotFound(format!(
+                    "no agent matches the target {selector}"
+                )));
+            }
+            hosts
+        }
+        None => Vec::new(),
+    };
     // A buffered answer reserves its memory before the command runs, so
     // that nothing it prints is lost for want of room.
     let reservation = match prepared.max_output {
-        Some(cap) if !streaming => Some(reserve_output(&state, cap)?),
+        Some(cap) if !streaming => Some(reserve_output(
+            &state,
+            cap.saturating_mul(hosts.len().max(1)),
+        )?),
         _ => None,
     };
     let permit =
@@ -400,13 +460,30 @@ pub(crate) async fn exec(
                 ),
                 retry_after: 1,
             })?;
-    let (agent, link) = state
-        .agents
-        .link(prepared.agent.as_deref())
-        .map_err(|e| match e {
-            super::agents::AgentError::Unavailable(_) => ApiError::AgentUnavailable(e.to_string()),
-            super::agents::AgentError::Unknown(_) => ApiError::NotFound(e.to_string()),
-            _ => ApiError::BadRequest(e.to_string()),
+    if let Some((_, concurrency)) = target {
+        let run = super::fanout::Fanout {
+            state: state.clone(),
+            who,
+            prepared,
+            hosts,
+            concurrency,
+        };
+        return Ok(run.respond(streaming, (permit, reservation)).await);
+    }
+    let (agent, link) = super::policy::link_to_run(&who, prepared.agent.as_deref(), &state.agents)
+        .map_err(|e| {
+            use super::agents::AgentError;
+            use super::policy::{Denied, Refused};
+            match e {
+                Refused::Agent(AgentError::Unavailable(_)) => {
+                    ApiError::AgentUnavailable(e.to_string())
+                }
+                Refused::Agent(AgentError::Unknown(_)) | Refused::Denied(Denied::OutOfScope(_)) => {
+                    ApiError::NotFound(e.to_string())
+                }
+                Refused::Denied(Denied::Viewer(_)) => ApiError::Forbidden(e.to_string()),
+                Refused::Agent(AgentError::Ambiguous) => ApiError::BadRequest(e.to_string()),
+            }
         })?;
     let ticket = state
         .quota
@@ -458,7 +535,10 @@ struct Held {
 const BUFFER_FACTOR: usize = 5;
 
 /// Reserves memory for a buffered answer of at most `cap` bytes a stream.
-fn reserve_output(state: &AppState, cap: usize) -> Result<OwnedSemaphorePermit, ApiError> {
+pub(super) fn reserve_output(
+    state: &AppState,
+    cap: usize,
+) -> Result<OwnedSemaphorePermit, ApiError> {
     let budget = state.api_limits.buffered_budget;
     // Both streams' raw bytes, their JSON strings (base64 is 4/3) and the
     // encoded body: five times the cap bounds the peak of one answer.
@@ -488,14 +568,14 @@ fn reserve_output(state: &AppState, cap: usize) -> Result<OwnedSemaphorePermit, 
 }
 
 /// Collects a stream's output up to a limit, counting what was dropped.
-struct Capture {
-    data: Vec<u8>,
+pub(super) struct Capture {
+    pub(super) data: Vec<u8>,
     limit: usize,
-    truncated: bool,
+    pub(super) truncated: bool,
 }
 
 impl Capture {
-    fn new(limit: usize) -> Self {
+    pub(super) fn new(limit: usize) -> Self {
         Capture {
             data: Vec::new(),
             limit,
@@ -503,7 +583,7 @@ impl Capture {
         }
     }
 
-    fn push(&mut self, bytes: &[u8]) {
+    pub(super) fn push(&mut self, bytes: &[u8]) {
         let room = self.limit.saturating_sub(self.data.len());
         self.data.extend_from_slice(&bytes[..room.min(bytes.len())]);
         self.truncated |= bytes.len() > room;
@@ -534,7 +614,7 @@ fn json_cost(text: &str) -> usize {
 /// Output as JSON strings: text when it decodes and is no larger than its
 /// base64 would be, else base64 (so 64 MiB of NUL bytes take 85 MiB, not
 /// the 384 MiB of `\u0000` escapes).
-fn encode_streams(
+pub(super) fn encode_streams(
     out: &[u8],
     err: &[u8],
     encoding: &'static Encoding,
@@ -591,19 +671,25 @@ async fn buffered_response(
                 // a client that does not read keeps its memory counted.
                 let bytes = serde_json::to_vec(&body)
                     .map_err(|e| ApiError::Internal(format!("cannot encode the answer: {e}")))?;
-                let chunk = futures_util::stream::once(async move {
-                    let _held = held;
-                    Ok::<_, Infallible>(Bytes::from(bytes))
-                });
-                let mut response = Body::from_stream(chunk).into_response();
-                response.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                );
-                return Ok(response);
+                return Ok(json_holding(bytes, held));
             }
         }
     }
+}
+
+/// A JSON answer of `bytes` that keeps `held` (memory reserved, slots)
+/// until the client has taken the whole body.
+pub(super) fn json_holding(bytes: Vec<u8>, held: impl Send + Sync + 'static) -> Response {
+    let chunk = futures_util::stream::once(async move {
+        let _held = held;
+        Ok::<_, Infallible>(Bytes::from(bytes))
+    });
+    let mut response = Body::from_stream(chunk).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
 }
 
 /// Decodes one stream's chunks as they come; a chunk that is not valid
@@ -611,12 +697,12 @@ async fn buffered_response(
 /// With a cap, it counts what it has passed on and, once the cap is
 /// reached, says so in a line of its own and drops the rest (the command
 /// runs on); without one it passes everything: streaming holds nothing back.
-struct StreamDecoder {
+pub(super) struct StreamDecoder {
     stream: Stream,
     encoding: &'static Encoding,
     sent: usize,
     limit: Option<usize>,
-    truncated: bool,
+    pub(super) truncated: bool,
     /// The start of a character whose end is still to come, held here (not
     /// inside a decoder) so that it can be sent as bytes if the stream
     /// ends first.
@@ -624,7 +710,7 @@ struct StreamDecoder {
 }
 
 impl StreamDecoder {
-    fn new(stream: Stream, encoding: &'static Encoding, limit: Option<usize>) -> Self {
+    pub(super) fn new(stream: Stream, encoding: &'static Encoding, limit: Option<usize>) -> Self {
         StreamDecoder {
             stream,
             encoding,
@@ -689,7 +775,7 @@ impl StreamDecoder {
 
     /// What is still held when the stream ends, as base64: nothing of the
     /// output is lost, even half a character.
-    fn finish(&mut self) -> Option<StreamLine> {
+    pub(super) fn finish(&mut self) -> Option<StreamLine> {
         if self.carry.is_empty() {
             return None;
         }
@@ -699,7 +785,7 @@ impl StreamDecoder {
 
     /// The JSON lines for a chunk (none, one, or an output line and the
     /// truncation notice).
-    fn lines(&mut self, bytes: &[u8]) -> Vec<StreamLine> {
+    pub(super) fn lines(&mut self, bytes: &[u8]) -> Vec<StreamLine> {
         let mut lines = Vec::new();
         if self.truncated {
             return lines;
@@ -831,15 +917,42 @@ pub(crate) struct AgentList {
     path = "/api/v1/agents",
     operation_id = "listAgents",
     tag = "agents",
-    summary = "List agents and whether each is connected",
+    summary = "List agents with their labels, status and host facts",
+    params(("selector" = Option<String>, Query, description = "Only the agents this selector matches (`web-*`, `role=web,env!=staging`).")),
     responses(
-        (status = 200, description = "The agents.", body = AgentList),
+        (status = 200, description = "The agents the caller may use, in name order.", body = AgentList),
+        (status = 400, response = ProblemResponse),
     ),
 )]
-pub(crate) async fn agents(State(state): State<AppState>, _: Caller) -> Json<AgentList> {
-    Json(AgentList {
-        agents: state.agents.statuses(),
-    })
+pub(crate) async fn agents(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Result<Json<AgentList>, ApiError> {
+    let mut selector = None;
+    for (key, value) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match &*key {
+            "selector" if selector.is_none() => {
+                selector = Some(
+                    crate::selector::Selector::parse(&value)
+                        .map_err(|e| ApiError::BadRequest(format!("selector: {e}")))?,
+                )
+            }
+            "selector" => return Err(ApiError::BadRequest("give one selector".into())),
+            other => {
+                return Err(ApiError::BadRequest(format!(
+                    "unknown query parameter {other:?}; this takes \"selector\""
+                )));
+            }
+        }
+    }
+    let chosen = selector.map(|s| state.agents.select(&s));
+    let mut agents = state.agents.statuses();
+    agents.retain(|a| {
+        super::policy::visible(&who, &a.name, &state.agents)
+            && chosen.as_ref().is_none_or(|c| c.contains(&a.name))
+    });
+    Ok(Json(AgentList { agents }))
 }
 
 fn token_error(e: TokenError) -> ApiError {
@@ -859,6 +972,10 @@ pub(crate) struct NewToken {
     #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$")]
     name: String,
     role: Role,
+    /// A selector of the only agents the token may use; default every agent.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = String, min_length = 1)]
+    agents: Option<String>,
 }
 
 /// A token as listed: never its secret.
@@ -936,9 +1053,15 @@ pub(crate) async fn create_token(
     request: Request,
 ) -> Result<Response, ApiError> {
     let new: NewToken = read_json_body(request, 64 * 1024).await?;
+    let agents = new
+        .agents
+        .as_deref()
+        .map(crate::selector::Selector::parse)
+        .transpose()
+        .map_err(|e| ApiError::BadRequest(format!("\"agents\": {e}")))?;
     let token = state
         .tokens
-        .create(&new.name, new.role)
+        .create(&new.name, new.role, agents.as_ref())
         .map_err(token_error)?;
     tracing::info!(by = %who.name, name = %new.name, role = new.role.as_str(), "api token created");
     let body = CreatedToken {

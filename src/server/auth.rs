@@ -54,6 +54,9 @@ impl Role {
 pub(crate) struct Principal {
     pub(crate) name: String,
     pub(crate) role: Role,
+    /// A selector of the only agents this principal may use (from the
+    /// users file, or given to its token); `None`: every agent.
+    pub(crate) agents: Option<String>,
 }
 
 /// A secret string whose `Debug` output never shows it.
@@ -98,6 +101,10 @@ pub struct User {
     /// An argon2 PHC string, as `conch passwd` prints it.
     pub(crate) password_hash: String,
     pub(crate) role: Role,
+    /// A selector (`env=staging`): the user may use only the agents it
+    /// matches, in the console, the API and the CLI alike.
+    #[serde(default)]
+    pub(crate) agents: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -135,6 +142,10 @@ pub fn load_users(path: &Path) -> Result<Vec<User>, UsersError> {
                 user.name
             ))
         })?;
+        if let Some(agents) = &user.agents {
+            crate::selector::Selector::parse(agents)
+                .map_err(|e| invalid(format!("user {:?}: agents: {e}", user.name)))?;
+        }
     }
     Ok(file.users)
 }
@@ -286,6 +297,7 @@ impl Auth {
         self.admin_token.matches(given).then(|| Principal {
             name: "admin".into(),
             role: Role::Admin,
+            agents: None,
         })
     }
 
@@ -337,6 +349,7 @@ impl Auth {
                     Some(u) => Ok(Principal {
                         name: u.name.clone(),
                         role: u.role,
+                        agents: u.agents.clone(),
                     }),
                     None => {
                         match device {

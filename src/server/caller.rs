@@ -12,10 +12,10 @@ use super::problem::ApiError;
 
 /// Anyone authenticated: by `Authorization: Bearer <token>` (the admin
 /// token or an API token; failures are throttled per address), else by the
-/// session cookie. A guard only: handlers that need to know who asks take
-/// a [`Writer`] or an [`Admin`].
+/// session cookie. For reading: handlers that change something take a
+/// [`Writer`] or an [`Admin`].
 #[derive(Debug, Clone)]
-pub(crate) struct Caller;
+pub(crate) struct Caller(pub Principal);
 
 /// A caller allowed to change something: a bearer token, or the session
 /// cookie on a request from this server's own page (`Origin`), so that a
@@ -60,7 +60,7 @@ impl FromRequestParts<State> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &State) -> Result<Self, Self::Rejection> {
-        authenticate(parts, state).await.map(|_| Caller)
+        authenticate(parts, state).await.map(Caller)
     }
 }
 

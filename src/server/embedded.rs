@@ -61,7 +61,7 @@ pub(crate) async fn start(
     info!(%addr, pid = first.id(), "embedded agent started");
     let spec = AgentSpec {
         name: "local".into(),
-        addr: addr.to_string(),
+        addr: Some(addr.to_string()),
         key: key.clone(),
         security: crate::link::Security::Tls,
         labels: Default::default(),

@@ -1,6 +1,7 @@
 //! The web server: the console page, its WebSocket bridge to the agents,
 //! and the REST API, all behind one authentication layer.
 
+pub(crate) mod agent_listener;
 pub mod agents;
 pub mod agents_file;
 pub mod api;
@@ -9,11 +10,13 @@ pub mod auth;
 mod bridge;
 pub(crate) mod caller;
 pub(crate) mod embedded;
+mod fanout;
 pub mod http;
 pub(crate) mod messages;
 mod openapi;
 pub(crate) mod pages;
 pub(crate) mod peer;
+pub(crate) mod policy;
 pub(crate) mod problem;
 pub mod quota;
 pub(crate) mod security;
@@ -46,6 +49,8 @@ pub struct ServeConfig {
     /// The agents to use (`--agent`, or `--agents-file`); none starts an
     /// embedded one on loopback.
     pub agents: Vec<AgentSpec>,
+    /// Where the agents come from and how their links behave.
+    pub fleet: Fleet,
     /// Extra `conch agent` flags for the embedded agent (command isolation).
     pub embedded_agent_args: Vec<String>,
     /// `None`: generate one and print a login URL with it.
@@ -69,6 +74,18 @@ pub struct ServeConfig {
     /// HTTPS served by conch itself (`--tls-cert`/`--tls-key`, or
     /// `--tls-self-signed`); `None`: plain HTTP.
     pub tls: Option<tls::WebTlsSource>,
+}
+
+/// The fleet's settings beyond the agents themselves.
+#[derive(Debug, Clone, Default)]
+pub struct Fleet {
+    /// Reread on change and on SIGHUP (`--agents-file`).
+    pub agents_file: Option<std::path::PathBuf>,
+    /// Whether weak agent keys are accepted (`--allow-weak-key`).
+    pub allow_weak_keys: bool,
+    /// Where agents that dial in connect (`--agent-listen`).
+    pub agent_listen: Option<SocketAddr>,
+    pub links: agents::LinkOptions,
 }
 
 /// Shared by every handler.
@@ -176,7 +193,30 @@ pub async fn serve(
     } else {
         (config.agents.clone(), None)
     };
-    let agents = Registry::start(specs, shutdown.clone());
+    let agents = Registry::start(specs, config.fleet.links, shutdown.clone());
+    let mut fleet_tasks = Vec::new();
+    if let Some(listen) = config.fleet.agent_listen {
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen for agents on {listen}: {e}"))?;
+        fleet_tasks.push(tokio::spawn(agent_listener::serve(
+            listener,
+            agents.clone(),
+            shutdown.clone(),
+        )));
+    } else if agents.statuses().iter().any(|a| a.dials_in) {
+        tracing::warn!(
+            "the agents file declares agents that dial in, but there is no --agent-listen for them"
+        );
+    }
+    if let Some(path) = config.fleet.agents_file.clone() {
+        fleet_tasks.push(tokio::spawn(agents_file::watch(
+            path,
+            config.fleet.allow_weak_keys,
+            agents.clone(),
+            shutdown.clone(),
+        )));
+    }
     let web_tls = match &config.tls {
         Some(source) => Some(tls::WebTls::start(source, shutdown.clone())?),
         None => None,
@@ -268,6 +308,9 @@ pub async fn serve(
     )
     .await;
     if let Some(task) = embedded {
+        let _ = task.await;
+    }
+    for task in fleet_tasks {
         let _ = task.await;
     }
     info!("server stopped");

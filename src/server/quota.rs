@@ -76,6 +76,11 @@ impl Drop for Ticket {
 }
 
 impl Quota {
+    /// Commands one user may run at once.
+    pub(crate) fn per_user(&self) -> usize {
+        self.limits.per_user
+    }
+
     pub(crate) fn new(limits: QuotaLimits) -> Quota {
         Quota {
             limits,

@@ -23,6 +23,9 @@ pub(crate) struct TokenRecord {
     pub(crate) sha256: String,
     /// Seconds since the Unix epoch.
     pub(crate) created: u64,
+    /// A selector of the only agents the token may use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) agents: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -160,7 +163,12 @@ impl TokenStore {
     }
 
     /// Creates a token; returns its secret value, shown this once only.
-    pub fn create(&self, name: &str, role: Role) -> Result<Secret, TokenError> {
+    pub fn create(
+        &self,
+        name: &str,
+        role: Role,
+        agents: Option<&crate::selector::Selector>,
+    ) -> Result<Secret, TokenError> {
         if !valid_name(name) {
             return Err(TokenError::BadName);
         }
@@ -181,6 +189,7 @@ impl TokenStore {
             role,
             sha256: digest(token.expose()),
             created,
+            agents: agents.map(ToString::to_string),
         });
         self.save(records)?;
         Ok(token)
@@ -225,6 +234,7 @@ impl TokenStore {
                 found = Some(Principal {
                     name: r.name.clone(),
                     role: r.role,
+                    agents: r.agents.clone(),
                 });
             }
         }

@@ -142,7 +142,7 @@ async fn session(socket: WebSocket, state: AppState, login: SessionHandle) {
     let hello = ServerMessage::Hello {
         user: &principal.name,
         role: principal.role,
-        agents: state.agents.statuses(),
+        agents: visible_agents(&state, &principal),
     };
     let _ = out.send(hello.frame()).await;
     let expires = tokio::time::Instant::from_std(login.expires);
@@ -178,7 +178,7 @@ async fn session(socket: WebSocket, state: AppState, login: SessionHandle) {
                 console.running.remove(&id);
             }
             Ok(()) = changes.changed() => {
-                let _ = out.send(ServerMessage::Agents { agents: state.agents.statuses() }.frame()).await;
+                let _ = out.send(ServerMessage::Agents { agents: visible_agents(&state, &principal) }.frame()).await;
             }
             // A console must not outlive its session: logout, eviction and
             // expiry close it at once, whether or not the page is talking.
@@ -384,12 +384,6 @@ impl Console<'_> {
                 "command ids start at 1",
             ));
         }
-        if !self.principal.role.can_run() {
-            return Err(Refusal::new(
-                ErrorCode::Forbidden,
-                "viewers may not run commands",
-            ));
-        }
         if self.running.contains_key(&id) {
             return Err(Refusal {
                 is_final: false,
@@ -408,11 +402,17 @@ impl Console<'_> {
                 "exec needs \"cmd\" or \"pty\"",
             ));
         }
-        let (agent_name, link) = self
-            .state
-            .agents
-            .link(agent.as_deref())
-            .map_err(|e| Refusal::new(ErrorCode::AgentUnavailable, e.to_string()))?;
+        let (agent_name, link) =
+            super::policy::link_to_run(self.principal, agent.as_deref(), &self.state.agents)
+                .map_err(|e| {
+                    let code = match e {
+                        super::policy::Refused::Denied(super::policy::Denied::Viewer(_)) => {
+                            ErrorCode::Forbidden
+                        }
+                        _ => ErrorCode::AgentUnavailable,
+                    };
+                    Refusal::new(code, e.to_string())
+                })?;
         let ticket = self
             .state
             .quota
@@ -564,4 +564,14 @@ fn output(stream: u8, id: u32, data: &[u8], unacked: &AtomicU64) -> WsMessage {
     frame.put_u32(id);
     frame.put_slice(data);
     WsMessage::Binary(frame.freeze())
+}
+
+/// The agents `who` may see, with their state.
+fn visible_agents(
+    state: &super::AppState,
+    who: &super::auth::Principal,
+) -> Vec<super::agents::AgentStatus> {
+    let mut all = state.agents.statuses();
+    all.retain(|a| super::policy::visible(who, &a.name, &state.agents));
+    all
 }

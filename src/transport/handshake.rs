@@ -156,6 +156,8 @@ pub(crate) enum HandshakeError {
     BadMac,
     #[error("the agent serves its maximum of connections")]
     Busy,
+    #[error("the server refused this agent: {0}")]
+    Refused(String),
     #[error(transparent)]
     Tls(#[from] super::tls::TlsError),
 }
@@ -189,9 +191,13 @@ where
 /// runs with `--insecure-plaintext`) runs TLS over the connection, checks
 /// the client's `auth`, takes a connection slot and proves the key in
 /// `ready`. Both MACs bind the TLS session.
+///
+/// `name` is the agent's `--name`: claimed in `hello` and proved in
+/// `ready`, whose MAC covers it.
 pub(crate) async fn answer(
     framed: &mut LinkFramed,
     key: &Key,
+    name: Option<&str>,
     tls: Option<&Acceptor>,
     slots: &Arc<Semaphore>,
     max_channels: usize,
@@ -201,6 +207,7 @@ pub(crate) async fn answer(
         version: PROTOCOL_VERSION,
         nonce: agent_nonce.clone(),
         tls: tls.is_some(),
+        name: name.map(str::to_owned),
     };
     framed
         .send(Frame::new(0, hello))
@@ -238,15 +245,17 @@ pub(crate) async fn answer(
         Some(Err(e)) => return Err(e.into()),
         Some(Ok(frame)) => frame,
     };
-    let Message::Auth {
-        version,
-        nonce,
-        mac,
-        name,
-        capabilities,
-    } = frame.msg
-    else {
-        return Err(HandshakeError::Unexpected(frame.msg.type_name()));
+    let (version, nonce, mac, client_name, capabilities) = match frame.msg {
+        Message::Auth {
+            version,
+            nonce,
+            mac,
+            name,
+            capabilities,
+        } => (version, nonce, mac, name, capabilities),
+        // A server this agent dialed into may refuse it (an unknown name).
+        Message::Error { message, .. } => return Err(HandshakeError::Refused(peer_text(&message))),
+        other => return Err(HandshakeError::Unexpected(other.type_name())),
     };
     if version != PROTOCOL_VERSION {
         return Err(HandshakeError::Version(version));
@@ -255,12 +264,12 @@ pub(crate) async fn answer(
         return Err(HandshakeError::Nonce);
     }
     // An empty name would MAC like an absent one: only absent is allowed.
-    if name.as_deref() == Some("") {
+    if client_name.as_deref() == Some("") {
         return Err(HandshakeError::Unexpected("an empty name"));
     }
     let theirs = Bound {
         binding: &binding,
-        name: name.as_deref(),
+        name: client_name.as_deref(),
         capabilities: &capabilities,
     };
     if !verify_client_mac(key.as_bytes(), &agent_nonce, &nonce, theirs, &mac) {
@@ -274,13 +283,13 @@ pub(crate) async fn answer(
         .map_err(|_| HandshakeError::Busy)?;
     let ours = Bound {
         binding: &binding,
-        name: None,
+        name,
         capabilities: &[],
     };
     let ready = Message::Ready {
         mac: agent_mac(key.as_bytes(), &nonce, &agent_nonce, ours),
         max_channels: Some(u32::try_from(max_channels).unwrap_or(u32::MAX)),
-        name: None,
+        name: name.map(str::to_owned),
         capabilities: Vec::new(),
     };
     framed
@@ -291,16 +300,18 @@ pub(crate) async fn answer(
 }
 
 /// What the agent told the client in its `ready`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct AgentInfo {
     /// Channels the agent runs at once on this connection (its
     /// `--max-channels`); 1024 when an agent does not say.
     pub(crate) max_channels: usize,
+    /// The agent's `--name`, proved by its MAC; `None` when it has none.
+    pub(crate) name: Option<String>,
 }
 
 /// Text from a peer not yet authenticated, made safe to log: control
 /// characters escaped (no forged log lines), at most 200 characters.
-fn peer_text(text: &str) -> String {
+pub(crate) fn peer_text(text: &str) -> String {
     let mut out: String = text
         .chars()
         .take(200)
@@ -327,20 +338,23 @@ pub enum OfferError {
     AgentMac,
 }
 
-/// The client's half, on a fresh connection: reads `hello`, runs TLS over
-/// the connection (`tls`; `None` only with `--insecure-plaintext`, and only
-/// with an agent that runs so too), answers with `auth` and checks the
-/// agent's proof in `ready`. Both MACs bind the TLS session.
-pub async fn offer(
-    framed: &mut LinkFramed,
-    key: &Key,
-    tls: Option<&Connector>,
-) -> Result<AgentInfo, OfferError> {
+/// What an agent's `hello` said, read before the client picks its key.
+#[derive(Debug)]
+pub(crate) struct Hello {
+    nonce: String,
+    tls: bool,
+    /// The name the agent claims; unproved until its `ready`.
+    pub(crate) name: Option<String>,
+}
+
+/// The first step of the client's half: reads and checks `hello`.
+pub(crate) async fn read_hello(framed: &mut LinkFramed) -> Result<Hello, OfferError> {
     let hello = framed.next().await.ok_or(OfferError::Closed)??;
     let Message::Hello {
         version,
-        nonce: agent_nonce,
-        tls: agent_tls,
+        nonce,
+        tls,
+        name,
     } = hello.msg
     else {
         return Err(OfferError::Protocol(format!(
@@ -358,9 +372,41 @@ pub async fn offer(
             "the agent speaks protocol version {version}, this server {PROTOCOL_VERSION} ({hint})"
         )));
     }
-    if !is_valid_nonce(&agent_nonce) {
+    if !is_valid_nonce(&nonce) {
         return Err(OfferError::Protocol("malformed agent nonce".into()));
     }
+    if let Some(name) = &name
+        && !crate::vocab::valid_agent_name(name)
+    {
+        return Err(OfferError::Protocol(format!(
+            "the agent claims an invalid name {:?}",
+            peer_text(name)
+        )));
+    }
+    Ok(Hello { nonce, tls, name })
+}
+
+/// The client's half, on a fresh connection: reads `hello`, runs TLS over
+/// the connection (`tls`; `None` only with `--insecure-plaintext`, and only
+/// with an agent that runs so too), answers with `auth` and checks the
+/// agent's proof in `ready`. Both MACs bind the TLS session.
+pub async fn offer(
+    framed: &mut LinkFramed,
+    key: &Key,
+    tls: Option<&Connector>,
+) -> Result<AgentInfo, OfferError> {
+    let hello = read_hello(framed).await?;
+    finish_offer(framed, hello, key, tls).await
+}
+
+/// Runs TLS over the connection when the agent offered it and we want it
+/// (the only combination that works besides plaintext on both ends); the
+/// session's exporter value, empty without TLS.
+async fn secure(
+    framed: &mut LinkFramed,
+    agent_tls: bool,
+    tls: Option<&Connector>,
+) -> Result<Vec<u8>, OfferError> {
     let mut binding = Vec::new();
     match (tls, agent_tls) {
         (Some(connector), true) => {
@@ -393,6 +439,40 @@ pub async fn offer(
             ));
         }
     }
+    Ok(binding)
+}
+
+/// Turns away an agent that dialed in (an unknown name): inside TLS when
+/// it offered TLS, so that it reads why rather than a broken handshake.
+pub(crate) async fn refuse(
+    framed: &mut LinkFramed,
+    hello: Hello,
+    connector: &Connector,
+    why: &str,
+) {
+    let tls = hello.tls.then_some(connector);
+    if secure(framed, hello.tls, tls).await.is_ok() {
+        let _ = framed
+            .send(Frame::new(0, Message::error(ErrorCode::Auth, why)))
+            .await;
+    }
+}
+
+/// The rest of the client's half, once the key is chosen (for an agent
+/// that dials in, by the name in its `hello`). The agent's `ready` must
+/// prove the name it claimed in `hello`, so that a name is bound to its key.
+pub(crate) async fn finish_offer(
+    framed: &mut LinkFramed,
+    hello: Hello,
+    key: &Key,
+    tls: Option<&Connector>,
+) -> Result<AgentInfo, OfferError> {
+    let Hello {
+        nonce: agent_nonce,
+        tls: agent_tls,
+        name: claimed,
+    } = hello;
+    let binding = secure(framed, agent_tls, tls).await?;
     let nonce = new_nonce();
     let ours = Bound {
         binding: &binding,
@@ -423,6 +503,11 @@ pub async fn offer(
             if name.as_deref() == Some("") {
                 return Err(OfferError::Protocol("the agent sent an empty name".into()));
             }
+            if claimed.is_some() && name != claimed {
+                return Err(OfferError::Protocol(
+                    "the agent's ready names another agent than its hello".into(),
+                ));
+            }
             let theirs = Bound {
                 binding: &binding,
                 name: name.as_deref(),
@@ -433,6 +518,7 @@ pub async fn offer(
             }
             Ok(AgentInfo {
                 max_channels: max_channels.map_or(1024, |n| n as usize),
+                name,
             })
         }
         Message::Error {

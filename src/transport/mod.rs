@@ -6,6 +6,7 @@
 //! build on these pieces, so the two ends cannot drift apart.
 
 pub mod handshake;
+pub(crate) mod pending;
 pub(crate) mod socket;
 pub mod tls;
 pub(crate) mod writer;

@@ -64,13 +64,33 @@ timed_out: boolean, duration_ms: number, };
  */
 export type AgentStatus = { name: string, 
 /**
- * `HOST:PORT` the server dials.
+ * `HOST:PORT` the server dials; absent for an agent that dials in.
  */
-addr: string, connected: boolean, 
+addr?: string, 
+/**
+ * Whether the agent connects to the server (`--agent-listen`).
+ */
+dials_in: boolean, connected: boolean, 
 /**
  * The agent's labels, from the server's agents file.
  */
-labels: { [key in string]: string }, };
+labels: { [key in string]: string }, 
+/**
+ * When the current connection came up (RFC 3339), while connected.
+ */
+connected_since?: string, 
+/**
+ * When the agent was last heard from (RFC 3339); absent if never.
+ */
+last_seen?: string, 
+/**
+ * Round-trip time of the last ping, in milliseconds.
+ */
+rtt_ms?: number, 
+/**
+ * What the agent last said about its host.
+ */
+facts?: HostFacts, };
 
 /**
  * A message from the browser.
