@@ -150,7 +150,7 @@ mod typescript {
     use ts_rs::{Config, TS};
 
     use super::{ClientMessage, ServerMessage};
-    use crate::protocol::PtySize;
+    use crate::protocol::{HostFacts, PtySize};
     use crate::server::agents::AgentStatus;
     use crate::server::auth::Role;
     use crate::vocab::{ErrorCode, ExitStatus, Signal};
@@ -187,6 +187,7 @@ mod typescript {
         declare::<Role>(&cfg, &mut out);
         declare::<PtySize>(&cfg, &mut out);
         declare::<ExitStatus>(&cfg, &mut out);
+        declare::<HostFacts>(&cfg, &mut out);
         declare::<AgentStatus>(&cfg, &mut out);
         declare::<ClientMessage>(&cfg, &mut out);
         declare::<ServerMessage<'static>>(&cfg, &mut out);

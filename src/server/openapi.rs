@@ -7,7 +7,9 @@
 use std::sync::LazyLock;
 
 use utoipa::openapi::header::HeaderBuilder;
-use utoipa::openapi::schema::{AllOfBuilder, ObjectBuilder, OneOfBuilder, Ref, Schema, Type};
+use utoipa::openapi::schema::{
+    AllOfBuilder, AnyOfBuilder, ObjectBuilder, OneOfBuilder, Ref, Schema, Type,
+};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, ResponseBuilder};
 use utoipa::openapi::{RefOr, ServerBuilder};
@@ -34,7 +36,10 @@ use super::{api, pages};
         pages::healthz,
         pages::readyz,
     ),
-    components(schemas(Problem), responses(api::ProblemResponse)),
+    components(
+        schemas(Problem, crate::rest::FanoutResult, crate::rest::FanoutLine),
+        responses(api::ProblemResponse)
+    ),
     security(("bearer" = [])),
     modifiers(&Conch),
 )]
@@ -118,6 +123,27 @@ impl Modify for Conch {
                 }
             }
         }
+        // A command with a `target` answers per host: one of the two
+        // answers, and lines of either kind (a host's line is a line of one
+        // command with `agent` added, so it may match both: `anyOf`).
+        if let Some(item) = doc.paths.paths.get_mut("/api/v1/exec")
+            && let Some(post) = &mut item.post
+            && let Some(RefOr::T(ok)) = post.responses.responses.get_mut("200")
+        {
+            let refs = |a: &str, b: &str| [Ref::from_schema_name(a), Ref::from_schema_name(b)];
+            if let Some(json) = ok.content.get_mut("application/json") {
+                let [one, many] = refs("ExecResult", "FanoutResult");
+                json.schema = Some(RefOr::T(Schema::OneOf(
+                    OneOfBuilder::new().item(one).item(many).build(),
+                )));
+            }
+            if let Some(lines) = ok.content.get_mut("application/x-ndjson") {
+                let [one, many] = refs("StreamLine", "FanoutLine");
+                lines.schema = Some(RefOr::T(Schema::AnyOf(
+                    AnyOfBuilder::new().item(one).item(many).build(),
+                )));
+            }
+        }
         // Exactly one of `command` and `argv`: a `oneOf` of the two
         // `required`s (a body with both matches both, so fails it too).
         if let Some(mut fields) = components.schemas.remove("ExecRequest") {
@@ -148,12 +174,45 @@ impl Modify for Conch {
     }
 }
 
+/// What utoipa's types cannot hold (`not`), and the selector grammar,
+/// written into the JSON.
+fn patch(doc: &mut serde_json::Value) {
+    use serde_json::json;
+    let selector = json!({
+        "type": "string",
+        "pattern": crate::selector::PATTERN,
+        "maxLength": crate::selector::MAX_LEN,
+    });
+    let schemas = &mut doc["components"]["schemas"];
+    if let Some(all) = schemas["ExecRequest"]["allOf"].as_array_mut() {
+        all[0]["properties"]["target"] = json!({
+            "allOf": [selector.clone()],
+            "description": all[0]["properties"]["target"]["description"].clone(),
+        });
+        // One host or a target, not both; a concurrency only with a target.
+        all.push(json!({"not": {"required": ["agent", "target"]}}));
+        all.push(json!({"anyOf": [
+            {"required": ["target"]},
+            {"not": {"required": ["concurrency"]}},
+        ]}));
+    }
+    let description = schemas["NewToken"]["properties"]["agents"]["description"].clone();
+    schemas["NewToken"]["properties"]["agents"] =
+        json!({"allOf": [selector.clone()], "description": description});
+    if let Some(params) = doc["paths"]["/api/v1/agents"]["get"]["parameters"].as_array_mut() {
+        for param in params.iter_mut().filter(|p| p["name"] == "selector") {
+            param["schema"] = selector.clone();
+        }
+    }
+}
+
 /// The document as JSON, built once.
 pub(crate) fn document() -> &'static str {
     static DOC: LazyLock<String> = LazyLock::new(|| {
-        ApiDoc::openapi()
-            .to_pretty_json()
-            .expect("the OpenAPI document serializes")
+        let mut doc =
+            serde_json::to_value(ApiDoc::openapi()).expect("the OpenAPI document serializes");
+        patch(&mut doc);
+        serde_json::to_string_pretty(&doc).expect("the OpenAPI document serializes")
     });
     &DOC
 }

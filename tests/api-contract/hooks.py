@@ -250,12 +250,12 @@ if FAILURES_LOG:
 # StreamLine of the document, and the last line, and only it, ends the
 # command (its exit status, or `error`).
 
-_STREAM_LINE_VALIDATORS: dict[int, Any] = {}
+_STREAM_LINE_VALIDATORS: dict[tuple[int, str], Any] = {}
 
 
-def _stream_line_validator(case):
+def _stream_line_validator(case, name="StreamLine"):
     raw = case.operation.schema.raw_schema
-    key = id(raw)
+    key = (id(raw), name)
     if key not in _STREAM_LINE_VALIDATORS:
         import jsonschema
         from referencing import Registry, Resource
@@ -264,10 +264,40 @@ def _stream_line_validator(case):
         root = "urn:conch:openapi"
         registry = Registry().with_resource(root, Resource(contents=raw, specification=DRAFT202012))
         validator = jsonschema.Draft202012Validator(
-            {"$ref": root + "#/components/schemas/StreamLine"}, registry=registry
+            {"$ref": root + "#/components/schemas/" + name}, registry=registry
         )
         _STREAM_LINE_VALIDATORS[key] = validator
     return _STREAM_LINE_VALIDATORS[key]
+
+
+def _fanout_lines_conform(case, lines):
+    """A fan-out's lines (a `target` was given): each a FanoutLine; each host
+    ends once, and the summary line, and only it, comes last."""
+    validator = _stream_line_validator(case, "FanoutLine")
+    if lines[-1] != b"":
+        raise AssertionError("the streamed answer does not end with a newline")
+    lines = lines[:-1]
+    ended: set[str] = set()
+    for number, raw in enumerate(lines, start=1):
+        line = json.loads(raw)
+        errors = sorted(validator.iter_errors(line), key=str)
+        if errors:
+            raise AssertionError(f"line {number} is not a FanoutLine: {errors[0].message}: {raw[:200]!r}")
+        last = number == len(lines)
+        if "summary" in line:
+            if not last:
+                raise AssertionError(f"line {number} is the summary, yet lines follow")
+            if line["summary"]["total"] != len(ended):
+                raise AssertionError(f"the summary counts {line['summary']['total']} hosts, {len(ended)} ended")
+            return None
+        if last:
+            raise AssertionError("the fan-out's last line is not its summary")
+        host = line["agent"]
+        if host in ended:
+            raise AssertionError(f"line {number}: host {host} already ended")
+        if "status" in line:
+            ended.add(host)
+    raise AssertionError("the fan-out has no lines")
 
 
 @schemathesis.check
@@ -278,8 +308,10 @@ def ndjson_lines_conform(ctx, response, case):
         content_type = content_type[0] if content_type else ""
     if not content_type.startswith("application/x-ndjson"):
         return None
-    validator = _stream_line_validator(case)
     lines = response.content.split(b"\n")
+    if lines and lines[0].startswith(b"{") and (b'"agent"' in lines[0] or b'"summary"' in lines[0]):
+        return _fanout_lines_conform(case, lines)
+    validator = _stream_line_validator(case)
     if lines[-1] != b"":
         raise AssertionError("the streamed answer does not end with a newline")
     lines = lines[:-1]

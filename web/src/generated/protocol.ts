@@ -60,6 +60,37 @@ signal: string | null,
 timed_out: boolean, duration_ms: number, };
 
 /**
+ * What an agent tells about its host, in every `pong`: the server shows
+ * it, and never trusts it for access decisions (labels do that, and come
+ * from the server's own agents file).
+ */
+export type HostFacts = { hostname: string, 
+/**
+ * The distribution's name and version (`PRETTY_NAME` of os-release).
+ */
+os: string, 
+/**
+ * The kernel's release (`uname -r`).
+ */
+kernel: string, 
+/**
+ * The CPU architecture (`x86_64`, `aarch64`).
+ */
+arch: string, 
+/**
+ * The agent's conch version.
+ */
+version: string, 
+/**
+ * Seconds since the host booted.
+ */
+uptime_s: number, 
+/**
+ * Load averages over 1, 5 and 15 minutes.
+ */
+load: [number, number, number], };
+
+/**
  * What the API and the page show about an agent.
  */
 export type AgentStatus = { name: string, 
