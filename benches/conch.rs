@@ -37,6 +37,10 @@ struct Plan {
     keystrokes: usize,
     stall: Duration,
     idle: usize,
+    /// Agent processes a command fans out to.
+    fanout_agents: usize,
+    /// Idle agents that dial in to one server.
+    dial_in_agents: usize,
 }
 
 impl Plan {
@@ -51,6 +55,8 @@ impl Plan {
                 keystrokes: 2,
                 stall: Duration::from_secs(1),
                 idle: 50,
+                fanout_agents: 5,
+                dial_in_agents: 20,
             }
         } else {
             Plan {
@@ -62,6 +68,8 @@ impl Plan {
                 keystrokes: 5,
                 stall: Duration::from_secs(10),
                 idle: 5000,
+                fanout_agents: 100,
+                dial_in_agents: 1000,
             }
         }
     }
@@ -772,6 +780,199 @@ async fn idle(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bool)> {
     ]
 }
 
+/// POSTs an exec body and waits for the whole (buffered) answer.
+async fn exec_json(server: &common::Server, body: &Value) -> Value {
+    reqwest::Client::new()
+        .post(server.url("/api/v1/exec"))
+        .bearer_auth(&server.token)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// The fleet: `true` fanned out to many agent processes against one agent
+/// alone; and the server's memory per idle agent that dials in.
+async fn fleet(plan: &Plan, out: &mut String) -> Vec<(String, bool)> {
+    let quiet = [("CONCH_LOG", "warn,conch::agent=info")];
+    let mut verdicts = Vec::new();
+    let _ = writeln!(out, "### 6. Fleet\n");
+
+    // (a) Fan-out.
+    let n = plan.fanout_agents;
+    let dir = tempfile::tempdir().unwrap();
+    let mut agents = Vec::new();
+    let mut entries = String::new();
+    for i in 0..n {
+        let agent = common::start_agent_with(&[], &quiet);
+        let _ = writeln!(
+            entries,
+            "[[agents]]\nname = \"a{i:04}\"\naddr = \"{}\"\nkey_file = \"{}\"",
+            agent.addr,
+            agent.key_file.display()
+        );
+        agents.push(agent);
+    }
+    let file = dir.path().join("agents.toml");
+    std::fs::write(&file, &entries).unwrap();
+    let server = common::start_server_unready(
+        &[
+            "--agents-file",
+            file.to_str().unwrap(),
+            "--api-rate-per-minute",
+            "1000000",
+        ],
+        &[(
+            "CONCH_LOG",
+            "warn,conch::server=info,conch::server::fanout=warn",
+        )],
+    );
+    server.wait_ready().await;
+    let runs = if plan.quick { 3 } else { 11 };
+    let mut one = Vec::new();
+    let mut all = Vec::new();
+    let mut complete = true;
+    for _ in 0..runs {
+        let t = Instant::now();
+        let body = exec_json(&server, &json!({"command": "true", "agent": "a0000"})).await;
+        one.push(t.elapsed().as_secs_f64() * 1000.0);
+        complete &= body["exit_code"] == 0;
+        let t = Instant::now();
+        let body = exec_json(&server, &json!({"command": "true", "target": "*"})).await;
+        all.push(t.elapsed().as_secs_f64() * 1000.0);
+        complete &= body["summary"]["ok"] == n;
+    }
+    let (one_p50, one_min, one_max) = mmm(one);
+    let (all_p50, all_min, all_max) = mmm(all);
+    let ratio = all_p50 / one_p50;
+    let _ = writeln!(
+        out,
+        "(a) `POST /api/v1/exec` of `true`, buffered, time to the whole answer (median of {runs}; \
+         {n} agent processes on this machine, each with its own key and TLS link):\n"
+    );
+    out.push_str("| target | ms (median) | min – max | ratio to one agent |\n|---|---|---|---|\n");
+    let _ = writeln!(
+        out,
+        "| one agent (`agent`) | {one_p50:.2} | {one_min:.2} – {one_max:.2} | 1.00 |"
+    );
+    let _ = writeln!(
+        out,
+        "| all {n} agents (`target: \"*\"`) | {all_p50:.2} | {all_min:.2} – {all_max:.2} | {ratio:.1} |\n"
+    );
+    let _ = writeln!(
+        out,
+        "Each more host adds {:.2} ms to the median; each host spawns its own `sh -c true` on the same machine, so the spawns share its cores.\n",
+        (all_p50 - one_p50) / (n.max(2) - 1) as f64
+    );
+    verdicts.push((
+        format!("fan-out to {n} agents: every host answered ok, every run"),
+        complete,
+    ));
+    drop(server);
+    drop(agents);
+
+    // (b) Idle agents that dial in: real agent code (`conch::agent::dial`)
+    // in this process, real TLS links to a real server process.
+    let m = plan.dial_in_agents;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("shared.key");
+    conch::keyfile::Key::generate().save_new(&key).unwrap();
+    let mut entries = String::new();
+    for i in 0..m {
+        let _ = writeln!(
+            entries,
+            "[[agents]]\nname = \"d{i:04}\"\nkey_file = \"{}\"",
+            key.display()
+        );
+    }
+    let file = dir.path().join("agents.toml");
+    std::fs::write(&file, &entries).unwrap();
+    let listen = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let listen_text = listen.to_string();
+    let server = common::start_server_unready(
+        &[
+            "--agents-file",
+            file.to_str().unwrap(),
+            "--agent-listen",
+            &listen_text,
+        ],
+        &[(
+            "CONCH_LOG",
+            "warn,conch::server=info,conch::server::agents=warn",
+        )],
+    );
+    // Settled, with no agent yet.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let spid = server.proc.child.id();
+    let before = rss_kib(spid);
+    use clap::Parser;
+    let cli = conch::cli::Cli::try_parse_from([
+        "conch",
+        "agent",
+        "--key-file",
+        key.to_str().unwrap(),
+        "--name",
+        "d0000",
+        "--connect",
+        &listen_text,
+        "--cgroups",
+        "off",
+    ])
+    .unwrap();
+    let conch::cli::Command::Agent(args) = cli.command else {
+        unreachable!()
+    };
+    let config = args.into_config().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let t = Instant::now();
+    let mut dialers = Vec::new();
+    for i in 0..m {
+        let mut c = config.clone();
+        c.name = Some(format!("d{i:04}"));
+        dialers.push(tokio::spawn(conch::agent::dial::run(
+            c,
+            listen_text.clone(),
+            stop.clone(),
+        )));
+    }
+    let mut connected = 0;
+    while t.elapsed() < Duration::from_secs(180) {
+        let list = common::get_json(server.url("/api/v1/agents"), &server.token).await;
+        connected = list["agents"]
+            .as_array()
+            .map_or(0, |a| a.iter().filter(|a| a["connected"] == true).count());
+        if connected == m {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let took = t.elapsed();
+    // Let the first pings settle, then measure.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = rss_kib(spid);
+    let per = after.saturating_sub(before) as f64 / m as f64;
+    let _ = writeln!(
+        out,
+        "(b) {m} idle agents dialing in to one server: {connected} connected in {:.1} s; server RSS {before} KiB → {after} KiB: **{per:.1} KiB per agent** (its TLS session, link tasks, registry entry and last facts).\n",
+        took.as_secs_f64()
+    );
+    verdicts.push((
+        format!("{m} dial-in agents all connected: {connected}"),
+        connected == m,
+    ));
+    stop.cancel();
+    for d in dialers {
+        let _ = tokio::time::timeout(Duration::from_secs(10), d).await;
+    }
+    verdicts
+}
+
 fn machine() -> String {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let mem = std::fs::read_to_string("/proc/meminfo")
@@ -802,7 +1003,7 @@ fn machine() -> String {
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     // `--only NAME[,NAME]` runs some parts (throughput, latency, concurrency,
-    // slow, idle), for profiling; such a run does not rewrite the report.
+    // slow, idle, fleet), for profiling; such a run does not rewrite the report.
     let only: Option<Vec<String>> = std::env::args()
         .skip_while(|a| a != "--only")
         .nth(1)
@@ -833,6 +1034,9 @@ fn main() {
         }
         if wanted("idle") {
             verdicts.extend(idle(&plan, &s, &mut out).await);
+        }
+        if wanted("fleet") {
+            verdicts.extend(fleet(&plan, &mut out).await);
         }
         (out, verdicts)
     });
