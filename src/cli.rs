@@ -164,7 +164,7 @@ pub struct AgentArgs {
     allow_weak_key: bool,
     /// This agent's name, as the server's agents file declares it: claimed
     /// in the handshake and proved with the key. Needed with --connect.
-    #[arg(long, env = "CONCH_AGENT_NAME", value_parser = agent_name)]
+    #[arg(long, env = "CONCH_AGENT_SELF_NAME", value_parser = agent_name)]
     name: Option<String>,
     /// Dial in: connect out to a server's agent listener (its
     /// --agent-listen, HOST:PORT) and keep reconnecting, instead of
@@ -214,7 +214,7 @@ pub struct ServeArgs {
     /// Milliseconds without a word from an agent before its link is taken
     /// for lost (pings keep idle links talking) and its commands end with
     /// agent_lost.
-    #[arg(long, env = "CONCH_AGENT_DEAD_AFTER_MS", default_value_t = 15_000, value_parser = clap::value_parser!(u64).range(300..=3_600_000))]
+    #[arg(long, env = "CONCH_AGENT_DEAD_AFTER_MS", default_value_t = 15_000, value_parser = clap::value_parser!(u64).range(3_000..=3_600_000))]
     agent_dead_after_ms: u64,
     /// Name shown for the agent given with --agent.
     #[arg(long, env = "CONCH_AGENT_NAME", default_value = "agent")]

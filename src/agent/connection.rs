@@ -7,7 +7,7 @@ use futures_util::{SinkExt, StreamExt};
 use std::sync::Arc;
 use tokio::net::TcpStream;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -60,7 +60,7 @@ pub(crate) async fn authenticate(
     slots: &Arc<Semaphore>,
     evicted: &CancellationToken,
     shutdown: &CancellationToken,
-) -> Option<(AgentFramed, String, OwnedSemaphorePermit)> {
+) -> Option<(AgentFramed, String, handshake::Authenticated)> {
     let peer = stream
         .peer_addr()
         .map(|a| a.to_string())
@@ -78,11 +78,11 @@ pub(crate) async fn authenticate(
         _ = shutdown.cancelled() => return None,
     };
     match authed {
-        Ok(Ok(permit)) => {
+        Ok(Ok(authed)) => {
             info!(%peer, "client authenticated");
             // Authenticated: the protocol's full limits from here on.
             *framed.codec_mut() = FrameCodec::new();
-            Some((framed, peer, permit))
+            Some((framed, peer, authed))
         }
         Ok(Err(HandshakeError::Closed)) => {
             // A TCP health probe connects and hangs up: not worth a warning.
@@ -118,17 +118,23 @@ pub(crate) async fn authenticate(
 }
 
 /// Serves an authenticated connection until it closes or `shutdown` fires.
-/// With `idle`, a connection on which nothing arrives for that long is
-/// taken for dead (the server pings far more often): an agent that dials
-/// in then reconnects instead of waiting on a silent link for minutes.
+/// A client that said it pings (the `ping` capability) and then goes
+/// silent for [`SILENCE_LIMIT`] is taken for dead: its commands are killed,
+/// and an agent that dials in reconnects instead of waiting on a silent
+/// link for minutes. A client that does not ping may stay silent.
 pub(crate) async fn serve_authenticated(
     framed: AgentFramed,
     limits: Limits,
     policy: Arc<ExecPolicy>,
     shutdown: CancellationToken,
     peer: &str,
-    idle: Option<Duration>,
+    authed: &handshake::Authenticated,
 ) {
+    let idle = authed
+        .capabilities
+        .iter()
+        .any(|c| c == handshake::PINGS)
+        .then_some(SILENCE_LIMIT);
     Connection::new(limits, policy)
         .run(framed, shutdown, idle)
         .await;

@@ -80,7 +80,7 @@ async fn once(
     // One server on this connection: its slot is this connection's own.
     let slots = Arc::new(Semaphore::new(1));
     let never = CancellationToken::new();
-    let Some((framed, peer, _permit)) = connection::authenticate(
+    let Some((framed, peer, authed)) = connection::authenticate(
         stream,
         &config.key,
         Some(name),
@@ -101,7 +101,7 @@ async fn once(
         config.policy.clone(),
         shutdown.clone(),
         &peer,
-        Some(connection::SILENCE_LIMIT),
+        &authed,
     )
     .await;
     Ok(())

@@ -126,18 +126,10 @@ pub async fn serve(listener: TcpListener, config: AgentConfig, shutdown: Cancell
             )
             .await;
             pending.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
-            let Some((framed, peer, _permit)) = framed else {
+            let Some((framed, peer, authed)) = framed else {
                 return;
             };
-            connection::serve_authenticated(
-                framed,
-                limits,
-                policy,
-                shutdown,
-                &peer,
-                Some(connection::SILENCE_LIMIT),
-            )
-            .await;
+            connection::serve_authenticated(framed, limits, policy, shutdown, &peer, &authed).await;
         });
     }
     drop(listener);

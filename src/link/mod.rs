@@ -57,6 +57,8 @@ struct Liveness {
     last_frame_ms: std::sync::atomic::AtomicU64,
     /// The ping in flight (id, sent at), the last RTT and facts.
     probe: Mutex<Probe>,
+    /// Told when the agent's facts first arrive.
+    facts_known: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -66,6 +68,72 @@ struct Probe {
     facts: Option<crate::protocol::HostFacts>,
 }
 
+/// The link's stream, noting every read that brings bytes as a sign of
+/// life: a large frame on a slow link arrives over many reads, and its
+/// first bytes count, not only its last.
+struct Heard<S> {
+    inner: S,
+    liveness: Arc<Liveness>,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Heard<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.liveness.heard();
+        }
+        polled
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Heard<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Longest text kept of one host fact: an agent's words are shown, so
+/// they are bounded.
+const MAX_FACT_CHARS: usize = 256;
+
+fn bounded(mut facts: crate::protocol::HostFacts) -> crate::protocol::HostFacts {
+    for text in [
+        &mut facts.hostname,
+        &mut facts.os,
+        &mut facts.kernel,
+        &mut facts.arch,
+        &mut facts.version,
+    ] {
+        if text.chars().count() > MAX_FACT_CHARS {
+            *text = text.chars().take(MAX_FACT_CHARS).collect();
+        }
+    }
+    facts
+}
+
 impl Liveness {
     fn new() -> Liveness {
         Liveness {
@@ -73,10 +141,11 @@ impl Liveness {
             connected_since: std::time::SystemTime::now(),
             last_frame_ms: std::sync::atomic::AtomicU64::new(0),
             probe: Mutex::default(),
+            facts_known: tokio::sync::Notify::new(),
         }
     }
 
-    fn saw_frame(&self) {
+    fn heard(&self) {
         let ms = self.started.elapsed().as_millis() as u64;
         self.last_frame_ms.store(ms, Ordering::Relaxed);
     }
@@ -96,8 +165,11 @@ impl Liveness {
             probe.rtt = Some(at.elapsed());
             probe.in_flight = None;
         }
-        if facts.is_some() {
-            probe.facts = facts;
+        if let Some(facts) = facts {
+            if probe.facts.is_none() {
+                self.facts_known.notify_one();
+            }
+            probe.facts = Some(bounded(facts));
         }
     }
 }
@@ -267,7 +339,8 @@ impl AgentLink {
                 format!("the agent at {addr} is {proved:?}, not {wanted:?}"),
             )));
         }
-        Ok(AgentLink::start(framed, info, dead_after))
+        let who = name.map_or_else(|| addr.to_string(), str::to_owned);
+        Ok(AgentLink::start(framed, info, dead_after, who))
     }
 
     /// A link over a connection an agent made to us (it dialed in), once
@@ -277,19 +350,33 @@ impl AgentLink {
         info: AgentInfo,
         dead_after: std::time::Duration,
     ) -> AgentLink {
-        AgentLink::start(framed, info, dead_after)
+        let who = info.name.clone().unwrap_or_default();
+        AgentLink::start(framed, info, dead_after, who)
     }
 
     fn start(
         framed: handshake::LinkFramed,
         info: AgentInfo,
         dead_after: std::time::Duration,
+        who: String,
     ) -> AgentLink {
+        let liveness = Arc::new(Liveness::new());
+        // What was read ahead during the handshake stays with the codec.
+        let mut parts = framed.into_parts();
+        let io: crate::transport::Stream = Box::new(Heard {
+            inner: parts.io,
+            liveness: liveness.clone(),
+        });
+        let framed = {
+            let mut next = tokio_util::codec::FramedParts::new(io, parts.codec);
+            next.read_buf = std::mem::take(&mut parts.read_buf);
+            next.write_buf = std::mem::take(&mut parts.write_buf);
+            Framed::from_parts(next)
+        };
         let (mut sink, mut stream) = framed.split();
         let (out, mut out_rx) = mpsc::channel::<Frame>(OUTBOUND_QUEUE);
         let routes: Routes = Arc::default();
         let closed = CancellationToken::new();
-        let liveness = Arc::new(Liveness::new());
         let link = AgentLink {
             out,
             info,
@@ -314,6 +401,7 @@ impl AgentLink {
             liveness.clone(),
             closed.clone(),
             dead_after,
+            who,
         ));
 
         tokio::spawn(async move {
@@ -323,7 +411,6 @@ impl AgentLink {
                     _ = closed.cancelled() => None,
                 };
                 let Some(Ok(frame)) = frame else { break };
-                liveness.saw_frame();
                 if let Message::Pong { id, facts } = frame.msg {
                     liveness.pong(id, facts);
                     continue;
@@ -361,6 +448,11 @@ impl AgentLink {
             rtt: probe.rtt,
             facts: probe.facts.clone(),
         }
+    }
+
+    /// Resolves once the agent's first `pong` has told its host's facts.
+    pub(crate) async fn facts_known(&self) {
+        self.liveness.facts_known.notified().await
     }
 
     /// Whether `other` is a handle of this same connection.
@@ -436,7 +528,8 @@ impl AgentLink {
 /// Pings the agent every third of `dead_after` (at most every 10 s), the
 /// first at once (for its facts and the round-trip time), and closes the
 /// link when nothing has come back for `dead_after` less one interval: a
-/// silent link is found within `dead_after`.
+/// silent link is found within `dead_after`. A new ping goes out only once
+/// the last one is answered, so the round trip shown is never a stale one.
 ///
 /// It holds the queue weakly: when every handle of the link is gone, so is
 /// the link, and the pinger does not keep it open.
@@ -445,6 +538,7 @@ async fn ping(
     liveness: Arc<Liveness>,
     closed: CancellationToken,
     dead_after: std::time::Duration,
+    who: String,
 ) {
     let interval = (dead_after / 3)
         .min(std::time::Duration::from_secs(10))
@@ -454,21 +548,34 @@ async fn ping(
     loop {
         if liveness.silent_for() > silent_limit {
             tracing::warn!(
+                agent = %who,
                 "nothing from the agent for {:?}; taking the link for lost",
                 liveness.silent_for()
             );
             closed.cancel();
             return;
         }
-        id += 1;
-        liveness
-            .probe
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .in_flight = Some((id, tokio::time::Instant::now()));
         let Some(queue) = out.upgrade() else { return };
-        // A full queue is traffic enough: skip this ping rather than wait.
-        let _ = queue.try_send(Frame::new(0, Message::Ping { id }));
+        let idle = {
+            let probe = liveness.probe.lock().unwrap_or_else(|e| e.into_inner());
+            probe.in_flight.is_none()
+        };
+        if idle {
+            id += 1;
+            // Noted before it is sent, so that its pong cannot come first.
+            let note = |v| {
+                liveness
+                    .probe
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .in_flight = v
+            };
+            note(Some((id, tokio::time::Instant::now())));
+            // A full queue is traffic enough: skip this ping rather than wait.
+            if queue.try_send(Frame::new(0, Message::Ping { id })).is_err() {
+                note(None);
+            }
+        }
         drop(queue);
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}

@@ -297,7 +297,15 @@ fn agents_table(list: &Value) -> String {
     ];
     for agent in list["agents"].as_array().into_iter().flatten() {
         let facts = &agent["facts"];
-        let text = |v: &Value| v.as_str().unwrap_or("-").to_owned();
+        // An agent's facts are its own words: no control character of
+        // theirs reaches this terminal.
+        let text = |v: &Value| {
+            v.as_str()
+                .unwrap_or("-")
+                .chars()
+                .map(|c| if c.is_control() { '?' } else { c })
+                .collect::<String>()
+        };
         let status = if agent["connected"].as_bool() == Some(true) {
             "online"
         } else {
@@ -320,7 +328,7 @@ fn agents_table(list: &Value) -> String {
             .as_object()
             .map(|m| {
                 m.iter()
-                    .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                    .map(|(k, v)| format!("{}={}", text(&Value::from(k.as_str())), text(v)))
                     .collect::<Vec<_>>()
                     .join(",")
             })
@@ -432,4 +440,38 @@ pub fn read_stdin() -> anyhow::Result<String> {
         "standard input is larger than 1 MiB"
     );
     Ok(buf)
+}
+
+#[cfg(test)]
+mod table_tests {
+    #[test]
+    fn the_agents_table_aligns_and_shows_no_control_characters() {
+        let list = serde_json::json!({"agents": [
+            {"name": "web-1", "connected": true, "labels": {"role": "web"}, "rtt_ms": 1.25,
+             "facts": {"os": "Evil\u{1b}]0;pwned\u{7}OS", "arch": "x86_64", "uptime_s": 90000, "load": [0.5, 0.1, 0.0]}},
+            {"name": "db-1", "connected": false, "labels": {}},
+        ]});
+        let table = super::agents_table(&list);
+        assert!(
+            !table.chars().any(|c| c.is_control() && c != '\n'),
+            "{table:?}"
+        );
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(
+            lines[0].starts_with("NAME") && lines[1].starts_with("web-1 "),
+            "{table}"
+        );
+        assert!(
+            lines[1].contains("online") && lines[1].contains("1d") && lines[1].contains("1.2ms")
+        );
+        assert!(
+            lines[2].starts_with("db-1") && lines[2].contains("offline"),
+            "{table}"
+        );
+        assert_eq!(
+            lines[1].find("online"),
+            lines[2].find("offline"),
+            "columns align"
+        );
+    }
 }

@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use super::agents::Registry;
 use crate::link::{AgentLink, Security};
@@ -68,15 +68,13 @@ pub(crate) async fn serve(listener: TcpListener, registry: Registry, shutdown: C
             };
             pending.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
             match attempt {
-                Ok(Ok((name, key, link))) => registry.attach(&name, &key, link).await,
+                Ok(Ok((name, claim, link))) => registry.attach(&name, claim, link, peer).await,
                 Ok(Err(DialInError::Offer(OfferError::Closed))) => {
                     debug!(%peer, "connection closed before the handshake")
                 }
-                Ok(Err(
-                    e @ (DialInError::Refused(_) | DialInError::Offer(OfferError::AgentMac)),
-                )) => {
-                    warn!(%peer, error = %e, "agent refused")
-                }
+                // Anyone can connect here and claim any name: what a
+                // stranger causes is logged at debug, as on an agent's own
+                // port. The agent that was refused logs it as a warning.
                 Ok(Err(e)) => debug!(%peer, error = %e, "dial-in handshake failed"),
                 Err(_) => debug!(%peer, "no handshake within {HANDSHAKE_TIMEOUT:?}; dropping"),
             }
@@ -86,11 +84,14 @@ pub(crate) async fn serve(listener: TcpListener, registry: Registry, shutdown: C
     tracker.wait().await;
 }
 
-/// One agent's handshake: its claimed name picks the key it must prove.
+/// One agent's handshake: its claimed name picks the key it must prove. A
+/// name that is not an agent that dials in goes through the same exchange
+/// with a throwaway key, so that it fails exactly as a wrong key does: a
+/// stranger learns nothing of which names exist.
 async fn handshake(
     stream: TcpStream,
     registry: &Registry,
-) -> Result<(String, crate::keyfile::Key, AgentLink), DialInError> {
+) -> Result<(String, super::agents::Claim, AgentLink), DialInError> {
     let _ = stream.set_nodelay(true);
     crate::transport::socket::enable_keepalive(&stream);
     let stream: crate::transport::Stream = Box::new(stream);
@@ -103,20 +104,20 @@ async fn handshake(
         handshake::refuse(&mut framed, hello, &connector, why).await;
         return Err(DialInError::Refused(why.into()));
     };
-    let (key, security) = match registry.dial_in_key(&name) {
-        Ok(found) => found,
-        Err(e) => {
-            let why = e.to_string();
-            handshake::refuse(&mut framed, hello, &connector, &why).await;
-            return Err(DialInError::Refused(why));
-        }
+    let (claim, unknown) = match registry.dial_in_key(&name) {
+        Ok(claim) => (claim, None),
+        Err(e) => (super::agents::Claim::throwaway(), Some(e)),
     };
-    let tls = match security {
+    let tls = match claim.security {
         Security::Tls => Some(&connector),
         Security::Plaintext => None,
     };
-    let info = handshake::finish_offer(&mut framed, hello, &key, tls).await?;
+    let offered = handshake::finish_offer(&mut framed, hello, &claim.key, tls).await;
+    if let Some(e) = unknown {
+        return Err(DialInError::Refused(e.to_string()));
+    }
+    let info = offered?;
     *framed.codec_mut() = FrameCodec::new();
     let link = AgentLink::dialed_in(framed, info, registry.options().dead_after);
-    Ok((name, key, link))
+    Ok((name, claim, link))
 }

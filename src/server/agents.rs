@@ -108,11 +108,34 @@ impl Default for LinkOptions {
     }
 }
 
+/// What an agent that dials in must prove, and the entry it was read from.
+pub(crate) struct Claim {
+    pub(crate) key: Key,
+    pub(crate) security: Security,
+    /// The entry's: a link is taken only while the same entry stands (a
+    /// reload that changed the key or transport meanwhile refuses it).
+    stop: CancellationToken,
+}
+
+impl Claim {
+    /// A claim no agent can prove (for names that are not agents that
+    /// dial in), so that they fail as a wrong key does.
+    pub(crate) fn throwaway() -> Claim {
+        Claim {
+            key: Key::generate(),
+            security: Security::Tls,
+            stop: CancellationToken::new(),
+        }
+    }
+}
+
 struct Entry {
     spec: AgentSpec,
-    link: RwLock<Option<AgentLink>>,
+    /// Shared with the entry that replaces this one when only its labels
+    /// change, so that a link being installed meanwhile lands in both.
+    link: Arc<RwLock<Option<AgentLink>>>,
     /// When the last link went away (for `last_seen` while offline).
-    seen: Mutex<Option<SystemTime>>,
+    seen: Arc<Mutex<Option<SystemTime>>>,
     /// Stops this entry's supervisor, or drops its dialed-in link, when it
     /// is removed or replaced.
     stop: CancellationToken,
@@ -194,8 +217,8 @@ impl Registry {
                     if same_link {
                         let entry = Arc::new(Entry {
                             spec,
-                            link: RwLock::new(old.link.read().ok().and_then(|l| l.clone())),
-                            seen: Mutex::new(*old.seen.lock().unwrap_or_else(|e| e.into_inner())),
+                            link: old.link.clone(),
+                            seen: old.seen.clone(),
                             stop: old.stop.clone(),
                         });
                         entries.insert(name, entry);
@@ -207,8 +230,8 @@ impl Registry {
                 }
                 let entry = Arc::new(Entry {
                     spec,
-                    link: RwLock::new(None),
-                    seen: Mutex::new(None),
+                    link: Arc::default(),
+                    seen: Arc::default(),
                     stop: self.shutdown.child_token(),
                 });
                 if entry.spec.addr.is_some() {
@@ -292,6 +315,12 @@ impl Registry {
             old.shutdown();
         }
         self.changes.send_modify(|n| *n += 1);
+        // Once more when the host's facts are known (its OS is shown).
+        tokio::select! {
+            _ = link.facts_known() => self.changes.send_modify(|n| *n += 1),
+            _ = link.lost() => {}
+            _ = stop.cancelled() => {}
+        }
         tokio::select! {
             _ = link.lost() => {}
             _ = stop.cancelled() => link.shutdown(),
@@ -308,8 +337,8 @@ impl Registry {
         self.changes.send_modify(|n| *n += 1);
     }
 
-    /// The key and transport of the agent `name`, for one that dials in.
-    pub(crate) fn dial_in_key(&self, name: &str) -> Result<(Key, Security), ClaimError> {
+    /// What the agent `name` must prove, for one that dials in.
+    pub(crate) fn dial_in_key(&self, name: &str) -> Result<Claim, ClaimError> {
         let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
         let entry = entries
             .get(name)
@@ -317,25 +346,35 @@ impl Registry {
         if entry.spec.addr.is_some() {
             return Err(ClaimError::DialedOut(name.to_owned()));
         }
-        Ok((entry.spec.key.clone(), entry.spec.security))
+        Ok(Claim {
+            key: entry.spec.key.clone(),
+            security: entry.spec.security,
+            stop: entry.stop.clone(),
+        })
     }
 
-    /// Takes the link of an agent that dialed in and proved `name`: it
-    /// replaces any link that name had, and is held until lost.
-    pub(crate) async fn attach(&self, name: &str, key: &Key, link: AgentLink) {
-        let stop = {
+    /// Takes the link of an agent that dialed in (from `peer`) and proved
+    /// `name` as `claim` asked: it replaces any link that name had, and is
+    /// held until lost.
+    pub(crate) async fn attach(
+        &self,
+        name: &str,
+        claim: Claim,
+        link: AgentLink,
+        peer: std::net::SocketAddr,
+    ) {
+        let stop = claim.stop;
+        {
             let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
-            match entries.get(name) {
-                // The file may have changed during the handshake: the key
-                // proved must still be the name's.
-                Some(e) if e.spec.addr.is_none() && e.spec.key == *key => e.stop.clone(),
-                _ => {
-                    link.shutdown();
-                    return;
-                }
+            // The file may have changed during the handshake: the entry
+            // that gave the key must still stand.
+            if !entries.get(name).is_some_and(|e| e.stop == stop) {
+                link.shutdown();
+                return;
             }
-        };
-        info!(agent = %name, "agent dialed in");
+        }
+        let replacing = self.entry(name).and_then(|e| e.current()).is_some();
+        info!(agent = %name, %peer, replacing, "agent dialed in");
         self.hold(name, &stop, link).await;
         if !stop.is_cancelled() {
             warn!(agent = %name, "dialed-in agent disconnected");
@@ -388,6 +427,12 @@ impl Registry {
             Some(link) => Ok((name, link)),
             None => Err(AgentError::Unavailable(name)),
         }
+    }
+
+    /// Every agent's name, in name order.
+    pub(crate) fn names(&self) -> Vec<String> {
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        entries.keys().cloned().collect()
     }
 
     /// The names of the agents `selector` matches, in name order.

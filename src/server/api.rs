@@ -1052,6 +1052,14 @@ pub(crate) async fn create_token(
     Admin(who): Admin,
     request: Request,
 ) -> Result<Response, ApiError> {
+    if let Some(limit) = &who.agents {
+        // Its token could only be wider or narrower than the creator's own
+        // reach, never provably within it: refused.
+        return Err(ApiError::Forbidden(format!(
+            "{} is limited to the agents {limit:?} and may not create tokens",
+            who.name
+        )));
+    }
     let new: NewToken = read_json_body(request, 64 * 1024).await?;
     let agents = new
         .agents

@@ -170,6 +170,16 @@ impl Fanout {
 
     /// Runs the command on one host.
     async fn host(&self, host: &str, sink: Sink) -> Outcome {
+        if let Sink::Stream(tx) = &sink
+            && tx.is_closed()
+        {
+            // The client went away while this host waited its turn.
+            return Outcome {
+                status: HostStatus::Failed,
+                result: None,
+                error: Some("the client went away before this host's turn".into()),
+            };
+        }
         let outcome = match self.start(host).await {
             Ok((channel, ticket)) => {
                 let outcome = self.drive(host, channel, &sink).await;
@@ -236,8 +246,26 @@ impl Fanout {
         let (mut out, mut err) = (Capture::new(cap), Capture::new(cap));
         let mut dec_out = StreamDecoder::new(Stream::Stdout, p.encoding, p.max_output);
         let mut dec_err = StreamDecoder::new(Stream::Stderr, p.encoding, p.max_output);
+        let gone = async {
+            match sink {
+                Sink::Stream(tx) => tx.closed().await,
+                Sink::Buffer => std::future::pending().await,
+            }
+        };
+        tokio::pin!(gone);
         loop {
-            match bridge::next(&mut channel, &self.state.shutdown).await {
+            let update = tokio::select! {
+                u = bridge::next(&mut channel, &self.state.shutdown) => u,
+                // The client went away: dropping the channel kills the command.
+                _ = &mut gone => {
+                    return Outcome {
+                        status: HostStatus::Failed,
+                        result: None,
+                        error: Some("the client went away".into()),
+                    };
+                }
+            };
+            match update {
                 Update::Output(stream, bytes) => {
                     match sink {
                         Sink::Buffer => match stream {

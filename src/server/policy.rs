@@ -75,7 +75,21 @@ pub(crate) fn link_to_run(
     if !who.role.can_run() {
         return Err(Denied::Viewer(who.name.clone()).into());
     }
-    let name = agents.resolve(requested)?;
+    // Without a name, "the only agent" is the only one this principal can
+    // see: agents beyond its reach neither count nor show.
+    let name = match (requested, &who.agents) {
+        (None, Some(_)) => {
+            let mut visible = agents
+                .names()
+                .into_iter()
+                .filter(|n| self::visible(who, n, agents));
+            match (visible.next(), visible.next()) {
+                (Some(only), None) => only,
+                _ => return Err(AgentError::Ambiguous.into()),
+            }
+        }
+        _ => agents.resolve(requested)?,
+    };
     check(who, Action::Run, &name, agents)?;
     Ok(agents.link(Some(&name))?)
 }

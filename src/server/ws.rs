@@ -139,10 +139,13 @@ async fn session(socket: WebSocket, state: AppState, login: SessionHandle) {
         running: HashMap::new(),
     };
     let mut changes = state.agents.subscribe();
+    let first = visible_agents(&state, &principal);
+    // What the page was last told: a change it cannot see is not sent.
+    let mut shown = summary_of(&first);
     let hello = ServerMessage::Hello {
         user: &principal.name,
         role: principal.role,
-        agents: visible_agents(&state, &principal),
+        agents: first,
     };
     let _ = out.send(hello.frame()).await;
     let expires = tokio::time::Instant::from_std(login.expires);
@@ -178,7 +181,12 @@ async fn session(socket: WebSocket, state: AppState, login: SessionHandle) {
                 console.running.remove(&id);
             }
             Ok(()) = changes.changed() => {
-                let _ = out.send(ServerMessage::Agents { agents: visible_agents(&state, &principal) }.frame()).await;
+                let agents = visible_agents(&state, &principal);
+                let now = summary_of(&agents);
+                if now != shown {
+                    shown = now;
+                    let _ = out.send(ServerMessage::Agents { agents }.frame()).await;
+                }
             }
             // A console must not outlive its session: logout, eviction and
             // expiry close it at once, whether or not the page is talking.
@@ -564,6 +572,29 @@ fn output(stream: u8, id: u32, data: &[u8], unacked: &AtomicU64) -> WsMessage {
     frame.put_u32(id);
     frame.put_slice(data);
     WsMessage::Binary(frame.freeze())
+}
+
+/// What the page shows of an agent that can change: name, state, labels,
+/// OS.
+type Shown = (
+    String,
+    bool,
+    std::collections::BTreeMap<String, String>,
+    Option<String>,
+);
+
+fn summary_of(agents: &[super::agents::AgentStatus]) -> Vec<Shown> {
+    agents
+        .iter()
+        .map(|a| {
+            (
+                a.name.clone(),
+                a.connected,
+                a.labels.clone(),
+                a.facts.as_ref().map(|f| f.os.clone()),
+            )
+        })
+        .collect()
 }
 
 /// The agents `who` may see, with their state.

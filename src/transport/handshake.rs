@@ -201,7 +201,7 @@ pub(crate) async fn answer(
     tls: Option<&Acceptor>,
     slots: &Arc<Semaphore>,
     max_channels: usize,
-) -> Result<OwnedSemaphorePermit, HandshakeError> {
+) -> Result<Authenticated, HandshakeError> {
     let agent_nonce = new_nonce();
     let hello = Message::Hello {
         version: PROTOCOL_VERSION,
@@ -296,8 +296,24 @@ pub(crate) async fn answer(
         .send(Frame::new(0, ready))
         .await
         .map_err(|_| HandshakeError::Closed)?;
-    Ok(permit)
+    Ok(Authenticated {
+        _slot: permit,
+        capabilities,
+    })
 }
+
+/// What the agent's half yields: the connection's slot, and what the client
+/// said it does (its MAC covered that).
+pub(crate) struct Authenticated {
+    /// Held for as long as the connection lasts.
+    pub(crate) _slot: OwnedSemaphorePermit,
+    pub(crate) capabilities: Vec<String>,
+}
+
+/// The capability of a client that pings at least every 10 s: an agent
+/// may then take a silent connection for dead ([`crate::agent`]'s silence
+/// limit); from a client without it, silence means nothing.
+pub(crate) const PINGS: &str = "ping";
 
 /// What the agent told the client in its `ready`.
 #[derive(Debug, Clone)]
@@ -474,10 +490,11 @@ pub(crate) async fn finish_offer(
     } = hello;
     let binding = secure(framed, agent_tls, tls).await?;
     let nonce = new_nonce();
+    let capabilities = vec![PINGS.to_owned()];
     let ours = Bound {
         binding: &binding,
         name: None,
-        capabilities: &[],
+        capabilities: &capabilities,
     };
     let mac = client_mac(key.as_bytes(), &agent_nonce, &nonce, ours);
     framed
@@ -488,7 +505,7 @@ pub(crate) async fn finish_offer(
                 nonce: nonce.clone(),
                 mac,
                 name: None,
-                capabilities: Vec::new(),
+                capabilities,
             },
         ))
         .await?;

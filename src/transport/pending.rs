@@ -11,7 +11,21 @@ use tokio_util::sync::CancellationToken;
 /// of others.
 pub(crate) const PENDING_PER_SOURCE: usize = 8;
 
-/// Handshakes in progress, oldest first, each with its peer's address and
+/// The source a connection is counted under: its IPv4 address, or the /64
+/// of its IPv6 address (one host commonly holds a whole /64, and could
+/// otherwise take a fresh address for every connection).
+fn source(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => {
+            let mut octets = v6.octets();
+            octets[8..].fill(0);
+            std::net::IpAddr::V6(octets.into())
+        }
+        v4 => v4,
+    }
+}
+
+/// Handshakes in progress, oldest first, each with its peer's source and
 /// a token that drops it.
 #[derive(Default)]
 pub(crate) struct Pending {
@@ -22,23 +36,31 @@ pub(crate) struct Pending {
 impl Pending {
     /// Takes a new handshake from `ip`, dropping one to make room: that
     /// source's oldest when it has its share (`per_source`), else, when
-    /// the pool (`max`) is full, the oldest of the source holding most.
+    /// the pool (`max`) is full, the oldest of the sources holding most
+    /// (the oldest overall when they hold as many).
     pub(crate) fn admit(
         &mut self,
         ip: std::net::IpAddr,
         max: usize,
         per_source: usize,
     ) -> (u64, CancellationToken) {
+        let ip = source(ip);
         let count = |q: &VecDeque<(u64, std::net::IpAddr, CancellationToken)>, ip| {
             q.iter().filter(|(_, i, _)| *i == ip).count()
         };
         let victim = if count(&self.queue, ip) >= per_source.max(1) {
             Some(ip)
         } else if self.queue.len() >= max.max(1) {
+            let most = self
+                .queue
+                .iter()
+                .map(|(_, i, _)| count(&self.queue, *i))
+                .max()
+                .unwrap_or(0);
             self.queue
                 .iter()
                 .map(|(_, i, _)| *i)
-                .max_by_key(|i| count(&self.queue, *i))
+                .find(|i| count(&self.queue, *i) == most)
         } else {
             None
         };
@@ -83,6 +105,18 @@ mod tests {
         let _ = p.admit(a, 3, 3);
         let _ = p.admit(b, 3, 3);
         assert!(a1.is_cancelled() && !b_token.is_cancelled());
+        // Sources that hold as many: the oldest goes, not the newest.
+        let mut p = Pending::default();
+        let first = p.admit("10.0.0.5".parse().unwrap(), 2, 8).1;
+        let second = p.admit("10.0.0.6".parse().unwrap(), 2, 8).1;
+        let _ = p.admit("10.0.0.7".parse().unwrap(), 2, 8);
+        assert!(first.is_cancelled() && !second.is_cancelled());
+        // One IPv6 /64 is one source.
+        let mut p = Pending::default();
+        let tokens: Vec<_> = (1..=4)
+            .map(|n| p.admit(format!("2001:db8::{n}").parse().unwrap(), 64, 2).1)
+            .collect();
+        assert_eq!(tokens.iter().filter(|t| t.is_cancelled()).count(), 2);
         // Finished handshakes leave the pool.
         let mut p = Pending::default();
         let (id, _) = p.admit(a, 2, 2);

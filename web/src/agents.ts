@@ -1,6 +1,7 @@
 // The agent picker: the agents the server knows, which one commands go to,
 // and the <select> that shows them. The choice a user makes is remembered.
 
+import { matches, parseSelector } from './selector';
 import { loadPref, savePref, type KeyValueStore } from './storage';
 
 export const AGENT_KEY = 'conch.agent';
@@ -8,10 +9,33 @@ export const AGENT_KEY = 'conch.agent';
 export interface Agent {
   name: string;
   connected: boolean;
+  /** The host's OS, as its agent reports it ('' when not known). */
+  os: string;
+  labels: Record<string, string>;
+}
+
+/** Whether `a` passes the picker's filter: a selector, or else a piece of its name. */
+export function passes(a: Agent, filter: string): boolean {
+  const text = filter.trim();
+  if (!text) return true;
+  const sel = parseSelector(text);
+  if (sel) return matches(sel, a.name, a.labels);
+  return a.name.toLowerCase().includes(text.toLowerCase());
+}
+
+function labelsOf(v: unknown): Record<string, string> {
+  const out: Record<string, string> = {};
+  if (v && typeof v === 'object' && !Array.isArray(v)) {
+    for (const [k, x] of Object.entries(v as Record<string, unknown>)) {
+      if (typeof x === 'string') out[k] = x;
+    }
+  }
+  return out;
 }
 
 export class Agents {
   private list: Agent[] = [];
+  private filter = '';
   private selected: string;
 
   /**
@@ -37,21 +61,42 @@ export class Agents {
     return !!agent && agent.connected;
   }
 
+  /** The agents the filter lets through. */
+  matching(): Agent[] {
+    return this.list.filter((a) => passes(a, this.filter));
+  }
+
+  /** The filter typed above the picker changed. */
+  setFilter(text: string): void {
+    this.filter = text;
+    this.draw();
+  }
+
   /** A new list from the server (`hello`, `agents`); anything malformed is dropped. */
   set(list: unknown): void {
+    type Raw = { name: string; connected?: unknown; facts?: { os?: unknown }; labels?: unknown };
     this.list = (Array.isArray(list) ? list as unknown[] : [])
-      .filter((a): a is { name: string; connected?: unknown } =>
+      .filter((a): a is Raw =>
         !!a && typeof a === 'object' && typeof (a as { name?: unknown }).name === 'string')
-      .map((a) => ({ name: a.name, connected: !!a.connected }));
+      .map((a) => ({
+        name: a.name,
+        connected: !!a.connected,
+        os: a.facts && typeof a.facts.os === 'string' ? a.facts.os : '',
+        labels: labelsOf(a.labels),
+      }));
+    this.draw();
+  }
 
-    // Keep the selection if the agent is still listed (even offline, so the
-    // status can say so); otherwise prefer the remembered one, then any
-    // connected agent, then the first.
-    const names = this.list.map((a) => a.name);
+  private draw(): void {
+    // Keep the selection if the agent is still listed and passes the filter
+    // (even offline, so the status can say so); otherwise prefer the
+    // remembered one, then any connected agent, then the first.
+    const shown = this.matching();
+    const names = shown.map((a) => a.name);
     let pick = this.selected;
     if (!names.includes(pick)) {
       const remembered = loadPref(this.store, AGENT_KEY);
-      const connected = this.list.find((a) => a.connected);
+      const connected = shown.find((a) => a.connected);
       pick = remembered !== null && names.includes(remembered) ? remembered
         : connected ? connected.name
           : names[0] || '';
@@ -60,14 +105,15 @@ export class Agents {
     // A fragment, not replaceChildren(...options): no argument spreading of
     // a list whose length the server decides.
     const options = document.createDocumentFragment();
-    for (const a of this.list) {
+    for (const a of shown) {
       const opt = document.createElement('option');
       opt.value = a.name;
-      opt.textContent = a.connected ? a.name : a.name + ' (offline)';
+      opt.textContent = a.name + (a.connected ? (a.os ? ' · ' + a.os : '') : ' (offline)');
+      opt.title = Object.entries(a.labels).map(([k, v]) => k + '=' + v).join(', ');
       options.appendChild(opt);
     }
     this.select.replaceChildren(options);
-    this.select.disabled = this.list.length === 0;
+    this.select.disabled = shown.length === 0;
     this.select.value = pick;
     this.choose(pick, false);
   }

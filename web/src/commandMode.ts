@@ -7,6 +7,7 @@ import {
   back, BOLD_BLUE, BOLD_GREEN, CLEAR_SCREEN, ERASE_BELOW, ERASE_RIGHT, GREEN, GREY, RED,
   RESET, REVERSE_WRAP_ON, YELLOW,
 } from './ansi';
+import { broadcast, type FanoutLine, type HostOutput } from './broadcast';
 import type { Flows } from './flow';
 import { escapeAction, escapeAt, stripPasteMarkers, type EditAction } from './keys';
 import { LineEditor } from './lineEditor';
@@ -27,6 +28,8 @@ export interface CommandHost {
   isReady(): boolean;
   /** The agent commands go to. */
   agent(): string;
+  /** A selector when command lines go to every agent it matches (broadcast), else null. */
+  target(): string | null;
   /** A command started (true) or ended (false): for the "running" indicator. */
   runningChanged(running: boolean): void;
 }
@@ -78,6 +81,8 @@ export class CommandMode {
   private running: Job | null = null;
   /** Rest of a multi-line paste (or keys typed early), run after the current command. */
   private typeahead = '';
+  /** Stops the broadcast that is running (its job's id is -1). */
+  private broadcastAbort: AbortController | null = null;
 
   constructor(private readonly host: CommandHost) {
     this.editor = new LineEditor(host.history);
@@ -100,6 +105,12 @@ export class CommandMode {
    * no place in the new mode), and keys kept for later are dropped.
    */
   leave(): void {
+    this.broadcastAbort?.abort();
+    this.broadcastAbort = null;
+    if (this.running && this.running.id < 0) {
+      this.running = null;
+      this.host.runningChanged(false);
+    }
     if (this.running) {
       this.host.send({ type: 'close', id: this.running.id });
       this.host.flows.close(this.running.id);
@@ -129,8 +140,8 @@ export class CommandMode {
   }
 
   /** The selected agent changed: show it in the prompt; the half-typed line is kept. */
-  agentChanged(name: string): void {
-    if (this.atPrompt && this.promptAgent !== name) {
+  agentChanged(_name: string): void {
+    if (this.atPrompt && this.promptAgent !== this.promptKey()) {
       this.out(this.editor.toEnd() + '\r\n');
       this.redraw();
     }
@@ -144,19 +155,29 @@ export class CommandMode {
   // ------------------------------------------------------------ prompt and line
 
   private promptString(): string {
+    const target = this.host.target();
+    if (target !== null) {
+      return YELLOW + '[' + clean(target).replace(/\r\n/g, ' ') + ']' + RESET + ' ' + BOLD_BLUE + '$' + RESET + ' ';
+    }
     const agent = clean(this.host.agent()).replace(/\r\n/g, ' ');
     return (agent ? BOLD_GREEN + agent + RESET + ' ' : '') + BOLD_BLUE + '$' + RESET + ' ';
   }
 
   private showPrompt(): void {
     this.editor.reset();
-    this.promptAgent = this.host.agent();
+    this.promptAgent = this.promptKey();
     this.atPrompt = true;
     this.out(this.host.screen.newlineIfNeeded() + this.promptString());
   }
 
+  /** What the prompt names: the agent, or the broadcast's selector. */
+  private promptKey(): string {
+    const target = this.host.target();
+    return target !== null ? '[' + target + ']' : this.host.agent();
+  }
+
   private redraw(): void {
-    this.promptAgent = this.host.agent();
+    this.promptAgent = this.promptKey();
     this.out(this.editor.redraw(this.promptString()));
   }
 
@@ -318,6 +339,12 @@ export class CommandMode {
 
   private stdinInput(data: string): void {
     const job = this.running!;
+    if (job.id < 0) {
+      // A broadcast has no standard input (each host's is closed): only
+      // Ctrl-C means something, and it stops every host.
+      if (data.includes('\x03')) this.interrupt(job);
+      return;
+    }
     let text = '';
     const flush = (): void => {
       if (text) this.stdinInsert(job, text);
@@ -409,6 +436,11 @@ export class CommandMode {
   // ------------------------------------------------------------ running commands
 
   private run(cmd: string): void {
+    const target = this.host.target();
+    if (target !== null) {
+      this.runBroadcast(target, cmd);
+      return;
+    }
     if (!this.host.isReady()) {
       this.out(RED + 'conch: not connected — the command was not run' + RESET + '\r\n');
       this.showPrompt();
@@ -420,9 +452,68 @@ export class CommandMode {
     this.host.runningChanged(true);
   }
 
+  /** Runs `cmd` on every agent `target` matches, printing each host's output as it ends. */
+  private runBroadcast(target: string, cmd: string): void {
+    const job = new Job(-1);
+    job.started = true;
+    this.running = job;
+    this.host.runningChanged(true);
+    const abort = new AbortController();
+    this.broadcastAbort = abort;
+    this.out(GREY + 'running on every agent matching ' + clean(target) + '…' + RESET + '\r\n');
+    const live = (): boolean => this.running === job && !abort.signal.aborted;
+    void broadcast(target, wellFormed(cmd), {
+      host: (name: string, output: HostOutput, last: FanoutLine) => {
+        if (!live()) return;
+        let text = BOLD_GREEN + '── ' + clean(name) + RESET + '\r\n';
+        let red = false;
+        for (const piece of output.pieces) {
+          if (piece.stderr !== red) {
+            text += piece.stderr ? RED : RESET;
+            red = piece.stderr;
+          }
+          text += piece.text.replace(/\r?\n/g, '\r\n');
+        }
+        if (red) text += RESET;
+        if (text.length && !text.endsWith('\n')) text += '\r\n';
+        if (output.truncated) text += YELLOW + '[output cut at 64 KiB a stream]' + RESET + '\r\n';
+        text += typeof last.error === 'string'
+          ? RED + '[' + (last.status === 'unreachable' ? 'unreachable' : 'failed') + ': ' + clean(last.error) + ']' + RESET
+          : exitSummary({ code: last.exit_code ?? null, signal: last.signal ?? null, timed_out: !!last.timed_out, duration_ms: last.duration_ms ?? 0 });
+        this.out(text + '\r\n');
+      },
+      summary: (s) => {
+        if (!live()) return;
+        const colour = s.failed || s.unreachable ? (s.unreachable ? RED : YELLOW) : GREEN;
+        this.finishBroadcast(job, colour + '[' + s.total + ' hosts: ' + s.ok + ' ok, ' + s.failed + ' failed, ' +
+          s.unreachable + ' unreachable]' + RESET);
+      },
+      failed: (message: string) => {
+        if (!live()) return;
+        this.finishBroadcast(job, RED + 'conch: ' + clean(message) + RESET);
+      },
+    }, abort.signal);
+  }
+
+  private finishBroadcast(job: Job, summary: string): void {
+    if (this.running !== job) return;
+    this.broadcastAbort = null;
+    this.running = null;
+    this.host.runningChanged(false);
+    this.out(this.host.screen.newlineIfNeeded() + summary + '\r\n');
+    this.showPrompt();
+    this.drainTypeahead();
+  }
+
   // Ctrl-C while a command runs: the first sends SIGINT; if the command
   // ignores it, the next one kills it for good so the console never hangs.
   private interrupt(job: Job): void {
+    if (job.id < 0) {
+      // A broadcast: stop the request; the server kills every host's command.
+      this.broadcastAbort?.abort();
+      this.finishBroadcast(job, this.host.screen.newlineIfNeeded() + '^C ' + GREY + '[stopped on every host]' + RESET);
+      return;
+    }
     job.interrupts += 1;
     this.typeahead = '';
     job.input = []; // like a terminal, ^C discards the unsent line
@@ -490,7 +581,7 @@ export class CommandMode {
 
   /** The socket closed: whatever ran on its server side is gone. */
   connectionLost(): void {
-    if (this.running) {
+    if (this.running && this.running.id >= 0) {
       this.finish(this.running.id, RED + 'conch: connection lost — the command\'s fate is unknown' + RESET);
     }
   }

@@ -20,6 +20,7 @@ import { buildHelp, HELP, isLeaveTerminalKey } from './help';
 import { History, historyKey } from './history';
 import type { ClientMessage, ErrorMessage, ExitMessage, OutputFrame } from './protocol';
 import { Screen } from './screen';
+import { parseSelector } from './selector';
 import { ShellMode } from './shellMode';
 import { screenReaderSetting, screenReaderWanted } from './settings';
 import { computeStatus, renderStatus } from './status';
@@ -39,6 +40,8 @@ function main(): void {
   const el = {
     terminal: byId<HTMLDivElement>('terminal'),
     agent: byId<HTMLSelectElement>('agent'),
+    agentFilter: byId<HTMLInputElement>('agent-filter'),
+    broadcast: byId<HTMLButtonElement>('broadcast'),
     modeCommand: byId<HTMLButtonElement>('mode-command'),
     modeShell: byId<HTMLButtonElement>('mode-shell'),
     status: byId<HTMLElement>('status'),
@@ -139,10 +142,19 @@ function main(): void {
     }
   });
   const agent = (): string => agents.name;
+  // Broadcast: command lines go to every agent the filter matches (all of
+  // them when the filter is empty). A filter that is not a selector is
+  // still sent, so that the server refuses it with its reason: a line
+  // meant for many hosts never quietly runs on one.
+  let broadcasting = false;
+  const target = (): string | null => {
+    if (!broadcasting) return null;
+    return el.agentFilter.value.trim() || '*';
+  };
 
   const history = new History(store, historyKey(document.body.dataset['user'] || ''));
   const command = new CommandMode({
-    screen, flows, history, send, agent,
+    screen, flows, history, send, agent, target,
     isReady: () => connection.isReady(),
     runningChanged: (running) => activity.set(running),
   });
@@ -184,6 +196,11 @@ function main(): void {
       note(RED + 'conch: not connected — cannot start a shell' + RESET);
       term.focus();
       return;
+    }
+    // A shell lives on one agent: no broadcast there.
+    if (next === 'shell' && broadcasting) {
+      broadcasting = false;
+      renderBroadcast();
     }
     // Whatever runs in the old mode is closed: its output has no place in
     // the new one.
@@ -335,6 +352,30 @@ function main(): void {
     agents.choose(el.agent.value, true);
     term.focus();
   });
+  el.agentFilter.addEventListener('input', () => {
+    agents.setFilter(el.agentFilter.value);
+    renderBroadcast();
+  });
+  el.agentFilter.addEventListener('keydown', (e) => {
+    if (e.key === 'Enter') term.focus();
+  });
+  el.broadcast.addEventListener('click', () => {
+    broadcasting = !broadcasting;
+    if (broadcasting && mode !== 'command') setMode('command');
+    renderBroadcast();
+    term.focus();
+  });
+
+  function renderBroadcast(): void {
+    el.broadcast.setAttribute('aria-pressed', String(broadcasting));
+    el.broadcast.classList.toggle('is-active', broadcasting);
+    const n = agents.matching().length;
+    const text = el.agentFilter.value.trim();
+    el.broadcast.title = text && !parseSelector(text)
+      ? 'The filter is not a selector (web-*, role=web,env!=staging): the server will refuse it'
+      : 'Run each command line on every agent the filter matches (' + n + ' now)';
+    if (mode === 'command') command.agentChanged(agents.name);
+  }
 
   // Runs before the form is submitted (and the session ended): the next
   // person at this browser must not find these command lines under ↑.

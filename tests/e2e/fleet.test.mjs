@@ -1,0 +1,98 @@
+// The console with a fleet: two agents that dial in to a real server, the
+// host picker (status and OS shown, filtered by a selector) and a command
+// line broadcast to every agent the filter matches, its output grouped by
+// host with each host's exit code and a summary. Same harness as
+// console.test.mjs; the agents are real `conch agent --connect` processes.
+
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn, spawnSync } from 'node:child_process';
+import { mkdtempSync, writeFileSync, rmSync } from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import {
+  CONCH_BIN, startServer, stopServer, launchBrowser, openConsole, waitInPage, run,
+} from './harness.mjs';
+
+let server = null;
+let browser = null;
+const agents = [];
+const dir = mkdtempSync(path.join(os.tmpdir(), 'conch-e2e-fleet-'));
+
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const probe = net.createServer();
+    probe.once('error', reject);
+    probe.listen(0, '127.0.0.1', () => {
+      const { port } = probe.address();
+      probe.close(() => resolve(port));
+    });
+  });
+}
+
+before(async () => {
+  const listen = `127.0.0.1:${await freePort()}`;
+  let file = '';
+  for (const [name, role] of [['web-1', 'web'], ['db-1', 'db']]) {
+    const key = path.join(dir, `${name}.key`);
+    const made = spawnSync(CONCH_BIN, ['keygen', key]);
+    assert.equal(made.status, 0, String(made.stderr));
+    file += `[[agents]]\nname = "${name}"\nkey_file = "${key}"\nlabels = { role = "${role}" }\n`;
+  }
+  writeFileSync(path.join(dir, 'agents.toml'), file);
+  server = await startServer({ args: ['--agents-file', path.join(dir, 'agents.toml'), '--agent-listen', listen] });
+  for (const name of ['web-1', 'db-1']) {
+    const child = spawn(CONCH_BIN, ['agent', '--connect', listen, '--name', name, '--key-file', path.join(dir, `${name}.key`)], {
+      stdio: 'ignore',
+      env: { ...process.env, CONCH_LOG: 'warn' },
+    });
+    process.once('exit', () => child.kill('SIGKILL'));
+    agents.push(child);
+  }
+  browser = await launchBrowser();
+});
+
+after(async () => {
+  if (browser) await browser.close().catch(() => {});
+  for (const a of agents) await stopServer(a);
+  if (server) await stopServer(server.child);
+  rmSync(dir, { recursive: true, force: true });
+});
+
+test('the host picker shows and filters the fleet, and a line runs on every matching host', { timeout: 120_000 }, async () => {
+  const { context, page, problems } = await openConsole(browser, server);
+  try {
+    // Both agents, online, each with the OS its agent reported.
+    await waitInPage(page, () => {
+      const options = Array.from(document.querySelectorAll('#agent option'), (o) => o.textContent);
+      return options.length === 2 && options.every((t) => t.includes(' · '));
+    }, null, 'waiting for both agents with their OS in the picker');
+
+    // A selector narrows the picker.
+    await page.locator('#agent-filter').fill('role=web');
+    await waitInPage(page, () => {
+      const options = Array.from(document.querySelectorAll('#agent option'), (o) => o.value);
+      return options.length === 1 && options[0] === 'web-1';
+    }, null, 'waiting for the filter to leave web-1 alone');
+
+    // Broadcast to every agent: each host's block, its exit code, the summary.
+    await page.locator('#agent-filter').fill('');
+    await page.locator('#broadcast').click();
+    assert.equal(await page.locator('#broadcast').getAttribute('aria-pressed'), 'true');
+    await run(page, 'echo hi-$((40+2)); exit 3', [{ includes: '2 hosts: 0 ok, 2 failed, 0 unreachable' }]);
+    const rows = await page.evaluate(() => Array.from(
+      document.querySelectorAll('#terminal .xterm-rows > div'), (r) => r.textContent.replace(/\u00a0/g, ' ').trimEnd()));
+    for (const host of ['web-1', 'db-1']) {
+      const at = rows.findIndex((r) => r === `── ${host}`);
+      assert.ok(at >= 0, `a block for ${host}:\n${rows.join('\n')}`);
+      assert.equal(rows[at + 1], 'hi-42', rows.join('\n'));
+      assert.ok(rows[at + 2].includes('exit 3'), rows.join('\n'));
+    }
+    // The prompt names the target while broadcasting.
+    assert.ok(rows.some((r) => r.startsWith('[*] $')), rows.join('\n'));
+    assert.deepEqual(problems, []);
+  } finally {
+    await context.close();
+  }
+});
