@@ -838,15 +838,24 @@ async fn a_streamed_fan_out_ends_its_commands_when_the_client_goes() {
     let file = agents_file(dir.path(), &entries);
     let server = start_server(&["--agents-file", &file], &[]);
     server.wait_ready().await;
-    // One host at a time; the first prints its pid and then keeps quiet.
+    // One host at a time; each leaves a marker, prints its pid and then
+    // keeps quiet.
+    let marks = tempfile::tempdir().unwrap();
+    let cmd = format!(
+        "touch {}/started.$PPID; echo $$; exec sleep 60",
+        marks.path().display()
+    );
     let mut lines = Box::pin(
         stream_lines(
             &server,
-            json!({"command": "echo $$; exec sleep 60", "target": "*", "concurrency": 1}),
+            json!({"command": cmd, "target": "*", "concurrency": 1}),
         )
         .await,
     );
-    let first = lines.next().await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(30), lines.next())
+        .await
+        .expect("the first host's line")
+        .unwrap();
     let pid: i32 = first["data"].as_str().unwrap().trim().parse().unwrap();
     assert!(common::alive(pid));
     drop(lines);
@@ -854,4 +863,7 @@ async fn a_streamed_fan_out_ends_its_commands_when_the_client_goes() {
         common::wait_gone(pid).await,
         "the quiet command outlived its client"
     );
+    // The host that waited its turn never started.
+    let started = std::fs::read_dir(marks.path()).unwrap().count();
+    assert_eq!(started, 1, "a host started after its client had gone");
 }

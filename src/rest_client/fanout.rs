@@ -164,8 +164,9 @@ pub(super) async fn print(
 
 /// Prints the summary on stderr; the exit status it means.
 fn finish(summary: &Summary, failed: &[String], unreachable: &[String]) -> u8 {
+    let hosts = if summary.total == 1 { "host" } else { "hosts" };
     let mut text = format!(
-        "conch: {} hosts: {} ok, {} failed, {} unreachable",
+        "conch: {} {hosts}: {} ok, {} failed, {} unreachable",
         summary.total, summary.ok, summary.failed, summary.unreachable
     );
     if !failed.is_empty() {

@@ -104,17 +104,31 @@ async fn handshake(
         handshake::refuse(&mut framed, hello, &connector, why).await;
         return Err(DialInError::Refused(why.into()));
     };
+    // An unknown name, or a known one whose transport differs from what
+    // the agent offers, fails at the MAC like a wrong key, at the same step.
+    let offered = if hello.tls {
+        Security::Tls
+    } else {
+        Security::Plaintext
+    };
     let (claim, unknown) = match registry.dial_in_key(&name) {
-        Ok(claim) => (claim, None),
-        Err(e) => (super::agents::Claim::throwaway(), Some(e)),
+        Ok(claim) if claim.security == offered => (claim, None),
+        Ok(_) => (
+            super::agents::Claim::throwaway(offered),
+            Some("the agent's transport (TLS or plaintext) is not its entry's".to_owned()),
+        ),
+        Err(e) => (
+            super::agents::Claim::throwaway(offered),
+            Some(e.to_string()),
+        ),
     };
     let tls = match claim.security {
         Security::Tls => Some(&connector),
         Security::Plaintext => None,
     };
     let offered = handshake::finish_offer(&mut framed, hello, &claim.key, tls).await;
-    if let Some(e) = unknown {
-        return Err(DialInError::Refused(e.to_string()));
+    if let Some(why) = unknown {
+        return Err(DialInError::Refused(why));
     }
     let info = offered?;
     *framed.codec_mut() = FrameCodec::new();

@@ -120,10 +120,10 @@ pub(crate) struct Claim {
 impl Claim {
     /// A claim no agent can prove (for names that are not agents that
     /// dial in), so that they fail as a wrong key does.
-    pub(crate) fn throwaway() -> Claim {
+    pub(crate) fn throwaway(security: Security) -> Claim {
         Claim {
             key: Key::generate(),
-            security: Security::Tls,
+            security,
             stop: CancellationToken::new(),
         }
     }

@@ -358,7 +358,8 @@ pub enum OfferError {
 #[derive(Debug)]
 pub(crate) struct Hello {
     nonce: String,
-    tls: bool,
+    /// Whether the agent offers TLS (else it runs `--insecure-plaintext`).
+    pub(crate) tls: bool,
     /// The name the agent claims; unproved until its `ready`.
     pub(crate) name: Option<String>,
 }

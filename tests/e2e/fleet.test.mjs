@@ -66,7 +66,7 @@ test('the host picker shows and filters the fleet, and a line runs on every matc
     // Both agents, online, each with the OS its agent reported.
     await waitInPage(page, () => {
       const options = Array.from(document.querySelectorAll('#agent option'), (o) => o.textContent);
-      return options.length === 2 && options.every((t) => t.includes(' · '));
+      return options.length === 2 && options.every((t) => t.startsWith('online · ') && t.split(' · ').length === 3);
     }, null, 'waiting for both agents with their OS in the picker');
 
     // A selector narrows the picker.
@@ -91,6 +91,35 @@ test('the host picker shows and filters the fleet, and a line runs on every matc
     }
     // The prompt names the target while broadcasting.
     assert.ok(rows.some((r) => r.startsWith('[*] $')), rows.join('\n'));
+
+    // A selector in the filter is the target: only web-1 runs it.
+    await page.locator('#agent-filter').fill('role=web');
+    await page.locator('#terminal').click();
+    await run(page, 'echo only-$((1+1))', [{ exact: '── web-1' }, { exact: 'only-2' }, { includes: '[1 host: 1 ok, 0 failed, 0 unreachable]' }]);
+
+    // A filter that is not a selector is refused by the server; nothing runs anywhere.
+    await page.locator('#agent-filter').fill('web 1');
+    await page.locator('#terminal').click();
+    await run(page, 'echo never-$((1+1))', [{ includes: 'conch: "target"' }]);
+
+    // Ctrl-C stops a broadcast on every host, and the rest of a paste does not run.
+    await page.locator('#agent-filter').fill('');
+    await page.locator('#terminal').click();
+    // A clipboard paste of two lines, as robustness.test.mjs makes one.
+    await page.evaluate((text) => {
+      const ta = document.querySelector('#terminal textarea');
+      const dt = new DataTransfer();
+      dt.setData('text/plain', text);
+      ta.dispatchEvent(new ClipboardEvent('paste', { clipboardData: dt, bubbles: true, cancelable: true }));
+    }, 'sleep 30\necho second-$((1+1))\n');
+    await waitInPage(page, () => Array.from(document.querySelectorAll('#terminal .xterm-rows > div'),
+      (r) => r.textContent.replace(/\u00a0/g, ' ')).some((t) => t.trimEnd().endsWith('$ sleep 30')), null, 'the first pasted line');
+    await page.keyboard.press('Control+C');
+    await run(page, 'echo third-$((1+2))', [{ includes: '[2 hosts: 2 ok' }]);
+    const after = await page.evaluate(() => Array.from(
+      document.querySelectorAll('#terminal .xterm-rows > div'), (r) => r.textContent.replace(/\u00a0/g, ' ').trimEnd()));
+    assert.ok(after.some((r) => r.includes('[stopped on every host]')), after.join('\n'));
+    assert.ok(!after.some((r) => r === 'second-2'), `the rest of the paste ran:\n${after.join('\n')}`);
     assert.deepEqual(problems, []);
   } finally {
     await context.close();

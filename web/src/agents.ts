@@ -108,7 +108,11 @@ export class Agents {
     for (const a of shown) {
       const opt = document.createElement('option');
       opt.value = a.name;
-      opt.textContent = a.name + (a.connected ? (a.os ? ' · ' + a.os : '') : ' (offline)');
+      // The state first, from the server; the OS last, in the agent's own
+      // words (format and control characters removed), so that no OS text
+      // can pass for a state.
+      const os = a.os.replace(/[\p{Cc}\p{Cf}]/gu, '');
+      opt.textContent = (a.connected ? 'online · ' : 'offline · ') + a.name + (a.connected && os ? ' · ' + os : '');
       opt.title = Object.entries(a.labels).map(([k, v]) => k + '=' + v).join(', ');
       options.appendChild(opt);
     }

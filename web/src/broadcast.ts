@@ -80,11 +80,62 @@ export interface BroadcastSink {
   failed(message: string): void;
 }
 
+/**
+ * A host's output made safe to print among other hosts' blocks: text, new
+ * lines, tabs and colours (SGR) only. Cursor movement, erasing and every
+ * other control would let one host rewrite another host's block (turn its
+ * `[exit 1]` into `[exit 0]`), so they are dropped.
+ */
+export function printable(text: string): string {
+  let out = '';
+  let i = 0;
+  while (i < text.length) {
+    const ch = text[i]!;
+    const code = ch.charCodeAt(0);
+    if (ch === '\x1b' && text[i + 1] === '[') {
+      // CSI: parameters and intermediates, then a final byte; kept only
+      // when it sets colours (final `m`) and is of a sane length.
+      let j = i + 2;
+      while (j < text.length && j - i < 64 && /[0-9;:<=>?!"#$%&'()*+,\-./ ]/.test(text[j]!)) j++;
+      const seq = text.slice(i, j + 1);
+      if (text[j] === 'm' && /^\x1b\[[0-9;:]*m$/.test(seq)) out += seq;
+      i = j + 1;
+      continue;
+    }
+    if (ch === '\x1b' && text[i + 1] === ']') {
+      // OSC (a title, a link): up to BEL or ST, dropped.
+      let j = i + 2;
+      while (j < text.length && text[j] !== '\x07' && !(text[j] === '\x1b' && text[j + 1] === '\\')) j++;
+      i = text[j] === '\x1b' ? j + 2 : j + 1;
+      continue;
+    }
+    if (ch === '\x1b') {
+      i += 2; // any other escape: it and its one character go
+      continue;
+    }
+    if (ch === '\n' || ch === '\t' || !(code < 0x20 || code === 0x7f || (code >= 0x80 && code < 0xa0))) {
+      out += ch;
+    }
+    i += 1;
+  }
+  return out;
+}
+
+/** "1 host" or "N hosts". */
+export function hosts(n: number): string {
+  return n + (n === 1 ? ' host' : ' hosts');
+}
+
 /** Collects hosts' lines and hands each host to the sink when it ends. */
 export class Grouper {
   private readonly hosts = new Map<string, HostOutput>();
 
   constructor(private readonly sink: BroadcastSink) {}
+
+  /** Hosts that have begun and not ended, with their output so far. */
+  pending(): [string, HostOutput][] {
+    return Array.from(this.hosts.entries());
+  }
 
   /** Returns true once the summary has come. */
   line(line: FanoutLine): boolean {
@@ -111,13 +162,15 @@ export class Grouper {
 }
 
 /**
- * Runs `cmd` on the agents `target` matches; resolves when the run is over
- * (or `signal` aborts it, which makes the server kill every host's command).
+ * Runs `cmd` on the agents `target` matches, feeding `grouper` (made on
+ * `sink`); resolves when the run is over (or `signal` aborts it, which
+ * makes the server kill every host's command).
  */
 export async function broadcast(
   target: string,
   cmd: string,
   sink: BroadcastSink,
+  grouper: Grouper,
   signal: AbortSignal,
 ): Promise<void> {
   let response: Response;
@@ -144,7 +197,6 @@ export async function broadcast(
     sink.failed(detail || ('HTTP ' + response.status));
     return;
   }
-  const grouper = new Grouper(sink);
   const lines = new NdjsonLines();
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   try {

@@ -7,7 +7,9 @@ import {
   back, BOLD_BLUE, BOLD_GREEN, CLEAR_SCREEN, ERASE_BELOW, ERASE_RIGHT, GREEN, GREY, RED,
   RESET, REVERSE_WRAP_ON, YELLOW,
 } from './ansi';
-import { broadcast, type FanoutLine, type HostOutput } from './broadcast';
+import {
+  broadcast, Grouper, hosts, printable, type BroadcastSink, type FanoutLine, type HostOutput,
+} from './broadcast';
 import type { Flows } from './flow';
 import { escapeAction, escapeAt, stripPasteMarkers, type EditAction } from './keys';
 import { LineEditor } from './lineEditor';
@@ -66,6 +68,37 @@ export function exitSummary(msg: Partial<ExitStatus>): string {
   return colour + '[' + what + (d ? ' · ' + d : '') + ']' + RESET;
 }
 
+/** A host's block in a broadcast: its name, then its output (made printable, colours reset after). */
+function hostBlock(name: string, output: HostOutput): string {
+  let text = BOLD_GREEN + '── ' + clean(name) + RESET + '\r\n';
+  let red = false;
+  let body = '';
+  for (const piece of output.pieces) {
+    if (piece.stderr !== red) {
+      body += piece.stderr ? RED : RESET;
+      red = piece.stderr;
+    }
+    body += printable(piece.text).replace(/\n/g, '\r\n');
+  }
+  text += body + RESET;
+  if (body && !body.endsWith('\n')) text += '\r\n';
+  if (output.truncated) text += YELLOW + '[output cut at 64 KiB a stream]' + RESET + '\r\n';
+  return text;
+}
+
+/** How a host's command ended: its exit summary, or why there is none. */
+function hostEnd(last: FanoutLine): string {
+  if (typeof last.error === 'string') {
+    return RED + '[' + (last.status === 'unreachable' ? 'unreachable' : 'failed') + ': ' + clean(last.error) + ']' + RESET;
+  }
+  return exitSummary({
+    code: last.exit_code ?? null,
+    signal: last.signal ?? null,
+    timed_out: !!last.timed_out,
+    duration_ms: last.duration_ms ?? 0,
+  });
+}
+
 function tooLongText(cmd: string): string {
   return RED + 'conch: this command line is ' + groupDigits(utf8Length(cmd)) +
     ' bytes; the console accepts at most ' + groupDigits(MAX_MESSAGE) +
@@ -83,6 +116,8 @@ export class CommandMode {
   private typeahead = '';
   /** Stops the broadcast that is running (its job's id is -1). */
   private broadcastAbort: AbortController | null = null;
+  /** The running broadcast's hosts still under way. */
+  private broadcastGrouper: Grouper | null = null;
 
   constructor(private readonly host: CommandHost) {
     this.editor = new LineEditor(host.history);
@@ -107,6 +142,7 @@ export class CommandMode {
   leave(): void {
     this.broadcastAbort?.abort();
     this.broadcastAbort = null;
+    this.broadcastGrouper = null;
     if (this.running && this.running.id < 0) {
       this.running = null;
       this.host.runningChanged(false);
@@ -462,42 +498,41 @@ export class CommandMode {
     this.broadcastAbort = abort;
     this.out(GREY + 'running on every agent matching ' + clean(target) + '…' + RESET + '\r\n');
     const live = (): boolean => this.running === job && !abort.signal.aborted;
-    void broadcast(target, wellFormed(cmd), {
+    const sink: BroadcastSink = {
       host: (name: string, output: HostOutput, last: FanoutLine) => {
         if (!live()) return;
-        let text = BOLD_GREEN + '── ' + clean(name) + RESET + '\r\n';
-        let red = false;
-        for (const piece of output.pieces) {
-          if (piece.stderr !== red) {
-            text += piece.stderr ? RED : RESET;
-            red = piece.stderr;
-          }
-          text += piece.text.replace(/\r?\n/g, '\r\n');
-        }
-        if (red) text += RESET;
-        if (text.length && !text.endsWith('\n')) text += '\r\n';
-        if (output.truncated) text += YELLOW + '[output cut at 64 KiB a stream]' + RESET + '\r\n';
-        text += typeof last.error === 'string'
-          ? RED + '[' + (last.status === 'unreachable' ? 'unreachable' : 'failed') + ': ' + clean(last.error) + ']' + RESET
-          : exitSummary({ code: last.exit_code ?? null, signal: last.signal ?? null, timed_out: !!last.timed_out, duration_ms: last.duration_ms ?? 0 });
-        this.out(text + '\r\n');
+        this.out(hostBlock(name, output) + hostEnd(last) + '\r\n');
       },
       summary: (s) => {
         if (!live()) return;
         const colour = s.failed || s.unreachable ? (s.unreachable ? RED : YELLOW) : GREEN;
-        this.finishBroadcast(job, colour + '[' + s.total + ' hosts: ' + s.ok + ' ok, ' + s.failed + ' failed, ' +
+        this.finishBroadcast(job, colour + '[' + hosts(s.total) + ': ' + s.ok + ' ok, ' + s.failed + ' failed, ' +
           s.unreachable + ' unreachable]' + RESET);
       },
       failed: (message: string) => {
         if (!live()) return;
+        // The rest of a paste would go the same way: dropped.
+        this.typeahead = '';
+        this.printUnfinished(grouper);
         this.finishBroadcast(job, RED + 'conch: ' + clean(message) + RESET);
       },
-    }, abort.signal);
+    };
+    const grouper = new Grouper(sink);
+    this.broadcastGrouper = grouper;
+    void broadcast(target, wellFormed(cmd), sink, grouper, abort.signal);
+  }
+
+  /** Hosts that had begun when a broadcast was cut off: what they printed, and that their end is unknown. */
+  private printUnfinished(grouper: Grouper): void {
+    for (const [name, output] of grouper.pending()) {
+      this.out(hostBlock(name, output) + GREY + '[cut off: its command was stopped, its end is unknown]' + RESET + '\r\n');
+    }
   }
 
   private finishBroadcast(job: Job, summary: string): void {
     if (this.running !== job) return;
     this.broadcastAbort = null;
+    this.broadcastGrouper = null;
     this.running = null;
     this.host.runningChanged(false);
     this.out(this.host.screen.newlineIfNeeded() + summary + '\r\n');
@@ -509,9 +544,13 @@ export class CommandMode {
   // ignores it, the next one kills it for good so the console never hangs.
   private interrupt(job: Job): void {
     if (job.id < 0) {
-      // A broadcast: stop the request; the server kills every host's command.
+      // A broadcast: stop the request; the server kills every host's
+      // command. Nothing kept from a paste runs after it.
+      this.typeahead = '';
       this.broadcastAbort?.abort();
-      this.finishBroadcast(job, this.host.screen.newlineIfNeeded() + '^C ' + GREY + '[stopped on every host]' + RESET);
+      this.out('^C\r\n');
+      if (this.broadcastGrouper) this.printUnfinished(this.broadcastGrouper);
+      this.finishBroadcast(job, GREY + '[stopped on every host]' + RESET);
       return;
     }
     job.interrupts += 1;

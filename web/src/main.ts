@@ -353,6 +353,9 @@ function main(): void {
     term.focus();
   });
   el.agentFilter.addEventListener('input', () => {
+    // Lines kept from a paste were meant for the hosts chosen when they
+    // were pasted: a new choice drops them.
+    command.dropTypeahead();
     agents.setFilter(el.agentFilter.value);
     renderBroadcast();
   });
@@ -360,6 +363,7 @@ function main(): void {
     if (e.key === 'Enter') term.focus();
   });
   el.broadcast.addEventListener('click', () => {
+    command.dropTypeahead();
     broadcasting = !broadcasting;
     if (broadcasting && mode !== 'command') setMode('command');
     renderBroadcast();

@@ -1,7 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { matches, parseSelector, wildcard } from '../src/selector';
-import { Grouper, NdjsonLines, lineText, type FanoutLine, type HostOutput } from '../src/broadcast';
+import { Grouper, NdjsonLines, hosts, lineText, printable, type FanoutLine, type HostOutput } from '../src/broadcast';
 
 test('selectors read as the server reads them', () => {
   const web = { role: 'web', env: 'prod' };
@@ -48,4 +48,17 @@ test('a fan-out is split into lines across chunks and grouped by host', () => {
   assert.equal(grouper.line({ summary: { total: 2, ok: 0, failed: 1, unreachable: 1 } }), true);
   assert.deepEqual(ended.map((e) => e[0]), ['a', 'b']);
   assert.deepEqual(summary, { total: 2, ok: 0, failed: 1, unreachable: 1 });
+});
+
+test("one host's output cannot rewrite another's block", () => {
+  // Colours stay; cursor movement, erasing, titles and bare CRs go.
+  assert.equal(printable('\x1b[31mred\x1b[0m ok\tx\n'), '\x1b[31mred\x1b[0m ok\tx\n');
+  assert.equal(printable('a\x1b[2A\x1b[2Kb\rc\x1b]0;title\x07d\x9be\x1b]8;;http://x\x1b\\f\x1bMg'), 'abcdefg');
+  const out = printable('x\x1b[1A\x1b[2K[exit 0]');
+  assert.ok(!out.includes('\x1b[1A') && !out.includes('\x1b[2K'), JSON.stringify(out));
+  assert.equal(hosts(1), '1 host');
+  assert.equal(hosts(3), '3 hosts');
+  const pending = new Grouper({ host: () => {}, summary: () => {}, failed: () => {} });
+  pending.line({ agent: 'a', stream: 'stdout', data: 'partial' });
+  assert.deepEqual(pending.pending().map(([n, o]) => [n, o.pieces.length]), [['a', 1]]);
 });
