@@ -98,6 +98,28 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Processes whose parent is `pid` (an agent's commands).
+fn children_of(pid: u32) -> usize {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    dir.filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("status")).is_ok_and(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("PPid:"))
+                    .is_some_and(|p| p.trim() == pid.to_string())
+            })
+        })
+        .count()
+}
+
 fn raise_fd_limit() -> u64 {
     // SAFETY: plain getrlimit/setrlimit on this process; children inherit it.
     unsafe {
@@ -659,8 +681,14 @@ async fn concurrency(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, b
                 p99 < 50.0,
             ));
         }
-        // Let the agent reap the shells before the next round.
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        // The next round starts once the agent has reaped this round's
+        // shells (bounded): a shell the agent still holds keeps its channel,
+        // and a round that starts early is refused `too_many_channels`.
+        let agent_pid = s.agent.proc.child.id();
+        let reaped = Instant::now();
+        while children_of(agent_pid) > 0 && reaped.elapsed() < Duration::from_secs(60) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
     out.push_str("\nRSS per session is the growth of resident memory with all sessions open, divided by their number.\n\n");
     verdicts
