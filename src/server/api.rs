@@ -985,6 +985,10 @@ pub(crate) struct TokenInfo {
     role: Role,
     /// When it was created, in seconds since the Unix epoch.
     created: u64,
+    /// The selector of the only agents it may use, if it is limited.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    agents: Option<String>,
 }
 
 /// `GET /api/v1/tokens`'s answer.
@@ -1025,6 +1029,7 @@ pub(crate) async fn list_tokens(
             name: t.name,
             role: t.role,
             created: t.created,
+            agents: t.agents,
         })
         .collect();
     Ok(Json(TokenList { tokens }))

@@ -219,7 +219,10 @@ impl TokenStore {
         Ok(self
             .list()?
             .iter()
-            .map(|t| format!("{}\t{}\n", t.name, t.role.as_str()))
+            .map(|t| match &t.agents {
+                Some(agents) => format!("{}\t{}\tagents={agents}\n", t.name, t.role.as_str()),
+                None => format!("{}\t{}\n", t.name, t.role.as_str()),
+            })
             .collect())
     }
 

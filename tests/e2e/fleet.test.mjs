@@ -70,6 +70,7 @@ test('the host picker shows and filters the fleet, and a line runs on every matc
     }, null, 'waiting for both agents with their OS in the picker');
 
     // A selector narrows the picker.
+    await page.selectOption('#agent', 'web-1');
     await page.locator('#agent-filter').fill('role=web');
     await waitInPage(page, () => {
       const options = Array.from(document.querySelectorAll('#agent option'), (o) => o.value);
@@ -96,11 +97,17 @@ test('the host picker shows and filters the fleet, and a line runs on every matc
     await page.locator('#agent-filter').fill('role=web');
     await page.locator('#terminal').click();
     await run(page, 'echo only-$((1+1))', [{ exact: '── web-1' }, { exact: 'only-2' }, { includes: '[1 host: 1 ok, 0 failed, 0 unreachable]' }]);
+    // A plain piece of a name stands for every name holding it, in the
+    // picker and in a broadcast alike.
+    await page.locator('#agent-filter').fill('db');
+    await page.locator('#terminal').click();
+    await run(page, 'echo piece-$((1+1))', [{ exact: '── db-1' }, { exact: 'piece-2' }, { includes: '[1 host: 1 ok' }]);
 
     // A filter that is not a selector is refused by the server; nothing runs anywhere.
     await page.locator('#agent-filter').fill('web 1');
     await page.locator('#terminal').click();
     await run(page, 'echo never-$((1+1))', [{ includes: 'conch: "target"' }]);
+    assert.equal(await page.locator('#agent option').count(), 1, 'a filter that is not a selector leaves only the agent in use');
 
     // Ctrl-C stops a broadcast on every host, and the rest of a paste does not run.
     await page.locator('#agent-filter').fill('');
@@ -120,6 +127,24 @@ test('the host picker shows and filters the fleet, and a line runs on every matc
       document.querySelectorAll('#terminal .xterm-rows > div'), (r) => r.textContent.replace(/\u00a0/g, ' ').trimEnd()));
     assert.ok(after.some((r) => r.includes('[stopped on every host]')), after.join('\n'));
     assert.ok(!after.some((r) => r === 'second-2'), `the rest of the paste ran:\n${after.join('\n')}`);
+
+    // Tabs: each bound to its own host, side by side on one socket.
+    await page.locator('#broadcast').click();
+    assert.equal(await page.locator('#broadcast').getAttribute('aria-pressed'), 'false');
+    await page.selectOption('#agent', 'web-1');
+    await page.locator('#tab-new').click();
+    await waitInPage(page, () => document.querySelectorAll('#tabs [role="tab"]').length === 2, null, 'a second tab');
+    await page.selectOption('#agent', 'db-1');
+    await page.locator('#terminal .tab-pane:not([hidden])').click();
+    const [webPid, dbPid] = agents.map((a) => a.pid);
+    await run(page, 'echo one-$PPID', [{ exact: `one-${dbPid}` }]);
+    const labels = await page.locator('#tabs [role="tab"]').allTextContents();
+    assert.deepEqual(labels, ['web-1 · command', 'db-1 · command']);
+    // Back to the first tab: its host comes back into the picker, and its
+    // commands still go there.
+    await page.locator('#tabs [role="tab"]').first().click();
+    assert.equal(await page.locator('#agent').inputValue(), 'web-1');
+    await run(page, 'echo two-$PPID', [{ exact: `two-${webPid}` }]);
     assert.deepEqual(problems, []);
   } finally {
     await context.close();

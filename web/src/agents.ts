@@ -14,13 +14,22 @@ export interface Agent {
   labels: Record<string, string>;
 }
 
-/** Whether `a` passes the picker's filter: a selector, or else a piece of its name. */
-export function passes(a: Agent, filter: string): boolean {
+/**
+ * The selector a filter stands for: a piece of a name (letters, digits,
+ * `.`, `_`, `-` only) stands for every name holding it (`web` is `*web*`);
+ * anything else is taken as a selector as typed. The picker and a
+ * broadcast use the same one, so a broadcast runs on what the picker shows.
+ */
+export function filterSelector(filter: string): string {
   const text = filter.trim();
-  if (!text) return true;
-  const sel = parseSelector(text);
-  if (sel) return matches(sel, a.name, a.labels);
-  return a.name.toLowerCase().includes(text.toLowerCase());
+  if (!text) return '*';
+  return /^[A-Za-z0-9._-]+$/.test(text) ? '*' + text + '*' : text;
+}
+
+/** Whether `a` passes the picker's filter (nothing passes a filter that is not a selector). */
+export function passes(a: Agent, filter: string): boolean {
+  const sel = parseSelector(filterSelector(filter));
+  return sel !== null && matches(sel, a.name, a.labels);
 }
 
 function labelsOf(v: unknown): Record<string, string> {
@@ -91,7 +100,11 @@ export class Agents {
     // Keep the selection if the agent is still listed and passes the filter
     // (even offline, so the status can say so); otherwise prefer the
     // remembered one, then any connected agent, then the first.
+    // The agent in use stays listed (and chosen) whatever the filter: a
+    // filter narrows what can be picked, it never moves a tab to another host.
     const shown = this.matching();
+    const current = this.list.find((a) => a.name === this.selected);
+    if (current && !shown.includes(current)) shown.unshift(current);
     const names = shown.map((a) => a.name);
     let pick = this.selected;
     if (!names.includes(pick)) {
@@ -120,6 +133,12 @@ export class Agents {
     this.select.disabled = shown.length === 0;
     this.select.value = pick;
     this.choose(pick, false);
+  }
+
+  /** Shows `name` as the choice (another tab came to the front), without remembering it. */
+  showChoice(name: string): void {
+    this.selected = name;
+    this.draw();
   }
 
   /** Selects `name`; a user's choice is remembered for the next visit. */

@@ -566,6 +566,11 @@ export class CommandMode {
     this.finish(job.id, GREY + '[killed]' + RESET);
   }
 
+  /** Whether a command (or a broadcast) is running. */
+  isRunning(): boolean {
+    return this.running !== null;
+  }
+
   /** Whether `id` is the running command. */
   owns(id: number): boolean {
     return this.running !== null && this.running.id === id;

@@ -1,16 +1,18 @@
-// conch — browser console. Wiring: the terminal, the socket, and the two
-// modes sharing them.
+// conch — browser console. Wiring: the tabs, the socket, and the two
+// modes of each tab.
 //
-// One xterm.js terminal, two modes:
+// One socket, any number of tabs; each tab is an xterm.js terminal bound to
+// one host (the agent chosen while it is in front), in one of two modes:
 //   - command mode (commandMode.ts): the page edits a line locally and runs
 //     each finished line as an `exec`; output streams back as binary frames.
 //   - shell mode (shellMode.ts): a login shell in a PTY on the agent.
+// Command ids are unique over the socket, so every frame finds its tab.
 //
 // Loaded with `defer` after xterm.js and the fit addon. No inline script
 // anywhere: the page runs under a strict Content-Security-Policy.
 
 import { Activity } from './activity';
-import { Agents } from './agents';
+import { Agents, filterSelector } from './agents';
 import { FULL_RESET, GREY, RED, RESET, REVERSE_WRAP_ON, YELLOW } from './ansi';
 import { CommandMode, exitSummary } from './commandMode';
 import { Connection } from './connection';
@@ -26,6 +28,7 @@ import { screenReaderSetting, screenReaderWanted } from './settings';
 import { computeStatus, renderStatus } from './status';
 import { browserStore } from './storage';
 import { clean, WholeCharacters } from './text';
+import type { FitAddon, Terminal } from './xterm';
 import { followVisualViewport } from './viewport';
 
 type Mode = 'command' | 'shell';
@@ -39,6 +42,8 @@ function byId<T extends HTMLElement>(id: string): T {
 function main(): void {
   const el = {
     terminal: byId<HTMLDivElement>('terminal'),
+    tabs: byId<HTMLElement>('tabs'),
+    tabNew: byId<HTMLButtonElement>('tab-new'),
     agent: byId<HTMLSelectElement>('agent'),
     agentFilter: byId<HTMLInputElement>('agent-filter'),
     broadcast: byId<HTMLButtonElement>('broadcast'),
@@ -49,48 +54,76 @@ function main(): void {
   };
   const store = browserStore();
 
-  // ---------------------------------------------------------------- terminal
+  // ---------------------------------------------------------------- tabs
 
-  const term = new window.Terminal({
-    convertEol: true, // command output uses bare '\n'; switched off in shell mode
-    cursorBlink: true,
-    scrollback: 5000,
-    fontFamily: 'ui-monospace, "DejaVu Sans Mono", "Liberation Mono", Menlo, Consolas, monospace',
-    fontSize: 14,
-    // A setting in the help panel, remembered in this browser.
-    screenReaderMode: screenReaderWanted(store),
-    theme: {
-      background: '#0e1116',
-      foreground: '#d6dde6',
-      cursor: '#5fb3f9',
-      cursorAccent: '#0e1116',
-      selectionBackground: '#2f4f6f',
-      // The stock red and green are too dark on this background.
-      red: '#ef6b6b',
-      green: '#4fc27a',
-      yellow: '#e5b54b',
-      blue: '#5fb3f9',
-      // The grey of hints and exit summaries: 5:1 on the background (WCAG
-      // AA asks 4.5:1; checked by tests/e2e/accessibility.test.mjs).
-      brightBlack: '#7a8594',
-    },
-  });
-  const fitAddon = new window.FitAddon.FitAddon();
-  term.loadAddon(fitAddon);
-  term.open(el.terminal);
-  const screen = new Screen(term, fitAddon);
-  screen.fit();
-  term.write(REVERSE_WRAP_ON);
-  term.focus();
+  /** Tabs open at once in one page. */
+  const MAX_TABS = 8;
+
+  interface Tab {
+    readonly key: number;
+    readonly pane: HTMLDivElement;
+    readonly term: Terminal;
+    readonly fitAddon: FitAddon;
+    readonly screen: Screen;
+    readonly whole: WholeCharacters;
+    readonly command: CommandMode;
+    readonly shell: ShellMode;
+    readonly button: HTMLButtonElement;
+    readonly closer: HTMLButtonElement;
+    mode: Mode;
+    /** The host this tab's commands and shell go to. */
+    agent: string;
+  }
+
+  const tabs: Tab[] = [];
+  let active!: Tab;
+  let nextKey = 1;
+
+  function newTerminal(): Terminal {
+    return new window.Terminal({
+      convertEol: true, // command output uses bare '\n'; switched off in shell mode
+      cursorBlink: true,
+      scrollback: 5000,
+      fontFamily: 'ui-monospace, "DejaVu Sans Mono", "Liberation Mono", Menlo, Consolas, monospace',
+      fontSize: 14,
+      // A setting in the help panel, remembered in this browser.
+      screenReaderMode: screenReaderWanted(store),
+      theme: {
+        background: '#0e1116',
+        foreground: '#d6dde6',
+        cursor: '#5fb3f9',
+        cursorAccent: '#0e1116',
+        selectionBackground: '#2f4f6f',
+        // The stock red and green are too dark on this background.
+        red: '#ef6b6b',
+        green: '#4fc27a',
+        yellow: '#e5b54b',
+        blue: '#5fb3f9',
+        // The grey of hints and exit summaries: 5:1 on the background (WCAG
+        // AA asks 4.5:1; checked by tests/e2e/accessibility.test.mjs).
+        brightBlack: '#7a8594',
+      },
+    });
+  }
 
   // ---------------------------------------------------------------- modules
 
-  let mode: Mode = 'command';
   let role = document.body.dataset['role'] || 'viewer';
-  const whole = new WholeCharacters();
   const activity = new Activity();
   el.status.after(activity.element);
-  const extraKeys = new ExtraKeys(term);
+  // The touch bar and the help panel act on the tab in front.
+  const front = {
+    get modes() { return active.term.modes; },
+    focus: () => active.term.focus(),
+    input: (data: string, wasUserInput?: boolean) => active.term.input(data, wasUserInput),
+    options: {
+      get screenReaderMode() { return active.term.options.screenReaderMode; },
+      set screenReaderMode(on: boolean | undefined) {
+        for (const t of tabs) t.term.options.screenReaderMode = on;
+      },
+    },
+  } as unknown as Terminal;
+  const extraKeys = new ExtraKeys(front);
   document.body.appendChild(extraKeys.element);
 
   const connection = new Connection({
@@ -102,66 +135,196 @@ function main(): void {
       }
       agents.set(msg.agents);
       drawStatus();
-      if (reconnected) note(GREY + '[reconnected]' + RESET);
-      if (mode === 'command') command.linkReady();
+      for (const t of tabs) {
+        if (reconnected) note(t, GREY + '[reconnected]' + RESET);
+        if (t.mode === 'command') t.command.linkReady();
+      }
     },
     message(msg) {
       switch (msg.type) {
         case 'agents': agents.set(msg.agents); break;
         case 'started':
-          command.started(msg.id);
-          shell.started(msg.id);
+          for (const t of tabs) {
+            t.command.started(msg.id);
+            t.shell.started(msg.id);
+          }
           break;
         case 'exit': onExit(msg); break;
         case 'error': onError(msg); break;
         case 'shutdown':
           drawStatus();
-          note(YELLOW + 'conch: ' + clean(msg.message || 'server shutting down') + RESET);
+          for (const t of tabs) note(t, YELLOW + 'conch: ' + clean(msg.message || 'server shutting down') + RESET);
           break;
       }
     },
     output: onOutput,
     state: drawStatus,
     lost() {
-      command.connectionLost();
-      if (shell.active) shell.ended(RED + 'conch: connection lost — the shell is gone' + RESET);
+      for (const t of tabs) {
+        t.command.connectionLost();
+        if (t.shell.active) t.shell.ended(RED + 'conch: connection lost — the shell is gone' + RESET);
+      }
       flows.clear();
     },
   });
   const send = (msg: ClientMessage): boolean => connection.send(msg);
   const flows = new Flows((id, bytes) => send({ type: 'ack', id, bytes }));
 
+  // The picker shows (and changes) the host of the tab in front.
   const agents = new Agents(el.agent, store, (name, byUser, changed) => {
+    if (!active) return;
+    const tab = active;
+    const moved = tab.agent !== name;
+    tab.agent = name;
     drawStatus();
-    if (!changed) return;
-    if (mode === 'shell' && shell.active && byUser) {
+    renderTabs();
+    if (!changed && !moved) return;
+    if (tab.mode === 'shell' && tab.shell.active && byUser) {
       // A shell lives on one agent: start a fresh one on the new agent.
-      setMode('shell');
-    } else if (mode === 'command') {
-      command.agentChanged(name);
+      setMode(tab, 'shell');
+    } else if (tab.mode === 'command') {
+      tab.command.agentChanged(name);
     }
   });
-  const agent = (): string => agents.name;
   // Broadcast: command lines go to every agent the filter matches (all of
-  // them when the filter is empty). A filter that is not a selector is
-  // still sent, so that the server refuses it with its reason: a line
-  // meant for many hosts never quietly runs on one.
+  // them when the filter is empty, every name holding a plain piece of
+  // text). A filter that is not a selector is still sent, so that the
+  // server refuses it with its reason: a line meant for many hosts never
+  // quietly runs on one.
   let broadcasting = false;
-  const target = (): string | null => {
-    if (!broadcasting) return null;
-    return el.agentFilter.value.trim() || '*';
-  };
+  const target = (): string | null => (broadcasting ? filterSelector(el.agentFilter.value) : null);
 
   const history = new History(store, historyKey(document.body.dataset['user'] || ''));
-  const command = new CommandMode({
-    screen, flows, history, send, agent, target,
-    isReady: () => connection.isReady(),
-    runningChanged: (running) => activity.set(running),
-  });
-  const shell = new ShellMode({
-    screen, flows, send, agent,
-    ended: () => setMode('command', false),
-  });
+
+  const topbar = el.status.closest<HTMLElement>('.topbar');
+  // Keyboard users leave the terminal (which takes Tab) with a documented key.
+  const focusTopbar = (): void => {
+    const first = topbar?.querySelector<HTMLElement>('select:not(:disabled), button:not(:disabled)');
+    first?.focus();
+  };
+
+  function openTab(): Tab {
+    const key = nextKey++;
+    const pane = document.createElement('div');
+    pane.className = 'tab-pane';
+    pane.id = 'pane-' + key;
+    pane.setAttribute('role', 'tabpanel');
+    el.terminal.appendChild(pane);
+    const term = newTerminal();
+    const fitAddon = new window.FitAddon.FitAddon();
+    term.loadAddon(fitAddon);
+    term.open(pane);
+    const screen = new Screen(term, fitAddon);
+    term.write(REVERSE_WRAP_ON);
+    const button = document.createElement('button');
+    button.type = 'button';
+    button.className = 'tab';
+    button.setAttribute('role', 'tab');
+    button.setAttribute('aria-controls', pane.id);
+    const closer = document.createElement('button');
+    closer.type = 'button';
+    closer.className = 'tab-close';
+    closer.textContent = '×';
+    const tab: Tab = {
+      key, pane, term, fitAddon, screen, button, closer,
+      whole: new WholeCharacters(),
+      mode: 'command',
+      agent: active ? active.agent : agents.name,
+      command: null as unknown as CommandMode,
+      shell: null as unknown as ShellMode,
+    };
+    (tab as { command: CommandMode }).command = new CommandMode({
+      screen, flows, history, send, target,
+      agent: () => tab.agent,
+      isReady: () => connection.isReady(),
+      runningChanged: () => activity.set(tabs.some((t) => t.command.isRunning())),
+    });
+    (tab as { shell: ShellMode }).shell = new ShellMode({
+      screen, flows, send,
+      agent: () => tab.agent,
+      ended: () => setMode(tab, 'command', false),
+    });
+
+    term.onData((raw) => {
+      let data = tab.whole.take(raw);
+      if (!data) return;
+      data = extraKeys.take(data); // Ctrl or Alt armed on the touch bar
+      if (tab.mode === 'shell') tab.shell.input(data);
+      else tab.command.input(data);
+    });
+    term.onResize(({ cols, rows }) => tab.shell.resize(cols, rows));
+    // Copy and paste: Ctrl+Shift+C / Ctrl+Shift+V always, and in command mode
+    // also plain Ctrl+V, and Ctrl+C while text is selected.
+    term.attachCustomKeyEventHandler((ev) => {
+      if (isLeaveTerminalKey(ev)) {
+        if (ev.type === 'keydown') focusTopbar();
+        ev.preventDefault();
+        return false;
+      }
+      if (!ev.ctrlKey || ev.altKey || ev.metaKey) return true;
+      const k = (ev.key || '').toLowerCase();
+      if (ev.shiftKey && k === 'c') {
+        if (ev.type === 'keydown' && term.hasSelection() && navigator.clipboard) {
+          navigator.clipboard.writeText(term.getSelection()).catch(() => {});
+        }
+        ev.preventDefault(); // Chrome would open the element inspector
+        return false;
+      }
+      if (ev.shiftKey && k === 'v') return false; // browser pastes
+      if (tab.mode === 'command' && !ev.shiftKey) {
+        if (k === 'v') return false; // browser pastes
+        if (k === 'c' && term.hasSelection()) return false; // browser copies
+      }
+      return true;
+    });
+    button.addEventListener('click', () => show(tab));
+    closer.addEventListener('click', () => closeTab(tab));
+    tabs.push(tab);
+    return tab;
+  }
+
+  /** Brings `tab` to the front: its pane shown, its host in the picker. */
+  function show(tab: Tab): void {
+    active = tab;
+    for (const t of tabs) t.pane.hidden = t !== tab;
+    if (tab.agent) agents.showChoice(tab.agent);
+    renderModeButtons();
+    renderTabs();
+    drawStatus();
+    tab.screen.fit();
+    tab.term.focus();
+  }
+
+  function closeTab(tab: Tab): void {
+    if (tabs.length <= 1) return;
+    tab.shell.stop();
+    tab.command.leave();
+    const at = tabs.indexOf(tab);
+    tabs.splice(at, 1);
+    tab.term.dispose();
+    tab.pane.remove();
+    if (active === tab) show(tabs[Math.min(at, tabs.length - 1)]!);
+    else renderTabs();
+  }
+
+  function renderTabs(): void {
+    const bar = document.createDocumentFragment();
+    for (const t of tabs) {
+      const label = (t.agent || '—') + ' · ' + t.mode;
+      t.button.textContent = label;
+      t.button.setAttribute('aria-selected', String(t === active));
+      t.button.classList.toggle('is-active', t === active);
+      t.closer.title = 'Close the tab on ' + (t.agent || 'no agent');
+      t.closer.setAttribute('aria-label', 'Close ' + label);
+      t.closer.hidden = tabs.length <= 1;
+      const item = document.createElement('span');
+      item.className = 'tab-item';
+      item.append(t.button, t.closer);
+      bar.appendChild(item);
+    }
+    el.tabs.replaceChildren(bar);
+    el.tabNew.disabled = tabs.length >= MAX_TABS;
+  }
 
   // ---------------------------------------------------------------- helpers
 
@@ -170,9 +333,9 @@ function main(): void {
   }
 
   // A note on its own line; in command mode the half-typed line survives it.
-  function note(text: string): void {
-    if (mode === 'command') command.note(text);
-    else screen.note(text);
+  function note(tab: Tab, text: string): void {
+    if (tab.mode === 'command') tab.command.note(text);
+    else tab.screen.note(text);
   }
 
   function applyRole(): void {
@@ -184,17 +347,17 @@ function main(): void {
   }
 
   function renderModeButtons(): void {
-    const isShell = mode === 'shell';
+    const isShell = active.mode === 'shell';
     el.modeCommand.classList.toggle('is-active', !isShell);
     el.modeShell.classList.toggle('is-active', isShell);
     el.modeCommand.setAttribute('aria-pressed', String(!isShell));
     el.modeShell.setAttribute('aria-pressed', String(isShell));
   }
 
-  function setMode(next: Mode, clear = true): void {
+  function setMode(tab: Tab, next: Mode, clear = true): void {
     if (next === 'shell' && !connection.isReady()) {
-      note(RED + 'conch: not connected — cannot start a shell' + RESET);
-      term.focus();
+      note(tab, RED + 'conch: not connected — cannot start a shell' + RESET);
+      tab.term.focus();
       return;
     }
     // A shell lives on one agent: no broadcast there.
@@ -204,46 +367,55 @@ function main(): void {
     }
     // Whatever runs in the old mode is closed: its output has no place in
     // the new one.
-    shell.stop();
-    command.leave();
-    whole.reset();
-    mode = next;
-    renderModeButtons();
+    tab.shell.stop();
+    tab.command.leave();
+    tab.whole.reset();
+    tab.mode = next;
+    if (tab === active) renderModeButtons();
+    renderTabs();
 
     const convertEol = next === 'command';
     if (clear) {
       // RIS: clears screen and scrollback and resets every mode the previous
       // user of the screen may have set. The option flips once the reset has
       // been parsed, so output queued before it is not affected.
-      screen.raw(FULL_RESET, () => { term.options.convertEol = convertEol; });
-      screen.atLineStart = true;
+      tab.screen.raw(FULL_RESET, () => { tab.term.options.convertEol = convertEol; });
+      tab.screen.atLineStart = true;
     } else {
-      screen.raw('', () => { term.options.convertEol = convertEol; });
+      tab.screen.raw('', () => { tab.term.options.convertEol = convertEol; });
     }
 
-    if (next === 'command') command.enter();
-    else shell.start();
-    term.focus();
+    if (next === 'command') tab.command.enter();
+    else tab.shell.start();
+    if (tab === active) tab.term.focus();
   }
 
   // ---------------------------------------------------------------- server messages
 
+  /** The tab whose command or shell is `id`. */
+  function tabOf(id: number): Tab | undefined {
+    return tabs.find((t) => t.command.owns(id) || t.shell.owns(id));
+  }
+
   function onOutput({ stream, id, bytes }: OutputFrame): void {
     if (!flows.has(id)) return; // closed or unknown id: nobody shows it
-    command.streamOutput(id, stream);
+    const tab = tabOf(id);
+    if (!tab) return;
+    tab.command.streamOutput(id, stream);
     if (bytes.length === 0) return;
-    screen.atLineStart = bytes[bytes.length - 1] === 0x0a;
+    tab.screen.atLineStart = bytes[bytes.length - 1] === 0x0a;
     // Bytes, not a decoded string: xterm decodes UTF-8 itself and keeps a
     // character split across two frames intact.
     const drawn = flows.writing(id, bytes.length);
-    screen.raw(bytes, drawn ?? undefined);
+    tab.screen.raw(bytes, drawn ?? undefined);
   }
 
   function onExit(msg: ExitMessage): void {
-    if (command.owns(msg.id)) {
-      command.finish(msg.id, exitSummary(msg));
-    } else if (shell.owns(msg.id)) {
-      shell.ended(GREY + 'shell ended ' + exitSummary(msg) + GREY + ' — back in command mode' + RESET);
+    const tab = tabOf(msg.id);
+    if (tab && tab.command.owns(msg.id)) {
+      tab.command.finish(msg.id, exitSummary(msg));
+    } else if (tab && tab.shell.owns(msg.id)) {
+      tab.shell.ended(GREY + 'shell ended ' + exitSummary(msg) + GREY + ' — back in command mode' + RESET);
     } else {
       flows.close(msg.id);
     }
@@ -251,47 +423,48 @@ function main(): void {
 
   function onError(msg: ErrorMessage): void {
     const text = RED + 'conch: ' + clean(msg.message || msg.code || 'error') + RESET;
+    const id = msg.id;
+    const tab = id != null ? tabOf(id) : undefined;
     // `final: false`: the command goes on (its exit still comes); only say so.
     if (msg.final === false) {
-      note(text);
+      note(tab ?? active, text);
       return;
     }
-    const id = msg.id;
-    const unstartedCommand = command.unstartedId();
-    const unstartedShell = shell.unstartedId();
-    if (id != null && command.owns(id)) {
-      command.dropTypeahead(); // the rest of a paste would likely fail the same way
-      command.finish(id, text);
-    } else if (id != null && shell.owns(id)) {
-      shell.ended(text);
-    } else if (id == null && msg.code === 'bad_request' && unstartedCommand !== null) {
-      // The server could not read the message, nor an id in it; the exec
-      // still waiting for `started` is the likely one, and no answer will
-      // ever name it. Give it up rather than leave the console without a
-      // prompt, and close the id in case it did start after all.
-      send({ type: 'close', id: unstartedCommand });
-      command.dropTypeahead();
-      command.finish(unstartedCommand, text);
-    } else if (id == null && msg.code === 'bad_request' && unstartedShell !== null) {
-      send({ type: 'close', id: unstartedShell });
-      shell.ended(text);
-    } else {
-      if (id != null) flows.close(id);
-      note(text);
+    if (tab && id != null && tab.command.owns(id)) {
+      tab.command.dropTypeahead(); // the rest of a paste would likely fail the same way
+      tab.command.finish(id, text);
+      return;
     }
+    if (tab && id != null && tab.shell.owns(id)) {
+      tab.shell.ended(text);
+      return;
+    }
+    if (id == null && msg.code === 'bad_request') {
+      // The server could not read the message, nor an id in it; an exec
+      // still waiting for `started` is the likely one, and no answer will
+      // ever name it. Give it up rather than leave a tab without a prompt,
+      // and close the id in case it did start after all.
+      for (const t of tabs) {
+        const command = t.command.unstartedId();
+        if (command !== null) {
+          send({ type: 'close', id: command });
+          t.command.dropTypeahead();
+          t.command.finish(command, text);
+          return;
+        }
+        const shell = t.shell.unstartedId();
+        if (shell !== null) {
+          send({ type: 'close', id: shell });
+          t.shell.ended(text);
+          return;
+        }
+      }
+    }
+    if (id != null) flows.close(id);
+    note(active, text);
   }
 
   // ---------------------------------------------------------------- input and layout
-
-  term.onData((raw) => {
-    let data = whole.take(raw);
-    if (!data) return;
-    data = extraKeys.take(data); // Ctrl or Alt armed on the touch bar
-    if (mode === 'shell') shell.input(data);
-    else command.input(data);
-  });
-
-  term.onResize(({ cols, rows }) => shell.resize(cols, rows));
 
   // Follow every size change of the terminal's box (window resize, top bar
   // wrapping), at most once per frame.
@@ -301,101 +474,80 @@ function main(): void {
     fitQueued = true;
     requestAnimationFrame(() => {
       fitQueued = false;
-      screen.fit();
+      active.screen.fit();
     });
   };
   if (typeof ResizeObserver === 'function') new ResizeObserver(queueFit).observe(el.terminal);
   window.addEventListener('resize', queueFit);
   followVisualViewport(document.body, queueFit);
 
-  const topbar = el.status.closest<HTMLElement>('.topbar');
-  // Keyboard users leave the terminal (which takes Tab) with a documented key.
-  const focusTopbar = (): void => {
-    const first = topbar?.querySelector<HTMLElement>('select:not(:disabled), button:not(:disabled)');
-    first?.focus();
-  };
-
-  // Copy and paste: Ctrl+Shift+C / Ctrl+Shift+V always, and in command mode
-  // also plain Ctrl+V, and Ctrl+C while text is selected.
-  term.attachCustomKeyEventHandler((ev) => {
-    if (isLeaveTerminalKey(ev)) {
-      if (ev.type === 'keydown') focusTopbar();
-      ev.preventDefault();
-      return false;
-    }
-    if (!ev.ctrlKey || ev.altKey || ev.metaKey) return true;
-    const key = (ev.key || '').toLowerCase();
-    if (ev.shiftKey && key === 'c') {
-      if (ev.type === 'keydown' && term.hasSelection() && navigator.clipboard) {
-        navigator.clipboard.writeText(term.getSelection()).catch(() => {});
-      }
-      ev.preventDefault(); // Chrome would open the element inspector
-      return false;
-    }
-    if (ev.shiftKey && key === 'v') return false; // browser pastes
-    if (mode === 'command' && !ev.shiftKey) {
-      if (key === 'v') return false; // browser pastes
-      if (key === 'c' && term.hasSelection()) return false; // browser copies
-    }
-    return true;
+  el.tabNew.addEventListener('click', () => {
+    if (tabs.length >= MAX_TABS) return;
+    const tab = openTab();
+    show(tab);
+    tab.screen.out(GREY + 'a new tab on ' + clean(tab.agent || 'no agent') + ': the picker chooses its host' + RESET + '\r\n');
+    if (connection.isReady()) tab.command.linkReady();
   });
-
   el.modeCommand.addEventListener('click', () => {
-    if (mode !== 'command') setMode('command');
-    term.focus();
+    if (active.mode !== 'command') setMode(active, 'command');
+    active.term.focus();
   });
   el.modeShell.addEventListener('click', () => {
-    if (mode !== 'shell') setMode('shell');
-    term.focus();
+    if (active.mode !== 'shell') setMode(active, 'shell');
+    active.term.focus();
   });
   el.agent.addEventListener('change', () => {
     agents.choose(el.agent.value, true);
-    term.focus();
+    active.term.focus();
   });
   el.agentFilter.addEventListener('input', () => {
     // Lines kept from a paste were meant for the hosts chosen when they
     // were pasted: a new choice drops them.
-    command.dropTypeahead();
+    for (const t of tabs) t.command.dropTypeahead();
     agents.setFilter(el.agentFilter.value);
     renderBroadcast();
   });
   el.agentFilter.addEventListener('keydown', (e) => {
-    if (e.key === 'Enter') term.focus();
+    if (e.key === 'Enter') active.term.focus();
   });
   el.broadcast.addEventListener('click', () => {
-    command.dropTypeahead();
+    for (const t of tabs) t.command.dropTypeahead();
     broadcasting = !broadcasting;
-    if (broadcasting && mode !== 'command') setMode('command');
+    if (broadcasting && active.mode !== 'command') setMode(active, 'command');
     renderBroadcast();
-    term.focus();
+    active.term.focus();
   });
 
   function renderBroadcast(): void {
     el.broadcast.setAttribute('aria-pressed', String(broadcasting));
     el.broadcast.classList.toggle('is-active', broadcasting);
     const n = agents.matching().length;
-    const text = el.agentFilter.value.trim();
-    el.broadcast.title = text && !parseSelector(text)
+    el.broadcast.title = !parseSelector(filterSelector(el.agentFilter.value))
       ? 'The filter is not a selector (web-*, role=web,env!=staging): the server will refuse it'
       : 'Run each command line on every agent the filter matches (' + n + ' now)';
-    if (mode === 'command') command.agentChanged(agents.name);
+    for (const t of tabs) {
+      if (t.mode === 'command') t.command.agentChanged(t.agent);
+    }
   }
 
   // Runs before the form is submitted (and the session ended): the next
   // person at this browser must not find these command lines under ↑.
-  el.logoutForm?.addEventListener('submit', () => command.forgetHistory());
+  el.logoutForm?.addEventListener('submit', () => {
+    for (const t of tabs) t.command.forgetHistory();
+  });
 
   // ---------------------------------------------------------------- start
 
-  if (topbar) buildHelp(topbar, HELP, [screenReaderSetting(term, store)], () => term.focus());
+  const first = openTab();
+  show(first);
+  if (topbar) buildHelp(topbar, HELP, [screenReaderSetting(front, store)], () => active.term.focus());
 
   applyRole();
-  renderModeButtons();
   drawStatus();
-  screen.out(GREY + 'conch · command mode: type a command line, Enter runs it · ↑/↓ history · Ctrl-C interrupts' + RESET + '\r\n');
-  screen.out(GREY + 'while a command runs, typing goes to its standard input (Enter sends a line, Ctrl-D ends it) · ? for help' + RESET + '\r\n');
+  first.screen.out(GREY + 'conch · command mode: type a command line, Enter runs it · ↑/↓ history · Ctrl-C interrupts' + RESET + '\r\n');
+  first.screen.out(GREY + 'while a command runs, typing goes to its standard input (Enter sends a line, Ctrl-D ends it) · ? for help' + RESET + '\r\n');
   if (role === 'viewer') {
-    screen.out(YELLOW + 'viewer: read-only access — commands will be refused' + RESET + '\r\n');
+    first.screen.out(YELLOW + 'viewer: read-only access — commands will be refused' + RESET + '\r\n');
   }
   // The first prompt appears with the server's hello (it names the agent);
   // keys typed before that are kept as typeahead.
