@@ -413,14 +413,15 @@ async fn stream_lines(server: &Server, body: Value) -> impl futures_util::Stream
     )
 }
 
-#[tokio::test]
-async fn an_agent_killed_mid_command_is_unreachable_while_the_others_finish() {
+/// `n` agent processes named `{prefix}0`, `{prefix}1`... that the server
+/// dials, and that server, ready: (agents, server, the agents file's dir).
+async fn dialed_fleet(n: usize, prefix: &str) -> (Vec<common::Agent>, Server, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let mut hosts: Vec<common::Agent> = (0..3).map(|_| start_agent(&[])).collect();
+    let hosts: Vec<common::Agent> = (0..n).map(|_| start_agent(&[])).collect();
     let mut entries = String::new();
     for (i, a) in hosts.iter().enumerate() {
         entries.push_str(&format!(
-            "[[agents]]\nname = \"h{i}\"\naddr = \"{}\"\nkey_file = \"{}\"\n",
+            "[[agents]]\nname = \"{prefix}{i}\"\naddr = \"{}\"\nkey_file = \"{}\"\n",
             a.addr,
             a.key_file.display()
         ));
@@ -428,6 +429,12 @@ async fn an_agent_killed_mid_command_is_unreachable_while_the_others_finish() {
     let file = agents_file(dir.path(), &entries);
     let server = start_server(&["--agents-file", &file], &[]);
     server.wait_ready().await;
+    (hosts, server, dir)
+}
+
+#[tokio::test]
+async fn an_agent_killed_mid_command_is_unreachable_while_the_others_finish() {
+    let (mut hosts, server, dir) = dialed_fleet(3, "h").await;
     // Each command waits for a gate file that the test makes.
     let gate = dir.path().join("gate");
     let cmd = format!(
@@ -825,19 +832,7 @@ async fn a_principal_limited_to_a_selector_reaches_no_other_agent() {
 
 #[tokio::test]
 async fn a_streamed_fan_out_ends_its_commands_when_the_client_goes() {
-    let dir = tempfile::tempdir().unwrap();
-    let hosts: Vec<common::Agent> = (0..2).map(|_| start_agent(&[])).collect();
-    let mut entries = String::new();
-    for (i, a) in hosts.iter().enumerate() {
-        entries.push_str(&format!(
-            "[[agents]]\nname = \"q{i}\"\naddr = \"{}\"\nkey_file = \"{}\"\n",
-            a.addr,
-            a.key_file.display()
-        ));
-    }
-    let file = agents_file(dir.path(), &entries);
-    let server = start_server(&["--agents-file", &file], &[]);
-    server.wait_ready().await;
+    let (_hosts, server, _dir) = dialed_fleet(2, "q").await;
     // One host at a time; each leaves a marker, prints its pid and then
     // keeps quiet.
     let marks = tempfile::tempdir().unwrap();
