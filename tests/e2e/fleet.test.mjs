@@ -15,6 +15,18 @@ import {
   CONCH_BIN, startServer, stopServer, launchBrowser, openConsole, waitInPage, run,
 } from './harness.mjs';
 
+/** Types a command in the tab in front and waits for `expected` as a row after it, in that tab's pane only. */
+async function runInFront(page, command, expected) {
+  await page.keyboard.type(command);
+  await page.keyboard.press('Enter');
+  await waitInPage(page, ({ command, expected }) => {
+    const rows = Array.from(document.querySelectorAll('#terminal .tab-pane:not([hidden]) .xterm-rows > div'),
+      (r) => r.textContent.replace(/\u00a0/g, ' ').trimEnd());
+    const at = rows.findLastIndex((r) => r.endsWith(command));
+    return at >= 0 && rows.slice(at + 1).includes(expected);
+  }, { command, expected }, `waiting for ${expected} in the tab in front`);
+}
+
 let server = null;
 let browser = null;
 const agents = [];
@@ -137,14 +149,23 @@ test('the host picker shows and filters the fleet, and a line runs on every matc
     await page.selectOption('#agent', 'db-1');
     await page.locator('#terminal .tab-pane:not([hidden])').click();
     const [webPid, dbPid] = agents.map((a) => a.pid);
-    await run(page, 'echo one-$PPID', [{ exact: `one-${dbPid}` }]);
+    await runInFront(page, 'echo one-$PPID', `one-${dbPid}`);
     const labels = await page.locator('#tabs [role="tab"]').allTextContents();
     assert.deepEqual(labels, ['web-1 · command', 'db-1 · command']);
     // Back to the first tab: its host comes back into the picker, and its
-    // commands still go there.
+    // commands still go there, and their output to its own pane only.
     await page.locator('#tabs [role="tab"]').first().click();
     assert.equal(await page.locator('#agent').inputValue(), 'web-1');
-    await run(page, 'echo two-$PPID', [{ exact: `two-${webPid}` }]);
+    assert.equal(await page.locator('#tabs [role="tab"]').first().getAttribute('aria-selected'), 'true');
+    await runInFront(page, 'echo two-$PPID', `two-${webPid}`);
+    const hidden = await page.evaluate(() => Array.from(
+      document.querySelectorAll('#terminal .tab-pane[hidden] .xterm-rows > div'), (r) => r.textContent));
+    assert.ok(!hidden.some((r) => r.includes('two-')), `the other tab got this tab's output:\n${hidden.join('\n')}`);
+    // Closing the tab in front brings the other forward; the last one stays.
+    await page.locator('#tab-close').click();
+    await waitInPage(page, () => document.querySelectorAll('#tabs [role="tab"]').length === 1, null, 'one tab left');
+    assert.equal(await page.locator('#agent').inputValue(), 'db-1');
+    assert.equal(await page.locator('#tab-close').isDisabled(), true);
     assert.deepEqual(problems, []);
   } finally {
     await context.close();

@@ -97,17 +97,20 @@ export class Agents {
   }
 
   private draw(): void {
-    // Keep the selection if the agent is still listed and passes the filter
-    // (even offline, so the status can say so); otherwise prefer the
-    // remembered one, then any connected agent, then the first.
-    // The agent in use stays listed (and chosen) whatever the filter: a
-    // filter narrows what can be picked, it never moves a tab to another host.
+    // The agent in use stays listed and chosen whatever the filter, and
+    // even when the server no longer lists it: a filter narrows what can be
+    // picked, and a new list never moves a tab to another host (a command
+    // for a vanished agent is refused by the server, with its reason). With
+    // none in use yet: the remembered one, then any connected agent, then
+    // the first.
     const shown = this.matching();
     const current = this.list.find((a) => a.name === this.selected);
-    if (current && !shown.includes(current)) shown.unshift(current);
+    const unmatched = !!current && !shown.includes(current);
+    if (current && unmatched) shown.unshift(current);
     const names = shown.map((a) => a.name);
+    const gone = this.selected !== '' && !current;
     let pick = this.selected;
-    if (!names.includes(pick)) {
+    if (!gone && !names.includes(pick)) {
       const remembered = loadPref(this.store, AGENT_KEY);
       const connected = shown.find((a) => a.connected);
       pick = remembered !== null && names.includes(remembered) ? remembered
@@ -118,6 +121,12 @@ export class Agents {
     // A fragment, not replaceChildren(...options): no argument spreading of
     // a list whose length the server decides.
     const options = document.createDocumentFragment();
+    if (gone) {
+      const opt = document.createElement('option');
+      opt.value = this.selected;
+      opt.textContent = 'gone · ' + this.selected + ' (no longer listed)';
+      options.appendChild(opt);
+    }
     for (const a of shown) {
       const opt = document.createElement('option');
       opt.value = a.name;
@@ -125,12 +134,13 @@ export class Agents {
       // words (format and control characters removed), so that no OS text
       // can pass for a state.
       const os = a.os.replace(/[\p{Cc}\p{Cf}]/gu, '');
-      opt.textContent = (a.connected ? 'online · ' : 'offline · ') + a.name + (a.connected && os ? ' · ' + os : '');
+      opt.textContent = (a.connected ? 'online · ' : 'offline · ') + a.name + (a.connected && os ? ' · ' + os : '') +
+        (a === current && unmatched ? ' (in use; not matched by the filter)' : '');
       opt.title = Object.entries(a.labels).map(([k, v]) => k + '=' + v).join(', ');
       options.appendChild(opt);
     }
     this.select.replaceChildren(options);
-    this.select.disabled = shown.length === 0;
+    this.select.disabled = shown.length === 0 && !gone;
     this.select.value = pick;
     this.choose(pick, false);
   }

@@ -44,6 +44,7 @@ function main(): void {
     terminal: byId<HTMLDivElement>('terminal'),
     tabs: byId<HTMLElement>('tabs'),
     tabNew: byId<HTMLButtonElement>('tab-new'),
+    tabClose: byId<HTMLButtonElement>('tab-close'),
     agent: byId<HTMLSelectElement>('agent'),
     agentFilter: byId<HTMLInputElement>('agent-filter'),
     broadcast: byId<HTMLButtonElement>('broadcast'),
@@ -69,7 +70,6 @@ function main(): void {
     readonly command: CommandMode;
     readonly shell: ShellMode;
     readonly button: HTMLButtonElement;
-    readonly closer: HTMLButtonElement;
     mode: Mode;
     /** The host this tab's commands and shell go to. */
     agent: string;
@@ -78,6 +78,10 @@ function main(): void {
   const tabs: Tab[] = [];
   let active!: Tab;
   let nextKey = 1;
+  /** The server's `hello` came: tabs can be bound to a host. */
+  let greeted = false;
+  /** The tab that sent the last `exec`: an error without an id is its. */
+  let lastExec: Tab | null = null;
 
   function newTerminal(): Terminal {
     return new window.Terminal({
@@ -134,6 +138,10 @@ function main(): void {
         applyRole();
       }
       agents.set(msg.agents);
+      greeted = true;
+      // A tab opened before the first hello is bound now.
+      for (const t of tabs) if (!t.agent) t.agent = agents.name;
+      renderTabs();
       drawStatus();
       for (const t of tabs) {
         if (reconnected) note(t, GREY + '[reconnected]' + RESET);
@@ -174,6 +182,9 @@ function main(): void {
   const agents = new Agents(el.agent, store, (name, byUser, changed) => {
     if (!active) return;
     const tab = active;
+    // Only the user moves a tab to another host; the picker following a
+    // new list from the server never does.
+    if (!byUser && tab.agent && name !== tab.agent) return;
     const moved = tab.agent !== name;
     tab.agent = name;
     drawStatus();
@@ -211,6 +222,8 @@ function main(): void {
     pane.setAttribute('role', 'tabpanel');
     el.terminal.appendChild(pane);
     const term = newTerminal();
+    // The screen-reader setting of the tab in front, not only the stored one.
+    if (active) term.options.screenReaderMode = active.term.options.screenReaderMode;
     const fitAddon = new window.FitAddon.FitAddon();
     term.loadAddon(fitAddon);
     term.open(pane);
@@ -219,28 +232,33 @@ function main(): void {
     const button = document.createElement('button');
     button.type = 'button';
     button.className = 'tab';
+    button.id = 'tab-' + key;
     button.setAttribute('role', 'tab');
     button.setAttribute('aria-controls', pane.id);
-    const closer = document.createElement('button');
-    closer.type = 'button';
-    closer.className = 'tab-close';
-    closer.textContent = '×';
+    pane.setAttribute('aria-labelledby', button.id);
     const tab: Tab = {
-      key, pane, term, fitAddon, screen, button, closer,
+      key, pane, term, fitAddon, screen, button,
       whole: new WholeCharacters(),
       mode: 'command',
       agent: active ? active.agent : agents.name,
       command: null as unknown as CommandMode,
       shell: null as unknown as ShellMode,
     };
+    // This tab's sends: an exec marks it as the one an id-less error is for.
+    const tabSend = (msg: ClientMessage): boolean => {
+      if (msg.type === 'exec') lastExec = tab;
+      return send(msg);
+    };
     (tab as { command: CommandMode }).command = new CommandMode({
-      screen, flows, history, send, target,
+      screen, flows, history, target,
+      send: tabSend,
       agent: () => tab.agent,
       isReady: () => connection.isReady(),
       runningChanged: () => activity.set(tabs.some((t) => t.command.isRunning())),
     });
     (tab as { shell: ShellMode }).shell = new ShellMode({
-      screen, flows, send,
+      screen, flows,
+      send: tabSend,
       agent: () => tab.agent,
       ended: () => setMode(tab, 'command', false),
     });
@@ -278,13 +296,23 @@ function main(): void {
       return true;
     });
     button.addEventListener('click', () => show(tab));
-    closer.addEventListener('click', () => closeTab(tab));
+    button.addEventListener('keydown', (e) => {
+      // Arrows move between tabs, as in any tab list.
+      const at = tabs.indexOf(tab);
+      const to = e.key === 'ArrowRight' ? at + 1 : e.key === 'ArrowLeft' ? at - 1 : -2;
+      if (to === -2) return;
+      e.preventDefault();
+      const next = tabs[(to + tabs.length) % tabs.length]!;
+      show(next, false);
+      next.button.focus();
+    });
     tabs.push(tab);
+    el.tabs.appendChild(button);
     return tab;
   }
 
   /** Brings `tab` to the front: its pane shown, its host in the picker. */
-  function show(tab: Tab): void {
+  function show(tab: Tab, focusTerminal = true): void {
     active = tab;
     for (const t of tabs) t.pane.hidden = t !== tab;
     if (tab.agent) agents.showChoice(tab.agent);
@@ -292,9 +320,10 @@ function main(): void {
     renderTabs();
     drawStatus();
     tab.screen.fit();
-    tab.term.focus();
+    if (focusTerminal) tab.term.focus();
   }
 
+  /** Closes the tab in front (its command or shell ends), bringing a neighbour forward. */
   function closeTab(tab: Tab): void {
     if (tabs.length <= 1) return;
     tab.shell.stop();
@@ -303,27 +332,21 @@ function main(): void {
     tabs.splice(at, 1);
     tab.term.dispose();
     tab.pane.remove();
-    if (active === tab) show(tabs[Math.min(at, tabs.length - 1)]!);
-    else renderTabs();
+    tab.button.remove();
+    show(tabs[Math.min(at, tabs.length - 1)]!);
   }
 
+  /** Labels and states of the tab bar, updated in place (focus stays where it is). */
   function renderTabs(): void {
-    const bar = document.createDocumentFragment();
     for (const t of tabs) {
-      const label = (t.agent || '—') + ' · ' + t.mode;
-      t.button.textContent = label;
+      t.button.textContent = (t.agent || '—') + ' · ' + t.mode;
       t.button.setAttribute('aria-selected', String(t === active));
+      t.button.tabIndex = t === active ? 0 : -1;
       t.button.classList.toggle('is-active', t === active);
-      t.closer.title = 'Close the tab on ' + (t.agent || 'no agent');
-      t.closer.setAttribute('aria-label', 'Close ' + label);
-      t.closer.hidden = tabs.length <= 1;
-      const item = document.createElement('span');
-      item.className = 'tab-item';
-      item.append(t.button, t.closer);
-      bar.appendChild(item);
     }
-    el.tabs.replaceChildren(bar);
-    el.tabNew.disabled = tabs.length >= MAX_TABS;
+    el.tabNew.disabled = !greeted || tabs.length >= MAX_TABS;
+    el.tabClose.disabled = tabs.length <= 1;
+    el.tabClose.title = 'Close this tab (on ' + (active?.agent || 'no agent') + ')';
   }
 
   // ---------------------------------------------------------------- helpers
@@ -425,6 +448,8 @@ function main(): void {
     const text = RED + 'conch: ' + clean(msg.message || msg.code || 'error') + RESET;
     const id = msg.id;
     const tab = id != null ? tabOf(id) : undefined;
+    // An id no tab has (its tab was closed, its command ended): nobody to tell.
+    if (id != null && !tab && !flows.has(id)) return;
     // `final: false`: the command goes on (its exit still comes); only say so.
     if (msg.final === false) {
       note(tab ?? active, text);
@@ -444,20 +469,19 @@ function main(): void {
       // still waiting for `started` is the likely one, and no answer will
       // ever name it. Give it up rather than leave a tab without a prompt,
       // and close the id in case it did start after all.
-      for (const t of tabs) {
-        const command = t.command.unstartedId();
-        if (command !== null) {
-          send({ type: 'close', id: command });
-          t.command.dropTypeahead();
-          t.command.finish(command, text);
-          return;
-        }
-        const shell = t.shell.unstartedId();
-        if (shell !== null) {
-          send({ type: 'close', id: shell });
-          t.shell.ended(text);
-          return;
-        }
+      const t = lastExec;
+      const command = t ? t.command.unstartedId() : null;
+      const shell = t ? t.shell.unstartedId() : null;
+      if (t && command !== null) {
+        send({ type: 'close', id: command });
+        t.command.dropTypeahead();
+        t.command.finish(command, text);
+        return;
+      }
+      if (t && shell !== null) {
+        send({ type: 'close', id: shell });
+        t.shell.ended(text);
+        return;
       }
     }
     if (id != null) flows.close(id);
@@ -481,8 +505,9 @@ function main(): void {
   window.addEventListener('resize', queueFit);
   followVisualViewport(document.body, queueFit);
 
+  el.tabClose.addEventListener('click', () => closeTab(active));
   el.tabNew.addEventListener('click', () => {
-    if (tabs.length >= MAX_TABS) return;
+    if (!greeted || tabs.length >= MAX_TABS) return;
     const tab = openTab();
     show(tab);
     tab.screen.out(GREY + 'a new tab on ' + clean(tab.agent || 'no agent') + ': the picker chooses its host' + RESET + '\r\n');
