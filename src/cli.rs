@@ -248,6 +248,10 @@ pub struct ServeArgs {
     /// File holding the admin token. Without either, one is generated and a login URL printed.
     #[arg(long, env = "CONCH_ADMIN_TOKEN_FILE")]
     admin_token_file: Option<PathBuf>,
+    /// File holding a token that opens GET /metrics (and nothing else), for
+    /// a Prometheus scraper; admins can read /metrics without it.
+    #[arg(long, env = "CONCH_METRICS_TOKEN_FILE")]
+    metrics_token_file: Option<PathBuf>,
     /// Users file (TOML): [[users]] with name, password_hash (from `conch passwd`), role.
     #[arg(long, env = "CONCH_USERS_FILE")]
     users_file: Option<PathBuf>,
@@ -576,6 +580,21 @@ fn serve_config(args: ServeArgs, json_logs: bool) -> anyhow::Result<ServeConfig>
         }
         _ => None,
     };
+    let metrics_token = match &args.metrics_token_file {
+        Some(path) => {
+            crate::keyfile::warn_if_exposed(path, "metrics token file");
+            let token = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the metrics token file {}", path.display()))?
+                .trim()
+                .to_owned();
+            anyhow::ensure!(
+                token.len() >= MIN_TOKEN_LEN,
+                "the metrics token must be at least {MIN_TOKEN_LEN} characters"
+            );
+            Some(crate::server::auth::Secret::new(token))
+        }
+        None => None,
+    };
     let fleet = crate::server::Fleet {
         agents_file: args.agents_file.clone(),
         allow_weak_keys: args.allow_weak_key,
@@ -585,6 +604,7 @@ fn serve_config(args: ServeArgs, json_logs: bool) -> anyhow::Result<ServeConfig>
         },
     };
     Ok(ServeConfig {
+        metrics_token,
         fleet,
         tls,
         listen: args.listen,

@@ -862,3 +862,92 @@ async fn a_streamed_fan_out_ends_its_commands_when_the_client_goes() {
     let started = std::fs::read_dir(marks.path()).unwrap().count();
     assert_eq!(started, 1, "a host started after its client had gone");
 }
+
+#[tokio::test]
+async fn metrics_tell_agents_commands_and_sessions_to_an_admin_or_the_metrics_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let hosts: Vec<common::Agent> = (0..2).map(|_| start_agent(&[])).collect();
+    let mut entries = String::new();
+    for (i, a) in hosts.iter().enumerate() {
+        entries.push_str(&format!(
+            "[[agents]]\nname = \"m{i}\"\naddr = \"{}\"\nkey_file = \"{}\"\n",
+            a.addr,
+            a.key_file.display()
+        ));
+    }
+    let file = agents_file(dir.path(), &entries);
+    let metrics_token = "metrics-0123456789abcdef0123";
+    let token_file = dir.path().join("metrics.token");
+    std::fs::write(&token_file, metrics_token).unwrap();
+    let server = start_server(
+        &[
+            "--agents-file",
+            &file,
+            "--metrics-token-file",
+            token_file.to_str().unwrap(),
+        ],
+        &[],
+    );
+    server.wait_ready().await;
+    let (_, body) = exec(&server, json!({"command": "exit 3", "target": "*"})).await;
+    assert_eq!(body["summary"]["failed"], 2, "{body}");
+    let scrape = |token: &str| {
+        let (url, token) = (server.url("/metrics"), token.to_owned());
+        async move {
+            let resp = reqwest::Client::new()
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap();
+            (resp.status().as_u16(), resp.text().await.unwrap())
+        }
+    };
+    // A made-up method makes no label set of its own.
+    let odd = reqwest::Client::new()
+        .request(
+            reqwest::Method::from_bytes(b"FOOBAR").unwrap(),
+            server.url("/api/v1/exec"),
+        )
+        .bearer_auth(&server.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(odd.status(), 405);
+    // The agents' RTT comes with their first pong: wait for it (bounded).
+    let mut text = String::new();
+    for _ in 0..200 {
+        let (status, t) = scrape(metrics_token).await;
+        assert_eq!(status, 200, "{t}");
+        text = t;
+        if text.contains("conch_agent_rtt_seconds{agent=\"m1\"}") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for needle in [
+        "conch_agent_connected{agent=\"m0\"} 1",
+        "conch_agent_connected{agent=\"m1\"} 1",
+        "conch_agent_rtt_seconds{agent=\"m0\"}",
+        "conch_commands_finished_total{outcome=\"exit_nonzero\"} 2",
+        "conch_commands_running 0",
+        "conch_api_request_duration_seconds_count{method=\"POST\",route=\"/api/v1/exec\",status=\"200\"} 1",
+        "# EOF",
+    ] {
+        assert!(text.contains(needle), "{needle} in:\n{text}");
+    }
+    // An admin may read them; nobody else, and the metrics token opens
+    // nothing but them.
+    assert!(!text.contains("FOOBAR"), "{text}");
+    assert_eq!(scrape(&server.token).await.0, 200);
+    let operator = server.create_token("op", "operator").await;
+    assert_eq!(scrape(&operator).await.0, 403);
+    assert_eq!(common::status(server.url("/metrics")).await, 401);
+    let resp = reqwest::Client::new()
+        .get(server.url("/api/v1/agents"))
+        .bearer_auth(metrics_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+}

@@ -325,6 +325,7 @@ impl Auth {
                 }
                 self.admin_token(token).ok_or_else(|| {
                     t.token_by_addr.fail(&client);
+                    super::metrics::login_failed();
                     LoginError::Invalid
                 })
             }
@@ -352,6 +353,7 @@ impl Auth {
                         agents: u.agents.clone(),
                     }),
                     None => {
+                        super::metrics::login_failed();
                         match device {
                             Some(id) => t.password_by_device.fail(&id),
                             None => {
@@ -391,6 +393,7 @@ impl Auth {
         }
         self.admin_token(token).ok_or_else(|| {
             t.bearer_by_addr.fail(&client);
+            super::metrics::login_failed();
             LoginError::Invalid
         })
     }
@@ -474,6 +477,11 @@ impl Auth {
             },
         );
         Ok(cookie)
+    }
+
+    /// Login sessions open now (expired ones not yet swept included).
+    pub(crate) fn session_count(&self) -> usize {
+        self.sessions.lock().map_or(0, |s| s.len())
     }
 
     /// The principal of a live session.

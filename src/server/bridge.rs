@@ -10,6 +10,7 @@
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
+use super::metrics::Outcome;
 use crate::link::{Channel, Event};
 use crate::rest::Stream;
 use crate::vocab::{ErrorCode, ExitStatus};
@@ -70,6 +71,28 @@ impl Failure {
 /// a `Failed`. A shutdown comes first: it also takes the agent link down, and the
 /// client should hear the cause, not the symptom.
 pub(crate) async fn next(channel: &mut Channel, shutdown: &CancellationToken) -> Update {
+    let update = read(channel, shutdown).await;
+    // Every edge reads its commands here: the one place to count them.
+    match &update {
+        Update::Output(_, bytes) => super::metrics::output(bytes.len()),
+        Update::Exit(status) => super::metrics::finished(if status.timed_out {
+            Outcome::timed_out
+        } else if status.signal.is_some() {
+            Outcome::signal
+        } else if status.code == Some(0) {
+            Outcome::exit_zero
+        } else {
+            Outcome::exit_nonzero
+        }),
+        Update::Failed(Failure::Refused { .. }) => super::metrics::finished(Outcome::refused),
+        Update::Failed(Failure::Lost) => super::metrics::finished(Outcome::lost),
+        Update::Failed(Failure::ShuttingDown) => super::metrics::finished(Outcome::shut_down),
+        Update::Notice { .. } => {}
+    }
+    update
+}
+
+async fn read(channel: &mut Channel, shutdown: &CancellationToken) -> Update {
     loop {
         let event = tokio::select! {
             biased;

@@ -13,6 +13,7 @@ pub(crate) mod embedded;
 mod fanout;
 pub mod http;
 pub(crate) mod messages;
+pub(crate) mod metrics;
 mod openapi;
 pub(crate) mod pages;
 pub(crate) mod peer;
@@ -74,6 +75,8 @@ pub struct ServeConfig {
     /// HTTPS served by conch itself (`--tls-cert`/`--tls-key`, or
     /// `--tls-self-signed`); `None`: plain HTTP.
     pub tls: Option<tls::WebTlsSource>,
+    /// The token of `/metrics` for a scraper (`--metrics-token-file`).
+    pub metrics_token: Option<Secret>,
 }
 
 /// The fleet's settings beyond the agents themselves.
@@ -107,6 +110,8 @@ pub(crate) struct AppState {
     pub(crate) output_budget: Arc<tokio::sync::Semaphore>,
     /// Running commands per user and agent.
     pub(crate) quota: quota::Quota,
+    /// The bearer token that opens `/metrics` (and nothing else).
+    pub(crate) metrics_token: Option<Secret>,
 }
 
 pub(crate) type State = Arc<AppState>;
@@ -153,6 +158,8 @@ pub(crate) fn router(state: State) -> Router {
             axum::routing::delete(api::revoke_token),
         )
         .route("/api/v1/openapi.json", get(api::openapi))
+        .route_layer(axum::middleware::from_fn(metrics::time_api))
+        .route("/metrics", get(metrics::page))
         .route("/api/{*rest}", axum::routing::any(api::not_found))
         .method_not_allowed_fallback(api::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
@@ -254,6 +261,7 @@ pub async fn serve(
         api_limits: config.api_limits.clone(),
         api_rate: throttle::RequestRate::new(config.api_limits.rate_per_minute),
         login_slots: tokio::sync::Semaphore::new(LOGIN_VERIFIERS),
+        metrics_token: config.metrics_token.clone(),
     });
     if let Some(t) = &web_tls {
         info!(%addr, fingerprint = %t.fingerprint, "serving HTTPS");

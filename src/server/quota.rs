@@ -76,6 +76,12 @@ impl Drop for Ticket {
 }
 
 impl Quota {
+    /// Commands running now, of all users.
+    pub(crate) fn running(&self) -> usize {
+        let c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        c.by_user.values().sum()
+    }
+
     /// Commands one user may run at once.
     pub(crate) fn per_user(&self) -> usize {
         self.limits.per_user
