@@ -1169,7 +1169,7 @@ async fn peers(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bool)> 
                 let (p, _, _) = mmm(theirs);
                 let _ = writeln!(
                     out,
-                    "| command output, `{cmd}` (conch console vs websocketd 0.4 `--binary`) | {m:.0} | {p:.0} | {:.2} |",
+                    "| command output, `{cmd}` (conch console vs websocketd 0.4 `--binary`; websocketd delivered {websocketd_min} of {n} bytes at worst) | {m:.0} | {p:.0} | {:.2} |",
                     m / p
                 );
                 verdicts.push((
@@ -1237,9 +1237,11 @@ async fn peers(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bool)> 
             if !theirs.is_empty() {
                 let (m, _, _) = mmm(mine);
                 let (p, _, _) = mmm(theirs);
+                // A `|` inside a table cell would end it.
+                let shown = pty_cmd.replace('|', "\\|");
                 let _ = writeln!(
                     out,
-                    "| PTY output, `{pty_cmd}` (conch PTY session vs ttyd 1.7.7) | {m:.0} | {p:.0} | {:.2} |",
+                    "| PTY output, `{shown}` (conch PTY session vs ttyd 1.7.7; ttyd delivered {ttyd_min} of {expect} bytes at worst) | {m:.0} | {p:.0} | {:.2} |",
                     m / p
                 );
                 verdicts.push((
