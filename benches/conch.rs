@@ -810,16 +810,9 @@ async fn idle(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bool)> {
 
 /// POSTs an exec body and waits for the whole (buffered) answer.
 async fn exec_json(server: &common::Server, body: &Value) -> Value {
-    reqwest::Client::new()
-        .post(server.url("/api/v1/exec"))
-        .bearer_auth(&server.token)
-        .json(body)
-        .send()
+    common::post_json(server.url("/api/v1/exec"), &server.token, body)
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+        .1
 }
 
 /// The fleet: `true` fanned out to many agent processes against one agent
@@ -918,10 +911,7 @@ async fn fleet(plan: &Plan, out: &mut String) -> Vec<(String, bool)> {
     }
     let file = dir.path().join("agents.toml");
     std::fs::write(&file, &entries).unwrap();
-    let listen = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let listen = std::net::SocketAddr::from(([127, 0, 0, 1], common::free_port()));
     let listen_text = listen.to_string();
     let server = common::start_server_unready(
         &[
@@ -999,15 +989,6 @@ async fn fleet(plan: &Plan, out: &mut String) -> Vec<(String, bool)> {
         let _ = tokio::time::timeout(Duration::from_secs(10), d).await;
     }
     verdicts
-}
-
-/// A free loopback port now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// websocketd from Debian's package, installed when missing (root only).
@@ -1105,15 +1086,87 @@ async fn read_binary(ws: &mut Ws, skip_type_byte: bool, limit: u64) -> u64 {
     got
 }
 
+/// One round of a peer.
+enum PeerRound {
+    /// It never listened: its rounds end here.
+    Unstarted,
+    /// The client could not connect: this round has no figure.
+    Unconnected,
+    Measured {
+        got: u64,
+        took: Duration,
+    },
+}
+
+/// Starts `bin` with `args(port)`, times `client(port)` (the bytes it read),
+/// and stops the peer.
+async fn peer_round(
+    bin: &std::path::Path,
+    args: impl FnOnce(u16) -> Vec<String>,
+    client: impl AsyncFnOnce(u16) -> Option<u64>,
+) -> PeerRound {
+    let port = common::free_port();
+    let Some(mut child) = start_peer(std::process::Command::new(bin).args(args(port)), port).await
+    else {
+        return PeerRound::Unstarted;
+    };
+    let t = Instant::now();
+    let round = match client(port).await {
+        Some(got) => PeerRound::Measured {
+            got,
+            took: t.elapsed(),
+        },
+        None => PeerRound::Unconnected,
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    round
+}
+
+/// conch's side of a round: `exec` on the console, drained; MB/s.
+async fn conch_round(ws: &mut Ws, exec: Value) -> f64 {
+    let id = exec["id"].as_u64().unwrap() as u32;
+    let t = Instant::now();
+    send(ws, exec).await;
+    let (got, _) = drain(ws, id).await;
+    mbps(got, t.elapsed())
+}
+
+/// conch and one peer in alternation for `rounds`: (conch MB/s, the peer's
+/// MB/s, the fewest bytes the peer delivered), or None when the peer
+/// never listened.
+async fn alternate(
+    rounds: usize,
+    ws: &mut Ws,
+    exec: impl Fn(u32) -> Value,
+    mut peer: impl AsyncFnMut() -> PeerRound,
+) -> Option<(f64, f64, u64)> {
+    let (mut mine, mut theirs, mut fewest) = (vec![], vec![], u64::MAX);
+    for round in 0..rounds {
+        mine.push(conch_round(ws, exec(round as u32)).await);
+        match peer().await {
+            PeerRound::Unstarted => break,
+            PeerRound::Unconnected => {}
+            PeerRound::Measured { got, took } => {
+                fewest = fewest.min(got);
+                theirs.push(mbps(got, took));
+            }
+        }
+    }
+    if theirs.is_empty() {
+        return None;
+    }
+    Some((mmm(mine).0, mmm(theirs).0, fewest))
+}
+
 /// conch beside websocketd (command output, binary frames) and ttyd (a
 /// PTY), driven in alternation by the same client in the same run.
 async fn peers(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bool)> {
+    let rounds = plan.runs.max(5);
     let _ = writeln!(
         out,
-        "### 7. Beside the peers (same client, alternating, median of {} rounds)\n",
-        plan.runs.max(5)
+        "### 7. Beside the peers (same client, alternating, median of {rounds} rounds)\n"
     );
-    let rounds = plan.runs.max(5);
     let n = plan.bytes;
     let mut verdicts = Vec::new();
     let mut ws = console(s).await;
@@ -1129,47 +1182,32 @@ async fn peers(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bool)> 
             );
         }
         Ok(bin) => {
-            let (mut mine, mut theirs) = (vec![], vec![]);
-            let mut websocketd_min = u64::MAX;
-            for round in 0..rounds {
-                let id = 900 + round as u32;
-                let t = Instant::now();
-                send(&mut ws, json!({"type": "exec", "id": id, "cmd": cmd})).await;
-                let (got, _) = drain(&mut ws, id).await;
-                mine.push(mbps(got, t.elapsed()));
-                let port = free_port();
-                let Some(mut child) = start_peer(
-                    std::process::Command::new(&bin).args([
+            let bin = std::path::PathBuf::from(bin);
+            let exec = |round: u32| json!({"type": "exec", "id": 900 + round, "cmd": cmd});
+            let peer = async || {
+                let args = |port: u16| {
+                    [
                         &format!("--port={port}"),
                         "--address=127.0.0.1",
                         "--binary",
                         "sh",
                         "-c",
                         &cmd,
-                    ]),
-                    port,
-                )
-                .await
-                else {
-                    break;
+                    ]
+                    .map(str::to_owned)
+                    .to_vec()
                 };
-                let t = Instant::now();
-                if let Ok((mut peer, _)) =
-                    tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/")).await
-                {
-                    let got = read_binary(&mut peer, false, n).await;
-                    websocketd_min = websocketd_min.min(got);
-                    theirs.push(mbps(got, t.elapsed()));
-                }
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-            if !theirs.is_empty() {
-                let (m, _, _) = mmm(mine);
-                let (p, _, _) = mmm(theirs);
+                peer_round(&bin, args, async |port| {
+                    let url = format!("ws://127.0.0.1:{port}/");
+                    let (mut peer, _) = tokio_tungstenite::connect_async(url).await.ok()?;
+                    Some(read_binary(&mut peer, false, n).await)
+                })
+                .await
+            };
+            if let Some((m, p, fewest)) = alternate(rounds, &mut ws, exec, peer).await {
                 let _ = writeln!(
                     out,
-                    "| command output, `{cmd}` (conch console vs websocketd 0.4 `--binary`; websocketd delivered {websocketd_min} of {n} bytes at worst) | {m:.0} | {p:.0} | {:.2} |",
+                    "| command output, `{cmd}` (conch console vs websocketd 0.4 `--binary`; websocketd delivered {fewest} of {n} bytes at worst) | {m:.0} | {p:.0} | {:.2} |",
                     m / p
                 );
                 verdicts.push((
@@ -1188,60 +1226,33 @@ async fn peers(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bool)> 
             let _ = writeln!(out, "| PTY output | – | ttyd not measured: {why} | – |");
         }
         Ok(bin) => {
-            let (mut mine, mut theirs) = (vec![], vec![]);
-            let mut ttyd_min = u64::MAX;
-            for round in 0..rounds {
-                let id = 950 + round as u32;
-                let t = Instant::now();
-                send(
-                    &mut ws,
-                    json!({"type": "exec", "id": id, "cmd": pty_cmd, "pty": {"cols": 80, "rows": 24}}),
-                )
-                .await;
-                let (got, _) = drain(&mut ws, id).await;
-                mine.push(mbps(got, t.elapsed()));
-                let port = free_port();
-                let Some(mut child) = start_peer(
-                    std::process::Command::new(&bin).args([
-                        "-p",
-                        &port.to_string(),
-                        "-i",
-                        "127.0.0.1",
-                        "-o",
-                        "sh",
-                        "-c",
-                        &pty_cmd,
-                    ]),
-                    port,
-                )
-                .await
-                else {
-                    break;
+            let exec = |round: u32| json!({"type": "exec", "id": 950 + round, "cmd": pty_cmd, "pty": {"cols": 80, "rows": 24}});
+            let peer = async || {
+                let args = |port: u16| {
+                    let port = port.to_string();
+                    ["-p", &port, "-i", "127.0.0.1", "-o", "sh", "-c", &pty_cmd]
+                        .map(str::to_owned)
+                        .to_vec()
                 };
-                let mut req = format!("ws://127.0.0.1:{port}/ws")
-                    .into_client_request()
-                    .unwrap();
-                req.headers_mut()
-                    .insert("sec-websocket-protocol", "tty".parse().unwrap());
-                let t = Instant::now();
-                if let Ok((mut peer, _)) = tokio_tungstenite::connect_async(req).await {
+                peer_round(&bin, args, async |port| {
+                    let mut req = format!("ws://127.0.0.1:{port}/ws")
+                        .into_client_request()
+                        .unwrap();
+                    req.headers_mut()
+                        .insert("sec-websocket-protocol", "tty".parse().unwrap());
+                    let (mut peer, _) = tokio_tungstenite::connect_async(req).await.ok()?;
                     let hello = json!({"AuthToken": "", "columns": 80, "rows": 24}).to_string();
                     let _ = peer.send(Message::Binary(hello.into_bytes().into())).await;
-                    let got = read_binary(&mut peer, true, expect).await;
-                    ttyd_min = ttyd_min.min(got);
-                    theirs.push(mbps(got, t.elapsed()));
-                }
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-            if !theirs.is_empty() {
-                let (m, _, _) = mmm(mine);
-                let (p, _, _) = mmm(theirs);
+                    Some(read_binary(&mut peer, true, expect).await)
+                })
+                .await
+            };
+            if let Some((m, p, fewest)) = alternate(rounds, &mut ws, exec, peer).await {
                 // A `|` inside a table cell would end it.
                 let shown = pty_cmd.replace('|', "\\|");
                 let _ = writeln!(
                     out,
-                    "| PTY output, `{shown}` (conch PTY session vs ttyd 1.7.7; ttyd delivered {ttyd_min} of {expect} bytes at worst) | {m:.0} | {p:.0} | {:.2} |",
+                    "| PTY output, `{shown}` (conch PTY session vs ttyd 1.7.7; ttyd delivered {fewest} of {expect} bytes at worst) | {m:.0} | {p:.0} | {:.2} |",
                     m / p
                 );
                 verdicts.push((

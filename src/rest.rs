@@ -26,6 +26,16 @@ pub(crate) enum Stream {
     Stderr,
 }
 
+impl Stream {
+    /// Its name on the wire and in messages.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+        }
+    }
+}
+
 /// The buffered answer: the exit status and the output, whole or cut at
 /// `max_output_bytes` (then the stream's `*_truncated` is true).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

@@ -209,14 +209,6 @@ fn dockerfile_and_compose_match_the_binary() {
     assert_eq!(health[2].as_str(), Some("healthcheck"));
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The compose environment, with container paths and addresses mapped to
 /// this machine's (secrets to files in `dir`, ports to free loopback ports).
 fn localise(
@@ -269,7 +261,7 @@ async fn configured_only_through_the_environment_as_compose_does() {
     conch::keyfile::Key::generate()
         .save_new(&secrets.path().join("agent_key"))
         .unwrap();
-    let (agent_port, server_port) = (free_port(), free_port());
+    let (agent_port, server_port) = (common::free_port(), common::free_port());
     let agent_env = localise(
         service_env(&compose, "agent"),
         secrets.path(),
@@ -323,7 +315,7 @@ async fn configured_only_through_the_environment_as_compose_does() {
     assert!(check(&[], &server_env));
     assert!(check(&["--tcp", &format!("127.0.0.1:{agent_port}")], &[]));
     assert!(!check(
-        &["--tcp", &format!("127.0.0.1:{}", free_port())],
+        &["--tcp", &format!("127.0.0.1:{}", common::free_port())],
         &[]
     ));
     // The probe is no error in the agent's log: a fresh authenticated

@@ -39,16 +39,7 @@ async fn commands_run_on_the_agent_they_name_with_its_own_key() {
     // Each command runs where it is sent: the agents' pids differ.
     let mut parents = Vec::new();
     for name in ["web-1", "db-1"] {
-        let body: Value = client
-            .post(server.url("/api/v1/exec"))
-            .bearer_auth(&server.token)
-            .json(&json!({"command": "echo $PPID", "agent": name}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let (_, body) = exec(&server, json!({"command": "echo $PPID", "agent": name})).await;
         assert_eq!(body["exit_code"], 0, "{body}");
         parents.push(body["stdout"].as_str().unwrap().trim().to_owned());
     }
@@ -125,7 +116,7 @@ async fn a_wrong_agents_file_stops_the_server_with_the_reason() {
 /// A server with `file` and an agent listener; its address and the
 /// listener's.
 fn fleet_server(file: &str, extra: &[&str]) -> (Server, SocketAddr) {
-    let listen = free_port();
+    let listen = SocketAddr::from(([127, 0, 0, 1], common::free_port()));
     fleet_server_on(file, listen, extra)
 }
 
@@ -135,12 +126,6 @@ fn fleet_server_on(file: &str, listen: SocketAddr, extra: &[&str]) -> (Server, S
     args.extend_from_slice(extra);
     let server = common::start_server_unready(&args, &[]);
     (server, listen)
-}
-
-/// A loopback address free right now.
-fn free_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
 }
 
 /// `conch agent --connect` to `server` as `name`.
@@ -194,15 +179,7 @@ async fn wait_connected(server: &Server, name: &str, connected: bool) -> Value {
 }
 
 async fn exec(server: &Server, body: Value) -> (u16, Value) {
-    let resp = reqwest::Client::new()
-        .post(server.url("/api/v1/exec"))
-        .bearer_auth(&server.token)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap())
+    common::post_json(server.url("/api/v1/exec"), &server.token, &body).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -414,8 +391,13 @@ async fn stream_lines(server: &Server, body: Value) -> impl futures_util::Stream
 }
 
 /// `n` agent processes named `{prefix}0`, `{prefix}1`... that the server
-/// dials, and that server, ready: (agents, server, the agents file's dir).
-async fn dialed_fleet(n: usize, prefix: &str) -> (Vec<common::Agent>, Server, tempfile::TempDir) {
+/// dials, and that server (with `extra` flags), ready: (agents, server,
+/// the agents file's dir).
+async fn dialed_fleet(
+    n: usize,
+    prefix: &str,
+    extra: &[&str],
+) -> (Vec<common::Agent>, Server, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let hosts: Vec<common::Agent> = (0..n).map(|_| start_agent(&[])).collect();
     let mut entries = String::new();
@@ -427,14 +409,16 @@ async fn dialed_fleet(n: usize, prefix: &str) -> (Vec<common::Agent>, Server, te
         ));
     }
     let file = agents_file(dir.path(), &entries);
-    let server = start_server(&["--agents-file", &file], &[]);
+    let mut args = vec!["--agents-file", file.as_str()];
+    args.extend_from_slice(extra);
+    let server = start_server(&args, &[]);
     server.wait_ready().await;
     (hosts, server, dir)
 }
 
 #[tokio::test]
 async fn an_agent_killed_mid_command_is_unreachable_while_the_others_finish() {
-    let (mut hosts, server, dir) = dialed_fleet(3, "h").await;
+    let (mut hosts, server, dir) = dialed_fleet(3, "h", &[]).await;
     // Each command waits for a gate file that the test makes.
     let gate = dir.path().join("gate");
     let cmd = format!(
@@ -832,7 +816,7 @@ async fn a_principal_limited_to_a_selector_reaches_no_other_agent() {
 
 #[tokio::test]
 async fn a_streamed_fan_out_ends_its_commands_when_the_client_goes() {
-    let (_hosts, server, _dir) = dialed_fleet(2, "q").await;
+    let (_hosts, server, _dir) = dialed_fleet(2, "q", &[]).await;
     // One host at a time; each leaves a marker, prints its pid and then
     // keeps quiet.
     let marks = tempfile::tempdir().unwrap();
@@ -866,29 +850,15 @@ async fn a_streamed_fan_out_ends_its_commands_when_the_client_goes() {
 #[tokio::test]
 async fn metrics_tell_agents_commands_and_sessions_to_an_admin_or_the_metrics_token() {
     let dir = tempfile::tempdir().unwrap();
-    let hosts: Vec<common::Agent> = (0..2).map(|_| start_agent(&[])).collect();
-    let mut entries = String::new();
-    for (i, a) in hosts.iter().enumerate() {
-        entries.push_str(&format!(
-            "[[agents]]\nname = \"m{i}\"\naddr = \"{}\"\nkey_file = \"{}\"\n",
-            a.addr,
-            a.key_file.display()
-        ));
-    }
-    let file = agents_file(dir.path(), &entries);
     let metrics_token = "metrics-0123456789abcdef0123";
     let token_file = dir.path().join("metrics.token");
     std::fs::write(&token_file, metrics_token).unwrap();
-    let server = start_server(
-        &[
-            "--agents-file",
-            &file,
-            "--metrics-token-file",
-            token_file.to_str().unwrap(),
-        ],
-        &[],
-    );
-    server.wait_ready().await;
+    let (_hosts, server, _files) = dialed_fleet(
+        2,
+        "m",
+        &["--metrics-token-file", token_file.to_str().unwrap()],
+    )
+    .await;
     let (_, body) = exec(&server, json!({"command": "exit 3", "target": "*"})).await;
     assert_eq!(body["summary"]["failed"], 2, "{body}");
     let scrape = |token: &str| {
@@ -950,4 +920,40 @@ async fn metrics_tell_agents_commands_and_sessions_to_an_admin_or_the_metrics_to
         .await
         .unwrap();
     assert_eq!(resp.status(), 401);
+}
+
+#[tokio::test]
+async fn a_fan_out_cannot_outgrow_the_output_budget_and_a_viewer_cannot_fan_out() {
+    let (_hosts, server, dir) = dialed_fleet(2, "b", &["--buffered-output-budget-mib", "1"]).await;
+    let marker = dir.path().join("ran");
+    let touch = format!("touch {}", marker.display());
+    // Two hosts' output at 200 000 bytes a stream needs 2 MB of buffer:
+    // refused before any host runs anything.
+    let (status, body) = exec(
+        &server,
+        json!({"command": touch, "target": "*", "max_output_bytes": 200_000}),
+    )
+    .await;
+    assert_eq!(status, 413, "{body}");
+    // The same within the budget runs on both.
+    let (status, body) = exec(
+        &server,
+        json!({"command": "true", "target": "*", "max_output_bytes": 50_000}),
+    )
+    .await;
+    assert_eq!(
+        (status, body["summary"]["ok"].clone()),
+        (200, json!(2)),
+        "{body}"
+    );
+    // A viewer runs nothing anywhere.
+    let viewer = server.create_token("v", "viewer").await;
+    let (status, body) = common::post_json(
+        server.url("/api/v1/exec"),
+        &viewer,
+        &json!({"command": touch, "target": "*"}),
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    assert!(!marker.exists(), "a refused fan-out ran a command");
 }

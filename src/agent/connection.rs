@@ -172,9 +172,11 @@ impl Connection {
         shutdown: CancellationToken,
         idle: Option<Duration>,
     ) {
-        // Far in the future when there is no idle limit.
-        let idle = idle.unwrap_or(Duration::from_secs(365 * 24 * 3600));
-        let silence = tokio::time::sleep(idle);
+        // A frame only notes when it came; the timer is looked at (and moved
+        // on) only when it fires, not re-armed for every frame.
+        let limit = idle.unwrap_or(Duration::MAX);
+        let mut last_frame = tokio::time::Instant::now();
+        let silence = tokio::time::sleep(idle.unwrap_or_default());
         tokio::pin!(silence);
         let (mut sink, mut stream) = framed.split();
         let (out_tx, mut out_rx) = mpsc::channel::<Frame>(OUTBOUND_QUEUE);
@@ -193,7 +195,7 @@ impl Connection {
                 frame = stream.next() => match frame {
                     None => break,
                     Some(Ok(frame)) => {
-                        silence.as_mut().reset(tokio::time::Instant::now() + idle);
+                        last_frame = tokio::time::Instant::now();
                         self.dispatch(frame, &out_tx, &done_tx).await
                     }
                     Some(Err(FrameError::Io(e))) => {
@@ -210,8 +212,12 @@ impl Connection {
                     self.channels.remove(&done.ch);
                     let _ = out_tx.send(done.exit).await;
                 }
-                _ = &mut silence => {
-                    warn!("nothing from the server for {idle:?}; taking the link for dead");
+                _ = &mut silence, if idle.is_some() => {
+                    if last_frame.elapsed() < limit {
+                        silence.as_mut().reset(last_frame + limit);
+                        continue;
+                    }
+                    warn!("nothing from the server for {limit:?}; taking the link for dead");
                     break;
                 }
                 _ = shutdown.cancelled() => break,

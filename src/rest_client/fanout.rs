@@ -130,10 +130,7 @@ pub(super) async fn print(
                             lines.push(&agent, stream, &bytes, config.prefix);
                         }
                         StreamLine::Truncated { truncated, limit } => {
-                            let name = match truncated {
-                                Stream::Stdout => "stdout",
-                                Stream::Stderr => "stderr",
-                            };
+                            let name = truncated.name();
                             eprintln!("conch: {agent}: {name} was cut off after {limit} bytes");
                         }
                         StreamLine::Exit { exit, .. } => {

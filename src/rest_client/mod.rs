@@ -214,10 +214,7 @@ pub async fn run(config: ExecConfig) -> Result<u8, ClientError> {
                     limit,
                 } => {
                     truncated = true;
-                    let name = match stream {
-                        Stream::Stdout => "stdout",
-                        Stream::Stderr => "stderr",
-                    };
+                    let name = stream.name();
                     eprintln!(
                         "conch: {name} was cut off after {limit} bytes (--max-output-bytes); the rest was discarded"
                     );

@@ -355,6 +355,32 @@ pub async fn status(url: impl reqwest::IntoUrl) -> u16 {
     client.get(url).send().await.unwrap().status().as_u16()
 }
 
+/// A loopback port free right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// POSTs `body` as JSON with a bearer token: the status and the JSON answer.
+pub async fn post_json(
+    url: impl reqwest::IntoUrl,
+    token: &str,
+    body: &serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let resp = reqwest::Client::new()
+        .post(url)
+        .bearer_auth(token)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap())
+}
+
 /// The JSON body of a GET with a bearer token.
 pub async fn get_json(url: impl reqwest::IntoUrl, token: &str) -> serde_json::Value {
     reqwest::Client::new()
