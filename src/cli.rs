@@ -154,6 +154,17 @@ pub struct AgentArgs {
     /// Commands running at once on one connection.
     #[arg(long, env = "CONCH_AGENT_MAX_CHANNELS", default_value_t = 1024)]
     max_channels: usize,
+    /// How long a shell session with nothing attached keeps running
+    /// before it is ended (`90s`, `30m`, `2h`; `0` ends it when its last
+    /// page goes).
+    #[arg(long, env = "CONCH_SESSION_LINGER", default_value = "30m", value_parser = duration)]
+    session_linger: std::time::Duration,
+    /// Lines of scrollback a session keeps for redrawing a reattached page.
+    #[arg(long, env = "CONCH_SESSION_SCROLLBACK", default_value_t = 5000, value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    session_scrollback: u32,
+    /// Shell sessions the agent holds at once (attached or not).
+    #[arg(long, env = "CONCH_MAX_SESSIONS", default_value_t = 256)]
+    max_sessions: usize,
     /// Serve clients over plain TCP instead of TLS: commands, keystrokes and
     /// output cross the network readable and alterable. Clients must say so too.
     #[arg(long, env = "CONCH_INSECURE_PLAINTEXT", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::SetTrue)]
@@ -442,6 +453,29 @@ pub struct TokenArgs {
     command: TokenCommand,
 }
 
+/// A duration as a number and a unit (`90s`, `30m`, `2h`, `500ms`); a
+/// bare number is seconds.
+fn duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration such as 90s, 30m or 2h"))?;
+    let ms = match unit {
+        "ms" => Some(n),
+        "" | "s" => n.checked_mul(1000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        _ => return Err(format!("{text:?}: the unit must be ms, s, m or h")),
+    };
+    ms.filter(|ms| *ms <= 30 * 24 * 3_600_000)
+        .map(std::time::Duration::from_millis)
+        .ok_or_else(|| format!("{text:?} is longer than 30 days"))
+}
+
 /// The largest count the REST API takes (2^53 - 1).
 const MAX_API_INTEGER: u64 = (1 << 53) - 1;
 
@@ -475,6 +509,11 @@ impl AgentArgs {
                 Some(crate::transport::tls::Acceptor::ephemeral().context("cannot set up TLS")?)
             },
             name: args.name.clone(),
+            sessions: crate::agent::SessionLimits {
+                linger: args.session_linger,
+                scrollback: args.session_scrollback as usize,
+                max_sessions: args.max_sessions.max(1),
+            },
         })
     }
 }

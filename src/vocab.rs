@@ -134,6 +134,10 @@ pub enum ErrorCode {
     TooLarge,
     AgentUnavailable,
     AgentLost,
+    /// No session has that id (it ended, or never was).
+    NoSession,
+    /// The agent holds its maximum of sessions.
+    TooManySessions,
     /// A code this version does not know (from a newer peer).
     Other(String),
 }
@@ -158,6 +162,8 @@ const CODES: &[(ErrorCode, &str)] = &[
     (ErrorCode::TooLarge, "too_large"),
     (ErrorCode::AgentUnavailable, "agent_unavailable"),
     (ErrorCode::AgentLost, "agent_lost"),
+    (ErrorCode::NoSession, "no_session"),
+    (ErrorCode::TooManySessions, "too_many_sessions"),
 ];
 
 impl ErrorCode {
@@ -187,6 +193,8 @@ impl ErrorCode {
                 | ErrorCode::ChannelInUse
                 | ErrorCode::TooManyChannels
                 | ErrorCode::BadExec
+                | ErrorCode::NoSession
+                | ErrorCode::TooManySessions
         )
     }
 }

@@ -22,7 +22,7 @@ use crate::protocol::{ExecRequest, Frame, Message, PtySize};
 use crate::vocab::{self, ErrorCode, SignalNumber};
 
 /// The most output read in one go, and so the largest output frame: 64 KiB.
-const READ_CHUNK: usize = 64 * 1024;
+pub(super) const READ_CHUNK: usize = 64 * 1024;
 
 pub(crate) use crate::protocol::message::STDIN_WINDOW;
 
@@ -32,7 +32,7 @@ const STDIN_CREDIT_BATCH: usize = 32 * 1024;
 /// How long output is still drained after the command's leader exits and its
 /// group is killed. Only a process that escaped the group (a daemon that
 /// called setsid) can hold the pipes open past this.
-const DRAIN_GRACE: Duration = Duration::from_secs(2);
+pub(super) const DRAIN_GRACE: Duration = Duration::from_secs(2);
 
 /// What the connection forwards to a running channel.
 #[derive(Debug)]
@@ -41,6 +41,8 @@ pub(crate) enum Control {
     Resize(PtySize),
     Window(u64),
     Close,
+    /// Leave a session running (a plain command has none: ignored).
+    Detach,
 }
 
 /// A `stdin` frame for a channel: its payload and whether input ends there.
@@ -121,13 +123,13 @@ fn exit_message(outcome: Outcome, started: Instant) -> Message {
 }
 
 /// A readable output stream of the process, or none once it has ended.
-struct Source<R> {
+pub(super) struct Source<R> {
     reader: Option<R>,
     buf: BytesMut,
 }
 
 impl<R: AsyncRead + Unpin> Source<R> {
-    fn new(reader: Option<R>) -> Self {
+    pub(super) fn new(reader: Option<R>) -> Self {
         Source {
             reader,
             buf: BytesMut::new(),
@@ -135,7 +137,7 @@ impl<R: AsyncRead + Unpin> Source<R> {
     }
 
     /// Reads up to `limit` bytes; `None` once the stream is at its end.
-    async fn read(&mut self, limit: usize) -> Option<Bytes> {
+    pub(super) async fn read(&mut self, limit: usize) -> Option<Bytes> {
         let reader = self.reader.as_mut()?;
         self.buf.clear();
         self.buf.reserve(limit);
@@ -168,21 +170,21 @@ impl<R: AsyncRead + Unpin> Source<R> {
         Some(self.buf.split().freeze())
     }
 
-    fn open(&self) -> bool {
+    pub(super) fn open(&self) -> bool {
         self.reader.is_some()
     }
 }
 
 /// Standard input waiting to be written, bounded by [`STDIN_WINDOW`].
-struct StdinQueue<W> {
-    writer: Option<W>,
+pub(super) struct StdinQueue<W> {
+    pub(super) writer: Option<W>,
     /// For a terminal, end of input is the EOF character (^D), not a close.
-    eof_byte: Option<u8>,
-    queue: VecDeque<Bytes>,
-    queued: usize,
-    eof: bool,
+    pub(super) eof_byte: Option<u8>,
+    pub(super) queue: VecDeque<Bytes>,
+    pub(super) queued: usize,
+    pub(super) eof: bool,
     /// Credit consumed (written, or dropped) and not yet returned.
-    owed: usize,
+    pub(super) owed: usize,
 }
 
 impl<W: AsyncWrite + Unpin> StdinQueue<W> {
@@ -190,14 +192,14 @@ impl<W: AsyncWrite + Unpin> StdinQueue<W> {
     /// per keystroke, and no deadlock can come of the batching: a client
     /// waiting for credit has at least the window minus one batch in flight,
     /// which the process's reading turns into a full batch.
-    fn credit_due(&mut self) -> Option<u64> {
+    pub(super) fn credit_due(&mut self) -> Option<u64> {
         if self.owed >= STDIN_CREDIT_BATCH {
             return Some(std::mem::take(&mut self.owed) as u64);
         }
         None
     }
 
-    fn push(&mut self, data: Bytes, eof: bool) -> Result<(), &'static str> {
+    pub(super) fn push(&mut self, data: Bytes, eof: bool) -> Result<(), &'static str> {
         if data.is_empty() {
             // An empty frame costs one byte of credit; it is spent at once.
             self.owed += 1;
@@ -226,11 +228,11 @@ impl<W: AsyncWrite + Unpin> StdinQueue<W> {
         Ok(())
     }
 
-    fn pending(&self) -> bool {
+    pub(super) fn pending(&self) -> bool {
         self.writer.is_some() && !self.queue.is_empty()
     }
 
-    async fn write_some(&mut self) {
+    pub(super) async fn write_some(&mut self) {
         let (Some(writer), Some(front)) = (self.writer.as_mut(), self.queue.front_mut()) else {
             return;
         };
@@ -419,6 +421,7 @@ impl Supervisor {
                 }
             }
             Control::Window(add) => self.credit = self.credit.saturating_add(add),
+            Control::Detach => {}
             Control::Close => {
                 self.closed = true;
                 group.signal(Signal::SIGKILL);
@@ -453,12 +456,12 @@ impl Supervisor {
     }
 }
 
-type Writer = Box<dyn AsyncWrite + Unpin + Send>;
-type Reader = Box<dyn AsyncRead + Unpin + Send>;
+pub(super) type Writer = Box<dyn AsyncWrite + Unpin + Send>;
+pub(super) type Reader = Box<dyn AsyncRead + Unpin + Send>;
 
 /// The process's input and outputs as the supervisor polls them: pipes as
 /// they are, or the one PTY master as both the writer and the reader.
-fn split_io(
+pub(super) fn split_io(
     io: ProcessIo,
 ) -> (
     Option<Writer>,

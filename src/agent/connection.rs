@@ -14,7 +14,9 @@ use tracing::{debug, info, warn};
 
 use super::channel::{self, Control, Done, STDIN_WINDOW, Stdin};
 use super::sandbox::ExecPolicy;
+use super::session::{Attach, Sessions};
 use crate::keyfile::Key;
+use crate::protocol::message::DEFAULT_WINDOW;
 use crate::protocol::{Frame, FrameCodec, FrameError, Message};
 use crate::transport::handshake::{self, HandshakeError};
 use crate::transport::writer::write_queued;
@@ -122,10 +124,12 @@ pub(crate) async fn authenticate(
 /// silent for [`SILENCE_LIMIT`] is taken for dead: its commands are killed,
 /// and an agent that dials in reconnects instead of waiting on a silent
 /// link for minutes. A client that does not ping may stay silent.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn serve_authenticated(
     framed: AgentFramed,
     limits: Limits,
     policy: Arc<ExecPolicy>,
+    sessions: Arc<Sessions>,
     shutdown: CancellationToken,
     peer: &str,
     authed: &handshake::Authenticated,
@@ -135,7 +139,7 @@ pub(crate) async fn serve_authenticated(
         .iter()
         .any(|c| c == handshake::PINGS)
         .then_some(SILENCE_LIMIT);
-    Connection::new(limits, policy)
+    Connection::new(limits, policy, sessions)
         .run(framed, shutdown, idle)
         .await;
     info!(%peer, "client disconnected");
@@ -154,16 +158,61 @@ struct ChannelHandle {
 struct Connection {
     limits: Limits,
     policy: Arc<ExecPolicy>,
+    sessions: Arc<Sessions>,
     channels: HashMap<u32, ChannelHandle>,
 }
 
+/// The receiving ends of a new channel's queues, for whoever runs it.
+type ChannelQueues = (
+    mpsc::Receiver<Control>,
+    mpsc::UnboundedReceiver<Stdin>,
+    Arc<std::sync::atomic::AtomicUsize>,
+);
+
 impl Connection {
-    fn new(limits: Limits, policy: Arc<ExecPolicy>) -> Self {
+    fn new(limits: Limits, policy: Arc<ExecPolicy>, sessions: Arc<Sessions>) -> Self {
         Connection {
             limits,
             policy,
+            sessions,
             channels: HashMap::new(),
         }
+    }
+
+    /// Checks that `ch` may start (an id of 1 or more, not running, room
+    /// for one more channel) and registers it; the refusal otherwise.
+    fn open_channel(&mut self, ch: u32) -> Result<ChannelQueues, Box<Message>> {
+        if ch == 0 {
+            return Err(Box::new(Message::error(
+                ErrorCode::BadChannel,
+                "exec needs a channel id of 1 or more",
+            )));
+        }
+        if self.channels.contains_key(&ch) {
+            return Err(Box::new(Message::error(
+                ErrorCode::ChannelInUse,
+                format!("channel {ch} is already running"),
+            )));
+        }
+        if self.channels.len() >= self.limits.max_channels {
+            let msg = format!(
+                "at most {} channels may run at once",
+                self.limits.max_channels
+            );
+            return Err(Box::new(Message::error(ErrorCode::TooManyChannels, msg)));
+        }
+        let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
+        let (stdin, stdin_rx) = mpsc::unbounded_channel();
+        let stdin_spent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        self.channels.insert(
+            ch,
+            ChannelHandle {
+                control,
+                stdin,
+                stdin_spent: stdin_spent.clone(),
+            },
+        );
+        Ok((control_rx, stdin_rx, stdin_spent))
     }
 
     async fn run(
@@ -262,46 +311,88 @@ impl Connection {
                         return;
                     }
                 };
-                if ch == 0 {
-                    let _ = reply(Message::error(
-                        ErrorCode::BadChannel,
-                        "exec needs a channel id of 1 or more",
-                    ))
-                    .await;
-                } else if self.channels.contains_key(&ch) {
-                    let _ = reply(Message::error(
-                        ErrorCode::ChannelInUse,
-                        format!("channel {ch} is already running"),
-                    ))
-                    .await;
-                } else if self.channels.len() >= self.limits.max_channels {
-                    let msg = format!(
-                        "at most {} channels may run at once",
-                        self.limits.max_channels
-                    );
-                    let _ = reply(Message::error(ErrorCode::TooManyChannels, msg)).await;
-                } else {
-                    let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
-                    let (stdin, stdin_rx) = mpsc::unbounded_channel();
-                    let stdin_spent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-                    self.channels.insert(
+                let (control_rx, stdin_rx, stdin_spent) = match self.open_channel(ch) {
+                    Ok(queues) => queues,
+                    Err(refusal) => {
+                        let _ = reply(*refusal).await;
+                        return;
+                    }
+                };
+                if req.session.is_some() {
+                    let attach = Attach {
                         ch,
-                        ChannelHandle {
-                            control,
-                            stdin,
-                            stdin_spent: stdin_spent.clone(),
-                        },
-                    );
-                    tokio::spawn(channel::run(
-                        ch,
-                        req,
-                        self.policy.clone(),
-                        control_rx,
-                        (stdin_rx, stdin_spent),
-                        out.clone(),
-                        done.clone(),
-                    ));
+                        watch: false,
+                        size: req.pty,
+                        window: req.window.unwrap_or(DEFAULT_WINDOW),
+                        control: control_rx,
+                        input: stdin_rx,
+                        stdin_spent,
+                        out: out.clone(),
+                        done: done.clone(),
+                    };
+                    self.sessions.open(req, &self.policy, attach);
+                    return;
                 }
+                tokio::spawn(channel::run(
+                    ch,
+                    req,
+                    self.policy.clone(),
+                    control_rx,
+                    (stdin_rx, stdin_spent),
+                    out.clone(),
+                    done.clone(),
+                ));
+            }
+            Message::Attach {
+                session,
+                cols,
+                rows,
+                watch,
+                window,
+            } => {
+                let (control_rx, stdin_rx, stdin_spent) = match self.open_channel(ch) {
+                    Ok(queues) => queues,
+                    Err(refusal) => {
+                        let _ = reply(*refusal).await;
+                        return;
+                    }
+                };
+                let attach = Attach {
+                    ch,
+                    watch,
+                    size: Some(crate::protocol::PtySize { cols, rows }),
+                    window: window.unwrap_or(DEFAULT_WINDOW),
+                    control: control_rx,
+                    input: stdin_rx,
+                    stdin_spent,
+                    out: out.clone(),
+                    done: done.clone(),
+                };
+                self.sessions.attach(&session, attach);
+            }
+            Message::Detach => self.forward(ch, Control::Detach).await,
+            Message::ListSessions { id } => {
+                let mut list = self.sessions.list();
+                // The answer must fit one payload: the oldest sessions first.
+                let payload = loop {
+                    match serde_json::to_vec(&list) {
+                        Ok(p) if p.len() <= crate::protocol::MAX_PAYLOAD_LEN => break p,
+                        Ok(_) => list.truncate(list.len() / 2),
+                        Err(_) => break b"[]".to_vec(),
+                    }
+                };
+                let frame = Frame::with_payload(0, Message::SessionList { id }, payload.into());
+                let _ = out.send(frame).await;
+            }
+            Message::EndSession { session } => {
+                self.sessions.end(&session);
+            }
+            Message::UpdateSession {
+                session,
+                title,
+                watchers,
+            } => {
+                self.sessions.update(&session, title, watchers);
             }
             Message::Stdin { eof } => match self.channels.get(&ch) {
                 // Never waits: the client's credit bounds what is queued.

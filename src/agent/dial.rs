@@ -36,11 +36,25 @@ pub async fn run(config: AgentConfig, server: String, shutdown: CancellationToke
         return;
     };
     info!(%server, agent = %name, "dialing in");
+    // Sessions outlive each connection: a reconnect finds them again.
+    let sessions = super::session::Sessions::new(config.sessions);
+    redial(&config, &sessions, &server, &name, &shutdown).await;
+    sessions.shutdown().await;
+}
+
+/// Connects, serves, and reconnects with backoff until `shutdown`.
+async fn redial(
+    config: &AgentConfig,
+    sessions: &Arc<super::session::Sessions>,
+    server: &str,
+    name: &str,
+    shutdown: &CancellationToken,
+) {
     let mut backoff = BACKOFF_MIN;
     let mut failures = 0u32;
     loop {
         let started = tokio::time::Instant::now();
-        match once(&config, &server, &name, &shutdown).await {
+        match once(config, sessions, server, name, shutdown).await {
             Ok(()) => info!(%server, "disconnected from the server"),
             Err(e) if failures == 0 => {
                 warn!(%server, error = %e, "cannot reach the server; retrying with backoff")
@@ -68,6 +82,7 @@ pub async fn run(config: AgentConfig, server: String, shutdown: CancellationToke
 /// One connection: connect, authenticate, serve until it ends.
 async fn once(
     config: &AgentConfig,
+    sessions: &Arc<super::session::Sessions>,
     server: &str,
     name: &str,
     shutdown: &CancellationToken,
@@ -99,6 +114,7 @@ async fn once(
         framed,
         config.limits,
         config.policy.clone(),
+        sessions.clone(),
         shutdown.clone(),
         &peer,
         &authed,

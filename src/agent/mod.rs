@@ -8,6 +8,7 @@ pub mod dial;
 pub(crate) mod facts;
 pub(crate) mod process;
 pub mod sandbox;
+pub(crate) mod session;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -23,6 +24,7 @@ use tracing::info;
 
 use crate::keyfile::Key;
 pub use connection::Limits;
+pub use session::SessionLimits;
 
 /// Everything `conch agent` needs, built from its flags and environment.
 #[derive(Debug, Clone)]
@@ -47,6 +49,8 @@ pub struct AgentConfig {
     /// The agent's name (`--name`): claimed in the handshake and proved
     /// with the key, so that a server can check it reached the right host.
     pub name: Option<String>,
+    /// Linger, scrollback and count of the shells kept for reattaching.
+    pub sessions: SessionLimits,
 }
 
 /// Binds the configured address and serves until `shutdown` fires.
@@ -93,6 +97,7 @@ pub async fn serve(listener: TcpListener, config: AgentConfig, shutdown: Cancell
     let authed = Arc::new(Semaphore::new(config.max_connections.max(1)));
     let pending = Arc::new(Mutex::new(Pending::default()));
     let tracker = TaskTracker::new();
+    let sessions = session::Sessions::new(config.sessions);
     loop {
         let Some((stream, peer)) = crate::transport::socket::accept(&listener, &shutdown).await
         else {
@@ -112,6 +117,7 @@ pub async fn serve(listener: TcpListener, config: AgentConfig, shutdown: Cancell
         let shutdown = shutdown.clone();
         let authed = authed.clone();
         let pending = pending.clone();
+        let sessions = sessions.clone();
         tracker.spawn(async move {
             let framed = connection::authenticate(
                 stream,
@@ -129,11 +135,15 @@ pub async fn serve(listener: TcpListener, config: AgentConfig, shutdown: Cancell
             let Some((framed, peer, authed)) = framed else {
                 return;
             };
-            connection::serve_authenticated(framed, limits, policy, shutdown, &peer, &authed).await;
+            connection::serve_authenticated(
+                framed, limits, policy, sessions, shutdown, &peer, &authed,
+            )
+            .await;
         });
     }
     drop(listener);
     tracker.close();
     tracker.wait().await;
+    sessions.shutdown().await;
     info!("agent stopped");
 }

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::keyfile::Key;
 use crate::protocol::message::STDIN_WINDOW;
-use crate::protocol::{ExecRequest, Frame, FrameCodec, FrameError, Message};
+use crate::protocol::{ExecRequest, Frame, FrameCodec, FrameError, Message, SessionInfo};
 use crate::transport::handshake;
 pub(crate) use crate::transport::handshake::AgentInfo;
 use crate::transport::writer::write_queued;
@@ -233,13 +233,19 @@ pub enum Event {
     },
     /// The link to the agent was lost; no event follows.
     Lost,
+    /// The channel is attached to this session (it opened it, or attached).
+    Session(String),
+    /// Part of the redraw that starts an attach (before any live output).
+    Snapshot(Bytes),
+    /// The channel left its session, which goes on; no event follows.
+    Detached(String),
 }
 
 impl Event {
     /// Whether nothing follows this event on its channel.
     pub(crate) fn is_final(&self) -> bool {
         match self {
-            Event::Exit(_) | Event::Lost => true,
+            Event::Exit(_) | Event::Lost | Event::Detached(_) => true,
             Event::Error { code, .. } => code.is_refusal(),
             _ => false,
         }
@@ -261,6 +267,12 @@ impl Route {
 
 type Routes = Arc<Mutex<HashMap<u32, Route>>>;
 
+/// `list_sessions` requests waiting for their answer, by id.
+type Listings = Arc<Mutex<HashMap<u64, tokio::sync::oneshot::Sender<Vec<SessionInfo>>>>>;
+
+/// How long an agent has to answer `list_sessions`.
+const LIST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// An authenticated connection to one agent.
 #[derive(Clone)]
 pub struct AgentLink {
@@ -268,7 +280,9 @@ pub struct AgentLink {
     info: AgentInfo,
     liveness: Arc<Liveness>,
     routes: Routes,
+    listings: Listings,
     next_ch: Arc<AtomicU32>,
+    next_list: Arc<std::sync::atomic::AtomicU64>,
     closed: CancellationToken,
 }
 
@@ -376,13 +390,16 @@ impl AgentLink {
         let (mut sink, mut stream) = framed.split();
         let (out, mut out_rx) = mpsc::channel::<Frame>(OUTBOUND_QUEUE);
         let routes: Routes = Arc::default();
+        let listings: Listings = Arc::default();
         let closed = CancellationToken::new();
         let link = AgentLink {
             out,
             info,
             liveness: liveness.clone(),
             routes: routes.clone(),
+            listings: listings.clone(),
             next_ch: Arc::new(AtomicU32::new(1)),
+            next_list: Arc::new(std::sync::atomic::AtomicU64::new(1)),
             closed: closed.clone(),
         };
 
@@ -411,11 +428,17 @@ impl AgentLink {
                     _ = closed.cancelled() => None,
                 };
                 let Some(Ok(frame)) = frame else { break };
-                if let Message::Pong { id, facts } = frame.msg {
-                    liveness.pong(id, facts);
-                    continue;
+                match frame.msg {
+                    Message::Pong { id, facts } => liveness.pong(id, facts),
+                    Message::SessionList { id } => {
+                        let waiting = listings.lock().ok().and_then(|mut l| l.remove(&id));
+                        if let Some(tx) = waiting {
+                            let list = serde_json::from_slice(&frame.payload).unwrap_or_default();
+                            let _ = tx.send(list);
+                        }
+                    }
+                    _ => route(&routes, frame),
                 }
-                route(&routes, frame);
             }
             closed.cancel();
             // Everyone still waiting learns that the link is gone.
@@ -475,7 +498,14 @@ impl AgentLink {
         self.closed.cancel();
     }
 
-    /// Starts a command on a fresh channel.
+    /// Whether the agent keeps sessions (says the `sessions` capability).
+    pub(crate) fn has_sessions(&self) -> bool {
+        self.info.sessions
+    }
+
+    /// Starts a command on a fresh channel. With `session` (and a `pty`),
+    /// it opens a session: dropping the channel then detaches rather than
+    /// kills it.
     pub async fn exec(&self, req: ExecRequest) -> Result<Channel, LinkError> {
         // Encoded here, before a channel exists: a request that cannot be
         // sent fails alone, and never reaches the writer every channel shares.
@@ -486,6 +516,87 @@ impl AgentLink {
             },
             other => LinkError::Frame(other),
         })?;
+        self.open(frame, req.session.is_some()).await
+    }
+
+    /// Attaches a fresh channel to session `session` (read-only with
+    /// `watch`). Dropping the channel detaches it.
+    pub async fn attach(
+        &self,
+        session: &str,
+        size: crate::protocol::PtySize,
+        watch: bool,
+        window: Option<u64>,
+    ) -> Result<Channel, LinkError> {
+        let msg = Message::Attach {
+            session: session.to_owned(),
+            cols: size.cols,
+            rows: size.rows,
+            watch,
+            window,
+        };
+        self.open(Frame::new(0, msg), true).await
+    }
+
+    /// The agent's sessions.
+    pub async fn sessions(&self) -> Result<Vec<SessionInfo>, LinkError> {
+        let id = self.next_list.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.listings
+            .lock()
+            .map_err(|_| LinkError::Closed)?
+            .insert(id, tx);
+        let asked = async {
+            self.out
+                .send(Frame::new(0, Message::ListSessions { id }))
+                .await
+                .map_err(|_| LinkError::Closed)?;
+            tokio::select! {
+                list = rx => list.map_err(|_| LinkError::Closed),
+                _ = self.closed.cancelled() => Err(LinkError::Closed),
+            }
+        };
+        let result = tokio::time::timeout(LIST_TIMEOUT, asked).await;
+        if let Ok(mut l) = self.listings.lock() {
+            l.remove(&id);
+        }
+        result.map_err(|_| LinkError::Timeout {
+            addr: self.info.name.clone().unwrap_or_default(),
+            limit: LIST_TIMEOUT,
+        })?
+    }
+
+    /// Ends session `session` (its processes are killed).
+    pub async fn end_session(&self, session: &str) -> Result<(), LinkError> {
+        let msg = Message::EndSession {
+            session: session.to_owned(),
+        };
+        self.out
+            .send(Frame::new(0, msg))
+            .await
+            .map_err(|_| LinkError::Closed)
+    }
+
+    /// Changes a session's title or who may watch it.
+    pub(crate) async fn update_session(
+        &self,
+        session: &str,
+        title: Option<String>,
+        watchers: Option<Vec<String>>,
+    ) -> Result<(), LinkError> {
+        let msg = Message::UpdateSession {
+            session: session.to_owned(),
+            title,
+            watchers,
+        };
+        self.out
+            .send(Frame::new(0, msg))
+            .await
+            .map_err(|_| LinkError::Closed)
+    }
+
+    /// Opens a channel with `frame` (its `ch` is chosen here).
+    async fn open(&self, frame: Frame, detach_on_drop: bool) -> Result<Channel, LinkError> {
         let (tx, rx) = mpsc::unbounded_channel();
         let stdin_credit = Arc::new(Semaphore::new(STDIN_WINDOW));
         let ch = {
@@ -516,6 +627,7 @@ impl AgentLink {
             out: self.out.clone(),
             routes: self.routes.clone(),
             ended: false,
+            detach_on_drop,
         };
         self.out
             .send(Frame { ch, ..frame })
@@ -597,6 +709,9 @@ fn route(routes: &Routes, frame: Frame) {
             return;
         }
         Message::Stdout => Event::Stdout(frame.payload),
+        Message::Snapshot => Event::Snapshot(frame.payload),
+        Message::Session { id } => Event::Session(id),
+        Message::Detached { reason } => Event::Detached(reason),
         Message::Stderr => Event::Stderr(frame.payload),
         Message::Exit(status) => Event::Exit(status),
         Message::Error { code, message } => Event::Error { code, message },
@@ -626,6 +741,8 @@ pub struct Channel {
     out: mpsc::Sender<Frame>,
     routes: Routes,
     ended: bool,
+    /// A session's channel: dropping it detaches, and the shell lives on.
+    detach_on_drop: bool,
 }
 
 impl Channel {
@@ -669,13 +786,18 @@ impl Channel {
         self.controller().close().await
     }
 
+    /// Leaves this channel's session running; `Detached` ends the channel.
+    pub async fn detach(&self) -> Result<(), LinkError> {
+        self.controller().detach().await
+    }
+
     /// Reads every event to the end, returning credit as output is consumed:
     /// (stdout, stderr, the final event).
     pub async fn collect(&mut self) -> (Vec<u8>, Vec<u8>, Event) {
         let (mut out, mut err) = (Vec::new(), Vec::new());
         while let Some(event) = self.next().await {
             match event {
-                Event::Stdout(b) => {
+                Event::Stdout(b) | Event::Snapshot(b) => {
                     out.extend_from_slice(&b);
                     let _ = self.window(b.len() as u64).await;
                 }
@@ -752,6 +874,11 @@ impl Controller {
     pub(crate) async fn close(&self) -> Result<(), LinkError> {
         self.send(Message::Close, Bytes::new()).await
     }
+
+    /// Leaves the channel's session running; `detached` ends the channel.
+    pub(crate) async fn detach(&self) -> Result<(), LinkError> {
+        self.send(Message::Detach, Bytes::new()).await
+    }
 }
 
 impl Drop for Channel {
@@ -764,7 +891,12 @@ impl Drop for Channel {
             }
             // The close must not be lost, or the command runs on untracked:
             // if the queue is full, a task waits for room.
-            let frame = Frame::new(self.ch, Message::Close);
+            let msg = if self.detach_on_drop {
+                Message::Detach
+            } else {
+                Message::Close
+            };
+            let frame = Frame::new(self.ch, msg);
             if let Err(mpsc::error::TrySendError::Full(frame)) = self.out.try_send(frame) {
                 let out = self.out.clone();
                 if let Ok(rt) = tokio::runtime::Handle::try_current() {

@@ -15,8 +15,30 @@ use crate::vocab::{ErrorCode, ExitStatus, Signal};
 
 /// Every message type this version of the protocol knows.
 pub const KNOWN_TYPES: &[&str] = &[
-    "hello", "auth", "ready", "error", "exec", "stdin", "signal", "resize", "window", "close",
-    "stdout", "stderr", "exit", "ping", "pong",
+    "hello",
+    "auth",
+    "ready",
+    "error",
+    "exec",
+    "stdin",
+    "signal",
+    "resize",
+    "window",
+    "close",
+    "stdout",
+    "stderr",
+    "exit",
+    "ping",
+    "pong",
+    "session",
+    "attach",
+    "detach",
+    "detached",
+    "snapshot",
+    "list_sessions",
+    "session_list",
+    "end_session",
+    "update_session",
 ];
 
 /// One frame header's `type` and the fields that go with it.
@@ -92,6 +114,91 @@ pub enum Message {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         facts: Option<HostFacts>,
     },
+    /// Agent → client, first on a channel that opened a session (`exec`
+    /// with `session`) or attached to one: the session's id.
+    Session { id: String },
+    /// Client → agent: attach this fresh channel to a running session.
+    /// `watch` attaches read-only; otherwise the channel becomes the
+    /// session's one writer (a writer already there is detached) and its
+    /// size becomes the terminal's.
+    Attach {
+        session: String,
+        cols: u16,
+        rows: u16,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        watch: bool,
+        /// Initial output credit in bytes (default [`DEFAULT_WINDOW`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        window: Option<u64>,
+    },
+    /// Client → agent: leave the session running and end this channel.
+    Detach,
+    /// Agent → client: the channel is no longer attached (the client
+    /// detached, or another writer took over); the last frame of a channel
+    /// whose session goes on.
+    Detached { reason: String },
+    /// Agent → client: bytes that redraw the session's terminal from a
+    /// reset (scrollback, screen, cursor, modes), sent after `session` on
+    /// an attach and before live output; counted against the window.
+    Snapshot,
+    /// Client → agent (channel 0): list the agent's sessions.
+    ListSessions { id: u64 },
+    /// Agent → client (channel 0): the answer to `list_sessions`; the
+    /// payload is a JSON array of [`SessionInfo`].
+    SessionList { id: u64 },
+    /// Client → agent (channel 0): end a session (its process group is
+    /// killed; attached channels get its `exit`).
+    EndSession { session: String },
+    /// Client → agent (channel 0): change a session's title or who may
+    /// watch it.
+    UpdateSession {
+        session: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        title: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        watchers: Option<Vec<String>>,
+    },
+}
+
+/// What makes an `exec` open a session: a shell (with a `pty`) that the
+/// agent keeps when its channel goes, for a later `attach`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionOptions {
+    /// Who the server opened it for; the agent keeps it, the server decides
+    /// who may attach.
+    pub owner: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+}
+
+/// One session as the agent lists it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[cfg_attr(test, derive(ts_rs::TS))]
+pub struct SessionInfo {
+    pub id: String,
+    pub owner: String,
+    pub title: String,
+    /// The command line, or empty for a login shell.
+    pub command: String,
+    /// Milliseconds since the Unix epoch.
+    #[cfg_attr(test, ts(type = "number"))]
+    pub started_ms: u64,
+    /// When a client last attached (the opening counts).
+    #[cfg_attr(test, ts(type = "number"))]
+    pub last_attached_ms: u64,
+    pub cols: u16,
+    pub rows: u16,
+    /// A writer is attached.
+    pub attached: bool,
+    /// Read-only watchers attached.
+    pub watching: u32,
+    /// Users who may watch, besides the owner.
+    pub watchers: Vec<String>,
+    /// When detached: milliseconds since the Unix epoch at which the
+    /// agent ends it, unless someone attaches first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(test, ts(type = "number | null", optional))]
+    pub ends_at_ms: Option<u64>,
 }
 
 /// What an agent tells about its host, in every `pong`: the server shows
@@ -137,6 +244,9 @@ pub struct ExecRequest {
     /// Initial output credit in bytes (default [`DEFAULT_WINDOW`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window: Option<u64>,
+    /// Open a session: the shell outlives this channel (needs `pty`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<SessionOptions>,
 }
 
 /// A terminal size in character cells.
@@ -177,6 +287,15 @@ impl Message {
             Message::Exit(_) => "exit",
             Message::Ping { .. } => "ping",
             Message::Pong { .. } => "pong",
+            Message::Session { .. } => "session",
+            Message::Attach { .. } => "attach",
+            Message::Detach => "detach",
+            Message::Detached { .. } => "detached",
+            Message::Snapshot => "snapshot",
+            Message::ListSessions { .. } => "list_sessions",
+            Message::SessionList { .. } => "session_list",
+            Message::EndSession { .. } => "end_session",
+            Message::UpdateSession { .. } => "update_session",
         }
     }
 

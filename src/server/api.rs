@@ -24,7 +24,7 @@ use utoipa::{ToResponse, ToSchema};
 use super::State as AppState;
 use super::agents::AgentStatus;
 use super::auth::Role;
-use super::bridge::{self, Update};
+use super::bridge::{self, Failure, Update};
 use super::caller::{Admin, Caller, Writer};
 use super::problem::{ApiError, Problem};
 use super::quota::Ticket;
@@ -323,7 +323,7 @@ fn prepare(body: ExecBody, limits: &ApiLimits, streaming: bool) -> Result<Prepar
 
 /// A JSON request body of at most `limit` bytes: the one content-type
 /// check of the API (`application/json` or any `+json`, else 415).
-async fn read_json_body<T: serde::de::DeserializeOwned>(
+pub(crate) async fn read_json_body<T: serde::de::DeserializeOwned>(
     request: Request,
     limit: usize,
 ) -> Result<T, ApiError> {
@@ -478,7 +478,8 @@ pub(crate) async fn exec(
                 Refused::Agent(AgentError::Unavailable(_)) => {
                     ApiError::AgentUnavailable(e.to_string())
                 }
-                Refused::Agent(AgentError::Unknown(_)) | Refused::Denied(Denied::OutOfScope(_)) => {
+                Refused::Agent(AgentError::Unknown(_))
+                | Refused::Denied(Denied::OutOfScope(_) | Denied::NotYours(_)) => {
                     ApiError::NotFound(e.to_string())
                 }
                 Refused::Denied(Denied::Viewer(_)) => ApiError::Forbidden(e.to_string()),
@@ -651,7 +652,11 @@ async fn buffered_response(
                 }
                 let _ = channel.window(b.len() as u64).await;
             }
-            Update::Notice { .. } => {}
+            // REST commands open no sessions: neither can come.
+            Update::Notice { .. } | Update::Session(_) => {}
+            Update::Detached(_) => {
+                return Err(ApiError::AgentUnavailable(Failure::Lost.describe(&agent)));
+            }
             Update::Failed(failure) => {
                 return Err(ApiError::AgentUnavailable(failure.describe(&agent)));
             }
@@ -868,11 +873,17 @@ fn stream_response(
                         Stream::Stderr => st.err.lines(&b),
                     }
                 }
-                Update::Notice { .. } => continue,
+                Update::Notice { .. } | Update::Session(_) => continue,
                 Update::Failed(failure) => {
                     st.done = true;
                     vec![StreamLine::Error {
                         error: failure.describe(&st.agent),
+                    }]
+                }
+                Update::Detached(_) => {
+                    st.done = true;
+                    vec![StreamLine::Error {
+                        error: Failure::Lost.describe(&st.agent),
                     }]
                 }
                 Update::Exit(status) => {

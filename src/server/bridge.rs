@@ -27,6 +27,10 @@ pub(crate) enum Update {
     Exit(ExitStatus),
     /// The command could not run to its end; nothing follows.
     Failed(Failure),
+    /// The channel is attached to this session (the console's shells).
+    Session(String),
+    /// The channel left its session, which goes on; nothing follows.
+    Detached(String),
 }
 
 /// Why a command ended without an exit status.
@@ -87,7 +91,7 @@ pub(crate) async fn next(channel: &mut Channel, shutdown: &CancellationToken) ->
         Update::Failed(Failure::Refused { .. }) => super::metrics::finished(Outcome::refused),
         Update::Failed(Failure::Lost) => super::metrics::finished(Outcome::lost),
         Update::Failed(Failure::ShuttingDown) => super::metrics::finished(Outcome::shut_down),
-        Update::Notice { .. } => {}
+        Update::Notice { .. } | Update::Session(_) | Update::Detached(_) => {}
     }
     update
 }
@@ -100,8 +104,11 @@ async fn read(channel: &mut Channel, shutdown: &CancellationToken) -> Update {
             e = channel.next() => e,
         };
         return match event {
-            Some(Event::Stdout(b) | Event::Stderr(b)) if b.is_empty() => continue,
-            Some(Event::Stdout(b)) => Update::Output(Stream::Stdout, b),
+            Some(Event::Stdout(b) | Event::Stderr(b) | Event::Snapshot(b)) if b.is_empty() => {
+                continue;
+            }
+            // The redraw is terminal output like any other to the edges.
+            Some(Event::Stdout(b) | Event::Snapshot(b)) => Update::Output(Stream::Stdout, b),
             Some(Event::Stderr(b)) => Update::Output(Stream::Stderr, b),
             Some(Event::Exit(status)) => Update::Exit(status),
             Some(Event::Error { code, message }) if code.is_refusal() => {
@@ -109,6 +116,8 @@ async fn read(channel: &mut Channel, shutdown: &CancellationToken) -> Update {
             }
             Some(Event::Error { code, message }) => Update::Notice { code, message },
             Some(Event::Lost) | None => Update::Failed(Failure::Lost),
+            Some(Event::Session(id)) => Update::Session(id),
+            Some(Event::Detached(reason)) => Update::Detached(reason),
         };
     }
 }

@@ -292,7 +292,15 @@ impl Fanout {
                     }
                     let _ = channel.window(bytes.len() as u64).await;
                 }
-                Update::Notice { .. } => {}
+                Update::Notice { .. } | Update::Session(_) => {}
+                // Fan-out opens no sessions: a detach cannot come.
+                Update::Detached(_) => {
+                    return Outcome {
+                        status: HostStatus::Failed,
+                        result: None,
+                        error: Some("the command was detached".into()),
+                    };
+                }
                 Update::Failed(failure) => {
                     let status = match failure {
                         Failure::Lost => HostStatus::Unreachable,

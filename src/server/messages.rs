@@ -54,6 +54,38 @@ pub(crate) enum ClientMessage {
         #[cfg_attr(test, ts(type = "number"))]
         bytes: u64,
     },
+    /// Run command `id` as an attachment to a running session: reattach
+    /// (after a reload, from another device) or, with `watch`, look on
+    /// read-only. `attached` answers, then a redraw of the screen, then
+    /// live output.
+    Attach {
+        id: u32,
+        session: String,
+        #[cfg_attr(test, ts(optional))]
+        agent: Option<String>,
+        cols: u16,
+        rows: u16,
+        #[serde(default)]
+        #[cfg_attr(test, ts(as = "Option<bool>", optional))]
+        watch: bool,
+    },
+    /// Leave the session of command `id` running; `detached` answers.
+    Detach {
+        id: u32,
+    },
+    /// Ask for the sessions this user may attach to or watch.
+    ListSessions,
+}
+
+/// A session as the console and the REST API list it: where it runs, and
+/// what its agent says of it.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[cfg_attr(test, derive(ts_rs::TS))]
+pub(crate) struct AgentSession {
+    pub(crate) agent: String,
+    #[serde(flatten)]
+    #[cfg_attr(test, ts(flatten))]
+    pub(crate) session: crate::protocol::SessionInfo,
 }
 
 /// A text message to the browser.
@@ -71,6 +103,19 @@ pub(crate) enum ServerMessage<'a> {
     Agents { agents: Vec<AgentStatus> },
     /// The command is running.
     Started { id: u32 },
+    /// Command `id` is the shell of session `session` on `agent`: it
+    /// outlives the page, which keeps the id to reattach. On an attach the
+    /// output that follows starts with a redraw (the page resets first).
+    Attached {
+        id: u32,
+        agent: &'a str,
+        session: &'a str,
+        watch: bool,
+    },
+    /// Command `id` left its session, which goes on; nothing follows for it.
+    Detached { id: u32, reason: &'a str },
+    /// The answer to `list_sessions`.
+    Sessions { sessions: Vec<AgentSession> },
     /// The command ended.
     Exit {
         id: u32,
@@ -149,8 +194,9 @@ mod tests {
 mod typescript {
     use ts_rs::{Config, TS};
 
+    use super::AgentSession;
     use super::{ClientMessage, ServerMessage};
-    use crate::protocol::{HostFacts, PtySize};
+    use crate::protocol::{HostFacts, PtySize, SessionInfo};
     use crate::server::agents::AgentStatus;
     use crate::server::auth::Role;
     use crate::vocab::{ErrorCode, ExitStatus, Signal};
@@ -189,6 +235,8 @@ mod typescript {
         declare::<ExitStatus>(&cfg, &mut out);
         declare::<HostFacts>(&cfg, &mut out);
         declare::<AgentStatus>(&cfg, &mut out);
+        declare::<SessionInfo>(&cfg, &mut out);
+        declare::<AgentSession>(&cfg, &mut out);
         declare::<ClientMessage>(&cfg, &mut out);
         declare::<ServerMessage<'static>>(&cfg, &mut out);
         out.truncate(out.trim_end().len());

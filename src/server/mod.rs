@@ -21,6 +21,7 @@ pub(crate) mod policy;
 pub(crate) mod problem;
 pub mod quota;
 pub(crate) mod security;
+pub(crate) mod sessions;
 pub mod throttle;
 pub mod tls;
 pub mod tokens;
@@ -149,6 +150,11 @@ pub(crate) fn router(state: State) -> Router {
         .route("/api/v1/session", get(pages::session_info))
         .route("/api/v1/agents", get(api::agents))
         .route("/api/v1/exec", axum::routing::post(api::exec))
+        .route("/api/v1/sessions", get(sessions::list))
+        .route(
+            "/api/v1/sessions/{agent}/{id}",
+            axum::routing::delete(sessions::end).patch(sessions::change),
+        )
         .route(
             "/api/v1/tokens",
             get(api::list_tokens).post(api::create_token),

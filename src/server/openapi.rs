@@ -28,6 +28,9 @@ use super::{api, pages};
     paths(
         api::exec,
         api::agents,
+        super::sessions::list,
+        super::sessions::end,
+        super::sessions::change,
         pages::session_info,
         api::list_tokens,
         api::create_token,

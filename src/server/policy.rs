@@ -25,6 +25,52 @@ pub(crate) enum Denied {
     /// of agents outside its reach.
     #[error("no agent named {0:?}")]
     OutOfScope(String),
+    /// Someone else's session: told as "no such session", so that its id,
+    /// owner and existence stay private.
+    #[error("no session {0:?} on that agent")]
+    NotYours(String),
+}
+
+/// What a principal wants with a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SessionAction {
+    /// See it listed, and attach read-only.
+    Watch,
+    /// Attach as its writer (type into it, size it).
+    Write,
+    /// End it, rename it, or change who may watch.
+    Manage,
+}
+
+/// Whether `who` may do `action` with the session `info` on `agent`. The
+/// owner may do everything (writing needs a role that runs commands);
+/// admins too (they can already run anything there); users the owner
+/// listed in `watchers` (or `*`: everyone who may see the agent) may watch.
+pub(crate) fn session(
+    who: &Principal,
+    action: SessionAction,
+    agent: &str,
+    info: &crate::protocol::SessionInfo,
+    agents: &Registry,
+) -> Result<(), Denied> {
+    let wanted = if action == SessionAction::Watch {
+        Action::See
+    } else {
+        Action::Run
+    };
+    check(who, wanted, agent, agents)?;
+    let owner = who.name == info.owner;
+    let admin = who.role == super::auth::Role::Admin;
+    let watcher = info.watchers.iter().any(|w| w == &who.name || w == "*");
+    let allowed = match action {
+        SessionAction::Watch => owner || admin || watcher,
+        SessionAction::Write | SessionAction::Manage => owner || admin,
+    };
+    if allowed {
+        Ok(())
+    } else {
+        Err(Denied::NotYours(info.id.clone()))
+    }
 }
 
 /// The selector limiting `who`, if any. A selector that no longer parses

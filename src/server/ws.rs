@@ -374,18 +374,106 @@ impl Console<'_> {
                     r.ack(bytes).await;
                 }
             }
+            ClientMessage::Attach {
+                id,
+                session,
+                agent,
+                cols,
+                rows,
+                watch,
+            } => {
+                let size = crate::protocol::PtySize { cols, rows };
+                match self.attach(id, &session, agent, size, watch).await {
+                    Ok(running) => {
+                        self.running.insert(id, running);
+                        let _ = self.out.send(ServerMessage::Started { id }.frame()).await;
+                    }
+                    Err(r) => {
+                        let about = Some(id).filter(|id| *id != 0);
+                        let _ = self
+                            .out
+                            .send(error_with(about, r.code, &r.message, r.is_final))
+                            .await;
+                    }
+                }
+            }
+            ClientMessage::Detach { id } => {
+                if let Some(r) = self.running.get(&id) {
+                    let _ = r.control.detach().await;
+                }
+            }
+            ClientMessage::ListSessions => {
+                // Asking the agents can take a while: never in this loop.
+                let state = self.state.clone();
+                let principal = self.principal.clone();
+                let out = self.out.clone();
+                tokio::spawn(async move {
+                    let sessions = super::sessions::visible(&state, &principal).await;
+                    let _ = out.send(ServerMessage::Sessions { sessions }.frame()).await;
+                });
+            }
         }
     }
 
-    /// Checks an `exec` and opens its channel; every check that fails
-    /// refuses this command alone.
-    async fn start(
+    /// Checks an `attach` and opens its channel: the principal must be
+    /// allowed to write to (or watch) that session.
+    async fn attach(
         &self,
         id: u32,
-        cmd: Option<String>,
-        pty: Option<crate::protocol::PtySize>,
+        session: &str,
         agent: Option<String>,
+        size: crate::protocol::PtySize,
+        watch: bool,
     ) -> Result<Running, Refusal> {
+        self.check_id(id)?;
+        let agents = &self.state.agents;
+        let unavailable =
+            |e: &dyn std::fmt::Display| Refusal::new(ErrorCode::AgentUnavailable, e.to_string());
+        let name = agents
+            .resolve(agent.as_deref())
+            .map_err(|e| unavailable(&e))?;
+        super::policy::check(self.principal, super::policy::Action::See, &name, agents)
+            .map_err(|e| unavailable(&e))?;
+        let (_, link) = agents.link(Some(&name)).map_err(|e| unavailable(&e))?;
+        let gone = || {
+            Refusal::new(
+                ErrorCode::NoSession,
+                format!("no session {session:?} on agent {name:?} (it ended, or is not yours)"),
+            )
+        };
+        if !link.has_sessions() {
+            return Err(gone());
+        }
+        let list = link.sessions().await.map_err(|e| unavailable(&e))?;
+        let info = list.iter().find(|s| s.id == session).ok_or_else(gone)?;
+        let action = if watch {
+            super::policy::SessionAction::Watch
+        } else {
+            super::policy::SessionAction::Write
+        };
+        super::policy::session(self.principal, action, &name, info, agents).map_err(|_| gone())?;
+        let ticket = self
+            .state
+            .quota
+            .admit(&self.principal.name, &name, link.info().max_channels)
+            .map_err(|e| Refusal::new(ErrorCode::TooManyCommands, e.to_string()))?;
+        let channel = link
+            .attach(session, size, watch, Some(BROWSER_WINDOW))
+            .await
+            .map_err(|e| unavailable(&e))?;
+        tracing::info!(user = %self.principal.name, id, %session, watch, "session attached");
+        Ok(Running::start(
+            id,
+            channel,
+            (name, watch),
+            ticket,
+            self.out.clone(),
+            self.finished.clone(),
+        ))
+    }
+
+    /// A new command id must be free, and there must be room for it.
+    fn check_id(&self, id: u32) -> Result<(), Refusal> {
         if id == 0 {
             return Err(Refusal::new(
                 ErrorCode::BadRequest,
@@ -404,6 +492,19 @@ impl Console<'_> {
                 format!("at most {MAX_COMMANDS} commands may run at once in one console"),
             ));
         }
+        Ok(())
+    }
+
+    /// Checks an `exec` and opens its channel; every check that fails
+    /// refuses this command alone.
+    async fn start(
+        &self,
+        id: u32,
+        cmd: Option<String>,
+        pty: Option<crate::protocol::PtySize>,
+        agent: Option<String>,
+    ) -> Result<Running, Refusal> {
+        self.check_id(id)?;
         if cmd.is_none() && pty.is_none() {
             return Err(Refusal::new(
                 ErrorCode::BadRequest,
@@ -426,10 +527,18 @@ impl Console<'_> {
             .quota
             .admit(&self.principal.name, &agent_name, link.info().max_channels)
             .map_err(|e| Refusal::new(ErrorCode::TooManyCommands, e.to_string()))?;
+        // A login shell on an agent that keeps sessions outlives the page.
+        let session = (cmd.is_none() && pty.is_some() && link.has_sessions()).then(|| {
+            crate::protocol::SessionOptions {
+                owner: self.principal.name.clone(),
+                title: None,
+            }
+        });
         let req = ExecRequest {
             cmd,
             pty,
             window: Some(BROWSER_WINDOW),
+            session,
             ..Default::default()
         };
         let channel = link.exec(req).await.map_err(|e| {
@@ -443,7 +552,7 @@ impl Console<'_> {
         Ok(Running::start(
             id,
             channel,
-            agent_name,
+            (agent_name, false),
             ticket,
             self.out.clone(),
             self.finished.clone(),
@@ -478,7 +587,7 @@ impl Running {
     fn start(
         id: u32,
         channel: crate::link::Channel,
-        agent: String,
+        agent: (String, bool),
         ticket: super::quota::Ticket,
         out: mpsc::Sender<WsMessage>,
         finished: mpsc::Sender<u32>,
@@ -536,7 +645,7 @@ impl Running {
 async fn pump(
     id: u32,
     mut channel: crate::link::Channel,
-    agent: String,
+    (agent, watch): (String, bool),
     _ticket: super::quota::Ticket,
     out: mpsc::Sender<WsMessage>,
     unacked: Arc<AtomicU64>,
@@ -556,6 +665,26 @@ async fn pump(
             Update::Failed(failure) => {
                 let message = failure.describe(&agent);
                 (error(Some(id), failure.code(), &message), true)
+            }
+            Update::Session(session) => {
+                let msg = ServerMessage::Attached {
+                    id,
+                    agent: &agent,
+                    session: &session,
+                    watch,
+                };
+                (msg.frame(), false)
+            }
+            Update::Detached(reason) => {
+                let reason = crate::transport::handshake::peer_text(&reason);
+                (
+                    ServerMessage::Detached {
+                        id,
+                        reason: &reason,
+                    }
+                    .frame(),
+                    true,
+                )
             }
         };
         if out.send(msg).await.is_err() || last {
@@ -598,7 +727,7 @@ fn summary_of(agents: &[super::agents::AgentStatus]) -> Vec<Shown> {
 }
 
 /// The agents `who` may see, with their state.
-fn visible_agents(
+pub(crate) fn visible_agents(
     state: &super::AppState,
     who: &super::auth::Principal,
 ) -> Vec<super::agents::AgentStatus> {

@@ -281,16 +281,17 @@ pub(crate) async fn answer(
         .clone()
         .try_acquire_owned()
         .map_err(|_| HandshakeError::Busy)?;
+    let offered = vec![SESSIONS.to_owned()];
     let ours = Bound {
         binding: &binding,
         name,
-        capabilities: &[],
+        capabilities: &offered,
     };
     let ready = Message::Ready {
         mac: agent_mac(key.as_bytes(), &nonce, &agent_nonce, ours),
         max_channels: Some(u32::try_from(max_channels).unwrap_or(u32::MAX)),
         name: name.map(str::to_owned),
-        capabilities: Vec::new(),
+        capabilities: offered.clone(),
     };
     framed
         .send(Frame::new(0, ready))
@@ -315,6 +316,11 @@ pub(crate) struct Authenticated {
 /// limit); from a client without it, silence means nothing.
 pub(crate) const PINGS: &str = "ping";
 
+/// The capability of an agent that keeps sessions (`exec` with `session`,
+/// `attach`, `detach`, `list_sessions`): a server offers persistent shells
+/// only on agents that say it.
+pub(crate) const SESSIONS: &str = "sessions";
+
 /// What the agent told the client in its `ready`.
 #[derive(Debug, Clone)]
 pub struct AgentInfo {
@@ -323,6 +329,8 @@ pub struct AgentInfo {
     pub(crate) max_channels: usize,
     /// The agent's `--name`, proved by its MAC; `None` when it has none.
     pub(crate) name: Option<String>,
+    /// It keeps sessions (the `sessions` capability).
+    pub(crate) sessions: bool,
 }
 
 /// Text from a peer not yet authenticated, made safe to log: control
@@ -537,6 +545,7 @@ pub(crate) async fn finish_offer(
             Ok(AgentInfo {
                 max_channels: max_channels.map_or(1024, |n| n as usize),
                 name,
+                sessions: capabilities.iter().any(|c| c == SESSIONS),
             })
         }
         Message::Error {

@@ -24,6 +24,8 @@ export type ErrorCode =
   | 'too_large'
   | 'agent_unavailable'
   | 'agent_lost'
+  | 'no_session'
+  | 'too_many_sessions'
   | (string & Record<never, never>);
 
 /**
@@ -124,6 +126,75 @@ rtt_ms?: number,
 facts?: HostFacts, };
 
 /**
+ * One session as the agent lists it.
+ */
+export type SessionInfo = { id: string, owner: string, title: string, 
+/**
+ * The command line, or empty for a login shell.
+ */
+command: string, 
+/**
+ * Milliseconds since the Unix epoch.
+ */
+started_ms: number, 
+/**
+ * When a client last attached (the opening counts).
+ */
+last_attached_ms: number, cols: number, rows: number, 
+/**
+ * A writer is attached.
+ */
+attached: boolean, 
+/**
+ * Read-only watchers attached.
+ */
+watching: number, 
+/**
+ * Users who may watch, besides the owner.
+ */
+watchers: Array<string>, 
+/**
+ * When detached: milliseconds since the Unix epoch at which the
+ * agent ends it, unless someone attaches first.
+ */
+ends_at_ms?: number | null, };
+
+/**
+ * A session as the console and the REST API list it: where it runs, and
+ * what its agent says of it.
+ */
+export type AgentSession = { agent: string, id: string, owner: string, title: string, 
+/**
+ * The command line, or empty for a login shell.
+ */
+command: string, 
+/**
+ * Milliseconds since the Unix epoch.
+ */
+started_ms: number, 
+/**
+ * When a client last attached (the opening counts).
+ */
+last_attached_ms: number, cols: number, rows: number, 
+/**
+ * A writer is attached.
+ */
+attached: boolean, 
+/**
+ * Read-only watchers attached.
+ */
+watching: number, 
+/**
+ * Users who may watch, besides the owner.
+ */
+watchers: Array<string>, 
+/**
+ * When detached: milliseconds since the Unix epoch at which the
+ * agent ends it, unless someone attaches first.
+ */
+ends_at_ms?: number | null, };
+
+/**
  * A message from the browser.
  */
 export type ClientMessage = { "type": "exec", id: number, cmd?: string, pty?: PtySize, agent?: string, } | { "type": "stdin", id: number, 
@@ -134,12 +205,12 @@ data: string,
 /**
  * Ends the command's input after `data` (Ctrl-D in command mode).
  */
-eof?: boolean, } | { "type": "signal", id: number, signal: Signal, } | { "type": "resize", id: number, cols: number, rows: number, } | { "type": "close", id: number, } | { "type": "ack", id: number, bytes: number, };
+eof?: boolean, } | { "type": "signal", id: number, signal: Signal, } | { "type": "resize", id: number, cols: number, rows: number, } | { "type": "close", id: number, } | { "type": "ack", id: number, bytes: number, } | { "type": "attach", id: number, session: string, agent?: string, cols: number, rows: number, watch?: boolean, } | { "type": "detach", id: number, } | { "type": "list_sessions" };
 
 /**
  * A text message to the browser.
  */
-export type ServerMessage = { "type": "hello", user: string, role: Role, agents: Array<AgentStatus>, } | { "type": "agents", agents: Array<AgentStatus>, } | { "type": "started", id: number, } | { "type": "exit", id: number, 
+export type ServerMessage = { "type": "hello", user: string, role: Role, agents: Array<AgentStatus>, } | { "type": "agents", agents: Array<AgentStatus>, } | { "type": "started", id: number, } | { "type": "attached", id: number, agent: string, session: string, watch: boolean, } | { "type": "detached", id: number, reason: string, } | { "type": "sessions", sessions: Array<AgentSession>, } | { "type": "exit", id: number, 
 /**
  * The exit code, when the process exited.
  */

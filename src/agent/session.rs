@@ -1,0 +1,841 @@
+//! Shells that outlive their connection: sessions held by the agent.
+//!
+//! An `exec` with `session` starts a shell as usual, but its process, its
+//! PTY and a terminal model (the `vt100` crate's parser: screen, cursor,
+//! modes and a bounded scrollback) belong to a task of the agent, not to
+//! the channel. Channels come and go as attachments: at most one writer
+//! (its keystrokes reach the shell, its size is the terminal's) and any
+//! number of read-only watchers. When the last one goes (a page reload, a
+//! lost link, a restarted server), the shell keeps running for the linger
+//! time, its output read into the model so that it never blocks; an
+//! `attach` then gets a snapshot that redraws the terminal from a reset,
+//! followed by live output from exactly where the snapshot ends.
+//!
+//! Flow control: the writer's credit paces the PTY, as for any channel
+//! (a page that stops drawing pauses the shell). Watchers never slow the
+//! shell: one that falls more than [`WATCH_LAG`] behind loses its queued
+//! output and is sent a fresh snapshot once it has credit again.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures_util::stream::{self, BoxStream, SelectAll, StreamExt};
+use nix::sys::signal::Signal;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::channel::{self, Control, DRAIN_GRACE, Done, READ_CHUNK, Source, Stdin, StdinQueue};
+use super::process;
+use super::sandbox::ExecPolicy;
+use crate::protocol::{ExecRequest, Frame, Message, PtySize, SessionInfo};
+use crate::vocab::{self, ErrorCode};
+
+/// A watcher's output queued beyond its credit before it is dropped and
+/// the watcher resynchronised with a snapshot: 256 KiB.
+const WATCH_LAG: usize = 256 * 1024;
+
+/// The largest terminal a session models: 1000 columns by 500 rows. A
+/// larger size asked for is clamped, so that no client can make the model
+/// (cells × scrollback) unbounded.
+pub(crate) const MAX_COLS: u16 = 1000;
+pub(crate) const MAX_ROWS: u16 = 500;
+
+/// Commands queued for one session's task: 64.
+const COMMAND_QUEUE: usize = 64;
+
+/// What bounds the agent's sessions (its flags).
+#[derive(Debug, Clone, Copy)]
+pub struct SessionLimits {
+    /// How long a session with nothing attached lives on (`--session-linger`);
+    /// zero ends it when its last channel goes.
+    pub linger: Duration,
+    /// Lines of scrollback a session's model keeps (`--session-scrollback`).
+    pub scrollback: usize,
+    /// Sessions held at once (`--max-sessions`).
+    pub max_sessions: usize,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        SessionLimits {
+            linger: Duration::from_secs(30 * 60),
+            scrollback: 5000,
+            max_sessions: 256,
+        }
+    }
+}
+
+/// A channel joining a session: what it needs to send and receive.
+pub(crate) struct Attach {
+    pub(crate) ch: u32,
+    pub(crate) watch: bool,
+    pub(crate) size: Option<PtySize>,
+    pub(crate) window: u64,
+    pub(crate) control: mpsc::Receiver<Control>,
+    pub(crate) input: mpsc::UnboundedReceiver<Stdin>,
+    pub(crate) stdin_spent: Arc<AtomicUsize>,
+    pub(crate) out: mpsc::Sender<Frame>,
+    pub(crate) done: mpsc::UnboundedSender<Done>,
+}
+
+impl Attach {
+    /// Ends this channel before it joined anything, with `frame` as its last.
+    fn refuse(self, frame: Message) {
+        let _ = self.done.send(Done {
+            ch: self.ch,
+            exit: Frame::new(self.ch, frame),
+        });
+    }
+}
+
+enum Command {
+    Attach(Attach),
+    End,
+}
+
+struct Entry {
+    commands: mpsc::Sender<Command>,
+    info: Arc<Mutex<SessionInfo>>,
+}
+
+/// Every session of this agent, shared by all its connections.
+pub(crate) struct Sessions {
+    table: Mutex<HashMap<String, Entry>>,
+    limits: SessionLimits,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn clamp(size: PtySize) -> PtySize {
+    PtySize {
+        cols: size.cols.clamp(1, MAX_COLS),
+        rows: size.rows.clamp(1, MAX_ROWS),
+    }
+}
+
+impl Sessions {
+    pub(crate) fn new(limits: SessionLimits) -> Arc<Sessions> {
+        Arc::new(Sessions {
+            table: Mutex::default(),
+            limits,
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        })
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts the shell of `req` as a new session, `first` its writer.
+    pub(crate) fn open(self: &Arc<Self>, req: ExecRequest, policy: &ExecPolicy, first: Attach) {
+        let (Some(options), Some(size)) = (req.session.clone(), req.pty) else {
+            first.refuse(Message::error(
+                ErrorCode::BadExec,
+                "a session needs \"pty\" (a terminal size)",
+            ));
+            return;
+        };
+        if self.table().len() >= self.limits.max_sessions {
+            let msg = format!(
+                "this agent holds its maximum of {} sessions",
+                self.limits.max_sessions
+            );
+            first.refuse(Message::error(ErrorCode::TooManySessions, msg));
+            return;
+        }
+        let size = clamp(size);
+        let req = ExecRequest {
+            pty: Some(size),
+            ..req
+        };
+        let started = std::time::Instant::now();
+        let spawned = match process::spawn(&req, policy) {
+            Ok(spawned) => spawned,
+            Err(err) => {
+                // As for any command: the reason on stderr, then its exit.
+                let ch = first.ch;
+                let out = first.out.clone();
+                let done = first.done.clone();
+                tokio::spawn(async move {
+                    let payload = Bytes::from(err.message);
+                    let _ = out
+                        .send(Frame::with_payload(ch, Message::Stderr, payload))
+                        .await;
+                    let exit = Message::Exit(vocab::ExitStatus {
+                        code: Some(err.code),
+                        signal: None,
+                        timed_out: false,
+                        duration_ms: started.elapsed().as_millis() as u64,
+                    });
+                    let _ = done.send(Done {
+                        ch,
+                        exit: Frame::new(ch, exit),
+                    });
+                });
+                return;
+            }
+        };
+        let mut raw = [0u8; 16];
+        rand::fill(&mut raw);
+        let id = hex::encode(raw);
+        let command = match (&req.cmd, &req.argv) {
+            (Some(cmd), _) => cmd.clone(),
+            (None, Some(argv)) => argv.join(" "),
+            (None, None) => String::new(),
+        };
+        let now = now_ms();
+        let info = Arc::new(Mutex::new(SessionInfo {
+            id: id.clone(),
+            owner: options.owner,
+            title: options.title.unwrap_or_else(|| command.clone()),
+            command,
+            started_ms: now,
+            last_attached_ms: now,
+            cols: size.cols,
+            rows: size.rows,
+            attached: false,
+            watching: 0,
+            watchers: Vec::new(),
+            ends_at_ms: None,
+        }));
+        let (commands, commands_rx) = mpsc::channel(COMMAND_QUEUE);
+        self.table().insert(
+            id.clone(),
+            Entry {
+                commands,
+                info: info.clone(),
+            },
+        );
+        let task = Session {
+            id,
+            info,
+            limits: self.limits,
+            parser: vt100::Parser::new(
+                nonzero(size.rows),
+                nonzero(size.cols),
+                self.limits.scrollback,
+            ),
+            viewers: HashMap::new(),
+            writer: None,
+            next_key: 0,
+            inputs: SelectAll::new(),
+            started,
+        };
+        let sessions = self.clone();
+        let shutdown = self.shutdown.clone();
+        self.tasks.spawn(async move {
+            let id = task.id.clone();
+            task.run(spawned, commands_rx, first, shutdown).await;
+            sessions.table().remove(&id);
+        });
+    }
+
+    /// Attaches `attach` to session `id`; an unknown id refuses it.
+    pub(crate) fn attach(&self, id: &str, attach: Attach) {
+        let commands = self.table().get(id).map(|e| e.commands.clone());
+        let Some(commands) = commands else {
+            attach.refuse(no_session(id));
+            return;
+        };
+        // A full queue waits in a task of its own, never in the connection.
+        if let Err(mpsc::error::TrySendError::Full(cmd) | mpsc::error::TrySendError::Closed(cmd)) =
+            commands.try_send(Command::Attach(attach))
+        {
+            let id = id.to_owned();
+            tokio::spawn(async move {
+                if let Err(mpsc::error::SendError(Command::Attach(attach))) =
+                    commands.send(cmd).await
+                {
+                    // It ended in the meantime.
+                    attach.refuse(no_session(&id));
+                }
+            });
+        }
+    }
+
+    /// Ends session `id` (its process group is killed); false if unknown.
+    pub(crate) fn end(&self, id: &str) -> bool {
+        let commands = self.table().get(id).map(|e| e.commands.clone());
+        match commands {
+            Some(c) => {
+                tokio::spawn(async move {
+                    let _ = c.send(Command::End).await;
+                });
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Changes the title or the watchers of session `id`; false if unknown.
+    pub(crate) fn update(
+        &self,
+        id: &str,
+        title: Option<String>,
+        watchers: Option<Vec<String>>,
+    ) -> bool {
+        let table = self.table();
+        let Some(entry) = table.get(id) else {
+            return false;
+        };
+        let mut info = entry.info.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(title) = title {
+            info.title = title.chars().take(200).collect();
+        }
+        if let Some(watchers) = watchers {
+            info.watchers = watchers.into_iter().take(64).collect();
+        }
+        true
+    }
+
+    /// Every session, oldest first.
+    pub(crate) fn list(&self) -> Vec<SessionInfo> {
+        let mut all: Vec<SessionInfo> = self
+            .table()
+            .values()
+            .map(|e| e.info.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            .collect();
+        all.sort_by(|a, b| (a.started_ms, &a.id).cmp(&(b.started_ms, &b.id)));
+        all
+    }
+
+    /// Ends every session and waits for their tasks (the agent is stopping).
+    pub(crate) async fn shutdown(&self) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+fn no_session(id: &str) -> Message {
+    let shown: String = id.chars().take(64).collect();
+    Message::error(
+        ErrorCode::NoSession,
+        format!("no session {shown:?} on this agent (it ended, or never was)"),
+    )
+}
+
+fn nonzero(n: u16) -> std::num::NonZeroU16 {
+    std::num::NonZeroU16::new(n.max(1)).unwrap_or(std::num::NonZeroU16::MIN)
+}
+
+/// One attached channel, as the session task sees it.
+struct Viewer {
+    ch: u32,
+    watch: bool,
+    credit: u64,
+    window: u64,
+    /// Output not yet sent (beyond the credit), in order.
+    pending: VecDeque<(Message, Bytes)>,
+    pending_len: usize,
+    /// A watcher that fell behind: its next output is a fresh snapshot.
+    resync: bool,
+    out: mpsc::Sender<Frame>,
+    done: mpsc::UnboundedSender<Done>,
+    stdin_spent: Arc<AtomicUsize>,
+}
+
+impl Viewer {
+    fn queue(&mut self, kind: Message, data: Bytes) {
+        if data.is_empty() || self.resync {
+            return;
+        }
+        self.pending_len += data.len();
+        self.pending.push_back((kind, data));
+        if self.watch && self.pending_len > WATCH_LAG {
+            self.pending.clear();
+            self.pending_len = 0;
+            self.resync = true;
+        }
+    }
+
+    /// Sends what the credit allows; false when the connection is gone.
+    async fn flush(&mut self) -> bool {
+        while self.credit > 0 {
+            let Some((kind, mut data)) = self.pending.pop_front() else {
+                break;
+            };
+            let n = data.len().min(self.credit.min(READ_CHUNK as u64) as usize);
+            let rest = data.split_off(n);
+            if !rest.is_empty() {
+                self.pending.push_front((kind.clone(), rest));
+            }
+            self.pending_len -= n;
+            self.credit -= n as u64;
+            if self
+                .out
+                .send(Frame::with_payload(self.ch, kind, data))
+                .await
+                .is_err()
+            {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Ends the channel with `msg` as its last frame.
+    fn finish(self, msg: Message) {
+        let _ = self.done.send(Done {
+            ch: self.ch,
+            exit: Frame::new(self.ch, msg),
+        });
+    }
+}
+
+/// What an attached channel sent, tagged with its viewer.
+enum Input {
+    Control(u64, Control),
+    Stdin(u64, Stdin),
+    /// The connection dropped the channel (it closed, or was lost).
+    Gone(u64),
+}
+
+struct Session {
+    id: String,
+    info: Arc<Mutex<SessionInfo>>,
+    limits: SessionLimits,
+    parser: vt100::Parser,
+    viewers: HashMap<u64, Viewer>,
+    writer: Option<u64>,
+    next_key: u64,
+    inputs: SelectAll<BoxStream<'static, Input>>,
+    started: std::time::Instant,
+}
+
+impl Session {
+    fn info(&self) -> std::sync::MutexGuard<'_, SessionInfo> {
+        self.info.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn run(
+        mut self,
+        spawned: process::Spawned,
+        mut commands: mpsc::Receiver<Command>,
+        first: Attach,
+        shutdown: CancellationToken,
+    ) {
+        let process::Spawned {
+            mut child,
+            mut group,
+            io,
+        } = spawned;
+        let (writer, reader, _, pty) = channel::split_io(io);
+        let mut stdin = StdinQueue {
+            writer,
+            eof_byte: Some(0x04),
+            queue: VecDeque::new(),
+            queued: 0,
+            eof: false,
+            owed: 0,
+        };
+        let mut output = Source::new(reader);
+        // Some once the leader has ended (with its status, if it could be read).
+        let mut status: Option<Option<std::process::ExitStatus>> = None;
+        let mut drain_until: Option<tokio::time::Instant> = None;
+        let mut linger_until: Option<tokio::time::Instant> = None;
+        let far = tokio::time::Instant::now() + Duration::from_secs(60 * 60 * 24 * 365);
+        self.join(first, pty.as_deref(), false).await;
+
+        loop {
+            if status.is_some() && !output.open() {
+                break;
+            }
+            // Nobody attached: start the linger clock (once).
+            if self.viewers.is_empty() && status.is_none() {
+                if linger_until.is_none() {
+                    let until = tokio::time::Instant::now() + self.limits.linger;
+                    linger_until = Some(until);
+                    self.info().ends_at_ms = Some(now_ms() + self.limits.linger.as_millis() as u64);
+                }
+            } else if linger_until.take().is_some() {
+                self.info().ends_at_ms = None;
+            }
+            let (can_read, limit) = match self.writer.and_then(|k| self.viewers.get(&k)) {
+                Some(w) => (
+                    w.pending.is_empty() && w.credit > 0,
+                    w.credit.min(READ_CHUNK as u64) as usize,
+                ),
+                None => (true, READ_CHUNK),
+            };
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled(), if status.is_none() => {
+                    group.signal(Signal::SIGKILL);
+                    status = Some(child.wait().await.ok());
+                    drain_until = Some(tokio::time::Instant::now());
+                }
+                cmd = commands.recv() => match cmd {
+                    Some(Command::Attach(attach)) => {
+                        if status.is_some() {
+                            // It is ending: the exit follows for everyone.
+                            self.join(attach, None, true).await;
+                        } else {
+                            self.join(attach, pty.as_deref(), false).await;
+                        }
+                    }
+                    Some(Command::End) | None => {
+                        group.signal(Signal::SIGKILL);
+                    }
+                },
+                Some(input) = self.inputs.next(), if !self.inputs.is_empty() => {
+                    self.input(input, pty.as_deref(), &mut group, &mut stdin).await;
+                }
+                result = child.wait(), if status.is_none() => {
+                    status = Some(result.ok());
+                    group.kill_and_forget();
+                    drain_until = Some(tokio::time::Instant::now() + DRAIN_GRACE);
+                }
+                _ = tokio::time::sleep_until(drain_until.unwrap_or(far)), if drain_until.is_some() => break,
+                _ = tokio::time::sleep_until(linger_until.unwrap_or(far)), if linger_until.is_some() && status.is_none() => {
+                    tracing::info!(session = %self.id, "nobody attached within the linger time; ending the session");
+                    group.signal(Signal::SIGKILL);
+                }
+                data = output.read(limit), if output.open() && can_read => {
+                    if let Some(data) = data {
+                        self.parser.process(&data);
+                        for v in self.viewers.values_mut() {
+                            v.queue(Message::Stdout, data.clone());
+                        }
+                    }
+                }
+                _ = stdin.write_some(), if stdin.pending() => {}
+            }
+            self.return_stdin_credit(&mut stdin).await;
+            self.flush().await;
+        }
+        // Gone from the table before the exit is sent: a list made after
+        // the exit never shows it.
+        commands.close();
+        let exit = {
+            let (code, signal) = match status.flatten() {
+                Some(s) => {
+                    use std::os::unix::process::ExitStatusExt;
+                    (s.code(), s.signal().map(vocab::SignalNumber))
+                }
+                None => (None, None),
+            };
+            Message::Exit(vocab::ExitStatus {
+                code,
+                signal,
+                timed_out: false,
+                duration_ms: self.started.elapsed().as_millis() as u64,
+            })
+        };
+        for (_, v) in self.viewers.drain() {
+            v.finish(exit.clone());
+        }
+        // Attaches that raced with the end get the same exit.
+        while let Ok(cmd) = commands.try_recv() {
+            if let Command::Attach(a) = cmd {
+                a.refuse(exit.clone());
+            }
+        }
+        drop(group);
+    }
+
+    /// Adds a channel: `session` frame, then a snapshot, then live output.
+    async fn join(&mut self, attach: Attach, pty: Option<&process::Pty>, ending: bool) {
+        let key = self.next_key;
+        self.next_key += 1;
+        let Attach {
+            ch,
+            watch,
+            size,
+            window,
+            control,
+            input,
+            stdin_spent,
+            out,
+            done,
+        } = attach;
+        let viewer = Viewer {
+            ch,
+            watch,
+            credit: window,
+            window,
+            pending: VecDeque::new(),
+            pending_len: 0,
+            resync: false,
+            out,
+            done,
+            stdin_spent,
+        };
+        if viewer
+            .out
+            .send(Frame::new(
+                ch,
+                Message::Session {
+                    id: self.id.clone(),
+                },
+            ))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        if !watch && !ending {
+            if let Some(old) = self.writer.replace(key)
+                && let Some(old) = self.viewers.remove(&old)
+            {
+                old.finish(Message::Detached {
+                    reason: "the session was attached as writer elsewhere".into(),
+                });
+            }
+            if let (Some(size), Some(pty)) = (size, pty) {
+                self.resize(clamp(size), pty);
+            }
+        }
+        let controls = stream::unfold(control, move |mut rx| async move {
+            rx.recv().await.map(|c| (Input::Control(key, c), rx))
+        })
+        .chain(stream::once(async move { Input::Gone(key) }));
+        let stdins = stream::unfold(input, move |mut rx| async move {
+            rx.recv().await.map(|s| (Input::Stdin(key, s), rx))
+        });
+        self.inputs.push(controls.boxed());
+        self.inputs.push(stdins.boxed());
+        self.viewers.insert(key, viewer);
+        self.snapshot(key);
+        self.touch();
+    }
+
+    fn touch(&self) {
+        let attached = self.writer.is_some();
+        let watching = self.viewers.values().filter(|v| v.watch).count() as u32;
+        let mut info = self.info();
+        info.attached = attached;
+        info.watching = watching;
+        if attached || watching > 0 {
+            info.last_attached_ms = now_ms();
+        }
+    }
+
+    fn resize(&mut self, size: PtySize, pty: &process::Pty) {
+        let _ = pty.resize(size);
+        self.parser
+            .screen_mut()
+            .set_size(nonzero(size.rows), nonzero(size.cols));
+        let mut info = self.info();
+        info.cols = size.cols;
+        info.rows = size.rows;
+    }
+
+    /// Queues for viewer `key` the bytes that redraw the terminal.
+    fn snapshot(&mut self, key: u64) {
+        let bytes = Bytes::from(redraw(&mut self.parser));
+        if let Some(v) = self.viewers.get_mut(&key) {
+            v.resync = false;
+            v.pending.clear();
+            v.pending_len = 0;
+            // Split so that no frame is larger than a read would make.
+            let mut rest = bytes;
+            while !rest.is_empty() {
+                let part = rest.split_to(rest.len().min(READ_CHUNK));
+                v.pending_len += part.len();
+                v.pending.push_back((Message::Snapshot, part));
+            }
+        }
+    }
+
+    async fn input(
+        &mut self,
+        input: Input,
+        pty: Option<&process::Pty>,
+        group: &mut process::ProcessGroup,
+        stdin: &mut StdinQueue<channel::Writer>,
+    ) {
+        let is_writer = |key| self.writer == Some(key);
+        match input {
+            Input::Gone(key) => self.leave(key, None),
+            Input::Stdin(key, Stdin { data, eof }) => {
+                if is_writer(key) {
+                    if stdin.push(data, eof).is_err()
+                        && let Some(v) = self.viewers.get(&key)
+                    {
+                        let msg =
+                            Message::error(ErrorCode::StdinClosed, "the shell's input is closed");
+                        let _ = v.out.send(Frame::new(v.ch, msg)).await;
+                    }
+                } else if let Some(v) = self.viewers.get(&key) {
+                    // A watcher's input is refused, its credit returned.
+                    let cost = data.len().max(1);
+                    let _ = v
+                        .stdin_spent
+                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+                            Some(s.saturating_sub(cost))
+                        });
+                    let msg = Message::error(
+                        ErrorCode::Forbidden,
+                        "a watcher cannot type into the session",
+                    );
+                    let _ = v.out.send(Frame::new(v.ch, msg)).await;
+                }
+            }
+            Input::Control(key, control) => match control {
+                Control::Window(add) => {
+                    if let Some(v) = self.viewers.get_mut(&key) {
+                        v.credit = v.credit.saturating_add(add);
+                        // A watcher that fell behind redraws once it can.
+                        if v.resync && v.credit >= v.window / 2 {
+                            self.snapshot(key);
+                        }
+                    }
+                }
+                Control::Resize(size) if is_writer(key) => {
+                    if let Some(pty) = pty {
+                        self.resize(clamp(size), pty);
+                    }
+                }
+                Control::Signal(sig) if is_writer(key) => {
+                    if !pty.is_some_and(|p| p.signal_foreground(sig)) {
+                        group.signal(sig);
+                    }
+                }
+                // The writer's close ends the session, as closing a
+                // terminal window does; a watcher's only detaches it.
+                Control::Close if is_writer(key) => group.signal(Signal::SIGKILL),
+                Control::Close | Control::Detach => self.leave(
+                    key,
+                    Some(Message::Detached {
+                        reason: "detached".into(),
+                    }),
+                ),
+                Control::Resize(_) | Control::Signal(_) => {}
+            },
+        }
+    }
+
+    /// Drops viewer `key`; its channel ends with `last` (when it is still
+    /// there to hear it).
+    fn leave(&mut self, key: u64, last: Option<Message>) {
+        if self.writer == Some(key) {
+            self.writer = None;
+        }
+        if let Some(v) = self.viewers.remove(&key) {
+            v.finish(last.unwrap_or(Message::Detached {
+                reason: "the connection closed".into(),
+            }));
+        }
+        self.touch();
+    }
+
+    async fn flush(&mut self) {
+        let mut gone = Vec::new();
+        for (key, v) in self.viewers.iter_mut() {
+            if !v.flush().await {
+                gone.push(*key);
+            }
+        }
+        for key in gone {
+            self.leave(key, None);
+        }
+    }
+
+    async fn return_stdin_credit(&mut self, stdin: &mut StdinQueue<channel::Writer>) {
+        let Some(add) = stdin.credit_due() else {
+            return;
+        };
+        let Some(v) = self.writer.and_then(|k| self.viewers.get(&k)) else {
+            return;
+        };
+        let _ = v
+            .stdin_spent
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+                Some(s.saturating_sub(add as usize))
+            });
+        let _ = v.out.send(Frame::new(v.ch, Message::Window { add })).await;
+    }
+}
+
+/// Bytes that take a fresh terminal to the model's state: a reset, the
+/// scrollback as plain lines, pushed off the screen, then the screen, the
+/// cursor and the input modes. (While a full-screen program runs, the
+/// model's scrollback is that of the alternate screen, which has none.)
+fn redraw(parser: &mut vt100::Parser) -> Vec<u8> {
+    let screen = parser.screen_mut();
+    let (rows, cols) = screen.size();
+    let (rows, cols) = (rows.get(), cols.get());
+    let mut out = String::from("\x1bc");
+    screen.set_scrollback(usize::MAX);
+    let lines = screen.scrollback();
+    // The scrollback, a screenful at a time, oldest first.
+    let mut offset = lines;
+    while offset > 0 {
+        screen.set_scrollback(offset);
+        let take = offset.min(rows as usize);
+        for row in screen.rows_formatted(0, cols).take(take) {
+            out.push_str("\x1b[m");
+            out.push_str(&row);
+            out.push_str("\r\n");
+        }
+        offset -= take;
+    }
+    screen.set_scrollback(0);
+    if lines > 0 {
+        // Scroll what was printed off the screen, into the scrollback.
+        for _ in 1..rows {
+            out.push('\n');
+        }
+        out.push_str("\x1b[m");
+    }
+    if screen.alternate_screen() {
+        out.push_str("\x1b[?1049h");
+    }
+    out.push_str(&screen.state_formatted());
+    out.into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parser(rows: u16, cols: u16) -> vt100::Parser {
+        vt100::Parser::new(nonzero(rows), nonzero(cols), 100)
+    }
+
+    #[test]
+    fn a_redraw_reproduces_screen_cursor_and_scrollback() {
+        let mut p = parser(5, 20);
+        for i in 1..=12 {
+            p.process(format!("line {i}\r\n").as_bytes());
+        }
+        p.process(b"\x1b[1;31mred\x1b[m tail\x1b[2;4H");
+        let bytes = redraw(&mut p);
+        let mut q = parser(5, 20);
+        q.process(&bytes);
+        assert_eq!(q.screen().contents(), p.screen().contents());
+        assert_eq!(q.screen().cursor_position(), p.screen().cursor_position());
+        assert_eq!(
+            q.screen().cell(4, 0).unwrap().fgcolor(),
+            vt100::Color::Idx(1)
+        );
+        // The scrollback came along: line 1 is at its top.
+        q.screen_mut().set_scrollback(usize::MAX);
+        assert_eq!(q.screen().scrollback(), p.screen().scrollback_len());
+        assert!(q.screen().contents().starts_with("line 1\n"));
+    }
+
+    #[test]
+    fn a_full_screen_program_comes_back_on_the_alternate_screen() {
+        let mut p = parser(4, 10);
+        p.process(b"shell$ vi\r\n\x1b[?1049h\x1b[H\x1b[2Jedit me\x1b[3;2H\x1b[?1h");
+        let mut q = parser(4, 10);
+        q.process(&redraw(&mut p));
+        assert!(q.screen().alternate_screen());
+        assert!(q.screen().application_cursor());
+        assert_eq!(q.screen().contents(), p.screen().contents());
+        assert_eq!(q.screen().cursor_position(), (2, 1));
+    }
+}
