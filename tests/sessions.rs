@@ -335,3 +335,356 @@ async fn a_session_needs_a_terminal_and_the_agent_bounds_their_number() {
         other => panic!("expected too_many_sessions, got {other:?}"),
     }
 }
+
+// ---- Through the server: the console, the REST API, a restart. ----
+
+mod console {
+    use std::time::Duration;
+
+    use futures_util::StreamExt;
+    use serde_json::{Value, json};
+    use tokio_tungstenite::tungstenite::Message;
+
+    use super::common::ws::{Ws, open_ws, send};
+    use super::common::{Agent, Endpoint, Server, start_agent, start_server};
+
+    /// Operators olga and oscar, and vera, a viewer (password: `pw-<name>`).
+    fn users(dir: &std::path::Path) -> String {
+        let mut text = String::new();
+        for (name, role) in [
+            ("olga", "operator"),
+            ("oscar", "operator"),
+            ("vera", "viewer"),
+        ] {
+            let hash = conch::server::auth::hash_password(&format!("pw-{name}")).unwrap();
+            text.push_str(&format!(
+                "[[users]]\nname = \"{name}\"\npassword_hash = \"{hash}\"\nrole = \"{role}\"\n\n"
+            ));
+        }
+        let path = dir.join("users.toml");
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_owned()
+    }
+
+    fn server_for(agent: &Agent, users: &str) -> Server {
+        start_server(
+            &[
+                "--agent",
+                &agent.addr.to_string(),
+                "--agent-key-file",
+                agent.key_file.to_str().unwrap(),
+                "--users-file",
+                users,
+            ],
+            &[],
+        )
+    }
+
+    async fn login(server: &Server, user: &str) -> String {
+        server
+            .login(&[("username", user), ("password", &format!("pw-{user}"))])
+            .await
+            .expect("login")
+    }
+
+    async fn console_as(server: &Server, cookie: &str) -> Ws {
+        let mut ws = open_ws(server, Some(cookie), Some(&server.origin()))
+            .await
+            .expect("upgrade");
+        assert_eq!(next_text(&mut ws).await["type"], "hello");
+        ws
+    }
+
+    /// The next text message (agent updates skipped); output frames are
+    /// acknowledged and dropped.
+    async fn next_text(ws: &mut Ws) -> Value {
+        let wait = tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                match ws.next().await.expect("socket open").expect("frame") {
+                    Message::Text(t) => {
+                        let v: Value = serde_json::from_str(&t).unwrap();
+                        if v["type"] != "agents" {
+                            return v;
+                        }
+                    }
+                    Message::Binary(b) => ack(ws, &b).await,
+                    _ => {}
+                }
+            }
+        });
+        wait.await.expect("a message within the bound")
+    }
+
+    async fn ack(ws: &mut Ws, frame: &[u8]) {
+        let id = u32::from_be_bytes(frame[1..5].try_into().unwrap());
+        let bytes = frame.len() - 5;
+        send(ws, json!({"type": "ack", "id": id, "bytes": bytes})).await;
+    }
+
+    /// Output of command `id` until it contains `needle`; text messages
+    /// on the way are returned too.
+    async fn output_until(ws: &mut Ws, id: u32, needle: &str) -> (String, Vec<Value>) {
+        let mut seen = Vec::new();
+        let mut texts = Vec::new();
+        let wait = tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                match ws.next().await.expect("socket open").expect("frame") {
+                    Message::Binary(b) => {
+                        ack(ws, &b).await;
+                        if u32::from_be_bytes(b[1..5].try_into().unwrap()) == id {
+                            seen.extend_from_slice(&b[5..]);
+                            if String::from_utf8_lossy(&seen).contains(needle) {
+                                return;
+                            }
+                        }
+                    }
+                    Message::Text(t) => {
+                        let v: Value = serde_json::from_str(&t).unwrap();
+                        if v["type"] != "agents" {
+                            texts.push(v);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        });
+        let done = wait.await.is_ok();
+        let text = String::from_utf8_lossy(&seen).into_owned();
+        assert!(done, "no {needle:?} in {text:?}; messages: {texts:?}");
+        (text, texts)
+    }
+
+    async fn type_in(ws: &mut Ws, id: u32, line: &str) {
+        send(
+            ws,
+            json!({"type": "stdin", "id": id, "data": format!("{line}\n")}),
+        )
+        .await;
+    }
+
+    async fn sessions(ws: &mut Ws) -> Vec<Value> {
+        send(ws, json!({"type": "list_sessions"})).await;
+        loop {
+            let v = next_text(ws).await;
+            if v["type"] == "sessions" {
+                return v["sessions"].as_array().unwrap().clone();
+            }
+        }
+    }
+
+    async fn rest(
+        server: &Server,
+        method: reqwest::Method,
+        path: &str,
+        cookie: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = reqwest::Client::new()
+            .request(method, server.url(path))
+            .header("cookie", cookie)
+            .header("origin", server.origin());
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let value = resp.json().await.unwrap_or(Value::Null);
+        (status, value)
+    }
+
+    #[tokio::test]
+    async fn a_console_shell_survives_its_page_and_a_server_restart_and_stays_its_owners() {
+        let agent = start_agent(&[]);
+        let dir = tempfile::tempdir().unwrap();
+        let users = users(dir.path());
+        let server = server_for(&agent, &users);
+        let olga = login(&server, "olga").await;
+
+        // Shell mode: a login shell, which the agent keeps as a session.
+        let mut ws = console_as(&server, &olga).await;
+        send(
+            &mut ws,
+            json!({"type": "exec", "id": 1, "pty": {"cols": 80, "rows": 24}}),
+        )
+        .await;
+        let mut attached = None;
+        while attached.is_none() {
+            let v = next_text(&mut ws).await;
+            if v["type"] == "attached" {
+                assert_eq!(
+                    (v["id"].as_u64(), v["watch"].as_bool()),
+                    (Some(1), Some(false))
+                );
+                attached = Some(v);
+            }
+        }
+        let attached = attached.unwrap();
+        let session = attached["session"].as_str().unwrap().to_owned();
+        let name = attached["agent"].as_str().unwrap().to_owned();
+        type_in(&mut ws, 1, "export X=seven; echo mark-$X").await;
+        output_until(&mut ws, 1, "mark-seven").await;
+        // The page goes away (a reload).
+        drop(ws);
+
+        // Another user neither sees nor reaches it; nor does a viewer.
+        for other in ["oscar", "vera"] {
+            let cookie = login(&server, other).await;
+            let mut ws = console_as(&server, &cookie).await;
+            assert!(
+                sessions(&mut ws).await.is_empty(),
+                "{other} sees olga's session"
+            );
+            let attach = json!({"type": "attach", "id": 5, "session": session,
+                "cols": 80, "rows": 24, "watch": other == "vera"});
+            send(&mut ws, attach).await;
+            let v = next_text(&mut ws).await;
+            assert_eq!(
+                (v["type"].as_str(), v["code"].as_str()),
+                (Some("error"), Some("no_session")),
+                "{other}: {v}"
+            );
+            let (status, _) = rest(
+                &server,
+                reqwest::Method::DELETE,
+                &format!("/api/v1/sessions/{name}/{session}"),
+                &cookie,
+                None,
+            )
+            .await;
+            assert_eq!(status, 404, "{other} may not end it");
+        }
+
+        // The owner shares it with oscar, read-only.
+        let (status, body) = rest(
+            &server,
+            reqwest::Method::PATCH,
+            &format!("/api/v1/sessions/{name}/{session}"),
+            &olga,
+            Some(json!({"title": "deploy", "watchers": ["oscar"]})),
+        )
+        .await;
+        assert_eq!(status, 204, "{body}");
+        let oscar = login(&server, "oscar").await;
+        let mut watcher = console_as(&server, &oscar).await;
+        let listed = sessions(&mut watcher).await;
+        assert_eq!(listed.len(), 1);
+        assert_eq!(
+            (listed[0]["owner"].as_str(), listed[0]["title"].as_str()),
+            (Some("olga"), Some("deploy"))
+        );
+        send(&mut watcher, json!({"type": "attach", "id": 2, "session": session, "cols": 80, "rows": 24, "watch": true})).await;
+        let (_, texts) = output_until(&mut watcher, 2, "mark-seven").await;
+        assert!(
+            texts
+                .iter()
+                .any(|t| t["type"] == "attached" && t["watch"] == true),
+            "{texts:?}"
+        );
+        type_in(&mut watcher, 2, "echo typed-by-oscar").await;
+        loop {
+            let v = next_text(&mut watcher).await;
+            if v["type"] == "error" {
+                assert_eq!(v["code"], "forbidden", "{v}");
+                assert_eq!(v["final"], false);
+                break;
+            }
+        }
+        // Watching does not make it oscar's to write to.
+        send(
+            &mut watcher,
+            json!({"type": "attach", "id": 3, "session": session, "cols": 80, "rows": 24}),
+        )
+        .await;
+        let v = next_text(&mut watcher).await;
+        assert_eq!(v["code"], "no_session", "{v}");
+        drop(watcher);
+
+        // The server is replaced; the agent, and the shell, stay.
+        drop(server);
+        let server = server_for(&agent, &users);
+        let olga = login(&server, "olga").await;
+        let (status, listed) = rest(
+            &server,
+            reqwest::Method::GET,
+            "/api/v1/sessions",
+            &olga,
+            None,
+        )
+        .await;
+        assert_eq!(status, 200);
+        let listed = listed["sessions"].as_array().unwrap().clone();
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert_eq!(
+            (listed[0]["id"].as_str(), listed[0]["agent"].as_str()),
+            (Some(session.as_str()), Some(name.as_str()))
+        );
+        let mut ws = console_as(&server, &olga).await;
+        send(
+            &mut ws,
+            json!({"type": "attach", "id": 1, "session": session, "cols": 100, "rows": 30}),
+        )
+        .await;
+        output_until(&mut ws, 1, "mark-seven").await;
+        type_in(&mut ws, 1, "echo again-$X-$COLUMNS").await;
+        output_until(&mut ws, 1, "again-seven-100").await;
+
+        // Ending it over REST ends the page's command with its exit.
+        let (status, _) = rest(
+            &server,
+            reqwest::Method::DELETE,
+            &format!("/api/v1/sessions/{name}/{session}"),
+            &olga,
+            None,
+        )
+        .await;
+        assert_eq!(status, 204);
+        loop {
+            let v = next_text(&mut ws).await;
+            if v["type"] == "exit" {
+                assert_eq!(
+                    (v["id"].as_u64(), v["signal"].as_str()),
+                    (Some(1), Some("KILL"))
+                );
+                break;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn detach_leaves_the_shell_and_a_closed_command_mode_page_kills_nothing_else() {
+        let agent = start_agent(&[]);
+        let dir = tempfile::tempdir().unwrap();
+        let users = users(dir.path());
+        let server = server_for(&agent, &users);
+        let olga = login(&server, "olga").await;
+        let mut ws = console_as(&server, &olga).await;
+        send(
+            &mut ws,
+            json!({"type": "exec", "id": 1, "pty": {"cols": 80, "rows": 24}}),
+        )
+        .await;
+        type_in(&mut ws, 1, "echo ready-$((1+1))").await;
+        let (_, texts) = output_until(&mut ws, 1, "ready-2").await;
+        assert!(texts.iter().any(|t| t["type"] == "attached"), "{texts:?}");
+        send(&mut ws, json!({"type": "detach", "id": 1})).await;
+        loop {
+            let v = next_text(&mut ws).await;
+            if v["type"] == "detached" {
+                assert_eq!(v["id"], 1);
+                break;
+            }
+            assert_ne!(v["type"], "exit", "detach ended the shell: {v}");
+        }
+        let listed = sessions(&mut ws).await;
+        assert_eq!(listed.len(), 1);
+        // A command with a terminal (not a login shell) is no session.
+        send(
+            &mut ws,
+            json!({"type": "exec", "id": 2, "cmd": "echo plain", "pty": {"cols": 80, "rows": 24}}),
+        )
+        .await;
+        let (_, texts) = output_until(&mut ws, 2, "plain").await;
+        assert!(!texts.iter().any(|t| t["type"] == "attached"), "{texts:?}");
+        assert_eq!(sessions(&mut ws).await.len(), 1);
+    }
+}
