@@ -688,3 +688,18 @@ mod console {
         assert_eq!(sessions(&mut ws).await.len(), 1);
     }
 }
+
+#[tokio::test]
+async fn output_flows_from_the_start_without_any_input() {
+    // The redraw queued for the opening channel must not hold up the
+    // shell's first words until the client happens to send something.
+    let agent = start_agent(&[]);
+    let link = AgentLink::connect(agent.addr, &agent.key).await.unwrap();
+    let req = ExecRequest {
+        cmd: Some("echo said-at-once; sleep 100".into()),
+        ..shell("alice")
+    };
+    let mut ch = link.exec(req).await.unwrap();
+    session_id(&mut ch).await;
+    read_until(&mut ch, "said-at-once").await;
+}

@@ -449,6 +449,10 @@ impl Session {
         self.join(first, pty.as_deref(), false).await;
 
         loop {
+            // What is queued goes first (the redraw of a new attachment
+            // among it): reading waits for the writer's queue to empty.
+            self.return_stdin_credit(&mut stdin).await;
+            self.flush().await;
             if status.is_some() && !output.open() {
                 break;
             }
@@ -512,9 +516,8 @@ impl Session {
                 }
                 _ = stdin.write_some(), if stdin.pending() => {}
             }
-            self.return_stdin_credit(&mut stdin).await;
-            self.flush().await;
         }
+        self.flush().await;
         // Gone from the table before the exit is sent: a list made after
         // the exit never shows it.
         commands.close();

@@ -23,6 +23,7 @@ import { History, historyKey } from './history';
 import type { ClientMessage, ErrorMessage, ExitMessage, OutputFrame } from './protocol';
 import { Screen } from './screen';
 import { parseSelector } from './selector';
+import { HeldSessions, SessionsPanel, tabStore, type Held } from './sessions';
 import { ShellMode } from './shellMode';
 import { screenReaderSetting, screenReaderWanted } from './settings';
 import { computeStatus, renderStatus } from './status';
@@ -113,6 +114,7 @@ function main(): void {
   // ---------------------------------------------------------------- modules
 
   let role = document.body.dataset['role'] || 'viewer';
+  let sessionsPanel: SessionsPanel | null = null;
   const activity = new Activity();
   el.status.after(activity.element);
   // The touch bar and the help panel act on the tab in front.
@@ -141,9 +143,12 @@ function main(): void {
       greeted = true;
       // A tab opened before the first hello is bound now.
       for (const t of tabs) if (!t.agent) t.agent = agents.name;
+      // After a reload: the tabs' shells, attached again.
+      if (!reconnected) restoreSessions();
       renderTabs();
       drawStatus();
       for (const t of tabs) {
+        if (reconnected && t.shell.resume()) continue;
         if (reconnected) note(t, GREY + '[reconnected]' + RESET);
         if (t.mode === 'command') t.command.linkReady();
       }
@@ -157,7 +162,22 @@ function main(): void {
             t.shell.started(msg.id);
           }
           break;
-        case 'exit': onExit(msg); break;
+        case 'exit': onExit(msg); sessionsPanel?.refresh(); break;
+        case 'attached':
+          for (const t of tabs) t.shell.attached(msg.id, msg.agent, msg.session, msg.watch);
+          sessionsPanel?.refresh();
+          break;
+        case 'detached': {
+          const tab = tabOf(msg.id);
+          if (tab && tab.shell.owns(msg.id)) {
+            tab.shell.ended(GREY + 'detached (' + clean(msg.reason) + '): the shell keeps running — sessions lists it' + RESET);
+          } else {
+            flows.close(msg.id);
+          }
+          sessionsPanel?.refresh();
+          break;
+        }
+        case 'sessions': sessionsPanel?.show(msg.sessions); break;
         case 'error': onError(msg); break;
         case 'shutdown':
           drawStatus();
@@ -170,7 +190,11 @@ function main(): void {
     lost() {
       for (const t of tabs) {
         t.command.connectionLost();
-        if (t.shell.active) t.shell.ended(RED + 'conch: connection lost — the shell is gone' + RESET);
+        if (t.shell.suspend()) {
+          t.screen.note(YELLOW + 'conch: connection lost — the shell keeps running; it comes back with the connection' + RESET);
+        } else if (t.shell.active) {
+          t.shell.ended(RED + 'conch: connection lost — the shell is gone' + RESET);
+        }
       }
       flows.clear();
     },
@@ -206,6 +230,20 @@ function main(): void {
   const target = (): string | null => (broadcasting ? filterSelector(el.agentFilter.value) : null);
 
   const history = new History(store, historyKey(document.body.dataset['user'] || ''));
+  // The sessions this page's tabs hold, kept across a reload of this tab.
+  const heldSessions = new HeldSessions(tabStore(), document.body.dataset['user'] || '');
+  /** Saved from the last page, attached again once the server says hello. */
+  let restoring: Held[] = heldSessions.load();
+  function saveHeld(): void {
+    if (restoring.length > 0) return; // not yet restored: keep the old list
+    const held: Held[] = [];
+    for (const t of tabs) {
+      const h = t.shell.session;
+      if (h) held.push(h);
+    }
+    heldSessions.save(held);
+    renderTabs();
+  }
 
   const topbar = el.status.closest<HTMLElement>('.topbar');
   // Keyboard users leave the terminal (which takes Tab) with a documented key.
@@ -261,6 +299,7 @@ function main(): void {
       send: tabSend,
       agent: () => tab.agent,
       ended: () => setMode(tab, 'command', false),
+      held: saveHeld,
     });
 
     term.onData((raw) => {
@@ -339,7 +378,7 @@ function main(): void {
   /** Labels and states of the tab bar, updated in place (focus stays where it is). */
   function renderTabs(): void {
     for (const t of tabs) {
-      t.button.textContent = (t.agent || '—') + ' · ' + t.mode;
+      t.button.textContent = (t.agent || '—') + ' · ' + t.mode + (t.shell.watching ? ' (watching)' : '');
       t.button.setAttribute('aria-selected', String(t === active));
       t.button.tabIndex = t === active ? 0 : -1;
       t.button.classList.toggle('is-active', t === active);
@@ -377,7 +416,7 @@ function main(): void {
     el.modeShell.setAttribute('aria-pressed', String(isShell));
   }
 
-  function setMode(tab: Tab, next: Mode, clear = true): void {
+  function setMode(tab: Tab, next: Mode, clear = true, attachTo: Held | null = null): void {
     if (next === 'shell' && !connection.isReady()) {
       note(tab, RED + 'conch: not connected — cannot start a shell' + RESET);
       tab.term.focus();
@@ -388,8 +427,9 @@ function main(): void {
       broadcasting = false;
       renderBroadcast();
     }
-    // Whatever runs in the old mode is closed: its output has no place in
-    // the new one.
+    // Whatever runs in the old mode is closed (a session only detached: it
+    // keeps running): its output has no place in the new one.
+    const kept = tab.shell.session && tab.shell.active ? tab.shell.session : null;
     tab.shell.stop();
     tab.command.leave();
     tab.whole.reset();
@@ -408,9 +448,28 @@ function main(): void {
       tab.screen.raw('', () => { tab.term.options.convertEol = convertEol; });
     }
 
+    if (kept && clear) {
+      tab.screen.out(GREY + 'the shell on ' + clean(kept.agent) + ' keeps running, detached — sessions lists it' + RESET + '\r\n');
+    }
     if (next === 'command') tab.command.enter();
+    else if (attachTo) tab.shell.attach(attachTo);
     else tab.shell.start();
     if (tab === active) tab.term.focus();
+  }
+
+  /** Attaches the sessions the page held before a reload, a tab each. */
+  function restoreSessions(): void {
+    const held = restoring;
+    restoring = [];
+    held.forEach((h, i) => {
+      if (role === 'viewer' && !h.watch) return;
+      const tab = i === 0 ? active : tabs.length < MAX_TABS ? openTab() : null;
+      if (!tab) return;
+      tab.agent = h.agent;
+      if (tab === active) agents.showChoice(h.agent);
+      setMode(tab, 'shell', true, h);
+    });
+    saveHeld();
   }
 
   // ---------------------------------------------------------------- server messages
@@ -561,11 +620,42 @@ function main(): void {
     for (const t of tabs) t.command.forgetHistory();
   });
 
+  // A shell that would die with the page: ask before leaving. (A session
+  // keeps running, and the next page attaches it again.)
+  window.addEventListener('beforeunload', (ev) => {
+    if (tabs.some((t) => t.shell.unkept)) {
+      ev.preventDefault();
+      ev.returnValue = '';
+    }
+  });
+
   // ---------------------------------------------------------------- start
 
   const first = openTab();
   show(first);
   if (topbar) buildHelp(topbar, HELP, [screenReaderSetting(front, store)], () => active.term.focus());
+  sessionsPanel = topbar ? new SessionsPanel(topbar, {
+    request: () => { send({ type: 'list_sessions' }); },
+    attach(held) {
+      if (!connection.isReady()) return;
+      const tab = active;
+      tab.agent = held.agent;
+      agents.showChoice(held.agent);
+      setMode(tab, 'shell', true, held);
+    },
+    end(agent, session) {
+      const url = '/api/v1/sessions/' + encodeURIComponent(agent) + '/' + encodeURIComponent(session);
+      fetch(url, { method: 'DELETE', credentials: 'same-origin' })
+        .then((r) => {
+          if (!r.ok) note(active, RED + 'conch: cannot end that session (' + r.status + ')' + RESET);
+          sessionsPanel?.refresh();
+        })
+        .catch(() => note(active, RED + 'conch: cannot end that session: no answer' + RESET));
+    },
+    closed: () => active.term.focus(),
+    user: () => document.body.dataset['user'] || '',
+    role: () => role,
+  }) : null;
 
   applyRole();
   drawStatus();

@@ -10,7 +10,7 @@ import type { ClientMessage, ServerMessage } from './generated/protocol';
 import { isHighSurrogate, utf8Length, wellFormed } from './text';
 
 export type {
-  AgentStatus, ClientMessage, ErrorCode, ExitStatus, PtySize, Role, ServerMessage, Signal,
+  AgentSession, AgentStatus, ClientMessage, ErrorCode, ExitStatus, PtySize, Role, ServerMessage, Signal,
 } from './generated/protocol';
 
 // ------------------------------------------------------------ browser -> server
@@ -36,9 +36,11 @@ export type ExitMessage = Extract<ServerMessage, { type: 'exit' }>;
  */
 export type ErrorMessage = Extract<ServerMessage, { type: 'error' }>;
 export type ShutdownMessage = Extract<ServerMessage, { type: 'shutdown' }>;
+export type AttachedMessage = Extract<ServerMessage, { type: 'attached' }>;
+export type DetachedMessage = Extract<ServerMessage, { type: 'detached' }>;
 
 const SERVER_TYPES: ReadonlySet<string> = new Set<ServerMessage['type']>(
-  ['hello', 'agents', 'started', 'exit', 'error', 'shutdown'],
+  ['hello', 'agents', 'started', 'exit', 'error', 'shutdown', 'attached', 'detached', 'sessions'],
 );
 
 /**
