@@ -105,6 +105,7 @@ impl Modify for Conch {
                 &mut item.get,
                 &mut item.post,
                 &mut item.put,
+                &mut item.patch,
                 &mut item.delete,
             ];
             for op in ops.into_iter().flatten() {

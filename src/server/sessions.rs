@@ -152,8 +152,30 @@ pub(crate) struct SessionChange {
     /// who may see the agent (at most 64). Replaces the list.
     #[serde(default)]
     #[schema(max_items = 64, nullable = false)]
-    watchers: Option<Vec<String>>,
+    watchers: Option<Vec<Watcher>>,
 }
+
+/// A user name (1 to 64 characters, no control characters), or `*`.
+#[derive(Deserialize)]
+#[serde(transparent)]
+pub(crate) struct Watcher(String);
+
+impl utoipa::PartialSchema for Watcher {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .min_length(Some(1))
+            .max_length(Some(64))
+            .pattern(Some("^[^\\u0000-\\u001f\\u007f-\\u009f]+$"))
+            .description(Some(
+                "A user name (1 to 64 characters, no control characters), or `*`.",
+            ))
+            .into()
+    }
+}
+
+impl ToSchema for Watcher {}
 
 /// `PATCH /api/v1/sessions/{agent}/{id}`.
 #[utoipa::path(
@@ -193,7 +215,10 @@ pub(crate) async fn change(
             "\"title\" is longer than 200 characters".into(),
         ));
     }
-    if let Some(watchers) = &change.watchers {
+    let watchers = change
+        .watchers
+        .map(|w| w.into_iter().map(|Watcher(name)| name).collect::<Vec<_>>());
+    if let Some(watchers) = &watchers {
         if watchers.len() > 64 {
             return Err(ApiError::BadRequest("at most 64 \"watchers\"".into()));
         }
@@ -207,7 +232,7 @@ pub(crate) async fn change(
         }
     }
     let link = find(&state, &who, &agent, &id, SessionAction::Manage).await?;
-    link.update_session(&id, change.title, change.watchers)
+    link.update_session(&id, change.title, watchers)
         .await
         .map_err(|e| ApiError::AgentUnavailable(e.to_string()))?;
     Ok(StatusCode::NO_CONTENT.into_response())
