@@ -41,6 +41,10 @@ struct Plan {
     fanout_agents: usize,
     /// Idle agents that dial in to one server.
     dial_in_agents: usize,
+    /// Detached shell sessions held by one agent.
+    detached: usize,
+    /// Bytes a shell session prints in the terminal-model cost round.
+    session_bytes: u64,
 }
 
 impl Plan {
@@ -57,6 +61,8 @@ impl Plan {
                 idle: 50,
                 fanout_agents: 5,
                 dial_in_agents: 20,
+                detached: 20,
+                session_bytes: 4 << 20,
             }
         } else {
             Plan {
@@ -70,6 +76,8 @@ impl Plan {
                 idle: 5000,
                 fanout_agents: 100,
                 dial_in_agents: 1000,
+                detached: 500,
+                session_bytes: 256 << 20,
             }
         }
     }
@@ -144,7 +152,7 @@ async fn stack() -> Stack {
     // Quiet logs (a line per request would be measured too), but for the
     // lines that say where the agent and the server listen.
     let agent = common::start_agent_with(
-        &[],
+        &["--max-shell-sessions", "20000"],
         &[
             ("SHELL", "/bin/sh"),
             (
@@ -178,6 +186,8 @@ async fn stack() -> Stack {
             "0",
             "--max-sessions-per-user",
             "100000",
+            "--max-shells-per-user",
+            "10000",
         ],
         &[(
             "CONCH_LOG",
@@ -809,6 +819,135 @@ async fn idle(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bool)> {
 }
 
 /// POSTs an exec body and waits for the whole (buffered) answer.
+/// A login shell opened as a session through `link`, its first output read.
+async fn open_session(link: &AgentLink, cmd: Option<&str>) -> conch::link::Channel {
+    let mut ch = link
+        .exec(ExecRequest {
+            cmd: cmd.map(str::to_owned),
+            pty: Some(conch::protocol::PtySize { cols: 80, rows: 24 }),
+            session: Some(conch::protocol::SessionOptions {
+                owner: "bench".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    match ch.next().await {
+        Some(Event::Session(_)) => {}
+        other => panic!("expected a session, got {other:?}"),
+    }
+    ch
+}
+
+/// Reads a channel's output to its exit, returning credit; the bytes read.
+async fn read_to_exit(ch: &mut conch::link::Channel) -> u64 {
+    let mut got = 0u64;
+    while let Some(ev) = ch.next().await {
+        match ev {
+            Event::Stdout(b) | Event::Snapshot(b) => {
+                got += b.len() as u64;
+                ch.window(b.len() as u64).await.unwrap();
+            }
+            Event::Exit(_) => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    got
+}
+
+/// Shell sessions: what a detached one costs the agent, and what its
+/// terminal model costs a shell's output (a session against a plain PTY
+/// command, same agent, same bytes).
+async fn sessions(plan: &Plan, out: &mut String) -> Vec<(String, bool)> {
+    let _ = writeln!(
+        out,
+        "### 8. Shell sessions
+"
+    );
+    let agent = common::start_agent_with(
+        &["--max-shell-sessions", "20000"],
+        &[
+            ("SHELL", "/bin/sh"),
+            ("CONCH_LOG", "warn,conch::agent=info"),
+        ],
+    );
+    let link = AgentLink::connect(agent.addr, &agent.key).await.unwrap();
+    let pid = agent.proc.child.id();
+    let before = rss_kib(pid);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut detached = 0usize;
+    for _ in 0..plan.detached {
+        if Instant::now() > deadline {
+            break;
+        }
+        // Its prompt drawn into the model, then the channel goes.
+        let mut ch = open_session(&link, None).await;
+        while let Some(ev) = ch.next().await {
+            if let Event::Stdout(b) = ev {
+                ch.window(b.len() as u64).await.unwrap();
+                break;
+            }
+        }
+        drop(ch);
+        detached += 1;
+    }
+    // Every detach has reached the agent once it lists none attached.
+    let listed = Instant::now();
+    while listed.elapsed() < Duration::from_secs(30) {
+        let all = link.sessions().await.unwrap();
+        if all.len() == detached && all.iter().all(|s| !s.attached) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after = rss_kib(pid);
+    let per = after.saturating_sub(before) as f64 / detached.max(1) as f64;
+    let _ = writeln!(
+        out,
+        "| detached sessions | agent RSS growth per session (not counting the shells) |\n|---|---|\n| {detached} | {per:.0} KiB |\n"
+    );
+    let mut verdicts = vec![(
+        format!("{} detached sessions held: {detached}", plan.detached),
+        detached == plan.detached,
+    )];
+    // The terminal model's cost: the same output through a session and
+    // through a plain PTY command, alternating, median of three each.
+    let n = plan.session_bytes;
+    let cmd = format!("head -c {} /dev/zero | base64 -w 0", n / 4 * 3);
+    let (mut model, mut plain) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let t = Instant::now();
+        let mut ch = open_session(&link, Some(&cmd)).await;
+        let got = read_to_exit(&mut ch).await;
+        model.push(mbps(got, t.elapsed()));
+        let t = Instant::now();
+        let mut ch = link
+            .exec(ExecRequest {
+                cmd: Some(cmd.clone()),
+                pty: Some(conch::protocol::PtySize { cols: 80, rows: 24 }),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let got = read_to_exit(&mut ch).await;
+        plain.push(mbps(got, t.elapsed()));
+    }
+    let (model, _, _) = mmm(model);
+    let (plain, _, _) = mmm(plain);
+    let _ = writeln!(
+        out,
+        "| PTY output, {} MiB of base64 | session (with the terminal model) | plain PTY command | ratio |\n|---|---|---|---|\n| MB/s | {model:.0} | {plain:.0} | {:.2} |\n",
+        n >> 20,
+        model / plain
+    );
+    verdicts.push((
+        format!("a session's output arrives whole through its model: {model:.0} MB/s"),
+        model > 0.0,
+    ));
+    verdicts
+}
+
 async fn exec_json(server: &common::Server, body: &Value) -> Value {
     common::post_json(server.url("/api/v1/exec"), &server.token, body)
         .await
@@ -1330,6 +1469,9 @@ fn main() {
         }
         if wanted("fleet") {
             verdicts.extend(fleet(&plan, &mut out).await);
+        }
+        if wanted("sessions") {
+            verdicts.extend(sessions(&plan, &mut out).await);
         }
         // Peers are installed from the network: full runs only.
         if !plan.quick && wanted("peers") {

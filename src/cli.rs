@@ -87,6 +87,43 @@ pub struct IsolationArgs {
     cgroups: CgroupMode,
 }
 
+/// How an agent keeps shells that outlive their page (shared by `conch
+/// agent` and `conch serve`, which passes them to its embedded agent).
+#[derive(Args, Clone)]
+pub struct ShellSessionArgs {
+    /// How long a shell session with nothing attached keeps running
+    /// before it is ended (`90s`, `30m`, `2h`; `0` ends it when its last
+    /// page goes).
+    #[arg(long, env = "CONCH_SESSION_LINGER", default_value = "30m", value_parser = duration)]
+    session_linger: std::time::Duration,
+    /// Lines of scrollback a session keeps for redrawing a reattached page.
+    #[arg(long, env = "CONCH_SESSION_SCROLLBACK", default_value_t = 5000, value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    session_scrollback: u32,
+    /// Shell sessions the agent holds at once (attached or not); 0 keeps
+    /// none (shells then end with their page, and cost no terminal model).
+    #[arg(long, env = "CONCH_MAX_SHELL_SESSIONS", default_value_t = 128)]
+    max_shell_sessions: usize,
+}
+
+impl ShellSessionArgs {
+    fn limits(&self) -> crate::agent::SessionLimits {
+        crate::agent::SessionLimits {
+            linger: self.session_linger,
+            scrollback: self.session_scrollback as usize,
+            max_sessions: self.max_shell_sessions,
+        }
+    }
+
+    /// The same settings as `conch agent` flags.
+    fn to_args(&self) -> Vec<String> {
+        vec![
+            format!("--session-linger={}ms", self.session_linger.as_millis()),
+            format!("--session-scrollback={}", self.session_scrollback),
+            format!("--max-shell-sessions={}", self.max_shell_sessions),
+        ]
+    }
+}
+
 impl IsolationArgs {
     fn policy(&self) -> anyhow::Result<ExecPolicy> {
         let limits = CommandLimits {
@@ -154,17 +191,8 @@ pub struct AgentArgs {
     /// Commands running at once on one connection.
     #[arg(long, env = "CONCH_AGENT_MAX_CHANNELS", default_value_t = 1024)]
     max_channels: usize,
-    /// How long a shell session with nothing attached keeps running
-    /// before it is ended (`90s`, `30m`, `2h`; `0` ends it when its last
-    /// page goes).
-    #[arg(long, env = "CONCH_SESSION_LINGER", default_value = "30m", value_parser = duration)]
-    session_linger: std::time::Duration,
-    /// Lines of scrollback a session keeps for redrawing a reattached page.
-    #[arg(long, env = "CONCH_SESSION_SCROLLBACK", default_value_t = 5000, value_parser = clap::value_parser!(u32).range(0..=100_000))]
-    session_scrollback: u32,
-    /// Shell sessions the agent holds at once (attached or not).
-    #[arg(long, env = "CONCH_MAX_SESSIONS", default_value_t = 256)]
-    max_sessions: usize,
+    #[command(flatten)]
+    shells: ShellSessionArgs,
     /// Serve clients over plain TCP instead of TLS: commands, keystrokes and
     /// output cross the network readable and alterable. Clients must say so too.
     #[arg(long, env = "CONCH_INSECURE_PLAINTEXT", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::SetTrue)]
@@ -310,9 +338,16 @@ pub struct ServeArgs {
     /// Channels of each agent kept for users who run nothing on it yet.
     #[arg(long, env = "CONCH_COMMAND_RESERVE", default_value_t = 32)]
     command_reserve: usize,
+    /// Shell sessions (shells that survive their page) one user may hold
+    /// on one agent, attached or not.
+    #[arg(long, env = "CONCH_MAX_SHELLS_PER_USER", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    max_shells_per_user: u32,
     /// REST requests per caller per minute; more get 429.
     #[arg(long, env = "CONCH_API_RATE_PER_MINUTE", default_value_t = 1200)]
     api_rate_per_minute: u32,
+    /// Shell sessions of the embedded agent (ignored with --agent).
+    #[command(flatten)]
+    shells: ShellSessionArgs,
     /// Command isolation of the embedded agent (ignored with --agent).
     #[command(flatten)]
     isolation: IsolationArgs,
@@ -496,6 +531,7 @@ impl AgentArgs {
             handshake_timeout: std::time::Duration::from_millis(args.handshake_timeout_ms.max(100)),
             limits: Limits {
                 max_channels: args.max_channels.max(1),
+                sessions: args.shells.max_shell_sessions > 0,
             },
             policy: std::sync::Arc::new(policy),
             tls: if args.insecure_plaintext {
@@ -509,11 +545,7 @@ impl AgentArgs {
                 Some(crate::transport::tls::Acceptor::ephemeral().context("cannot set up TLS")?)
             },
             name: args.name.clone(),
-            sessions: crate::agent::SessionLimits {
-                linger: args.session_linger,
-                scrollback: args.session_scrollback as usize,
-                max_sessions: args.max_sessions.max(1),
-            },
+            sessions: args.shells.limits(),
         })
     }
 }
@@ -654,7 +686,12 @@ fn serve_config(args: ServeArgs, json_logs: bool) -> anyhow::Result<ServeConfig>
             header_timeout: std::time::Duration::from_millis(args.header_timeout_ms.max(100)),
         },
         agents: agent,
-        embedded_agent_args: args.isolation.to_args(),
+        embedded_agent_args: args
+            .isolation
+            .to_args()
+            .into_iter()
+            .chain(args.shells.to_args())
+            .collect(),
         admin_token: token.map(Secret::new),
         users,
         allowed_origins: args
@@ -679,6 +716,7 @@ fn serve_config(args: ServeArgs, json_logs: bool) -> anyhow::Result<ServeConfig>
         quota: crate::server::quota::QuotaLimits {
             per_user: args.max_commands_per_user.max(1),
             reserve: args.command_reserve,
+            shells_per_user: args.max_shells_per_user,
         },
         json_logs,
     })

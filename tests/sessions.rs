@@ -20,6 +20,7 @@ fn shell(owner: &str) -> ExecRequest {
         session: Some(SessionOptions {
             owner: owner.into(),
             title: None,
+            max_per_owner: None,
         }),
         ..Default::default()
     }
@@ -318,7 +319,7 @@ async fn unknown_sessions_are_refused_and_ending_one_kills_it() {
 
 #[tokio::test]
 async fn a_session_needs_a_terminal_and_the_agent_bounds_their_number() {
-    let agent = start_agent(&["--max-sessions", "1"]);
+    let agent = start_agent(&["--max-shell-sessions", "2"]);
     let link = AgentLink::connect(agent.addr, &agent.key).await.unwrap();
     let no_pty = ExecRequest {
         pty: None,
@@ -328,10 +329,32 @@ async fn a_session_needs_a_terminal_and_the_agent_bounds_their_number() {
         Some(Event::Error { code, .. }) => assert_eq!(code, ErrorCode::BadExec),
         other => panic!("expected bad_exec, got {other:?}"),
     }
-    let mut one = link.exec(shell("alice")).await.unwrap();
+    // The server's share per user: alice may hold one here.
+    let capped = |owner: &str| ExecRequest {
+        session: Some(SessionOptions {
+            owner: owner.into(),
+            title: None,
+            max_per_owner: Some(1),
+        }),
+        ..shell(owner)
+    };
+    let mut one = link.exec(capped("alice")).await.unwrap();
     session_id(&mut one).await;
-    match link.exec(shell("bob")).await.unwrap().next().await {
-        Some(Event::Error { code, .. }) => assert_eq!(code, ErrorCode::TooManySessions),
+    match link.exec(capped("alice")).await.unwrap().next().await {
+        Some(Event::Error { code, message }) => {
+            assert_eq!(code, ErrorCode::TooManySessions);
+            assert!(message.contains("alice has 1"), "{message}");
+        }
+        other => panic!("expected too_many_sessions, got {other:?}"),
+    }
+    // Someone else still may; then the agent is full for everyone.
+    let mut two = link.exec(capped("bob")).await.unwrap();
+    session_id(&mut two).await;
+    match link.exec(shell("carol")).await.unwrap().next().await {
+        Some(Event::Error { code, message }) => {
+            assert_eq!(code, ErrorCode::TooManySessions);
+            assert!(message.contains("maximum of 2"), "{message}");
+        }
         other => panic!("expected too_many_sessions, got {other:?}"),
     }
 }
@@ -648,6 +671,25 @@ mod console {
                 break;
             }
         }
+    }
+
+    #[tokio::test]
+    async fn an_agent_that_keeps_no_sessions_runs_plain_shells() {
+        let agent = start_agent(&["--max-shell-sessions", "0"]);
+        let dir = tempfile::tempdir().unwrap();
+        let users = users(dir.path());
+        let server = server_for(&agent, &users);
+        let olga = login(&server, "olga").await;
+        let mut ws = console_as(&server, &olga).await;
+        send(
+            &mut ws,
+            json!({"type": "exec", "id": 1, "pty": {"cols": 80, "rows": 24}}),
+        )
+        .await;
+        type_in(&mut ws, 1, "echo plain-$((2+3))").await;
+        let (_, texts) = output_until(&mut ws, 1, "plain-5").await;
+        assert!(!texts.iter().any(|t| t["type"] == "attached"), "{texts:?}");
+        assert!(sessions(&mut ws).await.is_empty());
     }
 
     #[tokio::test]

@@ -126,13 +126,20 @@ fn exit_message(outcome: Outcome, started: Instant) -> Message {
 pub(super) struct Source<R> {
     reader: Option<R>,
     buf: BytesMut,
+    /// What the next read reserves: [`IDLE_READ`] or [`READ_CHUNK`].
+    next_reserve: usize,
 }
+
+/// The buffer a read waits with after a read that did not fill its
+/// buffer: 4 KiB (a terminal hands out at most about that much at once).
+const IDLE_READ: usize = 4 * 1024;
 
 impl<R: AsyncRead + Unpin> Source<R> {
     pub(super) fn new(reader: Option<R>) -> Self {
         Source {
             reader,
             buf: BytesMut::new(),
+            next_reserve: IDLE_READ,
         }
     }
 
@@ -140,7 +147,10 @@ impl<R: AsyncRead + Unpin> Source<R> {
     pub(super) async fn read(&mut self, limit: usize) -> Option<Bytes> {
         let reader = self.reader.as_mut()?;
         self.buf.clear();
-        self.buf.reserve(limit);
+        // The buffer is held while the read waits: an idle stream (a
+        // shell at its prompt) waits with a small one, a stream that filled
+        // its last buffer with a full one (no extra read per frame).
+        self.buf.reserve(limit.min(self.next_reserve));
         let result = (&mut *reader)
             .take(limit as u64)
             .read_buf(&mut self.buf)
@@ -167,6 +177,11 @@ impl<R: AsyncRead + Unpin> Source<R> {
                 _ => break,
             }
         }
+        self.next_reserve = if self.buf.len() >= self.next_reserve.min(limit) {
+            READ_CHUNK
+        } else {
+            IDLE_READ
+        };
         Some(self.buf.split().freeze())
     }
 

@@ -44,6 +44,8 @@ pub(crate) const SILENCE_LIMIT: Duration = Duration::from_secs(30);
 pub struct Limits {
     /// Channels running at once before `exec` is refused with `too_many_channels`.
     pub max_channels: usize,
+    /// Whether it keeps shell sessions (says the `sessions` capability).
+    pub sessions: bool,
 }
 
 type AgentFramed = crate::transport::handshake::LinkFramed;
@@ -72,7 +74,7 @@ pub(crate) async fn authenticate(
     let stream: crate::transport::Stream = Box::new(stream);
     let mut framed = Framed::new(stream, FrameCodec::handshake());
     let authed = tokio::select! {
-        r = tokio::time::timeout(timeout, handshake::answer(&mut framed, key, name, tls, slots, limits.max_channels)) => r,
+        r = tokio::time::timeout(timeout, handshake::answer(&mut framed, key, name, tls, slots, limits.max_channels, limits.sessions)) => r,
         _ = evicted.cancelled() => {
             debug!(%peer, "handshake dropped: too many connections are authenticating");
             return None;

@@ -38,11 +38,12 @@ use crate::vocab::{self, ErrorCode};
 /// the watcher resynchronised with a snapshot: 256 KiB.
 const WATCH_LAG: usize = 256 * 1024;
 
-/// The largest terminal a session models: 1000 columns by 500 rows. A
-/// larger size asked for is clamped, so that no client can make the model
-/// (cells × scrollback) unbounded.
-pub(crate) const MAX_COLS: u16 = 1000;
-pub(crate) const MAX_ROWS: u16 = 500;
+/// The largest terminal a session models: 300 columns by 150 rows. A
+/// larger size asked for is clamped: the model costs 32 bytes a cell, so a
+/// full scrollback of 5 000 lines at this width is about 49 MB, and at 80
+/// columns about 13 MB.
+pub(crate) const MAX_COLS: u16 = 300;
+pub(crate) const MAX_ROWS: u16 = 150;
 
 /// Commands queued for one session's task: 64.
 const COMMAND_QUEUE: usize = 64;
@@ -64,7 +65,7 @@ impl Default for SessionLimits {
         SessionLimits {
             linger: Duration::from_secs(30 * 60),
             scrollback: 5000,
-            max_sessions: 256,
+            max_sessions: 128,
         }
     }
 }
@@ -146,23 +147,82 @@ impl Sessions {
             ));
             return;
         };
-        if self.table().len() >= self.limits.max_sessions {
-            let msg = format!(
-                "this agent holds its maximum of {} sessions",
-                self.limits.max_sessions
-            );
-            first.refuse(Message::error(ErrorCode::TooManySessions, msg));
-            return;
-        }
         let size = clamp(size);
         let req = ExecRequest {
             pty: Some(size),
             ..req
         };
+        let mut raw = [0u8; 16];
+        rand::fill(&mut raw);
+        let id = hex::encode(raw);
+        // What is kept and listed is bounded, whatever the request held.
+        let short = |text: &str| text.chars().take(200).collect::<String>();
+        let command = match (&req.cmd, &req.argv) {
+            (Some(cmd), _) => short(cmd),
+            (None, Some(argv)) => short(&argv.join(" ")),
+            (None, None) => String::new(),
+        };
+        let now = now_ms();
+        let info = Arc::new(Mutex::new(SessionInfo {
+            id: id.clone(),
+            owner: short(&options.owner),
+            title: options
+                .title
+                .as_deref()
+                .map_or_else(|| command.clone(), short),
+            command,
+            started_ms: now,
+            last_attached_ms: now,
+            cols: size.cols,
+            rows: size.rows,
+            attached: false,
+            watching: 0,
+            watchers: Vec::new(),
+            ends_at_ms: None,
+        }));
+        let (commands, commands_rx) = mpsc::channel(COMMAND_QUEUE);
+        // The limits are checked and the place taken under one lock, so
+        // that two opens at once cannot both squeeze under them.
+        {
+            let mut table = self.table();
+            let refusal = if table.len() >= self.limits.max_sessions {
+                Some(format!(
+                    "this agent holds its maximum of {} sessions",
+                    self.limits.max_sessions
+                ))
+            } else if let Some(max) = options.max_per_owner {
+                let owner = &options.owner;
+                let held = table
+                    .values()
+                    .filter(|e| &e.info.lock().unwrap_or_else(|e| e.into_inner()).owner == owner)
+                    .count();
+                (held >= max as usize).then(|| {
+                    format!(
+                        "{owner} has {held} shell sessions on this agent, the most allowed; \
+                         end one (the console's sessions panel) first"
+                    )
+                })
+            } else {
+                None
+            };
+            if let Some(msg) = refusal {
+                drop(table);
+                first.refuse(Message::error(ErrorCode::TooManySessions, msg));
+                return;
+            }
+            table.insert(
+                id.clone(),
+                Entry {
+                    commands,
+                    info: info.clone(),
+                },
+            );
+        }
         let started = std::time::Instant::now();
         let spawned = match process::spawn(&req, policy) {
             Ok(spawned) => spawned,
             Err(err) => {
+                self.table().remove(&id);
                 // As for any command: the reason on stderr, then its exit.
                 let ch = first.ch;
                 let out = first.out.clone();
@@ -186,37 +246,6 @@ impl Sessions {
                 return;
             }
         };
-        let mut raw = [0u8; 16];
-        rand::fill(&mut raw);
-        let id = hex::encode(raw);
-        let command = match (&req.cmd, &req.argv) {
-            (Some(cmd), _) => cmd.clone(),
-            (None, Some(argv)) => argv.join(" "),
-            (None, None) => String::new(),
-        };
-        let now = now_ms();
-        let info = Arc::new(Mutex::new(SessionInfo {
-            id: id.clone(),
-            owner: options.owner,
-            title: options.title.unwrap_or_else(|| command.clone()),
-            command,
-            started_ms: now,
-            last_attached_ms: now,
-            cols: size.cols,
-            rows: size.rows,
-            attached: false,
-            watching: 0,
-            watchers: Vec::new(),
-            ends_at_ms: None,
-        }));
-        let (commands, commands_rx) = mpsc::channel(COMMAND_QUEUE);
-        self.table().insert(
-            id.clone(),
-            Entry {
-                commands,
-                info: info.clone(),
-            },
-        );
         let task = Session {
             id,
             info,

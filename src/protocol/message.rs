@@ -169,6 +169,10 @@ pub struct SessionOptions {
     pub owner: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub title: Option<String>,
+    /// Refuse (`too_many_sessions`) if `owner` already has this many
+    /// sessions on the agent: the server's per-user share.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_per_owner: Option<u32>,
 }
 
 /// One session as the agent lists it.

@@ -17,6 +17,9 @@ pub struct QuotaLimits {
     pub per_user: usize,
     /// Channels of each agent kept for users who run nothing on it yet.
     pub reserve: usize,
+    /// Shell sessions one user may hold on one agent, attached or not
+    /// (the agent counts them: a detached shell holds no command slot).
+    pub shells_per_user: u32,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -87,6 +90,11 @@ impl Quota {
         self.limits.per_user
     }
 
+    /// Shell sessions one user may hold on one agent.
+    pub(crate) fn shells_per_user(&self) -> u32 {
+        self.limits.shells_per_user
+    }
+
     pub(crate) fn new(limits: QuotaLimits) -> Quota {
         Quota {
             limits,
@@ -151,6 +159,7 @@ mod tests {
         let q = Quota::new(QuotaLimits {
             per_user: 100,
             reserve: 2,
+            shells_per_user: 16,
         });
         let mut held: Vec<Ticket> = (0..8).map(|_| q.admit("hog", "a", 10).unwrap()).collect();
         // 2 left, both in the reserve: the hog is refused, others are not.
@@ -174,6 +183,7 @@ mod tests {
         let q = Quota::new(QuotaLimits {
             per_user: 2,
             reserve: 0,
+            shells_per_user: 16,
         });
         let a = q.admit("u", "a", 10).unwrap();
         let _b = q.admit("u", "b", 10).unwrap();

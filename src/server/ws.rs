@@ -532,6 +532,7 @@ impl Console<'_> {
             crate::protocol::SessionOptions {
                 owner: self.principal.name.clone(),
                 title: None,
+                max_per_owner: Some(self.state.quota.shells_per_user()),
             }
         });
         let req = ExecRequest {

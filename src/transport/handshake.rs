@@ -201,6 +201,7 @@ pub(crate) async fn answer(
     tls: Option<&Acceptor>,
     slots: &Arc<Semaphore>,
     max_channels: usize,
+    sessions: bool,
 ) -> Result<Authenticated, HandshakeError> {
     let agent_nonce = new_nonce();
     let hello = Message::Hello {
@@ -281,7 +282,7 @@ pub(crate) async fn answer(
         .clone()
         .try_acquire_owned()
         .map_err(|_| HandshakeError::Busy)?;
-    let offered = vec![SESSIONS.to_owned()];
+    let offered: Vec<String> = sessions.then(|| SESSIONS.to_owned()).into_iter().collect();
     let ours = Bound {
         binding: &binding,
         name,
