@@ -620,6 +620,39 @@ mod console {
         .await;
         let v = next_text(&mut watcher).await;
         assert_eq!(v["code"], "no_session", "{v}");
+        // The owner stops sharing: oscar's watch ends at once.
+        let (status, body) = rest(
+            &server,
+            reqwest::Method::PATCH,
+            &format!("/api/v1/sessions/{name}/{session}"),
+            &olga,
+            Some(json!({"watchers": []})),
+        )
+        .await;
+        assert_eq!(status, 204, "{body}");
+        loop {
+            let v = next_text(&mut watcher).await;
+            if v["type"] == "detached" {
+                assert_eq!(v["id"], 2);
+                assert!(
+                    v["reason"].as_str().unwrap().contains("no longer shares"),
+                    "{v}"
+                );
+                break;
+            }
+        }
+        assert!(
+            sessions(&mut watcher).await.is_empty(),
+            "oscar still sees it"
+        );
+        // And attaching again to watch is refused.
+        send(
+            &mut watcher,
+            json!({"type": "attach", "id": 3, "session": session, "cols": 80, "rows": 24}),
+        )
+        .await;
+        let v = next_text(&mut watcher).await;
+        assert_eq!(v["code"], "no_session", "{v}");
         drop(watcher);
 
         // The server is replaced; the agent, and the shell, stay.
@@ -728,6 +761,41 @@ mod console {
         let (_, texts) = output_until(&mut ws, 2, "plain").await;
         assert!(!texts.iter().any(|t| t["type"] == "attached"), "{texts:?}");
         assert_eq!(sessions(&mut ws).await.len(), 1);
+    }
+}
+
+#[tokio::test]
+async fn a_watchers_refused_input_costs_it_nothing_and_watchers_keep_no_shell_alive() {
+    let agent = start_agent(&["--session-linger", "1s"]);
+    let link = AgentLink::connect(agent.addr, &agent.key).await.unwrap();
+    let mut writer = link.exec(shell("alice")).await.unwrap();
+    let id = session_id(&mut writer).await;
+    let pid = shell_pid(&mut writer).await;
+    let mut watcher = link.attach(&id, SIZE, true, None).await.unwrap();
+    session_id(&mut watcher).await;
+    // Twice the stdin credit: sent whole only if the refused input's
+    // credit comes back (a bounded wait, so that a hang fails).
+    let flood = Bytes::from(vec![b'x'; 2 * 1024 * 1024]);
+    let sent = tokio::time::timeout(Duration::from_secs(60), watcher.stdin(flood, false)).await;
+    assert!(
+        matches!(sent, Ok(Ok(()))),
+        "the watcher's input stalled: {sent:?}"
+    );
+    // The writer leaves; the watcher alone does not keep the shell.
+    writer.detach().await.unwrap();
+    assert!(
+        wait_gone(pid).await,
+        "a watcher kept the shell past the linger time"
+    );
+    loop {
+        match watcher.next().await {
+            Some(Event::Exit(_)) => break,
+            Some(Event::Stdout(b) | Event::Snapshot(b)) => {
+                let _ = watcher.window(b.len() as u64).await;
+            }
+            Some(Event::Error { code, .. }) => assert_eq!(code, ErrorCode::Forbidden),
+            other => panic!("expected the shell's exit, got {other:?}"),
+        }
     }
 }
 

@@ -27,7 +27,7 @@ pub(super) const READ_CHUNK: usize = 64 * 1024;
 pub(crate) use crate::protocol::message::STDIN_WINDOW;
 
 /// How much consumed stdin the agent gathers before returning credit: 32 KiB.
-const STDIN_CREDIT_BATCH: usize = 32 * 1024;
+pub(super) const STDIN_CREDIT_BATCH: usize = 32 * 1024;
 
 /// How long output is still drained after the command's leader exits and its
 /// group is killed. Only a process that escaped the group (a daemon that

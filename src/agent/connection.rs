@@ -324,6 +324,7 @@ impl Connection {
                     let attach = Attach {
                         ch,
                         watch: false,
+                        watcher: None,
                         size: req.pty,
                         window: req.window.unwrap_or(DEFAULT_WINDOW),
                         control: control_rx,
@@ -332,7 +333,7 @@ impl Connection {
                         out: out.clone(),
                         done: done.clone(),
                     };
-                    self.sessions.open(req, &self.policy, attach);
+                    self.sessions.open(req, self.policy.clone(), attach);
                     return;
                 }
                 tokio::spawn(channel::run(
@@ -351,6 +352,7 @@ impl Connection {
                 rows,
                 watch,
                 window,
+                watcher,
             } => {
                 let (control_rx, stdin_rx, stdin_spent) = match self.open_channel(ch) {
                     Ok(queues) => queues,
@@ -362,6 +364,7 @@ impl Connection {
                 let attach = Attach {
                     ch,
                     watch,
+                    watcher,
                     size: Some(crate::protocol::PtySize { cols, rows }),
                     window: window.unwrap_or(DEFAULT_WINDOW),
                     control: control_rx,

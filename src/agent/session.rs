@@ -74,6 +74,9 @@ impl Default for SessionLimits {
 pub(crate) struct Attach {
     pub(crate) ch: u32,
     pub(crate) watch: bool,
+    /// The user watching only because the owner shared the session with
+    /// them: taken off when the owner no longer does.
+    pub(crate) watcher: Option<String>,
     pub(crate) size: Option<PtySize>,
     pub(crate) window: u64,
     pub(crate) control: mpsc::Receiver<Control>,
@@ -96,11 +99,25 @@ impl Attach {
 enum Command {
     Attach(Attach),
     End,
+    /// Who may watch now: the watchers not among them are detached.
+    Watchers(Vec<String>),
 }
 
 struct Entry {
     commands: mpsc::Sender<Command>,
     info: Arc<Mutex<SessionInfo>>,
+}
+
+/// Takes a session out of the table when its task ends, however it ends.
+struct Listed {
+    sessions: Arc<Sessions>,
+    id: String,
+}
+
+impl Drop for Listed {
+    fn drop(&mut self) {
+        self.sessions.table().remove(&self.id);
+    }
 }
 
 /// Every session of this agent, shared by all its connections.
@@ -139,7 +156,7 @@ impl Sessions {
     }
 
     /// Starts the shell of `req` as a new session, `first` its writer.
-    pub(crate) fn open(self: &Arc<Self>, req: ExecRequest, policy: &ExecPolicy, first: Attach) {
+    pub(crate) fn open(self: &Arc<Self>, req: ExecRequest, policy: Arc<ExecPolicy>, first: Attach) {
         let (Some(options), Some(size)) = (req.session.clone(), req.pty) else {
             first.refuse(Message::error(
                 ErrorCode::BadExec,
@@ -219,35 +236,8 @@ impl Sessions {
             );
         }
         let started = std::time::Instant::now();
-        let spawned = match process::spawn(&req, policy) {
-            Ok(spawned) => spawned,
-            Err(err) => {
-                self.table().remove(&id);
-                // As for any command: the reason on stderr, then its exit.
-                let ch = first.ch;
-                let out = first.out.clone();
-                let done = first.done.clone();
-                tokio::spawn(async move {
-                    let payload = Bytes::from(err.message);
-                    let _ = out
-                        .send(Frame::with_payload(ch, Message::Stderr, payload))
-                        .await;
-                    let exit = Message::Exit(vocab::ExitStatus {
-                        code: Some(err.code),
-                        signal: None,
-                        timed_out: false,
-                        duration_ms: started.elapsed().as_millis() as u64,
-                    });
-                    let _ = done.send(Done {
-                        ch,
-                        exit: Frame::new(ch, exit),
-                    });
-                });
-                return;
-            }
-        };
         let task = Session {
-            id,
+            id: id.clone(),
             info,
             limits: self.limits,
             parser: vt100::Parser::new(
@@ -260,13 +250,35 @@ impl Sessions {
             next_key: 0,
             inputs: SelectAll::new(),
             started,
+            writer_changed: false,
         };
-        let sessions = self.clone();
+        let listed = Listed {
+            sessions: self.clone(),
+            id,
+        };
         let shutdown = self.shutdown.clone();
         self.tasks.spawn(async move {
-            let id = task.id.clone();
-            task.run(spawned, commands_rx, first, shutdown).await;
-            sessions.table().remove(&id);
+            // Whatever happens to the task (a panic included), the session
+            // leaves the table with it.
+            let _listed = listed;
+            // Forking happens here, not in the connection that asked.
+            match process::spawn(&req, &policy) {
+                Ok(spawned) => task.run(spawned, commands_rx, first, shutdown).await,
+                Err(err) => {
+                    // As for any command: the reason on stderr, then its exit.
+                    let payload = Bytes::from(err.message);
+                    let _ = first
+                        .out
+                        .send(Frame::with_payload(first.ch, Message::Stderr, payload))
+                        .await;
+                    first.refuse(Message::Exit(vocab::ExitStatus {
+                        code: Some(err.code),
+                        signal: None,
+                        timed_out: false,
+                        duration_ms: started.elapsed().as_millis() as u64,
+                    }));
+                }
+            }
         });
     }
 
@@ -323,7 +335,18 @@ impl Sessions {
             info.title = title.chars().take(200).collect();
         }
         if let Some(watchers) = watchers {
-            info.watchers = watchers.into_iter().take(64).collect();
+            let watchers: Vec<String> = watchers
+                .into_iter()
+                .take(64)
+                .map(|w| w.chars().take(64).collect())
+                .collect();
+            info.watchers = watchers.clone();
+            // Those no longer allowed stop watching now, not at their next
+            // attach.
+            let commands = entry.commands.clone();
+            tokio::spawn(async move {
+                let _ = commands.send(Command::Watchers(watchers)).await;
+            });
         }
         true
     }
@@ -368,11 +391,20 @@ struct Viewer {
     /// Output not yet sent (beyond the credit), in order.
     pending: VecDeque<(Message, Bytes)>,
     pending_len: usize,
+    /// Of `pending_len`, the live output (not a redraw): what counts
+    /// towards a watcher's lag.
+    live_len: usize,
     /// A watcher that fell behind: its next output is a fresh snapshot.
     resync: bool,
     out: mpsc::Sender<Frame>,
     done: mpsc::UnboundedSender<Done>,
     stdin_spent: Arc<AtomicUsize>,
+    /// Set for a watcher allowed only by the owner's list.
+    watcher: Option<String>,
+    /// A watcher's refused input whose credit is not yet returned, and
+    /// whether it was told why.
+    refused: usize,
+    warned: bool,
 }
 
 impl Viewer {
@@ -381,12 +413,22 @@ impl Viewer {
             return;
         }
         self.pending_len += data.len();
-        self.pending.push_back((kind, data));
-        if self.watch && self.pending_len > WATCH_LAG {
-            self.pending.clear();
-            self.pending_len = 0;
-            self.resync = true;
+        if kind == Message::Stdout {
+            self.live_len += data.len();
         }
+        self.pending.push_back((kind, data));
+        if self.watch && self.live_len > WATCH_LAG {
+            self.lagged();
+        }
+    }
+
+    /// A watcher fell behind: what it has queued is dropped, and a redraw
+    /// follows once it has credit again.
+    fn lagged(&mut self) {
+        self.pending.clear();
+        self.pending_len = 0;
+        self.live_len = 0;
+        self.resync = true;
     }
 
     /// Sends what the credit allows; false when the connection is gone.
@@ -401,14 +443,27 @@ impl Viewer {
                 self.pending.push_front((kind.clone(), rest));
             }
             self.pending_len -= n;
+            if kind == Message::Stdout {
+                self.live_len = self.live_len.saturating_sub(n);
+            }
             self.credit -= n as u64;
-            if self
-                .out
-                .send(Frame::with_payload(self.ch, kind, data))
-                .await
-                .is_err()
-            {
-                return false;
+            let frame = Frame::with_payload(self.ch, kind, data);
+            if !self.watch {
+                // The writer's connection paces the shell, as for any command.
+                if self.out.send(frame).await.is_err() {
+                    return false;
+                }
+                continue;
+            }
+            // A watcher's connection never holds up the session: when its
+            // queue is full, it falls behind and is redrawn later.
+            match self.out.try_send(frame) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    self.lagged();
+                    return true;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return false,
             }
         }
         true
@@ -441,6 +496,9 @@ struct Session {
     next_key: u64,
     inputs: SelectAll<BoxStream<'static, Input>>,
     started: std::time::Instant,
+    /// The writer left or changed: input queued for the old one is
+    /// dropped, and its credit is not the new one's to get back.
+    writer_changed: bool,
 }
 
 impl Session {
@@ -474,19 +532,26 @@ impl Session {
         let mut status: Option<Option<std::process::ExitStatus>> = None;
         let mut drain_until: Option<tokio::time::Instant> = None;
         let mut linger_until: Option<tokio::time::Instant> = None;
+        let mut lingered = false;
         let far = tokio::time::Instant::now() + Duration::from_secs(60 * 60 * 24 * 365);
         self.join(first, pty.as_deref(), false).await;
 
         loop {
             // What is queued goes first (the redraw of a new attachment
             // among it): reading waits for the writer's queue to empty.
+            if std::mem::take(&mut self.writer_changed) {
+                stdin.queue.clear();
+                stdin.queued = 0;
+                stdin.owed = 0;
+            }
             self.return_stdin_credit(&mut stdin).await;
             self.flush().await;
             if status.is_some() && !output.open() {
                 break;
             }
-            // Nobody attached: start the linger clock (once).
-            if self.viewers.is_empty() && status.is_none() {
+            // No writer (watchers do not keep a shell alive): start the
+            // linger clock (once).
+            if self.writer.is_none() && status.is_none() && !lingered {
                 if linger_until.is_none() {
                     let until = tokio::time::Instant::now() + self.limits.linger;
                     linger_until = Some(until);
@@ -518,6 +583,7 @@ impl Session {
                             self.join(attach, pty.as_deref(), false).await;
                         }
                     }
+                                        Some(Command::Watchers(allowed)) => self.revoke(&allowed),
                     Some(Command::End) | None => {
                         group.signal(Signal::SIGKILL);
                     }
@@ -531,8 +597,10 @@ impl Session {
                     drain_until = Some(tokio::time::Instant::now() + DRAIN_GRACE);
                 }
                 _ = tokio::time::sleep_until(drain_until.unwrap_or(far)), if drain_until.is_some() => break,
-                _ = tokio::time::sleep_until(linger_until.unwrap_or(far)), if linger_until.is_some() && status.is_none() => {
+                                _ = tokio::time::sleep_until(linger_until.unwrap_or(far)), if linger_until.is_some() && status.is_none() && !lingered => {
                     tracing::info!(session = %self.id, "nobody attached within the linger time; ending the session");
+                    // Once: the leader's exit ends the loop.
+                    lingered = true;
                     group.signal(Signal::SIGKILL);
                 }
                 data = output.read(limit), if output.open() && can_read => {
@@ -584,6 +652,7 @@ impl Session {
         let Attach {
             ch,
             watch,
+            watcher,
             size,
             window,
             control,
@@ -599,10 +668,14 @@ impl Session {
             window,
             pending: VecDeque::new(),
             pending_len: 0,
+            live_len: 0,
             resync: false,
             out,
             done,
             stdin_spent,
+            watcher: if watch { watcher } else { None },
+            refused: 0,
+            warned: false,
         };
         if viewer
             .out
@@ -618,6 +691,7 @@ impl Session {
             return;
         }
         if !watch && !ending {
+            self.writer_changed = true;
             if let Some(old) = self.writer.replace(key)
                 && let Some(old) = self.viewers.remove(&old)
             {
@@ -639,7 +713,8 @@ impl Session {
         self.inputs.push(controls.boxed());
         self.inputs.push(stdins.boxed());
         self.viewers.insert(key, viewer);
-        self.snapshot(key);
+        self.snapshot(key, true);
+        self.info().last_attached_ms = now_ms();
         self.touch();
     }
 
@@ -649,9 +724,6 @@ impl Session {
         let mut info = self.info();
         info.attached = attached;
         info.watching = watching;
-        if attached || watching > 0 {
-            info.last_attached_ms = now_ms();
-        }
     }
 
     fn resize(&mut self, size: PtySize, pty: &process::Pty) {
@@ -664,13 +736,15 @@ impl Session {
         info.rows = size.rows;
     }
 
-    /// Queues for viewer `key` the bytes that redraw the terminal.
-    fn snapshot(&mut self, key: u64) {
-        let bytes = Bytes::from(redraw(&mut self.parser));
+    /// Queues for viewer `key` the bytes that redraw the terminal (with
+    /// the scrollback, or the screen alone for a watcher catching up).
+    fn snapshot(&mut self, key: u64, scrollback: bool) {
+        let bytes = Bytes::from(redraw(&mut self.parser, scrollback));
         if let Some(v) = self.viewers.get_mut(&key) {
             v.resync = false;
             v.pending.clear();
             v.pending_len = 0;
+            v.live_len = 0;
             // Split so that no frame is larger than a read would make.
             let mut rest = bytes;
             while !rest.is_empty() {
@@ -700,19 +774,32 @@ impl Session {
                             Message::error(ErrorCode::StdinClosed, "the shell's input is closed");
                         let _ = v.out.send(Frame::new(v.ch, msg)).await;
                     }
-                } else if let Some(v) = self.viewers.get(&key) {
-                    // A watcher's input is refused, its credit returned.
+                } else if let Some(v) = self.viewers.get_mut(&key) {
+                    // A watcher's input is refused (told once), its credit
+                    // returned in batches; it never waits on the session.
                     let cost = data.len().max(1);
                     let _ = v
                         .stdin_spent
                         .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
                             Some(s.saturating_sub(cost))
                         });
-                    let msg = Message::error(
-                        ErrorCode::Forbidden,
-                        "a watcher cannot type into the session",
-                    );
-                    let _ = v.out.send(Frame::new(v.ch, msg)).await;
+                    v.refused += cost;
+                    if !v.warned {
+                        let msg = Message::error(
+                            ErrorCode::Forbidden,
+                            "a watcher cannot type into the session",
+                        );
+                        v.warned = v.out.try_send(Frame::new(v.ch, msg)).is_ok();
+                    }
+                    if v.refused >= channel::STDIN_CREDIT_BATCH {
+                        let add = v.refused as u64;
+                        if v.out
+                            .try_send(Frame::new(v.ch, Message::Window { add }))
+                            .is_ok()
+                        {
+                            v.refused = 0;
+                        }
+                    }
                 }
             }
             Input::Control(key, control) => match control {
@@ -721,7 +808,7 @@ impl Session {
                         v.credit = v.credit.saturating_add(add);
                         // A watcher that fell behind redraws once it can.
                         if v.resync && v.credit >= v.window / 2 {
-                            self.snapshot(key);
+                            self.snapshot(key, false);
                         }
                     }
                 }
@@ -754,6 +841,7 @@ impl Session {
     fn leave(&mut self, key: u64, last: Option<Message>) {
         if self.writer == Some(key) {
             self.writer = None;
+            self.writer_changed = true;
         }
         if let Some(v) = self.viewers.remove(&key) {
             v.finish(last.unwrap_or(Message::Detached {
@@ -761,6 +849,27 @@ impl Session {
             }));
         }
         self.touch();
+    }
+
+    /// Detaches the watchers the owner no longer shares the session with.
+    fn revoke(&mut self, allowed: &[String]) {
+        if allowed.iter().any(|w| w == "*") {
+            return;
+        }
+        let gone: Vec<u64> = self
+            .viewers
+            .iter()
+            .filter(|(_, v)| v.watcher.as_ref().is_some_and(|w| !allowed.contains(w)))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in gone {
+            self.leave(
+                key,
+                Some(Message::Detached {
+                    reason: "the owner no longer shares this session with you".into(),
+                }),
+            );
+        }
     }
 
     async fn flush(&mut self) {
@@ -795,12 +904,12 @@ impl Session {
 /// scrollback as plain lines, pushed off the screen, then the screen, the
 /// cursor and the input modes. (While a full-screen program runs, the
 /// model's scrollback is that of the alternate screen, which has none.)
-fn redraw(parser: &mut vt100::Parser) -> Vec<u8> {
+fn redraw(parser: &mut vt100::Parser, with_scrollback: bool) -> Vec<u8> {
     let screen = parser.screen_mut();
     let (rows, cols) = screen.size();
     let (rows, cols) = (rows.get(), cols.get());
     let mut out = String::from("\x1bc");
-    screen.set_scrollback(usize::MAX);
+    screen.set_scrollback(if with_scrollback { usize::MAX } else { 0 });
     let lines = screen.scrollback();
     // The scrollback, a screenful at a time, oldest first.
     let mut offset = lines;
@@ -844,7 +953,7 @@ mod tests {
             p.process(format!("line {i}\r\n").as_bytes());
         }
         p.process(b"\x1b[1;31mred\x1b[m tail\x1b[2;4H");
-        let bytes = redraw(&mut p);
+        let bytes = redraw(&mut p, true);
         let mut q = parser(5, 20);
         q.process(&bytes);
         assert_eq!(q.screen().contents(), p.screen().contents());
@@ -864,7 +973,7 @@ mod tests {
         let mut p = parser(4, 10);
         p.process(b"shell$ vi\r\n\x1b[?1049h\x1b[H\x1b[2Jedit me\x1b[3;2H\x1b[?1h");
         let mut q = parser(4, 10);
-        q.process(&redraw(&mut p));
+        q.process(&redraw(&mut p, true));
         assert!(q.screen().alternate_screen());
         assert!(q.screen().application_cursor());
         assert_eq!(q.screen().contents(), p.screen().contents());

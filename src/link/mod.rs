@@ -273,6 +273,14 @@ type Listings = Arc<Mutex<HashMap<u64, tokio::sync::oneshot::Sender<Vec<SessionI
 /// How long an agent has to answer `list_sessions`.
 const LIST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// How old a session list may be when it is only shown: 500 ms. However
+/// many pages and API callers ask, an agent answers at most one list at a
+/// time, and for showing, about two a second.
+const LIST_MAX_AGE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// The last session list, and when it was asked for.
+type ListCache = Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, u64, Vec<SessionInfo>)>>>;
+
 /// An authenticated connection to one agent.
 #[derive(Clone)]
 pub struct AgentLink {
@@ -281,6 +289,10 @@ pub struct AgentLink {
     liveness: Arc<Liveness>,
     routes: Routes,
     listings: Listings,
+    list_cache: ListCache,
+    /// Bumped by every change this link makes to the agent's sessions: a
+    /// list from before it is not shown.
+    list_generation: Arc<std::sync::atomic::AtomicU64>,
     next_ch: Arc<AtomicU32>,
     next_list: Arc<std::sync::atomic::AtomicU64>,
     closed: CancellationToken,
@@ -398,6 +410,8 @@ impl AgentLink {
             liveness: liveness.clone(),
             routes: routes.clone(),
             listings: listings.clone(),
+            list_cache: ListCache::default(),
+            list_generation: Arc::default(),
             next_ch: Arc::new(AtomicU32::new(1)),
             next_list: Arc::new(std::sync::atomic::AtomicU64::new(1)),
             closed: closed.clone(),
@@ -516,7 +530,12 @@ impl AgentLink {
             },
             other => LinkError::Frame(other),
         })?;
-        self.open(frame, req.session.is_some()).await
+        let channel = self.open(frame, req.session.is_some()).await;
+        // After the frame is queued: a list asked later reflects it.
+        if req.session.is_some() {
+            self.sessions_changed();
+        }
+        channel
     }
 
     /// Attaches a fresh channel to session `session` (read-only with
@@ -528,18 +547,73 @@ impl AgentLink {
         watch: bool,
         window: Option<u64>,
     ) -> Result<Channel, LinkError> {
+        self.attach_as(session, size, watch, window, None).await
+    }
+
+    /// [`AgentLink::attach`]; `watcher` names a user who watches only
+    /// because the owner shares the session (and stops when it no longer does).
+    pub(crate) async fn attach_as(
+        &self,
+        session: &str,
+        size: crate::protocol::PtySize,
+        watch: bool,
+        window: Option<u64>,
+        watcher: Option<String>,
+    ) -> Result<Channel, LinkError> {
         let msg = Message::Attach {
             session: session.to_owned(),
             cols: size.cols,
             rows: size.rows,
             watch,
             window,
+            watcher,
         };
-        self.open(Frame::new(0, msg), true).await
+        let channel = self.open(Frame::new(0, msg), true).await;
+        self.sessions_changed();
+        channel
     }
 
-    /// The agent's sessions.
+    /// The agent's sessions, asked for now.
     pub async fn sessions(&self) -> Result<Vec<SessionInfo>, LinkError> {
+        self.sessions_since(tokio::time::Instant::now()).await
+    }
+
+    /// The agent's sessions, as of at most [`LIST_MAX_AGE`] ago (to show).
+    pub(crate) async fn sessions_recent(&self) -> Result<Vec<SessionInfo>, LinkError> {
+        let since = tokio::time::Instant::now()
+            .checked_sub(LIST_MAX_AGE)
+            .unwrap_or_else(tokio::time::Instant::now);
+        self.sessions_since(since).await
+    }
+
+    /// A session list asked of the agent no earlier than `since`. One
+    /// request at a time per link: callers that waited behind one that was
+    /// asked late enough share its answer.
+    async fn sessions_since(
+        &self,
+        since: tokio::time::Instant,
+    ) -> Result<Vec<SessionInfo>, LinkError> {
+        let mut cache = self.list_cache.lock().await;
+        let generation = self.list_generation.load(Ordering::Acquire);
+        if let Some((at, of, list)) = &*cache
+            && *at >= since
+            && *of == generation
+        {
+            return Ok(list.clone());
+        }
+        let asked = tokio::time::Instant::now();
+        let list = self.ask_sessions().await?;
+        *cache = Some((asked, generation, list.clone()));
+        Ok(list)
+    }
+
+    /// A change to the agent's sessions is on its way: lists from before
+    /// it are stale.
+    fn sessions_changed(&self) {
+        self.list_generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    async fn ask_sessions(&self) -> Result<Vec<SessionInfo>, LinkError> {
         let id = self.next_list.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.listings
@@ -571,10 +645,9 @@ impl AgentLink {
         let msg = Message::EndSession {
             session: session.to_owned(),
         };
-        self.out
-            .send(Frame::new(0, msg))
-            .await
-            .map_err(|_| LinkError::Closed)
+        let sent = self.out.send(Frame::new(0, msg)).await;
+        self.sessions_changed();
+        sent.map_err(|_| LinkError::Closed)
     }
 
     /// Changes a session's title or who may watch it.
@@ -589,10 +662,9 @@ impl AgentLink {
             title,
             watchers,
         };
-        self.out
-            .send(Frame::new(0, msg))
-            .await
-            .map_err(|_| LinkError::Closed)
+        let sent = self.out.send(Frame::new(0, msg)).await;
+        self.sessions_changed();
+        sent.map_err(|_| LinkError::Closed)
     }
 
     /// Opens a channel with `frame` (its `ch` is chosen here).

@@ -130,6 +130,11 @@ pub enum Message {
         /// Initial output credit in bytes (default [`DEFAULT_WINDOW`]).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         window: Option<u64>,
+        /// With `watch`: the user who watches only because the session is
+        /// shared with them; detached when `update_session` no longer lists
+        /// them.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        watcher: Option<String>,
     },
     /// Client → agent: leave the session running and end this channel.
     Detach,

@@ -29,7 +29,7 @@ pub(crate) async fn visible(state: &AppState, who: &Principal) -> Vec<AgentSessi
         .filter_map(|a| agents.link(Some(&a.name)).ok())
         .filter(|(_, link)| link.has_sessions())
         .map(|(name, link)| async move {
-            let list = link.sessions().await.unwrap_or_default();
+            let list = link.sessions_recent().await.unwrap_or_default();
             (name, list)
         });
     let mut all = Vec::new();
@@ -93,7 +93,7 @@ async fn find(
         return Err(not_found());
     }
     let list = link
-        .sessions()
+        .sessions_recent()
         .await
         .map_err(|e| ApiError::AgentUnavailable(e.to_string()))?;
     let info = list.iter().find(|s| s.id == id).ok_or_else(not_found)?;

@@ -137,6 +137,8 @@ async fn session(socket: WebSocket, state: AppState, login: SessionHandle) {
         out: &out,
         finished: &finished_tx,
         running: HashMap::new(),
+        listing: Arc::default(),
+        list_again: Arc::default(),
     };
     let mut changes = state.agents.subscribe();
     let first = visible_agents(&state, &principal);
@@ -322,6 +324,10 @@ struct Console<'a> {
     out: &'a mpsc::Sender<WsMessage>,
     finished: &'a mpsc::Sender<u32>,
     running: HashMap<u32, Running>,
+    /// A `list_sessions` is on its way.
+    listing: Arc<std::sync::atomic::AtomicBool>,
+    /// Another `list_sessions` came while one was on its way.
+    list_again: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Console<'_> {
@@ -403,13 +409,34 @@ impl Console<'_> {
                 }
             }
             ClientMessage::ListSessions => {
+                // One list at a time per console: asks while one is on its
+                // way make one more, after it (never a queue of them).
+                if self.listing.swap(true, Ordering::AcqRel) {
+                    self.list_again.store(true, Ordering::Release);
+                    return;
+                }
+                let again = self.list_again.clone();
+                let listing = self.listing.clone();
                 // Asking the agents can take a while: never in this loop.
                 let state = self.state.clone();
                 let principal = self.principal.clone();
                 let out = self.out.clone();
                 tokio::spawn(async move {
-                    let sessions = super::sessions::visible(&state, &principal).await;
-                    let _ = out.send(ServerMessage::Sessions { sessions }.frame()).await;
+                    loop {
+                        again.store(false, Ordering::Release);
+                        let sessions = super::sessions::visible(&state, &principal).await;
+                        let _ = out.send(ServerMessage::Sessions { sessions }.frame()).await;
+                        if again.load(Ordering::Acquire) {
+                            continue;
+                        }
+                        listing.store(false, Ordering::Release);
+                        // An ask that came between the check and the store
+                        // found `listing` still set: it is answered here.
+                        if again.load(Ordering::Acquire) && !listing.swap(true, Ordering::AcqRel) {
+                            continue;
+                        }
+                        break;
+                    }
                 });
             }
         }
@@ -444,7 +471,12 @@ impl Console<'_> {
         if !link.has_sessions() {
             return Err(gone());
         }
-        let list = link.sessions().await.map_err(|e| unavailable(&e))?;
+        // A recent list, unless it does not know the id (the session may be
+        // newer than it): then one asked for now.
+        let mut list = link.sessions_recent().await.map_err(|e| unavailable(&e))?;
+        if !list.iter().any(|s| s.id == session) {
+            list = link.sessions().await.map_err(|e| unavailable(&e))?;
+        }
         let info = list.iter().find(|s| s.id == session).ok_or_else(gone)?;
         let action = if watch {
             super::policy::SessionAction::Watch
@@ -452,13 +484,18 @@ impl Console<'_> {
             super::policy::SessionAction::Write
         };
         super::policy::session(self.principal, action, &name, info, agents).map_err(|_| gone())?;
+        // Watching only by the owner's leave: ends when the owner says so.
+        let watcher = (watch
+            && self.principal.name != info.owner
+            && self.principal.role != super::auth::Role::Admin)
+            .then(|| self.principal.name.clone());
         let ticket = self
             .state
             .quota
             .admit(&self.principal.name, &name, link.info().max_channels)
             .map_err(|e| Refusal::new(ErrorCode::TooManyCommands, e.to_string()))?;
         let channel = link
-            .attach(session, size, watch, Some(BROWSER_WINDOW))
+            .attach_as(session, size, watch, Some(BROWSER_WINDOW), watcher)
             .await
             .map_err(|e| unavailable(&e))?;
         tracing::info!(user = %self.principal.name, id, %session, watch, "session attached");

@@ -93,7 +93,8 @@ test('a reload reattaches the shell: its output, its variables and its screen co
     await page.locator('#mode-shell[aria-pressed="true"]').waitFor({ timeout: WAIT_MS });
     await run(page, 'echo again-$X', [{ exact: 'again-kept-42' }]);
     // End it from the panel: the tab goes back to command mode.
-    await page.click('#sessions-toggle');
+        await page.click('#sessions-toggle');
+    page.once('dialog', (dialog) => dialog.accept());
     await page.locator('#sessions tbody tr button', { hasText: 'end' }).first().click();
     await page.locator('#mode-command[aria-pressed="true"]').waitFor({ timeout: WAIT_MS });
 

@@ -147,15 +147,22 @@ function main(): void {
       if (!reconnected) restoreSessions();
       renderTabs();
       drawStatus();
-      for (const t of tabs) {
-        if (reconnected && t.shell.resume()) continue;
+            for (const t of tabs) {
+        if (reconnected && t.mode === 'shell' && t.shell.resume()) continue;
         if (reconnected) note(t, GREY + '[reconnected]' + RESET);
         if (t.mode === 'command') t.command.linkReady();
       }
     },
     message(msg) {
       switch (msg.type) {
-        case 'agents': agents.set(msg.agents); break;
+                case 'agents': {
+          agents.set(msg.agents);
+          // A shell whose agent was away (a server restart, before a
+          // dial-in agent came back) attaches again once it is here.
+          const up = (name: string): boolean => msg.agents.some((a) => a.name === name && a.connected);
+          for (const t of tabs) if (t.mode === 'shell') t.shell.resume(up);
+          break;
+        }
         case 'started':
           for (const t of tabs) {
             t.command.started(msg.id);
@@ -519,7 +526,14 @@ function main(): void {
       tab.command.finish(id, text);
       return;
     }
-    if (tab && id != null && tab.shell.owns(id)) {
+        if (tab && id != null && tab.shell.owns(id)) {
+      // The session's agent is not connected (yet): its shell still runs
+      // there; attach again when the agent is back, rather than forget it.
+      if (msg.code === 'agent_unavailable' && tab.shell.suspend()) {
+        tab.screen.note(YELLOW + 'conch: ' + clean(msg.message || 'agent not connected') +
+          ' — the shell attaches again when its agent is back' + RESET);
+        return;
+      }
       tab.shell.ended(text);
       return;
     }
@@ -636,14 +650,23 @@ function main(): void {
   if (topbar) buildHelp(topbar, HELP, [screenReaderSetting(front, store)], () => active.term.focus());
   sessionsPanel = topbar ? new SessionsPanel(topbar, {
     request: () => { send({ type: 'list_sessions' }); },
-    attach(held) {
+        attach(held) {
       if (!connection.isReady()) return;
-      const tab = active;
+      // The tab in front, unless something runs in it: then a new tab,
+      // so that nothing running is closed to make room.
+      const busy = active.command.isRunning() || active.shell.active || active.shell.waitingFor !== null;
+      if (busy && tabs.length >= MAX_TABS) {
+        note(active, RED + 'conch: close a tab (or end what runs here) to attach another shell' + RESET);
+        return;
+      }
+      const tab = busy ? openTab() : active;
+      if (busy) show(tab);
       tab.agent = held.agent;
       agents.showChoice(held.agent);
       setMode(tab, 'shell', true, held);
     },
-    end(agent, session) {
+        end(agent, session) {
+      if (!window.confirm('End this shell on ' + agent + ', and everything it runs?')) return;
       const url = '/api/v1/sessions/' + encodeURIComponent(agent) + '/' + encodeURIComponent(session);
       fetch(url, { method: 'DELETE', credentials: 'same-origin' })
         .then((r) => {

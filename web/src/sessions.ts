@@ -78,6 +78,9 @@ function when(ms: number | null | undefined): string {
   return d.toLocaleString();
 }
 
+/** How often an open panel asks for the list again: 2 s. */
+const REFRESH_MS = 2000;
+
 /** The sessions panel: a button in the top bar and a list below it. */
 export class SessionsPanel {
   readonly button: HTMLButtonElement;
@@ -114,11 +117,17 @@ export class SessionsPanel {
     document.body.appendChild(this.panel);
   }
 
+    /** While open, the list is asked for again every few seconds. */
+  private timer = 0;
+
   toggle(open: boolean): void {
+    window.clearInterval(this.timer);
+    this.timer = 0;
     if (open) {
       this.panel.style.top = Math.round(this.topbar.getBoundingClientRect().bottom + 6) + 'px';
       this.list.textContent = 'asking the agents…';
       this.host.request();
+      this.timer = window.setInterval(() => this.host.request(), REFRESH_MS);
     }
     this.panel.hidden = !open;
     this.button.setAttribute('aria-expanded', String(open));

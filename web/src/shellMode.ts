@@ -69,8 +69,13 @@ export class ShellMode {
    * Leaves the shell: a session is detached (it keeps running), a shell
    * that is no session is closed (the agent kills it).
    */
-  stop(): void {
-    if (!this.shell) return;
+    stop(): void {
+    const waited = this.waiting;
+    this.waiting = null;
+    if (!this.shell) {
+      if (waited) this.host.held();
+      return;
+    }
     const { id, session } = this.shell;
     this.host.send(session ? { type: 'detach', id } : { type: 'close', id });
     this.host.flows.close(id);
@@ -139,12 +144,20 @@ export class ShellMode {
     return true;
   }
 
-  /** The connection is back: attach again to the session it held. */
-  resume(): boolean {
+    /**
+   * The connection (or the session's agent) is back: attach again to the
+   * session this tab held, if it still waits for one.
+   */
+  resume(agentUp: (agent: string) => boolean = () => true): boolean {
     const held = this.waiting;
-    if (!held) return false;
+    if (!held || this.shell || !agentUp(held.agent)) return false;
     this.attach(held);
     return true;
+  }
+
+  /** The session this tab waits to attach again, if any. */
+  get waitingFor(): Held | null {
+    return this.waiting;
   }
 
   /**
