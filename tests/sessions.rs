@@ -45,7 +45,7 @@ async fn read_until_with(ch: &mut Channel, needle: &str, done: impl Fn(&str) -> 
                         return;
                     }
                 }
-                Some(Event::Session(_)) => {}
+                Some(Event::Session(_)) | Some(Event::Resize { .. }) => {}
                 other => panic!(
                     "{other:?} before {needle:?}; output so far: {:?}",
                     String::from_utf8_lossy(&seen)
@@ -240,9 +240,28 @@ async fn watchers_see_the_screen_but_cannot_type_and_a_new_writer_takes_over() {
     type_line(&writer, "echo first-line").await;
     read_until(&mut writer, "first-line\r\n").await;
 
-    let mut watcher = link.attach(&id, SIZE, true, None).await.unwrap();
+    // The watcher asks for another size; the writer's wins, and it is told.
+    let small = PtySize { cols: 40, rows: 10 };
+    let mut watcher = link.attach(&id, small, true, None).await.unwrap();
     session_id(&mut watcher).await;
+    assert_eq!(
+        watcher.next().await,
+        Some(Event::Resize { cols: 80, rows: 24 })
+    );
     read_until(&mut watcher, "first-line").await;
+    writer.resize(100, 30).await.unwrap();
+    loop {
+        match watcher.next().await {
+            Some(Event::Resize { cols, rows }) => {
+                assert_eq!((cols, rows), (100, 30));
+                break;
+            }
+            Some(Event::Stdout(b)) => {
+                let _ = watcher.window(b.len() as u64).await;
+            }
+            other => panic!("expected the writer's new size, got {other:?}"),
+        }
+    }
     type_line(&writer, "echo second-line").await;
     read_until(&mut watcher, "second-line").await;
 
@@ -603,6 +622,12 @@ mod console {
                 .any(|t| t["type"] == "attached" && t["watch"] == true),
             "{texts:?}"
         );
+        assert!(
+            texts
+                .iter()
+                .any(|t| t["type"] == "resized" && t["cols"] == 80 && t["rows"] == 24),
+            "the watcher is told the writer's size: {texts:?}"
+        );
         type_in(&mut watcher, 2, "echo typed-by-oscar").await;
         loop {
             let v = next_text(&mut watcher).await;
@@ -794,6 +819,7 @@ async fn a_watchers_refused_input_costs_it_nothing_and_watchers_keep_no_shell_al
                 let _ = watcher.window(b.len() as u64).await;
             }
             Some(Event::Error { code, .. }) => assert_eq!(code, ErrorCode::Forbidden),
+            Some(Event::Resize { .. }) => {}
             other => panic!("expected the shell's exit, got {other:?}"),
         }
     }

@@ -422,6 +422,13 @@ impl Viewer {
         }
     }
 
+    /// Queues a frame without payload (a `resize`) in order with the output.
+    fn queue_control(&mut self, msg: Message) {
+        if !self.resync {
+            self.pending.push_back((msg, Bytes::new()));
+        }
+    }
+
     /// A watcher fell behind: what it has queued is dropped, and a redraw
     /// follows once it has credit again.
     fn lagged(&mut self) {
@@ -437,6 +444,18 @@ impl Viewer {
             let Some((kind, mut data)) = self.pending.pop_front() else {
                 break;
             };
+            if data.is_empty() {
+                // A control frame (`resize`): no credit, no lag.
+                let frame = Frame::new(self.ch, kind);
+                match self.out.try_send(frame) {
+                    Ok(()) => continue,
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        self.lagged();
+                        return true;
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => return false,
+                }
+            }
             let n = data.len().min(self.credit.min(READ_CHUNK as u64) as usize);
             let rest = data.split_off(n);
             if !rest.is_empty() {
@@ -731,20 +750,47 @@ impl Session {
         self.parser
             .screen_mut()
             .set_size(nonzero(size.rows), nonzero(size.cols));
-        let mut info = self.info();
-        info.cols = size.cols;
-        info.rows = size.rows;
+        {
+            let mut info = self.info();
+            info.cols = size.cols;
+            info.rows = size.rows;
+        }
+        // The writer's size wins: watchers are told, in order with the
+        // output drawn at the old size before it.
+        for v in self.viewers.values_mut().filter(|v| v.watch) {
+            v.queue_control(Message::Resize {
+                cols: size.cols,
+                rows: size.rows,
+            });
+        }
+    }
+
+    /// The terminal's size now.
+    fn size(&self) -> PtySize {
+        let (rows, cols) = self.parser.screen().size();
+        PtySize {
+            cols: cols.get(),
+            rows: rows.get(),
+        }
     }
 
     /// Queues for viewer `key` the bytes that redraw the terminal (with
-    /// the scrollback, or the screen alone for a watcher catching up).
+    /// the scrollback, or the screen alone for a watcher catching up); a
+    /// watcher is first told the terminal's size.
     fn snapshot(&mut self, key: u64, scrollback: bool) {
         let bytes = Bytes::from(redraw(&mut self.parser, scrollback));
+        let size = self.size();
         if let Some(v) = self.viewers.get_mut(&key) {
             v.resync = false;
             v.pending.clear();
             v.pending_len = 0;
             v.live_len = 0;
+            if v.watch {
+                v.queue_control(Message::Resize {
+                    cols: size.cols,
+                    rows: size.rows,
+                });
+            }
             // Split so that no frame is larger than a read would make.
             let mut rest = bytes;
             while !rest.is_empty() {

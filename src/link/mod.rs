@@ -237,6 +237,11 @@ pub enum Event {
     Session(String),
     /// Part of the redraw that starts an attach (before any live output).
     Snapshot(Bytes),
+    /// A watcher's terminal size: the session's writer resized it.
+    Resize {
+        cols: u16,
+        rows: u16,
+    },
     /// The channel left its session, which goes on; no event follows.
     Detached(String),
 }
@@ -783,6 +788,7 @@ fn route(routes: &Routes, frame: Frame) {
         Message::Stdout => Event::Stdout(frame.payload),
         Message::Snapshot => Event::Snapshot(frame.payload),
         Message::Session { id } => Event::Session(id),
+        Message::Resize { cols, rows } => Event::Resize { cols, rows },
         Message::Detached { reason } => Event::Detached(reason),
         Message::Stderr => Event::Stderr(frame.payload),
         Message::Exit(status) => Event::Exit(status),

@@ -653,7 +653,7 @@ async fn buffered_response(
                 let _ = channel.window(b.len() as u64).await;
             }
             // REST commands open no sessions: neither can come.
-            Update::Notice { .. } | Update::Session(_) => {}
+            Update::Notice { .. } | Update::Session(_) | Update::Resized { .. } => {}
             Update::Detached(_) => {
                 return Err(ApiError::AgentUnavailable(Failure::Lost.describe(&agent)));
             }
@@ -873,7 +873,7 @@ fn stream_response(
                         Stream::Stderr => st.err.lines(&b),
                     }
                 }
-                Update::Notice { .. } | Update::Session(_) => continue,
+                Update::Notice { .. } | Update::Session(_) | Update::Resized { .. } => continue,
                 Update::Failed(failure) => {
                     st.done = true;
                     vec![StreamLine::Error {

@@ -31,6 +31,8 @@ pub(crate) enum Update {
     Session(String),
     /// The channel left its session, which goes on; nothing follows.
     Detached(String),
+    /// A watcher's terminal is now this size (the writer's).
+    Resized { cols: u16, rows: u16 },
 }
 
 /// Why a command ended without an exit status.
@@ -91,7 +93,10 @@ pub(crate) async fn next(channel: &mut Channel, shutdown: &CancellationToken) ->
         Update::Failed(Failure::Refused { .. }) => super::metrics::finished(Outcome::refused),
         Update::Failed(Failure::Lost) => super::metrics::finished(Outcome::lost),
         Update::Failed(Failure::ShuttingDown) => super::metrics::finished(Outcome::shut_down),
-        Update::Notice { .. } | Update::Session(_) | Update::Detached(_) => {}
+        Update::Notice { .. }
+        | Update::Session(_)
+        | Update::Detached(_)
+        | Update::Resized { .. } => {}
     }
     update
 }
@@ -118,6 +123,7 @@ async fn read(channel: &mut Channel, shutdown: &CancellationToken) -> Update {
             Some(Event::Lost) | None => Update::Failed(Failure::Lost),
             Some(Event::Session(id)) => Update::Session(id),
             Some(Event::Detached(reason)) => Update::Detached(reason),
+            Some(Event::Resize { cols, rows }) => Update::Resized { cols, rows },
         };
     }
 }

@@ -292,7 +292,7 @@ impl Fanout {
                     }
                     let _ = channel.window(bytes.len() as u64).await;
                 }
-                Update::Notice { .. } | Update::Session(_) => {}
+                Update::Notice { .. } | Update::Session(_) | Update::Resized { .. } => {}
                 // Fan-out opens no sessions: a detach cannot come.
                 Update::Detached(_) => {
                     return Outcome {

@@ -114,6 +114,9 @@ pub(crate) enum ServerMessage<'a> {
     },
     /// Command `id` left its session, which goes on; nothing follows for it.
     Detached { id: u32, reason: &'a str },
+    /// Command `id` watches a session whose terminal is now this size (its
+    /// writer's): the page draws it at that size.
+    Resized { id: u32, cols: u16, rows: u16 },
     /// The answer to `list_sessions`.
     Sessions { sessions: Vec<AgentSession> },
     /// The command ended.

@@ -713,6 +713,9 @@ async fn pump(
                 };
                 (msg.frame(), false)
             }
+            Update::Resized { cols, rows } => {
+                (ServerMessage::Resized { id, cols, rows }.frame(), false)
+            }
             Update::Detached(reason) => {
                 let reason = crate::transport::handshake::peer_text(&reason);
                 (

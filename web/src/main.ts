@@ -184,7 +184,15 @@ function main(): void {
           sessionsPanel?.refresh();
           break;
         }
-        case 'sessions': sessionsPanel?.show(msg.sessions); break;
+                case 'sessions': sessionsPanel?.show(msg.sessions); break;
+        case 'resized': {
+          // A watched session is drawn at its writer's size.
+          const tab = tabOf(msg.id);
+          if (tab && tab.shell.owns(msg.id) && tab.shell.watching) {
+            tab.screen.lock({ cols: msg.cols, rows: msg.rows });
+          }
+          break;
+        }
         case 'error': onError(msg); break;
         case 'shutdown':
           drawStatus();
@@ -439,7 +447,8 @@ function main(): void {
     const kept = tab.shell.session && tab.shell.active ? tab.shell.session : null;
     tab.shell.stop();
     tab.command.leave();
-    tab.whole.reset();
+        tab.whole.reset();
+    tab.screen.lock(null); // a watch that ends gives the box back
     tab.mode = next;
     if (tab === active) renderModeButtons();
     renderTabs();

@@ -40,7 +40,7 @@ export type AttachedMessage = Extract<ServerMessage, { type: 'attached' }>;
 export type DetachedMessage = Extract<ServerMessage, { type: 'detached' }>;
 
 const SERVER_TYPES: ReadonlySet<string> = new Set<ServerMessage['type']>(
-  ['hello', 'agents', 'started', 'exit', 'error', 'shutdown', 'attached', 'detached', 'sessions'],
+  ['hello', 'agents', 'started', 'exit', 'error', 'shutdown', 'attached', 'detached', 'sessions', 'resized'],
 );
 
 /**

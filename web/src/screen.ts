@@ -34,7 +34,24 @@ export class Screen {
     this.out(this.newlineIfNeeded() + text + '\r\n');
   }
 
+    /**
+   * A size the terminal keeps whatever its box (a watched session is drawn
+   * at its writer's size), or null to follow the box.
+   */
+  private fixed: { cols: number; rows: number } | null = null;
+
+  /** Keeps the terminal at `cols` × `rows` (null: follow the box again). */
+  lock(size: { cols: number; rows: number } | null): void {
+    this.fixed = size;
+    this.fit();
+  }
+
   fit(): void {
+    if (this.fixed) {
+      const { cols, rows } = this.fixed;
+      if (this.term.cols !== cols || this.term.rows !== rows) this.term.resize(cols, rows);
+      return;
+    }
     try {
       this.fitAddon.fit();
     } catch {
