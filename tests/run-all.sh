@@ -17,6 +17,7 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 # Full-screen programs whose screens the session tests redraw.
 command -v vi >/dev/null 2>&1 || need+=(vim-tiny)
 command -v less >/dev/null 2>&1 || need+=(less)
+command -v top >/dev/null 2>&1 || need+=(procps)
 # The API contract check builds a Python venv (Debian splits venv out).
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)

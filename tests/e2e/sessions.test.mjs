@@ -71,6 +71,32 @@ test('a reload reattaches the shell: its output, its variables and its screen co
     await page.keyboard.press('Enter');
     await run(page, `rm ${file}; echo vi-gone`, [{ exact: 'vi-gone' }]);
 
+    // top: after a reload and its next refresh, the same screen layout
+    // (its figures change every second, its rows do not).
+    await page.keyboard.type('top -d 1');
+    await page.keyboard.press('Enter');
+    const layout = () => {
+      const rows = Array.from(document.querySelectorAll('#terminal .xterm-rows > div'),
+        (r) => r.textContent.replace(/\u00a0/g, ' '));
+      const header = rows.findIndex((r) => /^\s*PID\s+USER/.test(r));
+      return { header, top: rows[0].startsWith('top - '), count: rows.length };
+    };
+    await waitInPage(page, () => {
+      const rows = Array.from(document.querySelectorAll('#terminal .xterm-rows > div'), (r) => r.textContent);
+      return rows[0].startsWith('top - ') && rows.some((r) => /PID\s+USER/.test(r));
+    }, null, 'waiting for top');
+    const topBefore = await page.evaluate(layout);
+    assert.ok(topBefore.header > 0, JSON.stringify(topBefore));
+    await reload(page);
+    await waitInPage(page, (want) => {
+      const rows = Array.from(document.querySelectorAll('#terminal .xterm-rows > div'),
+        (r) => r.textContent.replace(/\u00a0/g, ' '));
+      const header = rows.findIndex((r) => /^\s*PID\s+USER/.test(r));
+      return rows[0].startsWith('top - ') && header === want.header && rows.length === want.count;
+    }, topBefore, 'waiting for top\'s screen after the reload: ' + JSON.stringify(topBefore));
+    await page.keyboard.type('q');
+    await run(page, 'echo top-gone', [{ exact: 'top-gone' }]);
+
     // The sessions panel lists it, attached.
     await page.click('#sessions-toggle');
     await page.locator('#sessions tbody tr').first().waitFor({ timeout: WAIT_MS });
