@@ -422,6 +422,19 @@ mod console {
         )
     }
 
+    /// An agent (with `flags`), a server with the three users in front of
+    /// it, and olga's login cookie (the users file's directory is kept).
+    async fn olga_on_a_server(
+        flags: &[&str],
+    ) -> (Agent, tempfile::TempDir, String, Server, String) {
+        let agent = start_agent(flags);
+        let dir = tempfile::tempdir().unwrap();
+        let users = users(dir.path());
+        let server = server_for(&agent, &users);
+        let olga = login(&server, "olga").await;
+        (agent, dir, users, server, olga)
+    }
+
     async fn login(server: &Server, user: &str) -> String {
         server
             .login(&[("username", user), ("password", &format!("pw-{user}"))])
@@ -536,11 +549,7 @@ mod console {
 
     #[tokio::test]
     async fn a_console_shell_survives_its_page_and_a_server_restart_and_stays_its_owners() {
-        let agent = start_agent(&[]);
-        let dir = tempfile::tempdir().unwrap();
-        let users = users(dir.path());
-        let server = server_for(&agent, &users);
-        let olga = login(&server, "olga").await;
+        let (agent, _dir, users, server, olga) = olga_on_a_server(&[]).await;
 
         // Shell mode: a login shell, which the agent keeps as a session.
         let mut ws = console_as(&server, &olga).await;
@@ -731,13 +740,85 @@ mod console {
         }
     }
 
+    /// A terminal on the test's side that keeps every line it scrolls off
+    /// (as a page's xterm with an endless scrollback would).
+    struct Kept(Vec<String>);
+
+    impl vt100::Callbacks for Kept {
+        fn on_scroll(&mut self, row: vt100::capture::RowContents<'_>, _alternate: bool) {
+            let mut text = String::new();
+            let mut state = vt100::capture::BasicFormattedCaptureState::default();
+            let _ = row.write_formatted_basic(&mut text, &mut state);
+            self.0.push(text);
+        }
+    }
+
+    #[tokio::test]
+    async fn killing_the_websocket_mid_output_loses_and_repeats_nothing() {
+        let (_agent, _dir, _users, server, olga) = olga_on_a_server(&[]).await;
+        let mut ws = console_as(&server, &olga).await;
+        send(
+            &mut ws,
+            json!({"type": "exec", "id": 1, "pty": {"cols": 80, "rows": 24}}),
+        )
+        .await;
+        type_in(&mut ws, 1, "seq 1 1000000; echo seq-$((6*7))").await;
+        let (_, texts) = output_until(&mut ws, 1, "\n20000\r\n").await;
+        let session = texts
+            .iter()
+            .find(|t| t["type"] == "attached")
+            .and_then(|t| t["session"].as_str())
+            .expect("the shell is a session")
+            .to_owned();
+        // The socket dies mid-stream (no close frame).
+        drop(ws);
+
+        let mut ws = console_as(&server, &olga).await;
+        send(
+            &mut ws,
+            json!({"type": "attach", "id": 7, "session": session, "cols": 80, "rows": 24}),
+        )
+        .await;
+        let mut term = vt100::Parser::new_with_callbacks(
+            std::num::NonZeroU16::new(24).unwrap(),
+            std::num::NonZeroU16::new(80).unwrap(),
+            0,
+            Kept(Vec::new()),
+        );
+        let wait = tokio::time::timeout(Duration::from_secs(120), async {
+            loop {
+                match ws.next().await.expect("socket open").expect("frame") {
+                    Message::Binary(b) => {
+                        ack(&mut ws, &b).await;
+                        term.process(&b[5..]);
+                        if term.screen().contents().contains("seq-42") {
+                            return;
+                        }
+                    }
+                    Message::Text(t) => {
+                        let v: Value = serde_json::from_str(&t).unwrap();
+                        assert_ne!(v["type"], "error", "{v}");
+                    }
+                    _ => {}
+                }
+            }
+        });
+        assert!(wait.await.is_ok(), "the output never ended");
+        let mut lines = term.callbacks().0.clone();
+        lines.extend(term.screen().rows(0, 80));
+        let numbers: Vec<u64> = lines.iter().filter_map(|l| l.trim().parse().ok()).collect();
+        assert_eq!(numbers.last(), Some(&1_000_000));
+        for pair in numbers.windows(2) {
+            assert_eq!(pair[1], pair[0] + 1, "a gap or a repeat at {pair:?}");
+        }
+        // The redraw's scrollback and the live output met.
+        assert!(numbers.len() > 5000, "{}", numbers.len());
+    }
+
     #[tokio::test]
     async fn an_agent_that_keeps_no_sessions_runs_plain_shells() {
-        let agent = start_agent(&["--max-shell-sessions", "0"]);
-        let dir = tempfile::tempdir().unwrap();
-        let users = users(dir.path());
-        let server = server_for(&agent, &users);
-        let olga = login(&server, "olga").await;
+        let (_agent, _dir, _users, server, olga) =
+            olga_on_a_server(&["--max-shell-sessions", "0"]).await;
         let mut ws = console_as(&server, &olga).await;
         send(
             &mut ws,
@@ -752,11 +833,7 @@ mod console {
 
     #[tokio::test]
     async fn detach_leaves_the_shell_and_a_closed_command_mode_page_kills_nothing_else() {
-        let agent = start_agent(&[]);
-        let dir = tempfile::tempdir().unwrap();
-        let users = users(dir.path());
-        let server = server_for(&agent, &users);
-        let olga = login(&server, "olga").await;
+        let (_agent, _dir, _users, server, olga) = olga_on_a_server(&[]).await;
         let mut ws = console_as(&server, &olga).await;
         send(
             &mut ws,

@@ -338,20 +338,10 @@ impl Console<'_> {
                 cmd,
                 pty,
                 agent,
-            } => match self.start(id, cmd, pty, agent).await {
-                Ok(running) => {
-                    self.running.insert(id, running);
-                    let _ = self.out.send(ServerMessage::Started { id }.frame()).await;
-                }
-                Err(r) => {
-                    // Id 0 is never a command's: the error names none.
-                    let about = Some(id).filter(|id| *id != 0);
-                    let _ = self
-                        .out
-                        .send(error_with(about, r.code, &r.message, r.is_final))
-                        .await;
-                }
-            },
+            } => {
+                let started = self.start(id, cmd, pty, agent).await;
+                self.opened(id, started).await;
+            }
             ClientMessage::Stdin { id, data, eof } => self.stdin(id, data, eof).await,
             ClientMessage::Signal { id, signal } => {
                 if signal == Signal::Unknown {
@@ -389,19 +379,8 @@ impl Console<'_> {
                 watch,
             } => {
                 let size = crate::protocol::PtySize { cols, rows };
-                match self.attach(id, &session, agent, size, watch).await {
-                    Ok(running) => {
-                        self.running.insert(id, running);
-                        let _ = self.out.send(ServerMessage::Started { id }.frame()).await;
-                    }
-                    Err(r) => {
-                        let about = Some(id).filter(|id| *id != 0);
-                        let _ = self
-                            .out
-                            .send(error_with(about, r.code, &r.message, r.is_final))
-                            .await;
-                    }
-                }
+                let attached = self.attach(id, &session, agent, size, watch).await;
+                self.opened(id, attached).await;
             }
             ClientMessage::Detach { id } => {
                 if let Some(r) = self.running.get(&id) {
@@ -438,6 +417,25 @@ impl Console<'_> {
                         break;
                     }
                 });
+            }
+        }
+    }
+
+    /// Tells the page how an `exec` or `attach` of `id` went: `started`,
+    /// or the refusal.
+    async fn opened(&mut self, id: u32, result: Result<Running, Refusal>) {
+        match result {
+            Ok(running) => {
+                self.running.insert(id, running);
+                let _ = self.out.send(ServerMessage::Started { id }.frame()).await;
+            }
+            Err(r) => {
+                // Id 0 is never a command's: the error names none.
+                let about = Some(id).filter(|id| *id != 0);
+                let _ = self
+                    .out
+                    .send(error_with(about, r.code, &r.message, r.is_final))
+                    .await;
             }
         }
     }
