@@ -240,11 +240,7 @@ impl Sessions {
             id: id.clone(),
             info,
             limits: self.limits,
-            parser: vt100::Parser::new(
-                nonzero(size.rows),
-                nonzero(size.cols),
-                self.limits.scrollback,
-            ),
+                        model: Model::new(size, self.limits.scrollback),
             viewers: HashMap::new(),
             writer: None,
             next_key: 0,
@@ -509,7 +505,7 @@ struct Session {
     id: String,
     info: Arc<Mutex<SessionInfo>>,
     limits: SessionLimits,
-    parser: vt100::Parser,
+        model: Model,
     viewers: HashMap<u64, Viewer>,
     writer: Option<u64>,
     next_key: u64,
@@ -623,11 +619,11 @@ impl Session {
                     group.signal(Signal::SIGKILL);
                 }
                 data = output.read(limit), if output.open() && can_read => {
-                    if let Some(data) = data {
-                        self.parser.process(&data);
+                                        if let Some(data) = data {
                         for v in self.viewers.values_mut() {
                             v.queue(Message::Stdout, data.clone());
                         }
+                        self.model.feed(data).await;
                     }
                 }
                 _ = stdin.write_some(), if stdin.pending() => {}
@@ -719,7 +715,7 @@ impl Session {
                 });
             }
             if let (Some(size), Some(pty)) = (size, pty) {
-                self.resize(clamp(size), pty);
+                                self.resize(clamp(size), pty).await;
             }
         }
         let controls = stream::unfold(control, move |mut rx| async move {
@@ -732,7 +728,7 @@ impl Session {
         self.inputs.push(controls.boxed());
         self.inputs.push(stdins.boxed());
         self.viewers.insert(key, viewer);
-        self.snapshot(key, true);
+                self.snapshot(key, true).await;
         self.info().last_attached_ms = now_ms();
         self.touch();
     }
@@ -745,11 +741,9 @@ impl Session {
         info.watching = watching;
     }
 
-    fn resize(&mut self, size: PtySize, pty: &process::Pty) {
+        async fn resize(&mut self, size: PtySize, pty: &process::Pty) {
         let _ = pty.resize(size);
-        self.parser
-            .screen_mut()
-            .set_size(nonzero(size.rows), nonzero(size.cols));
+        self.model.set_size(size).await;
         {
             let mut info = self.info();
             info.cols = size.cols;
@@ -765,21 +759,14 @@ impl Session {
         }
     }
 
-    /// The terminal's size now.
-    fn size(&self) -> PtySize {
-        let (rows, cols) = self.parser.screen().size();
-        PtySize {
-            cols: cols.get(),
-            rows: rows.get(),
-        }
-    }
+    
 
     /// Queues for viewer `key` the bytes that redraw the terminal (with
     /// the scrollback, or the screen alone for a watcher catching up); a
     /// watcher is first told the terminal's size.
-    fn snapshot(&mut self, key: u64, scrollback: bool) {
-        let bytes = Bytes::from(redraw(&mut self.parser, scrollback));
-        let size = self.size();
+        async fn snapshot(&mut self, key: u64, scrollback: bool) {
+        let (bytes, size) = self.model.redraw(scrollback).await;
+        let bytes = Bytes::from(bytes);
         if let Some(v) = self.viewers.get_mut(&key) {
             v.resync = false;
             v.pending.clear();
@@ -854,13 +841,13 @@ impl Session {
                         v.credit = v.credit.saturating_add(add);
                         // A watcher that fell behind redraws once it can.
                         if v.resync && v.credit >= v.window / 2 {
-                            self.snapshot(key, false);
+                                                        self.snapshot(key, false).await;
                         }
                     }
                 }
                 Control::Resize(size) if is_writer(key) => {
                     if let Some(pty) = pty {
-                        self.resize(clamp(size), pty);
+                        self.resize(clamp(size), pty).await;
                     }
                 }
                 Control::Signal(sig) if is_writer(key) => {
@@ -943,6 +930,75 @@ impl Session {
                 Some(s.saturating_sub(add as usize))
             });
         let _ = v.out.send(Frame::new(v.ch, Message::Window { add })).await;
+    }
+}
+
+/// The session's terminal model. Output is parsed off the session's task
+/// (on the blocking pool, one chunk at a time and in order), so that the
+/// next read and the forwarding of this one need not wait for it; a redraw
+/// or a resize waits until every chunk forwarded so far is in the model.
+struct Model {
+    parser: Arc<Mutex<vt100::Parser>>,
+    /// The chunk being parsed, if any.
+    busy: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Output smaller than this is parsed in place: handing it off would cost
+/// more than parsing it (a keystroke's echo).
+const PARSE_IN_PLACE: usize = 4 * 1024;
+
+impl Model {
+    fn new(size: PtySize, scrollback: usize) -> Model {
+        let parser = vt100::Parser::new(nonzero(size.rows), nonzero(size.cols), scrollback);
+        Model {
+            parser: Arc::new(Mutex::new(parser)),
+            busy: None,
+        }
+    }
+
+    fn parser(&self) -> std::sync::MutexGuard<'_, vt100::Parser> {
+        self.parser.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until every chunk fed so far is parsed.
+    async fn settle(&mut self) {
+        if let Some(job) = self.busy.take() {
+            let _ = job.await;
+        }
+    }
+
+    async fn feed(&mut self, data: Bytes) {
+        self.settle().await;
+        if data.len() < PARSE_IN_PLACE {
+            self.parser().process(&data);
+            return;
+        }
+        let parser = self.parser.clone();
+        self.busy = Some(tokio::task::spawn_blocking(move || {
+            parser
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .process(&data)
+        }));
+    }
+
+    async fn set_size(&mut self, size: PtySize) {
+        self.settle().await;
+        self.parser()
+            .screen_mut()
+            .set_size(nonzero(size.rows), nonzero(size.cols));
+    }
+
+    /// The redraw of everything fed so far, and the size it is drawn at.
+    async fn redraw(&mut self, scrollback: bool) -> (Vec<u8>, PtySize) {
+        self.settle().await;
+        let mut parser = self.parser();
+        let (rows, cols) = parser.screen().size();
+        let size = PtySize {
+            cols: cols.get(),
+            rows: rows.get(),
+        };
+        (redraw(&mut parser, scrollback), size)
     }
 }
 
