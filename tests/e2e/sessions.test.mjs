@@ -118,8 +118,17 @@ test('a reload reattaches the shell: its output, its variables and its screen co
     await page.locator('#sessions tbody tr button', { hasText: 'attach' }).first().click();
     await page.locator('#mode-shell[aria-pressed="true"]').waitFor({ timeout: WAIT_MS });
     await run(page, 'echo again-$X', [{ exact: 'again-kept-42' }]);
+    // Rename it from the panel.
+    await page.click('#sessions-toggle');
+    page.once('dialog', (dialog) => dialog.accept('deploy-shell'));
+    await page.locator('#sessions tbody tr button', { hasText: 'rename' }).first().click();
+    await waitInPage(page, () => {
+      const cell = document.querySelectorAll('#sessions tbody tr td')[1];
+      return !!cell && cell.textContent === 'deploy-shell';
+    }, null, 'waiting for the new title in the panel');
+    await page.click('#sessions-toggle');
     // End it from the panel: the tab goes back to command mode.
-        await page.click('#sessions-toggle');
+    await page.click('#sessions-toggle');
     page.once('dialog', (dialog) => dialog.accept());
     await page.locator('#sessions tbody tr button', { hasText: 'end' }).first().click();
     await page.locator('#mode-command[aria-pressed="true"]').waitFor({ timeout: WAIT_MS });

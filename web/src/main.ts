@@ -684,6 +684,23 @@ function main(): void {
         })
         .catch(() => note(active, RED + 'conch: cannot end that session: no answer' + RESET));
     },
+        change(agent, session, change) {
+      const url = '/api/v1/sessions/' + encodeURIComponent(agent) + '/' + encodeURIComponent(session);
+      fetch(url, {
+        method: 'PATCH',
+        credentials: 'same-origin',
+        headers: { 'Content-Type': 'application/json' },
+        body: JSON.stringify(change),
+      })
+        .then(async (r) => {
+          if (!r.ok) {
+            const problem = await r.json().catch(() => ({}));
+            note(active, RED + 'conch: ' + clean(problem.detail || 'cannot change that session (' + r.status + ')') + RESET);
+          }
+          sessionsPanel?.refresh();
+        })
+        .catch(() => note(active, RED + 'conch: cannot change that session: no answer' + RESET));
+    },
     closed: () => active.term.focus(),
     user: () => document.body.dataset['user'] || '',
     role: () => role,

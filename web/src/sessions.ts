@@ -63,8 +63,10 @@ export interface SessionsPanelHost {
   request(): void;
   /** Attach `held` in the tab in front. */
   attach(held: Held): void;
-  /** End a session (its processes are killed). */
+    /** End a session (its processes are killed). */
   end(agent: string, session: string): void;
+  /** Rename a session, or say who may watch it. */
+  change(agent: string, session: string, change: { title?: string; watchers?: string[] }): void;
   /** The panel closed: give the keyboard back to the terminal. */
   closed(): void;
   /** Who the page is logged in as, and as what. */
@@ -163,7 +165,9 @@ export class SessionsPanel {
         ? 'attached'
         : 'detached' + (s.ends_at_ms ? ', ends ' + when(s.ends_at_ms) : '');
       const watching = s.watching > 0 ? ` · ${s.watching} watching` : '';
-      for (const text of [s.agent, s.title || 'login shell', s.owner, when(s.started_ms), state + watching]) {
+            const shared = s.watchers.length > 0 ? ' · shared with ' + s.watchers.join(', ') : '';
+      const size = ` · ${s.cols}×${s.rows}`;
+      for (const text of [s.agent, s.title || 'login shell', s.owner, when(s.started_ms), state + watching + shared + size]) {
         row.insertCell().textContent = text;
       }
       const actions = row.insertCell();
@@ -186,6 +190,19 @@ export class SessionsPanel {
         add('watch', 'Look on, read-only', () => {
           this.toggle(false);
           this.host.attach({ agent: s.agent, session: s.id, watch: true });
+        });
+      }
+            if (mine || admin) {
+        add('rename', 'Give this shell a title', () => {
+          const title = window.prompt('Title of this shell', s.title);
+          if (title !== null) this.host.change(s.agent, s.id, { title: title.slice(0, 200) });
+        });
+        add('share', 'Who may watch it, read-only (user names, or * for everyone)', () => {
+          const now = (s.watchers || []).join(', ');
+          const text = window.prompt('Users who may watch this shell (comma-separated; * for everyone; empty for nobody)', now);
+          if (text === null) return;
+          const watchers = text.split(',').map((w) => w.trim()).filter((w) => w !== '');
+          this.host.change(s.agent, s.id, { watchers });
         });
       }
       if ((mine || admin) && this.host.role() !== 'viewer') {
