@@ -301,6 +301,11 @@ pub struct ServeArgs {
     /// Host and Origin are checked against it, cookies are Secure when it is HTTPS.
     #[arg(long, env = "CONCH_PUBLIC_URL")]
     public_url: Option<url::Url>,
+    /// Serve everything under this path (`/conch`: pages, assets, the
+    /// socket, the API), as behind a reverse proxy that forwards a
+    /// sub-path. Default: the path of --public-url, else the root.
+    #[arg(long, env = "CONCH_BASE_PATH")]
+    base_path: Option<String>,
     /// A proxy (address or CIDR) whose X-Forwarded-For / Forwarded headers are believed;
     /// repeatable, or comma-separated.
     #[arg(long, env = "CONCH_TRUSTED_PROXY", value_delimiter = ',')]
@@ -456,6 +461,12 @@ pub struct HealthArgs {
     /// CONCH_TLS_CERT or CONCH_TLS_SELF_SIGNED, as in a container).
     #[arg(long)]
     https: bool,
+    /// The server's base path (as its --base-path, or the path of its
+    /// --public-url): /healthz is probed under it.
+    #[arg(long, env = "CONCH_BASE_PATH")]
+    base_path: Option<String>,
+    #[arg(long, env = "CONCH_PUBLIC_URL", hide = true)]
+    public_url: Option<url::Url>,
 }
 
 #[derive(Subcommand)]
@@ -486,6 +497,35 @@ pub struct TokenArgs {
     data_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: TokenCommand,
+}
+
+/// The base path from `--base-path` and `--public-url`: "" for the root,
+/// else `/a/b` (no trailing slash), of letters, digits and `-._~/` only,
+/// so that it can go into pages, cookies and redirects as it is.
+fn base_path(given: Option<&str>, public_url: Option<&url::Url>) -> anyhow::Result<String> {
+    let normal = |p: &str| p.trim_end_matches('/').to_owned();
+    let from_url = public_url.map(|u| normal(u.path()));
+    let base = match (given.map(normal), from_url) {
+        (Some(b), Some(u)) if !u.is_empty() && b != u => anyhow::bail!(
+            "--base-path {b:?} differs from the path of --public-url ({u:?}): give one, or the same"
+        ),
+        (Some(b), _) => b,
+        (None, Some(u)) => u,
+        (None, None) => String::new(),
+    };
+    if base.is_empty() {
+        return Ok(base);
+    }
+    anyhow::ensure!(
+        base.starts_with('/')
+            && !base.contains("//")
+            && base
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._~/".contains(&b))
+            && !base.split('/').any(|seg| seg == "." || seg == ".."),
+        "--base-path must look like /conch (letters, digits, - . _ ~ and /), not {base:?}"
+    );
+    Ok(base)
 }
 
 /// A duration as a number and a unit (`90s`, `30m`, `2h`, `500ms`); a
@@ -632,6 +672,7 @@ fn serve_config(args: ServeArgs, json_logs: bool) -> anyhow::Result<ServeConfig>
             "--public-url must be an absolute http:// or https:// URL, not {u}"
         );
     }
+    let base_path = base_path(args.base_path.as_deref(), args.public_url.as_ref())?;
     if args.public_url.is_none() && !args.listen.ip().is_loopback() {
         tracing::warn!(
             listen = %args.listen,
@@ -680,6 +721,7 @@ fn serve_config(args: ServeArgs, json_logs: bool) -> anyhow::Result<ServeConfig>
         tls,
         listen: args.listen,
         public_url: args.public_url,
+        base_path,
         trusted_proxies,
         http: crate::server::http::HttpLimits {
             max_connections: args.max_connections.max(1),
@@ -782,6 +824,7 @@ pub async fn run(command: Command, json_logs: bool) -> anyhow::Result<ExitCode> 
                             !matches!(v.as_str(), "" | "0" | "false" | "no" | "off")
                         }),
                     listen: args.listen,
+                    base_path: base_path(args.base_path.as_deref(), args.public_url.as_ref())?,
                 },
             };
             crate::rest_client::healthcheck(target).await?;

@@ -21,9 +21,19 @@ command -v top >/dev/null 2>&1 || need+=(procps)
 # The API contract check builds a Python venv (Debian splits venv out).
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
+# The reverse-proxy test runs nginx in front of conch (its own config, on a
+# free loopback port); the package must not start a system nginx on :80.
+[ -x /usr/sbin/nginx ] || need+=(nginx-light)
 if [ ${#need[@]} -gt 0 ]; then
   as_root apt-get update -qq
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' | as_root tee /usr/sbin/policy-rc.d >/dev/null
+    as_root chmod +x /usr/sbin/policy-rc.d
+    trap 'as_root rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  as_root rm -f /usr/sbin/policy-rc.d
+  trap - EXIT
 fi
 if [ -f package-lock.json ]; then
   # Also bundles the page's script into web/dist/ (the `prepare` script),

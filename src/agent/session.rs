@@ -240,7 +240,7 @@ impl Sessions {
             id: id.clone(),
             info,
             limits: self.limits,
-                        model: Model::new(size, self.limits.scrollback),
+            model: Model::new(size, self.limits.scrollback),
             viewers: HashMap::new(),
             writer: None,
             next_key: 0,
@@ -505,7 +505,7 @@ struct Session {
     id: String,
     info: Arc<Mutex<SessionInfo>>,
     limits: SessionLimits,
-        model: Model,
+    model: Model,
     viewers: HashMap<u64, Viewer>,
     writer: Option<u64>,
     next_key: u64,
@@ -715,7 +715,7 @@ impl Session {
                 });
             }
             if let (Some(size), Some(pty)) = (size, pty) {
-                                self.resize(clamp(size), pty).await;
+                self.resize(clamp(size), pty).await;
             }
         }
         let controls = stream::unfold(control, move |mut rx| async move {
@@ -728,7 +728,7 @@ impl Session {
         self.inputs.push(controls.boxed());
         self.inputs.push(stdins.boxed());
         self.viewers.insert(key, viewer);
-                self.snapshot(key, true).await;
+        self.snapshot(key, true).await;
         self.info().last_attached_ms = now_ms();
         self.touch();
     }
@@ -741,7 +741,7 @@ impl Session {
         info.watching = watching;
     }
 
-        async fn resize(&mut self, size: PtySize, pty: &process::Pty) {
+    async fn resize(&mut self, size: PtySize, pty: &process::Pty) {
         let _ = pty.resize(size);
         self.model.set_size(size).await;
         {
@@ -759,12 +759,10 @@ impl Session {
         }
     }
 
-    
-
     /// Queues for viewer `key` the bytes that redraw the terminal (with
     /// the scrollback, or the screen alone for a watcher catching up); a
     /// watcher is first told the terminal's size.
-        async fn snapshot(&mut self, key: u64, scrollback: bool) {
+    async fn snapshot(&mut self, key: u64, scrollback: bool) {
         let (bytes, size) = self.model.redraw(scrollback).await;
         let bytes = Bytes::from(bytes);
         if let Some(v) = self.viewers.get_mut(&key) {
@@ -841,7 +839,7 @@ impl Session {
                         v.credit = v.credit.saturating_add(add);
                         // A watcher that fell behind redraws once it can.
                         if v.resync && v.credit >= v.window / 2 {
-                                                        self.snapshot(key, false).await;
+                            self.snapshot(key, false).await;
                         }
                     }
                 }

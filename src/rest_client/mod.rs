@@ -376,7 +376,12 @@ fn root_cause(e: &dyn std::error::Error) -> String {
 pub enum Probe {
     /// A server's `/healthz`, at its listen address (`0.0.0.0` means this
     /// host), over HTTPS when `https`.
-    Server { listen: String, https: bool },
+    Server {
+        listen: String,
+        https: bool,
+        /// The server's base path ("" or "/conch").
+        base_path: String,
+    },
     /// An agent's TCP port accepting connections.
     AgentPort(String),
 }
@@ -395,10 +400,14 @@ pub async fn healthcheck(probe: Probe) -> anyhow::Result<()> {
                 .with_context(|| format!("agent at {addr} is not accepting connections"))?;
             Ok(())
         }
-        Probe::Server { listen, https } => {
+        Probe::Server {
+            listen,
+            https,
+            base_path,
+        } => {
             let scheme = if https { "https" } else { "http" };
             let url = format!(
-                "{scheme}://{}/healthz",
+                "{scheme}://{}{base_path}/healthz",
                 listen.replace("0.0.0.0", "127.0.0.1")
             );
             // The probe asks this host's own server whether it is alive:

@@ -1130,8 +1130,8 @@ pub(crate) async fn revoke_token(
     security(()),
     responses((status = 200, description = "The API's OpenAPI 3.1 description.", body = Object)),
 )]
-pub(crate) async fn openapi() -> Response {
-    let mut response = super::openapi::document().into_response();
+pub(crate) async fn openapi(State(state): State<AppState>) -> Response {
+    let mut response = super::openapi::document_under(&state.site.base_path).into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),

@@ -177,11 +177,42 @@ pub(crate) fn fit_connection_cap(wanted: usize) -> usize {
     cap
 }
 
+/// Takes the base path off a request's path, so that the routes are the
+/// same at any base: `/conch` and `/conch/` are `/`, `/conch/ws` is `/ws`.
+/// A path outside the base gets one that no route has (a 404).
+fn under_base<B>(req: &mut axum::http::Request<B>, base: &str) {
+    if base.is_empty() {
+        return;
+    }
+    let uri = req.uri();
+    let path = uri.path();
+    let inner = if path == base {
+        "/"
+    } else {
+        match path.strip_prefix(base) {
+            Some(rest) if rest.starts_with('/') => rest,
+            _ => "/.outside-the-base-path",
+        }
+    };
+    let path_and_query = match uri.query() {
+        Some(q) => format!("{inner}?{q}"),
+        None => inner.to_owned(),
+    };
+    let mut parts = uri.clone().into_parts();
+    if let Ok(pq) = path_and_query.parse() {
+        parts.path_and_query = Some(pq);
+        if let Ok(new) = axum::http::Uri::from_parts(parts) {
+            *req.uri_mut() = new;
+        }
+    }
+}
+
 /// Serves `app` on `listener` until `shutdown` fires, then lets the
 /// requests in flight finish.
 pub(crate) async fn serve(
     listener: TcpListener,
     app: Router,
+    base_path: String,
     limits: HttpLimits,
     tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: CancellationToken,
@@ -205,11 +236,13 @@ pub(crate) async fn serve(
             _guard: guard,
         };
         let proven_here = proven.clone();
+        let base = base_path.clone();
         let service = app
             .clone()
             .map_request(move |mut req: axum::http::Request<Incoming>| {
                 proven.store(true, Ordering::Release);
                 req.extensions_mut().insert(ConnectInfo(peer));
+                under_base(&mut req, &base);
                 req.map(Body::new)
             });
         let service = TowerToHyperService::new(service);

@@ -62,6 +62,8 @@ pub struct ServeConfig {
     pub allowed_origins: Vec<String>,
     /// The address users see (`--public-url`), behind a proxy or not.
     pub public_url: Option<url::Url>,
+    /// Where everything is served under the host: "" or "/conch".
+    pub base_path: String,
     /// Proxies whose forwarding headers are believed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
     pub session_ttl: Duration,
@@ -251,7 +253,8 @@ pub async fn serve(
             config.allowed_origins.clone(),
             peer::TrustedProxies(config.trusted_proxies.clone()),
             web_tls.is_some(),
-        ),
+        )
+        .under(&config.base_path),
         shutdown: shutdown.clone(),
         tokens: tokens::TokenStore::new(config.data_dir.as_deref()),
         exec_slots: Arc::new(tokio::sync::Semaphore::new(
@@ -296,9 +299,9 @@ pub async fn serve(
             // Printed for the person at the terminal, as Jupyter does; it is
             // not a log line and never goes through tracing.
             let base = match (&config.public_url, &web_tls) {
-                (Some(u), _) => u.as_str().trim_end_matches('/').to_owned(),
-                (None, Some(_)) => format!("https://{addr}"),
-                (None, None) => format!("http://{addr}"),
+                (Some(u), _) => format!("{}{}", u.origin().ascii_serialization(), config.base_path),
+                (None, Some(_)) => format!("https://{addr}{}", config.base_path),
+                (None, None) => format!("http://{addr}{}", config.base_path),
             };
             println!("conch: open {base}/login?token={}", admin_token.expose());
             if let Some(t) = &web_tls {
@@ -316,6 +319,7 @@ pub async fn serve(
     http::serve(
         listener,
         router(state),
+        config.base_path.clone(),
         limits,
         web_tls.map(|t| t.acceptor),
         shutdown.clone(),

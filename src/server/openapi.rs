@@ -211,6 +211,24 @@ fn patch(doc: &mut serde_json::Value) {
 }
 
 /// The document as JSON, built once.
+/// The document for a server under `base` ("" or "/conch"): its `servers`
+/// entry is the base path, so that clients resolve every path under it.
+pub(crate) fn document_under(base: &str) -> std::borrow::Cow<'static, str> {
+    if base.is_empty() {
+        return std::borrow::Cow::Borrowed(document());
+    }
+    let mut doc: serde_json::Value =
+        serde_json::from_str(document()).expect("the OpenAPI document parses");
+    if let Some(servers) = doc.get_mut("servers").and_then(|s| s.as_array_mut())
+        && let Some(first) = servers.first_mut()
+    {
+        first["url"] = serde_json::Value::String(format!("{base}/"));
+    }
+    std::borrow::Cow::Owned(
+        serde_json::to_string_pretty(&doc).expect("the OpenAPI document serializes"),
+    )
+}
+
 pub(crate) fn document() -> &'static str {
     static DOC: LazyLock<String> = LazyLock::new(|| {
         let mut doc =

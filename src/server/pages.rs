@@ -16,6 +16,8 @@ use super::peer::ClientIp;
 #[derive(Template)]
 #[template(path = "login.html")]
 struct LoginPage {
+    /// The site's base path ("" or "/conch"), before every link.
+    base: String,
     error: String,
     next: String,
     /// No users file: the admin token is the way in, so its form comes first.
@@ -25,6 +27,7 @@ struct LoginPage {
 impl LoginPage {
     fn new(state: &AppState, error: String, next: String) -> LoginPage {
         LoginPage {
+            base: state.site.base_path.clone(),
             error,
             next,
             token_first: !state.auth.has_users(),
@@ -35,6 +38,7 @@ impl LoginPage {
 #[derive(Template)]
 #[template(path = "console.html")]
 struct ConsolePage {
+    base: String,
     username: String,
     role: String,
 }
@@ -70,10 +74,11 @@ fn safe_next(next: Option<&str>) -> String {
 pub(crate) async fn console(State(state): State<AppState>, headers: HeaderMap) -> Response {
     match state.session_principal(&headers) {
         Some(p) => render(&ConsolePage {
+            base: state.site.base_path.clone(),
             username: p.name,
             role: p.role.as_str().into(),
         }),
-        None => Redirect::to("/login").into_response(),
+        None => Redirect::to(&state.site.path("/login")).into_response(),
     }
 }
 
@@ -189,7 +194,8 @@ fn finish_login(state: &AppState, result: Result<Principal, LoginError>, next: S
                 "{}={device}; {attrs}; Max-Age={DEVICE_TTL_SECS}",
                 site.device_cookie_name()
             );
-            let mut response = Redirect::to(&next).into_response();
+            // `next` is a path of the site, under its base path.
+            let mut response = Redirect::to(&state.site.path(&next)).into_response();
             for value in [session, device] {
                 if let Ok(v) = HeaderValue::from_str(&value) {
                     response.headers_mut().append(header::SET_COOKIE, v);
@@ -228,7 +234,7 @@ pub(crate) async fn logout(State(state): State<AppState>, headers: HeaderMap) ->
     if let Some(cookie) = state.session_cookie(&headers) {
         state.auth.end_session(&cookie);
     }
-    let mut response = Redirect::to("/login").into_response();
+    let mut response = Redirect::to(&state.site.path("/login")).into_response();
     let expired = format!(
         "{}=; {}; Max-Age=0",
         state.site.session_cookie_name(),

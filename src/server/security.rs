@@ -64,6 +64,9 @@ pub(crate) struct Site {
     /// an `https://` public URL): cookies get `Secure` and `__Host-`.
     pub(crate) https: bool,
     pub(crate) proxies: super::peer::TrustedProxies,
+    /// Where the site lives under its host (`--base-path`, or the public
+    /// URL's path): "" for the root, else "/conch" (no trailing slash).
+    pub(crate) base_path: String,
 }
 
 impl Site {
@@ -100,7 +103,21 @@ impl Site {
             loopback_hosts_only: public_url.is_none() && listen.ip().is_loopback(),
             https: https || (public_url.is_none() && served_over_tls),
             proxies,
+            base_path: String::new(),
         }
+    }
+
+    /// The same site served under `base` ("" or "/conch").
+    pub(crate) fn under(self, base: &str) -> Site {
+        Site {
+            base_path: base.to_owned(),
+            ..self
+        }
+    }
+
+    /// `path` (absolute, from the site's root) as the browser must ask for it.
+    pub(crate) fn path(&self, path: &str) -> String {
+        format!("{}{path}", self.base_path)
     }
 
     /// Whether the `Host` header names this server (DNS rebinding: a page
@@ -140,31 +157,36 @@ impl Site {
     }
 
     /// The session cookie's name: `__Host-` over HTTPS, so that no other
-    /// site or sub-domain can set it.
+    /// site or sub-domain can set it; under a base path (which `__Host-`
+    /// forbids) `__Secure-`, which at least no plain-HTTP page can set.
     pub(crate) fn session_cookie_name(&self) -> &'static str {
-        if self.https {
-            "__Host-conch_session"
-        } else {
-            "conch_session"
+        match (self.https, self.base_path.is_empty()) {
+            (true, true) => "__Host-conch_session",
+            (true, false) => "__Secure-conch_session",
+            (false, _) => "conch_session",
         }
     }
 
     /// The trusted-device cookie's name (see `throttle`).
     pub(crate) fn device_cookie_name(&self) -> &'static str {
-        if self.https {
-            "__Host-conch_device"
-        } else {
-            "conch_device"
+        match (self.https, self.base_path.is_empty()) {
+            (true, true) => "__Host-conch_device",
+            (true, false) => "__Secure-conch_device",
+            (false, _) => "conch_device",
         }
     }
 
-    /// `Set-Cookie` attributes shared by conch's cookies.
-    pub(crate) fn cookie_attributes(&self) -> &'static str {
-        if self.https {
-            "Path=/; HttpOnly; SameSite=Strict; Secure"
+    /// `Set-Cookie` attributes shared by conch's cookies: the path is the
+    /// site's, so that other applications behind the same proxy never get
+    /// them.
+    pub(crate) fn cookie_attributes(&self) -> String {
+        let path = if self.base_path.is_empty() {
+            "/"
         } else {
-            "Path=/; HttpOnly; SameSite=Strict"
-        }
+            &self.base_path
+        };
+        let secure = if self.https { "; Secure" } else { "" };
+        format!("Path={path}; HttpOnly; SameSite=Strict{secure}")
     }
 
     /// A cookie's value from the request.

@@ -20,7 +20,8 @@ export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '
 export const CONCH_BIN = path.resolve(ROOT, process.env.CONCH_BIN || 'target/debug/conch');
 const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 
-const LOGIN_URL_RE = /https?:\/\/127\.0\.0\.1:\d+\/login\?token=[0-9a-f]+/;
+// The login URL, under a base path when the server has one (/conch/login?token=...).
+const LOGIN_URL_RE = /https?:\/\/127\.0\.0\.1:\d+(?:\/[\w.~-]+)*\/login\?token=[0-9a-f]+/;
 const STARTUP_TIMEOUT_MS = 60_000;
 export const WAIT_MS = 20_000; // one command's round trip, generous for a loaded CI machine
 

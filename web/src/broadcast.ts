@@ -6,6 +6,8 @@
 // code; a summary line closes the run. What a host keeps is bounded by the
 // server (`max_output_bytes` per stream, asked for here).
 
+import { sitePath } from './site';
+
 /** Output the page asks the server to keep per stream and host: 64 KiB. */
 export const HOST_OUTPUT = 64 * 1024;
 
@@ -175,7 +177,7 @@ export async function broadcast(
 ): Promise<void> {
   let response: Response;
   try {
-    response = await fetch('/api/v1/exec', {
+    response = await fetch(sitePath('/api/v1/exec'), {
       method: 'POST',
       headers: { 'content-type': 'application/json', accept: 'application/x-ndjson' },
       body: JSON.stringify({ command: cmd, target, max_output_bytes: HOST_OUTPUT }),

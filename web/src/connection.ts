@@ -2,6 +2,7 @@
 // link's part of the status (connecting / ready / reconnecting / shutdown).
 // What the messages mean is for the caller.
 
+import { sitePath } from './site';
 import {
   decodeOutput, decodeServerMessage,
   type ClientMessage, type HelloMessage, type OutputFrame, type ServerMessage,
@@ -60,7 +61,7 @@ export class Connection {
     const proto = location.protocol === 'https:' ? 'wss:' : 'ws:';
     let ws: WebSocket;
     try {
-      ws = new WebSocket(proto + '//' + location.host + '/ws');
+      ws = new WebSocket(proto + '//' + location.host + sitePath('/ws'));
     } catch {
       this.scheduleReconnect();
       return;
@@ -126,9 +127,9 @@ export class Connection {
   // A WebSocket refused with 401 looks like any other failure from script,
   // so ask the session endpoint: 401 there means the login expired.
   private checkSession(): void {
-    fetch('/api/v1/session', { credentials: 'same-origin', cache: 'no-store' })
+    fetch(sitePath('/api/v1/session'), { credentials: 'same-origin', cache: 'no-store' })
       .then((res) => {
-        if (res.status === 401) location.href = '/login';
+        if (res.status === 401) location.href = sitePath('/login');
       })
       .catch(() => {
         // server unreachable: keep retrying the socket

@@ -11,6 +11,7 @@
 // Loaded with `defer` after xterm.js and the fit addon. No inline script
 // anywhere: the page runs under a strict Content-Security-Policy.
 
+import { sitePath } from './site';
 import { Activity } from './activity';
 import { Agents, filterSelector } from './agents';
 import { FULL_RESET, GREY, RED, RESET, REVERSE_WRAP_ON, YELLOW } from './ansi';
@@ -676,7 +677,7 @@ function main(): void {
     },
         end(agent, session) {
       if (!window.confirm('End this shell on ' + agent + ', and everything it runs?')) return;
-      const url = '/api/v1/sessions/' + encodeURIComponent(agent) + '/' + encodeURIComponent(session);
+      const url = sitePath('/api/v1/sessions/') + encodeURIComponent(agent) + '/' + encodeURIComponent(session);
       fetch(url, { method: 'DELETE', credentials: 'same-origin' })
         .then((r) => {
           if (!r.ok) note(active, RED + 'conch: cannot end that session (' + r.status + ')' + RESET);
@@ -685,7 +686,7 @@ function main(): void {
         .catch(() => note(active, RED + 'conch: cannot end that session: no answer' + RESET));
     },
         change(agent, session, change) {
-      const url = '/api/v1/sessions/' + encodeURIComponent(agent) + '/' + encodeURIComponent(session);
+      const url = sitePath('/api/v1/sessions/') + encodeURIComponent(agent) + '/' + encodeURIComponent(session);
       fetch(url, {
         method: 'PATCH',
         credentials: 'same-origin',

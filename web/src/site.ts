@@ -1,0 +1,16 @@
+// Where the console lives under its host: `conch serve --base-path /conch`
+// (or a public URL with a path) puts every page, asset, socket and API
+// route under that prefix, and the page says so in `data-base`. Every URL
+// the page makes goes through `sitePath`, so nothing breaks behind a
+// reverse proxy that serves conch under a sub-path.
+
+/** The site's base path: "" for the root, else "/conch" (no trailing slash). */
+export function basePath(): string {
+  const base = typeof document !== 'undefined' ? document.body?.dataset['base'] ?? '' : '';
+  return base.replace(/\/+$/, '');
+}
+
+/** `path` (absolute, from the site's root) as the browser must ask for it. */
+export function sitePath(path: string): string {
+  return basePath() + path;
+}
