@@ -14,6 +14,7 @@ pub mod rest_client;
 pub mod selector;
 pub mod server;
 pub mod shutdown;
+pub mod systemd;
 pub mod telemetry;
 pub mod transport;
 pub mod vocab;

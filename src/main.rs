@@ -7,6 +7,8 @@ use conch::cli::Cli;
 use conch::telemetry::{self, LogFormat};
 
 fn main() -> ExitCode {
+    // Before any thread exists: systemd's variables leave the environment.
+    conch::systemd::init();
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
     let runtime = match tokio::runtime::Runtime::new() {

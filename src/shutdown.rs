@@ -31,6 +31,7 @@ async fn cancel_on_signal(token: CancellationToken) {
         _ = int.recv() => {}
     }
     tracing::info!("shutting down");
+    crate::systemd::stopping();
     token.cancel();
 }
 

@@ -18,6 +18,8 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v vi >/dev/null 2>&1 || need+=(vim-tiny)
 command -v less >/dev/null 2>&1 || need+=(less)
 command -v top >/dev/null 2>&1 || need+=(procps)
+# The unit files are checked with systemd-analyze verify.
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 # The API contract check builds a Python venv (Debian splits venv out).
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)

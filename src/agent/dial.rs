@@ -36,6 +36,7 @@ pub async fn run(config: AgentConfig, server: String, shutdown: CancellationToke
         return;
     };
     info!(%server, agent = %name, "dialing in");
+    crate::systemd::ready(&format!("dialing in to {server} as {name}"), &shutdown);
     // Sessions outlive each connection: a reconnect finds them again.
     let sessions = super::session::Sessions::new(config.sessions);
     redial(&config, &sessions, &server, &name, &shutdown).await;

@@ -56,7 +56,9 @@ pub struct AgentConfig {
 /// Binds the configured address and serves until `shutdown` fires.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> std::io::Result<()> {
     let listener = TcpListener::bind(config.listen).await?;
-    info!(addr = %listener.local_addr()?, "agent listening");
+    let addr = listener.local_addr()?;
+    info!(%addr, "agent listening");
+    crate::systemd::ready(&format!("listening on {addr}"), &shutdown);
     serve(listener, config, shutdown).await;
     Ok(())
 }

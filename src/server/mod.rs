@@ -290,6 +290,7 @@ pub async fn serve(
         }
     }
     info!(%addr, "server listening");
+    crate::systemd::ready(&format!("serving on {addr}"), &shutdown);
     if generated && config.users.is_empty() {
         if config.json_logs {
             info!(
