@@ -4,7 +4,8 @@
 # the page's script, Python's venv for the API contract tools), then runs the
 # page's type check and unit tests, format and lint checks, the Rust tests
 # (the adversarial suite among them), the API contract check, the benchmark
-# harness in its quick mode, and the browser end-to-end tests.
+# harness in its quick mode, the browser end-to-end tests (one through
+# nginx), and the Debian package's build and lintian check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -57,3 +58,5 @@ cargo test --locked --bench conch -- --quick
 if [ -d tests/e2e ]; then
   CONCH_BIN="$PWD/target/debug/conch" npm run --silent test:e2e
 fi
+# The Debian package (cargo-deb, pinned): its files, scripts and lintian.
+tests/package.sh
