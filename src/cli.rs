@@ -301,6 +301,13 @@ pub struct ServeArgs {
     /// Host and Origin are checked against it, cookies are Secure when it is HTTPS.
     #[arg(long, env = "CONCH_PUBLIC_URL")]
     public_url: Option<url::Url>,
+    /// Refuse to start without an agent to talk to (`--agent` or an
+    /// agents file), rather than start the embedded one: where the server
+    /// runs locked down as its own user (conch-server.service), commands
+    /// run by an embedded agent would run as that user too, and could read
+    /// the server's secrets and state.
+    #[arg(long, env = "CONCH_REQUIRE_AGENT", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::SetTrue)]
+    require_agent: bool,
     /// Serve everything under this path (`/conch`: pages, assets, the
     /// socket, the API), as behind a reverse proxy that forwards a
     /// sub-path. Default: the path of --public-url, else the root.
@@ -673,6 +680,12 @@ fn serve_config(args: ServeArgs, json_logs: bool) -> anyhow::Result<ServeConfig>
         );
     }
     let base_path = base_path(args.base_path.as_deref(), args.public_url.as_ref())?;
+    anyhow::ensure!(
+        !(args.require_agent && agent.is_empty()),
+        "--require-agent (CONCH_REQUIRE_AGENT): give --agent (CONCH_AGENT) or an --agents-file \
+         (CONCH_AGENTS_FILE) that lists agents; this server will not start an embedded agent, whose commands \
+         would run as the server's own user"
+    );
     if args.public_url.is_none() && !args.listen.ip().is_loopback() {
         tracing::warn!(
             listen = %args.listen,

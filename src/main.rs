@@ -8,7 +8,8 @@ use conch::telemetry::{self, LogFormat};
 
 fn main() -> ExitCode {
     // Before any thread exists: systemd's variables leave the environment.
-    conch::systemd::init();
+    // SAFETY: the first statement of main: no other thread exists yet.
+    unsafe { conch::systemd::init() };
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
     let runtime = match tokio::runtime::Runtime::new() {

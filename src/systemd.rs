@@ -18,14 +18,17 @@ struct Notifier {
 
 static NOTIFIER: std::sync::OnceLock<Notifier> = std::sync::OnceLock::new();
 
-/// Reads (and removes) systemd's variables. Call before any thread or
-/// child process starts.
-pub fn init() {
+/// Reads (and removes) systemd's variables.
+///
+/// # Safety
+/// Must be called before any other thread exists (it changes the
+/// environment): first thing in `main`.
+pub unsafe fn init() {
     NOTIFIER.get_or_init(|| {
         let socket = std::env::var_os("NOTIFY_SOCKET");
-        let watchdog = sd_notify::watchdog_enabled();
-        // SAFETY: called first thing in main, before any other thread
-        // exists (the runtime is not built yet).
+        // A zero interval would be a busy loop: no watchdog then.
+        let watchdog = sd_notify::watchdog_enabled().filter(|d| !d.is_zero());
+        // SAFETY: as the caller promises, no other thread exists yet.
         unsafe {
             std::env::remove_var("NOTIFY_SOCKET");
             std::env::remove_var("WATCHDOG_USEC");
@@ -43,8 +46,7 @@ fn send(state: &[NotifyState]) {
     else {
         return;
     };
-    // The crate reads the socket from the environment; give it the one
-    // read at start, to this call only (a short, single-threaded send).
+    // To the socket read at start (the environment no longer has it).
     if let Err(e) = notify_to(socket, state) {
         tracing::debug!(error = %e, "cannot notify systemd");
     }

@@ -76,7 +76,7 @@ async fn everything_lives_under_the_base_path() {
         .json()
         .await
         .unwrap();
-    assert_eq!(doc["servers"][0]["url"], "/conch/");
+    assert_eq!(doc["servers"][0]["url"], "/conch");
 
     // `conch healthcheck` finds it there too.
     let status = std::process::Command::new(common::bin())
@@ -118,4 +118,54 @@ fn a_base_path_that_is_not_a_plain_path_is_refused() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("differs"));
+}
+
+#[tokio::test]
+async fn a_login_never_redirects_out_of_the_base_path() {
+    let server = start_server(&["--base-path", "/conch"], &[]);
+    let http = client();
+    for next in ["/../other/x", "/%2e%2e/other", "/a/./b", "/x/%2E%2E/y"] {
+        let url = format!(
+            "/conch/login?token={}&next={}",
+            server.admin_token(),
+            url::form_urlencoded::byte_serialize(next.as_bytes()).collect::<String>()
+        );
+        let r = http.get(server.url(&url)).send().await.unwrap();
+        assert_eq!(r.status(), 303, "{next}");
+        assert_eq!(r.headers()["location"], "/conch/", "{next}");
+    }
+}
+
+#[tokio::test]
+async fn of_two_session_cookies_only_the_live_one_counts() {
+    // A sibling sub-domain can plant a same-named cookie for a longer path,
+    // which the browser sends first: it must not shadow the real session.
+    let server = start_server(&["--base-path", "/conch"], &[]);
+    let http = client();
+    let r = http
+        .get(server.url(&format!("/conch/login?token={}", server.admin_token())))
+        .send()
+        .await
+        .unwrap();
+    let set = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+    let real = set.split(';').next().unwrap().to_owned();
+    let name = real.split('=').next().unwrap();
+    let planted = format!("{name}=planted-by-a-sibling; {real}");
+    let r = http
+        .get(server.url("/conch/"))
+        .header("cookie", planted)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "the planted cookie shadowed the session");
+}
+
+#[test]
+fn require_agent_refuses_to_start_an_embedded_agent() {
+    let out = std::process::Command::new(common::bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--require-agent"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("embedded agent"));
 }

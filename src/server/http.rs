@@ -199,12 +199,13 @@ fn under_base<B>(req: &mut axum::http::Request<B>, base: &str) {
         None => inner.to_owned(),
     };
     let mut parts = uri.clone().into_parts();
-    if let Ok(pq) = path_and_query.parse() {
+    let rebuilt = path_and_query.parse().ok().and_then(|pq| {
         parts.path_and_query = Some(pq);
-        if let Ok(new) = axum::http::Uri::from_parts(parts) {
-            *req.uri_mut() = new;
-        }
-    }
+        axum::http::Uri::from_parts(parts).ok()
+    });
+    // Fails closed: a request that cannot be rewritten gets no route.
+    *req.uri_mut() =
+        rebuilt.unwrap_or_else(|| axum::http::Uri::from_static("/.outside-the-base-path"));
 }
 
 /// Serves `app` on `listener` until `shutdown` fires, then lets the

@@ -128,9 +128,21 @@ impl AppState {
         self.auth.session(&self.session_cookie(headers)?)
     }
 
-    /// The session cookie's value, if the request has one.
+    /// The session cookie's value, if the request has one. Under a base
+    /// path the cookie cannot be `__Host-`, so a sibling sub-domain may set
+    /// one of the same name for a longer path, which the browser sends
+    /// first: every cookie of that name is looked at, and only the one that
+    /// is a live session counts. Two different live sessions are none.
     pub(crate) fn session_cookie(&self, headers: &HeaderMap) -> Option<String> {
-        self.site.cookie(headers, self.site.session_cookie_name())
+        let mut live = self
+            .site
+            .cookies(headers, self.site.session_cookie_name())
+            .filter(|c| self.auth.session(c).is_some());
+        let first = live.next()?;
+        match live.find(|c| *c != first) {
+            Some(_) => None,
+            None => Some(first),
+        }
     }
 }
 

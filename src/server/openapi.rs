@@ -212,23 +212,29 @@ fn patch(doc: &mut serde_json::Value) {
 
 /// The document as JSON, built once.
 /// The document for a server under `base` ("" or "/conch"): its `servers`
-/// entry is the base path, so that clients resolve every path under it.
-pub(crate) fn document_under(base: &str) -> std::borrow::Cow<'static, str> {
+/// entry is the base path (which the spec joins with each path), so that
+/// clients resolve every path under it. Made once: a process has one base.
+pub(crate) fn document_under(base: &str) -> &'static str {
     if base.is_empty() {
-        return std::borrow::Cow::Borrowed(document());
+        return document();
     }
-    let mut doc: serde_json::Value =
-        serde_json::from_str(document()).expect("the OpenAPI document parses");
-    if let Some(servers) = doc.get_mut("servers").and_then(|s| s.as_array_mut())
-        && let Some(first) = servers.first_mut()
-    {
-        first["url"] = serde_json::Value::String(format!("{base}/"));
-    }
-    std::borrow::Cow::Owned(
-        serde_json::to_string_pretty(&doc).expect("the OpenAPI document serializes"),
-    )
+    static UNDER: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
+    let (made_for, doc) = UNDER.get_or_init(|| {
+        let mut doc: serde_json::Value =
+            serde_json::from_str(document()).expect("the OpenAPI document parses");
+        if let Some(servers) = doc.get_mut("servers").and_then(|s| s.as_array_mut())
+            && let Some(first) = servers.first_mut()
+        {
+            first["url"] = serde_json::Value::String(base.to_owned());
+        }
+        let text = serde_json::to_string_pretty(&doc).expect("the OpenAPI document serializes");
+        (base.to_owned(), text)
+    });
+    debug_assert_eq!(made_for, base, "one base path per process");
+    doc
 }
 
+/// The document at the root.
 pub(crate) fn document() -> &'static str {
     static DOC: LazyLock<String> = LazyLock::new(|| {
         let mut doc =

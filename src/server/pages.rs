@@ -62,7 +62,15 @@ fn safe_next(next: Option<&str>) -> String {
             if n.starts_with('/')
                 && !n.starts_with("//")
                 && !n.contains('\\')
-                && !n.chars().any(|c| c.is_control() || c.is_whitespace()) =>
+                                && !n.chars().any(|c| c.is_control() || c.is_whitespace())
+                // No `.`/`..` segments (nor encoded ones): the redirect
+                // stays under the base path.
+                && !n
+                    .split(['/', '?', '#'])
+                    .any(|seg| {
+                        let seg = seg.to_ascii_lowercase().replace("%2e", ".");
+                        seg == "." || seg == ".."
+                    }) =>
         {
             n.to_owned()
         }

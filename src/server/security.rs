@@ -189,15 +189,25 @@ impl Site {
         format!("Path={path}; HttpOnly; SameSite=Strict{secure}")
     }
 
-    /// A cookie's value from the request.
+    /// A cookie's value from the request (the first of that name).
     pub(crate) fn cookie(&self, headers: &HeaderMap, name: &str) -> Option<String> {
+        self.cookies(headers, name).next()
+    }
+
+    /// Every value of cookies named `name`, in the order the browser sent
+    /// them (longest path first).
+    pub(crate) fn cookies<'h>(
+        &self,
+        headers: &'h HeaderMap,
+        name: &'h str,
+    ) -> impl Iterator<Item = String> + 'h {
         headers
             .get_all(header::COOKIE)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(';'))
             .filter_map(|pair| pair.trim().split_once('='))
-            .find(|(n, _)| *n == name)
+            .filter(move |(n, _)| *n == name)
             .map(|(_, value)| value.to_owned())
     }
 }
