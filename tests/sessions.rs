@@ -843,6 +843,23 @@ mod console {
         type_in(&mut ws, 1, "echo ready-$((1+1))").await;
         let (_, texts) = output_until(&mut ws, 1, "ready-2").await;
         assert!(texts.iter().any(|t| t["type"] == "attached"), "{texts:?}");
+        // The metrics count the console and its shell.
+        let scrape = reqwest::Client::new()
+            .get(server.url("/metrics"))
+            .bearer_auth(&server.token)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        for needle in [
+            "conch_console_sockets 1",
+            "conch_console_shells 1",
+            "conch_input_bytes_total",
+        ] {
+            assert!(scrape.contains(needle), "{needle} in:\n{scrape}");
+        }
         send(&mut ws, json!({"type": "detach", "id": 1})).await;
         loop {
             let v = next_text(&mut ws).await;

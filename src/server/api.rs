@@ -506,6 +506,7 @@ pub(crate) async fn exec(
     // more than the credit window cannot deadlock against its own input.
     let input = channel.controller();
     let data = prepared.stdin.clone();
+    super::metrics::input(data.len());
     tokio::spawn(async move {
         let _ = input.stdin(data, true).await;
     });

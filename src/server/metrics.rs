@@ -54,6 +54,11 @@ struct RouteLabel {
 pub(crate) struct Counters {
     commands_finished: Family<OutcomeLabel, Counter>,
     output_bytes: Counter,
+    input_bytes: Counter,
+    /// Console WebSockets open now.
+    consoles: Gauge,
+    /// Console commands that are shells of sessions (opened or attached), now.
+    shells: Gauge,
     login_failures: Counter,
     api_latency: Family<RouteLabel, Histogram, fn() -> Histogram>,
 }
@@ -66,6 +71,9 @@ fn latency_histogram() -> Histogram {
 static COUNTERS: LazyLock<Counters> = LazyLock::new(|| Counters {
     commands_finished: Family::default(),
     output_bytes: Counter::default(),
+    input_bytes: Counter::default(),
+    consoles: Gauge::default(),
+    shells: Gauge::default(),
     login_failures: Counter::default(),
     api_latency: Family::new_with_constructor(latency_histogram),
 });
@@ -81,6 +89,32 @@ pub(crate) fn finished(outcome: Outcome) {
 /// Command output passed on to a client.
 pub(crate) fn output(bytes: usize) {
     COUNTERS.output_bytes.inc_by(bytes as u64);
+}
+
+/// Command input taken from a client (console keystrokes, REST stdin).
+pub(crate) fn input(bytes: usize) {
+    COUNTERS.input_bytes.inc_by(bytes as u64);
+}
+
+/// Counts one of something open for as long as the guard lives.
+pub(crate) struct Open(&'static Gauge);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// A console WebSocket is open (until the guard drops).
+pub(crate) fn console_open() -> Open {
+    COUNTERS.consoles.inc();
+    Open(&COUNTERS.consoles)
+}
+
+/// A console command is a session's shell (until the guard drops).
+pub(crate) fn shell_attached() -> Open {
+    COUNTERS.shells.inc();
+    Open(&COUNTERS.shells)
 }
 
 /// A login or bearer token was refused.
@@ -207,6 +241,21 @@ pub(crate) fn render(now: Snapshot) -> String {
         c.login_failures.clone(),
     );
     registry.register(
+        "input_bytes",
+        "Bytes of command input taken from clients (keystrokes, REST stdin)",
+        c.input_bytes.clone(),
+    );
+    registry.register(
+        "console_sockets",
+        "Console WebSockets open now",
+        c.consoles.clone(),
+    );
+    registry.register(
+        "console_shells",
+        "Console commands that are shells of sessions (opened or attached) now",
+        c.shells.clone(),
+    );
+    registry.register(
         "api_request_duration_seconds",
         "REST API requests by route and status, time to the answer's head",
         c.api_latency.clone(),
@@ -260,6 +309,9 @@ mod tests {
     fn a_scrape_names_every_family_and_its_values() {
         finished(Outcome::exit_zero);
         output(5);
+        input(3);
+        let _console = console_open();
+        let _shell = shell_attached();
         api_request("GET", "/api/v1/agents", 200, 0.002);
         let text = render(Snapshot {
             login_sessions: 2,
@@ -272,6 +324,9 @@ mod tests {
         for needle in [
             "conch_commands_finished_total{outcome=\"exit_zero\"}",
             "conch_output_bytes_total ",
+            "conch_input_bytes_total ",
+            "conch_console_sockets ",
+            "conch_console_shells ",
             "conch_login_sessions 2",
             "conch_commands_running 1",
             "conch_agent_connected{agent=\"web-1\"} 1",

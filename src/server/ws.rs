@@ -118,6 +118,7 @@ fn close(code: u16, reason: &'static str) -> WsMessage {
 }
 
 async fn session(socket: WebSocket, state: AppState, login: SessionHandle) {
+    let _open = super::metrics::console_open();
     let principal = login.principal.clone();
     let (mut sink, mut stream) = socket.split();
     let (out, mut out_rx) = mpsc::channel::<WsMessage>(OUTBOUND_QUEUE);
@@ -598,6 +599,7 @@ impl Console<'_> {
     /// Queues input for the command's own writer task; input that does not
     /// fit is dropped and the page told so.
     async fn stdin(&self, id: u32, data: String, eof: bool) {
+        super::metrics::input(data.len());
         let queued = self.running.get(&id).map(|r| {
             let cost = u32::try_from(data.len().max(1)).unwrap_or(u32::MAX);
             r.stdin_room
@@ -690,6 +692,8 @@ async fn pump(
     // The console's own shutdown is the session loop's: it tells the page
     // once and closes the socket.
     let no_shutdown = tokio_util::sync::CancellationToken::new();
+    // Counted as a shell from its `session` event to its end.
+    let mut _shell = None;
     loop {
         let (msg, last) = match bridge::next(&mut channel, &no_shutdown).await {
             Update::Output(Stream::Stdout, data) => (output(STDOUT, id, &data, &unacked), false),
@@ -703,6 +707,7 @@ async fn pump(
                 (error(Some(id), failure.code(), &message), true)
             }
             Update::Session(session) => {
+                _shell.get_or_insert_with(super::metrics::shell_attached);
                 let msg = ServerMessage::Attached {
                     id,
                     agent: &agent,
