@@ -132,12 +132,16 @@ async fn session(socket: WebSocket, state: AppState, login: SessionHandle) {
         let _ = sink.close().await;
     });
     let (finished_tx, mut finished) = mpsc::channel::<u32>(MAX_COMMANDS);
+    // At most MAX_COMMANDS attaches are checked at once (check_id).
+    let (attached_tx, mut attached) = mpsc::channel(MAX_COMMANDS);
     let mut console = Console {
         state: &state,
         principal: &principal,
         out: &out,
         finished: &finished_tx,
         running: HashMap::new(),
+        attaching: Default::default(),
+        attached: attached_tx,
         listing: Arc::default(),
         list_again: Arc::default(),
     };
@@ -180,8 +184,12 @@ async fn session(socket: WebSocket, state: AppState, login: SessionHandle) {
                 }
                 None => break,
             },
-            Some(id) = finished.recv() => {
+                        Some(id) = finished.recv() => {
                 console.running.remove(&id);
+            }
+            Some((id, result)) = attached.recv() => {
+                console.attaching.remove(&id);
+                console.opened(id, result).await;
             }
             Ok(()) = changes.changed() => {
                 let agents = visible_agents(&state, &principal);
@@ -325,6 +333,9 @@ struct Console<'a> {
     out: &'a mpsc::Sender<WsMessage>,
     finished: &'a mpsc::Sender<u32>,
     running: HashMap<u32, Running>,
+    /// Attaches being checked outside the loop, and where their answers come.
+    attaching: std::collections::HashSet<u32>,
+    attached: mpsc::Sender<(u32, Result<Running, Refusal>)>,
     /// A `list_sessions` is on its way.
     listing: Arc<std::sync::atomic::AtomicBool>,
     /// Another `list_sessions` came while one was on its way.
@@ -380,8 +391,7 @@ impl Console<'_> {
                 watch,
             } => {
                 let size = crate::protocol::PtySize { cols, rows };
-                let attached = self.attach(id, &session, agent, size, watch).await;
-                self.opened(id, attached).await;
+                self.attach(id, session, agent, size, watch).await;
             }
             ClientMessage::Detach { id } => {
                 if let Some(r) = self.running.get(&id) {
@@ -441,6 +451,52 @@ impl Console<'_> {
         }
     }
 
+    /// Starts an `attach`: its checks and its channel are made in a task,
+    /// whose answer the loop takes from `attached`.
+    async fn attach(
+        &mut self,
+        id: u32,
+        session: String,
+        agent: Option<String>,
+        size: crate::protocol::PtySize,
+        watch: bool,
+    ) {
+        if let Err(r) = self.check_id(id) {
+            self.opened(id, Err(r)).await;
+            return;
+        }
+        // Asking the agent which sessions it has takes a round trip (up to
+        // its timeout): never in the socket's loop, whose acks and Ctrl-C
+        // must go on. The answer comes back through `attached`.
+        self.attaching.insert(id);
+        let (state, principal) = (self.state.clone(), self.principal.clone());
+        let (out, finished, done) = (
+            self.out.clone(),
+            self.finished.clone(),
+            self.attached.clone(),
+        );
+        tokio::spawn(async move {
+            let to = Opening {
+                state: &state,
+                principal: &principal,
+                out,
+                finished,
+            };
+            let result = to.attach(id, &session, agent, size, watch).await;
+            let _ = done.send((id, result)).await;
+        });
+    }
+}
+
+/// What a command being opened outside the socket's loop needs.
+struct Opening<'a> {
+    state: &'a AppState,
+    principal: &'a Principal,
+    out: mpsc::Sender<WsMessage>,
+    finished: mpsc::Sender<u32>,
+}
+
+impl Opening<'_> {
     /// Checks an `attach` and opens its channel: the principal must be
     /// allowed to write to (or watch) that session.
     async fn attach(
@@ -451,7 +507,6 @@ impl Console<'_> {
         size: crate::protocol::PtySize,
         watch: bool,
     ) -> Result<Running, Refusal> {
-        self.check_id(id)?;
         let agents = &self.state.agents;
         let unavailable =
             |e: &dyn std::fmt::Display| Refusal::new(ErrorCode::AgentUnavailable, e.to_string());
@@ -507,7 +562,9 @@ impl Console<'_> {
             self.finished.clone(),
         ))
     }
+}
 
+impl Console<'_> {
     /// A new command id must be free, and there must be room for it.
     fn check_id(&self, id: u32) -> Result<(), Refusal> {
         if id == 0 {
@@ -516,13 +573,13 @@ impl Console<'_> {
                 "command ids start at 1",
             ));
         }
-        if self.running.contains_key(&id) {
+        if self.running.contains_key(&id) || self.attaching.contains(&id) {
             return Err(Refusal {
                 is_final: false,
                 ..Refusal::new(ErrorCode::BadRequest, "that command id is still running")
             });
         }
-        if self.running.len() >= MAX_COMMANDS {
+        if self.running.len() + self.attaching.len() >= MAX_COMMANDS {
             return Err(Refusal::new(
                 ErrorCode::TooManyCommands,
                 format!("at most {MAX_COMMANDS} commands may run at once in one console"),
