@@ -816,6 +816,52 @@ mod console {
     }
 
     #[tokio::test]
+    async fn input_sent_just_before_the_page_goes_still_reaches_the_shell() {
+        let (_agent, _dir, _users, server, olga) = olga_on_a_server(&[]).await;
+        let mut ws = console_as(&server, &olga).await;
+        send(
+            &mut ws,
+            json!({"type": "exec", "id": 1, "pty": {"cols": 80, "rows": 24}}),
+        )
+        .await;
+        let file = format!("/tmp/conch-drain-{}.txt", std::process::id());
+        type_in(
+            &mut ws,
+            1,
+            &format!("stty -echo; echo ready-$((2+3)); cat > {file}"),
+        )
+        .await;
+        let (_, texts) = output_until(&mut ws, 1, "ready-5").await;
+        let session = texts
+            .iter()
+            .find(|t| t["type"] == "attached")
+            .and_then(|t| t["session"].as_str())
+            .unwrap()
+            .to_owned();
+        // A paste, and the page goes at once, without a close.
+        let lines: String = (0..2000).map(|i| format!("line-{i}\n")).collect();
+        send(&mut ws, json!({"type": "stdin", "id": 1, "data": lines})).await;
+        drop(ws);
+
+        let mut ws = console_as(&server, &olga).await;
+        send(
+            &mut ws,
+            json!({"type": "attach", "id": 2, "session": session, "cols": 80, "rows": 24}),
+        )
+        .await;
+        output_until(&mut ws, 2, "ready-5").await;
+        // Ctrl-D ends cat; then count what it wrote.
+        send(&mut ws, json!({"type": "stdin", "id": 2, "data": "\u{4}"})).await;
+        type_in(
+            &mut ws,
+            2,
+            &format!("echo count-$(wc -l < {file})-; rm -f {file}"),
+        )
+        .await;
+        output_until(&mut ws, 2, "count-2000-").await;
+    }
+
+    #[tokio::test]
     async fn an_agent_that_keeps_no_sessions_runs_plain_shells() {
         let (_agent, _dir, _users, server, olga) =
             olga_on_a_server(&["--max-shell-sessions", "0"]).await;

@@ -247,6 +247,7 @@ impl Sessions {
             inputs: SelectAll::new(),
             started,
             writer_changed: false,
+            unpaid: 0,
         };
         let listed = Listed {
             sessions: self.clone(),
@@ -511,9 +512,11 @@ struct Session {
     next_key: u64,
     inputs: SelectAll<BoxStream<'static, Input>>,
     started: std::time::Instant,
-    /// The writer left or changed: input queued for the old one is
-    /// dropped, and its credit is not the new one's to get back.
+    /// The writer left or changed: the credit of input still queued from
+    /// the old one is not the new one's to get back.
     writer_changed: bool,
+    /// Bytes of queued input whose credit is returned to nobody.
+    unpaid: usize,
 }
 
 impl Session {
@@ -555,8 +558,10 @@ impl Session {
             // What is queued goes first (the redraw of a new attachment
             // among it): reading waits for the writer's queue to empty.
             if std::mem::take(&mut self.writer_changed) {
-                stdin.queue.clear();
-                stdin.queued = 0;
+                // Input the old writer sent still reaches the shell (a page
+                // reloaded right after Enter), but its credit is nobody's
+                // to get back: the new writer never spent it.
+                self.unpaid = stdin.queued;
                 stdin.owed = 0;
             }
             self.return_stdin_credit(&mut stdin).await;
@@ -916,12 +921,19 @@ impl Session {
     }
 
     async fn return_stdin_credit(&mut self, stdin: &mut StdinQueue<channel::Writer>) {
-        let Some(add) = stdin.credit_due() else {
+        let Some(due) = stdin.credit_due() else {
             return;
         };
+        // What a former writer's input consumed is not returned.
+        let skip = self.unpaid.min(due as usize);
+        self.unpaid -= skip;
+        let add = due - skip as u64;
         let Some(v) = self.writer.and_then(|k| self.viewers.get(&k)) else {
             return;
         };
+        if add == 0 {
+            return;
+        }
         let _ = v
             .stdin_spent
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {

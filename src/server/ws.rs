@@ -83,6 +83,9 @@ struct Running {
     stdin_task: tokio::task::JoinHandle<()>,
 }
 
+/// How long a closed console's queued input has to reach the agent: 2 s.
+const INPUT_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Input messages queued for one command beyond its agent credit: 64,
 /// and at most [`STDIN_QUEUE_BYTES`] of them.
 const STDIN_QUEUE: usize = 64;
@@ -187,8 +190,12 @@ async fn session(socket: WebSocket, state: AppState, login: SessionHandle) {
                         Some(id) = finished.recv() => {
                 console.running.remove(&id);
             }
-            Some((id, result)) = attached.recv() => {
+                        Some((id, result)) = attached.recv() => {
                 console.attaching.remove(&id);
+                let result = match result {
+                    Ok(checked) => console.open_attachment(id, checked).await,
+                    Err(r) => Err(r),
+                };
                 console.opened(id, result).await;
             }
             Ok(()) = changes.changed() => {
@@ -216,11 +223,32 @@ async fn session(socket: WebSocket, state: AppState, login: SessionHandle) {
             }
         }
     }
-    // Closing the tab kills its commands: each task drops its channel,
-    // which tells the agent to kill the process group.
-    for (_, r) in console.running.drain() {
-        r.task.abort();
-        r.stdin_task.abort();
+    // Closing the tab ends its commands: each task drops its channel,
+    // which tells the agent to kill the process group (or, for a session's
+    // shell, to detach). Input the page sent just before it went (the Enter
+    // of a command line, then a reload) is passed on first, within a bound.
+    let running: Vec<Running> = console.running.drain().map(|(_, r)| r).collect();
+    let mut pumps = Vec::new();
+    let mut inputs = Vec::new();
+    for r in running {
+        let Running {
+            task,
+            stdin,
+            stdin_task,
+            ..
+        } = r;
+        drop(stdin);
+        pumps.push(task);
+        inputs.push(stdin_task);
+    }
+    let drained = futures_util::future::join_all(inputs.iter_mut());
+    if tokio::time::timeout(INPUT_DRAIN, drained).await.is_err() {
+        for task in &inputs {
+            task.abort();
+        }
+    }
+    for task in pumps {
+        task.abort();
     }
     drop(out);
     let _ = writer.await;
@@ -335,7 +363,7 @@ struct Console<'a> {
     running: HashMap<u32, Running>,
     /// Attaches being checked outside the loop, and where their answers come.
     attaching: std::collections::HashSet<u32>,
-    attached: mpsc::Sender<(u32, Result<Running, Refusal>)>,
+    attached: mpsc::Sender<(u32, Result<Attachable, Refusal>)>,
     /// A `list_sessions` is on its way.
     listing: Arc<std::sync::atomic::AtomicBool>,
     /// Another `list_sessions` came while one was on its way.
@@ -470,19 +498,13 @@ impl Console<'_> {
         // must go on. The answer comes back through `attached`.
         self.attaching.insert(id);
         let (state, principal) = (self.state.clone(), self.principal.clone());
-        let (out, finished, done) = (
-            self.out.clone(),
-            self.finished.clone(),
-            self.attached.clone(),
-        );
+        let done = self.attached.clone();
         tokio::spawn(async move {
             let to = Opening {
                 state: &state,
                 principal: &principal,
-                out,
-                finished,
             };
-            let result = to.attach(id, &session, agent, size, watch).await;
+            let result = to.attach(&session, agent, size, watch).await;
             let _ = done.send((id, result)).await;
         });
     }
@@ -492,21 +514,18 @@ impl Console<'_> {
 struct Opening<'a> {
     state: &'a AppState,
     principal: &'a Principal,
-    out: mpsc::Sender<WsMessage>,
-    finished: mpsc::Sender<u32>,
 }
 
 impl Opening<'_> {
-    /// Checks an `attach` and opens its channel: the principal must be
-    /// allowed to write to (or watch) that session.
+    /// Checks an `attach`: the principal must be allowed to write to (or
+    /// watch) that session.
     async fn attach(
         &self,
-        id: u32,
         session: &str,
         agent: Option<String>,
         size: crate::protocol::PtySize,
         watch: bool,
-    ) -> Result<Running, Refusal> {
+    ) -> Result<Attachable, Refusal> {
         let agents = &self.state.agents;
         let unavailable =
             |e: &dyn std::fmt::Display| Refusal::new(ErrorCode::AgentUnavailable, e.to_string());
@@ -548,23 +567,49 @@ impl Opening<'_> {
             .quota
             .admit(&self.principal.name, &name, link.info().max_channels)
             .map_err(|e| Refusal::new(ErrorCode::TooManyCommands, e.to_string()))?;
-        let channel = link
-            .attach_as(session, size, watch, Some(BROWSER_WINDOW), watcher)
+        Ok(Attachable {
+            link,
+            name,
+            session: session.to_owned(),
+            size,
+            watch,
+            watcher,
+            ticket,
+        })
+    }
+}
+
+/// An attach that passed its checks: the loop opens its channel, so that
+/// the command is among the running (its acks found) before any output.
+struct Attachable {
+    link: crate::link::AgentLink,
+    name: String,
+    session: String,
+    size: crate::protocol::PtySize,
+    watch: bool,
+    watcher: Option<String>,
+    ticket: super::quota::Ticket,
+}
+
+impl Console<'_> {
+    /// Opens the channel of an attach that passed its checks.
+    async fn open_attachment(&self, id: u32, a: Attachable) -> Result<Running, Refusal> {
+        let channel = a
+            .link
+            .attach_as(&a.session, a.size, a.watch, Some(BROWSER_WINDOW), a.watcher)
             .await
-            .map_err(|e| unavailable(&e))?;
-        tracing::info!(user = %self.principal.name, id, %session, watch, "session attached");
+            .map_err(|e| Refusal::new(ErrorCode::AgentUnavailable, e.to_string()))?;
+        tracing::info!(user = %self.principal.name, id, session = %a.session, watch = a.watch, "session attached");
         Ok(Running::start(
             id,
             channel,
-            (name, watch),
-            ticket,
+            (a.name, a.watch),
+            a.ticket,
             self.out.clone(),
             self.finished.clone(),
         ))
     }
-}
 
-impl Console<'_> {
     /// A new command id must be free, and there must be room for it.
     fn check_id(&self, id: u32) -> Result<(), Refusal> {
         if id == 0 {
