@@ -450,6 +450,14 @@ mod console {
         ws
     }
 
+    /// A console with a login shell (command 1, 80 × 24) starting in it.
+    async fn shell_console(server: &Server, cookie: &str) -> Ws {
+        let mut ws = console_as(server, cookie).await;
+        let exec = json!({"type": "exec", "id": 1, "pty": {"cols": 80, "rows": 24}});
+        send(&mut ws, exec).await;
+        ws
+    }
+
     /// The next text message (agent updates skipped); output frames are
     /// acknowledged and dropped.
     async fn next_text(ws: &mut Ws) -> Value {
@@ -552,12 +560,7 @@ mod console {
         let (agent, _dir, users, server, olga) = olga_on_a_server(&[]).await;
 
         // Shell mode: a login shell, which the agent keeps as a session.
-        let mut ws = console_as(&server, &olga).await;
-        send(
-            &mut ws,
-            json!({"type": "exec", "id": 1, "pty": {"cols": 80, "rows": 24}}),
-        )
-        .await;
+        let mut ws = shell_console(&server, &olga).await;
         let mut attached = None;
         while attached.is_none() {
             let v = next_text(&mut ws).await;
@@ -756,12 +759,7 @@ mod console {
     #[tokio::test]
     async fn killing_the_websocket_mid_output_loses_and_repeats_nothing() {
         let (_agent, _dir, _users, server, olga) = olga_on_a_server(&[]).await;
-        let mut ws = console_as(&server, &olga).await;
-        send(
-            &mut ws,
-            json!({"type": "exec", "id": 1, "pty": {"cols": 80, "rows": 24}}),
-        )
-        .await;
+        let mut ws = shell_console(&server, &olga).await;
         type_in(&mut ws, 1, "seq 1 1000000; echo seq-$((6*7))").await;
         let (_, texts) = output_until(&mut ws, 1, "\n20000\r\n").await;
         let session = texts
@@ -818,12 +816,7 @@ mod console {
     #[tokio::test]
     async fn input_sent_just_before_the_page_goes_still_reaches_the_shell() {
         let (_agent, _dir, _users, server, olga) = olga_on_a_server(&[]).await;
-        let mut ws = console_as(&server, &olga).await;
-        send(
-            &mut ws,
-            json!({"type": "exec", "id": 1, "pty": {"cols": 80, "rows": 24}}),
-        )
-        .await;
+        let mut ws = shell_console(&server, &olga).await;
         let file = format!("/tmp/conch-drain-{}.txt", std::process::id());
         type_in(
             &mut ws,
@@ -865,12 +858,7 @@ mod console {
     async fn an_agent_that_keeps_no_sessions_runs_plain_shells() {
         let (_agent, _dir, _users, server, olga) =
             olga_on_a_server(&["--max-shell-sessions", "0"]).await;
-        let mut ws = console_as(&server, &olga).await;
-        send(
-            &mut ws,
-            json!({"type": "exec", "id": 1, "pty": {"cols": 80, "rows": 24}}),
-        )
-        .await;
+        let mut ws = shell_console(&server, &olga).await;
         type_in(&mut ws, 1, "echo plain-$((2+3))").await;
         let (_, texts) = output_until(&mut ws, 1, "plain-5").await;
         assert!(!texts.iter().any(|t| t["type"] == "attached"), "{texts:?}");
@@ -880,12 +868,7 @@ mod console {
     #[tokio::test]
     async fn detach_leaves_the_shell_and_a_closed_command_mode_page_kills_nothing_else() {
         let (_agent, _dir, _users, server, olga) = olga_on_a_server(&[]).await;
-        let mut ws = console_as(&server, &olga).await;
-        send(
-            &mut ws,
-            json!({"type": "exec", "id": 1, "pty": {"cols": 80, "rows": 24}}),
-        )
-        .await;
+        let mut ws = shell_console(&server, &olga).await;
         type_in(&mut ws, 1, "echo ready-$((1+1))").await;
         let (_, texts) = output_until(&mut ws, 1, "ready-2").await;
         assert!(texts.iter().any(|t| t["type"] == "attached"), "{texts:?}");
