@@ -855,6 +855,90 @@ mod console {
     }
 
     #[tokio::test]
+    async fn a_dial_in_agents_shell_survives_the_server_it_dialed() {
+        // An agent behind NAT dials in; its server is replaced; it dials
+        // the new one, and the shell is still there.
+        let dir = tempfile::tempdir().unwrap();
+        let users = users(dir.path());
+        let key = dir.path().join("edge.key");
+        conch::keyfile::Key::generate().save_new(&key).unwrap();
+        let agents = dir.path().join("agents.toml");
+        std::fs::write(
+            &agents,
+            format!(
+                "[[agents]]\nname = \"edge\"\nkey_file = \"{}\"\n",
+                key.display()
+            ),
+        )
+        .unwrap();
+        let listen = format!("127.0.0.1:{}", super::common::free_port());
+        let serve = || {
+            super::common::start_server_unready(
+                &[
+                    "--agents-file",
+                    agents.to_str().unwrap(),
+                    "--agent-listen",
+                    &listen,
+                    "--users-file",
+                    &users,
+                ],
+                &[],
+            )
+        };
+        let server = serve();
+        let _edge = super::common::spawn_conch(
+            &[
+                "agent",
+                "--connect",
+                &listen,
+                "--name",
+                "edge",
+                "--key-file",
+                key.to_str().unwrap(),
+            ],
+            &[],
+            tempfile::tempdir().unwrap(),
+        );
+        server.wait_ready().await;
+        let olga = login(&server, "olga").await;
+        let mut ws = console_as(&server, &olga).await;
+        let exec =
+            json!({"type": "exec", "id": 1, "agent": "edge", "pty": {"cols": 80, "rows": 24}});
+        send(&mut ws, exec).await;
+        type_in(&mut ws, 1, "export Y=dialed; echo mark-$Y").await;
+        let (_, texts) = output_until(&mut ws, 1, "mark-dialed").await;
+        let session = texts
+            .iter()
+            .find(|t| t["type"] == "attached")
+            .and_then(|t| t["session"].as_str())
+            .unwrap()
+            .to_owned();
+        drop(ws);
+        drop(server);
+
+        // The same listener address, a new server: the agent dials it.
+        let server = serve();
+        server.wait_ready().await;
+        let olga = login(&server, "olga").await;
+        let (status, listed) = rest(
+            &server,
+            reqwest::Method::GET,
+            "/api/v1/sessions",
+            &olga,
+            None,
+        )
+        .await;
+        assert_eq!(status, 200);
+        assert_eq!(listed["sessions"][0]["id"], session.as_str(), "{listed}");
+        let mut ws = console_as(&server, &olga).await;
+        let attach = json!({"type": "attach", "id": 1, "agent": "edge", "session": session,
+            "cols": 80, "rows": 24});
+        send(&mut ws, attach).await;
+        type_in(&mut ws, 1, "echo again-$Y").await;
+        output_until(&mut ws, 1, "again-dialed").await;
+    }
+
+    #[tokio::test]
     async fn an_agent_that_keeps_no_sessions_runs_plain_shells() {
         let (_agent, _dir, _users, server, olga) =
             olga_on_a_server(&["--max-shell-sessions", "0"]).await;
