@@ -59,6 +59,19 @@ async fn read_until_with(ch: &mut Channel, needle: &str, done: impl Fn(&str) -> 
     text
 }
 
+/// The next event that is not output (the output's credit returned on the
+/// way).
+async fn next_non_output(ch: &mut Channel) -> Option<Event> {
+    loop {
+        match ch.next().await {
+            Some(Event::Stdout(b) | Event::Snapshot(b)) => {
+                let _ = ch.window(b.len() as u64).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// The session id a fresh channel announces first.
 async fn session_id(ch: &mut Channel) -> String {
     match ch.next().await {
@@ -250,18 +263,14 @@ async fn watchers_see_the_screen_but_cannot_type_and_a_new_writer_takes_over() {
     );
     read_until(&mut watcher, "first-line").await;
     writer.resize(100, 30).await.unwrap();
-    loop {
-        match watcher.next().await {
-            Some(Event::Resize { cols, rows }) => {
-                assert_eq!((cols, rows), (100, 30));
-                break;
-            }
-            Some(Event::Stdout(b)) => {
-                let _ = watcher.window(b.len() as u64).await;
-            }
-            other => panic!("expected the writer's new size, got {other:?}"),
-        }
-    }
+    assert_eq!(
+        next_non_output(&mut watcher).await,
+        Some(Event::Resize {
+            cols: 100,
+            rows: 30
+        }),
+        "the writer's new size"
+    );
     type_line(&writer, "echo second-line").await;
     read_until(&mut watcher, "second-line").await;
 
@@ -269,33 +278,17 @@ async fn watchers_see_the_screen_but_cannot_type_and_a_new_writer_takes_over() {
         .stdin(Bytes::from_static(b"echo sneaky\n"), false)
         .await
         .unwrap();
-    loop {
-        match watcher.next().await {
-            Some(Event::Error { code, .. }) => {
-                assert_eq!(code, ErrorCode::Forbidden);
-                break;
-            }
-            Some(Event::Stdout(b)) => {
-                let _ = watcher.window(b.len() as u64).await;
-            }
-            other => panic!("expected the watcher's input refused, got {other:?}"),
-        }
+    match next_non_output(&mut watcher).await {
+        Some(Event::Error { code, .. }) => assert_eq!(code, ErrorCode::Forbidden),
+        other => panic!("expected the watcher's input refused, got {other:?}"),
     }
 
     // Another writer (the owner's second device) takes the session over.
     let mut other = link.attach(&id, SIZE, false, None).await.unwrap();
     session_id(&mut other).await;
-    loop {
-        match writer.next().await {
-            Some(Event::Detached(reason)) => {
-                assert!(reason.contains("elsewhere"), "{reason}");
-                break;
-            }
-            Some(Event::Stdout(b)) => {
-                let _ = writer.window(b.len() as u64).await;
-            }
-            other => panic!("expected the old writer detached, got {other:?}"),
-        }
+    match next_non_output(&mut writer).await {
+        Some(Event::Detached(reason)) => assert!(reason.contains("elsewhere"), "{reason}"),
+        other => panic!("expected the old writer detached, got {other:?}"),
     }
     type_line(&other, "echo from-the-other").await;
     read_until(&mut other, "from-the-other\r\n").await;
@@ -322,15 +315,9 @@ async fn unknown_sessions_are_refused_and_ending_one_kills_it() {
     let id = session_id(&mut ch).await;
     let pid = shell_pid(&mut ch).await;
     link.end_session(&id).await.unwrap();
-    loop {
-        match ch.next().await {
-            Some(Event::Exit(status)) => {
-                assert_eq!(status.signal.map(|s| s.0), Some(libc::SIGKILL));
-                break;
-            }
-            Some(Event::Stdout(_)) => {}
-            other => panic!("expected its exit, got {other:?}"),
-        }
+    match next_non_output(&mut ch).await {
+        Some(Event::Exit(status)) => assert_eq!(status.signal.map(|s| s.0), Some(libc::SIGKILL)),
+        other => panic!("expected its exit, got {other:?}"),
     }
     assert!(wait_gone(pid).await);
     assert!(listed_empty(&link).await);

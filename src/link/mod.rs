@@ -591,6 +591,20 @@ impl AgentLink {
         self.sessions_since(since).await
     }
 
+    /// Session `id`, if the agent has it (`None` too for an agent that keeps
+    /// no sessions): from a recent list, or, when that does not know the id
+    /// (the session may be newer than it), from one asked for now.
+    pub(crate) async fn session(&self, id: &str) -> Result<Option<SessionInfo>, LinkError> {
+        if !self.has_sessions() {
+            return Ok(None);
+        }
+        let find = |list: Vec<SessionInfo>| list.into_iter().find(|s| s.id == id);
+        if let Some(info) = find(self.sessions_recent().await?) {
+            return Ok(Some(info));
+        }
+        Ok(find(self.sessions().await?))
+    }
+
     /// A session list asked of the agent no earlier than `since`. One
     /// request at a time per link: callers that waited behind one that was
     /// asked late enough share its answer.

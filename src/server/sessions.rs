@@ -89,18 +89,15 @@ async fn find(
         super::agents::AgentError::Unknown(_) => not_found(),
         other => ApiError::AgentUnavailable(other.to_string()),
     })?;
-    if !link.has_sessions() {
-        return Err(not_found());
-    }
-    let list = link
-        .sessions_recent()
+    let info = link
+        .session(id)
         .await
-        .map_err(|e| ApiError::AgentUnavailable(e.to_string()))?;
-    let info = list.iter().find(|s| s.id == id).ok_or_else(not_found)?;
-    match policy::session(who, action, agent, info, agents) {
+        .map_err(|e| ApiError::AgentUnavailable(e.to_string()))?
+        .ok_or_else(not_found)?;
+    match policy::session(who, action, agent, &info, agents) {
         Ok(()) => Ok(link),
         // Someone who may watch it learns why they cannot manage it.
-        Err(_) if policy::session(who, SessionAction::Watch, agent, info, agents).is_ok() => {
+        Err(_) if policy::session(who, SessionAction::Watch, agent, &info, agents).is_ok() => {
             Err(ApiError::Forbidden(format!(
                 "only the owner of session {id:?} (or an admin) may do that"
             )))

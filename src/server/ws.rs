@@ -541,22 +541,17 @@ impl Opening<'_> {
                 format!("no session {session:?} on agent {name:?} (it ended, or is not yours)"),
             )
         };
-        if !link.has_sessions() {
-            return Err(gone());
-        }
-        // A recent list, unless it does not know the id (the session may be
-        // newer than it): then one asked for now.
-        let mut list = link.sessions_recent().await.map_err(|e| unavailable(&e))?;
-        if !list.iter().any(|s| s.id == session) {
-            list = link.sessions().await.map_err(|e| unavailable(&e))?;
-        }
-        let info = list.iter().find(|s| s.id == session).ok_or_else(gone)?;
+        let info = link
+            .session(session)
+            .await
+            .map_err(|e| unavailable(&e))?
+            .ok_or_else(gone)?;
         let action = if watch {
             super::policy::SessionAction::Watch
         } else {
             super::policy::SessionAction::Write
         };
-        super::policy::session(self.principal, action, &name, info, agents).map_err(|_| gone())?;
+        super::policy::session(self.principal, action, &name, &info, agents).map_err(|_| gone())?;
         // Watching only by the owner's leave: ends when the owner says so.
         let watcher = (watch
             && self.principal.name != info.owner

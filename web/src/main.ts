@@ -11,7 +11,7 @@
 // Loaded with `defer` after xterm.js and the fit addon. No inline script
 // anywhere: the page runs under a strict Content-Security-Policy.
 
-import { sitePath } from './site';
+import { sessionUrl } from './site';
 import { Activity } from './activity';
 import { Agents, filterSelector } from './agents';
 import { FULL_RESET, GREY, RED, RESET, REVERSE_WRAP_ON, YELLOW } from './ansi';
@@ -675,19 +675,17 @@ function main(): void {
       agents.showChoice(held.agent);
       setMode(tab, 'shell', true, held);
     },
-        end(agent, session) {
+            end(agent, session) {
       if (!window.confirm('End this shell on ' + agent + ', and everything it runs?')) return;
-      const url = sitePath('/api/v1/sessions/') + encodeURIComponent(agent) + '/' + encodeURIComponent(session);
-      fetch(url, { method: 'DELETE', credentials: 'same-origin' })
+      fetch(sessionUrl(agent, session), { method: 'DELETE', credentials: 'same-origin' })
         .then((r) => {
           if (!r.ok) note(active, RED + 'conch: cannot end that session (' + r.status + ')' + RESET);
           sessionsPanel?.refresh();
         })
         .catch(() => note(active, RED + 'conch: cannot end that session: no answer' + RESET));
     },
-        change(agent, session, change) {
-      const url = sitePath('/api/v1/sessions/') + encodeURIComponent(agent) + '/' + encodeURIComponent(session);
-      fetch(url, {
+            change(agent, session, change) {
+      fetch(sessionUrl(agent, session), {
         method: 'PATCH',
         credentials: 'same-origin',
         headers: { 'Content-Type': 'application/json' },

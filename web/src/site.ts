@@ -14,3 +14,8 @@ export function basePath(): string {
 export function sitePath(path: string): string {
   return basePath() + path;
 }
+
+/** The REST address of one shell session. */
+export function sessionUrl(agent: string, session: string): string {
+  return sitePath('/api/v1/sessions/' + encodeURIComponent(agent) + '/' + encodeURIComponent(session));
+}
