@@ -926,6 +926,46 @@ mod console {
     }
 
     #[tokio::test]
+    async fn a_flood_of_list_requests_is_coalesced_and_the_console_goes_on() {
+        let (_agent, _dir, _users, server, olga) = olga_on_a_server(&[]).await;
+        let mut ws = console_as(&server, &olga).await;
+        for _ in 0..300 {
+            send(&mut ws, json!({"type": "list_sessions"})).await;
+        }
+        send(
+            &mut ws,
+            json!({"type": "exec", "id": 1, "cmd": "echo still-$((6*7))"}),
+        )
+        .await;
+        let mut answers = 0;
+        let mut output = Vec::new();
+        let wait = tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                match ws.next().await.expect("socket open").expect("frame") {
+                    Message::Text(t) => {
+                        let v: Value = serde_json::from_str(&t).unwrap();
+                        if v["type"] == "sessions" {
+                            answers += 1;
+                        }
+                        if v["type"] == "exit" {
+                            return;
+                        }
+                    }
+                    Message::Binary(b) => {
+                        ack(&mut ws, &b).await;
+                        output.extend_from_slice(&b[5..]);
+                    }
+                    _ => {}
+                }
+            }
+        });
+        assert!(wait.await.is_ok(), "the console stopped answering");
+        assert_eq!(String::from_utf8_lossy(&output), "still-42\n");
+        // One list on its way and one more after it, not three hundred.
+        assert!(answers <= 10, "{answers} list answers");
+    }
+
+    #[tokio::test]
     async fn an_agent_that_keeps_no_sessions_runs_plain_shells() {
         let (_agent, _dir, _users, server, olga) =
             olga_on_a_server(&["--max-shell-sessions", "0"]).await;
