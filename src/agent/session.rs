@@ -1081,6 +1081,25 @@ mod tests {
     }
 
     #[test]
+    fn no_client_can_make_a_model_larger_than_the_clamp() {
+        let huge = PtySize {
+            cols: u16::MAX,
+            rows: u16::MAX,
+        };
+        assert_eq!(
+            clamp(huge),
+            PtySize {
+                cols: MAX_COLS,
+                rows: MAX_ROWS
+            }
+        );
+        assert_eq!(
+            clamp(PtySize { cols: 0, rows: 0 }),
+            PtySize { cols: 1, rows: 1 }
+        );
+    }
+
+    #[test]
     fn a_full_screen_program_comes_back_on_the_alternate_screen() {
         let mut p = parser(4, 10);
         p.process(b"shell$ vi\r\n\x1b[?1049h\x1b[H\x1b[2Jedit me\x1b[3;2H\x1b[?1h");
