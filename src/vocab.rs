@@ -138,6 +138,26 @@ pub enum ErrorCode {
     NoSession,
     /// The agent holds its maximum of sessions.
     TooManySessions,
+    /// Files: no such file or directory.
+    NotFound,
+    /// Files: the agent's user may not do that.
+    PermissionDenied,
+    /// Files: the target exists and `overwrite` was not given.
+    Exists,
+    /// Files: no space left (or the quota, or the file size limit, is spent).
+    DiskFull,
+    /// Files: the path is a directory or a special file.
+    NotAFile,
+    /// Files: the bytes sent are not the size declared.
+    SizeMismatch,
+    /// Files: the bytes sent do not have the SHA-256 declared.
+    HashMismatch,
+    /// Files: the range asked for starts past the end of the file.
+    RangeNotSatisfiable,
+    /// Files: the file changed (shrank) while it was read.
+    FileChanged,
+    /// Files: any other failure of the file system.
+    FileError,
     /// A code this version does not know (from a newer peer).
     Other(String),
 }
@@ -164,6 +184,16 @@ const CODES: &[(ErrorCode, &str)] = &[
     (ErrorCode::AgentLost, "agent_lost"),
     (ErrorCode::NoSession, "no_session"),
     (ErrorCode::TooManySessions, "too_many_sessions"),
+    (ErrorCode::NotFound, "not_found"),
+    (ErrorCode::PermissionDenied, "permission_denied"),
+    (ErrorCode::Exists, "exists"),
+    (ErrorCode::DiskFull, "disk_full"),
+    (ErrorCode::NotAFile, "not_a_file"),
+    (ErrorCode::SizeMismatch, "size_mismatch"),
+    (ErrorCode::HashMismatch, "hash_mismatch"),
+    (ErrorCode::RangeNotSatisfiable, "range_not_satisfiable"),
+    (ErrorCode::FileChanged, "file_changed"),
+    (ErrorCode::FileError, "file_error"),
 ];
 
 impl ErrorCode {

@@ -375,6 +375,51 @@ impl Connection {
                 };
                 self.sessions.attach(&session, attach);
             }
+            Message::Put | Message::Get => {
+                let (control, input, stdin_spent) = match self.open_channel(ch) {
+                    Ok(queues) => queues,
+                    Err(refusal) => {
+                        let _ = reply(*refusal).await;
+                        return;
+                    }
+                };
+                let transfer = super::files::Transfer {
+                    ch,
+                    policy: self.policy.clone(),
+                    sessions: self.sessions.clone(),
+                    control,
+                    input,
+                    stdin_spent,
+                    out: out.clone(),
+                    done: done.clone(),
+                };
+                let bad = |e: serde_json::Error| {
+                    format!(
+                        "the {} payload is not a valid request: {e}",
+                        frame.msg.type_name()
+                    )
+                };
+                // A bad request still ends its channel with `exit`, through
+                // the transfer, so that the id is freed in one place.
+                match &frame.msg {
+                    Message::Put => match frame.payload_json() {
+                        Ok(req) => {
+                            tokio::spawn(transfer.put(req));
+                        }
+                        Err(e) => {
+                            tokio::spawn(transfer.refuse(bad(e)));
+                        }
+                    },
+                    _ => match frame.payload_json() {
+                        Ok(req) => {
+                            tokio::spawn(transfer.get(req));
+                        }
+                        Err(e) => {
+                            tokio::spawn(transfer.refuse(bad(e)));
+                        }
+                    },
+                }
+            }
             Message::Detach => self.forward(ch, Control::Detach).await,
             Message::ListSessions { id } => {
                 let mut list = self.sessions.list();

@@ -6,6 +6,8 @@ pub(crate) mod channel;
 pub(crate) mod connection;
 pub mod dial;
 pub(crate) mod facts;
+pub mod file_io;
+pub(crate) mod files;
 pub(crate) mod process;
 pub mod sandbox;
 pub(crate) mod session;

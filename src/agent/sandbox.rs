@@ -140,6 +140,8 @@ pub struct ExecPolicy {
     cgroups: Option<Cgroups>,
     /// The environment every command starts from.
     base_env: Vec<(OsString, OsString)>,
+    /// The program run as the file helper (`put`, `get`): this binary.
+    file_helper: PathBuf,
 }
 
 impl ExecPolicy {
@@ -183,12 +185,27 @@ impl ExecPolicy {
             );
         }
         let base_env = base_env(&run_as);
+        // Taken now: a binary replaced later (an upgrade) is found by name.
+        let file_helper =
+            std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
         Ok(ExecPolicy {
             run_as,
             limits,
             cgroups,
             base_env,
+            file_helper,
         })
+    }
+
+    /// The program that reads and writes files for `get` and `put`: a
+    /// `conch` binary (another than this process's own in the tests, whose
+    /// agents run inside a test program).
+    pub fn set_file_helper(&mut self, program: PathBuf) {
+        self.file_helper = program;
+    }
+
+    pub(crate) fn file_helper(&self) -> &std::path::Path {
+        &self.file_helper
     }
 
     /// What one command starts with.

@@ -106,6 +106,8 @@ enum Command {
 struct Entry {
     commands: mpsc::Sender<Command>,
     info: Arc<Mutex<SessionInfo>>,
+    /// The shell's process id, once it runs (0 before).
+    leader: Arc<std::sync::atomic::AtomicU32>,
 }
 
 /// Takes a session out of the table when its task ends, however it ends.
@@ -198,6 +200,7 @@ impl Sessions {
             ends_at_ms: None,
         }));
         let (commands, commands_rx) = mpsc::channel(COMMAND_QUEUE);
+        let leader = Arc::new(std::sync::atomic::AtomicU32::new(0));
         // The limits are checked and the place taken under one lock, so
         // that two opens at once cannot both squeeze under them.
         {
@@ -232,6 +235,7 @@ impl Sessions {
                 Entry {
                     commands,
                     info: info.clone(),
+                    leader: leader.clone(),
                 },
             );
         }
@@ -260,7 +264,12 @@ impl Sessions {
             let _listed = listed;
             // Forking happens here, not in the connection that asked.
             match process::spawn(&req, &policy) {
-                Ok(spawned) => task.run(spawned, commands_rx, first, shutdown).await,
+                Ok(spawned) => {
+                    if let Some(pid) = spawned.child.id() {
+                        leader.store(pid, std::sync::atomic::Ordering::Release);
+                    }
+                    task.run(spawned, commands_rx, first, shutdown).await
+                }
                 Err(err) => {
                     // As for any command: the reason on stderr, then its exit.
                     let payload = Bytes::from(err.message);
@@ -346,6 +355,20 @@ impl Sessions {
             });
         }
         true
+    }
+
+    /// The working directory of session `id`'s shell (where a file sent
+    /// "here" goes); `None` if there is no such session or shell.
+    pub(crate) fn cwd(&self, id: &str) -> Option<std::path::PathBuf> {
+        let pid = self
+            .table()
+            .get(id)?
+            .leader
+            .load(std::sync::atomic::Ordering::Acquire);
+        if pid == 0 {
+            return None;
+        }
+        std::fs::read_link(format!("/proc/{pid}/cwd")).ok()
     }
 
     /// Every session, oldest first.

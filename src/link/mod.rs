@@ -244,6 +244,8 @@ pub enum Event {
     },
     /// The channel left its session, which goes on; no event follows.
     Detached(String),
+    /// What a `put` wrote or a `get` reads.
+    File(crate::protocol::FileInfo),
 }
 
 impl Event {
@@ -543,6 +545,23 @@ impl AgentLink {
         channel
     }
 
+    /// Writes a file on the agent: send its bytes with the channel's
+    /// `stdin` (the last with `eof`); `File` then `Exit` follow, or `Error`
+    /// and `Exit`. Dropping the channel before the end kills the writer,
+    /// and no partial file is left.
+    pub async fn put(&self, req: &crate::protocol::PutRequest) -> Result<Channel, LinkError> {
+        let frame = Frame::json(0, Message::Put, req).map_err(frame_error)?;
+        self.open(frame, false).await
+    }
+
+    /// Reads a file on the agent: `File`, its bytes as `Stdout` (return
+    /// credit with `window`), `File` again with the hash when the whole
+    /// file was read, and `Exit`; or `Error` and `Exit`.
+    pub async fn get(&self, req: &crate::protocol::GetRequest) -> Result<Channel, LinkError> {
+        let frame = Frame::json(0, Message::Get, req).map_err(frame_error)?;
+        self.open(frame, false).await
+    }
+
     /// Attaches a fresh channel to session `session` (read-only with
     /// `watch`). Dropping the channel detaches it.
     pub async fn attach(
@@ -728,6 +747,16 @@ impl AgentLink {
     }
 }
 
+fn frame_error(e: FrameError) -> LinkError {
+    match e {
+        FrameError::PayloadTooLarge(size) => LinkError::TooLarge {
+            size,
+            max: crate::protocol::MAX_PAYLOAD_LEN,
+        },
+        other => LinkError::Frame(other),
+    }
+}
+
 /// Pings the agent every third of `dead_after` (at most every 10 s), the
 /// first at once (for its facts and the round-trip time), and closes the
 /// link when nothing has come back for `dead_after` less one interval: a
@@ -807,6 +836,13 @@ fn route(routes: &Routes, frame: Frame) {
         Message::Stderr => Event::Stderr(frame.payload),
         Message::Exit(status) => Event::Exit(status),
         Message::Error { code, message } => Event::Error { code, message },
+        Message::File => match frame.payload_json() {
+            Ok(info) => Event::File(info),
+            Err(e) => Event::Error {
+                code: ErrorCode::Protocol,
+                message: format!("the agent sent a file description that is not valid: {e}"),
+            },
+        },
         _ => return,
     };
     let Ok(mut routes) = routes.lock() else {

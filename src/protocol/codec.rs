@@ -64,6 +64,28 @@ impl Frame {
     pub fn exec_request(&self) -> Result<super::ExecRequest, serde_json::Error> {
         serde_json::from_slice(&self.payload)
     }
+
+    /// A frame whose payload is `value` as JSON (`put`, `get`, `file`);
+    /// fails as [`Frame::exec`] does.
+    pub fn json<T: serde::Serialize>(
+        ch: u32,
+        msg: Message,
+        value: &T,
+    ) -> Result<Frame, FrameError> {
+        let payload = serde_json::to_vec(value).map_err(|e| FrameError::InvalidHeader {
+            kind: msg.type_name().into(),
+            reason: e.to_string(),
+        })?;
+        if payload.len() > MAX_PAYLOAD_LEN {
+            return Err(FrameError::PayloadTooLarge(payload.len() as u64));
+        }
+        Ok(Frame::with_payload(ch, msg, Bytes::from(payload)))
+    }
+
+    /// The JSON payload of a `put`, `get` or `file` frame.
+    pub fn payload_json<T: serde::de::DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        serde_json::from_slice(&self.payload)
+    }
 }
 
 /// Why bytes could not be decoded into a frame (or a frame encoded).

@@ -39,6 +39,9 @@ pub const KNOWN_TYPES: &[&str] = &[
     "session_list",
     "end_session",
     "update_session",
+    "put",
+    "get",
+    "file",
 ];
 
 /// One frame header's `type` and the fields that go with it.
@@ -163,6 +166,161 @@ pub enum Message {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         watchers: Option<Vec<String>>,
     },
+    /// Client → agent: write a file, on a fresh channel. The payload is
+    /// the [`PutRequest`] as JSON; the file's bytes follow as `stdin`
+    /// frames under the stdin credit, the last with `eof`. The agent
+    /// answers `file` then `exit` (code 0), or `error` then `exit`.
+    Put,
+    /// Client → agent: read a file, on a fresh channel. The payload is the
+    /// [`GetRequest`] as JSON. The agent answers `file`, the bytes as
+    /// `stdout` frames under the output credit, a second `file` (with the
+    /// hash, when the whole file was read) and `exit`; or `error` and `exit`.
+    Get,
+    /// Agent → client: what a `put` wrote or a `get` reads; the payload is
+    /// a [`FileInfo`] as JSON.
+    File,
+}
+
+/// A path on the agent's host. Paths are bytes on Unix: one that is
+/// UTF-8 travels as a JSON string, any other as `{"b64": "..."}` (its
+/// bytes in standard base64), so that no file is out of reach.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WirePath(pub Vec<u8>);
+
+impl WirePath {
+    pub fn as_os_str(&self) -> &std::ffi::OsStr {
+        std::os::unix::ffi::OsStrExt::from_bytes(&self.0)
+    }
+
+    /// For people (logs, messages): lossy where the bytes are not UTF-8.
+    pub fn display(&self) -> String {
+        String::from_utf8_lossy(&self.0).into_owned()
+    }
+}
+
+impl From<&std::path::Path> for WirePath {
+    fn from(p: &std::path::Path) -> Self {
+        WirePath(std::os::unix::ffi::OsStrExt::as_bytes(p.as_os_str()).to_vec())
+    }
+}
+
+impl Serialize for WirePath {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use base64::Engine;
+        match std::str::from_utf8(&self.0) {
+            Ok(text) => s.serialize_str(text),
+            Err(_) => {
+                use serde::ser::SerializeMap;
+                let mut map = s.serialize_map(Some(1))?;
+                let b64 = base64::engine::general_purpose::STANDARD.encode(&self.0);
+                map.serialize_entry("b64", &b64)?;
+                map.end()
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for WirePath {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            Text(String),
+            Bytes { b64: String },
+        }
+        match Form::deserialize(d)? {
+            Form::Text(text) => Ok(WirePath(text.into_bytes())),
+            Form::Bytes { b64 } => {
+                use base64::Engine;
+                base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .map(WirePath)
+                    .map_err(|e| serde::de::Error::custom(format!("a path's b64: {e}")))
+            }
+        }
+    }
+}
+
+/// The fields of a `put`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutRequest {
+    /// Where to write: absolute, or relative to the home directory of the
+    /// agent's user (to the shell's working directory with `session`).
+    pub path: WirePath,
+    /// When `path` is a directory, the file goes in it under this name
+    /// (one path component).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<WirePath>,
+    /// The size the client will send, when it knows: anything else is
+    /// refused (`size_mismatch`) and nothing is written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    /// The SHA-256 (hex) the client expects: a mismatch is refused
+    /// (`hash_mismatch`) and nothing is written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// Permission bits; default: those of the file replaced, or 0666 less
+    /// the agent's umask.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<u32>,
+    /// `USER`, `USER:GROUP` or `:GROUP` (names or numbers); needs the
+    /// rights `chown` needs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// Replace an existing file; without it an existing one is `exists`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub overwrite: bool,
+    /// Resolve a relative `path` against the working directory of this
+    /// session's shell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+}
+
+/// The fields of a `get`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GetRequest {
+    /// What to read; relative as for [`PutRequest::path`].
+    pub path: WirePath,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+    /// Read from this byte on (default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+    /// Read at most this many bytes (default: to the end).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub length: Option<u64>,
+    /// Read the last this many bytes instead (an HTTP `bytes=-N` range).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suffix: Option<u64>,
+    /// Initial output credit in bytes (default [`DEFAULT_WINDOW`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<u64>,
+}
+
+/// A file as `put` wrote it or `get` reads it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileInfo {
+    /// The absolute path (symbolic links resolved).
+    pub path: WirePath,
+    /// The whole file's size.
+    pub size: u64,
+    /// `get`: the first byte sent, and how many are sent.
+    #[serde(default)]
+    pub offset: u64,
+    #[serde(default)]
+    pub length: u64,
+    /// Permission bits.
+    pub mode: u32,
+    /// Last modification, milliseconds since the Unix epoch.
+    pub mtime_ms: i64,
+    /// The whole file's SHA-256 (hex), when known: always after a `put`;
+    /// for a `get`, in its last `file` once it read the whole file, or in
+    /// its first when the agent hashed this very version of it before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// `put`: no file was there before.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub created: bool,
 }
 
 /// What makes an `exec` open a session: a shell (with a `pty`) that the
@@ -305,6 +463,9 @@ impl Message {
             Message::SessionList { .. } => "session_list",
             Message::EndSession { .. } => "end_session",
             Message::UpdateSession { .. } => "update_session",
+            Message::Put => "put",
+            Message::Get => "get",
+            Message::File => "file",
         }
     }
 

@@ -10,7 +10,10 @@ pub mod codec;
 pub mod message;
 
 pub use codec::{Frame, FrameCodec, FrameError, MAX_HEADER_LEN, MAX_PAYLOAD_LEN};
-pub use message::{ExecRequest, HostFacts, Message, PtySize, SessionInfo, SessionOptions};
+pub use message::{
+    ExecRequest, FileInfo, GetRequest, HostFacts, Message, PtySize, PutRequest, SessionInfo,
+    SessionOptions, WirePath,
+};
 
 /// The protocol version sent in `hello` and `auth`. Version 2 carries the
 /// `exec` request in the payload instead of the header; version 3 runs

@@ -112,6 +112,8 @@ async fn read(channel: &mut Channel, shutdown: &CancellationToken) -> Update {
             Some(Event::Stdout(b) | Event::Stderr(b) | Event::Snapshot(b)) if b.is_empty() => {
                 continue;
             }
+            // Only transfer channels (never bridged) describe files.
+            Some(Event::File(_)) => continue,
             // The redraw is terminal output like any other to the edges.
             Some(Event::Stdout(b) | Event::Snapshot(b)) => Update::Output(Stream::Stdout, b),
             Some(Event::Stderr(b)) => Update::Output(Stream::Stderr, b),

@@ -26,6 +26,16 @@ export type ErrorCode =
   | 'agent_lost'
   | 'no_session'
   | 'too_many_sessions'
+  | 'not_found'
+  | 'permission_denied'
+  | 'exists'
+  | 'disk_full'
+  | 'not_a_file'
+  | 'size_mismatch'
+  | 'hash_mismatch'
+  | 'range_not_satisfiable'
+  | 'file_changed'
+  | 'file_error'
   | (string & Record<never, never>);
 
 /**
