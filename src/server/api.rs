@@ -471,21 +471,7 @@ pub(crate) async fn exec(
         return Ok(run.respond(streaming, (permit, reservation)).await);
     }
     let (agent, link) = super::policy::link_to_run(&who, prepared.agent.as_deref(), &state.agents)
-        .map_err(|e| {
-            use super::agents::AgentError;
-            use super::policy::{Denied, Refused};
-            match e {
-                Refused::Agent(AgentError::Unavailable(_)) => {
-                    ApiError::AgentUnavailable(e.to_string())
-                }
-                Refused::Agent(AgentError::Unknown(_))
-                | Refused::Denied(Denied::OutOfScope(_) | Denied::NotYours(_)) => {
-                    ApiError::NotFound(e.to_string())
-                }
-                Refused::Denied(Denied::Viewer(_)) => ApiError::Forbidden(e.to_string()),
-                Refused::Agent(AgentError::Ambiguous) => ApiError::BadRequest(e.to_string()),
-            }
-        })?;
+        .map_err(refused)?;
     let ticket = state
         .quota
         .admit(&who.name, &agent, link.info().max_channels)
@@ -523,6 +509,22 @@ pub(crate) async fn exec(
     }
     // Dropping the channel (on any early return) kills the command.
     buffered_response(channel, prepared, agent, held, state.shutdown.clone()).await
+}
+
+/// The API's answer when `who` may not run on the agent asked for: an
+/// agent beyond its reach is "not found", like one that does not exist.
+pub(super) fn refused(e: super::policy::Refused) -> ApiError {
+    use super::agents::AgentError;
+    use super::policy::{Denied, Refused};
+    match e {
+        Refused::Agent(AgentError::Unavailable(_)) => ApiError::AgentUnavailable(e.to_string()),
+        Refused::Agent(AgentError::Unknown(_))
+        | Refused::Denied(Denied::OutOfScope(_) | Denied::NotYours(_)) => {
+            ApiError::NotFound(e.to_string())
+        }
+        Refused::Denied(Denied::Viewer(_)) => ApiError::Forbidden(e.to_string()),
+        Refused::Agent(AgentError::Ambiguous) => ApiError::BadRequest(e.to_string()),
+    }
 }
 
 /// What a running API command holds until its answer is complete: its

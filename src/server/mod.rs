@@ -11,6 +11,7 @@ mod bridge;
 pub(crate) mod caller;
 pub(crate) mod embedded;
 mod fanout;
+pub(crate) mod files;
 pub mod http;
 pub(crate) mod messages;
 pub(crate) mod metrics;
@@ -165,6 +166,7 @@ pub(crate) fn router(state: State) -> Router {
         .route("/api/v1/agents", get(api::agents))
         .route("/api/v1/exec", axum::routing::post(api::exec))
         .route("/api/v1/sessions", get(sessions::list))
+        .route("/api/v1/files", get(files::get).put(files::put))
         .route(
             "/api/v1/sessions/{agent}/{id}",
             axum::routing::delete(sessions::end).patch(sessions::change),

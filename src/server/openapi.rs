@@ -23,7 +23,7 @@ use super::{api, pages};
     info(
         title = "conch API",
         version = "1",
-        description = "Run one-off commands on conch agents. Authenticate with `Authorization: Bearer <token>` (the admin token or a named API token). Errors are RFC 9457 problem details (`application/problem+json`).",
+        description = "Run one-off commands on conch agents, and move files to and from their hosts. Authenticate with `Authorization: Bearer <token>` (the admin token or a named API token). Errors are RFC 9457 problem details (`application/problem+json`).",
     ),
     paths(
         api::exec,
@@ -31,6 +31,8 @@ use super::{api, pages};
         super::sessions::list,
         super::sessions::end,
         super::sessions::change,
+        super::files::put,
+        super::files::get,
         pages::session_info,
         api::list_tokens,
         api::create_token,

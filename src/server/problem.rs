@@ -50,6 +50,12 @@ pub(crate) enum ApiError {
     Busy(String),
     #[error("{0}")]
     Internal(String),
+    /// The host's file system is full (HTTP 507).
+    #[error("{0}")]
+    InsufficientStorage(String),
+    /// A `Range` that starts past the end of a file of `size` bytes.
+    #[error("{message}")]
+    RangeNotSatisfiable { message: String, size: Option<u64> },
     /// The `Host` header names another server (see `Site::host_allowed`).
     #[error(
         "this server does not answer for that host name; use the address conch printed (or its --public-url)"
@@ -71,6 +77,8 @@ impl ApiError {
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::AgentUnavailable(_) | ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
+            ApiError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             ApiError::MisdirectedHost => StatusCode::MISDIRECTED_REQUEST,
         }
     }
@@ -89,6 +97,8 @@ impl ApiError {
             ApiError::AgentUnavailable(_) => "agent-unavailable",
             ApiError::Busy(_) => "busy",
             ApiError::Internal(_) => "internal",
+            ApiError::InsufficientStorage(_) => "insufficient-storage",
+            ApiError::RangeNotSatisfiable { .. } => "range-not-satisfiable",
             ApiError::MisdirectedHost => "misdirected-host",
         }
     }
@@ -121,6 +131,13 @@ impl IntoResponse for ApiError {
             }
             ApiError::Busy(_) => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from(1));
+            }
+            ApiError::RangeNotSatisfiable {
+                size: Some(size), ..
+            } => {
+                if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                    h.insert(header::CONTENT_RANGE, v);
+                }
             }
             _ => {}
         }

@@ -75,7 +75,7 @@ pub(crate) async fn list(
 
 /// Finds session `id` on `agent` and checks that `who` may `action` it;
 /// someone else's session is "not found", as is an unknown one.
-async fn find(
+pub(super) async fn find(
     state: &AppState,
     who: &Principal,
     agent: &str,
