@@ -49,6 +49,11 @@ pub enum Command {
     /// Run one command through a conch server's REST API; exits with its exit code.
     /// With --on, run it on every agent a selector matches.
     Exec(ExecArgs),
+    /// Copy a file to or from an agent's host, as scp does: `conch cp LOCAL AGENT:PATH`
+    /// or `conch cp AGENT:PATH LOCAL` (`:PATH`: the server's only agent; `-`: stdin or
+    /// stdout). Exits 0 when copied, 1 when refused (not found, permission, exists,
+    /// disk full), 255 when conch itself failed.
+    Cp(CpArgs),
     /// List a conch server's agents (those a selector matches) as a table.
     Agents(AgentsArgs),
     /// Manage API tokens in a server's data directory.
@@ -457,6 +462,36 @@ pub struct ExecArgs {
 }
 
 #[derive(Args)]
+pub struct CpArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// Refuse to replace an existing remote file (by default it is replaced, as scp does).
+    #[arg(short = 'n', long)]
+    no_clobber: bool,
+    /// Permission bits of an uploaded file, in octal (default: those of the file
+    /// replaced, or 0666 less the agent's umask).
+    #[arg(long, value_parser = parse_mode)]
+    mode: Option<u32>,
+    /// No progress bar (there is none when stderr is not a terminal).
+    #[arg(short, long)]
+    quiet: bool,
+    /// What to copy: a local path, `-` (standard input), or AGENT:PATH.
+    #[arg(value_parser = clap::value_parser!(std::ffi::OsString))]
+    from: std::ffi::OsString,
+    /// Where to: a local path or directory, `-` (standard output), or AGENT:PATH
+    /// (a remote directory keeps the file's name).
+    #[arg(value_parser = clap::value_parser!(std::ffi::OsString))]
+    to: std::ffi::OsString,
+}
+
+fn parse_mode(text: &str) -> Result<u32, String> {
+    u32::from_str_radix(text, 8)
+        .ok()
+        .filter(|m| *m <= 0o7777)
+        .ok_or_else(|| format!("{text:?} is not octal permission bits (0644)"))
+}
+
+#[derive(Args)]
 pub struct HealthArgs {
     /// Check that this agent address (HOST:PORT) accepts TCP connections, instead of the server.
     #[arg(long)]
@@ -795,6 +830,7 @@ pub async fn run(command: Command, json_logs: bool) -> anyhow::Result<ExitCode> 
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Cp(args) => cp_command(args).await,
         Command::Agents(args) => match agents_command(args).await {
             Ok(code) => Ok(code),
             Err(e) => {
@@ -910,6 +946,37 @@ async fn exec_command(args: ExecArgs) -> anyhow::Result<ExitCode> {
         Err(e) => {
             eprintln!("conch: {e}");
             Ok(ExitCode::from(crate::rest_client::EXIT_CONCH_FAILED))
+        }
+    }
+}
+
+/// `conch cp`: one file up or down.
+async fn cp_command(args: CpArgs) -> anyhow::Result<ExitCode> {
+    use std::io::IsTerminal;
+    let server = match args.server.into_server() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("conch: {e:#}");
+            return Ok(ExitCode::from(crate::rest_client::EXIT_CONCH_FAILED));
+        }
+    };
+    let to = crate::rest_client::files::Place::parse(&args.to);
+    let config = crate::rest_client::files::CopyConfig {
+        server,
+        from: crate::rest_client::files::Place::parse(&args.from),
+        // A progress bar would mix with a download to a terminal's stdout.
+        progress: !args.quiet
+            && std::io::stderr().is_terminal()
+            && to != crate::rest_client::files::Place::Stdio,
+        to,
+        no_clobber: args.no_clobber,
+        mode: args.mode,
+    };
+    match crate::rest_client::files::copy(config).await {
+        Ok(_) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            eprintln!("conch: {e}");
+            Ok(ExitCode::from(e.exit_status()))
         }
     }
 }

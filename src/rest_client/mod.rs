@@ -18,6 +18,7 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 mod fanout;
+pub mod files;
 
 use crate::rest::{Encoding, Stream, StreamLine};
 use crate::vocab::ExitStatus;
