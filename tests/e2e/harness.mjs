@@ -22,6 +22,8 @@ const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 
 // The login URL, under a base path when the server has one (/conch/login?token=...).
 const LOGIN_URL_RE = /https?:\/\/127\.0\.0\.1:\d+(?:\/[\w.~-]+)*\/login\?token=[0-9a-f]+/;
+// The log line of a server that prints no login URL (it has a users file).
+const LISTENING_RE = /server listening addr=(127\.0\.0\.1:\d+)/;
 const STARTUP_TIMEOUT_MS = 60_000;
 export const WAIT_MS = 20_000; // one command's round trip, generous for a loaded CI machine
 
@@ -32,8 +34,11 @@ function remember(prefix, line) {
   if (serverLog.length > 200) serverLog.shift();
 }
 
-// Start `conch serve` and resolve once it has printed its login URL.
-export function startServer({ listen = '127.0.0.1:0', args = [] } = {}) {
+// Start `conch serve` and resolve once it has printed its login URL. A
+// server with `users` (a users file: users log in with a password) prints
+// none; it is ready once it logs the address it listens on, and
+// `loginUrl` is null.
+export function startServer({ listen = '127.0.0.1:0', args = [], users = false } = {}) {
   const child = spawn(CONCH_BIN, ['serve', '--listen', listen, ...args], {
     cwd: ROOT,
     env: { ...process.env, CONCH_LOG: 'info' },
@@ -57,16 +62,17 @@ export function startServer({ listen = '127.0.0.1:0', args = [] } = {}) {
       reject(err);
     };
     const timer = setTimeout(() => {
-      fail(new Error(`conch printed no login URL within ${STARTUP_TIMEOUT_MS / 1000} s\n${serverLog.join('\n')}`));
+      fail(new Error(`conch printed no ${users ? 'listening address' : 'login URL'} within ${STARTUP_TIMEOUT_MS / 1000} s\n${serverLog.join('\n')}`));
     }, STARTUP_TIMEOUT_MS);
 
     stdout.on('line', (line) => {
       remember('[stdout] ', line);
-      const m = LOGIN_URL_RE.exec(line);
+      const m = (users ? LISTENING_RE : LOGIN_URL_RE).exec(line);
       if (m && !settled) {
         settled = true;
         clearTimeout(timer);
-        resolve({ child, loginUrl: m[0], origin: new URL(m[0]).origin });
+        if (users) resolve({ child, loginUrl: null, origin: 'http://' + m[1] });
+        else resolve({ child, loginUrl: m[0], origin: new URL(m[0]).origin });
       }
     });
     child.once('error', (err) => fail(new Error(`cannot start ${CONCH_BIN}: ${err.message}`)));

@@ -10,6 +10,9 @@ export const HELP: readonly string[] = [
     '(Enter sends a line, Ctrl-D ends input); use shell mode for programs that need a terminal.',
   'Ctrl-C interrupts the command; a second Ctrl-C kills it.',
   'Shell mode: a login shell in a pseudo-terminal; every key goes to it.',
+  'Files: "upload" puts files on the host, into the shell\'s current directory (or a path you type), ' +
+    'each with a progress bar and a cancel button; files dropped on the terminal go there too. ' +
+    '"download" asks for a path and saves that file among the browser\'s downloads.',
   'Copy with Ctrl+Shift+C (or Ctrl+C on a selection in command mode); paste with Ctrl+Shift+V or Ctrl+V.',
   'The history is kept in this browser for your user only and erased when you log out.',
   'Keyboard: while the terminal has the focus it takes every key, Tab included; ' +

@@ -18,6 +18,7 @@ import { FULL_RESET, GREY, RED, RESET, REVERSE_WRAP_ON, YELLOW } from './ansi';
 import { CommandMode, exitSummary } from './commandMode';
 import { Connection } from './connection';
 import { ExtraKeys } from './extraKeys';
+import { Files } from './files';
 import { Flows } from './flow';
 import { buildHelp, HELP, isLeaveTerminalKey } from './help';
 import { History, historyKey } from './history';
@@ -116,6 +117,7 @@ function main(): void {
 
   let role = document.body.dataset['role'] || 'viewer';
   let sessionsPanel: SessionsPanel | null = null;
+  let files: Files | null = null;
   const activity = new Activity();
   el.status.after(activity.element);
   // The touch bar and the help panel act on the tab in front.
@@ -402,6 +404,7 @@ function main(): void {
     el.tabNew.disabled = !greeted || tabs.length >= MAX_TABS;
     el.tabClose.disabled = tabs.length <= 1;
     el.tabClose.title = 'Close this tab (on ' + (active?.agent || 'no agent') + ')';
+    files?.refresh(); // the tab in front, its mode or its session may have changed
   }
 
   // ---------------------------------------------------------------- helpers
@@ -422,6 +425,7 @@ function main(): void {
     const viewer = role === 'viewer';
     el.modeShell.disabled = viewer;
     el.modeShell.title = viewer ? 'viewers cannot start a shell' : 'Interactive login shell in a pseudo-terminal';
+    files?.applyRole();
   }
 
   function renderModeButtons(): void {
@@ -644,10 +648,11 @@ function main(): void {
     for (const t of tabs) t.command.forgetHistory();
   });
 
-  // A shell that would die with the page: ask before leaving. (A session
-  // keeps running, and the next page attaches it again.)
+  // A shell that would die with the page, or an upload still on its way:
+  // ask before leaving. (A session keeps running, and the next page
+  // attaches it again.)
   window.addEventListener('beforeunload', (ev) => {
-    if (tabs.some((t) => t.shell.unkept)) {
+    if (tabs.some((t) => t.shell.unkept) || files?.busy) {
       ev.preventDefault();
       ev.returnValue = '';
     }
@@ -703,6 +708,19 @@ function main(): void {
     closed: () => active.term.focus(),
     user: () => document.body.dataset['user'] || '',
     role: () => role,
+  }) : null;
+  // Uploads and downloads go to the host of the tab in front; while that
+  // tab writes to a shell session, relative paths start in the shell's
+  // current directory (a watcher's is not the page's to use).
+  files = topbar ? new Files(topbar, el.terminal.parentElement ?? el.terminal, {
+    target() {
+      const held = active.mode === 'shell' ? active.shell.session : null;
+      return held && !held.watch
+        ? { agent: held.agent, session: held.session }
+        : { agent: active.agent, session: null };
+    },
+    role: () => role,
+    closed: () => active.term.focus(),
   }) : null;
 
   applyRole();
