@@ -122,6 +122,52 @@ fn parse_query(query: Option<&str>, put: bool) -> Result<FileQuery, ApiError> {
     Ok(q)
 }
 
+/// The query of `PUT /api/v1/files`, for the OpenAPI document (the
+/// handler reads it with [`parse_query`]: paths are bytes).
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub(crate) struct PutParams {
+    /// The agent; optional when the caller can reach only one.
+    agent: Option<String>,
+    /// Where to write: absolute, or relative to the agent user's home
+    /// directory (to the shell's working directory with `session`).
+    /// Percent-encoded bytes: a path need not be UTF-8.
+    #[param(min_length = 1, pattern = "^[^\\x00]+$")]
+    path: String,
+    /// When `path` is a directory: the file's name in it (one component).
+    #[param(min_length = 1, pattern = "^[^/\\x00]+$")]
+    name: Option<String>,
+    /// A shell session of the caller's on that agent: relative paths are
+    /// taken from its shell's working directory.
+    session: Option<String>,
+    /// Replace an existing file (default false: 409).
+    overwrite: Option<bool>,
+    /// Permission bits in octal (default: the replaced file's, or 0666
+    /// less the agent's umask).
+    #[param(pattern = "^[0-7]{1,4}$")]
+    mode: Option<String>,
+    /// `USER`, `USER:GROUP` or `:GROUP`; needs the rights chown needs.
+    owner: Option<String>,
+}
+
+/// The query of `GET /api/v1/files`, for the OpenAPI document.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub(crate) struct GetParams {
+    /// The agent; optional when the caller can reach only one.
+    agent: Option<String>,
+    /// The file: absolute, or relative to the agent user's home directory
+    /// (to the shell's working directory with `session`). Percent-encoded
+    /// bytes.
+    #[param(min_length = 1, pattern = "^[^\\x00]+$")]
+    path: String,
+    /// A shell session of the caller's on that agent: relative paths are
+    /// taken from its shell's working directory.
+    session: Option<String>,
+}
+
 /// What a transfer holds until it is over: its place among the API's
 /// running commands, and its share of the agent's channels.
 struct Held {
@@ -147,6 +193,11 @@ async fn prepare(
         })?;
     let (agent, link) = super::policy::link_to_run(who, query.agent.as_deref(), &state.agents)
         .map_err(super::api::refused)?;
+    if !link.info().files {
+        return Err(ApiError::Conflict(format!(
+            "agent {agent:?} is a version that cannot move files; upgrade it"
+        )));
+    }
     if let Some(id) = &query.session {
         // Only its owner (or an admin) learns where a shell is.
         super::sessions::find(state, who, &agent, id, SessionAction::Write).await?;
@@ -237,15 +288,7 @@ pub(crate) struct WrittenFile {
     tag = "files",
     summary = "Write a file on an agent's host",
     description = "The request body is the file's bytes, streamed to the agent as they arrive (never held whole). The agent writes them to an unnamed file in the target's directory, checks the size (`Content-Length`) and, when given, the SHA-256 (`Repr-Digest: sha-256=:BASE64:`), syncs it and only then links it into place: a transfer cut short leaves no file. The file is written as the agent's user, who may write whatever it could write from a shell. Viewers may not.",
-    params(
-        ("agent" = Option<String>, Query, description = "The agent; optional when the caller can reach only one."),
-        ("path" = String, Query, description = "Where to write: absolute, or relative to the agent user's home directory (to the shell's working directory with `session`). Percent-encoded bytes; a path need not be UTF-8."),
-        ("name" = Option<String>, Query, description = "When `path` is a directory: the file's name in it."),
-        ("session" = Option<String>, Query, description = "A shell session of the caller's on that agent: relative paths are taken from its shell's working directory."),
-        ("overwrite" = Option<bool>, Query, description = "Replace an existing file (default false: 409)."),
-        ("mode" = Option<String>, Query, description = "Permission bits in octal (default: the replaced file's, or 0666 less the agent's umask)."),
-        ("owner" = Option<String>, Query, description = "`USER`, `USER:GROUP` or `:GROUP`; needs the rights chown needs."),
-    ),
+    params(PutParams),
     request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The file's bytes."),
     responses(
         (status = 201, description = "Written; no file was there.", body = WrittenFile),
@@ -472,11 +515,7 @@ fn if_range_holds(headers: &HeaderMap, info: &FileInfo) -> bool {
     tag = "files",
     summary = "Read a file on an agent's host",
     description = "Streams a regular file as the agent's user reads it, with `Content-Length`, `Last-Modified`, `Accept-Ranges: bytes` and, when the agent knows this version's SHA-256 (it wrote or read it whole before), `ETag` and `Repr-Digest`. One byte range (`Range: bytes=A-B`, `A-` or `-N`, with `If-Range`) resumes a download. Sent as an attachment (`Content-Disposition`), never shown inline. Viewers may not.",
-    params(
-        ("agent" = Option<String>, Query, description = "The agent; optional when the caller can reach only one."),
-        ("path" = String, Query, description = "The file: absolute, or relative to the agent user's home directory (to the shell's working directory with `session`). Percent-encoded bytes."),
-        ("session" = Option<String>, Query, description = "A shell session of the caller's on that agent: relative paths are taken from its shell's working directory."),
-    ),
+    params(GetParams),
     responses(
         (status = 200, description = "The file.", content_type = "application/octet-stream", body = Vec<u8>),
         (status = 206, description = "The range asked for.", content_type = "application/octet-stream", body = Vec<u8>),

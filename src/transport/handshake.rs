@@ -282,7 +282,8 @@ pub(crate) async fn answer(
         .clone()
         .try_acquire_owned()
         .map_err(|_| HandshakeError::Busy)?;
-    let offered: Vec<String> = sessions.then(|| SESSIONS.to_owned()).into_iter().collect();
+    let mut offered: Vec<String> = sessions.then(|| SESSIONS.to_owned()).into_iter().collect();
+    offered.push(FILES.to_owned());
     let ours = Bound {
         binding: &binding,
         name,
@@ -322,6 +323,11 @@ pub(crate) const PINGS: &str = "ping";
 /// only on agents that say it.
 pub(crate) const SESSIONS: &str = "sessions";
 
+/// The capability of an agent that answers `put` and `get`: a server sends
+/// them only to agents that say it (an older one would leave them
+/// unanswered).
+pub(crate) const FILES: &str = "files";
+
 /// What the agent told the client in its `ready`.
 #[derive(Debug, Clone)]
 pub struct AgentInfo {
@@ -332,6 +338,8 @@ pub struct AgentInfo {
     pub(crate) name: Option<String>,
     /// It keeps sessions (the `sessions` capability).
     pub(crate) sessions: bool,
+    /// It reads and writes files (the `files` capability).
+    pub(crate) files: bool,
 }
 
 /// Text from a peer not yet authenticated, made safe to log: control
@@ -547,6 +555,7 @@ pub(crate) async fn finish_offer(
                 max_channels: max_channels.map_or(1024, |n| n as usize),
                 name,
                 sessions: capabilities.iter().any(|c| c == SESSIONS),
+                files: capabilities.iter().any(|c| c == FILES),
             })
         }
         Message::Error {

@@ -29,6 +29,10 @@ Half of the exec requests (by a stable hash of the body) are sent with
 A body that is a string or bytes (a non-JSON media type, or raw JSON) is
 decoded as JSON if it can be, rewritten the same way and re-encoded.
 
+Every `/api/v1/files` request is kept inside a private directory: its
+`path` names a file there (see `sanitize_files_query`), so that fuzzing
+writes and reads nothing else on the machine.
+
 Token management needs no rewriting: the admin token comes from a file,
 not from tokens.json, so `DELETE /api/v1/tokens/{name}` cannot revoke it,
 and tokens that the run creates live in run.sh's throwaway data directory.
@@ -163,8 +167,48 @@ def _headers_are_under_test(case) -> bool:
     return info is not None and info.mode.is_negative
 
 
+FILES_PATH = "/api/v1/files"
+
+
+def _files_dir() -> str:
+    """A private directory for the files endpoints (made on first use),
+    with one file in it for downloads."""
+    path = os.path.join(_safe_cwd(), "files")
+    os.makedirs(path, exist_ok=True)
+    fixture = os.path.join(path, "fixture.txt")
+    if not os.path.exists(fixture):
+        with open(fixture, "w", encoding="utf-8") as f:
+            f.write("fixture\n")
+    return path
+
+
+def sanitize_files_query(method: str, query: Any) -> Any:
+    """The files endpoints' query with its paths kept inside the private
+    directory: a non-empty `path` names a file there (for a GET, the one
+    file that exists; for a PUT, one named after a hash of the generated
+    path, so that the same case writes the same name), and `owner` becomes
+    the running user. Absent or non-string values stay as they are, so
+    that the server's validation is exercised as generated."""
+    if not isinstance(query, dict):
+        return query
+    query = dict(query)
+    path = query.get("path")
+    if isinstance(path, str) and path:
+        if method.upper() == "GET":
+            query["path"] = os.path.join(_files_dir(), "fixture.txt")
+        else:
+            digest = hashlib.sha256(path.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+            query["path"] = os.path.join(_files_dir(), "up-" + digest)
+    if isinstance(query.get("owner"), str) and query["owner"]:
+        query["owner"] = str(os.getuid())
+    return query
+
+
 @schemathesis.hook
 def before_call(context, case, **kwargs):
+    if case.path == FILES_PATH:
+        case.query = sanitize_files_query(case.method, case.query)
+        return
     if case.path != EXEC_PATH:
         return
     body = case.body
