@@ -948,6 +948,123 @@ async fn sessions(plan: &Plan, out: &mut String) -> Vec<(String, bool)> {
     verdicts
 }
 
+/// Seconds `sh -c SCRIPT` takes.
+fn shell_seconds(script: &str) -> f64 {
+    let t = Instant::now();
+    let status = std::process::Command::new("sh")
+        .args(["-c", script])
+        .status()
+        .unwrap();
+    assert!(status.success(), "{script}");
+    t.elapsed().as_secs_f64()
+}
+
+/// Files up and down through the REST API (server, TLS link, agent, its
+/// helper), beside `cat` moving the same file through a pipe.
+async fn files(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bool)> {
+    let _ = writeln!(
+        out,
+        "### 9. Files ({} MiB, median of {} runs, alternating)\n",
+        plan.bytes >> 20,
+        plan.runs
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("source.bin");
+    let dst = dir.path().join("uploaded.bin");
+    let copy = dir.path().join("copied.bin");
+    // Random bytes (no compression anywhere could flatter a figure).
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "head -c {} /dev/urandom > '{}'",
+            plan.bytes,
+            src.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let want = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(std::fs::read(&src).unwrap()))
+    };
+    let url = |p: &std::path::Path| {
+        let enc = percent_encoding::percent_encode(
+            p.as_os_str().as_encoded_bytes(),
+            percent_encoding::NON_ALPHANUMERIC,
+        );
+        s.server
+            .url(&format!("/api/v1/files?path={enc}&overwrite=true"))
+    };
+    let client = reqwest::Client::new();
+    let (mut up, mut down, mut cat_up, mut cat_down) = (vec![], vec![], vec![], vec![]);
+    let mut exact = true;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    for _ in 0..plan.runs {
+        if Instant::now() > deadline {
+            break;
+        }
+        let t = Instant::now();
+        let file = tokio::fs::File::open(&src).await.unwrap();
+        let resp = client
+            .put(url(&dst))
+            .bearer_auth(&s.server.token)
+            .header("content-length", plan.bytes)
+            .body(reqwest::Body::wrap_stream(
+                tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024),
+            ))
+            .send()
+            .await
+            .unwrap();
+        let answer: Value = resp.json().await.unwrap();
+        up.push(mbps(plan.bytes, t.elapsed()));
+        exact &= answer["sha256"] == want.as_str();
+        let t = Instant::now();
+        let resp = client
+            .get(url(&dst).replace("&overwrite=true", ""))
+            .bearer_auth(&s.server.token)
+            .send()
+            .await
+            .unwrap();
+        let mut body = resp.bytes_stream();
+        let mut got = 0u64;
+        while let Some(c) = body.next().await {
+            got += c.unwrap().len() as u64;
+        }
+        down.push(mbps(got, t.elapsed()));
+        exact &= got == plan.bytes;
+        let secs = shell_seconds(&format!(
+            "cat '{}' | cat > '{}'",
+            src.display(),
+            copy.display()
+        ));
+        cat_up.push(plan.bytes as f64 / secs / 1e6);
+        let secs = shell_seconds(&format!("cat '{}' | cat > /dev/null", copy.display()));
+        cat_down.push(plan.bytes as f64 / secs / 1e6);
+    }
+    let (up, _, _) = mmm(up);
+    let (down, _, _) = mmm(down);
+    let (cat_up, _, _) = mmm(cat_up);
+    let (cat_down, _, _) = mmm(cat_down);
+    let rss = rss_kib(s.server.proc.child.id());
+    let _ = writeln!(
+        out,
+        "| direction | conch (REST, TLS link, helper, synced to disk) | `cat` through a pipe | ratio |\n|---|---|---|---|\n\
+         | upload (to the host's disk) | {up:.0} MB/s | {cat_up:.0} MB/s (`cat SRC \\| cat > DST`, not synced) | {:.2} |\n\
+         | download | {down:.0} MB/s | {cat_down:.0} MB/s (`cat SRC \\| cat > /dev/null`) | {:.2} |\n\n\
+         Server RSS after the transfers: {} MiB.\n",
+        up / cat_up,
+        down / cat_down,
+        rss / 1024
+    );
+    vec![(
+        format!(
+            "files arrive byte-exact both ways ({} MiB; SHA-256 compared)",
+            plan.bytes >> 20
+        ),
+        exact,
+    )]
+}
+
 async fn exec_json(server: &common::Server, body: &Value) -> Value {
     common::post_json(server.url("/api/v1/exec"), &server.token, body)
         .await
@@ -1472,6 +1589,9 @@ fn main() {
         }
         if wanted("sessions") {
             verdicts.extend(sessions(&plan, &mut out).await);
+        }
+        if wanted("files") {
+            verdicts.extend(files(&plan, &s, &mut out).await);
         }
         // Peers are installed from the network: full runs only.
         if !plan.quick && wanted("peers") {
