@@ -346,9 +346,13 @@ pub struct ServeArgs {
     /// Memory all buffered REST answers together may hold, in MiB; beyond, 503.
     #[arg(long, env = "CONCH_BUFFERED_OUTPUT_BUDGET_MIB", default_value_t = 512)]
     buffered_output_budget_mib: usize,
-    /// REST commands running at once; more get 429.
+    /// REST commands and file transfers running at once; more get 429.
     #[arg(long, env = "CONCH_MAX_CONCURRENT_EXECS", default_value_t = 256)]
     max_concurrent_execs: usize,
+    /// Seconds a file transfer may move no byte (a client that neither sends
+    /// nor reads) before it is ended and its slot freed.
+    #[arg(long, env = "CONCH_TRANSFER_IDLE_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    transfer_idle_secs: u64,
     /// Commands one user may run at once, console and API together.
     #[arg(long, env = "CONCH_MAX_COMMANDS_PER_USER", default_value_t = 64)]
     max_commands_per_user: usize,
@@ -802,6 +806,7 @@ fn serve_config(args: ServeArgs, json_logs: bool) -> anyhow::Result<ServeConfig>
             max_concurrent: args.max_concurrent_execs.max(1),
             rate_per_minute: args.api_rate_per_minute.max(1),
             buffered_budget: args.buffered_output_budget_mib.saturating_mul(1024 * 1024),
+            transfer_idle: std::time::Duration::from_secs(args.transfer_idle_secs),
         },
         quota: crate::server::quota::QuotaLimits {
             per_user: args.max_commands_per_user.max(1),

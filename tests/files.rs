@@ -91,19 +91,27 @@ fn peak_rss(pid: u32) -> u64 {
     kb * 1024
 }
 
-/// Processes whose command line mentions `needle` (the file helpers of a
-/// test's own directory).
+/// File helpers (`conch __conch_file`) that hold something under
+/// `needle` open (the directory they write in, the file they read).
 fn helpers_for(needle: &str) -> Vec<i32> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
             continue;
         };
-        if let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline"))
-            && String::from_utf8_lossy(&cmdline).contains("__conch_file")
-            && String::from_utf8_lossy(&cmdline).contains(needle)
-            && common::alive(pid)
-        {
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        if !String::from_utf8_lossy(&cmdline).contains("__conch_file") || !common::alive(pid) {
+            continue;
+        }
+        let holds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+            .any(|target| target.to_string_lossy().contains(needle));
+        if holds {
             found.push(pid);
         }
     }
@@ -595,6 +603,19 @@ async fn cp_copies_both_ways_with_scp_exit_codes() {
     let (code, _, err) = cp(&["-".as_ref(), &remote(&odd)], b"piped");
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(std::fs::read(&odd).unwrap(), b"piped");
+    // A private file stays private.
+    let secret = remote_dir.path().join("key");
+    std::fs::write(&secret, "k").unwrap();
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let (code, _, err) = cp(&[&remote(&secret), back.path().as_os_str()], b"");
+    assert_eq!(code, Some(0), "{err}");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(back.path().join("key"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    std::fs::remove_file(back.path().join("key")).unwrap();
     // Refused: 1; conch itself failing (no server): 255.
     let (code, _, err) = cp(
         &[&remote(Path::new("/no/such/file")), back.path().as_os_str()],
@@ -689,4 +710,87 @@ async fn a_relative_path_lands_in_the_sessions_working_directory() {
     let expected = std::fs::canonicalize(dir.path()).unwrap().join("here.txt");
     assert_eq!(info.path, WirePath::from(expected.as_path()));
     assert_eq!(std::fs::read(&expected).unwrap(), b"beside the shell");
+}
+
+#[tokio::test]
+async fn a_stalled_transfer_is_ended_and_frees_its_slot() {
+    // One transfer at a time, and a second of silence is all one gets.
+    let server = start_server(
+        &["--transfer-idle-secs", "1", "--max-concurrent-execs", "1"],
+        &[],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let needle = dir.path().to_str().unwrap().to_owned();
+
+    // An upload whose client stops sending midway.
+    let target = dir.path().join("stalled.bin");
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    tx.send(Ok(chunk(5, 0, MIB))).await.unwrap();
+    let resp = reqwest::Client::new()
+        .put(server.url(&at(&target)))
+        .bearer_auth(&server.token)
+        .header("content-length", (8 * MIB).to_string())
+        .body(reqwest::Body::wrap_stream(tokio_stream_of(rx)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 408);
+    assert!(resp.text().await.unwrap().contains("nothing was written"));
+    drop(tx);
+    until("the writer is gone", || helpers_for(&needle).is_empty()).await;
+    assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none());
+
+    // A download whose client stops reading: its helper goes, and the one
+    // slot is free again while the connection is still open.
+    let big = dir.path().join("big.bin");
+    std::fs::write(&big, vec![1u8; 64 * MIB]).unwrap();
+    let resp = get(&server, &at(&big), &[]).await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    body.next().await.unwrap().unwrap();
+    until("the reader runs", || !helpers_for(&needle).is_empty()).await;
+    until("the stalled reader is ended", || {
+        helpers_for(&needle).is_empty()
+    })
+    .await;
+    let small = dir.path().join("small.txt");
+    std::fs::write(&small, "ok").unwrap();
+    let resp = get(&server, &at(&small), &[]).await;
+    assert_eq!(resp.status(), 200, "the slot was freed");
+    assert_eq!(resp.bytes().await.unwrap(), "ok");
+    // The stalled body ends with an error, never as if complete.
+    let mut failed = false;
+    while let Some(c) = body.next().await {
+        if c.is_err() {
+            failed = true;
+            break;
+        }
+    }
+    assert!(failed, "a cut download must not look complete");
+}
+
+#[tokio::test]
+async fn devices_are_not_opened_and_cookies_from_sibling_sites_get_nothing() {
+    let server = start_server(&[], &[]);
+    let resp = get(&server, &at(Path::new("/dev/null")), &[]).await;
+    assert_eq!(resp.status(), 409);
+    assert!(resp.text().await.unwrap().contains("not a regular file"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("private.txt");
+    std::fs::write(&file, "mine").unwrap();
+    let cookie = server.admin_cookie().await;
+    let by_cookie = |site: &'static str| {
+        reqwest::Client::new()
+            .get(server.url(&at(&file)))
+            .header("cookie", &cookie)
+            .header("sec-fetch-site", site)
+            .send()
+    };
+    assert_eq!(by_cookie("same-site").await.unwrap().status(), 403);
+    assert_eq!(by_cookie("cross-site").await.unwrap().status(), 403);
+    let own = by_cookie("same-origin").await.unwrap();
+    assert_eq!(own.status(), 200);
+    assert_eq!(own.headers()["x-file-mode"], "0644");
+    assert_eq!(by_cookie("none").await.unwrap().status(), 200);
 }

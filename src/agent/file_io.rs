@@ -1,28 +1,33 @@
 //! The file helper: the process that writes a file for `put` or reads one
 //! for `get`.
 //!
-//! The agent runs it exactly as it runs a command (`conch __conch_file`,
-//! as the command's user, in its cgroup, under its limits, from its
-//! working directory), so that a transfer can do what that user could do
-//! in a shell and nothing more: the agent's own rights never touch the
-//! file. Its work is plain blocking I/O on its standard streams:
+//! The agent runs it exactly as it runs a command (`conch __conch_file
+//! put|get`, as the command's user, in its cgroup, under its limits), so
+//! that a transfer can do what that user could do in a shell and nothing
+//! more: the agent's own rights never touch the file. Its request comes as
+//! the first line of its stdin (a [`Job`] as JSON: never on its command
+//! line, where every local user could read it), and its work is plain
+//! blocking I/O:
 //!
-//! - `put REQUEST`: the file's bytes on stdin; one [`Reply`] line on
-//!   stdout at the end. The bytes go to an unnamed file (`O_TMPFILE`) in
-//!   the target's directory, which is synced and linked into place only
-//!   once every byte has arrived and matched the declared size and hash:
-//!   a transfer cut short (the helper killed) leaves nothing behind.
-//! - `get REQUEST`: one [`Reply`] line on stdout, then the bytes asked for.
-//!
-//! `REQUEST` is the [`PutRequest`] or [`GetRequest`] as JSON (paths that
-//! are not UTF-8 travel as base64 inside it, see [`WirePath`]).
+//! - `put`: the file's bytes follow the request on stdin; one [`Reply`]
+//!   line on stdout at the end. The target's directory is opened once and
+//!   everything after is relative to it (no path is looked up twice, so a
+//!   directory swapped for a link midway changes nothing). The bytes go to
+//!   an unnamed file (`O_TMPFILE`) there, which is synced and linked into
+//!   place only once every byte has arrived and matched the declared size
+//!   and hash: a transfer cut short (the helper killed) leaves nothing.
+//!   Symbolic links are never followed by hand: the kernel resolves the
+//!   directory's path (with its own protections), and a link as the final
+//!   name is refused.
+//! - `get`: one [`Reply`] line on stdout, then the bytes asked for; on
+//!   success, the file's [`Identity`] after the read on stderr, so that the
+//!   agent remembers a hash only for a file that did not change meanwhile.
 
-use std::ffi::{CString, OsStr, OsString};
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, Write};
+use std::ffi::{CStr, CString, OsStr, OsString};
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read, Seek, Write};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::os::unix::io::AsRawFd;
 use std::path::{Component, Path, PathBuf};
 use std::process::ExitCode;
 
@@ -34,6 +39,20 @@ use crate::vocab::ErrorCode;
 
 /// The first argument that makes `conch` the file helper.
 pub const HELPER_ARG: &str = "__conch_file";
+
+/// The longest request line the helper reads: 1 MiB (a request's JSON is
+/// at most a frame's payload).
+const MAX_REQUEST: u64 = 1024 * 1024;
+
+/// What the agent asks of the helper: the client's request, and the
+/// directory relative paths start from.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Job<T> {
+    /// Relative paths start here (a session's shell's directory); `None`:
+    /// the helper's own working directory (the user's home).
+    pub(crate) cwd: Option<WirePath>,
+    pub(crate) req: T,
+}
 
 /// The helper's one line of answer.
 #[derive(Debug, Serialize, Deserialize)]
@@ -52,7 +71,9 @@ pub(crate) struct Done {
 }
 
 /// A file's version as the file system tells it: the same inode with the
-/// same size and modification time is taken for the same content.
+/// same size, modification and change times is taken for the same content
+/// (the change time moves with any write, even one that puts the
+/// modification time back).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub(crate) struct Identity {
     pub(crate) dev: u64,
@@ -60,6 +81,8 @@ pub(crate) struct Identity {
     pub(crate) size: u64,
     pub(crate) mtime_s: i64,
     pub(crate) mtime_ns: i64,
+    pub(crate) ctime_s: i64,
+    pub(crate) ctime_ns: i64,
 }
 
 /// A failure, with its stable code.
@@ -85,6 +108,7 @@ impl Failure {
             Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG) => ErrorCode::DiskFull,
             Some(libc::EEXIST) => ErrorCode::Exists,
             Some(libc::EISDIR) => ErrorCode::NotAFile,
+            Some(libc::ENAMETOOLONG | libc::ELOOP) => ErrorCode::BadRequest,
             _ => ErrorCode::FileError,
         };
         Failure::new(code, format!("{what} {}: {e}", path.display()))
@@ -99,32 +123,35 @@ pub fn main(args: &[OsString]) -> ExitCode {
     unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
-    let (Some(verb), Some(request), None) = (args.first(), args.get(1), args.get(2)) else {
-        eprintln!("conch {HELPER_ARG}: expects `put REQUEST` or `get REQUEST`");
+    let (Some(verb), None) = (args.first(), args.get(1)) else {
+        eprintln!("conch {HELPER_ARG}: expects `put` or `get`, and the request on stdin");
         return ExitCode::from(2);
     };
-    let request = request.as_bytes();
+    let mut input = BufReader::with_capacity(256 * 1024, io::stdin().lock());
+    let mut line = Vec::new();
+    if let Err(e) = (&mut input).take(MAX_REQUEST).read_until(b'\n', &mut line) {
+        return refuse(ErrorCode::BadRequest, format!("reading the request: {e}"));
+    }
     match verb.as_bytes() {
-        b"put" => match serde_json::from_slice::<PutRequest>(request) {
-            Ok(req) => {
-                let reply = match put(&req, &mut io::stdin().lock()) {
-                    Ok(done) => Reply::Ok(done),
-                    Err(f) => Reply::Error {
-                        code: f.code,
-                        message: f.message,
-                    },
-                };
-                let failed = matches!(reply, Reply::Error { .. });
-                if say(&reply).is_err() || failed {
-                    return ExitCode::FAILURE;
+        b"put" => match serde_json::from_slice::<Job<PutRequest>>(&line) {
+            Ok(job) => {
+                if let Err(f) = enter(job.cwd.as_ref()) {
+                    return refuse(f.code, f.message);
                 }
-                ExitCode::SUCCESS
+                match put(&job.req, &mut input).map(|done| say(&Reply::Ok(done))) {
+                    Ok(Ok(())) => ExitCode::SUCCESS,
+                    Ok(Err(_)) => ExitCode::FAILURE,
+                    Err(f) => refuse(f.code, f.message),
+                }
             }
-            Err(e) => bad_request(&e),
+            Err(e) => refuse(ErrorCode::BadRequest, format!("not a valid request: {e}")),
         },
-        b"get" => match serde_json::from_slice::<GetRequest>(request) {
-            Ok(req) => get(&req),
-            Err(e) => bad_request(&e),
+        b"get" => match serde_json::from_slice::<Job<GetRequest>>(&line) {
+            Ok(job) => match enter(job.cwd.as_ref()) {
+                Ok(()) => get(&job.req),
+                Err(f) => refuse(f.code, f.message),
+            },
+            Err(e) => refuse(ErrorCode::BadRequest, format!("not a valid request: {e}")),
         },
         _ => {
             eprintln!("conch {HELPER_ARG}: expects `put` or `get`");
@@ -133,11 +160,18 @@ pub fn main(args: &[OsString]) -> ExitCode {
     }
 }
 
-fn bad_request(e: &serde_json::Error) -> ExitCode {
-    let _ = say(&Reply::Error {
-        code: ErrorCode::BadRequest,
-        message: format!("not a valid request: {e}"),
-    });
+/// Moves to the directory relative paths start from, as the user would.
+fn enter(cwd: Option<&WirePath>) -> Result<(), Failure> {
+    match cwd {
+        Some(dir) => {
+            std::env::set_current_dir(path_of(dir)).map_err(|e| Failure::io("cd", path_of(dir), &e))
+        }
+        None => Ok(()),
+    }
+}
+
+fn refuse(code: ErrorCode, message: String) -> ExitCode {
+    let _ = say(&Reply::Error { code, message });
     ExitCode::FAILURE
 }
 
@@ -154,65 +188,110 @@ fn path_of(p: &WirePath) -> &Path {
     Path::new(p.as_os_str())
 }
 
-/// Writes stdin to the file `req` names; see the module's description.
-fn put(req: &PutRequest, input: &mut dyn Read) -> Result<Done, Failure> {
-    let mut target = path_of(&req.path).to_path_buf();
-    if target.as_os_str().is_empty() {
+/// The directory a `put` writes in, opened once, and the name there.
+struct Target {
+    dir: OwnedFd,
+    name: CString,
+    /// For messages.
+    shown: PathBuf,
+}
+
+/// Finds where `req` writes: `path` itself when it is a directory (with
+/// `name`), else its parent and last component.
+fn target(req: &PutRequest) -> Result<Target, Failure> {
+    let raw = &req.path.0;
+    if raw.is_empty() {
         return Err(Failure::new(ErrorCode::BadRequest, "the path is empty"));
     }
-    if fs::metadata(&target).is_ok_and(|m| m.is_dir()) {
-        let Some(name) = &req.name else {
-            return Err(Failure::new(
-                ErrorCode::NotAFile,
-                format!("{} is a directory; give a file name", target.display()),
-            ));
-        };
-        let name = path_of(name);
-        let mut parts = name.components();
-        match (parts.next(), parts.next()) {
-            (Some(Component::Normal(_)), None) => target.push(name),
-            _ => {
+    let path = path_of(&req.path);
+    match open_dir(path) {
+        Ok(dir) => {
+            let Some(name) = &req.name else {
+                return Err(Failure::new(
+                    ErrorCode::NotAFile,
+                    format!("{} is a directory; give a file name", path.display()),
+                ));
+            };
+            let name = path_of(name);
+            let mut parts = name.components();
+            let (Some(Component::Normal(_)), None) = (parts.next(), parts.next()) else {
                 return Err(Failure::new(
                     ErrorCode::BadRequest,
                     format!("{:?} is not a file name (one path component)", name),
                 ));
-            }
+            };
+            Ok(Target {
+                dir,
+                name: c_name(name.as_os_str())?,
+                shown: path.join(name),
+            })
         }
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => {
+            // `dir/` names a directory, which this is not.
+            if raw.ends_with(b"/") {
+                return Err(Failure::io("open directory", path, &e));
+            }
+            let last = raw.rsplit(|&b| b == b'/').next().unwrap_or_default();
+            if last.is_empty() || last == b"." || last == b".." {
+                return Err(Failure::new(
+                    ErrorCode::BadRequest,
+                    format!("{} does not end in a file name", path.display()),
+                ));
+            }
+            let parent = match path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => Path::new("."),
+            };
+            let dir = open_dir(parent).map_err(|e| Failure::io("open directory", parent, &e))?;
+            Ok(Target {
+                dir,
+                name: c_name(OsStr::from_bytes(last))?,
+                shown: path.to_path_buf(),
+            })
+        }
+        Err(e) => Err(Failure::io("open", path, &e)),
     }
-    // A symbolic link is written through, as `cp` would: what it names is
-    // replaced, not the link.
-    if fs::symlink_metadata(&target).is_ok_and(|m| m.file_type().is_symlink())
-        && let Ok(real) = fs::canonicalize(&target)
-    {
-        target = real;
-    }
-    let existing = match fs::metadata(&target) {
-        Ok(meta) if !meta.is_file() => {
+}
+
+/// Writes the rest of `input` to the file `req` names; see the module's
+/// description.
+fn put(req: &PutRequest, input: &mut dyn Read) -> Result<Done, Failure> {
+    let Target { dir, name, shown } = target(req)?;
+    let dir_fd = dir.as_raw_fd();
+    let existing = match stat_at(dir_fd, &name, false) {
+        Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFLNK => {
             return Err(Failure::new(
                 ErrorCode::NotAFile,
-                format!("{} exists and is not a regular file", target.display()),
+                format!(
+                    "{} is a symbolic link; give the path it points to",
+                    shown.display()
+                ),
+            ));
+        }
+        Ok(st) if st.st_mode & libc::S_IFMT != libc::S_IFREG => {
+            return Err(Failure::new(
+                ErrorCode::NotAFile,
+                format!("{} exists and is not a regular file", shown.display()),
             ));
         }
         Ok(_) if !req.overwrite => {
             return Err(Failure::new(
                 ErrorCode::Exists,
-                format!("{} exists (overwrite to replace it)", target.display()),
+                format!("{} exists (overwrite to replace it)", shown.display()),
             ));
         }
-        Ok(meta) => Some(meta),
-        Err(_) => None,
+        Ok(st) => Some(st),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => None,
+        Err(e) => return Err(Failure::io("stat", &shown, &e)),
     };
-    let Some(name) = target.file_name().map(OsStr::to_owned) else {
-        return Err(Failure::new(
-            ErrorCode::BadRequest,
-            format!("{} does not end in a file name", target.display()),
-        ));
+    let owner = match &req.owner {
+        Some(owner) => Some(owner_ids(owner)?),
+        None => None,
     };
-    let dir = match target.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let mut temp = Temp::create(&dir, &name).map_err(|e| Failure::io("create in", &dir, &e))?;
+    // SAFETY: `dir` outlives `temp`, which borrows its descriptor.
+    let dir_ref = unsafe { BorrowedFd::borrow_raw(dir_fd) };
+    let mut temp =
+        Temp::create(dir_ref, &name).map_err(|e| Failure::io("create in", &shown, &e))?;
 
     let mut hasher = Sha256::new();
     let mut written = 0u64;
@@ -236,7 +315,7 @@ fn put(req: &PutRequest, input: &mut dyn Read) -> Result<Done, Failure> {
         hasher.update(&buf[..n]);
         temp.file
             .write_all(&buf[..n])
-            .map_err(|e| Failure::io("write", &target, &e))?;
+            .map_err(|e| Failure::io("write", &shown, &e))?;
     }
     if let Some(size) = req.size
         && written != size
@@ -255,37 +334,48 @@ fn put(req: &PutRequest, input: &mut dyn Read) -> Result<Done, Failure> {
             format!("the bytes have SHA-256 {sha256}, not {want}; nothing was written"),
         ));
     }
-    let mode = match (req.mode, &existing) {
-        (Some(mode), _) => mode & 0o7777,
-        (None, Some(meta)) => meta.mode() & 0o7777,
-        (None, None) => 0o666 & !umask(),
-    };
-    fchmod(&temp.file, mode).map_err(|e| Failure::io("chmod", &target, &e))?;
-    if let Some(owner) = &req.owner {
-        let (uid, gid) = owner_ids(owner)?;
-        fchown(&temp.file, uid, gid).map_err(|e| Failure::io("chown", &target, &e))?;
-    } else if let Some(meta) = &existing {
+    // The owner first: a change of owner clears the set-id bits, which
+    // the mode then sets.
+    match (owner, &existing) {
+        (Some((uid, gid)), _) => std::os::unix::fs::fchown(&temp.file, uid, gid)
+            .map_err(|e| Failure::io("chown", &shown, &e))?,
         // A replaced file keeps its owner where the helper may say so
         // (as root); otherwise it belongs to whoever wrote it, as with cp.
-        let _ = fchown(&temp.file, Some(meta.uid()), Some(meta.gid()));
+        (None, Some(st)) => {
+            let _ = std::os::unix::fs::fchown(&temp.file, Some(st.st_uid), Some(st.st_gid));
+        }
+        (None, None) => {}
     }
+    let mode = match (req.mode, &existing) {
+        (Some(mode), _) => mode & 0o7777,
+        (None, Some(st)) => st.st_mode & 0o7777,
+        (None, None) => 0o666 & !umask(),
+    };
+    fchmod(&temp.file, mode).map_err(|e| Failure::io("chmod", &shown, &e))?;
     temp.file
         .sync_all()
-        .map_err(|e| Failure::io("sync", &target, &e))?;
-    temp.commit(&target, req.overwrite)?;
+        .map_err(|e| Failure::io("sync", &shown, &e))?;
+    temp.commit(&name, req.overwrite)
+        .map_err(|e| Failure::io("write", &shown, &e))?;
     // The new name is durable once its directory is.
-    if let Ok(d) = File::open(&dir) {
-        let _ = d.sync_all();
+    // SAFETY: fsync on a valid descriptor.
+    unsafe {
+        libc::fsync(dir_fd);
     }
-    let meta = fs::metadata(&target).map_err(|e| Failure::io("stat", &target, &e))?;
-    let absolute = fs::canonicalize(&target).unwrap_or(target);
+    let meta = temp
+        .file
+        .metadata()
+        .map_err(|e| Failure::io("stat", &shown, &e))?;
+    let absolute = std::fs::read_link(format!("/proc/self/fd/{dir_fd}"))
+        .map(|d| d.join(OsStr::from_bytes(name.as_bytes())))
+        .unwrap_or(shown);
     Ok(Done {
         info: FileInfo {
             path: WirePath::from(absolute.as_path()),
             size: written,
             offset: 0,
             length: written,
-            mode,
+            mode: std::os::unix::fs::MetadataExt::mode(&meta) & 0o7777,
             mtime_ms: mtime_ms(&meta),
             sha256: Some(sha256),
             created: existing.is_none(),
@@ -295,8 +385,9 @@ fn put(req: &PutRequest, input: &mut dyn Read) -> Result<Done, Failure> {
 }
 
 /// Sends the file `req` names on stdout, after its reply line. Exit code
-/// 0: every byte promised was sent; 1: refused (the reply says why); 3:
-/// the file shrank while it was read.
+/// 0: every byte promised was sent (and the file's identity after is on
+/// stderr); 1: refused (the reply says why); 3: the file shrank while it
+/// was read.
 fn get(req: &GetRequest) -> ExitCode {
     let path = path_of(&req.path);
     let opened = if path.as_os_str().is_empty() {
@@ -306,15 +397,10 @@ fn get(req: &GetRequest) -> ExitCode {
     };
     let (mut file, done) = match opened {
         Ok(x) => x,
-        Err(f) => {
-            let _ = say(&Reply::Error {
-                code: f.code,
-                message: f.message,
-            });
-            return ExitCode::FAILURE;
-        }
+        Err(f) => return refuse(f.code, f.message),
     };
     let (offset, length) = (done.info.offset, done.info.length);
+    let before = done.identity;
     if say(&Reply::Ok(done)).is_err() {
         return ExitCode::FAILURE;
     }
@@ -324,8 +410,13 @@ fn get(req: &GetRequest) -> ExitCode {
     }
     // std copies file to pipe in the kernel (sendfile/splice) where it can.
     let mut out = io::stdout().lock();
-    match io::copy(&mut file.take(length), &mut out) {
-        Ok(n) if n == length => ExitCode::SUCCESS,
+    let copied = io::copy(&mut (&mut file).take(length), &mut out);
+    match copied {
+        Ok(n) if n == length => {
+            let after = file.metadata().map(|m| identity(&m)).unwrap_or(before);
+            eprintln!("{}", serde_json::to_string(&after).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
         Ok(n) => {
             eprintln!(
                 "{} shrank while it was read: {n} of {length} bytes sent",
@@ -341,15 +432,19 @@ fn get(req: &GetRequest) -> ExitCode {
 }
 
 fn open_for_get(path: &Path, req: &GetRequest) -> Result<(File, Done), Failure> {
-    // Non-blocking, so that opening a FIFO cannot hang the helper.
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
-        .map_err(|e| Failure::io("open", path, &e))?;
-    let meta = file.metadata().map_err(|e| Failure::io("stat", path, &e))?;
-    if !meta.is_file() {
-        let what = if meta.is_dir() {
+    // First without opening it for reading: opening a device can act on
+    // it (a watchdog, a tape), and a FIFO would block.
+    let c = c_name(path.as_os_str())?;
+    // SAFETY: a valid NUL-terminated path; the descriptor is owned below.
+    let fd = unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(Failure::io("open", path, &io::Error::last_os_error()));
+    }
+    // SAFETY: a descriptor this function just opened and owns.
+    let handle = unsafe { OwnedFd::from_raw_fd(fd) };
+    let st = fstat(handle.as_raw_fd()).map_err(|e| Failure::io("stat", path, &e))?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        let what = if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
             "a directory"
         } else {
             "not a regular file"
@@ -359,6 +454,10 @@ fn open_for_get(path: &Path, req: &GetRequest) -> Result<(File, Done), Failure> 
             format!("{} is {what}; only regular files are sent", path.display()),
         ));
     }
+    // The very file just looked at, opened for reading.
+    let file =
+        File::open(format!("/proc/self/fd/{fd}")).map_err(|e| Failure::io("open", path, &e))?;
+    let meta = file.metadata().map_err(|e| Failure::io("stat", path, &e))?;
     let size = meta.len();
     let (offset, length) = range(size, req.offset, req.length, req.suffix).ok_or_else(|| {
         Failure::new(
@@ -369,14 +468,15 @@ fn open_for_get(path: &Path, req: &GetRequest) -> Result<(File, Done), Failure> 
             ),
         )
     })?;
-    let absolute = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let absolute =
+        std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap_or_else(|_| path.to_path_buf());
     let done = Done {
         info: FileInfo {
             path: WirePath::from(absolute.as_path()),
             size,
             offset,
             length,
-            mode: meta.mode() & 0o7777,
+            mode: std::os::unix::fs::MetadataExt::mode(&meta) & 0o7777,
             mtime_ms: mtime_ms(&meta),
             sha256: None,
             created: false,
@@ -411,113 +511,129 @@ pub(crate) fn range(
 /// Where the bytes go until they are complete: an unnamed file in the
 /// target's directory, or (on a file system without `O_TMPFILE`) a hidden
 /// named one that is removed on failure.
-struct Temp {
+struct Temp<'a> {
     file: File,
-    /// The named file's path, while it exists.
-    named: Option<PathBuf>,
-    dir: PathBuf,
+    dir: BorrowedFd<'a>,
+    /// The named file's name, while it exists.
+    named: Option<CString>,
 }
 
-impl Temp {
-    fn create(dir: &Path, name: &OsStr) -> io::Result<Temp> {
-        let unnamed = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .mode(0o600)
-            .custom_flags(libc::O_TMPFILE)
-            .open(dir);
-        match unnamed {
-            Ok(file) => Ok(Temp {
+impl<'a> Temp<'a> {
+    fn create(dir: BorrowedFd<'a>, name: &CStr) -> io::Result<Temp<'a>> {
+        // SAFETY: a valid directory descriptor and a NUL-terminated name.
+        let fd = unsafe {
+            libc::openat(
+                dir.as_raw_fd(),
+                c".".as_ptr(),
+                libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC,
+                0o600 as libc::c_uint,
+            )
+        };
+        if fd >= 0 {
+            // SAFETY: a descriptor just opened, owned by the File.
+            let file = unsafe { File::from_raw_fd(fd) };
+            return Ok(Temp {
                 file,
+                dir,
                 named: None,
-                dir: dir.to_path_buf(),
-            }),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL)) => {
-                let path = hidden_name(dir, name);
-                let file = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&path)?;
-                Ok(Temp {
-                    file,
-                    named: Some(path),
-                    dir: dir.to_path_buf(),
-                })
-            }
-            Err(e) => Err(e),
+            });
         }
+        let e = io::Error::last_os_error();
+        if !matches!(
+            e.raw_os_error(),
+            Some(libc::EOPNOTSUPP | libc::EINVAL | libc::EISDIR)
+        ) {
+            return Err(e);
+        }
+        let hidden = hidden_name(name);
+        // SAFETY: as above.
+        let fd = unsafe {
+            libc::openat(
+                dir.as_raw_fd(),
+                hidden.as_ptr(),
+                libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                0o600 as libc::c_uint,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a descriptor just opened, owned by the File.
+        let file = unsafe { File::from_raw_fd(fd) };
+        Ok(Temp {
+            file,
+            dir,
+            named: Some(hidden),
+        })
     }
 
-    /// Puts the complete file at `target`: atomically, and without
-    /// replacing a file that appeared meanwhile unless `overwrite`.
-    fn commit(mut self, target: &Path, overwrite: bool) -> Result<(), Failure> {
-        let fail = |e: io::Error| Failure::io("write", target, &e);
+    /// Puts the complete file at `name`: atomically, and without replacing
+    /// a file that appeared meanwhile unless `overwrite`.
+    fn commit(&mut self, name: &CStr, overwrite: bool) -> io::Result<()> {
+        let dir = self.dir.as_raw_fd();
         match self.named.take() {
             None => {
-                let fd = PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()));
+                let fd = CString::new(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+                    .map_err(io::Error::other)?;
                 if !overwrite {
-                    return link_following(&fd, target).map_err(fail);
+                    return check(unsafe {
+                        // SAFETY: valid descriptors and NUL-terminated names.
+                        libc::linkat(
+                            libc::AT_FDCWD,
+                            fd.as_ptr(),
+                            dir,
+                            name.as_ptr(),
+                            libc::AT_SYMLINK_FOLLOW,
+                        )
+                    });
                 }
-                let name = target.file_name().unwrap_or(OsStr::new("file"));
-                let staged = hidden_name(&self.dir, name);
-                link_following(&fd, &staged).map_err(fail)?;
-                fs::rename(&staged, target).map_err(|e| {
-                    let _ = fs::remove_file(&staged);
-                    fail(e)
-                })
+                let staged = hidden_name(name);
+                // SAFETY: as above.
+                check(unsafe {
+                    libc::linkat(
+                        libc::AT_FDCWD,
+                        fd.as_ptr(),
+                        dir,
+                        staged.as_ptr(),
+                        libc::AT_SYMLINK_FOLLOW,
+                    )
+                })?;
+                // SAFETY: as above.
+                let renamed =
+                    check(unsafe { libc::renameat(dir, staged.as_ptr(), dir, name.as_ptr()) });
+                if renamed.is_err() {
+                    // SAFETY: as above.
+                    unsafe { libc::unlinkat(dir, staged.as_ptr(), 0) };
+                }
+                renamed
             }
-            Some(path) => {
+            Some(hidden) => {
                 let result = if overwrite {
-                    fs::rename(&path, target)
+                    // SAFETY: as above.
+                    check(unsafe { libc::renameat(dir, hidden.as_ptr(), dir, name.as_ptr()) })
                 } else {
-                    rename_noreplace(&path, target)
+                    rename_noreplace(dir, &hidden, name)
                 };
                 if result.is_err() {
-                    let _ = fs::remove_file(&path);
+                    // SAFETY: as above.
+                    unsafe { libc::unlinkat(dir, hidden.as_ptr(), 0) };
                 }
-                result.map_err(fail)
+                result
             }
         }
     }
 }
 
-impl Drop for Temp {
+impl Drop for Temp<'_> {
     fn drop(&mut self) {
-        if let Some(path) = self.named.take() {
-            let _ = fs::remove_file(path);
+        if let Some(hidden) = self.named.take() {
+            // SAFETY: a valid directory descriptor and name.
+            unsafe { libc::unlinkat(self.dir.as_raw_fd(), hidden.as_ptr(), 0) };
         }
     }
 }
 
-/// `.NAME.conch-RANDOM` in `dir`.
-fn hidden_name(dir: &Path, name: &OsStr) -> PathBuf {
-    let mut raw = [0u8; 8];
-    rand::fill(&mut raw);
-    let mut file = OsString::from(".");
-    file.push(name);
-    file.push(format!(".conch-{}", hex::encode(raw)));
-    dir.join(file)
-}
-
-fn c_path(p: &Path) -> io::Result<CString> {
-    CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
-}
-
-/// `linkat(.., AT_SYMLINK_FOLLOW)`: gives an `O_TMPFILE` file (through its
-/// `/proc/self/fd` link) a name; fails with EEXIST if the name is taken.
-fn link_following(from: &Path, to: &Path) -> io::Result<()> {
-    let (from, to) = (c_path(from)?, c_path(to)?);
-    // SAFETY: two valid NUL-terminated paths.
-    let rc = unsafe {
-        libc::linkat(
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            libc::AT_SYMLINK_FOLLOW,
-        )
-    };
+fn check(rc: libc::c_int) -> io::Result<()> {
     if rc == 0 {
         Ok(())
     } else {
@@ -525,20 +641,69 @@ fn link_following(from: &Path, to: &Path) -> io::Result<()> {
     }
 }
 
+/// `.NAME.conch-RANDOM`, with NAME cut so that the whole stays within a
+/// file name's 255 bytes.
+fn hidden_name(name: &CStr) -> CString {
+    let mut raw = [0u8; 8];
+    rand::fill(&mut raw);
+    let bytes = name.to_bytes();
+    let mut out = b".".to_vec();
+    out.extend_from_slice(&bytes[..bytes.len().min(200)]);
+    out.extend_from_slice(format!(".conch-{}", hex::encode(raw)).as_bytes());
+    CString::new(out).unwrap_or_else(|_| c".conch-partial".to_owned())
+}
+
+fn c_name(name: &OsStr) -> Result<CString, Failure> {
+    CString::new(name.as_bytes())
+        .map_err(|_| Failure::new(ErrorCode::BadRequest, "a path holds a NUL byte"))
+}
+
+/// Opens a directory (following links as any path lookup does), for
+/// reading where the user may, else only as a place (`O_PATH`).
+fn open_dir(path: &Path) -> io::Result<OwnedFd> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC;
+    loop {
+        // SAFETY: a valid NUL-terminated path.
+        let fd = unsafe { libc::open(c.as_ptr(), flags) };
+        if fd >= 0 {
+            // SAFETY: a descriptor just opened and owned here.
+            return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+        let e = io::Error::last_os_error();
+        // A directory one may write in but not list (`-wx`).
+        if e.raw_os_error() == Some(libc::EACCES) && flags & libc::O_PATH == 0 {
+            flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC;
+            continue;
+        }
+        return Err(e);
+    }
+}
+
+fn stat_at(dir: RawFd, name: &CStr, follow: bool) -> io::Result<libc::stat> {
+    // SAFETY: zeroed memory is a valid `stat` for the kernel to fill.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    let flags = if follow { 0 } else { libc::AT_SYMLINK_NOFOLLOW };
+    // SAFETY: a valid descriptor, name and buffer.
+    check(unsafe { libc::fstatat(dir, name.as_ptr(), &mut st, flags) })?;
+    Ok(st)
+}
+
+fn fstat(fd: RawFd) -> io::Result<libc::stat> {
+    // SAFETY: as for `stat_at`.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid descriptor and buffer.
+    check(unsafe { libc::fstat(fd, &mut st) })?;
+    Ok(st)
+}
+
 /// `renameat2(.., RENAME_NOREPLACE)`, or a link and an unlink where the
 /// file system cannot do that.
-fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
-    let (cfrom, cto) = (c_path(from)?, c_path(to)?);
-    // SAFETY: two valid NUL-terminated paths.
-    let rc = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            cfrom.as_ptr(),
-            libc::AT_FDCWD,
-            cto.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    };
+fn rename_noreplace(dir: RawFd, from: &CStr, to: &CStr) -> io::Result<()> {
+    // SAFETY: a valid directory descriptor and names.
+    let rc =
+        unsafe { libc::renameat2(dir, from.as_ptr(), dir, to.as_ptr(), libc::RENAME_NOREPLACE) };
     if rc == 0 {
         return Ok(());
     }
@@ -546,8 +711,10 @@ fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     if e.raw_os_error() != Some(libc::EINVAL) {
         return Err(e);
     }
-    fs::hard_link(from, to)?;
-    fs::remove_file(from)
+    // SAFETY: as above.
+    check(unsafe { libc::linkat(dir, from.as_ptr(), dir, to.as_ptr(), 0) })?;
+    // SAFETY: as above.
+    check(unsafe { libc::unlinkat(dir, from.as_ptr(), 0) })
 }
 
 fn umask() -> u32 {
@@ -562,15 +729,7 @@ fn umask() -> u32 {
 
 fn fchmod(file: &File, mode: u32) -> io::Result<()> {
     // SAFETY: a valid open descriptor.
-    if unsafe { libc::fchmod(file.as_raw_fd(), mode as libc::mode_t) } == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-fn fchown(file: &File, uid: Option<u32>, gid: Option<u32>) -> io::Result<()> {
-    std::os::unix::fs::fchown(file, uid, gid)
+    check(unsafe { libc::fchmod(file.as_raw_fd(), mode as libc::mode_t) })
 }
 
 /// `USER`, `USER:GROUP` or `:GROUP`, by name or number.
@@ -612,23 +771,28 @@ fn owner_ids(owner: &str) -> Result<(Option<u32>, Option<u32>), Failure> {
     Ok((uid, gid))
 }
 
-fn mtime_ms(meta: &fs::Metadata) -> i64 {
+fn mtime_ms(meta: &std::fs::Metadata) -> i64 {
+    use std::os::unix::fs::MetadataExt;
     meta.mtime() * 1000 + meta.mtime_nsec() / 1_000_000
 }
 
-fn identity(meta: &fs::Metadata) -> Identity {
+fn identity(meta: &std::fs::Metadata) -> Identity {
+    use std::os::unix::fs::MetadataExt;
     Identity {
         dev: meta.dev(),
         ino: meta.ino(),
         size: meta.len(),
         mtime_s: meta.mtime(),
         mtime_ns: meta.mtime_nsec(),
+        ctime_s: meta.ctime(),
+        ctime_ns: meta.ctime_nsec(),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     fn put_bytes(req: &PutRequest, data: &[u8]) -> Result<Done, Failure> {
         put(req, &mut &data[..])
@@ -721,5 +885,58 @@ mod tests {
             put_bytes(&missing, b"1").unwrap_err().code,
             ErrorCode::NotFound
         );
+    }
+
+    #[test]
+    fn a_link_as_the_target_is_refused_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, "keep").unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        let through = PutRequest {
+            overwrite: true,
+            ..req(&link)
+        };
+        assert_eq!(
+            put_bytes(&through, b"evil").unwrap_err().code,
+            ErrorCode::NotAFile
+        );
+        assert_eq!(fs::read(&victim).unwrap(), b"keep");
+        let dangling = dir.path().join("dangling");
+        std::os::unix::fs::symlink(dir.path().join("nowhere"), &dangling).unwrap();
+        assert_eq!(
+            put_bytes(&req(&dangling), b"x").unwrap_err().code,
+            ErrorCode::NotAFile
+        );
+        assert!(!dir.path().join("nowhere").exists());
+    }
+
+    #[test]
+    fn the_mode_asked_for_is_the_mode_written_and_said() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("tool");
+        let me = nix::unistd::getuid().as_raw();
+        let setuid = PutRequest {
+            mode: Some(0o4755),
+            owner: Some(me.to_string()),
+            ..req(&target)
+        };
+        let done = put_bytes(&setuid, b"#!/bin/sh\n").unwrap();
+        let on_disk =
+            std::os::unix::fs::MetadataExt::mode(&fs::metadata(&target).unwrap()) & 0o7777;
+        assert_eq!((done.info.mode, on_disk), (0o4755, 0o4755));
+    }
+
+    #[test]
+    fn a_trailing_slash_names_a_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = format!("{}/newdir/", dir.path().display());
+        let r = PutRequest {
+            path: WirePath(missing.into_bytes()),
+            ..Default::default()
+        };
+        assert_eq!(put_bytes(&r, b"x").unwrap_err().code, ErrorCode::NotFound);
+        assert!(!dir.path().join("newdir").exists());
     }
 }

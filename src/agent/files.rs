@@ -26,7 +26,7 @@ use super::process::{self, ProcessIo, Spawned};
 use super::sandbox::ExecPolicy;
 use super::session::Sessions;
 use crate::protocol::message::DEFAULT_WINDOW;
-use crate::protocol::{ExecRequest, FileInfo, Frame, GetRequest, Message, PutRequest};
+use crate::protocol::{ExecRequest, FileInfo, Frame, GetRequest, Message, PutRequest, WirePath};
 use crate::vocab::{self, ErrorCode};
 
 /// The longest reply line the helper may give: 64 KiB (a path of at most
@@ -93,8 +93,7 @@ impl Transfer {
     pub(crate) async fn put(mut self, req: PutRequest) {
         let started = Instant::now();
         let session = req.session.clone();
-        let request = serde_json::to_string(&req).unwrap_or_default();
-        let exit = match self.spawn("put", request, session.as_deref()) {
+        let exit = match self.spawn("put", req, session.as_deref()).await {
             Ok(spawned) => self.run_put(spawned).await,
             Err(failure) => failure,
         };
@@ -104,23 +103,31 @@ impl Transfer {
     /// Runs a `get` to its end.
     pub(crate) async fn get(mut self, req: GetRequest) {
         let started = Instant::now();
+        // A `get` reads no input: what a client sends anyway is dropped
+        // (and the connection's stdin credit check bounds it).
+        self.input.close();
+        while self.input.try_recv().is_ok() {}
         let window = req.window.unwrap_or(DEFAULT_WINDOW);
         let session = req.session.clone();
-        let request = serde_json::to_string(&req).unwrap_or_default();
-        let exit = match self.spawn("get", request, session.as_deref()) {
+        let exit = match self.spawn("get", req, session.as_deref()).await {
             Ok(spawned) => self.run_get(spawned, window).await,
             Err(failure) => failure,
         };
         self.finish(exit, started).await;
     }
 
-    /// Starts the helper, from `session`'s shell's working directory if
-    /// one is named (relative paths are the shell's), else from the
-    /// user's home, as a command would.
-    fn spawn(&self, verb: &str, request: String, session: Option<&str>) -> Result<Spawned, End> {
+    /// Starts the helper and hands it its request (on its stdin, never on
+    /// its command line), with the directory relative paths start from:
+    /// `session`'s foreground job's, if one is named, else the user's home.
+    async fn spawn<T: serde::Serialize>(
+        &self,
+        verb: &str,
+        req: T,
+        session: Option<&str>,
+    ) -> Result<Spawned, End> {
         let cwd = match session {
             Some(id) => match self.sessions.cwd(id) {
-                Some(dir) => Some(dir.to_string_lossy().into_owned()),
+                Some(dir) => Some(WirePath::from(dir.as_path())),
                 None => {
                     return Err(End::Failed(
                         ErrorCode::NoSession,
@@ -130,27 +137,34 @@ impl Transfer {
             },
             None => None,
         };
+        let mut line = serde_json::to_vec(&file_io::Job { cwd, req })
+            .map_err(|e| End::Failed(ErrorCode::BadRequest, e.to_string()))?;
+        line.push(b'\n');
         let helper = self.policy.file_helper().to_string_lossy().into_owned();
-        let req = ExecRequest {
+        let exec = ExecRequest {
             argv: Some(vec![
                 helper,
                 file_io::HELPER_ARG.to_owned(),
                 verb.to_owned(),
-                request,
             ]),
-            cwd,
             ..Default::default()
         };
-        process::spawn(&req, &self.policy).map_err(|e| {
-            let code = if e.code == 126 && e.message.contains("Permission denied") {
-                ErrorCode::PermissionDenied
-            } else if e.code == 126 && e.message.contains("No such file") {
-                ErrorCode::NotFound
-            } else {
-                ErrorCode::FileError
-            };
-            End::Failed(code, e.message.trim().to_owned())
-        })
+        let mut spawned = process::spawn(&exec, &self.policy).map_err(|e| {
+            End::Failed(
+                ErrorCode::FileError,
+                format!("cannot run the file helper: {}", e.message.trim()),
+            )
+        })?;
+        if let ProcessIo::Pipes {
+            stdin: Some(stdin), ..
+        } = &mut spawned.io
+        {
+            use tokio::io::AsyncWriteExt;
+            // The helper reads it first; a helper that died instead shows
+            // in its reply (or its silence).
+            let _ = stdin.write_all(&line).await;
+        }
+        Ok(spawned)
     }
 
     async fn run_put(&mut self, spawned: Spawned) -> End {
@@ -347,9 +361,14 @@ impl Transfer {
         if code == Some(0) && sent == info.length {
             if let Some(hasher) = hasher {
                 let sha = hex::encode(hasher.finalize());
-                remember(done.identity, &sha);
-                info.sha256 = Some(sha);
-                self.send_info(&info).await;
+                // Only a file that did not change while it was read has
+                // this hash (the helper says what it looked like after).
+                let after = serde_json::from_slice::<Identity>(errors.data.trim_ascii()).ok();
+                if after == Some(done.identity) {
+                    remember(done.identity, &sha);
+                    info.sha256 = Some(sha);
+                    self.send_info(&info).await;
+                }
             }
             return End::Ok;
         }

@@ -357,8 +357,10 @@ impl Sessions {
         true
     }
 
-    /// The working directory of session `id`'s shell (where a file sent
-    /// "here" goes); `None` if there is no such session or shell.
+    /// Where a file sent "here" in session `id` goes: the working
+    /// directory of its terminal's foreground job (a shell started in the
+    /// shell, after its own `cd`), else of its shell; `None` if there is no
+    /// such session or shell, or its directory was removed.
     pub(crate) fn cwd(&self, id: &str) -> Option<std::path::PathBuf> {
         let pid = self
             .table()
@@ -368,7 +370,24 @@ impl Sessions {
         if pid == 0 {
             return None;
         }
-        std::fs::read_link(format!("/proc/{pid}/cwd")).ok()
+        // Field 8 of /proc/PID/stat, after the command's parenthesis:
+        // the terminal's foreground process group.
+        let foreground = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                stat.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(5))
+                    .and_then(|f| f.parse::<i32>().ok())
+            })
+            .filter(|pgid| *pgid > 0);
+        let from = |p: i64| -> Option<std::path::PathBuf> {
+            let dir = std::fs::read_link(format!("/proc/{p}/cwd")).ok()?;
+            // A removed directory reads "... (deleted)": none to go to.
+            dir.is_dir().then_some(dir)
+        };
+        foreground
+            .and_then(|pgid| from(i64::from(pgid)))
+            .or_else(|| from(i64::from(pid)))
     }
 
     /// Every session, oldest first.

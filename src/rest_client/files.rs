@@ -80,7 +80,13 @@ pub enum CopyError {
 impl CopyError {
     pub fn exit_status(&self) -> u8 {
         match self {
-            CopyError::Refused(_) | CopyError::Client(ClientError::Refused { .. }) => 1,
+            CopyError::Refused(_) => 1,
+            // What the host said of the file; anything else (credentials,
+            // limits, an unavailable agent, a server error) is conch's.
+            CopyError::Client(ClientError::Refused {
+                status: 400 | 403 | 404 | 409 | 413 | 416 | 507,
+                ..
+            }) => 1,
             CopyError::Client(_) => super::EXIT_CONCH_FAILED,
         }
     }
@@ -228,58 +234,43 @@ async fn download(
     let server = &config.server;
     let client = server.client()?;
     let url = server.url(&format!("/api/v1/files?{}", query(agent, path)));
-    let response = server.send(client.get(url)).await?;
+    let response = server.send(client.get(&url)).await?;
     let size = response.content_length();
-    let expected = response
+    let etag = |r: &reqwest::Response| {
+        r.headers()
+            .get(reqwest::header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.trim_matches('"').to_owned())
+    };
+    let mut expected = etag(&response);
+    let mode = response
         .headers()
-        .get(reqwest::header::ETAG)
+        .get("x-file-mode")
         .and_then(|v| v.to_str().ok())
-        .map(|v| v.trim_matches('"').to_owned());
+        .and_then(|v| u32::from_str_radix(v, 8).ok());
     let bar = bar(config.progress, size, "download");
     let mut hasher = Sha256::new();
     let mut body = response.bytes_stream();
     let mut received = 0u64;
-    let result: Result<String, CopyError> = match to {
-        Place::Stdio => {
-            let mut out = tokio::io::stdout();
-            while let Some(chunk) = body.next().await {
-                let chunk = chunk.map_err(|e| ClientError::Broken(super::root_cause(&e)))?;
-                hasher.update(&chunk);
-                received += chunk.len() as u64;
-                bar.inc(chunk.len() as u64);
-                out.write_all(&chunk)
-                    .await
-                    .map_err(|e| CopyError::Refused(format!("standard output: {e}")))?;
-            }
-            out.flush()
-                .await
-                .map_err(|e| CopyError::Refused(format!("standard output: {e}")))?;
-            Ok("standard output".to_owned())
-        }
-        Place::Local(dest) => {
-            let dest = local_target(dest, path);
-            let partial = Partial::create(&dest).await?;
-            let mut file = partial
-                .file
-                .try_clone()
-                .await
-                .map_err(|e| partial.error(e))?;
-            while let Some(chunk) = body.next().await {
-                let chunk = chunk.map_err(|e| ClientError::Broken(super::root_cause(&e)))?;
-                hasher.update(&chunk);
-                received += chunk.len() as u64;
-                bar.inc(chunk.len() as u64);
-                file.write_all(&chunk).await.map_err(|e| partial.error(e))?;
-            }
-            file.sync_all().await.map_err(|e| partial.error(e))?;
-            drop(file);
-            partial.keep().await?;
-            Ok(dest.display().to_string())
-        }
-        Place::Remote { .. } => unreachable!("checked by copy"),
+    let mut partial = match to {
+        Place::Local(dest) => Some(Partial::create(&local_target(dest, path)).await?),
+        _ => None,
     };
+    let mut stdout = tokio::io::stdout();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| ClientError::Broken(super::root_cause(&e)))?;
+        hasher.update(&chunk);
+        received += chunk.len() as u64;
+        bar.inc(chunk.len() as u64);
+        match partial.as_mut() {
+            Some(p) => p.file.write_all(&chunk).await.map_err(|e| p.error(e))?,
+            None => stdout
+                .write_all(&chunk)
+                .await
+                .map_err(|e| CopyError::Refused(format!("standard output: {e}")))?,
+        }
+    }
     bar.finish_and_clear();
-    let written = result?;
     let ours = hex::encode(hasher.finalize());
     if let Some(size) = size
         && size != received
@@ -288,14 +279,61 @@ async fn download(
             "{received} of {size} bytes arrived"
         ))));
     }
-    if let Some(theirs) = expected
-        && theirs != ours
-    {
-        return Err(CopyError::Refused(format!(
-            "the bytes received have SHA-256 {ours}, the agent's file {theirs}"
-        )));
+    // The agent hashed the file while sending it all: asked again (one
+    // byte), it names the hash, unless the file changed meanwhile.
+    if expected.is_none() {
+        let again = client
+            .get(&url)
+            .bearer_auth(&server.token)
+            .header(reqwest::header::RANGE, "bytes=0-0")
+            .send()
+            .await;
+        expected = again.ok().as_ref().and_then(etag);
     }
+    match &expected {
+        Some(theirs) if theirs != &ours => {
+            return Err(CopyError::Refused(format!(
+                "the bytes received have SHA-256 {ours}, the agent's file {theirs}; nothing was kept"
+            )));
+        }
+        Some(_) => {}
+        None => eprintln!(
+            "conch: the file changed while it was copied: the copy is not checked against the agent's"
+        ),
+    }
+    let written = match partial {
+        Some(p) => {
+            p.file.sync_all().await.map_err(|e| p.error(e))?;
+            // The remote file's permissions, less this process's umask (as
+            // scp gives a new file); private until then.
+            let mode = mode.unwrap_or(0o666) & 0o777 & !local_umask();
+            let perms = std::os::unix::fs::PermissionsExt::from_mode(mode);
+            p.file
+                .set_permissions(perms)
+                .await
+                .map_err(|e| p.error(e))?;
+            let shown = p.dest.display().to_string();
+            p.keep().await?;
+            shown
+        }
+        None => {
+            stdout
+                .flush()
+                .await
+                .map_err(|e| CopyError::Refused(format!("standard output: {e}")))?;
+            "standard output".to_owned()
+        }
+    };
     Ok(format!("{written} {received} bytes sha256 {ours}"))
+}
+
+fn local_umask() -> u32 {
+    // SAFETY: umask cannot fail; the old mask is put back at once.
+    unsafe {
+        let old = libc::umask(0o077);
+        libc::umask(old);
+        old as u32
+    }
 }
 
 /// A local destination that is a directory takes the remote file's name.
@@ -326,7 +364,12 @@ impl Partial {
             _ => PathBuf::from("."),
         };
         let mut name = OsString::from(".");
-        name.push(dest.file_name().unwrap_or(OsStr::new("download")));
+        let base = dest
+            .file_name()
+            .unwrap_or(OsStr::new("download"))
+            .as_bytes();
+        // Within a file name's 255 bytes, whatever the destination's length.
+        name.push(OsStr::from_bytes(&base[..base.len().min(200)]));
         let mut raw = [0u8; 6];
         rand::fill(&mut raw);
         name.push(format!(".conch-{}", hex::encode(raw)));
@@ -334,6 +377,7 @@ impl Partial {
         let file = tokio::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(&temp)
             .await
             .map_err(|e| CopyError::Refused(format!("{}: {e}", temp.display())))?;

@@ -106,6 +106,9 @@ pub struct ApiLimits {
     /// reserves twice its `max_output_bytes` (stdout and stderr) before its
     /// command starts, and gets 503 when the budget cannot hold it.
     pub buffered_budget: usize,
+    /// A file transfer that moves no byte for this long (a client that
+    /// neither sends nor reads) is ended, and what it held is freed.
+    pub transfer_idle: std::time::Duration,
 }
 
 // `server::openapi` adds the "exactly one of `command` and `argv`" rule
@@ -1165,6 +1168,7 @@ mod tests {
             max_concurrent: 8,
             rate_per_minute: 60,
             buffered_budget: 1 << 20,
+            transfer_idle: std::time::Duration::from_secs(60),
         }
     }
 

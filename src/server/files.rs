@@ -168,6 +168,16 @@ pub(crate) struct GetParams {
     session: Option<String>,
 }
 
+/// Why an upload's body stopped before its end.
+enum Cut {
+    /// The client's body broke off.
+    Client(String),
+    /// No byte came for the idle time.
+    Idle,
+    /// The channel ended (its events say why).
+    Channel,
+}
+
 /// What a transfer holds until it is over: its place among the API's
 /// running commands, and its share of the agent's channels.
 struct Held {
@@ -246,6 +256,7 @@ fn refusal(code: ErrorCode, message: String) -> ApiError {
             message,
             size: None,
         },
+        ErrorCode::AgentLost | ErrorCode::AgentUnavailable => ApiError::AgentUnavailable(message),
         ErrorCode::TooManyChannels | ErrorCode::Busy => ApiError::TooManyRequests {
             message,
             retry_after: 1,
@@ -326,20 +337,22 @@ pub(crate) async fn put(
     let mut body = request.into_body().into_data_stream();
     // The body goes to the agent as the agent takes it (its stdin credit
     // paces this loop); the agent's answer may come first (a refusal).
+    let idle = state.api_limits.transfer_idle;
     let pump = async move {
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| Some(e.to_string()))?;
+        loop {
+            let next = tokio::time::timeout(idle, body.next())
+                .await
+                .map_err(|_| Cut::Idle)?;
+            let Some(chunk) = next else { break };
+            let chunk = chunk.map_err(|e| Cut::Client(e.to_string()))?;
             super::metrics::input(chunk.len());
             // Fails only once the channel has ended: its events say why.
-            input
-                .stdin(chunk, false)
-                .await
-                .map_err(|_| None::<String>)?;
+            input.stdin(chunk, false).await.map_err(|_| Cut::Channel)?;
         }
         input
             .stdin(Bytes::new(), true)
             .await
-            .map_err(|_| None::<String>)
+            .map_err(|_| Cut::Channel)
     };
     tokio::pin!(pump);
     let mut pumping = true;
@@ -349,13 +362,25 @@ pub(crate) async fn put(
         tokio::select! {
             result = &mut pump, if pumping => {
                 pumping = false;
-                if let Err(Some(e)) = result {
-                    // The client's body broke off. Dropping the channel
-                    // kills the writer: no file.
-                    drop(channel);
-                    tracing::info!(user = %who.name, %agent, path = %shown(&req.path), error = %e, "file put cut short");
-                    return Err(ApiError::BadRequest(format!("the upload was cut short: {e}")));
-                }
+                // The client's body broke off, or stalled. Dropping the
+                // channel kills the writer: no file.
+                let cut = match result {
+                    Err(Cut::Client(e)) => ApiError::BadRequest(format!("the upload was cut short: {e}")),
+                    Err(Cut::Idle) => ApiError::RequestTimeout(format!(
+                        "no byte of the upload came for {} s; it was ended and nothing was written",
+                        idle.as_secs()
+                    )),
+                    Ok(()) | Err(Cut::Channel) => continue,
+                };
+                drop(channel);
+                tracing::info!(user = %who.name, %agent, path = %shown(&req.path), error = %cut, "file put cut short");
+                return Err(cut);
+            }
+            _ = state.shutdown.cancelled() => {
+                drop(channel);
+                return Err(ApiError::AgentUnavailable(
+                    "the server is shutting down; the upload was ended and nothing was written".into(),
+                ));
             }
             event = channel.next() => match event {
                 Some(Event::File(info)) => written = Some(info),
@@ -501,6 +526,14 @@ fn if_range_holds(headers: &HeaderMap, info: &FileInfo) -> bool {
     if value.starts_with('"') {
         return etag(info).as_deref() == Some(value);
     }
+    // A date validates only a file unchanged for a second or more: two
+    // changes within one second would share it (RFC 9110, 8.8.2.2).
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    if info.mtime_ms > now_ms - 1000 {
+        return false;
+    }
     match (httpdate::parse_http_date(value), last_modified(info)) {
         (Ok(date), Some(ours)) => httpdate::parse_http_date(&ours).is_ok_and(|o| o == date),
         _ => false,
@@ -535,6 +568,17 @@ pub(crate) async fn get(
     request: Request,
 ) -> Result<Response, ApiError> {
     let headers = request.headers().clone();
+    // A cookie comes with requests from sibling sites of the same site
+    // (`<img src>` on another sub-domain): a download by cookie must come
+    // from this server's own page, or be typed in.
+    if !headers.contains_key(header::AUTHORIZATION)
+        && let Some(site) = headers.get("sec-fetch-site")
+        && !matches!(site.as_bytes(), b"same-origin" | b"none")
+    {
+        return Err(ApiError::Forbidden(
+            "a download with the session cookie must come from this server's page".into(),
+        ));
+    }
     let query = parse_query(request.uri().query(), false)?;
     let (agent, link, held) = prepare(&state, &who, &query).await?;
     let path = WirePath(query.path.clone().unwrap_or_default());
@@ -580,7 +624,8 @@ pub(crate) async fn get(
         .header(header::CONTENT_TYPE, "application/octet-stream")
         .header(header::CONTENT_LENGTH, info.length)
         .header(header::ACCEPT_RANGES, "bytes")
-        .header(header::CONTENT_DISPOSITION, disposition(&info.path));
+        .header(header::CONTENT_DISPOSITION, disposition(&info.path))
+        .header("x-file-mode", format!("{:04o}", info.mode));
     if partial {
         let end = info.offset + info.length - 1;
         response = response.header(
@@ -601,7 +646,13 @@ pub(crate) async fn get(
     if let Some(date) = last_modified(&info) {
         response = response.header(header::LAST_MODIFIED, date);
     }
-    let body = Body::from_stream(download(channel, held, info.length));
+    let body = Body::from_stream(download(
+        channel,
+        held,
+        info.length,
+        state.api_limits.transfer_idle,
+        state.shutdown.clone(),
+    ));
     response
         .body(body)
         .map_err(|e| ApiError::Internal(e.to_string()))
@@ -657,44 +708,112 @@ async fn first_info(channel: &mut Channel, agent: &str) -> Result<FileInfo, (Err
     )))
 }
 
+/// A download under way: its channel and what it holds, shared by the
+/// body and its watchdog.
+struct Download {
+    channel: Channel,
+    _held: Held,
+}
+
 /// The body of a download: the agent's `stdout` frames, each returning its
 /// credit once the response has taken it, so that a slow client slows the
 /// agent's reading rather than filling the server. A failure midway ends
 /// the body with an error (the client sees a cut connection, never a
-/// complete-looking short file).
+/// complete-looking short file). A watchdog ends a download whose client
+/// has taken nothing for `idle` (or at shutdown): the helper is killed,
+/// and the slot and the read-ahead are freed, even while the connection
+/// itself stays open.
 fn download(
     channel: Channel,
     held: Held,
     length: u64,
+    idle: std::time::Duration,
+    shutdown: tokio_util::sync::CancellationToken,
 ) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send {
-    futures_util::stream::unfold(
-        (channel, held, 0u64, false),
-        move |(mut channel, held, mut sent, done)| async move {
-            if done {
-                return None;
-            }
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let shared = Arc::new(tokio::sync::Mutex::new(Some(Download {
+        channel,
+        _held: held,
+    })));
+    let origin = tokio::time::Instant::now();
+    let polled = Arc::new(AtomicU64::new(0));
+    let since_origin = move || origin.elapsed().as_millis() as u64;
+    {
+        let (shared, polled, shutdown) =
+            (Arc::downgrade(&shared), polled.clone(), shutdown.clone());
+        let tick = (idle / 4).max(std::time::Duration::from_millis(50));
+        tokio::spawn(async move {
             loop {
-                match channel.next().await {
-                    Some(Event::Stdout(data)) => {
-                        let _ = channel.window(data.len() as u64).await;
-                        sent += data.len() as u64;
-                        return Some((Ok(data), (channel, held, sent, false)));
-                    }
-                    Some(Event::Exit(status)) if status.code == Some(0) && sent == length => {
-                        return None;
-                    }
-                    Some(Event::Error { code, message }) => {
-                        let e = std::io::Error::other(format!("{code}: {message}"));
-                        return Some((Err(e), (channel, held, sent, true)));
-                    }
-                    Some(Event::Exit(_)) | Some(Event::Lost) | None => {
-                        let e = std::io::Error::other(format!(
-                            "the download ended after {sent} of {length} bytes"
-                        ));
-                        return Some((Err(e), (channel, held, sent, true)));
-                    }
-                    Some(_) => {}
+                tokio::time::sleep(tick).await;
+                let Some(shared) = shared.upgrade() else {
+                    return;
+                };
+                let quiet = since_origin().saturating_sub(polled.load(Ordering::Acquire));
+                if quiet < idle.as_millis() as u64 && !shutdown.is_cancelled() {
+                    continue;
                 }
+                // Locked only while the body waits for the client, not
+                // while it waits for the agent.
+                if let Ok(mut d) = shared.try_lock() {
+                    d.take();
+                    return;
+                }
+            }
+        });
+    }
+    futures_util::stream::unfold(
+        (shared, polled, 0u64, false),
+        move |(shared, polled, mut sent, done)| {
+            let shutdown = shutdown.clone();
+            async move {
+                if done {
+                    return None;
+                }
+                polled.store(since_origin(), Ordering::Release);
+                let mut guard = shared.lock().await;
+                let Some(d) = guard.as_mut() else {
+                    drop(guard);
+                    let e = std::io::Error::other(format!(
+                        "the download was ended after {sent} of {length} bytes: the client took \
+                         nothing for {} s, or the server is shutting down",
+                        idle.as_secs()
+                    ));
+                    return Some((Err(e), (shared, polled, sent, true)));
+                };
+                let item = loop {
+                    let event = tokio::select! {
+                        e = d.channel.next() => e,
+                        _ = shutdown.cancelled() => None,
+                    };
+                    match event {
+                        Some(Event::Stdout(data)) => {
+                            let _ = d.channel.window(data.len() as u64).await;
+                            sent += data.len() as u64;
+                            break Some(Ok(data));
+                        }
+                        Some(Event::Exit(status)) if status.code == Some(0) && sent == length => {
+                            break None;
+                        }
+                        Some(Event::Error { code, message }) => {
+                            break Some(Err(std::io::Error::other(format!("{code}: {message}"))));
+                        }
+                        Some(Event::Exit(_)) | Some(Event::Lost) | None => {
+                            break Some(Err(std::io::Error::other(format!(
+                                "the download ended after {sent} of {length} bytes"
+                            ))));
+                        }
+                        Some(_) => {}
+                    }
+                };
+                let failed = matches!(item, Some(Err(_)));
+                if item.is_none() || failed {
+                    // Over: free the slot now, not when hyper drops the body.
+                    guard.take();
+                }
+                drop(guard);
+                polled.store(since_origin(), Ordering::Release);
+                item.map(|i| (i, (shared, polled, sent, failed)))
             }
         },
     )

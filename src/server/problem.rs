@@ -50,6 +50,9 @@ pub(crate) enum ApiError {
     Busy(String),
     #[error("{0}")]
     Internal(String),
+    /// The client sent nothing for too long (HTTP 408).
+    #[error("{0}")]
+    RequestTimeout(String),
     /// The host's file system is full (HTTP 507).
     #[error("{0}")]
     InsufficientStorage(String),
@@ -78,6 +81,7 @@ impl ApiError {
             ApiError::AgentUnavailable(_) | ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             ApiError::MisdirectedHost => StatusCode::MISDIRECTED_REQUEST,
         }
@@ -98,6 +102,7 @@ impl ApiError {
             ApiError::Busy(_) => "busy",
             ApiError::Internal(_) => "internal",
             ApiError::InsufficientStorage(_) => "insufficient-storage",
+            ApiError::RequestTimeout(_) => "request-timeout",
             ApiError::RangeNotSatisfiable { .. } => "range-not-satisfiable",
             ApiError::MisdirectedHost => "misdirected-host",
         }

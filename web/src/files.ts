@@ -45,9 +45,13 @@ function query(params: [string, string | null | undefined][]): string {
   return parts.join('&');
 }
 
-/** The file path sent for a field: an empty one is "." (the directory relative paths start in). */
+/**
+ * The file path sent for a field: an empty (or blank) one is "." (the
+ * directory relative paths start in). Otherwise sent as typed: a name may
+ * begin or end with spaces.
+ */
 function pathOf(path: string): string {
-  return path.trim() || '.';
+  return path.trim() ? path : '.';
 }
 
 /** The address that takes `name` into `path` (a directory), or to `path` itself (a file). */
@@ -72,7 +76,7 @@ export function downloadUrl(target: FileTarget, path: string): string {
 
 /** "/var/log/syslog" -> "syslog": the name a download is offered under ('' for a directory-like path). */
 export function baseName(path: string): string {
-  const parts = path.trim().split('/');
+  const parts = path.split('/');
   const last = parts[parts.length - 1] ?? '';
   return last === '.' || last === '..' ? '' : last;
 }
@@ -675,8 +679,8 @@ export class Files {
    * page never holds the bytes.
    */
   private download(): void {
-    const path = this.downloadPath.value.trim();
-    if (!path) {
+    const path = this.downloadPath.value;
+    if (!path.trim()) {
       this.downloadNote.textContent = 'Type the path of a file first.';
       this.downloadPath.focus();
       return;

@@ -27,8 +27,11 @@ test('behind a base path, the addresses are under it', () => {
 });
 
 test('a download names the agent, the path and the shell session', () => {
-  assert.equal(downloadUrl({ agent: 'db', session: 'abc' }, ' logs/app.log '),
+  assert.equal(downloadUrl({ agent: 'db', session: 'abc' }, 'logs/app.log'),
     '/api/v1/files?agent=db&path=logs%2Fapp.log&session=abc');
+  // A name may begin or end with spaces: sent as typed.
+  assert.equal(downloadUrl({ agent: 'db', session: null }, ' a b '), '/api/v1/files?agent=db&path=%20a%20b%20');
+  assert.equal(downloadUrl({ agent: 'db', session: null }, '  '), '/api/v1/files?agent=db&path=.');
   assert.equal(downloadUrl({ agent: 'db', session: null }, '/etc/hosts'), '/api/v1/files?agent=db&path=%2Fetc%2Fhosts');
 });
 
