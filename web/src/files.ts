@@ -332,8 +332,15 @@ export class Files {
     });
     this.watchDrops(dropZone);
 
-    const after = topbar.querySelector('#sessions-toggle') ?? topbar.querySelector('.modes');
-    topbar.insertBefore(group, after ? after.nextSibling : null);
+    // At the right end of the tab bar: transfers act on the tab in front,
+    // and the top bar keeps to one row.
+    const tabbar = document.querySelector('.tabbar');
+    if (tabbar) {
+      tabbar.append(group);
+    } else {
+      const after = topbar.querySelector('#sessions-toggle') ?? topbar.querySelector('.modes');
+      topbar.insertBefore(group, after ? after.nextSibling : null);
+    }
     document.body.append(this.uploadPanel, this.downloadPanel);
     this.applyRole();
   }
@@ -384,8 +391,15 @@ export class Files {
   }
 
   private show(which: HTMLElement, open: boolean): void {
-    // Below the top bar, however many rows it wrapped into.
-    if (open) which.style.top = Math.round(this.topbar.getBoundingClientRect().bottom + 6) + 'px';
+    // Below its button (in the tab bar), however many rows the bars
+    // wrapped into: never over the button that closes it.
+    if (open) {
+      const below = Math.max(
+        this.topbar.getBoundingClientRect().bottom,
+        this.group.getBoundingClientRect().bottom,
+      );
+      which.style.top = Math.round(below + 6) + 'px';
+    }
     which.hidden = !open;
     const button = which === this.uploadPanel ? this.uploadButton : this.downloadButton;
     button.setAttribute('aria-expanded', String(open));
