@@ -447,28 +447,34 @@ impl Supervisor {
         }
     }
 
-    /// Gives the client back the stdin credit of what the process has
-    /// read (or what was dropped), if any is due.
     async fn return_stdin_credit(
         &self,
         stdin: &mut StdinQueue<Writer>,
         stdin_spent: &std::sync::atomic::AtomicUsize,
     ) {
-        let Some(add) = stdin.credit_due() else {
-            return;
-        };
-        // Saturating: a PTY's EOF character is written without having
-        // been paid for.
-        let _ = stdin_spent.fetch_update(
-            std::sync::atomic::Ordering::AcqRel,
-            std::sync::atomic::Ordering::Acquire,
-            |v| Some(v.saturating_sub(add as usize)),
-        );
-        let _ = self
-            .out
-            .send(Frame::new(self.ch, Message::Window { add }))
-            .await;
+        return_stdin_credit(self.ch, &self.out, stdin, stdin_spent).await;
     }
+}
+
+/// Gives the client of channel `ch` back the stdin credit of what the
+/// process has read (or what was dropped), if a batch is due.
+pub(super) async fn return_stdin_credit<W: AsyncWrite + Unpin>(
+    ch: u32,
+    out: &mpsc::Sender<Frame>,
+    stdin: &mut StdinQueue<W>,
+    stdin_spent: &std::sync::atomic::AtomicUsize,
+) {
+    let Some(add) = stdin.credit_due() else {
+        return;
+    };
+    // Saturating: a PTY's EOF character is written without having been
+    // paid for.
+    let _ = stdin_spent.fetch_update(
+        std::sync::atomic::Ordering::AcqRel,
+        std::sync::atomic::Ordering::Acquire,
+        |v| Some(v.saturating_sub(add as usize)),
+    );
+    let _ = out.send(Frame::new(ch, Message::Window { add })).await;
 }
 
 pub(super) type Writer = Box<dyn AsyncWrite + Unpin + Send>;

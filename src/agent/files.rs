@@ -224,7 +224,8 @@ impl Transfer {
                 more = read_some(&mut stdout, &mut reply) => { let _ = more; }
                 more = read_some(&mut stderr, &mut errors) => { let _ = more; }
             }
-            self.return_credit(&mut queue).await;
+            super::channel::return_stdin_credit(self.ch, &self.out, &mut queue, &self.stdin_spent)
+                .await;
         }
         let ok = status.flatten().is_some_and(|s| s.success());
         match parse_reply(&reply.data) {
@@ -384,22 +385,6 @@ impl Transfer {
         if let Ok(frame) = Frame::json(self.ch, Message::File, info) {
             let _ = self.out.send(frame).await;
         }
-    }
-
-    /// Gives the client back the stdin credit of what the helper read.
-    async fn return_credit(&self, queue: &mut StdinQueue<super::channel::Writer>) {
-        let Some(add) = queue.credit_due() else {
-            return;
-        };
-        let _ = self.stdin_spent.fetch_update(
-            std::sync::atomic::Ordering::AcqRel,
-            std::sync::atomic::Ordering::Acquire,
-            |v| Some(v.saturating_sub(add as usize)),
-        );
-        let _ = self
-            .out
-            .send(Frame::new(self.ch, Message::Window { add }))
-            .await;
     }
 
     /// Sends how the transfer ended: `error` (if it failed) and `exit`.

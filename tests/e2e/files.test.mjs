@@ -15,7 +15,7 @@ import { existsSync, mkdtempSync, readFileSync, realpathSync, rmSync, writeFileS
 import os from 'node:os';
 import path from 'node:path';
 import {
-  CONCH_BIN, WAIT_MS, useServerAndBrowser, openConsole, startServer, stopServer, explain, run, waitInPage,
+  CONCH_BIN, WAIT_MS, enterShell, useServerAndBrowser, openConsole, startServer, stopServer, explain, run, waitInPage,
 } from './harness.mjs';
 
 const shared = useServerAndBrowser();
@@ -35,12 +35,7 @@ const sha256 = (bytes) => createHash('sha256').update(bytes).digest('hex');
 
 /** Shell mode, its shell a session (the page keeps its id), in `dir`. */
 async function shellIn(page, dir) {
-  await page.click('#mode-shell');
-  await waitInPage(page, () => {
-    const user = document.body.dataset.user;
-    const held = JSON.parse(sessionStorage.getItem('conch.sessions.v1:' + user) || '[]');
-    return held.length === 1;
-  }, null, 'waiting for the shell to be a session');
+  await enterShell(page);
   // Two lines: one long line could wrap, and `run` finds a command by
   // the row it ends.
   await page.keyboard.type(`mkdir -p '${dir}' && cd '${dir}'`);

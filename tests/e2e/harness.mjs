@@ -211,3 +211,13 @@ export function useServerAndBrowser() {
   });
   return shared;
 }
+
+// Shell mode; resolves once the shell is a session (the page keeps its id).
+export async function enterShell(page) {
+  await page.click('#mode-shell');
+  await waitInPage(page, () => {
+    const user = document.body.dataset.user;
+    const held = JSON.parse(sessionStorage.getItem('conch.sessions.v1:' + user) || '[]');
+    return held.length === 1;
+  }, null, 'waiting for the shell to be a session');
+}

@@ -5,20 +5,10 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  useServerAndBrowser, openConsole, readRows, run, waitForOutput, waitInPage, WAIT_MS,
+  enterShell, useServerAndBrowser, openConsole, readRows, run, waitForOutput, waitInPage, WAIT_MS,
 } from './harness.mjs';
 
 const shared = useServerAndBrowser();
-
-async function enterShell(page) {
-  await page.click('#mode-shell');
-  // The shell is a session once the server said so (the page keeps its id).
-  await waitInPage(page, () => {
-    const user = document.body.dataset.user;
-    const held = JSON.parse(sessionStorage.getItem('conch.sessions.v1:' + user) || '[]');
-    return held.length === 1;
-  }, null, 'waiting for the shell to be a session');
-}
 
 async function reload(page) {
   await page.reload();
