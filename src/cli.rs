@@ -56,6 +56,9 @@ pub enum Command {
     Cp(CpArgs),
     /// List a conch server's agents (those a selector matches) as a table.
     Agents(AgentsArgs),
+    /// Read a server's audit log (newest first), or `conch audit verify` its
+    /// hash chain in the store.
+    Audit(AuditArgs),
     /// Manage API tokens in a server's data directory.
     Token(TokenArgs),
     /// Probe a server's /healthz or an agent's TCP port; exit 0 when healthy (for container health checks).
@@ -331,9 +334,20 @@ pub struct ServeArgs {
     /// Login sessions of all users together; beyond, logins are refused (503).
     #[arg(long, env = "CONCH_MAX_SESSIONS", default_value_t = 100_000)]
     max_sessions: usize,
-    /// Directory for state (API tokens). Without it, tokens live in memory only.
+    /// Directory for state (API tokens, and the store `conch.db` when no
+    /// --database-url is given). Without it, both live in memory only.
     #[arg(long, env = "CONCH_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// The store shared by several servers: `postgres://USER:PASSWORD@HOST/DB`
+    /// (default: SQLite in --data-dir). Prefer the environment: a flag shows in `ps`.
+    #[arg(long, env = "CONCH_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// How long audit records are kept (`90d`, `12h`; `0`: for ever).
+    #[arg(long, env = "CONCH_AUDIT_RETENTION", default_value = "90d", value_parser = retention)]
+    audit_retention: Retention,
+    /// This server's name in the audit log (default: the host name).
+    #[arg(long, env = "CONCH_SERVER_NAME")]
+    server_name: Option<String>,
     /// Largest REST request body, in bytes.
     #[arg(long, env = "CONCH_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     max_body_bytes: usize,
@@ -496,6 +510,73 @@ fn parse_mode(text: &str) -> Result<u32, String> {
 }
 
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct AuditArgs {
+    #[command(subcommand)]
+    command: Option<AuditCommand>,
+    #[command(flatten)]
+    server: ServerArgs,
+    /// Only this user's records (admins; others see only their own).
+    #[arg(long)]
+    user: Option<String>,
+    /// Only records about this agent.
+    #[arg(long)]
+    agent: Option<String>,
+    /// Only this kind (login, login_failed, logout, token_create, token_revoke,
+    /// command_start, command_end, session_end, file_put, file_get, denied).
+    #[arg(long)]
+    kind: Option<String>,
+    /// From this time: milliseconds since the epoch, or a time ago (`30m`, `2h`, `7d`).
+    #[arg(long, value_parser = time_point)]
+    since: Option<i64>,
+    /// Before this time, as --since.
+    #[arg(long, value_parser = time_point)]
+    until: Option<i64>,
+    /// Text anywhere in a record's details (a command line, a path).
+    #[arg(long)]
+    text: Option<String>,
+    /// Records to print at most.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    limit: u32,
+    /// Print each record as a JSON line.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+pub enum AuditCommand {
+    /// Check the audit log's hash chain in the store (where the store is:
+    /// the server's --data-dir, or its --database-url). Exits 0 when intact,
+    /// 1 when a record was changed or removed, 255 when the store cannot be read.
+    Verify {
+        /// The server's data directory (its SQLite store).
+        #[arg(long, env = "CONCH_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        /// The server's PostgreSQL store.
+        #[arg(long, env = "CONCH_DATABASE_URL", hide_env_values = true)]
+        database_url: Option<String>,
+    },
+}
+
+/// Milliseconds since the epoch, or now less a time (`30m`, `2h`, `7d`).
+fn time_point(text: &str) -> Result<i64, String> {
+    if let Ok(ms) = text.parse::<i64>() {
+        return Ok(ms);
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let ago = match text.strip_suffix('d') {
+        Some(days) => days
+            .parse::<i64>()
+            .map_err(|_| format!("{text:?} is not a time"))?
+            .saturating_mul(86_400_000),
+        None => duration(text)?.as_millis() as i64,
+    };
+    Ok(now - ago)
+}
+
+#[derive(Args)]
 pub struct HealthArgs {
     /// Check that this agent address (HOST:PORT) accepts TCP connections, instead of the server.
     #[arg(long)]
@@ -576,6 +657,34 @@ fn base_path(given: Option<&str>, public_url: Option<&url::Url>) -> anyhow::Resu
 
 /// A duration as a number and a unit (`90s`, `30m`, `2h`, `500ms`); a
 /// bare number is seconds.
+/// How long audit records are kept; `None`: for ever.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention(Option<std::time::Duration>);
+
+fn retention(text: &str) -> Result<Retention, String> {
+    let text = text.trim();
+    if text == "0" {
+        return Ok(Retention(None));
+    }
+    let (number, hours_each) = if let Some(n) = text.strip_suffix('d') {
+        (n, 24)
+    } else if let Some(n) = text.strip_suffix('h') {
+        (n, 1)
+    } else {
+        return Err(format!(
+            "{text:?}: give days (90d) or hours (12h), or 0 to keep all"
+        ));
+    };
+    let n: u64 = number
+        .parse()
+        .ok()
+        .filter(|n| *n > 0 && *n <= 36_500)
+        .ok_or_else(|| format!("{text:?} is not a number of days or hours"))?;
+    Ok(Retention(Some(std::time::Duration::from_secs(
+        n * hours_each * 3600,
+    ))))
+}
+
 fn duration(text: &str) -> Result<std::time::Duration, String> {
     let text = text.trim();
     let split = text
@@ -798,6 +907,18 @@ fn serve_config(args: ServeArgs, json_logs: bool) -> anyhow::Result<ServeConfig>
             per_user: args.max_sessions_per_user.max(1),
             total: args.max_sessions.max(1),
         },
+        store_url: args
+            .database_url
+            .clone()
+            .unwrap_or_else(|| crate::store::sqlite_url(args.data_dir.as_deref())),
+        audit_retention: args.audit_retention.0,
+        server_name: args.server_name.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "conch".into())
+        }),
         data_dir: args.data_dir,
         api_limits: ApiLimits {
             max_body_bytes: args.max_body_bytes,
@@ -836,6 +957,7 @@ pub async fn run(command: Command, json_logs: bool) -> anyhow::Result<ExitCode> 
             Ok(ExitCode::SUCCESS)
         }
         Command::Cp(args) => cp_command(args).await,
+        Command::Audit(args) => audit_command(args).await,
         Command::Agents(args) => match agents_command(args).await {
             Ok(code) => Ok(code),
             Err(e) => {
@@ -983,6 +1105,62 @@ async fn cp_command(args: CpArgs) -> anyhow::Result<ExitCode> {
             eprintln!("conch: {e}");
             Ok(ExitCode::from(e.exit_status()))
         }
+    }
+}
+
+/// `conch audit`: the log over REST, or its chain checked in the store.
+async fn audit_command(args: AuditArgs) -> anyhow::Result<ExitCode> {
+    let failed = |e: &dyn std::fmt::Display| {
+        eprintln!("conch: {e}");
+        Ok(ExitCode::from(crate::rest_client::EXIT_CONCH_FAILED))
+    };
+    if let Some(AuditCommand::Verify {
+        data_dir,
+        database_url,
+    }) = args.command
+    {
+        let url = match (database_url, data_dir) {
+            (Some(url), _) => url,
+            (None, Some(dir)) => crate::store::sqlite_url(Some(&dir)),
+            (None, None) => return failed(&"give --data-dir or --database-url (as the server's)"),
+        };
+        let store = match crate::store::Store::open(&url).await {
+            Ok(s) => s,
+            Err(e) => return failed(&e),
+        };
+        return match crate::audit::verify(&store).await {
+            Ok(crate::audit::Verdict::Intact {
+                records,
+                first,
+                last,
+            }) => {
+                println!("the audit log is intact: {records} records ({first} to {last})");
+                Ok(ExitCode::SUCCESS)
+            }
+            Ok(crate::audit::Verdict::Broken { seq, reason }) => {
+                println!("the audit log is BROKEN at record {seq}: {reason}");
+                Ok(ExitCode::from(1))
+            }
+            Err(e) => failed(&e),
+        };
+    }
+    let server = match args.server.into_server() {
+        Ok(s) => s,
+        Err(e) => return failed(&format!("{e:#}")),
+    };
+    let query = crate::rest_client::audit::AuditQuery {
+        user: args.user,
+        agent: args.agent,
+        kind: args.kind,
+        since_ms: args.since,
+        until_ms: args.until,
+        text: args.text,
+        count: args.limit,
+        json: args.json,
+    };
+    match crate::rest_client::audit::print(&server, &query).await {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => failed(&e),
     }
 }
 

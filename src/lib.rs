@@ -5,6 +5,7 @@
 //! protocol of [`protocol`].
 
 pub mod agent;
+pub mod audit;
 pub mod cli;
 pub mod keyfile;
 pub mod link;
@@ -14,6 +15,7 @@ pub mod rest_client;
 pub mod selector;
 pub mod server;
 pub mod shutdown;
+pub mod store;
 pub mod systemd;
 pub mod telemetry;
 pub mod transport;

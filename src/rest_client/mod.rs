@@ -17,6 +17,7 @@ use base64::Engine;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
+pub mod audit;
 mod fanout;
 pub mod files;
 

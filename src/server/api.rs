@@ -26,6 +26,7 @@ use super::agents::AgentStatus;
 use super::auth::Role;
 use super::bridge::{self, Failure, Update};
 use super::caller::{Admin, Caller, Writer};
+use super::peer::ClientIp;
 use super::problem::{ApiError, Problem};
 use super::quota::Ticket;
 use super::tokens::TokenError;
@@ -405,6 +406,7 @@ pub(crate) struct ProblemResponse(#[allow(dead_code)] Problem);
 pub(crate) async fn exec(
     State(state): State<AppState>,
     Writer(who): Writer,
+    ClientIp(client): ClientIp,
     request: Request,
 ) -> Result<Response, ApiError> {
     let headers = request.headers().clone();
@@ -500,11 +502,22 @@ pub(crate) async fn exec(
         let _ = input.stdin(data, true).await;
     });
     tracing::info!(user = %who.name, agent = %agent, "api exec");
-
+    let trail = crate::audit::CommandTrail::start(
+        &state.audit,
+        crate::audit::Event {
+            kind: crate::audit::Kind::CommandStart,
+            user: who.name.clone(),
+            source: client.to_string(),
+            agent: agent.clone(),
+            via: crate::audit::Via::Rest,
+            detail: command_detail(&prepared.req, &headers),
+        },
+    );
     let held = Held {
         _permit: permit,
         _ticket: ticket,
         _reservation: reservation,
+        trail,
     };
     if streaming {
         let shutdown = state.shutdown.clone();
@@ -512,6 +525,33 @@ pub(crate) async fn exec(
     }
     // Dropping the channel (on any early return) kills the command.
     buffered_response(channel, prepared, agent, held, state.shutdown.clone()).await
+}
+
+/// What the audit log keeps of a command: its line or argv, cwd, and the
+/// client's request id (`X-Request-Id`) when it sent one.
+pub(super) fn command_detail(
+    req: &crate::protocol::ExecRequest,
+    headers: &HeaderMap,
+) -> serde_json::Value {
+    let mut detail = serde_json::json!({});
+    if let Some(cmd) = &req.cmd {
+        detail["command"] = cmd.chars().take(4096).collect::<String>().into();
+    }
+    if let Some(argv) = &req.argv {
+        detail["argv"] = argv
+            .iter()
+            .take(256)
+            .map(|a| a.chars().take(1024).collect::<String>())
+            .collect::<Vec<_>>()
+            .into();
+    }
+    if let Some(cwd) = &req.cwd {
+        detail["cwd"] = cwd.clone().into();
+    }
+    if let Some(id) = headers.get("x-request-id").and_then(|v| v.to_str().ok()) {
+        detail["request_id"] = id.chars().take(128).collect::<String>().into();
+    }
+    detail
 }
 
 /// The API's answer when `who` may not run on the agent asked for: an
@@ -536,6 +576,8 @@ struct Held {
     _permit: OwnedSemaphorePermit,
     _ticket: Ticket,
     _reservation: Option<OwnedSemaphorePermit>,
+    /// Its audit records (the end written when it ends, or when dropped).
+    trail: crate::audit::CommandTrail,
 }
 
 /// Memory one buffered answer may take, as a multiple of its per-stream cap.
@@ -643,7 +685,7 @@ async fn buffered_response(
     mut channel: Channel,
     prepared: Prepared,
     agent: String,
-    held: Held,
+    mut held: Held,
     shutdown: CancellationToken,
 ) -> Result<Response, ApiError> {
     let cap = prepared.max_output.unwrap_or(DEFAULT_MAX_OUTPUT);
@@ -652,6 +694,7 @@ async fn buffered_response(
     loop {
         match bridge::next(&mut channel, &shutdown).await {
             Update::Output(stream, b) => {
+                held.trail.output(b.len());
                 match stream {
                     Stream::Stdout => out.push(&b),
                     Stream::Stderr => err.push(&b),
@@ -661,12 +704,15 @@ async fn buffered_response(
             // REST commands open no sessions: neither can come.
             Update::Notice { .. } | Update::Session(_) | Update::Resized { .. } => {}
             Update::Detached(_) => {
+                held.trail.end(None, Some(&Failure::Lost.describe(&agent)));
                 return Err(ApiError::AgentUnavailable(Failure::Lost.describe(&agent)));
             }
             Update::Failed(failure) => {
+                held.trail.end(None, Some(&failure.describe(&agent)));
                 return Err(ApiError::AgentUnavailable(failure.describe(&agent)));
             }
             Update::Exit(status) => {
+                held.trail.end(Some(&status), None);
                 let (stdout, stderr, encoding) =
                     encode_streams(&out.data, &err.data, prepared.encoding);
                 drop((out.data, err.data));
@@ -853,7 +899,7 @@ fn stream_response(
         done: bool,
         agent: String,
         shutdown: CancellationToken,
-        _held: Held,
+        held: Held,
     }
     let st = St {
         channel,
@@ -862,7 +908,7 @@ fn stream_response(
         done: false,
         agent,
         shutdown,
-        _held: held,
+        held,
     };
     let stream = futures_util::stream::unfold(st, |mut st| async move {
         if st.done {
@@ -871,6 +917,7 @@ fn stream_response(
         loop {
             let lines = match bridge::next(&mut st.channel, &st.shutdown).await {
                 Update::Output(stream, b) => {
+                    st.held.trail.output(b.len());
                     // Credit goes back as the client takes the lines: this
                     // future is polled only when the client reads.
                     let _ = st.channel.window(b.len() as u64).await;
@@ -882,18 +929,23 @@ fn stream_response(
                 Update::Notice { .. } | Update::Session(_) | Update::Resized { .. } => continue,
                 Update::Failed(failure) => {
                     st.done = true;
+                    st.held.trail.end(None, Some(&failure.describe(&st.agent)));
                     vec![StreamLine::Error {
                         error: failure.describe(&st.agent),
                     }]
                 }
                 Update::Detached(_) => {
                     st.done = true;
+                    st.held
+                        .trail
+                        .end(None, Some(&Failure::Lost.describe(&st.agent)));
                     vec![StreamLine::Error {
                         error: Failure::Lost.describe(&st.agent),
                     }]
                 }
                 Update::Exit(status) => {
                     st.done = true;
+                    st.held.trail.end(Some(&status), None);
                     let mut lines: Vec<StreamLine> =
                         st.out.finish().into_iter().chain(st.err.finish()).collect();
                     lines.push(StreamLine::Exit {
@@ -1072,6 +1124,7 @@ pub(crate) async fn list_tokens(
 pub(crate) async fn create_token(
     State(state): State<AppState>,
     Admin(who): Admin,
+    ClientIp(client): ClientIp,
     request: Request,
 ) -> Result<Response, ApiError> {
     if let Some(limit) = &who.agents {
@@ -1094,6 +1147,14 @@ pub(crate) async fn create_token(
         .create(&new.name, new.role, agents.as_ref())
         .map_err(token_error)?;
     tracing::info!(by = %who.name, name = %new.name, role = new.role.as_str(), "api token created");
+    state.audit(
+        crate::audit::Kind::TokenCreate,
+        &who.name,
+        client,
+        "",
+        crate::audit::Via::Rest,
+        serde_json::json!({"token": new.name, "role": new.role.as_str(), "agents": new.agents}),
+    );
     let body = CreatedToken {
         name: new.name,
         role: new.role,
@@ -1119,10 +1180,19 @@ pub(crate) async fn create_token(
 pub(crate) async fn revoke_token(
     State(state): State<AppState>,
     Admin(who): Admin,
+    ClientIp(client): ClientIp,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     state.tokens.revoke(&name).map_err(token_error)?;
     tracing::info!(by = %who.name, %name, "api token revoked");
+    state.audit(
+        crate::audit::Kind::TokenRevoke,
+        &who.name,
+        client,
+        "",
+        crate::audit::Via::Rest,
+        serde_json::json!({"token": name}),
+    );
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

@@ -6,6 +6,7 @@ pub mod agents;
 pub mod agents_file;
 pub mod api;
 pub(crate) mod assets;
+pub(crate) mod audit_log;
 pub mod auth;
 mod bridge;
 pub(crate) mod caller;
@@ -71,6 +72,12 @@ pub struct ServeConfig {
     pub session_limits: auth::SessionLimits,
     /// Where API tokens are kept (`tokens.json`); `None` keeps them in memory.
     pub data_dir: Option<std::path::PathBuf>,
+    /// The store's URL (`sqlite://...` or `postgres://...`; a secret).
+    pub store_url: String,
+    /// How long audit records are kept; `None`: for ever.
+    pub audit_retention: Option<Duration>,
+    /// This server's name in the audit log.
+    pub server_name: String,
     pub api_limits: api::ApiLimits,
     /// Shares of the agents' channels per user.
     pub quota: quota::QuotaLimits,
@@ -116,6 +123,8 @@ pub(crate) struct AppState {
     pub(crate) quota: quota::Quota,
     /// The bearer token that opens `/metrics` (and nothing else).
     pub(crate) metrics_token: Option<Secret>,
+    /// The audit log.
+    pub(crate) audit: crate::audit::Audit,
 }
 
 pub(crate) type State = Arc<AppState>;
@@ -124,6 +133,26 @@ pub(crate) type State = Arc<AppState>;
 pub(crate) const LOGIN_VERIFIERS: usize = 2;
 
 impl AppState {
+    /// Queues an audit record (never waits; see `crate::audit`).
+    pub(crate) fn audit(
+        &self,
+        kind: crate::audit::Kind,
+        user: &str,
+        source: impl ToString,
+        agent: &str,
+        via: crate::audit::Via,
+        detail: serde_json::Value,
+    ) {
+        self.audit.record(crate::audit::Event {
+            kind,
+            user: user.to_owned(),
+            source: source.to_string(),
+            agent: agent.to_owned(),
+            via,
+            detail,
+        });
+    }
+
     /// Who sent this request, from its session cookie.
     pub(crate) fn session_principal(&self, headers: &HeaderMap) -> Option<Principal> {
         self.auth.session(&self.session_cookie(headers)?)
@@ -167,6 +196,7 @@ pub(crate) fn router(state: State) -> Router {
         .route("/api/v1/exec", axum::routing::post(api::exec))
         .route("/api/v1/sessions", get(sessions::list))
         .route("/api/v1/files", get(files::get).put(files::put))
+        .route("/api/v1/audit", get(audit_log::read))
         .route(
             "/api/v1/sessions/{agent}/{id}",
             axum::routing::delete(sessions::end).patch(sessions::change),
@@ -250,6 +280,21 @@ pub async fn serve(
         Some(source) => Some(tls::WebTls::start(source, shutdown.clone())?),
         None => None,
     };
+    let store = crate::store::Store::open(&config.store_url).await?;
+    if config.data_dir.is_none() && store.backend == crate::store::Backend::Sqlite {
+        tracing::warn!(
+            "no --data-dir: the audit log lives in memory and is lost when the server stops"
+        );
+    }
+    // Stopped after the last request is done, so that the records of
+    // commands ended by the shutdown are written too.
+    let audit_stop = CancellationToken::new();
+    let (audit, audit_writer) = crate::audit::Audit::start(
+        store,
+        config.server_name.clone(),
+        config.audit_retention,
+        audit_stop.clone(),
+    );
     let generated = config.admin_token.is_none();
     let admin_token = config.admin_token.clone().unwrap_or_else(Secret::generate);
     let state = Arc::new(AppState {
@@ -285,6 +330,7 @@ pub async fn serve(
         api_rate: throttle::RequestRate::new(config.api_limits.rate_per_minute),
         login_slots: tokio::sync::Semaphore::new(LOGIN_VERIFIERS),
         metrics_token: config.metrics_token.clone(),
+        audit,
     });
     if let Some(t) = &web_tls {
         info!(%addr, fingerprint = %t.fingerprint, "serving HTTPS");
@@ -345,6 +391,13 @@ pub async fn serve(
     }
     for task in fleet_tasks {
         let _ = task.await;
+    }
+    audit_stop.cancel();
+    if tokio::time::timeout(Duration::from_secs(5), audit_writer)
+        .await
+        .is_err()
+    {
+        tracing::error!("the audit writer did not finish within 5 s; records queued are lost");
     }
     info!("server stopped");
     Ok(())

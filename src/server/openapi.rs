@@ -33,6 +33,7 @@ use super::{api, pages};
         super::sessions::change,
         super::files::put,
         super::files::get,
+        super::audit_log::read,
         pages::session_info,
         api::list_tokens,
         api::create_token,

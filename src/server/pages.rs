@@ -107,7 +107,7 @@ pub(crate) async fn login_page(
     if let Some(token) = query.token.filter(|t| !t.is_empty()) {
         let credential = Credential::Token(token);
         let result = check_login(&state, client, &headers, credential).await;
-        return finish_login(&state, result, next);
+        return finish_login(&state, result, next, client, "(token)".into());
     }
     render(&LoginPage::new(&state, String::new(), next))
 }
@@ -135,6 +135,12 @@ pub(crate) async fn login_submit(
     if headers.contains_key(header::ORIGIN) && !state.site.origin_allowed(&headers) {
         return (StatusCode::FORBIDDEN, "cross-origin login refused").into_response();
     }
+    // Who tried, for the audit log: a name as typed (bounded), never a secret.
+    let attempted = if form.token.is_empty() {
+        form.username.chars().take(64).collect()
+    } else {
+        "(token)".to_owned()
+    };
     let credential = if form.token.is_empty() {
         Credential::Password {
             username: form.username,
@@ -144,7 +150,13 @@ pub(crate) async fn login_submit(
         Credential::Token(form.token)
     };
     let result = check_login(&state, client, &headers, credential).await;
-    finish_login(&state, result, safe_next(Some(&form.next)))
+    finish_login(
+        &state,
+        result,
+        safe_next(Some(&form.next)),
+        client,
+        attempted,
+    )
 }
 
 /// Runs the (deliberately slow) credential check on the blocking pool, at
@@ -179,7 +191,40 @@ async fn check_login(
 /// How long a trusted-device cookie lasts: 90 days.
 const DEVICE_TTL_SECS: u64 = 90 * 86_400;
 
-fn finish_login(state: &AppState, result: Result<Principal, LoginError>, next: String) -> Response {
+fn finish_login(
+    state: &AppState,
+    result: Result<Principal, LoginError>,
+    next: String,
+    client: std::net::IpAddr,
+    attempted: String,
+) -> Response {
+    let audit = |kind, user: String, detail| {
+        state.audit.record(crate::audit::Event {
+            kind,
+            user,
+            source: client.to_string(),
+            agent: String::new(),
+            via: crate::audit::Via::Login,
+            detail,
+        })
+    };
+    match &result {
+        Ok(p) => audit(
+            crate::audit::Kind::Login,
+            p.name.clone(),
+            serde_json::json!({"role": p.role.as_str()}),
+        ),
+        Err(LoginError::Invalid) => audit(
+            crate::audit::Kind::LoginFailed,
+            attempted,
+            serde_json::json!({"reason": "wrong user name, password or token"}),
+        ),
+        Err(LoginError::RateLimited { .. }) => audit(
+            crate::audit::Kind::LoginFailed,
+            attempted,
+            serde_json::json!({"reason": "too many failed logins (throttled)"}),
+        ),
+    }
     match result {
         Ok(principal) => {
             tracing::info!(user = %principal.name, role = principal.role.as_str(), "login");
@@ -235,11 +280,25 @@ fn finish_login(state: &AppState, result: Result<Principal, LoginError>, next: S
 
 /// `POST /logout`: ends the session. Same-origin only, so another site
 /// cannot log a user out.
-pub(crate) async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Response {
+pub(crate) async fn logout(
+    State(state): State<AppState>,
+    ClientIp(client): ClientIp,
+    headers: HeaderMap,
+) -> Response {
     if headers.contains_key(header::ORIGIN) && !state.site.origin_allowed(&headers) {
         return (StatusCode::FORBIDDEN, "cross-origin logout refused").into_response();
     }
     if let Some(cookie) = state.session_cookie(&headers) {
+        if let Some(who) = state.auth.session(&cookie) {
+            state.audit.record(crate::audit::Event {
+                kind: crate::audit::Kind::Logout,
+                user: who.name,
+                source: client.to_string(),
+                agent: String::new(),
+                via: crate::audit::Via::Login,
+                detail: serde_json::json!({}),
+            });
+        }
         state.auth.end_session(&cookie);
     }
     let mut response = Redirect::to(&state.site.path("/login")).into_response();
@@ -257,7 +316,7 @@ pub(crate) async fn logout(State(state): State<AppState>, headers: HeaderMap) ->
 /// The answer of `/healthz` and `/readyz`.
 #[derive(Serialize, ToSchema)]
 pub(crate) struct Health {
-    /// `ok`, `ready` or `agent unavailable`.
+    /// `ok`, `ready`, `agent unavailable` or `audit log failing`.
     status: &'static str,
 }
 
@@ -282,7 +341,7 @@ pub(crate) async fn healthz() -> Json<Health> {
     Json(Health { status: "ok" })
 }
 
-/// `GET /readyz`: every agent is connected.
+/// `GET /readyz`: every agent is connected, and the audit log is written.
 #[utoipa::path(
     get,
     path = "/readyz",
@@ -292,10 +351,19 @@ pub(crate) async fn healthz() -> Json<Health> {
     security(()),
     responses(
         (status = 200, description = "Ready.", body = Health),
-        (status = 503, description = "An agent is not connected.", body = Health),
+        (status = 503, description = "An agent is not connected, or the audit log cannot be written (records were dropped, or the store fails).", body = Health),
     ),
 )]
 pub(crate) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
+    if state.audit.problem().is_some() {
+        // The reason is in the log; this page, unauthenticated, only says so.
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(Health {
+                status: "audit log failing",
+            }),
+        );
+    }
     if state.agents.all_connected() {
         (StatusCode::OK, Json(Health { status: "ready" }))
     } else {

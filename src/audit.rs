@@ -1,0 +1,652 @@
+//! The audit log: who ran what, where, when, and how it ended.
+//!
+//! Records are appended to the store ([`crate::store`]) by one writer task
+//! per server, in batches, never on a command's path: [`Audit::record`]
+//! only queues (bounded), and a full queue or a failing store is counted,
+//! logged and reported by `/healthz`, never dropped without a word.
+//!
+//! Each record is chained to the one before: its `hash` is the SHA-256 of
+//! the previous record's hash and its own fields, and the store's
+//! `audit_head` holds the last one. An edited record breaks its own hash;
+//! a removed one breaks the link to the next; removed records at the end
+//! no longer match the head; and records removed from the start by
+//! retention are accounted for by `audit_anchor`. [`verify`] walks the
+//! chain. Several servers on one PostgreSQL append to one chain: the
+//! head's row lock orders their batches.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use sqlx::Row;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{Store, StoreError};
+
+/// Records queued for the writer: 65 536. Beyond, a record is counted as
+/// dropped, logged, and `/healthz` says so.
+pub const AUDIT_QUEUE: usize = 65_536;
+
+/// Records written in one transaction, at most: 512.
+const BATCH: usize = 512;
+
+/// What happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    Login,
+    LoginFailed,
+    Logout,
+    TokenCreate,
+    TokenRevoke,
+    CommandStart,
+    CommandEnd,
+    SessionEnd,
+    FilePut,
+    FileGet,
+    /// A request refused by policy.
+    Denied,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Login => "login",
+            Kind::LoginFailed => "login_failed",
+            Kind::Logout => "logout",
+            Kind::TokenCreate => "token_create",
+            Kind::TokenRevoke => "token_revoke",
+            Kind::CommandStart => "command_start",
+            Kind::CommandEnd => "command_end",
+            Kind::SessionEnd => "session_end",
+            Kind::FilePut => "file_put",
+            Kind::FileGet => "file_get",
+            Kind::Denied => "denied",
+        }
+    }
+
+    pub const ALL: &'static [Kind] = &[
+        Kind::Login,
+        Kind::LoginFailed,
+        Kind::Logout,
+        Kind::TokenCreate,
+        Kind::TokenRevoke,
+        Kind::CommandStart,
+        Kind::CommandEnd,
+        Kind::SessionEnd,
+        Kind::FilePut,
+        Kind::FileGet,
+        Kind::Denied,
+    ];
+}
+
+/// Where a request came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Via {
+    Console,
+    Rest,
+    Login,
+}
+
+impl Via {
+    fn as_str(self) -> &'static str {
+        match self {
+            Via::Console => "console",
+            Via::Rest => "rest",
+            Via::Login => "login",
+        }
+    }
+}
+
+/// One event, as the server reports it.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub kind: Kind,
+    pub user: String,
+    /// The client's address.
+    pub source: String,
+    /// The agent concerned, or empty.
+    pub agent: String,
+    pub via: Via,
+    /// The kind's own fields (command line, exit status, path, reason...).
+    pub detail: serde_json::Value,
+}
+
+/// One stored record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Record {
+    /// Its place in the chain, from 1.
+    pub seq: i64,
+    /// Milliseconds since the Unix epoch, by the writing server's clock.
+    pub at_ms: i64,
+    pub kind: String,
+    pub user: String,
+    pub source: String,
+    pub agent: String,
+    pub via: String,
+    /// The server that wrote it (`--server-name`, else the host name).
+    pub server: String,
+    /// The kind's own fields.
+    #[schema(value_type = Object)]
+    pub detail: serde_json::Value,
+    /// The previous record's hash (hex), and this one's.
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+/// The hash of a record: SHA-256 over the previous hash and the record's
+/// fields as a JSON array (one fixed order, one encoding).
+fn chain_hash(prev: &str, seq: i64, at_ms: i64, fields: [&str; 6], detail: &str) -> String {
+    let body = serde_json::to_string(&(seq, at_ms, fields, detail)).unwrap_or_default();
+    let mut h = Sha256::new();
+    h.update(prev.as_bytes());
+    h.update(b"\n");
+    h.update(body.as_bytes());
+    hex::encode(h.finalize())
+}
+
+/// How the writer is doing, for `/healthz` and `/metrics`.
+#[derive(Debug, Default)]
+pub struct Health {
+    pub written: AtomicU64,
+    pub dropped: AtomicU64,
+    pub failing: AtomicBool,
+    pub last_error: std::sync::Mutex<Option<String>>,
+}
+
+/// The server's handle on its audit log.
+#[derive(Clone)]
+pub struct Audit {
+    queue: mpsc::Sender<(i64, Event)>,
+    pub health: Arc<Health>,
+    pub store: Store,
+}
+
+impl std::fmt::Debug for Audit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Audit").finish_non_exhaustive()
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl Audit {
+    /// Starts the writer (and the retention task) on `store`; both end,
+    /// after writing what is queued, when `shutdown` fires.
+    pub fn start(
+        store: Store,
+        server: String,
+        retention: Option<Duration>,
+        shutdown: CancellationToken,
+    ) -> (Audit, tokio::task::JoinHandle<()>) {
+        let (queue, rx) = mpsc::channel(AUDIT_QUEUE);
+        let health = Arc::new(Health::default());
+        let writer = tokio::spawn(write_loop(
+            store.clone(),
+            server,
+            rx,
+            health.clone(),
+            shutdown.clone(),
+        ));
+        if let Some(keep) = retention {
+            tokio::spawn(retention_loop(store.clone(), keep, shutdown));
+        }
+        (
+            Audit {
+                queue,
+                health,
+                store,
+            },
+            writer,
+        )
+    }
+
+    /// Queues `event`; never waits. A full queue (the store is down or too
+    /// slow) drops it, counted and logged.
+    pub fn record(&self, event: Event) {
+        if let Err(e) = self.queue.try_send((now_ms(), event)) {
+            let n = self.health.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            let what = match &e {
+                mpsc::error::TrySendError::Full((_, ev)) => ev.kind.as_str(),
+                mpsc::error::TrySendError::Closed((_, ev)) => ev.kind.as_str(),
+            };
+            // Every first, then every 1000th: the log must not flood.
+            if n == 1 || n.is_multiple_of(1000) {
+                tracing::error!(
+                    dropped = n,
+                    kind = what,
+                    "audit records are being dropped: the store cannot keep up or is failing"
+                );
+            }
+        }
+    }
+
+    /// `Err` with the reason when records were dropped or the store fails.
+    pub fn problem(&self) -> Option<String> {
+        let dropped = self.health.dropped.load(Ordering::Relaxed);
+        if self.health.failing.load(Ordering::Relaxed) {
+            let last = self
+                .health
+                .last_error
+                .lock()
+                .ok()
+                .and_then(|e| e.clone())
+                .unwrap_or_default();
+            return Some(format!("the audit store is failing: {last}"));
+        }
+        (dropped > 0).then(|| format!("{dropped} audit records were dropped"))
+    }
+}
+
+async fn write_loop(
+    store: Store,
+    server: String,
+    mut rx: mpsc::Receiver<(i64, Event)>,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) {
+    let mut batch = Vec::with_capacity(BATCH);
+    loop {
+        let first = tokio::select! {
+            ev = rx.recv() => ev,
+            _ = shutdown.cancelled() => {
+                // Write what is queued, then stop.
+                rx.close();
+                rx.recv().await
+            }
+        };
+        let Some(first) = first else { return };
+        batch.push(first);
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(ev) => batch.push(ev),
+                Err(_) => break,
+            }
+        }
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match append(&store, &server, &batch).await {
+                Ok(()) => {
+                    health
+                        .written
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    if health.failing.swap(false, Ordering::Relaxed) {
+                        tracing::info!("the audit store works again");
+                    }
+                    batch.clear();
+                    break;
+                }
+                Err(e) => {
+                    if !health.failing.swap(true, Ordering::Relaxed) {
+                        tracing::error!(error = %e, "cannot write the audit log; retrying");
+                    }
+                    if let Ok(mut last) = health.last_error.lock() {
+                        *last = Some(e.to_string());
+                    }
+                    if shutdown.is_cancelled() && backoff > Duration::from_secs(2) {
+                        tracing::error!(
+                            lost = batch.len(),
+                            "the server stops with audit records it could not write"
+                        );
+                        return;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
+
+/// Appends `events` to the chain in one transaction. The head's row is
+/// locked first (a write, so that SQLite takes its write lock at once and
+/// PostgreSQL orders the servers), then read, then the records go in and
+/// the head moves.
+async fn append(store: &Store, server: &str, events: &[(i64, Event)]) -> Result<(), sqlx::Error> {
+    let mut tx = store.pool.begin().await?;
+    sqlx::query("UPDATE audit_head SET seq = seq WHERE id = 1")
+        .execute(&mut *tx)
+        .await?;
+    let (mut seq, mut prev): (i64, String) =
+        sqlx::query_as("SELECT seq, hash FROM audit_head WHERE id = 1")
+            .fetch_one(&mut *tx)
+            .await?;
+    for (at_ms, ev) in events {
+        seq += 1;
+        let detail = ev.detail.to_string();
+        let fields = [
+            ev.kind.as_str(),
+            &ev.user,
+            &ev.source,
+            &ev.agent,
+            ev.via.as_str(),
+            server,
+        ];
+        let hash = chain_hash(&prev, seq, *at_ms, fields, &detail);
+        sqlx::query(
+            "INSERT INTO audit (seq, at_ms, kind, user_name, source, agent, via, server, detail, prev_hash, hash) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        )
+        .bind(seq)
+        .bind(*at_ms)
+        .bind(ev.kind.as_str())
+        .bind(&ev.user)
+        .bind(&ev.source)
+        .bind(&ev.agent)
+        .bind(ev.via.as_str())
+        .bind(server)
+        .bind(&detail)
+        .bind(&prev)
+        .bind(&hash)
+        .execute(&mut *tx)
+        .await?;
+        prev = hash;
+    }
+    sqlx::query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
+        .bind(seq)
+        .bind(&prev)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await
+}
+
+/// Removes records older than `keep`, hourly, from the start of the chain
+/// only, and moves the anchor past them so that the chain still verifies.
+async fn retention_loop(store: Store, keep: Duration, shutdown: CancellationToken) {
+    loop {
+        let cutoff = now_ms() - keep.as_millis() as i64;
+        if let Err(e) = trim(&store, cutoff).await {
+            tracing::warn!(error = %e, "cannot remove old audit records; trying again later");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Removes the records up to the last one older than `cutoff_ms`.
+pub async fn trim(store: &Store, cutoff_ms: i64) -> Result<u64, sqlx::Error> {
+    let mut tx = store.pool.begin().await?;
+    sqlx::query("UPDATE audit_head SET seq = seq WHERE id = 1")
+        .execute(&mut *tx)
+        .await?;
+    let last: Option<(i64, String)> = sqlx::query_as(
+        "SELECT seq, hash FROM audit WHERE seq = (SELECT MAX(seq) FROM audit WHERE at_ms < $1)",
+    )
+    .bind(cutoff_ms)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((seq, hash)) = last else {
+        tx.rollback().await?;
+        return Ok(0);
+    };
+    let gone = sqlx::query("DELETE FROM audit WHERE seq <= $1")
+        .bind(seq)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    sqlx::query("UPDATE audit_anchor SET seq = $1, hash = $2 WHERE id = 1")
+        .bind(seq)
+        .bind(&hash)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    tracing::info!(removed = gone, "old audit records removed (retention)");
+    Ok(gone)
+}
+
+fn record_of(row: &sqlx::any::AnyRow) -> Result<Record, sqlx::Error> {
+    let detail: String = row.try_get("detail")?;
+    Ok(Record {
+        seq: row.try_get("seq")?,
+        at_ms: row.try_get("at_ms")?,
+        kind: row.try_get("kind")?,
+        user: row.try_get("user_name")?,
+        source: row.try_get("source")?,
+        agent: row.try_get("agent")?,
+        via: row.try_get("via")?,
+        server: row.try_get("server")?,
+        detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::String(detail)),
+        prev_hash: row.try_get("prev_hash")?,
+        hash: row.try_get("hash")?,
+    })
+}
+
+/// What to look for in the log.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub user: Option<String>,
+    pub agent: Option<String>,
+    pub kind: Option<String>,
+    pub since_ms: Option<i64>,
+    pub until_ms: Option<i64>,
+    /// Text anywhere in the record's detail (case-insensitive).
+    pub text: Option<String>,
+    /// Records before this `seq` (the cursor of the page before).
+    pub before: Option<i64>,
+    pub limit: u32,
+}
+
+/// The newest records that match, newest first, and the cursor of the
+/// next (older) page if there is one.
+pub async fn query(store: &Store, f: &Filter) -> Result<(Vec<Record>, Option<i64>), StoreError> {
+    let mut sql = String::from(
+        "SELECT seq, at_ms, kind, user_name, source, agent, via, server, detail, prev_hash, hash \
+         FROM audit WHERE 1 = 1",
+    );
+    let mut n = 0;
+    let mut next = |sql: &mut String, clause: &str| {
+        n += 1;
+        sql.push_str(&clause.replace('?', &format!("${n}")));
+    };
+    if f.user.is_some() {
+        next(&mut sql, " AND user_name = ?");
+    }
+    if f.agent.is_some() {
+        next(&mut sql, " AND agent = ?");
+    }
+    if f.kind.is_some() {
+        next(&mut sql, " AND kind = ?");
+    }
+    if f.since_ms.is_some() {
+        next(&mut sql, " AND at_ms >= ?");
+    }
+    if f.until_ms.is_some() {
+        next(&mut sql, " AND at_ms < ?");
+    }
+    if f.text.is_some() {
+        next(&mut sql, " AND LOWER(detail) LIKE ?");
+    }
+    if f.before.is_some() {
+        next(&mut sql, " AND seq < ?");
+    }
+    let limit = f.limit.clamp(1, 1000);
+    sql.push_str(&format!(" ORDER BY seq DESC LIMIT {}", limit + 1));
+    // Audited: only the fixed clauses above and a number are in `sql`;
+    // every value the caller gave is bound.
+    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+    if let Some(v) = &f.user {
+        q = q.bind(v.clone());
+    }
+    if let Some(v) = &f.agent {
+        q = q.bind(v.clone());
+    }
+    if let Some(v) = &f.kind {
+        q = q.bind(v.clone());
+    }
+    if let Some(v) = f.since_ms {
+        q = q.bind(v);
+    }
+    if let Some(v) = f.until_ms {
+        q = q.bind(v);
+    }
+    if let Some(v) = &f.text {
+        let escaped = v.to_lowercase().replace(['%', '_'], "");
+        q = q.bind(format!("%{escaped}%"));
+    }
+    if let Some(v) = f.before {
+        q = q.bind(v);
+    }
+    let rows = q.fetch_all(&store.pool).await?;
+    let mut records = rows.iter().map(record_of).collect::<Result<Vec<_>, _>>()?;
+    let more = records.len() > limit as usize;
+    records.truncate(limit as usize);
+    let cursor = more.then(|| records.last().map(|r| r.seq)).flatten();
+    Ok((records, cursor))
+}
+
+/// What [`verify`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Every record links to the one before; the last is the head.
+    Intact { records: u64, first: i64, last: i64 },
+    /// The chain is broken at `seq`, for `reason`.
+    Broken { seq: i64, reason: String },
+}
+
+/// Walks the whole chain, from the anchor to the head.
+pub async fn verify(store: &Store) -> Result<Verdict, StoreError> {
+    let (anchor_seq, anchor_hash): (i64, String) =
+        sqlx::query_as("SELECT seq, hash FROM audit_anchor WHERE id = 1")
+            .fetch_one(&store.pool)
+            .await?;
+    let (head_seq, head_hash): (i64, String) =
+        sqlx::query_as("SELECT seq, hash FROM audit_head WHERE id = 1")
+            .fetch_one(&store.pool)
+            .await?;
+    let (mut expect_seq, mut prev) = (anchor_seq + 1, anchor_hash);
+    let mut count = 0u64;
+    loop {
+        let rows = sqlx::query(
+            "SELECT seq, at_ms, kind, user_name, source, agent, via, server, detail, prev_hash, hash \
+             FROM audit WHERE seq >= $1 ORDER BY seq LIMIT 1000",
+        )
+        .bind(expect_seq)
+        .fetch_all(&store.pool)
+        .await?;
+        if rows.is_empty() {
+            break;
+        }
+        for row in &rows {
+            let seq: i64 = row.try_get("seq")?;
+            let detail: String = row.try_get("detail")?;
+            let r = record_of(row)?;
+            if seq != expect_seq {
+                return Ok(Verdict::Broken {
+                    seq: expect_seq,
+                    reason: format!("record {expect_seq} is missing (the next is {seq})"),
+                });
+            }
+            if r.prev_hash != prev {
+                return Ok(Verdict::Broken {
+                    seq,
+                    reason: format!("record {seq} does not link to the record before it"),
+                });
+            }
+            let fields = [
+                r.kind.as_str(),
+                &r.user,
+                &r.source,
+                &r.agent,
+                &r.via,
+                &r.server,
+            ];
+            if chain_hash(&prev, seq, r.at_ms, fields, &detail) != r.hash {
+                return Ok(Verdict::Broken {
+                    seq,
+                    reason: format!("record {seq} was changed after it was written"),
+                });
+            }
+            prev = r.hash;
+            expect_seq += 1;
+            count += 1;
+        }
+    }
+    let last = expect_seq - 1;
+    if last != head_seq || prev != head_hash {
+        return Ok(Verdict::Broken {
+            seq: last + 1,
+            reason: format!(
+                "the log ends at record {last}, but {head_seq} were written: records were removed from its end"
+            ),
+        });
+    }
+    Ok(Verdict::Intact {
+        records: count,
+        first: anchor_seq + 1,
+        last,
+    })
+}
+
+/// One command's two records, `command_start` when made and
+/// `command_end` (once: at its end, or when dropped unfinished) with its
+/// status, duration and output bytes.
+pub struct CommandTrail {
+    audit: Audit,
+    base: Event,
+    started: std::time::Instant,
+    bytes_out: u64,
+    ended: bool,
+}
+
+impl CommandTrail {
+    /// Records the start of `command` (the command line or argv, and what
+    /// else the edge knows: cwd, request id, terminal).
+    pub fn start(audit: &Audit, base: Event) -> CommandTrail {
+        audit.record(Event {
+            kind: Kind::CommandStart,
+            ..base.clone()
+        });
+        CommandTrail {
+            audit: audit.clone(),
+            base,
+            started: std::time::Instant::now(),
+            bytes_out: 0,
+            ended: false,
+        }
+    }
+
+    pub fn output(&mut self, n: usize) {
+        self.bytes_out += n as u64;
+    }
+
+    /// Records how it ended: its exit status, or why it failed.
+    pub fn end(&mut self, status: Option<&crate::vocab::ExitStatus>, failure: Option<&str>) {
+        if std::mem::replace(&mut self.ended, true) {
+            return;
+        }
+        let mut detail = serde_json::json!({
+            "duration_ms": self.started.elapsed().as_millis() as u64,
+            "bytes_out": self.bytes_out,
+        });
+        if let Some(s) = status {
+            detail["exit"] = serde_json::to_value(s).unwrap_or_default();
+        }
+        if let Some(f) = failure {
+            detail["failure"] = serde_json::Value::String(f.to_owned());
+        }
+        if let Some(id) = self.base.detail.get("request_id") {
+            detail["request_id"] = id.clone();
+        }
+        self.audit.record(Event {
+            kind: Kind::CommandEnd,
+            detail,
+            ..self.base.clone()
+        });
+    }
+}
+
+impl Drop for CommandTrail {
+    fn drop(&mut self) {
+        self.end(None, Some("the client went away before the command ended"));
+    }
+}

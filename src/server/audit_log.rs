@@ -1,0 +1,109 @@
+//! `GET /api/v1/audit`: the audit log, newest first, filtered, a page at a
+//! time. Admins read every record; everyone else their own.
+
+use axum::Json;
+use axum::extract::{Query, State};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::State as AppState;
+use super::api::ProblemResponse;
+use super::auth::Role;
+use super::caller::Caller;
+use super::problem::ApiError;
+use crate::audit::{Filter, Record};
+
+/// The query of `GET /api/v1/audit`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AuditQuery {
+    /// Only this user's records (others than admins: only their own).
+    user: Option<String>,
+    /// Only records about this agent.
+    agent: Option<String>,
+    /// Only this kind (`login`, `login_failed`, `logout`, `token_create`,
+    /// `token_revoke`, `command_start`, `command_end`, `session_end`,
+    /// `file_put`, `file_get`, `denied`).
+    kind: Option<String>,
+    /// From this time on (milliseconds since the Unix epoch).
+    #[param(minimum = 0)]
+    since_ms: Option<i64>,
+    /// Before this time (milliseconds since the Unix epoch).
+    #[param(minimum = 0)]
+    until_ms: Option<i64>,
+    /// Text anywhere in the record's details (a command line, a path),
+    /// case-insensitive.
+    #[param(max_length = 256)]
+    text: Option<String>,
+    /// The `next` of the page before: records older than it.
+    #[param(minimum = 1)]
+    cursor: Option<i64>,
+    /// Records per page (default 100, at most 1000).
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<u32>,
+}
+
+/// `GET /api/v1/audit`'s answer.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct AuditPage {
+    /// Newest first.
+    records: Vec<Record>,
+    /// The cursor of the next (older) page, when there is one.
+    next: Option<i64>,
+}
+
+/// `GET /api/v1/audit`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/audit",
+    operation_id = "audit",
+    tag = "audit",
+    summary = "Read the audit log",
+    description = "Who ran what, where, when and how it ended; logins, tokens, files, refusals. Newest first; follow `next` for older records. Admins read all records, everyone else their own. Each record carries its hash and the previous record's: `conch audit verify` checks the chain in the store.",
+    params(AuditQuery),
+    responses(
+        (status = 200, description = "A page of records.", body = AuditPage),
+        (status = 400, response = ProblemResponse),
+        (status = 401, response = ProblemResponse),
+        (status = 503, response = ProblemResponse),
+    ),
+)]
+pub(crate) async fn read(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Query(q): Query<AuditQuery>,
+) -> Result<Json<AuditPage>, ApiError> {
+    if let Some(kind) = &q.kind
+        && !crate::audit::Kind::ALL.iter().any(|k| k.as_str() == kind)
+    {
+        return Err(ApiError::BadRequest(format!(
+            "no kind of record is called {kind:?}"
+        )));
+    }
+    if q.text.as_ref().is_some_and(|t| t.chars().count() > 256) {
+        return Err(ApiError::BadRequest(
+            "text is longer than 256 characters".into(),
+        ));
+    }
+    let user = if who.role == Role::Admin {
+        q.user
+    } else {
+        // Not an admin: one's own records, whatever was asked.
+        Some(who.name.clone())
+    };
+    let filter = Filter {
+        user,
+        agent: q.agent,
+        kind: q.kind,
+        since_ms: q.since_ms,
+        until_ms: q.until_ms,
+        text: q.text,
+        before: q.cursor,
+        limit: q.limit.unwrap_or(100),
+    };
+    let (records, next) = crate::audit::query(&state.audit.store, &filter)
+        .await
+        .map_err(|e| ApiError::Busy(format!("the audit store cannot answer: {e}")))?;
+    Ok(Json(AuditPage { records, next }))
+}

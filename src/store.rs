@@ -1,0 +1,201 @@
+//! The server's store: one SQL database behind one interface, SQLite in
+//! the data directory by default (WAL mode, created at the first start),
+//! or PostgreSQL (`--database-url postgres://...`) for several servers
+//! that share what they know. It holds the audit log (`crate::audit`).
+//!
+//! Both backends go through sqlx's `Any` driver with the same statements
+//! (`$1` placeholders, which SQLite reads too), so that one set of tests
+//! covers both. The schema is created and upgraded at start by the
+//! migrations below, embedded in the binary; each runs once, in order,
+//! recorded in `conch_schema`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use sqlx::AnyPool;
+use sqlx::any::AnyPoolOptions;
+
+/// Why the store could not be opened or used.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the database URL must start with sqlite: or postgres: (got {0:?})")]
+    Scheme(String),
+    #[error("cannot open the store: {0}")]
+    Open(sqlx::Error),
+    #[error("cannot upgrade the store's schema (migration {version}): {source}")]
+    Migrate { version: i64, source: sqlx::Error },
+    #[error("the store failed: {0}")]
+    Query(#[from] sqlx::Error),
+}
+
+/// Which engine a store runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The schema, version by version. A statement list per backend where
+/// their SQL differs; never edit a released step, add one.
+const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    // SQLite
+    "CREATE TABLE audit (
+        seq BIGINT PRIMARY KEY,
+        at_ms BIGINT NOT NULL,
+        kind TEXT NOT NULL,
+        user_name TEXT NOT NULL,
+        source TEXT NOT NULL,
+        agent TEXT NOT NULL,
+        via TEXT NOT NULL,
+        server TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL
+    );
+    CREATE INDEX audit_at ON audit (at_ms);
+    CREATE INDEX audit_user ON audit (user_name, seq);
+    CREATE TABLE audit_head (id BIGINT PRIMARY KEY, seq BIGINT NOT NULL, hash TEXT NOT NULL);
+    INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, '');
+    CREATE TABLE audit_anchor (id BIGINT PRIMARY KEY, seq BIGINT NOT NULL, hash TEXT NOT NULL);
+    INSERT INTO audit_anchor (id, seq, hash) VALUES (1, 0, '')",
+    // PostgreSQL: the same
+    "CREATE TABLE audit (
+        seq BIGINT PRIMARY KEY,
+        at_ms BIGINT NOT NULL,
+        kind TEXT NOT NULL,
+        user_name TEXT NOT NULL,
+        source TEXT NOT NULL,
+        agent TEXT NOT NULL,
+        via TEXT NOT NULL,
+        server TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL
+    );
+    CREATE INDEX audit_at ON audit (at_ms);
+    CREATE INDEX audit_user ON audit (user_name, seq);
+    CREATE TABLE audit_head (id BIGINT PRIMARY KEY, seq BIGINT NOT NULL, hash TEXT NOT NULL);
+    INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, '');
+    CREATE TABLE audit_anchor (id BIGINT PRIMARY KEY, seq BIGINT NOT NULL, hash TEXT NOT NULL);
+    INSERT INTO audit_anchor (id, seq, hash) VALUES (1, 0, '')",
+)];
+
+/// An open store.
+#[derive(Clone)]
+pub struct Store {
+    pub(crate) pool: AnyPool,
+    pub(crate) backend: Backend,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("backend", &self.backend)
+            .finish()
+    }
+}
+
+/// The URL of the embedded store in `data_dir`, or an in-memory one.
+pub fn sqlite_url(data_dir: Option<&Path>) -> String {
+    match data_dir {
+        Some(dir) => format!("sqlite://{}?mode=rwc", dir.join("conch.db").display()),
+        None => "sqlite::memory:".to_owned(),
+    }
+}
+
+impl Store {
+    /// Opens the store at `url` and brings its schema up to date.
+    pub async fn open(url: &str) -> Result<Store, StoreError> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Backend::Postgres
+        } else {
+            let scheme = url.split(':').next().unwrap_or_default().to_owned();
+            return Err(StoreError::Scheme(scheme));
+        };
+        let memory = url.contains(":memory:");
+        let options = AnyPoolOptions::new()
+            .acquire_timeout(Duration::from_secs(10))
+            // One connection holds an in-memory SQLite database: a second
+            // would see another, empty one.
+            .max_connections(match (backend, memory) {
+                (Backend::Sqlite, true) => 1,
+                (Backend::Sqlite, false) => 4,
+                (Backend::Postgres, _) => 8,
+            })
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        // Writers wait for each other instead of failing;
+                        // WAL lets readers go on while one writes.
+                        sqlx::query("PRAGMA busy_timeout = 10000")
+                            .execute(&mut *conn)
+                            .await?;
+                        if !memory {
+                            sqlx::query("PRAGMA journal_mode = WAL")
+                                .execute(&mut *conn)
+                                .await?;
+                            sqlx::query("PRAGMA synchronous = NORMAL")
+                                .execute(&mut *conn)
+                                .await?;
+                        }
+                    }
+                    Ok(())
+                })
+            });
+        let pool = options.connect(url).await.map_err(StoreError::Open)?;
+        let store = Store { pool, backend };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Runs the migrations not yet run, each in a transaction. Two servers
+    /// starting at once on one PostgreSQL: the second waits for the
+    /// first's lock, then finds the work done.
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let fail = |version| move |source| StoreError::Migrate { version, source };
+        sqlx::query("CREATE TABLE IF NOT EXISTS conch_schema (version BIGINT PRIMARY KEY)")
+            .execute(&self.pool)
+            .await
+            .map_err(fail(0))?;
+        for (version, sqlite, postgres) in MIGRATIONS {
+            let mut tx = self.pool.begin().await.map_err(fail(*version))?;
+            if self.backend == Backend::Postgres {
+                sqlx::query("LOCK TABLE conch_schema IN EXCLUSIVE MODE")
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(fail(*version))?;
+            }
+            let done: Option<(i64,)> =
+                sqlx::query_as("SELECT version FROM conch_schema WHERE version = $1")
+                    .bind(*version)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(fail(*version))?;
+            if done.is_some() {
+                continue;
+            }
+            let script = match self.backend {
+                Backend::Sqlite => sqlite,
+                Backend::Postgres => postgres,
+            };
+            for statement in script.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+                sqlx::query(statement)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(fail(*version))?;
+            }
+            sqlx::query("INSERT INTO conch_schema (version) VALUES ($1)")
+                .bind(*version)
+                .execute(&mut *tx)
+                .await
+                .map_err(fail(*version))?;
+            tx.commit().await.map_err(fail(*version))?;
+            tracing::info!(version, "store schema upgraded");
+        }
+        Ok(())
+    }
+}
