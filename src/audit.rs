@@ -44,6 +44,8 @@ pub enum Kind {
     TokenRevoke,
     CommandStart,
     CommandEnd,
+    SessionAttach,
+    SessionDetach,
     SessionEnd,
     FilePut,
     FileGet,
@@ -61,6 +63,8 @@ impl Kind {
             Kind::TokenRevoke => "token_revoke",
             Kind::CommandStart => "command_start",
             Kind::CommandEnd => "command_end",
+            Kind::SessionAttach => "session_attach",
+            Kind::SessionDetach => "session_detach",
             Kind::SessionEnd => "session_end",
             Kind::FilePut => "file_put",
             Kind::FileGet => "file_get",
@@ -76,6 +80,8 @@ impl Kind {
         Kind::TokenRevoke,
         Kind::CommandStart,
         Kind::CommandEnd,
+        Kind::SessionAttach,
+        Kind::SessionDetach,
         Kind::SessionEnd,
         Kind::FilePut,
         Kind::FileGet,
@@ -593,6 +599,8 @@ pub async fn verify(store: &Store) -> Result<Verdict, StoreError> {
 pub struct CommandTrail {
     audit: Audit,
     base: Event,
+    /// The kind of the closing record.
+    end_kind: Kind,
     started: std::time::Instant,
     bytes_out: u64,
     ended: bool,
@@ -602,17 +610,30 @@ impl CommandTrail {
     /// Records the start of `command` (the command line or argv, and what
     /// else the edge knows: cwd, request id, terminal).
     pub fn start(audit: &Audit, base: Event) -> CommandTrail {
+        Self::start_as(audit, base, Kind::CommandStart, Kind::CommandEnd)
+    }
+
+    /// The same for another pair of kinds (an attach to a session and its
+    /// detach).
+    pub fn start_as(audit: &Audit, base: Event, start: Kind, end: Kind) -> CommandTrail {
         audit.record(Event {
-            kind: Kind::CommandStart,
+            kind: start,
             ..base.clone()
         });
         CommandTrail {
             audit: audit.clone(),
             base,
+            end_kind: end,
             started: std::time::Instant::now(),
             bytes_out: 0,
             ended: false,
         }
+    }
+
+    /// Adds `key` to what the closing record repeats (a session's id,
+    /// known once the agent says it).
+    pub fn note(&mut self, key: &str, value: &str) {
+        self.base.detail[key] = serde_json::Value::String(value.to_owned());
     }
 
     pub fn output(&mut self, n: usize) {
@@ -634,11 +655,13 @@ impl CommandTrail {
         if let Some(f) = failure {
             detail["failure"] = serde_json::Value::String(f.to_owned());
         }
-        if let Some(id) = self.base.detail.get("request_id") {
-            detail["request_id"] = id.clone();
+        for key in ["session", "request_id", "command"] {
+            if let Some(v) = self.base.detail.get(key) {
+                detail[key] = v.clone();
+            }
         }
         self.audit.record(Event {
-            kind: Kind::CommandEnd,
+            kind: self.end_kind,
             detail,
             ..self.base.clone()
         });

@@ -476,7 +476,17 @@ pub(crate) async fn exec(
         return Ok(run.respond(streaming, (permit, reservation)).await);
     }
     let (agent, link) = super::policy::link_to_run(&who, prepared.agent.as_deref(), &state.agents)
-        .map_err(refused)?;
+        .map_err(|e| {
+            audit_refusal(
+                &state,
+                &who,
+                client,
+                prepared.agent.as_deref(),
+                crate::audit::Kind::CommandStart,
+                &e,
+            );
+            refused(e)
+        })?;
     let ticket = state
         .quota
         .admit(&who.name, &agent, link.info().max_channels)
@@ -552,6 +562,28 @@ pub(super) fn command_detail(
         detail["request_id"] = id.chars().take(128).collect::<String>().into();
     }
     detail
+}
+
+/// Records a refusal by policy (not an unknown or unavailable agent,
+/// which refuses nobody in particular) as `denied`.
+pub(super) fn audit_refusal(
+    state: &AppState,
+    who: &super::auth::Principal,
+    client: std::net::IpAddr,
+    agent: Option<&str>,
+    wanted: crate::audit::Kind,
+    e: &super::policy::Refused,
+) {
+    if let super::policy::Refused::Denied(denied) = e {
+        state.audit(
+            crate::audit::Kind::Denied,
+            &who.name,
+            client,
+            agent.unwrap_or_default(),
+            crate::audit::Via::Rest,
+            serde_json::json!({"wanted": wanted.as_str(), "reason": denied.to_string()}),
+        );
+    }
 }
 
 /// The API's answer when `who` may not run on the agent asked for: an

@@ -28,6 +28,7 @@ use super::caller::{Caller, Writer};
 use super::policy::SessionAction;
 use super::problem::ApiError;
 use super::quota::Ticket;
+use crate::audit::{Kind, Via};
 use crate::link::{AgentLink, Channel, Event, LinkError};
 use crate::protocol::{FileInfo, GetRequest, PutRequest, WirePath};
 use crate::vocab::ErrorCode;
@@ -192,6 +193,8 @@ async fn prepare(
     state: &AppState,
     who: &Principal,
     query: &FileQuery,
+    client: std::net::IpAddr,
+    kind: Kind,
 ) -> Result<(String, AgentLink, Held), ApiError> {
     let limits = &state.api_limits;
     state
@@ -202,7 +205,10 @@ async fn prepare(
             retry_after,
         })?;
     let (agent, link) = super::policy::link_to_run(who, query.agent.as_deref(), &state.agents)
-        .map_err(super::api::refused)?;
+        .map_err(|e| {
+            super::api::audit_refusal(state, who, client, query.agent.as_deref(), kind, &e);
+            super::api::refused(e)
+        })?;
     if !link.info().files {
         return Err(ApiError::Conflict(format!(
             "agent {agent:?} is a version that cannot move files; upgrade it"
@@ -317,11 +323,15 @@ pub(crate) struct WrittenFile {
 pub(crate) async fn put(
     State(state): State<AppState>,
     Writer(who): Writer,
+    super::peer::ClientIp(client): super::peer::ClientIp,
     request: Request,
 ) -> Result<Response, ApiError> {
     let query = parse_query(request.uri().query(), true)?;
     let (size, sha256) = declared(request.headers())?;
-    let (agent, link, held) = prepare(&state, &who, &query).await?;
+    let (agent, link, held) = prepare(&state, &who, &query, client, Kind::FilePut).await?;
+    let audit = |detail: serde_json::Value| {
+        state.audit(Kind::FilePut, &who.name, client, &agent, Via::Rest, detail)
+    };
     let req = PutRequest {
         path: WirePath(query.path.clone().unwrap_or_default()),
         name: query.name.clone().map(WirePath),
@@ -373,6 +383,7 @@ pub(crate) async fn put(
                     Ok(()) | Err(Cut::Channel) => continue,
                 };
                 drop(channel);
+                audit(serde_json::json!({"path": shown(&req.path), "error": "cut", "message": cut.to_string()}));
                 tracing::info!(user = %who.name, %agent, path = %shown(&req.path), error = %cut, "file put cut short");
                 return Err(cut);
             }
@@ -400,6 +411,12 @@ pub(crate) async fn put(
     drop(held);
     match (written, failure) {
         (Some(info), None) => {
+            audit(serde_json::json!({
+                "path": shown(&info.path),
+                "size": info.size,
+                "sha256": info.sha256,
+                "created": info.created,
+            }));
             tracing::info!(
                 user = %who.name,
                 %agent,
@@ -425,6 +442,9 @@ pub(crate) async fn put(
             Ok((status, Json(body)).into_response())
         }
         (_, Some((code, message))) => {
+            audit(
+                serde_json::json!({"path": shown(&req.path), "error": code.as_str(), "message": message}),
+            );
             tracing::info!(user = %who.name, %agent, path = %shown(&req.path), code = %code, "file put refused");
             Err(refusal(code, message))
         }
@@ -565,6 +585,7 @@ fn if_range_holds(headers: &HeaderMap, info: &FileInfo) -> bool {
 pub(crate) async fn get(
     State(state): State<AppState>,
     Caller(who): Caller,
+    super::peer::ClientIp(client): super::peer::ClientIp,
     request: Request,
 ) -> Result<Response, ApiError> {
     let headers = request.headers().clone();
@@ -580,7 +601,7 @@ pub(crate) async fn get(
         ));
     }
     let query = parse_query(request.uri().query(), false)?;
-    let (agent, link, held) = prepare(&state, &who, &query).await?;
+    let (agent, link, held) = prepare(&state, &who, &query, client, Kind::FileGet).await?;
     let path = WirePath(query.path.clone().unwrap_or_default());
     let range = byte_range(&headers);
     let ask = |range: Option<(Option<u64>, Option<u64>, Option<u64>)>| GetRequest {
@@ -591,7 +612,16 @@ pub(crate) async fn get(
         suffix: range.and_then(|r| r.2),
         window: Some(DOWNLOAD_WINDOW),
     };
-    let (mut channel, mut info) = open_get(&link, &agent, ask(range)).await?;
+    let audit = |detail: serde_json::Value| {
+        state.audit(Kind::FileGet, &who.name, client, &agent, Via::Rest, detail)
+    };
+    let (mut channel, mut info) = match open_get(&link, &agent, ask(range)).await {
+        Ok(x) => x,
+        Err(e) => {
+            audit(serde_json::json!({"path": shown(&path), "error": e.to_string()}));
+            return Err(e);
+        }
+    };
     let mut partial = range.is_some();
     if partial && !if_range_holds(&headers, &info) {
         // The file changed since the client's copy: all of it, anew.
@@ -615,6 +645,13 @@ pub(crate) async fn get(
         length = info.length,
         "file get"
     );
+    audit(serde_json::json!({
+        "path": shown(&info.path),
+        "size": info.size,
+        "offset": info.offset,
+        "length": info.length,
+        "sha256": info.sha256,
+    }));
     let mut response = Response::builder()
         .status(if partial {
             StatusCode::PARTIAL_CONTENT

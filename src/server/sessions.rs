@@ -127,6 +127,7 @@ pub(super) async fn find(
 pub(crate) async fn end(
     State(state): State<AppState>,
     Writer(who): Writer,
+    super::peer::ClientIp(client): super::peer::ClientIp,
     Path((agent, id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let link = find(&state, &who, &agent, &id, SessionAction::Manage).await?;
@@ -134,6 +135,14 @@ pub(crate) async fn end(
         .await
         .map_err(|e| ApiError::AgentUnavailable(e.to_string()))?;
     tracing::info!(by = %who.name, %agent, session = %id, "session ended");
+    state.audit(
+        crate::audit::Kind::SessionEnd,
+        &who.name,
+        client,
+        &agent,
+        crate::audit::Via::Rest,
+        serde_json::json!({"session": id}),
+    );
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

@@ -49,6 +49,7 @@ const STDERR: u8 = 2;
 /// `GET /ws`: upgrades after checking the session and the Origin.
 pub(crate) async fn upgrade(
     State(state): State<AppState>,
+    super::peer::ClientIp(client): super::peer::ClientIp,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
@@ -66,7 +67,7 @@ pub(crate) async fn upgrade(
     // buffer keeps idle sessions cheap (tungstenite's default is 128 KiB).
     ws.max_message_size(MAX_MESSAGE)
         .read_buffer_size(READ_BUFFER)
-        .on_upgrade(move |socket| session(socket, state, login))
+        .on_upgrade(move |socket| session(socket, state, login, client.to_string()))
 }
 
 struct Running {
@@ -120,7 +121,7 @@ fn close(code: u16, reason: &'static str) -> WsMessage {
     }))
 }
 
-async fn session(socket: WebSocket, state: AppState, login: SessionHandle) {
+async fn session(socket: WebSocket, state: AppState, login: SessionHandle, source: String) {
     let _open = super::metrics::console_open();
     let principal = login.principal.clone();
     let (mut sink, mut stream) = socket.split();
@@ -140,6 +141,7 @@ async fn session(socket: WebSocket, state: AppState, login: SessionHandle) {
     let mut console = Console {
         state: &state,
         principal: &principal,
+        source: &source,
         out: &out,
         finished: &finished_tx,
         running: HashMap::new(),
@@ -358,6 +360,8 @@ impl Refusal {
 struct Console<'a> {
     state: &'a AppState,
     principal: &'a Principal,
+    /// The page's address, for the audit log.
+    source: &'a str,
     out: &'a mpsc::Sender<WsMessage>,
     finished: &'a mpsc::Sender<u32>,
     running: HashMap<u32, Running>,
@@ -595,14 +599,35 @@ impl Console<'_> {
             .await
             .map_err(|e| Refusal::new(ErrorCode::AgentUnavailable, e.to_string()))?;
         tracing::info!(user = %self.principal.name, id, session = %a.session, watch = a.watch, "session attached");
+        let trail = crate::audit::CommandTrail::start_as(
+            &self.state.audit,
+            self.event(
+                &a.name,
+                serde_json::json!({"session": a.session, "watch": a.watch}),
+            ),
+            crate::audit::Kind::SessionAttach,
+            crate::audit::Kind::SessionDetach,
+        );
         Ok(Running::start(
             id,
             channel,
             (a.name, a.watch),
-            a.ticket,
+            (a.ticket, trail),
             self.out.clone(),
             self.finished.clone(),
         ))
+    }
+
+    /// An audit event of this console's user about `agent`.
+    fn event(&self, agent: &str, detail: serde_json::Value) -> crate::audit::Event {
+        crate::audit::Event {
+            kind: crate::audit::Kind::CommandStart,
+            user: self.principal.name.clone(),
+            source: self.source.to_owned(),
+            agent: agent.to_owned(),
+            via: crate::audit::Via::Console,
+            detail,
+        }
     }
 
     /// A new command id must be free, and there must be room for it.
@@ -644,17 +669,30 @@ impl Console<'_> {
                 "exec needs \"cmd\" or \"pty\"",
             ));
         }
-        let (agent_name, link) =
-            super::policy::link_to_run(self.principal, agent.as_deref(), &self.state.agents)
-                .map_err(|e| {
-                    let code = match e {
-                        super::policy::Refused::Denied(super::policy::Denied::Viewer(_)) => {
-                            ErrorCode::Forbidden
-                        }
-                        _ => ErrorCode::AgentUnavailable,
-                    };
-                    Refusal::new(code, e.to_string())
-                })?;
+        let (agent_name, link) = super::policy::link_to_run(
+            self.principal,
+            agent.as_deref(),
+            &self.state.agents,
+        )
+        .map_err(|e| {
+            if let super::policy::Refused::Denied(denied) = &e {
+                self.state.audit(
+                    crate::audit::Kind::Denied,
+                    &self.principal.name,
+                    self.source,
+                    agent.as_deref().unwrap_or_default(),
+                    crate::audit::Via::Console,
+                    serde_json::json!({"wanted": "command_start", "reason": denied.to_string()}),
+                );
+            }
+            let code = match e {
+                super::policy::Refused::Denied(super::policy::Denied::Viewer(_)) => {
+                    ErrorCode::Forbidden
+                }
+                _ => ErrorCode::AgentUnavailable,
+            };
+            Refusal::new(code, e.to_string())
+        })?;
         let ticket = self
             .state
             .quota
@@ -668,6 +706,7 @@ impl Console<'_> {
                 max_per_owner: Some(self.state.quota.shells_per_user()),
             }
         });
+        let (req_cmd, pty_on, kept) = (cmd.clone(), pty.is_some(), session.is_some());
         let req = ExecRequest {
             cmd,
             pty,
@@ -683,11 +722,22 @@ impl Console<'_> {
             Refusal::new(code, e.to_string())
         })?;
         tracing::info!(user = %self.principal.name, id, "command started");
+        let detail = match &req_cmd {
+            Some(cmd) => serde_json::json!({
+                "command": cmd.chars().take(4096).collect::<String>(),
+                "pty": pty_on,
+            }),
+            None => {
+                serde_json::json!({"command": "(login shell)", "pty": true, "shell_session": kept})
+            }
+        };
+        let trail =
+            crate::audit::CommandTrail::start(&self.state.audit, self.event(&agent_name, detail));
         Ok(Running::start(
             id,
             channel,
             (agent_name, false),
-            ticket,
+            (ticket, trail),
             self.out.clone(),
             self.finished.clone(),
         ))
@@ -723,7 +773,7 @@ impl Running {
         id: u32,
         channel: crate::link::Channel,
         agent: (String, bool),
-        ticket: super::quota::Ticket,
+        held: (super::quota::Ticket, crate::audit::CommandTrail),
         out: mpsc::Sender<WsMessage>,
         finished: mpsc::Sender<u32>,
     ) -> Running {
@@ -744,7 +794,7 @@ impl Running {
             id,
             channel,
             agent,
-            ticket,
+            held,
             out,
             unacked.clone(),
             finished,
@@ -781,7 +831,7 @@ async fn pump(
     id: u32,
     mut channel: crate::link::Channel,
     (agent, watch): (String, bool),
-    _ticket: super::quota::Ticket,
+    (_ticket, mut trail): (super::quota::Ticket, crate::audit::CommandTrail),
     out: mpsc::Sender<WsMessage>,
     unacked: Arc<AtomicU64>,
     finished: mpsc::Sender<u32>,
@@ -793,17 +843,28 @@ async fn pump(
     let mut _shell = None;
     loop {
         let (msg, last) = match bridge::next(&mut channel, &no_shutdown).await {
-            Update::Output(Stream::Stdout, data) => (output(STDOUT, id, &data, &unacked), false),
-            Update::Output(Stream::Stderr, data) => (output(STDERR, id, &data, &unacked), false),
+            Update::Output(Stream::Stdout, data) => {
+                trail.output(data.len());
+                (output(STDOUT, id, &data, &unacked), false)
+            }
+            Update::Output(Stream::Stderr, data) => {
+                trail.output(data.len());
+                (output(STDERR, id, &data, &unacked), false)
+            }
             Update::Notice { code, message } => {
                 (error_with(Some(id), code, &message, false), false)
             }
-            Update::Exit(status) => (ServerMessage::Exit { id, status }.frame(), true),
+            Update::Exit(status) => {
+                trail.end(Some(&status), None);
+                (ServerMessage::Exit { id, status }.frame(), true)
+            }
             Update::Failed(failure) => {
                 let message = failure.describe(&agent);
+                trail.end(None, Some(&message));
                 (error(Some(id), failure.code(), &message), true)
             }
             Update::Session(session) => {
+                trail.note("session", &session);
                 _shell.get_or_insert_with(super::metrics::shell_attached);
                 let msg = ServerMessage::Attached {
                     id,
@@ -818,6 +879,7 @@ async fn pump(
             }
             Update::Detached(reason) => {
                 let reason = crate::transport::handshake::peer_text(&reason);
+                trail.end(None, Some(&format!("detached: {reason}")));
                 (
                     ServerMessage::Detached {
                         id,
