@@ -164,10 +164,19 @@ pub struct Health {
     pub last_error: std::sync::Mutex<Option<String>>,
 }
 
+/// A record waiting for the writer: when it happened, what, and whom to
+/// tell once it is committed.
+type Queued = (i64, Event, Option<tokio::sync::oneshot::Sender<()>>);
+
+/// How long a command waits for its start record to be committed, at
+/// most: 2 s. Beyond (the store is slow or down) it runs anyway, and the
+/// failure is reported as any other.
+const CONFIRM_WAIT: Duration = Duration::from_secs(2);
+
 /// The server's handle on its audit log.
 #[derive(Clone)]
 pub struct Audit {
-    queue: mpsc::Sender<(i64, Event)>,
+    queue: mpsc::Sender<Queued>,
     pub health: Arc<Health>,
     pub store: Store,
 }
@@ -218,11 +227,29 @@ impl Audit {
     /// Queues `event`; never waits. A full queue (the store is down or too
     /// slow) drops it, counted and logged.
     pub fn record(&self, event: Event) {
-        if let Err(e) = self.queue.try_send((now_ms(), event)) {
+        self.enqueue(event, None);
+    }
+
+    /// Queues `event` and waits until it is committed (at most
+    /// [`CONFIRM_WAIT`], and not at all while the store is failing): a
+    /// command starts only once its start record would survive the
+    /// server's crash. Other commands' records share the transaction.
+    pub async fn record_committed(&self, event: Event) {
+        if self.health.failing.load(Ordering::Relaxed) {
+            self.enqueue(event, None);
+            return;
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.enqueue(event, Some(tx));
+        let _ = tokio::time::timeout(CONFIRM_WAIT, rx).await;
+    }
+
+    fn enqueue(&self, event: Event, ack: Option<tokio::sync::oneshot::Sender<()>>) {
+        if let Err(e) = self.queue.try_send((now_ms(), event, ack)) {
             let n = self.health.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             let what = match &e {
-                mpsc::error::TrySendError::Full((_, ev)) => ev.kind.as_str(),
-                mpsc::error::TrySendError::Closed((_, ev)) => ev.kind.as_str(),
+                mpsc::error::TrySendError::Full((_, ev, _)) => ev.kind.as_str(),
+                mpsc::error::TrySendError::Closed((_, ev, _)) => ev.kind.as_str(),
             };
             // Every first, then every 1000th: the log must not flood.
             if n == 1 || n.is_multiple_of(1000) {
@@ -255,7 +282,7 @@ impl Audit {
 async fn write_loop(
     store: Store,
     server: String,
-    mut rx: mpsc::Receiver<(i64, Event)>,
+    mut rx: mpsc::Receiver<Queued>,
     health: Arc<Health>,
     shutdown: CancellationToken,
 ) {
@@ -287,7 +314,11 @@ async fn write_loop(
                     if health.failing.swap(false, Ordering::Relaxed) {
                         tracing::info!("the audit store works again");
                     }
-                    batch.clear();
+                    for (_, _, ack) in batch.drain(..) {
+                        if let Some(ack) = ack {
+                            let _ = ack.send(());
+                        }
+                    }
                     break;
                 }
                 Err(e) => {
@@ -316,7 +347,7 @@ async fn write_loop(
 /// locked first (a write, so that SQLite takes its write lock at once and
 /// PostgreSQL orders the servers), then read, then the records go in and
 /// the head moves.
-async fn append(store: &Store, server: &str, events: &[(i64, Event)]) -> Result<(), sqlx::Error> {
+async fn append(store: &Store, server: &str, events: &[Queued]) -> Result<(), sqlx::Error> {
     let mut tx = store.pool.begin().await?;
     sqlx::query("UPDATE audit_head SET seq = seq WHERE id = 1")
         .execute(&mut *tx)
@@ -325,7 +356,7 @@ async fn append(store: &Store, server: &str, events: &[(i64, Event)]) -> Result<
         sqlx::query_as("SELECT seq, hash FROM audit_head WHERE id = 1")
             .fetch_one(&mut *tx)
             .await?;
-    for (at_ms, ev) in events {
+    for (at_ms, ev, _) in events {
         seq += 1;
         let detail = ev.detail.to_string();
         let fields = [
@@ -608,9 +639,24 @@ pub struct CommandTrail {
 
 impl CommandTrail {
     /// Records the start of `command` (the command line or argv, and what
-    /// else the edge knows: cwd, request id, terminal).
-    pub fn start(audit: &Audit, base: Event) -> CommandTrail {
-        Self::start_as(audit, base, Kind::CommandStart, Kind::CommandEnd)
+    /// else the edge knows: cwd, request id, terminal), committed before
+    /// this returns (see [`Audit::record_committed`]): call it before the
+    /// command is sent to its agent.
+    pub async fn start(audit: &Audit, base: Event) -> CommandTrail {
+        audit
+            .record_committed(Event {
+                kind: Kind::CommandStart,
+                ..base.clone()
+            })
+            .await;
+        CommandTrail {
+            audit: audit.clone(),
+            base,
+            end_kind: Kind::CommandEnd,
+            started: std::time::Instant::now(),
+            bytes_out: 0,
+            ended: false,
+        }
     }
 
     /// The same for another pair of kinds (an attach to a session and its

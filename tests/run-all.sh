@@ -5,7 +5,8 @@
 # page's type check and unit tests, format and lint checks, the Rust tests
 # (the adversarial suite among them), the API contract check, the benchmark
 # harness in its quick mode, the browser end-to-end tests (one through
-# nginx), and the Debian package's build and lintian check.
+# nginx), and the Debian package's build and lintian check. The audit tests
+# use a real PostgreSQL: CONCH_TEST_DATABASE_URL, or a throwaway cluster.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +25,12 @@ command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 # The API contract check builds a Python venv (Debian splits venv out).
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
+# The audit tests run a throwaway PostgreSQL cluster (initdb, pg_ctl, as the
+# postgres user the package makes; its own cluster is never started: see
+# policy-rc.d below) and read and tamper with the stores with their clients.
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
+command -v sqlite3 >/dev/null 2>&1 || need+=(sqlite3)
 # The reverse-proxy test runs nginx in front of conch (its own config, on a
 # free loopback port); the package must not start a system nginx on :80.
 [ -x /usr/sbin/nginx ] || need+=(nginx-light)

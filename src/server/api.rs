@@ -411,9 +411,17 @@ pub(crate) async fn exec(
 ) -> Result<Response, ApiError> {
     let headers = request.headers().clone();
     if !who.role.can_run() {
-        return Err(ApiError::Forbidden(
-            super::policy::Denied::Viewer(who.name.clone()).to_string(),
-        ));
+        let denied =
+            super::policy::Refused::Denied(super::policy::Denied::Viewer(who.name.clone()));
+        audit_refusal(
+            &state,
+            &who,
+            client,
+            None,
+            crate::audit::Kind::CommandStart,
+            &denied,
+        );
+        return Err(ApiError::Forbidden(denied.to_string()));
     }
     let limits = &state.api_limits;
     state
@@ -494,13 +502,30 @@ pub(crate) async fn exec(
             message: e.to_string(),
             retry_after: 1,
         })?;
-    let channel = link.exec(prepared.req.clone()).await.map_err(|e| match e {
-        LinkError::TooLarge { size, .. } => ApiError::TooLarge(format!(
-            "the command, its arguments and environment make a request of {size} bytes; \
+    // Recorded (committed) before the agent hears of it: a command that
+    // runs has its start record, even if this server dies now.
+    let mut trail = crate::audit::CommandTrail::start(
+        &state.audit,
+        crate::audit::Event {
+            kind: crate::audit::Kind::CommandStart,
+            user: who.name.clone(),
+            source: client.to_string(),
+            agent: agent.clone(),
+            via: crate::audit::Via::Rest,
+            detail: command_detail(&prepared.req, &headers),
+        },
+    )
+    .await;
+    let channel = link.exec(prepared.req.clone()).await.map_err(|e| {
+        trail.end(None, Some(&e.to_string()));
+        match e {
+            LinkError::TooLarge { size, .. } => ApiError::TooLarge(format!(
+                "the command, its arguments and environment make a request of {size} bytes; \
              the agent accepts at most {MAX_PAYLOAD_LEN} (a single argument at most 128 KiB, \
              as the kernel)"
-        )),
-        e => ApiError::AgentUnavailable(format!("agent {agent:?}: {e}")),
+            )),
+            e => ApiError::AgentUnavailable(format!("agent {agent:?}: {e}")),
+        }
     })?;
     // Always end stdin, so that a command reading it sees EOF, not a hang;
     // written beside the reading of output, so that a command that echoes
@@ -512,17 +537,6 @@ pub(crate) async fn exec(
         let _ = input.stdin(data, true).await;
     });
     tracing::info!(user = %who.name, agent = %agent, "api exec");
-    let trail = crate::audit::CommandTrail::start(
-        &state.audit,
-        crate::audit::Event {
-            kind: crate::audit::Kind::CommandStart,
-            user: who.name.clone(),
-            source: client.to_string(),
-            agent: agent.clone(),
-            via: crate::audit::Via::Rest,
-            detail: command_detail(&prepared.req, &headers),
-        },
-    );
     let held = Held {
         _permit: permit,
         _ticket: ticket,

@@ -669,14 +669,11 @@ impl Console<'_> {
                 "exec needs \"cmd\" or \"pty\"",
             ));
         }
-        let (agent_name, link) = super::policy::link_to_run(
-            self.principal,
-            agent.as_deref(),
-            &self.state.agents,
-        )
-        .map_err(|e| {
-            if let super::policy::Refused::Denied(denied) = &e {
-                self.state.audit(
+        let (agent_name, link) =
+            super::policy::link_to_run(self.principal, agent.as_deref(), &self.state.agents)
+                .map_err(|e| {
+                    if let super::policy::Refused::Denied(denied) = &e {
+                        self.state.audit(
                     crate::audit::Kind::Denied,
                     &self.principal.name,
                     self.source,
@@ -684,15 +681,15 @@ impl Console<'_> {
                     crate::audit::Via::Console,
                     serde_json::json!({"wanted": "command_start", "reason": denied.to_string()}),
                 );
-            }
-            let code = match e {
-                super::policy::Refused::Denied(super::policy::Denied::Viewer(_)) => {
-                    ErrorCode::Forbidden
-                }
-                _ => ErrorCode::AgentUnavailable,
-            };
-            Refusal::new(code, e.to_string())
-        })?;
+                    }
+                    let code = match e {
+                        super::policy::Refused::Denied(super::policy::Denied::Viewer(_)) => {
+                            ErrorCode::Forbidden
+                        }
+                        _ => ErrorCode::AgentUnavailable,
+                    };
+                    Refusal::new(code, e.to_string())
+                })?;
         let ticket = self
             .state
             .quota
@@ -714,14 +711,6 @@ impl Console<'_> {
             session,
             ..Default::default()
         };
-        let channel = link.exec(req).await.map_err(|e| {
-            let code = match e {
-                LinkError::TooLarge { .. } => ErrorCode::TooLarge,
-                _ => ErrorCode::AgentUnavailable,
-            };
-            Refusal::new(code, e.to_string())
-        })?;
-        tracing::info!(user = %self.principal.name, id, "command started");
         let detail = match &req_cmd {
             Some(cmd) => serde_json::json!({
                 "command": cmd.chars().take(4096).collect::<String>(),
@@ -731,8 +720,18 @@ impl Console<'_> {
                 serde_json::json!({"command": "(login shell)", "pty": true, "shell_session": kept})
             }
         };
-        let trail =
-            crate::audit::CommandTrail::start(&self.state.audit, self.event(&agent_name, detail));
+        let mut trail =
+            crate::audit::CommandTrail::start(&self.state.audit, self.event(&agent_name, detail))
+                .await;
+        let channel = link.exec(req).await.map_err(|e| {
+            trail.end(None, Some(&e.to_string()));
+            let code = match e {
+                LinkError::TooLarge { .. } => ErrorCode::TooLarge,
+                _ => ErrorCode::AgentUnavailable,
+            };
+            Refusal::new(code, e.to_string())
+        })?;
+        tracing::info!(user = %self.principal.name, id, "command started");
         Ok(Running::start(
             id,
             channel,

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod in_process;
+pub mod postgres;
 pub mod ws;
 
 use std::io::{BufRead, BufReader};

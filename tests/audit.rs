@@ -1,0 +1,483 @@
+//! The audit log against real stores: SQLite in the data directory and a
+//! real PostgreSQL (a throwaway cluster, or `CONCH_TEST_DATABASE_URL`),
+//! written by real servers, read over REST and with `conch audit`, and its
+//! chain checked with `conch audit verify`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::postgres::Postgres;
+use common::{Endpoint, Server, server_command, server_from, start_agent};
+use serde_json::{Value, json};
+
+/// Where a server keeps its store.
+enum Store {
+    Sqlite(tempfile::TempDir),
+    Postgres(Postgres),
+}
+
+impl Store {
+    fn flags(&self) -> Vec<String> {
+        match self {
+            Store::Sqlite(dir) => vec!["--data-dir".into(), dir.path().display().to_string()],
+            Store::Postgres(pg) => vec!["--database-url".into(), pg.url.clone()],
+        }
+    }
+
+    /// `conch audit verify`'s arguments for this store.
+    fn verify_args(&self) -> Vec<String> {
+        let mut v = vec!["audit".into(), "verify".into()];
+        v.extend(self.flags());
+        v
+    }
+
+    /// Runs SQL on the store, as someone with access to it would.
+    fn sql(&self, statement: &str) {
+        let out = match self {
+            Store::Sqlite(dir) => std::process::Command::new("sqlite3")
+                .arg(dir.path().join("conch.db"))
+                .arg(statement)
+                .output(),
+            Store::Postgres(pg) => std::process::Command::new("psql")
+                .arg(&pg.url)
+                .args(["-v", "ON_ERROR_STOP=1", "-q", "-c", statement])
+                .output(),
+        }
+        .expect("run the database's client");
+        assert!(
+            out.status.success(),
+            "{statement}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// A server on `store` with the users olga (operator) and vera (viewer);
+/// the users file's directory lives as long as it.
+struct Running {
+    server: Server,
+    _users: tempfile::TempDir,
+}
+
+impl std::ops::Deref for Running {
+    type Target = Server;
+    fn deref(&self) -> &Server {
+        &self.server
+    }
+}
+
+fn server_on(store: &Store, extra: &[&str]) -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let users = common::users_file(dir.path());
+    let mut cmd = server_command(&["--users-file", &users]);
+    cmd.args(store.flags()).args(extra);
+    Running {
+        server: server_from(cmd, true),
+        _users: dir,
+    }
+}
+
+fn conch(args: &[String], env: &[(&str, String)]) -> (Option<i32>, String, String) {
+    let mut c = std::process::Command::new(common::bin());
+    c.args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = c.output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The audit records (newest first) once `done` holds of them; a bounded wait.
+async fn records_until(
+    server: &Server,
+    query: &str,
+    done: impl Fn(&[Value]) -> bool,
+) -> Vec<Value> {
+    let mut last = Vec::new();
+    for _ in 0..200 {
+        let page =
+            common::get_json(server.url(&format!("/api/v1/audit?{query}")), &server.token).await;
+        let records = page["records"].as_array().cloned().unwrap_or_default();
+        if done(&records) {
+            return records;
+        }
+        last = records;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "the audit log never showed what was expected ({query}): {:?}",
+        kinds(&last)
+    );
+}
+
+fn kinds(records: &[Value]) -> Vec<String> {
+    records
+        .iter()
+        .map(|r| r["kind"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+async fn exec(server: &Server, token: &str, command: &str) -> Value {
+    common::post_json(
+        server.url("/api/v1/exec"),
+        token,
+        &json!({"command": command}),
+    )
+    .await
+    .1
+}
+
+/// Every kind the server writes, then the log read back and its chain
+/// broken three ways.
+async fn suite(store: Store) {
+    let server = server_on(&store, &[]);
+    let admin = server.token.clone();
+    // Logins: olga, a wrong password, vera; olga logs out.
+    let olga = server
+        .login(&[("username", "olga"), ("password", "operator-pw")])
+        .await
+        .unwrap();
+    assert!(
+        server
+            .login(&[("username", "olga"), ("password", "nope")])
+            .await
+            .is_err()
+    );
+    let vera = server
+        .login(&[("username", "vera"), ("password", "viewer-pw")])
+        .await
+        .unwrap();
+    // Commands over REST (one with a request id), a refusal by policy.
+    let done = exec(&server, &admin, "echo audited-$((6*7))").await;
+    assert_eq!(done["stdout"], "audited-42\n");
+    let resp = reqwest::Client::new()
+        .post(server.url("/api/v1/exec"))
+        .header("cookie", &vera)
+        .header("origin", server.origin())
+        .json(&json!({"command": "id"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    // Tokens, files, a console command.
+    let ci = server.create_token("ci", "operator").await;
+    let resp = reqwest::Client::new()
+        .delete(server.url("/api/v1/tokens/ci"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    drop(ci);
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("audited.txt");
+    let put = reqwest::Client::new()
+        .put(server.url(&format!("/api/v1/files?path={}", target.display())))
+        .bearer_auth(&admin)
+        .body("file body")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 201);
+    let got = reqwest::Client::new()
+        .get(server.url(&format!("/api/v1/files?path={}", target.display())))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.text().await.unwrap(), "file body");
+    let mut ws = common::ws::open_ws(&server, Some(&olga), Some(&server.origin()))
+        .await
+        .unwrap();
+    let _hello = common::ws::next_json(&mut ws).await;
+    let (out, _, exit) = common::ws::run(&mut ws, 1, "echo from-the-console").await;
+    assert_eq!(String::from_utf8_lossy(&out), "from-the-console\n");
+    assert_eq!(exit["code"], 0);
+    let logout = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .post(server.url("/logout"))
+        .header("cookie", &olga)
+        .header("origin", server.origin())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(logout.status(), 303);
+
+    let want = [
+        "login",
+        "login_failed",
+        "command_start",
+        "command_end",
+        "denied",
+        "token_create",
+        "token_revoke",
+        "file_put",
+        "file_get",
+        "logout",
+    ];
+    let all = records_until(&server, "limit=1000", |r| {
+        let k = kinds(r);
+        want.iter().all(|w| k.iter().any(|x| x == w))
+            && r.iter().filter(|x| x["kind"] == "command_end").count() >= 2
+    })
+    .await;
+    let find = |kind: &str, pick: &dyn Fn(&Value) -> bool| {
+        all.iter()
+            .find(|r| r["kind"] == kind && pick(r))
+            .unwrap_or_else(|| panic!("no {kind} record that fits in {all:#?}"))
+            .clone()
+    };
+    let start = find("command_start", &|r| {
+        r["detail"]["command"] == "echo audited-$((6*7))"
+    });
+    assert_eq!(start["user"], "admin");
+    assert_eq!(start["via"], "rest");
+    assert_eq!(start["agent"], "local");
+    assert_eq!(start["source"], "127.0.0.1");
+    let end = find("command_end", &|r| {
+        r["detail"]["command"] == "echo audited-$((6*7))"
+    });
+    assert_eq!(end["detail"]["exit"]["code"], 0);
+    assert_eq!(end["detail"]["bytes_out"], 11);
+    let console = find("command_start", &|r| r["via"] == "console");
+    assert_eq!(console["user"], "olga");
+    assert_eq!(console["detail"]["command"], "echo from-the-console");
+    let failed = find("login_failed", &|_| true);
+    assert_eq!(failed["user"], "olga");
+    assert!(
+        !failed.to_string().contains("nope"),
+        "a password never reaches the log"
+    );
+    let denied = find("denied", &|_| true);
+    assert_eq!(denied["user"], "vera");
+    let put = find("file_put", &|_| true);
+    assert_eq!(put["detail"]["size"], 9);
+    use sha2::Digest;
+    let body_hash = hex::encode(sha2::Sha256::digest(b"file body"));
+    assert_eq!(put["detail"]["sha256"], body_hash.as_str());
+    // Chained: each links to the one before.
+    for pair in all.windows(2) {
+        assert_eq!(
+            pair[0]["prev_hash"], pair[1]["hash"],
+            "newest first, linked"
+        );
+    }
+
+    // Filters and pages over REST; the same with `conch audit`.
+    let only = records_until(&server, "kind=login&user=olga", |r| !r.is_empty()).await;
+    assert!(
+        only.iter()
+            .all(|r| r["kind"] == "login" && r["user"] == "olga")
+    );
+    let texts = records_until(&server, "text=AUDITED-", |r| r.len() >= 2).await;
+    assert!(
+        texts
+            .iter()
+            .all(|r| r["detail"].to_string().contains("audited-"))
+    );
+    let first = common::get_json(server.url("/api/v1/audit?limit=2"), &admin).await;
+    let cursor = first["next"].as_i64().expect("a next page");
+    let second = common::get_json(
+        server.url(&format!("/api/v1/audit?limit=2&cursor={cursor}")),
+        &admin,
+    )
+    .await;
+    assert!(second["records"][0]["seq"].as_i64().unwrap() < cursor);
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, &admin).unwrap();
+    let env = [
+        ("CONCH_SERVER", server.url("")),
+        ("CONCH_TOKEN_FILE", token_file.display().to_string()),
+    ];
+    let (code, out, err) = conch(
+        &[
+            "audit".into(),
+            "--kind".into(),
+            "command_start".into(),
+            "--json".into(),
+        ],
+        &env,
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let lines: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(lines.len() >= 2 && lines.iter().all(|r| r["kind"] == "command_start"));
+    let (code, table, _) = conch(&["audit".into(), "--user".into(), "vera".into()], &env);
+    assert_eq!(code, Some(0));
+    assert!(
+        table.starts_with("TIME") && table.contains("denied"),
+        "{table}"
+    );
+    // A viewer reads only its own records.
+    let mine: Value = reqwest::Client::new()
+        .get(server.url("/api/v1/audit?user=admin"))
+        .header("cookie", &vera)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        mine["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["user"] == "vera")
+    );
+
+    // The chain: intact; an edited record; a removed one; the end cut off.
+    drop(ws);
+    drop(server);
+    let (code, out, err) = conch(&store.verify_args(), &[]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("intact"), "{out}");
+    store.sql("UPDATE audit SET detail = '{\"command\":\"ls\"}' WHERE seq = 3");
+    let (code, out, _) = conch(&store.verify_args(), &[]);
+    assert_eq!(code, Some(1));
+    assert!(out.contains("record 3 was changed"), "{out}");
+    store.sql("DELETE FROM audit WHERE seq = 3");
+    let (code, out, _) = conch(&store.verify_args(), &[]);
+    assert_eq!(code, Some(1));
+    assert!(out.contains("record 3 is missing"), "{out}");
+}
+
+#[tokio::test]
+async fn sqlite_records_every_kind_and_its_chain_shows_tampering() {
+    suite(Store::Sqlite(tempfile::tempdir().unwrap())).await;
+}
+
+#[tokio::test]
+async fn postgres_records_every_kind_and_its_chain_shows_tampering() {
+    suite(Store::Postgres(Postgres::start())).await;
+}
+
+#[tokio::test]
+async fn records_removed_from_the_end_are_found() {
+    let store = Store::Sqlite(tempfile::tempdir().unwrap());
+    let server = server_on(&store, &[]);
+    for i in 0..3 {
+        exec(&server, &server.token, &format!("echo {i}")).await;
+    }
+    records_until(&server, "kind=command_end", |r| r.len() == 3).await;
+    drop(server);
+    store.sql("DELETE FROM audit WHERE seq = (SELECT MAX(seq) FROM audit)");
+    let (code, out, _) = conch(&store.verify_args(), &[]);
+    assert_eq!(code, Some(1));
+    assert!(out.contains("removed from its end"), "{out}");
+}
+
+#[tokio::test]
+async fn two_servers_on_one_postgres_write_one_chain() {
+    let pg = Postgres::start();
+    let store = Store::Postgres(pg);
+    let agent = start_agent(&[]);
+    let flags = [
+        "--agent".to_owned(),
+        agent.addr.to_string(),
+        "--agent-key-file".to_owned(),
+        agent.key_file.display().to_string(),
+    ];
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut one_flags = flags.clone();
+    one_flags.extend(["--server-name", "one"]);
+    let mut two_flags = flags.clone();
+    two_flags.extend(["--server-name", "two"]);
+    let one = server_on(&store, &one_flags);
+    let two = server_on(&store, &two_flags);
+    // Both at once, many times: one chain, in one order.
+    let runs = (0..20).map(|i| {
+        let (one, two) = (&one, &two);
+        async move {
+            exec(one, &one.token, &format!("echo one-{i}")).await;
+            exec(two, &two.token, &format!("echo two-{i}")).await;
+        }
+    });
+    futures_util::future::join_all(runs).await;
+    let all = records_until(&one, "kind=command_end&limit=1000", |r| r.len() == 40).await;
+    let servers: std::collections::HashSet<_> = all
+        .iter()
+        .map(|r| r["server"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(servers.len(), 2, "{servers:?}");
+    let seen_by_two = records_until(&two, "kind=command_end&limit=1000", |r| r.len() == 40).await;
+    assert_eq!(all, seen_by_two, "one log, the same from either server");
+    drop((one, two));
+    let (code, out, err) = conch(&store.verify_args(), &[]);
+    assert_eq!(code, Some(0), "{out}{err}");
+}
+
+#[tokio::test]
+async fn a_killed_server_leaves_a_start_record_for_every_command_it_ran() {
+    let store = Store::Sqlite(tempfile::tempdir().unwrap());
+    let agent = start_agent(&[]);
+    let flags = [
+        "--agent".to_owned(),
+        agent.addr.to_string(),
+        "--agent-key-file".to_owned(),
+        agent.key_file.display().to_string(),
+    ];
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let server = server_on(&store, &flags);
+    // 100 commands at once, each leaving a mark on the host as it starts.
+    let marks = tempfile::tempdir().unwrap();
+    let url = server.url("/api/v1/exec");
+    let token = server.token.clone();
+    let mut runs = Vec::new();
+    for i in 0..100 {
+        let (url, token) = (url.clone(), token.clone());
+        let mark = marks.path().join(format!("m{i}"));
+        runs.push(tokio::spawn(async move {
+            let _ = reqwest::Client::new()
+                .post(url)
+                .bearer_auth(token)
+                .json(&json!({"command": format!("touch {}; sleep 30", mark.display())}))
+                .send()
+                .await;
+        }));
+    }
+    // Once some have started, the server dies without a word.
+    for _ in 0..400 {
+        if std::fs::read_dir(marks.path()).unwrap().count() >= 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let started = std::fs::read_dir(marks.path()).unwrap().count();
+    assert!(started >= 20, "only {started} commands started");
+    server.proc.signal(libc::SIGKILL);
+    let mut server = server;
+    let _ = server.server.proc.child.wait();
+    for r in runs {
+        let _ = r.await;
+    }
+    let marked: Vec<String> = std::fs::read_dir(marks.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().display().to_string())
+        .collect();
+    // The store opens again, and holds a start for every command that ran.
+    let again = server_on(&store, &flags);
+    let starts = records_until(&again, "kind=command_start&limit=1000", |r| !r.is_empty()).await;
+    for mark in &marked {
+        assert!(
+            starts.iter().any(|r| r["detail"]["command"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(mark.as_str())),
+            "{mark} ran without a start record"
+        );
+    }
+    drop(again);
+    let (code, out, err) = conch(&store.verify_args(), &[]);
+    assert_eq!(code, Some(0), "{out}{err}");
+}
