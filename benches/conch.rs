@@ -145,7 +145,11 @@ struct Stack {
     /// what TLS costs the link.
     plain_agent: common::Agent,
     server: common::Server,
+    /// The same server's settings with `--audit off`: the baseline of what
+    /// auditing costs a command.
+    unaudited: common::Server,
     cookie: String,
+    _data: tempfile::TempDir,
 }
 
 async fn stack() -> Stack {
@@ -170,37 +174,45 @@ async fn stack() -> Stack {
     );
     let addr = agent.addr.to_string();
     let key = agent.key_file.to_str().unwrap().to_owned();
-    let server = common::start_server(
-        &[
-            "--agent",
-            &addr,
-            "--agent-key-file",
-            &key,
-            "--api-rate-per-minute",
-            "1000000",
-            // One user drives every session here: lift the per-user shares
-            // (1000 shells at once) that would otherwise refuse it.
-            "--max-commands-per-user",
-            "100000",
-            "--command-reserve",
-            "0",
-            "--max-sessions-per-user",
-            "100000",
-            "--max-shells-per-user",
-            "10000",
-        ],
-        &[(
-            "CONCH_LOG",
-            "warn,conch::server=info,conch::server::api=warn,conch::server::ws=warn,\
-             conch::server::pages=warn",
-        )],
-    );
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().display().to_string();
+    let flags = [
+        "--agent",
+        &addr,
+        "--agent-key-file",
+        &key,
+        "--api-rate-per-minute",
+        "1000000",
+        // One user drives every session here: lift the per-user shares
+        // (1000 shells at once) that would otherwise refuse it.
+        "--max-commands-per-user",
+        "100000",
+        "--command-reserve",
+        "0",
+        "--max-sessions-per-user",
+        "100000",
+        "--max-shells-per-user",
+        "10000",
+    ];
+    let log = [(
+        "CONCH_LOG",
+        "warn,conch::server=info,conch::server::api=warn,conch::server::ws=warn,\
+         conch::server::pages=warn",
+    )];
+    let mut audited = flags.to_vec();
+    audited.extend(["--data-dir", &data_dir]);
+    let server = common::start_server(&audited, &log);
+    let mut off = flags.to_vec();
+    off.extend(["--audit", "off"]);
+    let unaudited = common::start_server(&off, &log);
     let cookie = server.admin_cookie().await;
     Stack {
         agent,
         plain_agent,
         server,
+        unaudited,
         cookie,
+        _data: data,
     }
 }
 
@@ -489,19 +501,23 @@ async fn latency(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bool)
         spawn.push(t.elapsed());
     }
     let client = reqwest::Client::new();
-    let mut rest = Vec::with_capacity(k);
+    let (mut rest, mut rest_off) = (Vec::with_capacity(k), Vec::with_capacity(k));
+    // Alternating: the audited server (SQLite in its data directory) and
+    // the same without auditing, so that both see the same machine.
     for _ in 0..k {
-        let t = Instant::now();
-        let resp = client
-            .post(s.server.url("/api/v1/exec"))
-            .bearer_auth(&s.server.token)
-            .json(&json!({"command": "true"}))
-            .send()
-            .await
-            .unwrap();
-        let body: Value = resp.json().await.unwrap();
-        assert_eq!(body["exit_code"], 0);
-        rest.push(t.elapsed());
+        for (server, into) in [(&s.server, &mut rest), (&s.unaudited, &mut rest_off)] {
+            let t = Instant::now();
+            let resp = client
+                .post(server.url("/api/v1/exec"))
+                .bearer_auth(&server.token)
+                .json(&json!({"command": "true"}))
+                .send()
+                .await
+                .unwrap();
+            let body: Value = resp.json().await.unwrap();
+            assert_eq!(body["exit_code"], 0);
+            into.push(t.elapsed());
+        }
     }
     let mut ws = console(s).await;
     let mut echo = Vec::with_capacity(k);
@@ -523,7 +539,8 @@ async fn latency(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bool)
         "| (a) spawn `sh -c true` (baseline) | {s50:.2} | {s99:.2} | – |"
     );
     for (name, v) in [
-        ("(b) `POST /api/v1/exec` `true`", &rest),
+        ("(b) `POST /api/v1/exec` `true` (audited)", &rest),
+        ("(b′) the same, `--audit off`", &rest_off),
         ("(c) console `echo`, Enter to exit code", &echo),
         ("(d) PTY keystroke to its echo", &keys),
     ] {
@@ -532,8 +549,16 @@ async fn latency(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bool)
     }
     out.push('\n');
     let (r50, _) = p(&rest);
+    let (off50, _) = p(&rest_off);
     let (_, k99) = p(&keys);
     vec![
+        (
+            format!(
+                "REST `true` p50 with the audit log within 0.1 ms of without: {:+.3} ms",
+                r50 - off50
+            ),
+            r50 - off50 <= 0.1,
+        ),
         (
             format!(
                 "REST `true` p50 within 2 ms of a bare spawn: {:+.2} ms",

@@ -176,7 +176,8 @@ const CONFIRM_WAIT: Duration = Duration::from_secs(2);
 /// The server's handle on its audit log.
 #[derive(Clone)]
 pub struct Audit {
-    queue: mpsc::Sender<Queued>,
+    /// `None`: auditing is off (`--audit off`), nothing is recorded.
+    queue: Option<mpsc::Sender<Queued>>,
     pub health: Arc<Health>,
     pub store: Store,
 }
@@ -216,12 +217,23 @@ impl Audit {
         }
         (
             Audit {
-                queue,
+                queue: Some(queue),
                 health,
                 store,
             },
             writer,
         )
+    }
+
+    /// An audit log that records nothing (`--audit off`: for measuring
+    /// what auditing costs; a server that must answer for what was run
+    /// keeps it on).
+    pub fn off(store: Store) -> Audit {
+        Audit {
+            queue: None,
+            health: Arc::default(),
+            store,
+        }
     }
 
     /// Queues `event`; never waits. A full queue (the store is down or too
@@ -235,6 +247,9 @@ impl Audit {
     /// command starts only once its start record would survive the
     /// server's crash. Other commands' records share the transaction.
     pub async fn record_committed(&self, event: Event) {
+        if self.queue.is_none() {
+            return;
+        }
         if self.health.failing.load(Ordering::Relaxed) {
             self.enqueue(event, None);
             return;
@@ -245,7 +260,8 @@ impl Audit {
     }
 
     fn enqueue(&self, event: Event, ack: Option<tokio::sync::oneshot::Sender<()>>) {
-        if let Err(e) = self.queue.try_send((now_ms(), event, ack)) {
+        let Some(queue) = &self.queue else { return };
+        if let Err(e) = queue.try_send((now_ms(), event, ack)) {
             let n = self.health.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             let what = match &e {
                 mpsc::error::TrySendError::Full((_, ev, _)) => ev.kind.as_str(),

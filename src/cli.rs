@@ -342,6 +342,10 @@ pub struct ServeArgs {
     /// (default: SQLite in --data-dir). Prefer the environment: a flag shows in `ps`.
     #[arg(long, env = "CONCH_DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
+    /// Record who ran what (`on`); `off` records nothing (to measure what
+    /// auditing costs; not for a server that must answer for what was run).
+    #[arg(long, env = "CONCH_AUDIT", default_value = "on", value_parser = ["on", "off"])]
+    audit: String,
     /// How long audit records are kept (`90d`, `12h`; `0`: for ever).
     #[arg(long, env = "CONCH_AUDIT_RETENTION", default_value = "90d", value_parser = retention)]
     audit_retention: Retention,
@@ -912,6 +916,7 @@ fn serve_config(args: ServeArgs, json_logs: bool) -> anyhow::Result<ServeConfig>
             .clone()
             .unwrap_or_else(|| crate::store::sqlite_url(args.data_dir.as_deref())),
         audit_retention: args.audit_retention.0,
+        audit: args.audit == "on",
         server_name: args.server_name.clone().unwrap_or_else(|| {
             std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .map(|h| h.trim().to_owned())

@@ -76,6 +76,8 @@ pub struct ServeConfig {
     pub store_url: String,
     /// How long audit records are kept; `None`: for ever.
     pub audit_retention: Option<Duration>,
+    /// Whether anything is recorded (`--audit off`: nothing).
+    pub audit: bool,
     /// This server's name in the audit log.
     pub server_name: String,
     pub api_limits: api::ApiLimits,
@@ -281,6 +283,16 @@ pub async fn serve(
         None => None,
     };
     let store = crate::store::Store::open(&config.store_url).await?;
+    // The store holds who ran what: its owner's alone.
+    if let Some(dir) = &config.data_dir {
+        for name in ["conch.db", "conch.db-wal", "conch.db-shm"] {
+            let path = dir.join(name);
+            if path.exists() {
+                use std::os::unix::fs::PermissionsExt;
+                let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+            }
+        }
+    }
     if config.data_dir.is_none() && store.backend == crate::store::Backend::Sqlite {
         tracing::warn!(
             "no --data-dir: the audit log lives in memory and is lost when the server stops"
@@ -289,12 +301,17 @@ pub async fn serve(
     // Stopped after the last request is done, so that the records of
     // commands ended by the shutdown are written too.
     let audit_stop = CancellationToken::new();
-    let (audit, audit_writer) = crate::audit::Audit::start(
-        store,
-        config.server_name.clone(),
-        config.audit_retention,
-        audit_stop.clone(),
-    );
+    let (audit, audit_writer) = if config.audit {
+        crate::audit::Audit::start(
+            store,
+            config.server_name.clone(),
+            config.audit_retention,
+            audit_stop.clone(),
+        )
+    } else {
+        tracing::warn!("--audit off: nothing run on this server is recorded");
+        (crate::audit::Audit::off(store), tokio::spawn(async {}))
+    };
     let generated = config.admin_token.is_none();
     let admin_token = config.admin_token.clone().unwrap_or_else(Secret::generate);
     let state = Arc::new(AppState {
