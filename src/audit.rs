@@ -303,6 +303,7 @@ async fn write_loop(
     shutdown: CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(BATCH);
+    let mut head: Head = None;
     loop {
         let first = tokio::select! {
             ev = rx.recv() => ev,
@@ -322,7 +323,7 @@ async fn write_loop(
         }
         let mut backoff = Duration::from_millis(100);
         loop {
-            match append(&store, &server, &batch).await {
+            match append(&store, &server, &batch, &mut head).await {
                 Ok(()) => {
                     health
                         .written
@@ -338,6 +339,8 @@ async fn write_loop(
                     break;
                 }
                 Err(e) => {
+                    // What this writer knew of the head may be stale now.
+                    head = None;
                     if !health.failing.swap(true, Ordering::Relaxed) {
                         tracing::error!(error = %e, "cannot write the audit log; retrying");
                     }
@@ -359,56 +362,107 @@ async fn write_loop(
     }
 }
 
-/// Appends `events` to the chain in one transaction. The head's row is
-/// locked first (a write, so that SQLite takes its write lock at once and
-/// PostgreSQL orders the servers), then read, then the records go in and
-/// the head moves.
-async fn append(store: &Store, server: &str, events: &[Queued]) -> Result<(), sqlx::Error> {
-    let mut tx = store.pool.begin().await?;
-    sqlx::query("UPDATE audit_head SET seq = seq WHERE id = 1")
-        .execute(&mut *tx)
-        .await?;
-    let (mut seq, mut prev): (i64, String) =
-        sqlx::query_as("SELECT seq, hash FROM audit_head WHERE id = 1")
-            .fetch_one(&mut *tx)
-            .await?;
-    for (at_ms, ev, _) in events {
-        seq += 1;
-        let detail = ev.detail.to_string();
-        let fields = [
-            ev.kind.as_str(),
-            &ev.user,
-            &ev.source,
-            &ev.agent,
-            ev.via.as_str(),
-            server,
-        ];
-        let hash = chain_hash(&prev, seq, *at_ms, fields, &detail);
-        sqlx::query(
-            "INSERT INTO audit (seq, at_ms, kind, user_name, source, agent, via, server, detail, prev_hash, hash) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-        )
-        .bind(seq)
-        .bind(*at_ms)
-        .bind(ev.kind.as_str())
-        .bind(&ev.user)
-        .bind(&ev.source)
-        .bind(&ev.agent)
-        .bind(ev.via.as_str())
-        .bind(server)
-        .bind(&detail)
-        .bind(&prev)
-        .bind(&hash)
-        .execute(&mut *tx)
-        .await?;
-        prev = hash;
+/// The chain's last record as this writer last saw it: (seq, hash).
+type Head = Option<(i64, String)>;
+
+/// Appends `events` to the chain in one transaction: the head moves first,
+/// on the condition that it is where this writer last saw it (a
+/// compare-and-set: on PostgreSQL the row's lock orders several servers'
+/// writers, and on SQLite the first write takes the database's lock), then
+/// the records go in, all in one statement. When another writer moved the
+/// head meanwhile, nothing is written, the head is read again, and the
+/// batch is hashed anew: a few round trips a batch in the usual case.
+async fn append(
+    store: &Store,
+    server: &str,
+    events: &[Queued],
+    head: &mut Head,
+) -> Result<(), sqlx::Error> {
+    for _ in 0..100 {
+        let (old_seq, old_hash) = match head.clone() {
+            Some(h) => h,
+            None => {
+                let h: (i64, String) =
+                    sqlx::query_as("SELECT seq, hash FROM audit_head WHERE id = 1")
+                        .fetch_one(&store.pool)
+                        .await?;
+                *head = Some(h.clone());
+                h
+            }
+        };
+        let (mut seq, mut prev) = (old_seq, old_hash);
+        let mut rows = Vec::with_capacity(events.len());
+        for (at_ms, ev, _) in events {
+            seq += 1;
+            let detail = ev.detail.to_string();
+            let fields = [
+                ev.kind.as_str(),
+                &ev.user,
+                &ev.source,
+                &ev.agent,
+                ev.via.as_str(),
+                server,
+            ];
+            let hash = chain_hash(&prev, seq, *at_ms, fields, &detail);
+            rows.push((seq, *at_ms, ev, detail, prev.clone(), hash.clone()));
+            prev = hash;
+        }
+        let mut tx = store.pool.begin().await?;
+        let moved =
+            sqlx::query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1 AND seq = $3")
+                .bind(seq)
+                .bind(&prev)
+                .bind(head.as_ref().map_or(0, |h| h.0))
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        if moved != 1 {
+            // Another writer (another server) went first: read the head again.
+            tx.rollback().await?;
+            *head = None;
+            continue;
+        }
+        let mut sql = String::from(
+            "INSERT INTO audit (seq, at_ms, kind, user_name, source, agent, via, server, detail, prev_hash, hash) VALUES ",
+        );
+        for i in 0..rows.len() {
+            let b = i * 11;
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push('(');
+            sql.push_str(
+                &(1..=11)
+                    .map(|k| format!("${}", b + k))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            );
+            sql.push(')');
+        }
+        // Audited: only placeholders are in `sql`; every value is bound.
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (seq, at_ms, ev, detail, prev_hash, hash) in &rows {
+            q = q
+                .bind(*seq)
+                .bind(*at_ms)
+                .bind(ev.kind.as_str())
+                .bind(ev.user.clone())
+                .bind(ev.source.clone())
+                .bind(ev.agent.clone())
+                .bind(ev.via.as_str())
+                .bind(server.to_owned())
+                .bind(detail.clone())
+                .bind(prev_hash.clone())
+                .bind(hash.clone());
+        }
+        q.execute(&mut *tx).await?;
+        tx.commit().await?;
+        *head = Some((seq, prev));
+        return Ok(());
     }
-    sqlx::query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
-        .bind(seq)
-        .bind(&prev)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await
+    Err(sqlx::Error::Protocol(
+        "the audit head kept moving: 100 attempts lost to other writers".into(),
+    ))
 }
 
 /// Removes records older than `keep`, hourly, from the start of the chain

@@ -22,22 +22,21 @@ pub(crate) struct AuditQuery {
     user: Option<String>,
     /// Only records about this agent.
     agent: Option<String>,
-    /// Only this kind (`login`, `login_failed`, `logout`, `token_create`,
-    /// `token_revoke`, `command_start`, `command_end`, `session_end`,
-    /// `file_put`, `file_get`, `denied`).
+    /// Only this kind of record.
+    #[param(value_type = Option<crate::audit::Kind>)]
     kind: Option<String>,
     /// From this time on (milliseconds since the Unix epoch).
-    #[param(minimum = 0)]
+    #[param(minimum = 0, maximum = 9007199254740991_i64)]
     since_ms: Option<i64>,
     /// Before this time (milliseconds since the Unix epoch).
-    #[param(minimum = 0)]
+    #[param(minimum = 0, maximum = 9007199254740991_i64)]
     until_ms: Option<i64>,
     /// Text anywhere in the record's details (a command line, a path),
     /// case-insensitive.
     #[param(max_length = 256)]
     text: Option<String>,
     /// The `next` of the page before: records older than it.
-    #[param(minimum = 1)]
+    #[param(minimum = 1, maximum = 9007199254740991_i64)]
     cursor: Option<i64>,
     /// Records per page (default 100, at most 1000).
     #[param(minimum = 1, maximum = 1000)]
