@@ -109,7 +109,7 @@ impl Via {
 }
 
 /// One event, as the server reports it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Event {
     pub kind: Kind,
     pub user: String,
@@ -166,7 +166,118 @@ pub struct Health {
 
 /// A record waiting for the writer: when it happened, what, and whom to
 /// tell once it is committed.
-type Queued = (i64, Event, Option<tokio::sync::oneshot::Sender<()>>);
+type Queued = (i64, Event, Ack);
+
+/// Who is told when a record is committed.
+#[derive(Debug)]
+enum Ack {
+    Nobody,
+    /// A command waiting for its start record.
+    Waiter(tokio::sync::oneshot::Sender<()>),
+    /// A record also in the journal, which may forget it once committed.
+    Journal,
+}
+
+/// Start records written to a file in the data directory before the
+/// command runs, and forgotten once the store has them: a `write` costs a
+/// few microseconds where a committed transaction costs a few hundred, and
+/// survives the server's crash all the same (not the machine's: the file
+/// is not synced). A server that starts finds what a crash left there and
+/// puts into the store what it lacks.
+pub struct Journal {
+    state: std::sync::Mutex<JournalState>,
+}
+
+struct JournalState {
+    file: std::fs::File,
+    /// Lines written and not yet committed to the store.
+    pending: u64,
+}
+
+/// The journal's file in a data directory.
+pub fn journal_path(dir: &std::path::Path) -> std::path::PathBuf {
+    dir.join("audit.journal")
+}
+
+impl Journal {
+    /// Opens (or makes) the journal at `path`, putting into `store` first
+    /// the records a crash left in it that the store lacks.
+    pub async fn open(
+        path: &std::path::Path,
+        store: &Store,
+        server: &str,
+    ) -> Result<Journal, StoreError> {
+        use std::io::{BufRead, Write};
+        use std::os::unix::fs::OpenOptionsExt;
+        let io = |e: std::io::Error| StoreError::Journal(format!("{}: {e}", path.display()));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(io)?;
+        let mut left: Vec<(i64, Event)> = Vec::new();
+        for line in std::io::BufReader::new(&file).lines() {
+            // A line cut by the crash is the one record that was not written.
+            if let Ok((at_ms, ev)) = serde_json::from_str::<(i64, Event)>(&line.map_err(io)?) {
+                left.push((at_ms, ev));
+            }
+        }
+        let mut missing = Vec::new();
+        for (at_ms, ev) in left {
+            let found: Option<(i64,)> = sqlx::query_as(
+                "SELECT seq FROM audit WHERE at_ms = $1 AND kind = $2 AND user_name = $3 AND detail = $4",
+            )
+            .bind(at_ms)
+            .bind(ev.kind.as_str())
+            .bind(ev.user.clone())
+            .bind(ev.detail.to_string())
+            .fetch_optional(&store.pool)
+            .await?;
+            if found.is_none() {
+                missing.push((at_ms, ev, Ack::Nobody));
+            }
+        }
+        if !missing.is_empty() {
+            tracing::warn!(
+                records = missing.len(),
+                "the audit journal held start records the store lacked (the server stopped without writing them); written now"
+            );
+            append(store, server, &missing, &mut None).await?;
+        }
+        file.set_len(0).map_err(io)?;
+        let mut file = file;
+        file.flush().map_err(io)?;
+        Ok(Journal {
+            state: std::sync::Mutex::new(JournalState { file, pending: 0 }),
+        })
+    }
+
+    fn append(&self, at_ms: i64, ev: &Event) -> std::io::Result<()> {
+        use std::io::Write;
+        let mut line = serde_json::to_vec(&(at_ms, ev)).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        let mut st = self
+            .state
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?;
+        st.file.write_all(&line)?;
+        st.pending += 1;
+        Ok(())
+    }
+
+    /// `n` journaled records are in the store; when none is left, the
+    /// file is emptied.
+    fn committed(&self, n: u64) {
+        if let Ok(mut st) = self.state.lock() {
+            st.pending = st.pending.saturating_sub(n);
+            if st.pending == 0 {
+                let _ = st.file.set_len(0);
+            }
+        }
+    }
+}
 
 /// How long a command waits for its start record to be committed, at
 /// most: 2 s. Beyond (the store is slow or down) it runs anyway, and the
@@ -178,6 +289,8 @@ const CONFIRM_WAIT: Duration = Duration::from_secs(2);
 pub struct Audit {
     /// `None`: auditing is off (`--audit off`), nothing is recorded.
     queue: Option<mpsc::Sender<Queued>>,
+    /// Start records go here first (with a data directory).
+    journal: Option<Arc<Journal>>,
     pub health: Arc<Health>,
     pub store: Store,
 }
@@ -201,15 +314,18 @@ impl Audit {
         store: Store,
         server: String,
         retention: Option<Duration>,
+        journal: Option<Journal>,
         shutdown: CancellationToken,
     ) -> (Audit, tokio::task::JoinHandle<()>) {
         let (queue, rx) = mpsc::channel(AUDIT_QUEUE);
         let health = Arc::new(Health::default());
+        let journal = journal.map(Arc::new);
         let writer = tokio::spawn(write_loop(
             store.clone(),
             server,
             rx,
             health.clone(),
+            journal.clone(),
             shutdown.clone(),
         ));
         if let Some(keep) = retention {
@@ -218,6 +334,7 @@ impl Audit {
         (
             Audit {
                 queue: Some(queue),
+                journal,
                 health,
                 store,
             },
@@ -231,6 +348,7 @@ impl Audit {
     pub fn off(store: Store) -> Audit {
         Audit {
             queue: None,
+            journal: None,
             health: Arc::default(),
             store,
         }
@@ -239,29 +357,39 @@ impl Audit {
     /// Queues `event`; never waits. A full queue (the store is down or too
     /// slow) drops it, counted and logged.
     pub fn record(&self, event: Event) {
-        self.enqueue(event, None);
+        self.enqueue(now_ms(), event, Ack::Nobody);
     }
 
-    /// Queues `event` and waits until it is committed (at most
-    /// [`CONFIRM_WAIT`], and not at all while the store is failing): a
-    /// command starts only once its start record would survive the
-    /// server's crash. Other commands' records share the transaction.
+    /// Queues `event` so that it survives this server's crash from now
+    /// on: written to the journal (a file write), or without a journal
+    /// waited for until committed (at most [`CONFIRM_WAIT`], and not at
+    /// all while the store is failing). A command starts only after this.
     pub async fn record_committed(&self, event: Event) {
         if self.queue.is_none() {
             return;
         }
+        let at_ms = now_ms();
+        if let Some(journal) = &self.journal {
+            match journal.append(at_ms, &event) {
+                Ok(()) => {
+                    self.enqueue(at_ms, event, Ack::Journal);
+                    return;
+                }
+                Err(e) => tracing::error!(error = %e, "cannot write the audit journal"),
+            }
+        }
         if self.health.failing.load(Ordering::Relaxed) {
-            self.enqueue(event, None);
+            self.enqueue(at_ms, event, Ack::Nobody);
             return;
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.enqueue(event, Some(tx));
+        self.enqueue(at_ms, event, Ack::Waiter(tx));
         let _ = tokio::time::timeout(CONFIRM_WAIT, rx).await;
     }
 
-    fn enqueue(&self, event: Event, ack: Option<tokio::sync::oneshot::Sender<()>>) {
+    fn enqueue(&self, at_ms: i64, event: Event, ack: Ack) {
         let Some(queue) = &self.queue else { return };
-        if let Err(e) = queue.try_send((now_ms(), event, ack)) {
+        if let Err(e) = queue.try_send((at_ms, event, ack)) {
             let n = self.health.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             let what = match &e {
                 mpsc::error::TrySendError::Full((_, ev, _)) => ev.kind.as_str(),
@@ -300,6 +428,7 @@ async fn write_loop(
     server: String,
     mut rx: mpsc::Receiver<Queued>,
     health: Arc<Health>,
+    journal: Option<Arc<Journal>>,
     shutdown: CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(BATCH);
@@ -331,10 +460,18 @@ async fn write_loop(
                     if health.failing.swap(false, Ordering::Relaxed) {
                         tracing::info!("the audit store works again");
                     }
+                    let mut journaled = 0;
                     for (_, _, ack) in batch.drain(..) {
-                        if let Some(ack) = ack {
-                            let _ = ack.send(());
+                        match ack {
+                            Ack::Waiter(w) => {
+                                let _ = w.send(());
+                            }
+                            Ack::Journal => journaled += 1,
+                            Ack::Nobody => {}
                         }
+                    }
+                    if let (Some(j), true) = (&journal, journaled > 0) {
+                        j.committed(journaled);
                     }
                     break;
                 }
@@ -787,5 +924,102 @@ impl CommandTrail {
 impl Drop for CommandTrail {
     fn drop(&mut self) {
         self.end(None, Some("the client went away before the command ended"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(command: &str) -> Event {
+        Event {
+            kind: Kind::CommandStart,
+            user: "olga".into(),
+            source: "127.0.0.1".into(),
+            agent: "web-1".into(),
+            via: Via::Rest,
+            detail: serde_json::json!({"command": command}),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_crash_leaves_start_records_in_the_journal_and_the_next_start_stores_them_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&crate::store::sqlite_url(Some(dir.path())))
+            .await
+            .unwrap();
+        let path = journal_path(dir.path());
+        // What a server killed between its journal write and its commit
+        // leaves: two records, and a line the crash cut.
+        let mut text = String::new();
+        for (at, cmd) in [(1_000, "rm -rf /tmp/x"), (1_001, "id")] {
+            text.push_str(&serde_json::to_string(&(at as i64, event(cmd))).unwrap());
+            text.push('\n');
+        }
+        text.push_str("{\"cut");
+        std::fs::write(&path, text).unwrap();
+        let journal = Journal::open(&path, &store, "s1").await.unwrap();
+        drop(journal);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            0,
+            "emptied once stored"
+        );
+        let all = Filter {
+            limit: 10,
+            ..Default::default()
+        };
+        let (records, _) = query(&store, &all).await.unwrap();
+        let commands: Vec<_> = records
+            .iter()
+            .map(|r| r.detail["command"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(commands, ["id", "rm -rf /tmp/x"]);
+        // The same lines again (a crash after the commit, before the file
+        // was emptied): nothing is stored twice.
+        let line = serde_json::to_string(&(1_001_i64, event("id"))).unwrap();
+        std::fs::write(&path, format!("{line}\n")).unwrap();
+        Journal::open(&path, &store, "s1").await.unwrap();
+        let (records, _) = query(&store, &all).await.unwrap();
+        assert_eq!(records.len(), 2);
+        assert!(matches!(
+            verify(&store).await.unwrap(),
+            Verdict::Intact { records: 2, .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn the_chain_detects_an_edit_a_removal_and_a_cut_end() {
+        let store = Store::open("sqlite::memory:").await.unwrap();
+        let events: Vec<Queued> = (0..5)
+            .map(|i| (i as i64, event(&format!("c{i}")), Ack::Nobody))
+            .collect();
+        append(&store, "s", &events, &mut None).await.unwrap();
+        assert_eq!(
+            verify(&store).await.unwrap(),
+            Verdict::Intact {
+                records: 5,
+                first: 1,
+                last: 5
+            }
+        );
+        // Retention removes a prefix; the anchor keeps the chain whole.
+        assert_eq!(trim(&store, 2).await.unwrap(), 2);
+        assert!(matches!(
+            verify(&store).await.unwrap(),
+            Verdict::Intact {
+                records: 3,
+                first: 3,
+                last: 5
+            }
+        ));
+        sqlx::query("UPDATE audit SET user_name = 'mallory' WHERE seq = 4")
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        assert!(matches!(
+            verify(&store).await.unwrap(),
+            Verdict::Broken { seq: 4, .. }
+        ));
     }
 }

@@ -26,6 +26,8 @@ pub enum StoreError {
     Migrate { version: i64, source: sqlx::Error },
     #[error("the store failed: {0}")]
     Query(#[from] sqlx::Error),
+    #[error("the audit journal: {0}")]
+    Journal(String),
 }
 
 /// Which engine a store runs on.

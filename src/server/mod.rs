@@ -302,10 +302,22 @@ pub async fn serve(
     // commands ended by the shutdown are written too.
     let audit_stop = CancellationToken::new();
     let (audit, audit_writer) = if config.audit {
+        let journal = match &config.data_dir {
+            Some(dir) => Some(
+                crate::audit::Journal::open(
+                    &crate::audit::journal_path(dir),
+                    &store,
+                    &config.server_name,
+                )
+                .await?,
+            ),
+            None => None,
+        };
         crate::audit::Audit::start(
             store,
             config.server_name.clone(),
             config.audit_retention,
+            journal,
             audit_stop.clone(),
         )
     } else {
