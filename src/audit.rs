@@ -30,6 +30,10 @@ use crate::store::{Store, StoreError};
 /// dropped, logged, and `/healthz` says so.
 pub const AUDIT_QUEUE: usize = 65_536;
 
+/// How long one batch may take to be written before the store counts as
+/// failing (a hung connection, a lock held): 10 s.
+const APPEND_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Records written in one transaction, at most: 512.
 const BATCH: usize = 512;
 
@@ -95,6 +99,8 @@ impl Kind {
 pub enum Via {
     Console,
     Rest,
+    /// REST from `conch exec`, `conch cp` (their User-Agent says so).
+    Cli,
     Login,
 }
 
@@ -103,6 +109,7 @@ impl Via {
         match self {
             Via::Console => "console",
             Via::Rest => "rest",
+            Via::Cli => "cli",
             Via::Login => "login",
         }
     }
@@ -387,8 +394,20 @@ impl Audit {
         let _ = tokio::time::timeout(CONFIRM_WAIT, rx).await;
     }
 
-    fn enqueue(&self, at_ms: i64, event: Event, ack: Ack) {
+    fn enqueue(&self, at_ms: i64, mut event: Event, ack: Ack) {
         let Some(queue) = &self.queue else { return };
+        // Fields a client chose (a user name tried, an agent asked for)
+        // are kept as text a reader and every store can take: no control
+        // characters (PostgreSQL refuses NUL), at most 256 characters.
+        for field in [&mut event.user, &mut event.source, &mut event.agent] {
+            if field.len() > 256 || field.chars().any(char::is_control) {
+                *field = field
+                    .chars()
+                    .take(256)
+                    .map(|c| if c.is_control() { '\u{FFFD}' } else { c })
+                    .collect();
+            }
+        }
         if let Err(e) = queue.try_send((at_ms, event, ack)) {
             let n = self.health.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             let what = match &e {
@@ -452,7 +471,11 @@ async fn write_loop(
         }
         let mut backoff = Duration::from_millis(100);
         loop {
-            match append(&store, &server, &batch, &mut head).await {
+            let attempt =
+                tokio::time::timeout(APPEND_TIMEOUT, append(&store, &server, &batch, &mut head))
+                    .await
+                    .unwrap_or_else(|_| Err(sqlx::Error::PoolTimedOut));
+            match attempt {
                 Ok(()) => {
                     health
                         .written
@@ -772,9 +795,10 @@ pub async fn verify(store: &Store) -> Result<Verdict, StoreError> {
     loop {
         let rows = sqlx::query(
             "SELECT seq, at_ms, kind, user_name, source, agent, via, server, detail, prev_hash, hash \
-             FROM audit WHERE seq >= $1 ORDER BY seq LIMIT 1000",
+             FROM audit WHERE seq >= $1 AND seq <= $2 ORDER BY seq LIMIT 1000",
         )
         .bind(expect_seq)
+        .bind(head_seq)
         .fetch_all(&store.pool)
         .await?;
         if rows.is_empty() {
@@ -891,6 +915,13 @@ impl CommandTrail {
 
     pub fn output(&mut self, n: usize) {
         self.bytes_out += n as u64;
+    }
+
+    /// The console left a shell session that goes on: recorded as
+    /// `session_detach`, not as the shell's end.
+    pub fn detached(&mut self, reason: &str) {
+        self.end_kind = Kind::SessionDetach;
+        self.end(None, Some(reason));
     }
 
     /// Records how it ended: its exit status, or why it failed.

@@ -1129,7 +1129,7 @@ async fn audit_command(args: AuditArgs) -> anyhow::Result<ExitCode> {
             (None, Some(dir)) => crate::store::sqlite_url(Some(&dir)),
             (None, None) => return failed(&"give --data-dir or --database-url (as the server's)"),
         };
-        let store = match crate::store::Store::open(&url).await {
+        let store = match crate::store::Store::open_existing(&url).await {
             Ok(s) => s,
             Err(e) => return failed(&e),
         };

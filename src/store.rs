@@ -107,6 +107,19 @@ pub fn sqlite_url(data_dir: Option<&Path>) -> String {
 }
 
 impl Store {
+    /// Opens a store that must exist already (to read or check it, never
+    /// to make one by a mistyped path).
+    pub async fn open_existing(url: &str) -> Result<Store, StoreError> {
+        if let Some(path) = url
+            .strip_prefix("sqlite://")
+            .map(|p| p.split('?').next().unwrap_or(p))
+            && !std::path::Path::new(path).exists()
+        {
+            return Err(StoreError::Journal(format!("no store at {path}")));
+        }
+        Store::open(url).await
+    }
+
     /// Opens the store at `url` and brings its schema up to date.
     pub async fn open(url: &str) -> Result<Store, StoreError> {
         sqlx::any::install_default_drivers();
@@ -119,7 +132,7 @@ impl Store {
             return Err(StoreError::Scheme(scheme));
         };
         let memory = url.contains(":memory:");
-        let options = AnyPoolOptions::new()
+        let mut options = AnyPoolOptions::new()
             .acquire_timeout(Duration::from_secs(10))
             // One connection holds an in-memory SQLite database: a second
             // would see another, empty one.
@@ -140,7 +153,10 @@ impl Store {
                             sqlx::query("PRAGMA journal_mode = WAL")
                                 .execute(&mut *conn)
                                 .await?;
-                            sqlx::query("PRAGMA synchronous = NORMAL")
+                            // Every commit reaches the disk: a record must
+                            // survive the machine's crash too (a command can
+                            // cause one). Batches spread the cost.
+                            sqlx::query("PRAGMA synchronous = FULL")
                                 .execute(&mut *conn)
                                 .await?;
                         }
@@ -148,6 +164,13 @@ impl Store {
                     Ok(())
                 })
             });
+        if memory {
+            // The one connection is the database: never let it go.
+            options = options
+                .min_connections(1)
+                .idle_timeout(None)
+                .max_lifetime(None);
+        }
         let pool = options.connect(url).await.map_err(StoreError::Open)?;
         let store = Store { pool, backend };
         store.migrate().await?;
@@ -159,18 +182,34 @@ impl Store {
     /// first's lock, then finds the work done.
     async fn migrate(&self) -> Result<(), StoreError> {
         let fail = |version| move |source| StoreError::Migrate { version, source };
+        // One connection for all of it: on PostgreSQL it holds a lock that
+        // makes servers starting at once take turns (the first migrates,
+        // the others find the work done).
+        let mut conn = self.pool.acquire().await.map_err(fail(0))?;
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT pg_advisory_lock(7336247)")
+                .execute(&mut *conn)
+                .await
+                .map_err(fail(0))?;
+        }
+        let result = self.migrate_on(&mut conn).await;
+        if self.backend == Backend::Postgres {
+            let _ = sqlx::query("SELECT pg_advisory_unlock(7336247)")
+                .execute(&mut *conn)
+                .await;
+        }
+        result
+    }
+
+    async fn migrate_on(&self, conn: &mut sqlx::AnyConnection) -> Result<(), StoreError> {
+        use sqlx::Connection;
+        let fail = |version| move |source| StoreError::Migrate { version, source };
         sqlx::query("CREATE TABLE IF NOT EXISTS conch_schema (version BIGINT PRIMARY KEY)")
-            .execute(&self.pool)
+            .execute(&mut *conn)
             .await
             .map_err(fail(0))?;
         for (version, sqlite, postgres) in MIGRATIONS {
-            let mut tx = self.pool.begin().await.map_err(fail(*version))?;
-            if self.backend == Backend::Postgres {
-                sqlx::query("LOCK TABLE conch_schema IN EXCLUSIVE MODE")
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(fail(*version))?;
-            }
+            let mut tx = conn.begin().await.map_err(fail(*version))?;
             let done: Option<(i64,)> =
                 sqlx::query_as("SELECT version FROM conch_schema WHERE version = $1")
                     .bind(*version)
@@ -185,7 +224,7 @@ impl Store {
                 Backend::Postgres => postgres,
             };
             for statement in script.split(';').map(str::trim).filter(|s| !s.is_empty()) {
-                sqlx::query(statement)
+                sqlx::query(sqlx::AssertSqlSafe(statement))
                     .execute(&mut *tx)
                     .await
                     .map_err(fail(*version))?;

@@ -481,3 +481,62 @@ async fn a_killed_server_leaves_a_start_record_for_every_command_it_ran() {
     let (code, out, err) = conch(&store.verify_args(), &[]);
     assert_eq!(code, Some(0), "{out}{err}");
 }
+
+#[tokio::test]
+async fn fan_out_commands_and_fields_a_client_chose_are_recorded_safely() {
+    let store = Store::Sqlite(tempfile::tempdir().unwrap());
+    let server = server_on(&store, &[]);
+    // A command on a target: each host's start and end.
+    let (status, body) = common::post_json(
+        server.url("/api/v1/exec"),
+        &server.token,
+        &json!({"command": "echo fanned", "target": "local"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    // Fields a client chose, with a NUL and control characters in them:
+    // stored (on any store), readable, never able to stop the writer.
+    assert!(
+        server
+            .login(&[("username", "olga\u{0}\u{1b}[2J"), ("password", "x")])
+            .await
+            .is_err()
+    );
+    let vera = server
+        .login(&[("username", "vera"), ("password", "viewer-pw")])
+        .await
+        .unwrap();
+    let mut ws = common::ws::open_ws(&server, Some(&vera), Some(&server.origin()))
+        .await
+        .unwrap();
+    let _hello = common::ws::next_json(&mut ws).await;
+    common::ws::send(
+        &mut ws,
+        json!({"type": "exec", "id": 1, "cmd": "id", "agent": "lo\u{0}cal\u{1b}"}),
+    )
+    .await;
+    let refused = common::ws::next_json(&mut ws).await;
+    assert_eq!(refused["type"], "error", "{refused}");
+    let all = records_until(&server, "limit=100", |r| {
+        let k = kinds(r);
+        k.iter().filter(|k| *k == "command_end").count() == 1
+            && k.iter().any(|k| k == "denied")
+            && k.iter().any(|k| k == "login_failed")
+    })
+    .await;
+    let start = all.iter().find(|r| r["kind"] == "command_start").unwrap();
+    assert_eq!(start["detail"]["target"], "local");
+    assert_eq!(start["detail"]["command"], "echo fanned");
+    let failed = all.iter().find(|r| r["kind"] == "login_failed").unwrap();
+    assert_eq!(
+        failed["user"], "(unknown user)",
+        "what was typed is not kept"
+    );
+    let denied = all.iter().find(|r| r["kind"] == "denied").unwrap();
+    let agent = denied["agent"].as_str().unwrap();
+    assert!(!agent.chars().any(char::is_control), "{agent:?}");
+    drop(ws);
+    drop(server);
+    let (code, out, err) = conch(&store.verify_args(), &[]);
+    assert_eq!(code, Some(0), "{out}{err}");
+}

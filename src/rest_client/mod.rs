@@ -53,7 +53,9 @@ impl Server {
     }
 
     fn client(&self) -> Result<reqwest::Client, ClientError> {
-        let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(10));
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .user_agent(concat!("conch-cli/", env!("CARGO_PKG_VERSION")));
         if let Some(path) = &self.ca_file {
             let pem = std::fs::read(path)
                 .map_err(|e| self.unreachable(format!("cannot read {}: {e}", path.display())))?;

@@ -435,6 +435,10 @@ pub(crate) async fn exec(
     let body: ExecBody = read_json_body(request, limits.max_body_bytes).await?;
     let mut prepared = prepare(body, limits, streaming)?;
     let target = prepared.target.take();
+    let target_text = target
+        .as_ref()
+        .map(|(s, _)| s.to_string())
+        .unwrap_or_default();
     let hosts = match &target {
         Some((selector, _)) => {
             let hosts: Vec<String> = state
@@ -474,12 +478,16 @@ pub(crate) async fn exec(
                 retry_after: 1,
             })?;
     if let Some((_, concurrency)) = target {
+        let mut detail = command_detail(&prepared.req, &headers);
+        detail["target"] = target_text.clone().into();
         let run = super::fanout::Fanout {
             state: state.clone(),
             who,
             prepared,
             hosts,
             concurrency,
+            source: client.to_string(),
+            detail,
         };
         return Ok(run.respond(streaming, (permit, reservation)).await);
     }
@@ -504,6 +512,14 @@ pub(crate) async fn exec(
         })?;
     // Recorded (committed) before the agent hears of it: a command that
     // runs has its start record, even if this server dies now.
+    let mut detail = command_detail(&prepared.req, &headers);
+    if !prepared.stdin.is_empty() {
+        use sha2::Digest;
+        detail["stdin"] = serde_json::json!({
+            "length": prepared.stdin.len(),
+            "sha256": hex::encode(sha2::Sha256::digest(&prepared.stdin)),
+        });
+    }
     let mut trail = crate::audit::CommandTrail::start(
         &state.audit,
         crate::audit::Event {
@@ -511,8 +527,8 @@ pub(crate) async fn exec(
             user: who.name.clone(),
             source: client.to_string(),
             agent: agent.clone(),
-            via: crate::audit::Via::Rest,
-            detail: command_detail(&prepared.req, &headers),
+            via: via(&headers),
+            detail,
         },
     )
     .await;
@@ -557,25 +573,65 @@ pub(super) fn command_detail(
     req: &crate::protocol::ExecRequest,
     headers: &HeaderMap,
 ) -> serde_json::Value {
+    use sha2::Digest;
+    // Cut where too long, and then said so, with the whole one's length
+    // and hash: what ran is never hidden behind a cut.
+    let keep = |text: &str, max: usize, detail: &mut serde_json::Value, key: &str| {
+        if text.chars().count() > max {
+            detail[format!("{key}_cut")] = serde_json::json!({
+                "length": text.len(),
+                "sha256": hex::encode(sha2::Sha256::digest(text.as_bytes())),
+            });
+        }
+        text.chars().take(max).collect::<String>()
+    };
     let mut detail = serde_json::json!({});
     if let Some(cmd) = &req.cmd {
-        detail["command"] = cmd.chars().take(4096).collect::<String>().into();
+        detail["command"] = keep(cmd, 4096, &mut detail, "command").into();
     }
     if let Some(argv) = &req.argv {
-        detail["argv"] = argv
+        let whole = serde_json::to_string(argv).unwrap_or_default();
+        let shown: Vec<String> = argv
             .iter()
-            .take(256)
-            .map(|a| a.chars().take(1024).collect::<String>())
-            .collect::<Vec<_>>()
-            .into();
+            .take(64)
+            .map(|a| a.chars().take(256).collect())
+            .collect();
+        if shown.len() < argv.len() || shown.iter().zip(argv).any(|(s, a)| s.len() < a.len()) {
+            detail["argv_cut"] = serde_json::json!({
+                "length": whole.len(),
+                "sha256": hex::encode(sha2::Sha256::digest(whole.as_bytes())),
+            });
+        }
+        detail["argv"] = shown.into();
     }
     if let Some(cwd) = &req.cwd {
-        detail["cwd"] = cwd.clone().into();
+        detail["cwd"] = keep(cwd, 1024, &mut detail, "cwd").into();
+    }
+    if let Some(env) = &req.env {
+        // Names only (values may be secrets), and a hash of the whole.
+        let whole = serde_json::to_string(env).unwrap_or_default();
+        detail["env"] = serde_json::json!({
+            "names": env.keys().take(64).map(|k| k.chars().take(128).collect::<String>()).collect::<Vec<_>>(),
+            "sha256": hex::encode(sha2::Sha256::digest(whole.as_bytes())),
+        });
     }
     if let Some(id) = headers.get("x-request-id").and_then(|v| v.to_str().ok()) {
         detail["request_id"] = id.chars().take(128).collect::<String>().into();
     }
     detail
+}
+
+/// `cli` when the request comes from `conch exec` or `conch cp`, else `rest`.
+pub(super) fn via(headers: &HeaderMap) -> crate::audit::Via {
+    let cli = headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ua| ua.starts_with("conch-cli/"));
+    if cli {
+        crate::audit::Via::Cli
+    } else {
+        crate::audit::Via::Rest
+    }
 }
 
 /// Records a refusal by policy (not an unknown or unavailable agent,

@@ -85,7 +85,8 @@ pub(crate) async fn read(
             "text is longer than 256 characters".into(),
         ));
     }
-    let user = if who.role == Role::Admin {
+    // An admin token limited to some agents is no auditor of the others.
+    let user = if who.role == Role::Admin && who.agents.is_none() {
         q.user
     } else {
         // Not an admin: one's own records, whatever was asked.

@@ -284,6 +284,11 @@ impl Auth {
     }
 
     /// Whether any user may log in with a password.
+    /// Whether `name` is a user of the users file.
+    pub(crate) fn knows(&self, name: &str) -> bool {
+        self.users.iter().any(|u| u.name == name)
+    }
+
     pub(crate) fn has_users(&self) -> bool {
         !self.users.is_empty()
     }

@@ -48,6 +48,9 @@ pub(super) struct Fanout {
     /// The matching hosts, in name order.
     pub(super) hosts: Vec<String>,
     pub(super) concurrency: Option<usize>,
+    /// The client's address and what the audit log keeps of the command.
+    pub(super) source: String,
+    pub(super) detail: serde_json::Value,
 }
 
 /// Where a host's output goes.
@@ -181,9 +184,14 @@ impl Fanout {
             };
         }
         let outcome = match self.start(host).await {
-            Ok((channel, ticket)) => {
+            Ok((channel, ticket, mut trail)) => {
                 let outcome = self.drive(host, channel, &sink).await;
                 drop(ticket);
+                trail.note("host_status", &format!("{:?}", outcome.status));
+                match &outcome.error {
+                    Some(error) => trail.end(None, Some(error)),
+                    None => trail.end(None, None),
+                }
                 outcome
             }
             Err(refused) => refused,
@@ -203,7 +211,14 @@ impl Fanout {
     async fn start(
         &self,
         host: &str,
-    ) -> Result<(crate::link::Channel, super::quota::Ticket), Outcome> {
+    ) -> Result<
+        (
+            crate::link::Channel,
+            super::quota::Ticket,
+            crate::audit::CommandTrail,
+        ),
+        Outcome,
+    > {
         let state = &self.state;
         let refuse = |status, error: String| {
             Err(Outcome {
@@ -215,7 +230,19 @@ impl Fanout {
         let (agent, link) = match policy::link_to_run(&self.who, Some(host), &state.agents) {
             Ok(found) => found,
             Err(e @ Refused::Agent(_)) => return refuse(HostStatus::Unreachable, e.to_string()),
-            Err(e) => return refuse(HostStatus::Failed, e.to_string()),
+            Err(e) => {
+                if let Ok(ip) = self.source.parse() {
+                    super::api::audit_refusal(
+                        state,
+                        &self.who,
+                        ip,
+                        Some(host),
+                        crate::audit::Kind::CommandStart,
+                        &e,
+                    );
+                }
+                return refuse(HostStatus::Failed, e.to_string());
+            }
         };
         let ticket = match state
             .quota
@@ -224,19 +251,36 @@ impl Fanout {
             Ok(t) => t,
             Err(e) => return refuse(HostStatus::Failed, e.to_string()),
         };
+        // Recorded before the agent hears of it, as any command.
+        let mut trail = crate::audit::CommandTrail::start(
+            &state.audit,
+            crate::audit::Event {
+                kind: crate::audit::Kind::CommandStart,
+                user: self.who.name.clone(),
+                source: self.source.clone(),
+                agent: agent.clone(),
+                via: crate::audit::Via::Rest,
+                detail: self.detail.clone(),
+            },
+        )
+        .await;
         let channel = match link.exec(self.prepared.req.clone()).await {
             Ok(c) => c,
             Err(e @ LinkError::TooLarge { .. }) => {
+                trail.end(None, Some(&e.to_string()));
                 return refuse(HostStatus::Failed, format!("agent {agent:?}: {e}"));
             }
-            Err(e) => return refuse(HostStatus::Unreachable, format!("agent {agent:?}: {e}")),
+            Err(e) => {
+                trail.end(None, Some(&e.to_string()));
+                return refuse(HostStatus::Unreachable, format!("agent {agent:?}: {e}"));
+            }
         };
         let input = channel.controller();
         let data = self.prepared.stdin.clone();
         tokio::spawn(async move {
             let _ = input.stdin(data, true).await;
         });
-        Ok((channel, ticket))
+        Ok((channel, ticket, trail))
     }
 
     /// Reads a host's command to its end into `sink`.

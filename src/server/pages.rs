@@ -135,11 +135,14 @@ pub(crate) async fn login_submit(
     if headers.contains_key(header::ORIGIN) && !state.site.origin_allowed(&headers) {
         return (StatusCode::FORBIDDEN, "cross-origin login refused").into_response();
     }
-    // Who tried, for the audit log: a name as typed (bounded), never a secret.
-    let attempted = if form.token.is_empty() {
-        form.username.chars().take(64).collect()
-    } else {
+    // Who tried, for the audit log: a user's name; anything else typed
+    // there (a password in the wrong field) is never kept.
+    let attempted = if !form.token.is_empty() {
         "(token)".to_owned()
+    } else if state.auth.knows(&form.username) {
+        form.username.clone()
+    } else {
+        "(unknown user)".to_owned()
     };
     let credential = if form.token.is_empty() {
         Credential::Password {

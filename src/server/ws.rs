@@ -878,7 +878,7 @@ async fn pump(
             }
             Update::Detached(reason) => {
                 let reason = crate::transport::handshake::peer_text(&reason);
-                trail.end(None, Some(&format!("detached: {reason}")));
+                trail.detached(&reason);
                 (
                     ServerMessage::Detached {
                         id,

@@ -19,7 +19,14 @@ fn bin(name: &str) -> PathBuf {
     let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
-    versions.sort();
+    // By number: 16 after 9.6.
+    versions.sort_by_key(|v| {
+        v.file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.split('.').next())
+            .and_then(|n| n.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
     versions
         .last()
         .map(|v| v.join("bin").join(name))
@@ -87,12 +94,14 @@ impl Postgres {
             ))
             .arg("start");
         run(ctl, "pg_ctl start");
-        let base = format!("postgres://postgres@127.0.0.1:{port}/postgres");
-        create_database(&base, &name);
-        Postgres {
+        // From here on, a panic stops the cluster (Drop).
+        let pg = Postgres {
             url: format!("postgres://postgres@127.0.0.1:{port}/{name}"),
             cluster: Some((dir, data)),
-        }
+        };
+        let base = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+        create_database(&base, &name);
+        pg
     }
 }
 
