@@ -71,8 +71,19 @@ pub(crate) struct AuditPage {
 pub(crate) async fn read(
     State(state): State<AppState>,
     Caller(who): Caller,
-    Query(q): Query<AuditQuery>,
+    query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<AuditPage>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    const MAX: i64 = (1 << 53) - 1;
+    let out_of = |v: Option<i64>, min: i64| v.is_some_and(|v| !(min..=MAX).contains(&v));
+    if out_of(q.since_ms, 0) || out_of(q.until_ms, 0) || out_of(q.cursor, 1) {
+        return Err(ApiError::BadRequest(format!(
+            "since_ms and until_ms must be 0 to {MAX}, cursor 1 to {MAX}"
+        )));
+    }
+    if q.limit.is_some_and(|l| !(1..=1000).contains(&l)) {
+        return Err(ApiError::BadRequest("limit must be 1 to 1000".into()));
+    }
     if let Some(kind) = &q.kind
         && !crate::audit::Kind::ALL.iter().any(|k| k.as_str() == kind)
     {

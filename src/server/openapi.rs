@@ -43,7 +43,7 @@ use super::{api, pages};
         pages::readyz,
     ),
     components(
-        schemas(Problem, crate::rest::FanoutResult, crate::rest::FanoutLine),
+        schemas(Problem, crate::rest::FanoutResult, crate::rest::FanoutLine, crate::audit::Kind),
         responses(api::ProblemResponse)
     ),
     security(("bearer" = [])),
