@@ -1,7 +1,8 @@
 //! The server's store: one SQL database behind one interface, SQLite in
 //! the data directory by default (WAL mode, created at the first start),
 //! or PostgreSQL (`--database-url postgres://...`) for several servers
-//! that share what they know. It holds the audit log (`crate::audit`).
+//! that share what they know. It holds the audit log (`crate::audit`) and
+//! the login sessions (`crate::server::login_sessions`).
 //!
 //! Both backends go through sqlx's `Any` driver with the same statements
 //! (`$1` placeholders, which SQLite reads too), so that one set of tests
@@ -39,10 +40,11 @@ pub enum Backend {
 
 /// The schema, version by version. A statement list per backend where
 /// their SQL differs; never edit a released step, add one.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    // SQLite
-    "CREATE TABLE audit (
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        // SQLite
+        "CREATE TABLE audit (
         seq BIGINT PRIMARY KEY,
         at_ms BIGINT NOT NULL,
         kind TEXT NOT NULL,
@@ -61,8 +63,8 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[(
     INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, '');
     CREATE TABLE audit_anchor (id BIGINT PRIMARY KEY, seq BIGINT NOT NULL, hash TEXT NOT NULL);
     INSERT INTO audit_anchor (id, seq, hash) VALUES (1, 0, '')",
-    // PostgreSQL: the same
-    "CREATE TABLE audit (
+        // PostgreSQL: the same
+        "CREATE TABLE audit (
         seq BIGINT PRIMARY KEY,
         at_ms BIGINT NOT NULL,
         kind TEXT NOT NULL,
@@ -81,7 +83,29 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[(
     INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, '');
     CREATE TABLE audit_anchor (id BIGINT PRIMARY KEY, seq BIGINT NOT NULL, hash TEXT NOT NULL);
     INSERT INTO audit_anchor (id, seq, hash) VALUES (1, 0, '')",
-)];
+    ),
+    (
+        2,
+        "CREATE TABLE login_sessions (
+        key TEXT PRIMARY KEY,
+        user_name TEXT NOT NULL,
+        role TEXT NOT NULL,
+        agents TEXT,
+        created_ms BIGINT NOT NULL,
+        expires_ms BIGINT NOT NULL
+    );
+    CREATE INDEX login_sessions_expiry ON login_sessions (expires_ms)",
+        "CREATE TABLE login_sessions (
+        key TEXT PRIMARY KEY,
+        user_name TEXT NOT NULL,
+        role TEXT NOT NULL,
+        agents TEXT,
+        created_ms BIGINT NOT NULL,
+        expires_ms BIGINT NOT NULL
+    );
+    CREATE INDEX login_sessions_expiry ON login_sessions (expires_ms)",
+    ),
+];
 
 /// An open store.
 #[derive(Clone)]

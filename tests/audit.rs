@@ -540,3 +540,103 @@ async fn fan_out_commands_and_fields_a_client_chose_are_recorded_safely() {
     let (code, out, err) = conch(&store.verify_args(), &[]);
     assert_eq!(code, Some(0), "{out}{err}");
 }
+
+/// `GET /api/v1/session` with `cookie`: the user's name, or the status.
+async fn whoami(server: &Server, cookie: &str) -> Result<String, u16> {
+    let resp = reqwest::Client::new()
+        .get(server.url("/api/v1/session"))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap();
+    if resp.status() != 200 {
+        return Err(resp.status().as_u16());
+    }
+    let v: Value = resp.json().await.unwrap();
+    Ok(v["user"].as_str().unwrap_or_default().to_owned())
+}
+
+#[tokio::test]
+async fn a_restart_logs_nobody_out() {
+    let store = Store::Sqlite(tempfile::tempdir().unwrap());
+    let agent = start_agent(&[]);
+    let flags = [
+        "--agent".to_owned(),
+        agent.addr.to_string(),
+        "--agent-key-file".to_owned(),
+        agent.key_file.display().to_string(),
+    ];
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let server = server_on(&store, &flags);
+    let olga = server
+        .login(&[("username", "olga"), ("password", "operator-pw")])
+        .await
+        .unwrap();
+    assert_eq!(whoami(&server, &olga).await, Ok("olga".into()));
+    drop(server);
+    let again = server_on(&store, &flags);
+    assert_eq!(
+        whoami(&again, &olga).await,
+        Ok("olga".into()),
+        "still logged in"
+    );
+    assert_eq!(whoami(&again, "conch_session=forged").await, Err(401));
+    let logout = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .post(again.url("/logout"))
+        .header("cookie", &olga)
+        .header("origin", again.origin())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(logout.status(), 303);
+    assert_eq!(whoami(&again, &olga).await, Err(401));
+    drop(again);
+    let third = server_on(&store, &flags);
+    assert_eq!(
+        whoami(&third, &olga).await,
+        Err(401),
+        "a logout is for good"
+    );
+}
+
+#[tokio::test]
+async fn a_login_on_one_server_is_valid_on_another_sharing_its_postgres() {
+    let store = Store::Postgres(Postgres::start());
+    let agent = start_agent(&[]);
+    let flags = [
+        "--agent".to_owned(),
+        agent.addr.to_string(),
+        "--agent-key-file".to_owned(),
+        agent.key_file.display().to_string(),
+    ];
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let one = server_on(&store, &flags);
+    let two = server_on(&store, &flags);
+    let olga = one
+        .login(&[("username", "olga"), ("password", "operator-pw")])
+        .await
+        .unwrap();
+    assert_eq!(whoami(&two, &olga).await, Ok("olga".into()));
+    // A logout on the second ends it on the first too (within its recheck).
+    let logout = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .post(two.url("/logout"))
+        .header("cookie", &olga)
+        .header("origin", two.origin())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(logout.status(), 303);
+    for _ in 0..300 {
+        if whoami(&one, &olga).await == Err(401) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the first server still accepts a session ended on the second");
+}

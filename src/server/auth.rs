@@ -197,6 +197,8 @@ struct SessionEntry {
     principal: Principal,
     created: Instant,
     expires: Instant,
+    /// When it was last found in the store (or put there).
+    checked: Instant,
     /// Cancelled when the session ends (logout, eviction), so that open
     /// consoles close at once instead of at their next message.
     ended: CancellationToken,
@@ -261,6 +263,11 @@ pub(crate) enum SessionError {
 
 fn session_key(cookie: &str) -> [u8; 32] {
     Sha256::digest(cookie.as_bytes()).into()
+}
+
+/// The session's name in the store: the hex SHA-256 of its cookie.
+pub(crate) fn stored_key(cookie: &str) -> String {
+    hex::encode(session_key(cookie))
 }
 
 impl Auth {
@@ -436,10 +443,14 @@ impl Auth {
         hex::encode(mac.finalize().into_bytes())
     }
 
-    /// Starts a session; returns the cookie value. A user at the cap loses
-    /// their own oldest session; when the server as a whole is full, the
-    /// login is refused rather than ending someone else's session.
-    pub(crate) fn create_session(&self, principal: Principal) -> Result<String, SessionError> {
+    /// Starts a session; returns the cookie value, and the store keys of
+    /// the sessions it ended. A user at the cap loses their own oldest
+    /// session; when the server as a whole is full, the login is refused
+    /// rather than ending someone else's session.
+    pub(crate) fn create_session(
+        &self,
+        principal: Principal,
+    ) -> Result<(String, Vec<String>), SessionError> {
         let cookie = Secret::generate().expose().to_owned();
         let mut sessions = self.sessions.lock().map_err(|_| SessionError::Full(0))?;
         let now = Instant::now();
@@ -456,12 +467,14 @@ impl Auth {
             .filter(|(_, s)| s.principal.name == principal.name)
             .map(|(k, s)| (*k, s.created))
             .collect();
+        let mut gone = Vec::new();
         if own.len() >= limits.per_user.max(1) {
             own.sort_by_key(|(_, created)| *created);
             let excess = own.len() + 1 - limits.per_user.max(1);
             for (key, _) in own.into_iter().take(excess) {
                 if let Some(old) = sessions.remove(&key) {
                     old.ended.cancel();
+                    gone.push(hex::encode(key));
                 }
             }
         }
@@ -478,10 +491,50 @@ impl Auth {
                 expires: now
                     .checked_add(self.session_ttl)
                     .unwrap_or(now + Duration::from_secs(365 * 86_400)),
+                checked: now,
                 ended: CancellationToken::new(),
             },
         );
-        Ok(cookie)
+        Ok((cookie, gone))
+    }
+
+    /// Whether this server should ask the store about `cookie`: it does not
+    /// know it, or has not asked for [`super::login_sessions::RECHECK`].
+    pub(crate) fn needs_check(&self, cookie: &str) -> bool {
+        let Ok(sessions) = self.sessions.lock() else {
+            return false;
+        };
+        sessions
+            .get(&session_key(cookie))
+            .is_none_or(|s| s.checked.elapsed() >= super::login_sessions::RECHECK)
+    }
+
+    /// Takes what the store says of `cookie`: a live session (with `left`
+    /// of its lifetime), or none (it ended, maybe on another server).
+    pub(crate) fn adopt(&self, cookie: &str, found: Option<(Principal, Duration)>) {
+        let Ok(mut sessions) = self.sessions.lock() else {
+            return;
+        };
+        let key = session_key(cookie);
+        let now = Instant::now();
+        match found {
+            Some((principal, left)) => {
+                let entry = sessions.entry(key).or_insert_with(|| SessionEntry {
+                    principal: principal.clone(),
+                    created: now,
+                    expires: now + left,
+                    checked: now,
+                    ended: CancellationToken::new(),
+                });
+                entry.checked = now;
+                entry.principal = principal;
+            }
+            None => {
+                if let Some(old) = sessions.remove(&key) {
+                    old.ended.cancel();
+                }
+            }
+        }
     }
 
     /// Login sessions open now (expired ones not yet swept included).

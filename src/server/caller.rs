@@ -51,6 +51,7 @@ async fn authenticate(parts: &mut Parts, state: &State) -> Result<Principal, Api
                 },
             });
     }
+    state.check_sessions(&parts.headers).await;
     state
         .session_principal(&parts.headers)
         .ok_or(ApiError::Unauthorized)

@@ -14,6 +14,7 @@ pub(crate) mod embedded;
 mod fanout;
 pub(crate) mod files;
 pub mod http;
+pub(crate) mod login_sessions;
 pub(crate) mod messages;
 pub(crate) mod metrics;
 mod openapi;
@@ -153,6 +154,23 @@ impl AppState {
             via,
             detail,
         });
+    }
+
+    /// Brings what this server knows of the request's session cookies in
+    /// step with the store (one it does not know, or has not checked for a
+    /// while): call before the synchronous lookups below. A store that
+    /// cannot answer leaves things as they are.
+    pub(crate) async fn check_sessions(&self, headers: &HeaderMap) {
+        for cookie in self.site.cookies(headers, self.site.session_cookie_name()) {
+            if cookie.len() > 256 || !self.auth.needs_check(&cookie) {
+                continue;
+            }
+            let key = auth::stored_key(&cookie);
+            match login_sessions::load(&self.audit.store, &key).await {
+                Ok(found) => self.auth.adopt(&cookie, found),
+                Err(e) => tracing::warn!(error = %e, "cannot read login sessions from the store"),
+            }
+        }
     }
 
     /// Who sent this request, from its session cookie.

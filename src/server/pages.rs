@@ -80,6 +80,7 @@ fn safe_next(next: Option<&str>) -> String {
 
 /// `GET /`: the console, or a redirect to the login page.
 pub(crate) async fn console(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    state.check_sessions(&headers).await;
     match state.session_principal(&headers) {
         Some(p) => render(&ConsolePage {
             base: state.site.base_path.clone(),
@@ -107,7 +108,7 @@ pub(crate) async fn login_page(
     if let Some(token) = query.token.filter(|t| !t.is_empty()) {
         let credential = Credential::Token(token);
         let result = check_login(&state, client, &headers, credential).await;
-        return finish_login(&state, result, next, client, "(token)".into());
+        return finish_login(&state, result, next, client, "(token)".into()).await;
     }
     render(&LoginPage::new(&state, String::new(), next))
 }
@@ -160,6 +161,7 @@ pub(crate) async fn login_submit(
         client,
         attempted,
     )
+    .await
 }
 
 /// Runs the (deliberately slow) credential check on the blocking pool, at
@@ -194,7 +196,7 @@ async fn check_login(
 /// How long a trusted-device cookie lasts: 90 days.
 const DEVICE_TTL_SECS: u64 = 90 * 86_400;
 
-fn finish_login(
+async fn finish_login(
     state: &AppState,
     result: Result<Principal, LoginError>,
     next: String,
@@ -232,13 +234,22 @@ fn finish_login(
         Ok(principal) => {
             tracing::info!(user = %principal.name, role = principal.role.as_str(), "login");
             let device = state.auth.issue_device(&principal.name);
-            let cookie = match state.auth.create_session(principal) {
-                Ok(cookie) => cookie,
+            let (cookie, gone) = match state.auth.create_session(principal.clone()) {
+                Ok(created) => created,
                 Err(e) => {
                     let page = LoginPage::new(state, e.to_string(), next);
                     return (StatusCode::SERVICE_UNAVAILABLE, render(&page)).into_response();
                 }
             };
+            // In the store before the browser has the cookie: valid on
+            // every server that shares it, and after a restart.
+            let key = super::auth::stored_key(&cookie);
+            let ttl = state.auth.session_ttl();
+            if let Err(e) =
+                super::login_sessions::save(&state.audit.store, &key, &principal, ttl, &gone).await
+            {
+                tracing::error!(error = %e, "cannot store the login session; it lives on this server only");
+            }
             let ttl = state.auth.session_ttl().as_secs();
             let site = &state.site;
             let attrs = site.cookie_attributes();
@@ -291,7 +302,12 @@ pub(crate) async fn logout(
     if headers.contains_key(header::ORIGIN) && !state.site.origin_allowed(&headers) {
         return (StatusCode::FORBIDDEN, "cross-origin logout refused").into_response();
     }
+    state.check_sessions(&headers).await;
     if let Some(cookie) = state.session_cookie(&headers) {
+        let key = super::auth::stored_key(&cookie);
+        if let Err(e) = super::login_sessions::delete(&state.audit.store, &key).await {
+            tracing::error!(error = %e, "cannot remove the login session from the store");
+        }
         if let Some(who) = state.auth.session(&cookie) {
             state.audit.record(crate::audit::Event {
                 kind: crate::audit::Kind::Logout,
@@ -394,6 +410,7 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<H
     ),
 )]
 pub(crate) async fn session_info(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    state.check_sessions(&headers).await;
     match state.session_principal(&headers) {
         Some(p) => Json(SessionInfo {
             user: p.name,

@@ -53,6 +53,7 @@ pub(crate) async fn upgrade(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
+    state.check_sessions(&headers).await;
     let Some(login) = state
         .session_cookie(&headers)
         .and_then(|c| state.auth.session_handle(&c))
