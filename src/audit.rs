@@ -731,7 +731,7 @@ pub async fn query(store: &Store, f: &Filter) -> Result<(Vec<Record>, Option<i64
         next(&mut sql, " AND at_ms < ?");
     }
     if f.text.is_some() {
-        next(&mut sql, " AND LOWER(detail) LIKE ?");
+        next(&mut sql, " AND LOWER(detail) LIKE ? ESCAPE '\\'");
     }
     if f.before.is_some() {
         next(&mut sql, " AND seq < ?");
@@ -757,7 +757,12 @@ pub async fn query(store: &Store, f: &Filter) -> Result<(Vec<Record>, Option<i64
         q = q.bind(v);
     }
     if let Some(v) = &f.text {
-        let escaped = v.to_lowercase().replace(['%', '_'], "");
+        // The text as it is: its `%`, `_` and `\` match only themselves.
+        let escaped = v
+            .to_lowercase()
+            .replace('\\', "\\\\")
+            .replace('%', "\\%")
+            .replace('_', "\\_");
         q = q.bind(format!("%{escaped}%"));
     }
     if let Some(v) = f.before {

@@ -527,7 +527,8 @@ pub struct AuditArgs {
     #[arg(long)]
     agent: Option<String>,
     /// Only this kind (login, login_failed, logout, token_create, token_revoke,
-    /// command_start, command_end, session_end, file_put, file_get, denied).
+    /// command_start, command_end, session_attach, session_detach, session_end,
+    /// file_put, file_get, denied).
     #[arg(long)]
     kind: Option<String>,
     /// From this time: milliseconds since the epoch, or a time ago (`30m`, `2h`, `7d`).

@@ -28,7 +28,7 @@ use super::caller::{Caller, Writer};
 use super::policy::SessionAction;
 use super::problem::ApiError;
 use super::quota::Ticket;
-use crate::audit::{Kind, Via};
+use crate::audit::Kind;
 use crate::link::{AgentLink, Channel, Event, LinkError};
 use crate::protocol::{FileInfo, GetRequest, PutRequest, WirePath};
 use crate::vocab::ErrorCode;
@@ -329,8 +329,9 @@ pub(crate) async fn put(
     let query = parse_query(request.uri().query(), true)?;
     let (size, sha256) = declared(request.headers())?;
     let (agent, link, held) = prepare(&state, &who, &query, client, Kind::FilePut).await?;
+    let via = super::api::via(request.headers());
     let audit = |detail: serde_json::Value| {
-        state.audit(Kind::FilePut, &who.name, client, &agent, Via::Rest, detail)
+        state.audit(Kind::FilePut, &who.name, client, &agent, via, detail)
     };
     let req = PutRequest {
         path: WirePath(query.path.clone().unwrap_or_default()),
@@ -612,8 +613,9 @@ pub(crate) async fn get(
         suffix: range.and_then(|r| r.2),
         window: Some(DOWNLOAD_WINDOW),
     };
+    let via = super::api::via(&headers);
     let audit = |detail: serde_json::Value| {
-        state.audit(Kind::FileGet, &who.name, client, &agent, Via::Rest, detail)
+        state.audit(Kind::FileGet, &who.name, client, &agent, via, detail)
     };
     let (mut channel, mut info) = match open_get(&link, &agent, ask(range)).await {
         Ok(x) => x,
