@@ -624,9 +624,17 @@ pub enum TokenCommand {
 
 #[derive(Args)]
 pub struct TokenArgs {
-    /// The server's data directory (as given to `conch serve`).
+    /// The server's data directory (as given to `conch serve`): its store.
     #[arg(long, env = "CONCH_DATA_DIR", global = true)]
     data_dir: Option<PathBuf>,
+    /// The server's PostgreSQL store (as given to `conch serve`).
+    #[arg(
+        long,
+        env = "CONCH_DATABASE_URL",
+        hide_env_values = true,
+        global = true
+    )]
+    database_url: Option<String>,
     #[command(subcommand)]
     command: TokenCommand,
 }
@@ -980,19 +988,30 @@ pub async fn run(command: Command, json_logs: bool) -> anyhow::Result<ExitCode> 
             }
         },
         Command::Token(args) => {
-            let dir = args
-                .data_dir
-                .context("give --data-dir (or CONCH_DATA_DIR), as for `conch serve`")?;
-            let store = TokenStore::new(Some(&dir));
-            match args.command {
-                TokenCommand::Create { name, role, agents } => {
-                    println!("{}", store.create(&name, role, agents.as_ref())?.expose())
+            let url = match (&args.database_url, &args.data_dir) {
+                (Some(url), _) => url.clone(),
+                (None, Some(dir)) => {
+                    crate::server::tokens::create_private_dir(dir).with_context(|| {
+                        format!("cannot create the data directory {}", dir.display())
+                    })?;
+                    crate::store::sqlite_url(Some(dir))
                 }
+                (None, None) => anyhow::bail!(
+                    "give --data-dir (or CONCH_DATA_DIR) or --database-url, as for `conch serve`"
+                ),
+            };
+            let store = crate::store::Store::open(&url).await?;
+            let tokens = TokenStore::open(store, args.data_dir.as_deref()).await?;
+            match args.command {
+                TokenCommand::Create { name, role, agents } => println!(
+                    "{}",
+                    tokens.create(&name, role, agents.as_ref()).await?.expose()
+                ),
                 TokenCommand::Revoke { name } => {
-                    store.revoke(&name)?;
+                    tokens.revoke(&name).await?;
                     println!("revoked {name}");
                 }
-                TokenCommand::List => print!("{}", store.listing()?),
+                TokenCommand::List => print!("{}", tokens.listing().await?),
             }
             Ok(ExitCode::SUCCESS)
         }

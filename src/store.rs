@@ -2,7 +2,8 @@
 //! the data directory by default (WAL mode, created at the first start),
 //! or PostgreSQL (`--database-url postgres://...`) for several servers
 //! that share what they know. It holds the audit log (`crate::audit`) and
-//! the login sessions (`crate::server::login_sessions`).
+//! the login sessions (`crate::server::login_sessions`) and the API tokens
+//! (`crate::server::tokens`).
 //!
 //! Both backends go through sqlx's `Any` driver with the same statements
 //! (`$1` placeholders, which SQLite reads too), so that one set of tests
@@ -104,6 +105,23 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         expires_ms BIGINT NOT NULL
     );
     CREATE INDEX login_sessions_expiry ON login_sessions (expires_ms)",
+    ),
+    (
+        3,
+        "CREATE TABLE api_tokens (
+        name TEXT PRIMARY KEY,
+        sha256 TEXT NOT NULL UNIQUE,
+        role TEXT NOT NULL,
+        agents TEXT,
+        created BIGINT NOT NULL
+    )",
+        "CREATE TABLE api_tokens (
+        name TEXT PRIMARY KEY,
+        sha256 TEXT NOT NULL UNIQUE,
+        role TEXT NOT NULL,
+        agents TEXT,
+        created BIGINT NOT NULL
+    )",
     ),
 ];
 

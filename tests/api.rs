@@ -387,7 +387,13 @@ async fn tokens_are_created_used_and_revoked() {
         .await
         .unwrap();
     assert!(list.contains("\"ci\"") && !list.contains(&ci));
-    let stored = std::fs::read_to_string(data.path().join("tokens.json")).unwrap();
+    let stored = std::process::Command::new("sqlite3")
+        .arg(data.path().join("conch.db"))
+        .arg("SELECT name, sha256 FROM api_tokens")
+        .output()
+        .unwrap();
+    let stored = String::from_utf8_lossy(&stored.stdout);
+    assert!(stored.contains("ci|"), "{stored}");
     assert!(!stored.contains(&ci), "tokens are stored hashed");
 
     // A viewer token may look but not run.

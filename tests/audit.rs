@@ -640,3 +640,74 @@ async fn a_login_on_one_server_is_valid_on_another_sharing_its_postgres() {
     }
     panic!("the first server still accepts a session ended on the second");
 }
+
+/// `GET /api/v1/agents` with `token`: the status.
+async fn agents_status(server: &Server, token: &str) -> u16 {
+    reqwest::Client::new()
+        .get(server.url("/api/v1/agents"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn a_token_made_on_one_server_works_on_another_until_revoked() {
+    let store = Store::Postgres(Postgres::start());
+    let agent = start_agent(&[]);
+    let flags = [
+        "--agent".to_owned(),
+        agent.addr.to_string(),
+        "--agent-key-file".to_owned(),
+        agent.key_file.display().to_string(),
+    ];
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let one = server_on(&store, &flags);
+    let two = server_on(&store, &flags);
+    let ci = one.create_token("ci", "operator").await;
+    assert_eq!(
+        agents_status(&two, &ci).await,
+        200,
+        "known on the second at once"
+    );
+    let done = exec(&two, &ci, "echo via-ci").await;
+    assert_eq!(done["stdout"], "via-ci\n");
+    let resp = reqwest::Client::new()
+        .delete(two.url("/api/v1/tokens/ci"))
+        .bearer_auth(&two.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    assert_eq!(agents_status(&two, &ci).await, 401);
+    for _ in 0..300 {
+        if agents_status(&one, &ci).await == 401 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the first server still accepts a token revoked on the second");
+}
+
+#[tokio::test]
+async fn tokens_of_an_older_conch_are_imported_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = format!("conch_{}", "ab".repeat(32));
+    use sha2::Digest;
+    let sha = hex::encode(sha2::Sha256::digest(token.as_bytes()));
+    std::fs::write(
+        dir.path().join("tokens.json"),
+        json!([{"name": "old", "role": "operator", "sha256": sha, "created": 1}]).to_string(),
+    )
+    .unwrap();
+    let store = Store::Sqlite(dir);
+    let server = server_on(&store, &[]);
+    assert_eq!(agents_status(&server, &token).await, 200);
+    let Store::Sqlite(dir) = &store else {
+        unreachable!()
+    };
+    assert!(!dir.path().join("tokens.json").exists());
+    assert!(dir.path().join("tokens.json.imported").exists());
+}

@@ -1131,7 +1131,7 @@ fn token_error(e: TokenError) -> ApiError {
         TokenError::Exists(_) => ApiError::Conflict(e.to_string()),
         TokenError::BadName => ApiError::BadRequest(e.to_string()),
         TokenError::Missing(_) => ApiError::NotFound(e.to_string()),
-        TokenError::Store { .. } => ApiError::Internal(e.to_string()),
+        TokenError::Store(_) => ApiError::Internal(e.to_string()),
     }
 }
 
@@ -1193,7 +1193,7 @@ pub(crate) async fn list_tokens(
     State(state): State<AppState>,
     _: Admin,
 ) -> Result<Json<TokenList>, ApiError> {
-    let tokens = state.tokens.list().map_err(token_error)?;
+    let tokens = state.tokens.list().await.map_err(token_error)?;
     let tokens = tokens
         .into_iter()
         .map(|t| TokenInfo {
@@ -1247,6 +1247,7 @@ pub(crate) async fn create_token(
     let token = state
         .tokens
         .create(&new.name, new.role, agents.as_ref())
+        .await
         .map_err(token_error)?;
     tracing::info!(by = %who.name, name = %new.name, role = new.role.as_str(), "api token created");
     state.audit(
@@ -1285,7 +1286,7 @@ pub(crate) async fn revoke_token(
     ClientIp(client): ClientIp,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    state.tokens.revoke(&name).map_err(token_error)?;
+    state.tokens.revoke(&name).await.map_err(token_error)?;
     tracing::info!(by = %who.name, %name, "api token revoked");
     state.audit(
         crate::audit::Kind::TokenRevoke,

@@ -39,6 +39,10 @@ async fn authenticate(parts: &mut Parts, state: &State) -> Result<Principal, Api
             .map(|t| t.trim().to_owned())
             .ok_or(ApiError::Unauthorized)?;
         let Ok(ClientIp(ip)) = ClientIp::from_request_parts(parts, state).await;
+        // This server's copy of the tokens, fresh within its recheck time;
+        // a token it does not know is asked of the store once.
+        state.tokens.refresh_if_stale().await;
+        state.tokens.look_up(&token).await;
         return state
             .auth
             .bearer(ip, &token, &state.tokens)

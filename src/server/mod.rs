@@ -71,7 +71,8 @@ pub struct ServeConfig {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     pub session_ttl: Duration,
     pub session_limits: auth::SessionLimits,
-    /// Where API tokens are kept (`tokens.json`); `None` keeps them in memory.
+    /// Where the store (`conch.db`), the audit journal and the device key
+    /// are kept; `None` keeps them in memory.
     pub data_dir: Option<std::path::PathBuf>,
     /// The store's URL (`sqlite://...` or `postgres://...`; a secret).
     pub store_url: String,
@@ -265,6 +266,54 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
+    // The store first: nothing runs (no agent is dialled) before what it
+    // does can be recorded.
+    let store = crate::store::Store::open(&config.store_url).await?;
+    // The store holds who ran what: its owner's alone.
+    if let Some(dir) = &config.data_dir {
+        for name in ["conch.db", "conch.db-wal", "conch.db-shm"] {
+            let path = dir.join(name);
+            if path.exists() {
+                use std::os::unix::fs::PermissionsExt;
+                let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+            }
+        }
+    }
+    if config.data_dir.is_none() && store.backend == crate::store::Backend::Sqlite {
+        tracing::warn!(
+            "no --data-dir: the audit log lives in memory and is lost when the server stops"
+        );
+    }
+    let store_for_tokens = store.clone();
+    // Stopped after the last request is done, so that the records of
+    // commands ended by the shutdown are written too.
+    let audit_stop = CancellationToken::new();
+    let (audit, audit_writer) = if config.audit {
+        let journal = match &config.data_dir {
+            Some(dir) => Some(
+                crate::audit::Journal::open(
+                    &crate::audit::journal_path(dir),
+                    &store,
+                    &config.server_name,
+                )
+                .await?,
+            ),
+            None => None,
+        };
+        crate::audit::Audit::start(
+            store,
+            config.server_name.clone(),
+            config.audit_retention,
+            journal,
+            audit_stop.clone(),
+        )
+    } else {
+        tracing::warn!("--audit off: nothing run on this server is recorded");
+        (crate::audit::Audit::off(store), tokio::spawn(async {}))
+    };
+    let tokens = tokens::TokenStore::open(store_for_tokens, config.data_dir.as_deref())
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let (specs, embedded) = if config.agents.is_empty() {
         let (spec, task) =
             embedded::start(config.embedded_agent_args.clone(), shutdown.child_token()).await?;
@@ -300,48 +349,6 @@ pub async fn serve(
         Some(source) => Some(tls::WebTls::start(source, shutdown.clone())?),
         None => None,
     };
-    let store = crate::store::Store::open(&config.store_url).await?;
-    // The store holds who ran what: its owner's alone.
-    if let Some(dir) = &config.data_dir {
-        for name in ["conch.db", "conch.db-wal", "conch.db-shm"] {
-            let path = dir.join(name);
-            if path.exists() {
-                use std::os::unix::fs::PermissionsExt;
-                let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
-            }
-        }
-    }
-    if config.data_dir.is_none() && store.backend == crate::store::Backend::Sqlite {
-        tracing::warn!(
-            "no --data-dir: the audit log lives in memory and is lost when the server stops"
-        );
-    }
-    // Stopped after the last request is done, so that the records of
-    // commands ended by the shutdown are written too.
-    let audit_stop = CancellationToken::new();
-    let (audit, audit_writer) = if config.audit {
-        let journal = match &config.data_dir {
-            Some(dir) => Some(
-                crate::audit::Journal::open(
-                    &crate::audit::journal_path(dir),
-                    &store,
-                    &config.server_name,
-                )
-                .await?,
-            ),
-            None => None,
-        };
-        crate::audit::Audit::start(
-            store,
-            config.server_name.clone(),
-            config.audit_retention,
-            journal,
-            audit_stop.clone(),
-        )
-    } else {
-        tracing::warn!("--audit off: nothing run on this server is recorded");
-        (crate::audit::Audit::off(store), tokio::spawn(async {}))
-    };
     let generated = config.admin_token.is_none();
     let admin_token = config.admin_token.clone().unwrap_or_else(Secret::generate);
     let state = Arc::new(AppState {
@@ -362,7 +369,7 @@ pub async fn serve(
         )
         .under(&config.base_path),
         shutdown: shutdown.clone(),
-        tokens: tokens::TokenStore::new(config.data_dir.as_deref()),
+        tokens,
         exec_slots: Arc::new(tokio::sync::Semaphore::new(
             config.api_limits.max_concurrent.max(1),
         )),

@@ -1,14 +1,20 @@
-//! Named API tokens with a role, stored hashed in the data directory.
+//! Named API tokens with a role, stored hashed in the server's store
+//! (`crate::store`: SQLite in the data directory, or the PostgreSQL that
+//! several servers share).
 //!
 //! A token is 32 random bytes (`conch_` + 64 hex characters); only its
 //! SHA-256 is stored, which is enough for a secret of that entropy and lets
 //! lookups stay constant-time. `conch token create` and the admin endpoint
-//! both write `tokens.json`; the server rereads it when it changes, so a
-//! token made from the command line works without a restart.
+//! both write the store. Each server keeps a copy, read again at most every
+//! [`RECHECK`] when tokens are used (so a revocation on one server holds on
+//! all within that time), and asks the store at once about a well-formed
+//! token it does not know (a few times a second at most), so that a token
+//! made elsewhere works at once. A `tokens.json` of an older conch is
+//! imported at the first start, then kept as `tokens.json.imported`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -36,18 +42,8 @@ pub enum TokenError {
     Missing(String),
     #[error("token names are 1-64 letters, digits, '-', '_' or '.'")]
     BadName,
-    #[error("cannot use the token file {path}: {message}")]
-    Store { path: String, message: String },
-}
-
-/// The token file and a cache of its contents.
-pub struct TokenStore {
-    path: Option<PathBuf>,
-    /// Held across each read-modify-write, so that a concurrent create and
-    /// revoke cannot undo each other. (`conch token` run by hand at the same
-    /// moment as the admin endpoint is not covered: no file lock.)
-    writing: Mutex<()>,
-    cache: Mutex<(Option<SystemTime>, Vec<TokenRecord>)>,
+    #[error("cannot use the token store: {0}")]
+    Store(String),
 }
 
 fn digest(token: &str) -> String {
@@ -77,93 +73,161 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// How long a server uses its copy of the tokens before reading them
+/// again: 10 s.
+pub(crate) const RECHECK: Duration = Duration::from_secs(10);
+
+/// How often, at most, an unknown token is looked up in the store: every
+/// 50 ms (a flood of made-up tokens costs the store 20 lookups a second).
+const LOOKUP_EVERY: Duration = Duration::from_millis(50);
+
+/// The tokens, in the store, and this server's copy of them.
+pub struct TokenStore {
+    store: crate::store::Store,
+    /// When the copy was read, and the copy.
+    cache: Mutex<(Option<Instant>, Vec<TokenRecord>)>,
+    /// When an unknown token was last looked up.
+    looked_up: Mutex<Option<Instant>>,
+}
+
+fn db(e: sqlx::Error) -> TokenError {
+    TokenError::Store(e.to_string())
+}
+
+fn role_of(text: &str) -> Option<Role> {
+    match text {
+        "viewer" => Some(Role::Viewer),
+        "operator" => Some(Role::Operator),
+        "admin" => Some(Role::Admin),
+        _ => None,
+    }
+}
+
+type Row = (String, String, String, Option<String>, i64);
+
+fn record_of((name, sha256, role, agents, created): Row) -> Option<TokenRecord> {
+    Some(TokenRecord {
+        name,
+        role: role_of(&role)?,
+        sha256,
+        created: u64::try_from(created).unwrap_or(0),
+        agents,
+    })
+}
+
 impl TokenStore {
-    /// A store in `dir/tokens.json`, or only in memory without a directory.
-    pub fn new(dir: Option<&Path>) -> TokenStore {
-        if let Some(dir) = dir {
-            crate::keyfile::warn_if_exposed(&dir.join("tokens.json"), "token file");
-        }
-        TokenStore {
-            path: dir.map(|d| d.join("tokens.json")),
-            writing: Mutex::new(()),
+    /// The tokens of `store`; a `tokens.json` in `data_dir` (from an older
+    /// conch) is imported first, once.
+    pub async fn open(
+        store: crate::store::Store,
+        data_dir: Option<&Path>,
+    ) -> Result<TokenStore, TokenError> {
+        let tokens = TokenStore {
+            store,
             cache: Mutex::new((None, Vec::new())),
-        }
-    }
-
-    fn store_err(&self, message: impl ToString) -> TokenError {
-        TokenError::Store {
-            path: self
-                .path
-                .as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default(),
-            message: message.to_string(),
-        }
-    }
-
-    /// The records, reread from disk when the file changed.
-    fn load(&self) -> Result<Vec<TokenRecord>, TokenError> {
-        let mut cache = self
-            .cache
-            .lock()
-            .map_err(|_| self.store_err("lock poisoned"))?;
-        let Some(path) = &self.path else {
-            return Ok(cache.1.clone());
+            looked_up: Mutex::new(None),
         };
-        let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-        if mtime.is_none() {
-            *cache = (None, Vec::new());
-        } else if mtime != cache.0 {
-            let text = std::fs::read_to_string(path).map_err(|e| self.store_err(e))?;
-            let records: Vec<TokenRecord> =
-                serde_json::from_str(&text).map_err(|e| self.store_err(e))?;
-            *cache = (mtime, records);
+        if let Some(dir) = data_dir {
+            let old = dir.join("tokens.json");
+            if old.exists() {
+                crate::keyfile::warn_if_exposed(&old, "token file");
+                let text = std::fs::read_to_string(&old)
+                    .map_err(|e| TokenError::Store(format!("{}: {e}", old.display())))?;
+                let records: Vec<TokenRecord> = serde_json::from_str(&text)
+                    .map_err(|e| TokenError::Store(format!("{}: {e}", old.display())))?;
+                let known: Vec<String> = tokens.list().await?.into_iter().map(|r| r.name).collect();
+                for r in records.iter().filter(|r| !known.contains(&r.name)) {
+                    tokens.insert(r).await?;
+                }
+                std::fs::rename(&old, dir.join("tokens.json.imported"))
+                    .map_err(|e| TokenError::Store(format!("{}: {e}", old.display())))?;
+                tracing::info!(
+                    tokens = records.len(),
+                    "API tokens imported from tokens.json into the store (the file is now tokens.json.imported)"
+                );
+            }
         }
-        Ok(cache.1.clone())
+        tokens.refresh().await?;
+        Ok(tokens)
     }
 
-    fn save(&self, records: Vec<TokenRecord>) -> Result<(), TokenError> {
-        let mut cache = self
-            .cache
-            .lock()
-            .map_err(|_| self.store_err("lock poisoned"))?;
-        if let Some(path) = &self.path {
-            use std::io::Write;
-            use std::os::unix::fs::OpenOptionsExt;
-            if let Some(dir) = path.parent() {
-                create_private_dir(dir).map_err(|e| self.store_err(e))?;
+    async fn insert(&self, r: &TokenRecord) -> Result<(), TokenError> {
+        sqlx::query(
+            "INSERT INTO api_tokens (name, sha256, role, agents, created) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(r.name.clone())
+        .bind(r.sha256.clone())
+        .bind(r.role.as_str())
+        .bind(r.agents.clone())
+        .bind(i64::try_from(r.created).unwrap_or(0))
+        .execute(&self.store.pool)
+        .await
+        .map_err(|e| match &e {
+            sqlx::Error::Database(d) if d.is_unique_violation() => {
+                TokenError::Exists(r.name.clone())
             }
-            // A fresh name, created exclusively and never through a
-            // symbolic link: nobody can plant the file we write to.
-            let mut suffix = [0u8; 8];
-            rand::fill(&mut suffix);
-            let tmp = path.with_extension(format!("json.{}.tmp", hex::encode(suffix)));
-            let text = serde_json::to_vec_pretty(&records).map_err(|e| self.store_err(e))?;
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .custom_flags(libc::O_NOFOLLOW)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(|e| self.store_err(e))?;
-            let written = file
-                .write_all(&text)
-                .and_then(|_| file.sync_all())
-                .and_then(|_| std::fs::rename(&tmp, path));
-            if let Err(e) = written {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(self.store_err(e));
-            }
-            let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-            *cache = (mtime, records);
-        } else {
-            cache.1 = records;
+            _ => db(e),
+        })?;
+        Ok(())
+    }
+
+    /// Reads every token into this server's copy.
+    pub(crate) async fn refresh(&self) -> Result<(), TokenError> {
+        let records = self.list().await?;
+        if let Ok(mut cache) = self.cache.lock() {
+            *cache = (Some(Instant::now()), records);
         }
         Ok(())
     }
 
+    /// Reads the tokens again if the copy is older than [`RECHECK`]; a
+    /// store that cannot answer leaves the copy as it is.
+    pub(crate) async fn refresh_if_stale(&self) {
+        let stale = self
+            .cache
+            .lock()
+            .map(|c| c.0.is_none_or(|at| at.elapsed() >= RECHECK))
+            .unwrap_or(false);
+        if stale && let Err(e) = self.refresh().await {
+            tracing::warn!(error = %e, "cannot read the API tokens from the store");
+        }
+    }
+
+    /// Looks a well-formed token this server does not know up in the store
+    /// (made on another server, or by `conch token` a moment ago).
+    pub(crate) async fn look_up(&self, token: &str) {
+        let well_formed = token
+            .strip_prefix("conch_")
+            .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()));
+        if !well_formed || self.authenticate(token).is_some() {
+            return;
+        }
+        {
+            let Ok(mut last) = self.looked_up.lock() else {
+                return;
+            };
+            if last.is_some_and(|at| at.elapsed() < LOOKUP_EVERY) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        let found: Result<Option<Row>, _> = sqlx::query_as(
+            "SELECT name, sha256, role, agents, created FROM api_tokens WHERE sha256 = $1",
+        )
+        .bind(digest(token))
+        .fetch_optional(&self.store.pool)
+        .await;
+        if let Ok(Some(row)) = found
+            && let Some(record) = record_of(row)
+            && let Ok(mut cache) = self.cache.lock()
+        {
+            cache.1.retain(|r| r.name != record.name);
+            cache.1.push(record);
+        }
+    }
+
     /// Creates a token; returns its secret value, shown this once only.
-    pub fn create(
+    pub async fn create(
         &self,
         name: &str,
         role: Role,
@@ -172,52 +236,52 @@ impl TokenStore {
         if !valid_name(name) {
             return Err(TokenError::BadName);
         }
-        let _writing = self
-            .writing
-            .lock()
-            .map_err(|_| self.store_err("lock poisoned"))?;
-        let mut records = self.load()?;
-        if records.iter().any(|r| r.name == name) {
-            return Err(TokenError::Exists(name.into()));
-        }
         let token = Secret::new(format!("conch_{}", Secret::generate().expose()));
         let created = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        records.push(TokenRecord {
+        self.insert(&TokenRecord {
             name: name.into(),
             role,
             sha256: digest(token.expose()),
             created,
             agents: agents.map(ToString::to_string),
-        });
-        self.save(records)?;
+        })
+        .await?;
+        let _ = self.refresh().await;
         Ok(token)
     }
 
-    pub fn revoke(&self, name: &str) -> Result<(), TokenError> {
-        let _writing = self
-            .writing
-            .lock()
-            .map_err(|_| self.store_err("lock poisoned"))?;
-        let mut records = self.load()?;
-        let before = records.len();
-        records.retain(|r| r.name != name);
-        if records.len() == before {
+    pub async fn revoke(&self, name: &str) -> Result<(), TokenError> {
+        let gone = sqlx::query("DELETE FROM api_tokens WHERE name = $1")
+            .bind(name.to_owned())
+            .execute(&self.store.pool)
+            .await
+            .map_err(db)?
+            .rows_affected();
+        if gone == 0 {
             return Err(TokenError::Missing(name.into()));
         }
-        self.save(records)
+        let _ = self.refresh().await;
+        Ok(())
     }
 
-    pub(crate) fn list(&self) -> Result<Vec<TokenRecord>, TokenError> {
-        self.load()
+    pub(crate) async fn list(&self) -> Result<Vec<TokenRecord>, TokenError> {
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT name, sha256, role, agents, created FROM api_tokens ORDER BY name",
+        )
+        .fetch_all(&self.store.pool)
+        .await
+        .map_err(db)?;
+        Ok(rows.into_iter().filter_map(record_of).collect())
     }
 
     /// `conch token list`: a line per token, its name and role (never its
     /// secret), tab-separated.
-    pub fn listing(&self) -> Result<String, TokenError> {
+    pub async fn listing(&self) -> Result<String, TokenError> {
         Ok(self
-            .list()?
+            .list()
+            .await?
             .iter()
             .map(|t| match &t.agents {
                 Some(agents) => format!("{}\t{}\tagents={agents}\n", t.name, t.role.as_str()),
@@ -226,13 +290,13 @@ impl TokenStore {
             .collect())
     }
 
-    /// The principal a presented token stands for.
+    /// The principal a presented token stands for (this server's copy).
     pub(crate) fn authenticate(&self, token: &str) -> Option<Principal> {
         let given = digest(token);
-        let records = self.load().ok()?;
+        let cache = self.cache.lock().ok()?;
         // Compare against every record in constant time each.
         let mut found = None;
-        for r in &records {
+        for r in &cache.1 {
             if super::auth::subtle_eq(r.sha256.as_bytes(), given.as_bytes()) {
                 found = Some(Principal {
                     name: r.name.clone(),
