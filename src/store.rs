@@ -39,89 +39,52 @@ pub enum Backend {
     Postgres,
 }
 
-/// The schema, version by version. A statement list per backend where
-/// their SQL differs; never edit a released step, add one.
-const MIGRATIONS: &[(i64, &str, &str)] = &[
+/// The schema, version by version, in SQL that both engines read alike;
+/// never edit a released step, add one.
+const MIGRATIONS: &[(i64, &str)] = &[
     (
         1,
-        // SQLite
         "CREATE TABLE audit (
-        seq BIGINT PRIMARY KEY,
-        at_ms BIGINT NOT NULL,
-        kind TEXT NOT NULL,
-        user_name TEXT NOT NULL,
-        source TEXT NOT NULL,
-        agent TEXT NOT NULL,
-        via TEXT NOT NULL,
-        server TEXT NOT NULL,
-        detail TEXT NOT NULL,
-        prev_hash TEXT NOT NULL,
-        hash TEXT NOT NULL
-    );
-    CREATE INDEX audit_at ON audit (at_ms);
-    CREATE INDEX audit_user ON audit (user_name, seq);
-    CREATE TABLE audit_head (id BIGINT PRIMARY KEY, seq BIGINT NOT NULL, hash TEXT NOT NULL);
-    INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, '');
-    CREATE TABLE audit_anchor (id BIGINT PRIMARY KEY, seq BIGINT NOT NULL, hash TEXT NOT NULL);
-    INSERT INTO audit_anchor (id, seq, hash) VALUES (1, 0, '')",
-        // PostgreSQL: the same
-        "CREATE TABLE audit (
-        seq BIGINT PRIMARY KEY,
-        at_ms BIGINT NOT NULL,
-        kind TEXT NOT NULL,
-        user_name TEXT NOT NULL,
-        source TEXT NOT NULL,
-        agent TEXT NOT NULL,
-        via TEXT NOT NULL,
-        server TEXT NOT NULL,
-        detail TEXT NOT NULL,
-        prev_hash TEXT NOT NULL,
-        hash TEXT NOT NULL
-    );
-    CREATE INDEX audit_at ON audit (at_ms);
-    CREATE INDEX audit_user ON audit (user_name, seq);
-    CREATE TABLE audit_head (id BIGINT PRIMARY KEY, seq BIGINT NOT NULL, hash TEXT NOT NULL);
-    INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, '');
-    CREATE TABLE audit_anchor (id BIGINT PRIMARY KEY, seq BIGINT NOT NULL, hash TEXT NOT NULL);
-    INSERT INTO audit_anchor (id, seq, hash) VALUES (1, 0, '')",
+            seq BIGINT PRIMARY KEY,
+            at_ms BIGINT NOT NULL,
+            kind TEXT NOT NULL,
+            user_name TEXT NOT NULL,
+            source TEXT NOT NULL,
+            agent TEXT NOT NULL,
+            via TEXT NOT NULL,
+            server TEXT NOT NULL,
+            detail TEXT NOT NULL,
+            prev_hash TEXT NOT NULL,
+            hash TEXT NOT NULL
+        );
+        CREATE INDEX audit_at ON audit (at_ms);
+        CREATE INDEX audit_user ON audit (user_name, seq);
+        CREATE TABLE audit_head (id BIGINT PRIMARY KEY, seq BIGINT NOT NULL, hash TEXT NOT NULL);
+        INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, '');
+        CREATE TABLE audit_anchor (id BIGINT PRIMARY KEY, seq BIGINT NOT NULL, hash TEXT NOT NULL);
+        INSERT INTO audit_anchor (id, seq, hash) VALUES (1, 0, '')",
     ),
     (
         2,
         "CREATE TABLE login_sessions (
-        key TEXT PRIMARY KEY,
-        user_name TEXT NOT NULL,
-        role TEXT NOT NULL,
-        agents TEXT,
-        created_ms BIGINT NOT NULL,
-        expires_ms BIGINT NOT NULL
-    );
-    CREATE INDEX login_sessions_expiry ON login_sessions (expires_ms)",
-        "CREATE TABLE login_sessions (
-        key TEXT PRIMARY KEY,
-        user_name TEXT NOT NULL,
-        role TEXT NOT NULL,
-        agents TEXT,
-        created_ms BIGINT NOT NULL,
-        expires_ms BIGINT NOT NULL
-    );
-    CREATE INDEX login_sessions_expiry ON login_sessions (expires_ms)",
+            key TEXT PRIMARY KEY,
+            user_name TEXT NOT NULL,
+            role TEXT NOT NULL,
+            agents TEXT,
+            created_ms BIGINT NOT NULL,
+            expires_ms BIGINT NOT NULL
+        );
+        CREATE INDEX login_sessions_expiry ON login_sessions (expires_ms)",
     ),
     (
         3,
         "CREATE TABLE api_tokens (
-        name TEXT PRIMARY KEY,
-        sha256 TEXT NOT NULL UNIQUE,
-        role TEXT NOT NULL,
-        agents TEXT,
-        created BIGINT NOT NULL
-    )",
-        "CREATE TABLE api_tokens (
-        name TEXT PRIMARY KEY,
-        sha256 TEXT NOT NULL UNIQUE,
-        role TEXT NOT NULL,
-        agents TEXT,
-        created BIGINT NOT NULL
-    )",
+            name TEXT PRIMARY KEY,
+            sha256 TEXT NOT NULL UNIQUE,
+            role TEXT NOT NULL,
+            agents TEXT,
+            created BIGINT NOT NULL
+        )",
     ),
 ];
 
@@ -250,7 +213,7 @@ impl Store {
             .execute(&mut *conn)
             .await
             .map_err(fail(0))?;
-        for (version, sqlite, postgres) in MIGRATIONS {
+        for (version, script) in MIGRATIONS {
             let mut tx = conn.begin().await.map_err(fail(*version))?;
             let done: Option<(i64,)> =
                 sqlx::query_as("SELECT version FROM conch_schema WHERE version = $1")
@@ -261,10 +224,6 @@ impl Store {
             if done.is_some() {
                 continue;
             }
-            let script = match self.backend {
-                Backend::Sqlite => sqlite,
-                Backend::Postgres => postgres,
-            };
             for statement in script.split(';').map(str::trim).filter(|s| !s.is_empty()) {
                 sqlx::query(sqlx::AssertSqlSafe(statement))
                     .execute(&mut *tx)

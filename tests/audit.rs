@@ -53,6 +53,17 @@ impl Store {
     }
 }
 
+/// `conch serve`'s flags for `agent` (an agent outside the servers, so
+/// that several servers, or a restarted one, reach the same).
+fn agent_flags(agent: &common::Agent) -> Vec<String> {
+    vec![
+        "--agent".to_owned(),
+        agent.addr.to_string(),
+        "--agent-key-file".to_owned(),
+        agent.key_file.display().to_string(),
+    ]
+}
+
 /// A server on `store` with the users olga (operator) and vera (viewer);
 /// the users file's directory lives as long as it.
 struct Running {
@@ -381,12 +392,7 @@ async fn two_servers_on_one_postgres_write_one_chain() {
     let pg = Postgres::start();
     let store = Store::Postgres(pg);
     let agent = start_agent(&[]);
-    let flags = [
-        "--agent".to_owned(),
-        agent.addr.to_string(),
-        "--agent-key-file".to_owned(),
-        agent.key_file.display().to_string(),
-    ];
+    let flags = agent_flags(&agent);
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let mut one_flags = flags.clone();
     one_flags.extend(["--server-name", "one"]);
@@ -420,12 +426,7 @@ async fn two_servers_on_one_postgres_write_one_chain() {
 async fn a_killed_server_leaves_a_start_record_for_every_command_it_ran() {
     let store = Store::Sqlite(tempfile::tempdir().unwrap());
     let agent = start_agent(&[]);
-    let flags = [
-        "--agent".to_owned(),
-        agent.addr.to_string(),
-        "--agent-key-file".to_owned(),
-        agent.key_file.display().to_string(),
-    ];
+    let flags = agent_flags(&agent);
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let server = server_on(&store, &flags);
     // 100 commands at once, each leaving a mark on the host as it starts.
@@ -560,12 +561,7 @@ async fn whoami(server: &Server, cookie: &str) -> Result<String, u16> {
 async fn a_restart_logs_nobody_out() {
     let store = Store::Sqlite(tempfile::tempdir().unwrap());
     let agent = start_agent(&[]);
-    let flags = [
-        "--agent".to_owned(),
-        agent.addr.to_string(),
-        "--agent-key-file".to_owned(),
-        agent.key_file.display().to_string(),
-    ];
+    let flags = agent_flags(&agent);
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let server = server_on(&store, &flags);
     let olga = server
@@ -606,12 +602,7 @@ async fn a_restart_logs_nobody_out() {
 async fn a_login_on_one_server_is_valid_on_another_sharing_its_postgres() {
     let store = Store::Postgres(Postgres::start());
     let agent = start_agent(&[]);
-    let flags = [
-        "--agent".to_owned(),
-        agent.addr.to_string(),
-        "--agent-key-file".to_owned(),
-        agent.key_file.display().to_string(),
-    ];
+    let flags = agent_flags(&agent);
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let one = server_on(&store, &flags);
     let two = server_on(&store, &flags);
@@ -657,12 +648,7 @@ async fn agents_status(server: &Server, token: &str) -> u16 {
 async fn a_token_made_on_one_server_works_on_another_until_revoked() {
     let store = Store::Postgres(Postgres::start());
     let agent = start_agent(&[]);
-    let flags = [
-        "--agent".to_owned(),
-        agent.addr.to_string(),
-        "--agent-key-file".to_owned(),
-        agent.key_file.display().to_string(),
-    ];
+    let flags = agent_flags(&agent);
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let one = server_on(&store, &flags);
     let two = server_on(&store, &flags);
