@@ -34,6 +34,9 @@ pub const AUDIT_QUEUE: usize = 65_536;
 /// failing (a hung connection, a lock held): 10 s.
 const APPEND_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long `/readyz` reports dropped records after the last one: 5 min.
+const DROP_REPORTED: Duration = Duration::from_secs(300);
+
 /// Records written in one transaction, at most: 512.
 const BATCH: usize = 512;
 
@@ -167,6 +170,8 @@ fn chain_hash(prev: &str, seq: i64, at_ms: i64, fields: [&str; 6], detail: &str)
 pub struct Health {
     pub written: AtomicU64,
     pub dropped: AtomicU64,
+    /// When a record was last dropped (milliseconds since the epoch).
+    pub last_drop_ms: AtomicU64,
     pub failing: AtomicBool,
     pub last_error: std::sync::Mutex<Option<String>>,
 }
@@ -410,6 +415,9 @@ impl Audit {
         }
         if let Err(e) = queue.try_send((at_ms, event, ack)) {
             let n = self.health.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            self.health
+                .last_drop_ms
+                .store(now_ms() as u64, Ordering::Relaxed);
             let what = match &e {
                 mpsc::error::TrySendError::Full((_, ev, _)) => ev.kind.as_str(),
                 mpsc::error::TrySendError::Closed((_, ev, _)) => ev.kind.as_str(),
@@ -438,7 +446,12 @@ impl Audit {
                 .unwrap_or_default();
             return Some(format!("the audit store is failing: {last}"));
         }
-        (dropped > 0).then(|| format!("{dropped} audit records were dropped"))
+        // Reported for a while after the last drop, then no longer: the
+        // log says how many, and a server that keeps up again is ready.
+        let since =
+            (now_ms() as u64).saturating_sub(self.health.last_drop_ms.load(Ordering::Relaxed));
+        (dropped > 0 && since < DROP_REPORTED.as_millis() as u64)
+            .then(|| format!("{dropped} audit records were dropped"))
     }
 }
 
