@@ -313,7 +313,8 @@ impl std::fmt::Debug for Audit {
     }
 }
 
-fn now_ms() -> i64 {
+/// Milliseconds since the Unix epoch, as records and the store count time.
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
@@ -723,63 +724,50 @@ pub async fn query(store: &Store, f: &Filter) -> Result<(Vec<Record>, Option<i64
         "SELECT seq, at_ms, kind, user_name, source, agent, via, server, detail, prev_hash, hash \
          FROM audit WHERE 1 = 1",
     );
-    let mut n = 0;
-    let mut next = |sql: &mut String, clause: &str| {
-        n += 1;
-        sql.push_str(&clause.replace('?', &format!("${n}")));
-    };
-    if f.user.is_some() {
-        next(&mut sql, " AND user_name = ?");
+    // Each condition with its value, in one list: the placeholders and the
+    // binds cannot drift apart.
+    enum Value {
+        Text(String),
+        Number(i64),
     }
-    if f.agent.is_some() {
-        next(&mut sql, " AND agent = ?");
-    }
-    if f.kind.is_some() {
-        next(&mut sql, " AND kind = ?");
-    }
-    if f.since_ms.is_some() {
-        next(&mut sql, " AND at_ms >= ?");
-    }
-    if f.until_ms.is_some() {
-        next(&mut sql, " AND at_ms < ?");
-    }
-    if f.text.is_some() {
-        next(&mut sql, " AND LOWER(detail) LIKE ? ESCAPE '\\'");
-    }
-    if f.before.is_some() {
-        next(&mut sql, " AND seq < ?");
+    let text = |v: &Option<String>| v.clone().map(Value::Text);
+    let number = |v: Option<i64>| v.map(Value::Number);
+    // The text as it is: its `%`, `_` and `\` match only themselves.
+    let pattern = f.text.as_ref().map(|v| {
+        let escaped = v
+            .to_lowercase()
+            .replace('\\', "\\\\")
+            .replace('%', "\\%")
+            .replace('_', "\\_");
+        Value::Text(format!("%{escaped}%"))
+    });
+    let conditions = [
+        ("user_name = ?", text(&f.user)),
+        ("agent = ?", text(&f.agent)),
+        ("kind = ?", text(&f.kind)),
+        ("at_ms >= ?", number(f.since_ms)),
+        ("at_ms < ?", number(f.until_ms)),
+        ("LOWER(detail) LIKE ? ESCAPE '\\'", pattern),
+        ("seq < ?", number(f.before)),
+    ];
+    let mut values = Vec::new();
+    for (clause, value) in conditions {
+        if let Some(value) = value {
+            values.push(value);
+            sql.push_str(" AND ");
+            sql.push_str(&clause.replace('?', &format!("${}", values.len())));
+        }
     }
     let limit = f.limit.clamp(1, 1000);
     sql.push_str(&format!(" ORDER BY seq DESC LIMIT {}", limit + 1));
     // Audited: only the fixed clauses above and a number are in `sql`;
     // every value the caller gave is bound.
     let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-    if let Some(v) = &f.user {
-        q = q.bind(v.clone());
-    }
-    if let Some(v) = &f.agent {
-        q = q.bind(v.clone());
-    }
-    if let Some(v) = &f.kind {
-        q = q.bind(v.clone());
-    }
-    if let Some(v) = f.since_ms {
-        q = q.bind(v);
-    }
-    if let Some(v) = f.until_ms {
-        q = q.bind(v);
-    }
-    if let Some(v) = &f.text {
-        // The text as it is: its `%`, `_` and `\` match only themselves.
-        let escaped = v
-            .to_lowercase()
-            .replace('\\', "\\\\")
-            .replace('%', "\\%")
-            .replace('_', "\\_");
-        q = q.bind(format!("%{escaped}%"));
-    }
-    if let Some(v) = f.before {
-        q = q.bind(v);
+    for value in values {
+        q = match value {
+            Value::Text(v) => q.bind(v),
+            Value::Number(v) => q.bind(v),
+        };
     }
     let rows = q.fetch_all(&store.pool).await?;
     let mut records = rows.iter().map(record_of).collect::<Result<Vec<_>, _>>()?;

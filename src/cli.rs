@@ -568,9 +568,6 @@ fn time_point(text: &str) -> Result<i64, String> {
     if let Ok(ms) = text.parse::<i64>() {
         return Ok(ms);
     }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64);
     let ago = match text.strip_suffix('d') {
         Some(days) => days
             .parse::<i64>()
@@ -578,7 +575,7 @@ fn time_point(text: &str) -> Result<i64, String> {
             .saturating_mul(86_400_000),
         None => duration(text)?.as_millis() as i64,
     };
-    Ok(now - ago)
+    Ok(crate::audit::now_ms() - ago)
 }
 
 #[derive(Args)]

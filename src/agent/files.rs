@@ -306,20 +306,14 @@ impl Transfer {
         info.sha256 = recall(&done.identity);
         self.send_info(&info).await;
 
-        let mut credit = window;
-        let mut sent = 0u64;
-        let mut hasher = whole.then(Sha256::new);
+        let mut flow = Outflow {
+            credit: window,
+            sent: 0,
+            hasher: whole.then(Sha256::new),
+        };
         let early = Bytes::copy_from_slice(&head[newline + 1..]);
         if !early.is_empty() {
-            sent += early.len() as u64;
-            if let Some(h) = hasher.as_mut() {
-                h.update(&early);
-            }
-            credit = credit.saturating_sub(early.len() as u64);
-            let _ = self
-                .out
-                .send(Frame::with_payload(self.ch, Message::Stdout, early))
-                .await;
+            flow.send(self.ch, &self.out, early).await;
         }
         let mut source = Source::new(Some(stdout));
         let mut status = None;
@@ -327,11 +321,11 @@ impl Transfer {
             if status.is_some() && !source.open() && stderr.is_none() {
                 break;
             }
-            let limit = credit.min(READ_CHUNK as u64) as usize;
+            let limit = flow.credit.min(READ_CHUNK as u64) as usize;
             tokio::select! {
                 biased;
                 msg = self.control.recv() => match msg {
-                    Some(Control::Window(add)) => credit = credit.saturating_add(add),
+                    Some(Control::Window(add)) => flow.credit = flow.credit.saturating_add(add),
                     None | Some(Control::Close) => {
                         group.signal(Signal::SIGKILL);
                         return End::Closed;
@@ -344,23 +338,15 @@ impl Transfer {
                 }
                 data = source.read(limit), if source.open() && limit > 0 => {
                     if let Some(data) = data {
-                        sent += data.len() as u64;
-                        if let Some(h) = hasher.as_mut() {
-                            h.update(&data);
-                        }
-                        credit = credit.saturating_sub(data.len() as u64);
-                        let _ = self
-                            .out
-                            .send(Frame::with_payload(self.ch, Message::Stdout, data))
-                            .await;
+                        flow.send(self.ch, &self.out, data).await;
                     }
                 }
                 more = read_some(&mut stderr, &mut errors) => { let _ = more; }
             }
         }
         let code = status.flatten().and_then(|s| s.code());
-        if code == Some(0) && sent == info.length {
-            if let Some(hasher) = hasher {
+        if code == Some(0) && flow.sent == info.length {
+            if let Some(hasher) = flow.hasher {
                 let sha = hex::encode(hasher.finalize());
                 // Only a file that did not change while it was read has
                 // this hash (the helper says what it looked like after).
@@ -410,6 +396,27 @@ impl Transfer {
             ch: self.ch,
             exit: Frame::new(self.ch, exit),
         });
+    }
+}
+
+/// A download's bytes on their way: the output credit left, how many went,
+/// and their hash when the whole file is sent.
+struct Outflow {
+    credit: u64,
+    sent: u64,
+    hasher: Option<Sha256>,
+}
+
+impl Outflow {
+    async fn send(&mut self, ch: u32, out: &mpsc::Sender<Frame>, data: Bytes) {
+        self.sent += data.len() as u64;
+        if let Some(h) = self.hasher.as_mut() {
+            h.update(&data);
+        }
+        self.credit = self.credit.saturating_sub(data.len() as u64);
+        let _ = out
+            .send(Frame::with_payload(ch, Message::Stdout, data))
+            .await;
     }
 }
 

@@ -47,6 +47,13 @@ impl Role {
             Role::Admin => "admin",
         }
     }
+
+    /// The role [`Role::as_str`] names (as the store keeps it).
+    pub(crate) fn from_name(name: &str) -> Option<Role> {
+        [Role::Viewer, Role::Operator, Role::Admin]
+            .into_iter()
+            .find(|r| r.as_str() == name)
+    }
 }
 
 /// Someone authenticated: a user, the admin token, or an API token.
@@ -386,13 +393,13 @@ impl Auth {
         &self,
         client: IpAddr,
         token: &str,
-        tokens: &super::tokens::TokenStore,
+        api_token: Option<Principal>,
     ) -> Result<Principal, LoginError> {
         let t = &self.throttle;
         // A correct token too strong to guess (an API token, a generated
         // admin token) is never refused for others' failures: the bucket
         // only slows guessing, which cannot find such a token anyway.
-        if let Some(p) = tokens.authenticate(token) {
+        if let Some(p) = api_token {
             return Ok(p);
         }
         if self.admin_token_strong

@@ -41,11 +41,10 @@ async fn authenticate(parts: &mut Parts, state: &State) -> Result<Principal, Api
         let Ok(ClientIp(ip)) = ClientIp::from_request_parts(parts, state).await;
         // This server's copy of the tokens, fresh within its recheck time;
         // a token it does not know is asked of the store once.
-        state.tokens.refresh_if_stale().await;
-        state.tokens.look_up(&token).await;
+        let api_token = state.tokens.find(&token).await;
         return state
             .auth
-            .bearer(ip, &token, &state.tokens)
+            .bearer(ip, &token, api_token)
             .map_err(|e| match e {
                 LoginError::Invalid => ApiError::Unauthorized,
                 LoginError::RateLimited { retry_after } => ApiError::TooManyRequests {

@@ -549,10 +549,7 @@ fn if_range_holds(headers: &HeaderMap, info: &FileInfo) -> bool {
     }
     // A date validates only a file unchanged for a second or more: two
     // changes within one second would share it (RFC 9110, 8.8.2.2).
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64);
-    if info.mtime_ms > now_ms - 1000 {
+    if info.mtime_ms > crate::audit::now_ms() - 1000 {
         return false;
     }
     match (httpdate::parse_http_date(value), last_modified(info)) {

@@ -8,7 +8,9 @@
 //! [`RECHECK`], so that a logout on one server ends the session on the
 //! others within that time. Only the SHA-256 of a cookie is stored.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+use crate::audit::now_ms;
 
 use super::auth::{Principal, Role};
 use crate::store::Store;
@@ -16,21 +18,6 @@ use crate::store::Store;
 /// How long a server trusts what it knows of a session before asking the
 /// store again: 10 s.
 pub(crate) const RECHECK: Duration = Duration::from_secs(10);
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
-fn role_of(text: &str) -> Option<Role> {
-    match text {
-        "viewer" => Some(Role::Viewer),
-        "operator" => Some(Role::Operator),
-        "admin" => Some(Role::Admin),
-        _ => None,
-    }
-}
 
 /// Stores a new session (`key`: the hex SHA-256 of its cookie), and
 /// removes those `gone` (a user's oldest, beyond the cap) and any expired.
@@ -82,7 +69,7 @@ pub(crate) async fn load(
     .await?;
     let now = now_ms();
     Ok(row.and_then(|(name, role, agents, expires)| {
-        let role = role_of(&role)?;
+        let role = Role::from_name(&role)?;
         (expires > now).then(|| {
             (
                 Principal { name, role, agents },

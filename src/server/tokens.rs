@@ -94,21 +94,12 @@ fn db(e: sqlx::Error) -> TokenError {
     TokenError::Store(e.to_string())
 }
 
-fn role_of(text: &str) -> Option<Role> {
-    match text {
-        "viewer" => Some(Role::Viewer),
-        "operator" => Some(Role::Operator),
-        "admin" => Some(Role::Admin),
-        _ => None,
-    }
-}
-
 type Row = (String, String, String, Option<String>, i64);
 
 fn record_of((name, sha256, role, agents, created): Row) -> Option<TokenRecord> {
     Some(TokenRecord {
         name,
-        role: role_of(&role)?,
+        role: Role::from_name(&role)?,
         sha256,
         created: u64::try_from(created).unwrap_or(0),
         agents,
@@ -193,37 +184,42 @@ impl TokenStore {
         }
     }
 
-    /// Looks a well-formed token this server does not know up in the store
-    /// (made on another server, or by `conch token` a moment ago).
-    pub(crate) async fn look_up(&self, token: &str) {
+    /// The API token `token` stands for: from this server's copy (read
+    /// again when older than [`RECHECK`]), or, for a well-formed token it
+    /// does not know (made on another server, or by `conch token` a moment
+    /// ago), from the store.
+    pub(crate) async fn find(&self, token: &str) -> Option<Principal> {
+        self.refresh_if_stale().await;
+        let given = digest(token);
+        if let Some(p) = self.known(&given) {
+            return Some(p);
+        }
         let well_formed = token
             .strip_prefix("conch_")
             .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()));
-        if !well_formed || self.authenticate(token).is_some() {
-            return;
+        if !well_formed {
+            return None;
         }
         {
-            let Ok(mut last) = self.looked_up.lock() else {
-                return;
-            };
+            let mut last = self.looked_up.lock().ok()?;
             if last.is_some_and(|at| at.elapsed() < LOOKUP_EVERY) {
-                return;
+                return None;
             }
             *last = Some(Instant::now());
         }
-        let found: Result<Option<Row>, _> = sqlx::query_as(
+        let row: Row = sqlx::query_as(
             "SELECT name, sha256, role, agents, created FROM api_tokens WHERE sha256 = $1",
         )
-        .bind(digest(token))
+        .bind(given.clone())
         .fetch_optional(&self.store.pool)
-        .await;
-        if let Ok(Some(row)) = found
-            && let Some(record) = record_of(row)
-            && let Ok(mut cache) = self.cache.lock()
-        {
+        .await
+        .ok()??;
+        let record = record_of(row)?;
+        if let Ok(mut cache) = self.cache.lock() {
             cache.1.retain(|r| r.name != record.name);
             cache.1.push(record);
         }
+        self.known(&given)
     }
 
     /// Creates a token; returns its secret value, shown this once only.
@@ -290,9 +286,9 @@ impl TokenStore {
             .collect())
     }
 
-    /// The principal a presented token stands for (this server's copy).
-    pub(crate) fn authenticate(&self, token: &str) -> Option<Principal> {
-        let given = digest(token);
+    /// The principal of the token whose SHA-256 is `given`, in this
+    /// server's copy.
+    fn known(&self, given: &str) -> Option<Principal> {
         let cache = self.cache.lock().ok()?;
         // Compare against every record in constant time each.
         let mut found = None;
