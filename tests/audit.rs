@@ -508,15 +508,51 @@ async fn fan_out_commands_and_fields_a_client_chose_are_recorded_safely() {
     .await;
     let refused = common::ws::next_json(&mut ws).await;
     assert_eq!(refused["type"], "error", "{refused}");
+    // A command line too long to keep whole is cut, and says so with the
+    // whole one's length and hash: its tail cannot hide.
+    let long = format!("true{}; echo hidden-tail", " ".repeat(5000));
+    let done = exec(&server, &server.token, &long).await;
+    assert_eq!(done["stdout"], "hidden-tail\n");
+    // An admin token limited to some agents reads only its own records.
+    let (status, made) = common::post_json(
+        server.url("/api/v1/tokens"),
+        &server.token,
+        &json!({"name": "lim", "role": "admin", "agents": "nomatch"}),
+    )
+    .await;
+    assert_eq!(status, 201, "{made}");
+    let limited = made["token"].as_str().unwrap().to_owned();
     let all = records_until(&server, "limit=100", |r| {
         let k = kinds(r);
-        k.iter().filter(|k| *k == "command_end").count() == 1
+        k.iter().filter(|k| *k == "command_end").count() == 2
             && k.iter().any(|k| k == "denied")
             && k.iter().any(|k| k == "login_failed")
     })
     .await;
-    let start = all.iter().find(|r| r["kind"] == "command_start").unwrap();
+    let start = all
+        .iter()
+        .find(|r| r["kind"] == "command_start" && r["detail"]["target"] == "local")
+        .unwrap();
     assert_eq!(start["detail"]["target"], "local");
+    let cut = all
+        .iter()
+        .find(|r| r["kind"] == "command_start" && r["detail"]["command_cut"].is_object())
+        .expect("the long command's record");
+    use sha2::Digest;
+    assert_eq!(
+        cut["detail"]["command_cut"]["sha256"],
+        hex::encode(sha2::Sha256::digest(long.as_bytes())).as_str()
+    );
+    assert_eq!(cut["detail"]["command_cut"]["length"], long.len());
+    let own = common::get_json(server.url("/api/v1/audit?user=admin"), &limited).await;
+    assert!(
+        own["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["user"] == "lim"),
+        "{own}"
+    );
     assert_eq!(start["detail"]["command"], "echo fanned");
     let failed = all.iter().find(|r| r["kind"] == "login_failed").unwrap();
     assert_eq!(

@@ -217,6 +217,16 @@ async fn a_cut_transfer_leaves_no_file_and_no_process() {
     }
     // The helper is writing: now the client goes away midway.
     until("the helper runs", || !helpers_for(&needle).is_empty()).await;
+    // Its request is on its stdin, not its command line: other local
+    // users see no path in `ps`.
+    for pid in helpers_for(&needle) {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&cmdline).contains("cut.bin"),
+            "the request shows in ps: {:?}",
+            String::from_utf8_lossy(&cmdline)
+        );
+    }
     tx.send(Err(std::io::Error::other("cut"))).await.unwrap();
     drop(tx);
     let _ = upload.await.unwrap();
@@ -793,4 +803,47 @@ async fn devices_are_not_opened_and_cookies_from_sibling_sites_get_nothing() {
     assert_eq!(own.status(), 200);
     assert_eq!(own.headers()["x-file-mode"], "0644");
     assert_eq!(by_cookie("none").await.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn a_directory_swapped_for_a_link_midway_changes_where_nothing_goes() {
+    let server = start_server(&[], &[]);
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("uploads");
+    let elsewhere = root.path().join("elsewhere");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::create_dir(&elsewhere).unwrap();
+    let target = dir.join("f.bin");
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    let body = reqwest::Body::wrap_stream(tokio_stream_of(rx));
+    let (url, token) = (server.url(&at(&target)), server.token.clone());
+    let upload = tokio::spawn(async move {
+        reqwest::Client::new()
+            .put(url)
+            .bearer_auth(token)
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    tx.send(Ok(chunk(2, 0, MIB))).await.unwrap();
+    let needle = dir.to_str().unwrap().to_owned();
+    until("the helper runs", || !helpers_for(&needle).is_empty()).await;
+    // Midway, the directory is moved away and a link to another takes its
+    // name: the file must land in the directory that was opened.
+    let moved = root.path().join("moved");
+    std::fs::rename(&dir, &moved).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &dir).unwrap();
+    tx.send(Ok(chunk(2, 1, MIB))).await.unwrap();
+    drop(tx);
+    assert_eq!(upload.await.unwrap(), 201);
+    assert_eq!(
+        std::fs::metadata(moved.join("f.bin")).unwrap().len(),
+        2 * MIB as u64
+    );
+    assert!(
+        std::fs::read_dir(&elsewhere).unwrap().next().is_none(),
+        "nothing went through the link"
+    );
 }
