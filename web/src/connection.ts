@@ -35,6 +35,8 @@ export class Connection {
   private shuttingDown = false;
   private backoff = BACKOFF_MIN_MS;
   private reconnectTimer = 0;
+  /** The page is logging out: a closed socket is expected, not a loss. */
+  private leaving = false;
 
   constructor(private readonly handlers: ConnectionHandlers) {}
 
@@ -108,7 +110,19 @@ export class Connection {
     this.handlers.message(msg);
   }
 
+  /**
+   * The page is logging out: the server ends the session and closes the
+   * socket, and that is no reason to ask whether the login expired, nor to
+   * reconnect (both would only meet a 401 while the page navigates away).
+   */
+  leave(): void {
+    this.leaving = true;
+    window.clearTimeout(this.reconnectTimer);
+    this.reconnectTimer = 0;
+  }
+
   private disconnected(): void {
+    if (this.leaving) return;
     const wasReady = this.ready;
     this.ready = false;
     this.handlers.state();

@@ -646,6 +646,7 @@ function main(): void {
   // person at this browser must not find these command lines under ↑.
   el.logoutForm?.addEventListener('submit', () => {
     for (const t of tabs) t.command.forgetHistory();
+    connection.leave();
   });
 
   // A shell that would die with the page, or an upload still on its way:
