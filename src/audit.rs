@@ -58,6 +58,8 @@ pub enum Kind {
     FileGet,
     /// A request refused by policy.
     Denied,
+    /// A user of the store added, deleted, or given a new password.
+    UserChange,
 }
 
 impl Kind {
@@ -76,6 +78,7 @@ impl Kind {
             Kind::FilePut => "file_put",
             Kind::FileGet => "file_get",
             Kind::Denied => "denied",
+            Kind::UserChange => "user_change",
         }
     }
 
@@ -93,6 +96,7 @@ impl Kind {
         Kind::FilePut,
         Kind::FileGet,
         Kind::Denied,
+        Kind::UserChange,
     ];
 }
 

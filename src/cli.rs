@@ -61,6 +61,10 @@ pub enum Command {
     Audit(AuditArgs),
     /// Manage API tokens in a server's data directory.
     Token(TokenArgs),
+    /// Manage the users a server keeps in its store, through its API (admins):
+    /// `list`, `add NAME --role ROLE`, `passwd NAME`, `del NAME`. A password is
+    /// read from standard input (not echoed on a terminal).
+    User(UserArgs),
     /// Probe a server's /healthz or an agent's TCP port; exit 0 when healthy (for container health checks).
     Healthcheck(HealthArgs),
     /// Print an argon2 hash of a password read from standard input, for the users file.
@@ -349,6 +353,18 @@ pub struct ServeArgs {
     /// How long audit records are kept (`90d`, `12h`; `0`: for ever).
     #[arg(long, env = "CONCH_AUDIT_RETENTION", default_value = "90d", value_parser = retention)]
     audit_retention: Retention,
+    /// The largest session recording, in bytes of asciicast before
+    /// compression; output past it is not recorded (a marker says so).
+    #[arg(long, env = "CONCH_RECORDING_MAX_BYTES", default_value_t = 64 * 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(4096..))]
+    recording_max_bytes: u64,
+    /// Also record what users type into consoles (off: typed passwords
+    /// would be kept).
+    #[arg(long, env = "CONCH_RECORD_INPUT")]
+    record_input: bool,
+    /// How long session recordings are kept (`90d`, `12h`; `0`: for ever).
+    #[arg(long, env = "CONCH_RECORDING_RETENTION", default_value = "90d", value_parser = retention)]
+    recording_retention: Retention,
     /// This server's name in the audit log (default: the host name).
     #[arg(long, env = "CONCH_SERVER_NAME")]
     server_name: Option<String>,
@@ -528,7 +544,7 @@ pub struct AuditArgs {
     agent: Option<String>,
     /// Only this kind (login, login_failed, logout, token_create, token_revoke,
     /// command_start, command_end, session_attach, session_detach, session_end,
-    /// file_put, file_get, denied).
+    /// file_put, file_get, denied, user_change).
     #[arg(long)]
     kind: Option<String>,
     /// From this time: milliseconds since the epoch, or a time ago (`30m`, `2h`, `7d`).
@@ -546,6 +562,38 @@ pub struct AuditArgs {
     /// Print each record as a JSON line.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args)]
+pub struct UserArgs {
+    #[command(subcommand)]
+    command: UserCommand,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+#[derive(Subcommand)]
+pub enum UserCommand {
+    /// List the users: the users file's and the store's.
+    List {
+        /// One JSON object a line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a user to the store; its password comes from standard input.
+    Add {
+        name: String,
+        /// viewer, operator or admin.
+        #[arg(long, value_parser = ["viewer", "operator", "admin"])]
+        role: String,
+        /// A selector of the only agents the user may use (`env=staging`).
+        #[arg(long)]
+        agents: Option<String>,
+    },
+    /// Give a store user a new password (from standard input); its sessions end.
+    Passwd { name: String },
+    /// Delete a store user; its sessions end.
+    Del { name: String },
 }
 
 #[derive(Subcommand)]
@@ -923,6 +971,11 @@ fn serve_config(args: ServeArgs, json_logs: bool) -> anyhow::Result<ServeConfig>
             .unwrap_or_else(|| crate::store::sqlite_url(args.data_dir.as_deref())),
         audit_retention: args.audit_retention.0,
         audit: args.audit == "on",
+        recordings: crate::recording::Settings {
+            max_bytes: args.recording_max_bytes,
+            record_input: args.record_input,
+            retention: args.recording_retention.0,
+        },
         server_name: args.server_name.clone().unwrap_or_else(|| {
             std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .map(|h| h.trim().to_owned())
@@ -969,6 +1022,7 @@ pub async fn run(command: Command, json_logs: bool) -> anyhow::Result<ExitCode> 
         }
         Command::Cp(args) => cp_command(args).await,
         Command::Audit(args) => audit_command(args).await,
+        Command::User(args) => user_command(args).await,
         Command::Agents(args) => match agents_command(args).await {
             Ok(code) => Ok(code),
             Err(e) => {
@@ -1183,6 +1237,37 @@ async fn audit_command(args: AuditArgs) -> anyhow::Result<ExitCode> {
     match crate::rest_client::audit::print(&server, &query).await {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e) => failed(&e),
+    }
+}
+
+/// `conch user`: exits 0 when done, 1 when the server refused (exists,
+/// not found, in the users file), 255 when conch itself failed.
+async fn user_command(args: UserArgs) -> anyhow::Result<ExitCode> {
+    use crate::rest_client::users::UserAction;
+    let server = match args.server.into_server() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("conch: {e:#}");
+            return Ok(ExitCode::from(crate::rest_client::EXIT_CONCH_FAILED));
+        }
+    };
+    let action = match args.command {
+        UserCommand::List { json } => UserAction::List { json },
+        UserCommand::Add { name, role, agents } => UserAction::Add { name, role, agents },
+        UserCommand::Passwd { name } => UserAction::Passwd { name },
+        UserCommand::Del { name } => UserAction::Del { name },
+    };
+    match crate::rest_client::users::run(&server, action).await {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            eprintln!("conch: {e}");
+            let refused = matches!(e, crate::rest_client::ClientError::Refused { status, .. } if status < 500);
+            Ok(ExitCode::from(if refused {
+                1
+            } else {
+                crate::rest_client::EXIT_CONCH_FAILED
+            }))
+        }
     }
 }
 

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod keyfile;
 pub mod link;
 pub mod protocol;
+pub mod recording;
 pub mod rest;
 pub mod rest_client;
 pub mod selector;

@@ -2,8 +2,9 @@
 //! the data directory by default (WAL mode, created at the first start),
 //! or PostgreSQL (`--database-url postgres://...`) for several servers
 //! that share what they know. It holds the audit log (`crate::audit`) and
-//! the login sessions (`crate::server::login_sessions`) and the API tokens
-//! (`crate::server::tokens`).
+//! the login sessions (`crate::server::login_sessions`), the API tokens
+//! (`crate::server::tokens`) and the session recordings
+//! (`crate::recording`).
 //!
 //! Both backends go through sqlx's `Any` driver with the same statements
 //! (`$1` placeholders, which SQLite reads too), so that one set of tests
@@ -39,8 +40,9 @@ pub enum Backend {
     Postgres,
 }
 
-/// The schema, version by version, in SQL that both engines read alike;
-/// never edit a released step, add one.
+/// The schema, version by version, in SQL that both engines read alike
+/// (`{blob}` is each engine's name for bytes); never edit a released step,
+/// add one.
 const MIGRATIONS: &[(i64, &str)] = &[
     (
         1,
@@ -84,6 +86,47 @@ const MIGRATIONS: &[(i64, &str)] = &[
             role TEXT NOT NULL,
             agents TEXT,
             created BIGINT NOT NULL
+        )",
+    ),
+    (
+        4,
+        "CREATE TABLE recordings (
+            id TEXT PRIMARY KEY,
+            user_name TEXT NOT NULL,
+            agent TEXT NOT NULL,
+            via TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            session TEXT,
+            command TEXT NOT NULL,
+            started_ms BIGINT NOT NULL,
+            updated_ms BIGINT NOT NULL,
+            ended_ms BIGINT,
+            cols BIGINT NOT NULL,
+            rows_ BIGINT NOT NULL,
+            bytes BIGINT NOT NULL,
+            stored BIGINT NOT NULL,
+            chunks BIGINT NOT NULL,
+            truncated BIGINT NOT NULL,
+            incomplete BIGINT NOT NULL
+        );
+        CREATE INDEX recordings_started ON recordings (started_ms, id);
+        CREATE INDEX recordings_user ON recordings (user_name, started_ms);
+        CREATE TABLE recording_chunks (
+            recording TEXT NOT NULL,
+            n BIGINT NOT NULL,
+            data {blob} NOT NULL,
+            PRIMARY KEY (recording, n)
+        )",
+    ),
+    (
+        5,
+        "CREATE TABLE users (
+            name TEXT PRIMARY KEY,
+            password_hash TEXT NOT NULL,
+            role TEXT NOT NULL,
+            agents TEXT,
+            created_ms BIGINT NOT NULL,
+            updated_ms BIGINT NOT NULL
         )",
     ),
 ];
@@ -224,6 +267,11 @@ impl Store {
             if done.is_some() {
                 continue;
             }
+            let blob = match self.backend {
+                Backend::Sqlite => "BLOB",
+                Backend::Postgres => "BYTEA",
+            };
+            let script = script.replace("{blob}", blob);
             for statement in script.split(';').map(str::trim).filter(|s| !s.is_empty()) {
                 sqlx::query(sqlx::AssertSqlSafe(statement))
                     .execute(&mut *tx)

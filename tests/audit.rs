@@ -718,3 +718,476 @@ async fn tokens_of_an_older_conch_are_imported_once() {
     assert!(!dir.path().join("tokens.json").exists());
     assert!(dir.path().join("tokens.json.imported").exists());
 }
+
+/// Output of console command `id` until it contains `needle` (acked as it
+/// comes), or with `""` until it ends, and the text messages seen on the
+/// way; a bounded wait.
+async fn console_until(ws: &mut common::ws::Ws, id: u32, needle: &str) -> (String, Vec<Value>) {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let (mut seen, mut texts) = (Vec::new(), Vec::new());
+    let wait = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            match ws.next().await.expect("socket open").expect("frame") {
+                Message::Binary(b) => {
+                    let n = b.len() - 5;
+                    common::ws::send(ws, json!({"type": "ack", "id": id, "bytes": n})).await;
+                    seen.extend_from_slice(&b[5..]);
+                    if !needle.is_empty() && String::from_utf8_lossy(&seen).contains(needle) {
+                        return;
+                    }
+                }
+                Message::Text(t) => {
+                    let v: Value = serde_json::from_str(&t).unwrap();
+                    let done = matches!(v["type"].as_str(), Some("exit" | "error"));
+                    texts.push(v);
+                    if done && needle.is_empty() {
+                        return;
+                    }
+                }
+                _ => {}
+            }
+        }
+    });
+    let done = wait.await.is_ok();
+    let text = String::from_utf8_lossy(&seen).into_owned();
+    assert!(done, "no {needle:?} in {text:?}; messages: {texts:?}");
+    (text, texts)
+}
+
+/// A recording's asciicast file, as `reader` gets it: (status, body).
+async fn cast(server: &Server, reader: &str, id: &str) -> (u16, String) {
+    let req =
+        reqwest::Client::new().get(server.url(&format!("/api/v1/recordings/{id}?download=1")));
+    let req = if reader.contains('=') {
+        req.header("cookie", reader)
+    } else {
+        req.bearer_auth(reader)
+    };
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    if status == 200 {
+        assert_eq!(resp.headers()["content-type"], "application/x-asciicast");
+        let disposition = resp.headers()["content-disposition"].to_str().unwrap();
+        assert_eq!(
+            disposition,
+            format!("attachment; filename=\"conch-{id}.cast\"")
+        );
+    }
+    (status, resp.text().await.unwrap())
+}
+
+/// The header and events of an asciicast v2 file, checked line by line:
+/// a header with version 2 and a size, then `[time, code, text]` events
+/// in time order.
+fn parse_cast(text: &str) -> (Value, Vec<(f64, String, String)>) {
+    let mut lines = text.lines();
+    let header: Value = serde_json::from_str(lines.next().expect("a header")).unwrap();
+    assert_eq!(header["version"], 2, "{header}");
+    assert!(header["width"].as_u64().unwrap() > 0 && header["height"].as_u64().unwrap() > 0);
+    let mut last = 0.0;
+    let events: Vec<_> = lines
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}"));
+            let t = v[0].as_f64().expect("a time");
+            assert!(t >= last, "events in time order");
+            last = t;
+            let code = v[1].as_str().unwrap().to_owned();
+            assert!(["o", "i", "r", "m"].contains(&code.as_str()), "{l}");
+            (t, code, v[2].as_str().unwrap().to_owned())
+        })
+        .collect();
+    (header, events)
+}
+
+fn output_of(events: &[(f64, String, String)]) -> String {
+    events
+        .iter()
+        .filter(|e| e.1 == "o")
+        .map(|e| e.2.as_str())
+        .collect()
+}
+
+/// The recordings `reader` may list with `query`, once `done` holds of
+/// them; a bounded wait.
+async fn recordings_until(
+    server: &Server,
+    reader: &str,
+    query: &str,
+    done: impl Fn(&[Value]) -> bool,
+) -> Vec<Value> {
+    let mut last = Value::Null;
+    for _ in 0..200 {
+        let req = reqwest::Client::new().get(server.url(&format!("/api/v1/recordings?{query}")));
+        let req = if reader.contains('=') {
+            req.header("cookie", reader)
+        } else {
+            req.bearer_auth(reader)
+        };
+        let page: Value = req.send().await.unwrap().json().await.unwrap();
+        let list = page["recordings"].as_array().cloned().unwrap_or_default();
+        if done(&list) {
+            return list;
+        }
+        last = page;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the recordings never showed what was expected ({query}): {last}");
+}
+
+/// A shell typed into in the console, and a command past the size cap:
+/// both recorded, listed under the audit log's rules, readable while
+/// live, linked from the audit log, and asciicast v2 that asciinema reads.
+async fn recordings_suite(store: Store) {
+    let server = server_on(&store, &["--recording-max-bytes", "20000"]);
+    let olga = server
+        .login(&[("username", "olga"), ("password", "operator-pw")])
+        .await
+        .unwrap();
+    let vera = server
+        .login(&[("username", "vera"), ("password", "viewer-pw")])
+        .await
+        .unwrap();
+    let mut ws = common::ws::open_ws(&server, Some(&olga), Some(&server.origin()))
+        .await
+        .unwrap();
+    assert_eq!(common::ws::next_json(&mut ws).await["type"], "hello");
+    let shell = json!({"type": "exec", "id": 1, "pty": {"cols": 100, "rows": 30}});
+    common::ws::send(&mut ws, shell).await;
+    common::ws::send(
+        &mut ws,
+        json!({"type": "stdin", "id": 1, "data": "echo rec-$((6*7))-done\n"}),
+    )
+    .await;
+    let (_, texts) = console_until(&mut ws, 1, "rec-42-done").await;
+    let started = texts
+        .iter()
+        .find(|t| t["type"] == "started")
+        .expect("started");
+    let id = started["recording"]
+        .as_str()
+        .expect("a recording id")
+        .to_owned();
+    assert_eq!(id.len(), 32);
+
+    // Live: listed without an end, and what was printed is readable
+    // within the flush interval although the shell is quiet.
+    let live = recordings_until(&server, &olga, "", |l| {
+        l.iter()
+            .any(|r| r["id"] == id.as_str() && r["ended_ms"].is_null())
+    })
+    .await;
+    let entry = live.iter().find(|r| r["id"] == id.as_str()).unwrap();
+    assert_eq!(entry["user"], "olga");
+    assert_eq!(entry["kind"], "session");
+    assert_eq!(entry["cols"], 100);
+    let mut so_far = String::new();
+    for _ in 0..200 {
+        so_far = cast(&server, &olga, &id).await.1;
+        if output_of(&parse_cast(&so_far).1).contains("rec-42-done") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        output_of(&parse_cast(&so_far).1).contains("rec-42-done"),
+        "{so_far}"
+    );
+
+    // The page's resize is an `r` event; then the shell ends.
+    common::ws::send(
+        &mut ws,
+        json!({"type": "resize", "id": 1, "cols": 120, "rows": 40}),
+    )
+    .await;
+    common::ws::send(
+        &mut ws,
+        json!({"type": "stdin", "id": 1, "data": "stty size; exit\n"}),
+    )
+    .await;
+    console_until(&mut ws, 1, "").await;
+    // Past the cap: recorded up to it, with a marker saying why it stops.
+    common::ws::send(
+        &mut ws,
+        json!({"type": "exec", "id": 2, "cmd": "head -c 100000 /dev/zero | tr '\\0' x; echo; echo tail-end"}),
+    )
+    .await;
+    let (big, texts) = console_until(&mut ws, 2, "").await;
+    assert!(
+        big.contains("tail-end"),
+        "the console still gets everything"
+    );
+    let big_id = texts
+        .iter()
+        .find(|t| t["type"] == "started")
+        .and_then(|t| t["recording"].as_str())
+        .expect("a recording")
+        .to_owned();
+
+    let ended = recordings_until(&server, &server.token, "user=olga", |l| {
+        l.len() == 2 && l.iter().all(|r| !r["ended_ms"].is_null())
+    })
+    .await;
+    assert_eq!(ended[0]["id"], big_id.as_str(), "newest first");
+    assert_eq!(ended[0]["truncated"], true);
+    assert_eq!(ended[1]["truncated"], false);
+    assert_eq!(ended[1]["incomplete"], false);
+    let (status, text) = cast(&server, &server.token, &id).await;
+    assert_eq!(status, 200);
+    let (header, events) = parse_cast(&text);
+    assert_eq!(
+        (header["width"].as_u64(), header["height"].as_u64()),
+        (Some(100), Some(30))
+    );
+    let out = output_of(&events);
+    assert!(
+        out.contains("rec-42-done") && out.contains("40 120"),
+        "{out}"
+    );
+    assert!(
+        events.iter().any(|e| e.1 == "r" && e.2 == "120x40"),
+        "{events:?}"
+    );
+    assert!(
+        events.iter().all(|e| e.1 != "i"),
+        "typed input is not kept without --record-input"
+    );
+    let (_, capped) = cast(&server, &olga, &big_id).await;
+    assert!(capped.len() <= 20000, "{}", capped.len());
+    let (_, events) = parse_cast(&capped);
+    let last = events.last().unwrap();
+    assert_eq!(last.1, "m");
+    assert!(last.2.contains("size cap"), "{}", last.2);
+    assert!(!output_of(&events).contains("tail-end"));
+
+    // asciinema plays the file (in a terminal of its own, which it needs;
+    // idle time cut to 0.1 s).
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), &text).unwrap();
+    let play = format!("asciinema play -i 0.1 {}", file.path().display());
+    let played = std::process::Command::new("script")
+        .args(["-qec", &play, "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("asciinema (tests/run-all.sh installs it)");
+    assert!(
+        played.status.success(),
+        "{}",
+        String::from_utf8_lossy(&played.stderr)
+    );
+    assert!(String::from_utf8_lossy(&played.stdout).contains("rec-42-done"));
+
+    // Filters; the audit log links to it.
+    let found = recordings_until(&server, &server.token, "text=HEAD%20-C", |l| !l.is_empty()).await;
+    assert!(found.iter().all(|r| r["id"] == big_id.as_str()));
+    let first = common::get_json(server.url("/api/v1/recordings?limit=1"), &server.token).await;
+    let next = first["next"].as_str().expect("a second page");
+    let second = common::get_json(
+        server.url(&format!("/api/v1/recordings?limit=1&cursor={next}")),
+        &server.token,
+    )
+    .await;
+    assert_eq!(second["recordings"][0]["id"], id.as_str());
+    let starts = records_until(&server, "kind=command_start&user=olga", |r| r.len() >= 2).await;
+    assert!(
+        starts
+            .iter()
+            .any(|r| r["detail"]["recording"] == id.as_str())
+    );
+
+    // Someone else's recording is not found, and not listed.
+    assert_eq!(cast(&server, &vera, &id).await.0, 404);
+    let theirs = recordings_until(&server, &vera, "user=olga", |_| true).await;
+    assert!(theirs.is_empty(), "{theirs:?}");
+    assert_eq!(cast(&server, &server.token, &"0".repeat(32)).await.0, 404);
+    assert_eq!(cast(&server, &server.token, "..%2F..%2Fetc").await.0, 404);
+
+    // Output through no terminal is recorded as a terminal would show it.
+    let (out, _, exit) = common::ws::run(&mut ws, 3, "echo one; echo two").await;
+    assert_eq!(
+        (out.as_slice(), exit["code"].as_i64()),
+        (&b"one\ntwo\n"[..], Some(0))
+    );
+    let plain = recordings_until(&server, &olga, "text=echo%20one", |l| {
+        l.len() == 1 && !l[0]["ended_ms"].is_null()
+    })
+    .await;
+    let (_, text) = cast(&server, &olga, plain[0]["id"].as_str().unwrap()).await;
+    assert_eq!(output_of(&parse_cast(&text).1), "one\r\ntwo\r\n");
+}
+
+#[tokio::test]
+async fn sqlite_recordings_replay_as_asciicast() {
+    recordings_suite(Store::Sqlite(tempfile::tempdir().unwrap())).await;
+}
+
+#[tokio::test]
+async fn postgres_recordings_replay_as_asciicast() {
+    recordings_suite(Store::Postgres(Postgres::start())).await;
+}
+
+/// `conch user ...` against `server` as its admin, with `stdin` given:
+/// (exit code, stdout, stderr).
+fn conch_user(server: &Server, args: &[&str], stdin: &str) -> (Option<i32>, String, String) {
+    use std::io::Write;
+    let mut child = std::process::Command::new(common::bin())
+        .arg("user")
+        .args(args)
+        .env("CONCH_SERVER", server.url(""))
+        .env("CONCH_TOKEN", &server.token)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Users managed in the store with `conch user`: they log in (on every
+/// server sharing the store), a new password or a deletion logs them out,
+/// the users file's names are off limits, only full admins manage them,
+/// and each change is in the audit log without its password.
+async fn users_suite(store: Store, two_servers: bool) {
+    let a = server_on(&store, &[]);
+    let b = two_servers.then(|| server_on(&store, &[]));
+    let other: &Server = b.as_deref().unwrap_or(&a);
+    let ok = |r: (Option<i32>, String, String)| assert_eq!(r.0, Some(0), "{}{}", r.1, r.2);
+    let refused = |r: (Option<i32>, String, String), why: &str| {
+        assert_eq!(r.0, Some(1), "{}{}", r.1, r.2);
+        assert!(r.2.contains(why), "{why:?} in {}", r.2);
+    };
+    ok(conch_user(
+        &a,
+        &["add", "nina", "--role", "operator"],
+        "first-secret-1\n",
+    ));
+    refused(
+        conch_user(&a, &["add", "nina", "--role", "viewer"], "another-pw-2\n"),
+        "exists",
+    );
+    refused(
+        conch_user(&a, &["add", "olga", "--role", "admin"], "another-pw-2\n"),
+        "users file",
+    );
+    refused(
+        conch_user(&a, &["add", "admin", "--role", "admin"], "another-pw-2\n"),
+        "admin token",
+    );
+    refused(
+        conch_user(&a, &["add", "tess", "--role", "viewer"], "short\n"),
+        "8 characters",
+    );
+    refused(
+        conch_user(&a, &["passwd", "olga"], "another-pw-2\n"),
+        "users file",
+    );
+    let (code, listed, _) = conch_user(other, &["list", "--json"], "");
+    assert_eq!(code, Some(0));
+    assert!(
+        !listed.contains("argon2") && !listed.contains("first-secret"),
+        "{listed}"
+    );
+    let users: Vec<Value> = listed
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let names: Vec<(&str, &str)> = users
+        .iter()
+        .map(|u| (u["name"].as_str().unwrap(), u["source"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        names,
+        [("nina", "store"), ("olga", "file"), ("vera", "file")]
+    );
+
+    // nina logs in on both servers, and runs a command as herself.
+    let on_a = nina(&a, "first-secret-1").await.expect("nina logs in");
+    let on_other = nina(other, "first-secret-1")
+        .await
+        .expect("on the other server too");
+    assert_eq!(whoami(&a, &on_a).await, Ok("nina".into()));
+    let mut ws = common::ws::open_ws(other, Some(&on_other), Some(&other.origin()))
+        .await
+        .unwrap();
+    assert_eq!(common::ws::next_json(&mut ws).await["role"], "operator");
+    let (out, _, _) = common::ws::run(&mut ws, 1, "echo as-nina").await;
+    assert_eq!(out, b"as-nina\n");
+    drop(ws);
+
+    // Only full admins manage users.
+    let vera = a
+        .login(&[("username", "vera"), ("password", "viewer-pw")])
+        .await
+        .unwrap();
+    let resp = reqwest::Client::new()
+        .post(a.url("/api/v1/users"))
+        .header("cookie", &vera)
+        .header("origin", a.origin())
+        .json(&json!({"name": "eve", "password": "eve-password", "role": "admin"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+
+    // A new password ends her sessions: here at once, on the other
+    // server within its recheck time.
+    ok(conch_user(&a, &["passwd", "nina"], "second-secret-2\n"));
+    assert_eq!(whoami(&a, &on_a).await, Err(401));
+    let mut ended = false;
+    for _ in 0..300 {
+        if whoami(other, &on_other).await == Err(401) {
+            ended = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ended, "the other server ended her session");
+    assert!(nina(&a, "first-secret-1").await.is_err());
+    let again = nina(other, "second-secret-2")
+        .await
+        .expect("the new password");
+    ok(conch_user(&a, &["del", "nina"], ""));
+    assert_eq!(whoami(&a, &again).await, Err(401));
+    assert!(nina(&a, "second-secret-2").await.is_err(), "deleted");
+    refused(conch_user(&a, &["del", "nina"], ""), "no user");
+
+    let changes = records_until(&a, "kind=user_change", |r| r.len() == 3).await;
+    let actions: Vec<&str> = changes
+        .iter()
+        .map(|r| r["detail"]["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, ["delete", "password", "add"]);
+    assert!(
+        changes
+            .iter()
+            .all(|r| r["user"] == "admin" && r["detail"]["name"] == "nina")
+    );
+    let text = serde_json::to_string(&changes).unwrap();
+    assert!(!text.contains("secret-"), "no password in the log: {text}");
+}
+
+async fn nina(s: &Server, password: &str) -> Result<String, reqwest::StatusCode> {
+    s.login(&[("username", "nina"), ("password", password)])
+        .await
+}
+
+#[tokio::test]
+async fn sqlite_users_are_managed_in_the_store() {
+    users_suite(Store::Sqlite(tempfile::tempdir().unwrap()), false).await;
+}
+
+#[tokio::test]
+async fn postgres_users_are_shared_by_servers() {
+    users_suite(Store::Postgres(Postgres::start()), true).await;
+}

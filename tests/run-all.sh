@@ -31,6 +31,8 @@ python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
 command -v sqlite3 >/dev/null 2>&1 || need+=(sqlite3)
+# Recordings must be files asciinema itself reads (`asciinema cat`).
+command -v asciinema >/dev/null 2>&1 || need+=(asciinema)
 # The reverse-proxy test runs nginx in front of conch (its own config, on a
 # free loopback port); the package must not start a system nginx on :80.
 [ -x /usr/sbin/nginx ] || need+=(nginx-light)

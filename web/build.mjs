@@ -1,8 +1,12 @@
-// Bundles the console's script: web/src/main.ts -> web/dist/app.js (one
-// IIFE, minified, with a source map beside it). Run by `npm run build`, and
-// by `npm ci` through the package's `prepare` script, so the file exists
-// before cargo embeds it. xterm.js is not bundled: the page loads it from
-// the pinned npm package, which conch serves as it is.
+// Bundles the browser's scripts, each one IIFE, minified, with a source
+// map beside it:
+//   web/src/main.ts      -> web/dist/app.js     the console
+//   web/src/auditPage.ts -> web/dist/audit.js   the audit page (log and recordings)
+//   web/src/replay.ts    -> web/dist/replay.js  the player of one recording
+// Run by `npm run build`, and by `npm ci` through the package's `prepare`
+// script, so the files exist before cargo embeds web/dist. xterm.js is not
+// bundled: the pages load it from the pinned npm package, which conch
+// serves as it is.
 
 import { build } from 'esbuild';
 import { fileURLToPath } from 'node:url';
@@ -10,9 +14,17 @@ import path from 'node:path';
 
 const WEB = path.dirname(fileURLToPath(import.meta.url));
 
-await build({
-  entryPoints: [path.join(WEB, 'src', 'main.ts')],
-  outfile: path.join(WEB, 'dist', 'app.js'),
+const ENTRIES = [
+  ['main.ts', 'app.js'],
+  ['auditPage.ts', 'audit.js'],
+  ['replay.ts', 'replay.js'],
+];
+
+// One page's script each (not one bundle with code splitting): a page
+// loads one file, and each stays an IIFE with nothing global.
+await Promise.all(ENTRIES.map(([source, out]) => build({
+  entryPoints: [path.join(WEB, 'src', source)],
+  outfile: path.join(WEB, 'dist', out),
   bundle: true,
   format: 'iife',
   platform: 'browser',
@@ -22,4 +34,4 @@ await build({
   charset: 'utf8',
   legalComments: 'none',
   logLevel: 'warning',
-});
+})));

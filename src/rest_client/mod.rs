@@ -20,6 +20,7 @@ use serde_json::{Value, json};
 pub mod audit;
 mod fanout;
 pub mod files;
+pub mod users;
 
 use crate::rest::{Encoding, Stream, StreamLine};
 use crate::vocab::ExitStatus;

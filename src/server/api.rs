@@ -174,7 +174,7 @@ struct ExecBody {
 }
 
 /// An optional field that, when present, must hold a value (not `null`).
-fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+pub(crate) fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
 where
     D: serde::Deserializer<'de>,
     T: Deserialize<'de>,

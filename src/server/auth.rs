@@ -303,6 +303,11 @@ impl Auth {
         self.users.iter().any(|u| u.name == name)
     }
 
+    /// The users of the users file.
+    pub(crate) fn file_users(&self) -> impl Iterator<Item = &User> {
+        self.users.iter()
+    }
+
     pub(crate) fn has_users(&self) -> bool {
         !self.users.is_empty()
     }
@@ -329,11 +334,15 @@ impl Auth {
     /// guesser could ignore the refusals and still learn the answer. Which
     /// keys apply is chosen so that other people's failures never block a
     /// user's own trusted browser (see `throttle`).
+    ///
+    /// `stored` is the user of that name in the store, when the users
+    /// file has none (see `super::users`).
     pub(crate) fn login(
         &self,
         client: IpAddr,
         credential: &Credential,
         device: Option<[u8; 16]>,
+        stored: Option<User>,
     ) -> Result<Principal, LoginError> {
         let t = &self.throttle;
         let limited = |wait: Duration| LoginError::RateLimited { retry_after: wait };
@@ -360,7 +369,11 @@ impl Auth {
                 if let Some(wait) = blocked {
                     return Err(limited(wait));
                 }
-                let user = self.users.iter().find(|u| &u.name == username);
+                let user = self
+                    .users
+                    .iter()
+                    .find(|u| &u.name == username)
+                    .or(stored.as_ref());
                 // Verify against something even for an unknown user, so that
                 // timing does not tell which names exist.
                 let hash = user.map_or(DUMMY_HASH, |u| u.password_hash.as_str());
@@ -563,6 +576,21 @@ impl Auth {
             expires: entry.expires,
             ended: entry.ended.clone(),
         })
+    }
+
+    /// Ends every session of user `name` here (deleted, or its password
+    /// changed); the store's are removed by the caller, which ends them
+    /// on other servers at their next check.
+    pub(crate) fn end_sessions_of(&self, name: &str) {
+        if let Ok(mut sessions) = self.sessions.lock() {
+            sessions.retain(|_, s| {
+                let keep = s.principal.name != name;
+                if !keep {
+                    s.ended.cancel();
+                }
+                keep
+            });
+        }
     }
 
     pub(crate) fn end_session(&self, cookie: &str) {

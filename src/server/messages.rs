@@ -101,8 +101,14 @@ pub(crate) enum ServerMessage<'a> {
     },
     /// An agent connected or disconnected.
     Agents { agents: Vec<AgentStatus> },
-    /// The command is running.
-    Started { id: u32 },
+    /// The command is running. `recording`: the id of the recording of
+    /// its output (`GET /api/v1/recordings/{id}`), when it is recorded.
+    Started {
+        id: u32,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        #[cfg_attr(test, ts(optional))]
+        recording: Option<&'a str>,
+    },
     /// Command `id` is the shell of session `session` on `agent`: it
     /// outlives the page, which keeps the id to reattach. On an attach the
     /// output that follows starts with a redraw (the page resets first).

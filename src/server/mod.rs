@@ -23,11 +23,13 @@ pub(crate) mod peer;
 pub(crate) mod policy;
 pub(crate) mod problem;
 pub mod quota;
+pub(crate) mod recordings;
 pub(crate) mod security;
 pub(crate) mod sessions;
 pub mod throttle;
 pub mod tls;
 pub mod tokens;
+pub(crate) mod users;
 pub mod ws;
 
 use std::net::SocketAddr;
@@ -82,6 +84,9 @@ pub struct ServeConfig {
     pub audit: bool,
     /// This server's name in the audit log.
     pub server_name: String,
+    /// Session recordings' cap, input and retention (recorded unless
+    /// `--audit off`).
+    pub recordings: crate::recording::Settings,
     pub api_limits: api::ApiLimits,
     /// Shares of the agents' channels per user.
     pub quota: quota::QuotaLimits,
@@ -129,6 +134,8 @@ pub(crate) struct AppState {
     pub(crate) metrics_token: Option<Secret>,
     /// The audit log.
     pub(crate) audit: crate::audit::Audit,
+    /// Session recordings.
+    pub(crate) recordings: crate::recording::Recordings,
 }
 
 pub(crate) type State = Arc<AppState>;
@@ -218,6 +225,16 @@ pub(crate) fn router(state: State) -> Router {
         .route("/api/v1/sessions", get(sessions::list))
         .route("/api/v1/files", get(files::get).put(files::put))
         .route("/api/v1/audit", get(audit_log::read))
+        .route("/api/v1/recordings", get(recordings::list))
+        .route("/api/v1/users", get(users::list).post(users::add))
+        .route("/api/v1/users/{name}", axum::routing::delete(users::delete))
+        .route(
+            "/api/v1/users/{name}/password",
+            axum::routing::put(users::set_password),
+        )
+        .route("/api/v1/recordings/{id}", get(recordings::file))
+        .route("/audit", get(pages::audit))
+        .route("/recordings/{id}", get(pages::replay))
         .route(
             "/api/v1/sessions/{agent}/{id}",
             axum::routing::delete(sessions::end).patch(sessions::change),
@@ -285,6 +302,7 @@ pub async fn serve(
         );
     }
     let store_for_tokens = store.clone();
+    let store_for_recordings = store.clone();
     // Stopped after the last request is done, so that the records of
     // commands ended by the shutdown are written too.
     let audit_stop = CancellationToken::new();
@@ -310,6 +328,27 @@ pub async fn serve(
     } else {
         tracing::warn!("--audit off: nothing run on this server is recorded");
         (crate::audit::Audit::off(store), tokio::spawn(async {}))
+    };
+    let recordings_stop = CancellationToken::new();
+    let (recordings, recordings_writer) = if config.audit {
+        match crate::recording::close_abandoned(&store_for_recordings).await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
+                recordings = n,
+                "recordings the last server left unfinished are closed (marked incomplete)"
+            ),
+            Err(e) => tracing::warn!(error = %e, "cannot close unfinished recordings"),
+        }
+        crate::recording::Recordings::start(
+            store_for_recordings,
+            config.recordings.clone(),
+            recordings_stop.clone(),
+        )
+    } else {
+        (
+            crate::recording::Recordings::off(store_for_recordings),
+            tokio::spawn(async {}),
+        )
     };
     let tokens = tokens::TokenStore::open(store_for_tokens, config.data_dir.as_deref())
         .await
@@ -385,6 +424,7 @@ pub async fn serve(
         login_slots: tokio::sync::Semaphore::new(LOGIN_VERIFIERS),
         metrics_token: config.metrics_token.clone(),
         audit,
+        recordings,
     });
     if let Some(t) = &web_tls {
         info!(%addr, fingerprint = %t.fingerprint, "serving HTTPS");
@@ -447,11 +487,18 @@ pub async fn serve(
         let _ = task.await;
     }
     audit_stop.cancel();
+    recordings_stop.cancel();
     if tokio::time::timeout(Duration::from_secs(5), audit_writer)
         .await
         .is_err()
     {
         tracing::error!("the audit writer did not finish within 5 s; records queued are lost");
+    }
+    if tokio::time::timeout(Duration::from_secs(5), recordings_writer)
+        .await
+        .is_err()
+    {
+        tracing::error!("the recordings' writer did not finish within 5 s; output queued is lost");
     }
     info!("server stopped");
     Ok(())

@@ -34,6 +34,12 @@ use super::{api, pages};
         super::files::put,
         super::files::get,
         super::audit_log::read,
+        super::recordings::list,
+        super::recordings::file,
+        super::users::list,
+        super::users::add,
+        super::users::set_password,
+        super::users::delete,
         pages::session_info,
         api::list_tokens,
         api::create_token,
@@ -203,9 +209,11 @@ fn patch(doc: &mut serde_json::Value) {
             {"not": {"required": ["concurrency"]}},
         ]}));
     }
-    let description = schemas["NewToken"]["properties"]["agents"]["description"].clone();
-    schemas["NewToken"]["properties"]["agents"] =
-        json!({"allOf": [selector.clone()], "description": description});
+    for body in ["NewToken", "NewUser"] {
+        let description = schemas[body]["properties"]["agents"]["description"].clone();
+        schemas[body]["properties"]["agents"] =
+            json!({"allOf": [selector.clone()], "description": description});
+    }
     if let Some(params) = doc["paths"]["/api/v1/agents"]["get"]["parameters"].as_array_mut() {
         for param in params.iter_mut().filter(|p| p["name"] == "selector") {
             param["schema"] = selector.clone();

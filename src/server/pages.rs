@@ -78,6 +78,60 @@ fn safe_next(next: Option<&str>) -> String {
     }
 }
 
+#[derive(Template)]
+#[template(path = "audit.html")]
+struct AuditPage {
+    base: String,
+    username: String,
+    role: String,
+}
+
+#[derive(Template)]
+#[template(path = "replay.html")]
+struct ReplayPage {
+    base: String,
+    username: String,
+    role: String,
+    /// 32 hexadecimal digits (checked before the page is made).
+    id: String,
+}
+
+/// `GET /audit`: the audit log and the recordings, searchable (admins see
+/// everyone's, others their own: the API decides), or the login page.
+pub(crate) async fn audit(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    state.check_sessions(&headers).await;
+    match state.session_principal(&headers) {
+        Some(p) => render(&AuditPage {
+            base: state.site.base_path.clone(),
+            username: p.name,
+            role: p.role.as_str().into(),
+        }),
+        None => Redirect::to(&state.site.path("/login")).into_response(),
+    }
+}
+
+/// `GET /recordings/{id}`: the player of one recording (which the page
+/// fetches from the API, under its access rules).
+pub(crate) async fn replay(
+    State(state): State<AppState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    state.check_sessions(&headers).await;
+    let Some(p) = state.session_principal(&headers) else {
+        return Redirect::to(&state.site.path("/login")).into_response();
+    };
+    if !super::recordings::valid_id(&id) {
+        return (StatusCode::NOT_FOUND, "no such recording").into_response();
+    }
+    render(&ReplayPage {
+        base: state.site.base_path.clone(),
+        username: p.name,
+        role: p.role.as_str().into(),
+        id: id.to_ascii_lowercase(),
+    })
+}
+
 /// `GET /`: the console, or a redirect to the login page.
 pub(crate) async fn console(State(state): State<AppState>, headers: HeaderMap) -> Response {
     state.check_sessions(&headers).await;
@@ -187,8 +241,20 @@ async fn check_login(
     let Ok(_permit) = state.login_slots.acquire().await else {
         return Err(busy);
     };
+    // A user the users file does not name may be one managed in the store.
+    let stored = match &credential {
+        Credential::Password { username, .. } if !state.auth.knows(username) => {
+            super::users::find(&state.audit.store, username)
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "cannot read users from the store");
+                    None
+                })
+        }
+        _ => None,
+    };
     let app = state.clone();
-    tokio::task::spawn_blocking(move || app.auth.login(client, &credential, device))
+    tokio::task::spawn_blocking(move || app.auth.login(client, &credential, device, stored))
         .await
         .unwrap_or(Err(busy))
 }
@@ -374,7 +440,7 @@ pub(crate) async fn healthz() -> Json<Health> {
     ),
 )]
 pub(crate) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
-    if state.audit.problem().is_some() {
+    if state.audit.problem().is_some() || state.recordings.problem().is_some() {
         // The reason is in the log; this page, unauthenticated, only says so.
         return (
             StatusCode::SERVICE_UNAVAILABLE,

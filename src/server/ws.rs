@@ -83,6 +83,9 @@ struct Running {
     unacked: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
     stdin_task: tokio::task::JoinHandle<()>,
+    /// Its recording, which also takes typed input (with
+    /// `--record-input`) and the page's resizes.
+    recording: Option<Arc<crate::recording::Recorder>>,
 }
 
 /// How long a closed console's queued input has to reach the agent: 2 s.
@@ -402,6 +405,9 @@ impl Console<'_> {
             }
             ClientMessage::Resize { id, cols, rows } => {
                 if let Some(r) = self.running.get(&id) {
+                    if let Some(rec) = &r.recording {
+                        rec.resize(cols, rows);
+                    }
                     let _ = r.control.resize(cols, rows).await;
                 }
             }
@@ -470,8 +476,13 @@ impl Console<'_> {
     async fn opened(&mut self, id: u32, result: Result<Running, Refusal>) {
         match result {
             Ok(running) => {
+                let recording = running.recording.as_ref().map(|r| r.id().to_owned());
                 self.running.insert(id, running);
-                let _ = self.out.send(ServerMessage::Started { id }.frame()).await;
+                let started = ServerMessage::Started {
+                    id,
+                    recording: recording.as_deref(),
+                };
+                let _ = self.out.send(started.frame()).await;
             }
             Err(r) => {
                 // Id 0 is never a command's: the error names none.
@@ -600,12 +611,28 @@ impl Console<'_> {
             .await
             .map_err(|e| Refusal::new(ErrorCode::AgentUnavailable, e.to_string()))?;
         tracing::info!(user = %self.principal.name, id, session = %a.session, watch = a.watch, "session attached");
+        // A watcher sees what the writer's own attachment records.
+        let recording = (!a.watch)
+            .then(|| {
+                self.state.recordings.begin(crate::recording::Start {
+                    user: self.principal.name.clone(),
+                    agent: a.name.clone(),
+                    kind: "session",
+                    session: Some(a.session.clone()),
+                    command: "(login shell)".into(),
+                    cols: a.size.cols,
+                    rows: a.size.rows,
+                    bare_lines: false,
+                })
+            })
+            .flatten();
+        let mut detail = serde_json::json!({"session": a.session, "watch": a.watch});
+        if let Some(r) = &recording {
+            detail["recording"] = r.id().into();
+        }
         let trail = crate::audit::CommandTrail::start_as(
             &self.state.audit,
-            self.event(
-                &a.name,
-                serde_json::json!({"session": a.session, "watch": a.watch}),
-            ),
+            self.event(&a.name, detail),
             crate::audit::Kind::SessionAttach,
             crate::audit::Kind::SessionDetach,
         );
@@ -613,7 +640,7 @@ impl Console<'_> {
             id,
             channel,
             (a.name, a.watch),
-            (a.ticket, trail),
+            (a.ticket, trail, recording),
             self.out.clone(),
             self.finished.clone(),
         ))
@@ -712,7 +739,7 @@ impl Console<'_> {
             session,
             ..Default::default()
         };
-        let detail = match &req_cmd {
+        let mut detail = match &req_cmd {
             Some(cmd) => serde_json::json!({
                 "command": cmd.chars().take(4096).collect::<String>(),
                 "pty": pty_on,
@@ -721,6 +748,26 @@ impl Console<'_> {
                 serde_json::json!({"command": "(login shell)", "pty": true, "shell_session": kept})
             }
         };
+        let size = pty.unwrap_or(crate::protocol::PtySize { cols: 80, rows: 24 });
+        let recording = self.state.recordings.begin(crate::recording::Start {
+            user: self.principal.name.clone(),
+            agent: agent_name.clone(),
+            kind: if req_cmd.is_some() {
+                "command"
+            } else {
+                "session"
+            },
+            session: None,
+            command: req_cmd
+                .as_deref()
+                .map_or("(login shell)".into(), |c| c.chars().take(4096).collect()),
+            cols: size.cols,
+            rows: size.rows,
+            bare_lines: !pty_on,
+        });
+        if let Some(r) = &recording {
+            detail["recording"] = r.id().into();
+        }
         let mut trail =
             crate::audit::CommandTrail::start(&self.state.audit, self.event(&agent_name, detail))
                 .await;
@@ -737,7 +784,7 @@ impl Console<'_> {
             id,
             channel,
             (agent_name, false),
-            (ticket, trail),
+            (ticket, trail, recording),
             self.out.clone(),
             self.finished.clone(),
         ))
@@ -747,6 +794,9 @@ impl Console<'_> {
     /// fit is dropped and the page told so.
     async fn stdin(&self, id: u32, data: String, eof: bool) {
         super::metrics::input(data.len());
+        if let Some(rec) = self.running.get(&id).and_then(|r| r.recording.as_ref()) {
+            rec.input(&data);
+        }
         let queued = self.running.get(&id).map(|r| {
             let cost = u32::try_from(data.len().max(1)).unwrap_or(u32::MAX);
             r.stdin_room
@@ -773,10 +823,15 @@ impl Running {
         id: u32,
         channel: crate::link::Channel,
         agent: (String, bool),
-        held: (super::quota::Ticket, crate::audit::CommandTrail),
+        held: (
+            super::quota::Ticket,
+            crate::audit::CommandTrail,
+            Option<Arc<crate::recording::Recorder>>,
+        ),
         out: mpsc::Sender<WsMessage>,
         finished: mpsc::Sender<u32>,
     ) -> Running {
+        let recording = held.2.clone();
         let control = channel.controller();
         let (stdin, mut stdin_rx) =
             mpsc::channel::<(Bytes, bool, tokio::sync::OwnedSemaphorePermit)>(STDIN_QUEUE);
@@ -806,6 +861,7 @@ impl Running {
             unacked,
             task,
             stdin_task,
+            recording,
         }
     }
 
@@ -831,24 +887,53 @@ async fn pump(
     id: u32,
     mut channel: crate::link::Channel,
     (agent, watch): (String, bool),
-    (_ticket, mut trail): (super::quota::Ticket, crate::audit::CommandTrail),
+    (_ticket, mut trail, recording): (
+        super::quota::Ticket,
+        crate::audit::CommandTrail,
+        Option<Arc<crate::recording::Recorder>>,
+    ),
     out: mpsc::Sender<WsMessage>,
     unacked: Arc<AtomicU64>,
     finished: mpsc::Sender<u32>,
 ) {
+    let record = |data: &[u8]| {
+        if let Some(r) = &recording {
+            r.output(data);
+        }
+    };
     // The console's own shutdown is the session loop's: it tells the page
     // once and closes the socket.
     let no_shutdown = tokio_util::sync::CancellationToken::new();
     // Counted as a shell from its `session` event to its end.
     let mut _shell = None;
     loop {
-        let (msg, last) = match bridge::next(&mut channel, &no_shutdown).await {
+        // A quiet command's last output reaches the store within
+        // `recording::FLUSH_EVERY` all the same. (`bridge::next` only
+        // waits on a channel's receiver: dropping it loses nothing.)
+        let flush_at = recording.as_ref().and_then(|r| r.due());
+        let update = tokio::select! {
+            u = bridge::next(&mut channel, &no_shutdown) => u,
+            _ = async {
+                match flush_at {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Some(r) = &recording {
+                    r.flush_if_due();
+                }
+                continue;
+            }
+        };
+        let (msg, last) = match update {
             Update::Output(Stream::Stdout, data) => {
                 trail.output(data.len());
+                record(&data);
                 (output(STDOUT, id, &data, &unacked), false)
             }
             Update::Output(Stream::Stderr, data) => {
                 trail.output(data.len());
+                record(&data);
                 (output(STDERR, id, &data, &unacked), false)
             }
             Update::Notice { code, message } => {
@@ -865,6 +950,9 @@ async fn pump(
             }
             Update::Session(session) => {
                 trail.note("session", &session);
+                if let Some(r) = &recording {
+                    r.session(&session);
+                }
                 _shell.get_or_insert_with(super::metrics::shell_attached);
                 let msg = ServerMessage::Attached {
                     id,
@@ -875,6 +963,9 @@ async fn pump(
                 (msg.frame(), false)
             }
             Update::Resized { cols, rows } => {
+                if let Some(r) = &recording {
+                    r.resize(cols, rows);
+                }
                 (ServerMessage::Resized { id, cols, rows }.frame(), false)
             }
             Update::Detached(reason) => {
@@ -893,6 +984,9 @@ async fn pump(
         if out.send(msg).await.is_err() || last {
             break;
         }
+    }
+    if let Some(r) = &recording {
+        r.end();
     }
     let _ = finished.send(id).await;
 }

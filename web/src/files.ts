@@ -37,7 +37,7 @@ export interface Written {
  * as %20, never '+', so that every reader decodes it the same way). Empty
  * and missing values are left out.
  */
-function query(params: [string, string | null | undefined][]): string {
+export function query(params: [string, string | null | undefined][]): string {
   const parts: string[] = [];
   for (const [k, v] of params) {
     if (v) parts.push(k + '=' + encodeURIComponent(v));

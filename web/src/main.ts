@@ -11,7 +11,7 @@
 // Loaded with `defer` after xterm.js and the fit addon. No inline script
 // anywhere: the page runs under a strict Content-Security-Policy.
 
-import { sessionUrl } from './site';
+import { isRecordingId, sessionUrl } from './site';
 import { Activity } from './activity';
 import { Agents, filterSelector } from './agents';
 import { FULL_RESET, GREY, RED, RESET, REVERSE_WRAP_ON, YELLOW } from './ansi';
@@ -31,6 +31,7 @@ import { screenReaderSetting, screenReaderWanted } from './settings';
 import { computeStatus, renderStatus } from './status';
 import { browserStore } from './storage';
 import { clean, WholeCharacters } from './text';
+import { TERMINAL_FONT, TERMINAL_THEME } from './theme';
 import type { FitAddon, Terminal } from './xterm';
 import { followVisualViewport } from './viewport';
 
@@ -76,6 +77,8 @@ function main(): void {
     mode: Mode;
     /** The host this tab's commands and shell go to. */
     agent: string;
+    /** The command or shell of this tab whose output the server records, and the recording's id. */
+    recording: { id: number; rec: string } | null;
   }
 
   const tabs: Tab[] = [];
@@ -91,25 +94,11 @@ function main(): void {
       convertEol: true, // command output uses bare '\n'; switched off in shell mode
       cursorBlink: true,
       scrollback: 5000,
-      fontFamily: 'ui-monospace, "DejaVu Sans Mono", "Liberation Mono", Menlo, Consolas, monospace',
+      fontFamily: TERMINAL_FONT,
       fontSize: 14,
       // A setting in the help panel, remembered in this browser.
       screenReaderMode: screenReaderWanted(store),
-      theme: {
-        background: '#0e1116',
-        foreground: '#d6dde6',
-        cursor: '#5fb3f9',
-        cursorAccent: '#0e1116',
-        selectionBackground: '#2f4f6f',
-        // The stock red and green are too dark on this background.
-        red: '#ef6b6b',
-        green: '#4fc27a',
-        yellow: '#e5b54b',
-        blue: '#5fb3f9',
-        // The grey of hints and exit summaries: 5:1 on the background (WCAG
-        // AA asks 4.5:1; checked by tests/e2e/accessibility.test.mjs).
-        brightBlack: '#7a8594',
-      },
+      theme: TERMINAL_THEME,
     });
   }
 
@@ -166,12 +155,15 @@ function main(): void {
           for (const t of tabs) if (t.mode === 'shell') t.shell.resume(up);
           break;
         }
-        case 'started':
+        case 'started': {
           for (const t of tabs) {
             t.command.started(msg.id);
             t.shell.started(msg.id);
           }
+          const tab = tabOf(msg.id);
+          if (tab && isRecordingId(msg.recording)) tab.recording = { id: msg.id, rec: msg.recording };
           break;
+        }
         case 'exit': onExit(msg); sessionsPanel?.refresh(); break;
         case 'attached':
           for (const t of tabs) t.shell.attached(msg.id, msg.agent, msg.session, msg.watch);
@@ -202,6 +194,8 @@ function main(): void {
           for (const t of tabs) note(t, YELLOW + 'conch: ' + clean(msg.message || 'server shutting down') + RESET);
           break;
       }
+      // A recording starts with `started` and ends with what ends its command.
+      for (const t of tabs) drawRecording(t);
     },
     output: onOutput,
     state: drawStatus,
@@ -213,6 +207,7 @@ function main(): void {
         } else if (t.shell.active) {
           t.shell.ended(RED + 'conch: connection lost — the shell is gone' + RESET);
         }
+        drawRecording(t);
       }
       flows.clear();
     },
@@ -297,6 +292,7 @@ function main(): void {
       whole: new WholeCharacters(),
       mode: 'command',
       agent: active ? active.agent : agents.name,
+      recording: null,
       command: null as unknown as CommandMode,
       shell: null as unknown as ShellMode,
     };
@@ -310,7 +306,10 @@ function main(): void {
       send: tabSend,
       agent: () => tab.agent,
       isReady: () => connection.isReady(),
-      runningChanged: () => activity.set(tabs.some((t) => t.command.isRunning())),
+      runningChanged: () => {
+        activity.set(tabs.some((t) => t.command.isRunning()));
+        drawRecording(tab); // a command killed here ends without a message
+      },
     });
     (tab as { shell: ShellMode }).shell = new ShellMode({
       screen, flows,
@@ -397,6 +396,7 @@ function main(): void {
   function renderTabs(): void {
     for (const t of tabs) {
       t.button.textContent = (t.agent || '—') + ' · ' + t.mode + (t.shell.watching ? ' (watching)' : '');
+      drawRecording(t);
       t.button.setAttribute('aria-selected', String(t === active));
       t.button.tabIndex = t === active ? 0 : -1;
       t.button.classList.toggle('is-active', t === active);
@@ -408,6 +408,28 @@ function main(): void {
   }
 
   // ---------------------------------------------------------------- helpers
+
+  /**
+   * "● REC" on the tab of a command or shell whose output the server
+   * records, for as long as it runs there: whoever types into it knows
+   * that the screen is kept (and can be watched again on the audit page).
+   */
+  function drawRecording(t: Tab): void {
+    const rec = t.recording;
+    if (rec && !t.command.owns(rec.id) && !t.shell.owns(rec.id)) t.recording = null;
+    let badge = t.button.querySelector<HTMLElement>('.recording-badge');
+    if (!t.recording) {
+      badge?.remove();
+      return;
+    }
+    if (!badge) {
+      badge = document.createElement('span');
+      badge.className = 'recording-badge';
+      badge.textContent = '● REC';
+      t.button.appendChild(badge);
+    }
+    badge.title = "This session's output is being recorded (recording " + t.recording.rec + ')';
+  }
 
   function drawStatus(): void {
     renderStatus(el.status, computeStatus(connection.state, agents.connected));

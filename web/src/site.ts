@@ -19,3 +19,26 @@ export function sitePath(path: string): string {
 export function sessionUrl(agent: string, session: string): string {
   return sitePath('/api/v1/sessions/' + encodeURIComponent(agent) + '/' + encodeURIComponent(session));
 }
+
+/**
+ * The login page, sent back to `next` (a path from the site's root, as the
+ * server's login takes it) once logged in again.
+ */
+export function loginUrl(next: string): string {
+  return sitePath('/login?next=' + encodeURIComponent(next));
+}
+
+/** A recording's id: 32 hex digits (as the server checks). Anything else is never put in an address. */
+export function isRecordingId(id: unknown): id is string {
+  return typeof id === 'string' && /^[0-9a-f]{32}$/i.test(id);
+}
+
+/** A recording's asciicast file; with `download`, offered as an attachment. */
+export function recordingUrl(id: string, download = false): string {
+  return sitePath('/api/v1/recordings/' + encodeURIComponent(id) + (download ? '?download=1' : ''));
+}
+
+/** The page that plays a recording back. */
+export function replayUrl(id: string): string {
+  return sitePath('/recordings/' + encodeURIComponent(id));
+}

@@ -220,7 +220,7 @@ eof?: boolean, } | { "type": "signal", id: number, signal: Signal, } | { "type":
 /**
  * A text message to the browser.
  */
-export type ServerMessage = { "type": "hello", user: string, role: Role, agents: Array<AgentStatus>, } | { "type": "agents", agents: Array<AgentStatus>, } | { "type": "started", id: number, } | { "type": "attached", id: number, agent: string, session: string, watch: boolean, } | { "type": "detached", id: number, reason: string, } | { "type": "resized", id: number, cols: number, rows: number, } | { "type": "sessions", sessions: Array<AgentSession>, } | { "type": "exit", id: number, 
+export type ServerMessage = { "type": "hello", user: string, role: Role, agents: Array<AgentStatus>, } | { "type": "agents", agents: Array<AgentStatus>, } | { "type": "started", id: number, recording?: string, } | { "type": "attached", id: number, agent: string, session: string, watch: boolean, } | { "type": "detached", id: number, reason: string, } | { "type": "resized", id: number, cols: number, rows: number, } | { "type": "sessions", sessions: Array<AgentSession>, } | { "type": "exit", id: number, 
 /**
  * The exit code, when the process exited.
  */
