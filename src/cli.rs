@@ -362,6 +362,11 @@ pub struct ServeArgs {
     /// would be kept).
     #[arg(long, env = "CONCH_RECORD_INPUT")]
     record_input: bool,
+    /// The most bytes (compressed) all session recordings together may take
+    /// in the store; the oldest finished ones are removed past it. Without a
+    /// --data-dir or --database-url (a store in memory) at most 256 MiB.
+    #[arg(long, env = "CONCH_RECORDING_MAX_TOTAL_BYTES", default_value_t = 8 * 1024 * 1024 * 1024)]
+    recording_max_total_bytes: u64,
     /// How long session recordings are kept (`90d`, `12h`; `0`: for ever).
     #[arg(long, env = "CONCH_RECORDING_RETENTION", default_value = "90d", value_parser = retention)]
     recording_retention: Retention,
@@ -975,6 +980,11 @@ fn serve_config(args: ServeArgs, json_logs: bool) -> anyhow::Result<ServeConfig>
             max_bytes: args.recording_max_bytes,
             record_input: args.record_input,
             retention: args.recording_retention.0,
+            max_total: if args.data_dir.is_none() && args.database_url.is_none() {
+                args.recording_max_total_bytes.min(256 * 1024 * 1024)
+            } else {
+                args.recording_max_total_bytes
+            },
         },
         server_name: args.server_name.clone().unwrap_or_else(|| {
             std::fs::read_to_string("/proc/sys/kernel/hostname")

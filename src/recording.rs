@@ -12,7 +12,9 @@
 //!
 //! Every bound has a flag: a recording stops at `--recording-max-bytes`
 //! (with a marker saying so), the writer's queue holds [`QUEUE`] chunks,
-//! and recordings older than `--recording-retention` are removed. A chunk
+//! recordings older than `--recording-retention` are removed, and so are
+//! the oldest finished ones while all take more than
+//! `--recording-max-total-bytes`. A chunk
 //! that finds the queue full is lost, and the recording says so
 //! (`incomplete`), as do the logs and `/readyz`: never a silent drop.
 
@@ -50,7 +52,13 @@ pub struct Settings {
     pub record_input: bool,
     /// How long recordings are kept; `None`: for ever.
     pub retention: Option<Duration>,
+    /// The most bytes (compressed) all recordings together may take in
+    /// the store; the oldest finished ones go first.
+    pub max_total: u64,
 }
+
+/// Stored bytes written between two checks of the total.
+const CHECK_TOTAL_EVERY: u64 = 16 * 1024 * 1024;
 
 /// The recordings of one server: a handle on the writer.
 #[derive(Clone)]
@@ -155,7 +163,13 @@ impl Recordings {
         if let Some(keep) = settings.retention {
             tokio::spawn(retention_loop(store.clone(), keep, shutdown.clone()));
         }
-        let writer = tokio::spawn(write_loop(store.clone(), rx, health.clone(), shutdown));
+        let writer = tokio::spawn(write_loop(
+            store.clone(),
+            rx,
+            health.clone(),
+            settings.max_total,
+            shutdown,
+        ));
         (
             Recordings {
                 queue: Some(tx),
@@ -175,6 +189,7 @@ impl Recordings {
                 max_bytes: 0,
                 record_input: false,
                 retention: None,
+                max_total: 0,
             }),
             health: Arc::default(),
             store,
@@ -319,6 +334,10 @@ impl Recorder {
     /// shows them).
     pub fn output(&self, data: &[u8]) {
         self.with(|s| {
+            // Past the cap nothing more is kept: no work for it either.
+            if s.truncated {
+                return;
+            }
             let mut text = s.text_of(data);
             if s.bare_lines && text.contains('\n') {
                 text = text.replace('\n', "\r\n");
@@ -504,9 +523,16 @@ async fn write_loop(
     store: Store,
     mut rx: mpsc::Receiver<Write>,
     health: Arc<Health>,
+    max_total: u64,
     shutdown: CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(BATCH);
+    // What all recordings take: counted from the store at the start and
+    // then by what this server writes, and counted again from the store
+    // each time it passes the cap (other servers on the store write too)
+    // or [`CHECK_TOTAL_EVERY`] has been written.
+    let mut total: Option<u64> = None;
+    let mut written = 0;
     loop {
         let n = tokio::select! {
             n = rx.recv_many(&mut batch, BATCH) => n,
@@ -522,9 +548,30 @@ async fn write_loop(
         let writes = std::mem::take(&mut batch);
         let count = writes.len();
         let result = match compress_batch(writes).await {
-            Ok(stored) => store_with_retries(&store, &stored, &health).await,
+            Ok(stored) => {
+                let bytes = stored
+                    .iter()
+                    .map(|w| match w {
+                        Stored::Chunk { data, .. } => data.len() as u64,
+                        Stored::Other(_) => 0,
+                    })
+                    .sum::<u64>();
+                written += bytes;
+                total = total.map(|t| t + bytes);
+                store_with_retries(&store, &stored, &health).await
+            }
             Err(e) => Err(e),
         };
+        if total.is_none_or(|t| t > max_total) || written >= CHECK_TOTAL_EVERY {
+            written = 0;
+            match keep_within(&store, max_total).await {
+                Ok(left) => total = Some(left),
+                Err(e) => {
+                    total = None;
+                    tracing::warn!(error = %e, "cannot remove recordings over the total cap");
+                }
+            }
+        }
         match result {
             Ok(()) => health.failing.store(false, Ordering::Relaxed),
             Err(e) => {
@@ -695,6 +742,55 @@ enum Stored {
         bytes: i64,
     },
     Other(Write),
+}
+
+/// Removes the oldest finished recordings while all of them together
+/// take more than `max_total` bytes in the store (live ones stay: each is
+/// bounded by `--recording-max-bytes`); returns what they take then.
+pub async fn keep_within(store: &Store, max_total: u64) -> Result<u64, sqlx::Error> {
+    let (total,): (i64,) =
+        sqlx::query_as("SELECT CAST(COALESCE(SUM(stored), 0) AS BIGINT) FROM recordings")
+            .fetch_one(&store.pool)
+            .await?;
+    let mut over = total.saturating_sub(i64::try_from(max_total).unwrap_or(i64::MAX));
+    let mut removed = 0;
+    while over > 0 {
+        let oldest: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT id, stored FROM recordings WHERE ended_ms IS NOT NULL
+             ORDER BY started_ms, id LIMIT 100",
+        )
+        .fetch_all(&store.pool)
+        .await?;
+        if oldest.is_empty() {
+            break;
+        }
+        for (id, stored) in oldest {
+            let mut tx = store.pool.begin().await?;
+            sqlx::query("DELETE FROM recording_chunks WHERE recording = $1")
+                .bind(&id)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("DELETE FROM recordings WHERE id = $1")
+                .bind(&id)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            removed += 1;
+            over -= stored;
+            if over <= 0 {
+                break;
+            }
+        }
+    }
+    if removed > 0 {
+        tracing::warn!(
+            removed,
+            max_total,
+            "old recordings removed: all recordings together reached --recording-max-total-bytes"
+        );
+    }
+    let cap = i64::try_from(max_total).unwrap_or(i64::MAX);
+    Ok(u64::try_from(cap.saturating_add(over)).unwrap_or(0))
 }
 
 /// Removes recordings that began before `keep` ago, hourly.

@@ -1191,3 +1191,30 @@ async fn sqlite_users_are_managed_in_the_store() {
 async fn postgres_users_are_shared_by_servers() {
     users_suite(Store::Postgres(Postgres::start()), true).await;
 }
+
+/// Past `--recording-max-total-bytes`, the oldest finished recordings are
+/// removed, and the newest stays.
+#[tokio::test]
+async fn recordings_past_the_total_cap_go_oldest_first() {
+    let store = Store::Sqlite(tempfile::tempdir().unwrap());
+    let server = server_on(&store, &["--recording-max-total-bytes", "600"]);
+    let mut ws = common::ws::console(&server).await;
+    let mut ids = Vec::new();
+    for i in 1..=6u32 {
+        common::ws::send(
+            &mut ws,
+            json!({"type": "exec", "id": i, "cmd": format!("echo number-{i}")}),
+        )
+        .await;
+        let (_, texts) = console_until(&mut ws, i, "").await;
+        let started = texts.iter().find(|t| t["type"] == "started").unwrap();
+        ids.push(started["recording"].as_str().unwrap().to_owned());
+    }
+    let newest = ids.last().unwrap().clone();
+    let oldest = ids[0].clone();
+    recordings_until(&server, &server.token, "", |l| {
+        let has = |id: &str| l.iter().any(|r| r["id"] == id);
+        !has(&oldest) && has(&newest) && l.len() < 6
+    })
+    .await;
+}
