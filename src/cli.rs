@@ -980,6 +980,8 @@ fn serve_config(args: ServeArgs, json_logs: bool) -> anyhow::Result<ServeConfig>
             max_bytes: args.recording_max_bytes,
             record_input: args.record_input,
             retention: args.recording_retention.0,
+            // Filled in with the server's name below.
+            server: String::new(),
             max_total: if args.data_dir.is_none() && args.database_url.is_none() {
                 args.recording_max_total_bytes.min(256 * 1024 * 1024)
             } else {

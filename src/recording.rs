@@ -4,20 +4,23 @@
 //!
 //! A [`Recorder`] belongs to one console command or shell attachment. It
 //! turns output, resizes (and, with `--record-input`, typed input) into
-//! asciicast lines in memory, and hands them to the writer task a chunk at
-//! a time (every [`CHUNK_BYTES`] or [`FLUSH_EVERY`]): the command's output
-//! never waits for the store. Each chunk is stored as its own gzip member,
-//! so a server that dies loses at most the last couple of seconds, and a
+//! asciicast lines in memory, which the command's pump hands to the
+//! writer task a chunk at a time (every [`CHUNK_BYTES`] or
+//! [`FLUSH_EVERY`]). Each chunk is stored as its own gzip member, so a
+//! server that dies loses at most the last couple of seconds, and a
 //! recording can be read while it is still being made.
 //!
-//! Every bound has a flag: a recording stops at `--recording-max-bytes`
-//! (with a marker saying so), the writer's queue holds [`QUEUE`] chunks,
-//! recordings older than `--recording-retention` are removed, and so are
-//! the oldest finished ones while all take more than
-//! `--recording-max-total-bytes`. A chunk
-//! that finds the queue full is lost, and the recording says so
-//! (`incomplete`), as do the logs and `/readyz`: never a silent drop.
+//! Nothing is dropped for want of room: a command printing faster than
+//! the store writes waits for it (see [`Recorder`]). Every bound has a
+//! flag or a constant: past `--recording-max-bytes` a recording keeps its
+//! first half and its latest half, with a marker where output was cut out
+//! (so that printing a lot first cannot hide what comes after); the
+//! oldest finished recordings go, the heaviest user's first, while all
+//! take more than `--recording-max-total-bytes`; recordings older than
+//! `--recording-retention` are removed. A write the store refused marks
+//! its recording `incomplete`, and `/readyz` reports the failing store.
 
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use sqlx::Row;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::now_ms;
@@ -35,18 +38,29 @@ use crate::store::{Store, StoreError};
 pub(crate) const CHUNK_BYTES: usize = 64 * 1024;
 /// ...or once the oldest waited this long.
 pub(crate) const FLUSH_EVERY: Duration = Duration::from_secs(2);
-/// Chunks waiting for the writer, for all recordings together (at most
-/// `QUEUE × CHUNK_BYTES` plus one event of memory).
-pub(crate) const QUEUE: usize = 256;
+/// Text in one output event at most: longer output is several events.
+const EVENT_TEXT: usize = 16 * 1024;
+/// Bytes of chunks handed to the writer and not yet stored, all
+/// recordings together: the memory recordings hold beyond what each is
+/// making.
+pub(crate) const IN_FLIGHT_BYTES: usize = 32 * 1024 * 1024;
+/// Chunks of one recording handed to the writer and not yet stored.
+pub(crate) const IN_FLIGHT_PER_RECORDING: usize = 4;
+/// Writes waiting for the writer (their bytes bounded above).
+const QUEUE: usize = 4096;
+/// How long a recording's start waits for room before the command runs
+/// unrecorded (a stuck store; counted and reported).
+const BEGIN_WAIT: Duration = Duration::from_secs(10);
 /// Writes per transaction.
 const BATCH: usize = 64;
-/// How long `/readyz` reports lost chunks after the last one.
+/// How long `/readyz` reports lost recordings after the last one.
 const LOSS_REPORTED: Duration = Duration::from_secs(300);
 
 /// The settings of recordings (from the command line).
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// The most asciicast bytes one recording keeps (before compression).
+    /// The most asciicast bytes one recording keeps (before compression):
+    /// its first half and its latest half.
     pub max_bytes: u64,
     /// Record what users type too (off by default: it holds passwords).
     pub record_input: bool,
@@ -55,6 +69,9 @@ pub struct Settings {
     /// The most bytes (compressed) all recordings together may take in
     /// the store; the oldest finished ones go first.
     pub max_total: u64,
+    /// This server's name (`--server-name`): whose unfinished recordings
+    /// a restart closes.
+    pub server: String,
 }
 
 /// Stored bytes written between two checks of the total.
@@ -65,6 +82,8 @@ const CHECK_TOTAL_EVERY: u64 = 16 * 1024 * 1024;
 pub struct Recordings {
     /// `None`: nothing is recorded (`--audit off`).
     queue: Option<mpsc::Sender<Write>>,
+    /// One permit per byte of chunks in flight ([`IN_FLIGHT_BYTES`]).
+    room: Arc<Semaphore>,
     settings: Arc<Settings>,
     health: Arc<Health>,
     pub store: Store,
@@ -131,12 +150,17 @@ pub struct Start {
 
 /// A write for the writer task, in order.
 enum Write {
-    Begin(Box<Meta>),
+    /// A recording's index entry, and the server making it.
+    Begin(Box<Meta>, String),
     Chunk {
         id: Arc<str>,
         n: i64,
         lines: Vec<u8>,
-        bytes: i64,
+        /// The time of its first event, in microseconds from the start.
+        first_at_us: i64,
+        /// Its room (this recording's, and all recordings'), given back
+        /// once it is stored.
+        _held: (OwnedSemaphorePermit, OwnedSemaphorePermit),
     },
     Session {
         id: Arc<str>,
@@ -145,9 +169,16 @@ enum Write {
     End {
         id: Arc<str>,
         ended_ms: i64,
-        truncated: bool,
-        incomplete: bool,
     },
+}
+
+impl Write {
+    fn id(&self) -> &str {
+        match self {
+            Write::Begin(m, _) => &m.id,
+            Write::Chunk { id, .. } | Write::Session { id, .. } | Write::End { id, .. } => id,
+        }
+    }
 }
 
 impl Recordings {
@@ -167,12 +198,13 @@ impl Recordings {
             store.clone(),
             rx,
             health.clone(),
-            settings.max_total,
+            (settings.max_bytes, settings.max_total),
             shutdown,
         ));
         (
             Recordings {
                 queue: Some(tx),
+                room: Arc::new(Semaphore::new(IN_FLIGHT_BYTES)),
                 settings: Arc::new(settings),
                 health,
                 store,
@@ -185,11 +217,13 @@ impl Recordings {
     pub fn off(store: Store) -> Recordings {
         Recordings {
             queue: None,
+            room: Arc::new(Semaphore::new(0)),
             settings: Arc::new(Settings {
                 max_bytes: 0,
                 record_input: false,
                 retention: None,
                 max_total: 0,
+                server: String::new(),
             }),
             health: Arc::default(),
             store,
@@ -201,9 +235,11 @@ impl Recordings {
         self.settings.record_input
     }
 
-    /// Begins a recording; `None` when recordings are off or the writer's
-    /// queue is full (counted and reported like a lost chunk).
-    pub fn begin(&self, start: Start) -> Option<Arc<Recorder>> {
+    /// Begins a recording, its header already on its way to the store;
+    /// `None` when recordings are off, or when the writer has had no room
+    /// for [`BEGIN_WAIT`] (the store is stuck: counted, logged and
+    /// reported by `/readyz`).
+    pub async fn begin(&self, start: Start) -> Option<Arc<Recorder>> {
         let queue = self.queue.clone()?;
         let id: Arc<str> = hex::encode(rand::random::<[u8; 16]>()).into();
         let started_ms = now_ms();
@@ -235,38 +271,42 @@ impl Recordings {
             "title": title,
             "env": {"TERM": "xterm-256color"},
         });
-        if queue.try_send(Write::Begin(Box::new(meta))).is_err() {
+        let begin = Write::Begin(Box::new(meta), self.settings.server.clone());
+        if tokio::time::timeout(BEGIN_WAIT, queue.send(begin))
+            .await
+            .map_or(true, |sent| sent.is_err())
+        {
             self.lost("a recording could not begin");
             return None;
         }
         let mut lines = header.to_string().into_bytes();
         lines.push(b'\n');
-        let bytes = lines.len() as u64;
         let recorder = Arc::new(Recorder {
             id,
             recordings: self.clone(),
             queue,
+            own: Arc::new(Semaphore::new(IN_FLIGHT_PER_RECORDING)),
             state: Mutex::new(State {
                 started: Instant::now(),
                 lines,
                 oldest: Some(Instant::now()),
+                first_at_us: 0,
                 carry: Vec::new(),
                 size: (start.cols, start.rows),
-                bytes,
+                pending_size: None,
                 next_chunk: 0,
-                truncated: false,
-                incomplete: false,
                 ended: false,
                 bare_lines: start.bare_lines,
             }),
         });
         // The header at once: a live recording is a valid file from the
         // start.
-        recorder.with(|s| recorder.flush(s));
+        recorder.send_lines(true).await;
         Some(recorder)
     }
 
     fn lost(&self, what: &str) {
+        crate::server::metrics::recording_writes_lost(1);
         let h = &self.health;
         let before = h.lost.fetch_add(1, Ordering::Relaxed);
         let last = h.last_loss_ms.swap(now_ms() as u64, Ordering::Relaxed);
@@ -275,7 +315,7 @@ impl Recordings {
             tracing::error!(
                 lost = before + 1,
                 what,
-                "recordings are losing output: the store cannot keep up or is failing"
+                "recordings are losing output: the store is failing or stuck"
             );
         }
     }
@@ -299,11 +339,18 @@ impl Recordings {
     }
 }
 
-/// One recording being made.
+/// One recording being made. Output, input and resizes are added to it
+/// at once (never waiting); the command's pump hands what piled up to the
+/// writer ([`Recorder::settle`], [`Recorder::flush_if_due`]), and waits
+/// there while this recording has [`IN_FLIGHT_PER_RECORDING`] chunks, or
+/// all recordings [`IN_FLIGHT_BYTES`], not yet stored: a command printing
+/// faster than the store writes is slowed to its pace, and nothing is
+/// dropped. Another user's command waits its turn for room, never longer.
 pub struct Recorder {
     id: Arc<str>,
     recordings: Recordings,
     queue: mpsc::Sender<Write>,
+    own: Arc<Semaphore>,
     state: Mutex<State>,
 }
 
@@ -313,14 +360,15 @@ struct State {
     lines: Vec<u8>,
     /// When the oldest of them was made.
     oldest: Option<Instant>,
+    /// The time of the first of them, in microseconds from the start.
+    first_at_us: i64,
     /// The start of a UTF-8 character whose end has not come yet.
     carry: Vec<u8>,
     size: (u16, u16),
-    /// The file's size so far.
-    bytes: u64,
+    /// A size not yet recorded: resizes without output between them are
+    /// one event (a page cannot fill a recording with resizes).
+    pending_size: Option<(u16, u16)>,
     next_chunk: i64,
-    truncated: bool,
-    incomplete: bool,
     ended: bool,
     bare_lines: bool,
 }
@@ -331,19 +379,25 @@ impl Recorder {
     }
 
     /// Output the page was sent (stdout and stderr alike, as a terminal
-    /// shows them).
+    /// shows them); [`Recorder::settle`] next.
     pub fn output(&self, data: &[u8]) {
         self.with(|s| {
-            // Past the cap nothing more is kept: no work for it either.
-            if s.truncated {
-                return;
-            }
             let mut text = s.text_of(data);
             if s.bare_lines && text.contains('\n') {
                 text = text.replace('\n', "\r\n");
             }
-            if !text.is_empty() {
-                self.event(s, "o", &text);
+            s.size_event();
+            // Long output in events of at most EVENT_TEXT bytes, so that
+            // chunks keep near their size.
+            let mut rest = text.as_str();
+            while !rest.is_empty() {
+                let mut cut = rest.len().min(EVENT_TEXT);
+                while !rest.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                let (piece, after) = rest.split_at(cut);
+                s.event("o", piece);
+                rest = after;
             }
         });
     }
@@ -351,38 +405,41 @@ impl Recorder {
     /// What the user typed (only with `--record-input`).
     pub fn input(&self, data: &str) {
         if self.recordings.records_input() {
-            self.with(|s| self.event(s, "i", data));
+            self.with(|s| {
+                s.size_event();
+                s.event("i", data);
+            });
         }
     }
 
-    /// The terminal's new size (the same size twice is one event).
+    /// The terminal's new size, recorded before the next output.
     pub fn resize(&self, cols: u16, rows: u16) {
-        self.with(|s| {
-            if s.size != (cols, rows) {
-                s.size = (cols, rows);
-                self.event(s, "r", &format!("{cols}x{rows}"));
-            }
-        });
+        self.with(|s| s.pending_size = Some((cols, rows)));
     }
 
     /// The shell session's id, once the agent says it.
-    pub fn session(&self, session: &str) {
+    pub async fn session(&self, session: &str) {
         let write = Write::Session {
             id: self.id.clone(),
             session: session.to_owned(),
         };
-        if self.queue.try_send(write).is_err() {
-            self.recordings.lost("a recording's session id");
-        }
+        let _ = self.queue.send(write).await;
+    }
+
+    /// Hands full chunks to the writer (waiting for room).
+    pub async fn settle(&self) {
+        self.send_lines(false).await;
     }
 
     /// Hands what waited [`FLUSH_EVERY`] or longer to the writer.
-    pub fn flush_if_due(&self) {
-        self.with(|s| {
-            if s.oldest.is_some_and(|t| t.elapsed() >= FLUSH_EVERY) {
-                self.flush(s);
-            }
-        });
+    pub async fn flush_if_due(&self) {
+        let due = self
+            .state
+            .lock()
+            .is_ok_and(|s| s.oldest.is_some_and(|t| t.elapsed() >= FLUSH_EVERY));
+        if due {
+            self.send_lines(true).await;
+        }
     }
 
     /// When the lines waiting should be flushed, if any wait.
@@ -394,98 +451,181 @@ impl Recorder {
     }
 
     /// Ends the recording: what waits is written, and the index says so.
-    pub fn end(&self) {
-        self.with(|s| {
-            if std::mem::replace(&mut s.ended, true) {
-                return;
-            }
-            let rest = std::mem::take(&mut s.carry);
-            if !rest.is_empty() {
-                let text = String::from_utf8_lossy(&rest).into_owned();
-                self.event(s, "o", &text);
-            }
-            self.flush(s);
+    pub async fn end(&self) {
+        let first = self.with_result(|s| {
+            s.finish();
+            true
+        });
+        if first == Some(true) {
+            self.send_lines(true).await;
             let end = Write::End {
                 id: self.id.clone(),
                 ended_ms: now_ms(),
-                truncated: s.truncated,
-                incomplete: s.incomplete,
             };
-            // The end must not be lost to a queue full for a moment: it
-            // waits for room in a task of its own (never the command's).
-            if let Err(mpsc::error::TrySendError::Full(end)) = self.queue.try_send(end)
-                && let Ok(rt) = tokio::runtime::Handle::try_current()
-            {
-                let queue = self.queue.clone();
-                rt.spawn(async move {
-                    let _ = queue.send(end).await;
-                });
-            }
-        });
+            let _ = self.queue.send(end).await;
+        }
     }
 
     fn with(&self, f: impl FnOnce(&mut State)) {
-        if let Ok(mut s) = self.state.lock()
-            && !s.ended
-        {
-            f(&mut s);
+        let _ = self.with_result(f);
+    }
+
+    fn with_result<T>(&self, f: impl FnOnce(&mut State) -> T) -> Option<T> {
+        match self.state.lock() {
+            Ok(mut s) if !s.ended => Some(f(&mut s)),
+            _ => None,
         }
     }
 
-    fn event(&self, s: &mut State, code: &str, data: &str) {
-        if s.truncated {
-            return;
-        }
-        let at = s.started.elapsed().as_secs_f64();
-        let line = serde_json::json!([(at * 1e6).round() / 1e6, code, data]).to_string();
-        let max = self.recordings.settings.max_bytes;
-        if s.bytes + line.len() as u64 + 1 > max {
-            s.truncated = true;
-            let note = format!(
-                "the recording stops here: it reached its size cap of {max} bytes (--recording-max-bytes)"
-            );
-            let marker = serde_json::json!([(at * 1e6).round() / 1e6, "m", note]).to_string();
-            s.push(&marker);
-            self.flush(s);
-            return;
-        }
-        s.push(&line);
-        if s.lines.len() >= CHUNK_BYTES {
-            self.flush(s);
-        }
-    }
-
-    fn flush(&self, s: &mut State) {
-        s.oldest = None;
-        if s.lines.is_empty() {
-            return;
-        }
-        let write = Write::Chunk {
-            id: self.id.clone(),
-            n: s.next_chunk,
-            lines: std::mem::take(&mut s.lines),
-            bytes: s.bytes as i64,
-        };
-        s.next_chunk += 1;
-        if self.queue.try_send(write).is_err() {
-            s.incomplete = true;
-            self.recordings.lost("a recording's output");
+    /// Sends the waiting lines as chunks of about [`CHUNK_BYTES`]: all of
+    /// them, or (`all` false) only while a full chunk waits.
+    async fn send_lines(&self, all: bool) {
+        loop {
+            let taken = {
+                let Ok(mut s) = self.state.lock() else { return };
+                s.take_chunk(all)
+            };
+            let Some((lines, n, first_at_us)) = taken else {
+                return;
+            };
+            // Room first for this recording, then among all of them (in
+            // the order asked: fair between users).
+            let Ok(own) = self.own.clone().acquire_owned().await else {
+                return;
+            };
+            let cost = u32::try_from(lines.len().min(IN_FLIGHT_BYTES)).unwrap_or(u32::MAX);
+            let Ok(room) = self.recordings.room.clone().acquire_many_owned(cost).await else {
+                return;
+            };
+            let chunk = Write::Chunk {
+                id: self.id.clone(),
+                n,
+                lines,
+                first_at_us,
+                _held: (own, room),
+            };
+            if self.queue.send(chunk).await.is_err() {
+                return;
+            }
         }
     }
 }
 
 impl Drop for Recorder {
+    /// A recording whose pump was cut short (its console closed while it
+    /// waited) is ended all the same, by a task of its own.
     fn drop(&mut self) {
-        self.end();
+        let Ok(s) = self.state.get_mut() else { return };
+        if s.ended {
+            return;
+        }
+        s.finish();
+        let mut pieces = Vec::new();
+        while let Some(piece) = s.take_chunk(true) {
+            pieces.push(piece);
+        }
+        let (id, queue) = (self.id.clone(), self.queue.clone());
+        let (own, room) = (self.own.clone(), self.recordings.room.clone());
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                for (lines, n, first_at_us) in pieces {
+                    let cost = u32::try_from(lines.len().min(IN_FLIGHT_BYTES)).unwrap_or(u32::MAX);
+                    let (Ok(own), Ok(room)) = (
+                        own.clone().acquire_owned().await,
+                        room.clone().acquire_many_owned(cost).await,
+                    ) else {
+                        return;
+                    };
+                    let chunk = Write::Chunk {
+                        id: id.clone(),
+                        n,
+                        lines,
+                        first_at_us,
+                        _held: (own, room),
+                    };
+                    if queue.send(chunk).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = queue
+                    .send(Write::End {
+                        id,
+                        ended_ms: now_ms(),
+                    })
+                    .await;
+            });
+        }
     }
 }
 
 impl State {
-    fn push(&mut self, line: &str) {
+    /// Adds one event: `[seconds, code, data]`.
+    fn event(&mut self, code: &str, data: &str) {
+        let at = self.started.elapsed();
+        if self.lines.is_empty() {
+            self.first_at_us = at.as_micros() as i64;
+        }
+        let seconds = (at.as_secs_f64() * 1e6).round() / 1e6;
+        let line = serde_json::json!([seconds, code, data]).to_string();
         self.lines.extend_from_slice(line.as_bytes());
         self.lines.push(b'\n');
-        self.bytes += line.len() as u64 + 1;
         self.oldest.get_or_insert_with(Instant::now);
+    }
+
+    /// The size the page asked for, as an event, if it changed.
+    fn size_event(&mut self) {
+        if let Some(size) = self.pending_size.take()
+            && size != self.size
+        {
+            self.size = size;
+            self.event("r", &format!("{}x{}", size.0, size.1));
+        }
+    }
+
+    /// No more events: a cut character's start and a pending size are
+    /// written out.
+    fn finish(&mut self) {
+        let rest = std::mem::take(&mut self.carry);
+        if !rest.is_empty() {
+            let text = String::from_utf8_lossy(&rest).into_owned();
+            self.event("o", &text);
+        }
+        self.size_event();
+        self.ended = true;
+    }
+
+    /// The next chunk to send: whole lines, about [`CHUNK_BYTES`] (one
+    /// line more than that at most), when a full one waits or `all`.
+    fn take_chunk(&mut self, all: bool) -> Option<(Vec<u8>, i64, i64)> {
+        if self.lines.is_empty() || (!all && self.lines.len() < CHUNK_BYTES) {
+            return None;
+        }
+        let cut = if self.lines.len() <= CHUNK_BYTES {
+            self.lines.len()
+        } else {
+            // After the last line that ends within the chunk, or the first.
+            match self.lines[..CHUNK_BYTES].iter().rposition(|b| *b == b'\n') {
+                Some(i) => i + 1,
+                None => self
+                    .lines
+                    .iter()
+                    .position(|b| *b == b'\n')
+                    .map_or(self.lines.len(), |i| i + 1),
+            }
+        };
+        let rest = self.lines.split_off(cut);
+        let chunk = std::mem::replace(&mut self.lines, rest);
+        let first_at_us = self.first_at_us;
+        if self.lines.is_empty() {
+            self.oldest = None;
+        } else {
+            // The rest's own first time is not kept: the chunk's time is
+            // only where a cut's marker goes, which this bounds.
+            self.first_at_us = self.started.elapsed().as_micros() as i64;
+        }
+        let n = self.next_chunk;
+        self.next_chunk += 1;
+        Some((chunk, n, first_at_us))
     }
 
     /// `data` as text: a character cut between two outputs waits for its
@@ -523,9 +663,17 @@ async fn write_loop(
     store: Store,
     mut rx: mpsc::Receiver<Write>,
     health: Arc<Health>,
-    max_total: u64,
+    (max_bytes, max_total): (u64, u64),
     shutdown: CancellationToken,
 ) {
+    let mut w = Writer {
+        store,
+        health,
+        half: (max_bytes / 2).max(1),
+        rolls: HashMap::new(),
+        unborn: HashSet::new(),
+        damaged: HashSet::new(),
+    };
     let mut batch = Vec::with_capacity(BATCH);
     // What all recordings take: counted from the store at the start and
     // then by what this server writes, and counted again from the store
@@ -545,45 +693,18 @@ async fn write_loop(
         if n == 0 {
             return;
         }
-        let writes = std::mem::take(&mut batch);
-        let count = writes.len();
-        let result = match compress_batch(writes).await {
-            Ok(stored) => {
-                let bytes = stored
-                    .iter()
-                    .map(|w| match w {
-                        Stored::Chunk { data, .. } => data.len() as u64,
-                        Stored::Other(_) => 0,
-                    })
-                    .sum::<u64>();
-                written += bytes;
-                total = total.map(|t| t + bytes);
-                store_with_retries(&store, &stored, &health).await
-            }
-            Err(e) => Err(e),
-        };
+        let ops = w.plan(std::mem::take(&mut batch));
+        let bytes = w.write(ops).await;
+        written += bytes;
+        total = total.map(|t| t + bytes);
         if total.is_none_or(|t| t > max_total) || written >= CHECK_TOTAL_EVERY {
             written = 0;
-            match keep_within(&store, max_total).await {
+            match keep_within(&w.store, max_total).await {
                 Ok(left) => total = Some(left),
                 Err(e) => {
                     total = None;
                     tracing::warn!(error = %e, "cannot remove recordings over the total cap");
                 }
-            }
-        }
-        match result {
-            Ok(()) => health.failing.store(false, Ordering::Relaxed),
-            Err(e) => {
-                health.failing.store(true, Ordering::Relaxed);
-                if let Ok(mut last) = health.last_error.lock() {
-                    *last = Some(e.to_string());
-                }
-                health.lost.fetch_add(count as u64, Ordering::Relaxed);
-                health
-                    .last_loss_ms
-                    .store(now_ms() as u64, Ordering::Relaxed);
-                tracing::error!(error = %e, writes = count, "recordings could not be stored");
             }
         }
         if shutdown.is_cancelled() && rx.is_empty() && rx.is_closed() {
@@ -592,29 +713,306 @@ async fn write_loop(
     }
 }
 
+/// What the writer knows of a recording being made: how much of its cap
+/// its chunks take, to keep its first half and its latest half.
+#[derive(Default)]
+struct Roll {
+    /// Bytes of its first chunks, kept whatever follows.
+    head: u64,
+    /// Output was cut out already: the marker is written.
+    cut: bool,
+    /// The marker's size.
+    marker: u64,
+    /// The chunks after the head, oldest first: (n, bytes, first event's
+    /// time in microseconds).
+    tail: VecDeque<(i64, u64, i64)>,
+    tail_bytes: u64,
+}
+
+/// The marker written in place of the first chunk cut out.
+const CUT_MARKER: &str = "output cut here: past --recording-max-bytes a recording keeps its first half and its latest half";
+
+/// A planned write, its chunk not yet compressed.
+enum Op {
+    Begin(Box<Meta>, String),
+    Insert {
+        id: Arc<str>,
+        n: i64,
+        lines: Vec<u8>,
+        /// The recording's size as kept, with this chunk.
+        kept: u64,
+        _held: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+    },
+    /// Chunk `n` becomes the cut's marker.
+    Mark {
+        id: Arc<str>,
+        n: i64,
+        line: Vec<u8>,
+    },
+    /// Chunk `n` is cut out.
+    Delete {
+        id: Arc<str>,
+        n: i64,
+    },
+    Session {
+        id: Arc<str>,
+        session: String,
+    },
+    End {
+        id: Arc<str>,
+        ended_ms: i64,
+    },
+    /// Its output was cut (its marker written in this batch).
+    Truncated {
+        id: Arc<str>,
+    },
+}
+
+impl Op {
+    fn id(&self) -> &str {
+        match self {
+            Op::Begin(m, _) => &m.id,
+            Op::Insert { id, .. }
+            | Op::Mark { id, .. }
+            | Op::Delete { id, .. }
+            | Op::Session { id, .. }
+            | Op::End { id, .. }
+            | Op::Truncated { id } => id,
+        }
+    }
+}
+
+/// A planned write with its chunk compressed.
+enum Ready {
+    Chunk {
+        id: Arc<str>,
+        n: i64,
+        data: Vec<u8>,
+        bytes: u64,
+        kept: Option<u64>,
+    },
+    Other(Op),
+}
+
+/// Ids the writer remembers (recordings whose start, or some write, the
+/// store refused) at most; past it they are forgotten, with a warning.
+const REMEMBERED: usize = 100_000;
+
+struct Writer {
+    store: Store,
+    health: Arc<Health>,
+    /// Half the cap of one recording.
+    half: u64,
+    /// The recordings being made (begun and not ended) on this server.
+    rolls: HashMap<Arc<str>, Roll>,
+    /// Recordings whose start the store refused: their writes are skipped
+    /// (they would have no index entry).
+    unborn: HashSet<Arc<str>>,
+    /// Recordings a refused write left with a gap, marked `incomplete`
+    /// once the store works again.
+    damaged: HashSet<Arc<str>>,
+}
+
+impl Writer {
+    /// Turns a batch of writes into the store's operations, cutting
+    /// recordings past their cap.
+    fn plan(&mut self, writes: Vec<Write>) -> Vec<Op> {
+        let mut ops: Vec<Op> = Vec::with_capacity(writes.len());
+        // Where each chunk of this batch is, to cut it before it is
+        // compressed when a later one of the same batch pushes it out.
+        let mut placed: HashMap<(Arc<str>, i64), usize> = HashMap::new();
+        for write in writes {
+            if self.unborn.contains(write.id()) {
+                if let Write::End { id, .. } = &write {
+                    self.unborn.remove(id);
+                }
+                continue;
+            }
+            match write {
+                Write::Begin(meta, server) => {
+                    self.rolls.insert(meta.id.as_str().into(), Roll::default());
+                    ops.push(Op::Begin(meta, server));
+                }
+                Write::Session { id, session } => ops.push(Op::Session { id, session }),
+                Write::End { id, ended_ms } => {
+                    self.rolls.remove(&id);
+                    ops.push(Op::End { id, ended_ms });
+                }
+                Write::Chunk {
+                    id,
+                    n,
+                    lines,
+                    first_at_us,
+                    _held,
+                } => {
+                    let roll = self.rolls.entry(id.clone()).or_default();
+                    let len = lines.len() as u64;
+                    let mut cuts = Vec::new();
+                    if !roll.cut && roll.tail.is_empty() && roll.head + len <= self.half {
+                        roll.head += len;
+                    } else {
+                        roll.tail.push_back((n, len, first_at_us));
+                        roll.tail_bytes += len;
+                        while roll.tail_bytes > self.half && roll.tail.len() > 1 {
+                            let Some((old, old_len, at_us)) = roll.tail.pop_front() else {
+                                break;
+                            };
+                            roll.tail_bytes -= old_len;
+                            let first = !std::mem::replace(&mut roll.cut, true);
+                            if first {
+                                roll.marker = marker_line(at_us).len() as u64;
+                            }
+                            cuts.push((old, at_us, first));
+                        }
+                    }
+                    let kept = roll.head + roll.tail_bytes + roll.marker;
+                    placed.insert((id.clone(), n), ops.len());
+                    ops.push(Op::Insert {
+                        id: id.clone(),
+                        n,
+                        lines,
+                        kept,
+                        _held: Some(_held),
+                    });
+                    for (old, at_us, first_cut) in cuts {
+                        let line = marker_line(at_us);
+                        let here = placed.get(&(id.clone(), old)).copied();
+                        match (here, first_cut) {
+                            // Cut before it was stored: never compressed.
+                            (Some(i), true) => {
+                                if let Op::Insert { lines, .. } = &mut ops[i] {
+                                    *lines = line;
+                                }
+                                ops.push(Op::Truncated { id: id.clone() });
+                            }
+                            (Some(i), false) => {
+                                if let Op::Insert { lines, .. } = &mut ops[i] {
+                                    lines.clear();
+                                }
+                            }
+                            (None, true) => ops.push(Op::Mark {
+                                id: id.clone(),
+                                n: old,
+                                line,
+                            }),
+                            (None, false) => ops.push(Op::Delete {
+                                id: id.clone(),
+                                n: old,
+                            }),
+                        }
+                    }
+                }
+            }
+        }
+        ops
+    }
+
+    /// Compresses and writes the operations, trying again while the store
+    /// fails; returns the compressed bytes written.
+    async fn write(&mut self, ops: Vec<Op>) -> u64 {
+        let ids: Vec<(Arc<str>, bool)> = ops
+            .iter()
+            .map(|op| (Arc::<str>::from(op.id()), matches!(op, Op::Begin(..))))
+            .collect();
+        let result = match compress_all(ops).await {
+            Ok(ready) => {
+                let bytes = ready
+                    .iter()
+                    .map(|r| match r {
+                        Ready::Chunk { data, .. } => data.len() as u64,
+                        Ready::Other(_) => 0,
+                    })
+                    .sum::<u64>();
+                store_with_retries(&self.store, &ready, &self.health)
+                    .await
+                    .map(|()| bytes)
+            }
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(bytes) => {
+                self.health.failing.store(false, Ordering::Relaxed);
+                if !self.damaged.is_empty() {
+                    match mark_incomplete(&self.store, &self.damaged).await {
+                        Ok(()) => self.damaged.clear(),
+                        Err(e) => tracing::warn!(error = %e, "cannot mark recordings incomplete"),
+                    }
+                }
+                bytes
+            }
+            Err(e) => {
+                let h = &self.health;
+                h.failing.store(true, Ordering::Relaxed);
+                if let Ok(mut last) = h.last_error.lock() {
+                    *last = Some(e.to_string());
+                }
+                h.lost.fetch_add(ids.len() as u64, Ordering::Relaxed);
+                crate::server::metrics::recording_writes_lost(ids.len() as u64);
+                h.last_loss_ms.store(now_ms() as u64, Ordering::Relaxed);
+                tracing::error!(error = %e, writes = ids.len(), "recordings could not be stored");
+                if self.unborn.len() + self.damaged.len() > REMEMBERED {
+                    tracing::warn!("too many damaged recordings to remember; some stay unmarked");
+                    self.unborn.clear();
+                    self.damaged.clear();
+                }
+                for (id, begin) in ids {
+                    if begin {
+                        self.rolls.remove(&id);
+                        self.unborn.insert(id);
+                    } else {
+                        self.damaged.insert(id);
+                    }
+                }
+                0
+            }
+        }
+    }
+}
+
+/// The marker line at `at_us` from the start.
+fn marker_line(at_us: i64) -> Vec<u8> {
+    let seconds = at_us as f64 / 1e6;
+    let mut line = serde_json::json!([seconds, "m", CUT_MARKER])
+        .to_string()
+        .into_bytes();
+    line.push(b'\n');
+    line
+}
+
+async fn mark_incomplete(store: &Store, ids: &HashSet<Arc<str>>) -> Result<(), sqlx::Error> {
+    let mut tx = store.pool.begin().await?;
+    for id in ids {
+        sqlx::query("UPDATE recordings SET incomplete = 1 WHERE id = $1")
+            .bind(&**id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await
+}
+
 /// One gzip member of `lines` (members one after the other are one gzip
-/// stream).
+/// stream). The fast level: a command's output waits for it.
 fn compress(lines: &[u8]) -> std::io::Result<Vec<u8>> {
     let mut gz = flate2::write::GzEncoder::new(
         Vec::with_capacity(lines.len() / 4),
-        flate2::Compression::default(),
+        flate2::Compression::fast(),
     );
     gz.write_all(lines)?;
     gz.finish()
 }
 
 /// Writes a batch, trying again (after 0.1 s, doubling) while the store
-/// fails, [`ATTEMPTS`] times in all: the queue fills meanwhile, and what
-/// finds it full is counted as lost, never silently.
+/// fails, [`ATTEMPTS`] times in all; the commands whose chunks wait are
+/// slowed meanwhile (their room is held).
 async fn store_with_retries(
     store: &Store,
-    stored: &[Stored],
+    ready: &[Ready],
     health: &Health,
 ) -> Result<(), sqlx::Error> {
     let mut wait = Duration::from_millis(100);
     let mut attempt = 1;
     loop {
-        match write_batch(store, stored).await {
+        match write_batch(store, ready).await {
             Ok(()) => return Ok(()),
             Err(e) if attempt < ATTEMPTS => {
                 health.failing.store(true, Ordering::Relaxed);
@@ -634,22 +1032,36 @@ async fn store_with_retries(
 /// Attempts at writing one batch.
 const ATTEMPTS: u32 = 6;
 
-async fn compress_batch(writes: Vec<Write>) -> Result<Vec<Stored>, sqlx::Error> {
+async fn compress_all(ops: Vec<Op>) -> Result<Vec<Ready>, sqlx::Error> {
     // Compressing takes a while for full chunks: off the runtime's threads.
     tokio::task::spawn_blocking(move || {
-        writes
-            .into_iter()
-            .map(|w| match w {
-                Write::Chunk {
-                    id,
-                    n,
-                    lines,
-                    bytes,
+        ops.into_iter()
+            .filter(|op| !matches!(op, Op::Insert { lines, .. } if lines.is_empty()))
+            .map(|op| match op {
+                Op::Insert {
+                    id, n, lines, kept, ..
                 } => {
                     let data = compress(&lines).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-                    Ok(Stored::Chunk { id, n, data, bytes })
+                    let bytes = lines.len() as u64;
+                    Ok(Ready::Chunk {
+                        id,
+                        n,
+                        data,
+                        bytes,
+                        kept: Some(kept),
+                    })
                 }
-                other => Ok(Stored::Other(other)),
+                Op::Mark { id, n, line } => {
+                    let data = compress(&line).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+                    Ok(Ready::Chunk {
+                        id,
+                        n,
+                        data,
+                        bytes: line.len() as u64,
+                        kept: None,
+                    })
+                }
+                other => Ok(Ready::Other(other)),
             })
             .collect::<Result<Vec<_>, sqlx::Error>>()
     })
@@ -657,16 +1069,16 @@ async fn compress_batch(writes: Vec<Write>) -> Result<Vec<Stored>, sqlx::Error> 
     .map_err(|e| sqlx::Error::Protocol(format!("compressing a recording failed: {e}")))?
 }
 
-async fn write_batch(store: &Store, writes: &[Stored]) -> Result<(), sqlx::Error> {
+async fn write_batch(store: &Store, ready: &[Ready]) -> Result<(), sqlx::Error> {
     let mut tx = store.pool.begin().await?;
-    for w in writes {
-        match w {
-            Stored::Other(Write::Begin(m)) => {
+    for r in ready {
+        match r {
+            Ready::Other(Op::Begin(m, server)) => {
                 sqlx::query(
                     "INSERT INTO recordings (id, user_name, agent, via, kind, session, command,
-                        started_ms, updated_ms, ended_ms, cols, rows_, bytes, stored, chunks,
-                        truncated, incomplete)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, NULL, $9, $10, 0, 0, 0, 0, 0)",
+                        server, started_ms, updated_ms, ended_ms, cols, rows_, bytes, stored,
+                        chunks, truncated, incomplete)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, NULL, $10, $11, 0, 0, 0, 0, 0)",
                 )
                 .bind(&m.id)
                 .bind(&m.user)
@@ -675,78 +1087,140 @@ async fn write_batch(store: &Store, writes: &[Stored]) -> Result<(), sqlx::Error
                 .bind(&m.kind)
                 .bind(&m.session)
                 .bind(&m.command)
+                .bind(server)
                 .bind(m.started_ms)
                 .bind(i64::from(m.cols))
                 .bind(i64::from(m.rows))
                 .execute(&mut *tx)
                 .await?;
             }
-            Stored::Chunk { id, n, data, bytes } => {
+            Ready::Chunk {
+                id,
+                n,
+                data,
+                bytes,
+                kept: Some(kept),
+            } => {
                 let stored = data.len() as i64;
-                sqlx::query(
-                    "INSERT INTO recording_chunks (recording, n, data) VALUES ($1, $2, $3)",
+                // A chunk whose recording is gone (removed meanwhile) is
+                // not kept either.
+                let inserted = sqlx::query(
+                    "INSERT INTO recording_chunks (recording, n, bytes, size, data)
+                     SELECT $1, $2, $3, $4, $5 WHERE EXISTS (SELECT 1 FROM recordings WHERE id = $1)",
                 )
                 .bind(&**id)
-                .bind(n)
-                .bind(data)
+                .bind(*n)
+                .bind(*bytes as i64)
+                .bind(stored)
+                .bind(data.as_slice())
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if inserted == 1 {
+                    sqlx::query(
+                        "UPDATE recordings SET bytes = $2, stored = stored + $3, chunks = $4,
+                            updated_ms = $5 WHERE id = $1",
+                    )
+                    .bind(&**id)
+                    .bind(*kept as i64)
+                    .bind(stored)
+                    .bind(n + 1)
+                    .bind(now_ms())
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+            // The marker in place of a chunk cut out.
+            Ready::Chunk {
+                id,
+                n,
+                data,
+                bytes,
+                kept: None,
+            } => {
+                sqlx::query(
+                    "UPDATE recordings SET truncated = 1, stored = stored + $3 -
+                        COALESCE((SELECT size FROM recording_chunks WHERE recording = $1 AND n = $2), 0)
+                     WHERE id = $1",
+                )
+                .bind(&**id)
+                .bind(*n)
+                .bind(data.len() as i64)
                 .execute(&mut *tx)
                 .await?;
                 sqlx::query(
-                    "UPDATE recordings SET bytes = $2, stored = stored + $3, chunks = $4,
-                        updated_ms = $5 WHERE id = $1",
+                    "UPDATE recording_chunks SET data = $3, bytes = $4, size = $5
+                     WHERE recording = $1 AND n = $2",
                 )
                 .bind(&**id)
-                .bind(bytes)
-                .bind(stored)
-                .bind(n + 1)
-                .bind(now_ms())
+                .bind(*n)
+                .bind(data.as_slice())
+                .bind(*bytes as i64)
+                .bind(data.len() as i64)
                 .execute(&mut *tx)
                 .await?;
             }
-            Stored::Other(Write::Session { id, session }) => {
+            Ready::Other(Op::Delete { id, n }) => {
+                sqlx::query(
+                    "UPDATE recordings SET stored = stored -
+                        COALESCE((SELECT size FROM recording_chunks WHERE recording = $1 AND n = $2), 0)
+                     WHERE id = $1",
+                )
+                .bind(&**id)
+                .bind(*n)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query("DELETE FROM recording_chunks WHERE recording = $1 AND n = $2")
+                    .bind(&**id)
+                    .bind(*n)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            Ready::Other(Op::Session { id, session }) => {
                 sqlx::query("UPDATE recordings SET session = $2 WHERE id = $1")
                     .bind(&**id)
                     .bind(session)
                     .execute(&mut *tx)
                     .await?;
             }
-            Stored::Other(Write::End {
-                id,
-                ended_ms,
-                truncated,
-                incomplete,
-            }) => {
-                sqlx::query(
-                    "UPDATE recordings SET ended_ms = $2, updated_ms = $2, truncated = $3,
-                        incomplete = $4 WHERE id = $1",
-                )
-                .bind(&**id)
-                .bind(ended_ms)
-                .bind(i64::from(*truncated))
-                .bind(i64::from(*incomplete))
-                .execute(&mut *tx)
-                .await?;
+            Ready::Other(Op::End { id, ended_ms }) => {
+                sqlx::query("UPDATE recordings SET ended_ms = $2, updated_ms = $2 WHERE id = $1")
+                    .bind(&**id)
+                    .bind(*ended_ms)
+                    .execute(&mut *tx)
+                    .await?;
             }
-            Stored::Other(Write::Chunk { .. }) => {}
+            Ready::Other(Op::Truncated { id }) => {
+                sqlx::query("UPDATE recordings SET truncated = 1 WHERE id = $1")
+                    .bind(&**id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            Ready::Other(Op::Insert { .. } | Op::Mark { .. }) => {}
         }
     }
     tx.commit().await
 }
 
-/// A write with its chunk compressed.
-enum Stored {
-    Chunk {
-        id: Arc<str>,
-        n: i64,
-        data: Vec<u8>,
-        bytes: i64,
-    },
-    Other(Write),
+/// Removes one recording with its chunks.
+async fn remove(store: &Store, id: &str) -> Result<(), sqlx::Error> {
+    let mut tx = store.pool.begin().await?;
+    sqlx::query("DELETE FROM recording_chunks WHERE recording = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("DELETE FROM recordings WHERE id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await
 }
 
-/// Removes the oldest finished recordings while all of them together
-/// take more than `max_total` bytes in the store (live ones stay: each is
-/// bounded by `--recording-max-bytes`); returns what they take then.
+/// Removes finished recordings while all of them together take more than
+/// `max_total` bytes in the store: the oldest of the user whose
+/// recordings take the most, each time (so that one user printing a lot
+/// removes their own first, not everyone's). Live ones stay: each is
+/// bounded by `--recording-max-bytes`. Returns what all take then.
 pub async fn keep_within(store: &Store, max_total: u64) -> Result<u64, sqlx::Error> {
     let (total,): (i64,) =
         sqlx::query_as("SELECT CAST(COALESCE(SUM(stored), 0) AS BIGINT) FROM recordings")
@@ -755,26 +1229,27 @@ pub async fn keep_within(store: &Store, max_total: u64) -> Result<u64, sqlx::Err
     let mut over = total.saturating_sub(i64::try_from(max_total).unwrap_or(i64::MAX));
     let mut removed = 0;
     while over > 0 {
-        let oldest: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT id, stored FROM recordings WHERE ended_ms IS NOT NULL
-             ORDER BY started_ms, id LIMIT 100",
+        let heaviest: Option<(String,)> = sqlx::query_as(
+            "SELECT user_name FROM recordings WHERE ended_ms IS NOT NULL
+             GROUP BY user_name ORDER BY SUM(stored) DESC, user_name LIMIT 1",
         )
+        .fetch_optional(&store.pool)
+        .await?;
+        let Some((user,)) = heaviest else { break };
+        let oldest: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT id, stored FROM recordings WHERE ended_ms IS NOT NULL AND user_name = $1
+             ORDER BY started_ms, id LIMIT 20",
+        )
+        .bind(&user)
         .fetch_all(&store.pool)
         .await?;
-        if oldest.is_empty() {
-            break;
-        }
         for (id, stored) in oldest {
-            let mut tx = store.pool.begin().await?;
-            sqlx::query("DELETE FROM recording_chunks WHERE recording = $1")
-                .bind(&id)
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query("DELETE FROM recordings WHERE id = $1")
-                .bind(&id)
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
+            remove(store, &id).await?;
+            tracing::warn!(
+                recording = %id,
+                %user,
+                "recording removed: all recordings together reached --recording-max-total-bytes"
+            );
             removed += 1;
             over -= stored;
             if over <= 0 {
@@ -786,7 +1261,7 @@ pub async fn keep_within(store: &Store, max_total: u64) -> Result<u64, sqlx::Err
         tracing::warn!(
             removed,
             max_total,
-            "old recordings removed: all recordings together reached --recording-max-total-bytes"
+            "recordings removed to stay within the total cap"
         );
     }
     let cap = i64::try_from(max_total).unwrap_or(i64::MAX);
@@ -807,43 +1282,58 @@ async fn retention_loop(store: Store, keep: Duration, shutdown: CancellationToke
     }
 }
 
-/// Removes the recordings that began before `cutoff_ms`, with their
-/// chunks.
+/// Removes the finished recordings that began before `cutoff_ms`, with
+/// their chunks, one at a time (the store's other writers go on between
+/// them), and chunks whose recording is gone.
 pub async fn trim(store: &Store, cutoff_ms: i64) -> Result<u64, sqlx::Error> {
-    let mut tx = store.pool.begin().await?;
-    sqlx::query(
-        "DELETE FROM recording_chunks WHERE recording IN
-            (SELECT id FROM recordings WHERE started_ms < $1)",
-    )
-    .bind(cutoff_ms)
-    .execute(&mut *tx)
-    .await?;
-    let gone = sqlx::query("DELETE FROM recordings WHERE started_ms < $1")
+    let mut gone = 0;
+    loop {
+        let old: Vec<(String,)> = sqlx::query_as(
+            "SELECT id FROM recordings WHERE started_ms < $1 AND ended_ms IS NOT NULL LIMIT 100",
+        )
         .bind(cutoff_ms)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-    tx.commit().await?;
+        .fetch_all(&store.pool)
+        .await?;
+        if old.is_empty() {
+            break;
+        }
+        for (id,) in old {
+            remove(store, &id).await?;
+            gone += 1;
+        }
+    }
+    sqlx::query(
+        "DELETE FROM recording_chunks WHERE NOT EXISTS
+            (SELECT 1 FROM recordings WHERE recordings.id = recording_chunks.recording)",
+    )
+    .execute(&store.pool)
+    .await?;
     if gone > 0 {
         tracing::info!(removed = gone, "old recordings removed (retention)");
     }
     Ok(gone)
 }
 
-/// Recordings a SQLite store's last server left unfinished (it stopped
-/// without ending them) are ended where their last chunk was written, and
-/// marked incomplete. Only for SQLite, whose one server is this one; on a
-/// shared PostgreSQL another server's live recordings look the same.
-pub async fn close_abandoned(store: &Store) -> Result<u64, sqlx::Error> {
-    if store.backend != crate::store::Backend::Sqlite {
-        return Ok(0);
-    }
-    Ok(sqlx::query(
-        "UPDATE recordings SET ended_ms = updated_ms, incomplete = 1 WHERE ended_ms IS NULL",
-    )
-    .execute(&store.pool)
-    .await?
-    .rows_affected())
+/// Recordings this server left unfinished (it stopped without ending
+/// them) are ended where their last chunk was written, and marked
+/// incomplete: on SQLite all of them (its one server is this one), on a
+/// shared PostgreSQL those of this `--server-name` only.
+pub async fn close_abandoned(store: &Store, server: &str) -> Result<u64, sqlx::Error> {
+    let sql = match store.backend {
+        crate::store::Backend::Sqlite => {
+            "UPDATE recordings SET ended_ms = updated_ms, incomplete = 1
+             WHERE ended_ms IS NULL AND $1 = $1"
+        }
+        crate::store::Backend::Postgres => {
+            "UPDATE recordings SET ended_ms = updated_ms, incomplete = 1
+             WHERE ended_ms IS NULL AND server = $1"
+        }
+    };
+    Ok(sqlx::query(sql)
+        .bind(server)
+        .execute(&store.pool)
+        .await?
+        .rows_affected())
 }
 
 /// What to look for in the index.
@@ -1043,12 +1533,11 @@ mod tests {
             started: Instant::now(),
             lines: Vec::new(),
             oldest: None,
+            first_at_us: 0,
             carry: Vec::new(),
             size: (80, 24),
-            bytes: 0,
+            pending_size: None,
             next_chunk: 0,
-            truncated: false,
-            incomplete: false,
             ended: false,
             bare_lines: false,
         };
@@ -1060,6 +1549,44 @@ mod tests {
         assert_eq!(incomplete_tail(b"abc"), 0);
         assert_eq!(incomplete_tail("é".as_bytes()), 0);
         assert_eq!(incomplete_tail(&"😀".as_bytes()[..3]), 3);
+    }
+
+    #[test]
+    fn chunks_are_whole_lines_and_resizes_without_output_are_one() {
+        let mut s = State {
+            started: Instant::now(),
+            lines: Vec::new(),
+            oldest: None,
+            first_at_us: 0,
+            carry: Vec::new(),
+            size: (80, 24),
+            pending_size: None,
+            next_chunk: 0,
+            ended: false,
+            bare_lines: false,
+        };
+        for size in [(100, 30), (80, 24), (120, 40)] {
+            s.pending_size = Some(size);
+        }
+        s.size_event();
+        let text = "y".repeat(EVENT_TEXT);
+        for _ in 0..(2 * CHUNK_BYTES / EVENT_TEXT + 1) {
+            s.event("o", &text);
+        }
+        assert!(s.take_chunk(false).is_some());
+        let mut all = Vec::new();
+        let mut n = Vec::new();
+        while let Some((chunk, i, _)) = s.take_chunk(true) {
+            assert!(chunk.ends_with(b"\n") && chunk.len() <= CHUNK_BYTES + EVENT_TEXT + 64);
+            all.extend(chunk);
+            n.push(i);
+        }
+        assert_eq!(n, (1..=n.len() as i64).collect::<Vec<_>>());
+        assert!(s.take_chunk(true).is_none());
+        let lines: Vec<&[u8]> = all.split(|b| *b == b'\n').filter(|l| !l.is_empty()).collect();
+        for l in &lines {
+            serde_json::from_slice::<serde_json::Value>(l).unwrap();
+        }
     }
 
     #[test]

@@ -98,6 +98,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
             kind TEXT NOT NULL,
             session TEXT,
             command TEXT NOT NULL,
+            server TEXT NOT NULL,
             started_ms BIGINT NOT NULL,
             updated_ms BIGINT NOT NULL,
             ended_ms BIGINT,
@@ -114,6 +115,8 @@ const MIGRATIONS: &[(i64, &str)] = &[
         CREATE TABLE recording_chunks (
             recording TEXT NOT NULL,
             n BIGINT NOT NULL,
+            bytes BIGINT NOT NULL,
+            size BIGINT NOT NULL,
             data {blob} NOT NULL,
             PRIMARY KEY (recording, n)
         )",

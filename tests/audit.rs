@@ -839,7 +839,7 @@ async fn recordings_until(
 /// both recorded, listed under the audit log's rules, readable while
 /// live, linked from the audit log, and asciicast v2 that asciinema reads.
 async fn recordings_suite(store: Store) {
-    let server = server_on(&store, &["--recording-max-bytes", "20000"]);
+    let server = server_on(&store, &["--recording-max-bytes", "300000"]);
     let olga = server
         .login(&[("username", "olga"), ("password", "operator-pw")])
         .await
@@ -909,7 +909,7 @@ async fn recordings_suite(store: Store) {
     // Past the cap: recorded up to it, with a marker saying why it stops.
     common::ws::send(
         &mut ws,
-        json!({"type": "exec", "id": 2, "cmd": "head -c 100000 /dev/zero | tr '\\0' x; echo; echo tail-end"}),
+        json!({"type": "exec", "id": 2, "cmd": "head -c 1000000 /dev/zero | tr '\\0' x; echo; echo tail-end"}),
     )
     .await;
     let (big, texts) = console_until(&mut ws, 2, "").await;
@@ -952,13 +952,33 @@ async fn recordings_suite(store: Store) {
         events.iter().all(|e| e.1 != "i"),
         "typed input is not kept without --record-input"
     );
+    // Past the cap: its first half and its latest half, the cut marked,
+    // so that printing a lot first hides nothing that follows.
     let (_, capped) = cast(&server, &olga, &big_id).await;
-    assert!(capped.len() <= 20000, "{}", capped.len());
+    assert!(capped.len() < 500_000, "{}", capped.len());
+    assert_eq!(ended[0]["bytes"].as_u64(), Some(capped.len() as u64));
     let (_, events) = parse_cast(&capped);
-    let last = events.last().unwrap();
-    assert_eq!(last.1, "m");
-    assert!(last.2.contains("size cap"), "{}", last.2);
-    assert!(!output_of(&events).contains("tail-end"));
+    let cut = events
+        .iter()
+        .position(|e| e.1 == "m")
+        .expect("a marker where output was cut");
+    assert!(
+        events[cut].2.contains("output cut here"),
+        "{}",
+        events[cut].2
+    );
+    let before = output_of(&events[..cut]);
+    let after = output_of(&events[cut..]);
+    assert!(
+        before.starts_with("xxxx") && before.len() > 100_000,
+        "{}",
+        before.len()
+    );
+    assert!(
+        after.ends_with("tail-end\r\n") && after.len() > 100_000,
+        "{}",
+        after.len()
+    );
 
     // asciinema plays the file (in a terminal of its own, which it needs;
     // idle time cut to 0.1 s).
@@ -1074,7 +1094,7 @@ async fn users_suite(store: Store, two_servers: bool) {
     ));
     refused(
         conch_user(&a, &["add", "nina", "--role", "viewer"], "another-pw-2\n"),
-        "exists",
+        "store",
     );
     refused(
         conch_user(&a, &["add", "olga", "--role", "admin"], "another-pw-2\n"),
@@ -1092,6 +1112,31 @@ async fn users_suite(store: Store, two_servers: bool) {
         conch_user(&a, &["passwd", "olga"], "another-pw-2\n"),
         "users file",
     );
+    // One name, one principal, whatever its case: a file user, a store
+    // user, an API token.
+    for (name, why) in [
+        ("Admin", "admin token"),
+        ("OLGA", "users file"),
+        ("Nina", "store"),
+    ] {
+        refused(
+            conch_user(&a, &["add", name, "--role", "admin"], "another-pw-2\n"),
+            why,
+        );
+    }
+    let _ci = a.create_token("ci-bot", "operator").await;
+    refused(
+        conch_user(&a, &["add", "CI-bot", "--role", "admin"], "another-pw-2\n"),
+        "API token",
+    );
+    let named_like_nina = reqwest::Client::new()
+        .post(a.url("/api/v1/tokens"))
+        .bearer_auth(&a.token)
+        .json(&json!({"name": "nina", "role": "admin"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(named_like_nina.status(), 409);
     let (code, listed, _) = conch_user(other, &["list", "--json"], "");
     assert_eq!(code, Some(0));
     assert!(
@@ -1123,7 +1168,6 @@ async fn users_suite(store: Store, two_servers: bool) {
     assert_eq!(common::ws::next_json(&mut ws).await["role"], "operator");
     let (out, _, _) = common::ws::run(&mut ws, 1, "echo as-nina").await;
     assert_eq!(out, b"as-nina\n");
-    drop(ws);
 
     // Only full admins manage users.
     let vera = a
@@ -1153,6 +1197,24 @@ async fn users_suite(store: Store, two_servers: bool) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(ended, "the other server ended her session");
+    // Her open console there ends too, without a request of hers.
+    let closed = tokio::time::timeout(Duration::from_secs(30), async {
+        use futures_util::StreamExt;
+        while let Some(Ok(msg)) = ws.next().await {
+            if let tokio_tungstenite::tungstenite::Message::Text(t) = msg
+                && t.contains("session_expired")
+            {
+                return true;
+            }
+        }
+        true
+    })
+    .await;
+    assert_eq!(
+        closed,
+        Ok(true),
+        "her console on the other server was closed"
+    );
     assert!(nina(&a, "first-secret-1").await.is_err());
     let again = nina(other, "second-secret-2")
         .await
@@ -1192,29 +1254,164 @@ async fn postgres_users_are_shared_by_servers() {
     users_suite(Store::Postgres(Postgres::start()), true).await;
 }
 
-/// Past `--recording-max-total-bytes`, the oldest finished recordings are
-/// removed, and the newest stays.
+/// Runs `command` as console command `id`; returns its recording's id.
+async fn recorded(ws: &mut common::ws::Ws, id: u32, command: &str) -> String {
+    common::ws::send(ws, json!({"type": "exec", "id": id, "cmd": command})).await;
+    let (_, texts) = console_until(ws, id, "").await;
+    let started = texts.iter().find(|t| t["type"] == "started").unwrap();
+    started["recording"].as_str().expect("recorded").to_owned()
+}
+
+/// Past `--recording-max-total-bytes`, finished recordings are removed,
+/// the oldest of the user whose recordings take the most first: one user
+/// printing a lot removes their own, not everyone's.
 #[tokio::test]
-async fn recordings_past_the_total_cap_go_oldest_first() {
+async fn recordings_past_the_total_cap_go_heaviest_user_first() {
     let store = Store::Sqlite(tempfile::tempdir().unwrap());
-    let server = server_on(&store, &["--recording-max-total-bytes", "600"]);
-    let mut ws = common::ws::console(&server).await;
+    let server = server_on(&store, &["--recording-max-total-bytes", "12000"]);
+    let mut admin = common::ws::console(&server).await;
+    let admins = recorded(&mut admin, 1, "echo the-admins-own").await;
+    let olga = server
+        .login(&[("username", "olga"), ("password", "operator-pw")])
+        .await
+        .unwrap();
+    let mut ws = common::ws::open_ws(&server, Some(&olga), Some(&server.origin()))
+        .await
+        .unwrap();
+    common::ws::next_json(&mut ws).await;
     let mut ids = Vec::new();
-    for i in 1..=6u32 {
-        common::ws::send(
-            &mut ws,
-            json!({"type": "exec", "id": i, "cmd": format!("echo number-{i}")}),
-        )
-        .await;
-        let (_, texts) = console_until(&mut ws, i, "").await;
-        let started = texts.iter().find(|t| t["type"] == "started").unwrap();
-        ids.push(started["recording"].as_str().unwrap().to_owned());
+    for i in 1..=8u32 {
+        // About 2 KiB that does not compress.
+        ids.push(recorded(&mut ws, i, "head -c 1500 /dev/urandom | base64").await);
     }
-    let newest = ids.last().unwrap().clone();
-    let oldest = ids[0].clone();
-    recordings_until(&server, &server.token, "", |l| {
+    let (oldest, newest) = (ids[0].clone(), ids[7].clone());
+    let left = recordings_until(&server, &server.token, "", |l| {
         let has = |id: &str| l.iter().any(|r| r["id"] == id);
-        !has(&oldest) && has(&newest) && l.len() < 6
+        !has(&oldest) && has(&newest)
     })
     .await;
+    assert!(
+        left.iter().any(|r| r["id"] == admins.as_str()),
+        "the light user's recording stays: {left:?}"
+    );
+}
+
+/// A store that refuses writes for a while: `/readyz` says so, the
+/// recordings it cut are marked incomplete, and recording goes on once it
+/// works again.
+#[tokio::test]
+async fn a_failing_store_marks_recordings_incomplete_and_recovers() {
+    let store = Store::Sqlite(tempfile::tempdir().unwrap());
+    let server = server_on(&store, &[]);
+    let mut ws = common::ws::console(&server).await;
+    let shell = json!({"type": "exec", "id": 1, "pty": {"cols": 80, "rows": 24}});
+    common::ws::send(&mut ws, shell).await;
+    let type_in = |line: &str| json!({"type": "stdin", "id": 1, "data": format!("{line}\n")});
+    common::ws::send(&mut ws, type_in("echo before-$((1+1))")).await;
+    let (_, texts) = console_until(&mut ws, 1, "before-2").await;
+    let id = texts
+        .iter()
+        .find_map(|t| t["recording"].as_str())
+        .unwrap()
+        .to_owned();
+    assert_eq!(common::status(server.url("/readyz")).await, 200);
+    store.sql("ALTER TABLE recording_chunks RENAME TO recording_chunks_away");
+    common::ws::send(&mut ws, type_in("echo during-$((2+2))")).await;
+    console_until(&mut ws, 1, "during-4").await;
+    let mut seen = 0;
+    for _ in 0..300 {
+        seen = common::status(server.url("/readyz")).await;
+        if seen == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(seen, 503, "/readyz reports the failing store");
+    // Once the writer gave up on those writes (after its retries), the
+    // store is mended.
+    let mut lost = false;
+    for _ in 0..300 {
+        let metrics = reqwest::Client::new()
+            .get(server.url("/metrics"))
+            .bearer_auth(&server.token)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        lost = metrics
+            .lines()
+            .any(|l| l.starts_with("conch_recording_writes_lost_total ") && !l.ends_with(" 0"));
+        if lost {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(lost, "the metrics count the lost writes");
+    store.sql("ALTER TABLE recording_chunks_away RENAME TO recording_chunks");
+    common::ws::send(&mut ws, type_in("echo after-$((3+3)); exit")).await;
+    console_until(&mut ws, 1, "").await;
+    let done = recordings_until(&server, &server.token, "", |l| {
+        l.iter()
+            .any(|r| r["id"] == id.as_str() && !r["ended_ms"].is_null() && r["incomplete"] == true)
+    })
+    .await;
+    assert!(done.iter().any(|r| r["id"] == id.as_str()));
+    let (_, text) = cast(&server, &server.token, &id).await;
+    let out = output_of(&parse_cast(&text).1);
+    // What the store refused is gone (and said so); what came after the
+    // repair is there.
+    assert!(out.contains("after-6"), "{out}");
+}
+
+/// One user printing as fast as they can never costs another user their
+/// recording: the writer's room is shared in turn, and nothing is lost.
+#[tokio::test]
+async fn a_flood_of_output_loses_no_one_elses_recording() {
+    let store = Store::Sqlite(tempfile::tempdir().unwrap());
+    let server = server_on(&store, &[]);
+    let olga = server
+        .login(&[("username", "olga"), ("password", "operator-pw")])
+        .await
+        .unwrap();
+    let mut flood = common::ws::open_ws(&server, Some(&olga), Some(&server.origin()))
+        .await
+        .unwrap();
+    common::ws::next_json(&mut flood).await;
+    common::ws::send(
+        &mut flood,
+        json!({"type": "exec", "id": 1, "cmd": "head -c 6000000 /dev/urandom | base64"}),
+    )
+    .await;
+    // The flood is under way, read as fast as it comes, while the other
+    // user's commands run.
+    console_until(&mut flood, 1, "\n").await;
+    let flooding = tokio::spawn(async move {
+        console_until(&mut flood, 1, "").await;
+    });
+    let mut admin = common::ws::console(&server).await;
+    let mut mine = Vec::new();
+    for i in 1..=5u32 {
+        mine.push(recorded(&mut admin, i, &format!("echo not-lost-{i}")).await);
+    }
+    assert_eq!(common::status(server.url("/readyz")).await, 200);
+    flooding.await.unwrap();
+    for (i, id) in mine.iter().enumerate() {
+        let list = recordings_until(&server, &server.token, "user=admin", |l| {
+            l.iter()
+                .any(|r| r["id"] == id.as_str() && !r["ended_ms"].is_null())
+        })
+        .await;
+        let entry = list.iter().find(|r| r["id"] == id.as_str()).unwrap();
+        assert_eq!(entry["incomplete"], false);
+        let (_, text) = cast(&server, &server.token, id).await;
+        assert!(output_of(&parse_cast(&text).1).contains(&format!("not-lost-{}", i + 1)));
+    }
+    let theirs = recordings_until(&server, &olga, "", |l| {
+        l.first().is_some_and(|r| !r["ended_ms"].is_null())
+    })
+    .await;
+    assert_eq!(theirs[0]["incomplete"], false, "{:?}", theirs[0]);
+    assert_eq!(common::status(server.url("/readyz")).await, 200);
 }

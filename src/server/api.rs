@@ -1238,6 +1238,15 @@ pub(crate) async fn create_token(
         )));
     }
     let new: NewToken = read_json_body(request, 64 * 1024).await?;
+    // A token acts under its name: no user may already go by it.
+    if let Some(taken) = super::users::name_taken(&state, &new.name).await?
+        && !taken.starts_with("an API token")
+    {
+        return Err(ApiError::Conflict(format!(
+            "{:?} is taken: {taken} (names are compared without case)",
+            new.name
+        )));
+    }
     let agents = new
         .agents
         .as_deref()

@@ -60,6 +60,7 @@ pub(crate) struct Counters {
     /// Console commands that are shells of sessions (opened or attached), now.
     shells: Gauge,
     login_failures: Counter,
+    recording_writes_lost: Counter,
     api_latency: Family<RouteLabel, Histogram, fn() -> Histogram>,
 }
 
@@ -75,6 +76,7 @@ static COUNTERS: LazyLock<Counters> = LazyLock::new(|| Counters {
     consoles: Gauge::default(),
     shells: Gauge::default(),
     login_failures: Counter::default(),
+    recording_writes_lost: Counter::default(),
     api_latency: Family::new_with_constructor(latency_histogram),
 });
 
@@ -120,6 +122,12 @@ pub(crate) fn shell_attached() -> Open {
 /// A login or bearer token was refused.
 pub(crate) fn login_failed() {
     COUNTERS.login_failures.inc();
+}
+
+/// Writes of recordings the store refused (after its retries), or
+/// recordings that could not begin.
+pub(crate) fn recording_writes_lost(n: u64) {
+    COUNTERS.recording_writes_lost.inc_by(n);
 }
 
 /// An API request was answered.
@@ -239,6 +247,11 @@ pub(crate) fn render(now: Snapshot) -> String {
         "login_failures",
         "Refused passwords, admin tokens and bearer tokens",
         c.login_failures.clone(),
+    );
+    registry.register(
+        "recording_writes_lost",
+        "Writes of session recordings lost to a failing store (the recordings are marked incomplete)",
+        c.recording_writes_lost.clone(),
     );
     registry.register(
         "input_bytes",

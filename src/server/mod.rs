@@ -170,14 +170,19 @@ impl AppState {
     /// cannot answer leaves things as they are.
     pub(crate) async fn check_sessions(&self, headers: &HeaderMap) {
         for cookie in self.site.cookies(headers, self.site.session_cookie_name()) {
-            if cookie.len() > 256 || !self.auth.needs_check(&cookie) {
-                continue;
-            }
-            let key = auth::stored_key(&cookie);
-            match login_sessions::load(&self.audit.store, &key).await {
-                Ok(found) => self.auth.adopt(&cookie, found),
-                Err(e) => tracing::warn!(error = %e, "cannot read login sessions from the store"),
-            }
+            self.check_cookie(&cookie).await;
+        }
+    }
+
+    /// The same for one session cookie.
+    pub(crate) async fn check_cookie(&self, cookie: &str) {
+        if cookie.len() > 256 || !self.auth.needs_check(cookie) {
+            return;
+        }
+        let key = auth::stored_key(cookie);
+        match login_sessions::load(&self.audit.store, &key).await {
+            Ok(found) => self.auth.adopt(cookie, found),
+            Err(e) => tracing::warn!(error = %e, "cannot read login sessions from the store"),
         }
     }
 
@@ -331,7 +336,7 @@ pub async fn serve(
     };
     let recordings_stop = CancellationToken::new();
     let (recordings, recordings_writer) = if config.audit {
-        match crate::recording::close_abandoned(&store_for_recordings).await {
+        match crate::recording::close_abandoned(&store_for_recordings, &config.server_name).await {
             Ok(0) => {}
             Ok(n) => tracing::warn!(
                 recordings = n,
@@ -341,7 +346,10 @@ pub async fn serve(
         }
         crate::recording::Recordings::start(
             store_for_recordings,
-            config.recordings.clone(),
+            crate::recording::Settings {
+                server: config.server_name.clone(),
+                ..config.recordings.clone()
+            },
             recordings_stop.clone(),
         )
     } else {

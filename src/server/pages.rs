@@ -238,25 +238,49 @@ async fn check_login(
             .and_then(|c| state.auth.device_for(&c, username)),
         Credential::Token(_) => None,
     };
+    // A user the users file does not name may be one managed in the store.
+    // Asked for every name (a name of the file takes as long as any), and
+    // before waiting for a password slot, briefly: a slow store must not
+    // hold the slots that every login needs.
+    let stored = match &credential {
+        Credential::Password { username, .. } => {
+            let found = tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                super::users::find(&state.audit.store, username),
+            )
+            .await;
+            match found {
+                Ok(Ok(user)) => user.filter(|_| !state.auth.knows(username)),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot read users from the store");
+                    None
+                }
+                Err(_) => {
+                    tracing::warn!("the store did not answer for a login within 2 s");
+                    None
+                }
+            }
+        }
+        Credential::Token(_) => None,
+    };
+    let checked_hash = stored.as_ref().map(|u| u.password_hash.clone());
     let Ok(_permit) = state.login_slots.acquire().await else {
         return Err(busy);
     };
-    // A user the users file does not name may be one managed in the store.
-    let stored = match &credential {
-        Credential::Password { username, .. } if !state.auth.knows(username) => {
-            super::users::find(&state.audit.store, username)
-                .await
-                .unwrap_or_else(|e| {
-                    tracing::warn!(error = %e, "cannot read users from the store");
-                    None
-                })
-        }
-        _ => None,
-    };
     let app = state.clone();
-    tokio::task::spawn_blocking(move || app.auth.login(client, &credential, device, stored))
-        .await
-        .unwrap_or(Err(busy))
+    let principal =
+        tokio::task::spawn_blocking(move || app.auth.login(client, &credential, device, stored))
+            .await
+            .unwrap_or(Err(busy))?;
+    // A store user deleted, or given a new password, while the password
+    // was checked: the login fails rather than outlive the change.
+    if let Some(hash) = checked_hash {
+        let now = super::users::find(&state.audit.store, &principal.name).await;
+        if !matches!(now, Ok(Some(u)) if u.password_hash == hash) {
+            return Err(LoginError::Invalid);
+        }
+    }
+    Ok(principal)
 }
 
 /// How long a trusted-device cookie lasts: 90 days.

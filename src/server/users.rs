@@ -171,7 +171,7 @@ fn check_name(name: &str) -> Result<(), ApiError> {
             "a user name is 1 to 64 letters, digits, '.', '_' or '-'".into(),
         ));
     }
-    if name == "admin" {
+    if name.eq_ignore_ascii_case("admin") {
         return Err(ApiError::BadRequest(
             "\"admin\" is the admin token's name in the audit log; choose another".into(),
         ));
@@ -230,9 +230,9 @@ pub(crate) async fn add(
         crate::selector::Selector::parse(agents)
             .map_err(|e| ApiError::BadRequest(format!("\"agents\": {e}")))?;
     }
-    if state.auth.knows(&new.name) {
+    if let Some(taken) = name_taken(&state, &new.name).await? {
         return Err(ApiError::Conflict(format!(
-            "user {:?} is in the users file: change it there",
+            "{:?} is taken: {taken} (names are compared without case)",
             new.name
         )));
     }
@@ -267,6 +267,42 @@ pub(crate) async fn add(
         serde_json::json!({"action": "add", "name": new.name, "role": new.role.as_str(), "agents": new.agents}),
     );
     Ok(StatusCode::CREATED.into_response())
+}
+
+/// Who else goes by `name` (without regard to case), if anyone: a user
+/// of the users file, of the store, or an API token. Records, sessions
+/// and recordings belong to a name, so one name must be one principal.
+pub(crate) async fn name_taken(
+    state: &AppState,
+    name: &str,
+) -> Result<Option<&'static str>, ApiError> {
+    if state
+        .auth
+        .file_users()
+        .any(|u| u.name.eq_ignore_ascii_case(name))
+    {
+        return Ok(Some(
+            "a user of the users file is named so; change it there",
+        ));
+    }
+    let stored: Option<(String,)> =
+        sqlx::query_as("SELECT name FROM users WHERE LOWER(name) = LOWER($1)")
+            .bind(name)
+            .fetch_optional(&state.audit.store.pool)
+            .await
+            .map_err(store_failed)?;
+    if stored.is_some() {
+        return Ok(Some("a user of the store is named so"));
+    }
+    let tokens = state
+        .tokens
+        .list()
+        .await
+        .map_err(|e| ApiError::Busy(format!("the store cannot answer: {e}")))?;
+    if tokens.iter().any(|t| t.name.eq_ignore_ascii_case(name)) {
+        return Ok(Some("an API token is named so"));
+    }
+    Ok(None)
 }
 
 /// The store's user `name`, or why it cannot be changed here.

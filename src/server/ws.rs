@@ -54,9 +54,9 @@ pub(crate) async fn upgrade(
     ws: WebSocketUpgrade,
 ) -> Response {
     state.check_sessions(&headers).await;
-    let Some(login) = state
+    let Some((cookie, login)) = state
         .session_cookie(&headers)
-        .and_then(|c| state.auth.session_handle(&c))
+        .and_then(|c| state.auth.session_handle(&c).map(|h| (c, h)))
     else {
         return (StatusCode::UNAUTHORIZED, "log in first").into_response();
     };
@@ -68,7 +68,7 @@ pub(crate) async fn upgrade(
     // buffer keeps idle sessions cheap (tungstenite's default is 128 KiB).
     ws.max_message_size(MAX_MESSAGE)
         .read_buffer_size(READ_BUFFER)
-        .on_upgrade(move |socket| session(socket, state, login, client.to_string()))
+        .on_upgrade(move |socket| session(socket, state, (cookie, login), client.to_string()))
 }
 
 struct Running {
@@ -125,7 +125,12 @@ fn close(code: u16, reason: &'static str) -> WsMessage {
     }))
 }
 
-async fn session(socket: WebSocket, state: AppState, login: SessionHandle, source: String) {
+async fn session(
+    socket: WebSocket,
+    state: AppState,
+    (cookie, login): (String, SessionHandle),
+    source: String,
+) {
     let _open = super::metrics::console_open();
     let principal = login.principal.clone();
     let (mut sink, mut stream) = socket.split();
@@ -165,6 +170,13 @@ async fn session(socket: WebSocket, state: AppState, login: SessionHandle, sourc
     };
     let _ = out.send(hello.frame()).await;
     let expires = tokio::time::Instant::from_std(login.expires);
+    // The store is asked again now and then whether the login still
+    // holds: a logout, a deleted user or a new password on another server
+    // ends this console too (through `login.ended`). Asked in a task of
+    // its own: a slow store must not hold up the console.
+    let mut recheck = tokio::time::interval(super::login_sessions::RECHECK);
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    recheck.tick().await;
 
     loop {
         tokio::select! {
@@ -221,6 +233,10 @@ async fn session(socket: WebSocket, state: AppState, login: SessionHandle, sourc
             _ = tokio::time::sleep_until(expires) => {
                 end_session_socket(&out).await;
                 break;
+            }
+            _ = recheck.tick() => {
+                let (state, cookie) = (state.clone(), cookie.clone());
+                tokio::spawn(async move { state.check_cookie(&cookie).await });
             }
             _ = state.shutdown.cancelled() => {
                 let _ = out.send(ServerMessage::Shutdown { message: "the server is shutting down" }.frame()).await;
@@ -612,9 +628,12 @@ impl Console<'_> {
             .map_err(|e| Refusal::new(ErrorCode::AgentUnavailable, e.to_string()))?;
         tracing::info!(user = %self.principal.name, id, session = %a.session, watch = a.watch, "session attached");
         // A watcher sees what the writer's own attachment records.
-        let recording = (!a.watch)
-            .then(|| {
-                self.state.recordings.begin(crate::recording::Start {
+        let recording = if a.watch {
+            None
+        } else {
+            self.state
+                .recordings
+                .begin(crate::recording::Start {
                     user: self.principal.name.clone(),
                     agent: a.name.clone(),
                     kind: "session",
@@ -624,8 +643,8 @@ impl Console<'_> {
                     rows: a.size.rows,
                     bare_lines: false,
                 })
-            })
-            .flatten();
+                .await
+        };
         let mut detail = serde_json::json!({"session": a.session, "watch": a.watch});
         if let Some(r) = &recording {
             detail["recording"] = r.id().into();
@@ -749,22 +768,26 @@ impl Console<'_> {
             }
         };
         let size = pty.unwrap_or(crate::protocol::PtySize { cols: 80, rows: 24 });
-        let recording = self.state.recordings.begin(crate::recording::Start {
-            user: self.principal.name.clone(),
-            agent: agent_name.clone(),
-            kind: if req_cmd.is_some() {
-                "command"
-            } else {
-                "session"
-            },
-            session: None,
-            command: req_cmd
-                .as_deref()
-                .map_or("(login shell)".into(), |c| c.chars().take(4096).collect()),
-            cols: size.cols,
-            rows: size.rows,
-            bare_lines: !pty_on,
-        });
+        let recording = self
+            .state
+            .recordings
+            .begin(crate::recording::Start {
+                user: self.principal.name.clone(),
+                agent: agent_name.clone(),
+                kind: if req_cmd.is_some() {
+                    "command"
+                } else {
+                    "session"
+                },
+                session: None,
+                command: req_cmd
+                    .as_deref()
+                    .map_or("(login shell)".into(), |c| c.chars().take(4096).collect()),
+                cols: size.cols,
+                rows: size.rows,
+                bare_lines: !pty_on,
+            })
+            .await;
         if let Some(r) = &recording {
             detail["recording"] = r.id().into();
         }
@@ -920,7 +943,7 @@ async fn pump(
                 }
             } => {
                 if let Some(r) = &recording {
-                    r.flush_if_due();
+                    r.flush_if_due().await;
                 }
                 continue;
             }
@@ -951,7 +974,7 @@ async fn pump(
             Update::Session(session) => {
                 trail.note("session", &session);
                 if let Some(r) = &recording {
-                    r.session(&session);
+                    r.session(&session).await;
                 }
                 _shell.get_or_insert_with(super::metrics::shell_attached);
                 let msg = ServerMessage::Attached {
@@ -984,9 +1007,14 @@ async fn pump(
         if out.send(msg).await.is_err() || last {
             break;
         }
+        // Full chunks go to the store before more output is read: a
+        // command printing faster than it writes waits for it.
+        if let Some(r) = &recording {
+            r.settle().await;
+        }
     }
     if let Some(r) = &recording {
-        r.end();
+        r.end().await;
     }
     let _ = finished.send(id).await;
 }

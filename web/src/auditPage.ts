@@ -260,7 +260,7 @@ function main(): void {
     const label = document.createElement('summary');
     label.textContent = 'all';
     const pre = document.createElement('pre');
-    pre.textContent = detailText(r.detail) + '\n\nrecord ' + r.seq + ' · server ' + visible(r.server) + '\nhash ' + r.hash;
+    pre.textContent = detailText(r.detail) + '\n\nrecord ' + r.seq + ' · server ' + visible(r.server) + '\nhash ' + visible(r.hash);
     more.append(label, pre);
     details.appendChild(more);
     return row;

@@ -10,12 +10,14 @@
 
 import { formatBytes, query } from './files';
 import { isRecordingId, sitePath } from './site';
-import { formatDuration } from './text';
+import { formatDuration, visible } from './text';
+
+export { visible };
 
 /** The kinds of record (the server's `Kind::ALL`, in its order). */
 export const AUDIT_KINDS: readonly string[] = [
   'login', 'login_failed', 'logout', 'token_create', 'token_revoke', 'command_start', 'command_end',
-  'session_attach', 'session_detach', 'session_end', 'file_put', 'file_get', 'denied',
+  'session_attach', 'session_detach', 'session_end', 'file_put', 'file_get', 'denied', 'user_change',
 ];
 
 /** What the search form asks; empty strings and nulls ask nothing. */
@@ -228,18 +230,6 @@ export function parseRecordingsPage(body: string): Page<Recording> | null {
 
 // ------------------------------------------------------------ what is shown
 
-const ESCAPES: Record<string, string> = { '\n': '\\n', '\r': '\\r', '\t': '\\t' };
-
-/**
- * `text` with every control, format (bidi overrides, zero-width) and line
- * separator character shown as an escape (\n, \u202E): a command that
- * contains one reads as what it is, not as what it pretends to be.
- */
-export function visible(text: string): string {
-  return text.replace(/[\p{Cc}\p{Cf}\p{Zl}\p{Zp}]/gu, (c) =>
-    ESCAPES[c] ?? '\\u' + c.codePointAt(0)!.toString(16).toUpperCase().padStart(4, '0'));
-}
-
 /** A line of the table shows this much of a summary; the whole record is a click away. */
 export const SUMMARY_MAX = 300;
 
@@ -257,6 +247,16 @@ function exitText(exit: unknown): string | null {
   return null;
 }
 
+/** What a user_change record did, in a few words. */
+function userChange(action: string, name: string, role: string | null): string {
+  switch (action) {
+    case 'add': return 'add ' + name + (role ? ` (${role})` : '');
+    case 'password': return 'new password for ' + name;
+    case 'delete': return 'delete ' + name;
+    default: return action + ' ' + name;
+  }
+}
+
 /**
  * One line about a record: what it was about (the command line, a path, a
  * session, a token), then how it went (exit status, failure, reason, size,
@@ -272,13 +272,16 @@ export function summarize(detail: unknown): string {
   const argv = Array.isArray(d['argv'])
     ? (d['argv'] as unknown[]).map(String).map((a) => (/^[\w@%+=:,./-]+$/.test(a) ? a : JSON.stringify(a))).join(' ')
     : null;
-  const what = s('command') ?? argv ?? s('path');
+  // A store user added, re-passworded or deleted (user_change): "add nina (operator)".
+  const user = s('action') !== null && s('name') !== null ? userChange(s('action')!, s('name')!, s('role')) : null;
+  const what = s('command') ?? argv ?? s('path') ?? user;
   if (what !== null) parts.push(what);
+  if (user !== null && typeof d['agents'] === 'string') parts.push('agents ' + d['agents']);
   if (s('cwd')) parts.push('in ' + s('cwd'));
   if (s('session')) parts.push('session ' + s('session'));
   if (d['watch'] === true) parts.push('watching');
   if (s('token')) parts.push('token ' + s('token'));
-  if (s('role')) parts.push('role ' + s('role'));
+  if (s('role') && user === null) parts.push('role ' + s('role'));
   if (s('wanted')) parts.push('wanted ' + s('wanted'));
   const exit = exitText(d['exit']);
   if (exit) parts.push(exit);
@@ -292,8 +295,9 @@ export function summarize(detail: unknown): string {
 
 /** The whole of a record's details, for the eye: indented JSON, hidden characters shown. */
 export function detailText(detail: unknown): string {
-  // JSON escapes controls itself; format characters it leaves as they are.
-  return JSON.stringify(detail, null, 2).replace(/[\p{Cf}\p{Zl}\p{Zp}]/gu,
+  // JSON escapes the C0 controls itself; DEL, the C1 controls and format
+  // characters it leaves as they are (its own newlines stay).
+  return JSON.stringify(detail, null, 2).replace(/[\x7f-\x9f\p{Cf}\p{Zl}\p{Zp}]/gu,
     (c) => '\\u' + c.codePointAt(0)!.toString(16).toUpperCase().padStart(4, '0'));
 }
 

@@ -25,6 +25,9 @@ export type CastEvent =
   | { t: number; code: 'r'; cols: number; rows: number }
   | { t: number; code: 'm'; label: string };
 
+/** A marker: a point in the recording the recorder named. */
+export type MarkerEvent = Extract<CastEvent, { code: 'm' }>;
+
 export interface Cast {
   header: CastHeader;
   /** In time order; `t` in seconds from the start. */
@@ -33,25 +36,33 @@ export interface Cast {
   skipped: number;
   /** Seconds from the start to the last event. */
   duration: number;
+  /** The terminal was larger than MAX_COLS×MAX_ROWS at some point: it is shown at most that large. */
+  clamped: boolean;
 }
 
 /** The file is no asciicast v2 recording at all (its header is not one). */
 export class CastError extends Error {}
 
 /**
- * The largest terminal a recording may ask for. xterm.js allocates every
- * cell of it, and the file is not trusted more than any other input.
+ * The largest terminal a recording is shown at. xterm.js allocates every
+ * cell of it, and the file is not trusted more than any other input; a
+ * larger size (a PTY opened 5000 columns wide, on purpose or not) is shown
+ * at this one rather than not at all.
  */
 export const MAX_COLS = 1000;
 export const MAX_ROWS = 500;
 
-function isSize(cols: unknown, rows: unknown): boolean {
-  return Number.isInteger(cols) && Number.isInteger(rows) &&
-    (cols as number) >= 1 && (cols as number) <= MAX_COLS &&
-    (rows as number) >= 1 && (rows as number) <= MAX_ROWS;
+/** The size a header without a usable one is shown at. */
+export const DEFAULT_COLS = 80;
+export const DEFAULT_ROWS = 24;
+
+/** A side of a terminal: a whole number from 1 up, or null. */
+function side(v: unknown): number | null {
+  return typeof v === 'number' && Number.isInteger(v) && v >= 1 ? v : null;
 }
 
-function parseHeader(line: string): CastHeader {
+/** What a header says, and whether its size had to be cut down to the limits. */
+function parseHeader(line: string): { header: CastHeader; clamped: boolean } {
   let value: unknown;
   try {
     value = JSON.parse(line);
@@ -63,15 +74,20 @@ function parseHeader(line: string): CastHeader {
   }
   const h = value as Record<string, unknown>;
   if (h['version'] !== 2) throw new CastError('not an asciicast version 2 recording');
-  if (!isSize(h['width'], h['height'])) {
-    throw new CastError(`the recording's terminal size is not one this page can show (at most ${MAX_COLS}×${MAX_ROWS})`);
-  }
+  // A size that is no size (absent, zero, a fraction, a string) is the
+  // usual terminal's; one too large is cut down to the limits. Neither is
+  // a reason to show nothing.
+  const cols = side(h['width']) ?? DEFAULT_COLS;
+  const rows = side(h['height']) ?? DEFAULT_ROWS;
   const ts = h['timestamp'];
   return {
-    width: h['width'] as number,
-    height: h['height'] as number,
-    timestamp: typeof ts === 'number' && Number.isFinite(ts) && ts >= 0 ? ts : null,
-    title: typeof h['title'] === 'string' ? h['title'] : '',
+    header: {
+      width: Math.min(cols, MAX_COLS),
+      height: Math.min(rows, MAX_ROWS),
+      timestamp: typeof ts === 'number' && Number.isFinite(ts) && ts >= 0 ? ts : null,
+      title: typeof h['title'] === 'string' ? h['title'] : '',
+    },
+    clamped: cols > MAX_COLS || rows > MAX_ROWS,
   };
 }
 
@@ -95,11 +111,13 @@ function parseEvent(line: string): CastEvent | null | undefined {
     case 'o': return { t, code, text: data };
     case 'm': return { t, code, label: data };
     case 'r': {
-      const m = /^(\d{1,5})x(\d{1,5})$/.exec(data);
+      // As recorded here; parseCast cuts it down to the limits. No size
+      // at all (0 columns) is no event.
+      const m = /^(\d+)x(\d+)$/.exec(data);
       if (!m) return null;
-      const cols = Number(m[1]);
-      const rows = Number(m[2]);
-      return isSize(cols, rows) ? { t, code, cols, rows } : null;
+      const cols = side(Number(m[1]));
+      const rows = side(Number(m[2]));
+      return cols === null || rows === null ? null : { t, code, cols, rows };
     }
     default: return undefined;
   }
@@ -107,16 +125,18 @@ function parseEvent(line: string): CastEvent | null | undefined {
 
 /**
  * Reads a recording. Throws CastError when the header is not one; any
- * other line that cannot be read is skipped and counted. Times that go
- * backwards (clocks do) are taken as the time before them, so that the
- * events stay in order and seeking can search them.
+ * other line that cannot be read is skipped and counted. Sizes past the
+ * limits are cut down to them. Times that go backwards (clocks do) are
+ * taken as the time before them, so that the events stay in order and
+ * seeking can search them.
  */
 export function parseCast(text: string): Cast {
   const lines = text.split('\n');
   let i = 0;
   while (i < lines.length && lines[i]!.trim() === '') i += 1;
   if (i >= lines.length) throw new CastError('the recording is empty');
-  const header = parseHeader(lines[i]!.trim());
+  const { header, clamped: headerClamped } = parseHeader(lines[i]!.trim());
+  let clamped = headerClamped;
   const events: CastEvent[] = [];
   let skipped = 0;
   let last = 0;
@@ -129,11 +149,16 @@ export function parseCast(text: string): Cast {
       continue;
     }
     if (event === undefined) continue;
+    if (event.code === 'r' && (event.cols > MAX_COLS || event.rows > MAX_ROWS)) {
+      event.cols = Math.min(event.cols, MAX_COLS);
+      event.rows = Math.min(event.rows, MAX_ROWS);
+      clamped = true;
+    }
     if (event.t < last) event.t = last;
     last = event.t;
     events.push(event);
   }
-  return { header, events, skipped, duration: last };
+  return { header, events, skipped, duration: last, clamped };
 }
 
 /**
@@ -259,6 +284,8 @@ export class Player {
   private wall = 0;
   private timer: number | null = null;
   private speedNow = 1;
+  /** Where the markers are among the events, in order. */
+  private readonly markers: number[] = [];
 
   constructor(
     private readonly cast: Cast,
@@ -266,7 +293,28 @@ export class Player {
     private readonly clock: Clock,
     /** The state changed (not called for each event). */
     private readonly changed: (state: PlayState) => void = () => {},
-  ) {}
+  ) {
+    cast.events.forEach((e, i) => {
+      if (e.code === 'm') this.markers.push(i);
+    });
+  }
+
+  /**
+   * The last marker playing or a seek has passed: the latest among the
+   * events on the screen, or null before the first. The server marks
+   * where a recording reached its size cap, or where output was cut out.
+   */
+  get marker(): MarkerEvent | null {
+    let lo = 0;
+    let hi = this.markers.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >>> 1;
+      if (this.markers[mid]! < this.at) lo = mid + 1;
+      else hi = mid;
+    }
+    const e = lo > 0 ? this.cast.events[this.markers[lo - 1]!] : undefined;
+    return e && e.code === 'm' ? e : null;
+  }
 
   get state(): PlayState {
     return this.stateNow;

@@ -10,12 +10,12 @@
 
 import { FULL_RESET } from './ansi';
 import {
-  CastError, formatClock, MAX_IDLE_S, needsCrlf, parseCast, Player, SPEEDS,
-  type Cast, type PlayerScreen, type PlayState,
+  CastError, formatClock, MAX_COLS, MAX_IDLE_S, MAX_ROWS, needsCrlf, parseCast, Player, SPEEDS,
+  type Cast, type MarkerEvent, type PlayerScreen, type PlayState,
 } from './cast';
 import { problemText } from './files';
 import { isRecordingId, loginUrl, recordingUrl } from './site';
-import { formatDuration } from './text';
+import { formatDuration, visible } from './text';
 import { TERMINAL_FONT, TERMINAL_THEME } from './theme';
 import type { Terminal } from './xterm';
 
@@ -25,6 +25,12 @@ function byId<T extends HTMLElement>(id: string): T {
   const found = document.getElementById(id);
   if (!found) throw new Error(`conch: the page has no #${id}`);
   return found as T;
+}
+
+/** "marker at 12.3 s: output cut here" (the server's words, hidden characters shown, cut short). */
+function markerText(m: MarkerEvent): string {
+  const label = visible(m.label);
+  return `marker at ${m.t.toFixed(1)} s: ` + (label.length > 300 ? label.slice(0, 299) + '…' : label);
 }
 
 function main(): void {
@@ -98,21 +104,43 @@ function main(): void {
     })
     .catch(() => fail('cannot load the recording: no answer from the server'));
 
+  /** What the note says: lasting notes (lines skipped, ...), then the last marker passed. */
+  const notes: string[] = [];
+  let markerNote = '';
+  function drawNote(): void {
+    const lines = markerNote ? [...notes, markerNote] : notes;
+    el.note.replaceChildren();
+    lines.forEach((line, i) => {
+      if (i > 0) el.note.appendChild(document.createElement('br'));
+      el.note.appendChild(document.createTextNode(line));
+    });
+    el.note.hidden = lines.length === 0;
+  }
+  function addNote(text: string): void {
+    if (!notes.includes(text)) notes.push(text);
+    drawNote();
+  }
+
   function start(cast: Cast): void {
     const { header } = cast;
-    const title = header.title || 'recording ' + id;
+    // The title is the user's command line, as typed: hostile text as far
+    // as this page knows, shown with its hidden characters as escapes.
+    const title = header.title ? visible(header.title) : 'recording ' + id;
     el.title.textContent = title;
-    document.title = title + ' · conch';
+    document.title = (title.length > 100 ? title.slice(0, 99) + '…' : title) + ' · conch';
     const meta: string[] = [];
     if (header.timestamp !== null) meta.push('started ' + new Date(header.timestamp * 1000).toLocaleString());
     meta.push(cast.duration > 0 ? formatDuration(cast.duration * 1000) : 'no time');
     meta.push(`${header.width}×${header.height}`);
     el.meta.textContent = meta.join(' · ');
     if (cast.skipped > 0) {
-      el.note.textContent = cast.skipped === 1
+      addNote(cast.skipped === 1
         ? '1 line of this recording could not be read and was skipped.'
-        : `${cast.skipped} lines of this recording could not be read and were skipped.`;
-      el.note.hidden = false;
+        : `${cast.skipped} lines of this recording could not be read and were skipped.`);
+    }
+    if (cast.clamped) {
+      addNote(`The recorded terminal was larger than ${MAX_COLS}×${MAX_ROWS}: it is shown at most that size, ` +
+        'so some lines may wrap or be drawn out of place.');
     }
 
     const term: Terminal = new window.Terminal({
@@ -139,8 +167,7 @@ function main(): void {
         term.write(data, then);
       } catch {
         // xterm refuses more than ~50 MB queued at once.
-        el.note.textContent = 'the recording is too large to draw at once: part of it is not shown';
-        el.note.hidden = false;
+        addNote('The recording is too large to draw at once: part of it is not shown.');
       }
     };
     const screen: PlayerScreen = {
@@ -172,7 +199,16 @@ function main(): void {
       el.time.textContent = formatClock(at) + ' / ' + formatClock(cast.duration);
     }
 
+    /** The marker shown: the last one playing or a seek passed. */
+    let shownMarker: MarkerEvent | null = null;
+
     function draw(): void {
+      const marker = player.marker;
+      if (marker !== shownMarker) {
+        shownMarker = marker;
+        markerNote = marker === null ? '' : markerText(marker);
+        drawNote();
+      }
       const playing = player.state === 'playing';
       el.play.textContent = playing ? 'Pause' : 'Play';
       el.play.setAttribute('aria-label', playing ? 'Pause' : player.state === 'ended' ? 'Play again from the start' : 'Play');

@@ -123,6 +123,19 @@ export function clean(text: unknown): string {
     .replace(/\n/g, '\r\n');
 }
 
+const ESCAPES: Record<string, string> = { '\n': '\\n', '\r': '\\r', '\t': '\\t' };
+
+/**
+ * `text` with every control, format (bidi overrides, zero-width) and line
+ * separator character shown as an escape (\n, \u202E): a command that
+ * contains one reads as what it is, not as what it pretends to be. For
+ * untrusted text shown on a page (the audit log, a recording's title).
+ */
+export function visible(text: string): string {
+  return text.replace(/[\p{Cc}\p{Cf}\p{Zl}\p{Zp}]/gu, (c) =>
+    ESCAPES[c] ?? '\\u' + c.codePointAt(0)!.toString(16).toUpperCase().padStart(4, '0'));
+}
+
 /** 850 -> "850 ms", 1500 -> "1.5 s", 75000 -> "1 min 15 s"; '' when not a number. */
 export function formatDuration(ms: unknown): string {
   if (typeof ms !== 'number' || !Number.isFinite(ms)) return '';

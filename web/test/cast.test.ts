@@ -1,7 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  CastError, formatClock, indexAt, MAX_IDLE_S, needsCrlf, parseCast, planSeek, Player, stepsOf,
+  CastError, formatClock, indexAt, MAX_COLS, MAX_IDLE_S, MAX_ROWS, needsCrlf, parseCast, planSeek, Player, stepsOf,
   type Cast, type Clock, type PlayerScreen,
 } from '../src/cast';
 
@@ -43,7 +43,7 @@ test('lines that cannot be read are skipped and counted; the rest plays', () => 
     '[0.4, "o", 5]',
     '[0.5, "r", "wide"]',
     '[0.6, "r", "0x24"]',
-    '[0.7, "r", "100000x24"]',
+    '[0.7, "r", "80x0"]',
     '[0.8, "x", "an extension: not kept, no error"]',
     '',
     '[0.9, "o", "d"]',
@@ -66,14 +66,51 @@ test('a file whose header is no asciicast v2 header is refused, with the reason'
   assert.throws(() => parseCast('<html>'), /not JSON/);
   assert.throws(() => parseCast('[0, "o", "x"]'), /no header/);
   assert.throws(() => parseCast('{"version":1,"width":80,"height":24}'), /version 2/);
-  assert.throws(() => parseCast('{"version":2,"width":0,"height":24}'), /size/);
-  assert.throws(() => parseCast('{"version":2,"width":80,"height":100000}'), /size/);
-  assert.throws(() => parseCast('{"version":2,"width":80.5,"height":24}'), /size/);
   // The rest of the header is optional.
   const bare = parseCast('{"version":2,"width":80,"height":24}');
   assert.deepEqual(bare.header, { width: 80, height: 24, timestamp: null, title: '' });
   assert.deepEqual(bare.events, []);
   assert.equal(bare.duration, 0);
+  assert.equal(bare.clamped, false);
+});
+
+test('a size past the limits is cut down to them, in the header and in resizes; no size is 80×24', () => {
+  // A PTY opened wider than the page shows, on purpose or not: the
+  // recording still plays, at the largest size there is.
+  const wide = parseCast([
+    `{"version":2,"width":${MAX_COLS + 1},"height":${MAX_ROWS + 1}}`,
+    '[0, "o", "a"]',
+    '[1, "r", "5000x30"]',
+    '[2, "r", "100x99999"]',
+    '[3, "r", "99999999999999999999x24"]',
+    `[4, "r", "${MAX_COLS}x${MAX_ROWS}"]`,
+  ].join('\n'));
+  assert.deepEqual(wide.header, { width: MAX_COLS, height: MAX_ROWS, timestamp: null, title: '' });
+  assert.deepEqual(wide.events.slice(1), [
+    { t: 1, code: 'r', cols: MAX_COLS, rows: 30 },
+    { t: 2, code: 'r', cols: 100, rows: MAX_ROWS },
+    { t: 3, code: 'r', cols: MAX_COLS, rows: 24 },
+    { t: 4, code: 'r', cols: MAX_COLS, rows: MAX_ROWS },
+  ]);
+  assert.equal(wide.skipped, 0);
+  assert.equal(wide.clamped, true, 'the page says so');
+  assert.equal(parseCast(castOf('[1, "r", "5000x30"]')).clamped, true, 'a resize alone');
+  assert.equal(parseCast(castOf(`[1, "r", "${MAX_COLS}x${MAX_ROWS}"]`)).clamped, false, 'the limits themselves');
+  // A size that is no size is the usual terminal's, each side on its own.
+  const size = (width: unknown, height: unknown) => {
+    const h: Record<string, unknown> = { version: 2 };
+    if (width !== undefined) h['width'] = width;
+    if (height !== undefined) h['height'] = height;
+    const { header, clamped } = parseCast(JSON.stringify(h));
+    return [header.width, header.height, clamped];
+  };
+  assert.deepEqual(size(undefined, undefined), [80, 24, false]);
+  assert.deepEqual(size(0, 24), [80, 24, false]);
+  assert.deepEqual(size(-5, -1), [80, 24, false]);
+  assert.deepEqual(size(80.5, 30), [80, 30, false]);
+  assert.deepEqual(size('120', null), [80, 24, false]);
+  assert.deepEqual(size(120, 100000), [120, MAX_ROWS, true]);
+  assert.deepEqual(size(1e300, 0), [MAX_COLS, 24, true]);
 });
 
 test('output without a terminal gets its newlines converted; a PTY\'s does not', () => {
@@ -312,6 +349,37 @@ test('seeking: back resets and redraws, forward writes what is between, both whi
   player.seek(2);
   assert.equal(player.state, 'paused');
   assert.deepEqual(states, ['playing', 'ended', 'playing', 'ended', 'paused']);
+});
+
+test('the marker shown is the last one playing or a seek passed', () => {
+  const cast = parseCast(castOf(
+    '[0, "o", "a"]',
+    '[1, "m", "first"]',
+    '[2, "o", "b"]',
+    '[3, "m", "... output cut here ..."]',
+    '[4, "o", "c"]',
+  ));
+  const { clock, player } = setup(cast);
+  // Read afresh each time (an assertion would narrow the property's type).
+  const label = (): string | null => player.marker?.label ?? null;
+  assert.equal(label(), null, 'none before playing');
+  player.play();
+  clock.advance(999);
+  assert.equal(label(), null);
+  clock.advance(1);
+  assert.deepEqual(player.marker, { t: 1, code: 'm', label: 'first' });
+  clock.advance(3000);
+  assert.equal(player.state, 'ended');
+  assert.equal(label(), '... output cut here ...');
+  // Seeks, back and forward: the last marker at or before the position.
+  player.seek(2.5);
+  assert.equal(label(), 'first');
+  player.seek(0.5);
+  assert.equal(label(), null, 'back before every marker: none');
+  player.seek(3);
+  assert.equal(label(), '... output cut here ...', 'a marker at the very position is passed');
+  assert.equal(setup().player.marker, null, 'SEEKABLE\'s marker is not passed at the start');
+  assert.equal(setup(parseCast(HEADER)).player.marker, null, 'no events');
 });
 
 test('an empty recording ends as soon as it plays', () => {
