@@ -217,13 +217,16 @@ async fn stack() -> Stack {
 }
 
 async fn console(stack: &Stack) -> Ws {
-    let mut req = format!("ws://{}/ws", stack.server.addr)
+    console_on(&stack.server, &stack.cookie).await
+}
+
+async fn console_on(server: &common::Server, cookie: &str) -> Ws {
+    let mut req = format!("ws://{}/ws", server.addr)
         .into_client_request()
         .unwrap();
+    req.headers_mut().insert("cookie", cookie.parse().unwrap());
     req.headers_mut()
-        .insert("cookie", stack.cookie.parse().unwrap());
-    req.headers_mut()
-        .insert("origin", stack.server.origin().parse().unwrap());
+        .insert("origin", server.origin().parse().unwrap());
     let (mut ws, _) = tokio_tungstenite::connect_async_with_config(req, None, true)
         .await
         .expect("websocket");
@@ -277,6 +280,11 @@ async fn throughput(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bo
     let cmd = format!("head -c {n} /dev/zero");
     let (mut a, mut b, mut c, mut d, mut e) = (vec![], vec![], vec![], vec![], vec![]);
     let (mut bp, mut bt) = (vec![], vec![]);
+    // The same console paths on the server with `--audit off`: what
+    // recording the output costs.
+    let (mut c_off, mut d_off) = (vec![], vec![]);
+    let off_cookie = s.unaudited.admin_cookie().await;
+    let mut ws_off = console_on(&s.unaudited, &off_cookie).await;
     let link = AgentLink::connect(s.agent.addr, &s.agent.key)
         .await
         .unwrap();
@@ -361,6 +369,22 @@ async fn throughput(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bo
         let (got, exit) = drain(&mut ws, id + 1).await;
         assert_eq!((got, exit["code"].as_i64()), (n, Some(0)), "pty bytes");
         d.push(mbps(n, t.elapsed()));
+
+        // (c-) and (d-): the same, unrecorded (`--audit off`)
+        let t = Instant::now();
+        send(&mut ws_off, json!({"type": "exec", "id": id, "cmd": cmd})).await;
+        let (got, exit) = drain(&mut ws_off, id).await;
+        assert_eq!((got, exit["code"].as_i64()), (n, Some(0)), "console bytes");
+        c_off.push(mbps(n, t.elapsed()));
+        let t = Instant::now();
+        send(
+            &mut ws_off,
+            json!({"type": "exec", "id": id + 1, "cmd": cmd, "pty": {"cols": 80, "rows": 24}}),
+        )
+        .await;
+        let (got, exit) = drain(&mut ws_off, id + 1).await;
+        assert_eq!((got, exit["code"].as_i64()), (n, Some(0)), "pty bytes");
+        d_off.push(mbps(n, t.elapsed()));
     }
     let (am, _, _) = mmm(a.clone());
     let row = |name: &str, v: &Vec<f64>, base: f64| -> String {
@@ -389,11 +413,30 @@ async fn throughput(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bo
         &bp,
         am,
     ));
-    out.push_str(&row("(c) WebSocket console through the server", &c, am));
-    out.push_str(&row("(d) PTY session through the server", &d, am));
+    out.push_str(&row(
+        "(c) WebSocket console through the server (recorded)",
+        &c,
+        am,
+    ));
+    out.push_str(&row("(c-) the same, unrecorded (--audit off)", &c_off, am));
+    out.push_str(&row(
+        "(d) PTY session through the server (recorded)",
+        &d,
+        am,
+    ));
+    out.push_str(&row("(d-) the same, unrecorded (--audit off)", &d_off, am));
     out.push_str(&row("(e) bare PTY read loop (PTY baseline)", &e, am));
     let (em, _, _) = mmm(e);
     let (dm, _, _) = mmm(d.clone());
+    let (cm_rec, _, _) = mmm(c.clone());
+    let (cm_off, _, _) = mmm(c_off);
+    let (dm_off, _, _) = mmm(d_off);
+    let _ = writeln!(
+        out,
+        "\nRecording the output (asciicast in the store, SQLite) runs the console at {:.2} and the PTY session at {:.2} of their unrecorded speed; the output is zeros, which JSON writes as six bytes each, the worst case.",
+        cm_rec / cm_off,
+        dm / dm_off
+    );
     let _ = writeln!(
         out,
         "\n(d) runs at {:.2} of the bare PTY (e) on this machine.",

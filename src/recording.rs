@@ -155,9 +155,14 @@ enum Write {
     Chunk {
         id: Arc<str>,
         n: i64,
-        lines: Vec<u8>,
+        /// Its events as the recorder keeps them (see [`push_raw`]): the
+        /// writer makes them JSON lines.
+        raw: Vec<u8>,
         /// The time of its first event, in microseconds from the start.
         first_at_us: i64,
+        /// Chunks before it were skipped (past half the cap, the store
+        /// busy), from this time on: a marker says so.
+        gap_at_us: Option<i64>,
         /// Its room (this recording's, and all recordings'), given back
         /// once it is stored.
         _held: (OwnedSemaphorePermit, OwnedSemaphorePermit),
@@ -279,8 +284,8 @@ impl Recordings {
             self.lost("a recording could not begin");
             return None;
         }
-        let mut lines = header.to_string().into_bytes();
-        lines.push(b'\n');
+        let mut lines = Vec::new();
+        push_raw(&mut lines, 0, HEADER, &header.to_string());
         let recorder = Arc::new(Recorder {
             id,
             recordings: self.clone(),
@@ -289,6 +294,11 @@ impl Recordings {
             state: Mutex::new(State {
                 started: Instant::now(),
                 lines,
+                sent: 0,
+                waiting: 0,
+                last_tail: None,
+                half: self.settings.max_bytes / 2,
+                gap_at_us: None,
                 oldest: Some(Instant::now()),
                 first_at_us: 0,
                 carry: Vec::new(),
@@ -356,8 +366,19 @@ pub struct Recorder {
 
 struct State {
     started: Instant,
-    /// Lines not yet handed to the writer.
+    /// Events not yet handed to the writer (see [`push_raw`]).
     lines: Vec<u8>,
+    /// Bytes of asciicast (as the writer will make it) handed to the
+    /// writer so far, and of the events waiting.
+    sent: u64,
+    waiting: u64,
+    /// When the last chunk past half the cap was handed over.
+    last_tail: Option<Instant>,
+    /// Half the cap: past it, chunks the store has no room for are
+    /// skipped rather than waited for.
+    half: u64,
+    /// Chunks were skipped since the last one sent, from this time on.
+    gap_at_us: Option<i64>,
     /// When the oldest of them was made.
     oldest: Option<Instant>,
     /// The time of the first of them, in microseconds from the start.
@@ -382,21 +403,49 @@ impl Recorder {
     /// shows them); [`Recorder::settle`] next.
     pub fn output(&self, data: &[u8]) {
         self.with(|s| {
-            let mut text = s.text_of(data);
+            // Past half the cap, while chunks are being skipped anyway, a
+            // full chunk's worth waiting is dropped here at once (and
+            // marked) rather than handed over to be skipped.
+            if s.sent >= s.half
+                && s.lines.len() >= CHUNK_BYTES
+                && s.last_tail.is_some_and(|t| t.elapsed() < TAIL_EVERY)
+            {
+                let first = s.first_at_us;
+                s.gap_at_us.get_or_insert(first);
+                s.lines.clear();
+                s.waiting = 0;
+            }
+            // Output is nearly always whole UTF-8: then it is used as it
+            // is, without a copy.
+            let owned;
+            let mut text: &str = match (s.carry.is_empty(), std::str::from_utf8(data)) {
+                (true, Ok(text)) => text,
+                (true, Err(e)) if e.error_len().is_none() => {
+                    let (whole, cut) = data.split_at(e.valid_up_to());
+                    s.carry.extend_from_slice(cut);
+                    std::str::from_utf8(whole).unwrap_or_default()
+                }
+                _ => {
+                    owned = s.text_of(data);
+                    &owned
+                }
+            };
+            let replaced;
             if s.bare_lines && text.contains('\n') {
-                text = text.replace('\n', "\r\n");
+                replaced = text.replace('\n', "\r\n");
+                text = &replaced;
             }
             s.size_event();
             // Long output in events of at most EVENT_TEXT bytes, so that
             // chunks keep near their size.
-            let mut rest = text.as_str();
+            let mut rest = text;
             while !rest.is_empty() {
                 let mut cut = rest.len().min(EVENT_TEXT);
                 while !rest.is_char_boundary(cut) {
                     cut -= 1;
                 }
                 let (piece, after) = rest.split_at(cut);
-                s.event("o", piece);
+                s.event(b'o', piece);
                 rest = after;
             }
         });
@@ -407,7 +456,7 @@ impl Recorder {
         if self.recordings.records_input() {
             self.with(|s| {
                 s.size_event();
-                s.event("i", data);
+                s.event(b'i', data);
             });
         }
     }
@@ -477,32 +526,65 @@ impl Recorder {
         }
     }
 
-    /// Sends the waiting lines as chunks of about [`CHUNK_BYTES`]: all of
-    /// them, or (`all` false) only while a full chunk waits.
+    /// Sends the waiting events as chunks of about [`CHUNK_BYTES`]: all
+    /// of them, or (`all` false) only while a full chunk waits. Until half
+    /// the cap it waits for room; past it, a full chunk the store has no
+    /// room for is skipped (the newest output is what the recording keeps
+    /// of a flood, and the command never waits), and a marker says so.
     async fn send_lines(&self, all: bool) {
         loop {
             let taken = {
                 let Ok(mut s) = self.state.lock() else { return };
-                s.take_chunk(all)
+                let tail = s.sent >= s.half;
+                s.take_chunk(all).map(|c| (c, tail))
             };
-            let Some((lines, n, first_at_us)) = taken else {
+            let Some(((raw, n, first_at_us), tail)) = taken else {
                 return;
             };
-            // Room first for this recording, then among all of them (in
-            // the order asked: fair between users).
-            let Ok(own) = self.own.clone().acquire_owned().await else {
-                return;
+            let cost = u32::try_from(raw.len().min(IN_FLIGHT_BYTES)).unwrap_or(u32::MAX);
+            let held = if tail && !all {
+                // At most one full chunk per TAIL_EVERY, and only with room.
+                let recent = self
+                    .state
+                    .lock()
+                    .ok()
+                    .and_then(|s| s.last_tail)
+                    .is_some_and(|t| t.elapsed() < TAIL_EVERY);
+                let own = self.own.clone().try_acquire_owned();
+                let room = self.recordings.room.clone().try_acquire_many_owned(cost);
+                match (own, room, recent) {
+                    (Ok(own), Ok(room), false) => {
+                        if let Ok(mut s) = self.state.lock() {
+                            s.last_tail = Some(Instant::now());
+                        }
+                        (own, room)
+                    }
+                    _ => {
+                        if let Ok(mut s) = self.state.lock() {
+                            s.gap_at_us.get_or_insert(first_at_us);
+                        }
+                        continue;
+                    }
+                }
+            } else {
+                // Room first for this recording, then among all of them
+                // (in the order asked: fair between users).
+                let Ok(own) = self.own.clone().acquire_owned().await else {
+                    return;
+                };
+                let Ok(room) = self.recordings.room.clone().acquire_many_owned(cost).await else {
+                    return;
+                };
+                (own, room)
             };
-            let cost = u32::try_from(lines.len().min(IN_FLIGHT_BYTES)).unwrap_or(u32::MAX);
-            let Ok(room) = self.recordings.room.clone().acquire_many_owned(cost).await else {
-                return;
-            };
+            let gap_at_us = self.state.lock().ok().and_then(|mut s| s.gap_at_us.take());
             let chunk = Write::Chunk {
                 id: self.id.clone(),
                 n,
-                lines,
+                raw,
                 first_at_us,
-                _held: (own, room),
+                gap_at_us,
+                _held: held,
             };
             if self.queue.send(chunk).await.is_err() {
                 return;
@@ -524,12 +606,13 @@ impl Drop for Recorder {
         while let Some(piece) = s.take_chunk(true) {
             pieces.push(piece);
         }
+        let mut gap = s.gap_at_us.take();
         let (id, queue) = (self.id.clone(), self.queue.clone());
         let (own, room) = (self.own.clone(), self.recordings.room.clone());
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
-                for (lines, n, first_at_us) in pieces {
-                    let cost = u32::try_from(lines.len().min(IN_FLIGHT_BYTES)).unwrap_or(u32::MAX);
+                for (raw, n, first_at_us) in pieces {
+                    let cost = u32::try_from(raw.len().min(IN_FLIGHT_BYTES)).unwrap_or(u32::MAX);
                     let (Ok(own), Ok(room)) = (
                         own.clone().acquire_owned().await,
                         room.clone().acquire_many_owned(cost).await,
@@ -539,8 +622,9 @@ impl Drop for Recorder {
                     let chunk = Write::Chunk {
                         id: id.clone(),
                         n,
-                        lines,
+                        raw,
                         first_at_us,
+                        gap_at_us: gap.take(),
                         _held: (own, room),
                     };
                     if queue.send(chunk).await.is_err() {
@@ -559,16 +643,17 @@ impl Drop for Recorder {
 }
 
 impl State {
-    /// Adds one event: `[seconds, code, data]`.
-    fn event(&mut self, code: &str, data: &str) {
-        let at = self.started.elapsed();
+    /// Adds one event: `[seconds, code, data]`, encoded by the writer.
+    fn event(&mut self, code: u8, data: &str) {
+        let at_us = self.started.elapsed().as_micros() as i64;
         if self.lines.is_empty() {
-            self.first_at_us = at.as_micros() as i64;
+            self.first_at_us = at_us;
         }
-        let seconds = (at.as_secs_f64() * 1e6).round() / 1e6;
-        let line = serde_json::json!([seconds, code, data]).to_string();
-        self.lines.extend_from_slice(line.as_bytes());
-        self.lines.push(b'\n');
+        push_raw(&mut self.lines, at_us, code, data);
+        // Counted only while it matters (before half the cap).
+        if self.sent < self.half {
+            self.waiting += encoded_len(data);
+        }
         self.oldest.get_or_insert_with(Instant::now);
     }
 
@@ -578,7 +663,7 @@ impl State {
             && size != self.size
         {
             self.size = size;
-            self.event("r", &format!("{}x{}", size.0, size.1));
+            self.event(b'r', &format!("{}x{}", size.0, size.1));
         }
     }
 
@@ -588,41 +673,44 @@ impl State {
         let rest = std::mem::take(&mut self.carry);
         if !rest.is_empty() {
             let text = String::from_utf8_lossy(&rest).into_owned();
-            self.event("o", &text);
+            self.event(b'o', &text);
         }
         self.size_event();
         self.ended = true;
     }
 
-    /// The next chunk to send: whole lines, about [`CHUNK_BYTES`] (one
-    /// line more than that at most), when a full one waits or `all`.
+    /// The next chunk to send: whole events, about [`CHUNK_BYTES`] (one
+    /// event more than that at most), when a full one waits or `all`.
     fn take_chunk(&mut self, all: bool) -> Option<(Vec<u8>, i64, i64)> {
         if self.lines.is_empty() || (!all && self.lines.len() < CHUNK_BYTES) {
             return None;
         }
-        let cut = if self.lines.len() <= CHUNK_BYTES {
-            self.lines.len()
-        } else {
-            // After the last line that ends within the chunk, or the first.
-            match self.lines[..CHUNK_BYTES].iter().rposition(|b| *b == b'\n') {
-                Some(i) => i + 1,
-                None => self
-                    .lines
-                    .iter()
-                    .position(|b| *b == b'\n')
-                    .map_or(self.lines.len(), |i| i + 1),
+        // After the last event that ends within the chunk, or the first.
+        let mut cut = 0;
+        while cut < self.lines.len() {
+            let next = cut + raw_len(&self.lines[cut..]);
+            if cut > 0 && next > CHUNK_BYTES {
+                break;
             }
-        };
-        let rest = self.lines.split_off(cut);
+            cut = next;
+        }
+        let rest = self.lines.split_off(cut.min(self.lines.len()));
         let chunk = std::mem::replace(&mut self.lines, rest);
         let first_at_us = self.first_at_us;
         if self.lines.is_empty() {
             self.oldest = None;
         } else {
-            // The rest's own first time is not kept: the chunk's time is
-            // only where a cut's marker goes, which this bounds.
-            self.first_at_us = self.started.elapsed().as_micros() as i64;
+            self.first_at_us = raw_at(&self.lines);
         }
+        // What the chunk will take as asciicast, near enough (the rest's
+        // share is counted again with it).
+        let share = if self.lines.is_empty() {
+            self.waiting
+        } else {
+            self.waiting * chunk.len() as u64 / (chunk.len() + self.lines.len()) as u64
+        };
+        self.waiting -= share;
+        self.sent += share;
         let n = self.next_chunk;
         self.next_chunk += 1;
         Some((chunk, n, first_at_us))
@@ -659,6 +747,76 @@ fn incomplete_tail(b: &[u8]) -> usize {
     0
 }
 
+/// About the size of `text` in an asciicast line: a control character is
+/// six bytes there (`\u0000`), a quote or backslash two, the rest as is,
+/// plus the time and the code.
+fn encoded_len(text: &str) -> u64 {
+    let escaped = text
+        .bytes()
+        .map(|b| match b {
+            0..=0x1f => 5,
+            b'"' | b'\\' => 1,
+            _ => 0,
+        })
+        .sum::<u64>();
+    text.len() as u64 + escaped + 24
+}
+
+/// Past half its cap, a recording hands over at most one full chunk per
+/// this time while output floods (the rest is skipped, and marked).
+pub(crate) const TAIL_EVERY: Duration = Duration::from_millis(100);
+
+/// The header line's code in the recorder's events (written as it is).
+const HEADER: u8 = b'h';
+/// An event's fixed part: its time (8 bytes), code (1), text length (4).
+const RAW_HEAD: usize = 13;
+
+/// Appends an event as the recorder keeps it: its time in microseconds
+/// (little-endian), its code, its text's length, the text. Making JSON of
+/// it is left to the writer, off the command's path, and is never done
+/// for a chunk that is skipped.
+fn push_raw(buf: &mut Vec<u8>, at_us: i64, code: u8, text: &str) {
+    buf.extend_from_slice(&at_us.to_le_bytes());
+    buf.push(code);
+    buf.extend_from_slice(&(text.len() as u32).to_le_bytes());
+    buf.extend_from_slice(text.as_bytes());
+}
+
+/// The size of the first event in `raw`.
+fn raw_len(raw: &[u8]) -> usize {
+    let len = raw
+        .get(9..13)
+        .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
+    RAW_HEAD + len
+}
+
+/// The time of the first event in `raw`.
+fn raw_at(raw: &[u8]) -> i64 {
+    raw.get(..8)
+        .map_or(0, |b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+}
+
+/// The recorder's events as asciicast lines.
+fn encode(mut raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(raw.len() + raw.len() / 4);
+    while raw.len() >= RAW_HEAD {
+        let at_us = raw_at(raw);
+        let code = raw[8];
+        let end = raw_len(raw).min(raw.len());
+        let text = std::str::from_utf8(&raw[RAW_HEAD..end]).unwrap_or_default();
+        if code == HEADER {
+            out.extend_from_slice(text.as_bytes());
+        } else {
+            let seconds = at_us as f64 / 1e6;
+            let code = (code as char).to_string();
+            let _ = serde_json::to_writer(&mut out, &(seconds, code, text));
+        }
+        out.push(b'\n');
+        raw = &raw[end..];
+    }
+    out
+}
+
 async fn write_loop(
     store: Store,
     mut rx: mpsc::Receiver<Write>,
@@ -669,9 +827,11 @@ async fn write_loop(
     let mut w = Writer {
         store,
         health,
-        half: (max_bytes / 2).max(1),
-        rolls: HashMap::new(),
-        unborn: HashSet::new(),
+        planner: Some(Planner {
+            half: (max_bytes / 2).max(1),
+            rolls: HashMap::new(),
+            unborn: HashSet::new(),
+        }),
         damaged: HashSet::new(),
     };
     let mut batch = Vec::with_capacity(BATCH);
@@ -693,8 +853,7 @@ async fn write_loop(
         if n == 0 {
             return;
         }
-        let ops = w.plan(std::mem::take(&mut batch));
-        let bytes = w.write(ops).await;
+        let bytes = w.write(std::mem::take(&mut batch)).await;
         written += bytes;
         total = total.map(|t| t + bytes);
         if total.is_none_or(|t| t > max_total) || written >= CHECK_TOTAL_EVERY {
@@ -768,20 +927,6 @@ enum Op {
     },
 }
 
-impl Op {
-    fn id(&self) -> &str {
-        match self {
-            Op::Begin(m, _) => &m.id,
-            Op::Insert { id, .. }
-            | Op::Mark { id, .. }
-            | Op::Delete { id, .. }
-            | Op::Session { id, .. }
-            | Op::End { id, .. }
-            | Op::Truncated { id } => id,
-        }
-    }
-}
-
 /// A planned write with its chunk compressed.
 enum Ready {
     Chunk {
@@ -801,6 +946,15 @@ const REMEMBERED: usize = 100_000;
 struct Writer {
     store: Store,
     health: Arc<Health>,
+    /// Lent to the blocking task that plans and compresses each batch.
+    planner: Option<Planner>,
+    /// Recordings a refused write left with a gap, marked `incomplete`
+    /// once the store works again.
+    damaged: HashSet<Arc<str>>,
+}
+
+/// What the writer knows to plan its writes.
+struct Planner {
     /// Half the cap of one recording.
     half: u64,
     /// The recordings being made (begun and not ended) on this server.
@@ -808,12 +962,12 @@ struct Writer {
     /// Recordings whose start the store refused: their writes are skipped
     /// (they would have no index entry).
     unborn: HashSet<Arc<str>>,
-    /// Recordings a refused write left with a gap, marked `incomplete`
-    /// once the store works again.
-    damaged: HashSet<Arc<str>>,
 }
 
-impl Writer {
+/// The marker written where chunks were skipped.
+const SKIP_MARKER: &str = "output skipped here: past half --recording-max-bytes, output the store could not keep up with is skipped";
+
+impl Planner {
     /// Turns a batch of writes into the store's operations, cutting
     /// recordings past their cap.
     fn plan(&mut self, writes: Vec<Write>) -> Vec<Op> {
@@ -841,10 +995,18 @@ impl Writer {
                 Write::Chunk {
                     id,
                     n,
-                    lines,
+                    raw,
                     first_at_us,
+                    gap_at_us,
                     _held,
                 } => {
+                    let mut lines = Vec::new();
+                    if let Some(at_us) = gap_at_us {
+                        lines = marker_text(at_us, SKIP_MARKER);
+                        ops.push(Op::Truncated { id: id.clone() });
+                    }
+                    lines.extend(encode(&raw));
+                    drop(raw);
                     let roll = self.rolls.entry(id.clone()).or_default();
                     let len = lines.len() as u64;
                     let mut cuts = Vec::new();
@@ -906,15 +1068,35 @@ impl Writer {
         }
         ops
     }
+}
 
-    /// Compresses and writes the operations, trying again while the store
+impl Writer {
+    /// Plans, compresses and writes a batch, trying again while the store
     /// fails; returns the compressed bytes written.
-    async fn write(&mut self, ops: Vec<Op>) -> u64 {
-        let ids: Vec<(Arc<str>, bool)> = ops
+    async fn write(&mut self, writes: Vec<Write>) -> u64 {
+        let ids: Vec<(Arc<str>, bool)> = writes
             .iter()
-            .map(|op| (Arc::<str>::from(op.id()), matches!(op, Op::Begin(..))))
+            .map(|w| (Arc::<str>::from(w.id()), matches!(w, Write::Begin(..))))
             .collect();
-        let result = match compress_all(ops).await {
+        let Some(mut planner) = self.planner.take() else {
+            return 0;
+        };
+        // Making JSON, planning the cuts and compressing take a while for
+        // full chunks: off the runtime's threads.
+        let done = tokio::task::spawn_blocking(move || {
+            let ops = planner.plan(writes);
+            (compress_all(ops), planner)
+        })
+        .await;
+        let (ready, planner) = match done {
+            Ok(done) => done,
+            Err(e) => {
+                tracing::error!(error = %e, "the recordings' writer failed; recordings stop");
+                return 0;
+            }
+        };
+        self.planner = Some(planner);
+        let result = match ready {
             Ok(ready) => {
                 let bytes = ready
                     .iter()
@@ -950,15 +1132,18 @@ impl Writer {
                 crate::server::metrics::recording_writes_lost(ids.len() as u64);
                 h.last_loss_ms.store(now_ms() as u64, Ordering::Relaxed);
                 tracing::error!(error = %e, writes = ids.len(), "recordings could not be stored");
-                if self.unborn.len() + self.damaged.len() > REMEMBERED {
+                let Some(planner) = self.planner.as_mut() else {
+                    return 0;
+                };
+                if planner.unborn.len() + self.damaged.len() > REMEMBERED {
                     tracing::warn!("too many damaged recordings to remember; some stay unmarked");
-                    self.unborn.clear();
+                    planner.unborn.clear();
                     self.damaged.clear();
                 }
                 for (id, begin) in ids {
                     if begin {
-                        self.rolls.remove(&id);
-                        self.unborn.insert(id);
+                        planner.rolls.remove(&id);
+                        planner.unborn.insert(id);
                     } else {
                         self.damaged.insert(id);
                     }
@@ -969,10 +1154,15 @@ impl Writer {
     }
 }
 
-/// The marker line at `at_us` from the start.
+/// The cut's marker line at `at_us` from the start.
 fn marker_line(at_us: i64) -> Vec<u8> {
+    marker_text(at_us, CUT_MARKER)
+}
+
+/// A marker line saying `text` at `at_us` from the start.
+fn marker_text(at_us: i64, text: &str) -> Vec<u8> {
     let seconds = at_us as f64 / 1e6;
-    let mut line = serde_json::json!([seconds, "m", CUT_MARKER])
+    let mut line = serde_json::json!([seconds, "m", text])
         .to_string()
         .into_bytes();
     line.push(b'\n');
@@ -1032,41 +1222,36 @@ async fn store_with_retries(
 /// Attempts at writing one batch.
 const ATTEMPTS: u32 = 6;
 
-async fn compress_all(ops: Vec<Op>) -> Result<Vec<Ready>, sqlx::Error> {
-    // Compressing takes a while for full chunks: off the runtime's threads.
-    tokio::task::spawn_blocking(move || {
-        ops.into_iter()
-            .filter(|op| !matches!(op, Op::Insert { lines, .. } if lines.is_empty()))
-            .map(|op| match op {
-                Op::Insert {
-                    id, n, lines, kept, ..
-                } => {
-                    let data = compress(&lines).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-                    let bytes = lines.len() as u64;
-                    Ok(Ready::Chunk {
-                        id,
-                        n,
-                        data,
-                        bytes,
-                        kept: Some(kept),
-                    })
-                }
-                Op::Mark { id, n, line } => {
-                    let data = compress(&line).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-                    Ok(Ready::Chunk {
-                        id,
-                        n,
-                        data,
-                        bytes: line.len() as u64,
-                        kept: None,
-                    })
-                }
-                other => Ok(Ready::Other(other)),
-            })
-            .collect::<Result<Vec<_>, sqlx::Error>>()
-    })
-    .await
-    .map_err(|e| sqlx::Error::Protocol(format!("compressing a recording failed: {e}")))?
+fn compress_all(ops: Vec<Op>) -> Result<Vec<Ready>, sqlx::Error> {
+    ops.into_iter()
+        .filter(|op| !matches!(op, Op::Insert { lines, .. } if lines.is_empty()))
+        .map(|op| match op {
+            Op::Insert {
+                id, n, lines, kept, ..
+            } => {
+                let data = compress(&lines).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+                let bytes = lines.len() as u64;
+                Ok(Ready::Chunk {
+                    id,
+                    n,
+                    data,
+                    bytes,
+                    kept: Some(kept),
+                })
+            }
+            Op::Mark { id, n, line } => {
+                let data = compress(&line).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+                Ok(Ready::Chunk {
+                    id,
+                    n,
+                    data,
+                    bytes: line.len() as u64,
+                    kept: None,
+                })
+            }
+            other => Ok(Ready::Other(other)),
+        })
+        .collect()
 }
 
 async fn write_batch(store: &Store, ready: &[Ready]) -> Result<(), sqlx::Error> {
@@ -1532,6 +1717,11 @@ mod tests {
         let mut s = State {
             started: Instant::now(),
             lines: Vec::new(),
+            sent: 0,
+            waiting: 0,
+            last_tail: None,
+            half: 1 << 20,
+            gap_at_us: None,
             oldest: None,
             first_at_us: 0,
             carry: Vec::new(),
@@ -1556,6 +1746,11 @@ mod tests {
         let mut s = State {
             started: Instant::now(),
             lines: Vec::new(),
+            sent: 0,
+            waiting: 0,
+            last_tail: None,
+            half: 1 << 20,
+            gap_at_us: None,
             oldest: None,
             first_at_us: 0,
             carry: Vec::new(),
@@ -1571,19 +1766,24 @@ mod tests {
         s.size_event();
         let text = "y".repeat(EVENT_TEXT);
         for _ in 0..(2 * CHUNK_BYTES / EVENT_TEXT + 1) {
-            s.event("o", &text);
+            s.event(b'o', &text);
         }
         assert!(s.take_chunk(false).is_some());
         let mut all = Vec::new();
         let mut n = Vec::new();
         while let Some((chunk, i, _)) = s.take_chunk(true) {
-            assert!(chunk.ends_with(b"\n") && chunk.len() <= CHUNK_BYTES + EVENT_TEXT + 64);
-            all.extend(chunk);
+            assert!(chunk.len() <= CHUNK_BYTES + EVENT_TEXT + RAW_HEAD);
+            let lines = encode(&chunk);
+            assert!(lines.ends_with(b"\n"));
+            all.extend(lines);
             n.push(i);
         }
         assert_eq!(n, (1..=n.len() as i64).collect::<Vec<_>>());
         assert!(s.take_chunk(true).is_none());
-        let lines: Vec<&[u8]> = all.split(|b| *b == b'\n').filter(|l| !l.is_empty()).collect();
+        let lines: Vec<&[u8]> = all
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .collect();
         for l in &lines {
             serde_json::from_slice::<serde_json::Value>(l).unwrap();
         }

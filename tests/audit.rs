@@ -958,27 +958,27 @@ async fn recordings_suite(store: Store) {
     assert!(capped.len() < 500_000, "{}", capped.len());
     assert_eq!(ended[0]["bytes"].as_u64(), Some(capped.len() as u64));
     let (_, events) = parse_cast(&capped);
+    // Where output was cut out (and, if the store fell behind the flood,
+    // skipped): markers say so.
     let cut = events
         .iter()
         .position(|e| e.1 == "m")
         .expect("a marker where output was cut");
     assert!(
-        events[cut].2.contains("output cut here"),
+        events[cut].2.starts_with("output cut here")
+            || events[cut].2.starts_with("output skipped here"),
         "{}",
         events[cut].2
     );
     let before = output_of(&events[..cut]);
     let after = output_of(&events[cut..]);
     assert!(
-        before.starts_with("xxxx") && before.len() > 100_000,
+        before.starts_with("xxxx") && before.len() > 50_000,
         "{}",
         before.len()
     );
-    assert!(
-        after.ends_with("tail-end\r\n") && after.len() > 100_000,
-        "{}",
-        after.len()
-    );
+    // The flood's latest output is kept, to its very end.
+    assert!(after.ends_with("xxx\r\ntail-end\r\n"), "{}", after.len());
 
     // asciinema plays the file (in a terminal of its own, which it needs;
     // idle time cut to 0.1 s).
