@@ -562,15 +562,21 @@ async fn latency(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bool)
             into.push(t.elapsed());
         }
     }
+    // Alternating between the recorded console and one with `--audit off`.
     let mut ws = console(s).await;
+    let off_cookie = s.unaudited.admin_cookie().await;
+    let mut ws_off = console_on(&s.unaudited, &off_cookie).await;
     let mut echo = Vec::with_capacity(k);
+    let mut echo_off = Vec::with_capacity(k);
     for i in 0..k {
         let id = 1000 + i as u32;
-        let t = Instant::now();
-        send(&mut ws, json!({"type": "exec", "id": id, "cmd": "echo hi"})).await;
-        let (got, exit) = drain(&mut ws, id).await;
-        assert_eq!((got, exit["code"].as_i64()), (3, Some(0)));
-        echo.push(t.elapsed());
+        for (ws, into) in [(&mut ws, &mut echo), (&mut ws_off, &mut echo_off)] {
+            let t = Instant::now();
+            send(ws, json!({"type": "exec", "id": id, "cmd": "echo hi"})).await;
+            let (got, exit) = drain(ws, id).await;
+            assert_eq!((got, exit["code"].as_i64()), (3, Some(0)));
+            into.push(t.elapsed());
+        }
     }
     let keys = keystroke_latencies(&mut ws, 9, k).await;
     let p = |v: &[Duration]| (percentile(v, 0.5), percentile(v, 0.99));
@@ -584,7 +590,8 @@ async fn latency(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bool)
     for (name, v) in [
         ("(b) `POST /api/v1/exec` `true` (audited)", &rest),
         ("(b′) the same, `--audit off`", &rest_off),
-        ("(c) console `echo`, Enter to exit code", &echo),
+        ("(c) console `echo`, Enter to exit code (recorded)", &echo),
+        ("(c′) the same, `--audit off`", &echo_off),
         ("(d) PTY keystroke to its echo", &keys),
     ] {
         let (m, n) = p(v);
