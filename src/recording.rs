@@ -38,6 +38,8 @@ use crate::store::{Store, StoreError};
 pub(crate) const CHUNK_BYTES: usize = 64 * 1024;
 /// ...or once the oldest waited this long.
 pub(crate) const FLUSH_EVERY: Duration = Duration::from_secs(2);
+/// Bytes of events waiting past which typed input is not recorded.
+const INPUT_PILE: usize = 4 * CHUNK_BYTES;
 /// Text in one output event at most: longer output is several events.
 const EVENT_TEXT: usize = 16 * 1024;
 /// Bytes of chunks handed to the writer and not yet stored, all
@@ -48,9 +50,10 @@ pub(crate) const IN_FLIGHT_BYTES: usize = 32 * 1024 * 1024;
 pub(crate) const IN_FLIGHT_PER_RECORDING: usize = 4;
 /// Writes waiting for the writer (their bytes bounded above).
 const QUEUE: usize = 4096;
-/// How long a recording's start waits for room before the command runs
-/// unrecorded (a stuck store; counted and reported).
-const BEGIN_WAIT: Duration = Duration::from_secs(10);
+/// How long a recording's start waits for the writer before the command
+/// runs unrecorded (a stuck store; counted and reported), and for room
+/// for its header: the console waits meanwhile.
+const BEGIN_WAIT: Duration = Duration::from_secs(2);
 /// Writes per transaction.
 const BATCH: usize = 64;
 /// How long `/readyz` reports lost recordings after the last one.
@@ -299,6 +302,8 @@ impl Recordings {
                 last_tail: None,
                 half: self.settings.max_bytes / 2,
                 gap_at_us: None,
+                in_hand: None,
+                closed: false,
                 oldest: Some(Instant::now()),
                 first_at_us: 0,
                 carry: Vec::new(),
@@ -310,8 +315,9 @@ impl Recordings {
             }),
         });
         // The header at once: a live recording is a valid file from the
-        // start.
-        recorder.send_lines(true).await;
+        // start. A console waits for this: not for ever (the header then
+        // goes with the next chunk).
+        let _ = tokio::time::timeout(BEGIN_WAIT, recorder.send_lines(true)).await;
         Some(recorder)
     }
 
@@ -379,6 +385,11 @@ struct State {
     half: u64,
     /// Chunks were skipped since the last one sent, from this time on.
     gap_at_us: Option<i64>,
+    /// A chunk taken to be sent whose sending was cut short (its pump
+    /// was aborted while it waited for room): sent first, next time.
+    in_hand: Option<(Vec<u8>, i64, i64)>,
+    /// The index entry was told the recording ended.
+    closed: bool,
     /// When the oldest of them was made.
     oldest: Option<Instant>,
     /// The time of the first of them, in microseconds from the start.
@@ -399,6 +410,11 @@ impl Recorder {
         &self.id
     }
 
+    /// Whether typed input is recorded (it comes outside the pump).
+    pub fn records_input(&self) -> bool {
+        self.recordings.records_input()
+    }
+
     /// Output the page was sent (stdout and stderr alike, as a terminal
     /// shows them); [`Recorder::settle`] next.
     pub fn output(&self, data: &[u8]) {
@@ -414,6 +430,7 @@ impl Recorder {
                 s.gap_at_us.get_or_insert(first);
                 s.lines.clear();
                 s.waiting = 0;
+                s.oldest = None;
             }
             // Output is nearly always whole UTF-8: then it is used as it
             // is, without a copy.
@@ -455,6 +472,13 @@ impl Recorder {
     pub fn input(&self, data: &str) {
         if self.recordings.records_input() {
             self.with(|s| {
+                // Input comes while the pump may wait: past a few chunks
+                // waiting, it is skipped (and marked), never piled up.
+                if s.lines.len() >= INPUT_PILE {
+                    let at = s.started.elapsed().as_micros() as i64;
+                    s.gap_at_us.get_or_insert(at);
+                    return;
+                }
                 s.size_event();
                 s.event(b'i', data);
             });
@@ -501,17 +525,26 @@ impl Recorder {
 
     /// Ends the recording: what waits is written, and the index says so.
     pub async fn end(&self) {
-        let first = self.with_result(|s| {
-            s.finish();
-            true
+        let open = self.state.lock().is_ok_and(|mut s| {
+            if !s.ended {
+                s.finish();
+            }
+            !s.closed
         });
-        if first == Some(true) {
-            self.send_lines(true).await;
-            let end = Write::End {
+        if !open {
+            return;
+        }
+        self.send_lines(true).await;
+        // Reserved first: a pump cut short here loses nothing (its Drop
+        // ends the recording instead).
+        if let Ok(slot) = self.queue.reserve().await {
+            slot.send(Write::End {
                 id: self.id.clone(),
                 ended_ms: now_ms(),
-            };
-            let _ = self.queue.send(end).await;
+            });
+            if let Ok(mut s) = self.state.lock() {
+                s.closed = true;
+            }
         }
     }
 
@@ -531,17 +564,35 @@ impl Recorder {
     /// the cap it waits for room; past it, a full chunk the store has no
     /// room for is skipped (the newest output is what the recording keeps
     /// of a flood, and the command never waits), and a marker says so.
+    /// Cut short (its pump aborted), it loses nothing it took: the chunk
+    /// goes back in hand, for the next call or the recorder's Drop.
     async fn send_lines(&self, all: bool) {
         loop {
             let taken = {
                 let Ok(mut s) = self.state.lock() else { return };
                 let tail = s.sent >= s.half;
-                s.take_chunk(all).map(|c| (c, tail))
+                let chunk = match s.in_hand.take() {
+                    Some(c) => Some(c),
+                    None => s.take_chunk(all),
+                };
+                // A gap at the very end has a chunk of its own: its marker.
+                let chunk = chunk.or_else(|| {
+                    let at = s.gap_at_us.filter(|_| all)?;
+                    let n = s.next_chunk;
+                    s.next_chunk += 1;
+                    Some((Vec::new(), n, at))
+                });
+                chunk.map(|c| (c, tail))
             };
-            let Some(((raw, n, first_at_us), tail)) = taken else {
+            let Some((chunk, tail)) = taken else {
                 return;
             };
-            let cost = u32::try_from(raw.len().min(IN_FLIGHT_BYTES)).unwrap_or(u32::MAX);
+            let first_at_us = chunk.2;
+            let cost = u32::try_from(chunk.0.len().clamp(1, IN_FLIGHT_BYTES)).unwrap_or(u32::MAX);
+            let mut taken = InHand {
+                state: &self.state,
+                chunk: Some(chunk),
+            };
             let held = if tail && !all {
                 // At most one full chunk per TAIL_EVERY, and only with room.
                 let recent = self
@@ -560,6 +611,7 @@ impl Recorder {
                         (own, room)
                     }
                     _ => {
+                        taken.chunk = None;
                         if let Ok(mut s) = self.state.lock() {
                             s.gap_at_us.get_or_insert(first_at_us);
                         }
@@ -577,18 +629,37 @@ impl Recorder {
                 };
                 (own, room)
             };
+            let Ok(slot) = self.queue.reserve().await else {
+                return;
+            };
+            let Some((raw, n, first_at_us)) = taken.chunk.take() else {
+                return;
+            };
             let gap_at_us = self.state.lock().ok().and_then(|mut s| s.gap_at_us.take());
-            let chunk = Write::Chunk {
+            slot.send(Write::Chunk {
                 id: self.id.clone(),
                 n,
                 raw,
                 first_at_us,
                 gap_at_us,
                 _held: held,
-            };
-            if self.queue.send(chunk).await.is_err() {
-                return;
-            }
+            });
+        }
+    }
+}
+
+/// A chunk on its way to the writer: back in hand if the way is cut.
+struct InHand<'a> {
+    state: &'a Mutex<State>,
+    chunk: Option<(Vec<u8>, i64, i64)>,
+}
+
+impl Drop for InHand<'_> {
+    fn drop(&mut self) {
+        if let Some(chunk) = self.chunk.take()
+            && let Ok(mut s) = self.state.lock()
+        {
+            s.in_hand = Some(chunk);
         }
     }
 }
@@ -598,21 +669,27 @@ impl Drop for Recorder {
     /// waited) is ended all the same, by a task of its own.
     fn drop(&mut self) {
         let Ok(s) = self.state.get_mut() else { return };
-        if s.ended {
+        if s.closed {
             return;
         }
-        s.finish();
-        let mut pieces = Vec::new();
+        if !s.ended {
+            s.finish();
+        }
+        let mut pieces: Vec<_> = s.in_hand.take().into_iter().collect();
         while let Some(piece) = s.take_chunk(true) {
             pieces.push(piece);
         }
         let mut gap = s.gap_at_us.take();
+        if let (true, Some(at)) = (pieces.is_empty(), gap) {
+            pieces.push((Vec::new(), s.next_chunk, at));
+        }
         let (id, queue) = (self.id.clone(), self.queue.clone());
         let (own, room) = (self.own.clone(), self.recordings.room.clone());
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 for (raw, n, first_at_us) in pieces {
-                    let cost = u32::try_from(raw.len().min(IN_FLIGHT_BYTES)).unwrap_or(u32::MAX);
+                    let cost =
+                        u32::try_from(raw.len().clamp(1, IN_FLIGHT_BYTES)).unwrap_or(u32::MAX);
                     let (Ok(own), Ok(room)) = (
                         own.clone().acquire_owned().await,
                         room.clone().acquire_many_owned(cost).await,
@@ -754,8 +831,9 @@ fn encoded_len(text: &str) -> u64 {
     let escaped = text
         .bytes()
         .map(|b| match b {
+            // \b \t \n \f \r
+            0x08 | 0x09 | 0x0a | 0x0c | 0x0d | b'"' | b'\\' => 1,
             0..=0x1f => 5,
-            b'"' | b'\\' => 1,
             _ => 0,
         })
         .sum::<u64>();
@@ -841,6 +919,7 @@ async fn write_loop(
     // or [`CHECK_TOTAL_EVERY`] has been written.
     let mut total: Option<u64> = None;
     let mut written = 0;
+    let mut stuck = false;
     loop {
         let n = tokio::select! {
             n = rx.recv_many(&mut batch, BATCH) => n,
@@ -856,10 +935,16 @@ async fn write_loop(
         let bytes = w.write(std::mem::take(&mut batch)).await;
         written += bytes;
         total = total.map(|t| t + bytes);
-        if total.is_none_or(|t| t > max_total) || written >= CHECK_TOTAL_EVERY {
+        // Over the cap and nothing more to remove (live recordings): asked
+        // again only after CHECK_TOTAL_EVERY more, not after every batch.
+        let over = total.is_none_or(|t| t > max_total) && !stuck;
+        if over || written >= CHECK_TOTAL_EVERY {
             written = 0;
             match keep_within(&w.store, max_total).await {
-                Ok(left) => total = Some(left),
+                Ok(left) => {
+                    stuck = left > max_total;
+                    total = Some(left);
+                }
                 Err(e) => {
                     total = None;
                     tracing::warn!(error = %e, "cannot remove recordings over the total cap");
@@ -935,6 +1020,8 @@ enum Ready {
         data: Vec<u8>,
         bytes: u64,
         kept: Option<u64>,
+        /// Its room, given back once it is stored (or given up).
+        _held: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
     },
     Other(Op),
 }
@@ -1010,7 +1097,9 @@ impl Planner {
                     let roll = self.rolls.entry(id.clone()).or_default();
                     let len = lines.len() as u64;
                     let mut cuts = Vec::new();
-                    if !roll.cut && roll.tail.is_empty() && roll.head + len <= self.half {
+                    // The header (chunk 0) is always kept.
+                    if n == 0 || (!roll.cut && roll.tail.is_empty() && roll.head + len <= self.half)
+                    {
                         roll.head += len;
                     } else {
                         roll.tail.push_back((n, len, first_at_us));
@@ -1227,7 +1316,11 @@ fn compress_all(ops: Vec<Op>) -> Result<Vec<Ready>, sqlx::Error> {
         .filter(|op| !matches!(op, Op::Insert { lines, .. } if lines.is_empty()))
         .map(|op| match op {
             Op::Insert {
-                id, n, lines, kept, ..
+                id,
+                n,
+                lines,
+                kept,
+                _held,
             } => {
                 let data = compress(&lines).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
                 let bytes = lines.len() as u64;
@@ -1237,6 +1330,7 @@ fn compress_all(ops: Vec<Op>) -> Result<Vec<Ready>, sqlx::Error> {
                     data,
                     bytes,
                     kept: Some(kept),
+                    _held,
                 })
             }
             Op::Mark { id, n, line } => {
@@ -1247,6 +1341,7 @@ fn compress_all(ops: Vec<Op>) -> Result<Vec<Ready>, sqlx::Error> {
                     data,
                     bytes: line.len() as u64,
                     kept: None,
+                    _held: None,
                 })
             }
             other => Ok(Ready::Other(other)),
@@ -1285,6 +1380,7 @@ async fn write_batch(store: &Store, ready: &[Ready]) -> Result<(), sqlx::Error> 
                 data,
                 bytes,
                 kept: Some(kept),
+                ..
             } => {
                 let stored = data.len() as i64;
                 // A chunk whose recording is gone (removed meanwhile) is
@@ -1322,6 +1418,7 @@ async fn write_batch(store: &Store, ready: &[Ready]) -> Result<(), sqlx::Error> 
                 data,
                 bytes,
                 kept: None,
+                ..
             } => {
                 sqlx::query(
                     "UPDATE recordings SET truncated = 1, stored = stored + $3 -
@@ -1414,9 +1511,13 @@ pub async fn keep_within(store: &Store, max_total: u64) -> Result<u64, sqlx::Err
     let mut over = total.saturating_sub(i64::try_from(max_total).unwrap_or(i64::MAX));
     let mut removed = 0;
     while over > 0 {
+        // The user whose recordings, live ones included, take the most:
+        // only their finished ones go. A user whose live recordings alone
+        // pass the cap removes nobody else's (each is bounded by its own
+        // cap), and the rest waits until theirs finish.
         let heaviest: Option<(String,)> = sqlx::query_as(
-            "SELECT user_name FROM recordings WHERE ended_ms IS NOT NULL
-             GROUP BY user_name ORDER BY SUM(stored) DESC, user_name LIMIT 1",
+            "SELECT user_name FROM recordings GROUP BY user_name
+             ORDER BY SUM(stored) DESC, user_name LIMIT 1",
         )
         .fetch_optional(&store.pool)
         .await?;
@@ -1428,6 +1529,9 @@ pub async fn keep_within(store: &Store, max_total: u64) -> Result<u64, sqlx::Err
         .bind(&user)
         .fetch_all(&store.pool)
         .await?;
+        if oldest.is_empty() {
+            break;
+        }
         for (id, stored) in oldest {
             remove(store, &id).await?;
             tracing::warn!(
@@ -1722,6 +1826,8 @@ mod tests {
             last_tail: None,
             half: 1 << 20,
             gap_at_us: None,
+            in_hand: None,
+            closed: false,
             oldest: None,
             first_at_us: 0,
             carry: Vec::new(),
@@ -1751,6 +1857,8 @@ mod tests {
             last_tail: None,
             half: 1 << 20,
             gap_at_us: None,
+            in_hand: None,
+            closed: false,
             oldest: None,
             first_at_us: 0,
             carry: Vec::new(),

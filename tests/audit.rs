@@ -1415,3 +1415,51 @@ async fn a_flood_of_output_loses_no_one_elses_recording() {
     assert_eq!(theirs[0]["incomplete"], false, "{:?}", theirs[0]);
     assert_eq!(common::status(server.url("/readyz")).await, 200);
 }
+
+/// With `--record-input`, what was typed is recorded (`i` events); a
+/// console closed while its command runs still ends its recording; and a
+/// small cap never cuts the header, however long the command line.
+#[tokio::test]
+async fn input_closed_consoles_and_small_caps_keep_recordings_whole() {
+    let store = Store::Sqlite(tempfile::tempdir().unwrap());
+    let server = server_on(&store, &["--record-input", "--recording-max-bytes", "4096"]);
+    let mut ws = common::ws::console(&server).await;
+    common::ws::send(&mut ws, json!({"type": "exec", "id": 1, "cmd": "cat"})).await;
+    common::ws::send(
+        &mut ws,
+        json!({"type": "stdin", "id": 1, "data": "typed-in-here\n", "eof": true}),
+    )
+    .await;
+    let (_, texts) = console_until(&mut ws, 1, "").await;
+    let typed = texts
+        .iter()
+        .find_map(|t| t["recording"].as_str())
+        .unwrap()
+        .to_owned();
+    // A long command line, then the console goes while it runs.
+    let long = format!("echo {}; sleep 30", "\u{1b}é".repeat(1500));
+    common::ws::send(&mut ws, json!({"type": "exec", "id": 2, "cmd": long})).await;
+    let (_, texts) = console_until(&mut ws, 2, "é").await;
+    let cut_short = texts
+        .iter()
+        .find_map(|t| t["recording"].as_str())
+        .unwrap()
+        .to_owned();
+    drop(ws);
+    let list = recordings_until(&server, &server.token, "", |l| {
+        l.len() == 2 && l.iter().all(|r| !r["ended_ms"].is_null())
+    })
+    .await;
+    assert!(list.iter().any(|r| r["id"] == cut_short.as_str()));
+    let (_, text) = cast(&server, &server.token, &typed).await;
+    let (_, events) = parse_cast(&text);
+    assert!(
+        events
+            .iter()
+            .any(|e| e.1 == "i" && e.2 == "typed-in-here\n"),
+        "{events:?}"
+    );
+    let (_, text) = cast(&server, &server.token, &cut_short).await;
+    let (header, _) = parse_cast(&text);
+    assert!(header["title"].as_str().unwrap().starts_with("echo "));
+}

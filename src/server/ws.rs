@@ -817,16 +817,20 @@ impl Console<'_> {
     /// fit is dropped and the page told so.
     async fn stdin(&self, id: u32, data: String, eof: bool) {
         super::metrics::input(data.len());
-        if let Some(rec) = self.running.get(&id).and_then(|r| r.recording.as_ref()) {
-            rec.input(&data);
-        }
+        let recording = self.running.get(&id).and_then(|r| r.recording.clone());
         let queued = self.running.get(&id).map(|r| {
             let cost = u32::try_from(data.len().max(1)).unwrap_or(u32::MAX);
             r.stdin_room
                 .clone()
                 .try_acquire_many_owned(cost)
                 .ok()
-                .and_then(|room| r.stdin.try_send((Bytes::from(data), eof, room)).ok())
+                .and_then(|room| {
+                    // Recorded only when it goes to the command.
+                    if let Some(rec) = &recording {
+                        rec.input(&data);
+                    }
+                    r.stdin.try_send((Bytes::from(data), eof, room)).ok()
+                })
                 .is_some()
         });
         if queued == Some(false) {
@@ -933,7 +937,14 @@ async fn pump(
         // A quiet command's last output reaches the store within
         // `recording::FLUSH_EVERY` all the same. (`bridge::next` only
         // waits on a channel's receiver: dropping it loses nothing.)
-        let flush_at = recording.as_ref().and_then(|r| r.due());
+        // Typed input (`--record-input`) can arrive while this waits: then
+        // it wakes at least every FLUSH_EVERY to look.
+        let flush_at = recording.as_ref().and_then(|r| {
+            r.due().or_else(|| {
+                r.records_input()
+                    .then(|| std::time::Instant::now() + crate::recording::FLUSH_EVERY)
+            })
+        });
         let update = tokio::select! {
             u = bridge::next(&mut channel, &no_shutdown) => u,
             _ = async {

@@ -59,6 +59,14 @@ test('a reload reattaches the shell: its output, its variables and its screen co
     // The editor still takes keys: quit without saving.
     await page.keyboard.type(':q!');
     await page.keyboard.press('Enter');
+    // The shell's prompt back before typing on: vi, leaving, may flush
+    // what was typed before it restored the terminal.
+    await waitInPage(page, () => {
+      const rows = Array.from(document.querySelectorAll('#terminal .xterm-rows > div'),
+        (r) => r.textContent.replace(/\u00a0/g, ' ').replace(/\s+$/, ''));
+      const last = rows.filter((r) => r !== '').pop() || '';
+      return !rows.some((r) => r.startsWith('betaX')) && /[#$]$/.test(last);
+    }, null, 'waiting for the shell prompt after vi');
     await run(page, `rm ${file}; echo vi-gone`, [{ exact: 'vi-gone' }]);
 
     // top: after a reload and its next refresh, the same screen layout
