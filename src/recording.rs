@@ -287,32 +287,16 @@ impl Recordings {
             self.lost("a recording could not begin");
             return None;
         }
-        let mut lines = Vec::new();
-        push_raw(&mut lines, 0, HEADER, &header.to_string());
+        let mut state = State::new((start.cols, start.rows), self.settings.max_bytes / 2);
+        state.bare_lines = start.bare_lines;
+        push_raw(&mut state.lines, 0, HEADER, &header.to_string());
+        state.oldest = Some(Instant::now());
         let recorder = Arc::new(Recorder {
             id,
             recordings: self.clone(),
             queue,
             own: Arc::new(Semaphore::new(IN_FLIGHT_PER_RECORDING)),
-            state: Mutex::new(State {
-                started: Instant::now(),
-                lines,
-                sent: 0,
-                waiting: 0,
-                last_tail: None,
-                half: self.settings.max_bytes / 2,
-                gap_at_us: None,
-                in_hand: None,
-                closed: false,
-                oldest: Some(Instant::now()),
-                first_at_us: 0,
-                carry: Vec::new(),
-                size: (start.cols, start.rows),
-                pending_size: None,
-                next_chunk: 0,
-                ended: false,
-                bare_lines: start.bare_lines,
-            }),
+            state: Mutex::new(state),
         });
         // The header at once: a live recording is a valid file from the
         // start. A console waits for this: not for ever (the header then
@@ -720,6 +704,30 @@ impl Drop for Recorder {
 }
 
 impl State {
+    /// A recording just begun, of a terminal of `size`, its cap's half
+    /// `half`.
+    fn new(size: (u16, u16), half: u64) -> State {
+        State {
+            started: Instant::now(),
+            lines: Vec::new(),
+            sent: 0,
+            waiting: 0,
+            last_tail: None,
+            half,
+            gap_at_us: None,
+            in_hand: None,
+            closed: false,
+            oldest: None,
+            first_at_us: 0,
+            carry: Vec::new(),
+            size,
+            pending_size: None,
+            next_chunk: 0,
+            ended: false,
+            bare_lines: false,
+        }
+    }
+
     /// Adds one event: `[seconds, code, data]`, encoded by the writer.
     fn event(&mut self, code: u8, data: &str) {
         let at_us = self.started.elapsed().as_micros() as i64;
@@ -1818,25 +1826,7 @@ mod tests {
 
     #[test]
     fn a_character_cut_between_outputs_waits_for_its_end() {
-        let mut s = State {
-            started: Instant::now(),
-            lines: Vec::new(),
-            sent: 0,
-            waiting: 0,
-            last_tail: None,
-            half: 1 << 20,
-            gap_at_us: None,
-            in_hand: None,
-            closed: false,
-            oldest: None,
-            first_at_us: 0,
-            carry: Vec::new(),
-            size: (80, 24),
-            pending_size: None,
-            next_chunk: 0,
-            ended: false,
-            bare_lines: false,
-        };
+        let mut s = State::new((80, 24), 1 << 20);
         let euro = "€".as_bytes();
         assert_eq!(s.text_of(&[b'a', euro[0]]), "a");
         assert_eq!(s.text_of(&euro[1..2]), "");
@@ -1849,25 +1839,7 @@ mod tests {
 
     #[test]
     fn chunks_are_whole_lines_and_resizes_without_output_are_one() {
-        let mut s = State {
-            started: Instant::now(),
-            lines: Vec::new(),
-            sent: 0,
-            waiting: 0,
-            last_tail: None,
-            half: 1 << 20,
-            gap_at_us: None,
-            in_hand: None,
-            closed: false,
-            oldest: None,
-            first_at_us: 0,
-            carry: Vec::new(),
-            size: (80, 24),
-            pending_size: None,
-            next_chunk: 0,
-            ended: false,
-            bare_lines: false,
-        };
+        let mut s = State::new((80, 24), 1 << 20);
         for size in [(100, 30), (80, 24), (120, 40)] {
             s.pending_size = Some(size);
         }

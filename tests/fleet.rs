@@ -575,8 +575,13 @@ async fn names_are_bound_to_keys_and_impostors_replace_nothing() {
             other.key_file.display()
         ),
     );
-    let mut s2 = common::start_server_unready(&["--agents-file", &file2], &[]);
-    s2.proc.wait_for("the name check", |l| {
+    // Its log read from the first line: the check can fail before the
+    // server says it listens.
+    let mut s2 = common::spawn_with(
+        common::server_command(&["--agents-file", &file2]),
+        tempfile::tempdir().unwrap(),
+    );
+    s2.wait_for("the name check", |l| {
         l.contains("is \\\"not-web\\\", not \\\"web\\\"")
             .then_some(())
     });

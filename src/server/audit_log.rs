@@ -74,15 +74,11 @@ pub(crate) async fn read(
     query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<AuditPage>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    const MAX: i64 = (1 << 53) - 1;
-    let out_of = |v: Option<i64>, min: i64| v.is_some_and(|v| !(min..=MAX).contains(&v));
-    if out_of(q.since_ms, 0) || out_of(q.until_ms, 0) || out_of(q.cursor, 1) {
+    check_search((q.since_ms, q.until_ms), q.limit, q.text.as_deref())?;
+    if q.cursor.is_some_and(|c| !(1..=MAX_MS).contains(&c)) {
         return Err(ApiError::BadRequest(format!(
-            "since_ms and until_ms must be 0 to {MAX}, cursor 1 to {MAX}"
+            "cursor must be 1 to {MAX_MS}"
         )));
-    }
-    if q.limit.is_some_and(|l| !(1..=1000).contains(&l)) {
-        return Err(ApiError::BadRequest("limit must be 1 to 1000".into()));
     }
     if let Some(kind) = &q.kind
         && !crate::audit::Kind::ALL.iter().any(|k| k.as_str() == kind)
@@ -91,17 +87,9 @@ pub(crate) async fn read(
             "no kind of record is called {kind:?}"
         )));
     }
-    if q.text.as_ref().is_some_and(|t| t.chars().count() > 256) {
-        return Err(ApiError::BadRequest(
-            "text is longer than 256 characters".into(),
-        ));
-    }
-    // An admin token limited to some agents is no auditor of the others.
-    let user = if who.role == Role::Admin && who.agents.is_none() {
-        q.user
-    } else {
-        // Not an admin: one's own records, whatever was asked.
-        Some(who.name.clone())
+    let user = match reader_of(&who) {
+        Some(own) => Some(own.to_owned()),
+        None => q.user,
     };
     let filter = Filter {
         user,
@@ -117,4 +105,40 @@ pub(crate) async fn read(
         .await
         .map_err(|e| ApiError::Busy(format!("the audit store cannot answer: {e}")))?;
     Ok(Json(AuditPage { records, next }))
+}
+
+/// The largest time or cursor a query takes: 2^53 - 1 (what JSON numbers
+/// hold exactly).
+pub(super) const MAX_MS: i64 = (1 << 53) - 1;
+
+/// The bounds the audit log's and the recordings' searches share: a time
+/// window of 0 to [`MAX_MS`], a page of 1 to 1 000, a text of at most 256
+/// characters.
+pub(super) fn check_search(
+    (since_ms, until_ms): (Option<i64>, Option<i64>),
+    limit: Option<u32>,
+    text: Option<&str>,
+) -> Result<(), ApiError> {
+    let out_of = |v: Option<i64>| v.is_some_and(|v| !(0..=MAX_MS).contains(&v));
+    if out_of(since_ms) || out_of(until_ms) {
+        return Err(ApiError::BadRequest(format!(
+            "since_ms and until_ms must be 0 to {MAX_MS}"
+        )));
+    }
+    if limit.is_some_and(|l| !(1..=1000).contains(&l)) {
+        return Err(ApiError::BadRequest("limit must be 1 to 1000".into()));
+    }
+    if text.is_some_and(|t| t.chars().count() > 256) {
+        return Err(ApiError::BadRequest(
+            "text is longer than 256 characters".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Whose records (and recordings) `who` may read: `None` for everyone's.
+/// Admins read all; everyone else, and an admin token limited to some
+/// agents (no auditor of the others), their own.
+pub(super) fn reader_of(who: &super::auth::Principal) -> Option<&str> {
+    (who.role != Role::Admin || who.agents.is_some()).then_some(who.name.as_str())
 }

@@ -13,7 +13,7 @@ use utoipa::ToSchema;
 
 use super::State as AppState;
 use super::api::ProblemResponse;
-use super::auth::{Principal, Role};
+use super::audit_log::reader_of;
 use super::caller::Caller;
 use super::problem::ApiError;
 use crate::recording::{Cursor, Filter, Meta};
@@ -53,12 +53,6 @@ pub(crate) struct RecordingPage {
     next: Option<String>,
 }
 
-/// Whose recordings `who` may read: `None` for everyone's.
-fn reader_of(who: &Principal) -> Option<&str> {
-    // An admin token limited to some agents is no auditor of the others.
-    (who.role != Role::Admin || who.agents.is_some()).then_some(who.name.as_str())
-}
-
 /// Whether `id` looks like a recording's id (32 hexadecimal digits).
 pub(crate) fn valid_id(id: &str) -> bool {
     id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())
@@ -86,21 +80,7 @@ pub(crate) async fn list(
     query: Result<Query<RecordingQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<RecordingPage>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    const MAX: i64 = (1 << 53) - 1;
-    let out_of = |v: Option<i64>| v.is_some_and(|v| !(0..=MAX).contains(&v));
-    if out_of(q.since_ms) || out_of(q.until_ms) {
-        return Err(ApiError::BadRequest(format!(
-            "since_ms and until_ms must be 0 to {MAX}"
-        )));
-    }
-    if q.limit.is_some_and(|l| !(1..=1000).contains(&l)) {
-        return Err(ApiError::BadRequest("limit must be 1 to 1000".into()));
-    }
-    if q.text.as_ref().is_some_and(|t| t.chars().count() > 256) {
-        return Err(ApiError::BadRequest(
-            "text is longer than 256 characters".into(),
-        ));
-    }
+    super::audit_log::check_search((q.since_ms, q.until_ms), q.limit, q.text.as_deref())?;
     let before = match &q.cursor {
         Some(c) => Some(Cursor::parse(c).ok_or_else(|| {
             ApiError::BadRequest("cursor must be the `next` of an earlier page".into())

@@ -371,18 +371,30 @@ pub(crate) async fn set_password(
             .await
             .map_err(store_failed)?
             .rows_affected();
-    if changed == 0 {
+    changed_so(&state, (&who, client), &name, "password", changed).await
+}
+
+/// After a new password or a deletion that touched `rows` rows: the user
+/// is logged out everywhere and the change recorded; none touched is 404.
+async fn changed_so(
+    state: &AppState,
+    (who, client): (&Principal, std::net::IpAddr),
+    name: &str,
+    action: &str,
+    rows: u64,
+) -> Result<Response, ApiError> {
+    if rows == 0 {
         return Err(ApiError::NotFound(format!("no user {name:?} in the store")));
     }
-    log_out(&state, &name).await?;
-    tracing::info!(by = %who.name, %name, "user password changed");
+    log_out(state, name).await?;
+    tracing::info!(by = %who.name, %name, action, "store user changed");
     state.audit(
         crate::audit::Kind::UserChange,
         &who.name,
         client,
         "",
         crate::audit::Via::Rest,
-        serde_json::json!({"action": "password", "name": name}),
+        serde_json::json!({"action": action, "name": name}),
     );
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -418,18 +430,5 @@ pub(crate) async fn delete(
         .await
         .map_err(store_failed)?
         .rows_affected();
-    if gone == 0 {
-        return Err(ApiError::NotFound(format!("no user {name:?} in the store")));
-    }
-    log_out(&state, &name).await?;
-    tracing::info!(by = %who.name, %name, "user deleted");
-    state.audit(
-        crate::audit::Kind::UserChange,
-        &who.name,
-        client,
-        "",
-        crate::audit::Via::Rest,
-        serde_json::json!({"action": "delete", "name": name}),
-    );
-    Ok(StatusCode::NO_CONTENT.into_response())
+    changed_so(&state, (&who, client), &name, "delete", gone).await
 }
