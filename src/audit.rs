@@ -60,6 +60,8 @@ pub enum Kind {
     Denied,
     /// A user of the store added, deleted, or given a new password.
     UserChange,
+    /// A shell session renamed, or shared with other watchers.
+    SessionChange,
 }
 
 impl Kind {
@@ -79,6 +81,7 @@ impl Kind {
             Kind::FileGet => "file_get",
             Kind::Denied => "denied",
             Kind::UserChange => "user_change",
+            Kind::SessionChange => "session_change",
         }
     }
 
@@ -97,6 +100,7 @@ impl Kind {
         Kind::FileGet,
         Kind::Denied,
         Kind::UserChange,
+        Kind::SessionChange,
     ];
 }
 
@@ -970,6 +974,17 @@ impl Drop for CommandTrail {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_audit_page_knows_every_kind() {
+        let page = include_str!("../web/src/auditView.ts");
+        for kind in Kind::ALL {
+            assert!(
+                page.contains(&format!("'{}'", kind.as_str())),
+                "web/src/auditView.ts lacks {kind:?}"
+            );
+        }
+    }
+
     use super::*;
 
     fn event(command: &str) -> Event {

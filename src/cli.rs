@@ -549,7 +549,7 @@ pub struct AuditArgs {
     agent: Option<String>,
     /// Only this kind (login, login_failed, logout, token_create, token_revoke,
     /// command_start, command_end, session_attach, session_detach, session_end,
-    /// file_put, file_get, denied, user_change).
+    /// file_put, file_get, denied, user_change, session_change).
     #[arg(long)]
     kind: Option<String>,
     /// From this time: milliseconds since the epoch, or a time ago (`30m`, `2h`, `7d`).

@@ -211,6 +211,15 @@ async fn suite(store: Store) {
     assert_eq!(exit["code"], 0);
     logout(&server, &olga).await;
 
+    // A refused bearer token is a failed login too.
+    let refused = reqwest::Client::new()
+        .get(server.url("/api/v1/agents"))
+        .bearer_auth("not-a-token-at-all")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+
     let want = [
         "login",
         "login_failed",
@@ -250,8 +259,15 @@ async fn suite(store: Store) {
     let console = find("command_start", &|r| r["via"] == "console");
     assert_eq!(console["user"], "olga");
     assert_eq!(console["detail"]["command"], "echo from-the-console");
-    let failed = find("login_failed", &|_| true);
+    let failed = find("login_failed", &|r| r["via"] == "login");
     assert_eq!(failed["user"], "olga");
+    let bearer = find("login_failed", &|r| r["via"] == "rest");
+    assert_eq!(bearer["detail"]["reason"], "bearer token refused");
+    assert_eq!(bearer["source"], "127.0.0.1");
+    assert!(
+        !bearer.to_string().contains("not-a-token"),
+        "no token in the log"
+    );
     assert!(
         !failed.to_string().contains("nope"),
         "a password never reaches the log"

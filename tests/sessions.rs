@@ -605,6 +605,22 @@ mod console {
         )
         .await;
         assert_eq!(status, 204, "{body}");
+        // Sharing is in the audit log.
+        let changes = super::common::get_json(
+            server.url("/api/v1/audit?kind=session_change"),
+            &server.token,
+        )
+        .await;
+        let change = &changes["records"][0];
+        assert_eq!(
+            (
+                change["user"].as_str(),
+                change["detail"]["watchers"][0].as_str()
+            ),
+            (Some("olga"), Some("oscar")),
+            "{changes}"
+        );
+        assert_eq!(change["detail"]["session"], session.as_str());
         let oscar = login(&server, "oscar").await;
         let mut watcher = console_as(&server, &oscar).await;
         let listed = sessions(&mut watcher).await;

@@ -46,7 +46,19 @@ async fn authenticate(parts: &mut Parts, state: &State) -> Result<Principal, Api
             .auth
             .bearer(ip, &token, api_token)
             .map_err(|e| match e {
-                LoginError::Invalid => ApiError::Unauthorized,
+                // Recorded as a login form's failure is (throttled ones
+                // are not: the throttle bounds how many are written).
+                LoginError::Invalid => {
+                    state.audit(
+                        crate::audit::Kind::LoginFailed,
+                        "",
+                        ip,
+                        "",
+                        crate::audit::Via::Rest,
+                        serde_json::json!({"reason": "bearer token refused"}),
+                    );
+                    ApiError::Unauthorized
+                }
                 LoginError::RateLimited { retry_after } => ApiError::TooManyRequests {
                     message: "too many failed tokens from this address; wait before trying again"
                         .into(),

@@ -208,6 +208,7 @@ impl ToSchema for Watcher {}
 pub(crate) async fn change(
     State(state): State<AppState>,
     Writer(who): Writer,
+    super::peer::ClientIp(client): super::peer::ClientIp,
     Path((agent, id)): Path<(String, String)>,
     request: Request,
 ) -> Result<Response, ApiError> {
@@ -238,8 +239,24 @@ pub(crate) async fn change(
         }
     }
     let link = find(&state, &who, &agent, &id, SessionAction::Manage).await?;
+    let mut detail = serde_json::json!({"session": id});
+    if let Some(title) = &change.title {
+        detail["title"] = title.as_str().into();
+    }
+    if let Some(watchers) = &watchers {
+        detail["watchers"] = watchers.clone().into();
+    }
     link.update_session(&id, change.title, watchers)
         .await
         .map_err(|e| ApiError::AgentUnavailable(e.to_string()))?;
+    // Who may watch a shell is who may read what it shows: recorded.
+    state.audit(
+        crate::audit::Kind::SessionChange,
+        &who.name,
+        client,
+        &agent,
+        crate::audit::Via::Rest,
+        detail,
+    );
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -18,6 +18,7 @@ export { visible };
 export const AUDIT_KINDS: readonly string[] = [
   'login', 'login_failed', 'logout', 'token_create', 'token_revoke', 'command_start', 'command_end',
   'session_attach', 'session_detach', 'session_end', 'file_put', 'file_get', 'denied', 'user_change',
+  'session_change',
 ];
 
 /** What the search form asks; empty strings and nulls ask nothing. */

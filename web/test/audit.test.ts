@@ -153,6 +153,6 @@ test('a record\'s recording, and how long a recording ran', () => {
 test('the kinds are the server\'s (its Kind::ALL), in its order', () => {
   assert.deepEqual(AUDIT_KINDS, [
     'login', 'login_failed', 'logout', 'token_create', 'token_revoke', 'command_start', 'command_end',
-    'session_attach', 'session_detach', 'session_end', 'file_put', 'file_get', 'denied', 'user_change',
+    'session_attach', 'session_detach', 'session_end', 'file_put', 'file_get', 'denied', 'user_change', 'session_change',
   ]);
 });
