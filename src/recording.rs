@@ -106,6 +106,25 @@ struct Health {
     last_error: Mutex<Option<String>>,
 }
 
+impl Health {
+    /// The store refused a write: reported until one succeeds.
+    fn failed(&self, e: &sqlx::Error) {
+        self.failing.store(true, Ordering::Relaxed);
+        if let Ok(mut last) = self.last_error.lock() {
+            *last = Some(e.to_string());
+        }
+    }
+
+    /// `n` writes were lost: counted, in the metrics, and reported for a
+    /// while; returns how many were lost before, and when the last was.
+    fn lose(&self, n: u64) -> (u64, u64) {
+        crate::server::metrics::recording_writes_lost(n);
+        let before = self.lost.fetch_add(n, Ordering::Relaxed);
+        let last = self.last_loss_ms.swap(now_ms() as u64, Ordering::Relaxed);
+        (before, last)
+    }
+}
+
 /// What a recording is of, as the index lists it.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Meta {
@@ -306,10 +325,7 @@ impl Recordings {
     }
 
     fn lost(&self, what: &str) {
-        crate::server::metrics::recording_writes_lost(1);
-        let h = &self.health;
-        let before = h.lost.fetch_add(1, Ordering::Relaxed);
-        let last = h.last_loss_ms.swap(now_ms() as u64, Ordering::Relaxed);
+        let (before, last) = self.health.lose(1);
         // Once a minute in the log, not once a chunk.
         if before == 0 || (now_ms() as u64).saturating_sub(last) > 60_000 {
             tracing::error!(
@@ -1220,14 +1236,8 @@ impl Writer {
                 bytes
             }
             Err(e) => {
-                let h = &self.health;
-                h.failing.store(true, Ordering::Relaxed);
-                if let Ok(mut last) = h.last_error.lock() {
-                    *last = Some(e.to_string());
-                }
-                h.lost.fetch_add(ids.len() as u64, Ordering::Relaxed);
-                crate::server::metrics::recording_writes_lost(ids.len() as u64);
-                h.last_loss_ms.store(now_ms() as u64, Ordering::Relaxed);
+                self.health.failed(&e);
+                self.health.lose(ids.len() as u64);
                 tracing::error!(error = %e, writes = ids.len(), "recordings could not be stored");
                 let Some(planner) = self.planner.as_mut() else {
                     return 0;
@@ -1302,10 +1312,7 @@ async fn store_with_retries(
         match write_batch(store, ready).await {
             Ok(()) => return Ok(()),
             Err(e) if attempt < ATTEMPTS => {
-                health.failing.store(true, Ordering::Relaxed);
-                if let Ok(mut last) = health.last_error.lock() {
-                    *last = Some(e.to_string());
-                }
+                health.failed(&e);
                 tracing::warn!(error = %e, attempt, "recordings could not be stored; trying again");
                 tokio::time::sleep(wait).await;
                 wait *= 2;

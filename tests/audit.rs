@@ -1108,26 +1108,32 @@ async fn users_suite(store: Store, two_servers: bool) {
         &["add", "nina", "--role", "operator"],
         "first-secret-1\n",
     ));
-    refused(
-        conch_user(&a, &["add", "nina", "--role", "viewer"], "another-pw-2\n"),
-        "store",
-    );
-    refused(
-        conch_user(&a, &["add", "olga", "--role", "admin"], "another-pw-2\n"),
-        "users file",
-    );
-    refused(
-        conch_user(&a, &["add", "admin", "--role", "admin"], "another-pw-2\n"),
-        "admin token",
-    );
-    refused(
-        conch_user(&a, &["add", "tess", "--role", "viewer"], "short\n"),
-        "8 characters",
-    );
-    refused(
-        conch_user(&a, &["passwd", "olga"], "another-pw-2\n"),
-        "users file",
-    );
+    let refusals: [(&[&str], &str, &str); 5] = [
+        (
+            &["add", "nina", "--role", "viewer"],
+            "another-pw-2\n",
+            "store",
+        ),
+        (
+            &["add", "olga", "--role", "admin"],
+            "another-pw-2\n",
+            "users file",
+        ),
+        (
+            &["add", "admin", "--role", "admin"],
+            "another-pw-2\n",
+            "admin token",
+        ),
+        (
+            &["add", "tess", "--role", "viewer"],
+            "short\n",
+            "8 characters",
+        ),
+        (&["passwd", "olga"], "another-pw-2\n", "users file"),
+    ];
+    for (args, stdin, why) in refusals {
+        refused(conch_user(&a, args, stdin), why);
+    }
     // One name, one principal, whatever its case: a file user, a store
     // user, an API token.
     for (name, why) in [
