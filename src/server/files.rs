@@ -85,10 +85,14 @@ fn parse_query(query: Option<&str>, put: bool) -> Result<FileQuery, ApiError> {
             }
             "mode" if put => {
                 let text = text("mode")?;
+                // One to four octal digits, as documented (from_str_radix
+                // alone would also take `+7` and `00000`).
+                let digits = (1..=4).contains(&text.len())
+                    && text.bytes().all(|b| (b'0'..=b'7').contains(&b));
                 q.mode = Some(
                     u32::from_str_radix(&text, 8)
                         .ok()
-                        .filter(|m| *m <= 0o7777)
+                        .filter(|_| digits)
                         .ok_or_else(|| {
                             ApiError::BadRequest(format!(
                                 "mode must be octal permission bits (0644), not {text:?}"
@@ -117,8 +121,19 @@ fn parse_query(query: Option<&str>, put: bool) -> Result<FileQuery, ApiError> {
         }
         Some(_) => {}
     }
-    if q.name.as_ref().is_some_and(|n| n.contains(&0)) {
-        return Err(ApiError::BadRequest("name holds a NUL byte".into()));
+    // One path component, as documented: the agent refuses `.` and `..`
+    // (which need the directory to tell), the rest is refused here.
+    match &q.name {
+        Some(n) if n.is_empty() => return Err(ApiError::BadRequest("name is empty".into())),
+        Some(n) if n.contains(&0) => {
+            return Err(ApiError::BadRequest("name holds a NUL byte".into()));
+        }
+        Some(n) if n.contains(&b'/') => {
+            return Err(ApiError::BadRequest(
+                "name holds a slash: it is one file name; put the directory in path".into(),
+            ));
+        }
+        _ => {}
     }
     Ok(q)
 }
@@ -923,6 +938,13 @@ mod tests {
             "path is required"
         );
         assert!(parse_query(Some("path=x&mode=999"), true).is_err());
+        assert!(parse_query(Some("path=x&mode=%2B7"), true).is_err());
+        assert!(parse_query(Some("path=x&mode=00644"), true).is_err());
+        assert!(parse_query(Some("path=x&mode=7777"), true).is_ok());
+        // `name` is one component: never empty, never a path.
+        assert!(parse_query(Some("path=x&name="), true).is_err());
+        assert!(parse_query(Some("path=x&name=a%2Fb"), true).is_err());
+        assert!(parse_query(Some("path=x&name=a%20b"), true).is_ok());
     }
 
     #[test]
