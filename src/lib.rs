@@ -7,6 +7,9 @@
 pub mod agent;
 pub mod audit;
 pub mod cli;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzz;
 pub mod keyfile;
 pub mod link;
 pub mod protocol;

@@ -62,6 +62,9 @@ cargo test --locked
 # then Schemathesis fuzzing the live server (pinned in
 # tests/api-contract/requirements.txt; every command it sends is printf).
 tests/api-contract/run.sh "$PWD/target/debug/conch"
+# The fuzz targets (frame codec, browser messages, REST requests): the
+# committed corpus, then 40 s of new inputs each.
+tests/fuzz/run.sh 40
 # The benchmark harness end to end, small and quick: correctness, not speed.
 cargo test --locked --bench conch -- --quick
 if [ -d tests/e2e ]; then

@@ -269,6 +269,46 @@ pub fn encode_frame(frame: &Frame, dst: &mut BytesMut) -> Result<(), FrameError>
     Ok(())
 }
 
+/// Fuzzing: bytes from a peer, arriving in pieces whose sizes the input
+/// also picks (the first byte). The decoder must give frames or a typed
+/// error, never panic or ask for more than its bounds; every frame it
+/// gives encodes back to bytes it decodes to the same frame.
+#[cfg(feature = "fuzzing")]
+pub fn fuzz_decode(data: &[u8]) {
+    let Some((&piece, data)) = data.split_first() else {
+        return;
+    };
+    let piece = usize::from(piece).max(1);
+    for mut codec in [FrameCodec::new(), FrameCodec::handshake()] {
+        let mut src = BytesMut::new();
+        'feed: for chunk in data.chunks(piece) {
+            src.extend_from_slice(chunk);
+            loop {
+                match codec.decode(&mut src) {
+                    Ok(Some(frame)) => {
+                        assert!(frame.payload.len() <= codec.max_payload);
+                        let mut wire = BytesMut::new();
+                        if encode_frame(&frame, &mut wire).is_err() {
+                            continue;
+                        }
+                        let again = FrameCodec::new()
+                            .decode(&mut wire)
+                            .expect("an encoded frame decodes")
+                            .expect("an encoded frame is whole");
+                        assert_eq!((again.ch, &again.msg), (frame.ch, &frame.msg));
+                        assert_eq!(again.payload, frame.payload);
+                        assert!(wire.is_empty());
+                    }
+                    Ok(None) => break,
+                    Err(_) => break 'feed,
+                }
+            }
+            // What waits is at most one header and one payload.
+            assert!(src.len() <= 4 + codec.max_header + codec.max_payload + piece);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

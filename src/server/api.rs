@@ -1338,6 +1338,38 @@ pub(crate) async fn not_found() -> ApiError {
     ApiError::NotFound("no such API endpoint".into())
 }
 
+/// Fuzzing: a REST exec body, as `POST /api/v1/exec` reads and checks it.
+/// Anything may be refused; nothing may panic, and what is accepted keeps
+/// its bounds.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn fuzz_exec_body(data: &[u8]) {
+    let limits = ApiLimits {
+        max_body_bytes: 1 << 20,
+        max_timeout_ms: 60_000,
+        max_output_bytes: 4096,
+        max_concurrent: 8,
+        rate_per_minute: 60,
+        buffered_budget: 1 << 20,
+        transfer_idle: std::time::Duration::from_secs(60),
+    };
+    let Ok(body) = serde_json::from_slice::<ExecBody>(data) else {
+        return;
+    };
+    let again: Option<ExecBody> = serde_json::from_slice(data).ok();
+    for (streaming, body) in [(false, Some(body)), (true, again)] {
+        let Some(Ok(p)) = body.map(|b| prepare(b, &limits, streaming)) else {
+            continue;
+        };
+        let timeout = p.req.timeout_ms.expect("a prepared request has a timeout");
+        assert!(timeout > 0 && timeout <= limits.max_timeout_ms);
+        if !streaming {
+            assert!(p.max_output.is_some_and(|m| m <= limits.max_output_bytes));
+        }
+        // What goes to the agent is a frame, or a typed refusal.
+        let _ = crate::protocol::Frame::exec(1, &p.req);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

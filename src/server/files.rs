@@ -138,6 +138,29 @@ fn parse_query(query: Option<&str>, put: bool) -> Result<FileQuery, ApiError> {
     Ok(q)
 }
 
+/// Fuzzing: the query of both file endpoints (paths are bytes).
+#[cfg(feature = "fuzzing")]
+pub(crate) fn fuzz_query(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    for put in [true, false] {
+        if let Ok(q) = parse_query(Some(text), put) {
+            assert!(
+                q.path
+                    .as_ref()
+                    .is_some_and(|p| !p.is_empty() && !p.contains(&0))
+            );
+            assert!(
+                q.name
+                    .as_ref()
+                    .is_none_or(|n| !n.is_empty() && !n.contains(&b'/'))
+            );
+            assert!(q.mode.is_none_or(|m| m <= 0o7777));
+        }
+    }
+}
+
 /// The query of `PUT /api/v1/files`, for the OpenAPI document (the
 /// handler reads it with [`parse_query`]: paths are bytes).
 #[derive(utoipa::IntoParams)]

@@ -298,7 +298,7 @@ fn is_capacity_error(e: &axum::Error) -> bool {
 /// UTF-16 surrogate (half an emoji) as an escape that JSON parsers refuse;
 /// such escapes become U+FFFD first. When the message still cannot be
 /// understood, its `id` (if any can be read) comes back with the error.
-fn parse_client_message(text: &str) -> Result<ClientMessage, (Option<u32>, String)> {
+pub(crate) fn parse_client_message(text: &str) -> Result<ClientMessage, (Option<u32>, String)> {
     let text = replace_lone_surrogates(text);
     serde_json::from_str::<ClientMessage>(&text).map_err(|e| {
         let id = serde_json::from_str::<Value>(&text)
@@ -308,6 +308,32 @@ fn parse_client_message(text: &str) -> Result<ClientMessage, (Option<u32>, Strin
             .filter(|id| *id > 0);
         (id, e.to_string())
     })
+}
+
+/// Fuzzing: a browser message as the console reads it. Nothing may panic;
+/// valid JSON means the same after the surrogate repair, and
+/// an id given back with an error is one the browser could have sent.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn fuzz_client_message(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let parsed = parse_client_message(text);
+    if serde_json::from_str::<ClientMessage>(text).is_ok() {
+        assert!(parsed.is_ok(), "the repair broke a valid message");
+    }
+    let repaired = replace_lone_surrogates(text);
+    assert!(std::str::from_utf8(repaired.as_bytes()).is_ok());
+    if let Ok(before) = serde_json::from_str::<Value>(text) {
+        let after = serde_json::from_str::<Value>(&repaired);
+        assert!(
+            after.is_ok_and(|after| after == before),
+            "the repair changed valid JSON"
+        );
+    }
+    if let Err((Some(id), _)) = parsed {
+        assert!(id > 0);
+    }
 }
 
 /// Replaces `\uD800`–`\uDFFF` escapes that are not part of a valid
