@@ -270,16 +270,23 @@ pub fn encode_frame(frame: &Frame, dst: &mut BytesMut) -> Result<(), FrameError>
 }
 
 /// Fuzzing: bytes from a peer, arriving in pieces whose sizes the input
-/// also picks (the first byte). The decoder must give frames or a typed
-/// error, never panic or ask for more than its bounds; every frame it
-/// gives encodes back to bytes it decodes to the same frame.
+/// also picks (the first byte), through the link's codec, the handshake's
+/// and one with 64-byte limits. The decoder must give frames or a typed
+/// error, never panic or hold more than one header and payload; every
+/// frame it gives encodes back to bytes it decodes to the same frame.
 #[cfg(feature = "fuzzing")]
 pub fn fuzz_decode(data: &[u8]) {
     let Some((&piece, data)) = data.split_first() else {
         return;
     };
     let piece = usize::from(piece).max(1);
-    for mut codec in [FrameCodec::new(), FrameCodec::handshake()] {
+    // Small limits too, so that inputs of a few KiB reach every refusal.
+    let small = FrameCodec {
+        pending: None,
+        max_header: 64,
+        max_payload: 64,
+    };
+    for mut codec in [FrameCodec::new(), FrameCodec::handshake(), small] {
         let mut src = BytesMut::new();
         'feed: for chunk in data.chunks(piece) {
             src.extend_from_slice(chunk);

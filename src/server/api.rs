@@ -1365,8 +1365,12 @@ pub(crate) fn fuzz_exec_body(data: &[u8]) {
         if !streaming {
             assert!(p.max_output.is_some_and(|m| m <= limits.max_output_bytes));
         }
-        // What goes to the agent is a frame, or a typed refusal.
-        let _ = crate::protocol::Frame::exec(1, &p.req);
+        // What goes to the agent is a frame (or a typed refusal) that the
+        // agent reads as the same request.
+        if let Ok(frame) = crate::protocol::Frame::exec(1, &p.req) {
+            let read = frame.exec_request().expect("an exec frame reads back");
+            assert_eq!(read, p.req);
+        }
     }
 }
 

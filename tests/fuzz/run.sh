@@ -6,38 +6,41 @@
 # coverage instrumentation) and cargo-fuzz, installed here when missing.
 #
 # A long run, with AddressSanitizer and full optimisation, from the root:
-#   cargo +nightly fuzz run --fuzz-dir tests/fuzz frame_codec -- -max_total_time=3600
+#   CARGO_PROFILE_RELEASE_OPT_LEVEL=3 cargo +nightly fuzz run --fuzz-dir tests/fuzz \
+#     frame_codec -- -max_total_time=3600
 # and keep what it finds: cargo +nightly fuzz cmin --fuzz-dir tests/fuzz frame_codec
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 seconds=${1:-40}
 targets=(frame_codec client_message rest_request)
 
-if ! rustup toolchain list | grep -q '^nightly'; then
-  echo "fuzz: the nightly toolchain is missing (rustup toolchain install nightly)" >&2
+if ! cargo +nightly --version >/dev/null 2>&1; then
+  echo "fuzz: the nightly toolchain is missing or broken (rustup toolchain install nightly)" >&2
   exit 1
 fi
-if ! cargo fuzz --version >/dev/null 2>&1; then
-  cargo install --locked cargo-fuzz --version 0.13.2
+if [ "$(cargo fuzz --version 2>/dev/null)" != "cargo-fuzz 0.13.2" ]; then
+  cargo install --locked --force cargo-fuzz --version 0.13.2
 fi
-# No sanitizer: the targets reach only safe Rust, and the build is quicker.
-cargo +nightly fuzz build --fuzz-dir tests/fuzz -s none
+# No sanitizer (the targets reach only safe Rust, and the build is
+# quicker), but with debug assertions and overflow checks (-a).
+fuzz=(cargo +nightly fuzz run --fuzz-dir tests/fuzz -s none -a)
+cargo +nightly fuzz build --fuzz-dir tests/fuzz -s none -a
 
 work=$(mktemp -d /tmp/conch-fuzz.XXXXXX)
 trap 'rm -rf "$work"' EXIT
-bin=tests/fuzz/target/x86_64-unknown-linux-gnu/release
 for t in "${targets[@]}"; do
   mkdir -p "$work/$t"
   # New inputs go to $work; the committed corpus is only read.
-  if ! "$bin/$t" "$work/$t" "tests/fuzz/corpus/$t" \
+  if ! "${fuzz[@]}" "$t" "$work/$t" "tests/fuzz/corpus/$t" -- \
       -max_total_time="$seconds" -max_len=4096 -timeout=10 -rss_limit_mb=2048 \
       -artifact_prefix="$work/$t-" -print_final_stats=1 >"$work/$t.log" 2>&1; then
     tail -n 40 "$work/$t.log" >&2
-    for crash in "$work/$t"-*; do
+    # libFuzzer writes the input here, or where cargo-fuzz tells it to.
+    for crash in "$work/$t"-* tests/fuzz/artifacts/"$t"/*; do
       [ -e "$crash" ] || continue
       kept="/tmp/conch-fuzz-$t-$(basename "$crash")"
       cp "$crash" "$kept"
-      echo "fuzz: $t failed on $kept (reproduce: $bin/$t $kept)" >&2
+      echo "fuzz: $t failed on $kept (reproduce: ${fuzz[*]} $t $kept)" >&2
     done
     exit 1
   fi
