@@ -128,13 +128,41 @@ fn children_of(pid: u32) -> usize {
         .count()
 }
 
+/// Whether the kernel allows `n` pseudo-terminals, raising
+/// `kernel.pty.max` (4096 by default) when it does not and this is root.
+fn ptys_for(n: usize) -> bool {
+    let path = "/proc/sys/kernel/pty/max";
+    let max = || -> usize {
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    if max() >= n {
+        return true;
+    }
+    let _ = std::fs::write(path, n.to_string());
+    max() >= n
+}
+
 fn raise_fd_limit() -> u64 {
     // SAFETY: plain getrlimit/setrlimit on this process; children inherit it.
     unsafe {
         let mut lim: libc::rlimit = std::mem::zeroed();
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-        lim.rlim_cur = lim.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        // 10,000 shells: the agent holds a terminal and more per shell, the
+        // server and this client a socket each. Root may raise the hard
+        // limit; anyone may raise the soft one to it.
+        let wanted = lim.rlim_max.max(65536);
+        let raised = libc::rlimit {
+            rlim_cur: wanted,
+            rlim_max: wanted,
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
         lim.rlim_cur as u64
     }
 }
@@ -156,7 +184,7 @@ async fn stack() -> Stack {
     // Quiet logs (a line per request would be measured too), but for the
     // lines that say where the agent and the server listen.
     let agent = common::start_agent_with(
-        &["--max-shell-sessions", "20000"],
+        &["--max-shell-sessions", "20000", "--max-channels", "12000"],
         &[
             ("SHELL", "/bin/sh"),
             (
@@ -638,8 +666,8 @@ async fn keystroke_latencies(ws: &mut Ws, id: u32, n: usize) -> Vec<Duration> {
         }
         let t = Instant::now();
         send(ws, json!({"type": "stdin", "id": id, "data": "x"})).await;
-        wait_output(ws, id, |b| b.contains(&b'x')).await;
-        samples.push(t.elapsed());
+        let at = wait_output_at(ws, id, |b| b.contains(&b'x')).await;
+        samples.push(at - t);
     }
     send(ws, json!({"type": "close", "id": id})).await;
     samples
@@ -647,12 +675,20 @@ async fn keystroke_latencies(ws: &mut Ws, id: u32, n: usize) -> Vec<Duration> {
 
 /// Waits for output of command `id` for which `done` holds, acknowledging it.
 async fn wait_output(ws: &mut Ws, id: u32, done: impl Fn(&[u8]) -> bool) {
+    wait_output_at(ws, id, done).await;
+}
+
+/// [`wait_output`], giving the moment the awaited output arrived (before
+/// its acknowledgement is sent, which a latency sample must not count).
+async fn wait_output_at(ws: &mut Ws, id: u32, done: impl Fn(&[u8]) -> bool) -> Instant {
     loop {
         match ws.next().await.expect("open").expect("frame") {
             Message::Binary(b) if u32::from_be_bytes([b[1], b[2], b[3], b[4]]) == id => {
+                let at = Instant::now();
+                let hit = done(&b[5..]);
                 send(ws, json!({"type": "ack", "id": id, "bytes": b.len() - 5})).await;
-                if done(&b[5..]) {
-                    return;
+                if hit {
+                    return at;
                 }
             }
             _ => {}
@@ -660,18 +696,32 @@ async fn wait_output(ws: &mut Ws, id: u32, done: impl Fn(&[u8]) -> bool) {
     }
 }
 
+/// A bound on one sample's wait: a peer (or conch) that stops answering
+/// ends its rows rather than hanging the run.
+const SAMPLE_LIMIT: Duration = Duration::from_secs(10);
+
 async fn concurrency(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bool)> {
     let _ = writeln!(
         out,
         "### 3. Concurrent shell sessions (each a WebSocket with a PTY shell, typing {} keystrokes one second apart, their phases spread evenly over the second)\n",
         plan.keystrokes
     );
-    out.push_str("| sessions | failures | keystroke p50 ms | p99 ms | server RSS per session | agent RSS per session |\n|---|---|---|---|---|---|\n");
+    out.push_str("| sessions | failures | all open after | keystroke p50 ms | p99 ms | server RSS per session | agent RSS per session |\n|---|---|---|---|---|---|---|\n");
     let mut verdicts = Vec::new();
     for &n in &plan.sessions {
+        if !ptys_for(n + 200) {
+            let _ = writeln!(
+                out,
+                "| {n} | not run: the kernel allows fewer terminals (kernel.pty.max) and this user cannot raise it | – | – | – | – | – |"
+            );
+            continue;
+        }
         let server0 = rss_kib(s.server.proc.child.id());
         let agent0 = rss_kib(s.agent.proc.child.id());
-        let deadline = Instant::now() + Duration::from_secs(120 + 2 * plan.keystrokes as u64);
+        // Opening takes longer the more shells the agent holds (each fork
+        // copies its page tables): 120 s, or 50 ms a session beyond that.
+        let open_limit = Duration::from_secs(120).max(Duration::from_millis(50 * n as u64));
+        let opening = Instant::now();
         let mut tasks = Vec::new();
         let ready = std::sync::Arc::new(tokio::sync::Barrier::new(n + 1));
         let done = std::sync::Arc::new(tokio::sync::Notify::new());
@@ -701,7 +751,7 @@ async fn concurrency(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, b
                     wait_output(&mut ws, 1, |_| true).await;
                     Some(ws)
                 };
-                let ws = tokio::time::timeout(Duration::from_secs(120), session)
+                let ws = tokio::time::timeout(open_limit, session)
                     .await
                     .ok()
                     .flatten();
@@ -715,13 +765,13 @@ async fn concurrency(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, b
                     let t = Instant::now();
                     send(&mut ws, json!({"type": "stdin", "id": 1, "data": key})).await;
                     let b = key.as_bytes()[0];
-                    tokio::time::timeout(
+                    let at = tokio::time::timeout(
                         Duration::from_secs(30),
-                        wait_output(&mut ws, 1, |o| o.contains(&b)),
+                        wait_output_at(&mut ws, 1, |o| o.contains(&b)),
                     )
                     .await
                     .ok()?;
-                    samples.push(t.elapsed());
+                    samples.push(at - t);
                 }
                 done.notified().await;
                 send(&mut ws, json!({"type": "close", "id": 1})).await;
@@ -729,6 +779,8 @@ async fn concurrency(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, b
             }));
         }
         ready.wait().await;
+        let opened_in = opening.elapsed();
+        let deadline = Instant::now() + Duration::from_secs(60 + 2 * plan.keystrokes as u64);
         // Every session is open: measure memory now.
         let server1 = rss_kib(s.server.proc.child.id());
         let agent1 = rss_kib(s.agent.proc.child.id());
@@ -752,7 +804,8 @@ async fn concurrency(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, b
         let per = |a: u64, b: u64| b.saturating_sub(a) as f64 / n as f64;
         let _ = writeln!(
             out,
-            "| {n} | {failures} | {p50:.2} | {p99:.2} | {:.0} KiB | {:.0} KiB |",
+            "| {n} | {failures} | {:.1} s | {p50:.2} | {p99:.2} | {:.0} KiB | {:.0} KiB |",
+            opened_in.as_secs_f64(),
             per(server0, server1),
             per(agent0, agent1)
         );
@@ -941,7 +994,7 @@ async fn sessions(plan: &Plan, out: &mut String) -> Vec<(String, bool)> {
 "
     );
     let agent = common::start_agent_with(
-        &["--max-shell-sessions", "20000"],
+        &["--max-shell-sessions", "20000", "--max-channels", "12000"],
         &[
             ("SHELL", "/bin/sh"),
             ("CONCH_LOG", "warn,conch::agent=info"),
@@ -1385,20 +1438,37 @@ fn ttyd() -> Result<std::path::PathBuf, String> {
     Ok(bin)
 }
 
+/// A peer's process, killed and reaped when dropped (a panic or an early
+/// return included), so that no peer outlives the benchmark.
+struct PeerProcess(std::process::Child);
+
+impl Drop for PeerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl PeerProcess {
+    fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+
 /// Starts a peer server and waits (bounded) until its port answers.
-async fn start_peer(cmd: &mut std::process::Command, port: u16) -> Option<std::process::Child> {
-    let mut child = cmd
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .ok()?;
+async fn start_peer(cmd: &mut std::process::Command, port: u16) -> Option<PeerProcess> {
+    let child = PeerProcess(
+        cmd.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .ok()?,
+    );
     for _ in 0..200 {
         if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
             return Some(child);
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    let _ = child.kill();
     None
 }
 
@@ -1437,7 +1507,7 @@ async fn peer_round(
     client: impl AsyncFnOnce(u16) -> Option<u64>,
 ) -> PeerRound {
     let port = common::free_port();
-    let Some(mut child) = start_peer(std::process::Command::new(bin).args(args(port)), port).await
+    let Some(child) = start_peer(std::process::Command::new(bin).args(args(port)), port).await
     else {
         return PeerRound::Unstarted;
     };
@@ -1449,8 +1519,7 @@ async fn peer_round(
         },
         None => PeerRound::Unconnected,
     };
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     round
 }
 
@@ -1618,12 +1687,13 @@ async fn peer_latency_and_memory(plan: &Plan, s: &Stack, out: &mut String) -> Ve
                 Some(child) => ttyd_shell(port).await.map(|ws| (child, ws)),
                 None => None,
             };
-            if let Some((mut child, mut peer)) = peer {
+            if let Some((child, mut peer)) = peer {
                 let mut ws = console(s).await;
                 let id = 990;
+                // ttyd's terminal is 80 × 24 too.
                 send(
                     &mut ws,
-                    json!({"type": "exec", "id": id, "pty": {"cols": 200, "rows": 50}}),
+                    json!({"type": "exec", "id": id, "pty": {"cols": 80, "rows": 24}}),
                 )
                 .await;
                 wait_output(&mut ws, id, |_| true).await;
@@ -1640,18 +1710,21 @@ async fn peer_latency_and_memory(plan: &Plan, s: &Stack, out: &mut String) -> Ve
                     }
                     let t = Instant::now();
                     send(&mut ws, json!({"type": "stdin", "id": id, "data": "x"})).await;
-                    wait_output(&mut ws, id, |b| b.contains(&b'x')).await;
-                    mine.push(t.elapsed());
+                    let echoed = wait_output_at(&mut ws, id, |b| b.contains(&b'x'));
+                    let at = tokio::time::timeout(SAMPLE_LIMIT, echoed)
+                        .await
+                        .expect("conch echoes a keystroke");
+                    mine.push(at - t);
                     let t = Instant::now();
                     let _ = peer.send(Message::Binary(b"0x".to_vec().into())).await;
-                    if !ttyd_output(&mut peer, |b| b.contains(&b'x')).await {
-                        break;
+                    let echoed = ttyd_output(&mut peer, |b| b.contains(&b'x'));
+                    match tokio::time::timeout(SAMPLE_LIMIT, echoed).await {
+                        Ok(Some(at)) => theirs.push(at - t),
+                        _ => break,
                     }
-                    theirs.push(t.elapsed());
                 }
                 send(&mut ws, json!({"type": "close", "id": id})).await;
-                let _ = child.kill();
-                let _ = child.wait();
+                drop(child);
                 if theirs.len() == k {
                     for (name, p) in [("p50", 0.5), ("p99", 0.99)] {
                         let (m, t) = (percentile(&mine, p), percentile(&theirs, p));
@@ -1680,7 +1753,7 @@ async fn peer_latency_and_memory(plan: &Plan, s: &Stack, out: &mut String) -> Ve
                     "| keystroke echo | – | ttyd did not start a shell | – |"
                 );
             }
-            verdicts.extend(idle_shells_beside_ttyd(plan, s, &bin, out).await);
+            verdicts.extend(idle_shells_beside_ttyd(plan, &bin, out).await);
         }
     }
     match websocketd() {
@@ -1700,31 +1773,43 @@ async fn peer_latency_and_memory(plan: &Plan, s: &Stack, out: &mut String) -> Ve
                 "echo hi",
             ]
             .map(str::to_owned);
-            if let Some(mut child) =
-                start_peer(std::process::Command::new(&bin).args(args), port).await
+            if let Some(child) = start_peer(std::process::Command::new(&bin).args(args), port).await
             {
                 let (mut mine, mut theirs) = (Vec::with_capacity(k), Vec::with_capacity(k));
                 for i in 0..k {
                     let t = Instant::now();
-                    let mut ws = console(s).await;
-                    let id = 1 + i as u32;
-                    send(&mut ws, json!({"type": "exec", "id": id, "cmd": "echo hi"})).await;
-                    wait_output(&mut ws, id, |_| true).await;
-                    mine.push(t.elapsed());
+                    let first = async {
+                        let mut ws = console(s).await;
+                        let id = 1 + i as u32;
+                        send(&mut ws, json!({"type": "exec", "id": id, "cmd": "echo hi"})).await;
+                        let at = wait_output_at(&mut ws, id, |_| true).await;
+                        (ws, at)
+                    };
+                    let (mut ws, at) = tokio::time::timeout(SAMPLE_LIMIT, first)
+                        .await
+                        .expect("conch answers a new console's command");
+                    mine.push(at - t);
                     let _ = ws.close(None).await;
                     let t = Instant::now();
                     let url = format!("ws://127.0.0.1:{port}/");
-                    let Ok((mut peer, _)) = tokio_tungstenite::connect_async(url).await else {
+                    let first = async {
+                        let (mut peer, _) =
+                            tokio_tungstenite::connect_async_with_config(url, None, true)
+                                .await
+                                .ok()?;
+                        let Some(Ok(Message::Text(_))) = peer.next().await else {
+                            return None;
+                        };
+                        Some((peer, Instant::now()))
+                    };
+                    let Ok(Some((mut peer, at))) = tokio::time::timeout(SAMPLE_LIMIT, first).await
+                    else {
                         break;
                     };
-                    if !matches!(peer.next().await, Some(Ok(Message::Text(_)))) {
-                        break;
-                    }
-                    theirs.push(t.elapsed());
+                    theirs.push(at - t);
                     let _ = peer.close(None).await;
                 }
-                let _ = child.kill();
-                let _ = child.wait();
+                drop(child);
                 if theirs.len() == k {
                     let (m, t) = (percentile(&mine, 0.5), percentile(&theirs, 0.5));
                     let _ = writeln!(
@@ -1750,36 +1835,40 @@ async fn peer_latency_and_memory(plan: &Plan, s: &Stack, out: &mut String) -> Ve
     verdicts
 }
 
-/// Opens a ttyd terminal (subprotocol `tty`, 80 × 24) and waits for its
-/// first output.
+/// Opens a ttyd terminal (subprotocol `tty`, 80 × 24) and waits (bounded)
+/// for its first output.
 async fn ttyd_shell(port: u16) -> Option<Ws> {
     let mut req = format!("ws://127.0.0.1:{port}/ws")
         .into_client_request()
         .unwrap();
     req.headers_mut()
         .insert("sec-websocket-protocol", "tty".parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.ok()?;
-    let hello = json!({"AuthToken": "", "columns": 80, "rows": 24}).to_string();
-    ws.send(Message::Binary(hello.into_bytes().into()))
-        .await
-        .ok()?;
-    tokio::time::timeout(Duration::from_secs(30), ttyd_output(&mut ws, |_| true))
+    let open = async {
+        let (mut ws, _) = tokio_tungstenite::connect_async_with_config(req, None, true)
+            .await
+            .ok()?;
+        let hello = json!({"AuthToken": "", "columns": 80, "rows": 24}).to_string();
+        ws.send(Message::Binary(hello.into_bytes().into()))
+            .await
+            .ok()?;
+        ttyd_output(&mut ws, |_| true).await.map(|_| ws)
+    };
+    tokio::time::timeout(Duration::from_secs(30), open)
         .await
         .ok()
-        .filter(|got| *got)
-        .map(|_| ws)
+        .flatten()
 }
 
-/// Waits for a ttyd output message (type byte `0`) for which `done` holds;
-/// false when the connection ends first.
-async fn ttyd_output(ws: &mut Ws, done: impl Fn(&[u8]) -> bool) -> bool {
+/// Waits for a ttyd output message (type byte `0`) for which `done` holds,
+/// giving the moment it arrived; none when the connection ends first.
+async fn ttyd_output(ws: &mut Ws, done: impl Fn(&[u8]) -> bool) -> Option<Instant> {
     loop {
         match ws.next().await {
             Some(Ok(Message::Binary(b))) if b.first() == Some(&b'0') && done(&b[1..]) => {
-                return true;
+                return Some(Instant::now());
             }
             Some(Ok(_)) => {}
-            _ => return false,
+            _ => return None,
         }
     }
 }
@@ -1789,31 +1878,68 @@ async fn ttyd_output(ws: &mut Ws, done: impl Fn(&[u8]) -> bool) -> bool {
 /// shells themselves are not counted.
 async fn idle_shells_beside_ttyd(
     plan: &Plan,
-    s: &Stack,
     bin: &std::path::Path,
     out: &mut String,
 ) -> Vec<(String, bool)> {
     let n = plan.sessions.first().copied().unwrap_or(100);
-    let (server, agent) = (s.server.proc.child.id(), s.agent.proc.child.id());
-    let before = rss_kib(server) + rss_kib(agent);
-    let mut mine = Vec::with_capacity(n);
-    for _ in 0..n {
-        let mut ws = console(s).await;
+    // A fresh agent and server, as ttyd is fresh: the benchmark's own have
+    // grown their heaps in the sections before, which would hide growth.
+    let agent = common::start_agent_with(
+        &[],
+        &[
+            ("SHELL", "/bin/sh"),
+            (
+                "CONCH_LOG",
+                "warn,conch::agent=info,conch::agent::connection=warn",
+            ),
+        ],
+    );
+    let data = tempfile::tempdir().unwrap();
+    let (addr, key) = (agent.addr.to_string(), agent.key_file.display().to_string());
+    let server = common::start_server(
+        &[
+            "--agent",
+            &addr,
+            "--agent-key-file",
+            &key,
+            "--data-dir",
+            &data.path().display().to_string(),
+            "--max-shells-per-user",
+            &(n + 1).to_string(),
+            "--max-commands-per-user",
+            &(n + 10).to_string(),
+            "--max-sessions-per-user",
+            &(n + 10).to_string(),
+        ],
+        &[("CONCH_LOG", "warn,conch::server=info")],
+    );
+    let cookie = server.admin_cookie().await;
+    let open_shell = async || {
+        let mut ws = console_on(&server, &cookie).await;
         send(
             &mut ws,
             json!({"type": "exec", "id": 1, "pty": {"cols": 80, "rows": 24}}),
         )
         .await;
-        wait_output(&mut ws, 1, |_| true).await;
-        mine.push(ws);
+        tokio::time::timeout(SAMPLE_LIMIT, wait_output(&mut ws, 1, |_| true))
+            .await
+            .expect("conch starts a shell");
+        ws
+    };
+    // One shell first, as for ttyd, so that both are counted past start-up.
+    let first = open_shell().await;
+    let (server_pid, agent_pid) = (server.proc.child.id(), agent.proc.child.id());
+    let before = rss_kib(server_pid) + rss_kib(agent_pid);
+    let mut mine = Vec::with_capacity(n);
+    for _ in 0..n {
+        mine.push(open_shell().await);
     }
-    let conch = (rss_kib(server) + rss_kib(agent)).saturating_sub(before) as f64 / n as f64;
-    for mut ws in mine {
-        let _ = ws.close(None).await;
-    }
+    let conch = (rss_kib(server_pid) + rss_kib(agent_pid)).saturating_sub(before) as f64 / n as f64;
+    drop((first, mine, server, agent, data));
+    // Stopping the server and agent ends their shells.
     let port = common::free_port();
     let args = ["-p", &port.to_string(), "-i", "127.0.0.1", "-W", "sh"].map(str::to_owned);
-    let Some(mut child) = start_peer(std::process::Command::new(bin).args(args), port).await else {
+    let Some(child) = start_peer(std::process::Command::new(bin).args(args), port).await else {
         let _ = writeln!(out, "| idle shell memory | – | ttyd did not start | – |");
         return vec![];
     };
@@ -1829,9 +1955,7 @@ async fn idle_shells_beside_ttyd(
     }
     let opened = theirs.len();
     let ttyd = rss_kib(child.id()).saturating_sub(before) as f64 / n as f64;
-    drop((first, theirs));
-    let _ = child.kill();
-    let _ = child.wait();
+    drop((first, theirs, child));
     if opened < n {
         let _ = writeln!(
             out,
@@ -1932,10 +2056,13 @@ fn main() {
     doc.push_str("# conch benchmarks\n\n");
     let _ = writeln!(
         doc,
-        "Measured with `cargo bench --bench conch` on {}; open-file limit {fds}. The server, the agent and the \
+        "Measured with `cargo bench --bench conch` on {}; open-file limit {fds}, kernel.pty.max {}. The server, the agent and the \
          benchmark's clients share the machine, all on loopback. Every figure comes from one run of the harness, \
          and each ratio is against a baseline measured in that same run.\n",
-        machine()
+        machine(),
+        std::fs::read_to_string("/proc/sys/kernel/pty/max")
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_else(|_| "unknown".into())
     );
     doc.push_str("## Targets\n\n");
     for (what, ok) in &verdicts {
