@@ -1343,15 +1343,7 @@ pub(crate) async fn not_found() -> ApiError {
 /// its bounds.
 #[cfg(feature = "fuzzing")]
 pub(crate) fn fuzz_exec_body(data: &[u8]) {
-    let limits = ApiLimits {
-        max_body_bytes: 1 << 20,
-        max_timeout_ms: 60_000,
-        max_output_bytes: 4096,
-        max_concurrent: 8,
-        rate_per_minute: 60,
-        buffered_budget: 1 << 20,
-        transfer_idle: std::time::Duration::from_secs(60),
-    };
+    let limits = small_limits();
     let Ok(body) = serde_json::from_slice::<ExecBody>(data) else {
         return;
     };
@@ -1374,20 +1366,26 @@ pub(crate) fn fuzz_exec_body(data: &[u8]) {
     }
 }
 
+/// Limits small enough that tests and fuzzing reach every cap.
+#[cfg(any(test, feature = "fuzzing"))]
+fn small_limits() -> ApiLimits {
+    ApiLimits {
+        max_body_bytes: 1 << 20,
+        max_timeout_ms: 60_000,
+        max_output_bytes: 4096,
+        max_concurrent: 8,
+        rate_per_minute: 60,
+        buffered_budget: 1 << 20,
+        transfer_idle: std::time::Duration::from_secs(60),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn limits() -> ApiLimits {
-        ApiLimits {
-            max_body_bytes: 1 << 20,
-            max_timeout_ms: 60_000,
-            max_output_bytes: 4096,
-            max_concurrent: 8,
-            rate_per_minute: 60,
-            buffered_budget: 1 << 20,
-            transfer_idle: std::time::Duration::from_secs(60),
-        }
+        small_limits()
     }
 
     fn body(json: serde_json::Value) -> Result<ExecBody, String> {
