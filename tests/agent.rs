@@ -296,6 +296,57 @@ async fn a_pty_without_a_command_starts_a_login_shell() {
     assert_eq!(exit_code(&exit), Some(5));
 }
 
+/// A command holds its own three descriptors and nothing of the agent's:
+/// not another session's terminal (through which it could type into that
+/// shell), not the agent's link, pipes or files.
+#[tokio::test]
+async fn a_command_inherits_no_descriptor_but_its_own_three() {
+    let agent = start_agent(&[]);
+    let link = AgentLink::connect(agent.addr, &agent.key).await.unwrap();
+    // Another session's shell, on a terminal, alive while the command runs.
+    let mut shell = link
+        .exec(ExecRequest {
+            cmd: Some("echo ready; cat".into()),
+            pty: Some(PtySize { cols: 80, rows: 24 }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("ready") {
+        match shell.next().await {
+            Some(Event::Stdout(b)) => seen.extend_from_slice(&b),
+            other => panic!("{other:?}"),
+        }
+    }
+    for pty in [false, true] {
+        let (out, err, exit) = run(
+            &link,
+            ExecRequest {
+                // ls's own descriptors: 0, 1, 2 and the directory it reads (3).
+                cmd: Some("ls /proc/self/fd; ls -l /proc/self/fd >&2".into()),
+                pty: pty.then_some(PtySize {
+                    cols: 200,
+                    rows: 24,
+                }),
+                ..Default::default()
+            },
+        )
+        .await;
+        assert_eq!(exit_code(&exit), Some(0));
+        let out = String::from_utf8_lossy(&out).replace('\r', "");
+        let fds: Vec<&str> = out.split_whitespace().collect();
+        let err = String::from_utf8_lossy(&err);
+        if pty {
+            // On a terminal, stderr's listing comes on the same stream.
+            assert!(fds.starts_with(&["0", "1", "2", "3"]), "{out}");
+            assert!(!out.contains("ptmx") && !out.contains("pipe:"), "{out}");
+        } else {
+            assert_eq!(fds, ["0", "1", "2", "3"], "{err}");
+        }
+    }
+}
+
 fn start_agent_shell() -> common::Agent {
     common::start_agent_with(&[], &[("SHELL", "/bin/sh")])
 }

@@ -246,7 +246,7 @@ impl CommandCgroup {
     /// exec: only async-signal-safe system calls.
     ///
     /// # Safety
-    /// Call only in a freshly forked child, before exec.
+    /// Call only in the child [`super::spawn::launch`] starts, before exec.
     pub(crate) unsafe fn join_from_child(&self) -> io::Result<()> {
         for path in &self.join {
             // SAFETY: open/write/close are async-signal-safe; `path` is a

@@ -487,7 +487,7 @@ pub(super) fn split_io(
 ) -> (
     Option<Writer>,
     Option<Reader>,
-    Option<tokio::process::ChildStderr>,
+    Option<process::PipeReader>,
     Option<std::sync::Arc<process::Pty>>,
 ) {
     match io {

@@ -11,6 +11,7 @@ pub(crate) mod files;
 pub(crate) mod process;
 pub mod sandbox;
 pub(crate) mod session;
+pub(crate) mod spawn;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

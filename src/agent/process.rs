@@ -9,34 +9,39 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::process::Stdio;
 use std::task::{Context, Poll, ready};
 
-use nix::pty::{Winsize, openpty};
+use nix::pty::Winsize;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::ReadBuf;
 use tokio::io::unix::AsyncFd;
-use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command};
+use tokio::net::unix::pipe;
 
 use std::sync::Arc;
 
 use super::cgroup::CommandCgroup;
 use super::sandbox::{self, ExecPolicy, Prepared};
+use super::spawn::{self, ChildProcess, Launch, Leader};
 use crate::protocol::{ExecRequest, PtySize};
 
 /// A running command and the ends of its standard streams.
 pub(crate) struct Spawned {
-    pub(crate) child: Child,
+    pub(crate) child: ChildProcess,
     pub(crate) group: ProcessGroup,
     pub(crate) io: ProcessIo,
 }
 
+/// The agent's end of a command's standard input pipe.
+pub(crate) type PipeWriter = pipe::Sender;
+/// The agent's end of a command's output pipe.
+pub(crate) type PipeReader = pipe::Receiver;
+
 pub(crate) enum ProcessIo {
     Pipes {
-        stdin: Option<ChildStdin>,
-        stdout: Option<ChildStdout>,
-        stderr: Option<ChildStderr>,
+        stdin: Option<PipeWriter>,
+        stdout: Option<PipeReader>,
+        stderr: Option<PipeReader>,
     },
     Pty(Pty),
 }
@@ -147,47 +152,6 @@ fn kill_session(sid: Pid) {
     }
 }
 
-/// Restores default dispositions and an empty mask in a freshly forked child.
-///
-/// Runs between fork and exec, so it may only make async-signal-safe calls.
-fn reset_signals() -> io::Result<()> {
-    /// The kernel's own `struct sigaction` (x86_64 and aarch64 lay it out
-    /// alike); the raw system call also reaches signals 32 and 33, which
-    /// glibc's wrappers refuse to touch but which can be inherited ignored.
-    #[repr(C)]
-    struct KernelSigaction {
-        handler: usize,
-        flags: u64,
-        restorer: usize,
-        mask: u64,
-    }
-    // SAFETY: sigprocmask and rt_sigaction are async-signal-safe system calls
-    // that change only this (child) process's signal state.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
-        let default = KernelSigaction {
-            handler: libc::SIG_DFL,
-            flags: 0,
-            restorer: 0,
-            mask: 0,
-        };
-        for signo in 1..=64 {
-            if signo != libc::SIGKILL && signo != libc::SIGSTOP {
-                libc::syscall(
-                    libc::SYS_rt_sigaction,
-                    signo,
-                    &default as *const KernelSigaction,
-                    std::ptr::null_mut::<KernelSigaction>(),
-                    8usize,
-                );
-            }
-        }
-    }
-    Ok(())
-}
-
 fn spawn_error(err: &io::Error, what: &str) -> SpawnError {
     match err.kind() {
         io::ErrorKind::NotFound => SpawnError {
@@ -202,7 +166,7 @@ fn spawn_error(err: &io::Error, what: &str) -> SpawnError {
 }
 
 /// Builds the command line: `sh -c CMD`, an argv, or (PTY only) a login shell.
-fn command_for(req: &ExecRequest, policy: &ExecPolicy) -> Result<(Command, String), SpawnError> {
+fn command_for(req: &ExecRequest, policy: &ExecPolicy) -> Result<(Launch, String), SpawnError> {
     if let Some(argv) = &req.argv {
         let Some((program, args)) = argv.split_first() else {
             return Err(SpawnError {
@@ -210,17 +174,17 @@ fn command_for(req: &ExecRequest, policy: &ExecPolicy) -> Result<(Command, Strin
                 message: "conch: empty argv\n".into(),
             });
         };
-        let mut cmd = Command::new(program);
+        let mut cmd = Launch::new(program);
         cmd.args(args);
         return Ok((cmd, program.clone()));
     }
     if let Some(line) = &req.cmd {
-        let mut cmd = Command::new("/bin/sh");
+        let mut cmd = Launch::new("/bin/sh");
         cmd.arg("-c").arg(line);
         return Ok((cmd, "sh".into()));
     }
     let shell = policy.shell();
-    let mut cmd = Command::new(&shell);
+    let mut cmd = Launch::new(&shell);
     // A leading '-' in argv[0] is how login(1) asks a shell to be a login shell.
     let base = shell
         .file_name()
@@ -277,10 +241,13 @@ pub(crate) fn spawn(req: &ExecRequest, policy: &ExecPolicy) -> Result<Spawned, S
     // Nothing of the agent's own environment: only the documented list,
     // then the request's, then the fallback mark, which the request may
     // not change (it would free its processes, or doom someone else's).
-    cmd.env_clear();
-    cmd.envs(prepared.env.iter().map(|(k, v)| (k, v)));
+    for (k, v) in &prepared.env {
+        cmd.env(k, v);
+    }
     if let Some(env) = &req.env {
-        cmd.envs(env.iter().filter(|(k, _)| k.as_str() != sandbox::MARK_VAR));
+        for (k, v) in env.iter().filter(|(k, _)| k.as_str() != sandbox::MARK_VAR) {
+            cmd.env(k, v);
+        }
     }
     if let Some(mark) = &prepared.mark {
         cmd.env(sandbox::MARK_VAR, mark);
@@ -303,32 +270,42 @@ fn die_with_agent() -> io::Result<()> {
     Ok(())
 }
 
-fn spawn_pipes(mut cmd: Command, what: &str, prepared: Prepared) -> Result<Spawned, SpawnError> {
-    cmd.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-    let (cgroup, mark) = (prepared.cgroup.clone(), prepared.mark.clone());
-    // SAFETY: every call in the closure is async-signal-safe (see each).
-    unsafe {
-        cmd.pre_exec(move || {
-            reset_signals()?;
+fn spawn_pipes(cmd: Launch, what: &str, prepared: Prepared) -> Result<Spawned, SpawnError> {
+    let io_err = |e: io::Error| SpawnError {
+        code: 126,
+        message: format!("conch: {what}: {e}\n"),
+    };
+    let (stdin_read, stdin_write) = spawn::pipe().map_err(io_err)?;
+    let (stdout_read, stdout_write) = spawn::pipe().map_err(io_err)?;
+    let (stderr_read, stderr_write) = spawn::pipe().map_err(io_err)?;
+    let setup = || {
+        // SAFETY: in the child before exec; these make only system calls
+        // on data built before the clone.
+        unsafe {
             prepared.enter()?;
             prepared.drop_privileges()?;
-            die_with_agent()
-        });
-    }
-    let mut child = cmd.spawn().map_err(|e| spawn_error(&e, what))?;
+        }
+        die_with_agent()
+    };
+    let stdio = [
+        stdin_read.as_raw_fd(),
+        stdout_write.as_raw_fd(),
+        stderr_write.as_raw_fd(),
+    ];
+    let child =
+        spawn::launch(&cmd, stdio, Leader::Group, &setup).map_err(|e| spawn_error(&e, what))?;
+    // The child's ends: only the child may hold them, or no EOF would come.
+    drop((stdin_read, stdout_write, stderr_write));
     let group = ProcessGroup {
         pgid: child.id().map(|id| Pid::from_raw(id as i32)),
         session: false,
-        cgroup,
-        mark,
+        cgroup: prepared.cgroup.clone(),
+        mark: prepared.mark.clone(),
     };
     let io = ProcessIo::Pipes {
-        stdin: child.stdin.take(),
-        stdout: child.stdout.take(),
-        stderr: child.stderr.take(),
+        stdin: Some(pipe::Sender::from_owned_fd(stdin_write).map_err(io_err)?),
+        stdout: Some(pipe::Receiver::from_owned_fd(stdout_read).map_err(io_err)?),
+        stderr: Some(pipe::Receiver::from_owned_fd(stderr_read).map_err(io_err)?),
     };
     Ok(Spawned { child, group, io })
 }
@@ -343,7 +320,7 @@ fn winsize(size: PtySize) -> Winsize {
 }
 
 fn spawn_pty(
-    mut cmd: Command,
+    cmd: Launch,
     size: PtySize,
     what: &str,
     prepared: Prepared,
@@ -352,54 +329,71 @@ fn spawn_pty(
         code: 126,
         message: format!("conch: cannot open a pseudo-terminal: {e}\n"),
     };
-    let pty = openpty(&winsize(size), None).map_err(|e| io_err(e.into()))?;
-    let slave = pty.slave;
+    let (master, slave) = open_pty(size).map_err(io_err)?;
     if let Some((uid, gid)) = prepared.owner() {
         // The terminal belongs to the user who logs in on it, as login(1) does.
         nix::unistd::fchown(&slave, Some(uid.into()), Some(gid.into()))
             .map_err(|e| io_err(e.into()))?;
     }
-    let dup = |fd: &OwnedFd| fd.try_clone().map_err(io_err);
-    cmd.stdin(Stdio::from(dup(&slave)?))
-        .stdout(Stdio::from(dup(&slave)?))
-        .stderr(Stdio::from(slave));
-    let (cgroup, mark) = (prepared.cgroup.clone(), prepared.mark.clone());
-    // SAFETY: setsid, ioctl and the calls of reset_signals, enter and
-    // drop_privileges are async-signal-safe.
-    unsafe {
-        cmd.pre_exec(move || {
-            reset_signals()?;
+    let setup = || {
+        // SAFETY: in the child before exec; these make only system calls
+        // on data built before the clone.
+        unsafe {
             prepared.enter()?;
-            // A new session makes the child a process group leader and lets
-            // the terminal become its controlling terminal, so ^C from the
-            // line discipline reaches the foreground job.
-            if libc::setsid() < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if libc::ioctl(0, libc::TIOCSCTTY as _, 0) < 0 {
-                return Err(io::Error::last_os_error());
-            }
             prepared.drop_privileges()?;
-            die_with_agent()
-        });
-    }
-    let spawned = cmd.spawn();
-    // The parent's copies of the slave end are closed with `cmd` here, so the
-    // master sees EOF (EIO) once every process of the session has exited.
-    drop(cmd);
+        }
+        die_with_agent()
+    };
+    let fd = slave.as_raw_fd();
+    let spawned = spawn::launch(&cmd, [fd, fd, fd], Leader::Session, &setup);
+    // The parent's copy of the slave end is closed here, so the master sees
+    // EOF (EIO) once every process of the session has exited.
+    drop(slave);
     let child = spawned.map_err(|e| spawn_error(&e, what))?;
     let group = ProcessGroup {
         pgid: child.id().map(|id| Pid::from_raw(id as i32)),
         session: true,
-        cgroup,
-        mark,
+        cgroup: prepared.cgroup.clone(),
+        mark: prepared.mark.clone(),
     };
-    let master = Pty::new(pty.master).map_err(io_err)?;
+    let master = Pty::new(master).map_err(io_err)?;
     Ok(Spawned {
         child,
         group,
         io: ProcessIo::Pty(master),
     })
+}
+
+/// A new pseudo-terminal's master and slave, of the given size.
+///
+/// Both close on exec: any other command started while this one runs must
+/// not hold this terminal (`openpty(3)` would let it inherit both ends, and
+/// write into another user's shell through them).
+fn open_pty(size: PtySize) -> io::Result<(OwnedFd, OwnedFd)> {
+    use std::os::fd::FromRawFd;
+    let flags = libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC;
+    // SAFETY: plain calls on descriptors this function owns.
+    unsafe {
+        let master = libc::posix_openpt(flags);
+        if master < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let master = OwnedFd::from_raw_fd(master);
+        if libc::grantpt(master.as_raw_fd()) != 0 || libc::unlockpt(master.as_raw_fd()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // The slave from the master itself (Linux 4.13): no path to race on.
+        let slave = libc::ioctl(master.as_raw_fd(), libc::TIOCGPTPEER, flags);
+        if slave < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let slave = OwnedFd::from_raw_fd(slave);
+        let ws = winsize(size);
+        if libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok((master, slave))
+    }
 }
 
 /// The master side of a pseudo-terminal, readable and writable without

@@ -336,7 +336,7 @@ impl Prepared {
     /// the credentials change (a cgroup is joined as the agent's user).
     ///
     /// # Safety
-    /// Call only in a freshly forked child, before exec.
+    /// Call only in the child [`super::spawn::launch`] starts, before exec.
     pub(crate) unsafe fn enter(&self) -> io::Result<()> {
         if let Some(cg) = &self.cgroup {
             // SAFETY: forwarded from this function's contract.
@@ -359,20 +359,23 @@ impl Prepared {
     /// before exec.
     ///
     /// # Safety
-    /// Call only in a freshly forked child, before exec.
+    /// Call only in the child [`super::spawn::launch`] starts, before exec.
     pub(crate) unsafe fn drop_privileges(&self) -> io::Result<()> {
         let Some(c) = &self.creds else { return Ok(()) };
-        // SAFETY: setgroups/setgid/setuid are async-signal-safe system
-        // calls; the group list was built before the fork.
+        // Raw system calls, not glibc's wrappers: those would signal every
+        // thread of the agent, whose memory the child still shares (see
+        // `spawn`), to change theirs too. In the child they change only
+        // the child. The group list was built before the clone.
+        // SAFETY: setgroups/setgid/setuid change only this process's ids.
         unsafe {
-            if libc::setgroups(c.groups.len(), c.groups.as_ptr()) != 0
-                || libc::setgid(c.gid) != 0
-                || libc::setuid(c.uid) != 0
+            if libc::syscall(libc::SYS_setgroups, c.groups.len(), c.groups.as_ptr()) != 0
+                || libc::syscall(libc::SYS_setgid, c.gid) != 0
+                || libc::syscall(libc::SYS_setuid, c.uid) != 0
             {
                 return Err(io::Error::last_os_error());
             }
             // Make sure there is no way back.
-            if libc::setuid(0) == 0 && c.uid != 0 {
+            if libc::syscall(libc::SYS_setuid, 0) == 0 && c.uid != 0 {
                 return Err(io::Error::from_raw_os_error(libc::EPERM));
             }
             // The working directory, with the user's own rights; a failure
