@@ -989,27 +989,88 @@ impl Session {
 /// (on the blocking pool, one chunk at a time and in order), so that the
 /// next read and the forwarding of this one need not wait for it; a redraw
 /// or a resize waits until every chunk forwarded so far is in the model.
+///
+/// The parser comes only once the output outgrows [`LAZY_BYTES`]: a parser
+/// holds two grids of cells from the start (about 120 KiB at 80 by 24),
+/// ten times what ttyd spends on a whole idle shell, and most shells that
+/// sit at a prompt have printed less than that. Until then the model is
+/// the bytes and resizes themselves, and a redraw parses them afresh, which
+/// gives exactly the parser's state.
 struct Model {
-    parser: Arc<Mutex<vt100::Parser>>,
+    parser: Option<Arc<Mutex<vt100::Parser>>>,
+    /// What the parser would have been fed, while there is none.
+    early: Early,
+    scrollback: usize,
     /// The chunk being parsed, if any.
     busy: Option<tokio::task::JoinHandle<()>>,
 }
+
+/// A session's output and resizes before its parser exists.
+struct Early {
+    /// The size the terminal started at.
+    size: PtySize,
+    bytes: Vec<u8>,
+    /// Each resize, and how much of `bytes` came before it.
+    resizes: Vec<(usize, PtySize)>,
+}
+
+/// Output a session may print before its model gets a parser: 4 KiB.
+const LAZY_BYTES: usize = 4 * 1024;
+/// Resizes a session may have before its model gets a parser: 32.
+const LAZY_RESIZES: usize = 32;
 
 /// Output smaller than this is parsed in place: handing it off would cost
 /// more than parsing it (a keystroke's echo).
 const PARSE_IN_PLACE: usize = 4 * 1024;
 
+impl Early {
+    fn new(size: PtySize) -> Early {
+        Early {
+            size,
+            bytes: Vec::new(),
+            resizes: Vec::new(),
+        }
+    }
+
+    /// A parser fed everything so far, in order.
+    fn parse(&self, scrollback: usize) -> vt100::Parser {
+        let mut parser =
+            vt100::Parser::new(nonzero(self.size.rows), nonzero(self.size.cols), scrollback);
+        let mut at = 0;
+        for &(upto, size) in &self.resizes {
+            parser.process(&self.bytes[at..upto]);
+            parser
+                .screen_mut()
+                .set_size(nonzero(size.rows), nonzero(size.cols));
+            at = upto;
+        }
+        parser.process(&self.bytes[at..]);
+        parser
+    }
+}
+
 impl Model {
     fn new(size: PtySize, scrollback: usize) -> Model {
-        let parser = vt100::Parser::new(nonzero(size.rows), nonzero(size.cols), scrollback);
         Model {
-            parser: Arc::new(Mutex::new(parser)),
+            parser: None,
+            early: Early::new(size),
+            scrollback,
             busy: None,
         }
     }
 
-    fn parser(&self) -> std::sync::MutexGuard<'_, vt100::Parser> {
-        self.parser.lock().unwrap_or_else(|e| e.into_inner())
+    /// The parser, made now from the early output if there is none yet.
+    fn parser(&mut self) -> &Arc<Mutex<vt100::Parser>> {
+        if self.parser.is_none() {
+            let size = self.early.size;
+            let early = std::mem::replace(&mut self.early, Early::new(size));
+            self.parser = Some(Arc::new(Mutex::new(early.parse(self.scrollback))));
+        }
+        self.parser.as_ref().expect("made above")
+    }
+
+    fn lock(parser: &Mutex<vt100::Parser>) -> std::sync::MutexGuard<'_, vt100::Parser> {
+        parser.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Waits until every chunk fed so far is parsed.
@@ -1021,22 +1082,29 @@ impl Model {
 
     async fn feed(&mut self, data: Bytes) {
         self.settle().await;
-        if data.len() < PARSE_IN_PLACE {
-            self.parser().process(&data);
+        if self.parser.is_none() && self.early.bytes.len() + data.len() <= LAZY_BYTES {
+            self.early.bytes.extend_from_slice(&data);
             return;
         }
-        let parser = self.parser.clone();
+        let parser = self.parser();
+        if data.len() < PARSE_IN_PLACE {
+            Self::lock(parser).process(&data);
+            return;
+        }
+        let parser = parser.clone();
         self.busy = Some(tokio::task::spawn_blocking(move || {
-            parser
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .process(&data)
+            Self::lock(&parser).process(&data)
         }));
     }
 
     async fn set_size(&mut self, size: PtySize) {
         self.settle().await;
-        self.parser()
+        if self.parser.is_none() && self.early.resizes.len() < LAZY_RESIZES {
+            let upto = self.early.bytes.len();
+            self.early.resizes.push((upto, size));
+            return;
+        }
+        Self::lock(self.parser())
             .screen_mut()
             .set_size(nonzero(size.rows), nonzero(size.cols));
     }
@@ -1044,13 +1112,25 @@ impl Model {
     /// The redraw of everything fed so far, and the size it is drawn at.
     async fn redraw(&mut self, scrollback: bool) -> (Vec<u8>, PtySize) {
         self.settle().await;
-        let mut parser = self.parser();
+        // Without a parser, one is made for this redraw only.
+        let mut early;
+        let mut guard;
+        let parser: &mut vt100::Parser = match &self.parser {
+            Some(parser) => {
+                guard = Self::lock(parser);
+                &mut guard
+            }
+            None => {
+                early = self.early.parse(self.scrollback);
+                &mut early
+            }
+        };
         let (rows, cols) = parser.screen().size();
         let size = PtySize {
             cols: cols.get(),
             rows: rows.get(),
         };
-        (redraw(&mut parser, scrollback), size)
+        (redraw(parser, scrollback), size)
     }
 }
 
@@ -1151,5 +1231,48 @@ mod tests {
         assert!(q.screen().application_cursor());
         assert_eq!(q.screen().contents(), p.screen().contents());
         assert_eq!(q.screen().cursor_position(), (2, 1));
+    }
+
+    /// The model before its parser draws exactly what the parser would,
+    /// resizes included, and takes a parser once the output outgrows it.
+    #[tokio::test]
+    async fn a_model_without_a_parser_redraws_as_one_would() {
+        let start = PtySize { cols: 20, rows: 5 };
+        let mut lazy = Model::new(start, 100);
+        let mut eager = parser(5, 20);
+        let step = |i: usize| -> (Bytes, Option<PtySize>) {
+            let out = Bytes::from(format!("\x1b[1;3{}mline {i}\x1b[m\r\n", i % 8));
+            let size = i.is_multiple_of(5).then_some(PtySize {
+                cols: 10 + i as u16 % 30,
+                rows: 3 + i as u16 % 7,
+            });
+            (out, size)
+        };
+        let mut fed = 0;
+        for i in 0..2000 {
+            let (out, size) = step(i);
+            fed += out.len();
+            lazy.feed(out.clone()).await;
+            eager.process(&out);
+            if let Some(size) = size {
+                lazy.set_size(size).await;
+                eager
+                    .screen_mut()
+                    .set_size(nonzero(size.rows), nonzero(size.cols));
+            }
+            if i.is_multiple_of(97) || i == 1999 {
+                let (bytes, size) = lazy.redraw(true).await;
+                assert_eq!(bytes, redraw(&mut eager, true), "after {i} lines");
+                let (rows, cols) = eager.screen().size();
+                assert_eq!((size.rows, size.cols), (rows.get(), cols.get()));
+            }
+            // Without a parser while the output and resizes fit.
+            let small = fed <= LAZY_BYTES && (i / 5) < LAZY_RESIZES;
+            assert_eq!(lazy.parser.is_none(), small, "after {i} lines, {fed} bytes");
+        }
+        assert!(
+            lazy.early.bytes.capacity() == 0,
+            "the early bytes are freed"
+        );
     }
 }
