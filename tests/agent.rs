@@ -347,6 +347,55 @@ async fn a_command_inherits_no_descriptor_but_its_own_three() {
     }
 }
 
+/// A script without `#!` runs under /bin/sh, as execvp (and so ssh) runs
+/// it, whether named by its path or found in PATH.
+#[tokio::test]
+async fn a_script_without_a_shebang_runs_under_sh() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("plain-script");
+    std::fs::write(&script, "echo from-script \"$1\"\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let agent = start_agent(&[]);
+    let link = AgentLink::connect(agent.addr, &agent.key).await.unwrap();
+    let by_path = ExecRequest {
+        argv: Some(vec![script.display().to_string(), "arg".into()]),
+        ..Default::default()
+    };
+    let (out, err, exit) = run(&link, by_path).await;
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        "from-script arg\n",
+        "{err:?}"
+    );
+    assert_eq!(exit_code(&exit), Some(0));
+    let mut env = std::collections::BTreeMap::new();
+    env.insert(
+        "PATH".to_owned(),
+        format!("/nonexistent:{}", dir.path().display()),
+    );
+    let by_search = ExecRequest {
+        argv: Some(vec!["plain-script".into(), "found".into()]),
+        env: Some(env),
+        ..Default::default()
+    };
+    let (out, _, exit) = run(&link, by_search).await;
+    assert_eq!(String::from_utf8_lossy(&out), "from-script found\n");
+    assert_eq!(exit_code(&exit), Some(0));
+    // A path through a file is not "not found": 126, as a shell says.
+    let through_file = ExecRequest {
+        argv: Some(vec![format!("{}/x", script.display())]),
+        ..Default::default()
+    };
+    let (_, err, exit) = run(&link, through_file).await;
+    assert_eq!(
+        exit_code(&exit),
+        Some(126),
+        "{}",
+        String::from_utf8_lossy(&err)
+    );
+}
+
 fn start_agent_shell() -> common::Agent {
     common::start_agent_with(&[], &[("SHELL", "/bin/sh")])
 }

@@ -251,13 +251,20 @@ impl CommandCgroup {
         for path in &self.join {
             // SAFETY: open/write/close are async-signal-safe; `path` is a
             // valid NUL-terminated string that outlives the call.
+            // Raw system calls: glibc's wrappers are cancellation points,
+            // which touch the state of the agent's thread the child shares.
             unsafe {
-                let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                let fd = libc::syscall(
+                    libc::SYS_openat,
+                    libc::AT_FDCWD,
+                    path.as_ptr(),
+                    libc::O_WRONLY | libc::O_CLOEXEC,
+                );
                 if fd < 0 {
                     return Err(io::Error::last_os_error());
                 }
-                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-                libc::close(fd);
+                let written = libc::syscall(libc::SYS_write, fd, b"0".as_ptr(), 1usize);
+                libc::syscall(libc::SYS_close, fd);
                 if written != 1 {
                     return Err(io::Error::last_os_error());
                 }

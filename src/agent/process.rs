@@ -68,6 +68,10 @@ pub(crate) struct ProcessGroup {
     cgroup: Option<Arc<CommandCgroup>>,
     /// Without a cgroup: the environment mark of its processes.
     mark: Option<String>,
+    /// The cgroup holds every process of the command for sure: it runs as
+    /// another user than the agent, who cannot move itself out of a cgroup
+    /// the agent owns.
+    contained: bool,
 }
 
 impl ProcessGroup {
@@ -77,7 +81,11 @@ impl ProcessGroup {
         if let Some(pgid) = self.pgid {
             // ESRCH (the group is already gone) is the expected race here.
             let _ = killpg(pgid, signal);
-            if self.session && signal == Signal::SIGKILL {
+            // A cgroup that holds every process of the session spares reading
+            // all of /proc (which, for every shell closed among thousands,
+            // made closing them cost the square of their number). Without
+            // `--run-as`, a command owns its cgroup and could leave it.
+            if self.session && signal == Signal::SIGKILL && !self.contained {
                 off_the_workers(move || kill_session(pgid));
             }
         }
@@ -301,6 +309,7 @@ fn spawn_pipes(cmd: Launch, what: &str, prepared: Prepared) -> Result<Spawned, S
         session: false,
         cgroup: prepared.cgroup.clone(),
         mark: prepared.mark.clone(),
+        contained: prepared.cgroup.is_some() && prepared.switches_user(),
     };
     let io = ProcessIo::Pipes {
         stdin: Some(pipe::Sender::from_owned_fd(stdin_write).map_err(io_err)?),
@@ -355,6 +364,7 @@ fn spawn_pty(
         session: true,
         cgroup: prepared.cgroup.clone(),
         mark: prepared.mark.clone(),
+        contained: prepared.cgroup.is_some() && prepared.switches_user(),
     };
     let master = Pty::new(master).map_err(io_err)?;
     Ok(Spawned {

@@ -374,6 +374,11 @@ impl Prepared {
             {
                 return Err(io::Error::last_os_error());
             }
+            // The child still shares the agent's memory, and a change of
+            // user made it as dumpable as `fs.suid_dumpable` says: with 1,
+            // the user could attach to it before exec and so write into the
+            // agent. The agent is undumpable; this makes it so again.
+            libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
             // Make sure there is no way back.
             if libc::syscall(libc::SYS_setuid, 0) == 0 && c.uid != 0 {
                 return Err(io::Error::from_raw_os_error(libc::EPERM));

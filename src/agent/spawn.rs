@@ -36,6 +36,9 @@ use tokio::io::unix::AsyncFd;
 /// (as glibc's `execvp`).
 const FALLBACK_PATH: &[u8] = b"/bin:/usr/bin";
 
+/// The shell that runs a script without `#!`.
+const SH: &std::ffi::CStr = c"/bin/sh";
+
 /// The child's stack until it execs: it runs the agent's set-up code (the
 /// cgroup, rlimits, credentials), whose frames are small.
 const CHILD_STACK: usize = 128 * 1024;
@@ -109,6 +112,12 @@ pub(crate) enum Leader {
 struct ChildPlan<'a> {
     /// The paths to try in turn, as `execvp` tries `PATH`.
     candidates: Vec<CString>,
+    /// For each candidate: `/bin/sh CANDIDATE ARGS...`, run when the file
+    /// is not an executable format (a script without `#!`), as `execvp`.
+    as_scripts: Vec<Vec<*const c_char>>,
+    /// The program was named by a path (a `/` in it): its errors are
+    /// reported as they are, not as a search's.
+    by_path: bool,
     argv: Vec<*const c_char>,
     envp: Vec<*const c_char>,
     cwd: Option<CString>,
@@ -181,11 +190,24 @@ pub(crate) fn launch(
             nul_free(&kv)
         })
         .collect::<io::Result<_>>()?;
+    let candidates = candidates(
+        &launch.program,
+        launch.env.get(OsStr::new("PATH")).map(OsString::as_os_str),
+    )?;
+    let as_scripts = candidates
+        .iter()
+        .map(|path| {
+            [SH.as_ptr(), path.as_ptr()]
+                .into_iter()
+                .chain(argv.iter().skip(1).map(|a| a.as_ptr()))
+                .chain(std::iter::once(std::ptr::null()))
+                .collect()
+        })
+        .collect();
     let plan = ChildPlan {
-        candidates: candidates(
-            &launch.program,
-            launch.env.get(OsStr::new("PATH")).map(OsString::as_os_str),
-        )?,
+        by_path: launch.program.as_bytes().contains(&b'/'),
+        candidates,
+        as_scripts,
         argv: argv
             .iter()
             .map(|a| a.as_ptr())
@@ -206,6 +228,20 @@ pub(crate) fn launch(
         setup,
         error: AtomicI32::new(0),
     };
+    // Children are reaped by pid: an inherited SIGCHLD set to "ignore"
+    // would have the kernel reap them first and lose their exit status.
+    static SIGCHLD_DEFAULT: std::sync::Once = std::sync::Once::new();
+    SIGCHLD_DEFAULT.call_once(|| {
+        // SAFETY: reads and, if ignored, resets one signal's disposition.
+        unsafe {
+            let mut current: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(libc::SIGCHLD, std::ptr::null(), &mut current) == 0
+                && current.sa_sigaction == libc::SIG_IGN
+            {
+                libc::signal(libc::SIGCHLD, libc::SIG_DFL);
+            }
+        }
+    });
     let stack = ChildStack::new()?;
     // SAFETY: every signal is blocked around the clone so that no handler of
     // the agent's (tokio's, for one) runs in the child, which resets them
@@ -213,10 +249,17 @@ pub(crate) fn launch(
     // has exec'd or exited: CLONE_VFORK suspends this thread until then)
     // and runs on `stack`, which outlives it for the same reason.
     let pid = unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        let mut old: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        // The raw system call: glibc's wrappers leave its own signals 32
+        // and 33 unblocked.
+        let all: u64 = !0;
+        let mut old: u64 = 0;
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &all as *const u64,
+            &mut old as *mut u64,
+            8usize,
+        );
         let pid = libc::clone(
             child_main,
             stack.top(),
@@ -224,7 +267,13 @@ pub(crate) fn launch(
             &plan as *const ChildPlan as *mut c_void,
         );
         let err = io::Error::last_os_error();
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &old as *const u64,
+            std::ptr::null_mut::<u64>(),
+            8usize,
+        );
         if pid < 0 {
             return Err(err);
         }
@@ -286,15 +335,19 @@ unsafe fn child_steps(plan: &ChildPlan) -> i32 {
         }
         // Nothing else of the agent's goes to the command: not its link,
         // not another session's terminal, not a descriptor the agent
-        // itself inherited without close-on-exec. (Marked rather than
-        // closed: exec closes them; Linux 5.11. Before that, only the
-        // close-on-exec flags the agent sets guard them.)
-        libc::syscall(
+        // itself inherited without close-on-exec. (Marked, and exec closes
+        // them: Linux 5.11; closed now on 5.9 and 5.10; before that, only
+        // the close-on-exec flags the agent sets guard them.)
+        if libc::syscall(
             libc::SYS_close_range,
             3u32,
             u32::MAX,
             libc::CLOSE_RANGE_CLOEXEC,
-        );
+        ) != 0
+        {
+            // Linux 5.9 and 5.10 know only closing.
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+        }
         match plan.leader {
             Leader::Group => {
                 if libc::setpgid(0, 0) < 0 {
@@ -319,9 +372,17 @@ unsafe fn child_steps(plan: &ChildPlan) -> i32 {
             return e.raw_os_error().unwrap_or(libc::EINVAL);
         }
         let mut denied = false;
-        for path in &plan.candidates {
+        for (path, as_script) in plan.candidates.iter().zip(&plan.as_scripts) {
             libc::execve(path.as_ptr(), plan.argv.as_ptr(), plan.envp.as_ptr());
-            match errno() {
+            let mut failed = errno();
+            if failed == libc::ENOEXEC {
+                libc::execve(SH.as_ptr(), as_script.as_ptr(), plan.envp.as_ptr());
+                failed = errno();
+            }
+            if plan.by_path {
+                return failed;
+            }
+            match failed {
                 // As execvp: a permission problem is reported if nothing
                 // else is found; a missing file goes on to the next entry.
                 libc::EACCES => denied = true,
@@ -391,7 +452,10 @@ struct ChildStack {
 
 impl ChildStack {
     fn new() -> io::Result<ChildStack> {
-        let page = 4096;
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+            .unwrap_or(4096)
+            .max(4096);
         let len = CHILD_STACK + page;
         // SAFETY: a fresh private anonymous mapping, owned by this value.
         unsafe {
@@ -528,11 +592,16 @@ impl Drop for ChildProcess {
             // SAFETY: our own child, reaped only here.
             unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
         };
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => {
-                rt.spawn_blocking(reap);
+        match (tokio::runtime::Handle::try_current(), self.exited.take()) {
+            // Awaiting the pidfd holds no thread while the child lives on.
+            (Ok(rt), Some(exited)) => {
+                rt.spawn(async move {
+                    if exited.readable().await.is_ok() {
+                        reap();
+                    }
+                });
             }
-            Err(_) => {
+            _ => {
                 std::thread::spawn(reap);
             }
         }
