@@ -246,8 +246,12 @@ impl Connection {
                 frame = stream.next() => match frame {
                     None => break,
                     Some(Ok(frame)) => {
+                        self.dispatch(frame, &out_tx, &done_tx).await;
+                        // Counted from the end of the dispatch: one held up
+                        // by a full queue (an overloaded agent) is not the
+                        // server's silence, and frames that came meanwhile
+                        // wait in the stream.
                         last_frame = tokio::time::Instant::now();
-                        self.dispatch(frame, &out_tx, &done_tx).await
                     }
                     Some(Err(FrameError::Io(e))) => {
                         debug!(error = %e, "read failed");
@@ -262,6 +266,8 @@ impl Connection {
                 Some(done) = done_rx.recv() => {
                     self.channels.remove(&done.ch);
                     let _ = out_tx.send(done.exit).await;
+                    // As above: time spent waiting here is the agent's.
+                    last_frame = tokio::time::Instant::now();
                 }
                 _ = &mut silence, if idle.is_some() => {
                     if last_frame.elapsed() < limit {
