@@ -164,7 +164,11 @@ async fn nothing_is_lost_or_repeated_between_detach_and_attach() {
     );
     let mut lines: Vec<String> = Vec::new();
     let mut snapshot_done = false;
-    let mut tail = String::new();
+    // The line the cursor is on, and where on it: the redraw can end
+    // between a line's "\r" and its "\n", with the cursor back at the start
+    // of a line that still shows its number.
+    let mut tail: Vec<char> = Vec::new();
+    let mut col = 0;
     let result = tokio::time::timeout(Duration::from_secs(120), async {
         loop {
             let data = match back.next().await {
@@ -181,16 +185,31 @@ async fn nothing_is_lost_or_repeated_between_detach_and_attach() {
             if !snapshot_done {
                 // The redraw is complete: its screen, up to the cursor.
                 let screen = term.screen();
-                let (row, col) = screen.cursor_position();
+                let (row, cursor_col) = screen.cursor_position();
                 let rows: Vec<String> = screen.rows(0, SIZE.cols).collect();
                 lines.extend(rows[..row as usize].iter().cloned());
-                tail = rows[row as usize].chars().take(col as usize).collect();
+                tail = rows[row as usize].chars().collect();
+                col = cursor_col as usize;
                 snapshot_done = true;
             }
-            tail.push_str(&String::from_utf8_lossy(&data));
-            while let Some(end) = tail.find("\r\n") {
-                lines.push(tail[..end].to_owned());
-                tail.drain(..end + 2);
+            // A line of a terminal: "\r" goes back to its start, "\n" ends
+            // it, a character overwrites or extends it.
+            for c in String::from_utf8_lossy(&data).chars() {
+                match c {
+                    '\r' => col = 0,
+                    '\n' => {
+                        lines.push(tail.drain(..).collect());
+                        col = 0;
+                    }
+                    c => {
+                        if col < tail.len() {
+                            tail[col] = c;
+                        } else {
+                            tail.push(c);
+                        }
+                        col += 1;
+                    }
+                }
             }
             if lines.iter().any(|l| l == "seq-done") {
                 return;
