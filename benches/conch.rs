@@ -724,7 +724,9 @@ async fn concurrency(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, b
         let opening = Instant::now();
         let mut tasks = Vec::new();
         let ready = std::sync::Arc::new(tokio::sync::Barrier::new(n + 1));
-        let done = std::sync::Arc::new(tokio::sync::Notify::new());
+        // A token, not a Notify: a session still typing when the round
+        // ends must see it too (notify_waiters wakes only those waiting).
+        let done = tokio_util::sync::CancellationToken::new();
         for i in 0..n {
             // Sessions type at evenly spread moments of each second, as
             // people do, not all on the same tick.
@@ -756,7 +758,9 @@ async fn concurrency(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, b
                     .ok()
                     .flatten();
                 ready.wait().await;
-                let mut ws = ws?;
+                let Some(mut ws) = ws else {
+                    return Err("did not open");
+                };
                 let mut samples = Vec::new();
                 tokio::time::sleep(phase).await;
                 for k in 0..keystrokes {
@@ -770,12 +774,12 @@ async fn concurrency(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, b
                         wait_output_at(&mut ws, 1, |o| o.contains(&b)),
                     )
                     .await
-                    .ok()?;
+                    .map_err(|_| "a keystroke's echo took over 30 s")?;
                     samples.push(at - t);
                 }
-                done.notified().await;
+                done.cancelled().await;
                 send(&mut ws, json!({"type": "close", "id": 1})).await;
-                Some(samples)
+                Ok(samples)
             }));
         }
         ready.wait().await;
@@ -786,16 +790,47 @@ async fn concurrency(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, b
         let agent1 = rss_kib(s.agent.proc.child.id());
         let mut samples = Vec::new();
         let mut failures = 0;
+        let mut why: std::collections::BTreeMap<&str, usize> = Default::default();
         // Let the typing finish, then release the sessions.
         tokio::time::sleep(Duration::from_millis(1000 * plan.keystrokes as u64 + 1500)).await;
-        done.notify_waiters();
+        done.cancel();
         for t in tasks {
             let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, t).await {
-                Ok(Ok(Some(v))) if v.len() == plan.keystrokes => samples.extend(v),
-                _ => failures += 1,
+            let failed = match tokio::time::timeout(left, t).await {
+                Ok(Ok(Ok(v))) => {
+                    samples.extend(v);
+                    continue;
+                }
+                Ok(Ok(Err(reason))) => reason,
+                Ok(Err(_)) => "its task failed",
+                Err(_) => "not done by the deadline",
+            };
+            failures += 1;
+            *why.entry(failed).or_default() += 1;
+        }
+        if failures > 0 {
+            // What the server and the agent logged about it, on the bench's
+            // stderr (not in the report): each message once, with its count.
+            for (who, proc) in [("server", &s.server.proc), ("agent", &s.agent.proc)] {
+                let mut seen: std::collections::BTreeMap<String, usize> = Default::default();
+                for line in proc.lines.try_iter() {
+                    if line.contains("\"WARN\"") || line.contains("\"ERROR\"") {
+                        // Without the timestamp, so that repeats count as one.
+                        let msg = line.split_once(",").map_or(&*line, |(_, rest)| rest);
+                        *seen.entry(msg.chars().take(300).collect()).or_default() += 1;
+                    }
+                }
+                for (msg, k) in seen.iter().take(30) {
+                    eprintln!("{who} logged {k} times: {msg}");
+                }
             }
         }
+        let failures_shown = if why.is_empty() {
+            "0".to_owned()
+        } else {
+            let parts: Vec<String> = why.iter().map(|(w, k)| format!("{k} {w}")).collect();
+            format!("{failures} ({})", parts.join(", "))
+        };
         let (p50, p99) = if samples.is_empty() {
             (f64::NAN, f64::NAN)
         } else {
@@ -804,7 +839,7 @@ async fn concurrency(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, b
         let per = |a: u64, b: u64| b.saturating_sub(a) as f64 / n as f64;
         let _ = writeln!(
             out,
-            "| {n} | {failures} | {:.1} s | {p50:.2} | {p99:.2} | {:.0} KiB | {:.0} KiB |",
+            "| {n} | {failures_shown} | {:.1} s | {p50:.2} | {p99:.2} | {:.0} KiB | {:.0} KiB |",
             opened_in.as_secs_f64(),
             per(server0, server1),
             per(agent0, agent1)
@@ -1835,6 +1870,102 @@ async fn peer_latency_and_memory(plan: &Plan, s: &Stack, out: &mut String) -> Ve
     verdicts
 }
 
+/// Lines the browser round prints (`seq 1 N` in a shell): 2,000,000.
+const BROWSER_LINES: u32 = 2_000_000;
+
+/// Output drawn by xterm.js in headless Chromium: `seq 1 2000000` typed
+/// into a shell on conch's console page and on ttyd's page, alternating
+/// (`benches/browser.mjs`, with Playwright and the Chromium the end-to-end
+/// tests use). Seconds from Enter to the last line on the screen.
+async fn browser_beside_ttyd(
+    s: &Stack,
+    ttyd: &std::path::Path,
+    out: &mut String,
+) -> Vec<(String, bool)> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    if !root.join("node_modules/playwright-core").exists()
+        || !std::path::Path::new(&chromium).exists()
+    {
+        let _ = writeln!(
+            out,
+            "| browser output | – | not measured: needs `npm ci` and Chromium ({chromium}), which `tests/run-all.sh` installs | – |"
+        );
+        return Vec::new();
+    }
+    let port = common::free_port();
+    let args = ["-p", &port.to_string(), "-i", "127.0.0.1", "-W", "sh"].map(str::to_owned);
+    let Some(child) = start_peer(std::process::Command::new(ttyd).args(args), port).await else {
+        let _ = writeln!(out, "| browser output | – | ttyd did not start | – |");
+        return Vec::new();
+    };
+    let login = format!("http://{}/login?token={}", s.server.addr, s.server.token);
+    let page = format!("http://127.0.0.1:{port}/");
+    let run = tokio::process::Command::new("node")
+        .arg(root.join("benches/browser.mjs"))
+        .args([&login, &page, &BROWSER_LINES.to_string(), "3"])
+        .current_dir(root)
+        .kill_on_drop(true)
+        .output();
+    // Six rounds of at most 180 s each (the script's own bound), and its start.
+    let result = tokio::time::timeout(Duration::from_secs(6 * 180 + 60), run).await;
+    drop(child);
+    let report = match result {
+        Ok(Ok(o)) if o.status.success() => serde_json::from_slice::<Value>(&o.stdout).ok(),
+        _ => None,
+    };
+    let Some(report) = report else {
+        let _ = writeln!(
+            out,
+            "| browser output | – | the browser round did not finish | – |"
+        );
+        return Vec::new();
+    };
+    let bytes = report["bytes"].as_f64().unwrap_or(0.0);
+    let secs = |who: &str| -> Result<f64, String> {
+        let rounds = report[who].as_array().cloned().unwrap_or_default();
+        let times: Vec<f64> = rounds.iter().filter_map(Value::as_f64).collect();
+        if times.is_empty() || times.len() < rounds.len() {
+            let why = rounds
+                .iter()
+                .find_map(|r| r["failed"].as_str().map(str::to_owned))
+                .unwrap_or_else(|| "no round".into());
+            return Err(why);
+        }
+        Ok(mmm(times).0)
+    };
+    match (secs("conch"), secs("ttyd")) {
+        (Ok(m), Ok(t)) => {
+            let _ = writeln!(
+                out,
+                "| browser: `seq 1 {BROWSER_LINES}` in a shell, Enter to the last line drawn by xterm.js in headless Chromium, s (median of 3; ttyd's page) | {m:.2} | {t:.2} | {:.2} |",
+                m / t
+            );
+            let (mm, tm) = (bytes / m / 1e6, bytes / t / 1e6);
+            let _ = writeln!(
+                out,
+                "| the same as MB/s of terminal output ({:.1} MB) | {mm:.1} | {tm:.1} | {:.2} |",
+                bytes / 1e6,
+                mm / tm
+            );
+            vec![(
+                format!("browser output at or ahead of ttyd's page: {mm:.1} vs {tm:.1} MB/s"),
+                mm >= tm,
+            )]
+        }
+        (m, t) => {
+            let why = [("conch", m), ("ttyd", t)]
+                .into_iter()
+                .filter_map(|(who, r)| r.err().map(|e| format!("{who}: {e}")))
+                .collect::<Vec<_>>()
+                .join("; ")
+                .replace('|', "/");
+            let _ = writeln!(out, "| browser output | – | a round failed: {why} | – |");
+            Vec::new()
+        }
+    }
+}
+
 /// Opens a ttyd terminal (subprotocol `tty`, 80 × 24) and waits (bounded)
 /// for its first output.
 async fn ttyd_shell(port: u16) -> Option<Ws> {
@@ -1929,12 +2060,17 @@ async fn idle_shells_beside_ttyd(
     // One shell first, as for ttyd, so that both are counted past start-up.
     let first = open_shell().await;
     let (server_pid, agent_pid) = (server.proc.child.id(), agent.proc.child.id());
-    let before = rss_kib(server_pid) + rss_kib(agent_pid);
+    let before = (rss_kib(server_pid), rss_kib(agent_pid));
     let mut mine = Vec::with_capacity(n);
     for _ in 0..n {
         mine.push(open_shell().await);
     }
-    let conch = (rss_kib(server_pid) + rss_kib(agent_pid)).saturating_sub(before) as f64 / n as f64;
+    let per = |now: u64, then: u64| now.saturating_sub(then) as f64 / n as f64;
+    let (on_server, on_agent) = (
+        per(rss_kib(server_pid), before.0),
+        per(rss_kib(agent_pid), before.1),
+    );
+    let conch = on_server + on_agent;
     drop((first, mine, server, agent, data));
     // Stopping the server and agent ends their shells.
     let port = common::free_port();
@@ -1965,7 +2101,7 @@ async fn idle_shells_beside_ttyd(
     }
     let _ = writeln!(
         out,
-        "| idle PTY shell, server-side memory growth per session, KiB ({n} open; conch: server and agent together; the shells not counted) | {conch:.1} | {ttyd:.1} | {:.2} |",
+        "| idle PTY shell, server-side memory growth per session, KiB ({n} open; conch: server {on_server:.1} and agent {on_agent:.1} together, recorded; the shells not counted) | {conch:.1} | {ttyd:.1} | {:.2} |",
         conch / ttyd.max(0.1)
     );
     vec![(
@@ -2004,14 +2140,20 @@ fn machine() -> String {
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     // `--only NAME[,NAME]` runs some parts (throughput, latency, concurrency,
-    // slow, idle, fleet, peers), for profiling; such a run does not rewrite the report.
+    // slow, idle, fleet, sessions, files, peers, browser), for profiling; such a run
+    // does not rewrite the report.
     let only: Option<Vec<String>> = std::env::args()
         .skip_while(|a| a != "--only")
         .nth(1)
         .map(|v| v.split(',').map(str::to_owned).collect());
     let partial = only.is_some();
     let wanted = |part: &str| only.as_ref().is_none_or(|o| o.iter().any(|p| p == part));
-    let plan = Plan::new(quick);
+    let mut plan = Plan::new(quick);
+    // `--sessions N[,N]` sets the concurrency rounds (10000 for the big one,
+    // which a full run leaves out: see the notes).
+    if let Some(counts) = std::env::args().skip_while(|a| a != "--sessions").nth(1) {
+        plan.sessions = counts.split(',').filter_map(|n| n.parse().ok()).collect();
+    }
     let fds = raise_fd_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -2048,6 +2190,16 @@ fn main() {
         // Peers are installed from the network: full runs only.
         if !plan.quick && wanted("peers") {
             verdicts.extend(peers(&plan, &s, &mut out).await);
+        }
+        if !plan.quick && wanted("browser") {
+            out.push_str("| figure | conch | ttyd's page | ratio |\n|---|---|---|---|\n");
+            match ttyd() {
+                Ok(bin) => verdicts.extend(browser_beside_ttyd(&s, &bin, &mut out).await),
+                Err(why) => {
+                    let _ = writeln!(out, "| browser output | – | ttyd not measured: {why} | – |");
+                }
+            }
+            out.push('\n');
         }
         (out, verdicts)
     });
