@@ -278,14 +278,15 @@ fn die_with_agent() -> io::Result<()> {
     Ok(())
 }
 
-fn spawn_pipes(cmd: Launch, what: &str, prepared: Prepared) -> Result<Spawned, SpawnError> {
-    let io_err = |e: io::Error| SpawnError {
-        code: 126,
-        message: format!("conch: {what}: {e}\n"),
-    };
-    let (stdin_read, stdin_write) = spawn::pipe().map_err(io_err)?;
-    let (stdout_read, stdout_write) = spawn::pipe().map_err(io_err)?;
-    let (stderr_read, stderr_write) = spawn::pipe().map_err(io_err)?;
+/// Starts `cmd` on `stdio` as `prepared` says (its cgroup, limits and
+/// user), and the process group that kills it.
+fn start(
+    cmd: &Launch,
+    stdio: [std::os::fd::RawFd; 3],
+    leader: Leader,
+    prepared: &Prepared,
+    what: &str,
+) -> Result<(ChildProcess, ProcessGroup), SpawnError> {
     let setup = || {
         // SAFETY: in the child before exec; these make only system calls
         // on data built before the clone.
@@ -295,22 +296,36 @@ fn spawn_pipes(cmd: Launch, what: &str, prepared: Prepared) -> Result<Spawned, S
         }
         die_with_agent()
     };
+    let child = spawn::launch(cmd, stdio, leader, &setup).map_err(|e| spawn_error(&e, what))?;
+    let group = ProcessGroup {
+        pgid: child.id().map(|id| Pid::from_raw(id as i32)),
+        session: leader == Leader::Session,
+        cgroup: prepared.cgroup.clone(),
+        mark: prepared.mark.clone(),
+        contained: prepared.cgroup.is_some() && prepared.switches_user(),
+    };
+    Ok((child, group))
+}
+
+fn spawn_pipes(cmd: Launch, what: &str, prepared: Prepared) -> Result<Spawned, SpawnError> {
+    let io_err = |e: io::Error| SpawnError {
+        code: 126,
+        message: format!("conch: {what}: {e}\n"),
+    };
+    // Both ends close on exec; the child gets its own by dup2.
+    let pipe = || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| io_err(e.into()));
+    let (stdin_read, stdin_write) = pipe()?;
+    let (stdout_read, stdout_write) = pipe()?;
+    let (stderr_read, stderr_write) = pipe()?;
     let stdio = [
         stdin_read.as_raw_fd(),
         stdout_write.as_raw_fd(),
         stderr_write.as_raw_fd(),
     ];
-    let child =
-        spawn::launch(&cmd, stdio, Leader::Group, &setup).map_err(|e| spawn_error(&e, what))?;
+    let started = start(&cmd, stdio, Leader::Group, &prepared, what);
     // The child's ends: only the child may hold them, or no EOF would come.
     drop((stdin_read, stdout_write, stderr_write));
-    let group = ProcessGroup {
-        pgid: child.id().map(|id| Pid::from_raw(id as i32)),
-        session: false,
-        cgroup: prepared.cgroup.clone(),
-        mark: prepared.mark.clone(),
-        contained: prepared.cgroup.is_some() && prepared.switches_user(),
-    };
+    let (child, group) = started?;
     let io = ProcessIo::Pipes {
         stdin: Some(pipe::Sender::from_owned_fd(stdin_write).map_err(io_err)?),
         stdout: Some(pipe::Receiver::from_owned_fd(stdout_read).map_err(io_err)?),
@@ -344,28 +359,12 @@ fn spawn_pty(
         nix::unistd::fchown(&slave, Some(uid.into()), Some(gid.into()))
             .map_err(|e| io_err(e.into()))?;
     }
-    let setup = || {
-        // SAFETY: in the child before exec; these make only system calls
-        // on data built before the clone.
-        unsafe {
-            prepared.enter()?;
-            prepared.drop_privileges()?;
-        }
-        die_with_agent()
-    };
     let fd = slave.as_raw_fd();
-    let spawned = spawn::launch(&cmd, [fd, fd, fd], Leader::Session, &setup);
+    let started = start(&cmd, [fd, fd, fd], Leader::Session, &prepared, what);
     // The parent's copy of the slave end is closed here, so the master sees
     // EOF (EIO) once every process of the session has exited.
     drop(slave);
-    let child = spawned.map_err(|e| spawn_error(&e, what))?;
-    let group = ProcessGroup {
-        pgid: child.id().map(|id| Pid::from_raw(id as i32)),
-        session: true,
-        cgroup: prepared.cgroup.clone(),
-        mark: prepared.mark.clone(),
-        contained: prepared.cgroup.is_some() && prepared.switches_user(),
-    };
+    let (child, group) = started?;
     let master = Pty::new(master).map_err(io_err)?;
     Ok(Spawned {
         child,

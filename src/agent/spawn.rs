@@ -508,12 +508,7 @@ impl ChildProcess {
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
         if fd < 0 {
             let err = io::Error::last_os_error();
-            // Not to be left running unwatched (Linux before 5.3 has no pidfd).
-            // SAFETY: our own child, not reaped yet.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-                libc::waitpid(pid, std::ptr::null_mut(), 0);
-            }
+            abandon(pid);
             return Err(io::Error::new(
                 err.kind(),
                 format!("cannot watch the command (pidfd_open needs Linux 5.3): {err}"),
@@ -525,13 +520,8 @@ impl ChildProcess {
         let registered =
             unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) };
         let exited = registered.map_err(|e| {
-            let e = e.into_parts().1;
-            // SAFETY: as above.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-                libc::waitpid(pid, std::ptr::null_mut(), 0);
-            }
-            e
+            abandon(pid);
+            e.into_parts().1
         })?;
         Ok(ChildProcess {
             pid,
@@ -547,35 +537,35 @@ impl ChildProcess {
 
     /// The exit status if the process has exited (reaping it), else None.
     pub(crate) fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
-        if let Some(status) = self.status {
-            return Ok(Some(status));
+        if self.status.is_none()
+            && let Some(status) = reap(self.pid)?
+        {
+            self.status = Some(status);
+            self.exited = None;
         }
-        let mut raw = 0;
-        // SAFETY: our own child, reaped only here.
-        let rc = unsafe { libc::waitpid(self.pid, &mut raw, libc::WNOHANG) };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if rc == 0 {
-            return Ok(None);
-        }
-        let status = ExitStatus::from_raw(raw);
-        self.status = Some(status);
-        self.exited = None;
-        Ok(Some(status))
+        Ok(self.status)
     }
 
-    /// Waits for the process to exit and reaps it (cancel-safe).
+    /// Waits for the process to exit and reaps it (cancel-safe). The pidfd's
+    /// readiness is asked first: a supervisor polls this once per output
+    /// frame, and that costs no system call while the command runs.
     pub(crate) async fn wait(&mut self) -> io::Result<ExitStatus> {
         loop {
-            if let Some(status) = self.try_wait()? {
+            if let Some(status) = self.status {
                 return Ok(status);
             }
             let Some(exited) = &self.exited else {
                 return Err(io::Error::other("the command's pidfd is gone"));
             };
             let mut ready = exited.readable().await?;
-            ready.clear_ready();
+            match reap(self.pid)? {
+                Some(status) => {
+                    drop(ready);
+                    self.status = Some(status);
+                    self.exited = None;
+                }
+                None => ready.clear_ready(),
+            }
         }
     }
 }
@@ -608,13 +598,23 @@ impl Drop for ChildProcess {
     }
 }
 
-/// A pipe whose both ends close on exec; the child gets its end by dup2.
-pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0 as RawFd; 2];
-    // SAFETY: pipe2 fills two new descriptors, which we then own.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
+/// The exit status of our child `pid` if it has exited (reaping it).
+fn reap(pid: libc::pid_t) -> io::Result<Option<ExitStatus>> {
+    let mut raw = 0;
+    // SAFETY: our own child, reaped only through here (or by `abandon`).
+    match unsafe { libc::waitpid(pid, &mut raw, libc::WNOHANG) } {
+        rc if rc < 0 => Err(io::Error::last_os_error()),
+        0 => Ok(None),
+        _ => Ok(Some(ExitStatus::from_raw(raw))),
     }
-    // SAFETY: as above.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Kills and reaps a child that cannot be watched: it must not run on
+/// unseen (Linux before 5.3 has no pidfd).
+fn abandon(pid: libc::pid_t) {
+    // SAFETY: our own child, not reaped yet.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+        libc::waitpid(pid, std::ptr::null_mut(), 0);
+    }
 }
