@@ -12,6 +12,7 @@ pub(crate) mod process;
 pub mod sandbox;
 pub(crate) mod session;
 pub(crate) mod spawn;
+pub(crate) mod terminal;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

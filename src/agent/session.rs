@@ -31,6 +31,7 @@ use tokio_util::task::TaskTracker;
 use super::channel::{self, Control, DRAIN_GRACE, Done, READ_CHUNK, Source, Stdin, StdinQueue};
 use super::process;
 use super::sandbox::ExecPolicy;
+use super::terminal::Term;
 use crate::protocol::{ExecRequest, Frame, Message, PtySize, SessionInfo};
 use crate::vocab::{self, ErrorCode};
 
@@ -997,12 +998,16 @@ impl Session {
 /// the bytes and resizes themselves, and a redraw parses them afresh, which
 /// gives exactly the parser's state.
 struct Model {
-    parser: Option<Arc<Mutex<vt100::Parser>>>,
+    parser: Option<Arc<Mutex<Term>>>,
     /// What the parser would have been fed, while there is none.
     early: Early,
     scrollback: usize,
     /// The chunk being parsed, if any.
     busy: Option<tokio::task::JoinHandle<()>>,
+    /// Output that came while a chunk was being parsed, parsed together
+    /// next: a flood reaches the parser in pieces large enough that it can
+    /// leave out most of their lines (src/agent/terminal.rs).
+    waiting: Vec<u8>,
 }
 
 /// A session's output and resizes before its parser exists.
@@ -1023,6 +1028,10 @@ const LAZY_RESIZES: usize = 32;
 /// more than parsing it (a keystroke's echo).
 const PARSE_IN_PLACE: usize = 4 * 1024;
 
+/// Output a session holds while its model parses earlier output: 256 KiB.
+/// Beyond it the output waits for the parser.
+const MODEL_WAITING: usize = 256 * 1024;
+
 impl Early {
     fn new(size: PtySize) -> Early {
         Early {
@@ -1033,19 +1042,16 @@ impl Early {
     }
 
     /// A parser fed everything so far, in order.
-    fn parse(&self, scrollback: usize) -> vt100::Parser {
-        let mut parser =
-            vt100::Parser::new(nonzero(self.size.rows), nonzero(self.size.cols), scrollback);
+    fn parse(&self, scrollback: usize) -> Term {
+        let mut term = Term::new(nonzero(self.size.rows), nonzero(self.size.cols), scrollback);
         let mut at = 0;
         for &(upto, size) in &self.resizes {
-            parser.process(&self.bytes[at..upto]);
-            parser
-                .screen_mut()
-                .set_size(nonzero(size.rows), nonzero(size.cols));
+            term.feed(&self.bytes[at..upto]);
+            term.set_size(nonzero(size.rows), nonzero(size.cols));
             at = upto;
         }
-        parser.process(&self.bytes[at..]);
-        parser
+        term.feed(&self.bytes[at..]);
+        term
     }
 }
 
@@ -1056,11 +1062,12 @@ impl Model {
             early: Early::new(size),
             scrollback,
             busy: None,
+            waiting: Vec::new(),
         }
     }
 
     /// The parser, made now from the early output if there is none yet.
-    fn parser(&mut self) -> &Arc<Mutex<vt100::Parser>> {
+    fn parser(&mut self) -> &Arc<Mutex<Term>> {
         if self.parser.is_none() {
             let size = self.early.size;
             let early = std::mem::replace(&mut self.early, Early::new(size));
@@ -1069,7 +1076,7 @@ impl Model {
         self.parser.as_ref().expect("made above")
     }
 
-    fn lock(parser: &Mutex<vt100::Parser>) -> std::sync::MutexGuard<'_, vt100::Parser> {
+    fn lock(parser: &Mutex<Term>) -> std::sync::MutexGuard<'_, Term> {
         parser.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -1078,22 +1085,49 @@ impl Model {
         if let Some(job) = self.busy.take() {
             let _ = job.await;
         }
+        if !self.waiting.is_empty() {
+            let waiting = Bytes::from(std::mem::take(&mut self.waiting));
+            self.parse(waiting);
+            if let Some(job) = self.busy.take() {
+                let _ = job.await;
+            }
+        }
     }
 
     async fn feed(&mut self, data: Bytes) {
-        self.settle().await;
         if self.parser.is_none() && self.early.bytes.len() + data.len() <= LAZY_BYTES {
             self.early.bytes.extend_from_slice(&data);
             return;
         }
+        if self.busy.as_ref().is_some_and(|job| !job.is_finished())
+            && self.waiting.len() + data.len() <= MODEL_WAITING
+        {
+            self.waiting.extend_from_slice(&data);
+            return;
+        }
+        if let Some(job) = self.busy.take() {
+            let _ = job.await;
+        }
+        let chunk = if self.waiting.is_empty() {
+            data
+        } else {
+            self.waiting.extend_from_slice(&data);
+            Bytes::from(std::mem::take(&mut self.waiting))
+        };
+        self.parse(chunk);
+    }
+
+    /// Parses `chunk` here if it is small, else on a blocking thread
+    /// (the model's `busy` job).
+    fn parse(&mut self, chunk: Bytes) {
         let parser = self.parser();
-        if data.len() < PARSE_IN_PLACE {
-            Self::lock(parser).process(&data);
+        if chunk.len() < PARSE_IN_PLACE {
+            Self::lock(parser).feed(&chunk);
             return;
         }
         let parser = parser.clone();
         self.busy = Some(tokio::task::spawn_blocking(move || {
-            Self::lock(&parser).process(&data)
+            Self::lock(&parser).feed(&chunk)
         }));
     }
 
@@ -1104,9 +1138,7 @@ impl Model {
             self.early.resizes.push((upto, size));
             return;
         }
-        Self::lock(self.parser())
-            .screen_mut()
-            .set_size(nonzero(size.rows), nonzero(size.cols));
+        Self::lock(self.parser()).set_size(nonzero(size.rows), nonzero(size.cols));
     }
 
     /// The redraw of everything fed so far, and the size it is drawn at.
@@ -1118,11 +1150,11 @@ impl Model {
         let parser: &mut vt100::Parser = match &self.parser {
             Some(parser) => {
                 guard = Self::lock(parser);
-                &mut guard
+                guard.parser_mut()
             }
             None => {
                 early = self.early.parse(self.scrollback);
-                &mut early
+                early.parser_mut()
             }
         };
         let (rows, cols) = parser.screen().size();

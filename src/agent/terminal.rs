@@ -1,0 +1,609 @@
+//! A session's terminal emulator (the model a redraw is made from), fed so
+//! that a flood of plain lines costs only its last screens.
+//!
+//! `vt100` pays for every line that scrolls: a new row of cells (32 bytes
+//! each), the old row trimmed and pushed into the scrollback, the oldest
+//! freed. `seq 1 2000000` in a 139-column shell took the agent 2.5 s of CPU
+//! for the model alone, more than the browser needed to draw it, and the
+//! shell's output waited for it. Yet of a flood only the last screen and
+//! the scrollback's capacity survive: a line that scrolls past both leaves
+//! nothing behind. So [`Term::feed`] hands the parser every byte except,
+//! inside a run of plain lines, the middle of the run, when it is certain
+//! the parser would end in the same state without it:
+//!
+//! - the run holds only printable ASCII, tab, CR and LF, which change
+//!   nothing but cells, the cursor and the scrollback (no attribute, mode,
+//!   title or character set);
+//! - the parser is in its ground state where the skip starts (not inside
+//!   an escape sequence or a string, which would have taken the bytes as
+//!   parameters or text): [`Syntax`] follows the parser's state machine;
+//! - the skip starts and ends just after a CR LF, at column 0 in both the
+//!   real stream and the shortened one;
+//! - after the skip, the run still holds enough line feeds to push every
+//!   row that existed before it off the screen and out of the scrollback
+//!   (see [`Term::margin`]), so no cell of the skipped lines, nor of the
+//!   rows they would have overwritten, is left;
+//! - the primary screen is shown and no scroll region can be set: inside a
+//!   region, or below it, line feeds do not scroll every row off.
+//!
+//! Anything this cannot be sure of is parsed in full. A unit test feeds
+//! random mixes of lines, escape sequences and strings both ways and
+//! compares the redraws.
+
+/// The parser's state, as `vte` 0.15 (the state machine inside `vt100`)
+/// keeps it: only which state, to know when it is in the ground state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Ground,
+    Escape,
+    EscapeIntermediate,
+    CsiEntry,
+    CsiParam,
+    CsiIntermediate,
+    CsiIgnore,
+    DcsEntry,
+    DcsParam,
+    DcsIntermediate,
+    DcsPassthrough,
+    DcsIgnore,
+    OscString,
+    SosPmApcString,
+}
+
+/// Parameter bytes of a CSI kept to read a scroll region's bounds; a
+/// longer one is taken as setting a region.
+const CSI_PARAMS: usize = 16;
+
+/// Follows the byte stream the parser is fed: its state, and whether a
+/// scroll region may be set.
+#[derive(Debug)]
+struct Syntax {
+    state: State,
+    /// The current escape sequence has intermediate bytes.
+    esc_intermediate: bool,
+    /// The current CSI has intermediate bytes or a private marker (`?`).
+    csi_marked: bool,
+    csi_params: [u8; CSI_PARAMS],
+    csi_len: usize,
+    csi_overflow: bool,
+    /// A scroll region may be set (on one of the two screens).
+    region: bool,
+    /// The region may be on the other screen than the one a later
+    /// `CSI r` resets: only a reset or a resize clears it then.
+    region_sticky: bool,
+}
+
+/// C0 controls that the parser executes inside a sequence, leaving its state.
+fn executed(byte: u8) -> bool {
+    matches!(byte, 0x00..=0x17 | 0x19 | 0x1c..=0x1f)
+}
+
+impl Syntax {
+    fn new() -> Syntax {
+        Syntax {
+            state: State::Ground,
+            esc_intermediate: false,
+            csi_marked: false,
+            csi_params: [0; CSI_PARAMS],
+            csi_len: 0,
+            csi_overflow: false,
+            region: false,
+            region_sticky: false,
+        }
+    }
+
+    fn advance(&mut self, bytes: &[u8], rows: u16) {
+        let mut i = 0;
+        while i < bytes.len() {
+            if self.state == State::Ground {
+                // Only ESC leaves the ground state.
+                match bytes[i..].iter().position(|&b| b == 0x1b) {
+                    Some(at) => i += at,
+                    None => return,
+                }
+            }
+            self.step(bytes[i], rows);
+            i += 1;
+        }
+    }
+
+    /// Bytes that leave any state for the ground or escape state.
+    fn anywhere(&mut self, byte: u8) {
+        match byte {
+            0x18 | 0x1a => self.state = State::Ground,
+            0x1b => self.escape(),
+            _ => {}
+        }
+    }
+
+    fn escape(&mut self) {
+        self.state = State::Escape;
+        self.esc_intermediate = false;
+    }
+
+    fn csi(&mut self) {
+        self.state = State::CsiEntry;
+        self.csi_marked = false;
+        self.csi_len = 0;
+        self.csi_overflow = false;
+    }
+
+    fn csi_param(&mut self, byte: u8) {
+        if self.csi_len < CSI_PARAMS {
+            self.csi_params[self.csi_len] = byte;
+            self.csi_len += 1;
+        } else {
+            self.csi_overflow = true;
+        }
+    }
+
+    fn step(&mut self, byte: u8, rows: u16) {
+        use State::*;
+        match self.state {
+            Ground => {
+                if byte == 0x1b {
+                    self.escape();
+                }
+            }
+            Escape => match byte {
+                0x18 | 0x1a => self.state = Ground,
+                0x20..=0x2f => {
+                    self.esc_intermediate = true;
+                    self.state = EscapeIntermediate;
+                }
+                0x50 => self.state = DcsEntry,
+                0x58 | 0x5e | 0x5f => self.state = SosPmApcString,
+                0x5b => self.csi(),
+                0x5d => self.state = OscString,
+                0x30..=0x7e => {
+                    // RIS resets both screens: no region is left.
+                    if byte == b'c' && !self.esc_intermediate {
+                        self.region = false;
+                        self.region_sticky = false;
+                    }
+                    self.state = Ground;
+                }
+                _ => {}
+            },
+            EscapeIntermediate => match byte {
+                _ if executed(byte) => {}
+                0x20..=0x2f | 0x7f => {}
+                0x30..=0x7e => self.state = Ground,
+                _ => self.anywhere(byte),
+            },
+            CsiEntry | CsiParam | CsiIntermediate => match byte {
+                _ if executed(byte) => {}
+                0x20..=0x2f => {
+                    self.csi_marked = true;
+                    self.state = CsiIntermediate;
+                }
+                0x30..=0x3b if self.state == CsiIntermediate => self.state = CsiIgnore,
+                0x30..=0x3b => {
+                    self.csi_param(byte);
+                    self.state = CsiParam;
+                }
+                0x3c..=0x3f if self.state == CsiEntry => {
+                    self.csi_marked = true;
+                    self.state = CsiParam;
+                }
+                0x3c..=0x3f => self.state = CsiIgnore,
+                0x40..=0x7e => {
+                    self.csi_dispatch(byte, rows);
+                    self.state = Ground;
+                }
+                0x7f if self.state != CsiEntry => {}
+                _ => self.anywhere(byte),
+            },
+            CsiIgnore => match byte {
+                _ if executed(byte) => {}
+                0x20..=0x3f | 0x7f => {}
+                0x40..=0x7e => self.state = Ground,
+                _ => self.anywhere(byte),
+            },
+            DcsEntry | DcsParam | DcsIntermediate => match byte {
+                _ if executed(byte) => {}
+                0x7f => {}
+                0x20..=0x2f => self.state = DcsIntermediate,
+                0x30..=0x3b if self.state == DcsIntermediate => self.state = DcsIgnore,
+                0x30..=0x3b => self.state = DcsParam,
+                0x3c..=0x3f if self.state == DcsEntry => self.state = DcsParam,
+                0x3c..=0x3f => self.state = DcsIgnore,
+                0x40..=0x7e => self.state = DcsPassthrough,
+                _ => self.anywhere(byte),
+            },
+            DcsPassthrough => match byte {
+                0x9c => self.state = Ground,
+                _ => self.anywhere(byte),
+            },
+            DcsIgnore | SosPmApcString => self.anywhere(byte),
+            OscString => match byte {
+                0x07 => self.state = Ground,
+                _ => self.anywhere(byte),
+            },
+        }
+    }
+
+    /// A CSI ended with `byte`: follow what it does to scroll regions.
+    fn csi_dispatch(&mut self, byte: u8, rows: u16) {
+        match byte {
+            b'r' => {
+                if !self.csi_marked && !self.csi_overflow && self.full_region(rows) {
+                    // DECSTBM to the whole screen resets the region of the
+                    // screen shown, which is the only one set unless a
+                    // screen switch came since.
+                    if !self.region_sticky {
+                        self.region = false;
+                    }
+                } else {
+                    self.region = true;
+                }
+            }
+            // A mode change (among them the switches between the primary
+            // and alternate screens) while a region may be set.
+            b'h' | b'l' if self.region => self.region_sticky = true,
+            _ => {}
+        }
+    }
+
+    /// Whether the CSI's parameters, as `vt100` reads those of DECSTBM
+    /// (0 or absent: the default), select the whole screen.
+    fn full_region(&self, rows: u16) -> bool {
+        let params = &self.csi_params[..self.csi_len];
+        if params.contains(&b':') {
+            return false;
+        }
+        let mut values = params.split(|&b| b == b';').map(|digits| {
+            digits.iter().fold(0u32, |n, &d| {
+                (n * 10 + u32::from(d - b'0')).min(u32::from(u16::MAX))
+            })
+        });
+        let top = values.next().unwrap_or(0);
+        let bottom = values.next().unwrap_or(0);
+        top <= 1 && (bottom == 0 || bottom >= u32::from(rows))
+    }
+}
+
+/// Bytes a plain run may hold: printable ASCII, tab, CR, LF.
+fn plain(byte: u8) -> bool {
+    matches!(byte, 0x20..=0x7e | b'\t' | b'\r' | b'\n')
+}
+
+/// The parser and what is known of the stream it was fed.
+pub(crate) struct Term {
+    parser: vt100::Parser,
+    syntax: Syntax,
+    /// Bytes left out of floods so far (for tests and curiosity).
+    skipped: u64,
+}
+
+impl Term {
+    pub(crate) fn new(
+        rows: std::num::NonZeroU16,
+        cols: std::num::NonZeroU16,
+        scrollback: usize,
+    ) -> Term {
+        Term {
+            parser: vt100::Parser::new(rows, cols, scrollback),
+            syntax: Syntax::new(),
+            skipped: 0,
+        }
+    }
+
+    pub(crate) fn parser_mut(&mut self) -> &mut vt100::Parser {
+        &mut self.parser
+    }
+
+    #[cfg(test)]
+    pub(crate) fn screen(&self) -> &vt100::Screen {
+        self.parser.screen()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn skipped(&self) -> u64 {
+        self.skipped
+    }
+
+    pub(crate) fn set_size(&mut self, rows: std::num::NonZeroU16, cols: std::num::NonZeroU16) {
+        // A resize resets both screens' scroll regions (if the size changes).
+        if self.parser.screen().size() != (rows, cols) {
+            self.syntax.region = false;
+            self.syntax.region_sticky = false;
+        }
+        self.parser.screen_mut().set_size(rows, cols);
+    }
+
+    /// Line feeds that must follow a skip: every row on the screen or in
+    /// the scrollback before it is pushed out by `rows + scrollback` of
+    /// them (the cursor reaches the bottom in fewer than `rows`, then each
+    /// scrolls one row); one more screen and `vt100`'s largest screen
+    /// (150 rows) keep its count of rows ever scrolled past any resize's
+    /// reach, so that growing the screen later pulls back the same rows.
+    fn margin(&self) -> usize {
+        let rows = usize::from(self.parser.screen().size().0.get());
+        self.parser.screen().scrollback_capacity() + 2 * rows + 152
+    }
+
+    fn parse(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        self.parser.process(bytes);
+        let rows = self.parser.screen().size().0.get();
+        self.syntax.advance(bytes, rows);
+    }
+
+    /// Feeds `bytes`, leaving out what of a flood of plain lines cannot
+    /// change the result (see the module's documentation).
+    pub(crate) fn feed(&mut self, bytes: &[u8]) {
+        let margin = self.margin();
+        let mut at = 0;
+        let mut search = 0;
+        while let Some((from, to)) = skippable(bytes, search, margin) {
+            self.parse(&bytes[at..from]);
+            if self.syntax.state == State::Ground
+                && !self.syntax.region
+                && !self.parser.screen().alternate_screen()
+            {
+                self.skipped += (to - from) as u64;
+            } else {
+                self.parse(&bytes[from..to]);
+            }
+            at = to;
+            search = to;
+        }
+        self.parse(&bytes[at..]);
+    }
+}
+
+/// The next part of `bytes` from `start` on that could be left out: inside
+/// one run of plain bytes, from just after its first CR LF to just after
+/// a CR LF that `margin` line feeds of the run still follow.
+fn skippable(bytes: &[u8], start: usize, margin: usize) -> Option<(usize, usize)> {
+    let mut run_start = start;
+    while run_start < bytes.len() {
+        let run_end = bytes[run_start..]
+            .iter()
+            .position(|&b| !plain(b))
+            .map_or(bytes.len(), |n| run_start + n);
+        let run = &bytes[run_start..run_end];
+        // Every line is at least CR LF.
+        if run.len() > 2 * (margin + 1)
+            && let Some(span) = skippable_in(run, margin)
+        {
+            return Some((run_start + span.0, run_start + span.1));
+        }
+        run_start = run_end + 1;
+    }
+    None
+}
+
+fn skippable_in(run: &[u8], margin: usize) -> Option<(usize, usize)> {
+    let from = run.windows(2).position(|w| w == b"\r\n")? + 2;
+    // Walk back over `margin` line feeds, then to the nearest CR LF.
+    let mut feeds = 0;
+    let mut i = run.len();
+    while i > from {
+        i -= 1;
+        if run[i] == b'\n' {
+            if feeds >= margin && i > 0 && run[i - 1] == b'\r' {
+                let to = i + 1;
+                return (to > from).then_some((from, to));
+            }
+            feeds += 1;
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nz(n: u16) -> std::num::NonZeroU16 {
+        std::num::NonZeroU16::new(n).unwrap()
+    }
+
+    /// What a terminal shows and keeps: the screen with its attributes and
+    /// cursor, and every row of scrollback.
+    fn state(parser: &mut vt100::Parser) -> (String, Vec<String>, (u16, u16), bool) {
+        let screen = parser.screen_mut();
+        let (_, cols) = screen.size();
+        screen.set_scrollback(usize::MAX);
+        let mut back = Vec::new();
+        let lines = screen.scrollback();
+        for offset in (1..=lines).rev() {
+            screen.set_scrollback(offset);
+            back.push(
+                screen
+                    .rows_formatted(0, cols.get())
+                    .next()
+                    .map(|r| format!("{r:?}"))
+                    .unwrap(),
+            );
+        }
+        screen.set_scrollback(0);
+        let shown = format!(
+            "{:?}{:?}",
+            screen.contents_formatted(),
+            screen.state_formatted()
+        );
+        (
+            shown,
+            back,
+            screen.cursor_position(),
+            screen.alternate_screen(),
+        )
+    }
+
+    /// A small deterministic generator (xorshift), for repeatable cases.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    /// Output mixing floods of plain lines with what could make skipping
+    /// them wrong: escape sequences cut anywhere, strings left open, scroll
+    /// regions, screen switches, lines without CR, long lines that wrap.
+    fn stream(rng: &mut Rng, rows: u16) -> Vec<u8> {
+        let mut out = Vec::new();
+        for _ in 0..30 {
+            match rng.below(20) {
+                0..=9 => {
+                    let lines = rng.below(600);
+                    let cr = rng.below(4) != 0;
+                    for n in 0..lines {
+                        let width = rng.below(30) as usize;
+                        let text = format!("{n}-{}", "x".repeat(width));
+                        out.extend_from_slice(text.as_bytes());
+                        out.extend_from_slice(if cr { b"\r\n" } else { b"\n" });
+                        if rng.below(50) == 0 {
+                            out.push(b'\t');
+                        }
+                    }
+                }
+                11 => out.extend_from_slice(format!("\x1b[{}m", rng.below(108)).as_bytes()),
+                12 => {
+                    let top = rng.below(u64::from(rows) + 2);
+                    let bottom = rng.below(u64::from(rows) + 2);
+                    let seq = match rng.below(4) {
+                        0 => "\x1b[r".to_owned(),
+                        1 => format!("\x1b[{top};{bottom}r"),
+                        2 => format!("\x1b[{top}r"),
+                        _ => format!("\x1b[;{bottom}r"),
+                    };
+                    out.extend_from_slice(seq.as_bytes());
+                }
+                13 => out.extend_from_slice(
+                    [
+                        &b"\x1b[?1049h"[..],
+                        b"\x1b[?1049l",
+                        b"\x1b[?47h",
+                        b"\x1b[?47l",
+                        b"\x1bc",
+                    ][rng.below(5) as usize],
+                ),
+                14 => out.extend_from_slice(
+                    [
+                        &b"\x1b]0;title"[..],
+                        b"\x07",
+                        b"\x1bP1$r",
+                        b"\x1b\\",
+                        b"\x1b_apc",
+                        b"\x1b[12",
+                        b"\x1b[?",
+                        b"\x1b(",
+                        b"\x18",
+                    ][rng.below(9) as usize],
+                ),
+                15 => {
+                    let row = rng.below(u64::from(rows) + 1);
+                    let col = rng.below(40);
+                    out.extend_from_slice(format!("\x1b[{row};{col}H").as_bytes());
+                }
+                16 => out.extend_from_slice(b"\x1b[4h"),
+                17 => out.extend_from_slice(b"\x1b[4l\x1b[?7l"),
+                18 => out.extend_from_slice(b"\x1b[?7h\x1b[2J\x1bM\x1b[3S"),
+                _ => {
+                    let n = rng.below(20) as usize;
+                    out.extend((0..n).map(|_| rng.below(256) as u8));
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_skipped_flood_leaves_the_parser_as_the_whole_flood_would() {
+        let mut skipped = 0;
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        for case in 0..200 {
+            let rows = 2 + rng.below(6) as u16;
+            let cols = 5 + rng.below(30) as u16;
+            let scrollback = rng.below(12) as usize;
+            let data = stream(&mut rng, rows);
+            let mut whole = vt100::Parser::new(nz(rows), nz(cols), scrollback);
+            let mut term = Term::new(nz(rows), nz(cols), scrollback);
+            // The same bytes, in the same random pieces, with resizes between.
+            let mut at = 0;
+            while at < data.len() {
+                let n = (1 + rng.below(40_000) as usize).min(data.len() - at);
+                whole.process(&data[at..at + n]);
+                term.feed(&data[at..at + n]);
+                at += n;
+                if rng.below(8) == 0 {
+                    let (r, c) = (nz(2 + rng.below(6) as u16), nz(5 + rng.below(30) as u16));
+                    whole.screen_mut().set_size(r, c);
+                    term.set_size(r, c);
+                }
+            }
+            skipped += term.skipped();
+            assert_eq!(
+                state(term.parser_mut()),
+                state(&mut whole),
+                "case {case}: {rows}x{cols}, scrollback {scrollback}"
+            );
+        }
+        assert!(skipped > 100_000, "the cases skipped only {skipped} bytes");
+    }
+
+    #[test]
+    fn a_flood_of_lines_is_mostly_skipped() {
+        let mut term = Term::new(nz(40), nz(139), 5000);
+        let mut data = Vec::new();
+        for n in 1..=200_000 {
+            data.extend_from_slice(format!("{n}\r\n").as_bytes());
+        }
+        for piece in data.chunks(256 * 1024) {
+            term.feed(piece);
+        }
+        assert!(
+            term.skipped() * 10 > data.len() as u64 * 7,
+            "skipped {}",
+            term.skipped()
+        );
+        let rows: Vec<String> = term.screen().rows(0, 139).collect();
+        assert_eq!(rows[38], "200000");
+        assert_eq!(term.screen().scrollback_len(), 5000);
+    }
+
+    /// Below a scroll region, line feeds do not scroll: every line is
+    /// written over the last row, and a long one in the middle of the
+    /// flood leaves its end there.
+    #[test]
+    fn lines_below_a_scroll_region_are_not_skipped() {
+        let mut data = b"\x1b[2;4r\x1b[6;1H".to_vec();
+        for n in 0..3000 {
+            let line = if n == 1500 {
+                "y".repeat(39)
+            } else {
+                n.to_string()
+            };
+            data.extend_from_slice(format!("{line}\r\n").as_bytes());
+        }
+        let mut whole = vt100::Parser::new(nz(6), nz(40), 10);
+        whole.process(&data);
+        let mut term = Term::new(nz(6), nz(40), 10);
+        term.feed(&data);
+        assert_eq!(state(term.parser_mut()), state(&mut whole));
+        assert!(whole.screen().contents().contains("yyyy"));
+    }
+
+    #[test]
+    fn nothing_is_skipped_inside_a_string_or_a_scroll_region() {
+        let lines: String = (0..2000).map(|n| format!("{n}\r\n")).collect();
+        for prefix in ["\x1b]0;", "\x1bP", "\x1b[2;5r", "\x1b[?1049h"] {
+            let mut term = Term::new(nz(10), nz(20), 10);
+            term.feed(prefix.as_bytes());
+            term.feed(lines.as_bytes());
+            assert_eq!(term.skipped(), 0, "after {prefix:?}");
+        }
+    }
+}
