@@ -986,10 +986,11 @@ impl Session {
     }
 }
 
-/// The session's terminal model. Output is parsed off the session's task
-/// (on the blocking pool, one chunk at a time and in order), so that the
-/// next read and the forwarding of this one need not wait for it; a redraw
-/// or a resize waits until every chunk forwarded so far is in the model.
+/// The session's terminal model. Output is gathered and parsed in pieces
+/// of up to [`MODEL_WAITING`], off the session's task (on the blocking
+/// pool, one piece at a time and in order), so that the next read and the
+/// forwarding of this one need not wait for it; a redraw or a resize
+/// first parses everything forwarded so far.
 ///
 /// The parser comes only once the output outgrows [`LAZY_BYTES`]: a parser
 /// holds two grids of cells from the start (about 120 KiB at 80 by 24),
@@ -1004,9 +1005,10 @@ struct Model {
     scrollback: usize,
     /// The chunk being parsed, if any.
     busy: Option<tokio::task::JoinHandle<()>>,
-    /// Output that came while a chunk was being parsed, parsed together
-    /// next: a flood reaches the parser in pieces large enough that it can
-    /// leave out most of their lines (src/agent/terminal.rs).
+    /// Output not parsed yet, parsed together once it outgrows
+    /// [`MODEL_WAITING`] or a redraw or resize needs it: a flood reaches the
+    /// parser in pieces large enough that it can leave out most of their
+    /// lines (src/agent/terminal.rs).
     waiting: Vec<u8>,
 }
 
@@ -1028,8 +1030,9 @@ const LAZY_RESIZES: usize = 32;
 /// more than parsing it (a keystroke's echo).
 const PARSE_IN_PLACE: usize = 4 * 1024;
 
-/// Output a session holds while its model parses earlier output: 256 KiB.
-/// Beyond it the output waits for the parser.
+/// Output a session holds before its model parses it: 256 KiB. Beyond
+/// it, and while the previous piece is still being parsed, the output waits
+/// for the parser.
 const MODEL_WAITING: usize = 256 * 1024;
 
 impl Early {
@@ -1095,13 +1098,17 @@ impl Model {
     }
 
     async fn feed(&mut self, data: Bytes) {
-        if self.parser.is_none() && self.early.bytes.len() + data.len() <= LAZY_BYTES {
+        if self.parser.is_none()
+            && self.waiting.is_empty()
+            && self.early.bytes.len() + data.len() <= LAZY_BYTES
+        {
             self.early.bytes.extend_from_slice(&data);
             return;
         }
-        if self.busy.as_ref().is_some_and(|job| !job.is_finished())
-            && self.waiting.len() + data.len() <= MODEL_WAITING
-        {
+        // Parsed only once enough has come (or a redraw or a resize needs
+        // it): a flood then reaches the parser in pieces large enough to
+        // leave out most of their lines, and a keystroke's echo costs a copy.
+        if self.waiting.len() + data.len() <= MODEL_WAITING {
             self.waiting.extend_from_slice(&data);
             return;
         }
@@ -1298,9 +1305,11 @@ mod tests {
                 let (rows, cols) = eager.screen().size();
                 assert_eq!((size.rows, size.cols), (rows.get(), cols.get()));
             }
-            // Without a parser while the output and resizes fit.
+            // Without a parser while the output and resizes fit; past them,
+            // with one or with output waiting for it.
             let small = fed <= LAZY_BYTES && (i / 5) < LAZY_RESIZES;
-            assert_eq!(lazy.parser.is_none(), small, "after {i} lines, {fed} bytes");
+            let parsing = lazy.parser.is_some() || !lazy.waiting.is_empty();
+            assert_eq!(parsing, !small, "after {i} lines, {fed} bytes");
         }
         assert!(
             lazy.early.bytes.capacity() == 0,

@@ -271,6 +271,9 @@ fn plain(byte: u8) -> bool {
 /// The parser and what is known of the stream it was fed.
 pub(crate) struct Term {
     parser: vt100::Parser,
+    /// The primary screen's scrollback capacity (the screen shown may be
+    /// the alternate one, which has none).
+    capacity: usize,
     syntax: Syntax,
     /// Bytes left out of floods so far (for tests and curiosity).
     skipped: u64,
@@ -284,6 +287,7 @@ impl Term {
     ) -> Term {
         Term {
             parser: vt100::Parser::new(rows, cols, scrollback),
+            capacity: scrollback,
             syntax: Syntax::new(),
             skipped: 0,
         }
@@ -316,11 +320,15 @@ impl Term {
     /// the scrollback before it is pushed out by `rows + scrollback` of
     /// them (the cursor reaches the bottom in fewer than `rows`, then each
     /// scrolls one row); one more screen and `vt100`'s largest screen
-    /// (150 rows) keep its count of rows ever scrolled past any resize's
-    /// reach, so that growing the screen later pulls back the same rows.
+    /// (150 rows) keep its count of rows ever scrolled past the reach of
+    /// a resize, so that growing the screen later pulls back the same
+    /// (blank) rows. Not of every series of resizes: that count is lower
+    /// by the lines left out, and growing the screen, moving the cursor
+    /// to the top and shrinking it back, many times over, could use it up
+    /// (vt100 offers no way to raise it but scrolling).
     fn margin(&self) -> usize {
         let rows = usize::from(self.parser.screen().size().0.get());
-        self.parser.screen().scrollback_capacity() + 2 * rows + 152
+        self.capacity + 2 * rows + 152
     }
 
     fn parse(&mut self, bytes: &[u8]) {
@@ -379,6 +387,9 @@ fn skippable(bytes: &[u8], start: usize, margin: usize) -> Option<(usize, usize)
 
 fn skippable_in(run: &[u8], margin: usize) -> Option<(usize, usize)> {
     let from = run.windows(2).position(|w| w == b"\r\n")? + 2;
+    // The last character printed (which `CSI b` repeats) must come after
+    // the skip: a flood that ends in blank lines is parsed in full.
+    let last_printed = run.iter().rposition(|&b| (0x20..=0x7e).contains(&b))?;
     // Walk back over `margin` line feeds, then to the nearest CR LF.
     let mut feeds = 0;
     let mut i = run.len();
@@ -387,7 +398,7 @@ fn skippable_in(run: &[u8], margin: usize) -> Option<(usize, usize)> {
         if run[i] == b'\n' {
             if feeds >= margin && i > 0 && run[i - 1] == b'\r' {
                 let to = i + 1;
-                return (to > from).then_some((from, to));
+                return (to > from && to <= last_printed).then_some((from, to));
             }
             feeds += 1;
         }
@@ -527,7 +538,12 @@ mod tests {
         for case in 0..200 {
             let rows = 2 + rng.below(6) as u16;
             let cols = 5 + rng.below(30) as u16;
-            let scrollback = rng.below(12) as usize;
+            // Mostly small, for short floods to matter; sometimes large.
+            let scrollback = if rng.below(4) == 0 {
+                200 + rng.below(300) as usize
+            } else {
+                rng.below(12) as usize
+            };
             let data = stream(&mut rng, rows);
             let mut whole = vt100::Parser::new(nz(rows), nz(cols), scrollback);
             let mut term = Term::new(nz(rows), nz(cols), scrollback);
@@ -594,6 +610,37 @@ mod tests {
         term.feed(&data);
         assert_eq!(state(term.parser_mut()), state(&mut whole));
         assert!(whole.screen().contents().contains("yyyy"));
+    }
+
+    /// Leaving the alternate screen (which has no scrollback) and flooding
+    /// the primary one in the same piece keeps the primary's scrollback.
+    #[test]
+    fn a_flood_after_leaving_the_alternate_screen_keeps_the_scrollback() {
+        let mut data = b"\x1b[?1049l".to_vec();
+        for n in 0..3000 {
+            data.extend_from_slice(format!("{n}\r\n").as_bytes());
+        }
+        let mut whole = vt100::Parser::new(nz(24), nz(80), 2000);
+        let mut term = Term::new(nz(24), nz(80), 2000);
+        whole.process(b"\x1b[?1049h");
+        term.feed(b"\x1b[?1049h");
+        whole.process(&data);
+        term.feed(&data);
+        assert_eq!(state(term.parser_mut()), state(&mut whole));
+    }
+
+    /// `CSI b` repeats the last character printed, which a skip must not
+    /// change: a flood ending in blank lines is not shortened.
+    #[test]
+    fn the_character_to_repeat_is_kept() {
+        let mut data = b"A\r\nB\r\n".to_vec();
+        data.extend(b"\r\n".repeat(400));
+        data.extend_from_slice(b"\x1b[3b");
+        let mut whole = vt100::Parser::new(nz(5), nz(20), 10);
+        let mut term = Term::new(nz(5), nz(20), 10);
+        whole.process(&data);
+        term.feed(&data);
+        assert_eq!(state(term.parser_mut()), state(&mut whole));
     }
 
     #[test]
