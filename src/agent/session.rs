@@ -1083,18 +1083,21 @@ impl Model {
         parser.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Waits until every chunk fed so far is parsed.
-    async fn settle(&mut self) {
+    /// Waits until the piece being parsed, if any, is in the model.
+    async fn finish_piece(&mut self) {
         if let Some(job) = self.busy.take() {
             let _ = job.await;
         }
+    }
+
+    /// Waits until every chunk fed so far is parsed.
+    async fn settle(&mut self) {
         if !self.waiting.is_empty() {
+            self.finish_piece().await;
             let waiting = Bytes::from(std::mem::take(&mut self.waiting));
             self.parse(waiting);
-            if let Some(job) = self.busy.take() {
-                let _ = job.await;
-            }
         }
+        self.finish_piece().await;
     }
 
     async fn feed(&mut self, data: Bytes) {
@@ -1112,9 +1115,7 @@ impl Model {
             self.waiting.extend_from_slice(&data);
             return;
         }
-        if let Some(job) = self.busy.take() {
-            let _ = job.await;
-        }
+        self.finish_piece().await;
         let chunk = if self.waiting.is_empty() {
             data
         } else {
