@@ -21,16 +21,28 @@
 //!
 //! Joining happens in the child between fork and exec (it writes `0` to each
 //! `cgroup.procs`), so not even the first fork of a command escapes.
+//!
+//! Making a cgroup (a directory in each hierarchy, its limits written) is
+//! kernel work a command would wait for before it starts: about a third of
+//! the agent's own time for a short command on a hybrid layout. A few are
+//! therefore made ahead, off the async workers, and a command takes a ready
+//! one; each is still used by one command only and removed after it.
 
 use std::ffi::CString;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 /// Where the cgroup file systems are mounted.
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// How many command cgroups are kept made ahead of need (empty, with their
+/// limits written): enough for a burst of a few commands at once; a command
+/// that finds none makes its own as before.
+pub(crate) const SPARE_CGROUPS: usize = 4;
 
 /// What a hierarchy directory is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,10 +63,30 @@ struct Root {
     role: Role,
 }
 
-/// The agent's cgroup layout, found once at start.
+/// The agent's cgroup layout, found once at start, and the command
+/// cgroups made ahead in it.
 #[derive(Debug)]
 pub(crate) struct Cgroups {
+    layout: Arc<Layout>,
+}
+
+#[derive(Debug)]
+struct Layout {
     roots: Vec<Root>,
+    /// The same for every command: the agent's flags.
+    limits: CgroupLimits,
+    spares: Mutex<Spares>,
+}
+
+#[derive(Debug, Default)]
+struct Spares {
+    /// At most [`SPARE_CGROUPS`], never joined by any process.
+    ready: Vec<CommandCgroup>,
+    /// A job making more is under way (at most one at a time).
+    refilling: bool,
+    /// The agent is stopping: nothing more is made, and what a job still
+    /// makes is removed at once.
+    closed: bool,
 }
 
 /// Limits written into each command's cgroup (0 = none).
@@ -69,9 +101,10 @@ pub(crate) struct CgroupLimits {
 static NEXT_CGROUP: AtomicU64 = AtomicU64::new(1);
 
 impl Cgroups {
-    /// Finds (and prepares) the cgroups this agent may use; `None` when it
-    /// can use none, so that the caller falls back.
-    pub(crate) fn detect() -> Option<Cgroups> {
+    /// Finds (and prepares) the cgroups this agent may use, for commands
+    /// with these limits; `None` when it can use none, so that the caller
+    /// falls back.
+    pub(crate) fn detect(limits: CgroupLimits) -> Option<Cgroups> {
         let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
         let pid = std::process::id();
         let mut roots = Vec::new();
@@ -127,12 +160,19 @@ impl Cgroups {
             }
             return None;
         }
-        Some(Cgroups { roots })
+        Some(Cgroups {
+            layout: Arc::new(Layout {
+                roots,
+                limits,
+                spares: Mutex::default(),
+            }),
+        })
     }
 
     /// A one-line description for the agent's start-up log.
     pub(crate) fn describe(&self) -> String {
         let parts: Vec<String> = self
+            .layout
             .roots
             .iter()
             .map(|r| match r.role {
@@ -151,24 +191,92 @@ impl Cgroups {
 
     /// Whether a process limit is enforced by the cgroups.
     pub(crate) fn limits_procs(&self) -> bool {
-        self.roots
+        self.layout
+            .roots
             .iter()
             .any(|r| matches!(r.role, Role::V2 { pids: true, .. } | Role::V1Pids))
     }
 
     /// Whether a memory limit is enforced by the cgroups.
     pub(crate) fn limits_memory(&self) -> bool {
-        self.roots
+        self.layout
+            .roots
             .iter()
             .any(|r| matches!(r.role, Role::V2 { memory: true, .. } | Role::V1Memory))
     }
 
+    /// A fresh cgroup for one command, with its limits written: one made
+    /// ahead when there is one, else made now. More are made after a
+    /// command's cgroup is removed, on the same blocking thread, so that
+    /// the making never competes with a command that is starting.
+    pub(crate) fn create(&self) -> io::Result<CommandCgroup> {
+        let spare = self.layout.lock().ready.pop();
+        match spare {
+            Some(made) => Ok(made),
+            None => self.layout.make(),
+        }
+    }
+
+    /// How many cgroups wait made ahead (for the tests).
+    #[cfg(test)]
+    fn spare_count(&self) -> usize {
+        self.layout.lock().ready.len()
+    }
+}
+
+impl Layout {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Spares> {
+        self.spares.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Makes cgroups until [`SPARE_CGROUPS`] are ready, unless another
+    /// thread is at it. A failure (the host's cgroup limit, say) stops it
+    /// quietly: the next command makes its own and reports the error.
+    fn refill(self: &Arc<Self>) {
+        {
+            let mut spares = self.lock();
+            if spares.refilling || spares.closed {
+                return;
+            }
+            spares.refilling = true;
+        }
+        loop {
+            {
+                let mut spares = self.lock();
+                if spares.closed || spares.ready.len() >= SPARE_CGROUPS {
+                    spares.refilling = false;
+                    return;
+                }
+            }
+            let made = match self.make() {
+                Ok(made) => made,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot make a command cgroup ahead");
+                    self.lock().refilling = false;
+                    return;
+                }
+            };
+            let mut spares = self.lock();
+            if spares.closed {
+                spares.refilling = false;
+                drop(spares);
+                made.remove_unused();
+                return;
+            }
+            spares.ready.push(made);
+        }
+    }
+
     /// Makes a fresh cgroup for one command, with its limits written.
-    pub(crate) fn create(&self, limits: CgroupLimits) -> io::Result<CommandCgroup> {
+    fn make(self: &Arc<Self>) -> io::Result<CommandCgroup> {
+        let limits = self.limits;
         let n = NEXT_CGROUP.fetch_add(1, Ordering::Relaxed);
         let mut made = CommandCgroup {
             dirs: Vec::new(),
             join: Vec::new(),
+            // Set once it is whole: a half-made cgroup's removal must not
+            // start making more (which could fail the same way, again).
+            layout: Weak::new(),
         };
         for root in &self.roots {
             let dir = root.dir.join(format!("cmd-{n}"));
@@ -200,6 +308,7 @@ impl Cgroups {
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
             made.join.push(procs);
         }
+        made.layout = Arc::downgrade(self);
         Ok(made)
     }
 }
@@ -239,6 +348,8 @@ pub(crate) struct CommandCgroup {
     /// The `cgroup.procs` files the child writes itself into, as C strings
     /// made before the fork (nothing may allocate between fork and exec).
     join: Vec<CString>,
+    /// Where to make the next spare once this one is removed.
+    layout: Weak<Layout>,
 }
 
 impl CommandCgroup {
@@ -279,6 +390,16 @@ impl CommandCgroup {
     pub(crate) fn kill(&self) {
         kill_all(&self.dirs);
     }
+
+    /// Removes the directories of a cgroup no process ever joined, now
+    /// (they are empty), rather than on a blocking thread as a drop does.
+    fn remove_unused(mut self) {
+        for (dir, _) in std::mem::take(&mut self.dirs) {
+            if let Err(e) = std::fs::remove_dir(&dir) {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a spare cgroup");
+            }
+        }
+    }
 }
 
 fn kill_all(dirs: &[(PathBuf, Role)]) {
@@ -309,12 +430,14 @@ fn kill_all(dirs: &[(PathBuf, Role)]) {
 impl Drop for CommandCgroup {
     /// Kills what is left and removes the directories once they are empty
     /// (killed processes leave their cgroup as they exit, a moment later),
-    /// on a blocking thread: it may wait a little.
+    /// on a blocking thread: it may wait a little. Then, on that thread,
+    /// cgroups are made ahead for the commands to come.
     fn drop(&mut self) {
         let dirs = std::mem::take(&mut self.dirs);
         if dirs.is_empty() {
             return;
         }
+        let layout = std::mem::take(&mut self.layout);
         let work = move || {
             kill_all(&dirs);
             for _ in 0..250 {
@@ -327,6 +450,9 @@ impl Drop for CommandCgroup {
                 if let Err(e) = std::fs::remove_dir(dir) {
                     tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a command's cgroup");
                 }
+            }
+            if let Some(layout) = layout.upgrade() {
+                layout.refill();
             }
         };
         match tokio::runtime::Handle::try_current() {
@@ -378,11 +504,111 @@ fn members(dir: &Path) -> Vec<i32> {
 }
 
 impl Drop for Cgroups {
-    /// The agent's own directories go when it stops (its commands' are
-    /// gone by then).
+    /// The agent's own directories go when it stops, with the cgroups made
+    /// ahead (its commands' are gone by then). A job still making one
+    /// removes it itself, and the directory it was in stays behind until
+    /// the next agent's start removes it as stale.
     fn drop(&mut self) {
-        for r in &self.roots {
+        let ready = {
+            let mut spares = self.layout.lock();
+            spares.closed = true;
+            std::mem::take(&mut spares.ready)
+        };
+        for made in ready {
+            made.remove_unused();
+        }
+        for r in &self.layout.roots {
             let _ = std::fs::remove_dir(&r.dir);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The directories of one command cgroup.
+    fn dirs(made: &CommandCgroup) -> Vec<PathBuf> {
+        made.dirs.iter().map(|(dir, _)| dir.clone()).collect()
+    }
+
+    /// Waits (bounded) until `done` holds, checking every few milliseconds.
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        for _ in 0..2000 {
+            if done() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("not within 10 s: {what}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cgroups_made_ahead_are_fresh_limited_and_removed_with_the_agent() {
+        let limits = CgroupLimits {
+            max_procs: 77,
+            max_memory: 96 << 20,
+        };
+        let Some(cgroups) = Cgroups::detect(limits) else {
+            eprintln!("SKIPPED: no writable cgroups here");
+            return;
+        };
+        // None is made ahead before a command's cgroup is removed.
+        let first = cgroups.create().expect("a command cgroup");
+        let first_dirs = dirs(&first);
+        assert_eq!(cgroups.spare_count(), 0);
+        drop(first);
+        until("the spares are made", || {
+            cgroups.spare_count() == SPARE_CGROUPS
+        })
+        .await;
+        assert!(first_dirs.iter().all(|dir| !dir.exists()));
+        let spare_dirs: Vec<PathBuf> = {
+            let spares = cgroups.layout.lock();
+            spares.ready.iter().flat_map(dirs).collect()
+        };
+        // Taking more than are ready: each command still gets a cgroup of
+        // its own, made ahead or made now, with the agent's limits.
+        let mut taken = Vec::new();
+        for _ in 0..SPARE_CGROUPS + 2 {
+            taken.push(cgroups.create().expect("a command cgroup"));
+        }
+        let mut all: Vec<PathBuf> = taken.iter().flat_map(dirs).collect();
+        let count = all.len();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), count, "two commands were given one cgroup");
+        for made in &taken {
+            for (dir, role) in &made.dirs {
+                assert!(members(dir).is_empty(), "{} is not fresh", dir.display());
+                let pids = match role {
+                    Role::V2 { pids: true, .. } | Role::V1Pids => dir.join("pids.max"),
+                    _ => continue,
+                };
+                let max = std::fs::read_to_string(&pids).unwrap_or_default();
+                assert_eq!(max.trim(), "77", "{}", pids.display());
+            }
+        }
+        assert_eq!(cgroups.spare_count(), 0);
+        drop(taken.pop());
+        // The agent stops: the cgroups it made ahead go with it, now.
+        until("the spares are made again", || {
+            cgroups.spare_count() == SPARE_CGROUPS
+        })
+        .await;
+        let waiting: Vec<PathBuf> = {
+            let spares = cgroups.layout.lock();
+            spares.ready.iter().flat_map(dirs).collect()
+        };
+        drop(cgroups);
+        for dir in &waiting {
+            assert!(!dir.exists(), "{} is left behind", dir.display());
+        }
+        // Those commands used are removed after them, as before.
+        drop(taken);
+        until("the used cgroups are removed", || {
+            spare_dirs.iter().all(|dir| !dir.exists())
+        })
+        .await;
     }
 }

@@ -153,7 +153,10 @@ impl ExecPolicy {
     ) -> Result<ExecPolicy, SandboxError> {
         let run_as = RunAs::resolve(run_as)?;
         let cgroups = match cgroups {
-            CgroupMode::Auto => Cgroups::detect(),
+            CgroupMode::Auto => Cgroups::detect(CgroupLimits {
+                max_procs: limits.max_procs,
+                max_memory: limits.max_memory,
+            }),
             CgroupMode::Off => None,
         };
         let mut limits = limits;
@@ -215,10 +218,7 @@ impl ExecPolicy {
             env.push(("TERM".into(), "xterm-256color".into()));
         }
         let cgroup = match &self.cgroups {
-            Some(c) => Some(Arc::new(c.create(CgroupLimits {
-                max_procs: self.limits.max_procs,
-                max_memory: self.limits.max_memory,
-            })?)),
+            Some(c) => Some(Arc::new(c.create()?)),
             None => None,
         };
         let mark = if cgroup.is_none() {
