@@ -590,6 +590,33 @@ async fn latency(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bool)
             into.push(t.elapsed());
         }
     }
+    // People pause between commands. After 100 ms of quiet, alternating:
+    // a bare spawn, then a REST `true` (each after its own pause).
+    let quiet = Duration::from_millis(100);
+    let (mut spawn_quiet, mut rest_quiet) = (Vec::new(), Vec::new());
+    for _ in 0..(k / 6).max(5) {
+        tokio::time::sleep(quiet).await;
+        let t = Instant::now();
+        let st = tokio::process::Command::new("sh")
+            .args(["-c", "true"])
+            .status()
+            .await
+            .unwrap();
+        assert!(st.success());
+        spawn_quiet.push(t.elapsed());
+        tokio::time::sleep(quiet).await;
+        let t = Instant::now();
+        let resp = client
+            .post(s.server.url("/api/v1/exec"))
+            .bearer_auth(&s.server.token)
+            .json(&json!({"command": "true"}))
+            .send()
+            .await
+            .unwrap();
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["exit_code"], 0);
+        rest_quiet.push(t.elapsed());
+    }
     // Alternating between the recorded console and one with `--audit off`.
     let mut ws = console(s).await;
     let off_cookie = s.unaudited.admin_cookie().await;
@@ -625,6 +652,18 @@ async fn latency(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bool)
         let (m, n) = p(v);
         let _ = writeln!(out, "| {name} | {m:.2} | {n:.2} | {:+.2} ms |", m - s50);
     }
+    let (q50, q99) = p(&spawn_quiet);
+    let (rq50, rq99) = p(&rest_quiet);
+    let _ = writeln!(
+        out,
+        "| (e) spawn `sh -c true` after 100 ms of quiet ({} samples; its own baseline) | {q50:.2} | {q99:.2} | – |",
+        spawn_quiet.len()
+    );
+    let _ = writeln!(
+        out,
+        "| (f) `POST /api/v1/exec` `true` after 100 ms of quiet (audited) | {rq50:.2} | {rq99:.2} | {:+.2} ms over (e) |",
+        rq50 - q50
+    );
     out.push('\n');
     let (r50, _) = p(&rest);
     let (off50, _) = p(&rest_off);
@@ -643,6 +682,13 @@ async fn latency(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bool)
                 r50 - s50
             ),
             r50 - s50 <= 2.0,
+        ),
+        (
+            format!(
+                "REST `true` after 100 ms of quiet within 2 ms of a bare spawn after the same quiet: {:+.2} ms",
+                rq50 - q50
+            ),
+            rq50 - q50 <= 2.0,
         ),
         (format!("keystroke echo p99 < 5 ms: {k99:.2} ms"), k99 < 5.0),
     ]

@@ -437,6 +437,63 @@ async fn a_process_that_leaves_its_session_dies_with_its_command() {
     }
 }
 
+/// Every command starts inside its own cgroup in each hierarchy the agent
+/// uses (the v2 one by `CLONE_INTO_CGROUP`, v1 ones by their `tasks`
+/// file), with pipes and in a terminal, as root or as another user.
+#[tokio::test]
+async fn every_command_starts_in_its_own_cgroup_in_every_hierarchy() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root (cgroups)");
+        return;
+    }
+    for extra in [vec![], vec!["--run-as", "nobody"]] {
+        let agent = start_agent(&extra);
+        let link = AgentLink::connect(agent.addr, &agent.key).await.unwrap();
+        let mut seen = std::collections::HashSet::new();
+        for pty in [
+            None,
+            Some(PtySize {
+                cols: 200,
+                rows: 24,
+            }),
+        ] {
+            let req = ExecRequest {
+                cmd: Some("cat /proc/self/cgroup; sh -c 'cat /proc/self/cgroup'".into()),
+                pty,
+                ..Default::default()
+            };
+            let (out, _, exit) = link.exec(req).await.unwrap().collect().await;
+            assert!(matches!(exit, Event::Exit(_)), "{exit:?}");
+            let out = String::from_utf8(out).unwrap().replace('\r', "");
+            // "ID:CONTROLLERS:PATH", for the command and for its child.
+            let mut cmds = Vec::new();
+            for line in out.lines() {
+                let mut parts = line.splitn(3, ':');
+                let (Some(_), Some(controllers), Some(path)) =
+                    (parts.next(), parts.next(), parts.next())
+                else {
+                    panic!("not a cgroup line: {line:?} in {out}");
+                };
+                let ours = controllers.is_empty()
+                    || controllers.split(',').any(|c| c == "pids" || c == "memory");
+                if !ours {
+                    continue;
+                }
+                let Some((_, cmd)) = path.rsplit_once("/cmd-") else {
+                    panic!("{controllers:?} is not the command's own cgroup: {path} ({extra:?})");
+                };
+                cmds.push(cmd.to_owned());
+            }
+            assert!(cmds.len() >= 2, "no cgroup lines: {out}");
+            assert!(
+                cmds.iter().all(|c| *c == cmds[0]),
+                "one command in several cgroups: {out}"
+            );
+            assert!(seen.insert(cmds[0].clone()), "two commands shared a cgroup");
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_fork_bomb_meets_its_limit_and_the_agent_lives_on() {
     if !is_root() {

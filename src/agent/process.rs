@@ -296,16 +296,21 @@ fn start(
     prepared: &Prepared,
     what: &str,
 ) -> Result<(ChildProcess, ProcessGroup), SpawnError> {
-    let setup = || {
+    let setup = |in_cgroup: bool| {
         // SAFETY: in the child before exec; these make only system calls
         // on data built before the clone.
         unsafe {
-            prepared.enter()?;
+            prepared.enter(in_cgroup)?;
             prepared.drop_privileges()?;
         }
         die_with_agent()
     };
-    let child = spawn::launch(cmd, stdio, leader, &setup).map_err(|e| spawn_error(&e, what))?;
+    // The clone puts the child into its v2 cgroup where it can; the
+    // directory is open only until then.
+    let into = prepared.cgroup.as_ref().and_then(|cg| cg.open_v2());
+    let child = spawn::launch(cmd, stdio, leader, into.as_ref(), &setup)
+        .map_err(|e| spawn_error(&e, what))?;
+    drop(into);
     let group = ProcessGroup {
         pgid: child.id().map(|id| Pid::from_raw(id as i32)),
         session: leader == Leader::Session,

@@ -332,15 +332,18 @@ pub(crate) struct Prepared {
 }
 
 impl Prepared {
-    /// Joins the cgroup and sets the rlimits. Between fork and exec, before
-    /// the credentials change (a cgroup is joined as the agent's user).
+    /// Joins the cgroup (its v2 hierarchy only if `in_cgroup` says the
+    /// clone did not already) and sets the rlimits. Between clone and exec,
+    /// before the credentials change (a cgroup is joined as the agent's
+    /// user).
     ///
     /// # Safety
     /// Call only in the child [`super::spawn::launch`] starts, before exec.
-    pub(crate) unsafe fn enter(&self) -> io::Result<()> {
+    pub(crate) unsafe fn enter(&self, in_cgroup: bool) -> io::Result<()> {
         if let Some(cg) = &self.cgroup {
-            // SAFETY: forwarded from this function's contract.
-            unsafe { cg.join_from_child()? };
+            // SAFETY: forwarded from this function's contract (the child
+            // has one thread).
+            unsafe { cg.join_from_child(in_cgroup)? };
         }
         for &(resource, soft, hard) in &self.rlimits {
             let lim = libc::rlimit {

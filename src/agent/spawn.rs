@@ -28,7 +28,7 @@ use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use tokio::io::unix::AsyncFd;
@@ -124,7 +124,11 @@ struct ChildPlan<'a> {
     cwd: Option<CString>,
     stdio: [RawFd; 3],
     leader: Leader,
-    setup: &'a dyn Fn() -> io::Result<()>,
+    /// Runs in the child just before exec; told whether the clone put the
+    /// child into its v2 cgroup already.
+    setup: &'a dyn Fn(bool) -> io::Result<()>,
+    /// The child was cloned into its v2 cgroup (set before each clone).
+    in_cgroup: AtomicBool,
     /// Set by the child, read once it has exec'd or exited: why it could
     /// not start the command (an errno), or 0.
     error: AtomicI32,
@@ -165,7 +169,10 @@ fn candidates(program: &OsStr, path: Option<&OsStr>) -> io::Result<Vec<CString>>
 }
 
 /// Starts `launch` with `stdio` as its descriptors 0, 1 and 2, leading
-/// `leader`, after `setup` has run in the child (just before exec).
+/// `leader`, after `setup` has run in the child (just before exec). With
+/// `into_cgroup` (a v2 cgroup directory), the child starts in that cgroup
+/// where the kernel can do so (`clone3` with `CLONE_INTO_CGROUP`, Linux
+/// 5.7, x86_64 here), and `setup` is told whether it did.
 ///
 /// `setup` runs in the child, in memory shared with the agent: it may only
 /// make async-signal-safe calls that do not allocate, and report errors
@@ -174,7 +181,8 @@ pub(crate) fn launch(
     launch: &Launch,
     stdio: [RawFd; 3],
     leader: Leader,
-    setup: &dyn Fn() -> io::Result<()>,
+    into_cgroup: Option<&OwnedFd>,
+    setup: &dyn Fn(bool) -> io::Result<()>,
 ) -> io::Result<ChildProcess> {
     let argv: Vec<CString> = launch
         .argv
@@ -227,6 +235,7 @@ pub(crate) fn launch(
         stdio,
         leader,
         setup,
+        in_cgroup: AtomicBool::new(false),
         error: AtomicI32::new(0),
     };
     // Children are reaped by pid: an inherited SIGCHLD set to "ignore"
@@ -261,12 +270,21 @@ pub(crate) fn launch(
             &mut old as *mut u64,
             8usize,
         );
-        let pid = libc::clone(
-            child_main,
-            stack.top(),
-            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
-            &plan as *const ChildPlan as *mut c_void,
-        );
+        let arg = &plan as *const ChildPlan as *mut c_void;
+        let mut pid = into_cgroup.map_or(-1, |dir| {
+            plan.in_cgroup.store(true, Ordering::Relaxed);
+            let pid = clone_into_cgroup(&stack, dir, arg);
+            plan.in_cgroup.store(pid > 0, Ordering::Relaxed);
+            pid
+        });
+        if pid <= 0 {
+            pid = libc::clone(
+                child_main,
+                stack.top(),
+                libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+                arg,
+            );
+        }
         let err = io::Error::last_os_error();
         libc::syscall(
             libc::SYS_rt_sigprocmask,
@@ -291,6 +309,105 @@ pub(crate) fn launch(
         return Err(io::Error::from_raw_os_error(errno));
     }
     ChildProcess::new(pid)
+}
+
+/// `clone3` is missing (Linux before 5.3, or a seccomp filter that
+/// refuses it, as container runtimes' default ones do) or knows no
+/// `CLONE_INTO_CGROUP` (before 5.7): not tried again.
+static NO_CLONE3: AtomicBool = AtomicBool::new(false);
+
+/// `clone_args` of `clone3(2)`, up to its `cgroup` field (`CLONE_ARGS_SIZE_VER2`).
+#[repr(C)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// Clones the child as `libc::clone` does (`CLONE_VM | CLONE_VFORK`, on
+/// `stack`, running [`child_main`] with `arg`), straight into the v2
+/// cgroup `dir`. Returns the child's pid, or -1 when the kernel could not
+/// (the caller then clones the usual way and the child joins by itself).
+///
+/// glibc has no wrapper for `clone3` that runs a function on a new stack,
+/// so the system call is made here: the child starts at the instruction
+/// after it, on the new stack, and calls `child_main` (which never
+/// returns; an exit follows all the same).
+///
+/// # Safety
+/// As for `libc::clone` with these flags: every signal blocked, `arg`
+/// alive and `stack` unused until the child has exec'd or exited.
+#[cfg(target_arch = "x86_64")]
+unsafe fn clone_into_cgroup(stack: &ChildStack, dir: &OwnedFd, arg: *mut c_void) -> c_int {
+    use std::os::fd::AsRawFd;
+    if NO_CLONE3.load(Ordering::Relaxed) {
+        return -1;
+    }
+    let args = CloneArgs {
+        flags: (libc::CLONE_VM | libc::CLONE_VFORK) as u64 | CLONE_INTO_CGROUP,
+        pidfd: 0,
+        child_tid: 0,
+        parent_tid: 0,
+        exit_signal: libc::SIGCHLD as u64,
+        // The lowest address of the area; the child's stack pointer starts
+        // at its end (16-byte aligned: the mapping is page-aligned).
+        stack: stack.base as u64,
+        stack_size: stack.len as u64,
+        tls: 0,
+        set_tid: 0,
+        set_tid_size: 0,
+        cgroup: dir.as_raw_fd() as u64,
+    };
+    let entry: extern "C" fn(*mut c_void) -> c_int = child_main;
+    let ret: i64;
+    // SAFETY: the system call reads `args`; in the parent it returns like
+    // any other (rcx and r11 clobbered). The child has the parent's
+    // registers on its own stack: r12 and r13 (kept across system calls)
+    // carry the argument and the function, called with the ABI's stack
+    // alignment; it never returns to Rust code here.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            "test rax, rax",
+            "jnz 2f",
+            "xor ebp, ebp",
+            "mov rdi, r12",
+            "call r13",
+            "mov edi, eax",
+            "mov eax, {exit}",
+            "syscall",
+            "ud2",
+            "2:",
+            exit = const libc::SYS_exit,
+            inlateout("rax") libc::SYS_clone3 => ret,
+            in("rdi") &args as *const CloneArgs,
+            in("rsi") std::mem::size_of::<CloneArgs>(),
+            in("r12") arg,
+            in("r13") entry,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    if [libc::ENOSYS, libc::E2BIG, libc::EINVAL].contains(&(-ret as c_int)) {
+        NO_CLONE3.store(true, Ordering::Relaxed);
+    }
+    if ret > 0 { ret as c_int } else { -1 }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn clone_into_cgroup(_: &ChildStack, _: &OwnedFd, _: *mut c_void) -> c_int {
+    -1
 }
 
 /// The child's side: returns only to exit with what went wrong.
@@ -370,7 +487,7 @@ unsafe fn child_steps(plan: &ChildPlan) -> i32 {
         {
             return errno();
         }
-        if let Err(e) = (plan.setup)() {
+        if let Err(e) = (plan.setup)(plan.in_cgroup.load(Ordering::Relaxed)) {
             return e.raw_os_error().unwrap_or(libc::EINVAL);
         }
         let mut denied = false;
