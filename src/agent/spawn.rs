@@ -314,9 +314,11 @@ pub(crate) fn launch(
 /// `clone3` is missing (Linux before 5.3, or a seccomp filter that
 /// refuses it, as container runtimes' default ones do) or knows no
 /// `CLONE_INTO_CGROUP` (before 5.7): not tried again.
+#[cfg(all(target_arch = "x86_64", target_pointer_width = "64"))]
 static NO_CLONE3: AtomicBool = AtomicBool::new(false);
 
 /// `clone_args` of `clone3(2)`, up to its `cgroup` field (`CLONE_ARGS_SIZE_VER2`).
+#[cfg(all(target_arch = "x86_64", target_pointer_width = "64"))]
 #[repr(C)]
 struct CloneArgs {
     flags: u64,
@@ -332,6 +334,7 @@ struct CloneArgs {
     cgroup: u64,
 }
 
+#[cfg(all(target_arch = "x86_64", target_pointer_width = "64"))]
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
 /// Clones the child as `libc::clone` does (`CLONE_VM | CLONE_VFORK`, on
@@ -347,7 +350,7 @@ const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 /// # Safety
 /// As for `libc::clone` with these flags: every signal blocked, `arg`
 /// alive and `stack` unused until the child has exec'd or exited.
-#[cfg(target_arch = "x86_64")]
+#[cfg(all(target_arch = "x86_64", target_pointer_width = "64"))]
 unsafe fn clone_into_cgroup(stack: &ChildStack, dir: &OwnedFd, arg: *mut c_void) -> c_int {
     use std::os::fd::AsRawFd;
     if NO_CLONE3.load(Ordering::Relaxed) {
@@ -399,13 +402,15 @@ unsafe fn clone_into_cgroup(stack: &ChildStack, dir: &OwnedFd, arg: *mut c_void)
             options(nostack),
         );
     }
-    if [libc::ENOSYS, libc::E2BIG, libc::EINVAL].contains(&(-ret as c_int)) {
+    // EPERM: older seccomp profiles of container runtimes (a cgroup the
+    // agent may not enter gives EACCES or ENOENT, tried again next time).
+    if [libc::ENOSYS, libc::E2BIG, libc::EINVAL, libc::EPERM].contains(&(-ret as c_int)) {
         NO_CLONE3.store(true, Ordering::Relaxed);
     }
     if ret > 0 { ret as c_int } else { -1 }
 }
 
-#[cfg(not(target_arch = "x86_64"))]
+#[cfg(not(all(target_arch = "x86_64", target_pointer_width = "64")))]
 unsafe fn clone_into_cgroup(_: &ChildStack, _: &OwnedFd, _: *mut c_void) -> c_int {
     -1
 }
@@ -770,5 +775,71 @@ fn abandon(pid: libc::pid_t) {
     unsafe {
         libc::kill(pid, libc::SIGKILL);
         libc::waitpid(pid, std::ptr::null_mut(), 0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    /// Runs `cat /proc/self/cgroup` asking for `into_cgroup`; returns what
+    /// the child's set-up was told (whether it was cloned into it) and
+    /// what the command printed.
+    async fn run_in(into_cgroup: Option<&OwnedFd>) -> (bool, String) {
+        let told = AtomicBool::new(false);
+        // The child shares this memory until it execs (CLONE_VM), so what
+        // it stores here is what the parent reads after.
+        let setup = |in_cgroup: bool| {
+            told.store(in_cgroup, Ordering::Relaxed);
+            Ok(())
+        };
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let mut cmd = Launch::new("/bin/cat");
+        cmd.arg("/proc/self/cgroup");
+        let stdio = [null.as_raw_fd(), write.as_raw_fd(), write.as_raw_fd()];
+        let mut child = launch(&cmd, stdio, Leader::Group, into_cgroup, &setup).expect("started");
+        drop(write);
+        let status = child.wait().await.unwrap();
+        assert!(status.success(), "{status:?}");
+        let out = std::io::read_to_string(std::fs::File::from(read)).unwrap();
+        (told.load(Ordering::Relaxed), out)
+    }
+
+    #[tokio::test]
+    async fn the_child_is_told_whether_the_clone_put_it_into_its_cgroup() {
+        // A v2 cgroup (where the agent can make one): the child starts in
+        // it, and is told so.
+        let limits = crate::agent::cgroup::CgroupLimits {
+            max_procs: 0,
+            max_memory: 0,
+        };
+        let cgroups = crate::agent::cgroup::Cgroups::detect(limits);
+        let made = cgroups.as_ref().map(|c| c.create().unwrap());
+        match made.as_ref().and_then(|m| m.open_v2()) {
+            Some(dir) => {
+                let (told, out) = run_in(Some(&dir)).await;
+                let v2 = out
+                    .lines()
+                    .find(|l| l.starts_with("0::"))
+                    .unwrap_or_default();
+                if told {
+                    assert!(v2.contains("/cmd-"), "told so, but it is in {v2:?}");
+                } else {
+                    // A kernel or filter without clone3: the fallback.
+                    eprintln!("clone3 with CLONE_INTO_CGROUP is not available here");
+                    assert!(!v2.contains("/cmd-"), "joined without being told: {v2:?}");
+                }
+            }
+            None => eprintln!("SKIPPED (half): no writable v2 cgroup here"),
+        }
+        // Not a cgroup: the clone into it fails, the usual clone runs, and
+        // the child is told to join by itself.
+        let root = std::fs::File::open("/").map(OwnedFd::from).unwrap();
+        let (told, out) = run_in(Some(&root)).await;
+        assert!(!told, "told it was cloned into a cgroup: {out}");
+        let (told, _) = run_in(None).await;
+        assert!(!told);
     }
 }
