@@ -134,6 +134,10 @@ pub(super) struct Source<R> {
 /// buffer: 4 KiB (a terminal hands out at most about that much at once).
 const IDLE_READ: usize = 4 * 1024;
 
+/// What an idle read waits with, in the task itself: 64 bytes (a
+/// keystroke's echo, a short prompt).
+const IDLE_FIRST: usize = 64;
+
 impl<R: AsyncRead + Unpin> Source<R> {
     pub(super) fn new(reader: Option<R>) -> Self {
         Source {
@@ -146,15 +150,30 @@ impl<R: AsyncRead + Unpin> Source<R> {
     /// Reads up to `limit` bytes; `None` once the stream is at its end.
     pub(super) async fn read(&mut self, limit: usize) -> Option<Bytes> {
         let reader = self.reader.as_mut()?;
-        self.buf.clear();
-        // The buffer is held while the read waits: an idle stream (a
-        // shell at its prompt) waits with a small one, a stream that filled
-        // its last buffer with a full one (no extra read per frame).
-        self.buf.reserve(limit.min(self.next_reserve));
-        let result = (&mut *reader)
-            .take(limit as u64)
-            .read_buf(&mut self.buf)
-            .await;
+        let idle = self.next_reserve < READ_CHUNK;
+        let result = if idle {
+            // An idle stream (a shell at its prompt, a command that prints
+            // now and then) waits with no buffer of its own: a few bytes in
+            // the task, and a buffer once something came. Thousands of idle
+            // shells held 4 KiB each here.
+            let mut first = [0u8; IDLE_FIRST];
+            let want = limit.min(IDLE_FIRST);
+            let got = reader.read(&mut first[..want]).await;
+            if let Ok(n) = got {
+                self.buf = BytesMut::with_capacity(limit.min(IDLE_READ).max(n));
+                self.buf.extend_from_slice(&first[..n]);
+            }
+            got
+        } else {
+            self.buf.clear();
+            // A stream that filled its last buffer waits with a full one
+            // (no extra read per frame).
+            self.buf.reserve(limit.min(self.next_reserve));
+            (&mut *reader)
+                .take(limit as u64)
+                .read_buf(&mut self.buf)
+                .await
+        };
         match result {
             Ok(n) if n > 0 => {}
             _ => {
@@ -182,7 +201,12 @@ impl<R: AsyncRead + Unpin> Source<R> {
         } else {
             IDLE_READ
         };
-        Some(self.buf.split().freeze())
+        if self.next_reserve < READ_CHUNK {
+            // Idle next: nothing of this buffer is kept while waiting.
+            Some(std::mem::take(&mut self.buf).freeze())
+        } else {
+            Some(self.buf.split().freeze())
+        }
     }
 
     pub(super) fn open(&self) -> bool {
@@ -567,6 +591,26 @@ mod tests {
             owed: 0,
         };
         (q, reader)
+    }
+
+    #[tokio::test]
+    async fn an_idle_stream_waits_without_a_buffer_and_a_flood_comes_whole() {
+        let (mut writer, reader) = tokio::io::duplex(256 * 1024);
+        let mut source = Source::new(Some(reader));
+        writer.write_all(b"$ ").await.unwrap();
+        assert_eq!(source.read(READ_CHUNK).await.as_deref(), Some(&b"$ "[..]));
+        assert_eq!(source.buf.capacity(), 0, "an idle read keeps a buffer");
+        // More than the first read takes at once, and more than a chunk:
+        // nothing lost, nothing reordered, no frame over the limit.
+        let flood: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        writer.write_all(&flood).await.unwrap();
+        drop(writer);
+        let mut got = Vec::new();
+        while let Some(piece) = source.read(READ_CHUNK).await {
+            assert!(piece.len() <= READ_CHUNK);
+            got.extend_from_slice(&piece);
+        }
+        assert_eq!(got, flood);
     }
 
     #[tokio::test]
