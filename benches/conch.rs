@@ -558,18 +558,38 @@ fn raw_pty(cmd: &str) -> u64 {
     got
 }
 
+/// How long a bare `sh -c true` takes to start and finish.
+async fn time_spawn() -> Duration {
+    let t = Instant::now();
+    let st = tokio::process::Command::new("sh")
+        .args(["-c", "true"])
+        .status()
+        .await
+        .unwrap();
+    assert!(st.success());
+    t.elapsed()
+}
+
+/// How long `POST /api/v1/exec` of `true` takes to its whole answer.
+async fn time_rest_true(client: &reqwest::Client, server: &common::Server) -> Duration {
+    let t = Instant::now();
+    let resp = client
+        .post(server.url("/api/v1/exec"))
+        .bearer_auth(&server.token)
+        .json(&json!({"command": "true"}))
+        .send()
+        .await
+        .unwrap();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["exit_code"], 0);
+    t.elapsed()
+}
+
 async fn latency(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bool)> {
     let k = plan.latency_samples;
     let mut spawn = Vec::with_capacity(k);
     for _ in 0..k {
-        let t = Instant::now();
-        let st = tokio::process::Command::new("sh")
-            .args(["-c", "true"])
-            .status()
-            .await
-            .unwrap();
-        assert!(st.success());
-        spawn.push(t.elapsed());
+        spawn.push(time_spawn().await);
     }
     let client = reqwest::Client::new();
     let (mut rest, mut rest_off) = (Vec::with_capacity(k), Vec::with_capacity(k));
@@ -577,17 +597,7 @@ async fn latency(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bool)
     // the same without auditing, so that both see the same machine.
     for _ in 0..k {
         for (server, into) in [(&s.server, &mut rest), (&s.unaudited, &mut rest_off)] {
-            let t = Instant::now();
-            let resp = client
-                .post(server.url("/api/v1/exec"))
-                .bearer_auth(&server.token)
-                .json(&json!({"command": "true"}))
-                .send()
-                .await
-                .unwrap();
-            let body: Value = resp.json().await.unwrap();
-            assert_eq!(body["exit_code"], 0);
-            into.push(t.elapsed());
+            into.push(time_rest_true(&client, server).await);
         }
     }
     // People pause between commands. After 100 ms of quiet, alternating:
@@ -596,26 +606,9 @@ async fn latency(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bool)
     let (mut spawn_quiet, mut rest_quiet) = (Vec::new(), Vec::new());
     for _ in 0..(k / 6).max(5) {
         tokio::time::sleep(quiet).await;
-        let t = Instant::now();
-        let st = tokio::process::Command::new("sh")
-            .args(["-c", "true"])
-            .status()
-            .await
-            .unwrap();
-        assert!(st.success());
-        spawn_quiet.push(t.elapsed());
+        spawn_quiet.push(time_spawn().await);
         tokio::time::sleep(quiet).await;
-        let t = Instant::now();
-        let resp = client
-            .post(s.server.url("/api/v1/exec"))
-            .bearer_auth(&s.server.token)
-            .json(&json!({"command": "true"}))
-            .send()
-            .await
-            .unwrap();
-        let body: Value = resp.json().await.unwrap();
-        assert_eq!(body["exit_code"], 0);
-        rest_quiet.push(t.elapsed());
+        rest_quiet.push(time_rest_true(&client, &s.server).await);
     }
     // Alternating between the recorded console and one with `--audit off`.
     let mut ws = console(s).await;

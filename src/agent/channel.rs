@@ -159,9 +159,15 @@ impl<R: AsyncRead + Unpin> Source<R> {
             let mut first = [0u8; IDLE_FIRST];
             let want = limit.min(IDLE_FIRST);
             let got = reader.read(&mut first[..want]).await;
-            if let Ok(n) = got {
-                self.buf = BytesMut::with_capacity(limit.min(IDLE_READ).max(n));
-                self.buf.extend_from_slice(&first[..n]);
+            match got {
+                // Less than asked for: that was all there is (a keystroke's
+                // echo), one read and an allocation of its own size.
+                Ok(n @ 1..) if n < want => return Some(Bytes::copy_from_slice(&first[..n])),
+                Ok(n @ 1..) => {
+                    self.buf = BytesMut::with_capacity(limit.min(IDLE_READ).max(n));
+                    self.buf.extend_from_slice(&first[..n]);
+                }
+                _ => {}
             }
             got
         } else {
@@ -178,6 +184,7 @@ impl<R: AsyncRead + Unpin> Source<R> {
             Ok(n) if n > 0 => {}
             _ => {
                 self.reader = None;
+                self.buf = BytesMut::new();
                 return None;
             }
         }
@@ -606,11 +613,20 @@ mod tests {
         writer.write_all(&flood).await.unwrap();
         drop(writer);
         let mut got = Vec::new();
+        let mut frames = 0;
         while let Some(piece) = source.read(READ_CHUNK).await {
             assert!(piece.len() <= READ_CHUNK);
+            if frames == 0 {
+                // From idle straight to full frames: a flood is not read
+                // 64 bytes at a time.
+                assert_eq!(piece.len(), READ_CHUNK);
+            }
+            frames += 1;
             got.extend_from_slice(&piece);
         }
         assert_eq!(got, flood);
+        assert!(frames <= 5, "{frames} frames for 200 kB");
+        assert_eq!(source.buf.capacity(), 0, "a closed stream keeps a buffer");
     }
 
     #[tokio::test]
