@@ -126,8 +126,9 @@ fn exit_message(outcome: Outcome, started: Instant) -> Message {
 pub(super) struct Source<R> {
     reader: Option<R>,
     buf: BytesMut,
-    /// What the next read reserves: [`IDLE_READ`] or [`READ_CHUNK`].
-    next_reserve: usize,
+    /// The last read filled its buffer: the next waits with a full one
+    /// ([`READ_CHUNK`]) rather than none.
+    flooding: bool,
 }
 
 /// The buffer a read waits with after a read that did not fill its
@@ -143,15 +144,14 @@ impl<R: AsyncRead + Unpin> Source<R> {
         Source {
             reader,
             buf: BytesMut::new(),
-            next_reserve: IDLE_READ,
+            flooding: false,
         }
     }
 
     /// Reads up to `limit` bytes; `None` once the stream is at its end.
     pub(super) async fn read(&mut self, limit: usize) -> Option<Bytes> {
         let reader = self.reader.as_mut()?;
-        let idle = self.next_reserve < READ_CHUNK;
-        let result = if idle {
+        let result = if !self.flooding {
             // An idle stream (a shell at its prompt, a command that prints
             // now and then) waits with no buffer of its own: a few bytes in
             // the task, and a buffer once something came. Thousands of idle
@@ -174,7 +174,7 @@ impl<R: AsyncRead + Unpin> Source<R> {
             self.buf.clear();
             // A stream that filled its last buffer waits with a full one
             // (no extra read per frame).
-            self.buf.reserve(limit.min(self.next_reserve));
+            self.buf.reserve(limit.min(READ_CHUNK));
             (&mut *reader)
                 .take(limit as u64)
                 .read_buf(&mut self.buf)
@@ -203,12 +203,9 @@ impl<R: AsyncRead + Unpin> Source<R> {
                 _ => break,
             }
         }
-        self.next_reserve = if self.buf.len() >= self.next_reserve.min(limit) {
-            READ_CHUNK
-        } else {
-            IDLE_READ
-        };
-        if self.next_reserve < READ_CHUNK {
+        let filled = if self.flooding { READ_CHUNK } else { IDLE_READ };
+        self.flooding = self.buf.len() >= filled.min(limit);
+        if !self.flooding {
             // Idle next: nothing of this buffer is kept while waiting.
             Some(std::mem::take(&mut self.buf).freeze())
         } else {

@@ -68,8 +68,6 @@ pub(crate) struct ProcessGroup {
     cgroup: Option<Arc<CommandCgroup>>,
     /// Without a cgroup: the environment mark of its processes.
     mark: Option<String>,
-    /// Killed by [`Self::kill_and_forget`].
-    forgotten: bool,
     /// The cgroup holds every process of the command for sure: it runs as
     /// another user than the agent, who cannot move itself out of a cgroup
     /// the agent owns.
@@ -113,17 +111,17 @@ impl ProcessGroup {
     pub(crate) fn kill_and_forget(&mut self) {
         self.signal(Signal::SIGKILL);
         self.pgid = None;
-        self.forgotten = true;
     }
 }
 
 impl Drop for ProcessGroup {
     /// Kills everything; the cgroup, once its last handle goes, removes itself.
     fn drop(&mut self) {
-        // Killed and forgotten (the command exited): its cgroup was killed
-        // then, and nothing can join it since; the kill is not repeated on
-        // the way to reporting the exit.
-        if self.forgotten && self.cgroup.is_some() {
+        // Killed and forgotten (the command exited; a group always starts
+        // with its leader's id): its cgroup was killed then, and nothing
+        // can join it since; the kill is not repeated on the way to
+        // reporting the exit.
+        if self.pgid.is_none() && self.cgroup.is_some() {
             return;
         }
         self.signal(Signal::SIGKILL);
@@ -316,7 +314,6 @@ fn start(
         session: leader == Leader::Session,
         cgroup: prepared.cgroup.clone(),
         mark: prepared.mark.clone(),
-        forgotten: false,
         contained: prepared.cgroup.is_some() && prepared.switches_user(),
     };
     Ok((child, group))
