@@ -176,8 +176,12 @@ struct Stack {
     /// The same server's settings with `--audit off`: the baseline of what
     /// auditing costs a command.
     unaudited: common::Server,
+    /// `conch serve` as it runs by default: its own agent as a child,
+    /// reached over a Unix-domain socket without TLS, recorded.
+    embedded: common::Server,
     cookie: String,
     _data: tempfile::TempDir,
+    _embedded_data: tempfile::TempDir,
 }
 
 async fn stack() -> Stack {
@@ -233,14 +237,23 @@ async fn stack() -> Stack {
     let mut off = flags.to_vec();
     off.extend(["--audit", "off"]);
     let unaudited = common::start_server(&off, &log);
+    let embedded_data = tempfile::tempdir().unwrap();
+    let embedded_dir = embedded_data.path().display().to_string();
+    let mut own = flags[4..].to_vec();
+    own.extend(["--data-dir", &embedded_dir]);
+    let mut own_env = log.to_vec();
+    own_env.push(("SHELL", "/bin/sh"));
+    let embedded = common::start_server(&own, &own_env);
     let cookie = server.admin_cookie().await;
     Stack {
         agent,
         plain_agent,
         server,
         unaudited,
+        embedded,
         cookie,
         _data: data,
+        _embedded_data: embedded_data,
     }
 }
 
@@ -311,6 +324,10 @@ async fn throughput(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bo
     // The same console paths on the server with `--audit off`: what
     // recording the output costs.
     let (mut c_off, mut d_off) = (vec![], vec![]);
+    // (c*) the console on `conch serve` with its embedded agent.
+    let mut c_own = vec![];
+    let own_cookie = s.embedded.admin_cookie().await;
+    let mut ws_own = console_on(&s.embedded, &own_cookie).await;
     let off_cookie = s.unaudited.admin_cookie().await;
     let mut ws_off = console_on(&s.unaudited, &off_cookie).await;
     let link = AgentLink::connect(s.agent.addr, &s.agent.key)
@@ -398,6 +415,13 @@ async fn throughput(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bo
         assert_eq!((got, exit["code"].as_i64()), (n, Some(0)), "pty bytes");
         d.push(mbps(n, t.elapsed()));
 
+        // (c*) the same console command, the agent embedded
+        let t = Instant::now();
+        send(&mut ws_own, json!({"type": "exec", "id": id, "cmd": cmd})).await;
+        let (got, exit) = drain(&mut ws_own, id).await;
+        assert_eq!((got, exit["code"].as_i64()), (n, Some(0)), "console bytes");
+        c_own.push(mbps(n, t.elapsed()));
+
         // (c-) and (d-): the same, unrecorded (`--audit off`)
         let t = Instant::now();
         send(&mut ws_off, json!({"type": "exec", "id": id, "cmd": cmd})).await;
@@ -447,6 +471,11 @@ async fn throughput(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bo
         am,
     ));
     out.push_str(&row("(c-) the same, unrecorded (--audit off)", &c_off, am));
+    out.push_str(&row(
+        "(c*) the same, recorded, on `conch serve` with its embedded agent (a Unix socket, no TLS)",
+        &c_own,
+        am,
+    ));
     out.push_str(&row(
         "(d) PTY session through the server (recorded)",
         &d,
@@ -1678,16 +1707,28 @@ async fn peers(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bool)> 
                 })
                 .await
             };
-            if let Some((m, p, fewest)) = alternate(rounds, &mut ws, exec, peer).await {
+            // As `conch serve` runs by default (its agent embedded, over a
+            // Unix socket), which the target is about; then through a
+            // separate agent over TLS, the extra hop a fleet has.
+            let own_cookie = s.embedded.admin_cookie().await;
+            let mut own = console_on(&s.embedded, &own_cookie).await;
+            if let Some((m, p, fewest)) = alternate(rounds, &mut own, exec, peer).await {
                 let _ = writeln!(
                     out,
-                    "| command output, `{cmd}` (conch console vs websocketd 0.4 `--binary`; websocketd delivered {fewest} of {n} bytes at worst) | {m:.0} | {p:.0} | {:.2} |",
+                    "| command output, `{cmd}` (conch console on `conch serve` with its embedded agent vs websocketd 0.4 `--binary`; websocketd delivered {fewest} of {n} bytes at worst) | {m:.0} | {p:.0} | {:.2} |",
                     m / p
                 );
                 verdicts.push((
                     format!("command output ≥ 1.2 × websocketd: {:.2}", m / p),
                     m / p >= 1.2,
                 ));
+            }
+            if let Some((m, p, fewest)) = alternate(rounds, &mut ws, exec, peer).await {
+                let _ = writeln!(
+                    out,
+                    "| the same through a separate agent over TLS (websocketd delivered {fewest} of {n} bytes at worst) | {m:.0} | {p:.0} | {:.2} |",
+                    m / p
+                );
             }
         }
     }

@@ -439,3 +439,60 @@ async fn secrets_never_reach_the_logs() {
         assert!(!log.contains(&secret), "a secret reached the log");
     }
 }
+
+/// The embedded agent is reached over a Unix-domain socket in a directory
+/// only the server's user can enter (the link runs without TLS there: the
+/// kernel keeps it on this host), and the directory goes with the server.
+#[tokio::test]
+async fn the_embedded_agent_listens_on_a_private_unix_socket() {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+    let server = start_server(&[], &[]);
+    let agents = common::get_json(server.url("/api/v1/agents"), &server.token).await;
+    let addr = agents["agents"][0]["addr"].as_str().unwrap().to_owned();
+    let sock = std::path::Path::new(&addr);
+    assert!(
+        std::fs::metadata(sock).unwrap().file_type().is_socket(),
+        "the embedded agent's address is not a Unix socket: {addr}"
+    );
+    let dir = sock.parent().unwrap().to_owned();
+    let meta = std::fs::metadata(&dir).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o700, "{dir:?}");
+    assert_eq!(meta.uid(), unsafe { libc::geteuid() });
+    // Without TLS, the key's handshake still stands between a local
+    // process and the agent.
+    let refused = conch::link::AgentLink::connect_with(
+        addr.as_str(),
+        &conch::keyfile::Key::generate(),
+        conch::link::Security::Local,
+    )
+    .await;
+    assert!(refused.is_err(), "a wrong key was let in over the socket");
+    let mut ws = console(&server).await;
+    let (out, _, exit) = run(&mut ws, 1, "echo over the socket").await;
+    assert_eq!(out, b"over the socket\n");
+    assert_eq!(exit["code"], 0);
+    drop(ws);
+    drop(server);
+    assert!(!dir.exists(), "{dir:?} outlived the server");
+}
+
+/// Where no Unix socket can be made (here: a temporary directory whose
+/// path is too long for one), the embedded agent listens on loopback TCP,
+/// with TLS, and commands run as before.
+#[tokio::test]
+async fn without_a_unix_socket_the_embedded_agent_is_reached_over_tls() {
+    let long = tempfile::tempdir().unwrap();
+    let deep = long.path().join("d".repeat(120));
+    std::fs::create_dir(&deep).unwrap();
+    let server = start_server(&[], &[("TMPDIR", deep.to_str().unwrap())]);
+    let agents = common::get_json(server.url("/api/v1/agents"), &server.token).await;
+    let addr = agents["agents"][0]["addr"].as_str().unwrap().to_owned();
+    assert!(
+        addr.starts_with("127.0.0.1:"),
+        "expected the loopback TCP fallback, got {addr}"
+    );
+    let mut ws = console(&server).await;
+    let (out, _, exit) = run(&mut ws, 1, "echo over tls").await;
+    assert_eq!(out, b"over tls\n");
+    assert_eq!(exit["code"], 0);
+}

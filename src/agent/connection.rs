@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use std::sync::Arc;
-use tokio::net::TcpStream;
 
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::codec::Framed;
@@ -55,7 +54,8 @@ type AgentFramed = crate::transport::handshake::LinkFramed;
 /// is shutting down; the reason is logged and (where useful) told to the peer.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn authenticate(
-    stream: TcpStream,
+    stream: crate::transport::Stream,
+    peer: String,
     key: &Key,
     name: Option<&str>,
     tls: Option<&crate::transport::tls::Acceptor>,
@@ -65,13 +65,6 @@ pub(crate) async fn authenticate(
     evicted: &CancellationToken,
     shutdown: &CancellationToken,
 ) -> Option<(AgentFramed, String, handshake::Authenticated)> {
-    let peer = stream
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_else(|_| "?".into());
-    let _ = stream.set_nodelay(true);
-    crate::transport::socket::enable_keepalive(&stream);
-    let stream: crate::transport::Stream = Box::new(stream);
     let mut framed = Framed::new(stream, FrameCodec::handshake());
     let authed = tokio::select! {
         r = tokio::time::timeout(timeout, handshake::answer(&mut framed, key, name, tls, slots, limits.max_channels, limits.sessions)) => r,

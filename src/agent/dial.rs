@@ -96,8 +96,14 @@ async fn once(
     // One server on this connection: its slot is this connection's own.
     let slots = Arc::new(Semaphore::new(1));
     let never = CancellationToken::new();
+    let peer = stream
+        .peer_addr()
+        .map_or_else(|_| server.to_owned(), |a| a.to_string());
+    let _ = stream.set_nodelay(true);
+    crate::transport::socket::enable_keepalive(&stream);
     let Some((framed, peer, authed)) = connection::authenticate(
-        stream,
+        Box::new(stream),
+        peer,
         &config.key,
         Some(name),
         config.tls.as_ref(),

@@ -18,6 +18,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use crate::transport::pending::{PENDING_PER_SOURCE, Pending};
+pub use crate::transport::socket::Listener;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -69,25 +70,37 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> std::io::R
 
 /// The listening socket a parent handed down as descriptor `fd` (the
 /// embedded agent's `--listen-fd`), marked close-on-exec so that no command
-/// inherits it.
+/// inherits it. A Unix-domain socket is served without TLS (see
+/// [`Listener::Unix`]); a TCP one as `--listen` would be.
 ///
 /// # Safety
-/// `fd` must be an open listening TCP socket that nothing else in this
-/// process owns or closes.
-pub unsafe fn inherited_listener(fd: std::os::fd::RawFd) -> std::io::Result<TcpListener> {
-    use std::os::fd::FromRawFd;
+/// `fd` must be an open listening socket that nothing else in this process
+/// owns or closes.
+pub unsafe fn inherited_listener(fd: std::os::fd::RawFd) -> std::io::Result<Listener> {
+    use nix::sys::socket::{AddressFamily, SockaddrLike, SockaddrStorage, getsockname};
+    use std::os::fd::{FromRawFd, OwnedFd};
     // SAFETY: as the caller promises.
-    let std_listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
     // Inherited without close-on-exec: set it, or every command would
     // inherit the agent's listening socket.
     nix::fcntl::fcntl(
-        &std_listener,
+        &owned,
         nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
     )
     .map_err(|e| std::io::Error::other(format!("cannot mark fd {fd} close-on-exec: {e}")))?;
-    std_listener.set_nonblocking(true)?;
-    let listener = TcpListener::from_std(std_listener)?;
-    tracing::info!(addr = %listener.local_addr()?, "agent listening");
+    let family = getsockname::<SockaddrStorage>(fd)
+        .map_err(|e| std::io::Error::other(format!("fd {fd} is not a socket: {e}")))?
+        .family();
+    let listener = if family == Some(AddressFamily::Unix) {
+        let l = std::os::unix::net::UnixListener::from(owned);
+        l.set_nonblocking(true)?;
+        Listener::Unix(tokio::net::UnixListener::from_std(l)?)
+    } else {
+        let l = std::net::TcpListener::from(owned);
+        l.set_nonblocking(true)?;
+        Listener::Tcp(TcpListener::from_std(l)?)
+    };
+    tracing::info!(addr = %listener.describe(), "agent listening");
     Ok(listener)
 }
 
@@ -99,25 +112,30 @@ pub unsafe fn inherited_listener(fd: std::os::fd::RawFd) -> std::io::Result<TcpL
 /// short deadline) and authenticated ones (bounded by `max_connections`).
 /// Unauthenticated peers therefore cost a bounded amount and never hold a
 /// slot an authenticated client needs.
-pub async fn serve(listener: TcpListener, config: AgentConfig, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: impl Into<Listener>,
+    config: AgentConfig,
+    shutdown: CancellationToken,
+) {
+    let listener = listener.into();
     let authed = Arc::new(Semaphore::new(config.max_connections.max(1)));
     let pending = Arc::new(Mutex::new(Pending::default()));
     let tracker = TaskTracker::new();
     let sessions = session::Sessions::new(config.sessions);
     loop {
-        let Some((stream, peer)) = crate::transport::socket::accept(&listener, &shutdown).await
-        else {
+        let Some(conn) = crate::transport::socket::accept_link(&listener, &shutdown).await else {
             break;
         };
         let (id, evict) = pending.lock().unwrap_or_else(|e| e.into_inner()).admit(
-            peer.ip(),
+            conn.source,
             config.max_pending,
             PENDING_PER_SOURCE,
         );
         let key = config.key.clone();
         let limits = config.limits;
         let policy = config.policy.clone();
-        let tls = config.tls.clone();
+        // A local socket needs no TLS (see `Listener::Unix`).
+        let tls = if conn.local { None } else { config.tls.clone() };
         let name = config.name.clone();
         let timeout = config.handshake_timeout;
         let shutdown = shutdown.clone();
@@ -126,7 +144,8 @@ pub async fn serve(listener: TcpListener, config: AgentConfig, shutdown: Cancell
         let sessions = sessions.clone();
         tracker.spawn(async move {
             let framed = connection::authenticate(
-                stream,
+                conn.stream,
+                conn.peer,
                 &key,
                 name.as_deref(),
                 tls.as_ref(),

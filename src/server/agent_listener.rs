@@ -124,7 +124,9 @@ async fn handshake(
     };
     let tls = match claim.security {
         Security::Tls => Some(&connector),
-        Security::Plaintext => None,
+        // An agent that dials in is never `Local` (that is the embedded
+        // agent, which the server dials): the claim above already differs.
+        Security::Plaintext | Security::Local => None,
     };
     let offered = handshake::finish_offer(&mut framed, hello, &claim.key, tls).await;
     if let Some(why) = unknown {

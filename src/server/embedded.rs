@@ -4,13 +4,18 @@
 //! command's parent is the agent: a command cannot read the server's memory
 //! or environment (the admin token) through `/proc/$PPID`, and
 //! `kill $PPID` stops the agent (which the server restarts), never the
-//! server. The server binds the loopback listener itself and hands it down
-//! as file descriptor 3; the fresh key goes down a pipe on standard input,
+//! server. The server binds the listener itself and hands it down as file
+//! descriptor 3, so that it outlives the agent's restarts: a Unix-domain
+//! socket in a directory only the server's user can enter, over which the
+//! link runs without TLS (the kernel keeps it on this host; the key's
+//! handshake still runs), or loopback TCP with TLS where no such socket can
+//! be made. The fresh key goes down a pipe on standard input,
 //! never through the command line or the environment. The child's
 //! environment is cleared to a short list, and it dies with the server
 //! (`PR_SET_PDEATHSIG`).
 
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -21,6 +26,7 @@ use tracing::{error, info, warn};
 
 use super::agents::AgentSpec;
 use crate::keyfile::Key;
+use crate::link::Security;
 
 /// The file descriptor the listening socket has in the child.
 pub(crate) const LISTEN_FD: i32 = 3;
@@ -52,21 +58,29 @@ pub(crate) async fn start(
     agent_args: Vec<String>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<(AgentSpec, tokio::task::JoinHandle<()>)> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
-    let listener: OwnedFd = listener.into();
+    let (listener, addr, security, dir) = match local_listener() {
+        Ok((listener, path, dir)) => (listener, path, Security::Local, Some(dir)),
+        Err(e) => {
+            warn!(error = %e, "cannot make the embedded agent's Unix socket; it listens on loopback TCP with TLS instead");
+            let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+            let addr = listener.local_addr()?.to_string();
+            (listener.into(), addr, Security::Tls, None)
+        }
+    };
     let key = Key::generate();
     let exe = std::env::current_exe()?;
     let first = spawn(&exe, &agent_args, &listener, &key).await?;
     info!(%addr, pid = first.id(), "embedded agent started");
     let spec = AgentSpec {
         name: "local".into(),
-        addr: Some(addr.to_string()),
+        addr: Some(addr),
         key: key.clone(),
-        security: crate::link::Security::Tls,
+        security,
         labels: Default::default(),
     };
     let task = tokio::spawn(async move {
+        // The socket's directory is removed when the agent is no more.
+        let _dir = dir;
         let mut child = Some(first);
         let mut backoff = RESTART_MIN;
         loop {
@@ -105,6 +119,24 @@ pub(crate) async fn start(
         }
     });
     Ok((spec, task))
+}
+
+/// A listening Unix-domain socket, `agent.sock` in a new directory of the
+/// temporary directory that only this user can enter (mode 0700): no other
+/// user can connect to it, and none can read the link. Returns the socket,
+/// its path and the directory (removed when dropped).
+fn local_listener() -> std::io::Result<(OwnedFd, String, tempfile::TempDir)> {
+    let dir = tempfile::Builder::new()
+        .prefix("conch-agent-")
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir()?;
+    let path = dir.path().join("agent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path)?;
+    let path = path
+        .into_os_string()
+        .into_string()
+        .map_err(|_| std::io::Error::other("the temporary directory's path is not UTF-8"))?;
+    Ok((listener.into(), path, dir))
 }
 
 /// SIGTERM, so that the agent kills its commands; SIGKILL if it lingers.
