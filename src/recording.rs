@@ -448,9 +448,19 @@ impl Recorder {
                 }
             };
             let replaced;
-            if s.bare_lines && text.contains('\n') {
-                replaced = text.replace('\n', "\r\n");
+            if s.bare_lines
+                && let Some(crlf) = crlf_lines(text)
+            {
+                replaced = crlf;
                 text = &replaced;
+            }
+            // A flood's outputs come 64 KiB at a time: room for a chunk and
+            // the output after it at once, rather than doubling the buffer
+            // (and copying it) output by output. Small outputs (a
+            // keystroke's echo) keep small buffers.
+            if text.len() >= EVENT_TEXT && s.lines.capacity() < 2 * CHUNK_BYTES {
+                let more = 2 * CHUNK_BYTES - s.lines.len();
+                s.lines.reserve_exact(more);
             }
             s.size_event();
             // Long output in events of at most EVENT_TEXT bytes, so that
@@ -827,6 +837,27 @@ impl State {
         self.carry = bytes.split_off(bytes.len() - cut);
         String::from_utf8_lossy(&bytes).into_owned()
     }
+}
+
+/// `text` with every `\n` made `\r\n` (a recording of piped output is
+/// played in a terminal), or `None` when it has none: found with the SIMD
+/// search, as a flood's output is scanned whole.
+fn crlf_lines(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut at = memchr::memchr(b'\n', bytes)?;
+    let mut out = String::with_capacity(text.len() + text.len() / 16 + 1);
+    let mut from = 0;
+    loop {
+        out.push_str(&text[from..at]);
+        out.push_str("\r\n");
+        from = at + 1;
+        match memchr::memchr(b'\n', &bytes[from..]) {
+            Some(next) => at = from + next,
+            None => break,
+        }
+    }
+    out.push_str(&text[from..]);
+    Some(out)
 }
 
 /// How many bytes at the end of `b` begin a UTF-8 character not yet
@@ -1830,6 +1861,19 @@ pub async fn read_from(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// Piped output's newlines become a terminal's, and nothing else
+        /// changes.
+        #[test]
+        fn newlines_become_crlf_and_nothing_else_changes(text in "(a|é|\n|\r| ){0,64}") {
+            let want = text.replace('\n', "\r\n");
+            match crlf_lines(&text) {
+                Some(got) => proptest::prop_assert_eq!(got, want),
+                None => proptest::prop_assert!(!text.contains('\n')),
+            }
+        }
+    }
 
     #[test]
     fn a_character_cut_between_outputs_waits_for_its_end() {
