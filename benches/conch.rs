@@ -179,6 +179,7 @@ struct Stack {
     /// `conch serve` as it runs by default: its own agent as a child,
     /// reached over a Unix-domain socket without TLS, recorded.
     embedded: common::Server,
+    own_cookie: String,
     cookie: String,
     _data: tempfile::TempDir,
     _embedded_data: tempfile::TempDir,
@@ -245,12 +246,14 @@ async fn stack() -> Stack {
     own_env.push(("SHELL", "/bin/sh"));
     let embedded = common::start_server(&own, &own_env);
     let cookie = server.admin_cookie().await;
+    let own_cookie = embedded.admin_cookie().await;
     Stack {
         agent,
         plain_agent,
         server,
         unaudited,
         embedded,
+        own_cookie,
         cookie,
         _data: data,
         _embedded_data: embedded_data,
@@ -326,8 +329,7 @@ async fn throughput(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bo
     let (mut c_off, mut d_off) = (vec![], vec![]);
     // (c*) the console on `conch serve` with its embedded agent.
     let mut c_own = vec![];
-    let own_cookie = s.embedded.admin_cookie().await;
-    let mut ws_own = console_on(&s.embedded, &own_cookie).await;
+    let mut ws_own = console_on(&s.embedded, &s.own_cookie).await;
     let off_cookie = s.unaudited.admin_cookie().await;
     let mut ws_off = console_on(&s.unaudited, &off_cookie).await;
     let link = AgentLink::connect(s.agent.addr, &s.agent.key)
@@ -1710,8 +1712,7 @@ async fn peers(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bool)> 
             // As `conch serve` runs by default (its agent embedded, over a
             // Unix socket), which the target is about; then through a
             // separate agent over TLS, the extra hop a fleet has.
-            let own_cookie = s.embedded.admin_cookie().await;
-            let mut own = console_on(&s.embedded, &own_cookie).await;
+            let mut own = console_on(&s.embedded, &s.own_cookie).await;
             if let Some((m, p, fewest)) = alternate(rounds, &mut own, exec, peer).await {
                 let _ = writeln!(
                     out,
@@ -1803,33 +1804,40 @@ async fn peer_latency_and_memory(plan: &Plan, s: &Stack, out: &mut String) -> Ve
                 None => None,
             };
             if let Some((child, mut peer)) = peer {
-                let mut ws = console(s).await;
+                // conch as `conch serve` runs by default (its agent
+                // embedded), and through a separate agent over TLS.
+                let mut own = console_on(&s.embedded, &s.own_cookie).await;
+                let mut tls = console(s).await;
                 let id = 990;
-                // ttyd's terminal is 80 × 24 too.
-                send(
-                    &mut ws,
-                    json!({"type": "exec", "id": id, "pty": {"cols": 80, "rows": 24}}),
-                )
-                .await;
-                wait_output(&mut ws, id, |_| true).await;
-                let (mut mine, mut theirs) = (Vec::with_capacity(k), Vec::with_capacity(k));
+                for ws in [&mut own, &mut tls] {
+                    // ttyd's terminal is 80 × 24 too.
+                    send(
+                        ws,
+                        json!({"type": "exec", "id": id, "pty": {"cols": 80, "rows": 24}}),
+                    )
+                    .await;
+                    wait_output(ws, id, |_| true).await;
+                }
+                let mut mine = Vec::with_capacity(k);
+                let mut mine_tls = Vec::with_capacity(k);
+                let mut theirs = Vec::with_capacity(k);
                 for i in 0..k {
                     if i % 100 == 99 {
                         // Keep the lines short: ^U erases them.
-                        send(
-                            &mut ws,
-                            json!({"type": "stdin", "id": id, "data": "\u{15}"}),
-                        )
-                        .await;
+                        for ws in [&mut own, &mut tls] {
+                            send(ws, json!({"type": "stdin", "id": id, "data": "\u{15}"})).await;
+                        }
                         let _ = peer.send(Message::Binary(b"0\x15".to_vec().into())).await;
                     }
-                    let t = Instant::now();
-                    send(&mut ws, json!({"type": "stdin", "id": id, "data": "x"})).await;
-                    let echoed = wait_output_at(&mut ws, id, |b| b.contains(&b'x'));
-                    let at = tokio::time::timeout(SAMPLE_LIMIT, echoed)
-                        .await
-                        .expect("conch echoes a keystroke");
-                    mine.push(at - t);
+                    for (ws, into) in [(&mut own, &mut mine), (&mut tls, &mut mine_tls)] {
+                        let t = Instant::now();
+                        send(ws, json!({"type": "stdin", "id": id, "data": "x"})).await;
+                        let echoed = wait_output_at(ws, id, |b| b.contains(&b'x'));
+                        let at = tokio::time::timeout(SAMPLE_LIMIT, echoed)
+                            .await
+                            .expect("conch echoes a keystroke");
+                        into.push(at - t);
+                    }
                     let t = Instant::now();
                     let _ = peer.send(Message::Binary(b"0x".to_vec().into())).await;
                     let echoed = ttyd_output(&mut peer, |b| b.contains(&b'x'));
@@ -1838,14 +1846,16 @@ async fn peer_latency_and_memory(plan: &Plan, s: &Stack, out: &mut String) -> Ve
                         _ => break,
                     }
                 }
-                send(&mut ws, json!({"type": "close", "id": id})).await;
+                for ws in [&mut own, &mut tls] {
+                    send(ws, json!({"type": "close", "id": id})).await;
+                }
                 drop(child);
                 if theirs.len() == k {
                     for (name, p) in [("p50", 0.5), ("p99", 0.99)] {
                         let (m, t) = (percentile(&mine, p), percentile(&theirs, p));
                         let _ = writeln!(
                             out,
-                            "| keystroke to echo in a shell, {name} ms ({k} each; ttyd 1.7.7 `-W sh`) | {m:.3} | {t:.3} | {:.2} |",
+                            "| keystroke to echo in a shell, {name} ms ({k} each; conch serve with its embedded agent; ttyd 1.7.7 `-W sh`) | {m:.3} | {t:.3} | {:.2} |",
                             m / t
                         );
                         verdicts.push((
@@ -1854,6 +1864,14 @@ async fn peer_latency_and_memory(plan: &Plan, s: &Stack, out: &mut String) -> Ve
                             ),
                             m <= t,
                         ));
+                    }
+                    for (name, p) in [("p50", 0.5), ("p99", 0.99)] {
+                        let (m, t) = (percentile(&mine_tls, p), percentile(&theirs, p));
+                        let _ = writeln!(
+                            out,
+                            "| the same, {name} ms, through a separate agent over TLS | {m:.3} | {t:.3} | {:.2} |",
+                            m / t
+                        );
                     }
                 } else {
                     let _ = writeln!(
@@ -1891,20 +1909,29 @@ async fn peer_latency_and_memory(plan: &Plan, s: &Stack, out: &mut String) -> Ve
             if let Some(child) = start_peer(std::process::Command::new(&bin).args(args), port).await
             {
                 let (mut mine, mut theirs) = (Vec::with_capacity(k), Vec::with_capacity(k));
+                let mut mine_tls = Vec::with_capacity(k);
                 for i in 0..k {
-                    let t = Instant::now();
-                    let first = async {
-                        let mut ws = console(s).await;
-                        let id = 1 + i as u32;
-                        send(&mut ws, json!({"type": "exec", "id": id, "cmd": "echo hi"})).await;
-                        let at = wait_output_at(&mut ws, id, |_| true).await;
-                        (ws, at)
-                    };
-                    let (mut ws, at) = tokio::time::timeout(SAMPLE_LIMIT, first)
-                        .await
-                        .expect("conch answers a new console's command");
-                    mine.push(at - t);
-                    let _ = ws.close(None).await;
+                    // conch serve with its embedded agent, then through a
+                    // separate agent over TLS.
+                    for (server, cookie, into) in [
+                        (&s.embedded, &s.own_cookie, &mut mine),
+                        (&s.server, &s.cookie, &mut mine_tls),
+                    ] {
+                        let t = Instant::now();
+                        let first = async {
+                            let mut ws = console_on(server, cookie).await;
+                            let id = 1 + i as u32;
+                            send(&mut ws, json!({"type": "exec", "id": id, "cmd": "echo hi"}))
+                                .await;
+                            let at = wait_output_at(&mut ws, id, |_| true).await;
+                            (ws, at)
+                        };
+                        let (mut ws, at) = tokio::time::timeout(SAMPLE_LIMIT, first)
+                            .await
+                            .expect("conch answers a new console's command");
+                        into.push(at - t);
+                        let _ = ws.close(None).await;
+                    }
                     let t = Instant::now();
                     let url = format!("ws://127.0.0.1:{port}/");
                     let first = async {
@@ -1929,13 +1956,19 @@ async fn peer_latency_and_memory(plan: &Plan, s: &Stack, out: &mut String) -> Ve
                     let (m, t) = (percentile(&mine, 0.5), percentile(&theirs, 0.5));
                     let _ = writeln!(
                         out,
-                        "| connect, run `echo hi`, first output, p50 ms ({k} each; conch: WebSocket with a session cookie, `hello`, `exec`; websocketd 0.4 `sh -c 'echo hi'`) | {m:.2} | {t:.2} | {:.2} |",
+                        "| connect, run `echo hi`, first output, p50 ms ({k} each; conch serve with its embedded agent: WebSocket with a session cookie, `hello`, `exec`; websocketd 0.4 `sh -c 'echo hi'`) | {m:.2} | {t:.2} | {:.2} |",
                         m / t
                     );
                     verdicts.push((
                         format!("console connect to first output at or below websocketd's: {m:.2} vs {t:.2} ms"),
                         m <= t,
                     ));
+                    let m = percentile(&mine_tls, 0.5);
+                    let _ = writeln!(
+                        out,
+                        "| the same through a separate agent over TLS | {m:.2} | {t:.2} | {:.2} |",
+                        m / t
+                    );
                 } else {
                     let _ = writeln!(
                         out,
