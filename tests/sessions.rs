@@ -335,10 +335,66 @@ async fn unknown_sessions_are_refused_and_ending_one_kills_it() {
     let pid = shell_pid(&mut ch).await;
     link.end_session(&id).await.unwrap();
     match next_non_output(&mut ch).await {
-        Some(Event::Exit(status)) => assert_eq!(status.signal.map(|s| s.0), Some(libc::SIGKILL)),
+        // Hung up, as a closed terminal is: the shell died of the SIGHUP.
+        Some(Event::Exit(status)) => assert_eq!(status.signal.map(|s| s.0), Some(libc::SIGHUP)),
         other => panic!("expected its exit, got {other:?}"),
     }
     assert!(wait_gone(pid).await);
+    assert!(listed_empty(&link).await);
+}
+
+/// Ending a session hangs it up as closing a terminal window does: bash
+/// gets SIGHUP and writes its history before it exits. A shell that
+/// ignores the hangup is killed after the grace, its jobs with it.
+#[tokio::test]
+async fn ending_a_session_hangs_it_up_and_bash_saves_its_history() {
+    let agent = common::start_agent_with(&[], &[("SHELL", "/bin/bash")]);
+    let link = AgentLink::connect(agent.addr, &agent.key).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let hist = dir.path().join("history");
+    std::fs::write(&hist, "").unwrap();
+    let mut ch = link.exec(shell("alice")).await.unwrap();
+    let id = session_id(&mut ch).await;
+    type_line(
+        &ch,
+        &format!(
+            "HISTFILE={}; PS1='ready> '; echo marker-$((6*7))",
+            hist.display()
+        ),
+    )
+    .await;
+    // Back at its prompt (a hangup while bash is still between the command
+    // and the prompt, running PROMPT_COMMAND, loses the history in any
+    // terminal).
+    read_until_with(&mut ch, "the prompt after marker-42", |t| {
+        t.split_once("marker-42")
+            .is_some_and(|(_, after)| after.contains("ready> "))
+    })
+    .await;
+    link.end_session(&id).await.unwrap();
+    match next_non_output(&mut ch).await {
+        Some(Event::Exit(status)) => assert_eq!(status.signal.map(|s| s.0), Some(libc::SIGHUP)),
+        other => panic!("expected its exit, got {other:?}"),
+    }
+    let saved = std::fs::read_to_string(&hist).unwrap();
+    assert!(
+        saved.contains("echo marker-$((6*7))"),
+        "the shell's history was not saved: {saved:?}"
+    );
+
+    // A shell that ignores the hangup, with a job that ignores it too.
+    let mut ch = link.exec(shell("alice")).await.unwrap();
+    let id = session_id(&mut ch).await;
+    type_line(&ch, "trap '' HUP; nohup sleep 1000 >/dev/null 2>&1 &").await;
+    let job = shell_number(&mut ch, "$!").await;
+    let pid = shell_pid(&mut ch).await;
+    link.end_session(&id).await.unwrap();
+    match next_non_output(&mut ch).await {
+        Some(Event::Exit(status)) => assert_eq!(status.signal.map(|s| s.0), Some(libc::SIGKILL)),
+        other => panic!("expected its exit, got {other:?}"),
+    }
+    assert!(wait_gone(pid).await, "the shell outlived its session");
+    assert!(wait_gone(job).await, "its job outlived its session");
     assert!(listed_empty(&link).await);
 }
 
@@ -743,7 +799,8 @@ mod console {
         type_in(&mut ws, 1, "echo again-$X-$COLUMNS").await;
         output_until(&mut ws, 1, "again-seven-100").await;
 
-        // Ending it over REST ends the page's command with its exit.
+        // Ending it over REST ends the page's command with its exit: the
+        // shell was hung up.
         let (status, _) = rest(
             &server,
             reqwest::Method::DELETE,
@@ -758,7 +815,7 @@ mod console {
             if v["type"] == "exit" {
                 assert_eq!(
                     (v["id"].as_u64(), v["signal"].as_str()),
-                    (Some(1), Some("KILL"))
+                    (Some(1), Some("HUP"))
                 );
                 break;
             }

@@ -105,6 +105,11 @@ impl ProcessGroup {
         }
     }
 
+    /// The group's id, until it is killed and forgotten.
+    pub(crate) fn id(&self) -> Option<Pid> {
+        self.pgid
+    }
+
     /// Kills the group now and forgets it, so that a recycled process id is
     /// never signalled later. (The cgroup stays until the group is dropped:
     /// it cannot be recycled.)
@@ -436,6 +441,13 @@ impl Pty {
 
     /// Sends `signal` to the terminal's foreground job, as the terminal's
     /// own ^C would; false when there is none to be found.
+    /// The terminal's foreground process group, if it has one.
+    pub(crate) fn foreground(&self) -> Option<Pid> {
+        nix::unistd::tcgetpgrp(self.fd.get_ref())
+            .ok()
+            .filter(|pgid| pgid.as_raw() > 0)
+    }
+
     pub(crate) fn signal_foreground(&self, signal: Signal) -> bool {
         match nix::unistd::tcgetpgrp(self.fd.get_ref()) {
             Ok(pgid) if pgid.as_raw() > 0 => killpg(pgid, signal).is_ok(),

@@ -253,6 +253,7 @@ impl Sessions {
             started,
             writer_changed: false,
             unpaid: 0,
+            kill_at: None,
         };
         let listed = Listed {
             sessions: self.clone(),
@@ -560,9 +561,40 @@ struct Session {
     writer_changed: bool,
     /// Bytes of queued input whose credit is returned to nobody.
     unpaid: usize,
+    /// The session was hung up: what is left of it is killed then.
+    kill_at: Option<tokio::time::Instant>,
 }
 
+/// How long a shell has after its hangup (SIGHUP, as when a terminal
+/// window is closed) to save its history and end its jobs before whatever
+/// is left of its session is killed: 2 s.
+pub(crate) const HANGUP_GRACE: Duration = Duration::from_secs(2);
+
 impl Session {
+    /// Ends the session as closing a terminal does: SIGHUP (and SIGCONT,
+    /// should it be stopped) to the terminal's foreground job and to the
+    /// shell, which saves its history, hangs up its own jobs and exits;
+    /// its exit then kills whatever is left, as any command's does. A
+    /// shell that ignores the hangup, and everything of its session, is
+    /// killed after [`HANGUP_GRACE`]. A second hangup changes nothing.
+    fn hang_up(&mut self, pty: Option<&process::Pty>, group: &process::ProcessGroup) {
+        if self.kill_at.is_some() {
+            return;
+        }
+        // Each group once: bash that gets a second SIGHUP while it saves
+        // its history dies at once, without it.
+        let job = pty
+            .and_then(process::Pty::foreground)
+            .filter(|&fg| Some(fg) != group.id());
+        for signal in [Signal::SIGHUP, Signal::SIGCONT] {
+            if let Some(job) = job {
+                let _ = nix::sys::signal::killpg(job, signal);
+            }
+            group.signal(signal);
+        }
+        self.kill_at = Some(tokio::time::Instant::now() + HANGUP_GRACE);
+    }
+
     fn info(&self) -> std::sync::MutexGuard<'_, SessionInfo> {
         self.info.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -647,9 +679,7 @@ impl Session {
                         }
                     }
                                         Some(Command::Watchers(allowed)) => self.revoke(&allowed),
-                    Some(Command::End) | None => {
-                        group.signal(Signal::SIGKILL);
-                    }
+                    Some(Command::End) | None => self.hang_up(pty.as_deref(), &group),
                 },
                 Some(input) = self.inputs.next(), if !self.inputs.is_empty() => {
                     self.input(input, pty.as_deref(), &mut group, &mut stdin).await;
@@ -664,6 +694,11 @@ impl Session {
                     tracing::info!(session = %self.id, "nobody attached within the linger time; ending the session");
                     // Once: the leader's exit ends the loop.
                     lingered = true;
+                    self.hang_up(pty.as_deref(), &group);
+                }
+                _ = tokio::time::sleep_until(self.kill_at.unwrap_or(far)), if self.kill_at.is_some() && status.is_none() => {
+                    tracing::info!(session = %self.id, "the shell outlived its hangup; killing its session");
+                    self.kill_at = Some(far);
                     group.signal(Signal::SIGKILL);
                 }
                 data = output.read(limit), if output.open() && can_read => {
@@ -903,7 +938,7 @@ impl Session {
                 }
                 // The writer's close ends the session, as closing a
                 // terminal window does; a watcher's only detaches it.
-                Control::Close if is_writer(key) => group.signal(Signal::SIGKILL),
+                Control::Close if is_writer(key) => self.hang_up(pty, group),
                 Control::Close | Control::Detach => self.leave(
                     key,
                     Some(Message::Detached {
