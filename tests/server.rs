@@ -458,15 +458,6 @@ async fn the_embedded_agent_listens_on_a_private_unix_socket() {
     let meta = std::fs::metadata(&dir).unwrap();
     assert_eq!(meta.permissions().mode() & 0o777, 0o700, "{dir:?}");
     assert_eq!(meta.uid(), unsafe { libc::geteuid() });
-    // Without TLS, the key's handshake still stands between a local
-    // process and the agent.
-    let refused = conch::link::AgentLink::connect_with(
-        addr.as_str(),
-        &conch::keyfile::Key::generate(),
-        conch::link::Security::Local,
-    )
-    .await;
-    assert!(refused.is_err(), "a wrong key was let in over the socket");
     let mut ws = console(&server).await;
     let (out, _, exit) = run(&mut ws, 1, "echo over the socket").await;
     assert_eq!(out, b"over the socket\n");
@@ -474,6 +465,43 @@ async fn the_embedded_agent_listens_on_a_private_unix_socket() {
     drop(ws);
     drop(server);
     assert!(!dir.exists(), "{dir:?} outlived the server");
+}
+
+/// A process of the server's user that puts a socket of its own at the
+/// embedded agent's path (the agent's moved aside, still listening) cannot
+/// relay the link: the server, reconnecting after the agent died, finds
+/// the socket is not the one it made and sends it nothing.
+#[tokio::test]
+async fn a_socket_put_in_place_of_the_embedded_agents_gets_nothing() {
+    use tokio::io::AsyncReadExt;
+    let server = start_server(&[], &[]);
+    let agents = common::get_json(server.url("/api/v1/agents"), &server.token).await;
+    let addr = agents["agents"][0]["addr"].as_str().unwrap().to_owned();
+    let sock = std::path::Path::new(&addr);
+    std::fs::rename(sock, sock.with_file_name("moved.sock")).unwrap();
+    let relay = tokio::net::UnixListener::bind(sock).unwrap();
+    // The agent dies; the server restarts it and reconnects by the path.
+    let children = std::fs::read_to_string(format!(
+        "/proc/{0}/task/{0}/children",
+        server.proc.child.id()
+    ))
+    .unwrap();
+    let agent: i32 = children.split_whitespace().next().unwrap().parse().unwrap();
+    unsafe { libc::kill(agent, libc::SIGKILL) };
+    let (mut conn, _) = tokio::time::timeout(Duration::from_secs(60), relay.accept())
+        .await
+        .expect("the server reconnects")
+        .unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), conn.read_to_end(&mut got))
+        .await
+        .expect("the server hangs up")
+        .unwrap();
+    assert!(
+        got.is_empty(),
+        "the server spoke to a socket it did not make: {} bytes",
+        got.len()
+    );
 }
 
 /// Where no Unix socket can be made (here: a temporary directory whose

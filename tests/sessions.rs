@@ -371,9 +371,26 @@ async fn ending_a_session_hangs_it_up_and_bash_saves_its_history() {
             .is_some_and(|(_, after)| after.contains("ready> "))
     })
     .await;
+    let t0 = std::time::Instant::now();
     link.end_session(&id).await.unwrap();
-    match next_non_output(&mut ch).await {
-        Some(Event::Exit(status)) => assert_eq!(status.signal.map(|s| s.0), Some(libc::SIGHUP)),
+    let mut after = Vec::new();
+    let exit = loop {
+        match ch.next().await {
+            Some(Event::Stdout(b) | Event::Snapshot(b)) => {
+                after.extend_from_slice(&b);
+                let _ = ch.window(b.len() as u64).await;
+            }
+            other => break other,
+        }
+    };
+    match exit {
+        Some(Event::Exit(status)) => assert_eq!(
+            status.signal.map(|s| s.0),
+            Some(libc::SIGHUP),
+            "the shell did not end by the hangup ({:?} after it); its output since: {:?}",
+            t0.elapsed(),
+            String::from_utf8_lossy(&after)
+        ),
         other => panic!("expected its exit, got {other:?}"),
     }
     let saved = std::fs::read_to_string(&hist).unwrap();

@@ -454,7 +454,7 @@ impl Supervisor {
             // In a terminal, a signal is for the foreground job (an
             // interactive shell runs it in a group of its own).
             Control::Signal(sig) => {
-                if !pty.is_some_and(|p| p.signal_foreground(sig)) {
+                if !pty.is_some_and(|p| p.signal_foreground(sig, group.id())) {
                     group.signal(sig);
                 }
             }

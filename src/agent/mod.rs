@@ -77,7 +77,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> std::io::R
 /// `fd` must be an open listening socket that nothing else in this process
 /// owns or closes.
 pub unsafe fn inherited_listener(fd: std::os::fd::RawFd) -> std::io::Result<Listener> {
-    use nix::sys::socket::{AddressFamily, SockaddrLike, SockaddrStorage, getsockname};
+    use nix::sys::socket::{
+        AddressFamily, SockType, SockaddrLike, SockaddrStorage, getsockname, getsockopt, sockopt,
+    };
     use std::os::fd::{FromRawFd, OwnedFd};
     // SAFETY: as the caller promises.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -91,14 +93,30 @@ pub unsafe fn inherited_listener(fd: std::os::fd::RawFd) -> std::io::Result<List
     let family = getsockname::<SockaddrStorage>(fd)
         .map_err(|e| std::io::Error::other(format!("fd {fd} is not a socket: {e}")))?
         .family();
-    let listener = if family == Some(AddressFamily::Unix) {
-        let l = std::os::unix::net::UnixListener::from(owned);
-        l.set_nonblocking(true)?;
-        Listener::Unix(tokio::net::UnixListener::from_std(l)?)
-    } else {
-        let l = std::net::TcpListener::from(owned);
-        l.set_nonblocking(true)?;
-        Listener::Tcp(TcpListener::from_std(l)?)
+    // A stream socket that listens, or every accept would fail (and be
+    // retried) for ever.
+    let stream = getsockopt(&owned, sockopt::SockType) == Ok(SockType::Stream);
+    if !stream || getsockopt(&owned, sockopt::AcceptConn) != Ok(true) {
+        return Err(std::io::Error::other(format!(
+            "fd {fd} is not a listening stream socket"
+        )));
+    }
+    let listener = match family {
+        Some(AddressFamily::Unix) => {
+            let l = std::os::unix::net::UnixListener::from(owned);
+            l.set_nonblocking(true)?;
+            Listener::Unix(tokio::net::UnixListener::from_std(l)?)
+        }
+        Some(AddressFamily::Inet | AddressFamily::Inet6) => {
+            let l = std::net::TcpListener::from(owned);
+            l.set_nonblocking(true)?;
+            Listener::Tcp(TcpListener::from_std(l)?)
+        }
+        other => {
+            return Err(std::io::Error::other(format!(
+                "fd {fd} is a {other:?} socket, neither TCP nor Unix-domain"
+            )));
+        }
     };
     tracing::info!(addr = %listener.describe(), "agent listening");
     Ok(listener)

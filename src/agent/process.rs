@@ -439,20 +439,24 @@ impl Pty {
         Ok(Pty { fd })
     }
 
-    /// Sends `signal` to the terminal's foreground job, as the terminal's
-    /// own ^C would; false when there is none to be found.
-    /// The terminal's foreground process group, if it has one.
-    pub(crate) fn foreground(&self) -> Option<Pid> {
-        nix::unistd::tcgetpgrp(self.fd.get_ref())
-            .ok()
-            .filter(|pgid| pgid.as_raw() > 0)
+    /// The terminal's foreground process group, if it is one of the
+    /// command's: its leader is alive and in `session`, the session the
+    /// command leads. The terminal keeps the number of a group that ended
+    /// while it was in the foreground, and the number can be reused by
+    /// anyone's process: such a group is not the command's and is never
+    /// signalled. (A group whose leader ended before it is not found
+    /// either; the shell passes signals on to its jobs.)
+    pub(crate) fn foreground(&self, session: Option<Pid>) -> Option<Pid> {
+        let session = session?;
+        let pgid = nix::unistd::tcgetpgrp(self.fd.get_ref()).ok()?;
+        (pgid.as_raw() > 0 && nix::unistd::getsid(Some(pgid)).ok()? == session).then_some(pgid)
     }
 
-    pub(crate) fn signal_foreground(&self, signal: Signal) -> bool {
-        match nix::unistd::tcgetpgrp(self.fd.get_ref()) {
-            Ok(pgid) if pgid.as_raw() > 0 => killpg(pgid, signal).is_ok(),
-            _ => false,
-        }
+    /// Sends `signal` to the terminal's foreground job (of `session`), as
+    /// the terminal's own ^C would; false when there is none to be found.
+    pub(crate) fn signal_foreground(&self, signal: Signal, session: Option<Pid>) -> bool {
+        self.foreground(session)
+            .is_some_and(|pgid| killpg(pgid, signal).is_ok())
     }
 
     /// Sets the terminal size; the kernel sends SIGWINCH to the foreground job.

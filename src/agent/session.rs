@@ -254,6 +254,7 @@ impl Sessions {
             writer_changed: false,
             unpaid: 0,
             kill_at: None,
+            rehup_at: None,
         };
         let listed = Listed {
             sessions: self.clone(),
@@ -563,6 +564,8 @@ struct Session {
     unpaid: usize,
     /// The session was hung up: what is left of it is killed then.
     kill_at: Option<tokio::time::Instant>,
+    /// The shell is hung up once more then, if it still runs.
+    rehup_at: Option<tokio::time::Instant>,
 }
 
 /// How long a shell has after its hangup (SIGHUP, as when a terminal
@@ -570,10 +573,17 @@ struct Session {
 /// is left of its session is killed: 2 s.
 pub(crate) const HANGUP_GRACE: Duration = Duration::from_secs(2);
 
+/// When a shell still running after its hangup gets a second SIGHUP:
+/// 250 ms. bash notes a SIGHUP that lands while readline draws its prompt,
+/// before it waits for input, and acts on it only when its read returns
+/// (a closed terminal's read does at once; a session's, only at the next
+/// keystroke). The second one interrupts that read.
+const HANGUP_REPEAT: Duration = Duration::from_millis(250);
+
 impl Session {
     /// Ends the session as closing a terminal does: SIGHUP (and SIGCONT,
-    /// should it be stopped) to the terminal's foreground job and to the
-    /// shell, which saves its history, hangs up its own jobs and exits;
+    /// should it be stopped) to the terminal's foreground job, and SIGHUP
+    /// to the shell, which saves its history, hangs up its own jobs and exits;
     /// its exit then kills whatever is left, as any command's does. A
     /// shell that ignores the hangup, and everything of its session, is
     /// killed after [`HANGUP_GRACE`]. A second hangup changes nothing.
@@ -584,15 +594,20 @@ impl Session {
         // Each group once: bash that gets a second SIGHUP while it saves
         // its history dies at once, without it.
         let job = pty
-            .and_then(process::Pty::foreground)
+            .and_then(|p| p.foreground(group.id()))
             .filter(|&fg| Some(fg) != group.id());
-        for signal in [Signal::SIGHUP, Signal::SIGCONT] {
-            if let Some(job) = job {
-                let _ = nix::sys::signal::killpg(job, signal);
-            }
-            group.signal(signal);
+        // The job may be stopped: it gets SIGCONT after its SIGHUP, as a
+        // terminal's hangup gives it. The shell gets SIGHUP alone (it hangs
+        // up its own stopped jobs): a SIGCONT on its heels can leave bash
+        // in readline with the hangup noted and not acted on.
+        if let Some(job) = job {
+            let _ = nix::sys::signal::killpg(job, Signal::SIGHUP);
+            let _ = nix::sys::signal::killpg(job, Signal::SIGCONT);
         }
-        self.kill_at = Some(tokio::time::Instant::now() + HANGUP_GRACE);
+        group.signal(Signal::SIGHUP);
+        let now = tokio::time::Instant::now();
+        self.rehup_at = Some(now + HANGUP_REPEAT);
+        self.kill_at = Some(now + HANGUP_GRACE);
     }
 
     fn info(&self) -> std::sync::MutexGuard<'_, SessionInfo> {
@@ -695,6 +710,10 @@ impl Session {
                     // Once: the leader's exit ends the loop.
                     lingered = true;
                     self.hang_up(pty.as_deref(), &group);
+                }
+                _ = tokio::time::sleep_until(self.rehup_at.unwrap_or(far)), if self.rehup_at.is_some() && status.is_none() => {
+                    self.rehup_at = None;
+                    group.signal(Signal::SIGHUP);
                 }
                 _ = tokio::time::sleep_until(self.kill_at.unwrap_or(far)), if self.kill_at.is_some() && status.is_none() => {
                     tracing::info!(session = %self.id, "the shell outlived its hangup; killing its session");
@@ -932,7 +951,7 @@ impl Session {
                     }
                 }
                 Control::Signal(sig) if is_writer(key) => {
-                    if !pty.is_some_and(|p| p.signal_foreground(sig)) {
+                    if !pty.is_some_and(|p| p.signal_foreground(sig, group.id())) {
                         group.signal(sig);
                     }
                 }

@@ -206,10 +206,12 @@ pub enum Security {
     /// Plain TCP: only with `--insecure-plaintext`, on both ends.
     Plaintext,
     /// A Unix-domain socket on this host, its address a path: the embedded
-    /// agent's, in a directory only the server's user can enter. The key's
-    /// handshake runs as over TCP; TLS would guard nothing the kernel does
-    /// not already keep to this host, and would cost the link a third of
-    /// its throughput.
+    /// agent's, in a directory only the server's user can enter, and bound
+    /// by this very process (checked at each connect, so that no process
+    /// can relay the link through a socket of its own at that path). The
+    /// key's handshake runs as over TCP; TLS would guard nothing the kernel
+    /// does not already keep to this host, and would cost the link a third
+    /// of its throughput.
     Local,
 }
 
@@ -351,11 +353,23 @@ impl AgentLink {
             };
             let stream: crate::transport::Stream = if security == Security::Local {
                 let path = addr.to_string();
-                Box::new(
-                    tokio::net::UnixStream::connect(path)
-                        .await
-                        .map_err(connect_error)?,
-                )
+                let stream = tokio::net::UnixStream::connect(path)
+                    .await
+                    .map_err(connect_error)?;
+                // Only the socket this process bound and handed down: the
+                // listening end's credentials name the process that called
+                // listen(). Another process of the same user could put its
+                // own socket at the path and relay the link, reading it
+                // (there is no TLS here to bind the handshake to).
+                let made_here = stream
+                    .peer_cred()
+                    .is_ok_and(|c| c.pid() == Some(std::process::id() as i32));
+                if !made_here {
+                    return Err(connect_error(std::io::Error::other(
+                        "the socket at this path is not the one this server made; refusing it",
+                    )));
+                }
+                Box::new(stream)
             } else {
                 let stream = TcpStream::connect(&addr).await.map_err(connect_error)?;
                 let _ = stream.set_nodelay(true);
