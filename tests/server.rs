@@ -470,10 +470,11 @@ async fn the_embedded_agent_listens_on_a_private_unix_socket() {
 /// A process of the server's user that puts a socket of its own at the
 /// embedded agent's path (the agent's moved aside, still listening) cannot
 /// relay the link: the server, reconnecting after the agent died, finds
-/// the socket is not the one it made and sends it nothing.
+/// the socket is not the one it made and answers nothing, not even the
+/// real agent's `hello` the relay passes on.
 #[tokio::test]
 async fn a_socket_put_in_place_of_the_embedded_agents_gets_nothing() {
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let server = start_server(&[], &[]);
     let agents = common::get_json(server.url("/api/v1/agents"), &server.token).await;
     let addr = agents["agents"][0]["addr"].as_str().unwrap().to_owned();
@@ -492,11 +493,22 @@ async fn a_socket_put_in_place_of_the_embedded_agents_gets_nothing() {
         .await
         .expect("the server reconnects")
         .unwrap();
-    let mut got = Vec::new();
-    tokio::time::timeout(Duration::from_secs(60), conn.read_to_end(&mut got))
+    // The agent speaks first: the relay hands its `hello` to the server.
+    let mut agent = tokio::net::UnixStream::connect(sock.with_file_name("moved.sock"))
         .await
-        .expect("the server hangs up")
         .unwrap();
+    let mut hello = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(60), agent.read(&mut hello))
+        .await
+        .expect("the agent says hello")
+        .unwrap();
+    assert!(n > 0, "the agent said nothing");
+    let _ = conn.write_all(&hello[..n]).await;
+    let mut got = Vec::new();
+    // A reset (the server hung up on unread bytes) reads as nothing.
+    let _ = tokio::time::timeout(Duration::from_secs(60), conn.read_to_end(&mut got))
+        .await
+        .expect("the server hangs up");
     assert!(
         got.is_empty(),
         "the server spoke to a socket it did not make: {} bytes",

@@ -156,17 +156,63 @@ pub(crate) fn process_ids() -> impl Iterator<Item = i32> {
         .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
 }
 
+/// Whether a process of group `pgid` is in session `sid` (through /proc).
+fn group_in_session(pgid: Pid, sid: Pid) -> bool {
+    process_ids().any(|pid| {
+        let ids = proc_stat(pid);
+        ids.is_some_and(|s| s.pgrp == pgid.as_raw() && s.session == sid.as_raw())
+    })
+}
+
+/// What `/proc/PID/stat` says of a process: its state, group and session.
+pub(crate) struct ProcStat {
+    pub(crate) state: char,
+    pub(crate) pgrp: i32,
+    pub(crate) session: i32,
+}
+
+pub(crate) fn proc_stat(pid: i32) -> Option<ProcStat> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name in parentheses: state, ppid, pgrp, session.
+    let mut rest = stat.rsplit_once(')')?.1.split_whitespace();
+    let state = rest.next()?.chars().next()?;
+    let _ppid = rest.next()?;
+    let pgrp = rest.next()?.parse().ok()?;
+    let session = rest.next()?.parse().ok()?;
+    Some(ProcStat {
+        state,
+        pgrp,
+        session,
+    })
+}
+
+/// Whether process `pid` is busy with something other than waiting for
+/// input (a shell saving its history rather than at its prompt), from
+/// `/proc/PID/syscall`; false when that cannot be read.
+pub(crate) fn busy_elsewhere(pid: i32) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    const WAITS: &[i64] = &[
+        libc::SYS_read,
+        libc::SYS_pselect6,
+        libc::SYS_ppoll,
+        libc::SYS_poll,
+        libc::SYS_select,
+    ];
+    #[cfg(not(target_arch = "x86_64"))]
+    const WAITS: &[i64] = &[libc::SYS_read, libc::SYS_pselect6, libc::SYS_ppoll];
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/syscall")) else {
+        return false;
+    };
+    match text.split_whitespace().next() {
+        Some("running") => true,
+        Some(nr) => nr.parse::<i64>().is_ok_and(|n| !WAITS.contains(&n)),
+        None => false,
+    }
+}
+
 fn kill_session(sid: Pid) {
     for pid in process_ids() {
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // After the command name in parentheses: state, ppid, pgrp, session.
-        let session = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(3))
-            .and_then(|s| s.parse::<i32>().ok());
-        if session == Some(sid.as_raw()) {
+        if proc_stat(pid).is_some_and(|s| s.session == sid.as_raw()) {
             let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
     }
@@ -440,16 +486,22 @@ impl Pty {
     }
 
     /// The terminal's foreground process group, if it is one of the
-    /// command's: its leader is alive and in `session`, the session the
+    /// command's: a group with a member in `session`, the session the
     /// command leads. The terminal keeps the number of a group that ended
     /// while it was in the foreground, and the number can be reused by
     /// anyone's process: such a group is not the command's and is never
-    /// signalled. (A group whose leader ended before it is not found
-    /// either; the shell passes signals on to its jobs.)
+    /// signalled. The leader is asked first; a pipeline whose leader
+    /// ended before the rest is found through `/proc`.
     pub(crate) fn foreground(&self, session: Option<Pid>) -> Option<Pid> {
         let session = session?;
         let pgid = nix::unistd::tcgetpgrp(self.fd.get_ref()).ok()?;
-        (pgid.as_raw() > 0 && nix::unistd::getsid(Some(pgid)).ok()? == session).then_some(pgid)
+        if pgid.as_raw() <= 0 {
+            return None;
+        }
+        match nix::unistd::getsid(Some(pgid)) {
+            Ok(sid) => (sid == session).then_some(pgid),
+            Err(_) => group_in_session(pgid, session).then_some(pgid),
+        }
     }
 
     /// Sends `signal` to the terminal's foreground job (of `session`), as

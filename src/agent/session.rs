@@ -591,20 +591,27 @@ impl Session {
         if self.kill_at.is_some() {
             return;
         }
-        // Each group once: bash that gets a second SIGHUP while it saves
-        // its history dies at once, without it.
+        // Each group once here: bash that gets a second SIGHUP while it
+        // saves its history dies at once, without it (the repeat below
+        // comes only while the shell waits for input).
         let job = pty
             .and_then(|p| p.foreground(group.id()))
             .filter(|&fg| Some(fg) != group.id());
         // The job may be stopped: it gets SIGCONT after its SIGHUP, as a
-        // terminal's hangup gives it. The shell gets SIGHUP alone (it hangs
-        // up its own stopped jobs): a SIGCONT on its heels can leave bash
-        // in readline with the hangup noted and not acted on.
+        // terminal's hangup gives it. The shell gets SIGCONT only when it
+        // is stopped itself (it hangs up its own stopped jobs).
         if let Some(job) = job {
             let _ = nix::sys::signal::killpg(job, Signal::SIGHUP);
             let _ = nix::sys::signal::killpg(job, Signal::SIGCONT);
         }
         group.signal(Signal::SIGHUP);
+        let shell = group.id().map(|p| p.as_raw());
+        if shell
+            .and_then(process::proc_stat)
+            .is_some_and(|s| s.state == 'T')
+        {
+            group.signal(Signal::SIGCONT);
+        }
         let now = tokio::time::Instant::now();
         self.rehup_at = Some(now + HANGUP_REPEAT);
         self.kill_at = Some(now + HANGUP_GRACE);
@@ -713,7 +720,11 @@ impl Session {
                 }
                 _ = tokio::time::sleep_until(self.rehup_at.unwrap_or(far)), if self.rehup_at.is_some() && status.is_none() => {
                     self.rehup_at = None;
-                    group.signal(Signal::SIGHUP);
+                    // Only to a shell back at its read: one saving its
+                    // history would die of it before finishing.
+                    if !group.id().is_some_and(|p| process::busy_elsewhere(p.as_raw())) {
+                        group.signal(Signal::SIGHUP);
+                    }
                 }
                 _ = tokio::time::sleep_until(self.kill_at.unwrap_or(far)), if self.kill_at.is_some() && status.is_none() => {
                     tracing::info!(session = %self.id, "the shell outlived its hangup; killing its session");
