@@ -447,8 +447,7 @@ async fn secrets_never_reach_the_logs() {
 async fn the_embedded_agent_listens_on_a_private_unix_socket() {
     use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
     let server = start_server(&[], &[]);
-    let agents = common::get_json(server.url("/api/v1/agents"), &server.token).await;
-    let addr = agents["agents"][0]["addr"].as_str().unwrap().to_owned();
+    let addr = embedded_agent_addr(&server).await;
     let sock = std::path::Path::new(&addr);
     assert!(
         std::fs::metadata(sock).unwrap().file_type().is_socket(),
@@ -476,8 +475,7 @@ async fn the_embedded_agent_listens_on_a_private_unix_socket() {
 async fn a_socket_put_in_place_of_the_embedded_agents_gets_nothing() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let server = start_server(&[], &[]);
-    let agents = common::get_json(server.url("/api/v1/agents"), &server.token).await;
-    let addr = agents["agents"][0]["addr"].as_str().unwrap().to_owned();
+    let addr = embedded_agent_addr(&server).await;
     let sock = std::path::Path::new(&addr);
     std::fs::rename(sock, sock.with_file_name("moved.sock")).unwrap();
     let relay = tokio::net::UnixListener::bind(sock).unwrap();
@@ -525,8 +523,7 @@ async fn without_a_unix_socket_the_embedded_agent_is_reached_over_tls() {
     let deep = long.path().join("d".repeat(120));
     std::fs::create_dir(&deep).unwrap();
     let server = start_server(&[], &[("TMPDIR", deep.to_str().unwrap())]);
-    let agents = common::get_json(server.url("/api/v1/agents"), &server.token).await;
-    let addr = agents["agents"][0]["addr"].as_str().unwrap().to_owned();
+    let addr = embedded_agent_addr(&server).await;
     assert!(
         addr.starts_with("127.0.0.1:"),
         "expected the loopback TCP fallback, got {addr}"
@@ -535,4 +532,11 @@ async fn without_a_unix_socket_the_embedded_agent_is_reached_over_tls() {
     let (out, _, exit) = run(&mut ws, 1, "echo over tls").await;
     assert_eq!(out, b"over tls\n");
     assert_eq!(exit["code"], 0);
+}
+
+/// Where the server reaches its embedded agent, as `GET /api/v1/agents`
+/// says.
+async fn embedded_agent_addr(server: &common::Server) -> String {
+    let agents = common::get_json(server.url("/api/v1/agents"), &server.token).await;
+    agents["agents"][0]["addr"].as_str().unwrap().to_owned()
 }

@@ -99,8 +99,7 @@ async fn once(
     let peer = stream
         .peer_addr()
         .map_or_else(|_| server.to_owned(), |a| a.to_string());
-    let _ = stream.set_nodelay(true);
-    crate::transport::socket::enable_keepalive(&stream);
+    crate::transport::socket::prepare_link(&stream);
     let Some((framed, peer, authed)) = connection::authenticate(
         Box::new(stream),
         peer,

@@ -159,8 +159,7 @@ pub(crate) fn process_ids() -> impl Iterator<Item = i32> {
 /// Whether a process of group `pgid` is in session `sid` (through /proc).
 fn group_in_session(pgid: Pid, sid: Pid) -> bool {
     process_ids().any(|pid| {
-        let ids = proc_stat(pid);
-        ids.is_some_and(|s| s.pgrp == pgid.as_raw() && s.session == sid.as_raw())
+        proc_stat(pid).is_some_and(|s| s.pgrp == pgid.as_raw() && s.session == sid.as_raw())
     })
 }
 

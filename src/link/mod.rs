@@ -372,8 +372,7 @@ impl AgentLink {
                 Box::new(stream)
             } else {
                 let stream = TcpStream::connect(&addr).await.map_err(connect_error)?;
-                let _ = stream.set_nodelay(true);
-                crate::transport::socket::enable_keepalive(&stream);
+                crate::transport::socket::prepare_link(&stream);
                 Box::new(stream)
             };
             // The handshake's small limits until the agent has proved the

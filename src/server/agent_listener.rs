@@ -92,8 +92,7 @@ async fn handshake(
     stream: TcpStream,
     registry: &Registry,
 ) -> Result<(String, super::agents::Claim, AgentLink), DialInError> {
-    let _ = stream.set_nodelay(true);
-    crate::transport::socket::enable_keepalive(&stream);
+    crate::transport::socket::prepare_link(&stream);
     let stream: crate::transport::Stream = Box::new(stream);
     let mut framed = Framed::new(stream, FrameCodec::handshake());
     let connector =

@@ -14,9 +14,11 @@ const IDLE_SECS: u32 = 30;
 const INTERVAL_SECS: u32 = 10;
 const PROBES: u32 = 3;
 
-/// Turns keepalive on for `stream`; failures are ignored (the link still
-/// works, only without the probe).
-pub(crate) fn enable_keepalive(stream: &impl AsFd) {
+/// Readies a TCP connection of the agent link, at either end: no Nagle
+/// delay (keystrokes and acks are small frames), and keepalive. Failures
+/// are ignored (the link still works, only without them).
+pub(crate) fn prepare_link(stream: &tokio::net::TcpStream) {
+    let _ = stream.set_nodelay(true);
     let fd = stream.as_fd();
     let _ = setsockopt(&fd, sockopt::KeepAlive, &true);
     let _ = setsockopt(&fd, sockopt::TcpKeepIdle, &IDLE_SECS);
@@ -88,8 +90,7 @@ pub(crate) async fn accept_link(
     match listener {
         Listener::Tcp(l) => {
             let (stream, peer) = accept(l, shutdown).await?;
-            let _ = stream.set_nodelay(true);
-            enable_keepalive(&stream);
+            prepare_link(&stream);
             Some(Accepted {
                 stream: Box::new(stream),
                 peer: peer.to_string(),
