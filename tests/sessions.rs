@@ -141,6 +141,95 @@ async fn a_shell_outlives_its_link_and_comes_back_with_its_screen_and_state() {
     assert!(second.sessions().await.unwrap()[0].attached);
 }
 
+/// A terminal on the test's side that keeps every line it scrolls off, as
+/// text with its SGR sequences.
+struct Kept(Vec<String>);
+
+impl vt100::Callbacks for Kept {
+    fn on_scroll(&mut self, row: vt100::capture::RowContents<'_>, _alternate: bool) {
+        let mut text = String::new();
+        let mut state = vt100::capture::BasicFormattedCaptureState::default();
+        let _ = row.write_formatted_basic(&mut text, &mut state);
+        self.0.push(text);
+    }
+}
+
+/// Attaches to `id` and draws the redraw on a terminal of `SIZE`: the
+/// lines it scrolled off, and the screen.
+async fn redrawn(link: &AgentLink, id: &str) -> (Vec<String>, String) {
+    let mut ch = link.attach(id, SIZE, false, None).await.unwrap();
+    assert_eq!(session_id(&mut ch).await, id);
+    let mut term = vt100::Parser::new_with_callbacks(
+        std::num::NonZeroU16::new(SIZE.rows).unwrap(),
+        std::num::NonZeroU16::new(SIZE.cols).unwrap(),
+        0,
+        Kept(Vec::new()),
+    );
+    // The redraw, then the answer to a line typed after it.
+    type_line(&ch, "echo redrawn-$((6*7))").await;
+    let done = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(Event::Snapshot(b) | Event::Stdout(b)) = ch.next().await {
+            let _ = ch.window(b.len() as u64).await;
+            term.process(&b);
+            if term.screen().contents().contains("redrawn-42") {
+                return;
+            }
+        }
+        panic!("the channel ended");
+    })
+    .await;
+    assert!(done.is_ok(), "no redraw: {:?}", term.screen().contents());
+    ch.detach().await.unwrap();
+    let screen = term.screen().contents();
+    (term.callbacks().0.clone(), screen)
+}
+
+/// A shell's scrollback comes back whole on every attach, colours and
+/// all, though only its last screenfuls are kept as the model's cells
+/// (the older lines as text); `clear` erases it, as in any terminal.
+#[tokio::test]
+async fn a_reattached_shell_has_its_whole_scrollback_until_it_is_cleared() {
+    let agent = start_agent(&[]);
+    let link = AgentLink::connect(agent.addr, &agent.key).await.unwrap();
+    let mut ch = link.exec(shell("alice")).await.unwrap();
+    let id = session_id(&mut ch).await;
+    type_line(
+        &ch,
+        "i=1; while [ $i -le 1000 ]; do printf '\\033[31mline-%d\\033[m\\n' $i; i=$((i+1)); done; echo printed-$((6*7))",
+    )
+    .await;
+    read_until(&mut ch, "printed-42").await;
+    ch.detach().await.unwrap();
+
+    let (scrolled, screen) = redrawn(&link, &id).await;
+    let plain = |line: &str| vt100::capture::basic_formatted_to_plain(line).collect::<String>();
+    let numbers: Vec<u32> = scrolled
+        .iter()
+        .map(|l| plain(l))
+        .chain(screen.lines().map(str::to_owned))
+        .filter_map(|l| l.trim().strip_prefix("line-")?.parse().ok())
+        .collect();
+    assert_eq!(numbers, (1..=1000).collect::<Vec<_>>());
+    // Red, from the oldest line on.
+    let first = scrolled.iter().find(|l| plain(l).trim() == "line-1");
+    assert!(first.is_some_and(|l| l.contains("\x1b[31m")), "{first:?}");
+
+    // `clear` erases the scrollback too (`CSI 3 J`).
+    let mut ch = link.attach(&id, SIZE, false, None).await.unwrap();
+    assert_eq!(session_id(&mut ch).await, id);
+    type_line(&ch, "clear; echo cleared-$((6*7))").await;
+    read_until(&mut ch, "cleared-42").await;
+    ch.detach().await.unwrap();
+    let (scrolled, screen) = redrawn(&link, &id).await;
+    assert!(
+        !scrolled
+            .iter()
+            .chain([&screen])
+            .any(|l| l.contains("line-")),
+        "{scrolled:?} {screen:?}"
+    );
+}
+
 #[tokio::test]
 async fn nothing_is_lost_or_repeated_between_detach_and_attach() {
     let agent = start_agent(&[]);

@@ -8,6 +8,7 @@ pub mod dial;
 pub(crate) mod facts;
 pub mod file_io;
 pub(crate) mod files;
+pub(crate) mod history;
 pub(crate) mod process;
 pub mod sandbox;
 pub(crate) mod session;

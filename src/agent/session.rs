@@ -40,9 +40,10 @@ use crate::vocab::{self, ErrorCode};
 const WATCH_LAG: usize = 256 * 1024;
 
 /// The largest terminal a session models: 300 columns by 150 rows. A
-/// larger size asked for is clamped: the model costs 32 bytes a cell, so a
-/// full scrollback of 5 000 lines at this width is about 49 MB, and at 80
-/// columns about 13 MB.
+/// larger size asked for is clamped: the model's cells cost 32 bytes each,
+/// for two screens and [`PARSER_ROWS`](super::history::PARSER_ROWS) lines
+/// of scrollback, at most about 4.3 MB at this size (older lines are kept
+/// as text).
 pub(crate) const MAX_COLS: u16 = 300;
 pub(crate) const MAX_ROWS: u16 = 150;
 
@@ -1220,61 +1221,23 @@ impl Model {
         // Without a parser, one is made for this redraw only.
         let mut early;
         let mut guard;
-        let parser: &mut vt100::Parser = match &self.parser {
+        let term: &mut Term = match &self.parser {
             Some(parser) => {
                 guard = Self::lock(parser);
-                guard.parser_mut()
+                &mut guard
             }
             None => {
                 early = self.early.parse(self.scrollback);
-                early.parser_mut()
+                &mut early
             }
         };
-        let (rows, cols) = parser.screen().size();
+        let (rows, cols) = term.screen().size();
         let size = PtySize {
             cols: cols.get(),
             rows: rows.get(),
         };
-        (redraw(parser, scrollback), size)
+        (term.redraw(scrollback), size)
     }
-}
-
-/// Bytes that take a fresh terminal to the model's state: a reset, the
-/// scrollback as plain lines, pushed off the screen, then the screen, the
-/// cursor and the input modes. (While a full-screen program runs, the
-/// model's scrollback is that of the alternate screen, which has none.)
-fn redraw(parser: &mut vt100::Parser, with_scrollback: bool) -> Vec<u8> {
-    let screen = parser.screen_mut();
-    let (rows, cols) = screen.size();
-    let (rows, cols) = (rows.get(), cols.get());
-    let mut out = String::from("\x1bc");
-    screen.set_scrollback(if with_scrollback { usize::MAX } else { 0 });
-    let lines = screen.scrollback();
-    // The scrollback, a screenful at a time, oldest first.
-    let mut offset = lines;
-    while offset > 0 {
-        screen.set_scrollback(offset);
-        let take = offset.min(rows as usize);
-        for row in screen.rows_formatted(0, cols).take(take) {
-            out.push_str("\x1b[m");
-            out.push_str(&row);
-            out.push_str("\r\n");
-        }
-        offset -= take;
-    }
-    screen.set_scrollback(0);
-    if lines > 0 {
-        // Scroll what was printed off the screen, into the scrollback.
-        for _ in 1..rows {
-            out.push('\n');
-        }
-        out.push_str("\x1b[m");
-    }
-    if screen.alternate_screen() {
-        out.push_str("\x1b[?1049h");
-    }
-    out.push_str(&screen.state_formatted());
-    out.into_bytes()
 }
 
 #[cfg(test)]
@@ -1285,14 +1248,18 @@ mod tests {
         vt100::Parser::new(nonzero(rows), nonzero(cols), 100)
     }
 
+    fn term(rows: u16, cols: u16) -> Term {
+        Term::new(nonzero(rows), nonzero(cols), 100)
+    }
+
     #[test]
     fn a_redraw_reproduces_screen_cursor_and_scrollback() {
-        let mut p = parser(5, 20);
+        let mut p = term(5, 20);
         for i in 1..=12 {
-            p.process(format!("line {i}\r\n").as_bytes());
+            p.feed(format!("line {i}\r\n").as_bytes());
         }
-        p.process(b"\x1b[1;31mred\x1b[m tail\x1b[2;4H");
-        let bytes = redraw(&mut p, true);
+        p.feed(b"\x1b[1;31mred\x1b[m tail\x1b[2;4H");
+        let bytes = p.redraw(true);
         let mut q = parser(5, 20);
         q.process(&bytes);
         assert_eq!(q.screen().contents(), p.screen().contents());
@@ -1303,7 +1270,7 @@ mod tests {
         );
         // The scrollback came along: line 1 is at its top.
         q.screen_mut().set_scrollback(usize::MAX);
-        assert_eq!(q.screen().scrollback(), p.screen().scrollback_len());
+        assert_eq!(q.screen().scrollback(), p.scrollback_len());
         assert!(q.screen().contents().starts_with("line 1\n"));
     }
 
@@ -1328,10 +1295,10 @@ mod tests {
 
     #[test]
     fn a_full_screen_program_comes_back_on_the_alternate_screen() {
-        let mut p = parser(4, 10);
-        p.process(b"shell$ vi\r\n\x1b[?1049h\x1b[H\x1b[2Jedit me\x1b[3;2H\x1b[?1h");
+        let mut p = term(4, 10);
+        p.feed(b"shell$ vi\r\n\x1b[?1049h\x1b[H\x1b[2Jedit me\x1b[3;2H\x1b[?1h");
         let mut q = parser(4, 10);
-        q.process(&redraw(&mut p, true));
+        q.process(&p.redraw(true));
         assert!(q.screen().alternate_screen());
         assert!(q.screen().application_cursor());
         assert_eq!(q.screen().contents(), p.screen().contents());
@@ -1344,7 +1311,7 @@ mod tests {
     async fn a_model_without_a_parser_redraws_as_one_would() {
         let start = PtySize { cols: 20, rows: 5 };
         let mut lazy = Model::new(start, 100);
-        let mut eager = parser(5, 20);
+        let mut eager = term(5, 20);
         let step = |i: usize| -> (Bytes, Option<PtySize>) {
             let out = Bytes::from(format!("\x1b[1;3{}mline {i}\x1b[m\r\n", i % 8));
             let size = i.is_multiple_of(5).then_some(PtySize {
@@ -1358,16 +1325,14 @@ mod tests {
             let (out, size) = step(i);
             fed += out.len();
             lazy.feed(out.clone()).await;
-            eager.process(&out);
+            eager.feed(&out);
             if let Some(size) = size {
                 lazy.set_size(size).await;
-                eager
-                    .screen_mut()
-                    .set_size(nonzero(size.rows), nonzero(size.cols));
+                eager.set_size(nonzero(size.rows), nonzero(size.cols));
             }
             if i.is_multiple_of(97) || i == 1999 {
                 let (bytes, size) = lazy.redraw(true).await;
-                assert_eq!(bytes, redraw(&mut eager, true), "after {i} lines");
+                assert_eq!(bytes, eager.redraw(true), "after {i} lines");
                 let (rows, cols) = eager.screen().size();
                 assert_eq!((size.rows, size.cols), (rows.get(), cols.get()));
             }

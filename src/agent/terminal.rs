@@ -30,6 +30,8 @@
 //! random mixes of lines, escape sequences and strings both ways and
 //! compares the redraws.
 
+use super::history::{History, PARSER_ROWS};
+
 /// The parser's state, as `vte` 0.15 (the state machine inside `vt100`)
 /// keeps it: only which state, to know when it is in the ground state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,6 +73,25 @@ struct Syntax {
     /// The region may be on the other screen than the one a later
     /// `CSI r` resets: only a reset or a resize clears it then.
     region_sticky: bool,
+    /// The first private marker or intermediate byte of the current CSI
+    /// (0 if none): `vt100` tells `CSI ? J` from `CSI J` by it alone.
+    csi_first: u8,
+    /// The current CSI's first parameter as `vte` reads it (saturating),
+    /// and whether it has ended.
+    csi_first_param: u16,
+    csi_first_done: bool,
+    /// What the last byte stepped over does to the scrollback.
+    erase: Option<Erase>,
+}
+
+/// Sequences after which the scrollback is empty.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Erase {
+    /// `ESC c` (RIS): both screens and the scrollback start afresh.
+    Reset,
+    /// `CSI 3 J` or `CSI ? 3 J`: the scrollback of the screen shown is
+    /// erased (the alternate screen has none).
+    Scrollback,
 }
 
 /// C0 controls that the parser executes inside a sequence, leaving its state.
@@ -89,22 +110,32 @@ impl Syntax {
             csi_overflow: false,
             region: false,
             region_sticky: false,
+            csi_first: 0,
+            csi_first_param: 0,
+            csi_first_done: false,
+            erase: None,
         }
     }
 
-    fn advance(&mut self, bytes: &[u8], rows: u16) {
+    /// Follows `bytes` up to the end of the first sequence that erases
+    /// the scrollback, and says how far that is; or through all of them.
+    fn advance(&mut self, bytes: &[u8], rows: u16) -> Option<(usize, Erase)> {
         let mut i = 0;
         while i < bytes.len() {
             if self.state == State::Ground {
                 // Only ESC leaves the ground state.
                 match bytes[i..].iter().position(|&b| b == 0x1b) {
                     Some(at) => i += at,
-                    None => return,
+                    None => return None,
                 }
             }
             self.step(bytes[i], rows);
             i += 1;
+            if let Some(erase) = self.erase.take() {
+                return Some((i, erase));
+            }
         }
+        None
     }
 
     /// Bytes that leave any state for the ground or escape state.
@@ -126,9 +157,22 @@ impl Syntax {
         self.csi_marked = false;
         self.csi_len = 0;
         self.csi_overflow = false;
+        self.csi_first = 0;
+        self.csi_first_param = 0;
+        self.csi_first_done = false;
     }
 
     fn csi_param(&mut self, byte: u8) {
+        if !self.csi_first_done {
+            if byte.is_ascii_digit() {
+                self.csi_first_param = self
+                    .csi_first_param
+                    .saturating_mul(10)
+                    .saturating_add(u16::from(byte - b'0'));
+            } else {
+                self.csi_first_done = true;
+            }
+        }
         if self.csi_len < CSI_PARAMS {
             self.csi_params[self.csi_len] = byte;
             self.csi_len += 1;
@@ -160,6 +204,7 @@ impl Syntax {
                     if byte == b'c' && !self.esc_intermediate {
                         self.region = false;
                         self.region_sticky = false;
+                        self.erase = Some(Erase::Reset);
                     }
                     self.state = Ground;
                 }
@@ -175,6 +220,9 @@ impl Syntax {
                 _ if executed(byte) => {}
                 0x20..=0x2f => {
                     self.csi_marked = true;
+                    if self.csi_first == 0 {
+                        self.csi_first = byte;
+                    }
                     self.state = CsiIntermediate;
                 }
                 0x30..=0x3b if self.state == CsiIntermediate => self.state = CsiIgnore,
@@ -184,6 +232,7 @@ impl Syntax {
                 }
                 0x3c..=0x3f if self.state == CsiEntry => {
                     self.csi_marked = true;
+                    self.csi_first = byte;
                     self.state = CsiParam;
                 }
                 0x3c..=0x3f => self.state = CsiIgnore,
@@ -241,6 +290,10 @@ impl Syntax {
             // A mode change (among them the switches between the primary
             // and alternate screens) while a region may be set.
             b'h' | b'l' if self.region => self.region_sticky = true,
+            // ED and DECSED 3, as `vt100` dispatches them.
+            b'J' if matches!(self.csi_first, 0 | b'?') && self.csi_first_param == 3 => {
+                self.erase = Some(Erase::Scrollback);
+            }
             _ => {}
         }
     }
@@ -270,9 +323,12 @@ fn plain(byte: u8) -> bool {
 
 /// The parser and what is known of the stream it was fed.
 pub(crate) struct Term {
-    parser: vt100::Parser,
-    /// The primary screen's scrollback capacity (the screen shown may be
-    /// the alternate one, which has none).
+    /// Keeps the last [`PARSER_ROWS`] lines of scrollback as rows of
+    /// cells, the older ones in its [`History`] as text.
+    parser: vt100::Parser<History>,
+    /// The primary screen's scrollback capacity, in the parser and its
+    /// history together (the screen shown may be the alternate one, which
+    /// has none).
     capacity: usize,
     syntax: Syntax,
     /// Bytes left out of floods so far (for tests and curiosity).
@@ -285,21 +341,39 @@ impl Term {
         cols: std::num::NonZeroU16,
         scrollback: usize,
     ) -> Term {
+        Term::keeping(rows, cols, scrollback, PARSER_ROWS)
+    }
+
+    /// A terminal whose parser keeps at most `parser_rows` of the
+    /// scrollback's lines as rows.
+    fn keeping(
+        rows: std::num::NonZeroU16,
+        cols: std::num::NonZeroU16,
+        scrollback: usize,
+        parser_rows: usize,
+    ) -> Term {
+        let kept = scrollback.min(parser_rows);
         Term {
-            parser: vt100::Parser::new(rows, cols, scrollback),
+            parser: vt100::Parser::new_with_callbacks(
+                rows,
+                cols,
+                kept,
+                History::new(scrollback - kept),
+            ),
             capacity: scrollback,
             syntax: Syntax::new(),
             skipped: 0,
         }
     }
 
-    pub(crate) fn parser_mut(&mut self) -> &mut vt100::Parser {
-        &mut self.parser
-    }
-
-    #[cfg(test)]
     pub(crate) fn screen(&self) -> &vt100::Screen {
         self.parser.screen()
+    }
+
+    /// Lines of scrollback, in the parser and its history.
+    #[cfg(test)]
+    pub(crate) fn scrollback_len(&self) -> usize {
+        self.parser.callbacks().len() + self.parser.screen().scrollback_len()
     }
 
     #[cfg(test)]
@@ -313,7 +387,9 @@ impl Term {
             self.syntax.region = false;
             self.syntax.region_sticky = false;
         }
-        self.parser.screen_mut().set_size(rows, cols);
+        // Through the parser, whose callback takes the rows that a smaller
+        // screen pushes out of its scrollback.
+        self.parser.set_size(rows, cols);
     }
 
     /// Line feeds that must follow a skip: every row on the screen or in
@@ -331,13 +407,66 @@ impl Term {
         self.capacity + 2 * rows + 152
     }
 
-    fn parse(&mut self, bytes: &[u8]) {
-        if bytes.is_empty() {
-            return;
-        }
-        self.parser.process(bytes);
+    fn parse(&mut self, mut bytes: &[u8]) {
         let rows = self.parser.screen().size().0.get();
-        self.syntax.advance(bytes, rows);
+        while !bytes.is_empty() {
+            let Some((end, erase)) = self.syntax.advance(bytes, rows) else {
+                self.parser.process(bytes);
+                return;
+            };
+            // Up to the end of the sequence: its rows pass through the
+            // history, and all of it goes with them.
+            self.parser.process(&bytes[..end]);
+            if erase == Erase::Reset || !self.parser.screen().alternate_screen() {
+                self.parser.callbacks_mut().clear();
+            }
+            bytes = &bytes[end..];
+        }
+    }
+
+    /// Bytes that take a fresh terminal to this one's state: a reset, the
+    /// scrollback as lines (the history's, then the parser's rows), pushed
+    /// off the screen, then the screen, the cursor and the input modes.
+    /// (While a full-screen program runs, the scrollback is that of the
+    /// alternate screen, which has none.)
+    pub(crate) fn redraw(&mut self, with_scrollback: bool) -> Vec<u8> {
+        let mut out = b"\x1bc".to_vec();
+        let alternate = self.parser.screen().alternate_screen();
+        let mut lines = 0;
+        if with_scrollback && !alternate {
+            let history = self.parser.callbacks_mut();
+            lines += history.len();
+            history.write(&mut out);
+        }
+        let screen = self.parser.screen_mut();
+        let (rows, cols) = screen.size();
+        let (rows, cols) = (rows.get(), cols.get());
+        screen.set_scrollback(if with_scrollback { usize::MAX } else { 0 });
+        let kept = screen.scrollback();
+        lines += kept;
+        // The parser's rows, a screenful at a time, oldest first.
+        let mut offset = kept;
+        while offset > 0 {
+            screen.set_scrollback(offset);
+            let take = offset.min(rows as usize);
+            for row in screen.rows_formatted(0, cols).take(take) {
+                out.extend_from_slice(b"\x1b[m");
+                out.extend_from_slice(row.as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+            offset -= take;
+        }
+        screen.set_scrollback(0);
+        if lines > 0 {
+            // Scroll what was printed off the screen, into the scrollback.
+            out.extend(std::iter::repeat_n(b'\n', usize::from(rows) - 1));
+            out.extend_from_slice(b"\x1b[m");
+        }
+        if alternate {
+            out.extend_from_slice(b"\x1b[?1049h");
+        }
+        out.extend_from_slice(screen.state_formatted().as_bytes());
+        out
     }
 
     /// Feeds `bytes`, leaving out what of a flood of plain lines cannot
@@ -415,8 +544,20 @@ mod tests {
     }
 
     /// What a terminal shows and keeps: the screen with its attributes and
-    /// cursor, and every row of scrollback.
-    fn state(parser: &mut vt100::Parser) -> (String, Vec<String>, (u16, u16), bool) {
+    /// cursor, and every line of scrollback (the history's as it keeps
+    /// them, then the parser's rows).
+    fn state(term: &mut Term) -> (String, Vec<String>, (u16, u16), bool) {
+        let mut history = Vec::new();
+        term.parser.callbacks_mut().write(&mut history);
+        let mut state = rows_state(&mut term.parser);
+        state.1.insert(0, String::from_utf8(history).unwrap());
+        state
+    }
+
+    /// The screen and the scrollback's rows of a parser.
+    fn rows_state<CB: vt100::Callbacks>(
+        parser: &mut vt100::Parser<CB>,
+    ) -> (String, Vec<String>, (u16, u16), bool) {
         let screen = parser.screen_mut();
         let (_, cols) = screen.size();
         screen.set_scrollback(usize::MAX);
@@ -499,7 +640,12 @@ mod tests {
                         b"\x1b[?47h",
                         b"\x1b[?47l",
                         b"\x1bc",
-                    ][rng.below(5) as usize],
+                        b"\x1b[3J",
+                        b"\x1b[?3J",
+                        b"\x1b[3;1J",
+                        b"\x1b[03J",
+                        b"\x1b[>3J",
+                    ][rng.below(10) as usize],
                 ),
                 14 => out.extend_from_slice(
                     [
@@ -545,24 +691,26 @@ mod tests {
                 rng.below(12) as usize
             };
             let data = stream(&mut rng, rows);
-            let mut whole = vt100::Parser::new(nz(rows), nz(cols), scrollback);
-            let mut term = Term::new(nz(rows), nz(cols), scrollback);
+            // The parser keeps few rows, for the history to fill.
+            let kept = rng.below(4) as usize;
+            let mut whole = Term::keeping(nz(rows), nz(cols), scrollback, kept);
+            let mut term = Term::keeping(nz(rows), nz(cols), scrollback, kept);
             // The same bytes, in the same random pieces, with resizes between.
             let mut at = 0;
             while at < data.len() {
                 let n = (1 + rng.below(40_000) as usize).min(data.len() - at);
-                whole.process(&data[at..at + n]);
+                whole.parse(&data[at..at + n]);
                 term.feed(&data[at..at + n]);
                 at += n;
                 if rng.below(8) == 0 {
                     let (r, c) = (nz(2 + rng.below(6) as u16), nz(5 + rng.below(30) as u16));
-                    whole.screen_mut().set_size(r, c);
+                    whole.set_size(r, c);
                     term.set_size(r, c);
                 }
             }
             skipped += term.skipped();
             assert_eq!(
-                state(term.parser_mut()),
+                state(&mut term),
                 state(&mut whole),
                 "case {case}: {rows}x{cols}, scrollback {scrollback}"
             );
@@ -587,7 +735,11 @@ mod tests {
         );
         let rows: Vec<String> = term.screen().rows(0, 139).collect();
         assert_eq!(rows[38], "200000");
-        assert_eq!(term.screen().scrollback_len(), 5000);
+        assert_eq!(term.scrollback_len(), 5000);
+        // The parser keeps a screenful's worth of rows; the rest is text.
+        assert_eq!(term.screen().scrollback_len(), PARSER_ROWS);
+        let history = term.parser.callbacks_mut().plain_lines();
+        assert_eq!(history.last().map(String::as_str), Some("199811"));
     }
 
     /// Below a scroll region, line feeds do not scroll: every line is
@@ -604,11 +756,11 @@ mod tests {
             };
             data.extend_from_slice(format!("{line}\r\n").as_bytes());
         }
-        let mut whole = vt100::Parser::new(nz(6), nz(40), 10);
-        whole.process(&data);
+        let mut whole = Term::new(nz(6), nz(40), 10);
+        whole.parse(&data);
         let mut term = Term::new(nz(6), nz(40), 10);
         term.feed(&data);
-        assert_eq!(state(term.parser_mut()), state(&mut whole));
+        assert_eq!(state(&mut term), state(&mut whole));
         assert!(whole.screen().contents().contains("yyyy"));
     }
 
@@ -620,13 +772,13 @@ mod tests {
         for n in 0..3000 {
             data.extend_from_slice(format!("{n}\r\n").as_bytes());
         }
-        let mut whole = vt100::Parser::new(nz(24), nz(80), 2000);
+        let mut whole = Term::new(nz(24), nz(80), 2000);
         let mut term = Term::new(nz(24), nz(80), 2000);
-        whole.process(b"\x1b[?1049h");
+        whole.parse(b"\x1b[?1049h");
         term.feed(b"\x1b[?1049h");
-        whole.process(&data);
+        whole.parse(&data);
         term.feed(&data);
-        assert_eq!(state(term.parser_mut()), state(&mut whole));
+        assert_eq!(state(&mut term), state(&mut whole));
     }
 
     /// `CSI b` repeats the last character printed, which a skip must not
@@ -636,11 +788,11 @@ mod tests {
         let mut data = b"A\r\nB\r\n".to_vec();
         data.extend(b"\r\n".repeat(400));
         data.extend_from_slice(b"\x1b[3b");
-        let mut whole = vt100::Parser::new(nz(5), nz(20), 10);
+        let mut whole = Term::new(nz(5), nz(20), 10);
         let mut term = Term::new(nz(5), nz(20), 10);
-        whole.process(&data);
+        whole.parse(&data);
         term.feed(&data);
-        assert_eq!(state(term.parser_mut()), state(&mut whole));
+        assert_eq!(state(&mut term), state(&mut whole));
     }
 
     #[test]
@@ -651,6 +803,99 @@ mod tests {
             term.feed(prefix.as_bytes());
             term.feed(lines.as_bytes());
             assert_eq!(term.skipped(), 0, "after {prefix:?}");
+        }
+    }
+
+    /// The lines of scrollback as text, as a terminal with all of them in
+    /// its parser holds them.
+    fn scrollback_text<CB: vt100::Callbacks>(parser: &mut vt100::Parser<CB>) -> Vec<String> {
+        let screen = parser.screen_mut();
+        let cols = screen.size().1.get();
+        screen.set_scrollback(usize::MAX);
+        let mut lines = Vec::new();
+        for offset in (1..=screen.scrollback()).rev() {
+            screen.set_scrollback(offset);
+            lines.push(screen.rows(0, cols).next().unwrap().trim_end().to_owned());
+        }
+        screen.set_scrollback(0);
+        lines
+    }
+
+    /// Keeping the older lines as text loses none of them, and erases them
+    /// when `vt100` would: the text of every line of scrollback, and the
+    /// screen, against a parser that keeps all of them as rows.
+    #[test]
+    fn the_history_holds_what_the_parsers_scrollback_would() {
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        for case in 0..200 {
+            let rows = 2 + rng.below(6) as u16;
+            let cols = 5 + rng.below(30) as u16;
+            let scrollback = rng.below(300) as usize;
+            let kept = rng.below(4) as usize;
+            let mut data = stream(&mut rng, rows);
+            // Back to the primary screen, whose scrollback is compared.
+            data.extend_from_slice(b"\x18\x1b[?1049l");
+            let mut whole = vt100::Parser::new(nz(rows), nz(cols), scrollback);
+            let mut term = Term::keeping(nz(rows), nz(cols), scrollback, kept);
+            whole.process(&data);
+            term.parse(&data);
+            let mut text = term.parser.callbacks_mut().plain_lines();
+            text.iter_mut()
+                .for_each(|line| line.truncate(line.trim_end().len()));
+            text.extend(scrollback_text(&mut term.parser));
+            assert_eq!(
+                text,
+                scrollback_text(&mut whole),
+                "case {case}: {rows}x{cols}, scrollback {scrollback}, kept {kept}"
+            );
+            assert_eq!(
+                rows_state(&mut term.parser).0,
+                rows_state(&mut whole).0,
+                "case {case}"
+            );
+        }
+    }
+
+    #[test]
+    fn clear_and_reset_erase_the_history_but_not_on_the_alternate_screen() {
+        let lines: String = (0..50).map(|n| format!("{n}\r\n")).collect();
+        for (erase, erased) in [
+            ("\x1b[H\x1b[2J\x1b[3J", true),
+            ("\x1b[?3J", true),
+            ("\x1bc", true),
+            ("\x1b[2J", false),
+            ("\x1b[>3J", false),
+            ("\x1b[?1049h\x1b[3J\x1b[?1049l", false),
+            ("\x1b[?1049h\x1bc", true),
+        ] {
+            let mut term = Term::keeping(nz(5), nz(20), 100, 3);
+            term.feed(lines.as_bytes());
+            assert_eq!(term.parser.callbacks().len(), 43);
+            // The sequence cut in two, and more lines in the same piece.
+            let (a, b) = erase.split_at(erase.len() / 2);
+            term.feed(a.as_bytes());
+            term.feed(format!("{b}after\r\n").as_bytes());
+            let history = term.parser.callbacks_mut().plain_lines();
+            assert_eq!(history.is_empty(), erased, "{erase:?}: {history:?}");
+        }
+    }
+
+    /// A smaller screen pushes its top rows into the scrollback, and a
+    /// taller one pulls them back, as with all lines in the parser.
+    #[test]
+    fn resizes_move_rows_between_screen_and_history() {
+        let lines: String = (0..40).map(|n| format!("line {n}\r\n")).collect();
+        let mut whole = vt100::Parser::new(nz(20), nz(20), 100);
+        let mut term = Term::keeping(nz(20), nz(20), 100, 5);
+        whole.process(lines.as_bytes());
+        term.feed(lines.as_bytes());
+        for rows in [4, 9, 2, 7] {
+            whole.set_size(nz(rows), nz(20));
+            term.set_size(nz(rows), nz(20));
+            let mut text = term.parser.callbacks_mut().plain_lines();
+            text.extend(scrollback_text(&mut term.parser));
+            assert_eq!(text, scrollback_text(&mut whole), "at {rows} rows");
+            assert_eq!(term.screen().contents(), whole.screen().contents());
         }
     }
 }
