@@ -43,6 +43,8 @@ struct Plan {
     dial_in_agents: usize,
     /// Detached shell sessions held by one agent.
     detached: usize,
+    /// Detached shell sessions that each printed a full scrollback first.
+    used: usize,
     /// Bytes a shell session prints in the terminal-model cost round.
     session_bytes: u64,
 }
@@ -62,6 +64,7 @@ impl Plan {
                 fanout_agents: 5,
                 dial_in_agents: 20,
                 detached: 20,
+                used: 2,
                 session_bytes: 4 << 20,
             }
         } else {
@@ -77,6 +80,7 @@ impl Plan {
                 fanout_agents: 100,
                 dial_in_agents: 1000,
                 detached: 500,
+                used: 50,
                 session_bytes: 256 << 20,
             }
         }
@@ -1136,14 +1140,56 @@ async fn sessions(plan: &Plan, out: &mut String) -> Vec<(String, bool)> {
     }
     let after = rss_kib(pid);
     let per = after.saturating_sub(before) as f64 / detached.max(1) as f64;
+    // Shells that printed a full scrollback (5,000 lines of 80 columns)
+    // before they were left: what the model keeps of that output.
+    let before_used = after;
+    let script = "awk 'BEGIN { for (i = 1; i <= 5000; i++) printf \"%079d\\n\", i }'; \
+                  echo printed-all; exec sleep 3600";
+    let mut used = 0usize;
+    for _ in 0..plan.used {
+        if Instant::now() > deadline {
+            break;
+        }
+        let mut ch = open_session(&link, Some(script)).await;
+        let mut seen = Vec::new();
+        while let Some(ev) = ch.next().await {
+            if let Event::Stdout(b) = ev {
+                ch.window(b.len() as u64).await.unwrap();
+                seen.extend_from_slice(&b);
+                if memchr::memmem::find(&seen, b"printed-all").is_some() {
+                    break;
+                }
+                let keep = seen.len().saturating_sub(16);
+                seen.drain(..keep);
+            }
+        }
+        drop(ch);
+        used += 1;
+    }
+    let listed = Instant::now();
+    while listed.elapsed() < Duration::from_secs(30) {
+        let all = link.sessions().await.unwrap();
+        if all.len() == detached + used && all.iter().all(|s| !s.attached) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let per_used = rss_kib(pid).saturating_sub(before_used) as f64 / used.max(1) as f64;
     let _ = writeln!(
         out,
-        "| detached sessions | agent RSS growth per session (not counting the shells) |\n|---|---|\n| {detached} | {per:.0} KiB |\n"
+        "| detached sessions | agent RSS growth per session (not counting the shells) |\n|---|---|\n| {detached} | {per:.0} KiB |\n| {used}, each after printing 5,000 lines of 80 columns | {per_used:.0} KiB |\n"
     );
     let mut verdicts = vec![(
         format!("{} detached sessions held: {detached}", plan.detached),
         detached == plan.detached,
     )];
+    verdicts.push((
+        format!(
+            "{} sessions held after a full scrollback: {used}",
+            plan.used
+        ),
+        used == plan.used,
+    ));
     // The terminal model's cost: the same output through a session and
     // through a plain PTY command, alternating, median of three each.
     let n = plan.session_bytes;
