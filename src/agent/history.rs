@@ -1,8 +1,9 @@
 //! A session's older scrollback, kept as text.
 //!
 //! `vt100` keeps its scrollback as rows of cells, 32 bytes a cell whatever
-//! the cell holds: a shell that had printed 5,000 lines held about 12 MB of
-//! agent memory for as long as it lived, though those rows are only ever
+//! the cell holds: a shell that had printed 5,000 lines of 80 columns held
+//! about 9.5 MB of agent memory for as long as it lived, though those rows
+//! are only ever
 //! read back for a redraw, as text with SGR sequences. So the parser keeps
 //! rows only for as many lines as a resize can pull back onto the screen
 //! ([`PARSER_ROWS`]), and each row that leaves them comes here (the
@@ -13,6 +14,14 @@
 //! (`ESC c`) and `CSI 3 J` on the primary screen. The parser does not say
 //! when it does either, so the stream is watched for them
 //! (src/agent/terminal.rs).
+//!
+//! A taller screen pulls rows back from the parser's scrollback only.
+//! That is the same as with every line in the parser until more than
+//! [`PARSER_ROWS`] have been pulled back and not pushed out again (a
+//! screen shrunk while the cursor is away from its bottom row drops rows
+//! rather than pushing them): then the rows pulled back are blank, and
+//! their lines stay here, above them in a redraw. Nothing is lost or
+//! reordered; vt100 offers no way to hand rows back to its scrollback.
 
 use std::collections::VecDeque;
 
@@ -73,6 +82,12 @@ impl History {
         {
             self.pop_oldest();
         }
+        // Grown by doubling, but never past the bound (and this line).
+        let need = self.bytes.len() + line.len();
+        if need > self.bytes.capacity() {
+            let target = (self.bytes.capacity() * 2).clamp(need, self.max_bytes.max(need));
+            self.bytes.reserve_exact(target - self.bytes.len());
+        }
         self.bytes.extend(line);
         // A row is at most `MAX_COLS` cells of at most a few dozen bytes.
         self.lens
@@ -86,7 +101,8 @@ impl History {
     }
 
     /// Writes each line, oldest first, from default attributes and ending
-    /// in CR LF.
+    /// in them and CR LF (a line feed fills a new row with the background
+    /// colour in force).
     pub(crate) fn write(&mut self, out: &mut Vec<u8>) {
         let bytes = self.bytes.make_contiguous();
         let mut at = 0;
@@ -94,7 +110,7 @@ impl History {
             let end = at + len as usize;
             out.extend_from_slice(b"\x1b[m");
             out.extend_from_slice(&bytes[at..end]);
-            out.extend_from_slice(b"\r\n");
+            out.extend_from_slice(b"\x1b[m\r\n");
             at = end;
         }
     }
@@ -195,6 +211,7 @@ mod tests {
         }
         assert_eq!(h.len(), 2);
         assert!(h.bytes.len() <= 3 * BYTES_PER_LINE);
+        assert!(h.bytes.capacity() <= 3 * BYTES_PER_LINE + 1200);
         h.clear();
         assert_eq!(h.len(), 0);
         assert_eq!(h.bytes.capacity(), 0);

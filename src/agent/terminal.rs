@@ -452,15 +452,15 @@ impl Term {
             for row in screen.rows_formatted(0, cols).take(take) {
                 out.extend_from_slice(b"\x1b[m");
                 out.extend_from_slice(row.as_bytes());
-                out.extend_from_slice(b"\r\n");
+                out.extend_from_slice(b"\x1b[m\r\n");
             }
             offset -= take;
         }
         screen.set_scrollback(0);
         if lines > 0 {
-            // Scroll what was printed off the screen, into the scrollback.
+            // Scroll what was printed off the screen, into the scrollback
+            // (after the last line's attributes were reset).
             out.extend(std::iter::repeat_n(b'\n', usize::from(rows) - 1));
-            out.extend_from_slice(b"\x1b[m");
         }
         if alternate {
             out.extend_from_slice(b"\x1b[?1049h");
@@ -645,7 +645,11 @@ mod tests {
                         b"\x1b[3;1J",
                         b"\x1b[03J",
                         b"\x1b[>3J",
-                    ][rng.below(10) as usize],
+                        b"\x1b[3:1J",
+                        b"\x1b[?3$J",
+                        b"\x1b[3\nJ",
+                        b"\x1b[65539J",
+                    ][rng.below(14) as usize],
                 ),
                 14 => out.extend_from_slice(
                     [
