@@ -48,6 +48,9 @@ pub(crate) struct History {
     max_bytes: usize,
     /// The line being formatted, kept to spare an allocation a line.
     scratch: String,
+    /// Rows the parser will hand over next that are here already (see
+    /// [`History::push_ahead`]): they are dropped.
+    ahead: usize,
 }
 
 impl History {
@@ -60,6 +63,7 @@ impl History {
             max_lines,
             max_bytes: max_lines.saturating_mul(BYTES_PER_LINE),
             scratch: String::new(),
+            ahead: 0,
         }
     }
 
@@ -67,10 +71,32 @@ impl History {
         self.lens.len()
     }
 
+    /// Whether it keeps any line.
+    pub(crate) fn keeps_lines(&self) -> bool {
+        self.max_lines > 0
+    }
+
     /// Forgets every line and frees their memory.
     pub(crate) fn clear(&mut self) {
         self.bytes = VecDeque::new();
         self.lens = VecDeque::new();
+        self.ahead = 0;
+    }
+
+    /// Takes lines as their formatted text, the last `ahead` of which are
+    /// still the parser's oldest rows: the next `ahead` rows it hands over
+    /// are those lines, and are dropped. (A flood of plain lines reaches
+    /// the history this way without being parsed: src/agent/terminal.rs.)
+    pub(crate) fn push_ahead<'a>(&mut self, lines: impl Iterator<Item = &'a [u8]>, ahead: usize) {
+        for line in lines {
+            self.push(line);
+        }
+        self.ahead = ahead;
+    }
+
+    /// Rows still to be dropped (for checks).
+    pub(crate) fn ahead(&self) -> usize {
+        self.ahead
     }
 
     fn push(&mut self, line: &[u8]) {
@@ -133,6 +159,10 @@ impl vt100::Callbacks for History {
     /// dropped, as `vt100` drops them: it keeps no scrollback for it.
     fn on_scroll(&mut self, row: RowContents<'_>, alternate_screen: bool) {
         if alternate_screen || self.max_lines == 0 {
+            return;
+        }
+        if self.ahead > 0 {
+            self.ahead -= 1;
             return;
         }
         let mut line = std::mem::take(&mut self.scratch);

@@ -29,6 +29,13 @@
 //! Anything this cannot be sure of is parsed in full. A unit test feeds
 //! random mixes of lines, escape sequences and strings both ways and
 //! compares the redraws.
+//!
+//! The lines a flood leaves in the scrollback reach the session's history
+//! (src/agent/history.rs) as text. Where the parser would only have
+//! printed each on a blank row and scrolled it there, the middle of a
+//! stretch of such lines goes to the history without the parser
+//! ([`Term::parse_lines`]), since formatting rows back into text would
+//! otherwise cost more than the parsing.
 
 use super::history::{History, PARSER_ROWS};
 
@@ -333,6 +340,10 @@ pub(crate) struct Term {
     syntax: Syntax,
     /// Bytes left out of floods so far (for tests and curiosity).
     skipped: u64,
+    /// Bytes of plain lines handed to the history without the parser.
+    bypassed: u64,
+    /// Where the lines of a stretch start (kept to spare an allocation).
+    starts: Vec<usize>,
 }
 
 impl Term {
@@ -363,6 +374,8 @@ impl Term {
             capacity: scrollback,
             syntax: Syntax::new(),
             skipped: 0,
+            bypassed: 0,
+            starts: Vec::new(),
         }
     }
 
@@ -379,6 +392,11 @@ impl Term {
     #[cfg(test)]
     pub(crate) fn skipped(&self) -> u64 {
         self.skipped
+    }
+
+    #[cfg(test)]
+    pub(crate) fn bypassed(&self) -> u64 {
+        self.bypassed
     }
 
     pub(crate) fn set_size(&mut self, rows: std::num::NonZeroU16, cols: std::num::NonZeroU16) {
@@ -476,11 +494,8 @@ impl Term {
         let mut at = 0;
         let mut search = 0;
         while let Some((from, to)) = skippable(bytes, search, margin) {
-            self.parse(&bytes[at..from]);
-            if self.syntax.state == State::Ground
-                && !self.syntax.region
-                && !self.parser.screen().alternate_screen()
-            {
+            self.parse_lines(&bytes[at..from]);
+            if self.plain_ground() {
                 self.skipped += (to - from) as u64;
             } else {
                 self.parse(&bytes[from..to]);
@@ -488,8 +503,140 @@ impl Term {
             at = to;
             search = to;
         }
+        self.parse_lines(&bytes[at..]);
+    }
+
+    /// Plain bytes here would print text and move the cursor only, every
+    /// line feed at the bottom scrolling the whole screen into the
+    /// primary screen's scrollback.
+    fn plain_ground(&self) -> bool {
+        self.syntax.state == State::Ground
+            && !self.syntax.region
+            && !self.parser.screen().alternate_screen()
+    }
+
+    /// Parses `bytes`, but hands the middle of each long stretch of simple
+    /// lines (printable ASCII, no wider than the screen, each ending in
+    /// CR LF) to the history as its text, without the parser.
+    ///
+    /// The parser would print each such line on the blank bottom row,
+    /// with the default attributes, and scroll it up through the screen
+    /// and its own scrollback into the history, formatted as the very
+    /// same text: most of a flood's cost with a history. So of a stretch
+    /// of them:
+    /// - the first lines (the lead: `2 × rows + kept + 152`) are parsed:
+    ///   every row there was is pushed out to the history, in order, and
+    ///   the parser's rows now hold only the lead's last lines;
+    /// - if the cursor is then at the start of the bottom row, in the
+    ///   ground state on the primary screen without a region and with
+    ///   default attributes, the history takes the lead's lines the parser
+    ///   still holds, then the middle lines, as text, and is told to drop
+    ///   the next rows the parser hands over, which are those same lines;
+    /// - the last lines (at least `rows + kept`, and the last one that
+    ///   prints a character, which `CSI b` repeats) are parsed, pushing
+    ///   out those rows and taking their place.
+    ///
+    /// The lead's scrolls also keep the parser's count of rows scrolled
+    /// (what a taller screen pulls back) past the reach of a resize, as
+    /// for a skip ([`Term::margin`]).
+    fn parse_lines(&mut self, bytes: &[u8]) {
+        if !self.parser.callbacks().keeps_lines() {
+            self.parse(bytes);
+            return;
+        }
+        let (rows, cols) = self.parser.screen().size();
+        let (rows, cols) = (usize::from(rows.get()), usize::from(cols.get()));
+        let kept = self.parser.screen().scrollback_capacity();
+        let lead = 2 * rows + kept + 152;
+        let tail = rows + kept;
+        let mut starts = std::mem::take(&mut self.starts);
+        let mut at = 0;
+        while let Some(end) = simple_lines(bytes, at, cols, lead + tail + 1, &mut starts) {
+            self.parse(&bytes[at..starts[0]]);
+            self.bypass(bytes, &starts, end, lead, tail);
+            at = end;
+        }
+        self.starts = starts;
         self.parse(&bytes[at..]);
     }
+
+    /// One stretch of simple lines (see [`Term::parse_lines`]): the lines
+    /// start at `starts` and the last ends at `end`.
+    fn bypass(&mut self, bytes: &[u8], starts: &[usize], end: usize, lead: usize, tail: usize) {
+        let n = starts.len();
+        // A line's text, without its CR LF.
+        let line = |i: usize| -> &[u8] {
+            let next = starts.get(i + 1).copied().unwrap_or(end);
+            &bytes[starts[i]..next - 2]
+        };
+        let Some(last_printed) = (0..n).rev().find(|&i| !line(i).is_empty()) else {
+            self.parse(&bytes[starts[0]..end]);
+            return;
+        };
+        let middle_end = (n - tail).min(last_printed);
+        let ready = self.plain_ground() && default_attributes(self.parser.screen());
+        if middle_end <= lead || !ready {
+            self.parse(&bytes[starts[0]..end]);
+            return;
+        }
+        self.parse(&bytes[starts[0]..starts[lead]]);
+        let screen = self.parser.screen();
+        let (rows, _) = screen.size();
+        // The lead's lines the parser holds: its scrollback, and the
+        // screen's rows above the cursor.
+        let held = screen.scrollback_len() + usize::from(rows.get()) - 1;
+        if screen.cursor_position() != (rows.get() - 1, 0) || held >= lead {
+            self.parse(&bytes[starts[lead]..end]);
+            return;
+        }
+        self.parser
+            .callbacks_mut()
+            .push_ahead((lead - held..middle_end).map(line), held);
+        self.bypassed += (starts[middle_end] - starts[lead]) as u64;
+        self.parse(&bytes[starts[middle_end]..end]);
+        debug_assert_eq!(self.parser.callbacks().ahead(), 0);
+    }
+}
+
+/// Whether the attributes text is drawn with are the defaults (so that a
+/// row of it formats as the text alone).
+fn default_attributes(screen: &vt100::Screen) -> bool {
+    static DEFAULT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        let one = std::num::NonZeroU16::MIN;
+        vt100::Parser::new(one, one, 0)
+            .screen()
+            .attributes_formatted()
+    });
+    screen.attributes_formatted() == *DEFAULT
+}
+
+/// The next stretch, from `from` on, of at least `need` simple lines:
+/// printable ASCII, at most `cols` of it, and CR LF. Their starts are left
+/// in `starts`; the offset just after the last one is returned.
+fn simple_lines(
+    bytes: &[u8],
+    from: usize,
+    cols: usize,
+    need: usize,
+    starts: &mut Vec<usize>,
+) -> Option<usize> {
+    starts.clear();
+    let mut at = from;
+    while let Some(len) = memchr::memchr(b'\n', &bytes[at..]) {
+        let text = &bytes[at..at + len];
+        let simple = text.len() <= cols + 1
+            && text.last() == Some(&b'\r')
+            && text[..len - 1].iter().all(|b| (0x20..=0x7e).contains(b));
+        if simple {
+            starts.push(at);
+        } else if starts.len() >= need {
+            return Some(at);
+        } else {
+            starts.clear();
+        }
+        at += len + 1;
+    }
+    (starts.len() >= need).then_some(at)
 }
 
 /// The next part of `bytes` from `start` on that could be left out: inside
@@ -621,6 +768,18 @@ mod tests {
                         }
                     }
                 }
+                10 => {
+                    // Short lines, as the history takes without the parser.
+                    for n in 0..rng.below(1500) {
+                        let text = if rng.below(300) == 0 {
+                            String::new()
+                        } else {
+                            format!("{}", n % 1000)
+                        };
+                        out.extend_from_slice(text.as_bytes());
+                        out.extend_from_slice(b"\r\n");
+                    }
+                }
                 11 => out.extend_from_slice(format!("\x1b[{}m", rng.below(108)).as_bytes()),
                 12 => {
                     let top = rng.below(u64::from(rows) + 2);
@@ -684,6 +843,7 @@ mod tests {
     #[test]
     fn a_skipped_flood_leaves_the_parser_as_the_whole_flood_would() {
         let mut skipped = 0;
+        let mut bypassed = 0;
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
         for case in 0..200 {
             let rows = 2 + rng.below(6) as u16;
@@ -713,6 +873,7 @@ mod tests {
                 }
             }
             skipped += term.skipped();
+            bypassed += term.bypassed();
             assert_eq!(
                 state(&mut term),
                 state(&mut whole),
@@ -720,6 +881,10 @@ mod tests {
             );
         }
         assert!(skipped > 100_000, "the cases skipped only {skipped} bytes");
+        assert!(
+            bypassed > 20_000,
+            "the cases bypassed only {bypassed} bytes"
+        );
     }
 
     #[test]
@@ -744,6 +909,35 @@ mod tests {
         assert_eq!(term.screen().scrollback_len(), PARSER_ROWS);
         let history = term.parser.callbacks_mut().plain_lines();
         assert_eq!(history.last().map(String::as_str), Some("199811"));
+    }
+
+    /// A flood of full-width lines, too few in a piece to leave any out,
+    /// reaches the history mostly without the parser, and leaves the same
+    /// state as parsing all of it.
+    #[test]
+    fn a_flood_of_wide_lines_goes_to_the_history_as_text() {
+        let mut data = Vec::new();
+        for n in 0..20_000 {
+            data.extend_from_slice(format!("{n:079}\r\n").as_bytes());
+        }
+        let mut term = Term::new(nz(24), nz(80), 5000);
+        let mut whole = Term::new(nz(24), nz(80), 5000);
+        for piece in data.chunks(256 * 1024) {
+            term.feed(piece);
+            whole.parse(piece);
+        }
+        assert_eq!(term.skipped(), 0);
+        assert!(
+            term.bypassed() * 10 > data.len() as u64 * 7,
+            "bypassed {}",
+            term.bypassed()
+        );
+        assert_eq!(state(&mut term), state(&mut whole));
+        // Coloured text is parsed in full.
+        let mut term = Term::new(nz(24), nz(80), 5000);
+        term.feed(b"\x1b[31m");
+        term.feed(&data[..256 * 1024]);
+        assert_eq!(term.bypassed(), 0);
     }
 
     /// Below a scroll region, line feeds do not scroll: every line is
