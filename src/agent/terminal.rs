@@ -342,8 +342,6 @@ pub(crate) struct Term {
     skipped: u64,
     /// Bytes of plain lines handed to the history without the parser.
     bypassed: u64,
-    /// Where the lines of a stretch start (kept to spare an allocation).
-    starts: Vec<usize>,
 }
 
 impl Term {
@@ -375,7 +373,6 @@ impl Term {
             syntax: Syntax::new(),
             skipped: 0,
             bypassed: 0,
-            starts: Vec::new(),
         }
     }
 
@@ -530,15 +527,15 @@ impl Term {
     /// - if the cursor is then at the start of the bottom row, in the
     ///   ground state on the primary screen without a region and with
     ///   default attributes, the history takes the lead's lines the parser
-    ///   still holds, then the middle lines, as text, and is told to drop
-    ///   the next rows the parser hands over, which are those same lines;
+    ///   still holds, then the middle lines, as text;
+    /// - the parser scrolls a blank row up for each middle line, so that
+    ///   its count of rows ever scrolled (which decides what a taller
+    ///   screen pulls back) stays what it would have been;
     /// - the last lines (at least `rows + kept`, and the last one that
-    ///   prints a character, which `CSI b` repeats) are parsed, pushing
-    ///   out those rows and taking their place.
+    ///   prints a character, which `CSI b` repeats) are parsed.
     ///
-    /// The lead's scrolls also keep the parser's count of rows scrolled
-    /// (what a taller screen pulls back) past the reach of a resize, as
-    /// for a skip ([`Term::margin`]).
+    /// The history drops the rows the parser hands over meanwhile: the
+    /// lead's lines it already took, and the blank rows.
     fn parse_lines(&mut self, bytes: &[u8]) {
         if !self.parser.callbacks().keeps_lines() {
             self.parse(bytes);
@@ -549,14 +546,15 @@ impl Term {
         let kept = self.parser.screen().scrollback_capacity();
         let lead = 2 * rows + kept + 152;
         let tail = rows + kept;
-        let mut starts = std::mem::take(&mut self.starts);
+        // Made here, not kept: a piece of empty lines has a start every
+        // two bytes.
+        let mut starts = Vec::new();
         let mut at = 0;
         while let Some(end) = simple_lines(bytes, at, cols, lead + tail + 1, &mut starts) {
             self.parse(&bytes[at..starts[0]]);
             self.bypass(bytes, &starts, end, lead, tail);
             at = end;
         }
-        self.starts = starts;
         self.parse(&bytes[at..]);
     }
 
@@ -589,12 +587,36 @@ impl Term {
             self.parse(&bytes[starts[lead]..end]);
             return;
         }
+        let middle = middle_end - lead;
         self.parser
             .callbacks_mut()
-            .push_ahead((lead - held..middle_end).map(line), held);
+            .push_ahead((lead - held..middle_end).map(line), held + middle);
+        // A screenful at a time (`CSI n S`: scroll up, the cursor stays).
+        let rows = usize::from(rows.get());
+        let mut scrolls = Vec::new();
+        for _ in 0..middle / rows {
+            scrolls.extend_from_slice(format!("\x1b[{rows}S").as_bytes());
+        }
+        if !middle.is_multiple_of(rows) {
+            scrolls.extend_from_slice(format!("\x1b[{}S", middle % rows).as_bytes());
+        }
+        self.parser.process(&scrolls);
         self.bypassed += (starts[middle_end] - starts[lead]) as u64;
         self.parse(&bytes[starts[middle_end]..end]);
-        debug_assert_eq!(self.parser.callbacks().ahead(), 0);
+        // Every row dropped was one the history had taken. Were the parser
+        // ever to scroll fewer (which the checks above rule out), the rows
+        // after them must not be dropped too.
+        let left = self.parser.callbacks().ahead();
+        if left > 0 {
+            debug_assert_eq!(left, 0);
+            tracing::warn!(
+                left,
+                "a session's history expected more rows from its parser"
+            );
+            self.parser
+                .callbacks_mut()
+                .push_ahead(std::iter::empty(), 0);
+        }
     }
 }
 
@@ -938,6 +960,30 @@ mod tests {
         term.feed(b"\x1b[31m");
         term.feed(&data[..256 * 1024]);
         assert_eq!(term.bypassed(), 0);
+    }
+
+    /// The parser still counts every row a bypassed flood scrolled: a
+    /// screen grown again and again after `clear`-less redraws pulls back
+    /// what it would have pulled back had the flood been parsed.
+    #[test]
+    fn resizes_after_a_bypassed_flood_pull_back_the_same_rows() {
+        let data = b"x\r\n".repeat(5000);
+        let mut term = Term::new(nz(24), nz(80), 5000);
+        let mut whole = Term::new(nz(24), nz(80), 5000);
+        term.feed(&data);
+        whole.parse(&data);
+        assert!(term.bypassed() > 0);
+        for round in 0..6 {
+            for t in [&mut term, &mut whole] {
+                t.set_size(nz(150), nz(80));
+            }
+            assert_eq!(state(&mut term), state(&mut whole), "grown, round {round}");
+            for t in [&mut term, &mut whole] {
+                t.feed(b"\x1b[H\x1b[2J");
+                t.set_size(nz(24), nz(80));
+            }
+            assert_eq!(state(&mut term), state(&mut whole), "shrunk, round {round}");
+        }
     }
 
     /// Below a scroll region, line feeds do not scroll: every line is
