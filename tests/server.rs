@@ -74,6 +74,40 @@ async fn a_pty_shell_session_and_ctrl_c() {
     assert_eq!(exit["signal"], "INT");
 }
 
+/// A paste far larger than the socket's read buffer arrives whole, and
+/// one past the message bound closes the console with a reason.
+#[tokio::test]
+async fn a_large_paste_arrives_whole_and_a_huge_one_is_refused() {
+    let server = start_server(&[], &[]);
+    let mut ws = console(&server).await;
+    send(
+        &mut ws,
+        json!({"type": "exec", "id": 1, "cmd": "sha256sum"}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await["type"], "started");
+    let paste: String = (0..500_000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    send(
+        &mut ws,
+        json!({"type": "stdin", "id": 1, "data": paste, "eof": true}),
+    )
+    .await;
+    let (out, _, exit) = collect(&mut ws, 1).await;
+    let want = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(paste.as_bytes()))
+    };
+    assert!(String::from_utf8_lossy(&out).starts_with(&want), "{out:?}");
+    assert_eq!(exit["code"], 0);
+
+    let huge = "x".repeat(2 * 1024 * 1024);
+    send(&mut ws, json!({"type": "stdin", "id": 2, "data": huge})).await;
+    let error = next_json(&mut ws).await;
+    assert_eq!(error["code"], "too_large", "{error}");
+}
+
 #[tokio::test]
 async fn without_a_session_nothing_is_served() {
     let server = start_server(&[], &[]);
