@@ -67,7 +67,11 @@ pub(crate) async fn upgrade(
     }
     // A console reads small messages (keystrokes, acks): a small read
     // buffer keeps idle sessions cheap (tungstenite's default is 128 KiB).
+    // The frame bound too: tungstenite checks a frame's declared length
+    // at its header, but a message's only once all of it was read (a
+    // 16 MiB frame would otherwise be buffered before its refusal).
     ws.max_message_size(MAX_MESSAGE)
+        .max_frame_size(MAX_MESSAGE)
         .read_buffer_size(READ_BUFFER)
         .on_upgrade(move |socket| session(socket, state, (cookie, login), client.to_string()))
 }
