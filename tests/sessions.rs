@@ -142,7 +142,8 @@ async fn a_shell_outlives_its_link_and_comes_back_with_its_screen_and_state() {
 }
 
 /// A terminal on the test's side that keeps every line it scrolls off, as
-/// text with its SGR sequences.
+/// text with its SGR sequences (as a page's xterm with an endless
+/// scrollback would).
 struct Kept(Vec<String>);
 
 impl vt100::Callbacks for Kept {
@@ -555,6 +556,7 @@ mod console {
     use serde_json::{Value, json};
     use tokio_tungstenite::tungstenite::Message;
 
+    use super::Kept;
     use super::common::ws::{Ws, open_ws, send};
     use super::common::{Agent, Endpoint, Server, start_agent, start_server};
 
@@ -925,19 +927,6 @@ mod console {
                 );
                 break;
             }
-        }
-    }
-
-    /// A terminal on the test's side that keeps every line it scrolls off
-    /// (as a page's xterm with an endless scrollback would).
-    struct Kept(Vec<String>);
-
-    impl vt100::Callbacks for Kept {
-        fn on_scroll(&mut self, row: vt100::capture::RowContents<'_>, _alternate: bool) {
-            let mut text = String::new();
-            let mut state = vt100::capture::BasicFormattedCaptureState::default();
-            let _ = row.write_formatted_basic(&mut text, &mut state);
-            self.0.push(text);
         }
     }
 
