@@ -708,7 +708,7 @@ async fn a_relative_path_lands_in_the_sessions_working_directory() {
     let mut info = None;
     while let Some(event) = put.next().await {
         match event {
-            Event::File(i) => info = Some(i),
+            Event::File(i) => info = Some(*i),
             Event::Exit(status) => {
                 assert_eq!(status.code, Some(0));
                 break;

@@ -252,8 +252,9 @@ pub enum Event {
     },
     /// The channel left its session, which goes on; no event follows.
     Detached(String),
-    /// What a `put` wrote or a `get` reads.
-    File(crate::protocol::FileInfo),
+    /// What a `put` wrote or a `get` reads. Boxed, as the largest variant
+    /// by far: every channel's event queue starts with room for 32 events.
+    File(Box<crate::protocol::FileInfo>),
 }
 
 impl Event {
@@ -864,7 +865,7 @@ fn route(routes: &Routes, frame: Frame) {
         Message::Exit(status) => Event::Exit(status),
         Message::Error { code, message } => Event::Error { code, message },
         Message::File => match frame.payload_json() {
-            Ok(info) => Event::File(info),
+            Ok(info) => Event::File(Box::new(info)),
             Err(e) => Event::Error {
                 code: ErrorCode::Protocol,
                 message: format!("the agent sent a file description that is not valid: {e}"),

@@ -433,7 +433,7 @@ pub(crate) async fn put(
                 ));
             }
             event = channel.next() => match event {
-                Some(Event::File(info)) => written = Some(info),
+                Some(Event::File(info)) => written = Some(*info),
                 Some(Event::Error { code, message }) => {
                     failure.get_or_insert((code, message));
                 }
@@ -762,7 +762,7 @@ async fn first_info(channel: &mut Channel, agent: &str) -> Result<FileInfo, (Err
     let mut failure = None;
     while let Some(event) = channel.next().await {
         match event {
-            Event::File(info) if failure.is_none() => return Ok(info),
+            Event::File(info) if failure.is_none() => return Ok(*info),
             Event::Error { code, message } => {
                 failure.get_or_insert((code, message));
             }
