@@ -3,12 +3,11 @@
 //! `vt100` keeps its scrollback as rows of cells, 32 bytes a cell whatever
 //! the cell holds: a shell that had printed 5,000 lines of 80 columns held
 //! about 9.5 MB of agent memory for as long as it lived, though those rows
-//! are only ever
-//! read back for a redraw, as text with SGR sequences. So the parser keeps
-//! rows only for as many lines as a resize can pull back onto the screen
-//! ([`PARSER_ROWS`]), and each row that leaves them comes here (the
-//! parser's `on_scroll` callback) as that text: a line of `ls` costs its
-//! characters and a few bytes of colour.
+//! are only ever read back for a redraw, as text with SGR sequences. So
+//! the parser keeps rows only for as many lines as a resize can pull back
+//! onto the screen ([`PARSER_ROWS`]), and each row that leaves them comes
+//! here (the parser's `on_scroll` callback) as that text: a line of `ls`
+//! costs its characters and a few bytes of colour.
 //!
 //! What clears `vt100`'s scrollback must clear this too: a full reset
 //! (`ESC c`) and `CSI 3 J` on the primary screen. The parser does not say
@@ -83,10 +82,11 @@ impl History {
         self.ahead = 0;
     }
 
-    /// Takes lines as their formatted text, the last `ahead` of which are
-    /// still the parser's oldest rows: the next `ahead` rows it hands over
-    /// are those lines, and are dropped. (A flood of plain lines reaches
-    /// the history this way without being parsed: src/agent/terminal.rs.)
+    /// Takes lines as their formatted text, and drops the next `ahead` rows
+    /// the parser hands over: rows of lines taken here already, and the
+    /// blank rows scrolled in place of the others. (A flood of plain lines
+    /// reaches the history this way without being parsed:
+    /// src/agent/terminal.rs.)
     pub(crate) fn push_ahead<'a>(&mut self, lines: impl Iterator<Item = &'a [u8]>, ahead: usize) {
         for line in lines {
             self.push(line);
