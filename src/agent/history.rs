@@ -48,7 +48,7 @@ pub(crate) struct History {
     /// The line being formatted, kept to spare an allocation a line.
     scratch: String,
     /// Rows the parser will hand over next that are here already (see
-    /// [`History::push_ahead`]): they are dropped.
+    /// [`History::drop_next`]): they are dropped.
     ahead: usize,
 }
 
@@ -82,16 +82,12 @@ impl History {
         self.ahead = 0;
     }
 
-    /// Takes lines as their formatted text, and drops the next `ahead` rows
-    /// the parser hands over: rows of lines taken here already, and the
-    /// blank rows scrolled in place of the others. (A flood of plain lines
-    /// reaches the history this way without being parsed:
-    /// src/agent/terminal.rs.)
-    pub(crate) fn push_ahead<'a>(&mut self, lines: impl Iterator<Item = &'a [u8]>, ahead: usize) {
-        for line in lines {
-            self.push(line);
-        }
-        self.ahead = ahead;
+    /// Drops the next `rows` rows the parser hands over: rows of lines
+    /// [pushed](History::push) here already, and the blank rows scrolled
+    /// in place of the others. (A flood of plain lines reaches the history
+    /// this way without being parsed: src/agent/terminal.rs.)
+    pub(crate) fn drop_next(&mut self, rows: usize) {
+        self.ahead = rows;
     }
 
     /// Rows still to be dropped (for checks).
@@ -99,7 +95,8 @@ impl History {
         self.ahead
     }
 
-    fn push(&mut self, line: &[u8]) {
+    /// Takes a line as its formatted text.
+    pub(crate) fn push(&mut self, line: &[u8]) {
         if self.max_lines == 0 {
             return;
         }

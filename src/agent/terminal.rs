@@ -588,19 +588,18 @@ impl Term {
             return;
         }
         let middle = middle_end - lead;
-        self.parser
-            .callbacks_mut()
-            .push_ahead((lead - held..middle_end).map(line), held + middle);
+        let history = self.parser.callbacks_mut();
+        for i in lead - held..middle_end {
+            history.push(line(i));
+        }
+        history.drop_next(held + middle);
         // A screenful at a time (`CSI n S`: scroll up, the cursor stays).
         let rows = usize::from(rows.get());
-        let mut scrolls = Vec::new();
-        for _ in 0..middle / rows {
-            scrolls.extend_from_slice(format!("\x1b[{rows}S").as_bytes());
-        }
+        let mut scrolls = format!("\x1b[{rows}S").repeat(middle / rows);
         if !middle.is_multiple_of(rows) {
-            scrolls.extend_from_slice(format!("\x1b[{}S", middle % rows).as_bytes());
+            scrolls.push_str(&format!("\x1b[{}S", middle % rows));
         }
-        self.parser.process(&scrolls);
+        self.parser.process(scrolls.as_bytes());
         self.bypassed += (starts[middle_end] - starts[lead]) as u64;
         self.parse(&bytes[starts[middle_end]..end]);
         // Every row dropped was one the history had taken. Were the parser
@@ -613,9 +612,7 @@ impl Term {
                 left,
                 "a session's history expected more rows from its parser"
             );
-            self.parser
-                .callbacks_mut()
-                .push_ahead(std::iter::empty(), 0);
+            self.parser.callbacks_mut().drop_next(0);
         }
     }
 }
