@@ -1139,4 +1139,130 @@ mod tests {
             assert_eq!(term.screen().contents(), whole.screen().contents());
         }
     }
+
+    /// What hostile output can leave in the history and the redraw: the
+    /// bytes a later attach (someone else's, for a watcher) writes to its
+    /// terminal. Whatever was printed, a redraw may hold only text, SGR in
+    /// the history's and scrollback's lines, and the few sequences that
+    /// set the screen's state: never a control character the output
+    /// brought, a C1 control, or a string (OSC, DCS, APC, PM, SOS), which
+    /// could set a title, a clipboard or a hyperlink, or answer back.
+    #[test]
+    fn a_redraw_holds_no_sequence_the_output_brought() {
+        /// Hostile pieces: strings and C1 controls, raw or as UTF-8,
+        /// invalid UTF-8, wide and combining characters, and SGR with
+        /// every kind of parameter.
+        fn hostile(rng: &mut Rng) -> Vec<u8> {
+            let pieces: [&[u8]; 16] = [
+                b"\x1b]52;c;aGk=\x07",
+                b"\x1b]8;;http://x/\x1b\\link\x1b]8;;\x1b\\",
+                b"\x1b]0;\x1b[31mtitle\x07",
+                b"\x1bP$q\"p\x1b\\",
+                b"\x1b_apc\x1b\\\x1b^pm\x1b\\\x1bXsos\x1b\\",
+                "\u{9b}31m\u{9d}0;t\u{9c}\u{90}q\u{9c}".as_bytes(),
+                b"\x9b31m\x9d0;t\x07\x90q\x9c",
+                b"\x1b[5n\x1b[6n\x1b[c\x1b[>c\x1b[21t",
+                b"\x07\x08\x0b\x0c\x0e\x0f\x7f\x00",
+                b"\xff\xfe\xc3\x28\xe2\x82",
+                "\u{ff21}\u{1f600}e\u{301}\u{200b}\u{fe0f}".as_bytes(),
+                b"\x1b[38;2;1;2;3m\x1b[48:5:9m\x1b[58;5;1m\x1b[4:3m",
+                b"\x1b[99999999999999m\x1b[;;;1;;m",
+                b"\x1b[1;31;42;4;5;7;8;9m",
+                b"\x1b#8\x1b(0lqk\x1b(B",
+                b"\t\x1b[5D\x1b[2@\x1b[3P\x1bM",
+            ];
+            let mut out = Vec::new();
+            for _ in 0..40 {
+                if rng.below(3) == 0 {
+                    let n = rng.below(300);
+                    for i in 0..n {
+                        out.extend_from_slice(format!("{i} plain\r\n").as_bytes());
+                    }
+                }
+                out.extend_from_slice(pieces[rng.below(16) as usize]);
+                out.extend_from_slice(b"text");
+                out.extend_from_slice(if rng.below(2) == 0 { b"\r\n" } else { b"\n" });
+            }
+            out
+        }
+        /// Splits `bytes` into its sequences (ESC and what follows up to
+        /// its final byte) and characters; panics on a C0 or C1 control
+        /// other than ESC, CR, LF, BS, and on invalid UTF-8.
+        fn sequences(bytes: &[u8], case: usize) -> Vec<String> {
+            let text = std::str::from_utf8(bytes)
+                .unwrap_or_else(|e| panic!("case {case}: not UTF-8: {e}"));
+            let mut found = Vec::new();
+            let mut chars = text.chars().peekable();
+            while let Some(c) = chars.next() {
+                if c == '\x1b' {
+                    let mut seq = String::from(c);
+                    let first = chars.next().expect("a sequence is whole");
+                    seq.push(first);
+                    if first == '[' {
+                        for c in chars.by_ref() {
+                            seq.push(c);
+                            if ('@'..='~').contains(&c) {
+                                break;
+                            }
+                        }
+                    }
+                    found.push(seq);
+                } else {
+                    assert!(
+                        !c.is_control() || matches!(c, '\r' | '\n' | '\x08'),
+                        "case {case}: control {c:?} in {text:?}"
+                    );
+                }
+            }
+            found
+        }
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        for case in 0..100 {
+            let rows = 2 + rng.below(10) as u16;
+            let cols = 5 + rng.below(40) as u16;
+            let mut term = Term::keeping(nz(rows), nz(cols), 1000, 3);
+            let mut data = hostile(&mut rng);
+            if rng.below(2) == 0 {
+                data.extend(stream(&mut rng, rows));
+                data.extend(hostile(&mut rng));
+            }
+            // Fed in pieces cut anywhere, as the PTY hands them over.
+            let mut at = 0;
+            while at < data.len() {
+                let take = (1 + rng.below(5000) as usize).min(data.len() - at);
+                term.feed(&data[at..at + take]);
+                at += take;
+            }
+            let mut history = Vec::new();
+            term.parser.callbacks_mut().write(&mut history);
+            for seq in sequences(&history, case) {
+                let sgr = seq.len() >= 3
+                    && seq.ends_with('m')
+                    && seq[2..seq.len() - 1]
+                        .chars()
+                        .all(|c| c.is_ascii_digit() || c == ';' || c == ':');
+                assert!(
+                    seq.starts_with("\x1b[") && sgr,
+                    "case {case}: {seq:?} in the history"
+                );
+            }
+            for with_scrollback in [true, false] {
+                let redraw = term.redraw(with_scrollback);
+                for seq in sequences(&redraw, case) {
+                    // A CSI sequence (no strings), or the reset and the
+                    // keypad modes that vt100's state writes.
+                    let allowed = seq.starts_with("\x1b[")
+                        || matches!(seq.as_str(), "\x1bc" | "\x1b=" | "\x1b>");
+                    assert!(allowed, "case {case}: {seq:?} in the redraw");
+                    // No report or answer-back asked of the viewer's terminal.
+                    let last = seq.chars().last().unwrap_or_default();
+                    assert!(
+                        !seq.starts_with("\x1b[")
+                            || !matches!(last, 'n' | 'c' | 't' | 'q' | 'p' | 'x'),
+                        "case {case}: {seq:?} in the redraw"
+                    );
+                }
+            }
+        }
+    }
 }
