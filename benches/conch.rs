@@ -279,10 +279,10 @@ async fn console_on(server: &common::Server, cookie: &str) -> Ws {
         .await
         .expect("websocket");
     loop {
-        if let Some(Ok(Message::Text(t))) = ws.next().await
-            && t.contains("\"hello\"")
-        {
-            return ws;
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) if t.contains("\"hello\"") => return ws,
+            Some(Ok(_)) => {}
+            other => panic!("the console ended before its hello: {other:?}"),
         }
     }
 }
@@ -2174,7 +2174,28 @@ async fn idle_shells_beside_ttyd(
     bin: &std::path::Path,
     out: &mut String,
 ) -> Vec<(String, bool)> {
-    let n = plan.sessions.last().copied().unwrap_or(1000).div_ceil(2);
+    // At most 1,000 shells on each side, whatever `--sessions` asks.
+    let n = plan
+        .sessions
+        .last()
+        .copied()
+        .unwrap_or(1000)
+        .min(1000)
+        .div_ceil(2);
+    // Each side's shells, and this client's and the server's sockets and
+    // the agent's terminals and pidfds: 8 descriptors a shell is ample.
+    let mut limit: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: reads this process's own limit into `limit`.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    if !ptys_for(2 * n + 200) || (limit.rlim_cur as usize) < 8 * n + 100 {
+        let _ = writeln!(
+            out,
+            "| idle shell memory | – | not measured: {} shells need more terminals (kernel.pty.max) or open files ({}) than this machine allows | – |",
+            2 * n,
+            limit.rlim_cur
+        );
+        return vec![];
+    }
     // A fresh agent and server, as ttyd is fresh: the benchmark's own have
     // grown their heaps in the sections before, which would hide growth.
     let agent = common::start_agent_with(
@@ -2207,29 +2228,59 @@ async fn idle_shells_beside_ttyd(
         &[("CONCH_LOG", "warn,conch::server=info")],
     );
     let cookie = server.admin_cookie().await;
-    let open_shell = async || {
+    // A shell's first output, or why there is none (an error the server
+    // sent: a limit, an agent gone).
+    let open_shell = async || -> Result<Ws, String> {
         let mut ws = console_on(&server, &cookie).await;
         send(
             &mut ws,
             json!({"type": "exec", "id": 1, "pty": {"cols": 80, "rows": 24}}),
         )
         .await;
-        tokio::time::timeout(SAMPLE_LIMIT, wait_output(&mut ws, 1, |_| true))
-            .await
-            .expect("conch starts a shell");
-        ws
+        let first = async {
+            loop {
+                match ws.next().await {
+                    Some(Ok(Message::Binary(_))) => return Ok(()),
+                    Some(Ok(Message::Text(t))) if t.contains("\"error\"") => {
+                        return Err(t.to_string());
+                    }
+                    Some(Ok(_)) => {}
+                    other => return Err(format!("the console ended: {other:?}")),
+                }
+            }
+        };
+        match tokio::time::timeout(SAMPLE_LIMIT, first).await {
+            Ok(Ok(())) => Ok(ws),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(format!("no output within {SAMPLE_LIMIT:?}")),
+        }
     };
     // One shell first, as for ttyd, so that both are counted past start-up.
-    let first = open_shell().await;
     let (server_pid, agent_pid) = (server.proc.child.id(), agent.proc.child.id());
     let rss = || (rss_kib(server_pid), rss_kib(agent_pid));
-    let mut marks = vec![rss()];
-    let mut mine = Vec::with_capacity(2 * n);
-    for _ in 0..2 {
-        for _ in 0..n {
-            mine.push(open_shell().await);
+    let mut marks = Vec::with_capacity(3);
+    let mut mine = Vec::with_capacity(2 * n + 1);
+    let mut failed = None;
+    'open: for round in 0..3 {
+        for _ in 0..if round == 0 { 1 } else { n } {
+            match open_shell().await {
+                Ok(ws) => mine.push(ws),
+                Err(e) => {
+                    failed = Some(e);
+                    break 'open;
+                }
+            }
         }
         marks.push(rss());
+    }
+    if let Some(why) = failed {
+        let _ = writeln!(
+            out,
+            "| idle shell memory | conch opened {} of {} shells: {why} | – | – |",
+            mine.len(),
+            2 * n + 1
+        );
+        return vec![];
     }
     let per = |now: u64, then: u64| now.saturating_sub(then) as f64 / n as f64;
     // (server, agent) per shell over the first n, then over the next n.
@@ -2239,7 +2290,7 @@ async fn idle_shells_beside_ttyd(
             per(marks[i + 1].1, marks[i].1),
         )
     });
-    drop((first, mine, server, agent, data));
+    drop((mine, server, agent, data));
     // Stopping the server and agent ends their shells.
     let port = common::free_port();
     let args = ["-p", &port.to_string(), "-i", "127.0.0.1", "-W", "sh"].map(str::to_owned);
