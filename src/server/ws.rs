@@ -191,11 +191,60 @@ async fn session(
     );
     recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
+    // The login's expiry, one timer for the console's life (not one made
+    // and dropped with every message).
+    let expiry = tokio::time::sleep_until(expires);
+    tokio::pin!(expiry);
+
     // The handlers' futures are boxed: a future is as large as its largest
     // await, and an idle console, which waits in this loop, would otherwise
     // carry the room of starting a command (6.6 against 2.3 KiB).
     loop {
+        // In this order: what ends the console first, so that a message
+        // queued behind a logout, an expiry or a shutdown is not acted on;
+        // the page's messages last, so that a page sending without pause
+        // cannot hold back a command's end, an attach's answer or the
+        // login's recheck (each is ready only now and then).
         tokio::select! {
+            biased;
+            // A console must not outlive its session: logout, eviction and
+            // expiry close it at once, whether or not the page is talking.
+            _ = login.ended.cancelled() => {
+                end_session_socket(&out).await;
+                break;
+            }
+            _ = &mut expiry => {
+                end_session_socket(&out).await;
+                break;
+            }
+            _ = state.shutdown.cancelled() => {
+                let _ = out.send(ServerMessage::Shutdown { message: "the server is shutting down" }.frame()).await;
+                let _ = out.send(close(CLOSE_GOING_AWAY, "server shutting down")).await;
+                break;
+            }
+            Some(id) = finished.recv() => {
+                console.running.remove(&id);
+            }
+            Some((id, result)) = attached.recv() => {
+                console.attaching.remove(&id);
+                let result = match *result {
+                    Ok(checked) => Box::pin(console.open_attachment(id, checked)).await,
+                    Err(r) => Err(r),
+                };
+                Box::pin(console.opened(id, result)).await;
+            }
+            Ok(()) = changes.changed() => {
+                let agents = visible_agents(&state, &principal);
+                let now = summary_of(&agents);
+                if now != shown {
+                    shown = now;
+                    let _ = out.send(ServerMessage::Agents { agents }.frame()).await;
+                }
+            }
+            _ = recheck.tick() => {
+                let (state, cookie) = (state.clone(), cookie.clone());
+                tokio::spawn(async move { state.check_cookie(&cookie).await });
+            }
             msg = stream.next() => match msg {
                 Some(Ok(WsMessage::Text(t))) => match parse_client_message(&t) {
                     Ok(msg) => Box::pin(console.handle(msg)).await,
@@ -221,44 +270,6 @@ async fn session(
                 }
                 None => break,
             },
-                        Some(id) = finished.recv() => {
-                console.running.remove(&id);
-            }
-                        Some((id, result)) = attached.recv() => {
-                console.attaching.remove(&id);
-                let result = match *result {
-                    Ok(checked) => Box::pin(console.open_attachment(id, checked)).await,
-                    Err(r) => Err(r),
-                };
-                Box::pin(console.opened(id, result)).await;
-            }
-            Ok(()) = changes.changed() => {
-                let agents = visible_agents(&state, &principal);
-                let now = summary_of(&agents);
-                if now != shown {
-                    shown = now;
-                    let _ = out.send(ServerMessage::Agents { agents }.frame()).await;
-                }
-            }
-            // A console must not outlive its session: logout, eviction and
-            // expiry close it at once, whether or not the page is talking.
-            _ = login.ended.cancelled() => {
-                end_session_socket(&out).await;
-                break;
-            }
-            _ = tokio::time::sleep_until(expires) => {
-                end_session_socket(&out).await;
-                break;
-            }
-            _ = recheck.tick() => {
-                let (state, cookie) = (state.clone(), cookie.clone());
-                tokio::spawn(async move { state.check_cookie(&cookie).await });
-            }
-            _ = state.shutdown.cancelled() => {
-                let _ = out.send(ServerMessage::Shutdown { message: "the server is shutting down" }.frame()).await;
-                let _ = out.send(close(CLOSE_GOING_AWAY, "server shutting down")).await;
-                break;
-            }
         }
     }
     // Closing the tab ends its commands: each task drops its channel,
