@@ -67,7 +67,7 @@ pub(crate) async fn run(
     policy: std::sync::Arc<super::sandbox::ExecPolicy>,
     mut control: mpsc::Receiver<Control>,
     (mut input, stdin_spent): (
-        mpsc::UnboundedReceiver<Stdin>,
+        mpsc::UnboundedReceiver<Box<Stdin>>,
         std::sync::Arc<std::sync::atomic::AtomicUsize>,
     ),
     out: mpsc::Sender<Frame>,
@@ -346,7 +346,7 @@ impl Supervisor {
         mut self,
         spawned: Spawned,
         control: &mut mpsc::Receiver<Control>,
-        input: &mut mpsc::UnboundedReceiver<Stdin>,
+        input: &mut mpsc::UnboundedReceiver<Box<Stdin>>,
         stdin_spent: &std::sync::atomic::AtomicUsize,
         deadline: Option<tokio::time::Instant>,
     ) -> Outcome {
@@ -422,7 +422,8 @@ impl Supervisor {
                     }
                 }
                 msg = input.recv(), if input_open => match msg {
-                    Some(Stdin { data, eof }) => {
+                    Some(input) => {
+                        let Stdin { data, eof } = *input;
                         if stdin.push(data, eof).is_err() {
                             self.error(ErrorCode::StdinClosed, "the process's stdin is closed").await;
                         }

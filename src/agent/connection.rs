@@ -143,8 +143,10 @@ pub(crate) async fn serve_authenticated(
 /// The connection's side of a running channel.
 struct ChannelHandle {
     control: mpsc::Sender<Control>,
-    /// Unbounded in frames but bounded in bytes by the stdin credit.
-    stdin: mpsc::UnboundedSender<Stdin>,
+    /// Unbounded in frames but bounded in bytes by the stdin credit. Each
+    /// boxed: the queue's first block holds 32 from the start (1.3 KiB
+    /// unboxed in every channel).
+    stdin: mpsc::UnboundedSender<Box<Stdin>>,
     /// Stdin credit the client has spent and the channel not yet returned;
     /// the channel gives it back (and tells the client) as the process reads.
     stdin_spent: std::sync::Arc<std::sync::atomic::AtomicUsize>,
@@ -160,7 +162,7 @@ struct Connection {
 /// The receiving ends of a new channel's queues, for whoever runs it.
 type ChannelQueues = (
     mpsc::Receiver<Control>,
-    mpsc::UnboundedReceiver<Stdin>,
+    mpsc::UnboundedReceiver<Box<Stdin>>,
     Arc<std::sync::atomic::AtomicUsize>,
 );
 
@@ -456,10 +458,10 @@ impl Connection {
                         );
                         let _ = reply(Message::error(ErrorCode::StdinOverflow, msg)).await;
                     } else {
-                        let _ = handle.stdin.send(Stdin {
+                        let _ = handle.stdin.send(Box::new(Stdin {
                             data: frame.payload,
                             eof,
-                        });
+                        }));
                     }
                 }
                 None => {

@@ -45,7 +45,7 @@ pub(crate) struct Transfer {
     pub(crate) policy: Arc<ExecPolicy>,
     pub(crate) sessions: Arc<Sessions>,
     pub(crate) control: mpsc::Receiver<Control>,
-    pub(crate) input: mpsc::UnboundedReceiver<Stdin>,
+    pub(crate) input: mpsc::UnboundedReceiver<Box<Stdin>>,
     pub(crate) stdin_spent: Arc<AtomicUsize>,
     pub(crate) out: mpsc::Sender<Frame>,
     pub(crate) done: mpsc::UnboundedSender<Done>,
@@ -213,7 +213,8 @@ impl Transfer {
                     group.kill_and_forget();
                 }
                 msg = self.input.recv(), if input_open => match msg {
-                    Some(Stdin { data, eof }) => {
+                    Some(input) => {
+                        let Stdin { data, eof } = *input;
                         // Input after the end, or after the helper stopped
                         // reading (it refused): dropped, its credit returned.
                         let _ = queue.push(data, eof);

@@ -35,6 +35,22 @@ pub const BROWSER_WINDOW: u64 = 256 * 1024;
 pub(crate) const MAX_COMMANDS: usize = 16;
 /// Messages queued for one browser: 64 (output frames are ≤ 64 KiB).
 const OUTBOUND_QUEUE: usize = 64;
+
+/// Where a console's messages to its page are queued for its writer task.
+/// Each is boxed: a channel's first block holds 32 of its messages from
+/// the start, 1.3 KiB unboxed in every console, against one small
+/// allocation per message sent.
+#[derive(Clone)]
+struct Outbox(mpsc::Sender<Box<WsMessage>>);
+
+/// The page's writer is gone: the console is closing.
+struct Gone;
+
+impl Outbox {
+    async fn send(&self, msg: WsMessage) -> Result<(), Gone> {
+        self.0.send(Box::new(msg)).await.map_err(|_| Gone)
+    }
+}
 /// The largest text message accepted from a browser: 1 MiB (a big paste).
 const MAX_MESSAGE: usize = 1024 * 1024;
 
@@ -141,11 +157,12 @@ async fn session(
     let _open = super::metrics::console_open();
     let principal = login.principal.clone();
     let (mut sink, mut stream) = socket.split();
-    let (out, mut out_rx) = mpsc::channel::<WsMessage>(OUTBOUND_QUEUE);
+    let (out, mut out_rx) = mpsc::channel::<Box<WsMessage>>(OUTBOUND_QUEUE);
+    let out = Outbox(out);
     let writer = tokio::spawn(async move {
         while let Some(msg) = out_rx.recv().await {
-            let last = matches!(msg, WsMessage::Close(_));
-            if sink.send(msg).await.is_err() || last {
+            let last = matches!(*msg, WsMessage::Close(_));
+            if sink.send(*msg).await.is_err() || last {
                 break;
             }
         }
@@ -303,7 +320,7 @@ async fn session(
     let _ = writer.await;
 }
 
-async fn end_session_socket(out: &mpsc::Sender<WsMessage>) {
+async fn end_session_socket(out: &Outbox) {
     let _ = out
         .send(error(
             None,
@@ -441,7 +458,7 @@ struct Console<'a> {
     principal: &'a Principal,
     /// The page's address, for the audit log.
     source: &'a str,
-    out: &'a mpsc::Sender<WsMessage>,
+    out: &'a Outbox,
     finished: &'a mpsc::Sender<u32>,
     running: HashMap<u32, Running>,
     /// Attaches being checked outside the loop, and where their answers come.
@@ -918,7 +935,7 @@ impl Running {
             crate::audit::CommandTrail,
             Option<Arc<crate::recording::Recorder>>,
         ),
-        out: mpsc::Sender<WsMessage>,
+        out: Outbox,
         finished: mpsc::Sender<u32>,
     ) -> Running {
         let recording = held.2.clone();
@@ -983,7 +1000,7 @@ async fn pump(
         crate::audit::CommandTrail,
         Option<Arc<crate::recording::Recorder>>,
     ),
-    out: mpsc::Sender<WsMessage>,
+    out: Outbox,
     unacked: Arc<AtomicU64>,
     finished: mpsc::Sender<u32>,
 ) {
