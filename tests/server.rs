@@ -32,6 +32,20 @@ async fn command_mode_streams_output_and_exit_codes() {
     assert_eq!(out, b"\xff\xfeok");
 }
 
+/// A page may reuse a command's id as soon as it has its `exit`: the
+/// console frees the id before telling the page, not after the command's
+/// recording has ended.
+#[tokio::test]
+async fn an_id_is_free_again_as_soon_as_its_exit_arrives() {
+    let server = start_server(&[], &[]);
+    let mut ws = console(&server).await;
+    for round in 0..300 {
+        let (out, _, end) = run(&mut ws, 1, "echo again").await;
+        assert_eq!(end["type"], "exit", "round {round}: {end}");
+        assert_eq!(out, b"again\n");
+    }
+}
+
 #[tokio::test]
 async fn a_pty_shell_session_and_ctrl_c() {
     let server = start_server(&[], &[("SHELL", "/bin/sh")]);
