@@ -330,12 +330,10 @@ async fn a_session_nobody_attaches_ends_after_the_linger_time() {
     assert!(common::alive(job));
     ch.detach().await.unwrap();
     // The prompt after the number may still come before `detached`.
-    loop {
-        match ch.next().await {
-            Some(Event::Detached(_)) => break,
-            Some(Event::Stdout(_)) => {}
-            other => panic!("expected detached, got {other:?}"),
-        }
+    let next = tokio::time::timeout(Duration::from_secs(10), next_non_output(&mut ch)).await;
+    match next {
+        Ok(Some(Event::Detached(_))) => {}
+        other => panic!("expected detached, got {other:?}"),
     }
     assert!(wait_gone(pid).await, "the shell outlived the linger time");
     assert!(wait_gone(job).await, "its background job outlived it");
