@@ -46,6 +46,81 @@ async fn an_id_is_free_again_as_soon_as_its_exit_arrives() {
     }
 }
 
+/// A page that never stops sending cannot keep its console past a
+/// logout, nor start a command behind it: the console ends with
+/// `session_expired` and nothing it sent after the logout starts.
+#[tokio::test]
+async fn a_flooding_page_is_still_ended_by_its_logout() {
+    let server = start_server(&[], &[]);
+    let cookie = server.admin_cookie().await;
+    let ws = open_ws(&server, Some(&cookie), Some(&server.origin()))
+        .await
+        .expect("upgrade");
+    let (mut sink, mut stream) = ws.split();
+    // Bounded: at most 200,000 messages, each an `exec` that would start
+    // a command were it taken after the logout.
+    let flood = tokio::spawn(async move {
+        for i in 0..200_000u32 {
+            let exec = json!({"type": "exec", "id": 1 + i % 1000, "cmd": "true"});
+            if sink
+                .send(Message::Text(exec.to_string().into()))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    // The flood is under way: its first command started.
+    loop {
+        let msg = stream.next().await.expect("open").expect("frame");
+        if let Message::Text(t) = msg
+            && t.contains("\"started\"")
+        {
+            break;
+        }
+    }
+    let resp = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .post(server.url("/logout"))
+        .header("cookie", &cookie)
+        .header("origin", server.origin())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 303);
+    // Started after the logout's answer: at most what was already queued
+    // for the page (64 messages) and the one being started.
+    let mut late = 0;
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(Ok(msg)) = stream.next().await {
+            if let Message::Text(t) = msg {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                if v["code"] == "session_expired" {
+                    return true;
+                }
+                late += usize::from(v["type"] == "started");
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(ended, Ok(true), "the console outlived its logout");
+    assert!(late <= 65, "{late} commands started after the logout");
+    // Nothing after `session_expired`: the socket closes.
+    while let Some(Ok(msg)) = stream.next().await {
+        if let Message::Text(t) = msg {
+            assert!(
+                !t.contains("\"started\""),
+                "a command started after the logout: {t}"
+            );
+        }
+    }
+    flood.abort();
+}
+
 #[tokio::test]
 async fn a_pty_shell_session_and_ctrl_c() {
     let server = start_server(&[], &[("SHELL", "/bin/sh")]);
