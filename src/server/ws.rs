@@ -51,6 +51,7 @@ impl Outbox {
         self.0.send(Box::new(msg)).await.map_err(|_| Gone)
     }
 }
+
 /// The largest text message accepted from a browser: 1 MiB (a big paste).
 const MAX_MESSAGE: usize = 1024 * 1024;
 
@@ -1014,8 +1015,6 @@ async fn pump(
     let no_shutdown = tokio_util::sync::CancellationToken::new();
     // Counted as a shell from its `session` event to its end.
     let mut _shell = None;
-    // `finished` was sent (with the last message).
-    let mut freed = false;
     loop {
         // A quiet command's last output reaches the store within
         // `recording::FLUSH_EVERY` all the same. (`bridge::next` only
@@ -1104,11 +1103,11 @@ async fn pump(
             // it, or starting another, at once is not refused while the
             // recording ends.
             let _ = finished.send(id).await;
-            freed = true;
             let _ = out.send(msg).await;
             break;
         }
         if out.send(msg).await.is_err() {
+            let _ = finished.send(id).await;
             break;
         }
         // Full chunks go to the store before more output is read: a
@@ -1116,9 +1115,6 @@ async fn pump(
         if let Some(r) = &recording {
             r.settle().await;
         }
-    }
-    if !freed {
-        let _ = finished.send(id).await;
     }
     if let Some(r) = &recording {
         r.end().await;
