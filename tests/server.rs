@@ -453,6 +453,63 @@ async fn a_stalled_tab_pauses_its_command() {
 }
 
 #[tokio::test]
+async fn a_large_write_reaches_the_page_in_one_message() {
+    // One write of 256 KiB into the command's pipe: the agent reads it in
+    // one go (its pipes hold that much), and the page gets it in one
+    // message rather than in four of 64 KiB.
+    let server = start_server(&[], &[]);
+    let mut ws = console(&server).await;
+    send(
+        &mut ws,
+        json!({"type": "exec", "id": 1, "cmd": "dd if=/dev/zero bs=262144 count=1 status=none"}),
+    )
+    .await;
+    let (mut got, mut largest) = (0, 0);
+    loop {
+        match ws.next().await.unwrap().unwrap() {
+            Message::Binary(b) => {
+                assert_eq!(&b[..5], &[1, 0, 0, 0, 1]);
+                assert!(b[5..].iter().all(|&x| x == 0));
+                got += b.len() - 5;
+                largest = largest.max(b.len() - 5);
+                send(
+                    &mut ws,
+                    json!({"type": "ack", "id": 1, "bytes": b.len() - 5}),
+                )
+                .await;
+            }
+            Message::Text(t) if t.contains("\"exit\"") => break,
+            _ => {}
+        }
+    }
+    assert_eq!(got, 262_144);
+    assert_eq!(largest, 262_144, "the write came in pieces");
+}
+
+#[tokio::test]
+async fn gathered_output_keeps_each_stream_whole_and_in_order() {
+    // Output the server gathers into fewer messages must keep each
+    // stream's bytes in order, never mix the streams, and come before
+    // the exit. Lines alternate between the streams, and a burst of
+    // each runs past a message's size.
+    let server = start_server(&[], &[]);
+    let mut ws = console(&server).await;
+    let cmd = "i=0; while [ $i -lt 3000 ]; do echo o$i; echo e$i >&2; i=$((i+1)); done; \
+               head -c 600000 /dev/zero | tr '\\0' o; head -c 600000 /dev/zero | tr '\\0' e >&2";
+    let (out, err, exit) = run(&mut ws, 1, cmd).await;
+    assert_eq!(exit["type"], "exit", "{exit}");
+    let expect = |tag: char| {
+        let mut v: Vec<u8> = (0..3000)
+            .flat_map(|i| format!("{tag}{i}\n").into_bytes())
+            .collect();
+        v.extend(std::iter::repeat_n(tag as u8, 600_000));
+        v
+    };
+    assert!(out == expect('o'), "stdout differs ({} bytes)", out.len());
+    assert!(err == expect('e'), "stderr differs ({} bytes)", err.len());
+}
+
+#[tokio::test]
 async fn a_lost_agent_is_reported_and_reconnected() {
     let mut agent = start_agent(&[]);
     let addr = agent.addr.to_string();

@@ -22,7 +22,8 @@ use crate::transport::writer::write_queued;
 use crate::vocab::{ErrorCode, Signal};
 
 /// Frames queued for the socket, shared by all channels of a connection:
-/// 64 frames of at most 64 KiB of output each. When the client reads
+/// 64 frames of at most 256 KiB of output each (and never more than the
+/// channels' credit). When the client reads
 /// slowly, channels wait here rather than buffer.
 const OUTBOUND_QUEUE: usize = 64;
 

@@ -369,6 +369,14 @@ fn start(
     Ok((child, group))
 }
 
+/// Whether a command's output pipes are grown to
+/// [`super::channel::PIPE_CHUNK`]: only as root. An unprivileged user's
+/// pipes count against its `pipe-user-pages-soft`, past which every new
+/// pipe of that user (its commands' own too) gets two pages.
+pub(super) fn output_pipes_grow() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
 fn spawn_pipes(cmd: Launch, what: &str, prepared: Prepared) -> Result<Spawned, SpawnError> {
     let io_err = |e: io::Error| SpawnError {
         code: 126,
@@ -379,6 +387,13 @@ fn spawn_pipes(cmd: Launch, what: &str, prepared: Prepared) -> Result<Spawned, S
     let (stdin_read, stdin_write) = pipe()?;
     let (stdout_read, stdout_write) = pipe()?;
     let (stderr_read, stderr_write) = pipe()?;
+    let grow = output_pipes_grow();
+    for output in [&stdout_read, &stderr_read].into_iter().filter(|_| grow) {
+        let _ = nix::fcntl::fcntl(
+            output,
+            nix::fcntl::FcntlArg::F_SETPIPE_SZ(super::channel::PIPE_CHUNK as i32),
+        );
+    }
     let stdio = [
         stdin_read.as_raw_fd(),
         stdout_write.as_raw_fd(),

@@ -914,6 +914,21 @@ impl Channel {
         Some(event)
     }
 
+    /// The next event if one has already arrived, without waiting; `None`
+    /// when none has (or after `Exit` or `Lost`).
+    pub fn try_next(&mut self) -> Option<Event> {
+        if self.ended {
+            return None;
+        }
+        let event = match self.events.try_recv() {
+            Ok(event) => *event,
+            Err(mpsc::error::TryRecvError::Empty) => return None,
+            Err(mpsc::error::TryRecvError::Disconnected) => Event::Lost,
+        };
+        self.ended = event.is_final();
+        Some(event)
+    }
+
     /// A handle for sending to this channel from another task while this
     /// one reads its events.
     pub fn controller(&self) -> Controller {

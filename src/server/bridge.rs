@@ -77,8 +77,33 @@ impl Failure {
 /// a `Failed`. A shutdown comes first: it also takes the agent link down, and the
 /// client should hear the cause, not the symptom.
 pub(crate) async fn next(channel: &mut Channel, shutdown: &CancellationToken) -> Update {
-    let update = read(channel, shutdown).await;
-    // Every edge reads its commands here: the one place to count them.
+    loop {
+        let event = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return Update::Failed(Failure::ShuttingDown),
+            e = channel.next() => e,
+        };
+        if let Some(update) = meaning(event) {
+            return counted(update);
+        }
+    }
+}
+
+/// An update that has already arrived, if any, without waiting: an edge
+/// passing output on can take what came meanwhile with it, in one message
+/// instead of one per frame. `None` when nothing is waiting (or the channel
+/// has ended).
+pub(crate) fn ready(channel: &mut Channel) -> Option<Update> {
+    loop {
+        if let Some(update) = meaning(Some(channel.try_next()?)) {
+            return Some(counted(update));
+        }
+    }
+}
+
+/// Every edge reads its commands through [`next`] and [`ready`]: the one
+/// place to count them.
+fn counted(update: Update) -> Update {
     match &update {
         Update::Output(_, bytes) => super::metrics::output(bytes.len()),
         Update::Exit(status) => super::metrics::finished(if status.timed_out {
@@ -101,31 +126,25 @@ pub(crate) async fn next(channel: &mut Channel, shutdown: &CancellationToken) ->
     update
 }
 
-async fn read(channel: &mut Channel, shutdown: &CancellationToken) -> Update {
-    loop {
-        let event = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return Update::Failed(Failure::ShuttingDown),
-            e = channel.next() => e,
-        };
-        return match event {
-            Some(Event::Stdout(b) | Event::Stderr(b) | Event::Snapshot(b)) if b.is_empty() => {
-                continue;
-            }
-            // Only transfer channels (never bridged) describe files.
-            Some(Event::File(_)) => continue,
-            // The redraw is terminal output like any other to the edges.
-            Some(Event::Stdout(b) | Event::Snapshot(b)) => Update::Output(Stream::Stdout, b),
-            Some(Event::Stderr(b)) => Update::Output(Stream::Stderr, b),
-            Some(Event::Exit(status)) => Update::Exit(status),
-            Some(Event::Error { code, message }) if code.is_refusal() => {
-                Update::Failed(Failure::Refused { code, message })
-            }
-            Some(Event::Error { code, message }) => Update::Notice { code, message },
-            Some(Event::Lost) | None => Update::Failed(Failure::Lost),
-            Some(Event::Session(id)) => Update::Session(id),
-            Some(Event::Detached(reason)) => Update::Detached(reason),
-            Some(Event::Resize { cols, rows }) => Update::Resized { cols, rows },
-        };
-    }
+/// What an event means to an edge; `None` for one it passes over.
+fn meaning(event: Option<Event>) -> Option<Update> {
+    Some(match event {
+        Some(Event::Stdout(b) | Event::Stderr(b) | Event::Snapshot(b)) if b.is_empty() => {
+            return None;
+        }
+        // Only transfer channels (never bridged) describe files.
+        Some(Event::File(_)) => return None,
+        // The redraw is terminal output like any other to the edges.
+        Some(Event::Stdout(b) | Event::Snapshot(b)) => Update::Output(Stream::Stdout, b),
+        Some(Event::Stderr(b)) => Update::Output(Stream::Stderr, b),
+        Some(Event::Exit(status)) => Update::Exit(status),
+        Some(Event::Error { code, message }) if code.is_refusal() => {
+            Update::Failed(Failure::Refused { code, message })
+        }
+        Some(Event::Error { code, message }) => Update::Notice { code, message },
+        Some(Event::Lost) | None => Update::Failed(Failure::Lost),
+        Some(Event::Session(id)) => Update::Session(id),
+        Some(Event::Detached(reason)) => Update::Detached(reason),
+        Some(Event::Resize { cols, rows }) => Update::Resized { cols, rows },
+    })
 }

@@ -29,12 +29,17 @@ use crate::protocol::ExecRequest;
 use crate::rest::Stream;
 use crate::vocab::{ErrorCode, Signal};
 
-/// Output credit per command between the agent and the browser: 256 KiB.
-pub const BROWSER_WINDOW: u64 = 256 * 1024;
+/// Output credit per command between the agent and the browser: 512 KiB,
+/// twice the largest message, so that the agent reads on while the page
+/// takes one in.
+pub const BROWSER_WINDOW: u64 = 512 * 1024;
 /// Commands one socket may run at once.
 pub(crate) const MAX_COMMANDS: usize = 16;
-/// Messages queued for one browser: 64 (output frames are ≤ 64 KiB).
+/// Messages queued for one browser: 64 (output frames are ≤ 256 KiB).
 const OUTBOUND_QUEUE: usize = 64;
+/// The most output one binary message carries: 256 KiB, half the window,
+/// so that while the page takes one in, the agent can be reading the next.
+pub(crate) const OUTPUT_MESSAGE: usize = (BROWSER_WINDOW / 2) as usize;
 
 /// Where a console's messages to its page are queued for its writer task.
 /// Each is boxed: a channel's first block holds 32 of its messages from
@@ -1015,42 +1020,72 @@ async fn pump(
     let no_shutdown = tokio_util::sync::CancellationToken::new();
     // Counted as a shell from its `session` event to its end.
     let mut _shell = None;
+    // An update taken while gathering output that is not more of it: the
+    // next one passed on.
+    let mut held = None;
     loop {
-        // A quiet command's last output reaches the store within
-        // `recording::FLUSH_EVERY` all the same. (`bridge::next` only
-        // waits on a channel's receiver: dropping it loses nothing.)
-        // Typed input (`--record-input`) can arrive while this waits: then
-        // it wakes at least every FLUSH_EVERY to look.
-        let flush_at = recording.as_ref().and_then(|r| {
-            r.due().or_else(|| {
-                r.records_input()
-                    .then(|| std::time::Instant::now() + crate::recording::FLUSH_EVERY)
-            })
-        });
-        let update = tokio::select! {
-            u = bridge::next(&mut channel, &no_shutdown) => u,
-            _ = async {
-                match flush_at {
-                    Some(at) => tokio::time::sleep_until(at.into()).await,
-                    None => std::future::pending().await,
+        let update = match held.take() {
+            Some(update) => update,
+            None => {
+                // A quiet command's last output reaches the store within
+                // `recording::FLUSH_EVERY` all the same. (`bridge::next`
+                // only waits on a channel's receiver: dropping it loses
+                // nothing.) Typed input (`--record-input`) can arrive while
+                // this waits: then it wakes at least every FLUSH_EVERY to
+                // look.
+                let flush_at = recording.as_ref().and_then(|r| {
+                    r.due().or_else(|| {
+                        r.records_input()
+                            .then(|| std::time::Instant::now() + crate::recording::FLUSH_EVERY)
+                    })
+                });
+                tokio::select! {
+                    u = bridge::next(&mut channel, &no_shutdown) => u,
+                    _ = async {
+                        match flush_at {
+                            Some(at) => tokio::time::sleep_until(at.into()).await,
+                            None => std::future::pending().await,
+                        }
+                    } => {
+                        if let Some(r) = &recording {
+                            r.flush_if_due().await;
+                        }
+                        continue;
+                    }
                 }
-            } => {
-                if let Some(r) = &recording {
-                    r.flush_if_due().await;
-                }
-                continue;
             }
         };
         let (msg, last) = match update {
-            Update::Output(Stream::Stdout, data) => {
-                trail.output(data.len());
+            Update::Output(stream, data) => {
+                // Output that came while this pump was busy goes in the
+                // same message: one WebSocket frame, one write, instead of
+                // one per agent frame, when the page or the server falls
+                // behind.
+                let mut more = Vec::new();
+                let mut len = data.len();
+                while len < OUTPUT_MESSAGE {
+                    match bridge::ready(&mut channel) {
+                        Some(Update::Output(s, b))
+                            if s == stream && len + b.len() <= OUTPUT_MESSAGE =>
+                        {
+                            len += b.len();
+                            more.push(b);
+                        }
+                        Some(other) => {
+                            held = Some(other);
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+                trail.output(len);
                 record(&data);
-                (output(STDOUT, id, &data, &unacked), false)
-            }
-            Update::Output(Stream::Stderr, data) => {
-                trail.output(data.len());
-                record(&data);
-                (output(STDERR, id, &data, &unacked), false)
+                more.iter().for_each(|b| record(b));
+                let code = match stream {
+                    Stream::Stdout => STDOUT,
+                    Stream::Stderr => STDERR,
+                };
+                (output(code, id, &data, &more, &unacked), false)
             }
             Update::Notice { code, message } => {
                 (error_with(Some(id), code, &message, false), false)
@@ -1121,12 +1156,18 @@ async fn pump(
     }
 }
 
-fn output(stream: u8, id: u32, data: &[u8], unacked: &AtomicU64) -> WsMessage {
-    unacked.fetch_add(data.len() as u64, Ordering::AcqRel);
-    let mut frame = BytesMut::with_capacity(5 + data.len());
+/// One binary message: the stream, the id, then `first` and `more` as they
+/// came.
+fn output(stream: u8, id: u32, first: &[u8], more: &[Bytes], unacked: &AtomicU64) -> WsMessage {
+    let len = first.len() + more.iter().map(Bytes::len).sum::<usize>();
+    unacked.fetch_add(len as u64, Ordering::AcqRel);
+    let mut frame = BytesMut::with_capacity(5 + len);
     frame.put_u8(stream);
     frame.put_u32(id);
-    frame.put_slice(data);
+    frame.put_slice(first);
+    for piece in more {
+        frame.put_slice(piece);
+    }
     WsMessage::Binary(frame.freeze())
 }
 
