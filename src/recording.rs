@@ -419,6 +419,7 @@ impl Recorder {
     /// shows them); [`Recorder::settle`] next.
     pub fn output(&self, data: &[u8]) {
         self.with(|s| {
+            let data = s.kept_of(data);
             // Past half the cap, while chunks are being skipped anyway, a
             // full chunk's worth waiting is dropped here at once (and
             // marked) rather than handed over to be skipped.
@@ -752,6 +753,35 @@ impl State {
             ended: false,
             bare_lines: false,
         }
+    }
+
+    /// What of `data` is recorded. Past half the cap a recording keeps at
+    /// most one full chunk of a flood at a time (`send_lines` skips the
+    /// rest): of output larger than a chunk, only its newest chunk, from
+    /// the start of a character, is looked at and copied, and what waited
+    /// before it is dropped and marked. (Before, all of it was checked and
+    /// copied, then skipped a chunk at a time, each skip copying the rest.)
+    fn kept_of<'a>(&mut self, data: &'a [u8]) -> &'a [u8] {
+        if self.sent < self.half || data.len() <= CHUNK_BYTES {
+            return data;
+        }
+        let first = if self.lines.is_empty() {
+            self.started.elapsed().as_micros() as i64
+        } else {
+            self.first_at_us
+        };
+        self.gap_at_us.get_or_insert(first);
+        self.lines.clear();
+        self.waiting = 0;
+        self.oldest = None;
+        self.carry.clear();
+        let mut from = data.len() - CHUNK_BYTES;
+        for _ in 0..3 {
+            if data[from] & 0xC0 == 0x80 {
+                from += 1;
+            }
+        }
+        &data[from..]
     }
 
     /// Adds one event: `[seconds, code, data]`, encoded by the writer.
@@ -1886,6 +1916,24 @@ mod tests {
         assert_eq!(incomplete_tail(b"abc"), 0);
         assert_eq!(incomplete_tail("é".as_bytes()), 0);
         assert_eq!(incomplete_tail(&"😀".as_bytes()[..3]), 3);
+    }
+
+    #[test]
+    fn past_half_the_cap_a_flood_keeps_its_newest_chunk_and_marks_the_rest() {
+        let mut s = State::new((80, 24), 1000);
+        let flood = [&"é".repeat(CHUNK_BYTES)[..], "end"].concat();
+        // Before half the cap, everything is kept.
+        assert_eq!(s.kept_of(flood.as_bytes()).len(), flood.len());
+        s.event(b'o', "older");
+        s.sent = 1000;
+        let kept = s.kept_of(flood.as_bytes());
+        let text = std::str::from_utf8(kept).expect("cut at a character");
+        assert!(text.ends_with("éend"), "the newest output is kept");
+        assert!(kept.len() <= CHUNK_BYTES && kept.len() >= CHUNK_BYTES - 3);
+        assert!(s.lines.is_empty(), "what waited is dropped");
+        assert!(s.gap_at_us.is_some(), "and marked");
+        // Output of a chunk or less is kept whole.
+        assert_eq!(s.kept_of(b"small").len(), 5);
     }
 
     #[test]
