@@ -455,7 +455,7 @@ impl Recorder {
                 replaced = crlf;
                 text = &replaced;
             }
-            // A flood's outputs come 64 KiB at a time: room for a chunk and
+            // A flood's outputs come 64–256 KiB at a time: room for a chunk and
             // the output after it at once, rather than doubling the buffer
             // (and copying it) output by output. Small outputs (a
             // keystroke's echo) keep small buffers.
@@ -755,14 +755,18 @@ impl State {
         }
     }
 
-    /// What of `data` is recorded. Past half the cap a recording keeps at
-    /// most one full chunk of a flood at a time (`send_lines` skips the
-    /// rest): of output larger than a chunk, only its newest chunk, from
-    /// the start of a character, is looked at and copied, and what waited
-    /// before it is dropped and marked. (Before, all of it was checked and
-    /// copied, then skipped a chunk at a time, each skip copying the rest.)
+    /// What of `data` is recorded. Past half the cap, while a chunk was
+    /// handed over less than [`TAIL_EVERY`] ago, `send_lines` skips every
+    /// full chunk waiting and keeps only what is left after the last one:
+    /// then, of output larger than a chunk, only its newest chunk (from the
+    /// start of a character) is looked at and copied, and what waited
+    /// before it is dropped and marked, as it would have been. (Before,
+    /// all of it was checked and copied, then skipped a chunk at a time,
+    /// each skip copying the rest.) A large output after a quiet spell is
+    /// taken whole, as before.
     fn kept_of<'a>(&mut self, data: &'a [u8]) -> &'a [u8] {
-        if self.sent < self.half || data.len() <= CHUNK_BYTES {
+        let skipping = self.last_tail.is_some_and(|t| t.elapsed() < TAIL_EVERY);
+        if self.sent < self.half || data.len() <= CHUNK_BYTES || !skipping {
             return data;
         }
         let first = if self.lines.is_empty() {
@@ -1920,18 +1924,39 @@ mod tests {
 
     #[test]
     fn past_half_the_cap_a_flood_keeps_its_newest_chunk_and_marks_the_rest() {
+        let flood = |pad: usize| {
+            [
+                "😀".repeat(CHUNK_BYTES / 4 + 1),
+                "x".repeat(pad),
+                "end".into(),
+            ]
+            .concat()
+        };
         let mut s = State::new((80, 24), 1000);
-        let flood = [&"é".repeat(CHUNK_BYTES)[..], "end"].concat();
         // Before half the cap, everything is kept.
-        assert_eq!(s.kept_of(flood.as_bytes()).len(), flood.len());
-        s.event(b'o', "older");
+        assert_eq!(s.kept_of(flood(0).as_bytes()).len(), flood(0).len());
+        // Past it, but with no chunk handed over lately (a quiet spell),
+        // too.
         s.sent = 1000;
-        let kept = s.kept_of(flood.as_bytes());
-        let text = std::str::from_utf8(kept).expect("cut at a character");
-        assert!(text.ends_with("éend"), "the newest output is kept");
-        assert!(kept.len() <= CHUNK_BYTES && kept.len() >= CHUNK_BYTES - 3);
-        assert!(s.lines.is_empty(), "what waited is dropped");
-        assert!(s.gap_at_us.is_some(), "and marked");
+        assert_eq!(s.kept_of(flood(0).as_bytes()).len(), flood(0).len());
+        // While chunks are being skipped: the newest chunk, from the
+        // start of a character, wherever the cut falls.
+        for pad in 0..4 {
+            s.last_tail = Some(Instant::now());
+            s.gap_at_us = None;
+            s.event(b'o', "older");
+            let at = s.first_at_us;
+            s.carry = vec![0xf0];
+            let data = flood(pad);
+            let kept = s.kept_of(data.as_bytes());
+            let text = std::str::from_utf8(kept).expect("cut at a character");
+            let end = format!("😀{}end", "x".repeat(pad));
+            assert!(text.ends_with(&end), "the newest output is kept");
+            assert!(kept.len() <= CHUNK_BYTES && kept.len() >= CHUNK_BYTES - 3);
+            assert!(s.lines.is_empty(), "what waited is dropped");
+            assert_eq!(s.gap_at_us, Some(at), "and marked from its time");
+            assert!(s.carry.is_empty(), "a cut character's start goes too");
+        }
         // Output of a chunk or less is kept whole.
         assert_eq!(s.kept_of(b"small").len(), 5);
     }

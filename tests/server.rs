@@ -456,7 +456,18 @@ async fn a_stalled_tab_pauses_its_command() {
 async fn a_large_write_reaches_the_page_in_one_message() {
     // One write of 256 KiB into the command's pipe: the agent reads it in
     // one go (its pipes hold that much), and the page gets it in one
-    // message rather than in four of 64 KiB.
+    // message rather than in four of 64 KiB. Only an agent that may grow
+    // pipes past the user's quota (root on the host) grows them: as the
+    // agent this test starts decides it.
+    let caps = std::fs::read_to_string("/proc/self/status").unwrap();
+    let caps = caps
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .unwrap();
+    let caps = u64::from_str_radix(caps.trim(), 16).unwrap();
+    let map = std::fs::read_to_string("/proc/self/uid_map").unwrap();
+    let grows = caps & (1 << 21 | 1 << 24) != 0
+        && map.split_whitespace().collect::<Vec<_>>() == ["0", "0", "4294967295"];
     let server = start_server(&[], &[]);
     let mut ws = console(&server).await;
     send(
@@ -465,25 +476,39 @@ async fn a_large_write_reaches_the_page_in_one_message() {
     )
     .await;
     let (mut got, mut largest) = (0, 0);
-    loop {
-        match ws.next().await.unwrap().unwrap() {
-            Message::Binary(b) => {
-                assert_eq!(&b[..5], &[1, 0, 0, 0, 1]);
-                assert!(b[5..].iter().all(|&x| x == 0));
-                got += b.len() - 5;
-                largest = largest.max(b.len() - 5);
-                send(
-                    &mut ws,
-                    json!({"type": "ack", "id": 1, "bytes": b.len() - 5}),
-                )
-                .await;
+    let read = async {
+        loop {
+            match ws.next().await.unwrap().unwrap() {
+                Message::Binary(b) => {
+                    assert_eq!(&b[..5], &[1, 0, 0, 0, 1]);
+                    assert!(b[5..].iter().all(|&x| x == 0));
+                    got += b.len() - 5;
+                    largest = largest.max(b.len() - 5);
+                    let ack = json!({"type": "ack", "id": 1, "bytes": b.len() - 5});
+                    send(&mut ws, ack).await;
+                }
+                Message::Text(t) => {
+                    let v: Value = serde_json::from_str(&t).unwrap();
+                    match v["type"].as_str() {
+                        Some("exit") => break,
+                        Some("error") => panic!("{v}"),
+                        _ => {}
+                    }
+                }
+                _ => {}
             }
-            Message::Text(t) if t.contains("\"exit\"") => break,
-            _ => {}
         }
-    }
+    };
+    tokio::time::timeout(Duration::from_secs(30), read)
+        .await
+        .expect("the command ends");
     assert_eq!(got, 262_144);
-    assert_eq!(largest, 262_144, "the write came in pieces");
+    assert!(largest <= 262_144);
+    // (An agent that keeps the kernel's 64 KiB pipes reads as the
+    // scheduling has it.)
+    if grows {
+        assert_eq!(largest, 262_144, "the write came in pieces");
+    }
 }
 
 #[tokio::test]

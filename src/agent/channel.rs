@@ -25,7 +25,8 @@ use crate::vocab::{self, ErrorCode, SignalNumber};
 /// output frame of a PTY channel, a session or a file: 64 KiB.
 pub(super) const READ_CHUNK: usize = 64 * 1024;
 /// The most read in one go from a command's output pipe, and the size its
-/// pipes are grown to (by an agent running as root): 256 KiB. A command flooding its output costs a
+/// pipes are grown to where that costs the user no pipe quota
+/// (`process::output_pipes_grow`): 256 KiB. A command flooding its output costs a
 /// quarter of the frames, reads and wake-ups it did with the pipe's
 /// default 64 KiB, and fills the pipe four times less often.
 pub(super) const PIPE_CHUNK: usize = 256 * 1024;
@@ -132,9 +133,14 @@ fn exit_message(outcome: Outcome, started: Instant) -> Message {
 pub(super) struct Source<R> {
     reader: Option<R>,
     buf: BytesMut,
-    /// The last read filled its buffer: the next waits with a full one
-    /// ([`READ_CHUNK`]) rather than none.
+    /// The last read filled its buffer: the next waits with a buffer of
+    /// its own rather than none.
     flooding: bool,
+    /// What the last read gave: a flooding read waits with room for twice
+    /// that (at least [`READ_CHUNK`], at most its limit), so that a frame,
+    /// which keeps its buffer alive until it is written, holds little more
+    /// than its own bytes.
+    last: usize,
 }
 
 /// The buffer a read waits with after a read that did not fill its
@@ -151,6 +157,7 @@ impl<R: AsyncRead + Unpin> Source<R> {
             reader,
             buf: BytesMut::new(),
             flooding: false,
+            last: 0,
         }
     }
 
@@ -180,7 +187,8 @@ impl<R: AsyncRead + Unpin> Source<R> {
             self.buf.clear();
             // A stream that filled its last buffer waits with a full one
             // (no extra read per frame).
-            self.buf.reserve(limit);
+            self.buf
+                .reserve(limit.min(self.last.saturating_mul(2).max(READ_CHUNK)));
             (&mut *reader)
                 .take(limit as u64)
                 .read_buf(&mut self.buf)
@@ -211,6 +219,7 @@ impl<R: AsyncRead + Unpin> Source<R> {
         }
         let filled = if self.flooding { READ_CHUNK } else { IDLE_READ };
         self.flooding = self.buf.len() >= filled.min(limit);
+        self.last = self.buf.len();
         if !self.flooding {
             // Idle next: nothing of this buffer is kept while waiting.
             Some(std::mem::take(&mut self.buf).freeze())
@@ -361,6 +370,12 @@ impl Supervisor {
             mut group,
             io,
         } = spawned;
+        let chunk = match &io {
+            ProcessIo::Pipes { stdout, stderr, .. } => {
+                process::pipe_read_size(stdout.iter().chain(stderr))
+            }
+            ProcessIo::Pty(_) => READ_CHUNK,
+        };
         let (stdin, stdout, stderr, pty) = split_io(io);
         let mut stdin = StdinQueue {
             writer: stdin,
@@ -378,11 +393,6 @@ impl Supervisor {
         let mut control_open = true;
         let mut input_open = true;
         let far = tokio::time::Instant::now() + Duration::from_secs(60 * 60 * 24 * 365);
-        let chunk = if pty.is_none() && process::output_pipes_grow() {
-            PIPE_CHUNK
-        } else {
-            READ_CHUNK
-        };
 
         loop {
             if status.is_some() && !stdout.open() && !stderr.open() {

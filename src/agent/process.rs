@@ -370,11 +370,45 @@ fn start(
 }
 
 /// Whether a command's output pipes are grown to
-/// [`super::channel::PIPE_CHUNK`]: only as root. An unprivileged user's
-/// pipes count against its `pipe-user-pages-soft`, past which every new
-/// pipe of that user (its commands' own too) gets two pages.
-pub(super) fn output_pipes_grow() -> bool {
-    nix::unistd::geteuid().is_root()
+/// [`super::channel::PIPE_CHUNK`]: only when the kernel does not count them
+/// against the user's pipe quota, that is with `CAP_SYS_RESOURCE` or
+/// `CAP_SYS_ADMIN` outside any user namespace (root on the host, not in a
+/// default container). Otherwise every pipe counts against the user's
+/// `pipe-user-pages-soft`, past which each new pipe of that user (its
+/// commands' own too) gets two pages. Looked up once.
+fn output_pipes_grow() -> bool {
+    // Capability numbers (linux/capability.h).
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_SYS_RESOURCE: u32 = 24;
+    static GROW: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *GROW.get_or_init(|| {
+        let exempt = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|status| {
+                let caps = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+                u64::from_str_radix(caps.trim(), 16).ok()
+            })
+            .is_some_and(|caps| caps & (1 << CAP_SYS_ADMIN | 1 << CAP_SYS_RESOURCE) != 0);
+        let initial_namespace = std::fs::read_to_string("/proc/self/uid_map").is_ok_and(|map| {
+            map.split_whitespace().collect::<Vec<_>>() == ["0", "0", "4294967295"]
+        });
+        exempt && initial_namespace
+    })
+}
+
+/// How much to read from a command's output pipes at once: their size
+/// (at most [`super::channel::PIPE_CHUNK`]), whatever growing them gave.
+pub(super) fn pipe_read_size<'a>(pipes: impl IntoIterator<Item = &'a PipeReader>) -> usize {
+    use super::channel::{PIPE_CHUNK, READ_CHUNK};
+    pipes
+        .into_iter()
+        .map(|p| {
+            nix::fcntl::fcntl(p, nix::fcntl::FcntlArg::F_GETPIPE_SZ)
+                .map_or(READ_CHUNK, |n| usize::try_from(n).unwrap_or(READ_CHUNK))
+        })
+        .min()
+        .unwrap_or(READ_CHUNK)
+        .clamp(READ_CHUNK, PIPE_CHUNK)
 }
 
 fn spawn_pipes(cmd: Launch, what: &str, prepared: Prepared) -> Result<Spawned, SpawnError> {

@@ -1056,14 +1056,19 @@ async fn pump(
             }
         };
         let (msg, last) = match update {
-            Update::Output(stream, data) => {
+            Update::Output(stream, mut data) => {
+                // A frame larger than a message (an agent may send up to
+                // 1 MiB) goes as several.
+                if data.len() > OUTPUT_MESSAGE {
+                    held = Some(Update::Output(stream, data.split_off(OUTPUT_MESSAGE)));
+                }
                 // Output that came while this pump was busy goes in the
                 // same message: one WebSocket frame, one write, instead of
                 // one per agent frame, when the page or the server falls
                 // behind.
                 let mut more = Vec::new();
                 let mut len = data.len();
-                while len < OUTPUT_MESSAGE {
+                while len < OUTPUT_MESSAGE && held.is_none() {
                     match bridge::ready(&mut channel) {
                         Some(Update::Output(s, b))
                             if s == stream && len + b.len() <= OUTPUT_MESSAGE =>

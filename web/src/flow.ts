@@ -1,5 +1,5 @@
 // Output flow control (docs/protocol.md, "Flow control"). The server gives
-// each command a window of 256 KiB and stops it when that much output is
+// each command a window of 512 KiB and stops it when that much output is
 // unacknowledged; the page acknowledges what xterm has actually drawn.
 // Acking every 32 KiB (or whenever the terminal has caught up) keeps far
 // below the window without sending an ack per frame.
