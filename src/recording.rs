@@ -1948,6 +1948,7 @@ mod tests {
             let at = s.first_at_us;
             s.carry = vec![0xf0];
             let data = flood(pad);
+            s.last_tail = Some(Instant::now());
             let kept = s.kept_of(data.as_bytes());
             let text = std::str::from_utf8(kept).expect("cut at a character");
             let end = format!("😀{}end", "x".repeat(pad));
