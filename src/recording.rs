@@ -423,15 +423,9 @@ impl Recorder {
             // Past half the cap, while chunks are being skipped anyway, a
             // full chunk's worth waiting is dropped here at once (and
             // marked) rather than handed over to be skipped.
-            if s.sent >= s.half
-                && s.lines.len() >= CHUNK_BYTES
-                && s.last_tail.is_some_and(|t| t.elapsed() < TAIL_EVERY)
-            {
+            if s.sent >= s.half && s.lines.len() >= CHUNK_BYTES && s.skipping() {
                 let first = s.first_at_us;
-                s.gap_at_us.get_or_insert(first);
-                s.lines.clear();
-                s.waiting = 0;
-                s.oldest = None;
+                s.skip_waiting(first);
             }
             // Output is nearly always whole UTF-8: then it is used as it
             // is, without a copy.
@@ -606,12 +600,7 @@ impl Recorder {
             };
             let held = if tail && !all {
                 // At most one full chunk per TAIL_EVERY, and only with room.
-                let recent = self
-                    .state
-                    .lock()
-                    .ok()
-                    .and_then(|s| s.last_tail)
-                    .is_some_and(|t| t.elapsed() < TAIL_EVERY);
+                let recent = self.state.lock().is_ok_and(|s| s.skipping());
                 let own = self.own.clone().try_acquire_owned();
                 let room = self.recordings.room.clone().try_acquire_many_owned(cost);
                 match (own, room, recent) {
@@ -765,8 +754,7 @@ impl State {
     /// each skip copying the rest.) A large output after a quiet spell is
     /// taken whole, as before.
     fn kept_of<'a>(&mut self, data: &'a [u8]) -> &'a [u8] {
-        let skipping = self.last_tail.is_some_and(|t| t.elapsed() < TAIL_EVERY);
-        if self.sent < self.half || data.len() <= CHUNK_BYTES || !skipping {
+        if self.sent < self.half || data.len() <= CHUNK_BYTES || !self.skipping() {
             return data;
         }
         let first = if self.lines.is_empty() {
@@ -774,10 +762,7 @@ impl State {
         } else {
             self.first_at_us
         };
-        self.gap_at_us.get_or_insert(first);
-        self.lines.clear();
-        self.waiting = 0;
-        self.oldest = None;
+        self.skip_waiting(first);
         self.carry.clear();
         let mut from = data.len() - CHUNK_BYTES;
         for _ in 0..3 {
@@ -786,6 +771,21 @@ impl State {
             }
         }
         &data[from..]
+    }
+
+    /// A chunk was handed over less than [`TAIL_EVERY`] ago: past half the
+    /// cap, full chunks waiting are skipped rather than sent.
+    fn skipping(&self) -> bool {
+        self.last_tail.is_some_and(|t| t.elapsed() < TAIL_EVERY)
+    }
+
+    /// Drops the events waiting, marking a gap from `at_us` (or from an
+    /// earlier gap not yet marked).
+    fn skip_waiting(&mut self, at_us: i64) {
+        self.gap_at_us.get_or_insert(at_us);
+        self.lines.clear();
+        self.waiting = 0;
+        self.oldest = None;
     }
 
     /// Adds one event: `[seconds, code, data]`, encoded by the writer.

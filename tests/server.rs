@@ -80,17 +80,7 @@ async fn a_flooding_page_is_still_ended_by_its_logout() {
             break;
         }
     }
-    let resp = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap()
-        .post(server.url("/logout"))
-        .header("cookie", &cookie)
-        .header("origin", server.origin())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 303);
+    assert_eq!(server.logout(&cookie).await, 303);
     // Started after the logout's answer: at most what was already queued
     // for the page (64 messages) and the one being started.
     let mut late = 0;

@@ -291,6 +291,21 @@ pub trait Endpoint {
         Ok(cookie.split(';').next().unwrap().to_owned())
     }
 
+    /// Logs the session of `cookie` out; returns the answer's status.
+    async fn logout(&self, cookie: &str) -> reqwest::StatusCode {
+        reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap()
+            .post(self.url("/logout"))
+            .header("cookie", cookie)
+            .header("origin", self.origin())
+            .send()
+            .await
+            .unwrap()
+            .status()
+    }
+
     async fn admin_cookie(&self) -> String {
         self.login(&[("token", self.admin_token())])
             .await
