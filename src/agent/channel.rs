@@ -221,8 +221,15 @@ impl<R: AsyncRead + Unpin> Source<R> {
         self.flooding = self.buf.len() >= filled.min(limit);
         self.last = self.buf.len();
         if !self.flooding {
-            // Idle next: nothing of this buffer is kept while waiting.
-            Some(std::mem::take(&mut self.buf).freeze())
+            // Idle next: nothing of this buffer is kept while waiting. The
+            // short end of a flood is copied out, so that its frame does
+            // not keep the flood's large buffer alive until it is written.
+            let buf = std::mem::take(&mut self.buf);
+            if buf.capacity() > 2 * buf.len().max(IDLE_READ) {
+                Some(Bytes::copy_from_slice(&buf))
+            } else {
+                Some(buf.freeze())
+            }
         } else {
             Some(self.buf.split().freeze())
         }
@@ -646,6 +653,32 @@ mod tests {
         assert_eq!(got, flood);
         assert!(frames <= 5, "{frames} frames for 200 kB");
         assert_eq!(source.buf.capacity(), 0, "a closed stream keeps a buffer");
+    }
+
+    /// The short end of a flood read with large buffers is a frame of its
+    /// own size: a frame keeps its buffer alive until it is written.
+    #[tokio::test]
+    async fn the_short_end_of_a_flood_does_not_keep_the_flood_buffer() {
+        let (mut writer, reader) = tokio::io::duplex(PIPE_CHUNK);
+        let mut source = Source::new(Some(reader));
+        writer.write_all(&vec![7u8; PIPE_CHUNK]).await.unwrap();
+        let mut got = 0;
+        while got < PIPE_CHUNK {
+            got += source.read(PIPE_CHUNK).await.unwrap().len();
+        }
+        writer.write_all(&vec![7u8; PIPE_CHUNK]).await.unwrap();
+        let big = source.read(PIPE_CHUNK).await.unwrap();
+        assert_eq!(big.len(), PIPE_CHUNK, "a flood is read in full pieces");
+        drop(big);
+        writer.write_all(b"end\n").await.unwrap();
+        let tail = source.read(PIPE_CHUNK).await.unwrap();
+        assert_eq!(&tail[..], b"end\n");
+        let tail = tail.try_into_mut().expect("the tail's buffer is its own");
+        assert!(
+            tail.capacity() <= 2 * IDLE_READ,
+            "a 4-byte frame holds a {} byte buffer",
+            tail.capacity()
+        );
     }
 
     #[tokio::test]

@@ -389,9 +389,11 @@ fn output_pipes_grow() -> bool {
                 u64::from_str_radix(caps.trim(), 16).ok()
             })
             .is_some_and(|caps| caps & (1 << CAP_SYS_ADMIN | 1 << CAP_SYS_RESOURCE) != 0);
-        let initial_namespace = std::fs::read_to_string("/proc/self/uid_map").is_ok_and(|map| {
-            map.split_whitespace().collect::<Vec<_>>() == ["0", "0", "4294967295"]
-        });
+        // The kernel checks these capabilities in the initial user
+        // namespace, whose inode number is fixed (PROC_USER_INIT_INO); a
+        // uid map alone cannot tell it from a namespace mapping every id.
+        let initial_namespace = std::fs::read_link("/proc/self/ns/user")
+            .is_ok_and(|ns| ns.as_os_str() == "user:[4026531837]");
         exempt && initial_namespace
     })
 }
@@ -423,10 +425,14 @@ fn spawn_pipes(cmd: Launch, what: &str, prepared: Prepared) -> Result<Spawned, S
     let (stderr_read, stderr_write) = pipe()?;
     let grow = output_pipes_grow();
     for output in [&stdout_read, &stderr_read].into_iter().filter(|_| grow) {
-        let _ = nix::fcntl::fcntl(
-            output,
-            nix::fcntl::FcntlArg::F_SETPIPE_SZ(super::channel::PIPE_CHUNK as i32),
-        );
+        // Only ever grown: where pages are large, the default may be more.
+        let size = nix::fcntl::fcntl(output, nix::fcntl::FcntlArg::F_GETPIPE_SZ).unwrap_or(0);
+        if usize::try_from(size).unwrap_or(0) < super::channel::PIPE_CHUNK {
+            let _ = nix::fcntl::fcntl(
+                output,
+                nix::fcntl::FcntlArg::F_SETPIPE_SZ(super::channel::PIPE_CHUNK as i32),
+            );
+        }
     }
     let stdio = [
         stdin_read.as_raw_fd(),
