@@ -225,7 +225,7 @@ impl Connection {
         let mut last_frame = tokio::time::Instant::now();
         let silence = tokio::time::sleep(idle.unwrap_or_default());
         tokio::pin!(silence);
-        let (mut stream, mut sink) = crate::transport::writer::split(framed);
+        let (mut sink, mut stream) = framed.split();
         let (out_tx, mut out_rx) = mpsc::channel::<Frame>(OUTBOUND_QUEUE);
         // Unbounded, yet bounded in fact: each channel sends exactly one Done,
         // and at most `max_channels` exist.

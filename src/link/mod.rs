@@ -100,18 +100,6 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Heard<S> {
         std::pin::Pin::new(&mut self.inner).poll_write(cx, data)
     }
 
-    fn poll_write_vectored(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        data: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, data)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
     fn poll_flush(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -448,7 +436,7 @@ impl AgentLink {
             next.write_buf = std::mem::take(&mut parts.write_buf);
             Framed::from_parts(next)
         };
-        let (mut stream, mut sink) = crate::transport::writer::split(framed);
+        let (mut sink, mut stream) = framed.split();
         let (out, mut out_rx) = mpsc::channel::<Frame>(OUTBOUND_QUEUE);
         let routes: Routes = Arc::default();
         let listings: Listings = Arc::default();

@@ -234,15 +234,6 @@ impl Encoder<Frame> for FrameCodec {
 
 /// Appends the wire form of `frame` to `dst`.
 pub fn encode_frame(frame: &Frame, dst: &mut BytesMut) -> Result<(), FrameError> {
-    encode_header(frame, dst)?;
-    dst.extend_from_slice(&frame.payload);
-    Ok(())
-}
-
-/// Appends the wire form of `frame` up to its payload (the length and the
-/// header) to `dst`: its payload must follow. Nothing is appended when the
-/// frame cannot be encoded.
-pub fn encode_header(frame: &Frame, dst: &mut BytesMut) -> Result<(), FrameError> {
     if frame.payload.len() > MAX_PAYLOAD_LEN {
         return Err(FrameError::PayloadTooLarge(frame.payload.len() as u64));
     }
@@ -271,9 +262,10 @@ pub fn encode_header(frame: &Frame, dst: &mut BytesMut) -> Result<(), FrameError
     if header.len() > MAX_HEADER_LEN {
         return Err(FrameError::HeaderLength(header.len()));
     }
-    dst.reserve(4 + header.len());
+    dst.reserve(4 + header.len() + frame.payload.len());
     dst.put_u32(header.len() as u32);
     dst.put_slice(&header);
+    dst.put_slice(&frame.payload);
     Ok(())
 }
 
