@@ -85,7 +85,7 @@ pub(crate) async fn run(
     let deadline = req
         .timeout_ms
         .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
-    let exit = match process::spawn(&req, &policy) {
+    let exit = match process::spawn_admitted(&req, &policy).await {
         Ok(spawned) => {
             let outcome = Supervisor::new(ch, window, out.clone())
                 .supervise(spawned, &mut control, &mut input, &stdin_spent, deadline)

@@ -149,12 +149,14 @@ impl Transfer {
             ]),
             ..Default::default()
         };
-        let mut spawned = process::spawn(&exec, &self.policy).map_err(|e| {
-            End::Failed(
-                ErrorCode::FileError,
-                format!("cannot run the file helper: {}", e.message.trim()),
-            )
-        })?;
+        let mut spawned = process::spawn_admitted(&exec, &self.policy)
+            .await
+            .map_err(|e| {
+                End::Failed(
+                    ErrorCode::FileError,
+                    format!("cannot run the file helper: {}", e.message.trim()),
+                )
+            })?;
         if let ProcessIo::Pipes {
             stdin: Some(stdin), ..
         } = &mut spawned.io

@@ -86,7 +86,7 @@ impl ProcessGroup {
             // made closing them cost the square of their number). Without
             // `--run-as`, a command owns its cgroup and could leave it.
             if self.session && signal == Signal::SIGKILL && !self.contained {
-                off_the_workers(move || kill_session(pgid));
+                kill_soon(Doomed::Session(pgid.as_raw()));
             }
         }
         if signal == Signal::SIGKILL {
@@ -100,8 +100,7 @@ impl ProcessGroup {
         if let Some(cg) = &self.cgroup {
             cg.kill();
         } else if let Some(mark) = &self.mark {
-            let mark = mark.clone();
-            off_the_workers(move || sandbox::kill_marked(&mark));
+            kill_soon(Doomed::Marked(mark.clone()));
         }
     }
 
@@ -209,10 +208,63 @@ pub(crate) fn busy_elsewhere(pid: i32) -> bool {
     }
 }
 
-fn kill_session(sid: Pid) {
-    for pid in process_ids() {
-        if proc_stat(pid).is_some_and(|s| s.session == sid.as_raw()) {
-            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+/// What a scan of `/proc` kills: the processes of a session, or those
+/// carrying a command's environment mark.
+enum Doomed {
+    Session(i32),
+    Marked(String),
+}
+
+/// What waits for the next scan of `/proc`, and whether a scan is under
+/// way. Bounded by the commands the agent holds.
+static TO_KILL: std::sync::Mutex<(Vec<Doomed>, bool)> = std::sync::Mutex::new((Vec::new(), false));
+
+/// SIGKILLs, soon and off the async workers, what `doomed` names. What is
+/// doomed while a scan runs is all killed by the next one: a scan each
+/// made closing thousands of shells cost the square of their number
+/// (minutes of both cores, in which the agent's link went silent and was
+/// taken for lost).
+fn kill_soon(doomed: Doomed) {
+    let start = {
+        let mut pending = TO_KILL.lock().unwrap_or_else(|e| e.into_inner());
+        pending.0.push(doomed);
+        !std::mem::replace(&mut pending.1, true)
+    };
+    if start {
+        off_the_workers(kill_pending);
+    }
+}
+
+/// Scans `/proc` until nothing waits: each scan kills what was doomed
+/// when it began.
+fn kill_pending() {
+    loop {
+        let mut sessions = std::collections::HashSet::new();
+        let mut marks = Vec::new();
+        {
+            let mut pending = TO_KILL.lock().unwrap_or_else(|e| e.into_inner());
+            if pending.0.is_empty() {
+                pending.1 = false;
+                return;
+            }
+            for doomed in pending.0.drain(..) {
+                match doomed {
+                    Doomed::Session(sid) => {
+                        sessions.insert(sid);
+                    }
+                    Doomed::Marked(mark) => marks.push(mark),
+                }
+            }
+        }
+        if !sessions.is_empty() {
+            for pid in process_ids() {
+                if proc_stat(pid).is_some_and(|s| sessions.contains(&s.session)) {
+                    let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+                }
+            }
+        }
+        if !marks.is_empty() {
+            sandbox::kill_marked(&marks);
         }
     }
 }
@@ -257,6 +309,27 @@ fn command_for(req: &ExecRequest, policy: &ExecPolicy) -> Result<(Launch, String
         .unwrap_or_else(|| "sh".into());
     cmd.arg0(format!("-{base}"));
     Ok((cmd, shell.display().to_string()))
+}
+
+/// [`spawn`], once fewer than all the async workers are starting a
+/// process. The clone waits, its thread blocked, until the child has
+/// called `exec`, and on a loaded host the child waits that long for a
+/// core: with every worker blocked so, nothing read or wrote the link.
+/// Opening 10,000 shells at once kept the agent silent for over 11 s, and
+/// the server took the link, and every command on it, for lost.
+pub(crate) async fn spawn_admitted(
+    req: &ExecRequest,
+    policy: &ExecPolicy,
+) -> Result<Spawned, SpawnError> {
+    static STARTING: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    let starting = STARTING.get_or_init(|| {
+        // The runtime has a worker a core (`Runtime::new`): one is kept free.
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        tokio::sync::Semaphore::new(cores.saturating_sub(1).max(1))
+    });
+    // Never closed, so the permit always comes.
+    let _permit = starting.acquire().await.ok();
+    spawn(req, policy)
 }
 
 /// Starts the command `req` describes, as `policy` says commands start.

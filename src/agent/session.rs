@@ -269,7 +269,7 @@ impl Sessions {
             // leaves the table with it.
             let _listed = listed;
             // Forking happens here, not in the connection that asked.
-            match process::spawn(&req, &policy) {
+            match process::spawn_admitted(&req, &policy).await {
                 Ok(spawned) => {
                     if let Some(pid) = spawned.child.id() {
                         leader.store(pid, std::sync::atomic::Ordering::Release);
