@@ -805,16 +805,14 @@ async fn stdin_credit_comes_back_as_the_process_reads() {
     );
 }
 
-#[tokio::test]
-async fn an_interactive_shells_jobs_die_with_its_channel() {
-    let agent = start_agent_shell();
-    let link = AgentLink::connect(agent.addr, &agent.key).await.unwrap();
+/// A PTY shell on `link` with a background job in a process group of
+/// its own (job control): the channel and the job's process id.
+async fn shell_with_a_job(link: &AgentLink) -> (conch::link::Channel, i32) {
     let req = ExecRequest {
         pty: Some(PtySize { cols: 80, rows: 24 }),
         ..Default::default()
     };
     let mut channel = link.exec(req).await.unwrap();
-    // Job control puts the background job in a process group of its own.
     channel
         .stdin(
             Bytes::from_static(b"set -m; sleep 300 & echo bg=$!\n"),
@@ -841,12 +839,49 @@ async fn an_interactive_shells_jobs_die_with_its_channel() {
         }
     };
     assert!(common::alive(pid));
+    (channel, pid)
+}
+
+#[tokio::test]
+async fn an_interactive_shells_jobs_die_with_its_channel() {
+    let agent = start_agent_shell();
+    let link = AgentLink::connect(agent.addr, &agent.key).await.unwrap();
+    let (mut channel, pid) = shell_with_a_job(&link).await;
     channel.close().await.unwrap();
     let _ = channel.collect().await;
     assert!(
         wait_gone(pid).await,
         "the shell's background job {pid} survived"
     );
+}
+
+/// Without cgroups, a closed shell's jobs are found through `/proc` (its
+/// session, its environment mark). Shells closed together share the
+/// scans: every job of every one of them dies.
+#[tokio::test]
+async fn the_jobs_of_shells_closed_together_all_die_without_cgroups() {
+    let agent = common::start_agent_with(&[], &[("SHELL", "/bin/sh"), ("CONCH_CGROUPS", "off")]);
+    let link = AgentLink::connect(agent.addr, &agent.key).await.unwrap();
+    let mut shells = Vec::new();
+    for _ in 0..12 {
+        shells.push(shell_with_a_job(&link).await);
+    }
+    let jobs: Vec<i32> = shells.iter().map(|(_, pid)| *pid).collect();
+    let closing: Vec<_> = shells
+        .into_iter()
+        .map(|(mut channel, _)| {
+            tokio::spawn(async move {
+                channel.close().await.unwrap();
+                let _ = channel.collect().await;
+            })
+        })
+        .collect();
+    for c in closing {
+        c.await.unwrap();
+    }
+    for pid in jobs {
+        assert!(wait_gone(pid).await, "a closed shell's job {pid} survived");
+    }
 }
 
 #[tokio::test]

@@ -430,10 +430,13 @@ impl Prepared {
     }
 }
 
-/// SIGKILLs every process whose environment carries `MARK_VAR=mark`
-/// (fallback tracking; reads `/proc/*/environ`).
-pub(crate) fn kill_marked(mark: &str) {
-    let needle: Vec<u8> = format!("{MARK_VAR}={mark}").into_bytes();
+/// SIGKILLs every process whose environment carries `MARK_VAR=mark` for
+/// one of `marks` (fallback tracking; reads `/proc/*/environ` once).
+pub(crate) fn kill_marked(marks: &[String]) {
+    let needles: std::collections::HashSet<Vec<u8>> = marks
+        .iter()
+        .map(|mark| format!("{MARK_VAR}={mark}").into_bytes())
+        .collect();
     let me = std::process::id() as i32;
     for pid in super::process::process_ids() {
         if pid == me {
@@ -442,10 +445,7 @@ pub(crate) fn kill_marked(mark: &str) {
         let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
             continue;
         };
-        if environ
-            .split(|b| *b == 0)
-            .any(|var| var == needle.as_slice())
-        {
+        if environ.split(|b| *b == 0).any(|var| needles.contains(var)) {
             // SAFETY: kill(2) on a pid read from /proc.
             unsafe {
                 libc::kill(pid, libc::SIGKILL);
