@@ -780,13 +780,13 @@ async fn concurrency(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, b
         "### 3. Concurrent shell sessions (each a WebSocket with a PTY shell, typing {} keystrokes one second apart, their phases spread evenly over the second)\n",
         plan.keystrokes
     );
-    out.push_str("| sessions | failures | all open after | keystroke p50 ms | p99 ms | server RSS per session | agent RSS per session |\n|---|---|---|---|---|---|---|\n");
+    out.push_str("| sessions | failures | all open after | keystroke p50 ms | p99 ms | server RSS per session | agent RSS per session | all closed after |\n|---|---|---|---|---|---|---|---|\n");
     let mut verdicts = Vec::new();
     for &n in &plan.sessions {
         if !ptys_for(n + 200) {
             let _ = writeln!(
                 out,
-                "| {n} | not run: the kernel allows fewer terminals (kernel.pty.max) and this user cannot raise it | – | – | – | – | – |"
+                "| {n} | not run: the kernel allows fewer terminals (kernel.pty.max) and this user cannot raise it | – | – | – | – | – | – |"
             );
             continue;
         }
@@ -818,23 +818,39 @@ async fn concurrency(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, b
                 let session = async {
                     let (mut ws, _) = tokio_tungstenite::connect_async_with_config(req, None, true)
                         .await
-                        .ok()?;
+                        .map_err(|e| format!("could not connect: {e}"))?;
                     send(
                         &mut ws,
                         json!({"type": "exec", "id": 1, "pty": {"cols": 80, "rows": 24}}),
                     )
                     .await;
-                    wait_output(&mut ws, 1, |_| true).await;
-                    Some(ws)
+                    // The first output, or the error the server sent (a
+                    // limit reached): a refused shell fails at once rather
+                    // than at the opening's deadline.
+                    loop {
+                        match ws.next().await {
+                            Some(Ok(Message::Binary(b))) => {
+                                let len = b.len().saturating_sub(5);
+                                send(&mut ws, json!({"type": "ack", "id": 1, "bytes": len})).await;
+                                return Ok(ws);
+                            }
+                            Some(Ok(Message::Text(t))) if t.contains("\"error\"") => {
+                                let v: Value = serde_json::from_str(&t).unwrap_or_default();
+                                return Err(format!(
+                                    "refused: {}",
+                                    v["message"].as_str().unwrap_or(&t)
+                                ));
+                            }
+                            Some(Ok(_)) => {}
+                            _ => return Err("the console ended".to_owned()),
+                        }
+                    }
                 };
                 let ws = tokio::time::timeout(open_limit, session)
                     .await
-                    .ok()
-                    .flatten();
+                    .unwrap_or_else(|_| Err("did not open in time".to_owned()));
                 ready.wait().await;
-                let Some(mut ws) = ws else {
-                    return Err("did not open");
-                };
+                let mut ws = ws?;
                 let mut samples = Vec::new();
                 tokio::time::sleep(phase).await;
                 for k in 0..keystrokes {
@@ -848,7 +864,7 @@ async fn concurrency(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, b
                         wait_output_at(&mut ws, 1, |o| o.contains(&b)),
                     )
                     .await
-                    .map_err(|_| "a keystroke's echo took over 30 s")?;
+                    .map_err(|_| "a keystroke's echo took over 30 s".to_owned())?;
                     samples.push(at - t);
                 }
                 done.cancelled().await;
@@ -864,10 +880,11 @@ async fn concurrency(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, b
         let agent1 = rss_kib(s.agent.proc.child.id());
         let mut samples = Vec::new();
         let mut failures = 0;
-        let mut why: std::collections::BTreeMap<&str, usize> = Default::default();
+        let mut why: std::collections::BTreeMap<String, usize> = Default::default();
         // Let the typing finish, then release the sessions.
         tokio::time::sleep(Duration::from_millis(1000 * plan.keystrokes as u64 + 1500)).await;
         done.cancel();
+        let closing = Instant::now();
         for t in tasks {
             let left = deadline.saturating_duration_since(Instant::now());
             let failed = match tokio::time::timeout(left, t).await {
@@ -876,8 +893,8 @@ async fn concurrency(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, b
                     continue;
                 }
                 Ok(Ok(Err(reason))) => reason,
-                Ok(Err(_)) => "its task failed",
-                Err(_) => "not done by the deadline",
+                Ok(Err(_)) => "its task failed".to_owned(),
+                Err(_) => "not done by the deadline".to_owned(),
             };
             failures += 1;
             *why.entry(failed).or_default() += 1;
@@ -910,10 +927,25 @@ async fn concurrency(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, b
         } else {
             (percentile(&samples, 0.5), percentile(&samples, 0.99))
         };
+        // The next round starts once the agent has reaped this round's
+        // shells (bounded): a shell the agent still holds keeps its channel,
+        // and a round that starts early is refused `too_many_channels`.
+        let agent_pid = s.agent.proc.child.id();
+        let close_limit = Duration::from_secs(60);
+        let mut left = children_of(agent_pid);
+        while left > 0 && closing.elapsed() < close_limit {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            left = children_of(agent_pid);
+        }
+        let closed_in = if left == 0 {
+            format!("{:.1} s", closing.elapsed().as_secs_f64())
+        } else {
+            format!("{left} left after {close_limit:?}")
+        };
         let per = |a: u64, b: u64| b.saturating_sub(a) as f64 / n as f64;
         let _ = writeln!(
             out,
-            "| {n} | {failures_shown} | {:.1} s | {p50:.2} | {p99:.2} | {:.0} KiB | {:.0} KiB |",
+            "| {n} | {failures_shown} | {:.1} s | {p50:.2} | {p99:.2} | {:.0} KiB | {:.0} KiB | {closed_in} |",
             opened_in.as_secs_f64(),
             per(server0, server1),
             per(agent0, agent1)
@@ -927,14 +959,6 @@ async fn concurrency(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, b
                 format!("keystroke p99 < 50 ms at {n} sessions: {p99:.2} ms"),
                 p99 < 50.0,
             ));
-        }
-        // The next round starts once the agent has reaped this round's
-        // shells (bounded): a shell the agent still holds keeps its channel,
-        // and a round that starts early is refused `too_many_channels`.
-        let agent_pid = s.agent.proc.child.id();
-        let reaped = Instant::now();
-        while children_of(agent_pid) > 0 && reaped.elapsed() < Duration::from_secs(60) {
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
     out.push_str("\nRSS per session is the growth of resident memory with all sessions open, divided by their number.\n\n");
