@@ -71,6 +71,9 @@ pub(crate) struct Accepted {
     pub(crate) local: bool,
 }
 
+/// The send buffer asked for on a local (embedded) agent link: 1 MiB.
+const LOCAL_SEND_BUFFER: usize = 1024 * 1024;
+
 /// The next connection from `listener`, or `None` once `shutdown` fires.
 /// A failed accept (out of file descriptors, say) is logged and retried
 /// after a pause instead of spinning.
@@ -100,6 +103,16 @@ pub(crate) async fn accept_link(
         }
         Listener::Unix(l) => {
             let (stream, _) = retrying(|| l.accept(), shutdown).await?;
+            // Room for a whole output frame in flight (the kernel's default
+            // is about 208 KiB, less than one frame of a grown pipe's read),
+            // so that the agent's write does not wait for the server's
+            // read of each frame's tail. The kernel caps it at
+            // `net.core.wmem_max` (doubled); failing to set it costs speed only.
+            let _ = nix::sys::socket::setsockopt(
+                &stream,
+                nix::sys::socket::sockopt::SndBuf,
+                &LOCAL_SEND_BUFFER,
+            );
             let peer = stream.peer_cred().map_or_else(
                 |_| "a local process".to_owned(),
                 |c| match c.pid() {
