@@ -144,8 +144,6 @@ fn off_the_workers(scan: impl FnOnce() + Send + 'static) {
     }
 }
 
-/// SIGKILLs every process whose session is `sid`, found through /proc.
-/// (A process that started a session of its own, a daemon, escapes.)
 /// The ids of the processes alive now, read from `/proc` (none if it
 /// cannot be read).
 pub(crate) fn process_ids() -> impl Iterator<Item = i32> {
@@ -231,13 +229,25 @@ fn kill_soon(doomed: Doomed) {
         !std::mem::replace(&mut pending.1, true)
     };
     if start {
-        off_the_workers(kill_pending);
+        let scanning = Scanning;
+        off_the_workers(move || kill_pending(scanning));
+    }
+}
+
+/// The scan under way. Dropped without finishing (a panic, or a runtime
+/// shutting down before it ran), it clears the flag, so that the next
+/// kill starts a scan (of what is left too) rather than none ever again.
+struct Scanning;
+
+impl Drop for Scanning {
+    fn drop(&mut self) {
+        TO_KILL.lock().unwrap_or_else(|e| e.into_inner()).1 = false;
     }
 }
 
 /// Scans `/proc` until nothing waits: each scan kills what was doomed
 /// when it began.
-fn kill_pending() {
+fn kill_pending(scanning: Scanning) {
     loop {
         let mut sessions = std::collections::HashSet::new();
         let mut marks = Vec::new();
@@ -245,6 +255,9 @@ fn kill_pending() {
             let mut pending = TO_KILL.lock().unwrap_or_else(|e| e.into_inner());
             if pending.0.is_empty() {
                 pending.1 = false;
+                // Cleared under the lock: a scan started after this one
+                // must keep its flag.
+                std::mem::forget(scanning);
                 return;
             }
             for doomed in pending.0.drain(..) {

@@ -106,8 +106,9 @@ pub(crate) async fn accept_link(
             // Room for a whole output frame in flight (the kernel's default
             // is about 208 KiB, less than one frame of a grown pipe's read),
             // so that the agent's write does not wait for the server's
-            // read of each frame's tail. The kernel caps it at
-            // `net.core.wmem_max` (doubled); failing to set it costs speed only.
+            // read of each frame's tail. The kernel keeps twice the lesser
+            // of this and `net.core.wmem_max`; failing to set it costs
+            // speed only.
             let _ = nix::sys::socket::setsockopt(
                 &stream,
                 nix::sys::socket::sockopt::SndBuf,
