@@ -209,7 +209,7 @@ async fn suite(store: Store) {
     let (out, _, exit) = common::ws::run(&mut ws, 1, "echo from-the-console").await;
     assert_eq!(String::from_utf8_lossy(&out), "from-the-console\n");
     assert_eq!(exit["code"], 0);
-    logout(&server, &olga).await;
+    assert_eq!(server.logout(&olga).await, 303);
 
     // A refused bearer token is a failed login too.
     let refused = reqwest::Client::new()
@@ -584,21 +584,6 @@ async fn fan_out_commands_and_fields_a_client_chose_are_recorded_safely() {
     assert_eq!(code, Some(0), "{out}{err}");
 }
 
-/// Logs `cookie` out on `server`, as the page's button does.
-async fn logout(server: &Server, cookie: &str) {
-    let resp = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap()
-        .post(server.url("/logout"))
-        .header("cookie", cookie)
-        .header("origin", server.origin())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 303);
-}
-
 /// `GET /api/v1/session` with `cookie`: the user's name, or the status.
 async fn whoami(server: &Server, cookie: &str) -> Result<String, u16> {
     let resp = reqwest::Client::new()
@@ -634,7 +619,7 @@ async fn a_restart_logs_nobody_out() {
         "still logged in"
     );
     assert_eq!(whoami(&again, "conch_session=forged").await, Err(401));
-    logout(&again, &olga).await;
+    assert_eq!(again.logout(&olga).await, 303);
     assert_eq!(whoami(&again, &olga).await, Err(401));
     drop(again);
     let third = server_on(&store, &flags);
@@ -659,7 +644,7 @@ async fn a_login_on_one_server_is_valid_on_another_sharing_its_postgres() {
         .unwrap();
     assert_eq!(whoami(&two, &olga).await, Ok("olga".into()));
     // A logout on the second ends it on the first too (within its recheck).
-    logout(&two, &olga).await;
+    assert_eq!(two.logout(&olga).await, 303);
     for _ in 0..300 {
         if whoami(&one, &olga).await == Err(401) {
             return;

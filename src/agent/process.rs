@@ -269,15 +269,16 @@ fn kill_pending(scanning: Scanning) {
                 }
             }
         }
-        if !sessions.is_empty() {
-            for pid in process_ids() {
-                if proc_stat(pid).is_some_and(|s| sessions.contains(&s.session)) {
-                    let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
-                }
+        // One pass over /proc for both: a shell without a cgroup is
+        // doomed by its session and by its mark at once.
+        let marks = sandbox::mark_entries(&marks);
+        for pid in process_ids() {
+            let doomed = (!sessions.is_empty()
+                && proc_stat(pid).is_some_and(|s| sessions.contains(&s.session)))
+                || (!marks.is_empty() && sandbox::carries_mark(pid, &marks));
+            if doomed {
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
             }
-        }
-        if !marks.is_empty() {
-            sandbox::kill_marked(&marks);
         }
     }
 }

@@ -430,28 +430,21 @@ impl Prepared {
     }
 }
 
-/// SIGKILLs every process whose environment carries `MARK_VAR=mark` for
-/// one of `marks` (fallback tracking; reads `/proc/*/environ` once).
-pub(crate) fn kill_marked(marks: &[String]) {
-    let needles: std::collections::HashSet<Vec<u8>> = marks
+/// The environment entries (`MARK_VAR=mark`) that carry `marks`, for
+/// [`carries_mark`].
+pub(crate) fn mark_entries(marks: &[String]) -> std::collections::HashSet<Vec<u8>> {
+    marks
         .iter()
         .map(|mark| format!("{MARK_VAR}={mark}").into_bytes())
-        .collect();
-    let me = std::process::id() as i32;
-    for pid in super::process::process_ids() {
-        if pid == me {
-            continue;
-        }
-        let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
-            continue;
-        };
-        if environ.split(|b| *b == 0).any(|var| needles.contains(var)) {
-            // SAFETY: kill(2) on a pid read from /proc.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-            }
-        }
-    }
+        .collect()
+}
+
+/// Whether process `pid`, not this one, carries one of `entries` in its
+/// environment (fallback tracking; reads `/proc/PID/environ`).
+pub(crate) fn carries_mark(pid: i32, entries: &std::collections::HashSet<Vec<u8>>) -> bool {
+    pid != std::process::id() as i32
+        && std::fs::read(format!("/proc/{pid}/environ"))
+            .is_ok_and(|environ| environ.split(|b| *b == 0).any(|var| entries.contains(var)))
 }
 
 /// Makes this process undumpable: other processes of the same user (the
