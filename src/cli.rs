@@ -94,6 +94,11 @@ pub struct IsolationArgs {
     /// Open files per process of a command (hard limit; the soft one is 1024).
     #[arg(long, env = "CONCH_CMD_MAX_OPEN_FILES", default_value_t = 65536)]
     cmd_max_open_files: u64,
+    /// How long a command may take from its clone to its exec (`10s`,
+    /// `500ms`) before it is killed: a hung directory or a process stopped
+    /// there must not hold a start for ever.
+    #[arg(long, env = "CONCH_CMD_START_TIMEOUT", default_value = "10s", value_parser = start_timeout)]
+    cmd_start_timeout: std::time::Duration,
     /// Whether to put each command in a cgroup of its own where possible.
     #[arg(long, env = "CONCH_CGROUPS", value_enum, default_value = "auto")]
     cgroups: CgroupMode,
@@ -146,6 +151,7 @@ impl IsolationArgs {
             },
             memory_explicit: self.cmd_max_memory_mib.is_some(),
             max_open_files: self.cmd_max_open_files.max(16),
+            start_timeout: self.cmd_start_timeout,
         };
         Ok(ExecPolicy::new(
             self.run_as.as_deref(),
@@ -159,6 +165,10 @@ impl IsolationArgs {
         let mut args = vec![
             format!("--cmd-max-procs={}", self.cmd_max_procs),
             format!("--cmd-max-open-files={}", self.cmd_max_open_files),
+            format!(
+                "--cmd-start-timeout={}ms",
+                self.cmd_start_timeout.as_millis()
+            ),
             format!(
                 "--cgroups={}",
                 match self.cgroups {
@@ -767,6 +777,16 @@ fn duration(text: &str) -> Result<std::time::Duration, String> {
     ms.filter(|ms| *ms <= 30 * 24 * 3_600_000)
         .map(std::time::Duration::from_millis)
         .ok_or_else(|| format!("{text:?} is longer than 30 days"))
+}
+
+/// `--cmd-start-timeout`: a duration of at least 100 ms (a start takes
+/// about 1 ms; a shorter limit would kill commands on a busy host).
+fn start_timeout(text: &str) -> Result<std::time::Duration, String> {
+    let limit = duration(text)?;
+    if limit < std::time::Duration::from_millis(100) {
+        return Err(format!("{text:?} is shorter than 100ms"));
+    }
+    Ok(limit)
 }
 
 /// The largest count the REST API takes (2^53 - 1).

@@ -325,25 +325,60 @@ fn command_for(req: &ExecRequest, policy: &ExecPolicy) -> Result<(Launch, String
     Ok((cmd, shell.display().to_string()))
 }
 
-/// [`spawn`], once fewer than all the async workers are starting a
-/// process. The clone waits, its thread blocked, until the child has
-/// called `exec`, and on a loaded host the child waits that long for a
-/// core: with every worker blocked so, nothing read or wrote the link.
-/// Opening 10,000 shells at once kept the agent silent for over 11 s, and
-/// the server took the link, and every command on it, for lost.
+/// [`spawn`], on a blocking thread, once fewer than all the cores are
+/// starting a process.
+///
+/// The clone waits, its thread blocked, until the child has called `exec`,
+/// and on a loaded host the child waits that long for a core. On the async
+/// workers, with every one blocked so, nothing read or wrote the link:
+/// opening 10,000 shells at once kept the agent silent for over 11 s, and
+/// the server took the link, and every command on it, for lost. So the
+/// clone runs off the workers, and at most one less than the cores start
+/// at once, so that the children do not crowd out the link's workers.
+///
+/// A start that takes longer than [`STALLED`] gives its place to the next:
+/// it waits on something (a directory that does not answer, a child
+/// stopped before its exec), not for a core, and one user's stuck start
+/// must not hold back everyone's. The watchdog of [`spawn::launch`] ends
+/// it at the command start limit.
 pub(crate) async fn spawn_admitted(
     req: &ExecRequest,
-    policy: &ExecPolicy,
+    policy: &Arc<ExecPolicy>,
 ) -> Result<Spawned, SpawnError> {
+    let (req, policy) = (req.clone(), policy.clone());
+    admitted(move || spawn(&req, &policy))
+        .await
+        .unwrap_or_else(Err)
+}
+
+/// How long a start holds its place among those starting at once.
+const STALLED: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Runs `start` on a blocking thread, admitted as [`spawn_admitted`] says.
+async fn admitted<T: Send + 'static>(
+    start: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, SpawnError> {
     static STARTING: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
     let starting = STARTING.get_or_init(|| {
-        // The runtime has a worker a core (`Runtime::new`): one is kept free.
+        // The runtime has a worker a core (`Runtime::new`): one core is
+        // left to them.
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         tokio::sync::Semaphore::new(cores.saturating_sub(1).max(1))
     });
     // Never closed, so the permit always comes.
-    let _permit = starting.acquire().await.ok();
-    spawn(req, policy)
+    let permit = starting.acquire().await.ok();
+    let mut task = tokio::task::spawn_blocking(start);
+    let done = tokio::select! {
+        done = &mut task => done,
+        () = tokio::time::sleep(STALLED) => {
+            drop(permit);
+            task.await
+        }
+    };
+    done.map_err(|e| SpawnError {
+        code: 126,
+        message: format!("conch: the command's start failed: {e}\n"),
+    })
 }
 
 /// Starts the command `req` describes, as `policy` says commands start.
@@ -443,8 +478,15 @@ fn start(
     // The clone puts the child into its v2 cgroup where it can; the
     // directory is open only until then.
     let into = prepared.cgroup.as_ref().and_then(|cg| cg.open_v2());
-    let child = spawn::launch(cmd, stdio, leader, into.as_ref(), &setup)
-        .map_err(|e| spawn_error(&e, what))?;
+    let child = spawn::launch(
+        cmd,
+        stdio,
+        leader,
+        into.as_ref(),
+        &setup,
+        prepared.start_timeout,
+    )
+    .map_err(|e| spawn_error(&e, what))?;
     drop(into);
     let group = ProcessGroup {
         pgid: child.id().map(|id| Pid::from_raw(id as i32)),
@@ -707,6 +749,41 @@ impl Pty {
             if let Ok(result) = result {
                 return Poll::Ready(result);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_start_that_hangs_does_not_hold_back_the_others() {
+        // More hung starts than places, as one user's commands in a
+        // directory that does not answer.
+        let mut releases = Vec::new();
+        let mut stuck = Vec::new();
+        for _ in 0..4 {
+            let (release, hung) = std::sync::mpsc::channel::<()>();
+            releases.push(release);
+            stuck.push(tokio::spawn(admitted(move || {
+                // Returns once its sender is dropped.
+                let _ = hung.recv();
+            })));
+        }
+        // Before, each held its place until it ended: these never ran.
+        for _ in 0..4 {
+            tokio::time::timeout(Duration::from_secs(60), admitted(|| ()))
+                .await
+                .expect("a start waited behind hung ones")
+                .expect("ran");
+        }
+        drop(releases);
+        for task in stuck {
+            task.await
+                .unwrap()
+                .expect("the hung start ended when released");
         }
     }
 }

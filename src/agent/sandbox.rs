@@ -52,6 +52,9 @@ pub struct CommandLimits {
     pub memory_explicit: bool,
     /// Open files per process (the hard limit; the soft one starts at 1024).
     pub max_open_files: u64,
+    /// How long a child may take from its clone to its exec before it is
+    /// killed (see [`super::spawn::launch`]).
+    pub start_timeout: std::time::Duration,
 }
 
 /// How commands are isolated from each other and from the agent.
@@ -258,6 +261,7 @@ impl ExecPolicy {
             mark,
             rlimits,
             dir: None,
+            start_timeout: self.limits.start_timeout,
             creds: self.run_as.switch.then(|| Creds {
                 uid: self.run_as.uid,
                 gid: self.run_as.gid,
@@ -329,6 +333,8 @@ pub(crate) struct Prepared {
     /// With `creds`: the directory the child enters after switching user,
     /// and the start of the message it prints if it cannot.
     dir: Option<(CString, Vec<u8>)>,
+    /// How long the child may take to reach its exec.
+    pub(crate) start_timeout: std::time::Duration,
 }
 
 impl Prepared {

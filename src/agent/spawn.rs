@@ -29,7 +29,8 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use tokio::io::unix::AsyncFd;
 
@@ -177,12 +178,19 @@ fn candidates(program: &OsStr, path: Option<&OsStr>) -> io::Result<Vec<CString>>
 /// `setup` runs in the child, in memory shared with the agent: it may only
 /// make async-signal-safe calls that do not allocate, and report errors
 /// that are OS errors (which do not allocate either).
+///
+/// A child that has not exec'd within `limit` is killed, and the start
+/// fails (`TimedOut`): the thread that cloned it waits until then, and a
+/// directory that does not answer (a hung network mount), or a process
+/// of the command's user that stops the child after it has become that
+/// user, would otherwise hold it for ever.
 pub(crate) fn launch(
     launch: &Launch,
     stdio: [RawFd; 3],
     leader: Leader,
     into_cgroup: Option<&OwnedFd>,
     setup: &dyn Fn(bool) -> io::Result<()>,
+    limit: Duration,
 ) -> io::Result<ChildProcess> {
     let argv: Vec<CString> = launch
         .argv
@@ -253,6 +261,8 @@ pub(crate) fn launch(
         }
     });
     let stack = ChildStack::take()?;
+    let watch = Watch::start(limit);
+    let settid = watch.pid.as_ptr();
     // SAFETY: every signal is blocked around the clone so that no handler of
     // the agent's (tokio's, for one) runs in the child, which resets them
     // all before unblocking. The child only reads `plan` (alive until it
@@ -273,7 +283,7 @@ pub(crate) fn launch(
         let arg = &plan as *const ChildPlan as *mut c_void;
         let mut pid = into_cgroup.map_or(-1, |dir| {
             plan.in_cgroup.store(true, Ordering::Relaxed);
-            let pid = clone_into_cgroup(&stack, dir, arg);
+            let pid = clone_into_cgroup(&stack, dir, arg, settid);
             plan.in_cgroup.store(pid > 0, Ordering::Relaxed);
             pid
         });
@@ -281,8 +291,9 @@ pub(crate) fn launch(
             pid = libc::clone(
                 child_main,
                 stack.top(),
-                libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+                libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PARENT_SETTID | libc::SIGCHLD,
                 arg,
+                settid,
             );
         }
         let err = io::Error::last_os_error();
@@ -294,12 +305,28 @@ pub(crate) fn launch(
             8usize,
         );
         if pid < 0 {
+            watch.finish();
             return Err(err);
         }
         pid
     };
     // The child has exec'd or exited: no one runs on the stack any more.
     stack.give_back();
+    if watch.finish() {
+        // Killed by the watchdog (perhaps just after its exec): it is dead
+        // or dying, and reaped here so that its pid is not reused unseen.
+        let mut status = 0;
+        // SAFETY: waits for our own child, which no one else reaps.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        return Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "did not start within {} ms (its directory did not answer, or it was \
+                 stopped before its exec), and was killed",
+                limit.as_millis()
+            ),
+        ));
+    }
     let errno = plan.error.load(Ordering::Acquire);
     if errno != 0 {
         // The child has exited (or is about to): reap it.
@@ -351,16 +378,22 @@ const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 /// As for `libc::clone` with these flags: every signal blocked, `arg`
 /// alive and `stack` unused until the child has exec'd or exited.
 #[cfg(all(target_arch = "x86_64", target_pointer_width = "64"))]
-unsafe fn clone_into_cgroup(stack: &ChildStack, dir: &OwnedFd, arg: *mut c_void) -> c_int {
+unsafe fn clone_into_cgroup(
+    stack: &ChildStack,
+    dir: &OwnedFd,
+    arg: *mut c_void,
+    settid: *mut c_int,
+) -> c_int {
     use std::os::fd::AsRawFd;
     if NO_CLONE3.load(Ordering::Relaxed) {
         return -1;
     }
     let args = CloneArgs {
-        flags: (libc::CLONE_VM | libc::CLONE_VFORK) as u64 | CLONE_INTO_CGROUP,
+        flags: (libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PARENT_SETTID) as u64
+            | CLONE_INTO_CGROUP,
         pidfd: 0,
         child_tid: 0,
-        parent_tid: 0,
+        parent_tid: settid as u64,
         exit_signal: libc::SIGCHLD as u64,
         // The lowest address of the area; the child's stack pointer starts
         // at its end (16-byte aligned: the mapping is page-aligned).
@@ -411,8 +444,108 @@ unsafe fn clone_into_cgroup(stack: &ChildStack, dir: &OwnedFd, arg: *mut c_void)
 }
 
 #[cfg(not(all(target_arch = "x86_64", target_pointer_width = "64")))]
-unsafe fn clone_into_cgroup(_: &ChildStack, _: &OwnedFd, _: *mut c_void) -> c_int {
+unsafe fn clone_into_cgroup(_: &ChildStack, _: &OwnedFd, _: *mut c_void, _: *mut c_int) -> c_int {
     -1
+}
+
+/// A child between its clone and its exec, killed by the watchdog thread
+/// if it is still there at its deadline.
+struct Watch {
+    /// The child's pid, written by the kernel before the child first runs
+    /// (`CLONE_PARENT_SETTID`); 0 until then.
+    pid: AtomicI32,
+    deadline: Instant,
+    /// Set, under [`WATCHED`]'s lock, when the watchdog has killed it.
+    killed: AtomicBool,
+}
+
+/// The children being watched, and when the watchdog next wakes (`None`:
+/// it waits to be told of one).
+struct Watched {
+    children: Vec<Arc<Watch>>,
+    wakes_at: Option<Instant>,
+}
+
+static WATCHED: Mutex<Watched> = Mutex::new(Watched {
+    children: Vec::new(),
+    wakes_at: None,
+});
+static WATCHED_SOONER: Condvar = Condvar::new();
+
+impl Watch {
+    /// Watches the next clone, which must end with [`Watch::finish`].
+    fn start(limit: Duration) -> Arc<Watch> {
+        static WATCHDOG: std::sync::Once = std::sync::Once::new();
+        WATCHDOG.call_once(|| {
+            // Without it, children are not killed on time; starts work on.
+            if let Err(e) = std::thread::Builder::new()
+                .name("conch-start-watchdog".into())
+                .spawn(watchdog)
+            {
+                tracing::error!("cannot start the watchdog of starting commands: {e}");
+            }
+        });
+        let watch = Arc::new(Watch {
+            pid: AtomicI32::new(0),
+            deadline: Instant::now() + limit,
+            killed: AtomicBool::new(false),
+        });
+        let mut watched = WATCHED.lock().unwrap_or_else(PoisonError::into_inner);
+        watched.children.push(watch.clone());
+        // Told only when it would wake too late: starts one after another
+        // cost the watchdog one wake-up a limit, not one each.
+        if watched.wakes_at.is_none_or(|at| at > watch.deadline) {
+            watched.wakes_at = Some(watch.deadline);
+            WATCHED_SOONER.notify_one();
+        }
+        watch
+    }
+
+    /// Stops watching, once the clone has returned; whether the watchdog
+    /// killed the child first.
+    fn finish(self: Arc<Watch>) -> bool {
+        let mut watched = WATCHED.lock().unwrap_or_else(PoisonError::into_inner);
+        watched.children.retain(|w| !Arc::ptr_eq(w, &self));
+        self.killed.load(Ordering::Relaxed)
+    }
+}
+
+/// Kills the children that are past their deadline, under the lock that
+/// [`Watch::finish`] takes: a child is killed only while its clone has
+/// not returned, so its pid cannot have been reaped and reused.
+fn watchdog() {
+    let mut watched = WATCHED.lock().unwrap_or_else(PoisonError::into_inner);
+    loop {
+        let now = Instant::now();
+        let mut next: Option<Instant> = None;
+        for watch in &watched.children {
+            if watch.killed.load(Ordering::Relaxed) {
+                continue;
+            }
+            let pid = watch.pid.load(Ordering::Acquire);
+            if watch.deadline > now || pid <= 0 {
+                // Not yet; or the kernel has not written its pid yet.
+                let at = watch.deadline.max(now + Duration::from_millis(100));
+                next = Some(next.map_or(at, |n| n.min(at)));
+                continue;
+            }
+            // SAFETY: our own child, not reaped (its clone has not returned).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            watch.killed.store(true, Ordering::Relaxed);
+        }
+        watched.wakes_at = next;
+        watched = match next {
+            Some(at) => {
+                WATCHED_SOONER
+                    .wait_timeout(watched, at.saturating_duration_since(now))
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0
+            }
+            None => WATCHED_SOONER
+                .wait(watched)
+                .unwrap_or_else(PoisonError::into_inner),
+        };
+    }
 }
 
 /// The child's side: returns only to exit with what went wrong.
@@ -799,12 +932,60 @@ mod tests {
         let mut cmd = Launch::new("/bin/cat");
         cmd.arg("/proc/self/cgroup");
         let stdio = [null.as_raw_fd(), write.as_raw_fd(), write.as_raw_fd()];
-        let mut child = launch(&cmd, stdio, Leader::Group, into_cgroup, &setup).expect("started");
+        let mut child = launch(
+            &cmd,
+            stdio,
+            Leader::Group,
+            into_cgroup,
+            &setup,
+            Duration::from_secs(60),
+        )
+        .expect("started");
         drop(write);
         let status = child.wait().await.unwrap();
         assert!(status.success(), "{status:?}");
         let out = std::io::read_to_string(std::fs::File::from(read)).unwrap();
         (told.load(Ordering::Relaxed), out)
+    }
+
+    #[tokio::test]
+    async fn a_child_that_never_reaches_its_exec_is_killed_at_the_limit() {
+        // The set-up blocks on a pipe no one writes, as a child does in a
+        // directory that does not answer, or stopped by its user.
+        let (never, held) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let never_fd = never.as_raw_fd();
+        let setup = move |_: bool| {
+            let mut byte = 0u8;
+            // SAFETY: a read into a local, in the child before exec.
+            unsafe { libc::read(never_fd, (&mut byte as *mut u8).cast(), 1) };
+            Ok(())
+        };
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let stdio = [null.as_raw_fd(); 3];
+        let cmd = Launch::new("/bin/true");
+        // Off the test's thread: before the watchdog, this never returned.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let started = launch(
+                &cmd,
+                stdio,
+                Leader::Group,
+                None,
+                &setup,
+                Duration::from_millis(300),
+            );
+            let _ = tx.send(started.map(|c| c.pid));
+        });
+        let started = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the start still waits for a child that never execs");
+        let err = started.expect_err("a child that never exec'd was taken for started");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        assert!(
+            err.to_string().contains("did not start within 300 ms"),
+            "{err}"
+        );
+        drop((never, held, null));
     }
 
     #[tokio::test]
