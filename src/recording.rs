@@ -388,6 +388,12 @@ struct State {
     /// A chunk taken to be sent whose sending was cut short (its pump
     /// was aborted while it waited for room): sent first, next time.
     in_hand: Option<(Vec<u8>, i64, i64)>,
+    /// The newest full chunk skipped past half the cap, kept until a newer
+    /// one replaces it, a later chunk is sent or the recording ends: a
+    /// flood whose last chunk came while the store was busy still ends
+    /// the recording with its very end (before, that chunk was dropped,
+    /// and the recording showed the marker, then only what followed it).
+    newest_skipped: Option<(Vec<u8>, i64, i64)>,
     /// The index entry was told the recording ended.
     closed: bool,
     /// When the oldest of them was made.
@@ -421,11 +427,15 @@ impl Recorder {
         self.with(|s| {
             let data = s.kept_of(data);
             // Past half the cap, while chunks are being skipped anyway, a
-            // full chunk's worth waiting is dropped here at once (and
-            // marked) rather than handed over to be skipped.
+            // full chunk waiting (outputs recorded together, before the
+            // next settle) is skipped here at once, as `send_lines` would:
+            // kept as the newest skipped. (Before, all that waited was
+            // dropped: a flood's last output followed by a few bytes in
+            // the same batch left the recording without the flood's end.)
             if s.sent >= s.half && s.lines.len() >= CHUNK_BYTES && s.skipping() {
-                let first = s.first_at_us;
-                s.skip_waiting(first);
+                while let Some(chunk) = s.take_chunk(false) {
+                    s.skip_chunk(chunk);
+                }
             }
             // Output is nearly always whole UTF-8: then it is used as it
             // is, without a copy.
@@ -578,6 +588,8 @@ impl Recorder {
                 let tail = s.sent >= s.half;
                 let chunk = match s.in_hand.take() {
                     Some(c) => Some(c),
+                    // Older than what waits: first, once all is sent.
+                    None if all && s.newest_skipped.is_some() => s.newest_skipped.take(),
                     None => s.take_chunk(all),
                 };
                 // A gap at the very end has a chunk of its own: its marker.
@@ -592,7 +604,6 @@ impl Recorder {
             let Some((chunk, tail)) = taken else {
                 return;
             };
-            let first_at_us = chunk.2;
             let cost = u32::try_from(chunk.0.len().clamp(1, IN_FLIGHT_BYTES)).unwrap_or(u32::MAX);
             let mut taken = InHand {
                 state: &self.state,
@@ -607,13 +618,14 @@ impl Recorder {
                     (Ok(own), Ok(room), false) => {
                         if let Ok(mut s) = self.state.lock() {
                             s.last_tail = Some(Instant::now());
+                            // This one is newer: the one kept goes.
+                            s.drop_newest_skipped();
                         }
                         (own, room)
                     }
                     _ => {
-                        taken.chunk = None;
-                        if let Ok(mut s) = self.state.lock() {
-                            s.gap_at_us.get_or_insert(first_at_us);
+                        if let (Some(chunk), Ok(mut s)) = (taken.chunk.take(), self.state.lock()) {
+                            s.skip_chunk(chunk);
                         }
                         continue;
                     }
@@ -676,6 +688,7 @@ impl Drop for Recorder {
             s.finish();
         }
         let mut pieces: Vec<_> = s.in_hand.take().into_iter().collect();
+        pieces.extend(s.newest_skipped.take());
         while let Some(piece) = s.take_chunk(true) {
             pieces.push(piece);
         }
@@ -732,6 +745,7 @@ impl State {
             half,
             gap_at_us: None,
             in_hand: None,
+            newest_skipped: None,
             closed: false,
             oldest: None,
             first_at_us: 0,
@@ -779,9 +793,25 @@ impl State {
         self.last_tail.is_some_and(|t| t.elapsed() < TAIL_EVERY)
     }
 
+    /// Skips a full chunk past half the cap: it is kept as the newest
+    /// skipped, and the one it replaces is dropped (and marked).
+    fn skip_chunk(&mut self, chunk: (Vec<u8>, i64, i64)) {
+        self.drop_newest_skipped();
+        self.newest_skipped = Some(chunk);
+    }
+
+    /// Drops the newest skipped chunk, if one is kept (something newer is
+    /// sent, or dropped), marking a gap from it.
+    fn drop_newest_skipped(&mut self) {
+        if let Some((_, _, first_at_us)) = self.newest_skipped.take() {
+            self.gap_at_us.get_or_insert(first_at_us);
+        }
+    }
+
     /// Drops the events waiting, marking a gap from `at_us` (or from an
     /// earlier gap not yet marked).
     fn skip_waiting(&mut self, at_us: i64) {
+        self.drop_newest_skipped();
         self.gap_at_us.get_or_insert(at_us);
         self.lines.clear();
         self.waiting = 0;
@@ -1920,6 +1950,76 @@ mod tests {
         assert_eq!(incomplete_tail(b"abc"), 0);
         assert_eq!(incomplete_tail("é".as_bytes()), 0);
         assert_eq!(incomplete_tail(&"😀".as_bytes()[..3]), 3);
+    }
+
+    #[tokio::test]
+    async fn a_flood_ending_while_chunks_are_skipped_keeps_its_very_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&crate::store::sqlite_url(Some(dir.path())))
+            .await
+            .unwrap();
+        let shutdown = CancellationToken::new();
+        let settings = Settings {
+            max_bytes: 64 * CHUNK_BYTES as u64,
+            record_input: false,
+            retention: None,
+            max_total: 1 << 40,
+            server: "test".into(),
+        };
+        let (recordings, writer) = Recordings::start(store.clone(), settings, shutdown.clone());
+        let start = Start {
+            user: "olga".into(),
+            agent: "local".into(),
+            kind: "exec",
+            session: None,
+            command: "flood".into(),
+            cols: 80,
+            rows: 24,
+            bare_lines: false,
+        };
+        let recorder = recordings.begin(start).await.expect("begun");
+        // Past half the cap, a chunk was just handed over: full chunks are
+        // skipped now, as in a flood the store falls behind.
+        if let Ok(mut s) = recorder.state.lock() {
+            s.sent = s.half;
+            s.last_tail = Some(Instant::now());
+        }
+        for _ in 0..3 {
+            recorder.output(&[b'x'; CHUNK_BYTES]);
+            recorder.settle().await;
+        }
+        // The end comes while the last full chunk was being skipped, and
+        // in the same batch as more than a chunk of the flood (a pump
+        // records the outputs it gathered, then settles).
+        recorder.output(&[b'x'; 2 * CHUNK_BYTES]);
+        recorder.output(b"\ntail-end\n");
+        recorder.end().await;
+        shutdown.cancel();
+        writer.await.unwrap();
+        let (cast, _) = read_from(&store, recorder.id(), 0)
+            .await
+            .unwrap()
+            .expect("stored");
+        let cast = String::from_utf8(cast).unwrap();
+        let output: String = cast
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).ok()?;
+                (v[1] == "o").then(|| v[2].as_str().unwrap_or_default().to_owned())
+            })
+            .collect();
+        assert!(
+            cast.contains("output skipped here"),
+            "what was skipped is marked"
+        );
+        // Before, the last full chunk was dropped: only "\ntail-end\n"
+        // followed the marker.
+        assert!(
+            output.ends_with(&format!("{}\ntail-end\n", "x".repeat(CHUNK_BYTES / 2))),
+            "the flood's last output is missing: {:?}",
+            &output[output.len().saturating_sub(40)..]
+        );
     }
 
     #[test]

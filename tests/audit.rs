@@ -979,7 +979,18 @@ async fn recordings_suite(store: Store) {
         before.len()
     );
     // The flood's latest output is kept, to its very end.
-    assert!(after.ends_with("xxx\r\ntail-end\r\n"), "{}", after.len());
+    assert!(
+        after.ends_with("xxx\r\ntail-end\r\n"),
+        "{} bytes after the cut, ending {:?}; markers: {:?}",
+        after.len(),
+        &after[after.len().saturating_sub(40)..],
+        events
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.1 == "m")
+            .map(|(i, e)| (i, e.2.clone()))
+            .collect::<Vec<_>>()
+    );
 
     // asciinema plays the file (in a terminal of its own, which it needs;
     // idle time cut to 0.1 s).
