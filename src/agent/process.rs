@@ -208,76 +208,203 @@ pub(crate) fn busy_elsewhere(pid: i32) -> bool {
 
 /// What a scan of `/proc` kills: the processes of a session, or those
 /// carrying a command's environment mark.
+#[derive(Clone)]
 enum Doomed {
     Session(i32),
     Marked(String),
 }
 
-/// What waits for the next scan of `/proc`, and whether a scan is under
-/// way. Bounded by the commands the agent holds.
-static TO_KILL: std::sync::Mutex<(Vec<Doomed>, bool)> = std::sync::Mutex::new((Vec::new(), false));
+/// A scan longer than this on one process is taken for stuck: reading a
+/// process's `environ` waits for its memory map's lock, which its owner
+/// can hold (a thread faulting on a file of a FUSE mount they serve,
+/// another waiting to change the map).
+#[cfg(not(test))]
+const SCAN_STUCK: std::time::Duration = std::time::Duration::from_secs(5);
+#[cfg(test)]
+const SCAN_STUCK: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Tests: a process whose reading blocks until the sender is dropped, as
+/// a read of an `environ` its owner holds up.
+#[cfg(test)]
+static HOLD_SCAN_AT: std::sync::Mutex<Option<(i32, std::sync::mpsc::Receiver<()>)>> =
+    std::sync::Mutex::new(None);
+
+/// What waits for the next scan of `/proc`, and the scan under way.
+/// Bounded by the commands the agent holds (`doomed`, `in_scan`) and by
+/// the processes that have held a scan up (`hung`).
+struct KillQueue {
+    doomed: Vec<Doomed>,
+    /// The scan under way, if one is.
+    scan: Option<std::sync::Arc<ScanProgress>>,
+    /// What the scan under way took, given back to the next one if it
+    /// is stuck.
+    in_scan: Vec<Doomed>,
+    /// Processes a stuck scan is reading: skipped by the scans after it,
+    /// until that read returns.
+    hung: std::collections::BTreeSet<i32>,
+}
+
+/// Where a scan is: the process it reads, and since when (ms since the
+/// agent's clock began; 0 between reads).
+#[derive(Default)]
+struct ScanProgress {
+    pid: std::sync::atomic::AtomicI32,
+    since_ms: std::sync::atomic::AtomicU64,
+}
+
+static TO_KILL: std::sync::Mutex<KillQueue> = std::sync::Mutex::new(KillQueue {
+    doomed: Vec::new(),
+    scan: None,
+    in_scan: Vec::new(),
+    hung: std::collections::BTreeSet::new(),
+});
+
+/// Milliseconds on a monotonic clock (from the first call).
+fn clock_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+        + 1
+}
 
 /// SIGKILLs, soon and off the async workers, what `doomed` names. What is
 /// doomed while a scan runs is all killed by the next one: a scan each
 /// made closing thousands of shells cost the square of their number
 /// (minutes of both cores, in which the agent's link went silent and was
-/// taken for lost).
+/// taken for lost). A scan stuck on one process for [`SCAN_STUCK`] is
+/// left to it: the next scan starts beside it, skipping that process.
 fn kill_soon(doomed: Doomed) {
     let start = {
-        let mut pending = TO_KILL.lock().unwrap_or_else(|e| e.into_inner());
-        pending.0.push(doomed);
-        !std::mem::replace(&mut pending.1, true)
+        let mut queue = TO_KILL.lock().unwrap_or_else(|e| e.into_inner());
+        queue.doomed.push(doomed);
+        let stuck = queue.scan.as_ref().and_then(|scan| {
+            let since = scan.since_ms.load(std::sync::atomic::Ordering::Acquire);
+            let pid = scan.pid.load(std::sync::atomic::Ordering::Acquire);
+            (since != 0 && clock_ms().saturating_sub(since) >= SCAN_STUCK.as_millis() as u64)
+                .then_some(pid)
+        });
+        if let Some(pid) = stuck {
+            tracing::warn!(
+                pid,
+                "a scan of /proc for a command's leftovers is stuck reading this process; \
+                 the next scan skips it"
+            );
+            queue.hung.insert(pid);
+            let given_back = std::mem::take(&mut queue.in_scan);
+            queue.doomed.extend(given_back);
+            queue.scan = None;
+        }
+        match queue.scan {
+            Some(_) => None,
+            None => {
+                let scan = std::sync::Arc::new(ScanProgress::default());
+                queue.scan = Some(scan.clone());
+                Some(Scanning(scan))
+            }
+        }
     };
-    if start {
-        let scanning = Scanning;
+    if let Some(scanning) = start {
         off_the_workers(move || kill_pending(scanning));
     }
 }
 
 /// The scan under way. Dropped without finishing (a panic, or a runtime
-/// shutting down before it ran), it clears the flag, so that the next
+/// shutting down before it ran), it gives up its place, so that the next
 /// kill starts a scan (of what is left too) rather than none ever again.
-struct Scanning;
+struct Scanning(std::sync::Arc<ScanProgress>);
+
+impl Scanning {
+    /// Whether this is still the scan under way (not replaced for stuck).
+    fn current(&self, queue: &KillQueue) -> bool {
+        queue
+            .scan
+            .as_ref()
+            .is_some_and(|scan| std::sync::Arc::ptr_eq(scan, &self.0))
+    }
+}
 
 impl Drop for Scanning {
     fn drop(&mut self) {
-        TO_KILL.lock().unwrap_or_else(|e| e.into_inner()).1 = false;
+        let mut queue = TO_KILL.lock().unwrap_or_else(|e| e.into_inner());
+        if self.current(&queue) {
+            queue.scan = None;
+            let given_back = std::mem::take(&mut queue.in_scan);
+            queue.doomed.extend(given_back);
+        }
     }
 }
 
 /// Scans `/proc` until nothing waits: each scan kills what was doomed
 /// when it began.
 fn kill_pending(scanning: Scanning) {
+    use std::sync::atomic::Ordering;
     loop {
         let mut sessions = std::collections::HashSet::new();
         let mut marks = Vec::new();
-        {
-            let mut pending = TO_KILL.lock().unwrap_or_else(|e| e.into_inner());
-            if pending.0.is_empty() {
-                pending.1 = false;
+        let hung = {
+            let mut queue = TO_KILL.lock().unwrap_or_else(|e| e.into_inner());
+            if !scanning.current(&queue) {
+                // Replaced while stuck: its work went to the next scan.
+                return;
+            }
+            queue.in_scan.clear();
+            if queue.doomed.is_empty() {
+                queue.scan = None;
                 // Cleared under the lock: a scan started after this one
-                // must keep its flag.
+                // must keep its place.
                 std::mem::forget(scanning);
                 return;
             }
-            for doomed in pending.0.drain(..) {
+            let taken = std::mem::take(&mut queue.doomed);
+            for doomed in &taken {
                 match doomed {
                     Doomed::Session(sid) => {
-                        sessions.insert(sid);
+                        sessions.insert(*sid);
                     }
-                    Doomed::Marked(mark) => marks.push(mark),
+                    Doomed::Marked(mark) => marks.push(mark.clone()),
                 }
             }
-        }
+            queue.in_scan = taken;
+            queue.hung.clone()
+        };
         // One pass over /proc for both: a shell without a cgroup is
         // doomed by its session and by its mark at once.
         let marks = sandbox::mark_entries(&marks);
-        for pid in process_ids() {
+        let progress = &scanning.0;
+        for pid in process_ids().filter(|pid| !hung.contains(pid)) {
+            let began = clock_ms();
+            progress.pid.store(pid, Ordering::Release);
+            progress.since_ms.store(began, Ordering::Release);
+            #[cfg(test)]
+            {
+                let mut hold = HOLD_SCAN_AT.lock().unwrap_or_else(|e| e.into_inner());
+                if hold.as_ref().is_some_and(|(at, _)| *at == pid)
+                    && let Some((_, held)) = hold.take()
+                {
+                    drop(hold);
+                    let _ = held.recv();
+                }
+            }
             let doomed = (!sessions.is_empty()
                 && proc_stat(pid).is_some_and(|s| sessions.contains(&s.session)))
                 || (!marks.is_empty() && sandbox::carries_mark(pid, &marks));
+            progress.since_ms.store(0, Ordering::Release);
             if doomed {
                 let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+            if clock_ms().saturating_sub(began) >= SCAN_STUCK.as_millis() as u64 {
+                let mut queue = TO_KILL.lock().unwrap_or_else(|e| e.into_inner());
+                if !scanning.current(&queue) {
+                    // Taken for stuck, and replaced: the read has returned,
+                    // so the process is scanned again from now on, and
+                    // this scan's work is the next one's.
+                    queue.hung.remove(&pid);
+                    drop(queue);
+                    std::mem::forget(scanning);
+                    return;
+                }
             }
         }
     }
@@ -757,6 +884,55 @@ impl Pty {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_scan_stuck_on_one_process_does_not_hold_back_later_kills() {
+        let sleeper = |setsid: bool| {
+            let mut cmd = std::process::Command::new(if setsid { "setsid" } else { "sleep" });
+            if setsid {
+                cmd.arg("sleep");
+            }
+            cmd.arg("1000").spawn().unwrap()
+        };
+        // Its reading hangs (as a process whose owner holds its memory
+        // map's lock would make it).
+        let mut holder = sleeper(false);
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        *HOLD_SCAN_AT.lock().unwrap() = Some((holder.id() as i32, held));
+        // A scan starts, and sticks there.
+        kill_soon(Doomed::Session(i32::MAX));
+        loop {
+            let stuck = TO_KILL.lock().unwrap().scan.as_ref().is_some_and(|scan| {
+                let since = scan.since_ms.load(std::sync::atomic::Ordering::Acquire);
+                scan.pid.load(std::sync::atomic::Ordering::Acquire) == holder.id() as i32
+                    && since != 0
+                    && clock_ms() - since >= SCAN_STUCK.as_millis() as u64
+            });
+            if stuck {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        // A shell's session closed now is killed all the same. Before, it
+        // waited behind the stuck scan for as long as that lasted.
+        let mut victim = sleeper(true);
+        kill_soon(Doomed::Session(victim.id() as i32));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(victim.wait());
+        });
+        let status = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the session was not killed while a scan was stuck")
+            .unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(9)
+        );
+        drop(release);
+        holder.kill().unwrap();
+        holder.wait().unwrap();
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_start_that_hangs_does_not_hold_back_the_others() {
