@@ -228,6 +228,9 @@ const SCAN_STUCK: std::time::Duration = std::time::Duration::from_millis(200);
 #[cfg(test)]
 static HOLD_SCAN_AT: std::sync::Mutex<Option<(i32, std::sync::mpsc::Receiver<()>)>> =
     std::sync::Mutex::new(None);
+/// Tests: when the scan reached the process it holds at.
+#[cfg(test)]
+static HOLD_REACHED_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// What waits for the next scan of `/proc`, and the scan under way.
 /// Bounded by the commands the agent holds (`doomed`, `in_scan`) and by
@@ -248,9 +251,18 @@ struct KillQueue {
 /// agent's clock began; 0 between reads).
 #[derive(Default)]
 struct ScanProgress {
-    pid: std::sync::atomic::AtomicI32,
-    since_ms: std::sync::atomic::AtomicU64,
+    /// The process being read, and since when (0: between reads), set
+    /// together so that a process is never taken for stuck on another's
+    /// time.
+    at: std::sync::Mutex<(i32, u64)>,
+    /// The process this scan was taken for stuck on (0: none), which it
+    /// takes out of [`KillQueue::hung`] when it ends.
+    stuck_on: std::sync::atomic::AtomicI32,
 }
+
+/// Processes that may hold scans up at once: past this, later kills wait
+/// behind the stuck scan rather than take another thread.
+const MAX_HUNG: usize = 64;
 
 static TO_KILL: std::sync::Mutex<KillQueue> = std::sync::Mutex::new(KillQueue {
     doomed: Vec::new(),
@@ -280,12 +292,16 @@ fn kill_soon(doomed: Doomed) {
         let mut queue = TO_KILL.lock().unwrap_or_else(|e| e.into_inner());
         queue.doomed.push(doomed);
         let stuck = queue.scan.as_ref().and_then(|scan| {
-            let since = scan.since_ms.load(std::sync::atomic::Ordering::Acquire);
-            let pid = scan.pid.load(std::sync::atomic::Ordering::Acquire);
-            (since != 0 && clock_ms().saturating_sub(since) >= SCAN_STUCK.as_millis() as u64)
-                .then_some(pid)
+            let (pid, since) = *scan.at.lock().unwrap_or_else(|e| e.into_inner());
+            let stuck =
+                since != 0 && clock_ms().saturating_sub(since) >= SCAN_STUCK.as_millis() as u64;
+            if stuck {
+                scan.stuck_on
+                    .store(pid, std::sync::atomic::Ordering::Release);
+            }
+            stuck.then_some(pid)
         });
-        if let Some(pid) = stuck {
+        if let Some(pid) = stuck.filter(|_| queue.hung.len() < MAX_HUNG) {
             tracing::warn!(
                 pid,
                 "a scan of /proc for a command's leftovers is stuck reading this process; \
@@ -347,14 +363,16 @@ fn kill_pending(scanning: Scanning) {
             let mut queue = TO_KILL.lock().unwrap_or_else(|e| e.into_inner());
             if !scanning.current(&queue) {
                 // Replaced while stuck: its work went to the next scan.
+                let stuck_on = scanning.0.stuck_on.load(Ordering::Acquire);
+                queue.hung.remove(&stuck_on);
                 return;
             }
             queue.in_scan.clear();
             if queue.doomed.is_empty() {
-                queue.scan = None;
                 // Cleared under the lock: a scan started after this one
-                // must keep its place.
-                std::mem::forget(scanning);
+                // must keep its place (`scanning`, dropped after `queue`,
+                // is then no longer the current one and leaves it alone).
+                queue.scan = None;
                 return;
             }
             let taken = std::mem::take(&mut queue.doomed);
@@ -375,8 +393,7 @@ fn kill_pending(scanning: Scanning) {
         let progress = &scanning.0;
         for pid in process_ids().filter(|pid| !hung.contains(pid)) {
             let began = clock_ms();
-            progress.pid.store(pid, Ordering::Release);
-            progress.since_ms.store(began, Ordering::Release);
+            *progress.at.lock().unwrap_or_else(|e| e.into_inner()) = (pid, began);
             #[cfg(test)]
             {
                 let mut hold = HOLD_SCAN_AT.lock().unwrap_or_else(|e| e.into_inner());
@@ -384,13 +401,14 @@ fn kill_pending(scanning: Scanning) {
                     && let Some((_, held)) = hold.take()
                 {
                     drop(hold);
+                    HOLD_REACHED_MS.store(clock_ms(), Ordering::Release);
                     let _ = held.recv();
                 }
             }
             let doomed = (!sessions.is_empty()
                 && proc_stat(pid).is_some_and(|s| sessions.contains(&s.session)))
                 || (!marks.is_empty() && sandbox::carries_mark(pid, &marks));
-            progress.since_ms.store(0, Ordering::Release);
+            progress.at.lock().unwrap_or_else(|e| e.into_inner()).1 = 0;
             if doomed {
                 let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
             }
@@ -400,9 +418,9 @@ fn kill_pending(scanning: Scanning) {
                     // Taken for stuck, and replaced: the read has returned,
                     // so the process is scanned again from now on, and
                     // this scan's work is the next one's.
-                    queue.hung.remove(&pid);
-                    drop(queue);
-                    std::mem::forget(scanning);
+                    queue
+                        .hung
+                        .remove(&progress.stuck_on.load(Ordering::Acquire));
                     return;
                 }
             }
@@ -478,6 +496,9 @@ pub(crate) async fn spawn_admitted(
         .unwrap_or_else(Err)
 }
 
+/// Starts past [`STALLED`] that may have given their place away at once.
+const MAX_STALLED: usize = 64;
+
 /// How long a start holds its place among those starting at once.
 const STALLED: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -493,12 +514,20 @@ async fn admitted<T: Send + 'static>(
         tokio::sync::Semaphore::new(cores.saturating_sub(1).max(1))
     });
     // Never closed, so the permit always comes.
+    // Stalled starts each hold a blocking thread (of a pool the agent
+    // shares with its sessions' terminal models and its kill scans):
+    // past this many, a stalled start keeps its place, and the next wait
+    // (for at most the start timeout, or a child SIGKILL cannot end).
+    static STALLED_STARTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_STALLED);
     let permit = starting.acquire().await.ok();
     let mut task = tokio::task::spawn_blocking(start);
     let done = tokio::select! {
         done = &mut task => done,
         () = tokio::time::sleep(STALLED) => {
-            drop(permit);
+            let stalled = STALLED_STARTS.try_acquire().ok();
+            if stalled.is_some() {
+                drop(permit);
+            }
             task.await
         }
     };
@@ -901,16 +930,17 @@ mod tests {
         *HOLD_SCAN_AT.lock().unwrap() = Some((holder.id() as i32, held));
         // A scan starts, and sticks there.
         kill_soon(Doomed::Session(i32::MAX));
+        // Held there for longer than a scan may take on one process.
+        let give_up = std::time::Instant::now() + Duration::from_secs(60);
         loop {
-            let stuck = TO_KILL.lock().unwrap().scan.as_ref().is_some_and(|scan| {
-                let since = scan.since_ms.load(std::sync::atomic::Ordering::Acquire);
-                scan.pid.load(std::sync::atomic::Ordering::Acquire) == holder.id() as i32
-                    && since != 0
-                    && clock_ms() - since >= SCAN_STUCK.as_millis() as u64
-            });
-            if stuck {
+            let reached = HOLD_REACHED_MS.load(std::sync::atomic::Ordering::Acquire);
+            if reached != 0 && clock_ms() - reached >= SCAN_STUCK.as_millis() as u64 {
                 break;
             }
+            assert!(
+                std::time::Instant::now() < give_up,
+                "no scan reached the process"
+            );
             tokio::task::yield_now().await;
         }
         // A shell's session closed now is killed all the same. Before, it
@@ -938,9 +968,13 @@ mod tests {
     async fn a_start_that_hangs_does_not_hold_back_the_others() {
         // More hung starts than places, as one user's commands in a
         // directory that does not answer.
+        let places = std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .saturating_sub(1)
+            .max(1);
         let mut releases = Vec::new();
         let mut stuck = Vec::new();
-        for _ in 0..4 {
+        for _ in 0..places + 1 {
             let (release, hung) = std::sync::mpsc::channel::<()>();
             releases.push(release);
             stuck.push(tokio::spawn(admitted(move || {

@@ -313,8 +313,12 @@ pub(crate) fn launch(
     // The child has exec'd or exited: no one runs on the stack any more.
     stack.give_back();
     if watch.finish() {
-        // Killed by the watchdog (perhaps just after its exec): it is dead
-        // or dying, and reaped here so that its pid is not reused unseen.
+        // Killed by the watchdog (perhaps just after its exec, when it may
+        // have started others: its process group goes too, if it made
+        // one): it is dead or dying, and reaped here so that its pid is
+        // not reused unseen.
+        // SAFETY: a group with our unreaped child's id can only be its own.
+        unsafe { libc::kill(-pid, libc::SIGKILL) };
         let mut status = 0;
         // SAFETY: waits for our own child, which no one else reaps.
         unsafe { libc::waitpid(pid, &mut status, 0) };
@@ -511,8 +515,10 @@ impl Watch {
 }
 
 /// Kills the children that are past their deadline, under the lock that
-/// [`Watch::finish`] takes: a child is killed only while its clone has
-/// not returned, so its pid cannot have been reaped and reused.
+/// [`Watch::finish`] takes: a child is killed only while it is watched,
+/// that is before [`launch`] has reaped it, so its pid cannot have been
+/// reused (it may have exec'd just before: `launch` then fails all the
+/// same).
 fn watchdog() {
     let mut watched = WATCHED.lock().unwrap_or_else(PoisonError::into_inner);
     loop {
