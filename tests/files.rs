@@ -156,8 +156,9 @@ async fn a_gib_goes_up_and_down_byte_exact_while_the_server_stays_small() {
         .send()
         .await
         .unwrap();
-    assert_eq!(resp.status(), 201);
+    let status = resp.status();
     let written: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(status, 201, "{written}");
     assert_eq!(written["sha256"], want.as_str());
     assert_eq!(written["size"], CHUNKS * LEN as u64);
     assert_eq!(

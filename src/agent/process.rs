@@ -520,7 +520,14 @@ async fn admitted<T: Send + 'static>(
     // (for at most the start timeout, or a child SIGKILL cannot end).
     static STALLED_STARTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_STALLED);
     let permit = starting.acquire().await.ok();
-    let mut task = tokio::task::spawn_blocking(start);
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    // The command's pipes and pidfd register with this runtime.
+    let runtime = tokio::runtime::Handle::current();
+    on_a_starter(Box::new(move || {
+        let _entered = runtime.enter();
+        let _ = done_tx.send(start());
+    }));
+    let mut task = done_rx;
     let done = tokio::select! {
         done = &mut task => done,
         () = tokio::time::sleep(STALLED) => {
@@ -531,10 +538,85 @@ async fn admitted<T: Send + 'static>(
             task.await
         }
     };
-    done.map_err(|e| SpawnError {
+    done.map_err(|_| SpawnError {
         code: 126,
-        message: format!("conch: the command's start failed: {e}\n"),
+        message: "conch: the command's start failed (it panicked)\n".into(),
     })
+}
+
+/// A start for a starter thread.
+type StartJob = Box<dyn FnOnce() + Send>;
+
+/// Starts waiting for a starter thread, how many threads there are, and
+/// how many of them wait for work.
+struct Starters {
+    jobs: std::collections::VecDeque<StartJob>,
+    threads: usize,
+    idle: usize,
+}
+
+static STARTERS: std::sync::Mutex<Starters> = std::sync::Mutex::new(Starters {
+    jobs: std::collections::VecDeque::new(),
+    threads: 0,
+    idle: 0,
+});
+static STARTER_WORK: std::sync::Condvar = std::sync::Condvar::new();
+
+/// Runs `job` on a starter thread: one of the agent's own, which never
+/// end. A command's child asks for SIGKILL when its parent dies
+/// (`PR_SET_PDEATHSIG`), and the kernel means the thread that cloned it:
+/// cloned on one of tokio's blocking threads, which end after 10 s idle,
+/// a command was killed 10 s after the agent went quiet (a 1 GiB upload's
+/// file helper was, mid-transfer). At most as many threads as starts can
+/// run at once (the places and the stalled starts); more wait in turn.
+fn on_a_starter(job: StartJob) {
+    let mut starters = STARTERS.lock().unwrap_or_else(|e| e.into_inner());
+    starters.jobs.push_back(job);
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let most = cores.saturating_sub(1).max(1) + MAX_STALLED;
+    if starters.idle < starters.jobs.len() && starters.threads < most {
+        let spawned = std::thread::Builder::new()
+            .name("conch-starter".into())
+            .spawn(starter);
+        match spawned {
+            Ok(_) => starters.threads += 1,
+            Err(e) if starters.threads == 0 => {
+                // No thread at all: the start runs here rather than never.
+                tracing::error!("cannot start a thread to start commands on: {e}");
+                let job = starters.jobs.pop_back();
+                drop(starters);
+                if let Some(job) = job {
+                    job();
+                }
+                return;
+            }
+            Err(e) => tracing::warn!("cannot start another thread to start commands on: {e}"),
+        }
+    }
+    STARTER_WORK.notify_one();
+}
+
+/// A starter thread: runs starts, for ever.
+fn starter() {
+    let mut starters = STARTERS.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        match starters.jobs.pop_front() {
+            Some(job) => {
+                drop(starters);
+                // A start that panics loses its answer (its caller is
+                // told), not this thread, whose children would die with it.
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                starters = STARTERS.lock().unwrap_or_else(|e| e.into_inner());
+            }
+            None => {
+                starters.idle += 1;
+                starters = STARTER_WORK
+                    .wait(starters)
+                    .unwrap_or_else(|e| e.into_inner());
+                starters.idle -= 1;
+            }
+        }
+    }
 }
 
 /// Starts the command `req` describes, as `policy` says commands start.
