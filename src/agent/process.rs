@@ -264,6 +264,16 @@ struct ScanProgress {
 /// behind the stuck scan rather than take another thread.
 const MAX_HUNG: usize = 64;
 
+impl KillQueue {
+    /// Ends the scan under way (stuck, or dropped unfinished): what it
+    /// took waits for the next one.
+    fn end_scan(&mut self) {
+        self.scan = None;
+        let given_back = std::mem::take(&mut self.in_scan);
+        self.doomed.extend(given_back);
+    }
+}
+
 static TO_KILL: std::sync::Mutex<KillQueue> = std::sync::Mutex::new(KillQueue {
     doomed: Vec::new(),
     scan: None,
@@ -308,9 +318,7 @@ fn kill_soon(doomed: Doomed) {
                  the next scan skips it"
             );
             queue.hung.insert(pid);
-            let given_back = std::mem::take(&mut queue.in_scan);
-            queue.doomed.extend(given_back);
-            queue.scan = None;
+            queue.end_scan();
         }
         match queue.scan {
             Some(_) => None,
@@ -345,9 +353,7 @@ impl Drop for Scanning {
     fn drop(&mut self) {
         let mut queue = TO_KILL.lock().unwrap_or_else(|e| e.into_inner());
         if self.current(&queue) {
-            queue.scan = None;
-            let given_back = std::mem::take(&mut queue.in_scan);
-            queue.doomed.extend(given_back);
+            queue.end_scan();
         }
     }
 }
@@ -470,7 +476,7 @@ fn command_for(req: &ExecRequest, policy: &ExecPolicy) -> Result<(Launch, String
     Ok((cmd, shell.display().to_string()))
 }
 
-/// [`spawn`], on a blocking thread, once fewer than all the cores are
+/// [`spawn`], on a starter thread, once fewer than all the cores are
 /// starting a process.
 ///
 /// The clone waits, its thread blocked, until the child has called `exec`,
@@ -496,46 +502,51 @@ pub(crate) async fn spawn_admitted(
         .unwrap_or_else(Err)
 }
 
+/// How many commands start at once: one less than the cores (at least
+/// one). The runtime has a worker a core (`Runtime::new`): one core is
+/// left to them. Counted once (it reads cgroup files).
+fn start_places() -> usize {
+    static PLACES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *PLACES.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        cores.saturating_sub(1).max(1)
+    })
+}
+
 /// Starts past [`STALLED`] that may have given their place away at once.
 const MAX_STALLED: usize = 64;
 
 /// How long a start holds its place among those starting at once.
 const STALLED: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// Runs `start` on a blocking thread, admitted as [`spawn_admitted`] says.
+/// Runs `start` on a starter thread, admitted as [`spawn_admitted`] says.
 async fn admitted<T: Send + 'static>(
     start: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, SpawnError> {
     static STARTING: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
-    let starting = STARTING.get_or_init(|| {
-        // The runtime has a worker a core (`Runtime::new`): one core is
-        // left to them.
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        tokio::sync::Semaphore::new(cores.saturating_sub(1).max(1))
-    });
+    let starting = STARTING.get_or_init(|| tokio::sync::Semaphore::new(start_places()));
     // Never closed, so the permit always comes.
-    // Stalled starts each hold a blocking thread (of a pool the agent
-    // shares with its sessions' terminal models and its kill scans):
-    // past this many, a stalled start keeps its place, and the next wait
+    // Stalled starts each hold a starter thread, and the starters are
+    // bounded: past this many, a stalled start keeps its place, and the
+    // next wait
     // (for at most the start timeout, or a child SIGKILL cannot end).
     static STALLED_STARTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_STALLED);
     let permit = starting.acquire().await.ok();
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let (done_tx, mut done_rx) = tokio::sync::oneshot::channel();
     // The command's pipes and pidfd register with this runtime.
     let runtime = tokio::runtime::Handle::current();
     on_a_starter(Box::new(move || {
         let _entered = runtime.enter();
         let _ = done_tx.send(start());
     }));
-    let mut task = done_rx;
     let done = tokio::select! {
-        done = &mut task => done,
+        done = &mut done_rx => done,
         () = tokio::time::sleep(STALLED) => {
             let stalled = STALLED_STARTS.try_acquire().ok();
             if stalled.is_some() {
                 drop(permit);
             }
-            task.await
+            done_rx.await
         }
     };
     done.map_err(|_| SpawnError {
@@ -572,8 +583,7 @@ static STARTER_WORK: std::sync::Condvar = std::sync::Condvar::new();
 fn on_a_starter(job: StartJob) {
     let mut starters = STARTERS.lock().unwrap_or_else(|e| e.into_inner());
     starters.jobs.push_back(job);
-    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let most = cores.saturating_sub(1).max(1) + MAX_STALLED;
+    let most = start_places() + MAX_STALLED;
     if starters.idle < starters.jobs.len() && starters.threads < most {
         let spawned = std::thread::Builder::new()
             .name("conch-starter".into())
@@ -1050,10 +1060,7 @@ mod tests {
     async fn a_start_that_hangs_does_not_hold_back_the_others() {
         // More hung starts than places, as one user's commands in a
         // directory that does not answer.
-        let places = std::thread::available_parallelism()
-            .map_or(2, |n| n.get())
-            .saturating_sub(1)
-            .max(1);
+        let places = start_places();
         let mut releases = Vec::new();
         let mut stuck = Vec::new();
         for _ in 0..places + 1 {
