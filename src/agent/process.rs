@@ -520,39 +520,108 @@ const MAX_STALLED: usize = 64;
 const STALLED: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Runs `start` on a starter thread, admitted as [`spawn_admitted`] says.
+///
+/// The places are held by the start itself, not by its caller: a caller
+/// that gives up (its task aborted, the runtime shutting down) leaves its
+/// start running, and the start keeps its place until it ends. So at most
+/// the places and the stalled starts are ever queued for or running on
+/// the starters, whoever waits for them.
 async fn admitted<T: Send + 'static>(
     start: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, SpawnError> {
-    static STARTING: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
-    let starting = STARTING.get_or_init(|| tokio::sync::Semaphore::new(start_places()));
     // Never closed, so the permit always comes.
-    // Stalled starts each hold a starter thread, and the starters are
-    // bounded: past this many, a stalled start keeps its place, and the
-    // next wait
-    // (for at most the start timeout, or a child SIGKILL cannot end).
-    static STALLED_STARTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_STALLED);
-    let permit = starting.acquire().await.ok();
-    let (done_tx, mut done_rx) = tokio::sync::oneshot::channel();
+    let place = starting().acquire().await.ok();
+    let held = Arc::new(std::sync::Mutex::new(Held {
+        place,
+        stalled: None,
+        ended: false,
+    }));
+    let (began_tx, began_rx) = tokio::sync::oneshot::channel::<()>();
+    let (ended_tx, ended_rx) = tokio::sync::oneshot::channel::<()>();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    // The stall clock runs from the moment a starter takes the start up,
+    // and apart from the caller, which may give up.
+    tokio::spawn(stall_clock(held.clone(), began_rx, ended_rx));
     // The command's pipes and pidfd register with this runtime.
     let runtime = tokio::runtime::Handle::current();
     on_a_starter(Box::new(move || {
         let _entered = runtime.enter();
-        let _ = done_tx.send(start());
+        let _ = began_tx.send(());
+        // A start that panics frees its places all the same.
+        let ends = Ends {
+            held,
+            ended: Some(ended_tx),
+        };
+        let answer = start();
+        drop(ends);
+        let _ = done_tx.send(answer);
     }));
-    let done = tokio::select! {
-        done = &mut done_rx => done,
-        () = tokio::time::sleep(STALLED) => {
-            let stalled = STALLED_STARTS.try_acquire().ok();
-            if stalled.is_some() {
-                drop(permit);
-            }
-            done_rx.await
-        }
-    };
-    done.map_err(|_| SpawnError {
+    done_rx.await.map_err(|_| SpawnError {
         code: 126,
         message: "conch: the command's start failed (it panicked)\n".into(),
     })
+}
+
+/// The start places: [`start_places`] of them.
+fn starting() -> &'static tokio::sync::Semaphore {
+    static STARTING: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    STARTING.get_or_init(|| tokio::sync::Semaphore::new(start_places()))
+}
+
+/// Stalled starts each hold a starter thread, and the starters are
+/// bounded: past this many, a stalled start keeps its place, and the next
+/// wait (for at most the start timeout, or a child SIGKILL cannot end).
+static STALLED_STARTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_STALLED);
+
+/// What a start holds while it runs: its place, or once it has stalled,
+/// one of the stalled slots instead.
+struct Held {
+    place: Option<tokio::sync::SemaphorePermit<'static>>,
+    stalled: Option<tokio::sync::SemaphorePermit<'static>>,
+    ended: bool,
+}
+
+/// Frees a start's places when the start ends, however it ends.
+struct Ends {
+    held: Arc<std::sync::Mutex<Held>>,
+    ended: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for Ends {
+    fn drop(&mut self) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.ended = true;
+        held.place = None;
+        held.stalled = None;
+        drop(held);
+        if let Some(ended) = self.ended.take() {
+            let _ = ended.send(());
+        }
+    }
+}
+
+/// Gives a start's place to the next once it has run for [`STALLED`],
+/// if a stalled slot is free.
+async fn stall_clock(
+    held: Arc<std::sync::Mutex<Held>>,
+    began: tokio::sync::oneshot::Receiver<()>,
+    ended: tokio::sync::oneshot::Receiver<()>,
+) {
+    if began.await.is_err() {
+        return; // never taken up: its job, and its places, are gone
+    }
+    tokio::select! {
+        _ = ended => {}
+        () = tokio::time::sleep(STALLED) => {
+            let mut held = held.lock().unwrap_or_else(|e| e.into_inner());
+            if !held.ended
+                && let Ok(stalled) = STALLED_STARTS.try_acquire()
+            {
+                held.stalled = Some(stalled);
+                held.place = None;
+            }
+        }
+    }
 }
 
 /// A start for a starter thread.
@@ -596,7 +665,7 @@ fn on_a_starter(job: StartJob) {
                 let job = starters.jobs.pop_back();
                 drop(starters);
                 if let Some(job) = job {
-                    job();
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
                 }
                 return;
             }
@@ -1058,6 +1127,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_start_that_hangs_does_not_hold_back_the_others() {
+        let _alone = HUNG_STARTS.lock().await;
         // More hung starts than places, as one user's commands in a
         // directory that does not answer.
         let places = start_places();
@@ -1084,5 +1154,62 @@ mod tests {
                 .unwrap()
                 .expect("the hung start ended when released");
         }
+    }
+
+    /// Tests that fill the start places with hung starts, one at a time.
+    static HUNG_STARTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+    #[tokio::test]
+    async fn a_caller_that_gives_up_leaves_its_place_to_its_start() {
+        let _alone = HUNG_STARTS.lock().await;
+        // As many hung starts as there are places and stalled slots, each
+        // caller giving up once its start runs (a session closed, a task
+        // aborted at shutdown).
+        let most = start_places() + MAX_STALLED;
+        let mut releases = Vec::new();
+        let mut began = Vec::new();
+        let mut callers = Vec::new();
+        for _ in 0..most {
+            let (release, hung) = std::sync::mpsc::channel::<()>();
+            let (runs, running) = tokio::sync::oneshot::channel::<()>();
+            releases.push(release);
+            began.push(running);
+            callers.push(tokio::spawn(admitted(move || {
+                let _ = runs.send(());
+                // Returns once its sender is dropped.
+                let _ = hung.recv();
+            })));
+        }
+        for running in began {
+            tokio::time::timeout(Duration::from_secs(120), running)
+                .await
+                .expect("every hung start got a place in turn")
+                .expect("ran");
+        }
+        for caller in &callers {
+            caller.abort();
+        }
+        for caller in callers {
+            let _ = caller.await;
+        }
+        // The starts still run, so they still hold every place: before,
+        // the callers' places went with them, and as many more starts
+        // could pile up on the starters as callers gave up.
+        assert_eq!(starting().available_permits(), 0, "places freed early");
+        assert_eq!(
+            STALLED_STARTS.available_permits(),
+            0,
+            "stalled slots freed early"
+        );
+        // One start ending lets the next in.
+        let next = tokio::spawn(admitted(|| "next"));
+        drop(releases.pop());
+        let answer = tokio::time::timeout(Duration::from_secs(60), next)
+            .await
+            .expect("the next start got the place a hung one left")
+            .unwrap()
+            .expect("ran");
+        assert_eq!(answer, "next");
+        drop(releases);
     }
 }
