@@ -383,7 +383,7 @@ async fn run_as_drops_to_the_user_who_cannot_read_the_agent_or_server() {
     }
     let server = start_server(&["--run-as", "nobody"], &[]);
     let script = format!(
-        "id -un; echo home=$HOME; cat /proc/$PPID/environ >/dev/null 2>&1 && echo agent-readable; \
+        "id -un; echo home=$HOME; pwd; cat /proc/$PPID/environ >/dev/null 2>&1 && echo agent-readable; \
          cat /proc/{}/environ >/dev/null 2>&1 && echo server-readable; \
          kill -TERM {} 2>/dev/null && echo server-killable; echo done",
         server.proc.child.id(),
@@ -395,7 +395,7 @@ async fn run_as_drops_to_the_user_who_cannot_read_the_agent_or_server() {
         .await
         .unwrap();
     assert_eq!(
-        body["stdout"], "nobody\nhome=/nonexistent\ndone\n",
+        body["stdout"], "nobody\nhome=/nonexistent\n/\ndone\n",
         "{body}"
     );
     // A directory the user may not enter stays shut: the agent's rights

@@ -104,8 +104,27 @@ async fn a_missing_program_exits_127_with_its_reason() {
         ..Default::default()
     };
     let (_, err, exit) = run(&link, req).await;
-    assert_ne!(exit_code(&exit), Some(0));
-    assert!(String::from_utf8_lossy(&err).contains("/no/such/dir"));
+    assert_eq!(exit_code(&exit), Some(126));
+    assert_eq!(
+        String::from_utf8_lossy(&err),
+        "conch: cd /no/such/dir: No such file or directory\n"
+    );
+    // Entered by the child (so that a directory that does not answer is
+    // under the start timeout): its failures still read as a cd's, not
+    // as a missing command.
+    let file = agent.proc.dir.path().join("a-file");
+    std::fs::write(&file, "").unwrap();
+    let req = ExecRequest {
+        cmd: Some("true".into()),
+        cwd: Some(file.to_str().unwrap().into()),
+        ..Default::default()
+    };
+    let (_, err, exit) = run(&link, req).await;
+    assert_eq!(exit_code(&exit), Some(126));
+    assert_eq!(
+        String::from_utf8_lossy(&err),
+        format!("conch: cd {}: Not a directory\n", file.display())
+    );
 }
 
 #[tokio::test]

@@ -435,6 +435,15 @@ fn kill_pending(scanning: Scanning) {
 }
 
 fn spawn_error(err: &io::Error, what: &str) -> SpawnError {
+    if let Some(cd) = err
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<spawn::CdFailed>())
+    {
+        return SpawnError {
+            code: 126,
+            message: format!("conch: {cd}\n"),
+        };
+    }
     match err.kind() {
         io::ErrorKind::NotFound => SpawnError {
             code: 127,
@@ -707,11 +716,12 @@ pub(crate) fn spawn(req: &ExecRequest, policy: &ExecPolicy) -> Result<Spawned, S
         });
     }
     let (mut cmd, what) = command_for(req, policy)?;
-    let cwd = req
-        .cwd
-        .as_ref()
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| policy.default_cwd());
+    // The user's home unless another directory is asked for; `/` when
+    // the home cannot be entered, as after an ssh login.
+    let (cwd, or_root) = match &req.cwd {
+        Some(dir) => (std::path::PathBuf::from(dir), false),
+        None => (policy.home(), true),
+    };
     let mut prepared = policy.prepare(req.pty.is_some()).map_err(|e| SpawnError {
         code: 126,
         message: format!("conch: cannot set up the command's cgroup: {e}\n"),
@@ -719,27 +729,19 @@ pub(crate) fn spawn(req: &ExecRequest, policy: &ExecPolicy) -> Result<Spawned, S
     if prepared.switches_user() {
         // Entered by the child once it is the command's user: the agent's
         // own rights must not open, or reveal, what that user cannot see.
-        prepared.enter_dir_as_user(&cwd).map_err(|e| SpawnError {
-            code: 126,
-            message: format!("conch: cd {}: {e}\n", cwd.display()),
-        })?;
+        prepared
+            .enter_dir_as_user(&cwd, or_root)
+            .map_err(|e| SpawnError {
+                code: 126,
+                message: format!("conch: cd {}: {e}\n", cwd.display()),
+            })?;
     } else {
-        match std::fs::metadata(&cwd) {
-            Ok(meta) if meta.is_dir() => {
-                cmd.current_dir(&cwd);
-            }
-            Ok(_) => {
-                return Err(SpawnError {
-                    code: 126,
-                    message: format!("conch: cd {}: Not a directory\n", cwd.display()),
-                });
-            }
-            Err(e) => {
-                return Err(SpawnError {
-                    code: 126,
-                    message: format!("conch: cd {}: {e}\n", cwd.display()),
-                });
-            }
+        // Entered by the child, so that a directory that does not answer
+        // holds only that child, for at most the start timeout.
+        if or_root {
+            cmd.current_dir_or_root(&cwd);
+        } else {
+            cmd.current_dir(&cwd);
         }
     }
     // Nothing of the agent's own environment: only the documented list,

@@ -261,6 +261,7 @@ impl ExecPolicy {
             mark,
             rlimits,
             dir: None,
+            dir_or_root: false,
             start_timeout: self.limits.start_timeout,
             creds: self.run_as.switch.then(|| Creds {
                 uid: self.run_as.uid,
@@ -271,13 +272,10 @@ impl ExecPolicy {
     }
 
     /// The directory commands start in by default: the user's home, as
-    /// after an ssh login (else `/`).
-    pub(crate) fn default_cwd(&self) -> PathBuf {
-        if self.run_as.home.is_dir() {
-            self.run_as.home.clone()
-        } else {
-            PathBuf::from("/")
-        }
+    /// after an ssh login (`/` when the child cannot enter it). Not
+    /// checked here: the child enters it, under the start timeout.
+    pub(crate) fn home(&self) -> PathBuf {
+        self.run_as.home.clone()
     }
 
     /// The user's login shell.
@@ -333,6 +331,9 @@ pub(crate) struct Prepared {
     /// With `creds`: the directory the child enters after switching user,
     /// and the start of the message it prints if it cannot.
     dir: Option<(CString, Vec<u8>)>,
+    /// The directory is the user's home, asked for by no one: `/` when
+    /// it cannot be entered, as after an ssh login.
+    dir_or_root: bool,
     /// How long the child may take to reach its exec.
     pub(crate) start_timeout: std::time::Duration,
 }
@@ -397,6 +398,7 @@ impl Prepared {
             // any cwd), not a failure to start it.
             if let Some((dir, prefix)) = &self.dir
                 && libc::chdir(dir.as_ptr()) != 0
+                && !(self.dir_or_root && libc::chdir(c"/".as_ptr()) == 0)
             {
                 let reason: &[u8] = match *libc::__errno_location() {
                     libc::ENOENT => b"No such file or directory\n",
@@ -419,7 +421,11 @@ impl Prepared {
 
     /// Has the child enter `dir` after switching user (see
     /// [`Prepared::drop_privileges`]).
-    pub(crate) fn enter_dir_as_user(&mut self, dir: &std::path::Path) -> io::Result<()> {
+    pub(crate) fn enter_dir_as_user(
+        &mut self,
+        dir: &std::path::Path,
+        or_root: bool,
+    ) -> io::Result<()> {
         use std::os::unix::ffi::OsStrExt;
         let c = CString::new(dir.as_os_str().as_bytes())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in the path"))?;
@@ -427,6 +433,7 @@ impl Prepared {
         prefix.extend_from_slice(dir.as_os_str().as_bytes());
         prefix.extend_from_slice(b": ");
         self.dir = Some((c, prefix));
+        self.dir_or_root = or_root;
         Ok(())
     }
 

@@ -51,6 +51,8 @@ pub(crate) struct Launch {
     argv: Vec<OsString>,
     env: BTreeMap<OsString, OsString>,
     cwd: Option<OsString>,
+    /// `cwd` is a home no one asked for: `/` when it cannot be entered.
+    cwd_or_root: bool,
 }
 
 impl Launch {
@@ -63,6 +65,7 @@ impl Launch {
             program,
             env: BTreeMap::new(),
             cwd: None,
+            cwd_or_root: false,
         }
     }
 
@@ -98,6 +101,14 @@ impl Launch {
         self.cwd = Some(dir.into());
         self
     }
+
+    /// As [`Launch::current_dir`], but `/` when `dir` cannot be entered
+    /// (a user's home, which no one asked for by name).
+    pub(crate) fn current_dir_or_root(&mut self, dir: impl Into<OsString>) -> &mut Launch {
+        self.cwd = Some(dir.into());
+        self.cwd_or_root = true;
+        self
+    }
 }
 
 /// What the child leads.
@@ -123,6 +134,7 @@ struct ChildPlan<'a> {
     argv: Vec<*const c_char>,
     envp: Vec<*const c_char>,
     cwd: Option<CString>,
+    cwd_or_root: bool,
     stdio: [RawFd; 3],
     leader: Leader,
     /// Runs in the child just before exec; told whether the clone put the
@@ -133,6 +145,8 @@ struct ChildPlan<'a> {
     /// Set by the child, read once it has exec'd or exited: why it could
     /// not start the command (an errno), or 0.
     error: AtomicI32,
+    /// Set by the child with `error`: the errno is its `chdir`'s.
+    in_cd: AtomicBool,
 }
 
 fn nul_free(bytes: &[u8]) -> io::Result<CString> {
@@ -240,11 +254,13 @@ pub(crate) fn launch(
             .as_ref()
             .map(|d| nul_free(d.as_bytes()))
             .transpose()?,
+        cwd_or_root: launch.cwd_or_root,
         stdio,
         leader,
         setup,
         in_cgroup: AtomicBool::new(false),
         error: AtomicI32::new(0),
+        in_cd: AtomicBool::new(false),
     };
     // Children are reaped by pid: an inherited SIGCHLD set to "ignore"
     // would have the kernel reap them first and lose their exit status.
@@ -337,10 +353,38 @@ pub(crate) fn launch(
         let mut status = 0;
         // SAFETY: waits for our own child, which no one else reaps.
         unsafe { libc::waitpid(pid, &mut status, 0) };
-        return Err(io::Error::from_raw_os_error(errno));
+        let err = io::Error::from_raw_os_error(errno);
+        if plan.in_cd.load(Ordering::Relaxed) {
+            let dir = launch.cwd.clone().unwrap_or_default();
+            return Err(io::Error::new(err.kind(), CdFailed { dir, err }));
+        }
+        return Err(err);
     }
     ChildProcess::new(pid)
 }
+
+/// The child could not enter its working directory (the `io::Error`
+/// [`launch`] returns carries this): the command's failure, reported as
+/// `cd DIR: reason`, not as a missing program.
+#[derive(Debug)]
+pub(crate) struct CdFailed {
+    dir: OsString,
+    err: io::Error,
+}
+
+impl std::fmt::Display for CdFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The system's own text, without Rust's " (os error N)".
+        let text = self.err.to_string();
+        let reason = text
+            .rsplit_once(" (os error")
+            .map_or(text.as_str(), |(r, _)| r);
+        let dir = std::path::Path::new(&self.dir).display();
+        write!(f, "cd {dir}: {reason}")
+    }
+}
+
+impl std::error::Error for CdFailed {}
 
 /// `clone3` is missing (Linux before 5.3, or a seccomp filter that
 /// refuses it, as container runtimes' default ones do) or knows no
@@ -626,9 +670,14 @@ unsafe fn child_steps(plan: &ChildPlan) -> i32 {
                 }
             }
         }
+        // The directory is entered here, not checked by the agent before
+        // the clone: a directory that does not answer then holds only
+        // this child, which the watchdog kills at the start limit.
         if let Some(dir) = &plan.cwd
             && libc::chdir(dir.as_ptr()) < 0
+            && !(plan.cwd_or_root && libc::chdir(c"/".as_ptr()) == 0)
         {
+            plan.in_cd.store(true, Ordering::Relaxed);
             return errno();
         }
         if let Err(e) = (plan.setup)(plan.in_cgroup.load(Ordering::Relaxed)) {
@@ -952,6 +1001,49 @@ mod tests {
         assert!(status.success(), "{status:?}");
         let out = std::io::read_to_string(std::fs::File::from(read)).unwrap();
         (told.load(Ordering::Relaxed), out)
+    }
+
+    /// Runs `pwd` as `cmd` sets its directory; returns what it printed,
+    /// or the error of its start.
+    async fn pwd(cmd: &mut Launch) -> io::Result<String> {
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let stdio = [null.as_raw_fd(), write.as_raw_fd(), write.as_raw_fd()];
+        let setup = |_: bool| Ok(());
+        let started = launch(
+            cmd,
+            stdio,
+            Leader::Group,
+            None,
+            &setup,
+            Duration::from_secs(60),
+        );
+        drop(write);
+        let mut child = started?;
+        assert!(child.wait().await.unwrap().success());
+        Ok(std::io::read_to_string(std::fs::File::from(read)).unwrap())
+    }
+
+    #[tokio::test]
+    async fn the_child_enters_its_directory_and_a_missing_home_means_the_root() {
+        let mut asked = Launch::new("/bin/pwd");
+        asked.current_dir("/no/such/dir");
+        let err = pwd(&mut asked).await.expect_err("no such directory");
+        // A cd's failure, not a missing program's.
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        let cd = err.get_ref().and_then(|e| e.downcast_ref::<CdFailed>());
+        assert_eq!(
+            cd.expect("told as a cd's failure").to_string(),
+            "cd /no/such/dir: No such file or directory"
+        );
+        // A home no one asked for by name: `/` when it is missing, as
+        // after an ssh login.
+        let mut home = Launch::new("/bin/pwd");
+        home.current_dir_or_root("/no/such/home");
+        assert_eq!(pwd(&mut home).await.unwrap(), "/\n");
+        let mut home = Launch::new("/bin/pwd");
+        home.current_dir_or_root("/tmp");
+        assert_eq!(pwd(&mut home).await.unwrap(), "/tmp\n");
     }
 
     #[tokio::test]
