@@ -1385,12 +1385,53 @@ async fn mark_incomplete(store: &Store, ids: &HashSet<Arc<str>>) -> Result<(), s
 /// One gzip member of `lines` (members one after the other are one gzip
 /// stream). The fast level: a command's output waits for it.
 fn compress(lines: &[u8]) -> std::io::Result<Vec<u8>> {
+    if lines.len() <= STORE_PLAIN_BYTES {
+        return Ok(stored_member(lines));
+    }
     let mut gz = flate2::write::GzEncoder::new(
         Vec::with_capacity(lines.len() / 4),
         flate2::Compression::fast(),
     );
     gz.write_all(lines)?;
     gz.finish()
+}
+
+/// Chunks this small are stored in their gzip member without deflate.
+///
+/// A shell typed in once a second hands its recording a chunk of a few
+/// hundred bytes every [`FLUSH_EVERY`], and setting up a deflate
+/// compressor (its hash tables allocated and zeroed, over 100 KiB) cost
+/// more than everything else the server did for that keystroke: with
+/// 3,000 such shells, the recordings' writer took a fifth of the server's
+/// CPU. Deflate would save little on so few bytes anyway.
+const STORE_PLAIN_BYTES: usize = 2048;
+
+/// A gzip member (RFC 1952) holding `data` in stored deflate blocks
+/// (RFC 1951, 3.2.4): no compressor to set up, and any gzip reader takes
+/// it.
+fn stored_member(data: &[u8]) -> Vec<u8> {
+    const BLOCK: usize = u16::MAX as usize;
+    let blocks = data.len().div_ceil(BLOCK).max(1);
+    let mut out = Vec::with_capacity(10 + 5 * blocks + data.len() + 8);
+    // Magic, deflate, no flags, no time, no extra flags, unknown OS.
+    out.extend_from_slice(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255]);
+    let mut pieces = data.chunks(BLOCK).peekable();
+    if pieces.peek().is_none() {
+        out.extend_from_slice(&[1, 0, 0, 0xff, 0xff]);
+    }
+    while let Some(piece) = pieces.next() {
+        // BFINAL on the last block, BTYPE 00 (stored), then LEN and NLEN.
+        out.push(u8::from(pieces.peek().is_none()));
+        let len = piece.len() as u16;
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&(!len).to_le_bytes());
+        out.extend_from_slice(piece);
+    }
+    let mut crc = flate2::Crc::new();
+    crc.update(data);
+    out.extend_from_slice(&crc.sum().to_le_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    out
 }
 
 /// Writes a batch, trying again (after 0.1 s, doubling) while the store
@@ -1924,6 +1965,29 @@ pub async fn read_from(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn small_chunks_are_stored_members_any_gzip_reader_takes() {
+        let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        for data in [&b""[..], b"[0.5, \"o\", \"y\"]\n", &big[..]] {
+            let member = stored_member(data);
+            let mut back = Vec::new();
+            std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&member[..]), &mut back)
+                .expect("a valid gzip member");
+            assert_eq!(back, data);
+        }
+        // Members one after the other, stored and deflated, read as one.
+        let mut stream = compress(b"small\n").unwrap();
+        stream.extend(compress(&big).unwrap());
+        let mut back = Vec::new();
+        std::io::Read::read_to_end(
+            &mut flate2::read::MultiGzDecoder::new(&stream[..]),
+            &mut back,
+        )
+        .unwrap();
+        assert_eq!(&back[..6], b"small\n");
+        assert_eq!(&back[6..], &big[..]);
+    }
     use super::*;
 
     proptest::proptest! {

@@ -125,6 +125,18 @@ async fn a_missing_program_exits_127_with_its_reason() {
         String::from_utf8_lossy(&err),
         format!("conch: cd {}: Not a directory\n", file.display())
     );
+    let req = ExecRequest {
+        cmd: Some("true".into()),
+        cwd: Some("/tmp\0/x".into()),
+        ..Default::default()
+    };
+    let (_, err, exit) = run(&link, req).await;
+    assert_eq!(exit_code(&exit), Some(126));
+    assert!(
+        String::from_utf8_lossy(&err).ends_with(": a NUL byte in the path\n"),
+        "{}",
+        String::from_utf8_lossy(&err)
+    );
 }
 
 #[tokio::test]

@@ -553,9 +553,14 @@ async fn admitted<T: Send + 'static>(
     tokio::spawn(stall_clock(held.clone(), began_rx, ended_rx));
     // The command's pipes and pidfd register with this runtime.
     let runtime = tokio::runtime::Handle::current();
-    on_a_starter(Box::new(move || {
+    on_a_starter(Box::new(move |on_a_starter| {
         let _entered = runtime.enter();
-        let _ = began_tx.send(());
+        // Run inline (no starter thread could be made), the start blocks
+        // an async worker and keeps its place: the next start would block
+        // another.
+        if on_a_starter {
+            let _ = began_tx.send(());
+        }
         // A start that panics frees its places all the same.
         let ends = Ends {
             held,
@@ -634,7 +639,8 @@ async fn stall_clock(
 }
 
 /// A start for a starter thread.
-type StartJob = Box<dyn FnOnce() + Send>;
+/// Told whether it runs on a starter thread (else inline).
+type StartJob = Box<dyn FnOnce(bool) + Send>;
 
 /// Starts waiting for a starter thread, how many threads there are, and
 /// how many of them wait for work.
@@ -674,7 +680,7 @@ fn on_a_starter(job: StartJob) {
                 let job = starters.jobs.pop_back();
                 drop(starters);
                 if let Some(job) = job {
-                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(false)));
                 }
                 return;
             }
@@ -693,7 +699,7 @@ fn starter() {
                 drop(starters);
                 // A start that panics loses its answer (its caller is
                 // told), not this thread, whose children would die with it.
-                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(true)));
                 starters = STARTERS.lock().unwrap_or_else(|e| e.into_inner());
             }
             None => {
@@ -722,6 +728,12 @@ pub(crate) fn spawn(req: &ExecRequest, policy: &ExecPolicy) -> Result<Spawned, S
         Some(dir) => (std::path::PathBuf::from(dir), false),
         None => (policy.home(), true),
     };
+    if req.cwd.as_ref().is_some_and(|d| d.contains('\0')) {
+        return Err(SpawnError {
+            code: 126,
+            message: format!("conch: cd {}: a NUL byte in the path\n", cwd.display()),
+        });
+    }
     let mut prepared = policy.prepare(req.pty.is_some()).map_err(|e| SpawnError {
         code: 126,
         message: format!("conch: cannot set up the command's cgroup: {e}\n"),
@@ -1213,5 +1225,16 @@ mod tests {
             .expect("ran");
         assert_eq!(answer, "next");
         drop(releases);
+        // Every place back before the next such test.
+        let back = async {
+            while starting().available_permits() < start_places()
+                || STALLED_STARTS.available_permits() < MAX_STALLED
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), back)
+            .await
+            .expect("the released starts gave their places back");
     }
 }

@@ -404,6 +404,10 @@ impl Prepared {
                     libc::ENOENT => b"No such file or directory\n",
                     libc::EACCES => b"Permission denied\n",
                     libc::ENOTDIR => b"Not a directory\n",
+                    libc::ELOOP => b"Too many levels of symbolic links\n",
+                    libc::ENAMETOOLONG => b"File name too long\n",
+                    libc::EIO => b"Input/output error\n",
+                    libc::ESTALE => b"Stale file handle\n",
                     _ => b"cannot enter this directory\n",
                 };
                 libc::write(2, prefix.as_ptr().cast(), prefix.len());

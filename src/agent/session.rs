@@ -389,7 +389,11 @@ impl Sessions {
         let from = |p: i64| -> Option<std::path::PathBuf> {
             let dir = std::fs::read_link(format!("/proc/{p}/cwd")).ok()?;
             // A removed directory reads "... (deleted)": none to go to.
-            dir.is_dir().then_some(dir)
+            // Told from the link alone: this runs on an async worker, and
+            // a directory that does not answer would hold it (the file
+            // helper enters it, under the start timeout).
+            use std::os::unix::ffi::OsStrExt;
+            (!dir.as_os_str().as_bytes().ends_with(b" (deleted)")).then_some(dir)
         };
         foreground
             .and_then(|pgid| from(i64::from(pgid)))
