@@ -1502,7 +1502,21 @@ fn compress_all(ops: Vec<Op>) -> Result<Vec<Ready>, sqlx::Error> {
 
 async fn write_batch(store: &Store, ready: &[Ready]) -> Result<(), sqlx::Error> {
     let mut tx = store.pool.begin().await?;
-    for r in ready {
+    let mut rest = ready;
+    while !rest.is_empty() {
+        // A run of chunks of different recordings goes in two statements
+        // in all, not two each: shells typed in slowly each hand over a
+        // small chunk every couple of seconds, and thousands of them made
+        // the store's thread the server's busiest, mostly handing single
+        // statements to and fro.
+        let run = plain_chunks(rest);
+        if run >= 2 {
+            write_chunks(&mut tx, &rest[..run]).await?;
+            rest = &rest[run..];
+            continue;
+        }
+        let r = &rest[0];
+        rest = &rest[1..];
         match r {
             Ready::Other(Op::Begin(m, server)) => {
                 sqlx::query(
@@ -1633,6 +1647,94 @@ async fn write_batch(store: &Store, ready: &[Ready]) -> Result<(), sqlx::Error> 
         }
     }
     tx.commit().await
+}
+
+/// How many of `ready`'s first entries are chunks (not markers) of
+/// recordings all different: one statement can insert them, and another
+/// update their recordings (a recording twice in one `UPDATE ... FROM`
+/// would be updated once).
+fn plain_chunks(ready: &[Ready]) -> usize {
+    let mut seen = HashSet::new();
+    ready
+        .iter()
+        .take(MAX_ROWS_A_STATEMENT)
+        .take_while(
+            |r| matches!(r, Ready::Chunk { id, kept: Some(_), .. } if seen.insert(id.clone())),
+        )
+        .count()
+}
+
+/// Rows one statement writes at most (5 parameters each, well within
+/// SQLite's and PostgreSQL's limits).
+const MAX_ROWS_A_STATEMENT: usize = 64;
+
+/// Stores `chunks` (from [`plain_chunks`]) and updates their recordings,
+/// as the one-chunk case in [`write_batch`] does each.
+async fn write_chunks(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    chunks: &[Ready],
+) -> Result<(), sqlx::Error> {
+    let rows = |width: usize| {
+        (0..chunks.len())
+            .map(|i| {
+                let params: Vec<String> =
+                    (1..=width).map(|k| format!("${}", i * width + k)).collect();
+                format!("({})", params.join(", "))
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    // A chunk whose recording is gone (removed meanwhile) is not kept.
+    let insert = format!(
+        "INSERT INTO recording_chunks (recording, n, bytes, size, data)
+         SELECT v.column1, v.column2, v.column3, v.column4, v.column5 FROM (VALUES {}) AS v
+         WHERE EXISTS (SELECT 1 FROM recordings r WHERE r.id = v.column1)",
+        rows(5)
+    );
+    // Only numbered placeholders are generated into the text.
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(insert));
+    for chunk in chunks {
+        if let Ready::Chunk {
+            id, n, data, bytes, ..
+        } = chunk
+        {
+            query = query
+                .bind(&**id)
+                .bind(*n)
+                .bind(*bytes as i64)
+                .bind(data.len() as i64)
+                .bind(data.as_slice());
+        }
+    }
+    query.execute(&mut **tx).await?;
+    // A recording that is gone has no row to update.
+    let update = format!(
+        "UPDATE recordings SET bytes = v.column2, stored = stored + v.column3,
+            chunks = v.column4, updated_ms = v.column5
+         FROM (VALUES {}) AS v WHERE recordings.id = v.column1",
+        rows(5)
+    );
+    let now = now_ms();
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(update));
+    for chunk in chunks {
+        if let Ready::Chunk {
+            id,
+            n,
+            data,
+            kept: Some(kept),
+            ..
+        } = chunk
+        {
+            query = query
+                .bind(&**id)
+                .bind(*kept as i64)
+                .bind(data.len() as i64)
+                .bind(n + 1)
+                .bind(now);
+        }
+    }
+    query.execute(&mut **tx).await?;
+    Ok(())
 }
 
 /// Removes one recording with its chunks.
@@ -1965,6 +2067,71 @@ pub async fn read_from(
 
 #[cfg(test)]
 mod tests {
+
+    #[tokio::test]
+    async fn chunks_of_several_recordings_written_together_each_land_in_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&crate::store::sqlite_url(Some(dir.path())))
+            .await
+            .unwrap();
+        let begin = |id: &str| {
+            let meta = Meta {
+                id: id.into(),
+                user: "olga".into(),
+                agent: "local".into(),
+                via: "console".into(),
+                kind: "session".into(),
+                session: None,
+                command: "(login shell)".into(),
+                started_ms: 1,
+                ended_ms: None,
+                cols: 80,
+                rows: 24,
+                bytes: 0,
+                truncated: false,
+                incomplete: false,
+            };
+            Ready::Other(Op::Begin(Box::new(meta), "test".into()))
+        };
+        let chunk = |id: &str, n: i64, text: &str, kept: u64| Ready::Chunk {
+            id: id.into(),
+            n,
+            data: compress(text.as_bytes()).unwrap(),
+            bytes: text.len() as u64,
+            kept: Some(kept),
+            _held: None,
+        };
+        // Two runs of chunks (a recording's second chunk starts the
+        // next), and a chunk of a recording that is gone.
+        let batch = vec![
+            begin("a"),
+            begin("b"),
+            chunk("a", 0, "a0\n", 3),
+            chunk("b", 0, "b0\n", 3),
+            chunk("gone", 0, "x\n", 2),
+            chunk("a", 1, "a1\n", 6),
+            chunk("b", 1, "b1-longer\n", 13),
+        ];
+        assert_eq!(plain_chunks(&batch[2..]), 3);
+        write_batch(&store, &batch).await.unwrap();
+        for (id, text, bytes) in [("a", "a0\na1\n", 6), ("b", "b0\nb1-longer\n", 13)] {
+            let (data, next) = read_from(&store, id, 0).await.unwrap().unwrap();
+            assert_eq!(String::from_utf8(data).unwrap(), text);
+            assert_eq!(next, 2);
+            let meta = find(&store, id).await.unwrap().unwrap();
+            assert_eq!(meta.bytes, bytes);
+        }
+        let (chunks, stored): (i64, i64) =
+            sqlx::query_as("SELECT chunks, stored FROM recordings WHERE id = 'b'")
+                .fetch_one(&store.pool)
+                .await
+                .unwrap();
+        assert_eq!(chunks, 2);
+        let sizes =
+            (compress(b"b0\n").unwrap().len() + compress(b"b1-longer\n").unwrap().len()) as i64;
+        assert_eq!(stored, sizes);
+        assert!(read_from(&store, "gone", 0).await.unwrap().is_none());
+    }
 
     #[test]
     fn small_chunks_are_stored_members_any_gzip_reader_takes() {

@@ -1046,6 +1046,26 @@ async fn recordings_suite(store: Store) {
     .await;
     let (_, text) = cast(&server, &olga, plain[0]["id"].as_str().unwrap()).await;
     assert_eq!(output_of(&parse_cast(&text).1), "one\r\ntwo\r\n");
+
+    // Commands ending together have their chunks written together (one
+    // statement for several recordings): each keeps its own output.
+    for id in 10..15 {
+        let cmd = format!("echo together-{id}");
+        common::ws::send(&mut ws, json!({"type": "exec", "id": id, "cmd": cmd})).await;
+    }
+    let together = recordings_until(&server, &olga, "text=together", |l| {
+        l.len() == 5 && l.iter().all(|r| !r["ended_ms"].is_null())
+    })
+    .await;
+    for r in &together {
+        let n = r["command"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("echo together-");
+        let (_, text) = cast(&server, &olga, r["id"].as_str().unwrap()).await;
+        assert_eq!(output_of(&parse_cast(&text).1), format!("together-{n}\r\n"));
+        assert_eq!(r["bytes"].as_i64(), Some(text.len() as i64), "{r}");
+    }
 }
 
 #[tokio::test]
