@@ -1003,7 +1003,6 @@ impl Controller {
             .map_err(|_| LinkError::Closed)
     }
 
-    /// Sends bytes to the command's stdin, in frames of at most 1 MiB.
     /// Sends bytes to the command's stdin, in frames of at most 64 KiB,
     /// each once the agent has granted the credit for it: this waits while
     /// the process is not reading. Fails once the channel has ended.
