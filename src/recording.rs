@@ -1383,7 +1383,8 @@ async fn mark_incomplete(store: &Store, ids: &HashSet<Arc<str>>) -> Result<(), s
 }
 
 /// One gzip member of `lines` (members one after the other are one gzip
-/// stream). The fast level: a command's output waits for it.
+/// stream). Deflated at the fast level (a command's output waits for
+/// it), or stored when small (see [`STORE_PLAIN_BYTES`]).
 fn compress(lines: &[u8]) -> std::io::Result<Vec<u8>> {
     if lines.len() <= STORE_PLAIN_BYTES {
         return Ok(stored_member(lines));
@@ -1674,6 +1675,7 @@ async fn write_chunks(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     chunks: &[Ready],
 ) -> Result<(), sqlx::Error> {
+    debug_assert_eq!(plain_chunks(chunks), chunks.len(), "a run of plain chunks");
     let rows = |width: usize| {
         (0..chunks.len())
             .map(|i| {
@@ -1691,8 +1693,10 @@ async fn write_chunks(
          WHERE EXISTS (SELECT 1 FROM recordings r WHERE r.id = v.column1)",
         rows(5)
     );
-    // Only numbered placeholders are generated into the text.
-    let mut query = sqlx::query(sqlx::AssertSqlSafe(insert));
+    // Only numbered placeholders are generated into the text. Not kept
+    // prepared: each run length is a statement of its own, and up to 63
+    // of them would crowd the connection's statement cache.
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(insert)).persistent(false);
     for chunk in chunks {
         if let Ready::Chunk {
             id, n, data, bytes, ..
@@ -1715,7 +1719,7 @@ async fn write_chunks(
         rows(5)
     );
     let now = now_ms();
-    let mut query = sqlx::query(sqlx::AssertSqlSafe(update));
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(update)).persistent(false);
     for chunk in chunks {
         if let Ready::Chunk {
             id,
@@ -1734,6 +1738,120 @@ async fn write_chunks(
         }
     }
     query.execute(&mut **tx).await?;
+    Ok(())
+}
+
+/// Writes chunks of many recordings in batches as the writer does when
+/// they come together (runs cut by a recording's second chunk and at
+/// [`MAX_ROWS_A_STATEMENT`], a chunk of a recording that is gone), then
+/// checks what each recording holds. Run on both stores by the tests
+/// (tests/audit.rs on PostgreSQL): the writer reaches the statements of
+/// [`write_chunks`] only when chunks happen to meet in one batch.
+#[doc(hidden)]
+pub async fn check_chunks_written_together(store: &Store) -> Result<(), String> {
+    let recordings = MAX_ROWS_A_STATEMENT + 6;
+    let id = |i: usize| format!("{i:032x}");
+    let text = |i: usize, n: i64| format!("[0.1, \"o\", \"{i}-{n}\"]\n");
+    let chunk = |i: usize, n: i64, kept: u64| {
+        let line = text(i, n);
+        Ready::Chunk {
+            id: id(i).into(),
+            n,
+            data: compress(line.as_bytes()).expect("in memory"),
+            bytes: line.len() as u64,
+            kept: Some(kept),
+            _held: None,
+        }
+    };
+    let mut batch: Vec<Ready> = (0..recordings)
+        .map(|i| {
+            let meta = Meta {
+                id: id(i),
+                user: "olga".into(),
+                agent: "local".into(),
+                via: "console".into(),
+                kind: "session".into(),
+                session: None,
+                command: "(login shell)".into(),
+                started_ms: 1,
+                ended_ms: None,
+                cols: 80,
+                rows: 24,
+                bytes: 0,
+                truncated: false,
+                incomplete: false,
+            };
+            Ready::Other(Op::Begin(Box::new(meta), "test".into()))
+        })
+        .collect();
+    let first: Vec<u64> = (0..recordings).map(|i| text(i, 0).len() as u64).collect();
+    batch.extend((0..recordings).map(|i| chunk(i, 0, first[i])));
+    batch.push(chunk(usize::MAX, 0, 1)); // its recording is gone
+    // Second chunks of recordings in the second run: they start a third.
+    let twice = MAX_ROWS_A_STATEMENT..MAX_ROWS_A_STATEMENT + 2;
+    batch.extend(
+        twice
+            .clone()
+            .map(|i| chunk(i, 1, first[i] + text(i, 1).len() as u64)),
+    );
+    let runs = {
+        let mut rest = &batch[recordings..];
+        let mut runs = Vec::new();
+        while !rest.is_empty() {
+            let run = plain_chunks(rest).max(1);
+            runs.push(run);
+            rest = &rest[run..];
+        }
+        runs
+    };
+    let expected = vec![
+        MAX_ROWS_A_STATEMENT,
+        recordings - MAX_ROWS_A_STATEMENT + 1,
+        2,
+    ];
+    if runs != expected {
+        return Err(format!("runs {runs:?}, expected {expected:?}"));
+    }
+    let before = now_ms();
+    write_batch(store, &batch)
+        .await
+        .map_err(|e| e.to_string())?;
+    for i in 0..recordings {
+        let chunks: i64 = if twice.contains(&i) { 2 } else { 1 };
+        let want: String = (0..chunks).map(|n| text(i, n)).collect();
+        let got = read_from(store, &id(i), 0)
+            .await
+            .map_err(|e| e.to_string())?;
+        let got = got.map(|(data, next)| (String::from_utf8_lossy(&data).into_owned(), next));
+        if got != Some((want.clone(), chunks)) {
+            return Err(format!("recording {i}: {got:?}, expected {want:?}"));
+        }
+        let row: (i64, i64, i64, i64) = sqlx::query_as(
+            "SELECT bytes, chunks, stored, updated_ms FROM recordings WHERE id = $1",
+        )
+        .bind(id(i))
+        .fetch_one(&store.pool)
+        .await
+        .map_err(|e| e.to_string())?;
+        let stored: usize = (0..chunks)
+            .map(|n| compress(text(i, n).as_bytes()).map_or(0, |c| c.len()))
+            .sum();
+        let want_row = (want.len() as i64, chunks, stored as i64);
+        if (row.0, row.1, row.2) != want_row || row.3 < before {
+            return Err(format!(
+                "recording {i}: (bytes, chunks, stored, updated_ms) {row:?}, expected {want_row:?} and updated_ms >= {before}"
+            ));
+        }
+    }
+    let orphans: (i64,) =
+        sqlx::query_as("SELECT COUNT(*) FROM recording_chunks WHERE recording = $1")
+            .bind(id(usize::MAX))
+            .fetch_one(&store.pool)
+            .await
+            .map_err(|e| e.to_string())?;
+    if orphans.0 != 0 {
+        return Err("a chunk of a recording that is gone was kept".into());
+    }
     Ok(())
 }
 
@@ -2067,6 +2185,7 @@ pub async fn read_from(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[tokio::test]
     async fn chunks_of_several_recordings_written_together_each_land_in_their_own() {
@@ -2074,63 +2193,7 @@ mod tests {
         let store = Store::open(&crate::store::sqlite_url(Some(dir.path())))
             .await
             .unwrap();
-        let begin = |id: &str| {
-            let meta = Meta {
-                id: id.into(),
-                user: "olga".into(),
-                agent: "local".into(),
-                via: "console".into(),
-                kind: "session".into(),
-                session: None,
-                command: "(login shell)".into(),
-                started_ms: 1,
-                ended_ms: None,
-                cols: 80,
-                rows: 24,
-                bytes: 0,
-                truncated: false,
-                incomplete: false,
-            };
-            Ready::Other(Op::Begin(Box::new(meta), "test".into()))
-        };
-        let chunk = |id: &str, n: i64, text: &str, kept: u64| Ready::Chunk {
-            id: id.into(),
-            n,
-            data: compress(text.as_bytes()).unwrap(),
-            bytes: text.len() as u64,
-            kept: Some(kept),
-            _held: None,
-        };
-        // Two runs of chunks (a recording's second chunk starts the
-        // next), and a chunk of a recording that is gone.
-        let batch = vec![
-            begin("a"),
-            begin("b"),
-            chunk("a", 0, "a0\n", 3),
-            chunk("b", 0, "b0\n", 3),
-            chunk("gone", 0, "x\n", 2),
-            chunk("a", 1, "a1\n", 6),
-            chunk("b", 1, "b1-longer\n", 13),
-        ];
-        assert_eq!(plain_chunks(&batch[2..]), 3);
-        write_batch(&store, &batch).await.unwrap();
-        for (id, text, bytes) in [("a", "a0\na1\n", 6), ("b", "b0\nb1-longer\n", 13)] {
-            let (data, next) = read_from(&store, id, 0).await.unwrap().unwrap();
-            assert_eq!(String::from_utf8(data).unwrap(), text);
-            assert_eq!(next, 2);
-            let meta = find(&store, id).await.unwrap().unwrap();
-            assert_eq!(meta.bytes, bytes);
-        }
-        let (chunks, stored): (i64, i64) =
-            sqlx::query_as("SELECT chunks, stored FROM recordings WHERE id = 'b'")
-                .fetch_one(&store.pool)
-                .await
-                .unwrap();
-        assert_eq!(chunks, 2);
-        let sizes =
-            (compress(b"b0\n").unwrap().len() + compress(b"b1-longer\n").unwrap().len()) as i64;
-        assert_eq!(stored, sizes);
-        assert!(read_from(&store, "gone", 0).await.unwrap().is_none());
+        check_chunks_written_together(&store).await.unwrap();
     }
 
     #[test]
@@ -2155,7 +2218,6 @@ mod tests {
         assert_eq!(&back[..6], b"small\n");
         assert_eq!(&back[6..], &big[..]);
     }
-    use super::*;
 
     proptest::proptest! {
         /// Piped output's newlines become a terminal's, and nothing else

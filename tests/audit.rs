@@ -1078,6 +1078,17 @@ async fn postgres_recordings_replay_as_asciicast() {
     recordings_suite(Store::Postgres(Postgres::start())).await;
 }
 
+#[tokio::test]
+async fn postgres_takes_chunks_of_many_recordings_written_together() {
+    // The writer's multi-row statements, on the store whose SQL differs
+    // most from SQLite's (the unit test runs the same on SQLite).
+    let pg = Postgres::start();
+    let store = conch::store::Store::open(&pg.url).await.unwrap();
+    conch::recording::check_chunks_written_together(&store)
+        .await
+        .unwrap();
+}
+
 /// `conch user ...` against `server` as its admin, with `stdin` given:
 /// (exit code, stdout, stderr).
 fn conch_user(server: &Server, args: &[&str], stdin: &str) -> (Option<i32>, String, String) {
