@@ -208,6 +208,49 @@ async fn a_large_paste_arrives_whole_and_a_huge_one_is_refused() {
     assert_eq!(out, b"still-here\n");
 }
 
+/// Keystrokes go straight to the link when nothing waits before them,
+/// and behind a paste still being written when something does: the
+/// command reads everything in the order it was typed.
+#[tokio::test]
+async fn keystrokes_and_pastes_arrive_in_the_order_they_were_typed() {
+    let server = start_server(&[], &[]);
+    let mut ws = console(&server).await;
+    // Reads slowly at first, so that the paste waits for its credit.
+    send(
+        &mut ws,
+        json!({"type": "exec", "id": 1, "cmd": "sleep 0.2; cat"}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await["type"], "started");
+    let paste: String = (0..300_000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let mut typed = String::new();
+    for round in 0..3 {
+        for k in 0..50 {
+            let key = format!("<{round}.{k}>");
+            typed.push_str(&key);
+            send(&mut ws, json!({"type": "stdin", "id": 1, "data": key})).await;
+        }
+        typed.push_str(&paste);
+        send(&mut ws, json!({"type": "stdin", "id": 1, "data": paste})).await;
+    }
+    send(
+        &mut ws,
+        json!({"type": "stdin", "id": 1, "data": "", "eof": true}),
+    )
+    .await;
+    let (out, _, exit) = collect(&mut ws, 1).await;
+    assert_eq!(exit["code"], 0, "{exit}");
+    assert!(
+        out == typed.as_bytes(),
+        "{} bytes out of {}, first difference at {:?}",
+        out.len(),
+        typed.len(),
+        out.iter().zip(typed.as_bytes()).position(|(a, b)| a != b)
+    );
+}
+
 #[tokio::test]
 async fn without_a_session_nothing_is_served() {
     let server = start_server(&[], &[]);

@@ -987,6 +987,9 @@ impl Channel {
     }
 }
 
+/// The largest stdin frame the server sends.
+const STDIN_FRAME: usize = 64 * 1024;
+
 /// Sends to a channel: input, signals, size, credit.
 #[derive(Clone)]
 pub struct Controller {
@@ -1003,14 +1006,35 @@ impl Controller {
             .map_err(|_| LinkError::Closed)
     }
 
+    /// Sends `data` (at most 64 KiB, not empty) to the command's stdin at
+    /// once, if the agent's credit covers it and the link's queue has
+    /// room; else hands it back, nothing sent. For input typed a key at a
+    /// time, which then needs no task of its own to wait in.
+    pub fn try_stdin(&self, data: Bytes) -> Result<(), Bytes> {
+        if data.is_empty() || data.len() > STDIN_FRAME {
+            return Err(data);
+        }
+        let cost = u32::try_from(data.len()).unwrap_or(u32::MAX);
+        let Ok(credit) = self.stdin_credit.try_acquire_many(cost) else {
+            return Err(data);
+        };
+        let frame = Frame::with_payload(self.ch, Message::Stdin { eof: false }, data);
+        match self.out.try_send(frame) {
+            Ok(()) => {
+                credit.forget();
+                Ok(())
+            }
+            Err(e) => Err(e.into_inner().payload),
+        }
+    }
+
     /// Sends bytes to the command's stdin, in frames of at most 64 KiB,
     /// each once the agent has granted the credit for it: this waits while
     /// the process is not reading. Fails once the channel has ended.
     pub async fn stdin(&self, data: Bytes, eof: bool) -> Result<(), LinkError> {
-        const CHUNK: usize = 64 * 1024;
         let mut rest = data;
         loop {
-            let chunk = rest.split_to(rest.len().min(CHUNK));
+            let chunk = rest.split_to(rest.len().min(STDIN_FRAME));
             let last = rest.is_empty();
             // An empty frame costs one byte of credit.
             let cost = u32::try_from(chunk.len().max(1)).unwrap_or(u32::MAX);

@@ -902,20 +902,32 @@ impl Console<'_> {
     async fn stdin(&self, id: u32, data: String, eof: bool) {
         super::metrics::input(data.len());
         let recording = self.running.get(&id).and_then(|r| r.recording.clone());
+        // Recorded only when it goes to the command.
+        let record = |data: &Bytes| {
+            if let Some(rec) = &recording {
+                rec.input(std::str::from_utf8(data).unwrap_or_default());
+            }
+        };
+        let data = Bytes::from(data);
         let queued = self.running.get(&id).map(|r| {
+            // Nothing queued or being written (the input task holds the
+            // room of what it writes until it is on the link): straight
+            // to the link, in order, one task hop fewer for a keystroke.
+            if !eof
+                && r.stdin_room.available_permits() == STDIN_QUEUE_BYTES
+                && r.control.try_stdin(data.clone()).is_ok()
+            {
+                record(&data);
+                return true;
+            }
             let cost = u32::try_from(data.len().max(1)).unwrap_or(u32::MAX);
             r.stdin_room
                 .clone()
                 .try_acquire_many_owned(cost)
                 .ok()
                 .and_then(|room| {
-                    // Recorded only when it goes to the command.
-                    if let Some(rec) = &recording {
-                        rec.input(&data);
-                    }
-                    r.stdin
-                        .try_send(Box::new((Bytes::from(data), eof, room)))
-                        .ok()
+                    record(&data);
+                    r.stdin.try_send(Box::new((data, eof, room))).ok()
                 })
                 .is_some()
         });
