@@ -901,10 +901,15 @@ impl Console<'_> {
     /// fit is dropped and the page told so.
     async fn stdin(&self, id: u32, data: String, eof: bool) {
         super::metrics::input(data.len());
-        let recording = self.running.get(&id).and_then(|r| r.recording.clone());
-        // Recorded only when it goes to the command.
+        // Recorded only when it goes to the command. (The bytes came from
+        // a `String`: the check only hands the text back.)
+        let recorder = self
+            .running
+            .get(&id)
+            .and_then(|r| r.recording.clone())
+            .filter(|r| r.records_input());
         let record = |data: &Bytes| {
-            if let Some(rec) = &recording {
+            if let Some(rec) = &recorder {
                 rec.input(std::str::from_utf8(data).unwrap_or_default());
             }
         };
@@ -913,13 +918,19 @@ impl Console<'_> {
             // Nothing queued or being written (the input task holds the
             // room of what it writes until it is on the link): straight
             // to the link, in order, one task hop fewer for a keystroke.
-            if !eof
-                && r.stdin_room.available_permits() == STDIN_QUEUE_BYTES
-                && r.control.try_stdin(data.clone()).is_ok()
-            {
-                record(&data);
-                return true;
-            }
+            let data = if !eof && r.stdin_room.available_permits() == STDIN_QUEUE_BYTES {
+                // Kept for the record only when there is one.
+                let copy = recorder.is_some().then(|| data.clone());
+                match r.control.try_stdin(data) {
+                    Ok(()) => {
+                        copy.iter().for_each(record);
+                        return true;
+                    }
+                    Err(back) => back,
+                }
+            } else {
+                data
+            };
             let cost = u32::try_from(data.len().max(1)).unwrap_or(u32::MAX);
             r.stdin_room
                 .clone()
