@@ -1474,6 +1474,9 @@ async fn input_closed_consoles_and_small_caps_keep_recordings_whole() {
     let server = server_on(&store, &["--record-input", "--recording-max-bytes", "4096"]);
     let mut ws = common::ws::console(&server).await;
     common::ws::send(&mut ws, json!({"type": "exec", "id": 1, "cmd": "cat"})).await;
+    // A key on its own goes straight to the link; one with `eof` through
+    // the command's input queue: both are recorded.
+    common::ws::send(&mut ws, json!({"type": "stdin", "id": 1, "data": "a-key"})).await;
     common::ws::send(
         &mut ws,
         json!({"type": "stdin", "id": 1, "data": "typed-in-here\n", "eof": true}),
@@ -1506,6 +1509,10 @@ async fn input_closed_consoles_and_small_caps_keep_recordings_whole() {
         events
             .iter()
             .any(|e| e.1 == "i" && e.2 == "typed-in-here\n"),
+        "{events:?}"
+    );
+    assert!(
+        events.iter().any(|e| e.1 == "i" && e.2 == "a-key"),
         "{events:?}"
     );
     let (_, text) = cast(&server, &server.token, &cut_short).await;
