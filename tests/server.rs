@@ -251,6 +251,66 @@ async fn keystrokes_and_pastes_arrive_in_the_order_they_were_typed() {
     );
 }
 
+/// A console whose command never reads fills only its own input budget
+/// (its keys wait behind its paste or are refused), and another
+/// console's keys, over the same agent link, still arrive whole and in
+/// order.
+#[tokio::test]
+async fn input_nobody_reads_never_holds_up_another_consoles_keys() {
+    let server = start_server(&[], &[]);
+    let mut stuck = console(&server).await;
+    send(
+        &mut stuck,
+        json!({"type": "exec", "id": 1, "cmd": "sleep 60"}),
+    )
+    .await;
+    assert_eq!(next_json(&mut stuck).await["type"], "started");
+    let paste = "x".repeat(500_000);
+    let mut refused = false;
+    for _ in 0..16 {
+        send(&mut stuck, json!({"type": "stdin", "id": 1, "data": paste})).await;
+        send(&mut stuck, json!({"type": "stdin", "id": 1, "data": "k"})).await;
+        // Input is answered only when refused; the list of sessions is
+        // answered after everything sent before it was handled.
+        send(&mut stuck, json!({"type": "list_sessions"})).await;
+        loop {
+            let v = next_json(&mut stuck).await;
+            if v["type"] == "sessions" {
+                break;
+            }
+            if v["code"] == "stdin_overflow" {
+                refused = true;
+            }
+        }
+        if refused {
+            break;
+        }
+    }
+    assert!(
+        refused,
+        "8 MB sent to a command that never reads, and none refused"
+    );
+
+    let mut other = console(&server).await;
+    send(&mut other, json!({"type": "exec", "id": 1, "cmd": "cat"})).await;
+    assert_eq!(next_json(&mut other).await["type"], "started");
+    let mut typed = String::new();
+    for k in 0..100 {
+        let key = format!("<{k}>");
+        typed.push_str(&key);
+        send(&mut stuck, json!({"type": "stdin", "id": 1, "data": "k"})).await;
+        send(&mut other, json!({"type": "stdin", "id": 1, "data": key})).await;
+    }
+    send(
+        &mut other,
+        json!({"type": "stdin", "id": 1, "data": "", "eof": true}),
+    )
+    .await;
+    let (out, _, exit) = collect(&mut other, 1).await;
+    assert_eq!(exit["code"], 0, "{exit}");
+    assert_eq!(String::from_utf8_lossy(&out), typed);
+}
+
 #[tokio::test]
 async fn without_a_session_nothing_is_served() {
     let server = start_server(&[], &[]);
