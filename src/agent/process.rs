@@ -1091,10 +1091,24 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_scan_stuck_on_one_process_does_not_hold_back_later_kills() {
-        let sleeper = |setsid: bool| {
-            let mut cmd = std::process::Command::new(if setsid { "setsid" } else { "sleep" });
-            if setsid {
-                cmd.arg("sleep");
+        let sleeper = |own_session: bool| {
+            let mut cmd = std::process::Command::new("sleep");
+            if own_session {
+                // In the child before its exec, so the session is its own
+                // by the time `spawn` returns. `setsid(1)` called it after
+                // its exec instead: a scan that read the process first saw
+                // the test's session, spared it, and the test timed out
+                // (CI, once).
+                // SAFETY: setsid is async-signal-safe, and nothing else
+                // runs in the forked child before its exec.
+                unsafe {
+                    std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                        if libc::setsid() < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
             }
             cmd.arg("1000").spawn().unwrap()
         };
