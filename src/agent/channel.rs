@@ -244,15 +244,75 @@ impl<R: AsyncRead + Unpin> Source<R> {
 pub(super) struct StdinQueue<W> {
     pub(super) writer: Option<W>,
     /// For a terminal, end of input is the EOF character (^D), not a close.
-    pub(super) eof_byte: Option<u8>,
-    pub(super) queue: VecDeque<Bytes>,
+    eof_byte: Option<u8>,
+    queue: VecDeque<Bytes>,
+    /// Small pieces of input gathered into one buffer, after everything
+    /// in `queue`: see [`COPIED_INPUT`].
+    tail: BytesMut,
     pub(super) queued: usize,
-    pub(super) eof: bool,
+    eof: bool,
     /// Credit consumed (written, or dropped) and not yet returned.
     pub(super) owed: usize,
 }
 
+/// Input pieces this small (a keystroke, a line) are copied into the
+/// queue's tail rather than queued as they came: 1 KiB. Each frame's
+/// payload is a slice of the link's read buffer, which it keeps alive, and
+/// a queue entry of its own: a command that does not read its input,
+/// flooded with one-byte frames up to the credit, held about 64 bytes of
+/// agent memory per byte queued (50 MB for one command).
+const COPIED_INPUT: usize = 1024;
+
+/// The tail is queued as one piece once it holds this much: 16 KiB.
+const TAIL_PIECE: usize = 16 * 1024;
+
 impl<W: AsyncWrite + Unpin> StdinQueue<W> {
+    pub(super) fn new(writer: Option<W>, eof_byte: Option<u8>) -> Self {
+        StdinQueue {
+            writer,
+            eof_byte,
+            queue: VecDeque::new(),
+            tail: BytesMut::new(),
+            queued: 0,
+            eof: false,
+            owed: 0,
+        }
+    }
+
+    /// Queues `data` after what waits: copied into the tail if small.
+    fn enqueue(&mut self, data: Bytes) {
+        if data.len() <= COPIED_INPUT {
+            self.tail.extend_from_slice(&data);
+            if self.tail.len() >= TAIL_PIECE {
+                self.seal_tail();
+            }
+        } else {
+            self.seal_tail();
+            self.queue.push_back(data);
+        }
+    }
+
+    /// The tail becomes the last queued piece; the next small input
+    /// starts a new one (an idle queue keeps no buffer).
+    fn seal_tail(&mut self) {
+        if !self.tail.is_empty() {
+            self.queue
+                .push_back(std::mem::take(&mut self.tail).freeze());
+        }
+    }
+
+    fn is_drained(&self) -> bool {
+        self.queue.is_empty() && self.tail.is_empty()
+    }
+
+    /// Drops everything waiting (the command was closed, or its stdin):
+    /// its credit is owed back.
+    pub(super) fn discard(&mut self) {
+        self.writer = None;
+        self.queue.clear();
+        self.tail = BytesMut::new();
+        self.owed += std::mem::take(&mut self.queued);
+    }
     /// Credit to return now: a batch's worth. Typing thus costs no frame
     /// per keystroke, and no deadlock can come of the batching: a client
     /// waiting for credit has at least the window minus one batch in flight,
@@ -279,25 +339,28 @@ impl<W: AsyncWrite + Unpin> StdinQueue<W> {
         }
         self.queued += data.len();
         if !data.is_empty() {
-            self.queue.push_back(data);
+            self.enqueue(data);
         }
         if let (true, Some(byte)) = (eof, self.eof_byte) {
             self.queued += 1;
-            self.queue.push_back(Bytes::copy_from_slice(&[byte]));
+            self.tail.extend_from_slice(&[byte]);
             return Ok(());
         }
         self.eof |= eof;
-        if self.eof && self.queue.is_empty() {
+        if self.eof && self.is_drained() {
             self.writer = None;
         }
         Ok(())
     }
 
     pub(super) fn pending(&self) -> bool {
-        self.writer.is_some() && !self.queue.is_empty()
+        self.writer.is_some() && !self.is_drained()
     }
 
     pub(super) async fn write_some(&mut self) {
+        if self.queue.is_empty() {
+            self.seal_tail();
+        }
         let (Some(writer), Some(front)) = (self.writer.as_mut(), self.queue.front_mut()) else {
             return;
         };
@@ -309,17 +372,12 @@ impl<W: AsyncWrite + Unpin> StdinQueue<W> {
                 if front.is_empty() {
                     self.queue.pop_front();
                 }
-                if self.eof && self.queue.is_empty() {
+                if self.eof && self.is_drained() {
                     self.writer = None;
                 }
             }
             // The process closed its stdin: drop what is left, as a pipe would.
-            _ => {
-                self.writer = None;
-                self.queue.clear();
-                self.owed += self.queued;
-                self.queued = 0;
-            }
+            _ => self.discard(),
         }
     }
 }
@@ -384,14 +442,7 @@ impl Supervisor {
             ProcessIo::Pty(_) => READ_CHUNK,
         };
         let (stdin, stdout, stderr, pty) = split_io(io);
-        let mut stdin = StdinQueue {
-            writer: stdin,
-            eof_byte: pty.as_ref().map(|_| 0x04),
-            queue: VecDeque::new(),
-            queued: 0,
-            eof: false,
-            owed: 0,
-        };
+        let mut stdin = StdinQueue::new(stdin, pty.as_ref().map(|_| 0x04));
         let mut stdout = Source::new(stdout);
         let mut stderr = Source::new(stderr);
         let mut status: Option<ExitStatus> = None;
@@ -497,9 +548,7 @@ impl Supervisor {
             Control::Close => {
                 self.closed = true;
                 group.signal(Signal::SIGKILL);
-                stdin.writer = None;
-                stdin.owed += std::mem::take(&mut stdin.queued);
-                stdin.queue.clear();
+                stdin.discard();
             }
         }
     }
@@ -615,14 +664,7 @@ mod tests {
         eof_byte: Option<u8>,
     ) -> (StdinQueue<tokio::io::DuplexStream>, tokio::io::DuplexStream) {
         let (writer, reader) = tokio::io::duplex(64);
-        let q = StdinQueue {
-            writer: Some(writer),
-            eof_byte,
-            queue: VecDeque::new(),
-            queued: 0,
-            eof: false,
-            owed: 0,
-        };
+        let q = StdinQueue::new(Some(writer), eof_byte);
         (q, reader)
     }
 
@@ -699,6 +741,55 @@ mod tests {
         q.owed += STDIN_CREDIT_BATCH;
         assert_eq!(q.credit_due(), Some(11 + STDIN_CREDIT_BATCH as u64));
         assert_eq!(q.owed, 0);
+    }
+
+    /// Keystroke frames queued for a command that does not read them
+    /// hold about their own bytes: not an entry and a share of the link's
+    /// read buffer each (64 bytes of agent memory per byte of input).
+    #[tokio::test]
+    async fn small_input_nobody_reads_is_gathered_and_lets_the_link_buffer_go() {
+        let (mut q, mut reader) = queue(Some(0x04));
+        // Frames as the link decodes them: slices of one read buffer.
+        let mut link_buffer = BytesMut::new();
+        let n = 40_000;
+        link_buffer.extend((0..n).map(|i| b'a' + (i % 26) as u8));
+        let link_buffer = link_buffer.freeze();
+        for i in 0..n {
+            q.push(link_buffer.slice(i..i + 1), false).unwrap();
+        }
+        // A paste among them stays as it came, in its place.
+        let paste = Bytes::from(vec![b'P'; 4 * COPIED_INPUT]);
+        q.push(paste.clone(), false).unwrap();
+        q.push(Bytes::from_static(b"end"), true).unwrap();
+        let pieces = q.queue.len() + usize::from(!q.tail.is_empty());
+        assert!(
+            pieces <= n / TAIL_PIECE + 4,
+            "{n} one-byte frames are queued as {pieces} pieces"
+        );
+        assert!(
+            link_buffer.is_unique(),
+            "queued input still holds the link's read buffer"
+        );
+        assert_eq!(q.queued, n + paste.len() + 3 + 1);
+        // Written whole and in order, the terminal's EOF character last.
+        let written = async {
+            while q.pending() {
+                q.write_some().await;
+            }
+            q
+        };
+        let mut expected = link_buffer.to_vec();
+        expected.extend_from_slice(&paste);
+        expected.extend_from_slice(b"end\x04");
+        let mut got = vec![0u8; expected.len()];
+        let (q, read) = tokio::join!(written, reader.read_exact(&mut got));
+        read.unwrap();
+        assert_eq!(got, expected);
+        assert_eq!((q.queued, q.owed), (0, expected.len()));
+        assert!(
+            q.is_drained() && q.tail.capacity() == 0,
+            "an idle queue keeps a buffer"
+        );
     }
 
     #[tokio::test]

@@ -183,14 +183,7 @@ impl Transfer {
         else {
             return End::Failed(ErrorCode::FileError, "the helper has no pipes".into());
         };
-        let mut queue = StdinQueue {
-            writer: stdin.map(|s| Box::new(s) as super::channel::Writer),
-            eof_byte: None,
-            queue: VecDeque::new(),
-            queued: 0,
-            eof: false,
-            owed: 0,
-        };
+        let mut queue = StdinQueue::new(stdin.map(|s| Box::new(s) as super::channel::Writer), None);
         let mut reply = Bounded::new(MAX_REPLY);
         let mut errors = Bounded::new(MAX_STDERR);
         let (mut stdout, mut stderr) = (stdout, stderr);

@@ -641,14 +641,7 @@ impl Session {
             io,
         } = spawned;
         let (writer, reader, _, pty) = channel::split_io(io);
-        let mut stdin = StdinQueue {
-            writer,
-            eof_byte: Some(0x04),
-            queue: VecDeque::new(),
-            queued: 0,
-            eof: false,
-            owed: 0,
-        };
+        let mut stdin = StdinQueue::new(writer, Some(0x04));
         let mut output = Source::new(reader);
         // Some once the leader has ended (with its status, if it could be read).
         let mut status: Option<Option<std::process::ExitStatus>> = None;
