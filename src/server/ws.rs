@@ -937,8 +937,12 @@ impl Console<'_> {
                 .try_acquire_many_owned(cost)
                 .ok()
                 .and_then(|room| {
-                    record(&data);
-                    r.stdin.try_send(Box::new((data, eof, room))).ok()
+                    // Recorded once queued: input refused here was never
+                    // the command's.
+                    let copy = recorder.is_some().then(|| data.clone());
+                    r.stdin.try_send(Box::new((data, eof, room))).ok()?;
+                    copy.iter().for_each(record);
+                    Some(())
                 })
                 .is_some()
         });
@@ -975,8 +979,14 @@ impl Running {
         let writer = control.clone();
         let stdin_task = tokio::spawn(async move {
             while let Some(input) = stdin_rx.recv().await {
-                let (data, eof, _room) = *input;
-                if writer.stdin(data, eof).await.is_err() {
+                let (data, eof, room) = *input;
+                let sent = writer.stdin(data, eof).await;
+                // The room is given back only once the input is on the
+                // link: `Console::stdin` sends a key straight to the link
+                // only while all of it is free, so nothing it sends can
+                // pass input still being written here.
+                drop(room);
+                if sent.is_err() {
                     break;
                 }
             }
