@@ -901,31 +901,21 @@ impl Console<'_> {
     /// fit is dropped and the page told so.
     async fn stdin(&self, id: u32, data: String, eof: bool) {
         super::metrics::input(data.len());
-        // Recorded only when it goes to the command. (The bytes came from
-        // a `String`: the check only hands the text back.)
         let recorder = self
             .running
             .get(&id)
             .and_then(|r| r.recording.clone())
             .filter(|r| r.records_input());
-        let record = |data: &Bytes| {
-            if let Some(rec) = &recorder {
-                rec.input(std::str::from_utf8(data).unwrap_or_default());
-            }
-        };
+        // Kept for the record only when there is one.
+        let text = recorder.as_ref().map(|_| data.clone());
         let data = Bytes::from(data);
         let queued = self.running.get(&id).map(|r| {
             // Nothing queued or being written (the input task holds the
             // room of what it writes until it is on the link): straight
             // to the link, in order, one task hop fewer for a keystroke.
             let data = if !eof && r.stdin_room.available_permits() == STDIN_QUEUE_BYTES {
-                // Kept for the record only when there is one.
-                let copy = recorder.is_some().then(|| data.clone());
                 match r.control.try_stdin(data) {
-                    Ok(()) => {
-                        copy.iter().for_each(record);
-                        return true;
-                    }
+                    Ok(()) => return true,
                     Err(back) => back,
                 }
             } else {
@@ -936,22 +926,21 @@ impl Console<'_> {
                 .clone()
                 .try_acquire_many_owned(cost)
                 .ok()
-                .and_then(|room| {
-                    // Recorded once queued: input refused here was never
-                    // the command's.
-                    let copy = recorder.is_some().then(|| data.clone());
-                    r.stdin.try_send(Box::new((data, eof, room))).ok()?;
-                    copy.iter().for_each(record);
-                    Some(())
-                })
+                .and_then(|room| r.stdin.try_send(Box::new((data, eof, room))).ok())
                 .is_some()
         });
-        if queued == Some(false) {
-            let msg = "the command is not reading its input; that input was dropped";
-            let _ = self
-                .out
-                .send(error_with(Some(id), ErrorCode::StdinOverflow, msg, false))
-                .await;
+        match (queued, recorder, text) {
+            // Recorded only once it went to the command (or its queue):
+            // input refused here was never the command's.
+            (Some(true), Some(recorder), Some(text)) => recorder.input(&text),
+            (Some(false), ..) => {
+                let msg = "the command is not reading its input; that input was dropped";
+                let _ = self
+                    .out
+                    .send(error_with(Some(id), ErrorCode::StdinOverflow, msg, false))
+                    .await;
+            }
+            _ => {}
         }
     }
 }
