@@ -253,6 +253,11 @@ pub(super) struct StdinQueue<W> {
     eof: bool,
     /// Credit consumed (written, or dropped) and not yet returned.
     pub(super) owed: usize,
+    /// EOF characters queued that nobody paid credit for (the client paid
+    /// for the frame that asked for one, not for the byte): taken off what
+    /// is owed as they are written or dropped, so the client's credit
+    /// never grows past the window.
+    unpaid: usize,
 }
 
 /// Input pieces this small (a keystroke, a line) are copied into the
@@ -276,6 +281,7 @@ impl<W: AsyncWrite + Unpin> StdinQueue<W> {
             queued: 0,
             eof: false,
             owed: 0,
+            unpaid: 0,
         }
     }
 
@@ -311,7 +317,18 @@ impl<W: AsyncWrite + Unpin> StdinQueue<W> {
         self.writer = None;
         self.queue.clear();
         self.tail = BytesMut::new();
-        self.owed += std::mem::take(&mut self.queued);
+        let dropped = std::mem::take(&mut self.queued);
+        self.consumed(dropped);
+    }
+
+    /// `n` queued bytes were written or dropped: owed back, less the EOF
+    /// characters among them (the first queued are written first, but
+    /// only the sum matters).
+    fn consumed(&mut self, n: usize) {
+        self.owed += n;
+        let free = self.unpaid.min(self.owed);
+        self.owed -= free;
+        self.unpaid -= free;
     }
     /// Credit to return now: a batch's worth. Typing thus costs no frame
     /// per keystroke, and no deadlock can come of the batching: a client
@@ -343,6 +360,7 @@ impl<W: AsyncWrite + Unpin> StdinQueue<W> {
         }
         if let (true, Some(byte)) = (eof, self.eof_byte) {
             self.queued += 1;
+            self.unpaid += 1;
             self.tail.extend_from_slice(&[byte]);
             return Ok(());
         }
@@ -366,12 +384,12 @@ impl<W: AsyncWrite + Unpin> StdinQueue<W> {
         };
         match writer.write(front).await {
             Ok(n) if n > 0 => {
-                self.queued -= n;
-                self.owed += n;
                 let _ = front.split_to(n);
                 if front.is_empty() {
                     self.queue.pop_front();
                 }
+                self.queued -= n;
+                self.consumed(n);
                 if self.eof && self.is_drained() {
                     self.writer = None;
                 }
@@ -785,7 +803,8 @@ mod tests {
         let (q, read) = tokio::join!(written, reader.read_exact(&mut got));
         read.unwrap();
         assert_eq!(got, expected);
-        assert_eq!((q.queued, q.owed), (0, expected.len()));
+        // The EOF character was not paid for: not owed back.
+        assert_eq!((q.queued, q.owed), (0, expected.len() - 1));
         assert!(
             q.is_drained() && q.tail.capacity() == 0,
             "an idle queue keeps a buffer"
@@ -803,6 +822,28 @@ mod tests {
         let mut got = [0u8; 2];
         reader.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"x\x04");
+    }
+
+    /// The client paid for its frames (an empty one costs a byte), not for
+    /// the EOF character a terminal is given: that byte is not credited
+    /// back (before, each ^D gave the client a byte more than the window).
+    #[tokio::test]
+    async fn a_terminals_eof_character_is_not_credited_back() {
+        let (mut q, mut reader) = queue(Some(0x04));
+        q.push(Bytes::from_static(b"abc"), true).unwrap();
+        q.push(Bytes::new(), true).unwrap();
+        while q.pending() {
+            q.write_some().await;
+        }
+        let mut got = [0u8; 5];
+        reader.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"abc\x04\x04");
+        assert_eq!(q.owed, 3 + 1, "what the two frames cost");
+        // Dropped, not written: the same.
+        q.push(Bytes::from_static(b"de"), true).unwrap();
+        q.discard();
+        assert_eq!(q.owed, 3 + 1 + 2);
+        assert_eq!(q.unpaid, 0);
     }
 
     #[tokio::test]
