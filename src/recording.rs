@@ -316,6 +316,7 @@ impl Recordings {
             queue,
             own: Arc::new(Semaphore::new(IN_FLIGHT_PER_RECORDING)),
             state: Mutex::new(state),
+            input_waiting: tokio::sync::Notify::new(),
         });
         // The header at once: a live recording is a valid file from the
         // start. A console waits for this: not for ever (the header then
@@ -368,6 +369,11 @@ pub struct Recorder {
     queue: mpsc::Sender<Write>,
     own: Arc<Semaphore>,
     state: Mutex<State>,
+    /// Typed input filled a chunk: the pump is woken to hand it over
+    /// (input comes outside the pump, and a command printing nothing
+    /// would otherwise leave it waiting until [`FLUSH_EVERY`], skipped
+    /// past [`INPUT_PILE`] by a fast paste).
+    input_waiting: tokio::sync::Notify,
 }
 
 struct State {
@@ -385,6 +391,9 @@ struct State {
     half: u64,
     /// Chunks were skipped since the last one sent, from this time on.
     gap_at_us: Option<i64>,
+    /// Typed input is being skipped: its marker is among the events
+    /// already (one per run of skipped input, in its place in time).
+    skipping_input: bool,
     /// A chunk taken to be sent whose sending was cut short (its pump
     /// was aborted while it waited for room): sent first, next time.
     in_hand: Option<(Vec<u8>, i64, i64)>,
@@ -485,19 +494,34 @@ impl Recorder {
 
     /// What the user typed (only with `--record-input`).
     pub fn input(&self, data: &str) {
-        if self.recordings.records_input() {
-            self.with(|s| {
-                // Input comes while the pump may wait: past a few chunks
-                // waiting, it is skipped (and marked), never piled up.
-                if s.lines.len() >= INPUT_PILE {
-                    let at = s.started.elapsed().as_micros() as i64;
-                    s.gap_at_us.get_or_insert(at);
-                    return;
-                }
-                s.size_event();
-                s.event(b'i', data);
-            });
+        if !self.recordings.records_input() {
+            return;
         }
+        let full = self.with_result(|s| {
+            // Input comes while the pump may wait (for the store): past a
+            // few chunks waiting, it is skipped, never piled up. Its
+            // marker goes among the events, where the skipping began (a
+            // gap marker goes before the next chunk sent, which holds
+            // events older than this).
+            if s.lines.len() >= INPUT_PILE {
+                if !std::mem::replace(&mut s.skipping_input, true) {
+                    s.event(b'm', INPUT_SKIP_MARKER);
+                }
+                return false;
+            }
+            s.skipping_input = false;
+            s.size_event();
+            s.event(b'i', data);
+            s.lines.len() >= CHUNK_BYTES
+        });
+        if full == Some(true) {
+            self.input_waiting.notify_one();
+        }
+    }
+
+    /// Typed input filled a chunk: the pump should [`Recorder::settle`].
+    pub async fn input_waiting(&self) {
+        self.input_waiting.notified().await;
     }
 
     /// The terminal's new size, recorded before the next output.
@@ -744,6 +768,7 @@ impl State {
             last_tail: None,
             half,
             gap_at_us: None,
+            skipping_input: false,
             in_hand: None,
             newest_skipped: None,
             closed: false,
@@ -993,8 +1018,10 @@ fn raw_at(raw: &[u8]) -> i64 {
         .map_or(0, |b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
 }
 
-/// The recorder's events as asciicast lines.
-fn encode(mut raw: &[u8]) -> Vec<u8> {
+/// The recorder's events as asciicast lines, and whether a marker is
+/// among them (something was left out).
+fn encode(mut raw: &[u8]) -> (Vec<u8>, bool) {
+    let mut marked = false;
     let mut out = Vec::with_capacity(raw.len() + raw.len() / 4);
     while raw.len() >= RAW_HEAD {
         let at_us = raw_at(raw);
@@ -1004,6 +1031,7 @@ fn encode(mut raw: &[u8]) -> Vec<u8> {
         if code == HEADER {
             out.extend_from_slice(text.as_bytes());
         } else {
+            marked |= code == b'm';
             let seconds = at_us as f64 / 1e6;
             let code = (code as char).to_string();
             let _ = serde_json::to_writer(&mut out, &(seconds, code, text));
@@ -1011,7 +1039,7 @@ fn encode(mut raw: &[u8]) -> Vec<u8> {
         out.push(b'\n');
         raw = &raw[end..];
     }
-    out
+    (out, marked)
 }
 
 async fn write_loop(
@@ -1170,6 +1198,8 @@ struct Planner {
     unborn: HashSet<Arc<str>>,
 }
 
+/// The marker written where typed input began to be skipped.
+const INPUT_SKIP_MARKER: &str = "input skipped here: typed faster than the store could keep it, input is not recorded until the store catches up";
 /// The marker written where chunks were skipped.
 const SKIP_MARKER: &str = "output skipped here: past half --recording-max-bytes, output the store could not keep up with is skipped";
 
@@ -1211,8 +1241,12 @@ impl Planner {
                         lines = marker_text(at_us, SKIP_MARKER);
                         ops.push(Op::Truncated { id: id.clone() });
                     }
-                    lines.extend(encode(&raw));
+                    let (events, marked) = encode(&raw);
+                    lines.extend(events);
                     drop(raw);
+                    if marked && gap_at_us.is_none() {
+                        ops.push(Op::Truncated { id: id.clone() });
+                    }
                     let roll = self.rolls.entry(id.clone()).or_default();
                     let len = lines.len() as u64;
                     let mut cuts = Vec::new();
@@ -2315,6 +2349,88 @@ mod tests {
         );
     }
 
+    /// Typed input the pump has not handed over piles up to
+    /// [`INPUT_PILE`], then is skipped: one marker where the skipping
+    /// began, in time order (before, the marker went before the next chunk
+    /// sent, with a later time than the input in it), and the recording
+    /// says `truncated`. A chunk of input wakes the pump.
+    #[tokio::test]
+    async fn input_skipped_while_the_pump_is_behind_is_marked_where_it_began() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&crate::store::sqlite_url(Some(dir.path())))
+            .await
+            .unwrap();
+        let shutdown = CancellationToken::new();
+        let settings = Settings {
+            max_bytes: 1 << 30,
+            record_input: true,
+            retention: None,
+            max_total: 1 << 40,
+            server: "test".into(),
+        };
+        let (recordings, writer) = Recordings::start(store.clone(), settings, shutdown.clone());
+        let start = Start {
+            user: "olga".into(),
+            agent: "local".into(),
+            kind: "exec",
+            session: None,
+            command: "cat".into(),
+            cols: 80,
+            rows: 24,
+            bare_lines: false,
+        };
+        let recorder = recordings.begin(start).await.expect("begun");
+        let pieces = INPUT_PILE / 8000 + 8;
+        for i in 0..pieces {
+            recorder.input(&format!("<{i:03}>").repeat(1600));
+        }
+        tokio::time::timeout(Duration::from_secs(10), recorder.input_waiting())
+            .await
+            .expect("the pump is woken once a chunk of input waits");
+        // Handed over, input is recorded again.
+        recorder.settle().await;
+        recorder.input("after");
+        recorder.end().await;
+        shutdown.cancel();
+        writer.await.unwrap();
+        let (cast, _) = read_from(&store, recorder.id(), 0)
+            .await
+            .unwrap()
+            .expect("stored");
+        let cast = String::from_utf8(cast).unwrap();
+        let events: Vec<serde_json::Value> = cast
+            .lines()
+            .skip(1)
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let times: Vec<f64> = events.iter().map(|e| e[0].as_f64().unwrap()).collect();
+        assert!(times.is_sorted(), "events out of time order: {times:?}");
+        let codes: String = events.iter().map(|e| e[1].as_str().unwrap()).collect();
+        let kept = codes.find('m').expect("a marker");
+        assert_eq!(
+            codes,
+            format!("{}mi", "i".repeat(kept)),
+            "input, one marker, the input after"
+        );
+        assert!(kept < pieces && kept * 8000 >= INPUT_PILE - 8000);
+        for (i, e) in events[..kept].iter().enumerate() {
+            assert!(e[2].as_str().unwrap().starts_with(&format!("<{i:03}>")));
+        }
+        assert!(
+            events[kept][2]
+                .as_str()
+                .unwrap()
+                .starts_with("input skipped here")
+        );
+        assert_eq!(events[kept + 1][2], "after");
+        let row = sqlx::query("SELECT truncated FROM recordings WHERE id = $1")
+            .bind(recorder.id())
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(sqlx::Row::try_get::<i64, _>(&row, "truncated").unwrap(), 1);
+    }
+
     #[test]
     fn past_half_the_cap_a_flood_keeps_its_newest_chunk_and_marks_the_rest() {
         let flood = |pad: usize| {
@@ -2371,7 +2487,7 @@ mod tests {
         let mut n = Vec::new();
         while let Some((chunk, i, _)) = s.take_chunk(true) {
             assert!(chunk.len() <= CHUNK_BYTES + EVENT_TEXT + RAW_HEAD);
-            let lines = encode(&chunk);
+            let (lines, _) = encode(&chunk);
             assert!(lines.ends_with(b"\n"));
             all.extend(lines);
             n.push(i);

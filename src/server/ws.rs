@@ -1054,7 +1054,8 @@ async fn pump(
                 // only waits on a channel's receiver: dropping it loses
                 // nothing.) Typed input (`--record-input`) can arrive while
                 // this waits: then it wakes at least every FLUSH_EVERY to
-                // look.
+                // look, and at once when a chunk of it waits (a paste into
+                // a quiet command is handed over as it comes, not skipped).
                 let flush_at = recording.as_ref().and_then(|r| {
                     r.due().or_else(|| {
                         r.records_input()
@@ -1071,6 +1072,17 @@ async fn pump(
                     } => {
                         if let Some(r) = &recording {
                             r.flush_if_due().await;
+                        }
+                        continue;
+                    }
+                    _ = async {
+                        match &recording {
+                            Some(r) => r.input_waiting().await,
+                            None => std::future::pending().await,
+                        }
+                    } => {
+                        if let Some(r) = &recording {
+                            r.settle().await;
                         }
                         continue;
                     }
