@@ -74,7 +74,7 @@ pub(crate) async fn run(
     policy: std::sync::Arc<super::sandbox::ExecPolicy>,
     mut control: mpsc::Receiver<Control>,
     (mut input, stdin_spent): (
-        mpsc::UnboundedReceiver<Box<Stdin>>,
+        super::inbox::Inbox,
         std::sync::Arc<std::sync::atomic::AtomicUsize>,
     ),
     out: mpsc::Sender<Frame>,
@@ -266,10 +266,10 @@ pub(super) struct StdinQueue<W> {
 /// a queue entry of its own: a command that does not read its input,
 /// flooded with one-byte frames up to the credit, held about 64 bytes of
 /// agent memory per byte queued (50 MB for one command).
-const COPIED_INPUT: usize = 1024;
+pub(super) const COPIED_INPUT: usize = 1024;
 
 /// The tail is queued as one piece once it holds this much: 16 KiB.
-const TAIL_PIECE: usize = 16 * 1024;
+pub(super) const TAIL_PIECE: usize = 16 * 1024;
 
 impl<W: AsyncWrite + Unpin> StdinQueue<W> {
     pub(super) fn new(writer: Option<W>, eof_byte: Option<u8>) -> Self {
@@ -444,7 +444,7 @@ impl Supervisor {
         mut self,
         spawned: Spawned,
         control: &mut mpsc::Receiver<Control>,
-        input: &mut mpsc::UnboundedReceiver<Box<Stdin>>,
+        input: &mut super::inbox::Inbox,
         stdin_spent: &std::sync::atomic::AtomicUsize,
         deadline: Option<tokio::time::Instant>,
     ) -> Outcome {
@@ -520,7 +520,7 @@ impl Supervisor {
                 }
                 msg = input.recv(), if input_open => match msg {
                     Some(input) => {
-                        let Stdin { data, eof } = *input;
+                        let Stdin { data, eof } = input;
                         if stdin.push(data, eof).is_err() {
                             self.error(ErrorCode::StdinClosed, "the process's stdin is closed").await;
                         }

@@ -11,7 +11,7 @@ use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::channel::{self, Control, Done, STDIN_WINDOW, Stdin};
+use super::channel::{self, Control, Done, STDIN_WINDOW};
 use super::sandbox::ExecPolicy;
 use super::session::{Attach, Sessions};
 use crate::keyfile::Key;
@@ -144,10 +144,9 @@ pub(crate) async fn serve_authenticated(
 /// The connection's side of a running channel.
 struct ChannelHandle {
     control: mpsc::Sender<Control>,
-    /// Unbounded in frames but bounded in bytes by the stdin credit. Each
-    /// boxed: the queue's first block holds 32 from the start (1.3 KiB
-    /// unboxed in every channel).
-    stdin: mpsc::UnboundedSender<Box<Stdin>>,
+    /// Never waits: bounded in bytes by the stdin credit, in pieces by
+    /// gathering small input (see [`super::inbox`]).
+    stdin: super::inbox::InboxSender,
     /// Stdin credit the client has spent and the channel not yet returned;
     /// the channel gives it back (and tells the client) as the process reads.
     stdin_spent: std::sync::Arc<std::sync::atomic::AtomicUsize>,
@@ -163,7 +162,7 @@ struct Connection {
 /// The receiving ends of a new channel's queues, for whoever runs it.
 type ChannelQueues = (
     mpsc::Receiver<Control>,
-    mpsc::UnboundedReceiver<Box<Stdin>>,
+    super::inbox::Inbox,
     Arc<std::sync::atomic::AtomicUsize>,
 );
 
@@ -200,7 +199,7 @@ impl Connection {
             return Err(Box::new(Message::error(ErrorCode::TooManyChannels, msg)));
         }
         let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
-        let (stdin, stdin_rx) = mpsc::unbounded_channel();
+        let (stdin, stdin_rx) = super::inbox::inbox();
         let stdin_spent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         self.channels.insert(
             ch,
@@ -459,10 +458,7 @@ impl Connection {
                         );
                         let _ = reply(Message::error(ErrorCode::StdinOverflow, msg)).await;
                     } else {
-                        let _ = handle.stdin.send(Box::new(Stdin {
-                            data: frame.payload,
-                            eof,
-                        }));
+                        handle.stdin.send(frame.payload, eof);
                     }
                 }
                 None => {

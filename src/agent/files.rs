@@ -45,7 +45,7 @@ pub(crate) struct Transfer {
     pub(crate) policy: Arc<ExecPolicy>,
     pub(crate) sessions: Arc<Sessions>,
     pub(crate) control: mpsc::Receiver<Control>,
-    pub(crate) input: mpsc::UnboundedReceiver<Box<Stdin>>,
+    pub(crate) input: super::inbox::Inbox,
     pub(crate) stdin_spent: Arc<AtomicUsize>,
     pub(crate) out: mpsc::Sender<Frame>,
     pub(crate) done: mpsc::UnboundedSender<Done>,
@@ -106,7 +106,6 @@ impl Transfer {
         // A `get` reads no input: what a client sends anyway is dropped
         // (and the connection's stdin credit check bounds it).
         self.input.close();
-        while self.input.try_recv().is_ok() {}
         let window = req.window.unwrap_or(DEFAULT_WINDOW);
         let session = req.session.clone();
         let exit = match self.spawn("get", req, session.as_deref()).await {
@@ -209,7 +208,7 @@ impl Transfer {
                 }
                 msg = self.input.recv(), if input_open => match msg {
                     Some(input) => {
-                        let Stdin { data, eof } = *input;
+                        let Stdin { data, eof } = input;
                         // Input after the end, or after the helper stopped
                         // reading (it refused): dropped, its credit returned.
                         let _ = queue.push(data, eof);

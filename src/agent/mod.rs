@@ -9,6 +9,7 @@ pub(crate) mod facts;
 pub mod file_io;
 pub(crate) mod files;
 pub(crate) mod history;
+pub(crate) mod inbox;
 pub(crate) mod process;
 pub mod sandbox;
 pub(crate) mod session;

@@ -82,7 +82,7 @@ pub(crate) struct Attach {
     pub(crate) size: Option<PtySize>,
     pub(crate) window: u64,
     pub(crate) control: mpsc::Receiver<Control>,
-    pub(crate) input: mpsc::UnboundedReceiver<Box<Stdin>>,
+    pub(crate) input: super::inbox::Inbox,
     pub(crate) stdin_spent: Arc<AtomicUsize>,
     pub(crate) out: mpsc::Sender<Frame>,
     pub(crate) done: mpsc::UnboundedSender<Done>,
@@ -836,7 +836,7 @@ impl Session {
         })
         .chain(stream::once(async move { Input::Gone(key) }));
         let stdins = stream::unfold(input, move |mut rx| async move {
-            rx.recv().await.map(|s| (Input::Stdin(key, *s), rx))
+            rx.recv().await.map(|s| (Input::Stdin(key, s), rx))
         });
         self.inputs.push(controls.boxed());
         self.inputs.push(stdins.boxed());
