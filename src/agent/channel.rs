@@ -330,6 +330,16 @@ impl<W: AsyncWrite + Unpin> StdinQueue<W> {
         self.owed -= free;
         self.unpaid -= free;
     }
+    /// Forgets the credit owed and to come for what is queued (the
+    /// writer of a shared shell changed: the new one never spent it), and
+    /// says how many queued bytes that is: they will be counted as owed
+    /// when written, for the caller to take off again.
+    pub(super) fn forget_owed(&mut self) -> usize {
+        self.owed = 0;
+        self.unpaid = 0;
+        self.queued
+    }
+
     /// Credit to return now: a batch's worth. Typing thus costs no frame
     /// per keystroke, and no deadlock can come of the batching: a client
     /// waiting for credit has at least the window minus one batch in flight,
@@ -591,8 +601,8 @@ pub(super) async fn return_stdin_credit<W: AsyncWrite + Unpin>(
     let Some(add) = stdin.credit_due() else {
         return;
     };
-    // Saturating: a PTY's EOF character is written without having been
-    // paid for.
+    // Saturating only as a guard: what is returned is what was spent
+    // (a terminal's ^D is not returned; see `StdinQueue::unpaid`).
     let _ = stdin_spent.fetch_update(
         std::sync::atomic::Ordering::AcqRel,
         std::sync::atomic::Ordering::Acquire,
@@ -844,6 +854,27 @@ mod tests {
         q.discard();
         assert_eq!(q.owed, 3 + 1 + 2);
         assert_eq!(q.unpaid, 0);
+    }
+
+    /// A shared shell's writer changed with input and ^D still queued: the
+    /// session takes off exactly what will come due for it, so the new
+    /// writer gets back what it spent and no less (with the EOF byte
+    /// discounted twice, it was short a byte per ^D, for good).
+    #[tokio::test]
+    async fn a_new_writer_is_owed_nothing_of_the_old_ones_input_and_no_less() {
+        let (mut q, mut reader) = queue(Some(0x04));
+        q.push(Bytes::from_static(b"ab"), true).unwrap();
+        q.push(Bytes::new(), true).unwrap();
+        let skip = q.forget_owed();
+        // The new writer's key.
+        q.push(Bytes::from_static(b"c"), false).unwrap();
+        while q.pending() {
+            q.write_some().await;
+        }
+        let mut got = [0u8; 5];
+        reader.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"ab\x04\x04c");
+        assert_eq!(q.owed - skip, 1, "the new writer's key, and only it");
     }
 
     #[tokio::test]

@@ -658,8 +658,7 @@ impl Session {
                 // Input the old writer sent still reaches the shell (a page
                 // reloaded right after Enter), but its credit is nobody's
                 // to get back: the new writer never spent it.
-                self.unpaid = stdin.queued;
-                stdin.owed = 0;
+                self.unpaid = stdin.forget_owed();
             }
             self.return_stdin_credit(&mut stdin).await;
             self.flush().await;
