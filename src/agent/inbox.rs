@@ -35,9 +35,11 @@ struct Shared {
 
 #[derive(Default)]
 struct Waiting {
-    pieces: VecDeque<Stdin>,
-    /// Small input gathered after `pieces`.
+    pieces: VecDeque<Piece>,
+    /// Small input gathered after `pieces`, and where in it the frames
+    /// that carried `eof` ended.
     tail: BytesMut,
+    tail_eofs: VecDeque<u32>,
     /// Empty frames without `eof`: they write nothing, but each cost its
     /// client a byte of credit, which the channel returns.
     empty: usize,
@@ -45,11 +47,47 @@ struct Waiting {
     receiver_gone: bool,
 }
 
+/// Input as it waits: bytes, and where among them the frames that carried
+/// `eof` ended (offsets from the piece's start as it came). A run of
+/// frames with `eof` (a terminal's ^D each) thus costs four bytes a frame
+/// rather than an entry.
+struct Piece {
+    data: Bytes,
+    eofs: VecDeque<u32>,
+    /// Bytes of `data` already taken from its front.
+    taken: u32,
+}
+
+impl Piece {
+    /// The input up to the next `eof` (with it), or all that is left.
+    fn take(&mut self) -> Stdin {
+        match self.eofs.pop_front() {
+            Some(end) => {
+                let n = end.saturating_sub(self.taken);
+                self.taken = end;
+                let data = self.data.split_to((n as usize).min(self.data.len()));
+                Stdin { data, eof: true }
+            }
+            None => Stdin {
+                data: std::mem::take(&mut self.data),
+                eof: false,
+            },
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.data.is_empty() && self.eofs.is_empty()
+    }
+}
+
 impl Waiting {
     fn seal_tail(&mut self) {
-        if !self.tail.is_empty() {
-            let data = std::mem::take(&mut self.tail).freeze();
-            self.pieces.push_back(Stdin { data, eof: false });
+        if !self.tail.is_empty() || !self.tail_eofs.is_empty() {
+            self.pieces.push_back(Piece {
+                data: std::mem::take(&mut self.tail).freeze(),
+                eofs: std::mem::take(&mut self.tail_eofs),
+                taken: 0,
+            });
         }
     }
 }
@@ -67,23 +105,29 @@ impl InboxSender {
         if w.receiver_gone {
             return;
         }
-        match (data.is_empty(), eof) {
-            (true, false) => w.empty += 1,
-            (false, false) if data.len() <= COPIED_INPUT => {
-                w.tail.extend_from_slice(&data);
-                if w.tail.len() >= TAIL_PIECE {
-                    w.seal_tail();
-                }
+        if data.is_empty() && !eof {
+            w.empty += 1;
+        } else if data.len() <= COPIED_INPUT {
+            w.tail.extend_from_slice(&data);
+            if eof {
+                let end = w.tail.len() as u32;
+                w.tail_eofs.push_back(end);
             }
-            _ => {
+            if w.tail.len() >= TAIL_PIECE {
                 w.seal_tail();
-                let data = if data.len() <= COPIED_INPUT {
-                    Bytes::copy_from_slice(&data)
-                } else {
-                    data
-                };
-                w.pieces.push_back(Stdin { data, eof });
             }
+        } else {
+            w.seal_tail();
+            let eofs = if eof {
+                VecDeque::from([data.len() as u32])
+            } else {
+                VecDeque::new()
+            };
+            w.pieces.push_back(Piece {
+                data,
+                eofs,
+                taken: 0,
+            });
         }
         drop(w);
         self.0.arrived.notify_one();
@@ -101,6 +145,9 @@ impl Drop for InboxSender {
 
 /// The channel's end.
 pub(crate) struct Inbox(Arc<Shared>);
+
+/// Pieces a drained inbox may keep room for; past it, the room goes.
+const KEPT_ROOM: usize = 16;
 
 impl Inbox {
     /// The next input in the order it came (small pieces gathered), or
@@ -122,12 +169,19 @@ impl Inbox {
                         eof: false,
                     });
                 }
-                if let Some(piece) = w.pieces.pop_front() {
-                    return Some(piece);
+                if w.pieces.is_empty() {
+                    w.seal_tail();
                 }
-                if !w.tail.is_empty() {
-                    let data = std::mem::take(&mut w.tail).freeze();
-                    return Some(Stdin { data, eof: false });
+                if let Some(front) = w.pieces.front_mut() {
+                    let input = front.take();
+                    if front.is_empty() {
+                        w.pieces.pop_front();
+                        // A flood's queue does not outlive it.
+                        if w.pieces.is_empty() && w.pieces.capacity() > KEPT_ROOM {
+                            w.pieces = VecDeque::new();
+                        }
+                    }
+                    return Some(input);
                 }
                 if w.sender_gone {
                     return None;
@@ -141,8 +195,9 @@ impl Inbox {
     pub(crate) fn close(&mut self) {
         if let Ok(mut w) = self.0.waiting.lock() {
             w.receiver_gone = true;
-            w.pieces.clear();
+            w.pieces = VecDeque::new();
             w.tail = BytesMut::new();
+            w.tail_eofs = VecDeque::new();
             w.empty = 0;
         }
     }
@@ -159,8 +214,9 @@ mod tests {
     use super::*;
 
     /// A flood of one-byte frames while the channel's task is busy is
-    /// gathered as it arrives: a few pieces, the link's read buffer let
-    /// go, every byte in order, the empty frames counted and `eof` last.
+    /// gathered as it arrives, those with `eof` too: a few pieces, the
+    /// link's read buffer let go, every byte in order with each `eof`
+    /// where it came, the empty frames counted.
     #[tokio::test]
     async fn a_flood_of_tiny_frames_waits_as_a_few_pieces_in_order() {
         let (tx, mut rx) = inbox();
@@ -168,8 +224,18 @@ mod tests {
         let mut link_buffer = BytesMut::new();
         link_buffer.extend((0..n).map(|i| b'a' + (i % 26) as u8));
         let link_buffer = link_buffer.freeze();
+        let mut eofs_sent = Vec::new();
         for i in 0..n {
-            tx.send(link_buffer.slice(i..i + 1), false);
+            let eof = i % 1000 == 999;
+            tx.send(link_buffer.slice(i..i + 1), eof);
+            if eof {
+                eofs_sent.push(i + 1);
+                // A run of empty frames with `eof` (a terminal's ^D each).
+                for _ in 0..3 {
+                    tx.send(Bytes::new(), true);
+                    eofs_sent.push(i + 1);
+                }
+            }
             if i % 1000 == 0 {
                 tx.send(Bytes::new(), false);
             }
@@ -177,6 +243,7 @@ mod tests {
         let paste = Bytes::from(vec![b'P'; 4 * COPIED_INPUT]);
         tx.send(paste.clone(), false);
         tx.send(Bytes::from_static(b"end"), true);
+        eofs_sent.push(n + paste.len() + 3);
         {
             let w = rx.0.waiting.lock().unwrap();
             assert!(
@@ -191,18 +258,21 @@ mod tests {
             "waiting input still holds the link's read buffer"
         );
         drop(tx);
-        let (mut got, mut empty, mut eofs) = (Vec::new(), 0, 0);
+        let (mut got, mut empty, mut eofs_got) = (Vec::new(), 0, Vec::new());
         while let Some(Stdin { data, eof }) = rx.recv().await {
-            assert_eq!(eofs, 0, "nothing after eof");
-            empty += usize::from(data.is_empty());
-            eofs += usize::from(eof);
+            empty += usize::from(data.is_empty() && !eof);
             got.extend_from_slice(&data);
+            if eof {
+                eofs_got.push(got.len());
+            }
         }
         let mut expected = link_buffer.to_vec();
         expected.extend_from_slice(&paste);
         expected.extend_from_slice(b"end");
         assert_eq!(got, expected);
-        assert_eq!((empty, eofs), (n / 1000, 1));
+        assert_eq!(eofs_got, eofs_sent);
+        assert_eq!(empty, n / 1000);
+        assert!(rx.0.waiting.lock().unwrap().pieces.capacity() <= KEPT_ROOM);
     }
 
     /// The receiver waits for input and wakes for it; it ends once the
