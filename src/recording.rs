@@ -830,6 +830,9 @@ impl State {
     fn drop_newest_skipped(&mut self) {
         if let Some((_, _, first_at_us)) = self.newest_skipped.take() {
             self.gap_at_us.get_or_insert(first_at_us);
+            // An input marker in it went with it: input skipped from now
+            // on is marked again.
+            self.skipping_input = false;
         }
     }
 
@@ -841,6 +844,7 @@ impl State {
         self.lines.clear();
         self.waiting = 0;
         self.oldest = None;
+        self.skipping_input = false;
     }
 
     /// Adds one event: `[seconds, code, data]`, encoded by the writer.
