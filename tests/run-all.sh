@@ -55,20 +55,28 @@ if [ -f package-lock.json ]; then
   npm run --silent test:unit
 fi
 
-cargo fmt --all -- --check
-cargo clippy --locked --all-targets -- -D warnings
-cargo test --locked
+# Each step says how long it took (the whole is to stay under 30 minutes
+# on two cores).
+timed() {
+  local start=$SECONDS
+  "$@"
+  echo "run-all: $((SECONDS - start)) s for: $*" >&2
+}
+
+timed cargo fmt --all -- --check
+timed cargo clippy --locked --all-targets -- -D warnings
+timed cargo test --locked
 # The REST API against its generated description: openapi-spec-validator,
 # then Schemathesis fuzzing the live server (pinned in
 # tests/api-contract/requirements.txt; every command it sends is printf).
-tests/api-contract/run.sh "$PWD/target/debug/conch"
+timed tests/api-contract/run.sh "$PWD/target/debug/conch"
 # The fuzz targets (frame codec, browser messages, REST requests): the
 # committed corpus, then 40 s of new inputs each.
-tests/fuzz/run.sh 40
+timed tests/fuzz/run.sh 40
 # The benchmark harness end to end, small and quick: correctness, not speed.
-cargo test --locked --bench conch -- --quick
+timed cargo test --locked --bench conch -- --quick
 if [ -d tests/e2e ]; then
-  CONCH_BIN="$PWD/target/debug/conch" npm run --silent test:e2e
+  CONCH_BIN="$PWD/target/debug/conch" timed npm run --silent test:e2e
 fi
 # The Debian package (cargo-deb, pinned): its files, scripts and lintian.
-tests/package.sh
+timed tests/package.sh
