@@ -15,6 +15,7 @@ use futures_util::FutureExt;
 use nix::sys::signal::Signal;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use super::process::{self, ProcessIo, Spawned};
 use crate::protocol::message::DEFAULT_WINDOW;
@@ -72,7 +73,7 @@ pub(crate) async fn run(
     ch: u32,
     req: ExecRequest,
     policy: std::sync::Arc<super::sandbox::ExecPolicy>,
-    mut control: mpsc::Receiver<Control>,
+    (mut control, closed): (mpsc::Receiver<Control>, CancellationToken),
     (mut input, stdin_spent): (
         super::inbox::Inbox,
         std::sync::Arc<std::sync::atomic::AtomicUsize>,
@@ -85,14 +86,31 @@ pub(crate) async fn run(
     let deadline = req
         .timeout_ms
         .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
-    let exit = match process::spawn_admitted(&req, &policy).await {
-        Ok(spawned) => {
+    // A command waits here for a start place (one fewer than the cores,
+    // handed out in turn): closed or out of time meanwhile, it never
+    // starts, where before it started and was killed at once (a queued
+    // `rm` the user had already closed still ran for a moment). It ends as
+    // if killed then: by SIGKILL.
+    let far = tokio::time::Instant::now() + Duration::from_secs(60 * 60 * 24 * 365);
+    let admitted = tokio::select! {
+        spawned = process::spawn_admitted(&req, &policy) => Ok(spawned),
+        () = closed.cancelled() => Err(false),
+        () = tokio::time::sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => Err(true),
+    };
+    let exit = match admitted {
+        Err(timed_out) => Message::Exit(vocab::ExitStatus {
+            code: None,
+            signal: Some(SignalNumber(Signal::SIGKILL as i32)),
+            timed_out,
+            duration_ms: started.elapsed().as_millis() as u64,
+        }),
+        Ok(Ok(spawned)) => {
             let outcome = Supervisor::new(ch, window, out.clone())
                 .supervise(spawned, &mut control, &mut input, &stdin_spent, deadline)
                 .await;
             exit_message(outcome, started)
         }
-        Err(err) => {
+        Ok(Err(err)) => {
             let payload = Bytes::from(err.message);
             let _ = out
                 .send(Frame::with_payload(ch, Message::Stderr, payload))
@@ -897,5 +915,94 @@ mod tests {
         q.write_some().await;
         assert!(q.writer.is_none());
         assert_eq!((q.queued, q.owed), (0, 4));
+    }
+
+    /// A command closed (or out of time) while it waits for a start place
+    /// never starts, and ends as killed; one not closed starts once a
+    /// place is free. Before, the close was read only once it ran: it
+    /// started, then was killed.
+    #[tokio::test]
+    async fn a_command_closed_while_it_waits_to_start_never_starts() {
+        let _alone = process::HUNG_STARTS.lock().await;
+        let dir = tempfile::tempdir().unwrap();
+        let policy = std::sync::Arc::new(
+            super::super::sandbox::ExecPolicy::new(
+                None,
+                super::super::sandbox::CommandLimits {
+                    max_procs: 0,
+                    max_memory: 0,
+                    memory_explicit: false,
+                    max_open_files: 1024,
+                    start_timeout: Duration::from_secs(30),
+                },
+                super::super::sandbox::CgroupMode::Off,
+            )
+            .unwrap(),
+        );
+        let (out, mut frames) = mpsc::channel(64);
+        let (done, mut ended) = mpsc::unbounded_channel();
+        let start = |ch: u32, timeout_ms: Option<u64>| {
+            let req = ExecRequest {
+                cmd: Some(format!("/usr/bin/touch {}/ran-{ch}", dir.path().display())),
+                timeout_ms,
+                ..ExecRequest::default()
+            };
+            let (_control, control_rx) = mpsc::channel(4);
+            let (_stdin, input) = super::super::inbox::inbox();
+            let closed = CancellationToken::new();
+            let spent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            tokio::spawn(run(
+                ch,
+                req,
+                policy.clone(),
+                (control_rx, closed.clone()),
+                (input, spent),
+                out.clone(),
+                done.clone(),
+            ));
+            (closed, _control, _stdin)
+        };
+        let places = process::hold_start_places().await;
+        let (closed, ..) = start(1, None);
+        let _timed = start(2, Some(1));
+        let _runs = start(3, None);
+        closed.cancel();
+        let exit = |d: Done| match d.exit.msg {
+            Message::Exit(status) => (d.ch, status.code, status.signal, status.timed_out),
+            other => panic!("{other:?}"),
+        };
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            let d = tokio::time::timeout(Duration::from_secs(30), ended.recv())
+                .await
+                .expect("a waiting command's end")
+                .unwrap();
+            got.push(exit(d));
+        }
+        got.sort_by_key(|g| g.0);
+        let killed = Some(SignalNumber(9));
+        assert_eq!(got, [(1, None, killed, false), (2, None, killed, true)]);
+        drop(places);
+        let d = tokio::time::timeout(Duration::from_secs(30), ended.recv())
+            .await
+            .expect("the third command's end")
+            .unwrap();
+        let mut said = Vec::new();
+        while let Ok(f) = frames.try_recv() {
+            said.extend_from_slice(&f.payload);
+        }
+        assert_eq!(
+            exit(d),
+            (3, Some(0), None, false),
+            "{}",
+            String::from_utf8_lossy(&said)
+        );
+        assert!(dir.path().join("ran-3").exists());
+        assert!(!dir.path().join("ran-1").exists(), "a closed command ran");
+        assert!(
+            !dir.path().join("ran-2").exists(),
+            "a timed out command ran"
+        );
+        while frames.try_recv().is_ok() {}
     }
 }

@@ -150,6 +150,16 @@ struct ChannelHandle {
     /// Stdin credit the client has spent and the channel not yet returned;
     /// the channel gives it back (and tells the client) as the process reads.
     stdin_spent: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Cancelled by the client's `close` and when the connection lets go
+    /// of the channel: a command still waiting for its start then never
+    /// starts (its control queue is read only once it runs).
+    closed: CancellationToken,
+}
+
+impl Drop for ChannelHandle {
+    fn drop(&mut self) {
+        self.closed.cancel();
+    }
 }
 
 struct Connection {
@@ -164,6 +174,7 @@ type ChannelQueues = (
     mpsc::Receiver<Control>,
     super::inbox::Inbox,
     Arc<std::sync::atomic::AtomicUsize>,
+    CancellationToken,
 );
 
 impl Connection {
@@ -201,15 +212,17 @@ impl Connection {
         let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
         let (stdin, stdin_rx) = super::inbox::inbox();
         let stdin_spent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let closed = CancellationToken::new();
         self.channels.insert(
             ch,
             ChannelHandle {
                 control,
                 stdin,
                 stdin_spent: stdin_spent.clone(),
+                closed: closed.clone(),
             },
         );
-        Ok((control_rx, stdin_rx, stdin_spent))
+        Ok((control_rx, stdin_rx, stdin_spent, closed))
     }
 
     async fn run(
@@ -314,7 +327,7 @@ impl Connection {
                         return;
                     }
                 };
-                let (control_rx, stdin_rx, stdin_spent) = match self.open_channel(ch) {
+                let (control_rx, stdin_rx, stdin_spent, closed) = match self.open_channel(ch) {
                     Ok(queues) => queues,
                     Err(refusal) => {
                         let _ = reply(*refusal).await;
@@ -341,7 +354,7 @@ impl Connection {
                     ch,
                     req,
                     self.policy.clone(),
-                    control_rx,
+                    (control_rx, closed),
                     (stdin_rx, stdin_spent),
                     out.clone(),
                     done.clone(),
@@ -355,7 +368,7 @@ impl Connection {
                 window,
                 watcher,
             } => {
-                let (control_rx, stdin_rx, stdin_spent) = match self.open_channel(ch) {
+                let (control_rx, stdin_rx, stdin_spent, _) = match self.open_channel(ch) {
                     Ok(queues) => queues,
                     Err(refusal) => {
                         let _ = reply(*refusal).await;
@@ -377,7 +390,7 @@ impl Connection {
                 self.sessions.attach(&session, attach);
             }
             Message::Put | Message::Get => {
-                let (control, input, stdin_spent) = match self.open_channel(ch) {
+                let (control, input, stdin_spent, _) = match self.open_channel(ch) {
                     Ok(queues) => queues,
                     Err(refusal) => {
                         let _ = reply(*refusal).await;
@@ -486,7 +499,12 @@ impl Connection {
                     .await
             }
             Message::Window { add } => self.forward(ch, Control::Window(add)).await,
-            Message::Close => self.forward(ch, Control::Close).await,
+            Message::Close => {
+                if let Some(handle) = self.channels.get(&ch) {
+                    handle.closed.cancel();
+                }
+                self.forward(ch, Control::Close).await;
+            }
             other => {
                 let msg = format!("a client may not send {:?} frames here", other.type_name());
                 let _ = reply(Message::error(ErrorCode::Unexpected, msg)).await;

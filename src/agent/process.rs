@@ -576,6 +576,19 @@ async fn admitted<T: Send + 'static>(
     })
 }
 
+/// Tests that fill or hold the start places, one at a time.
+#[cfg(test)]
+pub(crate) static HUNG_STARTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Holds every start place (tests: a command waiting for its start).
+#[cfg(test)]
+pub(crate) async fn hold_start_places() -> tokio::sync::SemaphorePermit<'static> {
+    starting()
+        .acquire_many(start_places() as u32)
+        .await
+        .expect("never closed")
+}
+
 /// The start places: [`start_places`] of them.
 fn starting() -> &'static tokio::sync::Semaphore {
     static STARTING: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
@@ -1183,9 +1196,6 @@ mod tests {
                 .expect("the hung start ended when released");
         }
     }
-
-    /// Tests that fill the start places with hung starts, one at a time.
-    static HUNG_STARTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
     #[tokio::test]
     async fn a_caller_that_gives_up_leaves_its_place_to_its_start() {
