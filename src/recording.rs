@@ -2283,16 +2283,26 @@ mod tests {
         assert_eq!(incomplete_tail(&"😀".as_bytes()[..3]), 3);
     }
 
-    #[tokio::test]
-    async fn a_flood_ending_while_chunks_are_skipped_keeps_its_very_end() {
+    /// A store in a temporary directory, its writer, and one recording
+    /// begun in it with a cap of `max_bytes`.
+    async fn one_recording(
+        max_bytes: u64,
+        record_input: bool,
+    ) -> (
+        tempfile::TempDir,
+        Store,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+        Arc<Recorder>,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&crate::store::sqlite_url(Some(dir.path())))
             .await
             .unwrap();
         let shutdown = CancellationToken::new();
         let settings = Settings {
-            max_bytes: 64 * CHUNK_BYTES as u64,
-            record_input: false,
+            max_bytes,
+            record_input,
             retention: None,
             max_total: 1 << 40,
             server: "test".into(),
@@ -2303,12 +2313,19 @@ mod tests {
             agent: "local".into(),
             kind: "exec",
             session: None,
-            command: "flood".into(),
+            command: "test".into(),
             cols: 80,
             rows: 24,
             bare_lines: false,
         };
         let recorder = recordings.begin(start).await.expect("begun");
+        (dir, store, shutdown, writer, recorder)
+    }
+
+    #[tokio::test]
+    async fn a_flood_ending_while_chunks_are_skipped_keeps_its_very_end() {
+        let (_dir, store, shutdown, writer, recorder) =
+            one_recording(64 * CHUNK_BYTES as u64, false).await;
         // Past half the cap, a chunk was just handed over: full chunks are
         // skipped now, as in a flood the store falls behind.
         if let Ok(mut s) = recorder.state.lock() {
@@ -2360,30 +2377,7 @@ mod tests {
     /// says `truncated`. A chunk of input wakes the pump.
     #[tokio::test]
     async fn input_skipped_while_the_pump_is_behind_is_marked_where_it_began() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&crate::store::sqlite_url(Some(dir.path())))
-            .await
-            .unwrap();
-        let shutdown = CancellationToken::new();
-        let settings = Settings {
-            max_bytes: 1 << 30,
-            record_input: true,
-            retention: None,
-            max_total: 1 << 40,
-            server: "test".into(),
-        };
-        let (recordings, writer) = Recordings::start(store.clone(), settings, shutdown.clone());
-        let start = Start {
-            user: "olga".into(),
-            agent: "local".into(),
-            kind: "exec",
-            session: None,
-            command: "cat".into(),
-            cols: 80,
-            rows: 24,
-            bare_lines: false,
-        };
-        let recorder = recordings.begin(start).await.expect("begun");
+        let (_dir, store, shutdown, writer, recorder) = one_recording(1 << 30, true).await;
         let pieces = INPUT_PILE / 8000 + 8;
         for i in 0..pieces {
             recorder.input(&format!("<{i:03}>").repeat(1600));
