@@ -78,5 +78,6 @@ timed cargo test --locked --bench conch -- --quick
 if [ -d tests/e2e ]; then
   CONCH_BIN="$PWD/target/debug/conch" timed npm run --silent test:e2e
 fi
-# The Debian package (cargo-deb, pinned): its files, scripts and lintian.
-timed tests/package.sh
+# The Debian package (cargo-deb, pinned): its files, scripts and lintian,
+# around the dev build the tests used (see tests/package.sh).
+CONCH_PACKAGE_PROFILE=dev timed tests/package.sh
