@@ -73,7 +73,7 @@ pub(crate) async fn run(
     ch: u32,
     req: ExecRequest,
     policy: std::sync::Arc<super::sandbox::ExecPolicy>,
-    (mut control, closed): (mpsc::Receiver<Control>, CancellationToken),
+    (mut control, closed): (super::controls::Controls, CancellationToken),
     (mut input, stdin_spent): (
         super::inbox::Inbox,
         std::sync::Arc<std::sync::atomic::AtomicUsize>,
@@ -86,17 +86,20 @@ pub(crate) async fn run(
     let deadline = req
         .timeout_ms
         .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
-    // A command waits here for a start place (one fewer than the cores,
+    // A command may wait here for a start place (one fewer than the cores,
     // handed out in turn): closed or out of time meanwhile, it never
     // starts, where before it started and was killed at once (a queued
     // `rm` the user had already closed still ran for a moment). It ends as
-    // if killed then: by SIGKILL.
+    // if killed then: by SIGKILL. A start under way is not given up: its
+    // process is ended by the close or the deadline like any other.
     let far = tokio::time::Instant::now() + Duration::from_secs(60 * 60 * 24 * 365);
-    let admitted = tokio::select! {
-        spawned = process::spawn_admitted(&req, &policy) => Ok(spawned),
-        () = closed.cancelled() => Err(false),
-        () = tokio::time::sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => Err(true),
+    let give_up = async {
+        tokio::select! {
+            () = closed.cancelled() => false,
+            () = tokio::time::sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => true,
+        }
     };
+    let admitted = process::spawn_admitted_unless(&req, &policy, give_up).await;
     let exit = match admitted {
         Err(timed_out) => Message::Exit(vocab::ExitStatus {
             code: None,
@@ -471,7 +474,7 @@ impl Supervisor {
     async fn supervise(
         mut self,
         spawned: Spawned,
-        control: &mut mpsc::Receiver<Control>,
+        control: &mut super::controls::Controls,
         input: &mut super::inbox::Inbox,
         stdin_spent: &std::sync::atomic::AtomicUsize,
         deadline: Option<tokio::time::Instant>,
@@ -947,7 +950,7 @@ mod tests {
                 timeout_ms,
                 ..ExecRequest::default()
             };
-            let (_control, control_rx) = mpsc::channel(4);
+            let (_control, control_rx) = super::super::controls::controls();
             let (_stdin, input) = super::super::inbox::inbox();
             let closed = CancellationToken::new();
             let spent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));

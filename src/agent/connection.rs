@@ -27,10 +27,6 @@ use crate::vocab::{ErrorCode, Signal};
 /// slowly, channels wait here rather than buffer.
 const OUTBOUND_QUEUE: usize = 64;
 
-/// Control messages queued for one channel: 64. `stdin` data is bounded in
-/// bytes separately by the channel.
-const CONTROL_QUEUE: usize = 64;
-
 /// With nothing from the server for this long, a connection is taken for
 /// dead: its commands are killed (as when it closes), and an agent that
 /// dials in reconnects. The server pings at least every 10 s, so only a
@@ -143,7 +139,8 @@ pub(crate) async fn serve_authenticated(
 
 /// The connection's side of a running channel.
 struct ChannelHandle {
-    control: mpsc::Sender<Control>,
+    /// Never waits: merged, not queued (see [`super::controls`]).
+    control: super::controls::ControlSender,
     /// Never waits: bounded in bytes by the stdin credit, in pieces by
     /// gathering small input (see [`super::inbox`]).
     stdin: super::inbox::InboxSender,
@@ -152,7 +149,7 @@ struct ChannelHandle {
     stdin_spent: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     /// Cancelled by the client's `close` and when the connection lets go
     /// of the channel: a command still waiting for its start then never
-    /// starts (its control queue is read only once it runs).
+    /// starts (its controls are read only once it runs).
     closed: CancellationToken,
 }
 
@@ -171,7 +168,7 @@ struct Connection {
 
 /// The receiving ends of a new channel's queues, for whoever runs it.
 type ChannelQueues = (
-    mpsc::Receiver<Control>,
+    super::controls::Controls,
     super::inbox::Inbox,
     Arc<std::sync::atomic::AtomicUsize>,
     CancellationToken,
@@ -209,7 +206,7 @@ impl Connection {
             );
             return Err(Box::new(Message::error(ErrorCode::TooManyChannels, msg)));
         }
-        let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
+        let (control, control_rx) = super::controls::controls();
         let (stdin, stdin_rx) = super::inbox::inbox();
         let stdin_spent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let closed = CancellationToken::new();
@@ -434,7 +431,7 @@ impl Connection {
                     },
                 }
             }
-            Message::Detach => self.forward(ch, Control::Detach).await,
+            Message::Detach => self.forward(ch, Control::Detach),
             Message::ListSessions { id } => {
                 let mut list = self.sessions.list();
                 // The answer must fit one payload: the oldest sessions first.
@@ -487,7 +484,7 @@ impl Connection {
                     .number()
                     .and_then(|n| nix::sys::signal::Signal::try_from(n).ok())
                 {
-                    Some(sig) => self.forward(ch, Control::Signal(sig)).await,
+                    Some(sig) => self.forward(ch, Control::Signal(sig)),
                     None => {
                         let msg = format!("unknown signal; expected {}", Signal::EXPECTED);
                         let _ = reply(Message::error(ErrorCode::BadSignal, msg)).await;
@@ -496,14 +493,13 @@ impl Connection {
             }
             Message::Resize { cols, rows } => {
                 self.forward(ch, Control::Resize(crate::protocol::PtySize { cols, rows }))
-                    .await
             }
-            Message::Window { add } => self.forward(ch, Control::Window(add)).await,
+            Message::Window { add } => self.forward(ch, Control::Window(add)),
             Message::Close => {
                 if let Some(handle) = self.channels.get(&ch) {
                     handle.closed.cancel();
                 }
-                self.forward(ch, Control::Close).await;
+                self.forward(ch, Control::Close);
             }
             other => {
                 let msg = format!("a client may not send {:?} frames here", other.type_name());
@@ -512,11 +508,100 @@ impl Connection {
         }
     }
 
-    /// Forwards to a running channel; a channel that is not running ignores
-    /// it, since these race with the channel's exit by nature.
-    async fn forward(&self, ch: u32, control: Control) {
+    /// Forwards to a running channel, never waiting; a channel that is not
+    /// running ignores it, since these race with the channel's exit by nature.
+    fn forward(&self, ch: u32, control: Control) {
         if let Some(handle) = self.channels.get(&ch) {
-            let _ = handle.control.send(control).await;
+            handle.control.send(control);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::message::{ExecRequest, PtySize};
+
+    fn policy() -> Arc<ExecPolicy> {
+        use super::super::sandbox::{CgroupMode, CommandLimits};
+        let limits = CommandLimits {
+            max_procs: 0,
+            max_memory: 0,
+            memory_explicit: false,
+            max_open_files: 1024,
+            start_timeout: Duration::from_secs(30),
+        };
+        Arc::new(ExecPolicy::new(None, limits, CgroupMode::Off).unwrap())
+    }
+
+    /// The link is shared by every user of a server. A channel that does
+    /// not read its controls (here: waiting for a start place) must not
+    /// make the connection's one reader wait, whatever its user sends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn controls_for_a_channel_that_is_not_reading_never_hold_up_the_link() {
+        let _alone = super::super::process::HUNG_STARTS.lock().await;
+        let limits = Limits {
+            max_channels: 16,
+            sessions: false,
+        };
+        let sessions = Sessions::new(super::super::session::SessionLimits::default());
+        let mut conn = Connection::new(limits, policy(), sessions);
+        let (out, mut frames) = mpsc::channel(OUTBOUND_QUEUE);
+        let (done, mut ended) = mpsc::unbounded_channel();
+        let places = super::super::process::hold_start_places().await;
+        let req = ExecRequest {
+            cmd: Some("read line; /usr/bin/stty size".into()),
+            pty: Some(PtySize { cols: 80, rows: 24 }),
+            ..ExecRequest::default()
+        };
+        let payload = serde_json::to_vec(&req).unwrap();
+        conn.dispatch(
+            Frame::with_payload(1, Message::Exec, payload.into()),
+            &out,
+            &done,
+        )
+        .await;
+        // A window dragged about: a thousand sizes, credit with each.
+        let flood = async {
+            for i in 0..1000u16 {
+                let (cols, rows) = (20 + i % 200, 10 + i % 50);
+                conn.dispatch(Frame::new(1, Message::Resize { cols, rows }), &out, &done)
+                    .await;
+                conn.dispatch(Frame::new(1, Message::Window { add: 1 }), &out, &done)
+                    .await;
+            }
+            // Another user's frame is answered meanwhile.
+            conn.dispatch(Frame::new(0, Message::Ping { id: 7 }), &out, &done)
+                .await;
+        };
+        tokio::time::timeout(Duration::from_secs(30), flood)
+            .await
+            .expect("the reader waited on a channel that does not read its controls");
+        let pong = frames.recv().await.unwrap();
+        assert!(matches!(pong.msg, Message::Pong { id: 7, .. }), "{pong:?}");
+
+        // Once it runs, the command sees the last size asked for.
+        drop(places);
+        conn.dispatch(
+            Frame::with_payload(1, Message::Stdin { eof: false }, "go\n".into()),
+            &out,
+            &done,
+        )
+        .await;
+        let exit = tokio::time::timeout(Duration::from_secs(30), ended.recv())
+            .await
+            .expect("the command's end")
+            .unwrap();
+        let mut said = Vec::new();
+        while let Ok(f) = frames.try_recv() {
+            said.extend_from_slice(&f.payload);
+        }
+        let said = String::from_utf8_lossy(&said);
+        assert!(
+            matches!(exit.exit.msg, Message::Exit(ref s) if s.code == Some(0)),
+            "{:?}: {said}",
+            exit.exit.msg
+        );
+        assert!(said.contains("59 219"), "{said:?}");
     }
 }

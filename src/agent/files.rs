@@ -44,7 +44,7 @@ pub(crate) struct Transfer {
     pub(crate) ch: u32,
     pub(crate) policy: Arc<ExecPolicy>,
     pub(crate) sessions: Arc<Sessions>,
-    pub(crate) control: mpsc::Receiver<Control>,
+    pub(crate) control: super::controls::Controls,
     pub(crate) input: super::inbox::Inbox,
     pub(crate) stdin_spent: Arc<AtomicUsize>,
     pub(crate) out: mpsc::Sender<Frame>,

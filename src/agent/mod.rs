@@ -4,6 +4,7 @@
 pub(crate) mod cgroup;
 pub(crate) mod channel;
 pub(crate) mod connection;
+pub(crate) mod controls;
 pub mod dial;
 pub(crate) mod facts;
 pub mod file_io;

@@ -7,6 +7,7 @@
 //! an agent launched under `nohup` or from a script that ignores SIGINT would
 //! otherwise pass that on, and Ctrl-C would silently do nothing.
 
+use std::convert::Infallible;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::task::{Context, Poll, ready};
@@ -505,10 +506,29 @@ pub(crate) async fn spawn_admitted(
     req: &ExecRequest,
     policy: &Arc<ExecPolicy>,
 ) -> Result<Spawned, SpawnError> {
+    match spawn_admitted_unless(req, policy, std::future::pending::<Infallible>()).await {
+        Ok(spawned) => spawned,
+        Err(never) => match never {},
+    }
+}
+
+/// [`spawn_admitted`], unless `give_up` ends first while the command waits
+/// for its place: then it never starts, and `give_up`'s answer comes back.
+///
+/// Only the wait for a place is given up. Once a place is held the start
+/// is handed to a starter and runs whoever waits for it, so its caller
+/// takes its result and ends a process that should not run as it ends any
+/// other: else the caller would report a command ended that was yet to
+/// start, and a child that had already exited would read as killed.
+pub(crate) async fn spawn_admitted_unless<G>(
+    req: &ExecRequest,
+    policy: &Arc<ExecPolicy>,
+    give_up: impl Future<Output = G>,
+) -> Result<Result<Spawned, SpawnError>, G> {
     let (req, policy) = (req.clone(), policy.clone());
-    admitted(move || spawn(&req, &policy))
+    admitted_unless(move || spawn(&req, &policy), give_up)
         .await
-        .unwrap_or_else(Err)
+        .map(|answer| answer.unwrap_or_else(Err))
 }
 
 /// How many commands start at once: one less than the cores (at least
@@ -535,11 +555,28 @@ const STALLED: std::time::Duration = std::time::Duration::from_millis(100);
 /// start running, and the start keeps its place until it ends. So at most
 /// the places and the stalled starts are ever queued for or running on
 /// the starters, whoever waits for them.
+#[cfg(test)]
 async fn admitted<T: Send + 'static>(
     start: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, SpawnError> {
-    // Never closed, so the permit always comes.
-    let place = starting().acquire().await.ok();
+    match admitted_unless(start, std::future::pending::<Infallible>()).await {
+        Ok(answer) => answer,
+        Err(never) => match never {},
+    }
+}
+
+/// [`admitted`], unless `give_up` ends while it waits for a place.
+async fn admitted_unless<T: Send + 'static, G>(
+    start: impl FnOnce() -> T + Send + 'static,
+    give_up: impl Future<Output = G>,
+) -> Result<Result<T, SpawnError>, G> {
+    // Never closed, so the permit always comes. A free place is taken
+    // even when `give_up` is ready too: only a wait is given up.
+    let place = tokio::select! {
+        biased;
+        place = starting().acquire() => place.ok(),
+        given_up = give_up => return Err(given_up),
+    };
     let held = Arc::new(std::sync::Mutex::new(Held {
         place,
         stalled: None,
@@ -570,10 +607,10 @@ async fn admitted<T: Send + 'static>(
         drop(ends);
         let _ = done_tx.send(answer);
     }));
-    done_rx.await.map_err(|_| SpawnError {
+    Ok(done_rx.await.map_err(|_| SpawnError {
         code: 126,
         message: "conch: the command's start failed (it panicked)\n".into(),
-    })
+    }))
 }
 
 /// Tests that fill or hold the start places, one at a time.
@@ -1195,6 +1232,32 @@ mod tests {
                 .unwrap()
                 .expect("the hung start ended when released");
         }
+    }
+
+    /// Only the wait for a place is given up: with a place free, the start
+    /// runs and its answer comes back even when the caller would give up
+    /// at once (a command closed as its turn came reports what it did).
+    #[tokio::test]
+    async fn only_a_wait_for_a_place_is_given_up() {
+        let _alone = HUNG_STARTS.lock().await;
+        let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let start = |ran: Arc<std::sync::atomic::AtomicBool>| {
+            move || {
+                ran.store(true, std::sync::atomic::Ordering::SeqCst);
+                "ran"
+            }
+        };
+        let answer = admitted_unless(start(ran.clone()), std::future::ready("given up")).await;
+        assert_eq!(answer.map(|a| a.ok()), Ok(Some("ran")));
+
+        ran.store(false, std::sync::atomic::Ordering::SeqCst);
+        let places = hold_start_places().await;
+        let answer = admitted_unless(start(ran.clone()), std::future::ready("given up")).await;
+        assert_eq!(answer.map(|a| a.ok()), Err("given up"));
+        drop(places);
+        // Nothing was left behind to start later.
+        admitted(|| ()).await.unwrap();
+        assert!(!ran.load(std::sync::atomic::Ordering::SeqCst));
     }
 
     #[tokio::test]

@@ -81,7 +81,7 @@ pub(crate) struct Attach {
     pub(crate) watcher: Option<String>,
     pub(crate) size: Option<PtySize>,
     pub(crate) window: u64,
-    pub(crate) control: mpsc::Receiver<Control>,
+    pub(crate) control: super::controls::Controls,
     pub(crate) input: super::inbox::Inbox,
     pub(crate) stdin_spent: Arc<AtomicUsize>,
     pub(crate) out: mpsc::Sender<Frame>,

@@ -1,0 +1,210 @@
+//! A channel's control frames, handed from the connection's reader to the
+//! channel's task: never waits, and bounded by what they mean rather than
+//! by a queue.
+//!
+//! One reader serves every channel of a connection, and a server's link is
+//! shared by all its users. Through a bounded queue, a channel that was not
+//! reading its controls (waiting for its start place, or its task waiting
+//! for room on the link) made the reader wait once the queue was full, and
+//! with it every other channel of the link: one user's resizes held up
+//! everyone's input. These frames need no queue: a resize replaces the one
+//! not yet applied, window credit adds up, a signal already pending is not
+//! pending twice (as the kernel keeps a standard signal), and close and
+//! detach are flags. So the state is a few words however many come.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use nix::sys::signal::Signal;
+use tokio::sync::Notify;
+
+use super::channel::Control;
+use crate::protocol::PtySize;
+
+/// What has come for a channel and not been taken yet.
+#[derive(Default)]
+struct Pending {
+    window: u64,
+    resize: Option<PtySize>,
+    /// Distinct, in the order they first came: at most one of each kind.
+    signals: Vec<Signal>,
+    detach: bool,
+    close: bool,
+    /// The connection has let go: once the rest is taken, nothing more.
+    ended: bool,
+}
+
+impl Pending {
+    /// The next to act on: the credit, the size, the signals, then detach
+    /// and close, so that a close comes after what was sent before it.
+    fn take(&mut self) -> Option<Control> {
+        if self.window > 0 {
+            return Some(Control::Window(std::mem::take(&mut self.window)));
+        }
+        if let Some(size) = self.resize.take() {
+            return Some(Control::Resize(size));
+        }
+        if !self.signals.is_empty() {
+            return Some(Control::Signal(self.signals.remove(0)));
+        }
+        if std::mem::take(&mut self.detach) {
+            return Some(Control::Detach);
+        }
+        if std::mem::take(&mut self.close) {
+            return Some(Control::Close);
+        }
+        None
+    }
+}
+
+struct Shared {
+    pending: Mutex<Pending>,
+    ready: Notify,
+}
+
+impl Shared {
+    fn pending(&self) -> MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The connection's end: [`ControlSender::send`] never waits.
+pub(crate) struct ControlSender {
+    shared: Arc<Shared>,
+}
+
+/// The channel's end.
+pub(crate) struct Controls {
+    shared: Arc<Shared>,
+}
+
+/// A new channel's control hand-off.
+pub(crate) fn controls() -> (ControlSender, Controls) {
+    let shared = Arc::new(Shared {
+        pending: Mutex::new(Pending::default()),
+        ready: Notify::new(),
+    });
+    (
+        ControlSender {
+            shared: shared.clone(),
+        },
+        Controls { shared },
+    )
+}
+
+impl ControlSender {
+    /// Keeps `control` for the channel (merged with what waits) and wakes it.
+    pub(crate) fn send(&self, control: Control) {
+        {
+            let mut pending = self.shared.pending();
+            match control {
+                Control::Window(add) => pending.window = pending.window.saturating_add(add),
+                Control::Resize(size) => pending.resize = Some(size),
+                Control::Signal(sig) => {
+                    if !pending.signals.contains(&sig) {
+                        pending.signals.push(sig);
+                    }
+                }
+                Control::Detach => pending.detach = true,
+                Control::Close => pending.close = true,
+            }
+        }
+        self.shared.ready.notify_one();
+    }
+}
+
+impl Drop for ControlSender {
+    fn drop(&mut self) {
+        self.shared.pending().ended = true;
+        self.shared.ready.notify_one();
+    }
+}
+
+impl Controls {
+    /// The next control; `None` once the connection has let go of the
+    /// channel and everything sent before has been taken. Cancel-safe:
+    /// nothing is taken unless it is returned.
+    pub(crate) async fn recv(&mut self) -> Option<Control> {
+        loop {
+            {
+                let mut pending = self.shared.pending();
+                if let Some(control) = pending.take() {
+                    return Some(control);
+                }
+                if pending.ended {
+                    return None;
+                }
+            }
+            // A wake-up that came since the look above is kept (a permit),
+            // so none is lost between the look and the wait.
+            self.shared.ready.notified().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drain(rx: &mut Controls) -> Vec<Control> {
+        let mut got = Vec::new();
+        while let Some(c) = futures_util::FutureExt::now_or_never(rx.recv()).flatten() {
+            got.push(c);
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn a_flood_keeps_what_it_means_in_a_few_words() {
+        let (tx, mut rx) = controls();
+        for i in 0..100_000u32 {
+            let cols = (i % 300) as u16 + 1; // the last: 100
+            tx.send(Control::Resize(PtySize { cols, rows: 24 }));
+            tx.send(Control::Window(3));
+            tx.send(Control::Signal(if i % 2 == 0 {
+                Signal::SIGINT
+            } else {
+                Signal::SIGHUP
+            }));
+        }
+        tx.send(Control::Close);
+        tx.send(Control::Signal(Signal::SIGTERM));
+        let got = drain(&mut rx);
+        let want = [
+            Control::Window(300_000),
+            Control::Resize(PtySize {
+                cols: 100,
+                rows: 24,
+            }),
+            Control::Signal(Signal::SIGINT),
+            Control::Signal(Signal::SIGHUP),
+            Control::Signal(Signal::SIGTERM),
+            Control::Close,
+        ];
+        assert_eq!(format!("{got:?}"), format!("{want:?}"));
+        // Taken: nothing waits, and the channel is still open.
+        assert!(futures_util::FutureExt::now_or_never(rx.recv()).is_none());
+    }
+
+    #[tokio::test]
+    async fn what_came_before_the_connection_let_go_is_taken_first() {
+        let (tx, mut rx) = controls();
+        let waiting = tokio::spawn(async move {
+            let first = rx.recv().await;
+            let second = rx.recv().await;
+            let third = rx.recv().await;
+            (first, second, third)
+        });
+        tokio::task::yield_now().await;
+        tx.send(Control::Detach);
+        tx.send(Control::Window(5));
+        drop(tx);
+        let (first, second, third) = waiting.await.unwrap();
+        assert_eq!(
+            format!("{:?}", [first, second, third]),
+            format!(
+                "{:?}",
+                [Some(Control::Window(5)), Some(Control::Detach), None]
+            )
+        );
+    }
+}
