@@ -387,7 +387,7 @@ impl Connection {
                 self.sessions.attach(&session, attach);
             }
             Message::Put | Message::Get => {
-                let (control, input, stdin_spent, _) = match self.open_channel(ch) {
+                let (control, input, stdin_spent, closed) = match self.open_channel(ch) {
                     Ok(queues) => queues,
                     Err(refusal) => {
                         let _ = reply(*refusal).await;
@@ -399,6 +399,7 @@ impl Connection {
                     policy: self.policy.clone(),
                     sessions: self.sessions.clone(),
                     control,
+                    closed,
                     input,
                     stdin_spent,
                     out: out.clone(),
@@ -521,8 +522,9 @@ impl Connection {
 mod tests {
     use super::*;
     use crate::protocol::message::{ExecRequest, PtySize};
+    use crate::vocab::SignalNumber;
 
-    fn policy() -> Arc<ExecPolicy> {
+    fn policy_with(file_helper: Option<std::path::PathBuf>) -> Arc<ExecPolicy> {
         use super::super::sandbox::{CgroupMode, CommandLimits};
         let limits = CommandLimits {
             max_procs: 0,
@@ -531,7 +533,85 @@ mod tests {
             max_open_files: 1024,
             start_timeout: Duration::from_secs(30),
         };
-        Arc::new(ExecPolicy::new(None, limits, CgroupMode::Off).unwrap())
+        let mut policy = ExecPolicy::new(None, limits, CgroupMode::Off).unwrap();
+        if let Some(helper) = file_helper {
+            policy.set_file_helper(helper);
+        }
+        Arc::new(policy)
+    }
+
+    fn policy() -> Arc<ExecPolicy> {
+        policy_with(None)
+    }
+
+    fn connection(policy: Arc<ExecPolicy>) -> Connection {
+        let limits = Limits {
+            max_channels: 16,
+            sessions: false,
+        };
+        let sessions = Sessions::new(super::super::session::SessionLimits::default());
+        Connection::new(limits, policy, sessions)
+    }
+
+    /// As a command: a `put` or `get` closed while its helper waits for a
+    /// start place ends without starting it (a `put` would create its file).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_transfer_closed_while_it_waits_to_start_never_starts_its_helper() {
+        use std::os::unix::fs::PermissionsExt;
+        let _alone = super::super::process::HUNG_STARTS.lock().await;
+        let dir = tempfile::tempdir().unwrap();
+        let ran = dir.path().join("helper-ran");
+        let helper = dir.path().join("helper");
+        std::fs::write(
+            &helper,
+            format!("#!/bin/sh\n/usr/bin/touch {}\n", ran.display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut conn = connection(policy_with(Some(helper)));
+        let (out, mut frames) = mpsc::channel(OUTBOUND_QUEUE);
+        let (done, mut ended) = mpsc::unbounded_channel();
+        let places = super::super::process::hold_start_places().await;
+        let target = dir.path().join("uploaded");
+        let put = serde_json::json!({ "path": target.to_str().unwrap() });
+        let put = serde_json::to_vec(&put).unwrap();
+        conn.dispatch(
+            Frame::with_payload(1, Message::Put, put.into()),
+            &out,
+            &done,
+        )
+        .await;
+        conn.dispatch(Frame::new(1, Message::Close), &out, &done)
+            .await;
+        let end = tokio::time::timeout(Duration::from_secs(30), ended.recv())
+            .await
+            .expect("a closed transfer's end while it waits")
+            .unwrap();
+        match end.exit.msg {
+            Message::Exit(ref s) => assert_eq!(s.signal, Some(SignalNumber(9)), "{s:?}"),
+            ref other => panic!("{other:?}"),
+        }
+        drop(places);
+        // Starts go on, and the helper's was not left behind to run later.
+        let req = ExecRequest {
+            argv: Some(vec!["/usr/bin/true".into()]),
+            ..ExecRequest::default()
+        };
+        let payload = serde_json::to_vec(&req).unwrap();
+        conn.dispatch(
+            Frame::with_payload(2, Message::Exec, payload.into()),
+            &out,
+            &done,
+        )
+        .await;
+        let end = tokio::time::timeout(Duration::from_secs(30), ended.recv())
+            .await
+            .expect("the next command's end")
+            .unwrap();
+        assert_eq!(end.ch, 2);
+        while frames.try_recv().is_ok() {}
+        assert!(!ran.exists(), "the closed transfer's helper ran");
+        assert!(!target.exists());
     }
 
     /// The link is shared by every user of a server. A channel that does
@@ -540,12 +620,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn controls_for_a_channel_that_is_not_reading_never_hold_up_the_link() {
         let _alone = super::super::process::HUNG_STARTS.lock().await;
-        let limits = Limits {
-            max_channels: 16,
-            sessions: false,
-        };
-        let sessions = Sessions::new(super::super::session::SessionLimits::default());
-        let mut conn = Connection::new(limits, policy(), sessions);
+        let mut conn = connection(policy());
         let (out, mut frames) = mpsc::channel(OUTBOUND_QUEUE);
         let (done, mut ended) = mpsc::unbounded_channel();
         let places = super::super::process::hold_start_places().await;

@@ -45,6 +45,9 @@ pub(crate) struct Transfer {
     pub(crate) policy: Arc<ExecPolicy>,
     pub(crate) sessions: Arc<Sessions>,
     pub(crate) control: super::controls::Controls,
+    /// Cancelled by the client's `close` (or the link's loss): a helper
+    /// still waiting for its start place then never starts.
+    pub(crate) closed: tokio_util::sync::CancellationToken,
     pub(crate) input: super::inbox::Inbox,
     pub(crate) stdin_spent: Arc<AtomicUsize>,
     pub(crate) out: mpsc::Sender<Frame>,
@@ -148,14 +151,16 @@ impl Transfer {
             ]),
             ..Default::default()
         };
-        let mut spawned = process::spawn_admitted(&exec, &self.policy)
-            .await
-            .map_err(|e| {
-                End::Failed(
-                    ErrorCode::FileError,
-                    format!("cannot run the file helper: {}", e.message.trim()),
-                )
-            })?;
+        let mut spawned =
+            process::spawn_admitted_unless(&exec, &self.policy, self.closed.cancelled())
+                .await
+                .map_err(|()| End::Closed)?
+                .map_err(|e| {
+                    End::Failed(
+                        ErrorCode::FileError,
+                        format!("cannot run the file helper: {}", e.message.trim()),
+                    )
+                })?;
         if let ProcessIo::Pipes {
             stdin: Some(stdin), ..
         } = &mut spawned.io
