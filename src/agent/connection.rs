@@ -344,7 +344,7 @@ impl Connection {
                         out: out.clone(),
                         done: done.clone(),
                     };
-                    self.sessions.open(req, self.policy.clone(), attach);
+                    self.sessions.open(req, self.policy.clone(), attach, closed);
                     return;
                 }
                 tokio::spawn(channel::run(
@@ -551,6 +551,54 @@ mod tests {
         };
         let sessions = Sessions::new(super::super::session::SessionLimits::default());
         Connection::new(limits, policy, sessions)
+    }
+
+    /// As a command: a shell session closed while it waits for a start
+    /// place never starts, and is not left listed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_session_closed_while_it_waits_to_start_never_starts() {
+        let _alone = super::super::process::HUNG_STARTS.lock().await;
+        let mut conn = connection(policy());
+        let (out, _frames) = mpsc::channel(OUTBOUND_QUEUE);
+        let (done, mut ended) = mpsc::unbounded_channel();
+        let places = super::super::process::hold_start_places().await;
+        let req = ExecRequest {
+            argv: Some(vec!["/bin/sh".into()]),
+            pty: Some(PtySize { cols: 80, rows: 24 }),
+            session: Some(crate::protocol::SessionOptions {
+                owner: "alice".into(),
+                title: None,
+                max_per_owner: None,
+            }),
+            ..ExecRequest::default()
+        };
+        let payload = serde_json::to_vec(&req).unwrap();
+        conn.dispatch(
+            Frame::with_payload(1, Message::Exec, payload.into()),
+            &out,
+            &done,
+        )
+        .await;
+        conn.dispatch(Frame::new(1, Message::Close), &out, &done)
+            .await;
+        let end = tokio::time::timeout(Duration::from_secs(30), ended.recv())
+            .await
+            .expect("a closed session's end while it waits")
+            .unwrap();
+        drop(places);
+        match end.exit.msg {
+            Message::Exit(ref s) => assert_eq!(s.signal, Some(SignalNumber(9)), "{s:?}"),
+            ref other => panic!("{other:?}"),
+        }
+        // Its entry goes with its task.
+        let gone = async {
+            while !conn.sessions.list().is_empty() {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), gone)
+            .await
+            .expect("the session still listed");
     }
 
     /// As a command: a `put` or `get` closed while its helper waits for a

@@ -8,9 +8,11 @@
 //! for room on the link) made the reader wait once the queue was full, and
 //! with it every other channel of the link: one user's resizes held up
 //! everyone's input. These frames need no queue: a resize replaces the one
-//! not yet applied, window credit adds up, a signal already pending is not
-//! pending twice (as the kernel keeps a standard signal), and close and
-//! detach are flags. So the state is a few words however many come.
+//! not yet applied, window credit adds up, signals are kept in order up to
+//! [`SIGNALS_KEPT`] (a second ^C for a program that asks for one is kept)
+//! and past that only a kind not already waiting, and close and detach are
+//! kept once each, in the order they came. So the state is a few words
+//! however many come.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -20,22 +22,30 @@ use tokio::sync::Notify;
 use super::channel::Control;
 use crate::protocol::PtySize;
 
+/// Signals kept in the order they came, repeats included; past this
+/// many, a signal of a kind already waiting is merged into it.
+const SIGNALS_KEPT: usize = 16;
+
 /// What has come for a channel and not been taken yet.
 #[derive(Default)]
 struct Pending {
     window: u64,
     resize: Option<PtySize>,
-    /// Distinct, in the order they first came: at most one of each kind.
-    signals: Vec<Signal>,
-    detach: bool,
-    close: bool,
+    /// In the order they came: at most [`SIGNALS_KEPT`], and then at most
+    /// one more of each kind (standard signals are about 31).
+    signals: std::collections::VecDeque<Signal>,
+    /// `Close` and `Detach`, each at most once, in the order they first
+    /// came: a writer's close then its page's detach must end a shared
+    /// shell, not leave it running.
+    ends: Vec<Control>,
     /// The connection has let go: once the rest is taken, nothing more.
     ended: bool,
 }
 
 impl Pending {
-    /// The next to act on: the credit, the size, the signals, then detach
-    /// and close, so that a close comes after what was sent before it.
+    /// The next to act on: the credit, the size, the signals, then close
+    /// and detach as they came, so that an end comes after what was sent
+    /// before it.
     fn take(&mut self) -> Option<Control> {
         if self.window > 0 {
             return Some(Control::Window(std::mem::take(&mut self.window)));
@@ -43,14 +53,11 @@ impl Pending {
         if let Some(size) = self.resize.take() {
             return Some(Control::Resize(size));
         }
-        if !self.signals.is_empty() {
-            return Some(Control::Signal(self.signals.remove(0)));
+        if let Some(sig) = self.signals.pop_front() {
+            return Some(Control::Signal(sig));
         }
-        if std::mem::take(&mut self.detach) {
-            return Some(Control::Detach);
-        }
-        if std::mem::take(&mut self.close) {
-            return Some(Control::Close);
+        if !self.ends.is_empty() {
+            return Some(self.ends.remove(0));
         }
         None
     }
@@ -100,12 +107,20 @@ impl ControlSender {
                 Control::Window(add) => pending.window = pending.window.saturating_add(add),
                 Control::Resize(size) => pending.resize = Some(size),
                 Control::Signal(sig) => {
-                    if !pending.signals.contains(&sig) {
-                        pending.signals.push(sig);
+                    if pending.signals.len() < SIGNALS_KEPT || !pending.signals.contains(&sig) {
+                        pending.signals.push_back(sig);
                     }
                 }
-                Control::Detach => pending.detach = true,
-                Control::Close => pending.close = true,
+                Control::Detach | Control::Close => {
+                    let end = std::mem::discriminant(&control);
+                    if !pending
+                        .ends
+                        .iter()
+                        .any(|e| std::mem::discriminant(e) == end)
+                    {
+                        pending.ends.push(control);
+                    }
+                }
             }
         }
         self.shared.ready.notify_one();
@@ -169,20 +184,43 @@ mod tests {
         tx.send(Control::Close);
         tx.send(Control::Signal(Signal::SIGTERM));
         let got = drain(&mut rx);
-        let want = [
+        let mut want = vec![
             Control::Window(300_000),
             Control::Resize(PtySize {
                 cols: 100,
                 rows: 24,
             }),
-            Control::Signal(Signal::SIGINT),
-            Control::Signal(Signal::SIGHUP),
-            Control::Signal(Signal::SIGTERM),
-            Control::Close,
         ];
+        // The first ones as they came, repeats included; then only a kind
+        // not already waiting.
+        for _ in 0..SIGNALS_KEPT / 2 {
+            want.push(Control::Signal(Signal::SIGINT));
+            want.push(Control::Signal(Signal::SIGHUP));
+        }
+        want.push(Control::Signal(Signal::SIGTERM));
+        want.push(Control::Close);
         assert_eq!(format!("{got:?}"), format!("{want:?}"));
         // Taken: nothing waits, and the channel is still open.
         assert!(futures_util::FutureExt::now_or_never(rx.recv()).is_none());
+    }
+
+    /// A writer's close, then its page's detach, ends a shared shell; a
+    /// detach, then a close, leaves it (the close then is a watcher's).
+    #[test]
+    fn close_and_detach_keep_their_order() {
+        for ends in [
+            [Control::Close, Control::Detach],
+            [Control::Detach, Control::Close],
+        ] {
+            let (tx, mut rx) = controls();
+            let want = format!("{ends:?}");
+            for end in ends {
+                tx.send(end);
+                tx.send(Control::Close);
+                tx.send(Control::Detach);
+            }
+            assert_eq!(format!("{:?}", drain(&mut rx)), want);
+        }
     }
 
     #[tokio::test]

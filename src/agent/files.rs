@@ -161,6 +161,12 @@ impl Transfer {
                         format!("cannot run the file helper: {}", e.message.trim()),
                     )
                 })?;
+        // Closed while it started: the helper never gets its job (a `put`
+        // would make its file first).
+        if self.closed.is_cancelled() {
+            spawned.group.signal(Signal::SIGKILL);
+            return Err(End::Closed);
+        }
         if let ProcessIo::Pipes {
             stdin: Some(stdin), ..
         } = &mut spawned.io

@@ -7,7 +7,6 @@
 //! an agent launched under `nohup` or from a script that ignores SIGINT would
 //! otherwise pass that on, and Ctrl-C would silently do nothing.
 
-use std::convert::Infallible;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::task::{Context, Poll, ready};
@@ -502,20 +501,10 @@ fn command_for(req: &ExecRequest, policy: &ExecPolicy) -> Result<(Launch, String
 /// stopped before its exec), not for a core, and one user's stuck start
 /// must not hold back everyone's. The watchdog of [`spawn::launch`] ends
 /// it at the command start limit.
-pub(crate) async fn spawn_admitted(
-    req: &ExecRequest,
-    policy: &Arc<ExecPolicy>,
-) -> Result<Spawned, SpawnError> {
-    match spawn_admitted_unless(req, policy, std::future::pending::<Infallible>()).await {
-        Ok(spawned) => spawned,
-        Err(never) => match never {},
-    }
-}
-
-/// [`spawn_admitted`], unless `give_up` ends first while the command waits
-/// for its place: then it never starts, and `give_up`'s answer comes back.
 ///
-/// Only the wait for a place is given up. Once a place is held the start
+/// Unless `give_up` ends first while the command waits for its place (or
+/// has ended already): then it never starts, and `give_up`'s answer comes
+/// back. Only the wait for a place is given up. Once a place is held the start
 /// is handed to a starter and runs whoever waits for it, so its caller
 /// takes its result and ends a process that should not run as it ends any
 /// other: else the caller would report a command ended that was yet to
@@ -548,7 +537,7 @@ const MAX_STALLED: usize = 64;
 /// How long a start holds its place among those starting at once.
 const STALLED: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// Runs `start` on a starter thread, admitted as [`spawn_admitted`] says.
+/// Runs `start` on a starter thread, admitted as [`spawn_admitted_unless`] says.
 ///
 /// The places are held by the start itself, not by its caller: a caller
 /// that gives up (its task aborted, the runtime shutting down) leaves its
@@ -559,7 +548,7 @@ const STALLED: std::time::Duration = std::time::Duration::from_millis(100);
 async fn admitted<T: Send + 'static>(
     start: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, SpawnError> {
-    match admitted_unless(start, std::future::pending::<Infallible>()).await {
+    match admitted_unless(start, std::future::pending::<std::convert::Infallible>()).await {
         Ok(answer) => answer,
         Err(never) => match never {},
     }
@@ -570,12 +559,13 @@ async fn admitted_unless<T: Send + 'static, G>(
     start: impl FnOnce() -> T + Send + 'static,
     give_up: impl Future<Output = G>,
 ) -> Result<Result<T, SpawnError>, G> {
-    // Never closed, so the permit always comes. A free place is taken
-    // even when `give_up` is ready too: only a wait is given up.
+    // Never closed, so the permit always comes. A caller that has given
+    // up already (a command closed in the same read as its `exec`) does
+    // not start, even with a place free.
     let place = tokio::select! {
         biased;
-        place = starting().acquire() => place.ok(),
         given_up = give_up => return Err(given_up),
+        place = starting().acquire() => place.ok(),
     };
     let held = Arc::new(std::sync::Mutex::new(Held {
         place,
@@ -1234,26 +1224,44 @@ mod tests {
         }
     }
 
-    /// Only the wait for a place is given up: with a place free, the start
-    /// runs and its answer comes back even when the caller would give up
-    /// at once (a command closed as its turn came reports what it did).
-    #[tokio::test]
+    /// Only the wait for a place is given up: once the start is under
+    /// way, its answer comes back whatever the caller would give up for
+    /// (a command closed as its turn came reports what it did).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn only_a_wait_for_a_place_is_given_up() {
         let _alone = HUNG_STARTS.lock().await;
         let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let start = |ran: Arc<std::sync::atomic::AtomicBool>| {
+        let (began_tx, began_rx) = tokio::sync::oneshot::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let start = {
+            let ran = ran.clone();
             move || {
+                let _ = began_tx.send(());
+                let _ = go_rx.recv();
                 ran.store(true, std::sync::atomic::Ordering::SeqCst);
                 "ran"
             }
         };
-        let answer = admitted_unless(start(ran.clone()), std::future::ready("given up")).await;
+        // Gives up as soon as the start is under way, and lets it go on.
+        let give_up = async move {
+            let _ = began_rx.await;
+            let _ = go_tx.send(());
+            "given up"
+        };
+        let answer = admitted_unless(start, give_up).await;
         assert_eq!(answer.map(|a| a.ok()), Ok(Some("ran")));
 
+        // Given up already, or while it waits for a place: never started.
         ran.store(false, std::sync::atomic::Ordering::SeqCst);
+        let start = || {
+            let ran = ran.clone();
+            move || ran.store(true, std::sync::atomic::Ordering::SeqCst)
+        };
+        let answer = admitted_unless(start(), std::future::ready("given up")).await;
+        assert!(matches!(answer, Err("given up")));
         let places = hold_start_places().await;
-        let answer = admitted_unless(start(ran.clone()), std::future::ready("given up")).await;
-        assert_eq!(answer.map(|a| a.ok()), Err("given up"));
+        let answer = admitted_unless(start(), std::future::ready("given up")).await;
+        assert!(matches!(answer, Err("given up")));
         drop(places);
         // Nothing was left behind to start later.
         admitted(|| ()).await.unwrap();

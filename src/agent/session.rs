@@ -161,8 +161,16 @@ impl Sessions {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Starts the shell of `req` as a new session, `first` its writer.
-    pub(crate) fn open(self: &Arc<Self>, req: ExecRequest, policy: Arc<ExecPolicy>, first: Attach) {
+    /// Starts the shell of `req` as a new session, `first` its writer;
+    /// not if `closed` (the opening channel's close, or its link's loss)
+    /// comes while it waits for a start place.
+    pub(crate) fn open(
+        self: &Arc<Self>,
+        req: ExecRequest,
+        policy: Arc<ExecPolicy>,
+        first: Attach,
+        closed: tokio_util::sync::CancellationToken,
+    ) {
         let (Some(options), Some(size)) = (req.session.clone(), req.pty) else {
             first.refuse(Message::error(
                 ErrorCode::BadExec,
@@ -269,14 +277,22 @@ impl Sessions {
             // leaves the table with it.
             let _listed = listed;
             // Forking happens here, not in the connection that asked.
-            match process::spawn_admitted(&req, &policy).await {
-                Ok(spawned) => {
+            match process::spawn_admitted_unless(&req, &policy, closed.cancelled()).await {
+                // As for a command closed while it waits: never started,
+                // its exit reads as killed.
+                Err(()) => first.refuse(Message::Exit(vocab::ExitStatus {
+                    code: None,
+                    signal: Some(vocab::SignalNumber(libc::SIGKILL)),
+                    timed_out: false,
+                    duration_ms: started.elapsed().as_millis() as u64,
+                })),
+                Ok(Ok(spawned)) => {
                     if let Some(pid) = spawned.child.id() {
                         leader.store(pid, std::sync::atomic::Ordering::Release);
                     }
                     task.run(spawned, commands_rx, first, shutdown).await
                 }
-                Err(err) => {
+                Ok(Err(err)) => {
                     // As for any command: the reason on stderr, then its exit.
                     let payload = Bytes::from(err.message);
                     let _ = first
