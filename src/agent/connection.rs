@@ -553,6 +553,74 @@ mod tests {
         Connection::new(limits, policy, sessions)
     }
 
+    /// A helper that answers a `get` of the five bytes `hello`.
+    fn fake_get_helper(dir: &std::path::Path) -> std::path::PathBuf {
+        use super::super::file_io::{Done as Answer, Identity, Reply};
+        use std::os::unix::fs::PermissionsExt;
+        let reply = Reply::Ok(Answer {
+            info: crate::protocol::message::FileInfo {
+                path: crate::protocol::message::WirePath(b"/f".to_vec()),
+                size: 5,
+                offset: 0,
+                length: 5,
+                mode: 0o644,
+                mtime_ms: 0,
+                sha256: None,
+                created: false,
+            },
+            identity: Identity {
+                dev: 1,
+                ino: 1,
+                size: 5,
+                mtime_s: 0,
+                mtime_ns: 0,
+                ctime_s: 0,
+                ctime_ns: 0,
+            },
+        });
+        let reply = serde_json::to_string(&reply).unwrap();
+        let helper = dir.join("helper");
+        let script = format!("#!/bin/sh\nread job\nprintf '%s\\nhello' '{reply}'\n");
+        std::fs::write(&helper, script).unwrap();
+        std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        helper
+    }
+
+    /// Credit a client returns before the helper has answered counts: a
+    /// `get` with no window of its own then sends what the credit allows.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn credit_sent_before_a_gets_answer_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = connection(policy_with(Some(fake_get_helper(dir.path()))));
+        let (out, mut frames) = mpsc::channel(OUTBOUND_QUEUE);
+        let (done, mut ended) = mpsc::unbounded_channel();
+        let get = serde_json::json!({ "path": "/f", "window": 0 });
+        let get = serde_json::to_vec(&get).unwrap();
+        conn.dispatch(
+            Frame::with_payload(1, Message::Get, get.into()),
+            &out,
+            &done,
+        )
+        .await;
+        conn.dispatch(Frame::new(1, Message::Window { add: 1 << 20 }), &out, &done)
+            .await;
+        let end = tokio::time::timeout(Duration::from_secs(30), ended.recv())
+            .await
+            .expect("the get's end: its credit was lost")
+            .unwrap();
+        let mut data = Vec::new();
+        while let Ok(f) = frames.try_recv() {
+            if matches!(f.msg, Message::Stdout) {
+                data.extend_from_slice(&f.payload);
+            }
+        }
+        match end.exit.msg {
+            Message::Exit(ref s) => assert_eq!(s.code, Some(0), "{s:?}"),
+            ref other => panic!("{other:?}"),
+        }
+        assert_eq!(data, b"hello");
+    }
+
     /// As a command: a shell session closed while it waits for a start
     /// place never starts, and is not left listed.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -261,8 +261,10 @@ impl Transfer {
         let Some(mut stdout) = stdout else {
             return End::Failed(ErrorCode::FileError, "the helper has no stdout".into());
         };
-        // The reply line first (and whatever data came with it).
+        // The reply line first (and whatever data came with it). Credit
+        // that comes meanwhile counts later.
         let mut head = Vec::new();
+        let mut early_credit = 0u64;
         let newline = loop {
             if let Some(i) = head.iter().position(|&b| b == b'\n') {
                 break Some(i);
@@ -273,12 +275,14 @@ impl Transfer {
             let mut buf = [0u8; 8192];
             tokio::select! {
                 biased;
-                msg = self.control.recv() => {
-                    if matches!(msg, None | Some(Control::Close)) {
+                msg = self.control.recv() => match msg {
+                    Some(Control::Window(add)) => early_credit = early_credit.saturating_add(add),
+                    None | Some(Control::Close) => {
                         group.signal(Signal::SIGKILL);
                         return End::Closed;
                     }
-                }
+                    Some(_) => {}
+                },
                 n = stdout.read(&mut buf) => match n {
                     Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
                     _ => break None,
@@ -313,7 +317,7 @@ impl Transfer {
         self.send_info(&info).await;
 
         let mut flow = Outflow {
-            credit: window,
+            credit: window.saturating_add(early_credit),
             sent: 0,
             hasher: whole.then(Sha256::new),
         };
