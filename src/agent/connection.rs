@@ -647,17 +647,44 @@ mod tests {
             &done,
         )
         .await;
+        // Listed while it waits: another tab attaches meanwhile.
+        let id = conn.sessions.list()[0].id.clone();
+        let attach = Message::Attach {
+            session: id,
+            cols: 80,
+            rows: 24,
+            watch: false,
+            window: None,
+            watcher: None,
+        };
+        conn.dispatch(Frame::new(2, attach), &out, &done).await;
         conn.dispatch(Frame::new(1, Message::Close), &out, &done)
             .await;
-        let end = tokio::time::timeout(Duration::from_secs(30), ended.recv())
-            .await
-            .expect("a closed session's end while it waits")
-            .unwrap();
+        let mut ends = Vec::new();
+        for _ in 0..2 {
+            let end = tokio::time::timeout(Duration::from_secs(30), ended.recv())
+                .await
+                .expect("a closed session's end while it waits, and its attach's")
+                .unwrap();
+            ends.push(end);
+        }
         drop(places);
-        match end.exit.msg {
+        ends.sort_by_key(|e| e.ch);
+        match ends[0].exit.msg {
             Message::Exit(ref s) => assert_eq!(s.signal, Some(SignalNumber(9)), "{s:?}"),
             ref other => panic!("{other:?}"),
         }
+        assert!(
+            matches!(
+                ends[1].exit.msg,
+                Message::Error {
+                    code: ErrorCode::NoSession,
+                    ..
+                }
+            ),
+            "{:?}",
+            ends[1].exit.msg
+        );
         // Its entry goes with its task.
         let gone = async {
             while !conn.sessions.list().is_empty() {

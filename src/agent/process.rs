@@ -1226,7 +1226,9 @@ mod tests {
 
     /// Only the wait for a place is given up: once the start is under
     /// way, its answer comes back whatever the caller would give up for
-    /// (a command closed as its turn came reports what it did).
+    /// (a command closed as its turn came reports what it did). The first
+    /// `give_up` would end as soon as the start began, had it still been
+    /// raced then, and the answer would be "given up".
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn only_a_wait_for_a_place_is_given_up() {
         let _alone = HUNG_STARTS.lock().await;

@@ -267,6 +267,7 @@ impl Sessions {
             kill_at: None,
             rehup_at: None,
         };
+        let named = id.clone();
         let listed = Listed {
             sessions: self.clone(),
             id,
@@ -280,12 +281,15 @@ impl Sessions {
             match process::spawn_admitted_unless(&req, &policy, closed.cancelled()).await {
                 // As for a command closed while it waits: never started,
                 // its exit reads as killed.
-                Err(()) => first.refuse(Message::Exit(vocab::ExitStatus {
-                    code: None,
-                    signal: Some(vocab::SignalNumber(libc::SIGKILL)),
-                    timed_out: false,
-                    duration_ms: started.elapsed().as_millis() as u64,
-                })),
+                Err(()) => {
+                    first.refuse(Message::Exit(vocab::ExitStatus {
+                        code: None,
+                        signal: Some(vocab::SignalNumber(libc::SIGKILL)),
+                        timed_out: false,
+                        duration_ms: started.elapsed().as_millis() as u64,
+                    }));
+                    refuse_waiting(commands_rx, &named);
+                }
                 Ok(Ok(spawned)) => {
                     if let Some(pid) = spawned.child.id() {
                         leader.store(pid, std::sync::atomic::Ordering::Release);
@@ -305,6 +309,7 @@ impl Sessions {
                         timed_out: false,
                         duration_ms: started.elapsed().as_millis() as u64,
                     }));
+                    refuse_waiting(commands_rx, &named);
                 }
             }
         });
@@ -432,6 +437,20 @@ impl Sessions {
         self.shutdown.cancel();
         self.tasks.close();
         self.tasks.wait().await;
+    }
+}
+
+/// Ends the channels that came to attach to session `id` while its shell
+/// was starting, when it never ran: each gets its `exit` (with the reason)
+/// and its id back, where dropping them left them running for the
+/// connection's life. Those that come later find the queue closed and are
+/// refused by [`Sessions::attach`].
+fn refuse_waiting(mut commands: mpsc::Receiver<Command>, id: &str) {
+    commands.close();
+    while let Ok(command) = commands.try_recv() {
+        if let Command::Attach(attach) = command {
+            attach.refuse(no_session(id));
+        }
     }
 }
 
