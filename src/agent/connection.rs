@@ -621,6 +621,48 @@ mod tests {
         assert_eq!(data, b"hello");
     }
 
+    /// What the helper sent with its answer goes out within the credit, as
+    /// the rest does.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_gets_first_bytes_keep_to_the_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = connection(policy_with(Some(fake_get_helper(dir.path()))));
+        let (out, mut frames) = mpsc::channel(OUTBOUND_QUEUE);
+        let (done, mut ended) = mpsc::unbounded_channel();
+        let get = serde_json::json!({ "path": "/f", "window": 2 });
+        let get = serde_json::to_vec(&get).unwrap();
+        conn.dispatch(
+            Frame::with_payload(1, Message::Get, get.into()),
+            &out,
+            &done,
+        )
+        .await;
+        let first = loop {
+            let f = tokio::time::timeout(Duration::from_secs(30), frames.recv())
+                .await
+                .expect("the get's first data")
+                .unwrap();
+            if matches!(f.msg, Message::Stdout) {
+                break f.payload;
+            }
+        };
+        assert_eq!(&first[..], b"he", "past the window of 2");
+        conn.dispatch(Frame::new(1, Message::Window { add: 1 << 20 }), &out, &done)
+            .await;
+        let end = tokio::time::timeout(Duration::from_secs(30), ended.recv())
+            .await
+            .expect("the get's end")
+            .unwrap();
+        let mut rest = Vec::new();
+        while let Ok(f) = frames.try_recv() {
+            if matches!(f.msg, Message::Stdout) {
+                rest.extend_from_slice(&f.payload);
+            }
+        }
+        assert!(matches!(end.exit.msg, Message::Exit(ref s) if s.code == Some(0)));
+        assert_eq!(rest, b"llo");
+    }
+
     /// As a command: a shell session closed while it waits for a start
     /// place never starts, and is not left listed.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -321,17 +321,25 @@ impl Transfer {
             sent: 0,
             hasher: whole.then(Sha256::new),
         };
-        let early = Bytes::copy_from_slice(&head[newline + 1..]);
-        if !early.is_empty() {
-            flow.send(self.ch, &self.out, early).await;
-        }
+        // What came with the reply line goes first, within the credit as
+        // the rest does (it was sent whole, past a window smaller than it).
+        let mut early = Bytes::copy_from_slice(&head[newline + 1..]);
         let mut source = Source::new(Some(stdout));
         let mut status = None;
         loop {
-            if status.is_some() && !source.open() && stderr.is_none() {
+            if !early.is_empty() && flow.credit > 0 {
+                let n = flow.credit.min(early.len() as u64) as usize;
+                flow.send(self.ch, &self.out, early.split_to(n)).await;
+                continue;
+            }
+            if status.is_some() && !source.open() && stderr.is_none() && early.is_empty() {
                 break;
             }
-            let limit = flow.credit.min(READ_CHUNK as u64) as usize;
+            let limit = if early.is_empty() {
+                flow.credit.min(READ_CHUNK as u64) as usize
+            } else {
+                0
+            };
             tokio::select! {
                 biased;
                 msg = self.control.recv() => match msg {
