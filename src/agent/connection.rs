@@ -524,6 +524,9 @@ mod tests {
     use crate::protocol::message::{ExecRequest, PtySize};
     use crate::vocab::SignalNumber;
 
+    /// Long enough for anything here; only a hang reaches it.
+    const HANG: Duration = Duration::from_secs(30);
+
     fn policy_with(file_helper: Option<std::path::PathBuf>) -> Arc<ExecPolicy> {
         use super::super::sandbox::{CgroupMode, CommandLimits};
         let limits = CommandLimits {
@@ -540,23 +543,94 @@ mod tests {
         Arc::new(policy)
     }
 
-    fn policy() -> Arc<ExecPolicy> {
-        policy_with(None)
+    /// A connection fed frame by frame, as its reader feeds it, with what
+    /// it sends back and the ends of its channels collected.
+    struct Driven {
+        conn: Connection,
+        out: mpsc::Sender<Frame>,
+        frames: mpsc::Receiver<Frame>,
+        done: mpsc::UnboundedSender<Done>,
+        ended: mpsc::UnboundedReceiver<Done>,
     }
 
-    fn connection(policy: Arc<ExecPolicy>) -> Connection {
-        let limits = Limits {
-            max_channels: 16,
-            sessions: false,
-        };
-        let sessions = Sessions::new(super::super::session::SessionLimits::default());
-        Connection::new(limits, policy, sessions)
+    impl Driven {
+        fn new(file_helper: Option<std::path::PathBuf>) -> Driven {
+            let limits = Limits {
+                max_channels: 16,
+                sessions: false,
+            };
+            let sessions = Sessions::new(super::super::session::SessionLimits::default());
+            let (out, frames) = mpsc::channel(OUTBOUND_QUEUE);
+            let (done, ended) = mpsc::unbounded_channel();
+            Driven {
+                conn: Connection::new(limits, policy_with(file_helper), sessions),
+                out,
+                frames,
+                done,
+                ended,
+            }
+        }
+
+        async fn send(&mut self, ch: u32, msg: Message) {
+            self.send_with(ch, msg, bytes::Bytes::new()).await;
+        }
+
+        async fn send_with(&mut self, ch: u32, msg: Message, payload: bytes::Bytes) {
+            let frame = Frame::with_payload(ch, msg, payload);
+            self.conn.dispatch(frame, &self.out, &self.done).await;
+        }
+
+        async fn send_json(&mut self, ch: u32, msg: Message, payload: impl serde::Serialize) {
+            let payload = serde_json::to_vec(&payload).unwrap();
+            self.send_with(ch, msg, payload.into()).await;
+        }
+
+        /// The next channel to end.
+        async fn ended(&mut self, what: &str) -> Done {
+            tokio::time::timeout(HANG, self.ended.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no end: {what}"))
+                .unwrap()
+        }
+
+        /// The output sent so far.
+        fn output(&mut self) -> Vec<u8> {
+            let mut data = Vec::new();
+            while let Ok(f) = self.frames.try_recv() {
+                if matches!(f.msg, Message::Stdout) {
+                    data.extend_from_slice(&f.payload);
+                }
+            }
+            data
+        }
+    }
+
+    fn killed(end: &Done) {
+        match end.exit.msg {
+            Message::Exit(ref s) => assert_eq!(s.signal, Some(SignalNumber(9)), "{s:?}"),
+            ref other => panic!("{other:?}"),
+        }
+    }
+
+    fn exited_0(end: &Done) {
+        match end.exit.msg {
+            Message::Exit(ref s) => assert_eq!(s.code, Some(0), "{s:?}"),
+            ref other => panic!("{other:?}"),
+        }
+    }
+
+    /// An executable shell script `helper` in `dir` running `body`.
+    fn script(dir: &std::path::Path, body: &str) -> std::path::PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let helper = dir.join("helper");
+        std::fs::write(&helper, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        helper
     }
 
     /// A helper that answers a `get` of the five bytes `hello`.
     fn fake_get_helper(dir: &std::path::Path) -> std::path::PathBuf {
         use super::super::file_io::{Done as Answer, Identity, Reply};
-        use std::os::unix::fs::PermissionsExt;
         let reply = Reply::Ok(Answer {
             info: crate::protocol::message::FileInfo {
                 path: crate::protocol::message::WirePath(b"/f".to_vec()),
@@ -579,11 +653,7 @@ mod tests {
             },
         });
         let reply = serde_json::to_string(&reply).unwrap();
-        let helper = dir.join("helper");
-        let script = format!("#!/bin/sh\nread job\nprintf '%s\\nhello' '{reply}'\n");
-        std::fs::write(&helper, script).unwrap();
-        std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
-        helper
+        script(dir, &format!("read job\nprintf '%s\\nhello' '{reply}'"))
     }
 
     /// Credit a client returns before the helper has answered counts: a
@@ -591,34 +661,13 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn credit_sent_before_a_gets_answer_is_kept() {
         let dir = tempfile::tempdir().unwrap();
-        let mut conn = connection(policy_with(Some(fake_get_helper(dir.path()))));
-        let (out, mut frames) = mpsc::channel(OUTBOUND_QUEUE);
-        let (done, mut ended) = mpsc::unbounded_channel();
+        let mut link = Driven::new(Some(fake_get_helper(dir.path())));
         let get = serde_json::json!({ "path": "/f", "window": 0 });
-        let get = serde_json::to_vec(&get).unwrap();
-        conn.dispatch(
-            Frame::with_payload(1, Message::Get, get.into()),
-            &out,
-            &done,
-        )
-        .await;
-        conn.dispatch(Frame::new(1, Message::Window { add: 1 << 20 }), &out, &done)
-            .await;
-        let end = tokio::time::timeout(Duration::from_secs(30), ended.recv())
-            .await
-            .expect("the get's end: its credit was lost")
-            .unwrap();
-        let mut data = Vec::new();
-        while let Ok(f) = frames.try_recv() {
-            if matches!(f.msg, Message::Stdout) {
-                data.extend_from_slice(&f.payload);
-            }
-        }
-        match end.exit.msg {
-            Message::Exit(ref s) => assert_eq!(s.code, Some(0), "{s:?}"),
-            ref other => panic!("{other:?}"),
-        }
-        assert_eq!(data, b"hello");
+        link.send_json(1, Message::Get, get).await;
+        link.send(1, Message::Window { add: 1 << 20 }).await;
+        let end = link.ended("the get's: its credit was lost").await;
+        exited_0(&end);
+        assert_eq!(link.output(), b"hello");
     }
 
     /// What the helper sent with its answer goes out within the credit, as
@@ -626,19 +675,11 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_gets_first_bytes_keep_to_the_window() {
         let dir = tempfile::tempdir().unwrap();
-        let mut conn = connection(policy_with(Some(fake_get_helper(dir.path()))));
-        let (out, mut frames) = mpsc::channel(OUTBOUND_QUEUE);
-        let (done, mut ended) = mpsc::unbounded_channel();
+        let mut link = Driven::new(Some(fake_get_helper(dir.path())));
         let get = serde_json::json!({ "path": "/f", "window": 2 });
-        let get = serde_json::to_vec(&get).unwrap();
-        conn.dispatch(
-            Frame::with_payload(1, Message::Get, get.into()),
-            &out,
-            &done,
-        )
-        .await;
+        link.send_json(1, Message::Get, get).await;
         let first = loop {
-            let f = tokio::time::timeout(Duration::from_secs(30), frames.recv())
+            let f = tokio::time::timeout(HANG, link.frames.recv())
                 .await
                 .expect("the get's first data")
                 .unwrap();
@@ -647,30 +688,19 @@ mod tests {
             }
         };
         assert_eq!(&first[..], b"he", "past the window of 2");
-        conn.dispatch(Frame::new(1, Message::Window { add: 1 << 20 }), &out, &done)
-            .await;
-        let end = tokio::time::timeout(Duration::from_secs(30), ended.recv())
-            .await
-            .expect("the get's end")
-            .unwrap();
-        let mut rest = Vec::new();
-        while let Ok(f) = frames.try_recv() {
-            if matches!(f.msg, Message::Stdout) {
-                rest.extend_from_slice(&f.payload);
-            }
-        }
-        assert!(matches!(end.exit.msg, Message::Exit(ref s) if s.code == Some(0)));
-        assert_eq!(rest, b"llo");
+        link.send(1, Message::Window { add: 1 << 20 }).await;
+        let end = link.ended("the get's").await;
+        exited_0(&end);
+        assert_eq!(link.output(), b"llo");
     }
 
     /// As a command: a shell session closed while it waits for a start
-    /// place never starts, and is not left listed.
+    /// place never starts, and is not left listed; a channel that attached
+    /// to it meanwhile gets its end too.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_session_closed_while_it_waits_to_start_never_starts() {
         let _alone = super::super::process::HUNG_STARTS.lock().await;
-        let mut conn = connection(policy());
-        let (out, _frames) = mpsc::channel(OUTBOUND_QUEUE);
-        let (done, mut ended) = mpsc::unbounded_channel();
+        let mut link = Driven::new(None);
         let places = super::super::process::hold_start_places().await;
         let req = ExecRequest {
             argv: Some(vec!["/bin/sh".into()]),
@@ -682,40 +712,26 @@ mod tests {
             }),
             ..ExecRequest::default()
         };
-        let payload = serde_json::to_vec(&req).unwrap();
-        conn.dispatch(
-            Frame::with_payload(1, Message::Exec, payload.into()),
-            &out,
-            &done,
-        )
-        .await;
+        link.send_json(1, Message::Exec, req).await;
         // Listed while it waits: another tab attaches meanwhile.
-        let id = conn.sessions.list()[0].id.clone();
+        let session = link.conn.sessions.list()[0].id.clone();
         let attach = Message::Attach {
-            session: id,
+            session,
             cols: 80,
             rows: 24,
             watch: false,
             window: None,
             watcher: None,
         };
-        conn.dispatch(Frame::new(2, attach), &out, &done).await;
-        conn.dispatch(Frame::new(1, Message::Close), &out, &done)
-            .await;
-        let mut ends = Vec::new();
-        for _ in 0..2 {
-            let end = tokio::time::timeout(Duration::from_secs(30), ended.recv())
-                .await
-                .expect("a closed session's end while it waits, and its attach's")
-                .unwrap();
-            ends.push(end);
-        }
+        link.send(2, attach).await;
+        link.send(1, Message::Close).await;
+        let mut ends = [
+            link.ended("the closed session's, while it waits").await,
+            link.ended("the attach's to the closed session").await,
+        ];
         drop(places);
         ends.sort_by_key(|e| e.ch);
-        match ends[0].exit.msg {
-            Message::Exit(ref s) => assert_eq!(s.signal, Some(SignalNumber(9)), "{s:?}"),
-            ref other => panic!("{other:?}"),
-        }
+        killed(&ends[0]);
         assert!(
             matches!(
                 ends[1].exit.msg,
@@ -729,11 +745,11 @@ mod tests {
         );
         // Its entry goes with its task.
         let gone = async {
-            while !conn.sessions.list().is_empty() {
+            while !link.conn.sessions.list().is_empty() {
                 tokio::task::yield_now().await;
             }
         };
-        tokio::time::timeout(Duration::from_secs(30), gone)
+        tokio::time::timeout(HANG, gone)
             .await
             .expect("the session still listed");
     }
@@ -742,59 +758,25 @@ mod tests {
     /// start place ends without starting it (a `put` would create its file).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_transfer_closed_while_it_waits_to_start_never_starts_its_helper() {
-        use std::os::unix::fs::PermissionsExt;
         let _alone = super::super::process::HUNG_STARTS.lock().await;
         let dir = tempfile::tempdir().unwrap();
         let ran = dir.path().join("helper-ran");
-        let helper = dir.path().join("helper");
-        std::fs::write(
-            &helper,
-            format!("#!/bin/sh\n/usr/bin/touch {}\n", ran.display()),
-        )
-        .unwrap();
-        std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let mut conn = connection(policy_with(Some(helper)));
-        let (out, mut frames) = mpsc::channel(OUTBOUND_QUEUE);
-        let (done, mut ended) = mpsc::unbounded_channel();
+        let helper = script(dir.path(), &format!("/usr/bin/touch {}", ran.display()));
+        let mut link = Driven::new(Some(helper));
         let places = super::super::process::hold_start_places().await;
         let target = dir.path().join("uploaded");
         let put = serde_json::json!({ "path": target.to_str().unwrap() });
-        let put = serde_json::to_vec(&put).unwrap();
-        conn.dispatch(
-            Frame::with_payload(1, Message::Put, put.into()),
-            &out,
-            &done,
-        )
-        .await;
-        conn.dispatch(Frame::new(1, Message::Close), &out, &done)
-            .await;
-        let end = tokio::time::timeout(Duration::from_secs(30), ended.recv())
-            .await
-            .expect("a closed transfer's end while it waits")
-            .unwrap();
-        match end.exit.msg {
-            Message::Exit(ref s) => assert_eq!(s.signal, Some(SignalNumber(9)), "{s:?}"),
-            ref other => panic!("{other:?}"),
-        }
+        link.send_json(1, Message::Put, put).await;
+        link.send(1, Message::Close).await;
+        killed(&link.ended("the closed transfer's, while it waits").await);
         drop(places);
         // Starts go on, and the helper's was not left behind to run later.
         let req = ExecRequest {
             argv: Some(vec!["/usr/bin/true".into()]),
             ..ExecRequest::default()
         };
-        let payload = serde_json::to_vec(&req).unwrap();
-        conn.dispatch(
-            Frame::with_payload(2, Message::Exec, payload.into()),
-            &out,
-            &done,
-        )
-        .await;
-        let end = tokio::time::timeout(Duration::from_secs(30), ended.recv())
-            .await
-            .expect("the next command's end")
-            .unwrap();
-        assert_eq!(end.ch, 2);
-        while frames.try_recv().is_ok() {}
+        link.send_json(2, Message::Exec, req).await;
+        assert_eq!(link.ended("the next command's").await.ch, 2);
         assert!(!ran.exists(), "the closed transfer's helper ran");
         assert!(!target.exists());
     }
@@ -805,62 +787,40 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn controls_for_a_channel_that_is_not_reading_never_hold_up_the_link() {
         let _alone = super::super::process::HUNG_STARTS.lock().await;
-        let mut conn = connection(policy());
-        let (out, mut frames) = mpsc::channel(OUTBOUND_QUEUE);
-        let (done, mut ended) = mpsc::unbounded_channel();
+        let mut link = Driven::new(None);
         let places = super::super::process::hold_start_places().await;
         let req = ExecRequest {
             cmd: Some("read line; /usr/bin/stty size".into()),
             pty: Some(PtySize { cols: 80, rows: 24 }),
             ..ExecRequest::default()
         };
-        let payload = serde_json::to_vec(&req).unwrap();
-        conn.dispatch(
-            Frame::with_payload(1, Message::Exec, payload.into()),
-            &out,
-            &done,
-        )
-        .await;
+        link.send_json(1, Message::Exec, req).await;
         // A window dragged about: a thousand sizes, credit with each.
         let flood = async {
             for i in 0..1000u16 {
                 let (cols, rows) = (20 + i % 200, 10 + i % 50);
-                conn.dispatch(Frame::new(1, Message::Resize { cols, rows }), &out, &done)
-                    .await;
-                conn.dispatch(Frame::new(1, Message::Window { add: 1 }), &out, &done)
-                    .await;
+                link.send(1, Message::Resize { cols, rows }).await;
+                link.send(1, Message::Window { add: 1 }).await;
             }
             // Another user's frame is answered meanwhile.
-            conn.dispatch(Frame::new(0, Message::Ping { id: 7 }), &out, &done)
-                .await;
+            link.send(0, Message::Ping { id: 7 }).await;
         };
-        tokio::time::timeout(Duration::from_secs(30), flood)
+        tokio::time::timeout(HANG, flood)
             .await
             .expect("the reader waited on a channel that does not read its controls");
-        let pong = frames.recv().await.unwrap();
+        let pong = link.frames.recv().await.unwrap();
         assert!(matches!(pong.msg, Message::Pong { id: 7, .. }), "{pong:?}");
 
         // Once it runs, the command sees the last size asked for.
         drop(places);
-        conn.dispatch(
-            Frame::with_payload(1, Message::Stdin { eof: false }, "go\n".into()),
-            &out,
-            &done,
-        )
-        .await;
-        let exit = tokio::time::timeout(Duration::from_secs(30), ended.recv())
-            .await
-            .expect("the command's end")
-            .unwrap();
-        let mut said = Vec::new();
-        while let Ok(f) = frames.try_recv() {
-            said.extend_from_slice(&f.payload);
-        }
-        let said = String::from_utf8_lossy(&said);
+        link.send_with(1, Message::Stdin { eof: false }, "go\n".into())
+            .await;
+        let end = link.ended("the command's").await;
+        let said = String::from_utf8_lossy(&link.output()).into_owned();
         assert!(
-            matches!(exit.exit.msg, Message::Exit(ref s) if s.code == Some(0)),
+            matches!(end.exit.msg, Message::Exit(ref s) if s.code == Some(0)),
             "{:?}: {said}",
-            exit.exit.msg
+            end.exit.msg
         );
         assert!(said.contains("59 219"), "{said:?}");
     }
