@@ -101,12 +101,7 @@ pub(crate) async fn run(
     };
     let admitted = process::spawn_admitted_unless(&req, &policy, give_up).await;
     let exit = match admitted {
-        Err(timed_out) => Message::Exit(vocab::ExitStatus {
-            code: None,
-            signal: Some(SignalNumber(Signal::SIGKILL as i32)),
-            timed_out,
-            duration_ms: started.elapsed().as_millis() as u64,
-        }),
+        Err(timed_out) => never_started(timed_out, started),
         Ok(Ok(spawned)) => {
             let outcome = Supervisor::new(ch, window, out.clone())
                 .supervise(spawned, &mut control, &mut input, &stdin_spent, deadline)
@@ -135,6 +130,17 @@ pub(crate) async fn run(
 struct Outcome {
     status: Option<ExitStatus>,
     timed_out: bool,
+}
+
+/// The `exit` of a command closed (or out of time) while it waited for its
+/// start place: it never ran, and reads as killed the moment it started.
+pub(super) fn never_started(timed_out: bool, started: Instant) -> Message {
+    Message::Exit(vocab::ExitStatus {
+        code: None,
+        signal: Some(SignalNumber(Signal::SIGKILL as i32)),
+        timed_out,
+        duration_ms: started.elapsed().as_millis() as u64,
+    })
 }
 
 fn exit_message(outcome: Outcome, started: Instant) -> Message {
@@ -928,20 +934,7 @@ mod tests {
     async fn a_command_closed_while_it_waits_to_start_never_starts() {
         let _alone = process::HUNG_STARTS.lock().await;
         let dir = tempfile::tempdir().unwrap();
-        let policy = std::sync::Arc::new(
-            super::super::sandbox::ExecPolicy::new(
-                None,
-                super::super::sandbox::CommandLimits {
-                    max_procs: 0,
-                    max_memory: 0,
-                    memory_explicit: false,
-                    max_open_files: 1024,
-                    start_timeout: Duration::from_secs(30),
-                },
-                super::super::sandbox::CgroupMode::Off,
-            )
-            .unwrap(),
-        );
+        let policy = std::sync::Arc::new(super::super::sandbox::ExecPolicy::for_tests());
         let (out, mut frames) = mpsc::channel(64);
         let (done, mut ended) = mpsc::unbounded_channel();
         let start = |ch: u32, timeout_ms: Option<u64>| {

@@ -528,15 +528,7 @@ mod tests {
     const HANG: Duration = Duration::from_secs(30);
 
     fn policy_with(file_helper: Option<std::path::PathBuf>) -> Arc<ExecPolicy> {
-        use super::super::sandbox::{CgroupMode, CommandLimits};
-        let limits = CommandLimits {
-            max_procs: 0,
-            max_memory: 0,
-            memory_explicit: false,
-            max_open_files: 1024,
-            start_timeout: Duration::from_secs(30),
-        };
-        let mut policy = ExecPolicy::new(None, limits, CgroupMode::Off).unwrap();
+        let mut policy = ExecPolicy::for_tests();
         if let Some(helper) = file_helper {
             policy.set_file_helper(helper);
         }
@@ -656,14 +648,20 @@ mod tests {
         script(dir, &format!("read job\nprintf '%s\\nhello' '{reply}'"))
     }
 
+    /// A `get` of `hello` with `window` bytes of credit, under way.
+    async fn get_hello(window: u64) -> (tempfile::TempDir, Driven) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut link = Driven::new(Some(fake_get_helper(dir.path())));
+        let get = serde_json::json!({ "path": "/f", "window": window });
+        link.send_json(1, Message::Get, get).await;
+        (dir, link)
+    }
+
     /// Credit a client returns before the helper has answered counts: a
     /// `get` with no window of its own then sends what the credit allows.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn credit_sent_before_a_gets_answer_is_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut link = Driven::new(Some(fake_get_helper(dir.path())));
-        let get = serde_json::json!({ "path": "/f", "window": 0 });
-        link.send_json(1, Message::Get, get).await;
+        let (_dir, mut link) = get_hello(0).await;
         link.send(1, Message::Window { add: 1 << 20 }).await;
         let end = link.ended("the get's: its credit was lost").await;
         exited_0(&end);
@@ -674,10 +672,7 @@ mod tests {
     /// the rest does.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_gets_first_bytes_keep_to_the_window() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut link = Driven::new(Some(fake_get_helper(dir.path())));
-        let get = serde_json::json!({ "path": "/f", "window": 2 });
-        link.send_json(1, Message::Get, get).await;
+        let (_dir, mut link) = get_hello(2).await;
         let first = loop {
             let f = tokio::time::timeout(HANG, link.frames.recv())
                 .await

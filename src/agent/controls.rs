@@ -15,9 +15,10 @@
 //! however many come.
 
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
 
+use futures_util::task::AtomicWaker;
 use nix::sys::signal::Signal;
-use tokio::sync::Notify;
 
 use super::channel::Control;
 use crate::protocol::PtySize;
@@ -65,7 +66,8 @@ impl Pending {
 
 struct Shared {
     pending: Mutex<Pending>,
-    ready: Notify,
+    /// The channel's task, waiting in [`Controls::recv`].
+    ready: AtomicWaker,
 }
 
 impl Shared {
@@ -88,7 +90,7 @@ pub(crate) struct Controls {
 pub(crate) fn controls() -> (ControlSender, Controls) {
     let shared = Arc::new(Shared {
         pending: Mutex::new(Pending::default()),
-        ready: Notify::new(),
+        ready: AtomicWaker::new(),
     });
     (
         ControlSender {
@@ -123,14 +125,14 @@ impl ControlSender {
                 }
             }
         }
-        self.shared.ready.notify_one();
+        self.shared.ready.wake();
     }
 }
 
 impl Drop for ControlSender {
     fn drop(&mut self) {
         self.shared.pending().ended = true;
-        self.shared.ready.notify_one();
+        self.shared.ready.wake();
     }
 }
 
@@ -138,21 +140,22 @@ impl Controls {
     /// The next control; `None` once the connection has let go of the
     /// channel and everything sent before has been taken. Cancel-safe:
     /// nothing is taken unless it is returned.
+    ///
+    /// A channel polls this on every turn of its output loop, so the wait
+    /// costs a waker's registration (atomics, as an mpsc receiver's does),
+    /// not a waiter list's lock: there is only ever one receiver.
     pub(crate) async fn recv(&mut self) -> Option<Control> {
-        loop {
-            {
-                let mut pending = self.shared.pending();
-                if let Some(control) = pending.take() {
-                    return Some(control);
-                }
-                if pending.ended {
-                    return None;
-                }
+        std::future::poll_fn(|cx| {
+            // Registered before the look, so a send after it wakes us.
+            self.shared.ready.register(cx.waker());
+            let mut pending = self.shared.pending();
+            match pending.take() {
+                Some(control) => Poll::Ready(Some(control)),
+                None if pending.ended => Poll::Ready(None),
+                None => Poll::Pending,
             }
-            // A wake-up that came since the look above is kept (a permit),
-            // so none is lost between the look and the wait.
-            self.shared.ready.notified().await;
-        }
+        })
+        .await
     }
 }
 

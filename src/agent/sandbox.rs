@@ -148,6 +148,20 @@ pub struct ExecPolicy {
 }
 
 impl ExecPolicy {
+    /// Tests: commands as this process's user, no cgroups, no limits but
+    /// the open files a spawn needs (and no `PATH`: absolute programs).
+    #[cfg(test)]
+    pub(crate) fn for_tests() -> ExecPolicy {
+        let limits = CommandLimits {
+            max_procs: 0,
+            max_memory: 0,
+            memory_explicit: false,
+            max_open_files: 1024,
+            start_timeout: std::time::Duration::from_secs(30),
+        };
+        ExecPolicy::new(None, limits, CgroupMode::Off).expect("a policy without a user or cgroups")
+    }
+
     /// Builds the policy and logs how commands will be isolated.
     pub fn new(
         run_as: Option<&str>,

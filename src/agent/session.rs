@@ -282,12 +282,7 @@ impl Sessions {
                 // As for a command closed while it waits: never started,
                 // its exit reads as killed.
                 Err(()) => {
-                    first.refuse(Message::Exit(vocab::ExitStatus {
-                        code: None,
-                        signal: Some(vocab::SignalNumber(libc::SIGKILL)),
-                        timed_out: false,
-                        duration_ms: started.elapsed().as_millis() as u64,
-                    }));
+                    first.refuse(channel::never_started(false, started));
                     refuse_waiting(commands_rx, &named);
                 }
                 Ok(Ok(spawned)) => {
