@@ -1006,19 +1006,23 @@ impl Controller {
             .map_err(|_| LinkError::Closed)
     }
 
-    /// Sends `data` (at most 64 KiB, not empty) to the command's stdin at
-    /// once, if the agent's credit covers it and the link's queue has
-    /// room; else hands it back, nothing sent. For input typed a key at a
-    /// time, which then needs no task of its own to wait in.
-    pub fn try_stdin(&self, data: Bytes) -> Result<(), Bytes> {
-        if data.is_empty() || data.len() > STDIN_FRAME {
+    /// Sends `data` (at most 64 KiB; empty only with `eof`) to the
+    /// command's stdin at once, if the agent's credit covers it and the
+    /// link's queue has room; else hands it back, nothing sent. For input
+    /// typed a key at a time, and a REST command's whole input, which then
+    /// need no task of their own to wait in (and an `exec`'s input goes in
+    /// the same write as the `exec`, while the link's writer has not yet
+    /// sent it).
+    pub fn try_stdin(&self, data: Bytes, eof: bool) -> Result<(), Bytes> {
+        if (data.is_empty() && !eof) || data.len() > STDIN_FRAME {
             return Err(data);
         }
-        let cost = u32::try_from(data.len()).unwrap_or(u32::MAX);
+        // An empty frame costs one byte of credit, as in `stdin`.
+        let cost = u32::try_from(data.len().max(1)).unwrap_or(u32::MAX);
         let Ok(credit) = self.stdin_credit.try_acquire_many(cost) else {
             return Err(data);
         };
-        let frame = Frame::with_payload(self.ch, Message::Stdin { eof: false }, data);
+        let frame = Frame::with_payload(self.ch, Message::Stdin { eof }, data);
         match self.out.try_send(frame) {
             Ok(()) => {
                 credit.forget();

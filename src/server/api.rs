@@ -549,9 +549,13 @@ pub(crate) async fn exec(
     let input = channel.controller();
     let data = prepared.stdin.clone();
     super::metrics::input(data.len());
-    tokio::spawn(async move {
-        let _ = input.stdin(data, true).await;
-    });
+    // Most often the agent's first credit covers it all: queued behind the
+    // `exec` at once, the two frames go in one write.
+    if let Err(data) = input.try_stdin(data, true) {
+        tokio::spawn(async move {
+            let _ = input.stdin(data, true).await;
+        });
+    }
     tracing::info!(user = %who.name, agent = %agent, "api exec");
     let held = Held {
         _permit: permit,

@@ -277,9 +277,12 @@ impl Fanout {
         };
         let input = channel.controller();
         let data = self.prepared.stdin.clone();
-        tokio::spawn(async move {
-            let _ = input.stdin(data, true).await;
-        });
+        // As in `api::exec`: at once when the first credit covers it.
+        if let Err(data) = input.try_stdin(data, true) {
+            tokio::spawn(async move {
+                let _ = input.stdin(data, true).await;
+            });
+        }
         Ok((channel, ticket, trail))
     }
 

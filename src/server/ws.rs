@@ -914,7 +914,7 @@ impl Console<'_> {
             // room of what it writes until it is on the link): straight
             // to the link, in order, one task hop fewer for a keystroke.
             let data = if !eof && r.stdin_room.available_permits() == STDIN_QUEUE_BYTES {
-                match r.control.try_stdin(data) {
+                match r.control.try_stdin(data, false) {
                     Ok(()) => return true,
                     Err(back) => back,
                 }
