@@ -999,6 +999,24 @@ pub struct Controller {
 }
 
 impl Controller {
+    /// A controller of channel `ch` whose frames go to `out`, with
+    /// `credit` bytes of stdin credit (tests of what sends through one).
+    #[cfg(test)]
+    pub(crate) fn for_tests(ch: u32, out: mpsc::Sender<Frame>, credit: usize) -> Controller {
+        Controller {
+            ch,
+            out,
+            stdin_credit: Arc::new(Semaphore::new(credit)),
+        }
+    }
+
+    /// Returns `add` bytes of stdin credit, as the agent's `window` does
+    /// (tests).
+    #[cfg(test)]
+    pub(crate) fn credit_for_tests(&self, add: usize) {
+        self.stdin_credit.add_permits(add);
+    }
+
     async fn send(&self, msg: Message, payload: Bytes) -> Result<(), LinkError> {
         self.out
             .send(Frame::with_payload(self.ch, msg, payload))

@@ -14,6 +14,7 @@ pub(crate) mod embedded;
 mod fanout;
 pub(crate) mod files;
 pub mod http;
+pub(crate) mod input;
 pub(crate) mod login_sessions;
 pub(crate) mod messages;
 pub(crate) mod metrics;

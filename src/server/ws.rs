@@ -100,18 +100,12 @@ pub(crate) async fn upgrade(
 
 struct Running {
     control: Controller,
-    /// Input for the command, written by a task of its own: a command that
-    /// does not read must never stall the socket's loop (acks, Ctrl-C,
-    /// session end).
-    /// Each message boxed: a channel's first block holds 32 of them from
-    /// the start (1.8 KiB unboxed in every command).
-    stdin: mpsc::Sender<Box<(Bytes, bool, tokio::sync::OwnedSemaphorePermit)>>,
-    /// Bytes of input queued and not yet handed to the agent link.
-    stdin_room: Arc<tokio::sync::Semaphore>,
+    /// Its input: straight to the link, or queued for a writer task (a
+    /// command that does not read must never stall the socket's loop).
+    input: super::input::Input,
     /// Output sent to the browser and not yet acknowledged.
     unacked: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
-    stdin_task: tokio::task::JoinHandle<()>,
     /// Its recording, which also takes typed input (with
     /// `--record-input`) and the page's resizes.
     recording: Option<Arc<crate::recording::Recorder>>,
@@ -119,12 +113,6 @@ struct Running {
 
 /// How long a closed console's queued input has to reach the agent: 2 s.
 const INPUT_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// Input messages queued for one command beyond its agent credit: 64,
-/// and at most [`STDIN_QUEUE_BYTES`] of them.
-const STDIN_QUEUE: usize = 64;
-/// Bytes of input queued for one command beyond its agent credit: 1 MiB.
-const STDIN_QUEUE_BYTES: usize = 1024 * 1024;
 
 /// An error message. With an `id`, `final` says whether that command is
 /// over (it never started, or it is gone) or goes on (its `exit` follows).
@@ -303,22 +291,11 @@ async fn session(
     let mut pumps = Vec::new();
     let mut inputs = Vec::new();
     for r in running {
-        let Running {
-            task,
-            stdin,
-            stdin_task,
-            ..
-        } = r;
-        drop(stdin);
+        let Running { task, input, .. } = r;
         pumps.push(task);
-        inputs.push(stdin_task);
+        inputs.push(input.drain(INPUT_DRAIN));
     }
-    let drained = futures_util::future::join_all(inputs.iter_mut());
-    if tokio::time::timeout(INPUT_DRAIN, drained).await.is_err() {
-        for task in &inputs {
-            task.abort();
-        }
-    }
+    futures_util::future::join_all(inputs).await;
     for task in pumps {
         task.abort();
     }
@@ -897,8 +874,8 @@ impl Console<'_> {
         ))
     }
 
-    /// Queues input for the command's own writer task; input that does not
-    /// fit is dropped and the page told so.
+    /// Sends or queues input for the command (`super::input`); input that
+    /// does not fit is dropped and the page told so.
     async fn stdin(&self, id: u32, data: String, eof: bool) {
         super::metrics::input(data.len());
         let recorder = self
@@ -909,26 +886,7 @@ impl Console<'_> {
         // Kept for the record only when there is one.
         let text = recorder.as_ref().map(|_| data.clone());
         let data = Bytes::from(data);
-        let queued = self.running.get(&id).map(|r| {
-            // Nothing queued or being written (the input task holds the
-            // room of what it writes until it is on the link): straight
-            // to the link, in order, one task hop fewer for a keystroke.
-            let data = if !eof && r.stdin_room.available_permits() == STDIN_QUEUE_BYTES {
-                match r.control.try_stdin(data, false) {
-                    Ok(()) => return true,
-                    Err(back) => back,
-                }
-            } else {
-                data
-            };
-            let cost = u32::try_from(data.len().max(1)).unwrap_or(u32::MAX);
-            r.stdin_room
-                .clone()
-                .try_acquire_many_owned(cost)
-                .ok()
-                .and_then(|room| r.stdin.try_send(Box::new((data, eof, room))).ok())
-                .is_some()
-        });
+        let queued = self.running.get(&id).map(|r| r.input.push(data, eof));
         match (queued, recorder, text) {
             // Recorded only once it went to the command (or its queue):
             // input refused here was never the command's.
@@ -946,8 +904,9 @@ impl Console<'_> {
 }
 
 impl Running {
-    /// Starts the tasks of a command whose channel is open: one forwards
-    /// its output, one writes its input.
+    /// Starts the task of a command whose channel is open, which forwards
+    /// its output (its input needs a task only while some waits: see
+    /// `super::input`).
     fn start(
         id: u32,
         channel: crate::link::Channel,
@@ -962,24 +921,7 @@ impl Running {
     ) -> Running {
         let recording = held.2.clone();
         let control = channel.controller();
-        let (stdin, mut stdin_rx) =
-            mpsc::channel::<Box<(Bytes, bool, tokio::sync::OwnedSemaphorePermit)>>(STDIN_QUEUE);
-        let stdin_room = Arc::new(tokio::sync::Semaphore::new(STDIN_QUEUE_BYTES));
-        let writer = control.clone();
-        let stdin_task = tokio::spawn(async move {
-            while let Some(input) = stdin_rx.recv().await {
-                let (data, eof, room) = *input;
-                let sent = writer.stdin(data, eof).await;
-                // The room is given back only once the input is on the
-                // link: `Console::stdin` sends a key straight to the link
-                // only while all of it is free, so nothing it sends can
-                // pass input still being written here.
-                drop(room);
-                if sent.is_err() {
-                    break;
-                }
-            }
-        });
+        let input = super::input::Input::new(control.clone());
         let unacked = Arc::new(AtomicU64::new(0));
         let task = tokio::spawn(pump(
             id,
@@ -992,11 +934,9 @@ impl Running {
         ));
         Running {
             control,
-            stdin,
-            stdin_room,
+            input,
             unacked,
             task,
-            stdin_task,
             recording,
         }
     }
