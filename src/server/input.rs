@@ -4,8 +4,8 @@
 //! (`Controller::try_stdin`). Input that cannot (the agent's credit spent,
 //! the link's queue full, input already waiting) is queued here, in order,
 //! for a writer task that exists only while some waits: an idle shell
-//! holds no task and no channel for its input (they were about 1.5 KiB of
-//! every command's server memory). A command that does not read must
+//! holds no task and no channel for its input (with them, an idle shell
+//! cost the server about 2.5 KiB more). A command that does not read must
 //! never stall the console's loop, so the console only ever queues.
 
 use std::collections::VecDeque;
@@ -205,9 +205,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_key_never_overtakes_input_being_written() {
+        let (tx, mut rx) = mpsc::channel(64);
+        let control = Controller::for_tests(1, tx, 4);
+        let input = Input::new(control.clone());
+        assert!(input.push(Bytes::from("paste!"), false));
+        // Until the writer has taken the paste and waits for credit: the
+        // queue is empty, but the paste is not on the link.
+        until(|| lock(&input.shared).waiting.is_empty()).await;
+        assert!(input.push(Bytes::from("k"), false));
+        assert!(sent(&mut rx).is_empty(), "the key went past the paste");
+        control.credit_for_tests(100);
+        until(|| !writing(&input)).await;
+        let want = vec![("paste!".to_owned(), false), ("k".to_owned(), false)];
+        assert_eq!(sent(&mut rx), want);
+    }
+
+    #[tokio::test]
     async fn a_full_queue_refuses_and_an_ended_command_takes_nothing() {
         let (tx, _rx) = mpsc::channel(64);
         let input = Input::new(Controller::for_tests(1, tx, 0));
+        assert!(input.push(Bytes::from("x"), false));
+        // The writer holds the first piece, waiting for credit.
+        until(|| lock(&input.shared).waiting.is_empty()).await;
         for _ in 0..QUEUE {
             assert!(input.push(Bytes::from("x"), false));
         }
@@ -215,6 +235,13 @@ mod tests {
             !input.push(Bytes::from("x"), false),
             "past the queue's bound"
         );
+        // The bytes are bounded too, whatever the count.
+        let (tx, _rx) = mpsc::channel(64);
+        let input = Input::new(Controller::for_tests(1, tx, 0));
+        let half = Bytes::from(vec![b'x'; QUEUE_BYTES / 2]);
+        assert!(input.push(half.clone(), false));
+        assert!(input.push(half.clone(), false));
+        assert!(!input.push(Bytes::from("x"), false), "past 1 MiB");
 
         // The link has gone: what was queued is given up, with its writer,
         // and input is refused from then on.
@@ -228,5 +255,28 @@ mod tests {
         until(|| !writing(&input)).await;
         assert!(!input.push(Bytes::from("b"), false));
         assert!(!writing(&input));
+    }
+
+    #[tokio::test]
+    async fn the_drain_passes_queued_input_on_and_gives_up_at_its_bound() {
+        // Credit comes while the console drains: the input reaches the link.
+        let (tx, mut rx) = mpsc::channel(64);
+        let control = Controller::for_tests(1, tx, 0);
+        let input = Input::new(control.clone());
+        assert!(input.push(Bytes::from("last words"), true));
+        let later = control.clone();
+        tokio::spawn(async move { later.credit_for_tests(100) });
+        input.drain(Duration::from_secs(30)).await;
+        assert_eq!(sent(&mut rx), vec![("last words".to_owned(), true)]);
+
+        // No credit ever: the drain ends at its bound, the writer with it.
+        let (tx, mut rx) = mpsc::channel(64);
+        let input = Input::new(Controller::for_tests(1, tx, 0));
+        assert!(input.push(Bytes::from("never"), false));
+        let shared = input.shared.clone();
+        input.drain(Duration::from_millis(50)).await;
+        assert!(sent(&mut rx).is_empty());
+        // The aborted writer's future is dropped: only this test holds it.
+        until(|| Arc::strong_count(&shared) == 1).await;
     }
 }
