@@ -335,11 +335,9 @@ impl Transfer {
             if status.is_some() && !source.open() && stderr.is_none() && early.is_empty() {
                 break;
             }
-            let limit = if early.is_empty() {
-                flow.credit.min(READ_CHUNK as u64) as usize
-            } else {
-                0
-            };
+            // No credit while early bytes wait (they went first above):
+            // nothing is read past them.
+            let limit = flow.credit.min(READ_CHUNK as u64) as usize;
             tokio::select! {
                 biased;
                 msg = self.control.recv() => match msg {

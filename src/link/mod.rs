@@ -1050,6 +1050,18 @@ impl Controller {
         }
     }
 
+    /// Sends a command's whole input and its end without waiting here: at
+    /// once when the agent's credit and the link's queue take it (then in
+    /// the same write as the `exec` just queued), else from a task of its
+    /// own, which waits for the credit.
+    pub(crate) fn stdin_to_end(self, data: Bytes) {
+        if let Err(data) = self.try_stdin(data, true) {
+            tokio::spawn(async move {
+                let _ = self.stdin(data, true).await;
+            });
+        }
+    }
+
     /// Sends bytes to the command's stdin, in frames of at most 64 KiB,
     /// each once the agent has granted the credit for it: this waits while
     /// the process is not reading. Fails once the channel has ended.

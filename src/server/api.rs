@@ -546,16 +546,9 @@ pub(crate) async fn exec(
     // Always end stdin, so that a command reading it sees EOF, not a hang;
     // written beside the reading of output, so that a command that echoes
     // more than the credit window cannot deadlock against its own input.
-    let input = channel.controller();
     let data = prepared.stdin.clone();
     super::metrics::input(data.len());
-    // Most often the agent's first credit covers it all: queued behind the
-    // `exec` at once, the two frames go in one write.
-    if let Err(data) = input.try_stdin(data, true) {
-        tokio::spawn(async move {
-            let _ = input.stdin(data, true).await;
-        });
-    }
+    channel.controller().stdin_to_end(data);
     tracing::info!(user = %who.name, agent = %agent, "api exec");
     let held = Held {
         _permit: permit,

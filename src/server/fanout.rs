@@ -275,14 +275,9 @@ impl Fanout {
                 return refuse(HostStatus::Unreachable, format!("agent {agent:?}: {e}"));
             }
         };
-        let input = channel.controller();
-        let data = self.prepared.stdin.clone();
-        // As in `api::exec`: at once when the first credit covers it.
-        if let Err(data) = input.try_stdin(data, true) {
-            tokio::spawn(async move {
-                let _ = input.stdin(data, true).await;
-            });
-        }
+        channel
+            .controller()
+            .stdin_to_end(self.prepared.stdin.clone());
         Ok((channel, ticket, trail))
     }
 

@@ -150,6 +150,14 @@ mod tests {
         out
     }
 
+    /// An input for a channel with `credit` bytes of stdin credit, its
+    /// controller (to return credit) and the link's frames.
+    fn with_credit(credit: usize) -> (Input, Controller, mpsc::Receiver<Frame>) {
+        let (tx, rx) = mpsc::channel(64);
+        let control = Controller::for_tests(1, tx, credit);
+        (Input::new(control.clone()), control, rx)
+    }
+
     fn writing(input: &Input) -> bool {
         lock(&input.shared).writer.is_some()
     }
@@ -166,8 +174,7 @@ mod tests {
 
     #[tokio::test]
     async fn keys_go_straight_and_no_writer_task_waits_for_them() {
-        let (tx, mut rx) = mpsc::channel(64);
-        let input = Input::new(Controller::for_tests(1, tx, 1024));
+        let (input, _, mut rx) = with_credit(1024);
         for key in ["a", "b", "c"] {
             assert!(input.push(Bytes::from(key), false));
             assert!(!writing(&input), "a task was started for a key");
@@ -179,9 +186,7 @@ mod tests {
 
     #[tokio::test]
     async fn input_beyond_the_credit_waits_in_order_and_its_writer_then_ends() {
-        let (tx, mut rx) = mpsc::channel(64);
-        let control = Controller::for_tests(1, tx, 4);
-        let input = Input::new(control.clone());
+        let (input, control, mut rx) = with_credit(4);
         // Over the credit: queued, and a writer started for it.
         assert!(input.push(Bytes::from("paste!"), false));
         assert!(writing(&input));
@@ -206,9 +211,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_key_never_overtakes_input_being_written() {
-        let (tx, mut rx) = mpsc::channel(64);
-        let control = Controller::for_tests(1, tx, 4);
-        let input = Input::new(control.clone());
+        let (input, control, mut rx) = with_credit(4);
         assert!(input.push(Bytes::from("paste!"), false));
         // Until the writer has taken the paste and waits for credit: the
         // queue is empty, but the paste is not on the link.
@@ -223,8 +226,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_queue_refuses_and_an_ended_command_takes_nothing() {
-        let (tx, _rx) = mpsc::channel(64);
-        let input = Input::new(Controller::for_tests(1, tx, 0));
+        let (input, _, _rx) = with_credit(0);
         assert!(input.push(Bytes::from("x"), false));
         // The writer holds the first piece, waiting for credit.
         until(|| lock(&input.shared).waiting.is_empty()).await;
@@ -236,8 +238,7 @@ mod tests {
             "past the queue's bound"
         );
         // The bytes are bounded too, whatever the count.
-        let (tx, _rx) = mpsc::channel(64);
-        let input = Input::new(Controller::for_tests(1, tx, 0));
+        let (input, _, _rx) = with_credit(0);
         let half = Bytes::from(vec![b'x'; QUEUE_BYTES / 2]);
         assert!(input.push(half.clone(), false));
         assert!(input.push(half.clone(), false));
@@ -260,18 +261,14 @@ mod tests {
     #[tokio::test]
     async fn the_drain_passes_queued_input_on_and_gives_up_at_its_bound() {
         // Credit comes while the console drains: the input reaches the link.
-        let (tx, mut rx) = mpsc::channel(64);
-        let control = Controller::for_tests(1, tx, 0);
-        let input = Input::new(control.clone());
+        let (input, control, mut rx) = with_credit(0);
         assert!(input.push(Bytes::from("last words"), true));
-        let later = control.clone();
-        tokio::spawn(async move { later.credit_for_tests(100) });
+        tokio::spawn(async move { control.credit_for_tests(100) });
         input.drain(Duration::from_secs(30)).await;
         assert_eq!(sent(&mut rx), vec![("last words".to_owned(), true)]);
 
         // No credit ever: the drain ends at its bound, the writer with it.
-        let (tx, mut rx) = mpsc::channel(64);
-        let input = Input::new(Controller::for_tests(1, tx, 0));
+        let (input, _, mut rx) = with_credit(0);
         assert!(input.push(Bytes::from("never"), false));
         let shared = input.shared.clone();
         input.drain(Duration::from_millis(50)).await;
