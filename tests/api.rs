@@ -73,6 +73,31 @@ async fn a_command_and_its_result() {
     assert_eq!(body["stdout"], "from stdin\nex\n/\n");
 }
 
+/// A caller's input reaches its command whole and then ends, however it
+/// is sent: none (the end alone), within the agent's first credit (with
+/// the `exec`), or past one frame (from a task that waits for credit). A
+/// command reading input it was not given ends at once rather than holding
+/// the caller's command slot until the time limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_arrives_whole_and_ends_however_large() {
+    let server = start(&[]).await;
+    let (status, body) = exec(&server, &server.token, json!({"command": "cat"})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["stdout"], "");
+    assert_eq!(body["exit_code"], 0);
+    assert_eq!(body["timed_out"], false);
+    // Past one 64 KiB frame, under the 1 MiB body limit.
+    let big: String = (0..300_000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let body = json!({"command": "cat | sha256sum | cut -c1-64", "stdin": big});
+    let (status, body) = exec(&server, &server.token, body).await;
+    assert_eq!(status, 200, "{body}");
+    let want = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(big.as_bytes()));
+    assert_eq!(body["stdout"], format!("{want}\n"));
+    assert_eq!(body["timed_out"], false);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_is_exact_truncated_base64_or_decoded() {
     let server = start(&[]).await;

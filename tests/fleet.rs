@@ -268,6 +268,23 @@ async fn twenty_agents_some_dialing_in_run_one_command_each_with_per_host_result
             "{selector}"
         );
     }
+
+    // Each host's command gets the caller's input whole, and its end: a
+    // command reading input it was not given ends at once, never holding
+    // its host until the time limit.
+    for (stdin, want) in [(Some("to every host\n"), "to every host\n"), (None, "")] {
+        let mut body = json!({"command": "cat", "target": "role=web"});
+        if let Some(stdin) = stdin {
+            body["stdin"] = json!(stdin);
+        }
+        let (status, body) = exec(&server, body).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["summary"]["ok"], 10, "{body}");
+        for r in body["results"].as_array().unwrap() {
+            assert_eq!(r["result"]["stdout"], want, "{r}");
+            assert_eq!(r["result"]["timed_out"], false, "{r}");
+        }
+    }
     let (status, body) = exec(&server, json!({"command": "true", "target": "nothing-*"})).await;
     assert_eq!(status, 404, "{body}");
     let (status, body) = exec(&server, json!({"command": "true", "target": "role==web"})).await;
