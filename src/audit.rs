@@ -874,7 +874,14 @@ pub async fn verify(store: &Store) -> Result<Verdict, StoreError> {
 /// status, duration and output bytes.
 pub struct CommandTrail {
     audit: Audit,
+    /// Who, from where, on which agent, how: the closing record's
+    /// (its `detail` empty: see `repeated`).
     base: Event,
+    /// What the closing record repeats of the opening one's detail
+    /// (`session`, `request_id`, `command`) and what was noted since.
+    /// Only these are kept: the whole detail, as a JSON map, cost every
+    /// running command more than half a KiB for as long as it ran.
+    repeated: Vec<(String, serde_json::Value)>,
     /// The kind of the closing record.
     end_kind: Kind,
     started: std::time::Instant,
@@ -888,43 +895,52 @@ impl CommandTrail {
     /// this returns (see [`Audit::record_committed`]): call it before the
     /// command is sent to its agent.
     pub async fn start(audit: &Audit, base: Event) -> CommandTrail {
-        audit
-            .record_committed(Event {
-                kind: Kind::CommandStart,
-                ..base.clone()
-            })
-            .await;
-        CommandTrail {
-            audit: audit.clone(),
-            base,
-            end_kind: Kind::CommandEnd,
-            started: std::time::Instant::now(),
-            bytes_out: 0,
-            ended: false,
-        }
+        let (opening, trail) =
+            CommandTrail::opened(audit, base, Kind::CommandStart, Kind::CommandEnd);
+        audit.record_committed(opening).await;
+        trail
     }
 
     /// The same for another pair of kinds (an attach to a session and its
     /// detach).
     pub fn start_as(audit: &Audit, base: Event, start: Kind, end: Kind) -> CommandTrail {
-        audit.record(Event {
+        let (opening, trail) = CommandTrail::opened(audit, base, start, end);
+        audit.record(opening);
+        trail
+    }
+
+    /// The opening record (`base` as `start`), and the trail that closes it.
+    fn opened(audit: &Audit, mut base: Event, start: Kind, end: Kind) -> (Event, CommandTrail) {
+        let detail = std::mem::take(&mut base.detail);
+        let repeated = ["session", "request_id", "command"]
+            .into_iter()
+            .filter_map(|key| Some((key.to_owned(), detail.get(key)?.clone())))
+            .collect();
+        let opening = Event {
             kind: start,
+            detail,
             ..base.clone()
-        });
-        CommandTrail {
+        };
+        let trail = CommandTrail {
             audit: audit.clone(),
             base,
+            repeated,
             end_kind: end,
             started: std::time::Instant::now(),
             bytes_out: 0,
             ended: false,
-        }
+        };
+        (opening, trail)
     }
 
     /// Adds `key` to what the closing record repeats (a session's id,
-    /// known once the agent says it).
-    pub fn note(&mut self, key: &str, value: &str) {
-        self.base.detail[key] = serde_json::Value::String(value.to_owned());
+    /// known once the agent says it; a fan-out host's outcome).
+    pub fn note(&mut self, key: &str, value: impl Into<serde_json::Value>) {
+        let value = value.into();
+        match self.repeated.iter_mut().find(|(k, _)| k == key) {
+            Some((_, old)) => *old = value,
+            None => self.repeated.push((key.to_owned(), value)),
+        }
     }
 
     pub fn output(&mut self, n: usize) {
@@ -953,10 +969,8 @@ impl CommandTrail {
         if let Some(f) = failure {
             detail["failure"] = serde_json::Value::String(f.to_owned());
         }
-        for key in ["session", "request_id", "command"] {
-            if let Some(v) = self.base.detail.get(key) {
-                detail[key] = v.clone();
-            }
+        for (key, value) in &self.repeated {
+            detail[key.as_str()] = value.clone();
         }
         self.audit.record(Event {
             kind: self.end_kind,

@@ -550,6 +550,13 @@ async fn fan_out_commands_and_fields_a_client_chose_are_recorded_safely() {
         .find(|r| r["kind"] == "command_start" && r["detail"]["target"] == "local")
         .unwrap();
     assert_eq!(start["detail"]["target"], "local");
+    // Its end repeats the command and says how the host fared.
+    let end = all
+        .iter()
+        .find(|r| r["kind"] == "command_end" && r["detail"]["host_status"].is_string())
+        .expect("the fanned host's end says how it fared");
+    assert_eq!(end["detail"]["host_status"], "ok", "{end}");
+    assert_eq!(end["detail"]["command"], "echo fanned", "{end}");
     let cut = all
         .iter()
         .find(|r| r["kind"] == "command_start" && r["detail"]["command_cut"].is_object())

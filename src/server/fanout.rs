@@ -187,7 +187,11 @@ impl Fanout {
             Ok((channel, ticket, mut trail)) => {
                 let outcome = self.drive(host, channel, &sink).await;
                 drop(ticket);
-                trail.note("host_status", &format!("{:?}", outcome.status));
+                // In the API's words (`ok`, `failed`, `unreachable`).
+                trail.note(
+                    "host_status",
+                    serde_json::to_value(outcome.status).unwrap_or_default(),
+                );
                 match &outcome.error {
                     Some(error) => trail.end(None, Some(error)),
                     None => trail.end(None, None),

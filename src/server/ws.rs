@@ -1079,7 +1079,7 @@ async fn pump(
                 (error(Some(id), failure.code(), &message), true)
             }
             Update::Session(session) => {
-                trail.note("session", &session);
+                trail.note("session", session.as_str());
                 if let Some(r) = &recording {
                     r.session(&session).await;
                 }
