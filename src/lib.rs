@@ -19,6 +19,7 @@ pub mod rest_client;
 pub mod selector;
 pub mod server;
 pub mod shutdown;
+pub(crate) mod small_map;
 pub mod store;
 pub mod systemd;
 pub mod telemetry;

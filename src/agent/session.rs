@@ -33,6 +33,7 @@ use super::process;
 use super::sandbox::ExecPolicy;
 use super::terminal::Term;
 use crate::protocol::{ExecRequest, Frame, Message, PtySize, SessionInfo};
+use crate::small_map::SmallMap;
 use crate::vocab::{self, ErrorCode};
 
 /// A watcher's output queued beyond its credit before it is dropped and
@@ -99,12 +100,17 @@ impl Attach {
 }
 
 enum Command {
-    /// Boxed: a channel's first block holds 32 commands from the start,
-    /// 3 KiB in every session with an attach unboxed.
+    /// Boxed, as `Watchers`: a channel's first block holds 32 commands
+    /// from the start, in every session (3 KiB with an attach unboxed,
+    /// 800 bytes with the list unboxed, 544 now).
     Attach(Box<Attach>),
     End,
     /// Who may watch now: the watchers not among them are detached.
-    Watchers(Vec<String>),
+    #[expect(
+        clippy::box_collection,
+        reason = "a thin pointer keeps every slot 8 bytes smaller"
+    )]
+    Watchers(Box<Vec<String>>),
 }
 
 struct Entry {
@@ -257,7 +263,7 @@ impl Sessions {
             info,
             limits: self.limits,
             model: Model::new(size, self.limits.scrollback),
-            viewers: HashMap::new(),
+            viewers: SmallMap::default(),
             writer: None,
             next_key: 0,
             inputs: SelectAll::new(),
@@ -267,47 +273,21 @@ impl Sessions {
             kill_at: None,
             rehup_at: None,
         };
-        let named = id.clone();
-        let listed = Listed {
-            sessions: self.clone(),
-            id,
-        };
-        let shutdown = self.shutdown.clone();
-        self.tasks.spawn(async move {
-            // Whatever happens to the task (a panic included), the session
-            // leaves the table with it.
-            let _listed = listed;
-            // Forking happens here, not in the connection that asked.
-            match process::spawn_admitted_unless(&req, &policy, closed.cancelled()).await {
-                // As for a command closed while it waits: never started,
-                // its exit reads as killed.
-                Err(()) => {
-                    first.refuse(channel::never_started(false, started));
-                    refuse_waiting(commands_rx, &named);
-                }
-                Ok(Ok(spawned)) => {
-                    if let Some(pid) = spawned.child.id() {
-                        leader.store(pid, std::sync::atomic::Ordering::Release);
-                    }
-                    task.run(spawned, commands_rx, first, shutdown).await
-                }
-                Ok(Err(err)) => {
-                    // As for any command: the reason on stderr, then its exit.
-                    let payload = Bytes::from(err.message);
-                    let _ = first
-                        .out
-                        .send(Frame::with_payload(first.ch, Message::Stderr, payload))
-                        .await;
-                    first.refuse(Message::Exit(vocab::ExitStatus {
-                        code: Some(err.code),
-                        signal: None,
-                        timed_out: false,
-                        duration_ms: started.elapsed().as_millis() as u64,
-                    }));
-                    refuse_waiting(commands_rx, &named);
-                }
-            }
+        let start = Box::new(Start {
+            req,
+            policy,
+            closed,
+            first: Box::new(first),
+            session: Box::new(task),
+            commands: commands_rx,
+            leader,
+            listed: Listed {
+                sessions: self.clone(),
+                id,
+            },
+            shutdown: self.shutdown.clone(),
         });
+        self.tasks.spawn(start.run());
     }
 
     /// Attaches `attach` to session `id`; an unknown id refuses it.
@@ -373,7 +353,7 @@ impl Sessions {
             // attach.
             let commands = entry.commands.clone();
             tokio::spawn(async move {
-                let _ = commands.send(Command::Watchers(watchers)).await;
+                let _ = commands.send(Command::Watchers(Box::new(watchers))).await;
             });
         }
         true
@@ -467,8 +447,9 @@ struct Viewer {
     watch: bool,
     credit: u64,
     window: u64,
-    /// Output not yet sent (beyond the credit), in order.
-    pending: VecDeque<(Message, Bytes)>,
+    /// Output not yet sent (beyond the credit), in order. Its memory is
+    /// given back once it is empty: an idle shell's viewer holds none.
+    pending: VecDeque<Queued>,
     pending_len: usize,
     /// Of `pending_len`, the live output (not a redraw): what counts
     /// towards a watcher's lag.
@@ -486,62 +467,83 @@ struct Viewer {
     warned: bool,
 }
 
+/// What waits in a viewer's queue: output, or a resize in order with it
+/// (40 bytes, where a [`Message`] is 160).
+enum Queued {
+    Stdout(Bytes),
+    Snapshot(Bytes),
+    Resize { cols: u16, rows: u16 },
+}
+
 impl Viewer {
-    fn queue(&mut self, kind: Message, data: Bytes) {
+    fn queue(&mut self, data: Bytes) {
         if data.is_empty() || self.resync {
             return;
         }
         self.pending_len += data.len();
-        if kind == Message::Stdout {
-            self.live_len += data.len();
-        }
-        self.pending.push_back((kind, data));
+        self.live_len += data.len();
+        self.pending.push_back(Queued::Stdout(data));
         if self.watch && self.live_len > WATCH_LAG {
             self.lagged();
         }
     }
 
-    /// Queues a frame without payload (a `resize`) in order with the output.
-    fn queue_control(&mut self, msg: Message) {
+    /// Queues a `resize` in order with the output.
+    fn queue_resize(&mut self, size: PtySize) {
         if !self.resync {
-            self.pending.push_back((msg, Bytes::new()));
+            self.pending.push_back(Queued::Resize {
+                cols: size.cols,
+                rows: size.rows,
+            });
         }
     }
 
     /// A watcher fell behind: what it has queued is dropped, and a redraw
     /// follows once it has credit again.
     fn lagged(&mut self) {
-        self.pending.clear();
+        self.pending = VecDeque::new();
         self.pending_len = 0;
         self.live_len = 0;
         self.resync = true;
     }
 
+    /// Whether [`Viewer::flush`] has anything to do.
+    fn can_flush(&self) -> bool {
+        self.credit > 0 && !self.pending.is_empty()
+    }
+
     /// Sends what the credit allows; false when the connection is gone.
     async fn flush(&mut self) -> bool {
         while self.credit > 0 {
-            let Some((kind, mut data)) = self.pending.pop_front() else {
-                break;
-            };
-            if data.is_empty() {
-                // A control frame (`resize`): no credit, no lag.
-                let frame = Frame::new(self.ch, kind);
-                match self.out.try_send(frame) {
-                    Ok(()) => continue,
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        self.lagged();
-                        return true;
+            let (kind, mut data) = match self.pending.pop_front() {
+                None => break,
+                Some(Queued::Stdout(data)) => (Message::Stdout, data),
+                Some(Queued::Snapshot(data)) => (Message::Snapshot, data),
+                Some(Queued::Resize { cols, rows }) => {
+                    // A control frame: no credit, no lag.
+                    let frame = Frame::new(self.ch, Message::Resize { cols, rows });
+                    match self.out.try_send(frame) {
+                        Ok(()) => continue,
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            self.lagged();
+                            return true;
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => return false,
                     }
-                    Err(mpsc::error::TrySendError::Closed(_)) => return false,
                 }
-            }
+            };
             let n = data.len().min(self.credit.min(READ_CHUNK as u64) as usize);
             let rest = data.split_off(n);
+            let live = kind == Message::Stdout;
             if !rest.is_empty() {
-                self.pending.push_front((kind.clone(), rest));
+                self.pending.push_front(if live {
+                    Queued::Stdout(rest)
+                } else {
+                    Queued::Snapshot(rest)
+                });
             }
             self.pending_len -= n;
-            if kind == Message::Stdout {
+            if live {
                 self.live_len = self.live_len.saturating_sub(n);
             }
             self.credit -= n as u64;
@@ -564,6 +566,10 @@ impl Viewer {
                 Err(mpsc::error::TrySendError::Closed(_)) => return false,
             }
         }
+        if self.pending.is_empty() {
+            // Its memory back: an idle viewer holds none.
+            self.pending = VecDeque::new();
+        }
         true
     }
 
@@ -584,12 +590,104 @@ enum Input {
     Gone(u64),
 }
 
+/// What a session's task starts from, in one allocation of its own.
+///
+/// Every idle shell holds its task, and a task is as large as its largest
+/// state. An async block keeps room for all it captured for its whole
+/// life, even what it has moved on: the session was kept twice that way
+/// (captured, and again in its running loop) and the request it started
+/// from stayed too. Taken apart in [`Start::run`], what is moved on needs
+/// no room after.
+struct Start {
+    req: ExecRequest,
+    policy: Arc<ExecPolicy>,
+    closed: CancellationToken,
+    first: Box<Attach>,
+    session: Box<Session>,
+    commands: mpsc::Receiver<Command>,
+    leader: Arc<std::sync::atomic::AtomicU32>,
+    listed: Listed,
+    shutdown: CancellationToken,
+}
+
+impl Start {
+    async fn run(self: Box<Self>) {
+        let Start {
+            req,
+            policy,
+            closed,
+            first,
+            session,
+            commands,
+            leader,
+            listed,
+            shutdown,
+        } = unboxed(self);
+        // Whatever happens to the task (a panic included), the session
+        // leaves the table with `listed`, dropped last.
+        let started = session.started;
+        // Forking happens here, not in the connection that asked; boxed,
+        // as its future is large and needed only until the shell runs.
+        match Box::pin(spawn_shell(req, policy, closed)).await {
+            // As for a command closed while it waits: never started, its
+            // exit reads as killed.
+            Err(()) => {
+                first.refuse(channel::never_started(false, started));
+                refuse_waiting(commands, &listed.id);
+            }
+            Ok(Ok(spawned)) => {
+                if let Some(pid) = spawned.child.id() {
+                    leader.store(pid, std::sync::atomic::Ordering::Release);
+                }
+                drop(leader);
+                session.run(spawned, commands, first, shutdown).await;
+            }
+            Ok(Err(err)) => {
+                // As for any command: the reason on stderr, then its exit.
+                let payload = Bytes::from(err.message);
+                let _ = first
+                    .out
+                    .send(Frame::with_payload(first.ch, Message::Stderr, payload))
+                    .await;
+                first.refuse(Message::Exit(vocab::ExitStatus {
+                    code: Some(err.code),
+                    signal: None,
+                    timed_out: false,
+                    duration_ms: started.elapsed().as_millis() as u64,
+                }));
+                refuse_waiting(commands, &listed.id);
+            }
+        }
+        drop(listed);
+    }
+}
+
+/// The value in `boxed`, its memory freed now. (`*boxed` in an async fn
+/// frees it only when the function ends: for a session's task, its life.)
+#[expect(clippy::boxed_local, reason = "freeing the box is its purpose")]
+fn unboxed<T>(boxed: Box<T>) -> T {
+    *boxed
+}
+
+/// Starts a session's shell; a future of its own, so that the request
+/// and what the start holds are gone once it has started.
+async fn spawn_shell(
+    req: ExecRequest,
+    policy: Arc<ExecPolicy>,
+    closed: CancellationToken,
+) -> Result<Result<Box<process::Spawned>, process::SpawnError>, ()> {
+    process::spawn_admitted_unless(&req, &policy, closed.cancelled())
+        .await
+        .map(|started| started.map(Box::new))
+}
+
 struct Session {
     id: String,
     info: Arc<Mutex<SessionInfo>>,
     limits: SessionLimits,
     model: Model,
-    viewers: HashMap<u64, Viewer>,
+    /// Most sessions have one viewer.
+    viewers: SmallMap<u64, Viewer>,
     writer: Option<u64>,
     next_key: u64,
     inputs: SelectAll<BoxStream<'static, Input>>,
@@ -603,6 +701,19 @@ struct Session {
     kill_at: Option<tokio::time::Instant>,
     /// The shell is hung up once more then, if it still runs.
     rehup_at: Option<tokio::time::Instant>,
+}
+
+/// Which of a session's deadlines its timer is set for.
+#[derive(Clone, Copy)]
+enum Deadline {
+    /// The shell has ended: what it printed last has had its time.
+    Drain,
+    /// Nobody attached within the linger time.
+    Linger,
+    /// The second hangup.
+    Rehup,
+    /// The end of the hangup's grace.
+    Kill,
 }
 
 /// How long a shell has after its hangup (SIGHUP, as when a terminal
@@ -658,18 +769,21 @@ impl Session {
         self.info.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The session's loop. Its arguments are boxed: an async fn keeps room
+    /// for its arguments beside the locals they are moved into, for its
+    /// whole life, and every idle shell holds this future.
     async fn run(
-        mut self,
-        spawned: process::Spawned,
+        mut self: Box<Self>,
+        spawned: Box<process::Spawned>,
         mut commands: mpsc::Receiver<Command>,
-        first: Attach,
+        first: Box<Attach>,
         shutdown: CancellationToken,
     ) {
         let process::Spawned {
             mut child,
             mut group,
             io,
-        } = spawned;
+        } = unboxed(spawned);
         let (writer, reader, _, pty) = channel::split_io(io);
         let mut stdin = StdinQueue::new(writer, Some(0x04));
         let mut output = Source::new(reader);
@@ -679,7 +793,7 @@ impl Session {
         let mut linger_until: Option<tokio::time::Instant> = None;
         let mut lingered = false;
         let far = tokio::time::Instant::now() + Duration::from_secs(60 * 60 * 24 * 365);
-        self.join(first, pty.as_deref(), false).await;
+        Box::pin(self.join(unboxed(first), pty.as_deref(), false)).await;
 
         loop {
             // What is queued goes first (the redraw of a new attachment
@@ -691,7 +805,11 @@ impl Session {
                 self.unpaid = stdin.forget_owed();
             }
             self.return_stdin_credit(&mut stdin).await;
-            self.flush().await;
+            // Boxed (its future is large), and only when a viewer has
+            // output queued and the credit for it.
+            if self.viewers.values().any(Viewer::can_flush) {
+                Box::pin(self.flush()).await;
+            }
             if status.is_some() && !output.open() {
                 break;
             }
@@ -713,6 +831,21 @@ impl Session {
                 ),
                 None => (true, READ_CHUNK),
             };
+            // One timer for the four deadlines, the earliest first (a
+            // timer is a hundred bytes of the task, held by every shell).
+            let alive = status.is_none();
+            let timer = [
+                (Deadline::Drain, drain_until),
+                (
+                    Deadline::Linger,
+                    linger_until.filter(|_| alive && !lingered),
+                ),
+                (Deadline::Rehup, self.rehup_at.filter(|_| alive)),
+                (Deadline::Kill, self.kill_at.filter(|_| alive)),
+            ]
+            .into_iter()
+            .filter_map(|(which, at)| Some((at?, which)))
+            .min_by_key(|(at, _)| *at);
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled(), if status.is_none() => {
@@ -721,49 +854,56 @@ impl Session {
                     drain_until = Some(tokio::time::Instant::now());
                 }
                 cmd = commands.recv() => match cmd {
+                    // Attaching is rare and its future large: boxed, so
+                    // that an idle shell's task does not keep room for it.
                     Some(Command::Attach(attach)) => {
                         if status.is_some() {
                             // It is ending: the exit follows for everyone.
-                            self.join(*attach, None, true).await;
+                            Box::pin(self.join(*attach, None, true)).await;
                         } else {
-                            self.join(*attach, pty.as_deref(), false).await;
+                            Box::pin(self.join(*attach, pty.as_deref(), false)).await;
                         }
                     }
-                                        Some(Command::Watchers(allowed)) => self.revoke(&allowed),
+                    Some(Command::Watchers(allowed)) => self.revoke(&allowed),
                     Some(Command::End) | None => self.hang_up(pty.as_deref(), &group),
                 },
                 Some(input) = self.inputs.next(), if !self.inputs.is_empty() => {
-                    self.input(input, pty.as_deref(), &mut group, &mut stdin).await;
+                    Box::pin(self.input(input, pty.as_deref(), &mut group, &mut stdin)).await;
                 }
                 result = child.wait(), if status.is_none() => {
                     status = Some(result.ok());
                     group.kill_and_forget();
                     drain_until = Some(tokio::time::Instant::now() + DRAIN_GRACE);
                 }
-                _ = tokio::time::sleep_until(drain_until.unwrap_or(far)), if drain_until.is_some() => break,
-                                _ = tokio::time::sleep_until(linger_until.unwrap_or(far)), if linger_until.is_some() && status.is_none() && !lingered => {
-                    tracing::info!(session = %self.id, "nobody attached within the linger time; ending the session");
-                    // Once: the leader's exit ends the loop.
-                    lingered = true;
-                    self.hang_up(pty.as_deref(), &group);
-                }
-                _ = tokio::time::sleep_until(self.rehup_at.unwrap_or(far)), if self.rehup_at.is_some() && status.is_none() => {
-                    self.rehup_at = None;
-                    // Only to a shell back at its read: one saving its
-                    // history would die of it before finishing.
-                    if !group.id().is_some_and(|p| process::busy_elsewhere(p.as_raw())) {
-                        group.signal(Signal::SIGHUP);
+                _ = tokio::time::sleep_until(timer.map_or(far, |(at, _)| at)), if timer.is_some() => {
+                    match timer.map(|(_, which)| which) {
+                        Some(Deadline::Drain) | None => break,
+                        Some(Deadline::Linger) => {
+                            tracing::info!(session = %self.id, "nobody attached within the linger time; ending the session");
+                            // Once: the leader's exit ends the loop.
+                            lingered = true;
+                            self.hang_up(pty.as_deref(), &group);
+                        }
+                        Some(Deadline::Rehup) => {
+                            self.rehup_at = None;
+                            // Only to a shell back at its read: one saving its
+                            // history would die of it before finishing.
+                            if !group.id().is_some_and(|p| process::busy_elsewhere(p.as_raw())) {
+                                group.signal(Signal::SIGHUP);
+                            }
+                        }
+                        Some(Deadline::Kill) => {
+                            tracing::info!(session = %self.id, "the shell outlived its hangup; killing its session");
+                            // Once (a second hangup changes nothing).
+                            self.kill_at = Some(far);
+                            group.signal(Signal::SIGKILL);
+                        }
                     }
                 }
-                _ = tokio::time::sleep_until(self.kill_at.unwrap_or(far)), if self.kill_at.is_some() && status.is_none() => {
-                    tracing::info!(session = %self.id, "the shell outlived its hangup; killing its session");
-                    self.kill_at = Some(far);
-                    group.signal(Signal::SIGKILL);
-                }
                 data = output.read(limit), if output.open() && can_read => {
-                                        if let Some(data) = data {
+                    if let Some(data) = data {
                         for v in self.viewers.values_mut() {
-                            v.queue(Message::Stdout, data.clone());
+                            v.queue(data.clone());
                         }
                         self.model.feed(data).await;
                     }
@@ -771,7 +911,7 @@ impl Session {
                 _ = stdin.write_some(), if stdin.pending() => {}
             }
         }
-        self.flush().await;
+        Box::pin(self.flush()).await;
         // Gone from the table before the exit is sent: a list made after
         // the exit never shows it.
         commands.close();
@@ -894,10 +1034,7 @@ impl Session {
         // The writer's size wins: watchers are told, in order with the
         // output drawn at the old size before it.
         for v in self.viewers.values_mut().filter(|v| v.watch) {
-            v.queue_control(Message::Resize {
-                cols: size.cols,
-                rows: size.rows,
-            });
+            v.queue_resize(size);
         }
     }
 
@@ -913,17 +1050,14 @@ impl Session {
             v.pending_len = 0;
             v.live_len = 0;
             if v.watch {
-                v.queue_control(Message::Resize {
-                    cols: size.cols,
-                    rows: size.rows,
-                });
+                v.queue_resize(size);
             }
             // Split so that no frame is larger than a read would make.
             let mut rest = bytes;
             while !rest.is_empty() {
                 let part = rest.split_to(rest.len().min(READ_CHUNK));
                 v.pending_len += part.len();
-                v.pending.push_back((Message::Snapshot, part));
+                v.pending.push_back(Queued::Snapshot(part));
             }
         }
     }
