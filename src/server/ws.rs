@@ -6,7 +6,6 @@
 //! A tab that stops drawing therefore pauses its commands at the agent,
 //! and the server holds at most [`BROWSER_WINDOW`] bytes per command.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -27,6 +26,7 @@ use super::messages::{ClientMessage, ServerMessage};
 use crate::link::{Controller, LinkError};
 use crate::protocol::ExecRequest;
 use crate::rest::Stream;
+use crate::small_map::SmallMap;
 use crate::vocab::{ErrorCode, Signal};
 
 /// Output credit per command between the agent and the browser: 512 KiB,
@@ -142,165 +142,172 @@ fn close(code: u16, reason: &'static str) -> WsMessage {
     }))
 }
 
-async fn session(
+/// The console's task. A plain fn returning a future, not an async fn:
+/// an async fn keeps room for each argument beside the local it is moved
+/// into, for its whole life (the socket alone is 368 bytes), and every
+/// idle console holds this future. The socket is split before the future
+/// exists; the rest is used where it was captured.
+fn session(
     socket: WebSocket,
     state: AppState,
     (cookie, login): (String, SessionHandle),
     source: String,
-) {
-    let _open = super::metrics::console_open();
-    let principal = login.principal.clone();
+) -> impl std::future::Future<Output = ()> + Send {
     let (mut sink, mut stream) = socket.split();
-    let (out, mut out_rx) = mpsc::channel::<Box<WsMessage>>(OUTBOUND_QUEUE);
-    let out = Outbox(out);
-    let writer = tokio::spawn(async move {
-        while let Some(msg) = out_rx.recv().await {
-            let last = matches!(*msg, WsMessage::Close(_));
-            if sink.send(*msg).await.is_err() || last {
-                break;
-            }
-        }
-        let _ = sink.close().await;
-    });
-    let (finished_tx, mut finished) = mpsc::channel::<u32>(MAX_COMMANDS);
-    // At most MAX_COMMANDS attaches are checked at once (check_id).
-    let (attached_tx, mut attached) = mpsc::channel(MAX_COMMANDS);
-    let mut console = Console {
-        state: &state,
-        principal: &principal,
-        source: &source,
-        out: &out,
-        finished: &finished_tx,
-        running: HashMap::new(),
-        attaching: Default::default(),
-        attached: attached_tx,
-        listing: Arc::default(),
-        list_again: Arc::default(),
-    };
-    let mut changes = state.agents.subscribe();
-    let first = visible_agents(&state, &principal);
-    // What the page was last told: a change it cannot see is not sent.
-    let mut shown = summary_of(&first);
-    let hello = ServerMessage::Hello {
-        user: &principal.name,
-        role: principal.role,
-        agents: first,
-    };
-    let _ = out.send(hello.frame()).await;
-    let expires = tokio::time::Instant::from_std(login.expires);
-    // The store is asked again now and then whether the login still
-    // holds: a logout, a deleted user or a new password on another server
-    // ends this console too (through `login.ended`). Asked in a task of
-    // its own: a slow store must not hold up the console.
-    // The first check is one period from now. An interval's "immediate"
-    // first tick is not: the timer wheel rounds its deadline up to the
-    // next millisecond, and awaiting it here held up the page's first
-    // message, usually an `exec` (by 0.5 ms on average).
-    let mut recheck = tokio::time::interval_at(
-        tokio::time::Instant::now() + super::login_sessions::RECHECK,
-        super::login_sessions::RECHECK,
-    );
-    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-
-    // The login's expiry, one timer for the console's life (not one made
-    // and dropped with every message).
-    let expiry = tokio::time::sleep_until(expires);
-    tokio::pin!(expiry);
-
-    // The handlers' futures are boxed: a future is as large as its largest
-    // await, and an idle console, which waits in this loop, would otherwise
-    // carry the room of starting a command (6.6 against 2.3 KiB).
-    loop {
-        // In this order: what ends the console first, so that a message
-        // queued behind a logout, an expiry or a shutdown is not acted on;
-        // the page's messages last, so that a page sending without pause
-        // cannot hold back a command's end, an attach's answer or the
-        // login's recheck (each is ready only now and then).
-        tokio::select! {
-            biased;
-            // A console must not outlive its session: logout, eviction and
-            // expiry close it at once, whether or not the page is talking.
-            _ = login.ended.cancelled() => {
-                end_session_socket(&out).await;
-                break;
-            }
-            _ = &mut expiry => {
-                end_session_socket(&out).await;
-                break;
-            }
-            _ = state.shutdown.cancelled() => {
-                let _ = out.send(ServerMessage::Shutdown { message: "the server is shutting down" }.frame()).await;
-                let _ = out.send(close(CLOSE_GOING_AWAY, "server shutting down")).await;
-                break;
-            }
-            Some(id) = finished.recv() => {
-                console.running.remove(&id);
-            }
-            Some((id, result)) = attached.recv() => {
-                console.attaching.remove(&id);
-                let result = match *result {
-                    Ok(checked) => Box::pin(console.open_attachment(id, checked)).await,
-                    Err(r) => Err(r),
-                };
-                Box::pin(console.opened(id, result)).await;
-            }
-            Ok(()) = changes.changed() => {
-                let agents = visible_agents(&state, &principal);
-                let now = summary_of(&agents);
-                if now != shown {
-                    shown = now;
-                    let _ = out.send(ServerMessage::Agents { agents }.frame()).await;
-                }
-            }
-            _ = recheck.tick() => {
-                let (state, cookie) = (state.clone(), cookie.clone());
-                tokio::spawn(async move { state.check_cookie(&cookie).await });
-            }
-            msg = stream.next() => match msg {
-                Some(Ok(WsMessage::Text(t))) => match parse_client_message(&t) {
-                    Ok(msg) => Box::pin(console.handle(msg)).await,
-                    Err((id, e)) => {
-                        // Name the command the message was about, so that a
-                        // page waiting for it is never left without an answer.
-                        let is_final = id.is_some_and(|id| !console.running.contains_key(&id));
-                        let msg = format!("cannot understand that message: {e}");
-                        let _ = out.send(error_with(id, ErrorCode::BadRequest, &msg, is_final)).await;
-                    }
-                },
-                Some(Ok(WsMessage::Binary(_))) => {
-                    let _ = out.send(error(None, ErrorCode::BadRequest, "binary messages are not accepted from the browser")).await;
-                }
-                Some(Ok(_)) => {}
-                Some(Err(e)) => {
-                    if is_capacity_error(&e) {
-                        let msg = format!("a message was larger than {MAX_MESSAGE} bytes; the console is closed");
-                        let _ = out.send(error(None, ErrorCode::TooLarge, &msg)).await;
-                        let _ = out.send(close(CLOSE_TOO_BIG, "message too big")).await;
-                    }
+    async move {
+        let _open = super::metrics::console_open();
+        let principal = login.principal.clone();
+        let (out, mut out_rx) = mpsc::channel::<Box<WsMessage>>(OUTBOUND_QUEUE);
+        let out = Outbox(out);
+        let writer = tokio::spawn(async move {
+            while let Some(msg) = out_rx.recv().await {
+                let last = matches!(*msg, WsMessage::Close(_));
+                if sink.send(*msg).await.is_err() || last {
                     break;
                 }
-                None => break,
-            },
+            }
+            let _ = sink.close().await;
+        });
+        let (finished_tx, mut finished) = mpsc::channel::<u32>(MAX_COMMANDS);
+        // At most MAX_COMMANDS attaches are checked at once (check_id).
+        let (attached_tx, mut attached) = mpsc::channel(MAX_COMMANDS);
+        let mut console = Console {
+            state: &state,
+            principal: &principal,
+            source: &source,
+            out: &out,
+            finished: &finished_tx,
+            running: SmallMap::default(),
+            attaching: Default::default(),
+            attached: attached_tx,
+            listing: Arc::default(),
+            list_again: Arc::default(),
+        };
+        let mut changes = state.agents.subscribe();
+        let first = visible_agents(&state, &principal);
+        // What the page was last told: a change it cannot see is not sent.
+        let mut shown = summary_of(&first);
+        let hello = ServerMessage::Hello {
+            user: &principal.name,
+            role: principal.role,
+            agents: first,
+        };
+        let _ = out.send(hello.frame()).await;
+        let expires = tokio::time::Instant::from_std(login.expires);
+        // The store is asked again now and then whether the login still
+        // holds: a logout, a deleted user or a new password on another server
+        // ends this console too (through `login.ended`). Asked in a task of
+        // its own: a slow store must not hold up the console.
+        // The first check is one period from now. An interval's "immediate"
+        // first tick is not: the timer wheel rounds its deadline up to the
+        // next millisecond, and awaiting it here held up the page's first
+        // message, usually an `exec` (by 0.5 ms on average).
+        let mut recheck = tokio::time::interval_at(
+            tokio::time::Instant::now() + super::login_sessions::RECHECK,
+            super::login_sessions::RECHECK,
+        );
+        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+        // The login's expiry, one timer for the console's life (not one made
+        // and dropped with every message).
+        let expiry = tokio::time::sleep_until(expires);
+        tokio::pin!(expiry);
+
+        // The handlers' futures are boxed: a future is as large as its largest
+        // await, and an idle console, which waits in this loop, would otherwise
+        // carry the room of starting a command (6.6 against 2.3 KiB).
+        loop {
+            // In this order: what ends the console first, so that a message
+            // queued behind a logout, an expiry or a shutdown is not acted on;
+            // the page's messages last, so that a page sending without pause
+            // cannot hold back a command's end, an attach's answer or the
+            // login's recheck (each is ready only now and then).
+            tokio::select! {
+                biased;
+                // A console must not outlive its session: logout, eviction and
+                // expiry close it at once, whether or not the page is talking.
+                _ = login.ended.cancelled() => {
+                    end_session_socket(&out).await;
+                    break;
+                }
+                _ = &mut expiry => {
+                    end_session_socket(&out).await;
+                    break;
+                }
+                _ = state.shutdown.cancelled() => {
+                    let _ = out.send(ServerMessage::Shutdown { message: "the server is shutting down" }.frame()).await;
+                    let _ = out.send(close(CLOSE_GOING_AWAY, "server shutting down")).await;
+                    break;
+                }
+                Some(id) = finished.recv() => {
+                    console.running.remove(&id);
+                }
+                Some((id, result)) = attached.recv() => {
+                    console.attaching.remove(&id);
+                    let result = match *result {
+                        Ok(checked) => Box::pin(console.open_attachment(id, checked)).await,
+                        Err(r) => Err(r),
+                    };
+                    Box::pin(console.opened(id, result)).await;
+                }
+                Ok(()) = changes.changed() => {
+                    let agents = visible_agents(&state, &principal);
+                    let now = summary_of(&agents);
+                    if now != shown {
+                        shown = now;
+                        let _ = out.send(ServerMessage::Agents { agents }.frame()).await;
+                    }
+                }
+                _ = recheck.tick() => {
+                    let (state, cookie) = (state.clone(), cookie.clone());
+                    tokio::spawn(async move { state.check_cookie(&cookie).await });
+                }
+                msg = stream.next() => match msg {
+                    Some(Ok(WsMessage::Text(t))) => match parse_client_message(&t) {
+                        Ok(msg) => Box::pin(console.handle(msg)).await,
+                        Err((id, e)) => {
+                            // Name the command the message was about, so that a
+                            // page waiting for it is never left without an answer.
+                            let is_final = id.is_some_and(|id| !console.running.contains_key(&id));
+                            let msg = format!("cannot understand that message: {e}");
+                            let _ = out.send(error_with(id, ErrorCode::BadRequest, &msg, is_final)).await;
+                        }
+                    },
+                    Some(Ok(WsMessage::Binary(_))) => {
+                        let _ = out.send(error(None, ErrorCode::BadRequest, "binary messages are not accepted from the browser")).await;
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => {
+                        if is_capacity_error(&e) {
+                            let msg = format!("a message was larger than {MAX_MESSAGE} bytes; the console is closed");
+                            let _ = out.send(error(None, ErrorCode::TooLarge, &msg)).await;
+                            let _ = out.send(close(CLOSE_TOO_BIG, "message too big")).await;
+                        }
+                        break;
+                    }
+                    None => break,
+                },
+            }
         }
+        // Closing the tab ends its commands: each task drops its channel,
+        // which tells the agent to kill the process group (or, for a session's
+        // shell, to detach). Input the page sent just before it went (the Enter
+        // of a command line, then a reload) is passed on first, within a bound.
+        let running: Vec<Running> = console.running.drain().map(|(_, r)| r).collect();
+        let mut pumps = Vec::new();
+        let mut inputs = Vec::new();
+        for r in running {
+            let Running { task, input, .. } = r;
+            pumps.push(task);
+            inputs.push(input.drain(INPUT_DRAIN));
+        }
+        futures_util::future::join_all(inputs).await;
+        for task in pumps {
+            task.abort();
+        }
+        drop(out);
+        let _ = writer.await;
     }
-    // Closing the tab ends its commands: each task drops its channel,
-    // which tells the agent to kill the process group (or, for a session's
-    // shell, to detach). Input the page sent just before it went (the Enter
-    // of a command line, then a reload) is passed on first, within a bound.
-    let running: Vec<Running> = console.running.drain().map(|(_, r)| r).collect();
-    let mut pumps = Vec::new();
-    let mut inputs = Vec::new();
-    for r in running {
-        let Running { task, input, .. } = r;
-        pumps.push(task);
-        inputs.push(input.drain(INPUT_DRAIN));
-    }
-    futures_util::future::join_all(inputs).await;
-    for task in pumps {
-        task.abort();
-    }
-    drop(out);
-    let _ = writer.await;
 }
 
 async fn end_session_socket(out: &Outbox) {
@@ -443,7 +450,8 @@ struct Console<'a> {
     source: &'a str,
     out: &'a Outbox,
     finished: &'a mpsc::Sender<u32>,
-    running: HashMap<u32, Running>,
+    /// At most [`MAX_COMMANDS`]; most consoles run one.
+    running: SmallMap<u32, Running>,
     /// Attaches being checked outside the loop, and where their answers come.
     attaching: std::collections::HashSet<u32>,
     /// Boxed: a channel's first block holds 32 of its messages from the
@@ -959,11 +967,19 @@ impl Running {
 }
 
 /// Forwards one command's events to the browser until it ends.
-async fn pump(
+/// A command's output, from its channel to the page. A plain fn returning
+/// a future, as [`session`], so that the future holds each argument once:
+/// an async fn's arguments take room beside the locals they are moved
+/// into (here more than 300 bytes for every running command).
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn holds its arguments twice"
+)]
+fn pump(
     id: u32,
     mut channel: crate::link::Channel,
     (agent, watch): (String, bool),
-    (_ticket, mut trail, recording): (
+    (ticket, mut trail, recording): (
         super::quota::Ticket,
         crate::audit::CommandTrail,
         Option<Arc<crate::recording::Recorder>>,
@@ -971,167 +987,171 @@ async fn pump(
     out: Outbox,
     unacked: Arc<AtomicU64>,
     finished: mpsc::Sender<u32>,
-) {
-    let record = |data: &[u8]| {
-        if let Some(r) = &recording {
-            r.output(data);
-        }
-    };
-    // The console's own shutdown is the session loop's: it tells the page
-    // once and closes the socket.
-    let no_shutdown = tokio_util::sync::CancellationToken::new();
-    // Counted as a shell from its `session` event to its end.
-    let mut _shell = None;
-    // An update taken while gathering output that is not more of it: the
-    // next one passed on.
-    let mut held = None;
-    loop {
-        let update = match held.take() {
-            Some(update) => update,
-            None => {
-                // A quiet command's last output reaches the store within
-                // `recording::FLUSH_EVERY` all the same. (`bridge::next`
-                // only waits on a channel's receiver: dropping it loses
-                // nothing.) Typed input (`--record-input`) can arrive while
-                // this waits: then it wakes at least every FLUSH_EVERY to
-                // look, and at once when a chunk of it waits (a paste into
-                // a quiet command is handed over as it comes, not skipped).
-                let flush_at = recording.as_ref().and_then(|r| {
-                    r.due().or_else(|| {
-                        r.records_input()
-                            .then(|| std::time::Instant::now() + crate::recording::FLUSH_EVERY)
-                    })
-                });
-                tokio::select! {
-                    u = bridge::next(&mut channel, &no_shutdown) => u,
-                    _ = async {
-                        match flush_at {
-                            Some(at) => tokio::time::sleep_until(at.into()).await,
-                            None => std::future::pending().await,
-                        }
-                    } => {
-                        if let Some(r) = &recording {
-                            r.flush_if_due().await;
-                        }
-                        continue;
-                    }
-                    _ = async {
-                        match &recording {
-                            Some(r) => r.input_waiting().await,
-                            None => std::future::pending().await,
-                        }
-                    } => {
-                        if let Some(r) = &recording {
-                            r.settle().await;
-                        }
-                        continue;
-                    }
-                }
+) -> impl std::future::Future<Output = ()> + Send {
+    async move {
+        // Held (its quota place) until the command's end: captured here.
+        let _ticket = &ticket;
+        let record = |data: &[u8]| {
+            if let Some(r) = &recording {
+                r.output(data);
             }
         };
-        let (msg, last) = match update {
-            Update::Output(stream, mut data) => {
-                // A frame larger than a message (an agent may send up to
-                // 1 MiB) goes as several.
-                if data.len() > OUTPUT_MESSAGE {
-                    held = Some(Update::Output(stream, data.split_off(OUTPUT_MESSAGE)));
-                }
-                // Output that came while this pump was busy goes in the
-                // same message: one WebSocket frame, one write, instead of
-                // one per agent frame, when the page or the server falls
-                // behind.
-                let mut more = Vec::new();
-                let mut len = data.len();
-                while len < OUTPUT_MESSAGE && held.is_none() {
-                    match bridge::ready(&mut channel) {
-                        Some(Update::Output(s, b))
-                            if s == stream && len + b.len() <= OUTPUT_MESSAGE =>
-                        {
-                            len += b.len();
-                            more.push(b);
+        // The console's own shutdown is the session loop's: it tells the page
+        // once and closes the socket.
+        let no_shutdown = tokio_util::sync::CancellationToken::new();
+        // Counted as a shell from its `session` event to its end.
+        let mut _shell = None;
+        // An update taken while gathering output that is not more of it: the
+        // next one passed on.
+        let mut held = None;
+        loop {
+            let update = match held.take() {
+                Some(update) => update,
+                None => {
+                    // A quiet command's last output reaches the store within
+                    // `recording::FLUSH_EVERY` all the same. (`bridge::next`
+                    // only waits on a channel's receiver: dropping it loses
+                    // nothing.) Typed input (`--record-input`) can arrive while
+                    // this waits: then it wakes at least every FLUSH_EVERY to
+                    // look, and at once when a chunk of it waits (a paste into
+                    // a quiet command is handed over as it comes, not skipped).
+                    let flush_at = recording.as_ref().and_then(|r| {
+                        r.due().or_else(|| {
+                            r.records_input()
+                                .then(|| std::time::Instant::now() + crate::recording::FLUSH_EVERY)
+                        })
+                    });
+                    tokio::select! {
+                        u = bridge::next(&mut channel, &no_shutdown) => u,
+                        _ = async {
+                            match flush_at {
+                                Some(at) => tokio::time::sleep_until(at.into()).await,
+                                None => std::future::pending().await,
+                            }
+                        } => {
+                            if let Some(r) = &recording {
+                                r.flush_if_due().await;
+                            }
+                            continue;
                         }
-                        Some(other) => {
-                            held = Some(other);
-                            break;
+                        _ = async {
+                            match &recording {
+                                Some(r) => r.input_waiting().await,
+                                None => std::future::pending().await,
+                            }
+                        } => {
+                            if let Some(r) = &recording {
+                                r.settle().await;
+                            }
+                            continue;
                         }
-                        None => break,
                     }
                 }
-                trail.output(len);
-                record(&data);
-                more.iter().for_each(|b| record(b));
-                let code = match stream {
-                    Stream::Stdout => STDOUT,
-                    Stream::Stderr => STDERR,
-                };
-                (output(code, id, &data, &more, &unacked), false)
-            }
-            Update::Notice { code, message } => {
-                (error_with(Some(id), code, &message, false), false)
-            }
-            Update::Exit(status) => {
-                trail.end(Some(&status), None);
-                (ServerMessage::Exit { id, status }.frame(), true)
-            }
-            Update::Failed(failure) => {
-                let message = failure.describe(&agent);
-                trail.end(None, Some(&message));
-                (error(Some(id), failure.code(), &message), true)
-            }
-            Update::Session(session) => {
-                trail.note("session", session.as_str());
-                if let Some(r) = &recording {
-                    r.session(&session).await;
+            };
+            let (msg, last) = match update {
+                Update::Output(stream, mut data) => {
+                    // A frame larger than a message (an agent may send up to
+                    // 1 MiB) goes as several.
+                    if data.len() > OUTPUT_MESSAGE {
+                        held = Some(Update::Output(stream, data.split_off(OUTPUT_MESSAGE)));
+                    }
+                    // Output that came while this pump was busy goes in the
+                    // same message: one WebSocket frame, one write, instead of
+                    // one per agent frame, when the page or the server falls
+                    // behind.
+                    let mut more = Vec::new();
+                    let mut len = data.len();
+                    while len < OUTPUT_MESSAGE && held.is_none() {
+                        match bridge::ready(&mut channel) {
+                            Some(Update::Output(s, b))
+                                if s == stream && len + b.len() <= OUTPUT_MESSAGE =>
+                            {
+                                len += b.len();
+                                more.push(b);
+                            }
+                            Some(other) => {
+                                held = Some(other);
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                    trail.output(len);
+                    record(&data);
+                    more.iter().for_each(|b| record(b));
+                    let code = match stream {
+                        Stream::Stdout => STDOUT,
+                        Stream::Stderr => STDERR,
+                    };
+                    (output(code, id, &data, &more, &unacked), false)
                 }
-                _shell.get_or_insert_with(super::metrics::shell_attached);
-                let msg = ServerMessage::Attached {
-                    id,
-                    agent: &agent,
-                    session: &session,
-                    watch,
-                };
-                (msg.frame(), false)
-            }
-            Update::Resized { cols, rows } => {
-                if let Some(r) = &recording {
-                    r.resize(cols, rows);
+                Update::Notice { code, message } => {
+                    (error_with(Some(id), code, &message, false), false)
                 }
-                (ServerMessage::Resized { id, cols, rows }.frame(), false)
-            }
-            Update::Detached(reason) => {
-                let reason = crate::transport::handshake::peer_text(&reason);
-                trail.detached(&reason);
-                (
-                    ServerMessage::Detached {
+                Update::Exit(status) => {
+                    trail.end(Some(&status), None);
+                    (ServerMessage::Exit { id, status }.frame(), true)
+                }
+                Update::Failed(failure) => {
+                    let message = failure.describe(&agent);
+                    trail.end(None, Some(&message));
+                    (error(Some(id), failure.code(), &message), true)
+                }
+                Update::Session(session) => {
+                    trail.note("session", session.as_str());
+                    if let Some(r) = &recording {
+                        r.session(&session).await;
+                    }
+                    _shell.get_or_insert_with(super::metrics::shell_attached);
+                    let msg = ServerMessage::Attached {
                         id,
-                        reason: &reason,
+                        agent: &agent,
+                        session: &session,
+                        watch,
+                    };
+                    (msg.frame(), false)
+                }
+                Update::Resized { cols, rows } => {
+                    if let Some(r) = &recording {
+                        r.resize(cols, rows);
                     }
-                    .frame(),
-                    true,
-                )
+                    (ServerMessage::Resized { id, cols, rows }.frame(), false)
+                }
+                Update::Detached(reason) => {
+                    let reason = crate::transport::handshake::peer_text(&reason);
+                    trail.detached(&reason);
+                    (
+                        ServerMessage::Detached {
+                            id,
+                            reason: &reason,
+                        }
+                        .frame(),
+                        true,
+                    )
+                }
+            };
+            if last {
+                // The id is free before the page hears of the end (the loop
+                // takes `finished` before the page's messages): a page reusing
+                // it, or starting another, at once is not refused while the
+                // recording ends.
+                let _ = finished.send(id).await;
+                let _ = out.send(msg).await;
+                break;
             }
-        };
-        if last {
-            // The id is free before the page hears of the end (the loop
-            // takes `finished` before the page's messages): a page reusing
-            // it, or starting another, at once is not refused while the
-            // recording ends.
-            let _ = finished.send(id).await;
-            let _ = out.send(msg).await;
-            break;
+            if out.send(msg).await.is_err() {
+                let _ = finished.send(id).await;
+                break;
+            }
+            // Full chunks go to the store before more output is read: a
+            // command printing faster than it writes waits for it.
+            if let Some(r) = &recording {
+                r.settle().await;
+            }
         }
-        if out.send(msg).await.is_err() {
-            let _ = finished.send(id).await;
-            break;
-        }
-        // Full chunks go to the store before more output is read: a
-        // command printing faster than it writes waits for it.
         if let Some(r) = &recording {
-            r.settle().await;
+            r.end().await;
         }
-    }
-    if let Some(r) = &recording {
-        r.end().await;
     }
 }
 
