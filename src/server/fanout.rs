@@ -187,11 +187,7 @@ impl Fanout {
             Ok((channel, ticket, mut trail)) => {
                 let outcome = self.drive(host, channel, &sink).await;
                 drop(ticket);
-                // In the API's words (`ok`, `failed`, `unreachable`).
-                trail.note(
-                    "host_status",
-                    serde_json::to_value(outcome.status).unwrap_or_default(),
-                );
+                trail.note("host_status", host_status(outcome.status));
                 match &outcome.error {
                     Some(error) => trail.end(None, Some(error)),
                     None => trail.end(None, None),
@@ -270,13 +266,14 @@ impl Fanout {
         .await;
         let channel = match link.exec(self.prepared.req.clone()).await {
             Ok(c) => c,
-            Err(e @ LinkError::TooLarge { .. }) => {
-                trail.end(None, Some(&e.to_string()));
-                return refuse(HostStatus::Failed, format!("agent {agent:?}: {e}"));
-            }
             Err(e) => {
+                let status = match e {
+                    LinkError::TooLarge { .. } => HostStatus::Failed,
+                    _ => HostStatus::Unreachable,
+                };
+                trail.note("host_status", host_status(status));
                 trail.end(None, Some(&e.to_string()));
-                return refuse(HostStatus::Unreachable, format!("agent {agent:?}: {e}"));
+                return refuse(status, format!("agent {agent:?}: {e}"));
             }
         };
         channel
@@ -394,4 +391,10 @@ impl Fanout {
             }
         }
     }
+}
+
+/// A host's outcome in the API's words (`ok`, `failed`, `unreachable`),
+/// for its audit record.
+fn host_status(status: HostStatus) -> serde_json::Value {
+    serde_json::to_value(status).unwrap_or_default()
 }
