@@ -488,13 +488,21 @@ impl Viewer {
         }
     }
 
-    /// Queues a `resize` in order with the output.
+    /// Queues a `resize` in order with the output. One right behind
+    /// another replaces it: resizes carry no bytes, so only this keeps a
+    /// watcher that reads nothing from queueing every size a window
+    /// dragged through (between two, output counts towards its lag).
     fn queue_resize(&mut self, size: PtySize) {
-        if !self.resync {
-            self.pending.push_back(Queued::Resize {
-                cols: size.cols,
-                rows: size.rows,
-            });
+        if self.resync {
+            return;
+        }
+        let resize = Queued::Resize {
+            cols: size.cols,
+            rows: size.rows,
+        };
+        match self.pending.back_mut() {
+            Some(last @ Queued::Resize { .. }) => *last = resize,
+            _ => self.pending.push_back(resize),
         }
     }
 
@@ -1405,6 +1413,66 @@ impl Model {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A watcher with `credit`, and the frames sent to it.
+    fn watcher(credit: u64) -> (Viewer, mpsc::Receiver<Frame>) {
+        let (out, frames) = mpsc::channel(64);
+        let (done, _) = mpsc::unbounded_channel();
+        let viewer = Viewer {
+            ch: 9,
+            watch: true,
+            credit,
+            window: credit,
+            pending: VecDeque::new(),
+            pending_len: 0,
+            live_len: 0,
+            resync: false,
+            out,
+            done,
+            stdin_spent: Arc::default(),
+            watcher: None,
+            refused: 0,
+            warned: false,
+        };
+        (viewer, frames)
+    }
+
+    #[tokio::test]
+    async fn a_watcher_that_reads_nothing_queues_one_resize_between_outputs() {
+        let (mut v, mut frames) = watcher(0);
+        for cols in 1..=1000 {
+            v.queue_resize(PtySize { cols, rows: 24 });
+        }
+        v.queue(Bytes::from_static(b"out"));
+        v.queue_resize(PtySize { cols: 7, rows: 5 });
+        v.queue_resize(PtySize { cols: 80, rows: 24 });
+        assert_eq!(v.pending.len(), 3, "a window dragged queues its last size");
+        assert_eq!(v.pending_len, 3);
+        // Credit comes: all of it goes, in order, and the queue's memory
+        // goes with it.
+        v.credit = 100;
+        assert!(v.flush().await);
+        let mut sent = Vec::new();
+        while let Ok(frame) = frames.try_recv() {
+            sent.push((frame.msg, frame.payload));
+        }
+        assert_eq!(
+            sent,
+            [
+                (
+                    Message::Resize {
+                        cols: 1000,
+                        rows: 24
+                    },
+                    Bytes::new()
+                ),
+                (Message::Stdout, Bytes::from_static(b"out")),
+                (Message::Resize { cols: 80, rows: 24 }, Bytes::new()),
+            ]
+        );
+        assert_eq!((v.pending_len, v.live_len, v.credit), (0, 0, 97));
+        assert_eq!(v.pending.capacity(), 0, "an empty queue holds no memory");
+    }
 
     fn parser(rows: u16, cols: u16) -> vt100::Parser {
         vt100::Parser::new(nonzero(rows), nonzero(cols), 100)
