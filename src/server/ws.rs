@@ -168,18 +168,17 @@ fn session(
             }
             let _ = sink.close().await;
         });
-        let (finished_tx, mut finished) = mpsc::channel::<u32>(MAX_COMMANDS);
-        // At most MAX_COMMANDS attaches are checked at once (check_id).
-        let (attached_tx, mut attached) = mpsc::channel(MAX_COMMANDS);
+        // At most MAX_COMMANDS commands run and as many attaches are
+        // checked at once (check_id): room for all their news.
+        let (news_tx, mut news) = mpsc::channel::<News>(2 * MAX_COMMANDS);
         let mut console = Console {
             state: &state,
             principal: &principal,
             source: &source,
             out: &out,
-            finished: &finished_tx,
+            news: &news_tx,
             running: SmallMap::default(),
             attaching: Default::default(),
-            attached: attached_tx,
             listing: Arc::default(),
             list_again: Arc::default(),
         };
@@ -187,12 +186,15 @@ fn session(
         let first = visible_agents(&state, &principal);
         // What the page was last told: a change it cannot see is not sent.
         let mut shown = summary_of(&first);
+        // The statuses go with the message made of them: a local kept here
+        // would hold them for the console's life.
         let hello = ServerMessage::Hello {
             user: &principal.name,
             role: principal.role,
             agents: first,
-        };
-        let _ = out.send(hello.frame()).await;
+        }
+        .frame();
+        let _ = out.send(hello).await;
         let expires = tokio::time::Instant::from_std(login.expires);
         // The store is asked again now and then whether the login still
         // holds: a logout, a deleted user or a new password on another server
@@ -239,17 +241,19 @@ fn session(
                     let _ = out.send(close(CLOSE_GOING_AWAY, "server shutting down")).await;
                     break;
                 }
-                Some(id) = finished.recv() => {
-                    console.running.remove(&id);
-                }
-                Some((id, result)) = attached.recv() => {
-                    console.attaching.remove(&id);
-                    let result = match *result {
-                        Ok(checked) => Box::pin(console.open_attachment(id, checked)).await,
-                        Err(r) => Err(r),
-                    };
-                    Box::pin(console.opened(id, result)).await;
-                }
+                Some(news) = news.recv() => match news {
+                    News::Finished(id) => {
+                        console.running.remove(&id);
+                    }
+                    News::Attached(id, result) => {
+                        console.attaching.remove(&id);
+                        let result = match *result {
+                            Ok(checked) => Box::pin(console.open_attachment(id, checked)).await,
+                            Err(r) => Err(r),
+                        };
+                        Box::pin(console.opened(id, result)).await;
+                    }
+                },
                 Ok(()) = changes.changed() => {
                     let agents = visible_agents(&state, &principal);
                     let now = summary_of(&agents);
@@ -442,6 +446,17 @@ impl Refusal {
     }
 }
 
+/// What a console's own tasks tell its loop, in one channel (each channel
+/// costs a console half a KiB, and its first block more).
+enum News {
+    /// A command ended: its id is free again.
+    Finished(u32),
+    /// An attach was checked, outside the loop. Boxed: a channel's first
+    /// block holds 32 messages from the start, 8 KiB of them unboxed in
+    /// every console, used or not.
+    Attached(u32, Box<Result<Attachable, Refusal>>),
+}
+
 /// One console socket's commands, and what they need to start and talk.
 struct Console<'a> {
     state: &'a AppState,
@@ -449,14 +464,13 @@ struct Console<'a> {
     /// The page's address, for the audit log.
     source: &'a str,
     out: &'a Outbox,
-    finished: &'a mpsc::Sender<u32>,
+    /// What the console's own tasks tell its loop.
+    news: &'a mpsc::Sender<News>,
     /// At most [`MAX_COMMANDS`]; most consoles run one.
     running: SmallMap<u32, Running>,
-    /// Attaches being checked outside the loop, and where their answers come.
+    /// Attaches being checked outside the loop (their answers come as
+    /// [`News::Attached`]).
     attaching: std::collections::HashSet<u32>,
-    /// Boxed: a channel's first block holds 32 of its messages from the
-    /// start, 8 KiB of them unboxed in every console, used or not.
-    attached: mpsc::Sender<(u32, Box<Result<Attachable, Refusal>>)>,
     /// A `list_sessions` is on its way.
     listing: Arc<std::sync::atomic::AtomicBool>,
     /// Another `list_sessions` came while one was on its way.
@@ -581,7 +595,7 @@ impl Console<'_> {
     }
 
     /// Starts an `attach`: its checks and its channel are made in a task,
-    /// whose answer the loop takes from `attached`.
+    /// whose answer the loop takes as [`News::Attached`].
     async fn attach(
         &mut self,
         id: u32,
@@ -596,17 +610,17 @@ impl Console<'_> {
         }
         // Asking the agent which sessions it has takes a round trip (up to
         // its timeout): never in the socket's loop, whose acks and Ctrl-C
-        // must go on. The answer comes back through `attached`.
+        // must go on. The answer comes back as `News::Attached`.
         self.attaching.insert(id);
         let (state, principal) = (self.state.clone(), self.principal.clone());
-        let done = self.attached.clone();
+        let done = self.news.clone();
         tokio::spawn(async move {
             let to = Opening {
                 state: &state,
                 principal: &principal,
             };
             let result = to.attach(&session, agent, size, watch).await;
-            let _ = done.send((id, Box::new(result))).await;
+            let _ = done.send(News::Attached(id, Box::new(result))).await;
         });
     }
 }
@@ -730,7 +744,7 @@ impl Console<'_> {
             (a.name, a.watch),
             (a.ticket, trail, recording),
             self.out.clone(),
-            self.finished.clone(),
+            self.news.clone(),
         ))
     }
 
@@ -878,7 +892,7 @@ impl Console<'_> {
             (agent_name, false),
             (ticket, trail, recording),
             self.out.clone(),
-            self.finished.clone(),
+            self.news.clone(),
         ))
     }
 
@@ -925,7 +939,7 @@ impl Running {
             Option<Arc<crate::recording::Recorder>>,
         ),
         out: Outbox,
-        finished: mpsc::Sender<u32>,
+        finished: mpsc::Sender<News>,
     ) -> Running {
         let recording = held.2.clone();
         let control = channel.controller();
@@ -966,9 +980,8 @@ impl Running {
     }
 }
 
-/// Forwards one command's events to the browser until it ends.
-/// A command's output, from its channel to the page. A plain fn returning
-/// a future, as [`session`], so that the future holds each argument once:
+/// Forwards one command's events to the browser until it ends. A plain fn
+/// returning a future, as [`session`], so that the future holds each argument once:
 /// an async fn's arguments take room beside the locals they are moved
 /// into (here more than 300 bytes for every running command).
 #[expect(
@@ -986,7 +999,7 @@ fn pump(
     ),
     out: Outbox,
     unacked: Arc<AtomicU64>,
-    finished: mpsc::Sender<u32>,
+    finished: mpsc::Sender<News>,
 ) -> impl std::future::Future<Output = ()> + Send {
     async move {
         // Held (its quota place) until the command's end: captured here.
@@ -1132,15 +1145,15 @@ fn pump(
             };
             if last {
                 // The id is free before the page hears of the end (the loop
-                // takes `finished` before the page's messages): a page reusing
+                // takes its news before the page's messages): a page reusing
                 // it, or starting another, at once is not refused while the
                 // recording ends.
-                let _ = finished.send(id).await;
+                let _ = finished.send(News::Finished(id)).await;
                 let _ = out.send(msg).await;
                 break;
             }
             if out.send(msg).await.is_err() {
-                let _ = finished.send(id).await;
+                let _ = finished.send(News::Finished(id)).await;
                 break;
             }
             // Full chunks go to the store before more output is read: a
