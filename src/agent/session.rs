@@ -476,6 +476,33 @@ enum Queued {
 }
 
 impl Viewer {
+    /// A viewer of channel `ch` with `window` bytes of credit, nothing
+    /// queued, sending through `out` and ending through `done`.
+    fn new(
+        ch: u32,
+        watch: bool,
+        window: u64,
+        (out, done): (mpsc::Sender<Frame>, mpsc::UnboundedSender<Done>),
+        stdin_spent: Arc<AtomicUsize>,
+    ) -> Viewer {
+        Viewer {
+            ch,
+            watch,
+            credit: window,
+            window,
+            pending: VecDeque::new(),
+            pending_len: 0,
+            live_len: 0,
+            resync: false,
+            out,
+            done,
+            stdin_spent,
+            watcher: None,
+            refused: 0,
+            warned: false,
+        }
+    }
+
     fn queue(&mut self, data: Bytes) {
         if data.is_empty() || self.resync {
             return;
@@ -966,21 +993,10 @@ impl Session {
             out,
             done,
         } = attach;
+        let viewer = Viewer::new(ch, watch, window, (out, done), stdin_spent);
         let viewer = Viewer {
-            ch,
-            watch,
-            credit: window,
-            window,
-            pending: VecDeque::new(),
-            pending_len: 0,
-            live_len: 0,
-            resync: false,
-            out,
-            done,
-            stdin_spent,
             watcher: if watch { watcher } else { None },
-            refused: 0,
-            warned: false,
+            ..viewer
         };
         if viewer
             .out
@@ -1418,22 +1434,7 @@ mod tests {
     fn watcher(credit: u64) -> (Viewer, mpsc::Receiver<Frame>) {
         let (out, frames) = mpsc::channel(64);
         let (done, _) = mpsc::unbounded_channel();
-        let viewer = Viewer {
-            ch: 9,
-            watch: true,
-            credit,
-            window: credit,
-            pending: VecDeque::new(),
-            pending_len: 0,
-            live_len: 0,
-            resync: false,
-            out,
-            done,
-            stdin_spent: Arc::default(),
-            watcher: None,
-            refused: 0,
-            warned: false,
-        };
+        let viewer = Viewer::new(9, true, credit, (out, done), Arc::default());
         (viewer, frames)
     }
 
