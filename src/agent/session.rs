@@ -40,6 +40,12 @@ use crate::vocab::{self, ErrorCode};
 /// the watcher resynchronised with a snapshot: 256 KiB.
 const WATCH_LAG: usize = 256 * 1024;
 
+/// The same in queued pieces, whatever their bytes: 4,096 (up to about
+/// 300 KiB with the pieces' own memory). Output trickling a byte at a
+/// time, with a resize between, would otherwise queue half a million
+/// pieces within the byte bound.
+const WATCH_PIECES: usize = 4096;
+
 /// The largest terminal a session models: 300 columns by 150 rows. A
 /// larger size asked for is clamped: the model's cells cost 32 bytes each,
 /// for two screens and [`PARSER_ROWS`](super::history::PARSER_ROWS) lines
@@ -510,7 +516,12 @@ impl Viewer {
         self.pending_len += data.len();
         self.live_len += data.len();
         self.pending.push_back(Queued::Stdout(data));
-        if self.watch && self.live_len > WATCH_LAG {
+        self.lag_check();
+    }
+
+    /// A watcher too far behind, in bytes or in pieces, falls behind.
+    fn lag_check(&mut self) {
+        if self.watch && (self.live_len > WATCH_LAG || self.pending.len() > WATCH_PIECES) {
             self.lagged();
         }
     }
@@ -529,7 +540,10 @@ impl Viewer {
         };
         match self.pending.back_mut() {
             Some(last @ Queued::Resize { .. }) => *last = resize,
-            _ => self.pending.push_back(resize),
+            _ => {
+                self.pending.push_back(resize);
+                self.lag_check();
+            }
         }
     }
 
@@ -1473,6 +1487,20 @@ mod tests {
         );
         assert_eq!((v.pending_len, v.live_len, v.credit), (0, 0, 97));
         assert_eq!(v.pending.capacity(), 0, "an empty queue holds no memory");
+        // Output a byte at a time, a resize between: bounded in pieces,
+        // not only in bytes; past the bound the watcher falls behind (a
+        // redraw comes once it reads again).
+        v.credit = 0;
+        for i in 0..WATCH_PIECES {
+            v.queue(Bytes::from_static(b"."));
+            v.queue_resize(PtySize {
+                cols: 80 + (i % 2) as u16,
+                rows: 24,
+            });
+            assert!(v.pending.len() <= WATCH_PIECES);
+        }
+        assert!(v.resync, "too many pieces: it fell behind");
+        assert!(v.pending.is_empty() && v.live_len < WATCH_LAG);
     }
 
     fn parser(rows: u16, cols: u16) -> vt100::Parser {
