@@ -564,10 +564,11 @@ impl Viewer {
     /// Sends what the credit allows; false when the connection is gone.
     async fn flush(&mut self) -> bool {
         while self.credit > 0 {
-            let (kind, mut data) = match self.pending.pop_front() {
+            // `live`: output, not a redraw.
+            let (live, mut data) = match self.pending.pop_front() {
                 None => break,
-                Some(Queued::Stdout(data)) => (Message::Stdout, data),
-                Some(Queued::Snapshot(data)) => (Message::Snapshot, data),
+                Some(Queued::Stdout(data)) => (true, data),
+                Some(Queued::Snapshot(data)) => (false, data),
                 Some(Queued::Resize { cols, rows }) => {
                     // A control frame: no credit, no lag.
                     let frame = Frame::new(self.ch, Message::Resize { cols, rows });
@@ -583,7 +584,6 @@ impl Viewer {
             };
             let n = data.len().min(self.credit.min(READ_CHUNK as u64) as usize);
             let rest = data.split_off(n);
-            let live = kind == Message::Stdout;
             if !rest.is_empty() {
                 self.pending.push_front(if live {
                     Queued::Stdout(rest)
@@ -596,6 +596,11 @@ impl Viewer {
                 self.live_len = self.live_len.saturating_sub(n);
             }
             self.credit -= n as u64;
+            let kind = if live {
+                Message::Stdout
+            } else {
+                Message::Snapshot
+            };
             let frame = Frame::with_payload(self.ch, kind, data);
             if !self.watch {
                 // The writer's connection paces the shell, as for any command.
@@ -895,6 +900,7 @@ impl Session {
             .into_iter()
             .filter_map(|(which, at)| Some((at?, which)))
             .min_by_key(|(at, _)| *at);
+            let (due, which) = timer.unwrap_or((far, Deadline::Drain));
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled(), if status.is_none() => {
@@ -924,16 +930,16 @@ impl Session {
                     group.kill_and_forget();
                     drain_until = Some(tokio::time::Instant::now() + DRAIN_GRACE);
                 }
-                _ = tokio::time::sleep_until(timer.map_or(far, |(at, _)| at)), if timer.is_some() => {
-                    match timer.map(|(_, which)| which) {
-                        Some(Deadline::Drain) | None => break,
-                        Some(Deadline::Linger) => {
+                _ = tokio::time::sleep_until(due), if timer.is_some() => {
+                    match which {
+                        Deadline::Drain => break,
+                        Deadline::Linger => {
                             tracing::info!(session = %self.id, "nobody attached within the linger time; ending the session");
                             // Once: the leader's exit ends the loop.
                             lingered = true;
                             self.hang_up(pty.as_deref(), &group);
                         }
-                        Some(Deadline::Rehup) => {
+                        Deadline::Rehup => {
                             self.rehup_at = None;
                             // Only to a shell back at its read: one saving its
                             // history would die of it before finishing.
@@ -941,7 +947,7 @@ impl Session {
                                 group.signal(Signal::SIGHUP);
                             }
                         }
-                        Some(Deadline::Kill) => {
+                        Deadline::Kill => {
                             tracing::info!(session = %self.id, "the shell outlived its hangup; killing its session");
                             // Once (a second hangup changes nothing).
                             self.kill_at = Some(far);
