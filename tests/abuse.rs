@@ -236,6 +236,61 @@ async fn commands_per_user_are_capped_console_and_api_together() {
     drop(streaming);
 }
 
+/// A page cannot run more than 16 commands in one console, and the
+/// console's own bookkeeping (each command's end reaches its loop through
+/// one bounded queue) never stalls however many come and go.
+#[tokio::test]
+async fn one_console_runs_at_most_sixteen_commands_and_keeps_answering() {
+    let server = start_server(&["--max-commands-per-user", "100"], &[]);
+    let mut ws = console(&server).await;
+    for id in 1..=16 {
+        send(
+            &mut ws,
+            json!({"type": "exec", "id": id, "cmd": "sleep 300"}),
+        )
+        .await;
+        let reply = next_json(&mut ws).await;
+        assert_eq!(
+            (reply["type"].clone(), reply["id"].clone()),
+            (json!("started"), json!(id))
+        );
+    }
+    send(
+        &mut ws,
+        json!({"type": "exec", "id": 17, "cmd": "echo over"}),
+    )
+    .await;
+    let reply = next_json(&mut ws).await;
+    assert_eq!(reply["code"], "too_many_commands", "{reply}");
+    // All end at once: every exit arrives, and their ids are free again.
+    for round in 0..3 {
+        for id in 1..=16 {
+            send(&mut ws, json!({"type": "close", "id": id})).await;
+        }
+        let mut ended = std::collections::HashSet::new();
+        while ended.len() < 16 {
+            let msg = next_json(&mut ws).await;
+            if msg["type"] == "exit" {
+                ended.insert(msg["id"].as_u64().unwrap());
+            }
+        }
+        if round < 2 {
+            for id in 1..=16 {
+                send(
+                    &mut ws,
+                    json!({"type": "exec", "id": id, "cmd": "sleep 300"}),
+                )
+                .await;
+                let reply = next_json(&mut ws).await;
+                assert_eq!(reply["type"], "started", "round {round}: {reply}");
+            }
+        }
+    }
+    let (out, _, exit) = run(&mut ws, 99, "echo still-here").await;
+    assert_eq!(out, b"still-here\n", "{exit}");
+    assert_eq!(exit["code"], 0, "{exit}");
+}
+
 #[tokio::test]
 async fn strangers_holding_handshakes_never_keep_a_client_out() {
     let agent = start_agent(&["--max-connections", "16"]);
