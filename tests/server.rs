@@ -859,3 +859,80 @@ async fn embedded_agent_addr(server: &common::Server) -> String {
     let agents = common::get_json(server.url("/api/v1/agents"), &server.token).await;
     agents["agents"][0]["addr"].as_str().unwrap().to_owned()
 }
+
+#[tokio::test]
+async fn a_console_opens_over_http2_and_a_large_output_arrives_whole() {
+    // A browser on HTTPS may open the console as an HTTP/2 stream (RFC
+    // 8441's extended CONNECT) instead of an HTTP/1.1 upgrade. Here over
+    // cleartext HTTP/2, which the server takes as well. The output is over
+    // one WebSocket frame's 64 KiB: its messages come as several frames
+    // when the server gathers it, and the page must get every byte.
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio_tungstenite::WebSocketStream;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    let server = start_server(&[], &[]);
+    let cookie = server.admin_cookie().await;
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let open = |cookie: &str| {
+        let mut req = hyper::Request::connect(format!("http://{}/ws", server.addr))
+            .version(hyper::Version::HTTP_2)
+            .header("sec-websocket-version", "13")
+            .header("cookie", cookie)
+            .header("origin", server.origin())
+            .body(axum::body::Body::empty())
+            .unwrap();
+        req.extensions_mut()
+            .insert(hyper::ext::Protocol::from_static("websocket"));
+        req
+    };
+    // Not logged in: refused as over HTTP/1.1.
+    let refused = sender.send_request(open("conch_session=x")).await.unwrap();
+    assert_eq!(refused.status(), 401);
+    let resp = sender.send_request(open(&cookie)).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let io = hyper::upgrade::on(resp).await.unwrap();
+    let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(io), Role::Client, None).await;
+    let text = |m: Message| -> Value { serde_json::from_str(m.to_text().unwrap()).unwrap() };
+    let hello = text(ws.next().await.unwrap().unwrap());
+    assert_eq!(hello["type"], "hello");
+    const LEN: usize = 1_000_000;
+    let cmd = format!("head -c {LEN} /dev/zero | tr '\\0' a");
+    let exec = json!({"type": "exec", "id": 1, "cmd": cmd}).to_string();
+    ws.send(Message::Text(exec.into())).await.unwrap();
+    let mut got = 0;
+    let read = async {
+        loop {
+            match ws.next().await.unwrap().unwrap() {
+                Message::Binary(b) => {
+                    assert_eq!(&b[..5], &[1, 0, 0, 0, 1]);
+                    assert!(b[5..].iter().all(|&x| x == b'a'));
+                    got += b.len() - 5;
+                    let ack = json!({"type": "ack", "id": 1, "bytes": b.len() - 5});
+                    ws.send(Message::Text(ack.to_string().into()))
+                        .await
+                        .unwrap();
+                }
+                m @ Message::Text(_) => {
+                    let v = text(m);
+                    match v["type"].as_str() {
+                        Some("exit") => return v,
+                        Some("error") => panic!("{v}"),
+                        _ => {}
+                    }
+                }
+                _ => {}
+            }
+        }
+    };
+    let exit = tokio::time::timeout(Duration::from_secs(60), read)
+        .await
+        .expect("the command ends");
+    assert_eq!(exit["code"], 0, "{exit}");
+    assert_eq!(got, LEN);
+}

@@ -150,13 +150,13 @@ pub(crate) enum ServerMessage<'a> {
 
 impl ServerMessage<'_> {
     /// The message as a WebSocket text frame.
-    pub(crate) fn frame(&self) -> axum::extract::ws::Message {
+    pub(crate) fn frame(&self) -> tokio_tungstenite::tungstenite::Message {
         let text = serde_json::to_string(self).unwrap_or_else(|e| {
             // Serializing these types cannot fail; say so loudly if it does.
             tracing::error!(error = %e, "a console message could not be serialized");
             r#"{"type":"error","code":"internal","message":"internal error"}"#.to_owned()
         });
-        axum::extract::ws::Message::Text(text.into())
+        tokio_tungstenite::tungstenite::Message::Text(text.into())
     }
 }
 

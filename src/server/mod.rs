@@ -32,6 +32,7 @@ pub mod tls;
 pub mod tokens;
 pub(crate) mod users;
 pub mod ws;
+mod ws_upgrade;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
