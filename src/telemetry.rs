@@ -23,7 +23,6 @@ const CONTENT_LOGGERS: &[&str] = &[
     "h2",
     "reqwest",
     "rustls",
-    "axum::extract::ws",
 ];
 
 /// The filter: `CONCH_LOG`, else the standard `RUST_LOG` (e.g. `debug`,

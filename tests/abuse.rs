@@ -1166,3 +1166,38 @@ async fn half_a_character_at_the_end_of_a_stream_is_not_lost() {
     assert_eq!(out.stdout, b"abc\xe2\x82");
     assert_eq!(out.status.code(), Some(0));
 }
+
+#[tokio::test]
+async fn a_message_over_the_bound_in_fragments_is_refused_with_too_large() {
+    // Two frames of 600 KiB, each under the 1 MiB bound, one message over
+    // it: both are read whole, so the refusal is said every time (a single
+    // frame over the bound is refused at its header, and the reset can
+    // overtake the words).
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    let server = start_server(&[], &[]);
+    let mut ws = common::ws::console(&server).await;
+    let piece = vec![b'x'; 600 * 1024];
+    let first = Frame::message(piece.clone(), OpCode::Data(Data::Text), false);
+    let rest = Frame::message(piece, OpCode::Data(Data::Continue), true);
+    ws.send(Message::Frame(first)).await.unwrap();
+    let _ = ws.send(Message::Frame(rest)).await;
+    let (mut told, mut code) = (None, None);
+    while let Some(Ok(msg)) = ws.next().await {
+        match msg {
+            Message::Text(t) => {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                if v["type"] == "error" {
+                    told = Some(v["code"].clone());
+                }
+            }
+            Message::Close(frame) => {
+                code = frame.map(|f| u16::from(f.code));
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(told, Some(json!("too_large")));
+    assert_eq!(code, Some(1009));
+}

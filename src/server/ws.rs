@@ -40,7 +40,7 @@ use crate::vocab::{ErrorCode, Signal};
 pub const BROWSER_WINDOW: u64 = 512 * 1024;
 /// Commands one socket may run at once.
 pub(crate) const MAX_COMMANDS: usize = 16;
-/// Messages queued for one browser: 64 (output frames are ≤ 256 KiB).
+/// Messages queued for one browser: 64 (output messages are ≤ 256 KiB).
 const OUTBOUND_QUEUE: usize = 64;
 /// The most output one binary message carries: 256 KiB, half the window,
 /// so that while the page takes one in, the agent can be reading the next.
@@ -48,8 +48,8 @@ pub(crate) const OUTPUT_MESSAGE: usize = (BROWSER_WINDOW / 2) as usize;
 
 /// Where a console's messages to its page are queued for its writer task.
 /// Each is boxed: a channel's first block holds 32 of its messages from
-/// the start, 1.5 KiB unboxed (48 bytes a message) in every console,
-/// against one small allocation per message sent.
+/// the start, over 1.5 KiB unboxed in every console, against one small
+/// allocation per message sent.
 #[derive(Clone)]
 struct Outbox(mpsc::Sender<Box<WsMessage>>);
 
@@ -69,15 +69,17 @@ const MAX_MESSAGE: usize = 1024 * 1024;
 /// keystrokes' or acks' messages. Every idle console holds it, filled, for
 /// its life (2 KiB of an idle shell's 13 in the server, measured with
 /// heaptrack). Bigger messages still fit, up to [`MAX_MESSAGE`]: the
-/// buffer grows for them, and is read into 512 bytes at a time, so a
-/// 1 MiB paste costs 2,048 reads of the socket.
+/// buffer grows for them (and keeps that size), and is read into 512 bytes
+/// at a time: a page's largest stdin piece (16 Ki UTF-16 units, at most
+/// 48 KiB) costs about a hundred reads, a message of the full 1 MiB 2,048.
 const READ_BUFFER: usize = 512;
 
 /// Output stream tags of binary frames.
 const STDOUT: u8 = 1;
 const STDERR: u8 = 2;
 
-/// `GET /ws`: upgrades after checking the session and the Origin.
+/// `GET /ws` (or HTTP/2's `CONNECT`): upgrades after checking the session
+/// and the Origin.
 pub(crate) async fn upgrade(
     State(state): State<AppState>,
     super::peer::ClientIp(client): super::peer::ClientIp,
@@ -158,7 +160,7 @@ fn close(code: u16, reason: &'static str) -> WsMessage {
 
 /// The console's task. A plain fn returning a future, not an async fn:
 /// an async fn keeps room for each argument beside the local it is moved
-/// into, for its whole life (the socket alone is 368 bytes), and every
+/// into, for its whole life (the socket alone is hundreds of bytes), and every
 /// idle console holds this future. The socket is split before the future
 /// exists; the rest is used where it was captured.
 fn session(
@@ -354,25 +356,22 @@ fn is_capacity_error(e: &tungstenite::Error) -> bool {
 /// consoles after 4 MB of output each: 285 KB of live heap a console).
 const FRAGMENT: usize = 64 * 1024;
 
-/// Writes one message to the page, a large binary one as several frames.
+/// Writes one message to the page, a large one as several frames. (A text
+/// message may be split inside a character: RFC 6455 checks the UTF-8 of
+/// the whole message, not of each frame.)
 async fn write<S>(sink: &mut S, msg: WsMessage) -> Result<(), tungstenite::Error>
 where
     S: futures_util::Sink<WsMessage, Error = tungstenite::Error> + Unpin,
 {
-    let WsMessage::Binary(data) = msg else {
-        return sink.send(msg).await;
+    let (kind, data) = match msg {
+        WsMessage::Binary(data) if data.len() > FRAGMENT => (Data::Binary, data),
+        WsMessage::Text(text) if text.len() > FRAGMENT => (Data::Text, Bytes::from(text)),
+        msg => return sink.send(msg).await,
     };
-    if data.len() <= FRAGMENT {
-        return sink.send(WsMessage::Binary(data)).await;
-    }
     let mut at = 0;
     while at < data.len() {
         let end = (at + FRAGMENT).min(data.len());
-        let opcode = if at == 0 {
-            Data::Binary
-        } else {
-            Data::Continue
-        };
+        let opcode = if at == 0 { kind } else { Data::Continue };
         let frame = Frame::message(data.slice(at..end), OpCode::Data(opcode), end == data.len());
         sink.feed(WsMessage::Frame(frame)).await?;
         at = end;
@@ -1117,9 +1116,9 @@ fn pump(
                         held = Some(Update::Output(stream, data.split_off(OUTPUT_MESSAGE)));
                     }
                     // Output that came while this pump was busy goes in the
-                    // same message: one WebSocket frame, one write, instead of
-                    // one per agent frame, when the page or the server falls
-                    // behind.
+                    // same message (one ack from the page, and up to 64 KiB a
+                    // frame and a write) instead of one per agent frame, when
+                    // the page or the server falls behind.
                     let mut more = Vec::new();
                     let mut len = data.len();
                     while len < OUTPUT_MESSAGE && held.is_none() {
@@ -1291,7 +1290,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_large_output_message_goes_as_frames_of_at_most_64_kib() {
+    async fn a_large_message_goes_as_frames_of_at_most_64_kib() {
         let (ours, mut theirs) = tokio::io::duplex(4 * 1024 * 1024);
         let config = WebSocketConfig::default().write_buffer_size(0);
         let mut socket = WebSocketStream::from_raw_socket(ours, Role::Server, Some(config)).await;
@@ -1303,6 +1302,12 @@ mod tests {
             .await
             .unwrap();
         write(&mut socket, WsMessage::Text("{}".into()))
+            .await
+            .unwrap();
+        // A long text message (a large fleet's agent list): its frames split
+        // a two-byte character at 64 KiB, which the reader joins whole.
+        let long = format!("a{}", "é".repeat(40_000));
+        write(&mut socket, WsMessage::Text(long.clone().into()))
             .await
             .unwrap();
         drop(socket);
@@ -1321,13 +1326,16 @@ mod tests {
                 (true, 0, 5),
                 (true, 2, 3),
                 (true, 1, 2),
+                (false, 1, FRAGMENT),
+                (true, 0, long.len() - FRAGMENT),
             ]
         );
         // And a client reads one message, byte for byte.
         let raw = std::io::Cursor::new(raw);
         let client = WebSocketStream::from_raw_socket(raw, Role::Client, None).await;
-        let messages: Vec<_> = client.take(3).map(Result::unwrap).collect().await;
+        let messages: Vec<_> = client.take(4).map(Result::unwrap).collect().await;
         assert_eq!(messages[0], WsMessage::Binary(big.into()));
         assert_eq!(messages[1], WsMessage::Binary(vec![1, 2, 3].into()));
+        assert_eq!(messages[3], WsMessage::Text(long.into()));
     }
 }
