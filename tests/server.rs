@@ -545,6 +545,39 @@ async fn a_stalled_tab_pauses_its_command() {
     send(&mut ws, json!({"type": "close", "id": 1})).await;
 }
 
+/// Reads command 1's output up to its exit, acknowledging it and checking
+/// that it is all zero bytes on stdout: (its bytes, the largest message's,
+/// the exit message).
+async fn zeros_to_exit<T>(ws: &mut tokio_tungstenite::WebSocketStream<T>) -> (usize, usize, Value)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (mut got, mut largest) = (0, 0);
+    loop {
+        match ws.next().await.unwrap().unwrap() {
+            Message::Binary(b) => {
+                assert_eq!(&b[..5], &[1, 0, 0, 0, 1]);
+                assert!(b[5..].iter().all(|&x| x == 0));
+                got += b.len() - 5;
+                largest = largest.max(b.len() - 5);
+                let ack = json!({"type": "ack", "id": 1, "bytes": b.len() - 5});
+                ws.send(Message::Text(ack.to_string().into()))
+                    .await
+                    .unwrap();
+            }
+            Message::Text(t) => {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                match v["type"].as_str() {
+                    Some("exit") => return (got, largest, v),
+                    Some("error") => panic!("{v}"),
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Whether an agent started by these tests grows its commands' output pipes
 /// to 256 KiB, and so reads a 256 KiB write in one go: with
 /// `CAP_SYS_RESOURCE` or `CAP_SYS_ADMIN` outside a user namespace.
@@ -575,31 +608,7 @@ async fn a_large_write_reaches_the_page_in_one_message() {
         json!({"type": "exec", "id": 1, "cmd": "dd if=/dev/zero bs=262144 count=1 status=none"}),
     )
     .await;
-    let (mut got, mut largest) = (0, 0);
-    let read = async {
-        loop {
-            match ws.next().await.unwrap().unwrap() {
-                Message::Binary(b) => {
-                    assert_eq!(&b[..5], &[1, 0, 0, 0, 1]);
-                    assert!(b[5..].iter().all(|&x| x == 0));
-                    got += b.len() - 5;
-                    largest = largest.max(b.len() - 5);
-                    let ack = json!({"type": "ack", "id": 1, "bytes": b.len() - 5});
-                    send(&mut ws, ack).await;
-                }
-                Message::Text(t) => {
-                    let v: Value = serde_json::from_str(&t).unwrap();
-                    match v["type"].as_str() {
-                        Some("exit") => break,
-                        Some("error") => panic!("{v}"),
-                        _ => {}
-                    }
-                }
-                _ => {}
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(30), read)
+    let (got, largest, _) = tokio::time::timeout(Duration::from_secs(30), zeros_to_exit(&mut ws))
         .await
         .expect("the command ends");
     assert_eq!(got, 262_144);
@@ -916,35 +925,10 @@ async fn a_console_opens_over_http2_and_a_large_output_arrives_whole() {
     let cmd = "dd if=/dev/zero bs=262144 count=4 status=none";
     let exec = json!({"type": "exec", "id": 1, "cmd": cmd}).to_string();
     ws.send(Message::Text(exec.into())).await.unwrap();
-    let (mut got, mut largest) = (0, 0);
-    let read = async {
-        loop {
-            match ws.next().await.unwrap().unwrap() {
-                Message::Binary(b) => {
-                    assert_eq!(&b[..5], &[1, 0, 0, 0, 1]);
-                    assert!(b[5..].iter().all(|&x| x == 0));
-                    got += b.len() - 5;
-                    largest = largest.max(b.len() - 5);
-                    let ack = json!({"type": "ack", "id": 1, "bytes": b.len() - 5});
-                    ws.send(Message::Text(ack.to_string().into()))
-                        .await
-                        .unwrap();
-                }
-                m @ Message::Text(_) => {
-                    let v = text(m);
-                    match v["type"].as_str() {
-                        Some("exit") => return v,
-                        Some("error") => panic!("{v}"),
-                        _ => {}
-                    }
-                }
-                _ => {}
-            }
-        }
-    };
-    let exit = tokio::time::timeout(Duration::from_secs(60), read)
-        .await
-        .expect("the command ends");
+    let (got, largest, exit) =
+        tokio::time::timeout(Duration::from_secs(60), zeros_to_exit(&mut ws))
+            .await
+            .expect("the command ends");
     assert_eq!(exit["code"], 0, "{exit}");
     assert_eq!(got, LEN);
     // (An agent that keeps the kernel's 64 KiB pipes reads as the
