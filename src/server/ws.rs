@@ -111,7 +111,21 @@ pub(crate) async fn upgrade(
         tracing::warn!(user = %login.principal.name, "WebSocket from a foreign origin refused");
         return (StatusCode::FORBIDDEN, "this origin may not open a console").into_response();
     }
-    ws.on_upgrade(socket_config(), move |socket| {
+    // A console reads small messages (keystrokes, acks): a small read
+    // buffer keeps idle sessions cheap (tungstenite's default is 128 KiB).
+    // The frame bound too: tungstenite checks a frame's declared length
+    // at its header, but a message's only once all of it was read (a
+    // 16 MiB frame would otherwise be buffered before its refusal).
+    // Frames are written as they are made, but for a small one that a
+    // larger one follows (an output message's head): it waits in the write
+    // buffer to go in the same write, which then holds at most that 1 KiB
+    // and one frame.
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(MAX_MESSAGE))
+        .max_frame_size(Some(MAX_MESSAGE))
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(1024);
+    ws.on_upgrade(config, move |socket| {
         session(socket, state, (cookie, login), client.to_string())
     })
 }
@@ -354,9 +368,8 @@ fn is_capacity_error(e: &tungstenite::Error) -> bool {
 }
 
 /// The most of a message one WebSocket frame carries: 64 KiB. A larger
-/// message, and output that came in large pieces, goes as several frames
-/// of one message (the page still gets one message, and acknowledges it
-/// once). tungstenite copies each
+/// output message goes as several frames of one message (the page still
+/// gets one message, and acknowledges it once). tungstenite copies each
 /// frame into a write buffer that keeps the size of the largest frame for
 /// the socket's life: with whole messages as frames, a console that once
 /// printed a lot kept 256 KiB more (heaptrack, a server holding 20
@@ -386,23 +399,6 @@ where
     sink.flush().await
 }
 
-/// The console socket's settings. A console reads small messages
-/// (keystrokes, acks): a small read buffer keeps idle sessions cheap
-/// (tungstenite's default is 128 KiB). The frame bound too: tungstenite
-/// checks a frame's declared length at its header, but a message's only
-/// once all of it was read (a 16 MiB frame would otherwise be buffered
-/// before its refusal). Each frame is written as it is made, so that the
-/// write buffer holds one frame at a time: a small frame left waiting in
-/// it (an output message's 5-byte head) would make the next 64 KiB frame
-/// double the buffer's room, for the socket's life.
-fn socket_config() -> WebSocketConfig {
-    WebSocketConfig::default()
-        .max_message_size(Some(MAX_MESSAGE))
-        .max_frame_size(Some(MAX_MESSAGE))
-        .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(0)
-}
-
 /// A piece of output this large or larger goes out as frames of its own
 /// (slices of the agent's frame), not copied: 16 KiB. Smaller pieces are
 /// gathered into a frame by copying, so that a burst of small reads is
@@ -419,10 +415,12 @@ const OWN_FRAMES: usize = 16 * 1024;
 /// buffer was reserved for it).
 fn output_frames(head: [u8; 5], pieces: Vec<Bytes>) -> Vec<Bytes> {
     let mut frames = Vec::new();
-    // Every copied frame is a part of one buffer of their total size
-    // (splitting a BytesMut keeps the rest of its room).
-    let copied: usize = pieces.iter().map(|p| copied_of(p.len())).sum();
-    let mut small = BytesMut::with_capacity(head.len() + copied);
+    let gathered: usize = pieces
+        .iter()
+        .map(Bytes::len)
+        .filter(|&n| n < OWN_FRAMES)
+        .sum();
+    let mut small = BytesMut::with_capacity((head.len() + gathered).min(FRAGMENT));
     small.extend_from_slice(&head);
     for mut piece in pieces {
         if piece.len() >= OWN_FRAMES {
@@ -446,16 +444,6 @@ fn output_frames(head: [u8; 5], pieces: Vec<Bytes>) -> Vec<Bytes> {
         frames.push(small.freeze());
     }
     frames
-}
-
-/// How many bytes of a piece of `len` `output_frames` copies: all of a
-/// small piece, the tail under [`OWN_FRAMES`] of a large one.
-fn copied_of(len: usize) -> usize {
-    let mut rest = len;
-    while rest >= OWN_FRAMES {
-        rest -= rest.min(FRAGMENT);
-    }
-    rest
 }
 
 /// Writes a command's output to the page as one binary message.
@@ -1422,31 +1410,6 @@ mod tests {
             whole(&frames),
             [vec![1, 0, 0, 0, 7], mixed.concat()].concat()
         );
-        // Small pieces past 64 KiB: full frames, then the rest, all parts of
-        // one buffer of their size; a large piece's tail under 16 KiB is
-        // copied.
-        let many: Vec<Bytes> = (0..700u32)
-            .map(|i| Bytes::from(vec![i as u8; 100]))
-            .collect();
-        let frames = output_frames(head, many.clone());
-        let lens: Vec<_> = frames.iter().map(Bytes::len).collect();
-        assert_eq!(lens, [FRAGMENT, 70_005 - FRAGMENT]);
-        assert_eq!(
-            frames[1].as_ptr(),
-            frames[0].as_ptr().wrapping_add(FRAGMENT)
-        );
-        assert_eq!(
-            whole(&frames),
-            [vec![1, 0, 0, 0, 7], many.concat()].concat()
-        );
-        let odd = Bytes::from(vec![4; FRAGMENT + 1]);
-        let frames = output_frames(head, vec![odd.clone()]);
-        let lens: Vec<_> = frames.iter().map(Bytes::len).collect();
-        assert_eq!(lens, [5, FRAGMENT, 1]);
-        assert_eq!(whole(&frames), [&head[..], &odd[..]].concat());
-        assert_eq!(copied_of(FRAGMENT + 1), 1);
-        assert_eq!(copied_of(OWN_FRAMES - 1), OWN_FRAMES - 1);
-        assert_eq!(copied_of(2 * FRAGMENT + OWN_FRAMES), 0);
         // Nothing but the head (an empty read) is still one message.
         assert_eq!(output_frames(head, vec![]), [Bytes::copy_from_slice(&head)]);
     }
@@ -1454,7 +1417,7 @@ mod tests {
     #[tokio::test]
     async fn a_large_message_goes_as_frames_of_at_most_64_kib() {
         let (ours, mut theirs) = tokio::io::duplex(4 * 1024 * 1024);
-        let config = socket_config();
+        let config = WebSocketConfig::default().write_buffer_size(0);
         let mut socket = WebSocketStream::from_raw_socket(ours, Role::Server, Some(config)).await;
         let big: Vec<u8> = (0..OUTPUT_MESSAGE + 5).map(|i| i as u8).collect();
         write(&mut socket, WsMessage::Binary(big.clone().into()))
