@@ -415,12 +415,7 @@ const OWN_FRAMES: usize = 16 * 1024;
 /// buffer was reserved for it).
 fn output_frames(head: [u8; 5], pieces: Vec<Bytes>) -> Vec<Bytes> {
     let mut frames = Vec::new();
-    let gathered: usize = pieces
-        .iter()
-        .map(Bytes::len)
-        .filter(|&n| n < OWN_FRAMES)
-        .sum();
-    let mut small = BytesMut::with_capacity((head.len() + gathered).min(FRAGMENT));
+    let mut small = BytesMut::new();
     small.extend_from_slice(&head);
     for mut piece in pieces {
         if piece.len() >= OWN_FRAMES {
