@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 
 use serde_json::Value;
@@ -51,28 +51,14 @@ pub(crate) const OUTPUT_MESSAGE: usize = (BROWSER_WINDOW / 2) as usize;
 /// the start, over 1.5 KiB unboxed in every console, against one small
 /// allocation per message sent.
 #[derive(Clone)]
-struct Outbox(mpsc::Sender<Box<Outgoing>>);
-
-/// What a console's writer sends to its page.
-enum Outgoing {
-    Message(WsMessage),
-    /// A command's output: the frames of one binary message
-    /// (`output_frames`).
-    Output(Vec<Bytes>),
-}
-
-impl From<WsMessage> for Outgoing {
-    fn from(msg: WsMessage) -> Self {
-        Outgoing::Message(msg)
-    }
-}
+struct Outbox(mpsc::Sender<Box<WsMessage>>);
 
 /// The page's writer is gone: the console is closing.
 struct Gone;
 
 impl Outbox {
-    async fn send(&self, msg: impl Into<Outgoing>) -> Result<(), Gone> {
-        self.0.send(Box::new(msg.into())).await.map_err(|_| Gone)
+    async fn send(&self, msg: WsMessage) -> Result<(), Gone> {
+        self.0.send(Box::new(msg)).await.map_err(|_| Gone)
     }
 }
 
@@ -116,15 +102,13 @@ pub(crate) async fn upgrade(
     // The frame bound too: tungstenite checks a frame's declared length
     // at its header, but a message's only once all of it was read (a
     // 16 MiB frame would otherwise be buffered before its refusal).
-    // Frames are written as they are made, but for a small one that a
-    // larger one follows (an output message's head): it waits in the write
-    // buffer to go in the same write, which then holds at most that 1 KiB
-    // and one frame.
+    // Nothing is gathered in the write buffer: each frame is written as
+    // it is made (a message's frames, FRAGMENT each, one after another).
     let config = WebSocketConfig::default()
         .max_message_size(Some(MAX_MESSAGE))
         .max_frame_size(Some(MAX_MESSAGE))
         .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(1024);
+        .write_buffer_size(0);
     ws.on_upgrade(config, move |socket| {
         session(socket, state, (cookie, login), client.to_string())
     })
@@ -189,16 +173,12 @@ fn session(
     async move {
         let _open = super::metrics::console_open();
         let principal = login.principal.clone();
-        let (out, mut out_rx) = mpsc::channel::<Box<Outgoing>>(OUTBOUND_QUEUE);
+        let (out, mut out_rx) = mpsc::channel::<Box<WsMessage>>(OUTBOUND_QUEUE);
         let out = Outbox(out);
         let writer = tokio::spawn(async move {
             while let Some(msg) = out_rx.recv().await {
-                let last = matches!(*msg, Outgoing::Message(WsMessage::Close(_)));
-                let written = match *msg {
-                    Outgoing::Message(msg) => write(&mut sink, msg).await,
-                    Outgoing::Output(frames) => write_output(&mut sink, frames).await,
-                };
-                if written.is_err() || last {
+                let last = matches!(*msg, WsMessage::Close(_));
+                if write(&mut sink, *msg).await.is_err() || last {
                     break;
                 }
             }
@@ -395,66 +375,6 @@ where
         let frame = Frame::message(data.slice(at..end), OpCode::Data(opcode), end == data.len());
         sink.feed(WsMessage::Frame(frame)).await?;
         at = end;
-    }
-    sink.flush().await
-}
-
-/// A piece of output this large or larger goes out as frames of its own
-/// (slices of the agent's frame), not copied: 16 KiB. Smaller pieces are
-/// gathered into a frame by copying, so that a burst of small reads is
-/// not a burst of small writes.
-const OWN_FRAMES: usize = 16 * 1024;
-
-/// The frames of an output message: the head and small pieces copied into
-/// frames of up to [`FRAGMENT`], large pieces in slices of it as they are.
-/// A flood's message of one 256 KiB agent frame was copied whole into one
-/// buffer before tungstenite copied it again; now only tungstenite does.
-/// Done before the message is queued: a small piece is a slice of the
-/// link's read buffer, which may be far larger than it, and must not keep
-/// that buffer while the message waits for a slow page (a large piece's
-/// buffer was reserved for it).
-fn output_frames(head: [u8; 5], pieces: Vec<Bytes>) -> Vec<Bytes> {
-    let mut frames = Vec::new();
-    let mut small = BytesMut::new();
-    small.extend_from_slice(&head);
-    for mut piece in pieces {
-        if piece.len() >= OWN_FRAMES {
-            if !small.is_empty() {
-                frames.push(small.split().freeze());
-            }
-            while piece.len() >= OWN_FRAMES {
-                let n = piece.len().min(FRAGMENT);
-                frames.push(piece.split_to(n));
-            }
-        }
-        while !piece.is_empty() {
-            let n = (FRAGMENT - small.len()).min(piece.len());
-            small.extend_from_slice(&piece.split_to(n));
-            if small.len() == FRAGMENT {
-                frames.push(small.split().freeze());
-            }
-        }
-    }
-    if !small.is_empty() {
-        frames.push(small.freeze());
-    }
-    frames
-}
-
-/// Writes a command's output to the page as one binary message.
-async fn write_output<S>(sink: &mut S, frames: Vec<Bytes>) -> Result<(), tungstenite::Error>
-where
-    S: futures_util::Sink<WsMessage, Error = tungstenite::Error> + Unpin,
-{
-    let count = frames.len();
-    if count == 1 {
-        let only = frames.into_iter().next().expect("one frame");
-        return sink.send(WsMessage::Binary(only)).await;
-    }
-    for (i, data) in frames.into_iter().enumerate() {
-        let opcode = if i == 0 { Data::Binary } else { Data::Continue };
-        let frame = Frame::message(data, OpCode::Data(opcode), i + 1 == count);
-        sink.feed(WsMessage::Frame(frame)).await?;
     }
     sink.flush().await
 }
@@ -1188,7 +1108,7 @@ fn pump(
                     }
                 }
             };
-            let (msg, last): (Outgoing, bool) = match update {
+            let (msg, last) = match update {
                 Update::Output(stream, mut data) => {
                     // A frame larger than a message (an agent may send up to
                     // 1 MiB) goes as several.
@@ -1223,20 +1143,19 @@ fn pump(
                         Stream::Stdout => STDOUT,
                         Stream::Stderr => STDERR,
                     };
-                    more.insert(0, data);
-                    (output(code, id, more, &unacked), false)
+                    (output(code, id, &data, &more, &unacked), false)
                 }
                 Update::Notice { code, message } => {
-                    (error_with(Some(id), code, &message, false).into(), false)
+                    (error_with(Some(id), code, &message, false), false)
                 }
                 Update::Exit(status) => {
                     trail.end(Some(&status), None);
-                    (ServerMessage::Exit { id, status }.frame().into(), true)
+                    (ServerMessage::Exit { id, status }.frame(), true)
                 }
                 Update::Failed(failure) => {
                     let message = failure.describe(&agent);
                     trail.end(None, Some(&message));
-                    (error(Some(id), failure.code(), &message).into(), true)
+                    (error(Some(id), failure.code(), &message), true)
                 }
                 Update::Session(session) => {
                     trail.note("session", session.as_str());
@@ -1250,16 +1169,13 @@ fn pump(
                         session: &session,
                         watch,
                     };
-                    (msg.frame().into(), false)
+                    (msg.frame(), false)
                 }
                 Update::Resized { cols, rows } => {
                     if let Some(r) = &recording {
                         r.resize(cols, rows);
                     }
-                    (
-                        ServerMessage::Resized { id, cols, rows }.frame().into(),
-                        false,
-                    )
+                    (ServerMessage::Resized { id, cols, rows }.frame(), false)
                 }
                 Update::Detached(reason) => {
                     let reason = crate::transport::handshake::peer_text(&reason);
@@ -1269,8 +1185,7 @@ fn pump(
                             id,
                             reason: &reason,
                         }
-                        .frame()
-                        .into(),
+                        .frame(),
                         true,
                     )
                 }
@@ -1302,12 +1217,17 @@ fn pump(
 
 /// One binary message: the stream, the id, then `first` and `more` as they
 /// came.
-fn output(stream: u8, id: u32, pieces: Vec<Bytes>, unacked: &AtomicU64) -> Outgoing {
-    let len = pieces.iter().map(Bytes::len).sum::<usize>();
+fn output(stream: u8, id: u32, first: &[u8], more: &[Bytes], unacked: &AtomicU64) -> WsMessage {
+    let len = first.len() + more.iter().map(Bytes::len).sum::<usize>();
     unacked.fetch_add(len as u64, Ordering::AcqRel);
-    let mut head = [stream, 0, 0, 0, 0];
-    head[1..].copy_from_slice(&id.to_be_bytes());
-    Outgoing::Output(output_frames(head, pieces))
+    let mut frame = BytesMut::with_capacity(5 + len);
+    frame.put_u8(stream);
+    frame.put_u32(id);
+    frame.put_slice(first);
+    for piece in more {
+        frame.put_slice(piece);
+    }
+    WsMessage::Binary(frame.freeze())
 }
 
 /// What the page shows of an agent that can change: name, state, labels,
@@ -1369,46 +1289,6 @@ mod tests {
         out
     }
 
-    #[test]
-    fn large_output_pieces_go_as_frames_of_their_own_uncopied() {
-        let head = [1, 0, 0, 0, 7];
-        let whole = |frames: &[Bytes]| frames.iter().flat_map(|f| f.to_vec()).collect::<Vec<u8>>();
-        // A flood's message: one agent frame of 256 KiB. The head goes
-        // alone, the rest as four slices of the agent's own bytes.
-        let flood = Bytes::from(vec![9u8; OUTPUT_MESSAGE]);
-        let frames = output_frames(head, vec![flood.clone()]);
-        let lens: Vec<_> = frames.iter().map(Bytes::len).collect();
-        assert_eq!(lens, [5, FRAGMENT, FRAGMENT, FRAGMENT, FRAGMENT]);
-        assert_eq!(frames[1].as_ptr(), flood.as_ptr(), "sent from where it is");
-        assert_eq!(whole(&frames), [&head[..], &flood[..]].concat());
-        // A keystroke's echo: one frame, head and all.
-        let frames = output_frames(head, vec![Bytes::from_static(b"x")]);
-        assert_eq!(frames, [Bytes::from_static(&[1, 0, 0, 0, 7, b'x'])]);
-        // A burst of small reads is gathered, never a frame each; a large
-        // piece between them goes as it is.
-        let small: Vec<Bytes> = (0..100u8).map(|i| Bytes::from(vec![i; 100])).collect();
-        let frames = output_frames(head, small.clone());
-        assert_eq!(frames.len(), 1);
-        assert_eq!(
-            whole(&frames),
-            [vec![1, 0, 0, 0, 7], small.concat()].concat()
-        );
-        let mixed = vec![
-            Bytes::from(vec![1; 100]),
-            Bytes::from(vec![2; 20_000]),
-            Bytes::from(vec![3; 100]),
-        ];
-        let frames = output_frames(head, mixed.clone());
-        let lens: Vec<_> = frames.iter().map(Bytes::len).collect();
-        assert_eq!(lens, [105, 20_000, 100]);
-        assert_eq!(
-            whole(&frames),
-            [vec![1, 0, 0, 0, 7], mixed.concat()].concat()
-        );
-        // Nothing but the head (an empty read) is still one message.
-        assert_eq!(output_frames(head, vec![]), [Bytes::copy_from_slice(&head)]);
-    }
-
     #[tokio::test]
     async fn a_large_message_goes_as_frames_of_at_most_64_kib() {
         let (ours, mut theirs) = tokio::io::duplex(4 * 1024 * 1024);
@@ -1430,11 +1310,6 @@ mod tests {
         write(&mut socket, WsMessage::Text(long.clone().into()))
             .await
             .unwrap();
-        // A command's output of one large agent frame: a message whose
-        // head is a frame of its own.
-        let flood = Bytes::from(vec![9u8; OUTPUT_MESSAGE]);
-        let flood_frames = output_frames([1, 0, 0, 0, 7], vec![flood.clone()]);
-        write_output(&mut socket, flood_frames).await.unwrap();
         drop(socket);
         let mut raw = Vec::new();
         theirs.read_to_end(&mut raw).await.unwrap();
@@ -1453,21 +1328,14 @@ mod tests {
                 (true, 1, 2),
                 (false, 1, FRAGMENT),
                 (true, 0, long.len() - FRAGMENT),
-                (false, 2, 5),
-                (false, 0, FRAGMENT),
-                (false, 0, FRAGMENT),
-                (false, 0, FRAGMENT),
-                (true, 0, FRAGMENT),
             ]
         );
         // And a client reads one message, byte for byte.
         let raw = std::io::Cursor::new(raw);
         let client = WebSocketStream::from_raw_socket(raw, Role::Client, None).await;
-        let messages: Vec<_> = client.take(5).map(Result::unwrap).collect().await;
+        let messages: Vec<_> = client.take(4).map(Result::unwrap).collect().await;
         assert_eq!(messages[0], WsMessage::Binary(big.into()));
         assert_eq!(messages[1], WsMessage::Binary(vec![1, 2, 3].into()));
         assert_eq!(messages[3], WsMessage::Text(long.into()));
-        let output = [&[1, 0, 0, 0, 7][..], &flood[..]].concat();
-        assert_eq!(messages[4], WsMessage::Binary(output.into()));
     }
 }
