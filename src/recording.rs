@@ -1083,6 +1083,7 @@ async fn write_loop(
         if n == 0 {
             return;
         }
+        gather(&mut rx, &mut batch, &shutdown).await;
         let bytes = w.write(std::mem::take(&mut batch)).await;
         written += bytes;
         total = total.map(|t| t + bytes);
@@ -1104,6 +1105,41 @@ async fn write_loop(
         }
         if shutdown.is_cancelled() && rx.is_empty() && rx.is_closed() {
             return;
+        }
+    }
+}
+
+/// How long the writer waits for more writes once one has come (a group
+/// commit): 10 ms. A transaction costs several round trips to the store's
+/// connection thread and a sync to disk; a short command's recording
+/// (its start, its output, its end) comes within a few milliseconds, which
+/// one transaction can take.
+const LINGER: Duration = Duration::from_millis(10);
+
+/// Adds to `batch` what comes within [`LINGER`] of its first write, up to
+/// [`BATCH`], while its chunks hold less than half [`CHUNK_BYTES`]: a
+/// flood's chunks are full ones (at least that much: whole events of at
+/// most [`EVENT_TEXT`]) and go at once, as a recording has only
+/// [`IN_FLIGHT_PER_RECORDING`] in flight, which a wait would hold up. Not
+/// while the server stops.
+async fn gather(rx: &mut mpsc::Receiver<Write>, batch: &mut Vec<Write>, stop: &CancellationToken) {
+    let full = |b: &[Write]| {
+        let bytes: usize = b
+            .iter()
+            .map(|w| match w {
+                Write::Chunk { raw, .. } => raw.len(),
+                _ => 0,
+            })
+            .sum();
+        b.len() >= BATCH || bytes >= CHUNK_BYTES / 2
+    };
+    let deadline = tokio::time::Instant::now() + LINGER;
+    while !full(batch) && !stop.is_cancelled() {
+        let room = BATCH - batch.len();
+        tokio::select! {
+            n = rx.recv_many(batch, room) => if n == 0 { return },
+            _ = tokio::time::sleep_until(deadline) => return,
+            _ = stop.cancelled() => return,
         }
     }
 }
@@ -2224,6 +2260,59 @@ pub async fn read_from(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn chunk(id: &str, bytes: usize) -> Write {
+        let room = Arc::new(Semaphore::new(2));
+        Write::Chunk {
+            id: id.into(),
+            n: 0,
+            raw: vec![b'x'; bytes],
+            first_at_us: 0,
+            gap_at_us: None,
+            _held: (
+                room.clone().try_acquire_owned().unwrap(),
+                room.try_acquire_owned().unwrap(),
+            ),
+        }
+    }
+
+    /// A short command's recording (its output, then its end a few
+    /// milliseconds later) goes in one transaction; a flood's full chunk
+    /// goes at once, as its recording may have no more room in flight.
+    #[tokio::test(start_paused = true)]
+    async fn small_writes_wait_for_more_and_a_full_chunk_goes_at_once() {
+        let (tx, mut rx) = mpsc::channel(8);
+        let stop = CancellationToken::new();
+        let start = tokio::time::Instant::now();
+        let writer = tokio::spawn(async move {
+            let mut batch = vec![rx.recv().await.unwrap()];
+            gather(&mut rx, &mut batch, &stop).await;
+            (batch.len(), tokio::time::Instant::now() - start, rx)
+        });
+        tx.send(chunk("a", 100)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        tx.send(Write::End {
+            id: "a".into(),
+            ended_ms: 1,
+        })
+        .await
+        .unwrap();
+        let (n, waited, mut rx) = writer.await.unwrap();
+        assert_eq!((n, waited), (2, LINGER), "the end went with the output");
+
+        let stop = CancellationToken::new();
+        tx.send(chunk("b", CHUNK_BYTES - EVENT_TEXT)).await.unwrap();
+        tx.send(chunk("c", 100)).await.unwrap();
+        let start = tokio::time::Instant::now();
+        let mut batch = vec![rx.recv().await.unwrap()];
+        gather(&mut rx, &mut batch, &stop).await;
+        assert_eq!(
+            tokio::time::Instant::now(),
+            start,
+            "no wait after a full chunk"
+        );
+        assert_eq!(batch.len(), 1);
+    }
 
     #[tokio::test]
     async fn chunks_of_several_recordings_written_together_each_land_in_their_own() {
