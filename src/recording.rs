@@ -1577,43 +1577,40 @@ fn compress_all(ops: Vec<Op>) -> Result<Vec<Ready>, sqlx::Error> {
 
 async fn write_batch(store: &Store, ready: &[Ready]) -> Result<(), sqlx::Error> {
     let mut tx = store.pool.begin().await?;
-    let mut rest = ready;
+    // The recordings begun in this batch first, in as few statements as
+    // rows allow, and those ended in it last: nothing else of a recording
+    // comes before its start or after its end, and with those out of the
+    // way the chunks between meet in runs. Short commands, one after the
+    // other, each brought six statements of their own.
+    let begins: Vec<(&Meta, &str)> = ready
+        .iter()
+        .filter_map(|r| match r {
+            Ready::Other(Op::Begin(m, server)) => Some((&**m, server.as_str())),
+            _ => None,
+        })
+        .collect();
+    for rows in begins.chunks(MAX_ROWS_A_STATEMENT) {
+        write_begins(&mut tx, rows).await?;
+    }
+    let middle: Vec<&Ready> = ready
+        .iter()
+        .filter(|r| !matches!(r, Ready::Other(Op::Begin(..) | Op::End { .. })))
+        .collect();
+    let mut rest = &middle[..];
     while !rest.is_empty() {
-        // A run of chunks of different recordings goes in two statements
-        // in all, not two each: shells typed in slowly each hand over a
-        // small chunk every couple of seconds, and thousands of them made
-        // the store's thread the server's busiest, mostly handing single
-        // statements to and fro.
+        // A run of chunks goes in two statements in all, not two each:
+        // shells typed in slowly each hand over a small chunk every couple
+        // of seconds, and thousands of them made the store's thread the
+        // server's busiest, mostly handing single statements to and fro.
         let run = plain_chunks(rest);
         if run >= 2 {
             write_chunks(&mut tx, &rest[..run]).await?;
             rest = &rest[run..];
             continue;
         }
-        let r = &rest[0];
+        let r = rest[0];
         rest = &rest[1..];
         match r {
-            Ready::Other(Op::Begin(m, server)) => {
-                sqlx::query(
-                    "INSERT INTO recordings (id, user_name, agent, via, kind, session, command,
-                        server, started_ms, updated_ms, ended_ms, cols, rows_, bytes, stored,
-                        chunks, truncated, incomplete)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, NULL, $10, $11, 0, 0, 0, 0, 0)",
-                )
-                .bind(&m.id)
-                .bind(&m.user)
-                .bind(&m.agent)
-                .bind(&m.via)
-                .bind(&m.kind)
-                .bind(&m.session)
-                .bind(&m.command)
-                .bind(server)
-                .bind(m.started_ms)
-                .bind(i64::from(m.cols))
-                .bind(i64::from(m.rows))
-                .execute(&mut *tx)
-                .await?;
-            }
             Ready::Chunk {
                 id,
                 n,
@@ -1705,75 +1702,137 @@ async fn write_batch(store: &Store, ready: &[Ready]) -> Result<(), sqlx::Error> 
                     .execute(&mut *tx)
                     .await?;
             }
-            Ready::Other(Op::End { id, ended_ms }) => {
-                sqlx::query("UPDATE recordings SET ended_ms = $2, updated_ms = $2 WHERE id = $1")
-                    .bind(&**id)
-                    .bind(*ended_ms)
-                    .execute(&mut *tx)
-                    .await?;
-            }
             Ready::Other(Op::Truncated { id }) => {
                 sqlx::query("UPDATE recordings SET truncated = 1 WHERE id = $1")
                     .bind(&**id)
                     .execute(&mut *tx)
                     .await?;
             }
-            Ready::Other(Op::Insert { .. } | Op::Mark { .. }) => {}
+            Ready::Other(Op::Begin(..) | Op::End { .. } | Op::Insert { .. } | Op::Mark { .. }) => {}
         }
+    }
+    let ends: Vec<(&str, i64)> = ready
+        .iter()
+        .filter_map(|r| match r {
+            Ready::Other(Op::End { id, ended_ms }) => Some((&**id, *ended_ms)),
+            _ => None,
+        })
+        .collect();
+    for rows in ends.chunks(MAX_ROWS_A_STATEMENT) {
+        write_ends(&mut tx, rows).await?;
     }
     tx.commit().await
 }
 
-/// How many of `ready`'s first entries are chunks (not markers) of
-/// recordings all different: one statement can insert them, and another
-/// update their recordings (a recording twice in one `UPDATE ... FROM`
-/// would be updated once).
-fn plain_chunks(ready: &[Ready]) -> usize {
-    let mut seen = HashSet::new();
+/// `count` rows of `width` numbered placeholders: `($1, $2), ($3, $4)`.
+fn placeholders(count: usize, width: usize) -> String {
+    (0..count)
+        .map(|i| {
+            let params: Vec<String> = (1..=width).map(|k| format!("${}", i * width + k)).collect();
+            format!("({})", params.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Inserts the index entries of recordings begun.
+async fn write_begins(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    begins: &[(&Meta, &str)],
+) -> Result<(), sqlx::Error> {
+    let insert = format!(
+        "INSERT INTO recordings (id, user_name, agent, via, kind, session, command,
+            server, started_ms, updated_ms, ended_ms, cols, rows_, bytes, stored,
+            chunks, truncated, incomplete)
+         SELECT v.column1, v.column2, v.column3, v.column4, v.column5, v.column6, v.column7,
+            v.column8, v.column9, v.column9, NULL, v.column10, v.column11, 0, 0, 0, 0, 0
+         FROM (VALUES {}) AS v",
+        placeholders(begins.len(), 11)
+    );
+    // Only numbered placeholders are generated into the text. Kept
+    // prepared only for one row, the usual case: each count is a statement
+    // of its own, which would crowd the connection's statement cache.
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(insert)).persistent(begins.len() == 1);
+    for (m, server) in begins {
+        query = query
+            .bind(&m.id)
+            .bind(&m.user)
+            .bind(&m.agent)
+            .bind(&m.via)
+            .bind(&m.kind)
+            .bind(&m.session)
+            .bind(&m.command)
+            .bind(*server)
+            .bind(m.started_ms)
+            .bind(i64::from(m.cols))
+            .bind(i64::from(m.rows));
+    }
+    query.execute(&mut **tx).await?;
+    Ok(())
+}
+
+/// Marks recordings ended.
+async fn write_ends(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    ends: &[(&str, i64)],
+) -> Result<(), sqlx::Error> {
+    let update = format!(
+        "UPDATE recordings SET ended_ms = v.column2, updated_ms = v.column2
+         FROM (VALUES {}) AS v WHERE recordings.id = v.column1",
+        placeholders(ends.len(), 2)
+    );
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(update)).persistent(ends.len() == 1);
+    for (id, ended_ms) in ends {
+        query = query.bind(*id).bind(*ended_ms);
+    }
+    query.execute(&mut **tx).await?;
+    Ok(())
+}
+
+/// How many of `ready`'s first entries are chunks (not markers): one
+/// statement can insert them, and another update their recordings (one
+/// row each, for the last of its chunks).
+fn plain_chunks(ready: &[&Ready]) -> usize {
     ready
         .iter()
         .take(MAX_ROWS_A_STATEMENT)
-        .take_while(
-            |r| matches!(r, Ready::Chunk { id, kept: Some(_), .. } if seen.insert(id.clone())),
-        )
+        .take_while(|r| matches!(r, Ready::Chunk { kept: Some(_), .. }))
         .count()
 }
 
-/// Rows one statement writes at most (5 parameters each, well within
-/// SQLite's and PostgreSQL's limits).
+/// Rows one statement writes at most (11 parameters each at most, well
+/// within SQLite's and PostgreSQL's limits).
 const MAX_ROWS_A_STATEMENT: usize = 64;
 
 /// Stores `chunks` (from [`plain_chunks`]) and updates their recordings,
 /// as the one-chunk case in [`write_batch`] does each.
 async fn write_chunks(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    chunks: &[Ready],
+    chunks: &[&Ready],
 ) -> Result<(), sqlx::Error> {
     debug_assert_eq!(plain_chunks(chunks), chunks.len(), "a run of plain chunks");
-    let rows = |width: usize| {
-        (0..chunks.len())
-            .map(|i| {
-                let params: Vec<String> =
-                    (1..=width).map(|k| format!("${}", i * width + k)).collect();
-                format!("({})", params.join(", "))
-            })
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     // A chunk whose recording is gone (removed meanwhile) is not kept.
     let insert = format!(
         "INSERT INTO recording_chunks (recording, n, bytes, size, data)
          SELECT v.column1, v.column2, v.column3, v.column4, v.column5 FROM (VALUES {}) AS v
          WHERE EXISTS (SELECT 1 FROM recordings r WHERE r.id = v.column1)",
-        rows(5)
+        placeholders(chunks.len(), 5)
     );
     // Only numbered placeholders are generated into the text. Not kept
     // prepared: each run length is a statement of its own, and up to 63
     // of them would crowd the connection's statement cache.
     let mut query = sqlx::query(sqlx::AssertSqlSafe(insert)).persistent(false);
+    // Each recording's row as its last chunk in the run leaves it: (id,
+    // size as kept, bytes stored, chunks).
+    let mut rows: Vec<(&str, i64, i64, i64)> = Vec::new();
     for chunk in chunks {
         if let Ready::Chunk {
-            id, n, data, bytes, ..
+            id,
+            n,
+            data,
+            bytes,
+            kept: Some(kept),
+            ..
         } = chunk
         {
             query = query
@@ -1782,6 +1841,11 @@ async fn write_chunks(
                 .bind(*bytes as i64)
                 .bind(data.len() as i64)
                 .bind(data.as_slice());
+            let stored = data.len() as i64;
+            match rows.iter_mut().find(|row| row.0 == &**id) {
+                Some(row) => *row = (row.0, *kept as i64, row.2 + stored, n + 1),
+                None => rows.push((id, *kept as i64, stored, n + 1)),
+            }
         }
     }
     query.execute(&mut **tx).await?;
@@ -1790,37 +1854,30 @@ async fn write_chunks(
         "UPDATE recordings SET bytes = v.column2, stored = stored + v.column3,
             chunks = v.column4, updated_ms = v.column5
          FROM (VALUES {}) AS v WHERE recordings.id = v.column1",
-        rows(5)
+        placeholders(rows.len(), 5)
     );
     let now = now_ms();
     let mut query = sqlx::query(sqlx::AssertSqlSafe(update)).persistent(false);
-    for chunk in chunks {
-        if let Ready::Chunk {
-            id,
-            n,
-            data,
-            kept: Some(kept),
-            ..
-        } = chunk
-        {
-            query = query
-                .bind(&**id)
-                .bind(*kept as i64)
-                .bind(data.len() as i64)
-                .bind(n + 1)
-                .bind(now);
-        }
+    for (id, kept, stored, chunks) in rows {
+        query = query
+            .bind(id)
+            .bind(kept)
+            .bind(stored)
+            .bind(chunks)
+            .bind(now);
     }
     query.execute(&mut **tx).await?;
     Ok(())
 }
 
-/// Writes chunks of many recordings in batches as the writer does when
-/// they come together (runs cut by a recording's second chunk and at
-/// [`MAX_ROWS_A_STATEMENT`], a chunk of a recording that is gone), then
-/// checks what each recording holds. Run on both stores by the tests
-/// (tests/audit.rs on PostgreSQL): the writer reaches the statements of
-/// [`write_chunks`] only when chunks happen to meet in one batch.
+/// Writes a batch as the writer does when short commands come together:
+/// each recording's start, its chunks (a second chunk for some) and for
+/// some its end, one recording after the other, and a chunk of a
+/// recording that is gone; then checks what each recording holds. The
+/// starts and ends go in statements of their own and the chunks in runs
+/// (cut at [`MAX_ROWS_A_STATEMENT`]). Run on both stores by the tests
+/// (tests/audit.rs on PostgreSQL): the writer reaches these statements
+/// only when writes happen to meet in one batch.
 #[doc(hidden)]
 pub async fn check_chunks_written_together(store: &Store) -> Result<(), String> {
     let recordings = MAX_ROWS_A_STATEMENT + 6;
@@ -1837,39 +1894,48 @@ pub async fn check_chunks_written_together(store: &Store) -> Result<(), String> 
             _held: None,
         }
     };
-    let mut batch: Vec<Ready> = (0..recordings)
-        .map(|i| {
-            let meta = Meta {
-                id: id(i),
-                user: "olga".into(),
-                agent: "local".into(),
-                via: "console".into(),
-                kind: "session".into(),
-                session: None,
-                command: "(login shell)".into(),
-                started_ms: 1,
-                ended_ms: None,
-                cols: 80,
-                rows: 24,
-                bytes: 0,
-                truncated: false,
-                incomplete: false,
-            };
-            Ready::Other(Op::Begin(Box::new(meta), "test".into()))
-        })
-        .collect();
-    let first: Vec<u64> = (0..recordings).map(|i| text(i, 0).len() as u64).collect();
-    batch.extend((0..recordings).map(|i| chunk(i, 0, first[i])));
-    batch.push(chunk(usize::MAX, 0, 1)); // its recording is gone
-    // Second chunks of recordings in the second run: they start a third.
-    let twice = MAX_ROWS_A_STATEMENT..MAX_ROWS_A_STATEMENT + 2;
-    batch.extend(
-        twice
-            .clone()
-            .map(|i| chunk(i, 1, first[i] + text(i, 1).len() as u64)),
-    );
+    let twice = |i: usize| i % 5 == 1;
+    let ended = |i: usize| i.is_multiple_of(3).then_some(1_000 + i as i64);
+    let mut batch = Vec::new();
+    for i in 0..recordings {
+        let meta = Meta {
+            id: id(i),
+            user: "olga".into(),
+            agent: "local".into(),
+            via: "console".into(),
+            kind: "session".into(),
+            session: None,
+            command: "(login shell)".into(),
+            started_ms: 1,
+            ended_ms: None,
+            cols: 80,
+            rows: 24,
+            bytes: 0,
+            truncated: false,
+            incomplete: false,
+        };
+        batch.push(Ready::Other(Op::Begin(Box::new(meta), "test".into())));
+        let first = text(i, 0).len() as u64;
+        batch.push(chunk(i, 0, first));
+        if twice(i) {
+            batch.push(chunk(i, 1, first + text(i, 1).len() as u64));
+        }
+        if let Some(ended_ms) = ended(i) {
+            batch.push(Ready::Other(Op::End {
+                id: id(i).into(),
+                ended_ms,
+            }));
+        }
+        if i == 10 {
+            batch.push(chunk(usize::MAX, 0, 1)); // its recording is gone
+        }
+    }
     let runs = {
-        let mut rest = &batch[recordings..];
+        let middle: Vec<&Ready> = batch
+            .iter()
+            .filter(|r| !matches!(r, Ready::Other(Op::Begin(..) | Op::End { .. })))
+            .collect();
+        let mut rest = &middle[..];
         let mut runs = Vec::new();
         while !rest.is_empty() {
             let run = plain_chunks(rest).max(1);
@@ -1878,11 +1944,8 @@ pub async fn check_chunks_written_together(store: &Store) -> Result<(), String> 
         }
         runs
     };
-    let expected = vec![
-        MAX_ROWS_A_STATEMENT,
-        recordings - MAX_ROWS_A_STATEMENT + 1,
-        2,
-    ];
+    let chunks = recordings + (0..recordings).filter(|i| twice(*i)).count() + 1;
+    let expected = vec![MAX_ROWS_A_STATEMENT, chunks - MAX_ROWS_A_STATEMENT];
     if runs != expected {
         return Err(format!("runs {runs:?}, expected {expected:?}"));
     }
@@ -1891,7 +1954,7 @@ pub async fn check_chunks_written_together(store: &Store) -> Result<(), String> 
         .await
         .map_err(|e| e.to_string())?;
     for i in 0..recordings {
-        let chunks: i64 = if twice.contains(&i) { 2 } else { 1 };
+        let chunks: i64 = if twice(i) { 2 } else { 1 };
         let want: String = (0..chunks).map(|n| text(i, n)).collect();
         let got = read_from(store, &id(i), 0)
             .await
@@ -1900,18 +1963,31 @@ pub async fn check_chunks_written_together(store: &Store) -> Result<(), String> 
         if got != Some((want.clone(), chunks)) {
             return Err(format!("recording {i}: {got:?}, expected {want:?}"));
         }
-        let row: (i64, i64, i64, i64) = sqlx::query_as(
-            "SELECT bytes, chunks, stored, updated_ms FROM recordings WHERE id = $1",
+        let (bytes, chunks_row, stored_row, updated_ms, ended_ms): (
+            i64,
+            i64,
+            i64,
+            i64,
+            Option<i64>,
+        ) = sqlx::query_as(
+            "SELECT bytes, chunks, stored, updated_ms, ended_ms FROM recordings WHERE id = $1",
         )
         .bind(id(i))
         .fetch_one(&store.pool)
         .await
         .map_err(|e| e.to_string())?;
+        let row = (bytes, chunks_row, stored_row, updated_ms);
+        if ended_ms != ended(i) || ended(i).is_some_and(|e| updated_ms != e) {
+            return Err(format!(
+                "recording {i}: ended_ms {ended_ms:?} and updated_ms {updated_ms}, expected {:?} for both",
+                ended(i)
+            ));
+        }
         let stored: usize = (0..chunks)
             .map(|n| compress(text(i, n).as_bytes()).map_or(0, |c| c.len()))
             .sum();
         let want_row = (want.len() as i64, chunks, stored as i64);
-        if (row.0, row.1, row.2) != want_row || row.3 < before {
+        if (row.0, row.1, row.2) != want_row || (ended(i).is_none() && row.3 < before) {
             return Err(format!(
                 "recording {i}: (bytes, chunks, stored, updated_ms) {row:?}, expected {want_row:?} and updated_ms >= {before}"
             ));
