@@ -1113,15 +1113,17 @@ async fn write_loop(
 /// commit): 10 ms. A transaction costs several round trips to the store's
 /// connection thread and a sync to disk; a short command's recording
 /// (its start, its output, its end) comes within a few milliseconds, which
-/// one transaction can take.
+/// one transaction can take. The price: a server that crashes loses up to
+/// 10 ms more of what it was recording.
 const LINGER: Duration = Duration::from_millis(10);
 
 /// Adds to `batch` what comes within [`LINGER`] of its first write, up to
-/// [`BATCH`], while its chunks hold less than half [`CHUNK_BYTES`]: a
-/// flood's chunks are full ones (at least that much: whole events of at
-/// most [`EVENT_TEXT`]) and go at once, as a recording has only
-/// [`IN_FLIGHT_PER_RECORDING`] in flight, which a wait would hold up. Not
-/// while the server stops.
+/// [`BATCH`], while its chunks hold less than half [`CHUNK_BYTES`] of
+/// events: a flood's chunks are full ones (output events are at most
+/// [`EVENT_TEXT`]; a chunk cut short before a large pasted input is
+/// followed at once by that input's, larger one) and go at once, as a
+/// recording has only [`IN_FLIGHT_PER_RECORDING`] in flight, which a wait
+/// would hold up. Not while the server stops.
 async fn gather(rx: &mut mpsc::Receiver<Write>, batch: &mut Vec<Write>, stop: &CancellationToken) {
     let full = |b: &[Write]| {
         let bytes: usize = b
@@ -1698,7 +1700,7 @@ async fn write_batch(store: &Store, ready: &[Ready]) -> Result<(), sqlx::Error> 
             Ready::Other(Op::Session { id, session }) => {
                 sqlx::query("UPDATE recordings SET session = $2 WHERE id = $1")
                     .bind(&**id)
-                    .bind(session)
+                    .bind(storable(session))
                     .execute(&mut *tx)
                     .await?;
             }
@@ -1756,12 +1758,12 @@ async fn write_begins(
     for (m, server) in begins {
         query = query
             .bind(&m.id)
-            .bind(&m.user)
-            .bind(&m.agent)
+            .bind(storable(&m.user))
+            .bind(storable(&m.agent))
             .bind(&m.via)
             .bind(&m.kind)
-            .bind(&m.session)
-            .bind(&m.command)
+            .bind(m.session.as_deref().map(storable))
+            .bind(storable(&m.command))
             .bind(*server)
             .bind(m.started_ms)
             .bind(i64::from(m.cols))
@@ -1769,6 +1771,14 @@ async fn write_begins(
     }
     query.execute(&mut **tx).await?;
     Ok(())
+}
+
+/// `text` as every store takes it: PostgreSQL refuses NUL in text, which
+/// a command line typed into the console may hold (the agent refuses to
+/// run it only later), and one refused row fails its whole batch, other
+/// users' recordings with it. Each NUL becomes U+FFFD.
+fn storable(text: &str) -> String {
+    text.replace('\0', "\u{FFFD}")
 }
 
 /// Marks recordings ended.
@@ -1843,7 +1853,10 @@ async fn write_chunks(
                 .bind(data.as_slice());
             let stored = data.len() as i64;
             match rows.iter_mut().find(|row| row.0 == &**id) {
-                Some(row) => *row = (row.0, *kept as i64, row.2 + stored, n + 1),
+                Some(row) => {
+                    debug_assert!(n + 1 > row.3, "a recording's chunks in order");
+                    *row = (row.0, *kept as i64, row.2 + stored, n + 1);
+                }
                 None => rows.push((id, *kept as i64, stored, n + 1)),
             }
         }
@@ -1896,6 +1909,10 @@ pub async fn check_chunks_written_together(store: &Store) -> Result<(), String> 
     };
     let twice = |i: usize| i % 5 == 1;
     let ended = |i: usize| i.is_multiple_of(3).then_some(1_000 + i as i64);
+    // A shell's start (its session known) beside commands' (none yet),
+    // and a command line with a NUL, which PostgreSQL refuses as text.
+    let session = |i: usize| (i % 4 == 2).then(|| format!("s-{i}"));
+    let command = |i: usize| format!("echo {i}\0");
     let mut batch = Vec::new();
     for i in 0..recordings {
         let meta = Meta {
@@ -1904,8 +1921,8 @@ pub async fn check_chunks_written_together(store: &Store) -> Result<(), String> 
             agent: "local".into(),
             via: "console".into(),
             kind: "session".into(),
-            session: None,
-            command: "(login shell)".into(),
+            session: session(i),
+            command: command(i),
             started_ms: 1,
             ended_ms: None,
             cols: 80,
@@ -1929,6 +1946,13 @@ pub async fn check_chunks_written_together(store: &Store) -> Result<(), String> 
         if i == 10 {
             batch.push(chunk(usize::MAX, 0, 1)); // its recording is gone
         }
+        if i == 5 {
+            // Between two runs; a session id with a NUL too.
+            batch.push(Ready::Other(Op::Session {
+                id: id(3).into(),
+                session: "s-3\0".into(),
+            }));
+        }
     }
     let runs = {
         let middle: Vec<&Ready> = batch
@@ -1945,7 +1969,15 @@ pub async fn check_chunks_written_together(store: &Store) -> Result<(), String> 
         runs
     };
     let chunks = recordings + (0..recordings).filter(|i| twice(*i)).count() + 1;
-    let expected = vec![MAX_ROWS_A_STATEMENT, chunks - MAX_ROWS_A_STATEMENT];
+    // Recording 5's chunks and those before, the session's update, then
+    // the rest, cut at the most one statement takes.
+    let before_session = 6 + (0..6).filter(|i| twice(*i)).count();
+    let expected = vec![
+        before_session,
+        1,
+        MAX_ROWS_A_STATEMENT,
+        chunks - before_session - MAX_ROWS_A_STATEMENT,
+    ];
     if runs != expected {
         return Err(format!("runs {runs:?}, expected {expected:?}"));
     }
@@ -1976,6 +2008,22 @@ pub async fn check_chunks_written_together(store: &Store) -> Result<(), String> 
         .fetch_one(&store.pool)
         .await
         .map_err(|e| e.to_string())?;
+        let (got_session, got_command): (Option<String>, String) =
+            sqlx::query_as("SELECT session, command FROM recordings WHERE id = $1")
+                .bind(id(i))
+                .fetch_one(&store.pool)
+                .await
+                .map_err(|e| e.to_string())?;
+        let want_session = match i {
+            3 => Some("s-3\u{FFFD}".to_owned()),
+            _ => session(i),
+        };
+        let want_command = command(i).replace('\0', "\u{FFFD}");
+        if (&got_session, &got_command) != (&want_session, &want_command) {
+            return Err(format!(
+                "recording {i}: session and command {got_session:?} {got_command:?}, expected {want_session:?} {want_command:?}"
+            ));
+        }
         let row = (bytes, chunks_row, stored_row, updated_ms);
         if ended_ms != ended(i) || ended(i).is_some_and(|e| updated_ms != e) {
             return Err(format!(
