@@ -496,7 +496,7 @@ async fn write_loop(
         };
         let Some(first) = first else { return };
         batch.push(first);
-        gather(&mut rx, &mut batch, &shutdown).await;
+        crate::store::gather(&mut rx, &mut batch, BATCH, LINGER, &shutdown, someone_waits).await;
         let mut backoff = Duration::from_millis(100);
         loop {
             let attempt =
@@ -550,33 +550,12 @@ async fn write_loop(
     }
 }
 
-/// Adds to `batch` what comes within [`LINGER`] of its first record, up to
-/// [`BATCH`]; at once when someone waits for a record in it, or when the
-/// server stops (then only what is queued already).
-async fn gather(
-    rx: &mut mpsc::Receiver<Queued>,
-    batch: &mut Vec<Queued>,
-    stop: &CancellationToken,
-) {
-    let waited = |b: &[Queued]| b.iter().any(|(_, _, ack)| matches!(ack, Ack::Waiter(_)));
-    let deadline = tokio::time::Instant::now() + LINGER;
-    while batch.len() < BATCH {
-        if waited(batch) || stop.is_cancelled() {
-            while batch.len() < BATCH {
-                match rx.try_recv() {
-                    Ok(ev) => batch.push(ev),
-                    Err(_) => return,
-                }
-            }
-            return;
-        }
-        let room = BATCH - batch.len();
-        tokio::select! {
-            n = rx.recv_many(batch, room) => if n == 0 { return },
-            _ = tokio::time::sleep_until(deadline) => return,
-            _ = stop.cancelled() => {}
-        }
-    }
+/// Whether a command waits for a record of `batch` (its start, without a
+/// journal): then the batch goes without waiting for more.
+fn someone_waits(batch: &[Queued]) -> bool {
+    batch
+        .iter()
+        .any(|(_, _, ack)| matches!(ack, Ack::Waiter(_)))
 }
 
 /// The chain's last record as this writer last saw it: (seq, hash).
@@ -1047,50 +1026,18 @@ mod tests {
         }
     }
 
-    /// A command's start and end, a few milliseconds apart, go in one
-    /// transaction: the writer waits [`LINGER`] for more once one came.
-    #[tokio::test(start_paused = true)]
-    async fn records_close_together_are_written_in_one_batch() {
-        let (tx, mut rx) = mpsc::channel(8);
-        let stop = CancellationToken::new();
-        let start = tokio::time::Instant::now();
-        let writer = tokio::spawn(async move {
-            let mut batch = vec![rx.recv().await.unwrap()];
-            gather(&mut rx, &mut batch, &stop).await;
-            (batch.len(), tokio::time::Instant::now() - start)
-        });
-        tx.send((1, event("make"), Ack::Journal)).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(3)).await;
-        let mut end = event("make");
-        end.kind = Kind::CommandEnd;
-        tx.send((2, end, Ack::Nobody)).await.unwrap();
-        let (n, waited) = writer.await.unwrap();
-        assert_eq!(n, 2, "the end went in the start's batch");
-        assert_eq!(waited, LINGER);
-    }
-
-    /// Nobody waits for the group commit: not a command whose start must
-    /// be committed first (no journal), not a server that stops.
-    #[tokio::test(start_paused = true)]
-    async fn a_waiting_command_or_a_stop_ends_the_wait_for_more_records() {
-        for stopping in [false, true] {
-            let (tx, mut rx) = mpsc::channel(8);
-            let stop = CancellationToken::new();
-            let (ack, _rx) = tokio::sync::oneshot::channel();
-            let first = if stopping {
-                stop.cancel();
-                Ack::Nobody
-            } else {
-                Ack::Waiter(ack)
-            };
-            tx.send((1, event("make"), first)).await.unwrap();
-            tx.send((2, event("test"), Ack::Nobody)).await.unwrap();
-            let start = tokio::time::Instant::now();
-            let mut batch = vec![rx.recv().await.unwrap()];
-            gather(&mut rx, &mut batch, &stop).await;
-            assert_eq!(tokio::time::Instant::now(), start, "stopping: {stopping}");
-            assert_eq!(batch.len(), 2, "what was queued goes along");
-        }
+    /// A command whose start must be committed before it runs (no
+    /// journal) does not wait for the group commit.
+    #[test]
+    fn a_batch_a_command_waits_for_goes_without_waiting_for_more() {
+        let (ack, _rx) = tokio::sync::oneshot::channel();
+        let mut batch = vec![
+            (1, event("make"), Ack::Journal),
+            (2, event("test"), Ack::Nobody),
+        ];
+        assert!(!someone_waits(&batch));
+        batch.push((3, event("ship"), Ack::Waiter(ack)));
+        assert!(someone_waits(&batch));
     }
 
     #[tokio::test]

@@ -1083,7 +1083,15 @@ async fn write_loop(
         if n == 0 {
             return;
         }
-        gather(&mut rx, &mut batch, &shutdown).await;
+        crate::store::gather(
+            &mut rx,
+            &mut batch,
+            BATCH,
+            LINGER,
+            &shutdown,
+            holds_a_full_chunk,
+        )
+        .await;
         let bytes = w.write(std::mem::take(&mut batch)).await;
         written += bytes;
         total = total.map(|t| t + bytes);
@@ -1117,33 +1125,21 @@ async fn write_loop(
 /// 10 ms more of what it was recording.
 const LINGER: Duration = Duration::from_millis(10);
 
-/// Adds to `batch` what comes within [`LINGER`] of its first write, up to
-/// [`BATCH`], while its chunks hold less than half [`CHUNK_BYTES`] of
-/// events: a flood's chunks are full ones (output events are at most
+/// Whether `batch`'s chunks hold half [`CHUNK_BYTES`] of events or more:
+/// a flood's chunks are full ones (output events are at most
 /// [`EVENT_TEXT`]; a chunk cut short before a large pasted input is
-/// followed at once by that input's, larger one) and go at once, as a
-/// recording has only [`IN_FLIGHT_PER_RECORDING`] in flight, which a wait
-/// would hold up. Not while the server stops.
-async fn gather(rx: &mut mpsc::Receiver<Write>, batch: &mut Vec<Write>, stop: &CancellationToken) {
-    let full = |b: &[Write]| {
-        let bytes: usize = b
-            .iter()
-            .map(|w| match w {
-                Write::Chunk { raw, .. } => raw.len(),
-                _ => 0,
-            })
-            .sum();
-        b.len() >= BATCH || bytes >= CHUNK_BYTES / 2
-    };
-    let deadline = tokio::time::Instant::now() + LINGER;
-    while !full(batch) && !stop.is_cancelled() {
-        let room = BATCH - batch.len();
-        tokio::select! {
-            n = rx.recv_many(batch, room) => if n == 0 { return },
-            _ = tokio::time::sleep_until(deadline) => return,
-            _ = stop.cancelled() => return,
-        }
-    }
+/// followed at once by that input's, larger one), and go without waiting
+/// for more, as a recording has only [`IN_FLIGHT_PER_RECORDING`] in
+/// flight, which a wait would hold up.
+fn holds_a_full_chunk(batch: &[Write]) -> bool {
+    let bytes: usize = batch
+        .iter()
+        .map(|w| match w {
+            Write::Chunk { raw, .. } => raw.len(),
+            _ => 0,
+        })
+        .sum();
+    bytes >= CHUNK_BYTES / 2
 }
 
 /// What the writer knows of a recording being made: how much of its cap
@@ -2400,42 +2396,25 @@ mod tests {
         }
     }
 
-    /// A short command's recording (its output, then its end a few
-    /// milliseconds later) goes in one transaction; a flood's full chunk
-    /// goes at once, as its recording may have no more room in flight.
-    #[tokio::test(start_paused = true)]
-    async fn small_writes_wait_for_more_and_a_full_chunk_goes_at_once() {
-        let (tx, mut rx) = mpsc::channel(8);
-        let stop = CancellationToken::new();
-        let start = tokio::time::Instant::now();
-        let writer = tokio::spawn(async move {
-            let mut batch = vec![rx.recv().await.unwrap()];
-            gather(&mut rx, &mut batch, &stop).await;
-            (batch.len(), tokio::time::Instant::now() - start, rx)
-        });
-        tx.send(chunk("a", 100)).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(2)).await;
-        tx.send(Write::End {
+    /// A short command's recording (its output, then its end) waits for
+    /// the group commit; a flood's full chunk goes at once, as its
+    /// recording may have no more room in flight.
+    #[test]
+    fn only_a_batch_with_a_full_chunk_goes_without_waiting_for_more() {
+        let end = || Write::End {
             id: "a".into(),
             ended_ms: 1,
-        })
-        .await
-        .unwrap();
-        let (n, waited, mut rx) = writer.await.unwrap();
-        assert_eq!((n, waited), (2, LINGER), "the end went with the output");
-
-        let stop = CancellationToken::new();
-        tx.send(chunk("b", CHUNK_BYTES - EVENT_TEXT)).await.unwrap();
-        tx.send(chunk("c", 100)).await.unwrap();
-        let start = tokio::time::Instant::now();
-        let mut batch = vec![rx.recv().await.unwrap()];
-        gather(&mut rx, &mut batch, &stop).await;
-        assert_eq!(
-            tokio::time::Instant::now(),
-            start,
-            "no wait after a full chunk"
-        );
-        assert_eq!(batch.len(), 1);
+        };
+        assert!(!holds_a_full_chunk(&[chunk("a", 100), end()]));
+        assert!(!holds_a_full_chunk(&[
+            chunk("a", CHUNK_BYTES / 2 - 1),
+            end()
+        ]));
+        assert!(holds_a_full_chunk(&[chunk("b", CHUNK_BYTES - EVENT_TEXT)]));
+        assert!(holds_a_full_chunk(&[
+            chunk("a", 100),
+            chunk("b", CHUNK_BYTES / 2)
+        ]));
     }
 
     #[tokio::test]

@@ -292,3 +292,93 @@ impl Store {
         Ok(())
     }
 }
+
+/// Adds to `batch` what `rx` brings within `linger` of now, up to `max`
+/// in all: a group commit, so that writes coming close together (a
+/// command's start and end, a short command's recording) share one
+/// transaction, which costs several round trips to the store's connection
+/// and a sync to disk. Once `enough` holds of the batch (someone waits for
+/// it, it carries a flood), or `stop` is cancelled, only what is queued
+/// already is added.
+pub(crate) async fn gather<T>(
+    rx: &mut tokio::sync::mpsc::Receiver<T>,
+    batch: &mut Vec<T>,
+    max: usize,
+    linger: Duration,
+    stop: &tokio_util::sync::CancellationToken,
+    enough: impl Fn(&[T]) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + linger;
+    while batch.len() < max {
+        if enough(batch) || stop.is_cancelled() {
+            while batch.len() < max {
+                match rx.try_recv() {
+                    Ok(item) => batch.push(item),
+                    Err(_) => return,
+                }
+            }
+            return;
+        }
+        let room = max - batch.len();
+        tokio::select! {
+            n = rx.recv_many(batch, room) => if n == 0 { return },
+            _ = tokio::time::sleep_until(deadline) => return,
+            _ = stop.cancelled() => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::time::Instant;
+    use tokio_util::sync::CancellationToken;
+
+    const LINGER: Duration = Duration::from_millis(10);
+
+    /// A write a few milliseconds after the first goes in its batch: the
+    /// writer waits `linger` for more.
+    #[tokio::test(start_paused = true)]
+    async fn writes_close_together_go_in_one_batch() {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+        let start = Instant::now();
+        let writer = tokio::spawn(async move {
+            let mut batch = vec![rx.recv().await.unwrap()];
+            gather(
+                &mut rx,
+                &mut batch,
+                8,
+                LINGER,
+                &CancellationToken::new(),
+                |_| false,
+            )
+            .await;
+            (batch, Instant::now() - start)
+        });
+        tx.send(1).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(3)).await;
+        tx.send(2).await.unwrap();
+        assert_eq!(writer.await.unwrap(), (vec![1, 2], LINGER));
+    }
+
+    /// No wait once the batch is enough, full, or the writer stops: what
+    /// is queued goes along, nothing more.
+    #[tokio::test(start_paused = true)]
+    async fn no_wait_once_enough_full_or_stopping() {
+        for (max, enough, stopping) in [(8, true, false), (3, false, false), (8, false, true)] {
+            let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+            let stop = CancellationToken::new();
+            if stopping {
+                stop.cancel();
+            }
+            for i in 1..=4 {
+                tx.send(i).await.unwrap();
+            }
+            let start = Instant::now();
+            let mut batch = vec![rx.recv().await.unwrap()];
+            gather(&mut rx, &mut batch, max, LINGER, &stop, |_| enough).await;
+            assert_eq!(Instant::now(), start, "{max} {enough} {stopping}");
+            assert_eq!(batch, (1..=max.min(4) as i32).collect::<Vec<_>>());
+        }
+    }
+}
