@@ -1376,6 +1376,9 @@ impl Writer {
             }
         };
         self.planner = Some(planner);
+        // The recordings lost when a refused batch was written one
+        // recording at a time (else all of the batch's are).
+        let mut lost_only: Option<HashSet<Arc<str>>> = None;
         let result = match ready {
             Ok(ready) => {
                 let bytes = ready
@@ -1385,9 +1388,21 @@ impl Writer {
                         Ready::Other(_) => 0,
                     })
                     .sum::<u64>();
-                store_with_retries(&self.store, &ready, &self.health)
-                    .await
-                    .map(|()| bytes)
+                match store_with_retries(&self.store, &ready, &self.health).await {
+                    Ok(()) => Ok(bytes),
+                    // Refused, not unreachable: each recording on its own,
+                    // and only those refused again are lost.
+                    Err(e @ sqlx::Error::Database(_)) => {
+                        let lost = write_each(&self.store, &ready).await;
+                        if lost.is_empty() {
+                            Ok(bytes)
+                        } else {
+                            lost_only = Some(lost);
+                            Err(e)
+                        }
+                    }
+                    Err(e) => Err(e),
+                }
             }
             Err(e) => Err(e),
         };
@@ -1403,6 +1418,13 @@ impl Writer {
                 bytes
             }
             Err(e) => {
+                let ids: Vec<(Arc<str>, bool)> = match &lost_only {
+                    Some(lost) => ids
+                        .into_iter()
+                        .filter(|(id, _)| lost.contains(id))
+                        .collect(),
+                    None => ids,
+                };
                 self.health.failed(&e);
                 self.health.lose(ids.len() as u64);
                 tracing::error!(error = %e, writes = ids.len(), "recordings could not be stored");
@@ -1515,10 +1537,11 @@ async fn store_with_retries(
     ready: &[Ready],
     health: &Health,
 ) -> Result<(), sqlx::Error> {
+    let all: Vec<&Ready> = ready.iter().collect();
     let mut wait = Duration::from_millis(100);
     let mut attempt = 1;
     loop {
-        match write_batch(store, ready).await {
+        match write_batch(store, &all).await {
             Ok(()) => return Ok(()),
             Err(e) if attempt < ATTEMPTS => {
                 health.failed(&e);
@@ -1534,6 +1557,50 @@ async fn store_with_retries(
 
 /// Attempts at writing one batch.
 const ATTEMPTS: u32 = 6;
+
+/// The recording a write is for.
+fn recording_of(ready: &Ready) -> &str {
+    match ready {
+        Ready::Chunk { id, .. } => id,
+        Ready::Other(op) => match op {
+            Op::Begin(meta, _) => &meta.id,
+            Op::Insert { id, .. }
+            | Op::Mark { id, .. }
+            | Op::Delete { id, .. }
+            | Op::Session { id, .. }
+            | Op::End { id, .. }
+            | Op::Truncated { id } => id,
+        },
+    }
+}
+
+/// Writes a batch the store refused (a statement it took for wrong, not a
+/// connection lost) one recording at a time, each in its own transaction,
+/// once: what one recording holds that the store will not take loses that
+/// recording's writes alone, not those of every recording that happened
+/// to share its batch (up to [`BATCH`] writes, [`LINGER`] of them).
+/// Returns the recordings whose writes were lost.
+async fn write_each(store: &Store, ready: &[Ready]) -> HashSet<Arc<str>> {
+    let mut order: Vec<&str> = Vec::new();
+    let mut of: HashMap<&str, Vec<&Ready>> = HashMap::new();
+    for r in ready {
+        let id = recording_of(r);
+        of.entry(id)
+            .or_insert_with(|| {
+                order.push(id);
+                Vec::new()
+            })
+            .push(r);
+    }
+    let mut lost = HashSet::new();
+    for id in order {
+        if let Err(e) = write_batch(store, &of[id]).await {
+            tracing::error!(error = %e, recording = id, "a recording's writes were refused by the store");
+            lost.insert(Arc::from(id));
+        }
+    }
+    lost
+}
 
 fn compress_all(ops: Vec<Op>) -> Result<Vec<Ready>, sqlx::Error> {
     ops.into_iter()
@@ -1573,7 +1640,7 @@ fn compress_all(ops: Vec<Op>) -> Result<Vec<Ready>, sqlx::Error> {
         .collect()
 }
 
-async fn write_batch(store: &Store, ready: &[Ready]) -> Result<(), sqlx::Error> {
+async fn write_batch(store: &Store, ready: &[&Ready]) -> Result<(), sqlx::Error> {
     let mut tx = store.pool.begin().await?;
     // The recordings begun in this batch first, in as few statements as
     // rows allow, and those ended in it last: nothing else of a recording
@@ -1582,7 +1649,7 @@ async fn write_batch(store: &Store, ready: &[Ready]) -> Result<(), sqlx::Error> 
     // other, each brought six statements of their own.
     let begins: Vec<(&Meta, &str)> = ready
         .iter()
-        .filter_map(|r| match r {
+        .filter_map(|r| match *r {
             Ready::Other(Op::Begin(m, server)) => Some((&**m, server.as_str())),
             _ => None,
         })
@@ -1592,6 +1659,7 @@ async fn write_batch(store: &Store, ready: &[Ready]) -> Result<(), sqlx::Error> 
     }
     let middle: Vec<&Ready> = ready
         .iter()
+        .copied()
         .filter(|r| !matches!(r, Ready::Other(Op::Begin(..) | Op::End { .. })))
         .collect();
     let mut rest = &middle[..];
@@ -1711,7 +1779,7 @@ async fn write_batch(store: &Store, ready: &[Ready]) -> Result<(), sqlx::Error> 
     }
     let ends: Vec<(&str, i64)> = ready
         .iter()
-        .filter_map(|r| match r {
+        .filter_map(|r| match *r {
             Ready::Other(Op::End { id, ended_ms }) => Some((&**id, *ended_ms)),
             _ => None,
         })
@@ -1879,6 +1947,26 @@ async fn write_chunks(
     Ok(())
 }
 
+/// A command's recording `id` as it begins (for the checks and tests).
+fn sample_meta(id: &str) -> Meta {
+    Meta {
+        id: id.into(),
+        user: "olga".into(),
+        agent: "local".into(),
+        via: "console".into(),
+        kind: "command".into(),
+        session: None,
+        command: "true".into(),
+        started_ms: 1,
+        ended_ms: None,
+        cols: 80,
+        rows: 24,
+        bytes: 0,
+        truncated: false,
+        incomplete: false,
+    }
+}
+
 /// Writes a batch as the writer does when short commands come together:
 /// each recording's start, its chunks (a second chunk for some) and for
 /// some its end, one recording after the other, and a chunk of a
@@ -1912,20 +2000,10 @@ pub async fn check_chunks_written_together(store: &Store) -> Result<(), String> 
     let mut batch = Vec::new();
     for i in 0..recordings {
         let meta = Meta {
-            id: id(i),
-            user: "olga".into(),
-            agent: "local".into(),
-            via: "console".into(),
             kind: "session".into(),
             session: session(i),
             command: command(i),
-            started_ms: 1,
-            ended_ms: None,
-            cols: 80,
-            rows: 24,
-            bytes: 0,
-            truncated: false,
-            incomplete: false,
+            ..sample_meta(&id(i))
         };
         batch.push(Ready::Other(Op::Begin(Box::new(meta), "test".into())));
         let first = text(i, 0).len() as u64;
@@ -1978,7 +2056,7 @@ pub async fn check_chunks_written_together(store: &Store) -> Result<(), String> 
         return Err(format!("runs {runs:?}, expected {expected:?}"));
     }
     let before = now_ms();
-    write_batch(store, &batch)
+    write_batch(store, &batch.iter().collect::<Vec<_>>())
         .await
         .map_err(|e| e.to_string())?;
     for i in 0..recordings {
@@ -2415,6 +2493,118 @@ mod tests {
             chunk("a", 100),
             chunk("b", CHUNK_BYTES / 2)
         ]));
+    }
+
+    /// A batch the store refuses (here: a recording begun twice, which
+    /// its unique id forbids) is written again one recording at a time:
+    /// only the refused recording's writes are lost, not those of the
+    /// others that shared its batch.
+    #[tokio::test]
+    async fn a_refused_batch_loses_only_the_refused_recordings_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&crate::store::sqlite_url(Some(dir.path())))
+            .await
+            .unwrap();
+        let begin = |id: &str| Ready::Other(Op::Begin(Box::new(sample_meta(id)), "test".into()));
+        let line = b"[0.1, \"o\", \"hi\"]\n";
+        let chunk = |id: &str| Ready::Chunk {
+            id: id.into(),
+            n: 0,
+            data: compress(line).unwrap(),
+            bytes: line.len() as u64,
+            kept: Some(line.len() as u64),
+            _held: None,
+        };
+        let (x, y) = ("x".repeat(32), "y".repeat(32));
+        write_batch(&store, &[&begin(&x)]).await.unwrap();
+        let batch = vec![
+            begin(&x),
+            chunk(&x),
+            begin(&y),
+            chunk(&y),
+            Ready::Other(Op::End {
+                id: y.as_str().into(),
+                ended_ms: 5,
+            }),
+        ];
+        let refused = write_batch(&store, &batch.iter().collect::<Vec<_>>()).await;
+        assert!(
+            matches!(refused, Err(sqlx::Error::Database(_))),
+            "{refused:?}"
+        );
+        let lost = write_each(&store, &batch).await;
+        assert_eq!(lost, HashSet::from([Arc::<str>::from(x.as_str())]));
+        let got = read_from(&store, &y, 0).await.unwrap();
+        assert_eq!(
+            got,
+            Some((line.to_vec(), 1)),
+            "the other recording is whole"
+        );
+        let ended: (Option<i64>,) = sqlx::query_as("SELECT ended_ms FROM recordings WHERE id = $1")
+            .bind(&y)
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(ended.0, Some(5));
+    }
+
+    /// The writer, given such a batch: after its retries, the recording
+    /// begun twice is lost (never begun: its later writes are skipped),
+    /// and the one that shared its batch is stored whole.
+    #[tokio::test]
+    async fn the_writer_loses_only_the_refused_recording_of_a_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&crate::store::sqlite_url(Some(dir.path())))
+            .await
+            .unwrap();
+        let room = Arc::new(Semaphore::new(8));
+        let chunk = |id: &str| {
+            let mut raw = Vec::new();
+            push_raw(&mut raw, 100_000, b'o', "hi");
+            Write::Chunk {
+                id: id.into(),
+                n: 0,
+                raw,
+                first_at_us: 100_000,
+                gap_at_us: None,
+                _held: (
+                    room.clone().try_acquire_owned().unwrap(),
+                    room.clone().try_acquire_owned().unwrap(),
+                ),
+            }
+        };
+        let (x, y) = ("x".repeat(32), "y".repeat(32));
+        let mut w = Writer {
+            store: store.clone(),
+            health: Arc::new(Health::default()),
+            planner: Some(Planner {
+                half: 1 << 20,
+                rolls: HashMap::new(),
+                unborn: HashSet::new(),
+            }),
+            damaged: HashSet::new(),
+        };
+        w.write(vec![Write::Begin(Box::new(sample_meta(&x)), "test".into())])
+            .await;
+        w.write(vec![
+            Write::Begin(Box::new(sample_meta(&x)), "test".into()),
+            chunk(&x),
+            Write::Begin(Box::new(sample_meta(&y)), "test".into()),
+            chunk(&y),
+            Write::End {
+                id: y.as_str().into(),
+                ended_ms: 5,
+            },
+        ])
+        .await;
+        let unborn = &w.planner.as_ref().unwrap().unborn;
+        assert_eq!(unborn, &HashSet::from([Arc::<str>::from(x.as_str())]));
+        let (data, chunks) = read_from(&store, &y, 0).await.unwrap().unwrap();
+        assert_eq!(chunks, 1);
+        assert!(
+            String::from_utf8_lossy(&data).contains("\"hi\""),
+            "the other recording is whole: {data:?}"
+        );
     }
 
     #[tokio::test]
