@@ -1352,7 +1352,8 @@ impl Planner {
 
 impl Writer {
     /// Plans, compresses and writes a batch, trying again while the store
-    /// fails; returns the compressed bytes written.
+    /// fails (a batch it refuses for what it holds: one recording at a
+    /// time); returns the compressed bytes written.
     async fn write(&mut self, writes: Vec<Write>) -> u64 {
         let ids: Vec<(Arc<str>, bool)> = writes
             .iter()
@@ -1377,8 +1378,9 @@ impl Writer {
         };
         self.planner = Some(planner);
         // The recordings lost when a refused batch was written one
-        // recording at a time (else all of the batch's are).
-        let mut lost_only: Option<HashSet<Arc<str>>> = None;
+        // recording at a time (else all of the batch's are), and the bytes
+        // the others stored.
+        let mut lost_only: Option<(HashSet<Arc<str>>, u64)> = None;
         let result = match ready {
             Ok(ready) => {
                 let bytes = ready
@@ -1390,14 +1392,14 @@ impl Writer {
                     .sum::<u64>();
                 match store_with_retries(&self.store, &ready, &self.health).await {
                     Ok(()) => Ok(bytes),
-                    // Refused, not unreachable: each recording on its own,
+                    // Refused for what it holds: each recording on its own,
                     // and only those refused again are lost.
-                    Err(e @ sqlx::Error::Database(_)) => {
-                        let lost = write_each(&self.store, &ready).await;
+                    Err(e) if refused_for_its_data(&e) => {
+                        let (lost, stored) = write_each(&self.store, &ready).await;
                         if lost.is_empty() {
-                            Ok(bytes)
+                            Ok(stored)
                         } else {
-                            lost_only = Some(lost);
+                            lost_only = Some((lost, stored));
                             Err(e)
                         }
                     }
@@ -1418,18 +1420,20 @@ impl Writer {
                 bytes
             }
             Err(e) => {
-                let ids: Vec<(Arc<str>, bool)> = match &lost_only {
-                    Some(lost) => ids
-                        .into_iter()
-                        .filter(|(id, _)| lost.contains(id))
-                        .collect(),
-                    None => ids,
+                let (ids, stored): (Vec<(Arc<str>, bool)>, u64) = match &lost_only {
+                    Some((lost, stored)) => (
+                        ids.into_iter()
+                            .filter(|(id, _)| lost.contains(id))
+                            .collect(),
+                        *stored,
+                    ),
+                    None => (ids, 0),
                 };
                 self.health.failed(&e);
                 self.health.lose(ids.len() as u64);
                 tracing::error!(error = %e, writes = ids.len(), "recordings could not be stored");
                 let Some(planner) = self.planner.as_mut() else {
-                    return 0;
+                    return stored;
                 };
                 if planner.unborn.len() + self.damaged.len() > REMEMBERED {
                     tracing::warn!("too many damaged recordings to remember; some stay unmarked");
@@ -1444,7 +1448,7 @@ impl Writer {
                         self.damaged.insert(id);
                     }
                 }
-                0
+                stored
             }
         }
     }
@@ -1543,6 +1547,8 @@ async fn store_with_retries(
     loop {
         match write_batch(store, &all).await {
             Ok(()) => return Ok(()),
+            // The same writes would be refused again.
+            Err(e) if refused_for_its_data(&e) => return Err(e),
             Err(e) if attempt < ATTEMPTS => {
                 health.failed(&e);
                 tracing::warn!(error = %e, attempt, "recordings could not be stored; trying again");
@@ -1574,13 +1580,38 @@ fn recording_of(ready: &Ready) -> &str {
     }
 }
 
-/// Writes a batch the store refused (a statement it took for wrong, not a
-/// connection lost) one recording at a time, each in its own transaction,
-/// once: what one recording holds that the store will not take loses that
-/// recording's writes alone, not those of every recording that happened
-/// to share its batch (up to [`BATCH`] writes, [`LINGER`] of them).
-/// Returns the recordings whose writes were lost.
-async fn write_each(store: &Store, ready: &[Ready]) -> HashSet<Arc<str>> {
+/// Whether the store refused a statement for what it held (a constraint,
+/// a value it cannot take: PostgreSQL's SQLSTATE classes 22, 23 and 54,
+/// SQLite's constraint, too-big and mismatch codes), not for its own state
+/// (busy, full, read-only, gone), which waiting may mend. The same writes
+/// would be refused again: no use retrying them, while writing each
+/// recording on its own finds which it refuses.
+fn refused_for_its_data(e: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(db) = e else {
+        return false;
+    };
+    if !matches!(db.kind(), sqlx::error::ErrorKind::Other) {
+        return true;
+    }
+    let Some(code) = db.code() else {
+        return false;
+    };
+    match code.parse::<i32>() {
+        // SQLite's (extended) result code: its primary code is the low byte.
+        Ok(n) => matches!(n & 0xff, 18..=20),
+        // A PostgreSQL SQLSTATE.
+        Err(_) => code.len() == 5 && ["22", "23", "54"].iter().any(|c| code.starts_with(c)),
+    }
+}
+
+/// Writes a batch the store refused for what it holds one recording at a
+/// time, each in its own transaction, once: what one recording holds that
+/// the store will not take loses that recording's writes alone, not those
+/// of every recording that happened to share its batch. Stops at the first
+/// failure of another kind (the store itself failing: the rest are lost
+/// as the batch would have been). Returns the recordings whose writes were
+/// lost, and the bytes of chunks stored.
+async fn write_each(store: &Store, ready: &[Ready]) -> (HashSet<Arc<str>>, u64) {
     let mut order: Vec<&str> = Vec::new();
     let mut of: HashMap<&str, Vec<&Ready>> = HashMap::new();
     for r in ready {
@@ -1593,13 +1624,35 @@ async fn write_each(store: &Store, ready: &[Ready]) -> HashSet<Arc<str>> {
             .push(r);
     }
     let mut lost = HashSet::new();
+    let mut stored = 0;
+    if order.len() < 2 {
+        lost.extend(order.into_iter().map(Arc::from));
+        return (lost, stored);
+    }
+    let mut failing = false;
     for id in order {
-        if let Err(e) = write_batch(store, &of[id]).await {
-            tracing::error!(error = %e, recording = id, "a recording's writes were refused by the store");
+        if failing {
             lost.insert(Arc::from(id));
+            continue;
+        }
+        match write_batch(store, &of[id]).await {
+            Ok(()) => {
+                stored += of[id]
+                    .iter()
+                    .map(|r| match r {
+                        Ready::Chunk { data, .. } => data.len() as u64,
+                        Ready::Other(_) => 0,
+                    })
+                    .sum::<u64>();
+            }
+            Err(e) => {
+                failing = !refused_for_its_data(&e);
+                tracing::error!(error = %e, recording = id, "a recording's writes were refused by the store");
+                lost.insert(Arc::from(id));
+            }
         }
     }
-    lost
+    (lost, stored)
 }
 
 fn compress_all(ops: Vec<Op>) -> Result<Vec<Ready>, sqlx::Error> {
@@ -2124,6 +2177,29 @@ pub async fn check_chunks_written_together(store: &Store) -> Result<(), String> 
     if orphans.0 != 0 {
         return Err("a chunk of a recording that is gone was kept".into());
     }
+    // A batch the store refuses (a recording begun twice) is written again
+    // one recording at a time: only the refused one is lost.
+    let again = MAX_ROWS_A_STATEMENT + 100;
+    let batch = [
+        Ready::Other(Op::Begin(Box::new(sample_meta(&id(0))), "test".into())),
+        Ready::Other(Op::Begin(Box::new(sample_meta(&id(again))), "test".into())),
+        chunk(again, 0, text(again, 0).len() as u64),
+    ];
+    let refused = write_batch(store, &batch.iter().collect::<Vec<_>>()).await;
+    if !refused.as_ref().is_err_and(refused_for_its_data) {
+        return Err(format!("a recording begun twice: {refused:?}"));
+    }
+    let (lost, _) = write_each(store, &batch).await;
+    let got = read_from(store, &id(again), 0)
+        .await
+        .map_err(|e| e.to_string())?;
+    if lost != HashSet::from([Arc::from(id(0))])
+        || got.as_ref().is_none_or(|(_, chunks)| *chunks != 1)
+    {
+        return Err(format!(
+            "written one by one: lost {lost:?}, the other holds {got:?}"
+        ));
+    }
     Ok(())
 }
 
@@ -2529,11 +2605,12 @@ mod tests {
         ];
         let refused = write_batch(&store, &batch.iter().collect::<Vec<_>>()).await;
         assert!(
-            matches!(refused, Err(sqlx::Error::Database(_))),
+            refused.as_ref().is_err_and(refused_for_its_data),
             "{refused:?}"
         );
-        let lost = write_each(&store, &batch).await;
+        let (lost, stored) = write_each(&store, &batch).await;
         assert_eq!(lost, HashSet::from([Arc::<str>::from(x.as_str())]));
+        assert_eq!(stored, compress(line).unwrap().len() as u64);
         let got = read_from(&store, &y, 0).await.unwrap();
         assert_eq!(
             got,
