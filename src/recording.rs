@@ -1377,36 +1377,25 @@ impl Writer {
             }
         };
         self.planner = Some(planner);
-        // The recordings lost when a refused batch was written one
-        // recording at a time (else all of the batch's are), and the bytes
-        // the others stored.
-        let mut lost_only: Option<(HashSet<Arc<str>>, u64)> = None;
+        // On failure: the error, the recordings lost when a refused batch
+        // was written one recording at a time (`None`: all of the batch's),
+        // and the bytes the others stored.
         let result = match ready {
-            Ok(ready) => {
-                let bytes = ready
-                    .iter()
-                    .map(|r| match r {
-                        Ready::Chunk { data, .. } => data.len() as u64,
-                        Ready::Other(_) => 0,
-                    })
-                    .sum::<u64>();
-                match store_with_retries(&self.store, &ready, &self.health).await {
-                    Ok(()) => Ok(bytes),
-                    // Refused for what it holds: each recording on its own,
-                    // and only those refused again are lost.
-                    Err(e) if refused_for_its_data(&e) => {
-                        let (lost, stored) = write_each(&self.store, &ready).await;
-                        if lost.is_empty() {
-                            Ok(stored)
-                        } else {
-                            lost_only = Some((lost, stored));
-                            Err(e)
-                        }
+            Ok(ready) => match store_with_retries(&self.store, &ready, &self.health).await {
+                Ok(()) => Ok(stored_bytes(&ready)),
+                // Refused for what it holds: each recording on its own, and
+                // only those refused again are lost.
+                Err(e) if refused_for_its_data(&e) => {
+                    let (lost, stored) = write_each(&self.store, &ready).await;
+                    if lost.is_empty() {
+                        Ok(stored)
+                    } else {
+                        Err((e, Some(lost), stored))
                     }
-                    Err(e) => Err(e),
                 }
-            }
-            Err(e) => Err(e),
+                Err(e) => Err((e, None, 0)),
+            },
+            Err(e) => Err((e, None, 0)),
         };
         match result {
             Ok(bytes) => {
@@ -1419,15 +1408,13 @@ impl Writer {
                 }
                 bytes
             }
-            Err(e) => {
-                let (ids, stored): (Vec<(Arc<str>, bool)>, u64) = match &lost_only {
-                    Some((lost, stored)) => (
-                        ids.into_iter()
-                            .filter(|(id, _)| lost.contains(id))
-                            .collect(),
-                        *stored,
-                    ),
-                    None => (ids, 0),
+            Err((e, lost, stored)) => {
+                let ids: Vec<(Arc<str>, bool)> = match lost {
+                    Some(lost) => ids
+                        .into_iter()
+                        .filter(|(id, _)| lost.contains(id))
+                        .collect(),
+                    None => ids,
                 };
                 self.health.failed(&e);
                 self.health.lose(ids.len() as u64);
@@ -1564,6 +1551,17 @@ async fn store_with_retries(
 /// Attempts at writing one batch.
 const ATTEMPTS: u32 = 6;
 
+/// The compressed bytes of the chunks among `ready`.
+fn stored_bytes<'a>(ready: impl IntoIterator<Item = &'a Ready>) -> u64 {
+    ready
+        .into_iter()
+        .map(|r| match r {
+            Ready::Chunk { data, .. } => data.len() as u64,
+            Ready::Other(_) => 0,
+        })
+        .sum()
+}
+
 /// The recording a write is for.
 fn recording_of(ready: &Ready) -> &str {
     match ready {
@@ -1636,15 +1634,7 @@ async fn write_each(store: &Store, ready: &[Ready]) -> (HashSet<Arc<str>>, u64) 
             continue;
         }
         match write_batch(store, &of[id]).await {
-            Ok(()) => {
-                stored += of[id]
-                    .iter()
-                    .map(|r| match r {
-                        Ready::Chunk { data, .. } => data.len() as u64,
-                        Ready::Other(_) => 0,
-                    })
-                    .sum::<u64>();
-            }
+            Ok(()) => stored += stored_bytes(of[id].iter().copied()),
             Err(e) => {
                 failing = !refused_for_its_data(&e);
                 tracing::error!(error = %e, recording = id, "a recording's writes were refused by the store");
@@ -2535,6 +2525,15 @@ pub async fn read_from(
 mod tests {
     use super::*;
 
+    /// A store in a fresh data directory (removed with the directory).
+    async fn sqlite_store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&crate::store::sqlite_url(Some(dir.path())))
+            .await
+            .unwrap();
+        (dir, store)
+    }
+
     fn chunk(id: &str, bytes: usize) -> Write {
         let room = Arc::new(Semaphore::new(2));
         Write::Chunk {
@@ -2577,10 +2576,7 @@ mod tests {
     /// others that shared its batch.
     #[tokio::test]
     async fn a_refused_batch_loses_only_the_refused_recordings_writes() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&crate::store::sqlite_url(Some(dir.path())))
-            .await
-            .unwrap();
+        let (_dir, store) = sqlite_store().await;
         let begin = |id: &str| Ready::Other(Op::Begin(Box::new(sample_meta(id)), "test".into()));
         let line = b"[0.1, \"o\", \"hi\"]\n";
         let chunk = |id: &str| Ready::Chunk {
@@ -2630,10 +2626,7 @@ mod tests {
     /// and the one that shared its batch is stored whole.
     #[tokio::test]
     async fn the_writer_loses_only_the_refused_recording_of_a_batch() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&crate::store::sqlite_url(Some(dir.path())))
-            .await
-            .unwrap();
+        let (_dir, store) = sqlite_store().await;
         let room = Arc::new(Semaphore::new(8));
         let chunk = |id: &str| {
             let mut raw = Vec::new();
@@ -2686,10 +2679,7 @@ mod tests {
 
     #[tokio::test]
     async fn chunks_of_several_recordings_written_together_each_land_in_their_own() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&crate::store::sqlite_url(Some(dir.path())))
-            .await
-            .unwrap();
+        let (_dir, store) = sqlite_store().await;
         check_chunks_written_together(&store).await.unwrap();
     }
 
@@ -2754,10 +2744,7 @@ mod tests {
         tokio::task::JoinHandle<()>,
         Arc<Recorder>,
     ) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&crate::store::sqlite_url(Some(dir.path())))
-            .await
-            .unwrap();
+        let (dir, store) = sqlite_store().await;
         let shutdown = CancellationToken::new();
         let settings = Settings {
             max_bytes,
