@@ -38,6 +38,12 @@ use crate::vocab::{ErrorCode, Signal};
 /// twice the largest message, so that the agent reads on while the page
 /// takes one in.
 pub const BROWSER_WINDOW: u64 = 512 * 1024;
+/// Credit the page has returned that is passed on to the agent once this
+/// much has gathered: 32 KiB. The page acknowledges every write it has
+/// drawn, so without it each keystroke's echo cost the agent a `window`
+/// frame of its own (and a wake-up) beside the next keystroke. Holds back
+/// less than a sixteenth of the window, so the agent never waits on it.
+const CREDIT_BATCH: u64 = 32 * 1024;
 /// Commands one socket may run at once.
 pub(crate) const MAX_COMMANDS: usize = 16;
 /// Messages queued for one browser: 64 (output messages are ≤ 256 KiB).
@@ -121,6 +127,9 @@ struct Running {
     input: super::input::Input,
     /// Output sent to the browser and not yet acknowledged.
     unacked: Arc<AtomicU64>,
+    /// Output the browser acknowledged that is not yet credited back to
+    /// the agent (less than [`CREDIT_BATCH`]).
+    owed: AtomicU64,
     task: tokio::task::JoinHandle<()>,
     /// Its recording, which also takes typed input (with
     /// `--record-input`) and the page's resizes.
@@ -1005,12 +1014,14 @@ impl Running {
             control,
             input,
             unacked,
+            owed: AtomicU64::new(0),
             task,
             recording,
         }
     }
 
-    /// The page drew `bytes` more bytes: pass the credit on to the agent.
+    /// The page drew `bytes` more bytes: pass the credit on to the agent,
+    /// in batches of [`CREDIT_BATCH`].
     async fn ack(&self, bytes: u64) {
         // Never return more credit than output was sent: a browser that
         // over-acknowledges must not unbound the server's buffers.
@@ -1021,9 +1032,17 @@ impl Running {
                 granted = bytes.min(u);
                 Some(u - granted)
             });
-        if granted > 0 {
-            let _ = self.control.window(granted).await;
+        if granted == 0 {
+            return;
         }
+        // Only the console's own loop acknowledges: no race between the two.
+        let owed = self.owed.load(Ordering::Relaxed) + granted;
+        if owed < CREDIT_BATCH {
+            self.owed.store(owed, Ordering::Relaxed);
+            return;
+        }
+        self.owed.store(0, Ordering::Relaxed);
+        let _ = self.control.window(owed).await;
     }
 }
 
