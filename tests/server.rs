@@ -208,6 +208,53 @@ async fn a_large_paste_arrives_whole_and_a_huge_one_is_refused() {
     assert_eq!(out, b"still-here\n");
 }
 
+/// A paste into a terminal whose program is not reading yet fills the
+/// terminal's input and waits for room (the agent writes to a terminal
+/// without waiting to be told there is room, and asks only once a write
+/// finds none): it arrives whole once the program reads.
+#[tokio::test]
+async fn a_paste_into_a_terminal_that_is_not_reading_arrives_whole() {
+    let server = start_server(&[], &[]);
+    let mut ws = console(&server).await;
+    send(
+        &mut ws,
+        json!({"type": "exec", "id": 1, "pty": {"cols": 80, "rows": 24},
+               "cmd": "stty raw -echo; echo ready; sleep 0.5; head -c 300000 | sha256sum"}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await["type"], "started");
+    let paste: String = (0..300_000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let want = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(paste.as_bytes()))
+    };
+    let result = tokio::time::timeout(Duration::from_secs(60), async {
+        // Typed once the terminal is raw: every byte reaches the program.
+        let mut out = Vec::new();
+        while !String::from_utf8_lossy(&out).contains("ready") {
+            if let Message::Binary(b) = ws.next().await.expect("socket open").expect("frame") {
+                out.extend_from_slice(&b[5..]);
+                send(
+                    &mut ws,
+                    json!({"type": "ack", "id": 1, "bytes": b.len() - 5}),
+                )
+                .await;
+            }
+        }
+        for piece in paste.as_bytes().chunks(16 * 1024) {
+            let piece = std::str::from_utf8(piece).unwrap();
+            send(&mut ws, json!({"type": "stdin", "id": 1, "data": piece})).await;
+        }
+        collect(&mut ws, 1).await
+    })
+    .await;
+    let (out, _, exit) = result.expect("the paste's sum within 60 s");
+    assert!(String::from_utf8_lossy(&out).contains(&want), "{out:?}");
+    assert_eq!(exit["code"], 0, "{exit}");
+}
+
 /// Keystrokes go straight to the link when nothing waits before them,
 /// and behind a paste still being written when something does: the
 /// command reads everything in the order it was typed.

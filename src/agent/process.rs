@@ -1025,7 +1025,16 @@ fn open_pty(size: PtySize) -> io::Result<(OwnedFd, OwnedFd)> {
 /// The master side of a pseudo-terminal, readable and writable without
 /// blocking a runtime thread.
 pub(crate) struct Pty {
+    /// Registered for reading only. A terminal's master is woken for
+    /// writing after every write to it and every read its program makes,
+    /// so a registration for both woke the agent twice a keystroke for
+    /// nothing, beside the keystroke's own echo.
     fd: AsyncFd<OwnedFd>,
+    /// A registration for writing, of a duplicate of the master, made the
+    /// first time a write finds the terminal's input full (a paste into a
+    /// program that is not reading): only such a terminal pays those
+    /// wake-ups, and the descriptor.
+    writer: std::sync::OnceLock<AsyncFd<OwnedFd>>,
 }
 
 impl Pty {
@@ -1035,8 +1044,12 @@ impl Pty {
         nix::fcntl::fcntl(&master, nix::fcntl::FcntlArg::F_SETFL(flags))?;
         // SAFETY: `master` is an OwnedFd we exclusively own; it stays open
         // for as long as the AsyncFd that owns it exists.
-        let fd = unsafe { AsyncFd::register(master) }.map_err(|e| e.into_parts().1)?;
-        Ok(Pty { fd })
+        let fd = unsafe { AsyncFd::register_with_interest(master, tokio::io::Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)?;
+        Ok(Pty {
+            fd,
+            writer: std::sync::OnceLock::new(),
+        })
     }
 
     /// The terminal's foreground process group, if it is one of the
@@ -1112,12 +1125,29 @@ impl Pty {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        let write = || nix::unistd::write(self.fd.get_ref().as_fd(), buf).map_err(io::Error::from);
         loop {
-            let mut guard = ready!(self.fd.poll_write_ready(cx))?;
-            let result = guard.try_io(|fd| {
-                nix::unistd::write(fd.get_ref().as_fd(), buf).map_err(io::Error::from)
-            });
-            if let Ok(result) = result {
+            let Some(writer) = self.writer.get() else {
+                match write() {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        // Registered now, the duplicate reports the room
+                        // there is already: room the program made since
+                        // this write failed is not missed.
+                        let dup = self.fd.get_ref().try_clone()?;
+                        // SAFETY: `dup` is an OwnedFd we exclusively own; it
+                        // stays open for as long as the AsyncFd that owns it.
+                        let writer = unsafe {
+                            AsyncFd::register_with_interest(dup, tokio::io::Interest::WRITABLE)
+                        }
+                        .map_err(|e| e.into_parts().1)?;
+                        let _ = self.writer.set(writer);
+                        continue;
+                    }
+                    result => return Poll::Ready(result),
+                }
+            };
+            let mut guard = ready!(writer.poll_write_ready(cx))?;
+            if let Ok(result) = guard.try_io(|_| write()) {
                 return Poll::Ready(result);
             }
         }
