@@ -722,6 +722,11 @@ async fn latency(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bool)
     ]
 }
 
+/// The pause before each paced keystroke: 20 ms, shorter than anyone
+/// leaves between keys (about 100 ms at 120 words a minute), to keep the
+/// run short.
+const KEY_PACE: Duration = Duration::from_millis(20);
+
 /// Opens a PTY shell on `ws` as command `id` and times `n` keystrokes,
 /// each from send to its echo.
 async fn keystroke_latencies(ws: &mut Ws, id: u32, n: usize) -> Vec<Duration> {
@@ -1856,6 +1861,9 @@ async fn peers(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bool)> 
 
 /// Keystroke echo and idle shells beside ttyd, connect-to-first-output
 /// beside websocketd: the same client, samples alternating.
+///
+/// Keystrokes are timed twice: back to back (each key sent as soon as the
+/// last echo is acknowledged), and paced [`KEY_PACE`] apart, as people type.
 async fn peer_latency_and_memory(plan: &Plan, s: &Stack, out: &mut String) -> Vec<(String, bool)> {
     let k = plan.latency_samples;
     let mut verdicts = Vec::new();
@@ -1916,6 +1924,41 @@ async fn peer_latency_and_memory(plan: &Plan, s: &Stack, out: &mut String) -> Ve
                         _ => break,
                     }
                 }
+                // The same at a person's pace: a pause before each key, so
+                // that each finds the server, the agent and the shell
+                // asleep, as typed keys do (the loop above sends the next
+                // key as soon as the last one's echo is acknowledged).
+                let mut mine_paced = Vec::with_capacity(k);
+                let mut theirs_paced = Vec::with_capacity(k);
+                for i in 0..k {
+                    if theirs.len() < k {
+                        break;
+                    }
+                    if i % 100 == 99 {
+                        send(
+                            &mut own,
+                            json!({"type": "stdin", "id": id, "data": "\u{15}"}),
+                        )
+                        .await;
+                        let _ = peer.send(Message::Binary(b"0\x15".to_vec().into())).await;
+                    }
+                    tokio::time::sleep(KEY_PACE).await;
+                    let t = Instant::now();
+                    send(&mut own, json!({"type": "stdin", "id": id, "data": "x"})).await;
+                    let echoed = wait_output_at(&mut own, id, |b| b.contains(&b'x'));
+                    let at = tokio::time::timeout(SAMPLE_LIMIT, echoed)
+                        .await
+                        .expect("conch echoes a keystroke");
+                    mine_paced.push(at - t);
+                    tokio::time::sleep(KEY_PACE).await;
+                    let t = Instant::now();
+                    let _ = peer.send(Message::Binary(b"0x".to_vec().into())).await;
+                    let echoed = ttyd_output(&mut peer, |b| b.contains(&b'x'));
+                    match tokio::time::timeout(SAMPLE_LIMIT, echoed).await {
+                        Ok(Some(at)) => theirs_paced.push(at - t),
+                        _ => break,
+                    }
+                }
                 for ws in [&mut own, &mut tls] {
                     send(ws, json!({"type": "close", "id": id})).await;
                 }
@@ -1942,6 +1985,17 @@ async fn peer_latency_and_memory(plan: &Plan, s: &Stack, out: &mut String) -> Ve
                             "| the same, {name} ms, through a separate agent over TLS | {m:.3} | {t:.3} | {:.2} |",
                             m / t
                         );
+                    }
+                    if theirs_paced.len() == k {
+                        for (name, p) in [("p50", 0.5), ("p99", 0.99)] {
+                            let (m, t) = (percentile(&mine_paced, p), percentile(&theirs_paced, p));
+                            let _ = writeln!(
+                                out,
+                                "| the same, {name} ms, embedded, each key {} ms after the last echo (as typed) | {m:.3} | {t:.3} | {:.2} |",
+                                KEY_PACE.as_millis(),
+                                m / t
+                            );
+                        }
                     }
                 } else {
                     let _ = writeln!(
