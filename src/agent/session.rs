@@ -614,6 +614,8 @@ impl Viewer {
             match self.out.try_send(frame) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(_)) => {
+                    // Never sent, so never credited back: the credit stays.
+                    self.credit += n as u64;
                     self.lagged();
                     return true;
                 }
@@ -1507,6 +1509,24 @@ mod tests {
         }
         assert!(v.resync, "too many pieces: it fell behind");
         assert!(v.pending.is_empty() && v.live_len < WATCH_LAG);
+    }
+
+    /// A watcher whose connection's queue is full falls behind, and what
+    /// it could not send keeps its credit: it was never sent, so it never
+    /// comes back. Spent, a redraw would wait for more than can return.
+    #[tokio::test]
+    async fn a_watcher_behind_a_full_connection_keeps_the_credit_of_what_it_dropped() {
+        let (mut v, mut frames) = watcher(1024 * 1024);
+        // Another channel's frames fill the connection's queue.
+        while v.out.try_send(Frame::new(1, Message::Stdout)).is_ok() {}
+        v.queue(Bytes::from(vec![b'x'; 10_000]));
+        assert!(v.flush().await);
+        assert!(v.resync, "it fell behind");
+        assert_eq!(v.credit, 1024 * 1024);
+        assert!(
+            frames.try_recv().is_ok_and(|f| f.ch == 1),
+            "only the other channel's"
+        );
     }
 
     fn parser(rows: u16, cols: u16) -> vt100::Parser {
