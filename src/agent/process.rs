@@ -1022,6 +1022,10 @@ fn open_pty(size: PtySize) -> io::Result<(OwnedFd, OwnedFd)> {
     }
 }
 
+/// How soon a write to a full terminal is tried again when no descriptor
+/// could be had to wait for room: 50 ms.
+const WRITE_RETRY: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// The master side of a pseudo-terminal, readable and writable without
 /// blocking a runtime thread.
 pub(crate) struct Pty {
@@ -1133,15 +1137,34 @@ impl Pty {
                         // Registered now, the duplicate reports the room
                         // there is already: room the program made since
                         // this write failed is not missed.
-                        let dup = self.fd.get_ref().try_clone()?;
-                        // SAFETY: `dup` is an OwnedFd we exclusively own; it
-                        // stays open for as long as the AsyncFd that owns it.
-                        let writer = unsafe {
-                            AsyncFd::register_with_interest(dup, tokio::io::Interest::WRITABLE)
+                        let registered = self.fd.get_ref().try_clone().and_then(|dup| {
+                            // SAFETY: `dup` is an OwnedFd we exclusively own;
+                            // it stays open for as long as the AsyncFd that
+                            // owns it.
+                            unsafe {
+                                AsyncFd::register_with_interest(dup, tokio::io::Interest::WRITABLE)
+                            }
+                            .map_err(|e| e.into_parts().1)
+                        });
+                        match registered {
+                            Ok(writer) => {
+                                let _ = self.writer.set(writer);
+                                continue;
+                            }
+                            Err(e) => {
+                                // Out of descriptors for now (the agent's
+                                // limit): the input waits and the write is
+                                // tried again shortly, rather than the
+                                // terminal losing its input for good.
+                                tracing::debug!(error = %e, "a terminal's input waits for a descriptor");
+                                let waker = cx.waker().clone();
+                                tokio::spawn(async move {
+                                    tokio::time::sleep(WRITE_RETRY).await;
+                                    waker.wake();
+                                });
+                                return Poll::Pending;
+                            }
                         }
-                        .map_err(|e| e.into_parts().1)?;
-                        let _ = self.writer.set(writer);
-                        continue;
                     }
                     result => return Poll::Ready(result),
                 }
