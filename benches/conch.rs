@@ -1908,20 +1908,11 @@ async fn peer_latency_and_memory(plan: &Plan, s: &Stack, out: &mut String) -> Ve
                         let _ = peer.send(Message::Binary(b"0\x15".to_vec().into())).await;
                     }
                     for (ws, into) in [(&mut own, &mut mine), (&mut tls, &mut mine_tls)] {
-                        let t = Instant::now();
-                        send(ws, json!({"type": "stdin", "id": id, "data": "x"})).await;
-                        let echoed = wait_output_at(ws, id, |b| b.contains(&b'x'));
-                        let at = tokio::time::timeout(SAMPLE_LIMIT, echoed)
-                            .await
-                            .expect("conch echoes a keystroke");
-                        into.push(at - t);
+                        into.push(conch_key(ws, id).await);
                     }
-                    let t = Instant::now();
-                    let _ = peer.send(Message::Binary(b"0x".to_vec().into())).await;
-                    let echoed = ttyd_output(&mut peer, |b| b.contains(&b'x'));
-                    match tokio::time::timeout(SAMPLE_LIMIT, echoed).await {
-                        Ok(Some(at)) => theirs.push(at - t),
-                        _ => break,
+                    match ttyd_key(&mut peer).await {
+                        Some(sample) => theirs.push(sample),
+                        None => break,
                     }
                 }
                 // The same at a person's pace: a pause before each key, so
@@ -1943,20 +1934,11 @@ async fn peer_latency_and_memory(plan: &Plan, s: &Stack, out: &mut String) -> Ve
                         let _ = peer.send(Message::Binary(b"0\x15".to_vec().into())).await;
                     }
                     tokio::time::sleep(KEY_PACE).await;
-                    let t = Instant::now();
-                    send(&mut own, json!({"type": "stdin", "id": id, "data": "x"})).await;
-                    let echoed = wait_output_at(&mut own, id, |b| b.contains(&b'x'));
-                    let at = tokio::time::timeout(SAMPLE_LIMIT, echoed)
-                        .await
-                        .expect("conch echoes a keystroke");
-                    mine_paced.push(at - t);
+                    mine_paced.push(conch_key(&mut own, id).await);
                     tokio::time::sleep(KEY_PACE).await;
-                    let t = Instant::now();
-                    let _ = peer.send(Message::Binary(b"0x".to_vec().into())).await;
-                    let echoed = ttyd_output(&mut peer, |b| b.contains(&b'x'));
-                    match tokio::time::timeout(SAMPLE_LIMIT, echoed).await {
-                        Ok(Some(at)) => theirs_paced.push(at - t),
-                        _ => break,
+                    match ttyd_key(&mut peer).await {
+                        Some(sample) => theirs_paced.push(sample),
+                        None => break,
                     }
                 }
                 for ws in [&mut own, &mut tls] {
@@ -2200,6 +2182,29 @@ async fn browser_beside_ttyd(
             let _ = writeln!(out, "| browser output | – | a round failed: {why} | – |");
             Vec::new()
         }
+    }
+}
+
+/// Types `x` into conch's command `id` (a shell) and times it to its echo.
+async fn conch_key(ws: &mut Ws, id: u32) -> Duration {
+    let t = Instant::now();
+    send(ws, json!({"type": "stdin", "id": id, "data": "x"})).await;
+    let echoed = wait_output_at(ws, id, |b| b.contains(&b'x'));
+    let at = tokio::time::timeout(SAMPLE_LIMIT, echoed)
+        .await
+        .expect("conch echoes a keystroke");
+    at - t
+}
+
+/// Types `x` into a ttyd terminal and times it to its echo; none when
+/// ttyd does not echo it in time.
+async fn ttyd_key(peer: &mut Ws) -> Option<Duration> {
+    let t = Instant::now();
+    let _ = peer.send(Message::Binary(b"0x".to_vec().into())).await;
+    let echoed = ttyd_output(peer, |b| b.contains(&b'x'));
+    match tokio::time::timeout(SAMPLE_LIMIT, echoed).await {
+        Ok(Some(at)) => Some(at - t),
+        _ => None,
     }
 }
 

@@ -153,6 +153,17 @@ async fn a_pty_shell_session_and_ctrl_c() {
     assert_eq!(exit["signal"], "INT");
 }
 
+/// `n` letters, a to z over and over: text to paste.
+fn alphabet(n: usize) -> String {
+    (0..n).map(|i| char::from(b'a' + (i % 26) as u8)).collect()
+}
+
+/// The SHA-256 of `bytes` as `sha256sum` prints it.
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
 /// A paste far larger than the socket's read buffer arrives whole, and
 /// one past the message bound closes the console without being read.
 #[tokio::test]
@@ -165,19 +176,14 @@ async fn a_large_paste_arrives_whole_and_a_huge_one_is_refused() {
     )
     .await;
     assert_eq!(next_json(&mut ws).await["type"], "started");
-    let paste: String = (0..500_000)
-        .map(|i| char::from(b'a' + (i % 26) as u8))
-        .collect();
+    let paste = alphabet(500_000);
     send(
         &mut ws,
         json!({"type": "stdin", "id": 1, "data": paste, "eof": true}),
     )
     .await;
     let (out, _, exit) = collect(&mut ws, 1).await;
-    let want = {
-        use sha2::Digest;
-        hex::encode(sha2::Sha256::digest(paste.as_bytes()))
-    };
+    let want = sha256_hex(paste.as_bytes());
     assert!(String::from_utf8_lossy(&out).starts_with(&want), "{out:?}");
     assert_eq!(exit["code"], 0);
 
@@ -223,13 +229,8 @@ async fn a_paste_into_a_terminal_that_is_not_reading_arrives_whole() {
     )
     .await;
     assert_eq!(next_json(&mut ws).await["type"], "started");
-    let paste: String = (0..300_000)
-        .map(|i| char::from(b'a' + (i % 26) as u8))
-        .collect();
-    let want = {
-        use sha2::Digest;
-        hex::encode(sha2::Sha256::digest(paste.as_bytes()))
-    };
+    let paste = alphabet(300_000);
+    let want = sha256_hex(paste.as_bytes());
     let result = tokio::time::timeout(Duration::from_secs(60), async {
         // Typed once the terminal is raw: every byte reaches the program.
         let mut out = Vec::new();
@@ -269,9 +270,7 @@ async fn keystrokes_and_pastes_arrive_in_the_order_they_were_typed() {
     )
     .await;
     assert_eq!(next_json(&mut ws).await["type"], "started");
-    let paste: String = (0..300_000)
-        .map(|i| char::from(b'a' + (i % 26) as u8))
-        .collect();
+    let paste = alphabet(300_000);
     let mut typed = String::new();
     for round in 0..3 {
         for k in 0..50 {
