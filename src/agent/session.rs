@@ -278,6 +278,7 @@ impl Sessions {
             unpaid: 0,
             kill_at: None,
             rehup_at: None,
+            resync_at: None,
         };
         let start = Box::new(Start {
             req,
@@ -556,6 +557,13 @@ impl Viewer {
         self.resync = true;
     }
 
+    /// A watcher that fell behind and has the credit for a redraw, which
+    /// no `window` frame may come to trigger (it fell behind because its
+    /// connection's queue was full, not for want of credit).
+    fn redraw_due(&self) -> bool {
+        self.resync && self.credit >= self.window / 2
+    }
+
     /// Whether [`Viewer::flush`] has anything to do.
     fn can_flush(&self) -> bool {
         self.credit > 0 && !self.pending.is_empty()
@@ -757,6 +765,9 @@ struct Session {
     kill_at: Option<tokio::time::Instant>,
     /// The shell is hung up once more then, if it still runs.
     rehup_at: Option<tokio::time::Instant>,
+    /// A watcher that fell behind with credit to spare (its connection's
+    /// queue was full) is redrawn then: no credit may come back to do it.
+    resync_at: Option<tokio::time::Instant>,
 }
 
 /// Which of a session's deadlines its timer is set for.
@@ -770,7 +781,15 @@ enum Deadline {
     Rehup,
     /// The end of the hangup's grace.
     Kill,
+    /// A watcher that fell behind is redrawn.
+    Resync,
 }
+
+/// How long after falling behind with credit to spare a watcher is
+/// redrawn: 100 ms, time for its connection's full queue to drain (a
+/// redraw into a queue still full falls behind again, and is tried again
+/// as long after).
+const RESYNC_RETRY: Duration = Duration::from_millis(100);
 
 /// How long a shell has after its hangup (SIGHUP, as when a terminal
 /// window is closed) to save its history and end its jobs before whatever
@@ -866,6 +885,9 @@ impl Session {
             if self.viewers.values().any(Viewer::can_flush) {
                 Box::pin(self.flush()).await;
             }
+            if self.resync_at.is_none() && self.viewers.values().any(Viewer::redraw_due) {
+                self.resync_at = Some(tokio::time::Instant::now() + RESYNC_RETRY);
+            }
             if status.is_some() && !output.open() {
                 break;
             }
@@ -887,7 +909,7 @@ impl Session {
                 ),
                 None => (true, READ_CHUNK),
             };
-            // One timer for the four deadlines, the earliest first (a
+            // One timer for the five deadlines, the earliest first (a
             // timer is a hundred bytes of the task, held by every shell).
             let alive = status.is_none();
             let timer = [
@@ -898,6 +920,7 @@ impl Session {
                 ),
                 (Deadline::Rehup, self.rehup_at.filter(|_| alive)),
                 (Deadline::Kill, self.kill_at.filter(|_| alive)),
+                (Deadline::Resync, self.resync_at),
             ]
             .into_iter()
             .filter_map(|(which, at)| Some((at?, which)))
@@ -954,6 +977,18 @@ impl Session {
                             // Once (a second hangup changes nothing).
                             self.kill_at = Some(far);
                             group.signal(Signal::SIGKILL);
+                        }
+                        Deadline::Resync => {
+                            self.resync_at = None;
+                            let due: Vec<u64> = self
+                                .viewers
+                                .iter()
+                                .filter(|(_, v)| v.redraw_due())
+                                .map(|(&key, _)| key)
+                                .collect();
+                            for key in due {
+                                Box::pin(self.snapshot(key, false)).await;
+                            }
                         }
                     }
                 }
@@ -1160,7 +1195,7 @@ impl Session {
                     if let Some(v) = self.viewers.get_mut(&key) {
                         v.credit = v.credit.saturating_add(add);
                         // A watcher that fell behind redraws once it can.
-                        if v.resync && v.credit >= v.window / 2 {
+                        if v.redraw_due() {
                             self.snapshot(key, false).await;
                         }
                     }
@@ -1523,6 +1558,7 @@ mod tests {
         assert!(v.flush().await);
         assert!(v.resync, "it fell behind");
         assert_eq!(v.credit, 1024 * 1024);
+        assert!(v.redraw_due(), "it is redrawn without waiting for credit");
         assert!(
             frames.try_recv().is_ok_and(|f| f.ch == 1),
             "only the other channel's"
