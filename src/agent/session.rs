@@ -564,6 +564,12 @@ impl Viewer {
         self.resync && self.credit >= self.window / 2
     }
 
+    /// Whether its connection's queue has drained to half: room for a
+    /// redraw (a screen is a few frames) beside the other channels.
+    fn room_for_redraw(&self) -> bool {
+        self.out.capacity() * 2 >= self.out.max_capacity()
+    }
+
     /// Whether [`Viewer::flush`] has anything to do.
     fn can_flush(&self) -> bool {
         self.credit > 0 && !self.pending.is_empty()
@@ -786,9 +792,9 @@ enum Deadline {
 }
 
 /// How long after falling behind with credit to spare a watcher is
-/// redrawn: 100 ms, time for its connection's full queue to drain (a
-/// redraw into a queue still full falls behind again, and is tried again
-/// as long after).
+/// redrawn: 100 ms, time for its connection's full queue to drain. A
+/// redraw waits for the queue to be half empty, looked at this often: one
+/// into a queue still full would be dropped again.
 const RESYNC_RETRY: Duration = Duration::from_millis(100);
 
 /// How long a shell has after its hangup (SIGHUP, as when a terminal
@@ -980,10 +986,14 @@ impl Session {
                         }
                         Deadline::Resync => {
                             self.resync_at = None;
+                            // Only into a queue with room: a redraw into one
+                            // still full would be dropped again, its cost
+                            // spent for nothing (the top of the loop sets the
+                            // next try).
                             let due: Vec<u64> = self
                                 .viewers
                                 .iter()
-                                .filter(|(_, v)| v.redraw_due())
+                                .filter(|(_, v)| v.redraw_due() && v.room_for_redraw())
                                 .map(|(&key, _)| key)
                                 .collect();
                             for key in due {
@@ -1193,9 +1203,14 @@ impl Session {
             Input::Control(key, control) => match control {
                 Control::Window(add) => {
                     if let Some(v) = self.viewers.get_mut(&key) {
+                        let before = v.credit;
                         v.credit = v.credit.saturating_add(add);
-                        // A watcher that fell behind redraws once it can.
-                        if v.redraw_due() {
+                        // A watcher that fell behind for want of credit
+                        // redraws once this brings it to half its window.
+                        // One that had it already waits for the timer and
+                        // room in its queue: else each acknowledgement, of
+                        // a byte if it likes, would cost a redraw.
+                        if before < v.window / 2 && v.redraw_due() {
                             self.snapshot(key, false).await;
                         }
                     }
@@ -1550,7 +1565,8 @@ mod tests {
     /// it could not send keeps its credit: it was never sent, so it never
     /// comes back. Spent, a redraw would wait for more than can return.
     #[tokio::test]
-    async fn a_watcher_behind_a_full_connection_keeps_the_credit_of_what_it_dropped() {
+    async fn a_watcher_behind_a_full_connection_keeps_its_credit_and_is_redrawn_once_there_is_room()
+    {
         let (mut v, mut frames) = watcher(1024 * 1024);
         // Another channel's frames fill the connection's queue.
         while v.out.try_send(Frame::new(1, Message::Stdout)).is_ok() {}
@@ -1559,10 +1575,15 @@ mod tests {
         assert!(v.resync, "it fell behind");
         assert_eq!(v.credit, 1024 * 1024);
         assert!(v.redraw_due(), "it is redrawn without waiting for credit");
+        assert!(!v.room_for_redraw(), "but not into a queue still full");
         assert!(
             frames.try_recv().is_ok_and(|f| f.ch == 1),
             "only the other channel's"
         );
+        while frames.len() * 2 > v.out.max_capacity() {
+            let _ = frames.try_recv();
+        }
+        assert!(v.room_for_redraw(), "half empty: it is redrawn");
     }
 
     fn parser(rows: u16, cols: u16) -> vt100::Parser {
