@@ -100,6 +100,25 @@ fn percentile(v: &[Duration], p: f64) -> f64 {
     ms[i.min(ms.len() - 1)]
 }
 
+/// A table row each for the p50 and the p99 of `mine` against `theirs`
+/// (ms, and their ratio), named by `what`; returns (p50 or p99, mine,
+/// theirs).
+fn latency_rows(
+    out: &mut String,
+    mine: &[Duration],
+    theirs: &[Duration],
+    what: impl Fn(&str) -> String,
+) -> Vec<(&'static str, f64, f64)> {
+    [("p50", 0.5), ("p99", 0.99)]
+        .into_iter()
+        .map(|(name, p)| {
+            let (m, t) = (percentile(mine, p), percentile(theirs, p));
+            let _ = writeln!(out, "| {} | {m:.3} | {t:.3} | {:.2} |", what(name), m / t);
+            (name, m, t)
+        })
+        .collect()
+}
+
 /// Resident memory of a process, in KiB.
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -1946,13 +1965,12 @@ async fn peer_latency_and_memory(plan: &Plan, s: &Stack, out: &mut String) -> Ve
                 }
                 drop(child);
                 if theirs.len() == k {
-                    for (name, p) in [("p50", 0.5), ("p99", 0.99)] {
-                        let (m, t) = (percentile(&mine, p), percentile(&theirs, p));
-                        let _ = writeln!(
-                            out,
-                            "| keystroke to echo in a shell, {name} ms ({k} each; conch serve with its embedded agent; ttyd 1.7.7 `-W sh`) | {m:.3} | {t:.3} | {:.2} |",
-                            m / t
-                        );
+                    let figures = latency_rows(out, &mine, &theirs, |name| {
+                        format!(
+                            "keystroke to echo in a shell, {name} ms ({k} each; conch serve with its embedded agent; ttyd 1.7.7 `-W sh`)"
+                        )
+                    });
+                    for (name, m, t) in figures {
                         verdicts.push((
                             format!(
                                 "keystroke echo {name} at or below ttyd's: {m:.3} vs {t:.3} ms"
@@ -1960,24 +1978,16 @@ async fn peer_latency_and_memory(plan: &Plan, s: &Stack, out: &mut String) -> Ve
                             m <= t,
                         ));
                     }
-                    for (name, p) in [("p50", 0.5), ("p99", 0.99)] {
-                        let (m, t) = (percentile(&mine_tls, p), percentile(&theirs, p));
-                        let _ = writeln!(
-                            out,
-                            "| the same, {name} ms, through a separate agent over TLS | {m:.3} | {t:.3} | {:.2} |",
-                            m / t
-                        );
-                    }
+                    latency_rows(out, &mine_tls, &theirs, |name| {
+                        format!("the same, {name} ms, through a separate agent over TLS")
+                    });
                     if theirs_paced.len() == k {
-                        for (name, p) in [("p50", 0.5), ("p99", 0.99)] {
-                            let (m, t) = (percentile(&mine_paced, p), percentile(&theirs_paced, p));
-                            let _ = writeln!(
-                                out,
-                                "| the same, {name} ms, embedded, each key {} ms after the last echo (as typed) | {m:.3} | {t:.3} | {:.2} |",
-                                KEY_PACE.as_millis(),
-                                m / t
-                            );
-                        }
+                        latency_rows(out, &mine_paced, &theirs_paced, |name| {
+                            format!(
+                                "the same, {name} ms, embedded, each key {} ms after the last echo (as typed)",
+                                KEY_PACE.as_millis()
+                            )
+                        });
                     }
                 } else {
                     let _ = writeln!(

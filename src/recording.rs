@@ -2112,25 +2112,16 @@ pub async fn check_chunks_written_together(store: &Store) -> Result<(), String> 
         if got != Some((want.clone(), chunks)) {
             return Err(format!("recording {i}: {got:?}, expected {want:?}"));
         }
-        let (bytes, chunks_row, stored_row, updated_ms, ended_ms): (
-            i64,
-            i64,
-            i64,
-            i64,
-            Option<i64>,
-        ) = sqlx::query_as(
-            "SELECT bytes, chunks, stored, updated_ms, ended_ms FROM recordings WHERE id = $1",
-        )
-        .bind(id(i))
-        .fetch_one(&store.pool)
-        .await
-        .map_err(|e| e.to_string())?;
-        let (got_session, got_command): (Option<String>, String) =
-            sqlx::query_as("SELECT session, command FROM recordings WHERE id = $1")
-                .bind(id(i))
-                .fetch_one(&store.pool)
-                .await
-                .map_err(|e| e.to_string())?;
+        type Row = (i64, i64, i64, i64, Option<i64>, Option<String>, String);
+        let (bytes, chunks_row, stored_row, updated_ms, ended_ms, got_session, got_command): Row =
+            sqlx::query_as(
+                "SELECT bytes, chunks, stored, updated_ms, ended_ms, session, command
+                 FROM recordings WHERE id = $1",
+            )
+            .bind(id(i))
+            .fetch_one(&store.pool)
+            .await
+            .map_err(|e| e.to_string())?;
         let want_session = match i {
             3 => Some("s-3\u{FFFD}".to_owned()),
             _ => session(i),

@@ -1046,10 +1046,7 @@ impl Pty {
         let flags = nix::fcntl::fcntl(&master, nix::fcntl::FcntlArg::F_GETFL)?;
         let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
         nix::fcntl::fcntl(&master, nix::fcntl::FcntlArg::F_SETFL(flags))?;
-        // SAFETY: `master` is an OwnedFd we exclusively own; it stays open
-        // for as long as the AsyncFd that owns it exists.
-        let fd = unsafe { AsyncFd::register_with_interest(master, tokio::io::Interest::READABLE) }
-            .map_err(|e| e.into_parts().1)?;
+        let fd = spawn::register(master, tokio::io::Interest::READABLE)?;
         Ok(Pty {
             fd,
             writer: std::sync::OnceLock::new(),
@@ -1131,47 +1128,37 @@ impl Pty {
     ) -> Poll<io::Result<usize>> {
         let write = || nix::unistd::write(self.fd.get_ref().as_fd(), buf).map_err(io::Error::from);
         loop {
-            let Some(writer) = self.writer.get() else {
-                match write() {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        // Registered now, the duplicate reports the room
-                        // there is already: room the program made since
-                        // this write failed is not missed.
-                        let registered = self.fd.get_ref().try_clone().and_then(|dup| {
-                            // SAFETY: `dup` is an OwnedFd we exclusively own;
-                            // it stays open for as long as the AsyncFd that
-                            // owns it.
-                            unsafe {
-                                AsyncFd::register_with_interest(dup, tokio::io::Interest::WRITABLE)
-                            }
-                            .map_err(|e| e.into_parts().1)
-                        });
-                        match registered {
-                            Ok(writer) => {
-                                let _ = self.writer.set(writer);
-                                continue;
-                            }
-                            Err(e) => {
-                                // Out of descriptors for now (the agent's
-                                // limit): the input waits and the write is
-                                // tried again shortly, rather than the
-                                // terminal losing its input for good.
-                                tracing::debug!(error = %e, "a terminal's input waits for a descriptor");
-                                let waker = cx.waker().clone();
-                                tokio::spawn(async move {
-                                    tokio::time::sleep(WRITE_RETRY).await;
-                                    waker.wake();
-                                });
-                                return Poll::Pending;
-                            }
-                        }
-                    }
-                    result => return Poll::Ready(result),
+            if let Some(writer) = self.writer.get() {
+                let mut guard = ready!(writer.poll_write_ready(cx))?;
+                if let Ok(result) = guard.try_io(|_| write()) {
+                    return Poll::Ready(result);
                 }
-            };
-            let mut guard = ready!(writer.poll_write_ready(cx))?;
-            if let Ok(result) = guard.try_io(|_| write()) {
-                return Poll::Ready(result);
+                continue;
+            }
+            match write() {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                result => return Poll::Ready(result),
+            }
+            // Registered now, the duplicate reports the room there is
+            // already: room the program made since this write failed is
+            // not missed.
+            let dup = self.fd.get_ref().try_clone();
+            match dup.and_then(|dup| spawn::register(dup, tokio::io::Interest::WRITABLE)) {
+                Ok(writer) => {
+                    let _ = self.writer.set(writer);
+                }
+                Err(e) => {
+                    // Out of descriptors for now (the agent's limit): the
+                    // input waits and the write is tried again shortly,
+                    // rather than the terminal losing its input for good.
+                    tracing::debug!(error = %e, "a terminal's input waits for a descriptor");
+                    let waker = cx.waker().clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(WRITE_RETRY).await;
+                        waker.wake();
+                    });
+                    return Poll::Pending;
+                }
             }
         }
     }

@@ -45,6 +45,13 @@ const SH: &std::ffi::CStr = c"/bin/sh";
 /// cgroup, rlimits, credentials), whose frames are small.
 const CHILD_STACK: usize = 128 * 1024;
 
+/// `fd` registered with the runtime for `interest`.
+pub(super) fn register(fd: OwnedFd, interest: tokio::io::Interest) -> io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: `fd` is an OwnedFd we exclusively own; it stays open for as
+    // long as the AsyncFd that owns it exists.
+    unsafe { AsyncFd::register_with_interest(fd, interest) }.map_err(|e| e.into_parts().1)
+}
+
 /// A command line and environment, as `std::process::Command` takes them.
 pub(crate) struct Launch {
     program: OsString,
@@ -863,13 +870,7 @@ impl ChildProcess {
         }
         // SAFETY: a new descriptor that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
-        // SAFETY: `fd` is owned by the AsyncFd, open for as long as it is.
-        let registered =
-            unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) };
-        let exited = registered.map_err(|e| {
-            abandon(pid);
-            e.into_parts().1
-        })?;
+        let exited = register(fd, tokio::io::Interest::READABLE).inspect_err(|_| abandon(pid))?;
         Ok(ChildProcess {
             pid,
             exited: Some(exited),
