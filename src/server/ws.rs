@@ -42,8 +42,9 @@ pub const BROWSER_WINDOW: u64 = 512 * 1024;
 /// much has gathered: 32 KiB. The page acknowledges every write it has
 /// drawn, so without it each keystroke's echo cost the agent a `window`
 /// frame of its own (and a wake-up) beside the next keystroke. Holds back
-/// less than a sixteenth of the window, so a command never waits on it
-/// (a watcher's credit is not held: see `Running::watch`).
+/// less than a sixteenth of the window, so a command never waits on it,
+/// and a watcher the agent dropped behind still has its credit brought to
+/// half the window, which redraws it (src/agent/session.rs).
 const CREDIT_BATCH: u64 = 32 * 1024;
 /// Commands one socket may run at once.
 pub(crate) const MAX_COMMANDS: usize = 16;
@@ -131,10 +132,6 @@ struct Running {
     /// Output the browser acknowledged that is not yet credited back to
     /// the agent (less than [`CREDIT_BATCH`]).
     owed: AtomicU64,
-    /// A watcher of another's shell: its credit goes back as it comes. A
-    /// watcher the agent dropped behind is redrawn when credit comes back
-    /// (src/agent/session.rs), which a held batch could put off for good.
-    watch: bool,
     task: tokio::task::JoinHandle<()>,
     /// Its recording, which also takes typed input (with
     /// `--record-input`) and the page's resizes.
@@ -1006,7 +1003,6 @@ impl Running {
         let control = channel.controller();
         let input = super::input::Input::new(control.clone());
         let unacked = Arc::new(AtomicU64::new(0));
-        let watch = agent.1;
         let task = tokio::spawn(pump(
             id,
             channel,
@@ -1021,7 +1017,6 @@ impl Running {
             input,
             unacked,
             owed: AtomicU64::new(0),
-            watch,
             task,
             recording,
         }
@@ -1044,7 +1039,7 @@ impl Running {
         }
         // Only the console's own loop acknowledges: no race between the two.
         let owed = self.owed.load(Ordering::Relaxed) + granted;
-        if owed < CREDIT_BATCH && !self.watch {
+        if owed < CREDIT_BATCH {
             self.owed.store(owed, Ordering::Relaxed);
             return;
         }
