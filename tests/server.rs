@@ -256,6 +256,48 @@ async fn a_paste_into_a_terminal_that_is_not_reading_arrives_whole() {
     assert_eq!(exit["code"], 0, "{exit}");
 }
 
+/// A page that acknowledges its output in small pieces (the server holds
+/// credit under 32 KiB back from the agent) never stalls its command:
+/// 1.5 MB, several times the 512 KiB window, arrives whole.
+#[tokio::test]
+async fn output_acknowledged_in_small_pieces_keeps_flowing() {
+    let server = start_server(&[], &[]);
+    let mut ws = console(&server).await;
+    let total = 1_500_000;
+    send(
+        &mut ws,
+        json!({"type": "exec", "id": 1, "cmd": format!("head -c {total} /dev/zero")}),
+    )
+    .await;
+    let result = tokio::time::timeout(Duration::from_secs(60), async {
+        let mut got = 0;
+        loop {
+            match ws.next().await.expect("socket open").expect("frame") {
+                Message::Binary(b) => {
+                    got += b.len() - 5;
+                    let mut left = b.len() - 5;
+                    while left > 0 {
+                        let piece = left.min(1000);
+                        send(&mut ws, json!({"type": "ack", "id": 1, "bytes": piece})).await;
+                        left -= piece;
+                    }
+                }
+                Message::Text(t) => {
+                    let v: Value = serde_json::from_str(&t).unwrap();
+                    if v["type"] == "exit" {
+                        return (got, v);
+                    }
+                }
+                _ => {}
+            }
+        }
+    })
+    .await;
+    let (got, exit) = result.expect("the output within 60 s");
+    assert_eq!(got, total);
+    assert_eq!(exit["code"], 0, "{exit}");
+}
+
 /// Keystrokes go straight to the link when nothing waits before them,
 /// and behind a paste still being written when something does: the
 /// command reads everything in the order it was typed.
